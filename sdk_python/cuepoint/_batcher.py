@@ -1,0 +1,142 @@
+"""When to send signals, and which are still unacked. No I/O, no clock of its own.
+
+The client's sender task asks :meth:`SignalBatcher.due` / ``time_until_due``
+and takes batches; the reader task feeds acks back. Keeping this pure (time
+is passed in) lets the tests drive every flushing rule deterministically.
+
+Every signal stays here, keyed by its id, from ``add`` until acked, whether
+still queued or already sent. That is the buffer a future reconnect resends
+from (:meth:`requeue_in_flight`), with the same ids so the server can de-dup.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Pending(Generic[T]):
+    seq: int
+    payload: T
+    queued_at: float
+    sent: bool = False
+
+
+class SignalBatcher(Generic[T]):
+    """Queues signals, cuts batches, tracks acks.
+
+    Each added signal gets a sequence number; ``acked_through(n)`` answers
+    "has everything added up to n been acked?", which is what ``flush()``
+    waits on without being starved by signals tracked after it was called.
+    """
+
+    def __init__(self, max_batch: int, linger: float) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._configured_max = max_batch
+        self._max_batch = max_batch
+        self._linger = linger
+        # Insertion order == seq order; deleting acked entries keeps it.
+        self._pending: dict[str, _Pending[T]] = {}
+        self._queue: deque[str] = deque()
+        self._seq = 0
+        self._flush_through = 0
+
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
+    def limit_batch(self, server_max: int) -> None:
+        """Apply the server's cap (0 or less means "no cap")."""
+        self._max_batch = min(self._configured_max, server_max) if server_max > 0 else self._configured_max
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    @property
+    def pending_count(self) -> int:
+        """Signals not yet acked, queued or in flight."""
+        return len(self._pending)
+
+    @property
+    def queued_count(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight_count(self) -> int:
+        return len(self._pending) - len(self._queue)
+
+    def unacked_ids(self) -> list[str]:
+        return list(self._pending)
+
+    def add(self, signal_id: str, payload: T, now: float) -> int:
+        if signal_id in self._pending:
+            raise ValueError(f"signal id {signal_id!r} is already pending")
+        self._seq += 1
+        self._pending[signal_id] = _Pending(self._seq, payload, now)
+        self._queue.append(signal_id)
+        return self._seq
+
+    def request_flush(self) -> int:
+        """Make everything queued so far due now; returns the seq to wait for."""
+        self._flush_through = self._seq
+        return self._seq
+
+    def due(self, now: float) -> bool:
+        return self.time_until_due(now) == 0.0
+
+    def time_until_due(self, now: float) -> float | None:
+        """Seconds until the next batch should go out; ``None`` when nothing is queued."""
+        if not self._queue:
+            return None
+        head = self._pending[self._queue[0]]
+        if len(self._queue) >= self._max_batch or head.seq <= self._flush_through:
+            return 0.0
+        return max(0.0, self._linger - (now - head.queued_at))
+
+    def take_batch(self) -> list[tuple[str, T]]:
+        """Up to ``max_batch`` queued signals, oldest first, now counted as in flight."""
+        batch: list[tuple[str, T]] = []
+        while self._queue and len(batch) < self._max_batch:
+            signal_id = self._queue.popleft()
+            entry = self._pending[signal_id]
+            entry.sent = True
+            batch.append((signal_id, entry.payload))
+        return batch
+
+    def ack(self, signal_ids: Iterable[str]) -> int:
+        """Forget acked signals; unknown ids (already acked, or another session's) are ignored."""
+        removed = 0
+        for signal_id in signal_ids:
+            entry = self._pending.pop(signal_id, None)
+            if entry is None:
+                continue
+            removed += 1
+            if not entry.sent:
+                # Only after requeue_in_flight can an ack overtake a resend.
+                self._queue.remove(signal_id)
+        return removed
+
+    def acked_through(self, seq: int) -> bool:
+        """True when every signal with sequence number <= ``seq`` has been acked."""
+        oldest = next(iter(self._pending.values()), None)
+        return oldest is None or oldest.seq > seq
+
+    def requeue_in_flight(self) -> int:
+        """Put sent-but-unacked signals back in front of the queue, in their original order.
+
+        For resending on a new stream; returns how many were requeued.
+        """
+        requeued = 0
+        for entry in self._pending.values():
+            if entry.sent:
+                entry.sent = False
+                requeued += 1
+        self._queue = deque(self._pending)
+        return requeued

@@ -1,0 +1,472 @@
+"""Translation between ``cuepoint.models`` and the ``cuepoint.v1`` protobufs.
+
+The only module (besides the clients' message building) that knows protobuf
+field names. Conversions are total: unset enums become ``None`` and unset
+timestamps become ``None`` so a sparse server message never raises here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableMapping
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
+
+from .models import (
+    AssignedEngagement,
+    Channel,
+    Consent,
+    Context,
+    Cue,
+    CueResponse,
+    CueWithdrawal,
+    EngagementContext,
+    EngagementEnded,
+    EngagementState,
+    EngagementUpdate,
+    JourneyEntry,
+    Location,
+    MatchedCondition,
+    Scalar,
+    Trigger,
+    User,
+)
+
+CONTEXT_UPDATE_NAME = "context_update"
+
+# Scenario paths (see common.proto) <-> Context fields. Used to flatten
+# context changes in a journey into one properties mapping and back.
+_CONTEXT_PATHS = {
+    "app.version": "app_version",
+    "device.os": "os",
+    "device.os_version": "os_version",
+    "device.model": "device_model",
+    "device.locale": "locale",
+    "device.timezone": "timezone",
+}
+_LOCATION_PATHS = {"location.country": "country", "location.region": "region", "location.city": "city"}
+_USER_PATHS = {"user.id": "user_id", "user.tier": "tier"}
+
+_CHANNEL_TO_PB = {
+    Channel.AUDIO: common_pb2.CHANNEL_AUDIO,
+    Channel.SCREEN_SHARE: common_pb2.CHANNEL_SCREEN_SHARE,
+    Channel.CHAT: common_pb2.CHANNEL_CHAT,
+    Channel.VIDEO: common_pb2.CHANNEL_VIDEO,
+}
+_CHANNEL_FROM_PB = {v: k for k, v in _CHANNEL_TO_PB.items()}
+
+_CONSENT_TO_PB = {
+    Consent.NONE: common_pb2.CONSENT_LEVEL_NONE,
+    Consent.ESSENTIAL: common_pb2.CONSENT_LEVEL_ESSENTIAL,
+    Consent.FULL: common_pb2.CONSENT_LEVEL_FULL,
+}
+_CONSENT_FROM_PB = {v: k for k, v in _CONSENT_TO_PB.items()}
+
+_RESPONSE_TO_PB = {
+    CueResponse.ACCEPTED: common_pb2.CUE_RESPONSE_KIND_ACCEPTED,
+    CueResponse.DECLINED: common_pb2.CUE_RESPONSE_KIND_DECLINED,
+    CueResponse.DISMISSED: common_pb2.CUE_RESPONSE_KIND_DISMISSED,
+    CueResponse.EXPIRED: common_pb2.CUE_RESPONSE_KIND_EXPIRED,
+}
+
+_STATE_TO_PB = {
+    EngagementState.QUEUED: common_pb2.ENGAGEMENT_STATE_QUEUED,
+    EngagementState.ASSIGNED: common_pb2.ENGAGEMENT_STATE_ASSIGNED,
+    EngagementState.ENDED: common_pb2.ENGAGEMENT_STATE_ENDED,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+
+# --- scalars ----------------------------------------------------------------
+
+
+def timestamp(t: float) -> Timestamp:
+    ts = Timestamp()
+    # Integer nanoseconds: float seconds lose sub-microsecond precision anyway.
+    ts.FromNanoseconds(round(t * 1e9))
+    return ts
+
+
+def time_from_proto(msg: Message, field: str) -> float | None:
+    """The epoch seconds of Timestamp ``field`` of ``msg``, or None when unset."""
+    if not msg.HasField(field):
+        return None
+    ts: Timestamp = getattr(msg, field)
+    return ts.ToNanoseconds() / 1e9
+
+
+def channel_to_proto(channel: Channel | None) -> common_pb2.Channel.ValueType:
+    return common_pb2.CHANNEL_UNSPECIFIED if channel is None else _CHANNEL_TO_PB[channel]
+
+
+def channel_from_proto(value: common_pb2.Channel.ValueType) -> Channel | None:
+    return _CHANNEL_FROM_PB.get(value)
+
+
+def consent_to_proto(consent: Consent | None) -> common_pb2.ConsentLevel.ValueType:
+    return common_pb2.CONSENT_LEVEL_UNSPECIFIED if consent is None else _CONSENT_TO_PB[consent]
+
+
+def consent_from_proto(value: common_pb2.ConsentLevel.ValueType) -> Consent | None:
+    return _CONSENT_FROM_PB.get(value)
+
+
+def state_to_proto(state: EngagementState | None) -> common_pb2.EngagementState.ValueType:
+    return common_pb2.ENGAGEMENT_STATE_UNSPECIFIED if state is None else _STATE_TO_PB[state]
+
+
+def state_from_proto(value: common_pb2.EngagementState.ValueType) -> EngagementState | None:
+    return _STATE_FROM_PB.get(value)
+
+
+def value_to_proto(value: Scalar) -> common_pb2.AttributeValue:
+    # bool first: it is an int subclass and must not travel as int_value.
+    if isinstance(value, bool):
+        return common_pb2.AttributeValue(bool_value=value)
+    if isinstance(value, int):
+        return common_pb2.AttributeValue(int_value=value)
+    if isinstance(value, float):
+        return common_pb2.AttributeValue(double_value=value)
+    return common_pb2.AttributeValue(string_value=value)
+
+
+def value_from_proto(value: common_pb2.AttributeValue) -> Scalar | None:
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        return None
+    result: Scalar = getattr(value, kind)
+    return result
+
+
+def fill_attributes(
+    target: MutableMapping[str, common_pb2.AttributeValue], attributes: Mapping[str, Scalar]
+) -> None:
+    for key, value in attributes.items():
+        target[key].CopyFrom(value_to_proto(value))
+
+
+def attributes_from_proto(attributes: Mapping[str, common_pb2.AttributeValue]) -> dict[str, Scalar]:
+    out: dict[str, Scalar] = {}
+    for key in sorted(attributes):
+        value = value_from_proto(attributes[key])
+        if value is not None:
+            out[key] = value
+    return out
+
+
+# --- context and identity ---------------------------------------------------
+
+
+def location_to_proto(location: Location) -> common_pb2.Location:
+    return common_pb2.Location(country=location.country, region=location.region, city=location.city)
+
+
+def location_from_proto(msg: common_pb2.Location) -> Location:
+    return Location(country=msg.country, region=msg.region, city=msg.city)
+
+
+def context_to_proto(context: Context) -> common_pb2.Context:
+    msg = common_pb2.Context(
+        app_version=context.app_version,
+        os=context.os,
+        os_version=context.os_version,
+        device_model=context.device_model,
+        locale=context.locale,
+        timezone=context.timezone,
+    )
+    if context.location is not None:
+        msg.location.CopyFrom(location_to_proto(context.location))
+    fill_attributes(msg.attributes, context.attributes)
+    return msg
+
+
+def context_from_proto(msg: common_pb2.Context) -> Context:
+    return Context(
+        app_version=msg.app_version,
+        os=msg.os,
+        os_version=msg.os_version,
+        device_model=msg.device_model,
+        locale=msg.locale,
+        timezone=msg.timezone,
+        location=location_from_proto(msg.location) if msg.HasField("location") else None,
+        attributes=attributes_from_proto(msg.attributes),
+    )
+
+
+def user_to_proto(user: User) -> common_pb2.UserIdentity:
+    msg = common_pb2.UserIdentity(user_id=user.user_id, tier=user.tier)
+    fill_attributes(msg.attributes, user.attributes)
+    return msg
+
+
+def user_from_proto(msg: common_pb2.UserIdentity) -> User:
+    return User(user_id=msg.user_id, tier=msg.tier, attributes=attributes_from_proto(msg.attributes))
+
+
+# --- signals ----------------------------------------------------------------
+
+
+def event_signal(signal_id: str, at: float, name: str, properties: Mapping[str, Scalar]) -> common_pb2.Signal:
+    event = common_pb2.Event(name=name)
+    fill_attributes(event.properties, properties)
+    return common_pb2.Signal(id=signal_id, time=timestamp(at), event=event)
+
+
+def context_signal(
+    signal_id: str,
+    at: float,
+    context: common_pb2.Context,
+    user: User | None,
+    clear_keys: Iterable[str],
+) -> common_pb2.Signal:
+    update = common_pb2.ContextUpdate(context=context, clear_keys=list(clear_keys))
+    if user is not None:
+        update.user.CopyFrom(user_to_proto(user))
+    return common_pb2.Signal(id=signal_id, time=timestamp(at), context=update)
+
+
+def partial_context(
+    *,
+    app_version: str | None = None,
+    os: str | None = None,
+    os_version: str | None = None,
+    device_model: str | None = None,
+    locale: str | None = None,
+    timezone: str | None = None,
+    location: Location | None = None,
+    attributes: Mapping[str, Scalar] | None = None,
+) -> common_pb2.Context:
+    """A ContextUpdate's context: on the wire, empty fields mean "unchanged"."""
+    return context_to_proto(
+        Context(
+            app_version=app_version or "",
+            os=os or "",
+            os_version=os_version or "",
+            device_model=device_model or "",
+            locale=locale or "",
+            timezone=timezone or "",
+            location=location,
+            attributes=attributes or {},
+        )
+    )
+
+
+def flatten_context_update(update: common_pb2.ContextUpdate) -> dict[str, Scalar]:
+    """The changes of a ContextUpdate keyed by scenario path; empty fields are skipped."""
+    out: dict[str, Scalar] = {}
+    ctx = update.context
+    for path, attr in _CONTEXT_PATHS.items():
+        if value := getattr(ctx, attr):
+            out[path] = value
+    if ctx.HasField("location"):
+        for path, attr in _LOCATION_PATHS.items():
+            if value := getattr(ctx.location, attr):
+                out[path] = value
+    for key, value in attributes_from_proto(ctx.attributes).items():
+        out[f"attributes.{key}"] = value
+    if update.HasField("user"):
+        for path, attr in _USER_PATHS.items():
+            if value := getattr(update.user, attr):
+                out[path] = value
+        for key, value in attributes_from_proto(update.user.attributes).items():
+            out[f"user.{key}"] = value
+    return out
+
+
+def unflatten_context_update(properties: Mapping[str, Scalar], clear_keys: Iterable[str]) -> common_pb2.ContextUpdate:
+    """Inverse of :func:`flatten_context_update` (``user.*`` beyond id/tier are user attributes)."""
+    update = common_pb2.ContextUpdate(clear_keys=list(clear_keys))
+    for path, value in properties.items():
+        if path in _CONTEXT_PATHS:
+            setattr(update.context, _CONTEXT_PATHS[path], str(value))
+        elif path in _LOCATION_PATHS:
+            setattr(update.context.location, _LOCATION_PATHS[path], str(value))
+        elif path in _USER_PATHS:
+            setattr(update.user, _USER_PATHS[path], str(value))
+        elif path.startswith("attributes."):
+            update.context.attributes[path.removeprefix("attributes.")].CopyFrom(value_to_proto(value))
+        elif path.startswith("user."):
+            update.user.attributes[path.removeprefix("user.")].CopyFrom(value_to_proto(value))
+        else:
+            raise ValueError(f"not a context path: {path!r}")
+    return update
+
+
+def journey_entry_from_proto(msg: common_pb2.JourneyEntry) -> JourneyEntry:
+    at = time_from_proto(msg, "time")
+    if msg.WhichOneof("kind") == "context":
+        return JourneyEntry(
+            signal_id=msg.signal_id,
+            time=at,
+            kind="context",
+            name=CONTEXT_UPDATE_NAME,
+            properties=flatten_context_update(msg.context),
+            cleared_keys=tuple(msg.context.clear_keys),
+        )
+    return JourneyEntry(
+        signal_id=msg.signal_id,
+        time=at,
+        kind="event",
+        name=msg.event.name,
+        properties=attributes_from_proto(msg.event.properties),
+    )
+
+
+def journey_entry_to_proto(entry: JourneyEntry) -> common_pb2.JourneyEntry:
+    msg = common_pb2.JourneyEntry(signal_id=entry.signal_id)
+    if entry.time is not None:
+        msg.time.CopyFrom(timestamp(entry.time))
+    if entry.kind == "context":
+        msg.context.CopyFrom(unflatten_context_update(entry.properties, entry.cleared_keys))
+    else:
+        msg.event.name = entry.name
+        fill_attributes(msg.event.properties, entry.properties)
+    return msg
+
+
+# --- server -> device -------------------------------------------------------
+
+
+def cue_to_proto(cue: Cue) -> common_pb2.Cue:
+    msg = common_pb2.Cue(
+        cue_id=cue.cue_id,
+        scenario_id=cue.scenario_id,
+        message=cue.message,
+        channel=channel_to_proto(cue.channel),
+        allowed_upgrades=[channel_to_proto(c) for c in cue.allowed_upgrades],
+        title=cue.title,
+    )
+    if cue.created_at is not None:
+        msg.created_at.CopyFrom(timestamp(cue.created_at))
+    if cue.expires_at is not None:
+        msg.expires_at.CopyFrom(timestamp(cue.expires_at))
+    return msg
+
+
+def cue_from_proto(msg: common_pb2.Cue) -> Cue:
+    upgrades = (channel_from_proto(c) for c in msg.allowed_upgrades)
+    return Cue(
+        cue_id=msg.cue_id,
+        scenario_id=msg.scenario_id,
+        message=msg.message,
+        channel=channel_from_proto(msg.channel),
+        allowed_upgrades=tuple(c for c in upgrades if c is not None),
+        created_at=time_from_proto(msg, "created_at"),
+        expires_at=time_from_proto(msg, "expires_at"),
+        title=msg.title,
+    )
+
+
+def withdrawal_from_proto(msg: device_pb2.CueWithdrawal) -> CueWithdrawal:
+    return CueWithdrawal(cue_id=msg.cue_id, reason=msg.reason)
+
+
+def engagement_update_from_proto(msg: device_pb2.EngagementUpdate) -> EngagementUpdate:
+    return EngagementUpdate(
+        engagement_id=msg.engagement_id,
+        cue_id=msg.cue_id,
+        state=state_from_proto(msg.state),
+        channel=channel_from_proto(msg.channel),
+        queue=msg.queue,
+        associate_name=msg.associate_name,
+        time=time_from_proto(msg, "time"),
+    )
+
+
+# --- server -> associate ----------------------------------------------------
+
+
+def trigger_from_proto(msg: common_pb2.TriggerExplanation) -> Trigger:
+    return Trigger(
+        scenario_id=msg.scenario_id,
+        scenario_name=msg.scenario_name,
+        scenario_file=msg.scenario_file,
+        priority=msg.priority,
+        conditions=tuple(MatchedCondition(c.path, c.description) for c in msg.conditions),
+        signal_ids=tuple(msg.signal_ids),
+    )
+
+
+def engagement_context_from_proto(msg: common_pb2.EngagementContext) -> EngagementContext:
+    # An empty UserIdentity is what consent filtering leaves behind: say "nothing".
+    has_user = msg.HasField("user") and msg.user.ByteSize() > 0
+    return EngagementContext(
+        app_id=msg.app_id,
+        device_id=msg.device_id,
+        user_id=msg.user_id,
+        context=context_from_proto(msg.context),
+        user=user_from_proto(msg.user) if has_user else None,
+        consent=consent_from_proto(msg.consent),
+        journey=tuple(journey_entry_from_proto(e) for e in msg.journey),
+        trigger=trigger_from_proto(msg.trigger) if msg.HasField("trigger") else None,
+        cue=cue_from_proto(msg.cue) if msg.HasField("cue") else None,
+        redacted_fields=tuple(msg.redacted_fields),
+    )
+
+
+def assigned_engagement_from_proto(msg: common_pb2.Engagement) -> AssignedEngagement:
+    return AssignedEngagement(
+        engagement_id=msg.engagement_id,
+        cue_id=msg.cue_id,
+        queue=msg.queue,
+        channel=channel_from_proto(msg.channel),
+        created_at=time_from_proto(msg, "created_at"),
+        context=engagement_context_from_proto(msg.context),
+        state=state_from_proto(msg.state),
+        associate_id=msg.associate_id,
+        associate_name=msg.associate_name,
+    )
+
+
+def engagement_ended_from_proto(msg: associate_pb2.EngagementEnded) -> EngagementEnded:
+    return EngagementEnded(engagement_id=msg.engagement_id, disposition=msg.disposition)
+
+
+# --- device -> server -------------------------------------------------------
+
+
+def hello(
+    *,
+    app_id: str,
+    device_id: str,
+    context: Context,
+    user: User | None,
+    consent: Consent,
+    sdk_version: str,
+) -> device_pb2.DeviceMessage:
+    msg = device_pb2.Hello(
+        app_id=app_id,
+        device_id=device_id,
+        context=context_to_proto(context),
+        consent=common_pb2.Consent(level=consent_to_proto(consent)),
+        sdk_version=sdk_version,
+    )
+    if user is not None:
+        msg.user.CopyFrom(user_to_proto(user))
+    return device_pb2.DeviceMessage(hello=msg)
+
+
+def signal_batch(batch_id: str, sent_at: float, signals: Iterable[common_pb2.Signal]) -> device_pb2.DeviceMessage:
+    batch = device_pb2.SignalBatch(batch_id=batch_id, sent_at=timestamp(sent_at), signals=list(signals))
+    return device_pb2.DeviceMessage(signals=batch)
+
+
+def cue_response(cue_id: str, response: CueResponse, at: float) -> device_pb2.DeviceMessage:
+    msg = device_pb2.CueResponse(cue_id=cue_id, kind=_RESPONSE_TO_PB[response], time=timestamp(at))
+    return device_pb2.DeviceMessage(cue_response=msg)
+
+
+def sign_in(
+    *, associate_id: str, display_name: str, queues: Iterable[str], capacity: int
+) -> associate_pb2.AssociateMessage:
+    msg = associate_pb2.SignIn(
+        associate_id=associate_id, display_name=display_name, queues=list(queues), capacity=capacity
+    )
+    return associate_pb2.AssociateMessage(sign_in=msg)
+
+
+def end_engagement(engagement_id: str, disposition: str, notes: str) -> associate_pb2.AssociateMessage:
+    msg = associate_pb2.EndEngagement(engagement_id=engagement_id, disposition=disposition, notes=notes)
+    return associate_pb2.AssociateMessage(end=msg)

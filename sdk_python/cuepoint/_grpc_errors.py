@@ -1,0 +1,59 @@
+"""The one boundary where gRPC failures become SDK errors.
+
+Nothing else in the SDK inspects ``grpc.RpcError``: the transport hands every
+failure to :func:`from_rpc_error` / :func:`from_status`, so the mapping below
+is the complete story of which status code means what to an app.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from .errors import ConnectionLost, CuepointError, InvalidSignal, Rejected, ServerError, TimedOut
+
+# Grouped by what an app can do about it: retry later (ConnectionLost), fix
+# the input (InvalidSignal), give up / fix setup (Rejected), report (ServerError).
+_BY_CODE: dict[grpc.StatusCode, type[CuepointError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidSignal,
+    grpc.StatusCode.UNAVAILABLE: ConnectionLost,
+    grpc.StatusCode.CANCELLED: ConnectionLost,
+    grpc.StatusCode.ABORTED: ConnectionLost,
+    grpc.StatusCode.DEADLINE_EXCEEDED: TimedOut,
+    grpc.StatusCode.PERMISSION_DENIED: Rejected,
+    grpc.StatusCode.UNAUTHENTICATED: Rejected,
+    grpc.StatusCode.NOT_FOUND: Rejected,
+    grpc.StatusCode.FAILED_PRECONDITION: Rejected,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Rejected,
+    grpc.StatusCode.ALREADY_EXISTS: Rejected,
+    grpc.StatusCode.OUT_OF_RANGE: Rejected,
+    grpc.StatusCode.INTERNAL: ServerError,
+    grpc.StatusCode.UNKNOWN: ServerError,
+    grpc.StatusCode.UNIMPLEMENTED: ServerError,
+    grpc.StatusCode.DATA_LOSS: ServerError,
+}
+
+
+def from_status(code: grpc.StatusCode | None, details: str | None) -> CuepointError:
+    """The SDK error for a finished call's status.
+
+    ``OK`` maps to ConnectionLost: callers only ask once the stream has ended,
+    and a server that ends a session stream cleanly has still hung up on us.
+    """
+    details = details or None
+    if code is None or code == grpc.StatusCode.OK:
+        return ConnectionLost(details or "the server ended the stream", code=code.name if code else None)
+    cls = _BY_CODE.get(code, ServerError)
+    message = f"{code.name}: {details}" if details else code.name
+    return cls(message, code=code.name, details=details)
+
+
+def from_rpc_error(error: grpc.RpcError) -> CuepointError:
+    # Sync and aio errors both expose code()/details() when they describe a
+    # call; a bare RpcError (e.g. from channel setup) does not.
+    code_fn = getattr(error, "code", None)
+    details_fn = getattr(error, "details", None)
+    code = code_fn() if callable(code_fn) else None
+    details = details_fn() if callable(details_fn) else None
+    if code is None:
+        return ConnectionLost(str(error) or "gRPC call failed")
+    return from_status(code, details)

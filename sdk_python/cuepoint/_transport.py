@@ -1,0 +1,90 @@
+"""One bidirectional gRPC stream with SDK-shaped failures.
+
+Wraps a grpc.aio stream-stream call in reader/writer style so the clients
+never touch grpc: every failure surfaces as a ``CuepointError`` (mapped in
+``_grpc_errors``), and writes are serialised because grpc allows only one
+outstanding write per call while the SDK writes from several tasks.
+
+Each stream owns its channel. That keeps close() simple and gives a future
+reconnect a single thing to replace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar, cast
+
+import grpc
+import grpc.aio
+
+from . import _grpc_errors
+from .errors import ConnectionLost, CuepointError
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+# Given a channel, returns the stub's stream-stream method (e.g. Stub(ch).Connect).
+MethodFactory = Callable[[Any], Any]
+
+
+class BidiStream(Generic[Req, Resp]):
+    def __init__(self, channel: Any, call: Any) -> None:
+        self._channel = channel
+        self._call = call
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        target: str,
+        method: MethodFactory,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> BidiStream[Req, Resp]:
+        """Start the call; connection problems show up on the first write or read."""
+        if credentials is not None:
+            channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+        else:
+            channel = grpc.aio.insecure_channel(target, options=list(options))
+        call = method(channel)(metadata=tuple(metadata) or None)
+        return cls(channel, call)
+
+    async def write(self, message: Req) -> None:
+        async with self._write_lock:
+            try:
+                await self._call.write(message)
+            except grpc.RpcError as exc:
+                raise _grpc_errors.from_rpc_error(exc) from exc
+            except asyncio.InvalidStateError as exc:
+                # grpc raises this when the call already finished; the status says why.
+                raise await self._final_error() from exc
+
+    async def read(self) -> Resp | None:
+        """The next message, or ``None`` once the server has closed the stream cleanly."""
+        try:
+            message = await self._call.read()
+        except grpc.RpcError as exc:
+            raise _grpc_errors.from_rpc_error(exc) from exc
+        if message is grpc.aio.EOF:
+            return None
+        return cast(Resp, message)
+
+    async def done_writing(self) -> None:
+        """Half-close: tell the server no more messages are coming. Best effort."""
+        async with self._write_lock:
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await self._call.done_writing()
+
+    async def close(self) -> None:
+        """Cancel the call if still running and release the channel. Idempotent."""
+        self._call.cancel()
+        await self._channel.close()
+
+    async def _final_error(self) -> CuepointError:
+        if not self._call.done():
+            return ConnectionLost("the stream is closed for writing")
+        return _grpc_errors.from_status(await self._call.code(), await self._call.details())

@@ -1,0 +1,316 @@
+"""Plain-Python views of the Cuepoint vocabulary.
+
+Apps and associates' tools work with these frozen dataclasses and enums, never
+with protobuf messages: the wire format can evolve (and ``_convert`` absorbs
+it) without breaking code written against this module. Times are float epoch
+seconds; an absent time is ``None`` rather than 0 so "unknown" is never
+mistaken for 1970.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple, TypeAlias
+
+__all__ = [
+    "AssignedEngagement",
+    "Channel",
+    "Consent",
+    "Context",
+    "Cue",
+    "CueResponse",
+    "CueWithdrawal",
+    "EngagementContext",
+    "EngagementEnded",
+    "EngagementState",
+    "EngagementUpdate",
+    "JourneyEntry",
+    "Location",
+    "MatchedCondition",
+    "Scalar",
+    "ServerEvent",
+    "Trigger",
+    "User",
+]
+
+Scalar: TypeAlias = str | int | float | bool
+"""An attribute or property value. Integers stay integers on the wire."""
+
+
+class Consent(enum.Enum):
+    """What the user agreed to share; the server stores and forwards accordingly."""
+
+    NONE = "none"
+    """Nothing persisted beyond the live session; no identity kept."""
+    ESSENTIAL = "essential"
+    """Journey kept for the engagement; user attributes withheld from associates."""
+    FULL = "full"
+    """Journey and user attributes may be shared with associates."""
+
+
+class Channel(enum.Enum):
+    """How a cue engages the user."""
+
+    AUDIO = "audio"
+    SCREEN_SHARE = "screen_share"
+    CHAT = "chat"
+    VIDEO = "video"
+
+
+class CueResponse(enum.Enum):
+    """The user's answer to a cue."""
+
+    ACCEPTED = "accepted"
+    DECLINED = "declined"
+    DISMISSED = "dismissed"
+    """Closed without an answer (swiped away)."""
+    EXPIRED = "expired"
+    """Shown but timed out on the device."""
+
+
+class EngagementState(enum.Enum):
+    """Where an accepted cue's engagement is. Members are in lifecycle order."""
+
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    ENDED = "ended"
+
+    @property
+    def rank(self) -> int:
+        """Position in the lifecycle, so "at least ASSIGNED" is a comparison."""
+        return _STATE_RANK[self]
+
+
+_STATE_RANK = {EngagementState.QUEUED: 1, EngagementState.ASSIGNED: 2, EngagementState.ENDED: 3}
+
+
+@dataclass(frozen=True)
+class Location:
+    country: str = ""
+    """ISO 3166-1 alpha-2."""
+    region: str = ""
+    city: str = ""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Device and app facts sent with the Hello and changed by ``set_context``."""
+
+    app_version: str = ""
+    os: str = ""
+    os_version: str = ""
+    device_model: str = ""
+    locale: str = ""
+    timezone: str = ""
+    """IANA zone name, e.g. ``Europe/Paris``."""
+    location: Location | None = None
+    attributes: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class User:
+    """The signed-in user; leave ``user_id`` empty while anonymous."""
+
+    user_id: str = ""
+    tier: str = ""
+    attributes: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cue:
+    """An offer of help for the app to present."""
+
+    cue_id: str
+    scenario_id: str = ""
+    message: str = ""
+    channel: Channel | None = None
+    allowed_upgrades: tuple[Channel, ...] = ()
+    created_at: float | None = None
+    expires_at: float | None = None
+    """After this the offer lapses and should no longer be shown."""
+    title: str = ""
+
+    def is_expired(self, now: float | None = None) -> bool:
+        """Whether ``expires_at`` has passed at ``now`` (default: ``time.time()``)."""
+        if self.expires_at is None:
+            return False
+        return (time.time() if now is None else now) >= self.expires_at
+
+
+@dataclass(frozen=True)
+class CueWithdrawal:
+    """The server took a cue back; the app should stop presenting it."""
+
+    cue_id: str
+    reason: str = ""
+    """Machine-readable, e.g. ``expired`` or ``condition_cleared``."""
+
+
+@dataclass(frozen=True)
+class EngagementUpdate:
+    """Progress of the engagement started by accepting a cue."""
+
+    engagement_id: str
+    cue_id: str
+    state: EngagementState | None = None
+    channel: Channel | None = None
+    queue: str = ""
+    associate_name: str = ""
+    """Display name of the associate, once assigned."""
+    time: float | None = None
+
+
+ServerEvent: TypeAlias = Cue | CueWithdrawal | EngagementUpdate
+"""Anything the server pushes to a device, as yielded by ``Client.events()``."""
+
+
+@dataclass(frozen=True)
+class JourneyEntry:
+    """One device signal in an engagement's timeline.
+
+    Context changes are flattened into ``properties`` keyed by the scenario
+    paths (``app.version``, ``device.os``, ``attributes.plan``, ``user.tier``,
+    ...), so an associate reads both kinds the same way.
+    """
+
+    signal_id: str
+    time: float | None
+    kind: Literal["event", "context"]
+    name: str
+    """The event name, or ``context_update`` for context changes."""
+    properties: Mapping[str, Scalar] = field(default_factory=dict)
+    cleared_keys: tuple[str, ...] = ()
+    """Context keys a context change removed."""
+
+
+class MatchedCondition(NamedTuple):
+    """One leaf condition that held when the cue fired."""
+
+    path: str
+    """Where it sits in the scenario file, e.g. ``trigger.all[0]``."""
+    description: str
+    """Readable form, e.g. ``count(sync_failed) >= 3 within 10m (observed 3)``."""
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Why a cue fired: the scenario and the conditions that held."""
+
+    scenario_id: str
+    scenario_name: str = ""
+    scenario_file: str = ""
+    priority: int = 0
+    conditions: tuple[MatchedCondition, ...] = ()
+    signal_ids: tuple[str, ...] = ()
+    """Signals whose arrival made the scenario fire."""
+
+
+@dataclass(frozen=True)
+class EngagementContext:
+    """Everything an associate gets about the device, user and journey."""
+
+    app_id: str
+    device_id: str
+    user_id: str = ""
+    context: Context = field(default_factory=Context)
+    user: User | None = None
+    """``None`` when consent withholds user facts (see ``redacted_fields``)."""
+    consent: Consent | None = None
+    journey: tuple[JourneyEntry, ...] = ()
+    """Recent signals, oldest first."""
+    trigger: Trigger | None = None
+    cue: Cue | None = None
+    redacted_fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AssignedEngagement:
+    """An engagement routed to this associate, with its full context."""
+
+    engagement_id: str
+    cue_id: str
+    queue: str
+    channel: Channel | None
+    created_at: float | None
+    context: EngagementContext
+    state: EngagementState | None = None
+    associate_id: str = ""
+    associate_name: str = ""
+
+    def describe(self) -> str:
+        """A readable multi-line briefing: device, user, why the cue fired, journey."""
+        return "\n".join(_describe_lines(self))
+
+
+@dataclass(frozen=True)
+class EngagementEnded:
+    """An engagement ended, by the associate or by the device side."""
+
+    engagement_id: str
+    disposition: str = ""
+
+
+# --- describe() -------------------------------------------------------------
+
+
+def _fmt_time(t: float | None) -> str:
+    if t is None:
+        return "--:--:--"
+    return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def _fmt_props(props: Mapping[str, Scalar]) -> str:
+    return " ".join(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}" for k, v in props.items())
+
+
+def _describe_lines(eng: AssignedEngagement) -> list[str]:
+    ctx = eng.context
+    dev = ctx.context
+    channel = eng.channel.name if eng.channel else "?"
+    lines = [f"Engagement {eng.engagement_id} (cue {eng.cue_id}) - queue {eng.queue or '?'}, channel {channel}"]
+
+    device = [
+        dev.device_model or "unknown device",
+        " ".join(p for p in (dev.os, dev.os_version) if p) or "unknown OS",
+        f"app {ctx.app_id} {dev.app_version or '?'}".rstrip(),
+    ]
+    device += [p for p in (dev.locale, dev.timezone) if p]
+    if dev.location is not None:
+        device.append("/".join(p for p in (dev.location.country, dev.location.region, dev.location.city) if p))
+    lines.append(f"Device:  {ctx.device_id} - " + ", ".join(p for p in device if p))
+    if dev.attributes:
+        lines.append(f"         {_fmt_props(dev.attributes)}")
+
+    consent = ctx.consent.name if ctx.consent else "UNSPECIFIED"
+    who = ctx.user_id or "anonymous"
+    if ctx.user is not None and ctx.user.tier:
+        who += f" ({ctx.user.tier})"
+    lines.append(f"User:    {who}, consent {consent}")
+    if ctx.user is not None and ctx.user.attributes:
+        lines.append(f"         {_fmt_props(ctx.user.attributes)}")
+
+    if ctx.cue is not None:
+        lines.append(f"Cue:     {ctx.cue.title + ': ' if ctx.cue.title else ''}{ctx.cue.message}")
+
+    trigger_ids: set[str] = set()
+    if ctx.trigger is not None:
+        t = ctx.trigger
+        where = ", ".join(p for p in (t.scenario_file, f"priority {t.priority}") if p)
+        lines.append(f"Why:     scenario {t.scenario_name or t.scenario_id!r} ({where})")
+        lines += [f"         - {c.path}: {c.description}" for c in t.conditions]
+        trigger_ids = set(t.signal_ids)
+
+    lines.append(f"Journey: {len(ctx.journey)} signal(s), oldest first (* = made the cue fire)")
+    for entry in ctx.journey:
+        mark = "*" if entry.signal_id in trigger_ids else " "
+        detail = _fmt_props(entry.properties)
+        if entry.cleared_keys:
+            detail = (detail + " " if detail else "") + "cleared " + ",".join(entry.cleared_keys)
+        lines.append(f"  {mark} {_fmt_time(entry.time)}  {entry.kind:<7} {entry.name}  {detail}".rstrip())
+
+    if ctx.redacted_fields:
+        lines.append("Withheld (consent): " + ", ".join(ctx.redacted_fields))
+    return lines

@@ -1,0 +1,1 @@
+"""gRPC adapters over the domain core: conversion, error mapping, servicers."""

@@ -1,0 +1,85 @@
+"""AssociateService: a thin adapter between one associate stream and the core."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from cuepoint.v1 import associate_pb2, associate_pb2_grpc
+
+from ..core.errors import CoreError
+from ..core.model import EngagementEnded, EngagementView, SessionFailed
+from ..core.service import Core
+from ..core.sessions import AssociateSession
+from . import convert
+from .errors import status_for
+
+__all__ = ["AssociateServicer"]
+
+log = structlog.get_logger("cuepoint.api.associate")
+
+Context = grpc.aio.ServicerContext[associate_pb2.AssociateMessage, associate_pb2.AssociateEvent]
+
+
+class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    async def Connect(  # noqa: N802 - generated name
+        self, request_iterator: AsyncIterator[associate_pb2.AssociateMessage], context: Context
+    ) -> None:
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "sign_in":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a sign_in")
+        try:
+            associate = self.core.sign_in(convert.sign_in_from_proto(first.sign_in))
+        except CoreError as exc:
+            await context.abort(*status_for(exc))
+        await context.write(
+            associate_pb2.AssociateEvent(
+                signed_in=associate_pb2.SignedIn(associate_id=associate.associate_id, queues=associate.queues)
+            )
+        )
+        reader = asyncio.create_task(self._read(request_iterator, associate))
+        try:
+            while True:
+                item = await associate.outbox.get()
+                if isinstance(item, SessionFailed):
+                    code = grpc.StatusCode.OK if not item.reason else grpc.StatusCode.INVALID_ARGUMENT
+                    if code is grpc.StatusCode.OK:
+                        return
+                    await context.abort(code, item.reason)
+                if isinstance(item, EngagementView):
+                    await context.write(associate_pb2.AssociateEvent(assigned=convert.engagement_to_proto(item)))
+                elif isinstance(item, EngagementEnded):
+                    await context.write(associate_pb2.AssociateEvent(ended=convert.engagement_ended_to_proto(item)))
+        finally:
+            reader.cancel()
+            self.core.sign_out(associate)
+
+    async def _read(
+        self, requests: AsyncIterator[associate_pb2.AssociateMessage], associate: AssociateSession
+    ) -> None:
+        try:
+            async for message in requests:
+                if message.WhichOneof("kind") == "end":
+                    end = message.end
+                    await self.core.end_engagement(associate, end.engagement_id, end.disposition, end.notes)
+                else:
+                    associate.outbox.put_nowait(SessionFailed("unexpected message after sign_in"))
+                    return
+        except CoreError as exc:
+            _, text = status_for(exc)
+            log.info("associate.rejected", associate_id=associate.associate_id, error=text)
+            associate.outbox.put_nowait(SessionFailed(text))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.debug("associate.read_failed", associate_id=associate.associate_id, exc_info=True)
+        associate.outbox.put_nowait(SessionFailed(""))

@@ -1,0 +1,292 @@
+"""Protobuf <-> domain conversion. The only module that knows both shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ..core.errors import InvalidInput
+from ..core.model import (
+    Ack,
+    AssociateSignIn,
+    CueOffer,
+    EngagementEnded,
+    EngagementUpdate,
+    EngagementView,
+    Hello,
+    IncomingBatch,
+    IncomingSignal,
+    JourneyItem,
+    Scalar,
+    Withdrawal,
+)
+
+__all__ = [
+    "ack_to_proto",
+    "batch_from_proto",
+    "cue_to_proto",
+    "engagement_ended_to_proto",
+    "engagement_to_proto",
+    "engagement_update_to_proto",
+    "hello_from_proto",
+    "sign_in_from_proto",
+    "withdrawal_to_proto",
+]
+
+CHANNELS = {
+    "audio": common_pb2.CHANNEL_AUDIO,
+    "screen_share": common_pb2.CHANNEL_SCREEN_SHARE,
+    "chat": common_pb2.CHANNEL_CHAT,
+    "video": common_pb2.CHANNEL_VIDEO,
+}
+CONSENT = {
+    common_pb2.CONSENT_LEVEL_UNSPECIFIED: "essential",
+    common_pb2.CONSENT_LEVEL_NONE: "none",
+    common_pb2.CONSENT_LEVEL_ESSENTIAL: "essential",
+    common_pb2.CONSENT_LEVEL_FULL: "full",
+}
+CONSENT_TO_PROTO = {v: k for k, v in CONSENT.items() if k != common_pb2.CONSENT_LEVEL_UNSPECIFIED}
+RESPONSES = {
+    common_pb2.CUE_RESPONSE_KIND_ACCEPTED: "accepted",
+    common_pb2.CUE_RESPONSE_KIND_DECLINED: "declined",
+    common_pb2.CUE_RESPONSE_KIND_DISMISSED: "dismissed",
+    common_pb2.CUE_RESPONSE_KIND_EXPIRED: "expired",
+}
+STATES = {
+    "queued": common_pb2.ENGAGEMENT_STATE_QUEUED,
+    "assigned": common_pb2.ENGAGEMENT_STATE_ASSIGNED,
+    "ended": common_pb2.ENGAGEMENT_STATE_ENDED,
+}
+# Well-known Context fields and the flat keys scenario files use for them.
+CONTEXT_FIELDS = {
+    "app_version": "app.version",
+    "os": "device.os",
+    "os_version": "device.os_version",
+    "device_model": "device.model",
+    "locale": "device.locale",
+    "timezone": "device.timezone",
+}
+LOCATION_FIELDS = {"country": "location.country", "region": "location.region", "city": "location.city"}
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _value(field: str, value: common_pb2.AttributeValue) -> Scalar:
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        raise InvalidInput(field, "attribute value has no kind set")
+    result: Scalar = getattr(value, kind)
+    return result
+
+
+def _values(field: str, values: Mapping[str, common_pb2.AttributeValue]) -> dict[str, Scalar]:
+    return {key: _value(f"{field}[{key!r}]", v) for key, v in values.items()}
+
+
+def _to_value(value: Scalar) -> common_pb2.AttributeValue:
+    if isinstance(value, bool):
+        return common_pb2.AttributeValue(bool_value=value)
+    if isinstance(value, int):
+        return common_pb2.AttributeValue(int_value=value)
+    if isinstance(value, float):
+        return common_pb2.AttributeValue(double_value=value)
+    return common_pb2.AttributeValue(string_value=str(value))
+
+
+def flatten_context(field: str, ctx: common_pb2.Context, user: common_pb2.UserIdentity | None) -> dict[str, Scalar]:
+    """Proto context to flat keys; empty strings mean "not given"."""
+    out: dict[str, Scalar] = {}
+    for name, key in CONTEXT_FIELDS.items():
+        value = getattr(ctx, name)
+        if value:
+            out[key] = value
+    for name, key in LOCATION_FIELDS.items():
+        value = getattr(ctx.location, name)
+        if value:
+            out[key] = value
+    for key, value in _values(f"{field}.attributes", ctx.attributes).items():
+        out[f"attributes.{key}"] = value
+    if user is not None:
+        if user.user_id:
+            out["user.id"] = user.user_id
+        if user.tier:
+            out["user.tier"] = user.tier
+        for key, value in _values(f"{field}.user.attributes", user.attributes).items():
+            if key in ("id", "tier"):
+                raise InvalidInput(f"user.attributes[{key!r}]", "reserved; use user_id / tier")
+            out[f"user.{key}"] = value
+    return out
+
+
+def context_to_proto(flat: Mapping[str, Scalar]) -> common_pb2.Context:
+    ctx = common_pb2.Context()
+    for name, key in CONTEXT_FIELDS.items():
+        if key in flat:
+            setattr(ctx, name, str(flat[key]))
+    for name, key in LOCATION_FIELDS.items():
+        if key in flat:
+            setattr(ctx.location, name, str(flat[key]))
+    for key, value in flat.items():
+        if key.startswith("attributes."):
+            ctx.attributes[key.removeprefix("attributes.")].CopyFrom(_to_value(value))
+    return ctx
+
+
+def hello_from_proto(msg: device_pb2.Hello) -> Hello:
+    if msg.consent.level not in CONSENT:
+        raise InvalidInput("hello.consent.level", f"unknown consent level {msg.consent.level}")
+    return Hello(
+        app_id=msg.app_id,
+        device_id=msg.device_id,
+        context=flatten_context("hello.context", msg.context, msg.user if msg.HasField("user") else None),
+        consent=CONSENT[msg.consent.level],
+        sdk_version=msg.sdk_version[:64],
+    )
+
+
+def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
+    signals = []
+    for i, s in enumerate(msg.signals):
+        field = f"signals.signals[{i}]"
+        time = _seconds(s.time) if s.HasField("time") else None
+        kind = s.WhichOneof("kind")
+        if kind == "event":
+            signals.append(
+                IncomingSignal(s.id, time, "event", s.event.name, _values(f"{field}.event.properties", s.event.properties))
+            )
+        elif kind == "context":
+            update = s.context
+            flat = flatten_context(f"{field}.context", update.context, update.user if update.HasField("user") else None)
+            signals.append(IncomingSignal(s.id, time, "context", context_set=flat, clear_keys=tuple(update.clear_keys)))
+        else:
+            signals.append(IncomingSignal(s.id, time, ""))
+    return IncomingBatch(msg.batch_id, _seconds(msg.sent_at) if msg.HasField("sent_at") else None, tuple(signals))
+
+
+def response_from_proto(msg: device_pb2.CueResponse) -> tuple[str, str]:
+    response = RESPONSES.get(msg.kind)
+    if response is None:
+        raise InvalidInput("cue_response.kind", f"unknown or unspecified response kind {msg.kind}")
+    if not msg.cue_id:
+        raise InvalidInput("cue_response.cue_id", "required")
+    return msg.cue_id, response
+
+
+def cue_to_proto(cue: CueOffer) -> common_pb2.Cue:
+    return common_pb2.Cue(
+        cue_id=cue.cue_id,
+        scenario_id=cue.scenario_id,
+        message=cue.message,
+        channel=CHANNELS[cue.channel],
+        allowed_upgrades=[CHANNELS[c] for c in cue.upgrades],
+        created_at=_ts(cue.created_at),
+        expires_at=_ts(cue.expires_at),
+        title=cue.title,
+    )
+
+
+def ack_to_proto(ack: Ack) -> device_pb2.SignalAck:
+    return device_pb2.SignalAck(batch_id=ack.batch_id, signal_ids=ack.signal_ids, duplicate_ids=ack.duplicate_ids)
+
+
+def withdrawal_to_proto(w: Withdrawal) -> device_pb2.CueWithdrawal:
+    return device_pb2.CueWithdrawal(cue_id=w.cue_id, reason=w.reason)
+
+
+def engagement_update_to_proto(u: EngagementUpdate) -> device_pb2.EngagementUpdate:
+    return device_pb2.EngagementUpdate(
+        engagement_id=u.engagement_id,
+        cue_id=u.cue_id,
+        state=STATES[u.state],
+        channel=CHANNELS[u.channel],
+        queue=u.queue,
+        associate_name=u.associate_name,
+        time=_ts(u.time),
+    )
+
+
+def sign_in_from_proto(msg: associate_pb2.SignIn) -> AssociateSignIn:
+    return AssociateSignIn(
+        associate_id=msg.associate_id,
+        display_name=msg.display_name,
+        queues=tuple(msg.queues),
+        capacity=msg.capacity,
+    )
+
+
+def _journey_entry(item: JourneyItem) -> common_pb2.JourneyEntry:
+    entry = common_pb2.JourneyEntry(signal_id=item.signal_id, time=_ts(item.time))
+    if item.kind == "event":
+        entry.event.name = item.name
+        for key, value in item.payload.items():
+            entry.event.properties[key].CopyFrom(_to_value(value))
+    else:
+        entry.context.context.CopyFrom(context_to_proto(item.payload.get("set", {})))
+        user = {k.removeprefix("user."): v for k, v in item.payload.get("set", {}).items() if k.startswith("user.")}
+        _fill_user(entry.context.user, user)
+        entry.context.clear_keys.extend(item.payload.get("clear", []))
+    return entry
+
+
+def _fill_user(msg: common_pb2.UserIdentity, attrs: Mapping[str, Any]) -> None:
+    for key, value in attrs.items():
+        if key == "id":
+            msg.user_id = str(value)
+        elif key == "tier":
+            msg.tier = str(value)
+        else:
+            msg.attributes[key].CopyFrom(_to_value(value))
+
+
+def engagement_to_proto(view: EngagementView) -> common_pb2.Engagement:
+    ctx = view.context
+    trigger = ctx.trigger
+    user = common_pb2.UserIdentity(user_id=ctx.user_id)
+    _fill_user(user, ctx.user_attributes)
+    return common_pb2.Engagement(
+        engagement_id=view.engagement_id,
+        cue_id=view.cue_id,
+        queue=view.queue,
+        state=STATES[view.state],
+        channel=CHANNELS[view.channel],
+        created_at=_ts(view.created_at),
+        associate_id=view.associate_id,
+        associate_name=view.associate_name,
+        context=common_pb2.EngagementContext(
+            app_id=ctx.app_id,
+            device_id=ctx.device_id,
+            user_id=ctx.user_id,
+            context=context_to_proto(ctx.context),
+            user=user,
+            consent=CONSENT_TO_PROTO[ctx.consent],
+            journey=[_journey_entry(item) for item in ctx.journey],
+            trigger=common_pb2.TriggerExplanation(
+                scenario_id=trigger.get("scenario_id", ""),
+                scenario_name=trigger.get("scenario_name", ""),
+                scenario_file=trigger.get("scenario_file", ""),
+                priority=int(trigger.get("priority", 0)),
+                conditions=[
+                    common_pb2.MatchedCondition(path=path, description=text)
+                    for path, text in trigger.get("conditions", [])
+                ],
+                signal_ids=trigger.get("signal_ids", []),
+            ),
+            cue=cue_to_proto(ctx.cue),
+            redacted_fields=ctx.redacted_fields,
+        ),
+    )
+
+
+def engagement_ended_to_proto(e: EngagementEnded) -> associate_pb2.EngagementEnded:
+    return associate_pb2.EngagementEnded(engagement_id=e.engagement_id, disposition=e.disposition)

@@ -1,0 +1,133 @@
+"""DeviceService: a thin adapter between one device stream and the core."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from cuepoint.v1 import device_pb2, device_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ..core.errors import CoreError
+from ..core.model import Ack, CueOffer, EngagementUpdate, SessionFailed, Withdrawal
+from ..core.service import Core
+from ..core.sessions import DeviceOut, DeviceSession
+from . import convert
+from .errors import status_for
+
+__all__ = ["DeviceServicer"]
+
+log = structlog.get_logger("cuepoint.api.device")
+
+
+@dataclass(frozen=True, slots=True)
+class _StreamEnd:
+    """Put on the outbox by the reader: the client half-closed, or failed."""
+
+    code: grpc.StatusCode | None = None
+    message: str = ""
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    async def Connect(  # noqa: N802 - generated name
+        self,
+        request_iterator: AsyncIterator[device_pb2.DeviceMessage],
+        context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
+    ) -> None:
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
+        try:
+            session = await self.core.open_session(convert.hello_from_proto(first.hello))
+        except CoreError as exc:
+            await context.abort(*status_for(exc))
+        now = Timestamp()
+        now.FromNanoseconds(int(self.core.clock.now() * 1e9))
+        await context.write(
+            device_pb2.ServerMessage(
+                welcome=device_pb2.Welcome(
+                    session_id=session.session_id,
+                    server_time=now,
+                    max_signals_per_batch=self.core.config.max_signals_per_batch,
+                )
+            )
+        )
+        reader = asyncio.create_task(self._read(request_iterator, session))
+        try:
+            await self._write(session, context)
+        finally:
+            reader.cancel()
+            await self.core.close_session(session)
+
+    async def _read(self, requests: AsyncIterator[device_pb2.DeviceMessage], session: DeviceSession) -> None:
+        outbox: asyncio.Queue[DeviceOut | _StreamEnd] = session.outbox  # type: ignore[assignment]
+        try:
+            async for message in requests:
+                kind = message.WhichOneof("kind")
+                if kind == "signals":
+                    self.core.ingest(session, convert.batch_from_proto(message.signals))
+                elif kind == "cue_response":
+                    cue_id, response = convert.response_from_proto(message.cue_response)
+                    await self.core.respond(session, cue_id, response)
+                else:
+                    await outbox.put(_StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello"))
+                    return
+        except CoreError as exc:
+            code, text = status_for(exc)
+            log.info("device.rejected", device_id=session.device_id, code=code.name, error=text)
+            await outbox.put(_StreamEnd(code, text))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the stream broke under us; nothing to answer
+            log.debug("device.read_failed", device_id=session.device_id, exc_info=True)
+            await outbox.put(_StreamEnd(grpc.StatusCode.CANCELLED, "stream failed"))
+            return
+        # Half-closed by the client: ack what it sent before we finish.
+        if session.writes:
+            await asyncio.gather(*session.writes, return_exceptions=True)
+        await outbox.put(_StreamEnd())
+
+    async def _write(
+        self,
+        session: DeviceSession,
+        context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
+    ) -> None:
+        outbox: asyncio.Queue[DeviceOut | _StreamEnd] = session.outbox  # type: ignore[assignment]
+        while True:
+            item = await outbox.get()
+            if isinstance(item, _StreamEnd):
+                # Flush what was queued before the end marker (e.g. final acks).
+                while not outbox.empty():
+                    extra = outbox.get_nowait()
+                    if not isinstance(extra, _StreamEnd):
+                        await context.write(_to_proto(extra))
+                if item.code is not None:
+                    await context.abort(item.code, item.message)
+                return
+            if isinstance(item, SessionFailed):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, item.reason)
+            if session.closed and not isinstance(item, Ack):
+                continue
+            await context.write(_to_proto(item))
+
+
+def _to_proto(item: DeviceOut) -> device_pb2.ServerMessage:
+    if isinstance(item, Ack):
+        return device_pb2.ServerMessage(ack=convert.ack_to_proto(item))
+    if isinstance(item, CueOffer):
+        return device_pb2.ServerMessage(cue=convert.cue_to_proto(item))
+    if isinstance(item, Withdrawal):
+        return device_pb2.ServerMessage(withdrawal=convert.withdrawal_to_proto(item))
+    if isinstance(item, EngagementUpdate):
+        return device_pb2.ServerMessage(engagement=convert.engagement_update_to_proto(item))
+    raise TypeError(f"cannot send {type(item).__name__}")

@@ -1,0 +1,98 @@
+"""Assemble storage, engine, core and the gRPC server into one runnable unit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from cuepoint.v1 import associate_pb2, associate_pb2_grpc, device_pb2, device_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .api.associate import AssociateServicer
+from .api.device import DeviceServicer
+from .clock import Clock, SystemClock
+from .core.service import Core, CoreConfig
+from .engine.engine import Engine
+from .engine.scenario_set import ScenarioSet
+from .storage import SqliteStore
+
+__all__ = ["CuepointServer", "ServerConfig"]
+
+log = structlog.get_logger("cuepoint.server")
+
+SERVICES = (
+    device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
+    associate_pb2.DESCRIPTOR.services_by_name["AssociateService"].full_name,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    # 0 picks a free port; CuepointServer.port tells which.
+    port: int = 50051
+    db: str = "cuepoint.db"
+    scenarios: str | None = None
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Seconds in-flight streams get to finish on shutdown.
+    grace: float = 5.0
+    core: CoreConfig = CoreConfig()
+
+
+class CuepointServer:
+    def __init__(self, config: ServerConfig, store: SqliteStore, core: Core, server: grpc.aio.Server, port: int):
+        self.config = config
+        self.store = store
+        self.core = core
+        self.port = port
+        self._server = server
+        self._health: health.aio.HealthServicer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @classmethod
+    async def start(cls, config: ServerConfig, *, clock: Clock | None = None) -> CuepointServer:
+        # Scenarios load first: a broken folder must stop start-up before we
+        # open the database or bind the port.
+        scenarios = ScenarioSet.load(config.scenarios) if config.scenarios else ScenarioSet.empty()
+        if config.db != ":memory:":
+            Path(config.db).parent.mkdir(parents=True, exist_ok=True)
+        store = await SqliteStore.open(config.db)
+        core = Core(store, Engine(scenarios), clock or SystemClock(), config.core)
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        server = grpc.aio.server(options=options)
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(core), server)
+        associate_pb2_grpc.add_AssociateServiceServicer_to_server(AssociateServicer(core), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if port == 0:
+            await store.close()
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        await server.start()
+        for name in ("", *SERVICES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self = cls(config, store, core, server, port)
+        self._health = health_servicer
+        log.info("server.started", address=self.address, scenarios=len(scenarios.scenarios), db=config.db)
+        return self
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.config.grace if grace is None else grace)
+        await self.core.drain()
+        await self.store.close()
+        log.info("server.stopped", address=self.address)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()

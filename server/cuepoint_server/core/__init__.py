@@ -1,0 +1,1 @@
+"""The domain core: sessions, evaluation, cues and engagements. Knows nothing of gRPC."""

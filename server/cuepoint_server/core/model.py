@@ -1,0 +1,149 @@
+"""Domain messages in and out of the core, as plain dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.state import Scalar
+
+__all__ = [
+    "Ack",
+    "AssociateSignIn",
+    "CueOffer",
+    "EngagementContext",
+    "EngagementEnded",
+    "EngagementView",
+    "EngagementUpdate",
+    "Hello",
+    "IncomingBatch",
+    "IncomingSignal",
+    "JourneyItem",
+    "Scalar",
+    "SessionFailed",
+    "Withdrawal",
+]
+
+CONSENT_LEVELS = ("none", "essential", "full")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    app_id: str
+    device_id: str
+    # Flat context keys as scenario files address them: app.version, user.tier…
+    context: dict[str, Scalar]
+    consent: str = "essential"
+    sdk_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingSignal:
+    id: str
+    # Device clock, epoch seconds; None when the client sent none.
+    time: float | None
+    kind: str  # "event" | "context" | "" (unset: invalid)
+    name: str = ""
+    props: dict[str, Scalar] = field(default_factory=dict)
+    context_set: dict[str, Scalar] = field(default_factory=dict)
+    clear_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingBatch:
+    batch_id: str
+    sent_at: float | None
+    signals: tuple[IncomingSignal, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CueOffer:
+    cue_id: str
+    scenario_id: str
+    message: str
+    channel: str
+    upgrades: tuple[str, ...]
+    created_at: float
+    expires_at: float
+    title: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    batch_id: str
+    signal_ids: tuple[str, ...]
+    duplicate_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawal:
+    cue_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class EngagementUpdate:
+    engagement_id: str
+    cue_id: str
+    state: str  # queued | assigned | ended
+    channel: str
+    queue: str
+    associate_name: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFailed:
+    """Ends a stream from the core's side (e.g. storage failing)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class JourneyItem:
+    signal_id: str
+    time: float
+    kind: str
+    name: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EngagementContext:
+    app_id: str
+    device_id: str
+    user_id: str
+    context: dict[str, Scalar]
+    user_attributes: dict[str, Scalar]
+    consent: str
+    journey: tuple[JourneyItem, ...]
+    trigger: dict[str, Any]
+    cue: CueOffer
+    redacted_fields: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EngagementView:
+    engagement_id: str
+    cue_id: str
+    queue: str
+    state: str
+    channel: str
+    created_at: float
+    associate_id: str
+    associate_name: str
+    context: EngagementContext
+
+
+@dataclass(frozen=True, slots=True)
+class AssociateSignIn:
+    associate_id: str
+    display_name: str
+    queues: tuple[str, ...]
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngagementEnded:
+    engagement_id: str
+    disposition: str

@@ -1,0 +1,577 @@
+"""The Cuepoint domain core.
+
+Turns device sessions' signals into cues and accepted cues into engagements
+routed to associates. Evaluation is synchronous and in memory; storage writes
+go through the store's single writer and are awaited only where durability is
+promised (acks) or needed (an engagement's journey).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from ..clock import Clock
+from ..engine.arbiter import Arbiter
+from ..engine.engine import Engine
+from ..engine.state import DeviceState, EventOccurrence
+from ..storage import CueRecord, EngagementRecord, SessionRecord, SignalRecord, SqliteStore
+from .errors import InvalidInput, NotFound, PermissionDenied
+from .model import (
+    Ack,
+    AssociateSignIn,
+    CueOffer,
+    EngagementContext,
+    EngagementEnded,
+    EngagementUpdate,
+    EngagementView,
+    Hello,
+    IncomingBatch,
+    JourneyItem,
+    Scalar,
+    SessionFailed,
+    Withdrawal,
+)
+from .routing import Router
+from .sessions import AssociateSession, DeviceSession, PendingCue
+from .validation import Limits, event_time, validate_batch, validate_hello
+
+__all__ = ["Core", "CoreConfig"]
+
+log = structlog.get_logger("cuepoint.core")
+
+RESPONSES = ("accepted", "declined", "dismissed", "expired")
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    # Signals shown to the associate in the journey timeline.
+    journey_limit: int = 50
+    max_signals_per_batch: int = Limits.max_signals_per_batch
+
+
+@dataclass(slots=True)
+class _Engagement:
+    engagement_id: str
+    cue_id: str
+    app_id: str
+    device_id: str
+    session_id: str
+    queue: str
+    channel: str
+    created_at: float
+    context: EngagementContext
+    state: str = "queued"
+    associate: AssociateSession | None = None
+    assigned_at: float | None = None
+    ended_at: float | None = None
+    disposition: str = ""
+    notes: str = ""
+
+    def view(self) -> EngagementView:
+        return EngagementView(
+            engagement_id=self.engagement_id,
+            cue_id=self.cue_id,
+            queue=self.queue,
+            state=self.state,
+            channel=self.channel,
+            created_at=self.created_at,
+            associate_id=self.associate.associate_id if self.associate else "",
+            associate_name=self.associate.display_name if self.associate else "",
+            context=self.context,
+        )
+
+    def record(self) -> EngagementRecord:
+        return EngagementRecord(
+            engagement_id=self.engagement_id,
+            cue_id=self.cue_id,
+            app_id=self.app_id,
+            device_id=self.device_id,
+            session_id=self.session_id,
+            queue=self.queue,
+            state=self.state,
+            channel=self.channel,
+            created_at=self.created_at,
+            assigned_at=self.assigned_at,
+            ended_at=self.ended_at,
+            associate_id=self.associate.associate_id if self.associate else "",
+            disposition=self.disposition,
+            notes=self.notes,
+            context=_context_json(self.context),
+        )
+
+
+@dataclass
+class _Registry:
+    states: dict[str, DeviceState] = field(default_factory=dict)
+    sessions: dict[str, DeviceSession] = field(default_factory=dict)
+    pending: dict[str, PendingCue] = field(default_factory=dict)
+    engagements: dict[str, _Engagement] = field(default_factory=dict)
+    active_by_device: dict[str, str] = field(default_factory=dict)
+
+
+class Core:
+    def __init__(self, store: SqliteStore, engine: Engine, clock: Clock, config: CoreConfig | None = None) -> None:
+        self.store = store
+        self.engine = engine
+        self.clock = clock
+        self.config = config or CoreConfig()
+        self.arbiter = Arbiter()
+        self.router = Router()
+        self._reg = _Registry()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- device sessions -------------------------------------------------
+
+    async def open_session(self, hello: Hello) -> DeviceSession:
+        validate_hello(hello)
+        now = self.clock.now()
+        state = self._reg.states.get(hello.device_id)
+        if state is None:
+            state = self._reg.states[hello.device_id] = DeviceState(hello.device_id, hello.app_id)
+        # The hello carries the whole context; it replaces what we had.
+        state.app_id = hello.app_id
+        state.context = {**hello.context, "app.id": hello.app_id, "consent": hello.consent}
+        user_id = str(hello.context.get("user.id") or "")
+        subject = f"user:{user_id}" if user_id and hello.consent != "none" else f"device:{hello.device_id}"
+        session = DeviceSession(
+            session_id=uuid.uuid4().hex,
+            app_id=hello.app_id,
+            device_id=hello.device_id,
+            subject=subject,
+            consent=hello.consent,
+            state=state,
+            started_at=now,
+        )
+        await self.store.save_session(
+            SessionRecord(
+                session_id=session.session_id,
+                app_id=hello.app_id,
+                device_id=hello.device_id,
+                user_id=user_id if hello.consent != "none" else "",
+                started_at=now,
+                context=dict(state.context),
+                consent=hello.consent,
+            )
+        )
+        await self._restore_offers(subject, now)
+        previous = self._reg.sessions.get(hello.device_id)
+        if previous is not None:
+            previous.closed = True
+        self._reg.sessions[hello.device_id] = session
+        pending = self._reg.pending.get(hello.device_id)
+        if pending is not None:
+            session.send(pending.offer)
+        log.info("session.opened", session_id=session.session_id, device_id=hello.device_id, app_id=hello.app_id)
+        return session
+
+    async def _restore_offers(self, subject: str, now: float) -> None:
+        # Cooldowns follow the user across devices and restarts: replay the
+        # offers still inside the longest cooldown any scenario has.
+        horizon = max((s.cooldown for s in self.engine.scenarios.scenarios), default=0.0)
+        if horizon <= 0:
+            return
+        for cue in await self.store.cues_for_subject(subject, since=now - horizon):
+            self.arbiter.remember_offer(subject, cue.scenario_id, cue.created_at)
+
+    async def close_session(self, session: DeviceSession) -> None:
+        session.closed = True
+        if self._reg.sessions.get(session.device_id) is session:
+            del self._reg.sessions[session.device_id]
+        if session.writes:
+            await asyncio.gather(*session.writes, return_exceptions=True)
+        await self.store.end_session(session.session_id, self.clock.now())
+        log.info("session.closed", session_id=session.session_id, device_id=session.device_id)
+
+    def ingest(self, session: DeviceSession, batch: IncomingBatch) -> None:
+        """Apply a batch: validate, update state, evaluate, and ack once stored.
+
+        Synchronous up to the storage hand-off so evaluation never waits on a
+        commit; the ack follows asynchronously through the session's outbox.
+        """
+        now = self.clock.now()
+        validate_batch(batch, now)
+        state = session.state
+        rows: list[SignalRecord] = []
+        fresh: list[str] = []
+        duplicates: list[str] = []
+        events: set[str] = set()
+        scenarios = self.engine.scenarios
+        for signal in batch.signals:
+            if not state.remember(signal.id):
+                duplicates.append(signal.id)
+                continue
+            fresh.append(signal.id)
+            at = min(event_time(signal, batch, now), now)
+            if signal.kind == "event":
+                state.record_event(
+                    signal.name,
+                    EventOccurrence(at, signal.id, signal.props),
+                    scenarios.keep_seconds(signal.name),
+                )
+                events.add(signal.name)
+                payload: dict[str, Any] = dict(signal.props)
+            else:
+                state.context.update(signal.context_set)
+                for key in signal.clear_keys:
+                    state.context.pop(key, None)
+                payload = {"set": dict(signal.context_set), "clear": list(signal.clear_keys)}
+            state.last_signal_at = max(state.last_signal_at, at)
+            rows.append(
+                SignalRecord(
+                    device_id=session.device_id,
+                    signal_id=signal.id,
+                    session_id=session.session_id,
+                    kind=signal.kind,
+                    name=signal.name,
+                    time=at,
+                    received_at=now,
+                    payload=payload,
+                )
+            )
+        self._track(session, self._store_and_ack(session, batch.batch_id, rows, fresh, duplicates))
+        if events:
+            self._evaluate(session, events, now)
+
+    async def _store_and_ack(
+        self,
+        session: DeviceSession,
+        batch_id: str,
+        rows: list[SignalRecord],
+        fresh: list[str],
+        duplicates: list[str],
+    ) -> None:
+        try:
+            stored_before = await self.store.append_signals(rows) if rows else []
+        except Exception:
+            log.exception("signals.store_failed", device_id=session.device_id, batch_id=batch_id)
+            for signal_id in fresh:
+                session.state.forget(signal_id)
+            session.send(SessionFailed("could not store signals; resend them"))
+            return
+        session.send(Ack(batch_id, tuple(fresh + duplicates), tuple(duplicates + stored_before)))
+
+    def _evaluate(self, session: DeviceSession, events: set[str], now: float) -> None:
+        state = session.state
+        qualified = self.engine.qualified(state, events, now)
+        if not qualified:
+            return
+        decision = self.arbiter.decide(qualified, session.subject, self._busy(session.device_id, now), now)
+        for blocked in decision.blocked:
+            log.info(
+                "scenario.blocked",
+                device_id=session.device_id,
+                scenario_id=blocked.scenario_id,
+                reason=blocked.reason,
+                detail=blocked.detail,
+            )
+        scenario = decision.offer
+        if scenario is None:
+            return
+        explanation = scenario.explain(state, now)
+        offer = CueOffer(
+            cue_id=uuid.uuid4().hex,
+            scenario_id=scenario.id,
+            message=scenario.template.render(state.context),
+            channel=scenario.channel,
+            upgrades=scenario.upgrades,
+            created_at=now,
+            expires_at=now + scenario.ttl,
+            title=scenario.title,
+        )
+        why: dict[str, Any] = {
+            "scenario_id": scenario.id,
+            "scenario_name": scenario.name,
+            "scenario_file": scenario.file,
+            "priority": scenario.priority,
+            "queue": scenario.queue,
+            "conditions": [list(c) for c in explanation.conditions],
+            "signal_ids": list(dict.fromkeys(explanation.signal_ids)),
+            "blocked": [{"scenario_id": b.scenario_id, "reason": b.reason} for b in decision.blocked],
+        }
+        pending = PendingCue(offer, scenario.id, why)
+        pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
+        self._reg.pending[session.device_id] = pending
+        self.arbiter.remember_offer(session.subject, scenario.id, now)
+        self._track(
+            session,
+            self.store.save_cue(
+                CueRecord(
+                    cue_id=offer.cue_id,
+                    scenario_id=scenario.id,
+                    app_id=session.app_id,
+                    device_id=session.device_id,
+                    subject=session.subject,
+                    session_id=session.session_id,
+                    created_at=now,
+                    expires_at=offer.expires_at,
+                    channel=offer.channel,
+                    message=offer.message,
+                    status="offered",
+                    responded_at=None,
+                    explanation=why,
+                )
+            ),
+        )
+        log.info("cue.offered", device_id=session.device_id, scenario_id=scenario.id, cue_id=offer.cue_id)
+        session.send(offer)
+
+    def _busy(self, device_id: str, now: float) -> str | None:
+        if device_id in self._reg.active_by_device:
+            return "engagement_active"
+        pending = self._reg.pending.get(device_id)
+        if pending is not None and pending.offer.expires_at > now:
+            return "cue_pending"
+        return None
+
+    def _expire(self, device_id: str, cue_id: str) -> None:
+        pending = self._reg.pending.get(device_id)
+        if pending is None or pending.offer.cue_id != cue_id:
+            return
+        del self._reg.pending[device_id]
+        self._spawn(self.store.set_cue_status(cue_id, "expired", self.clock.now()))
+        session = self._reg.sessions.get(device_id)
+        if session is not None:
+            session.send(Withdrawal(cue_id, "expired"))
+        log.info("cue.expired", device_id=device_id, cue_id=cue_id)
+
+    async def respond(self, session: DeviceSession, cue_id: str, response: str) -> None:
+        if response not in RESPONSES:
+            raise InvalidInput("cue_response.kind", "must be accepted, declined, dismissed or expired")
+        now = self.clock.now()
+        pending = self._reg.pending.get(session.device_id)
+        if pending is None or pending.offer.cue_id != cue_id:
+            known = await self.store.get_cue(cue_id)
+            if known is None or known.device_id != session.device_id:
+                raise InvalidInput("cue_response.cue_id", f"no cue {cue_id!r} was offered to this device")
+            # Already settled (expired, withdrawn or answered): tell the device again.
+            session.send(Withdrawal(cue_id, known.status))
+            return
+        del self._reg.pending[session.device_id]
+        if pending.expiry is not None:
+            pending.expiry.cancel()
+        await self.store.set_cue_status(cue_id, response, now)
+        log.info("cue.answered", device_id=session.device_id, cue_id=cue_id, response=response)
+        if response == "accepted":
+            await self._start_engagement(session, pending, now)
+
+    # -- engagements ------------------------------------------------------
+
+    async def _start_engagement(self, session: DeviceSession, pending: PendingCue, now: float) -> None:
+        if session.writes:
+            # The journey must include every signal that led here.
+            await asyncio.gather(*session.writes, return_exceptions=True)
+        context = await self._engagement_context(session, pending)
+        engagement = _Engagement(
+            engagement_id=uuid.uuid4().hex,
+            cue_id=pending.offer.cue_id,
+            app_id=session.app_id,
+            device_id=session.device_id,
+            session_id=session.session_id,
+            queue=str(pending.explanation.get("queue") or "default"),
+            channel=pending.offer.channel,
+            created_at=now,
+            context=context,
+        )
+        self._reg.engagements[engagement.engagement_id] = engagement
+        self._reg.active_by_device[session.device_id] = engagement.engagement_id
+        await self.store.save_engagement(engagement.record())
+        self._notify_device(engagement)
+        log.info("engagement.queued", engagement_id=engagement.engagement_id, queue=engagement.queue)
+        self._route(engagement)
+
+    async def _engagement_context(self, session: DeviceSession, pending: PendingCue) -> EngagementContext:
+        journey = await self.store.journey(session.device_id, limit=self.config.journey_limit)
+        ctx = session.state.context
+        consent = session.consent
+        user_attrs: dict[str, Scalar] = {}
+        redacted: list[str] = []
+        for key, value in ctx.items():
+            if not key.startswith("user.") or key == "user.id":
+                continue
+            if consent == "full" or (consent == "essential" and key == "user.tier"):
+                user_attrs[key.removeprefix("user.")] = value
+            else:
+                redacted.append(key)
+        user_id = str(ctx.get("user.id") or "")
+        if consent == "none" and user_id:
+            redacted.append("user.id")
+            user_id = ""
+        return EngagementContext(
+            app_id=session.app_id,
+            device_id=session.device_id,
+            user_id=user_id,
+            context={k: v for k, v in ctx.items() if not k.startswith("user.")},
+            user_attributes=user_attrs,
+            consent=consent,
+            journey=tuple(JourneyItem(r.signal_id, r.time, r.kind, r.name, r.payload) for r in journey),
+            trigger=dict(pending.explanation),
+            cue=pending.offer,
+            redacted_fields=tuple(sorted(redacted)),
+        )
+
+    def _route(self, engagement: _Engagement) -> None:
+        associate = self.router.pick(engagement.queue)
+        if associate is None:
+            self.router.wait(engagement.queue, engagement.engagement_id)
+            return
+        self._assign(engagement, associate)
+
+    def _assign(self, engagement: _Engagement, associate: AssociateSession) -> None:
+        now = self.clock.now()
+        engagement.state = "assigned"
+        engagement.associate = associate
+        engagement.assigned_at = now
+        associate.active.add(engagement.engagement_id)
+        self._spawn(self.store.save_engagement(engagement.record()))
+        associate.send(engagement.view())
+        self._notify_device(engagement)
+        log.info(
+            "engagement.assigned", engagement_id=engagement.engagement_id, associate_id=associate.associate_id
+        )
+
+    def _notify_device(self, engagement: _Engagement) -> None:
+        session = self._reg.sessions.get(engagement.device_id)
+        if session is None:
+            return
+        session.send(
+            EngagementUpdate(
+                engagement_id=engagement.engagement_id,
+                cue_id=engagement.cue_id,
+                state=engagement.state,
+                channel=engagement.channel,
+                queue=engagement.queue,
+                associate_name=engagement.associate.display_name if engagement.associate else "",
+                time=self.clock.now(),
+            )
+        )
+
+    def _drain_waiting(self, associate: AssociateSession) -> None:
+        while associate.available:
+            item = self.router.next_waiting(associate.queues)
+            if item is None:
+                return
+            engagement = self._reg.engagements.get(item[1])
+            if engagement is not None and engagement.state == "queued":
+                self._assign(engagement, associate)
+
+    # -- associates -------------------------------------------------------
+
+    def sign_in(self, request: AssociateSignIn) -> AssociateSession:
+        if not request.associate_id or len(request.associate_id) > 128:
+            raise InvalidInput("sign_in.associate_id", "required; at most 128 characters")
+        if request.capacity < 0 or request.capacity > 100:
+            raise InvalidInput("sign_in.capacity", "must be between 0 and 100")
+        associate = AssociateSession(
+            associate_id=request.associate_id,
+            display_name=request.display_name or request.associate_id,
+            queues=request.queues or ("default",),
+            capacity=request.capacity or 1,
+            idle_since=self.clock.now(),
+        )
+        self.router.add(associate)
+        log.info("associate.signed_in", associate_id=associate.associate_id, queues=list(associate.queues))
+        self._drain_waiting(associate)
+        return associate
+
+    def sign_out(self, associate: AssociateSession) -> None:
+        associate.closed = True
+        self.router.remove(associate)
+        # Engagements the associate still held go back to the front of their queue.
+        for engagement_id in sorted(associate.active):
+            engagement = self._reg.engagements.get(engagement_id)
+            if engagement is None or engagement.state != "assigned":
+                continue
+            engagement.state, engagement.associate, engagement.assigned_at = "queued", None, None
+            self._spawn(self.store.save_engagement(engagement.record()))
+            self._notify_device(engagement)
+            other = self.router.pick(engagement.queue)
+            if other is None:
+                self.router.wait(engagement.queue, engagement_id, front=True)
+            else:
+                self._assign(engagement, other)
+        associate.active.clear()
+        log.info("associate.signed_out", associate_id=associate.associate_id)
+
+    async def end_engagement(
+        self, associate: AssociateSession, engagement_id: str, disposition: str, notes: str
+    ) -> None:
+        engagement = self._reg.engagements.get(engagement_id)
+        if engagement is None:
+            raise NotFound(f"no engagement {engagement_id!r}")
+        if engagement.associate is not associate:
+            raise PermissionDenied(f"engagement {engagement_id!r} is not assigned to you")
+        if not disposition or len(disposition) > 64:
+            raise InvalidInput("end.disposition", "required; at most 64 characters")
+        now = self.clock.now()
+        engagement.state, engagement.ended_at = "ended", now
+        engagement.disposition, engagement.notes = disposition, notes[:4000]
+        associate.active.discard(engagement_id)
+        if not associate.active:
+            associate.idle_since = now
+        if self._reg.active_by_device.get(engagement.device_id) == engagement_id:
+            del self._reg.active_by_device[engagement.device_id]
+        await self.store.save_engagement(engagement.record())
+        associate.send(EngagementEnded(engagement_id, disposition))
+        self._notify_device(engagement)
+        log.info("engagement.ended", engagement_id=engagement_id, disposition=disposition)
+        self._drain_waiting(associate)
+
+    # -- housekeeping -----------------------------------------------------
+
+    def _track(self, session: DeviceSession, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
+        session.writes.add(task)
+        task.add_done_callback(session.writes.discard)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background.failed", error=repr(task.exception()))
+
+    async def drain(self) -> None:
+        """Wait for background writes; used on shutdown."""
+        pending = set(self._background)
+        for session in self._reg.sessions.values():
+            pending |= session.writes
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "devices": len(self._reg.states),
+            "sessions": len(self._reg.sessions),
+            "pending_cues": len(self._reg.pending),
+            "engagements": len(self._reg.engagements),
+            "evaluations": self.engine.evaluations,
+        }
+
+
+def _context_json(ctx: EngagementContext) -> dict[str, Any]:
+    return {
+        "app_id": ctx.app_id,
+        "device_id": ctx.device_id,
+        "user_id": ctx.user_id,
+        "context": dict(ctx.context),
+        "user_attributes": dict(ctx.user_attributes),
+        "consent": ctx.consent,
+        "journey": [
+            {"signal_id": j.signal_id, "time": j.time, "kind": j.kind, "name": j.name, "payload": j.payload}
+            for j in ctx.journey
+        ],
+        "trigger": ctx.trigger,
+        "cue": {"cue_id": ctx.cue.cue_id, "message": ctx.cue.message, "channel": ctx.cue.channel},
+        "redacted_fields": list(ctx.redacted_fields),
+    }
+
+

@@ -1,0 +1,1 @@
+"""Per-device state and scenario evaluation; no I/O, no gRPC."""

@@ -1,0 +1,74 @@
+"""Everything the engine knows about one device, in one place."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["DeviceState", "EventOccurrence", "Scalar"]
+
+Scalar = str | int | float | bool
+
+# Hard cap per event name so a flood cannot grow memory without bound; windows
+# needing more occurrences than this are saturated, which only ever errs
+# towards "at least N" being true.
+MAX_OCCURRENCES_PER_EVENT = 2048
+MAX_REMEMBERED_IDS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class EventOccurrence:
+    time: float
+    signal_id: str
+    props: Mapping[str, Scalar]
+
+
+@dataclass(slots=True)
+class DeviceState:
+    device_id: str
+    app_id: str
+    context: dict[str, Scalar] = field(default_factory=dict)
+    history: dict[str, deque[EventOccurrence]] = field(default_factory=dict)
+    last_signal_at: float = 0.0
+    _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    def remember(self, signal_id: str) -> bool:
+        """Record an id; False when it was already seen (a resend)."""
+        if signal_id in self._seen:
+            return False
+        self._seen[signal_id] = None
+        if len(self._seen) > MAX_REMEMBERED_IDS:
+            self._seen.popitem(last=False)
+        return True
+
+    def forget(self, signal_id: str) -> None:
+        """Undo remember() for a signal that could not be stored, so a resend counts."""
+        self._seen.pop(signal_id, None)
+
+    def record_event(self, name: str, occurrence: EventOccurrence, keep_seconds: float) -> None:
+        queue = self.history.get(name)
+        if queue is None:
+            queue = self.history[name] = deque(maxlen=MAX_OCCURRENCES_PER_EVENT)
+        if queue and occurrence.time < queue[-1].time:
+            # Late arrivals (offline buffers) are inserted in time order so
+            # windows stay correct; rare, so the O(n) insert is acceptable.
+            items = sorted((*queue, occurrence), key=lambda o: o.time)
+            queue.clear()
+            queue.extend(items)
+        else:
+            queue.append(occurrence)
+        horizon = queue[-1].time - keep_seconds
+        # Always keep the latest occurrence: "last sync took > 30 s" needs it.
+        while len(queue) > 1 and queue[0].time < horizon:
+            queue.popleft()
+
+    def last(self, name: str) -> EventOccurrence | None:
+        queue = self.history.get(name)
+        return queue[-1] if queue else None
+
+    def occurrences(self, name: str, since: float) -> list[EventOccurrence]:
+        queue = self.history.get(name)
+        if not queue:
+            return []
+        return [o for o in queue if o.time > since]

@@ -1,0 +1,1 @@
+"""Scenario files: the admin-facing language for when and how to engage."""

@@ -1,0 +1,73 @@
+"""Plain records persisted by the storage layer.
+
+They hold only builtin types so the storage layer stays independent of protobuf and gRPC; the API layer
+converts at its edge. Times are epoch seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ContextValue = str | int | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    session_id: str
+    app_id: str
+    device_id: str
+    user_id: str
+    started_at: float
+    context: dict[str, ContextValue]
+    consent: str
+    # Set by SqliteStore.end_session; saving a record with None keeps an already stored end time.
+    ended_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRecord:
+    device_id: str
+    signal_id: str
+    session_id: str
+    kind: str  # "event" | "context"
+    name: str  # event name, or "" for a context update
+    time: float  # event time, already corrected for device clock skew
+    received_at: float
+    payload: dict[str, Any]  # JSON-serialisable: event properties or the context change
+
+
+@dataclass(frozen=True, slots=True)
+class CueRecord:
+    cue_id: str
+    scenario_id: str
+    app_id: str
+    device_id: str
+    subject: str  # user id or device id that caps and cooldowns apply to
+    session_id: str
+    created_at: float
+    expires_at: float
+    channel: str
+    message: str
+    status: str  # "offered" | "accepted" | "declined" | "dismissed" | "expired" | "withdrawn"
+    responded_at: float | None
+    explanation: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EngagementRecord:
+    engagement_id: str
+    cue_id: str
+    app_id: str
+    device_id: str
+    session_id: str
+    queue: str
+    state: str  # "queued" | "assigned" | "ended"
+    channel: str
+    created_at: float
+    assigned_at: float | None
+    ended_at: float | None
+    associate_id: str
+    disposition: str
+    notes: str
+    context: dict[str, Any]

@@ -1,0 +1,69 @@
+-- Cuepoint storage schema, version 1 (tracked in PRAGMA user_version by sqlite.py).
+-- Never edit a released version in place: add a migration step that moves user_version forward.
+-- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
+-- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
+-- because a related row is late or was pruned; referential checks belong to the service layer.
+
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id  TEXT PRIMARY KEY,
+    app_id      TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    user_id     TEXT NOT NULL,
+    started_at  REAL NOT NULL,
+    ended_at    REAL,
+    context     TEXT NOT NULL,
+    consent     TEXT NOT NULL
+);
+
+-- A rowid table (not WITHOUT ROWID): signal ids are random, so clustering on them would scatter inserts;
+-- the rowid also gives a stable arrival-order tie-break for signals with equal times.
+CREATE TABLE IF NOT EXISTS signals (
+    device_id   TEXT NOT NULL,
+    signal_id   TEXT NOT NULL,
+    session_id  TEXT NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('event', 'context')),
+    name        TEXT NOT NULL,
+    time        REAL NOT NULL,
+    received_at REAL NOT NULL,
+    payload     TEXT NOT NULL,
+    UNIQUE (device_id, signal_id)
+);
+CREATE INDEX IF NOT EXISTS signals_device_time ON signals (device_id, time);
+
+CREATE TABLE IF NOT EXISTS cues (
+    cue_id       TEXT PRIMARY KEY,
+    scenario_id  TEXT NOT NULL,
+    app_id       TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    subject      TEXT NOT NULL,
+    session_id   TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    expires_at   REAL NOT NULL,
+    channel      TEXT NOT NULL,
+    message      TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    responded_at REAL,
+    explanation  TEXT NOT NULL
+);
+-- Frequency caps and cooldowns look up a subject's recent cues per scenario.
+CREATE INDEX IF NOT EXISTS cues_subject_scenario_created ON cues (subject, scenario_id, created_at);
+
+CREATE TABLE IF NOT EXISTS engagements (
+    engagement_id TEXT PRIMARY KEY,
+    cue_id        TEXT NOT NULL,
+    app_id        TEXT NOT NULL,
+    device_id     TEXT NOT NULL,
+    session_id    TEXT NOT NULL,
+    queue         TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    channel       TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    assigned_at   REAL,
+    ended_at      REAL,
+    associate_id  TEXT NOT NULL,
+    disposition   TEXT NOT NULL,
+    notes         TEXT NOT NULL,
+    context       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS engagements_device_created ON engagements (device_id, created_at);
+CREATE INDEX IF NOT EXISTS engagements_cue ON engagements (cue_id);

@@ -1,0 +1,543 @@
+"""SQLite (aiosqlite) store with a single batching writer.
+
+Committing per row tops out at a few thousand rows/s, while one transaction of many rows is two orders of
+magnitude faster, and aiosqlite pays a thread hop per call. So every write is queued to one writer task that
+applies whatever has accumulated (up to ``max_batch`` rows) in one transaction, merging consecutive writes of
+the same kind into one ``executemany``, and resolves each caller's future only once the transaction is
+committed: an awaited write is durable. Batching needs no timer: ops pile up while the previous transaction
+is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+
+from .records import CueRecord, EngagementRecord, SessionRecord, SignalRecord
+
+SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_MS = 5000
+
+
+class StoreClosedError(RuntimeError):
+    """The store was closed before (or while) the operation could run."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    batches: int  # committed write transactions
+    ops: int  # committed write calls
+    rows: int  # committed rows: inserted signals plus one per upsert/update statement
+    duplicates: int  # signals skipped because (device_id, signal_id) was already stored
+    failed_ops: int  # write calls that raised to their caller
+
+
+# --- SQL ------------------------------------------------------------------------------------------------
+
+_SESSION_COLS = (
+    "session_id", "app_id", "device_id", "user_id", "started_at", "context", "consent", "ended_at",
+)  # fmt: skip
+_SIGNAL_COLS = ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
+_CUE_COLS = (
+    "cue_id", "scenario_id", "app_id", "device_id", "subject", "session_id", "created_at", "expires_at",
+    "channel", "message", "status", "responded_at", "explanation",
+)  # fmt: skip
+_ENGAGEMENT_COLS = (
+    "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
+    "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context",
+)  # fmt: skip
+
+
+def _upsert_sql(table: str, cols: Sequence[str], *, keep_when_null: Sequence[str] = ()) -> str:
+    key = cols[0]
+
+    def assign(col: str) -> str:
+        if col in keep_when_null:
+            return f"{col} = COALESCE(excluded.{col}, {table}.{col})"
+        return f"{col} = excluded.{col}"
+
+    updates = ", ".join(assign(c) for c in cols[1:])
+    marks = ", ".join("?" * len(cols))
+    insert = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})"
+    return f"{insert} ON CONFLICT ({key}) DO UPDATE SET {updates}"
+
+
+# Re-saving a session (e.g. to update its context) must not reopen it.
+_UPSERT_SESSION = _upsert_sql("sessions", _SESSION_COLS, keep_when_null=("ended_at",))
+_UPSERT_CUE = _upsert_sql("cues", _CUE_COLS)
+_UPSERT_ENGAGEMENT = _upsert_sql("engagements", _ENGAGEMENT_COLS)
+_END_SESSION = "UPDATE sessions SET ended_at = ? WHERE session_id = ?"
+_SET_CUE_STATUS = "UPDATE cues SET status = ?, responded_at = ? WHERE cue_id = ?"
+# Duplicates are filtered before this runs, inside the same write transaction; DO NOTHING is only a safety
+# net, and unlike INSERT OR IGNORE it does not silently swallow CHECK or NOT NULL violations.
+_INSERT_SIGNALS = (
+    f"INSERT INTO signals ({', '.join(_SIGNAL_COLS)}) VALUES ({', '.join('?' * len(_SIGNAL_COLS))}) "
+    "ON CONFLICT (device_id, signal_id) DO NOTHING"
+)
+# One JSON parameter instead of 2 placeholders per key: no variable-count limit and a single thread hop.
+_EXISTING_SIGNALS = (
+    "SELECT s.device_id, s.signal_id FROM json_each(?) AS j JOIN signals AS s "
+    "ON s.device_id = json_extract(j.value, '$[0]') AND s.signal_id = json_extract(j.value, '$[1]')"
+)
+
+
+def _select(table: str, cols: Sequence[str]) -> str:
+    return f"SELECT {', '.join(cols)} FROM {table}"
+
+
+def _dumps(value: object) -> str:
+    # allow_nan=False: the columns must hold real JSON so SQLite's json functions can read them.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+# --- row mapping ----------------------------------------------------------------------------------------
+
+Row = tuple[object, ...]
+
+
+def _session_row(r: SessionRecord) -> Row:
+    return (
+        r.session_id, r.app_id, r.device_id, r.user_id, r.started_at, _dumps(r.context), r.consent,
+        r.ended_at,
+    )  # fmt: skip
+
+
+def _session_from(row: sqlite3.Row) -> SessionRecord:
+    return SessionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7])
+
+
+def _signal_row(r: SignalRecord) -> Row:
+    return (r.device_id, r.signal_id, r.session_id, r.kind, r.name, r.time, r.received_at, _dumps(r.payload))
+
+
+def _signal_from(row: sqlite3.Row) -> SignalRecord:
+    return SignalRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]))
+
+
+def _cue_row(r: CueRecord) -> Row:
+    return (
+        r.cue_id, r.scenario_id, r.app_id, r.device_id, r.subject, r.session_id, r.created_at, r.expires_at,
+        r.channel, r.message, r.status, r.responded_at, _dumps(r.explanation),
+    )  # fmt: skip
+
+
+def _cue_from(row: sqlite3.Row) -> CueRecord:
+    return CueRecord(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
+        json.loads(row[12]),
+    )  # fmt: skip
+
+
+def _engagement_row(r: EngagementRecord) -> Row:
+    return (
+        r.engagement_id, r.cue_id, r.app_id, r.device_id, r.session_id, r.queue, r.state, r.channel,
+        r.created_at, r.assigned_at, r.ended_at, r.associate_id, r.disposition, r.notes, _dumps(r.context),
+    )  # fmt: skip
+
+
+def _engagement_from(row: sqlite3.Row) -> EngagementRecord:
+    return EngagementRecord(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
+        row[12], row[13], json.loads(row[14]),
+    )  # fmt: skip
+
+
+# --- writer ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Statement:
+    """One parametrised statement; consecutive ones with the same SQL share an executemany."""
+
+    sql: str
+    params: Row
+    future: asyncio.Future[Any]
+
+    @property
+    def size(self) -> int:
+        return 1
+
+
+@dataclass(slots=True, eq=False)
+class _AppendSignals:
+    rows: list[Row]  # in _SIGNAL_COLS order, so row[0], row[1] is the (device_id, signal_id) key
+    future: asyncio.Future[Any]
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+_Op = _Statement | _AppendSignals
+
+
+def _groups(batch: list[_Op]) -> Iterable[list[_Op]]:
+    group: list[_Op] = []
+    for op in batch:
+        if group and not _same_kind(group[-1], op):
+            yield group
+            group = []
+        group.append(op)
+    if group:
+        yield group
+
+
+def _same_kind(a: _Op, b: _Op) -> bool:
+    if isinstance(a, _Statement) and isinstance(b, _Statement):
+        return a.sql == b.sql
+    return isinstance(a, _AppendSignals) and isinstance(b, _AppendSignals)
+
+
+class _BatchWriter:
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        max_batch: int,
+        txn_guard: contextlib.AbstractAsyncContextManager[Any],
+    ) -> None:
+        self._conn = conn
+        self._max_batch = max_batch
+        self._guard = txn_guard
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._closed = False
+        self._batches = self._ops = self._rows = self._duplicates = self._failed = 0
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="cuepoint-sqlite-writer")
+
+    def stats(self) -> StoreStats:
+        return StoreStats(self._batches, self._ops, self._rows, self._duplicates, self._failed)
+
+    async def execute(self, sql: str, params: Row) -> None:
+        await self._submit(_Statement(sql, params, self._new_future()))
+
+    async def append_signals(self, rows: list[Row]) -> list[str]:
+        result: list[str] = await self._submit(_AppendSignals(rows, self._new_future()))
+        return result
+
+    async def stop(self) -> None:
+        if not self._closed:
+            self._closed = True
+            # Queued after every accepted op, so everything already submitted is still written.
+            self._queue.put_nowait(None)
+        await asyncio.shield(self._task)
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, op: _Op) -> Any:
+        if self._closed:
+            raise StoreClosedError("store is closed")
+        self._queue.put_nowait(op)
+        # A cancelled caller does not withdraw the op: it may already be in a transaction, and writes are
+        # idempotent for retries (upserts, deduplicated signals).
+        return await op.future
+
+    async def _run(self) -> None:
+        pending: list[_Op] = []
+        try:
+            stopping = False
+            while not stopping:
+                first = await self._queue.get()
+                if first is None:
+                    break
+                pending = [first]
+                size = first.size
+                while size < self._max_batch and not self._queue.empty():
+                    op = self._queue.get_nowait()
+                    if op is None:
+                        stopping = True
+                        break
+                    pending.append(op)
+                    size += op.size
+                await self._apply(pending)
+                pending = []
+        finally:
+            # Only reached early if the task is cancelled (e.g. loop shutdown): nobody may wait forever.
+            self._closed = True
+            while not self._queue.empty():
+                op = self._queue.get_nowait()
+                if op is not None:
+                    pending.append(op)
+            for op in pending:
+                if not op.future.done():
+                    op.future.set_exception(StoreClosedError("store closed before the write was committed"))
+
+    async def _apply(self, batch: list[_Op]) -> None:
+        applying = False
+        try:
+            async with self._guard:
+                try:
+                    await self._conn.execute("BEGIN IMMEDIATE")
+                    applying = True
+                    results, rows, duplicates = await self._write(batch)
+                    applying = False
+                    await self._conn.commit()
+                except BaseException:
+                    await self._rollback()
+                    raise
+        except Exception as exc:
+            if applying and len(batch) > 1:
+                # One bad op must not fail the others: redo them one transaction each to find it.
+                for op in batch:
+                    await self._apply([op])
+                return
+            self._failed += len(batch)
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(exc)
+            return
+        self._batches += 1
+        self._ops += len(batch)
+        self._rows += rows
+        self._duplicates += duplicates
+        for op, result in zip(batch, results, strict=True):
+            if not op.future.done():
+                op.future.set_result(result)
+
+    async def _rollback(self) -> None:
+        # The original error is what callers need; a failed rollback means the connection is unusable and
+        # the next BEGIN will report that.
+        with contextlib.suppress(Exception):
+            await self._conn.rollback()
+
+    async def _write(self, batch: list[_Op]) -> tuple[list[Any], int, int]:
+        results: list[Any] = []
+        rows = duplicates = 0
+        for group in _groups(batch):
+            first = group[0]
+            if isinstance(first, _Statement):
+                params = [op.params for op in group if isinstance(op, _Statement)]
+                await self._conn.executemany(first.sql, params)
+                results.extend([None] * len(group))
+                rows += len(group)
+            else:
+                appends = [op for op in group if isinstance(op, _AppendSignals)]
+                dup_lists, inserted = await self._insert_signals(appends)
+                results.extend(dup_lists)
+                rows += inserted
+                duplicates += sum(len(d) for d in dup_lists)
+        return results, rows, duplicates
+
+    async def _insert_signals(self, group: list[_AppendSignals]) -> tuple[list[list[str]], int]:
+        keys = [[row[0], row[1]] for op in group for row in op.rows]
+        existing = await self._conn.execute_fetchall(_EXISTING_SIGNALS, (_dumps(keys),))
+        seen: set[tuple[object, object]] = {(r[0], r[1]) for r in existing}
+        fresh: list[Row] = []
+        dup_lists: list[list[str]] = []
+        for op in group:
+            dups: list[str] = []
+            for row in op.rows:
+                key = (row[0], row[1])
+                if key in seen:
+                    dups.append(str(row[1]))
+                else:
+                    seen.add(key)
+                    fresh.append(row)
+            dup_lists.append(dups)
+        if fresh:
+            await self._conn.executemany(_INSERT_SIGNALS, fresh)
+        return dup_lists, len(fresh)
+
+
+# --- store ----------------------------------------------------------------------------------------------
+
+
+async def _configure(conn: aiosqlite.Connection, *, read_only: bool) -> None:
+    # busy_timeout first so the journal-mode switch waits for other processes instead of failing.
+    await conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    await conn.execute("PRAGMA journal_mode = WAL")
+    # NORMAL in WAL mode survives application crashes; only an OS crash/power loss can drop the last commits.
+    await conn.execute("PRAGMA synchronous = NORMAL")
+    await conn.execute("PRAGMA foreign_keys = ON")
+    if read_only:
+        await conn.execute("PRAGMA query_only = ON")
+
+
+async def _ensure_schema(conn: aiosqlite.Connection) -> None:
+    rows = list(await conn.execute_fetchall("PRAGMA user_version"))
+    version = int(rows[0][0])
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema version {version} is newer than supported ({SCHEMA_VERSION})")
+    if version == SCHEMA_VERSION:
+        return
+    package = importlib.resources.files(__name__.rpartition(".")[0])
+    script = package.joinpath("schema.sql").read_text(encoding="utf-8")
+    # One transaction so a crash never leaves a half-created schema marked as current. Statements use
+    # IF NOT EXISTS, so two processes racing here both succeed.
+    try:
+        bump = f"PRAGMA user_version = {SCHEMA_VERSION};"
+        await conn.executescript(f"BEGIN IMMEDIATE;\n{script}\n{bump}\nCOMMIT;")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await conn.rollback()
+        raise
+
+
+class SqliteStore:
+    """Durable store for sessions, signals, cues and engagements. Create with ``await SqliteStore.open()``."""
+
+    def __init__(
+        self,
+        writer_conn: aiosqlite.Connection,
+        reader_conn: aiosqlite.Connection | None,
+        max_batch: int,
+    ) -> None:
+        self._writer_conn = writer_conn
+        self._reader_conn = reader_conn
+        # With a single connection a read could run between the writer's BEGIN and COMMIT and see
+        # uncommitted rows, so reads and write transactions take turns on this lock.
+        self._shared_lock: asyncio.Lock | None = asyncio.Lock() if reader_conn is None else None
+        guard: contextlib.AbstractAsyncContextManager[Any] = self._shared_lock or contextlib.nullcontext()
+        self._writer = _BatchWriter(writer_conn, max_batch, guard)
+        self._closing: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], *, max_batch: int = 1000) -> SqliteStore:
+        """Open (creating if needed) the database at ``path``; ``":memory:"`` is a private in-memory one."""
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        location = os.fspath(path)
+        # Autocommit mode: the writer issues BEGIN/COMMIT itself, and reads never hold a snapshot open.
+        writer = await aiosqlite.connect(location, isolation_level=None)
+        reader: aiosqlite.Connection | None = None
+        try:
+            await _configure(writer, read_only=False)
+            await _ensure_schema(writer)
+            # An in-memory database is private to its connection, so it has to share the writer's.
+            if location not in (":memory:", ""):
+                reader = await aiosqlite.connect(location, isolation_level=None)
+                await _configure(reader, read_only=True)
+        except BaseException:
+            if reader is not None:
+                await reader.close()
+            await writer.close()
+            raise
+        return cls(writer, reader, max_batch)
+
+    async def close(self) -> None:
+        """Commit everything already submitted, then close. Safe to call more than once."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._shutdown())
+        await asyncio.shield(self._closing)
+
+    async def _shutdown(self) -> None:
+        try:
+            await self._writer.stop()
+        finally:
+            if self._reader_conn is not None:
+                await self._reader_conn.close()
+            await self._writer_conn.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def stats(self) -> StoreStats:
+        return self._writer.stats()
+
+    # Writes. Records are encoded here, in the caller's task, so a bad value (e.g. a payload that is not
+    # JSON-serialisable) raises straight to its caller and never reaches a shared transaction.
+
+    async def save_session(self, rec: SessionRecord) -> None:
+        await self._writer.execute(_UPSERT_SESSION, _session_row(rec))
+
+    async def end_session(self, session_id: str, ended_at: float) -> None:
+        """Record the end time; a no-op for an unknown session."""
+        await self._writer.execute(_END_SESSION, (ended_at, session_id))
+
+    async def append_signals(self, rows: Sequence[SignalRecord]) -> list[str]:
+        """Store new signals; return the signal_ids of rows skipped as already stored, in input order.
+
+        A (device_id, signal_id) seen earlier in the same call counts as already stored, so a signal_id is
+        listed once per skipped row.
+        """
+        encoded = [_signal_row(r) for r in rows]
+        if not encoded:
+            return []
+        return await self._writer.append_signals(encoded)
+
+    async def save_cue(self, rec: CueRecord) -> None:
+        await self._writer.execute(_UPSERT_CUE, _cue_row(rec))
+
+    async def set_cue_status(self, cue_id: str, status: str, responded_at: float) -> None:
+        """Update a cue's status; a no-op for an unknown cue."""
+        await self._writer.execute(_SET_CUE_STATUS, (status, responded_at, cue_id))
+
+    async def save_engagement(self, rec: EngagementRecord) -> None:
+        await self._writer.execute(_UPSERT_ENGAGEMENT, _engagement_row(rec))
+
+    # Reads bypass the write queue. They run in autocommit mode, so each sees everything committed so far,
+    # which includes every write whose coroutine has returned.
+
+    async def _fetch(self, sql: str, params: Row) -> list[sqlite3.Row]:
+        if self._closing is not None:
+            raise StoreClosedError("store is closed")
+        if self._reader_conn is not None:
+            return list(await self._reader_conn.execute_fetchall(sql, params))
+        assert self._shared_lock is not None
+        async with self._shared_lock:
+            return list(await self._writer_conn.execute_fetchall(sql, params))
+
+    async def journey(
+        self, device_id: str, *, limit: int = 100, since: float | None = None
+    ) -> list[SignalRecord]:
+        """The device's most recent ``limit`` signals (time >= ``since``), oldest first."""
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        if limit == 0:
+            return []
+        where, params = "device_id = ?", list[object]([device_id])
+        if since is not None:
+            where, params = where + " AND time >= ?", [*params, since]
+        # Newest first so LIMIT keeps the latest; rowid breaks ties between equal times by arrival order.
+        sql = f"{_select('signals', _SIGNAL_COLS)} WHERE {where} ORDER BY time DESC, rowid DESC LIMIT ?"
+        rows = await self._fetch(sql, (*params, limit))
+        return [_signal_from(r) for r in reversed(rows)]
+
+    async def count_signals(self, device_id: str) -> int:
+        rows = await self._fetch("SELECT COUNT(*) FROM signals WHERE device_id = ?", (device_id,))
+        return int(rows[0][0])
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        rows = await self._fetch(f"{_select('sessions', _SESSION_COLS)} WHERE session_id = ?", (session_id,))
+        return _session_from(rows[0]) if rows else None
+
+    async def get_cue(self, cue_id: str) -> CueRecord | None:
+        rows = await self._fetch(f"{_select('cues', _CUE_COLS)} WHERE cue_id = ?", (cue_id,))
+        return _cue_from(rows[0]) if rows else None
+
+    async def cues_for_subject(
+        self, subject: str, *, since: float | None = None, scenario_id: str | None = None
+    ) -> list[CueRecord]:
+        """The subject's cues created at or after ``since`` (optionally for one scenario), oldest first."""
+        where, params = "subject = ?", list[object]([subject])
+        if scenario_id is not None:
+            where, params = where + " AND scenario_id = ?", [*params, scenario_id]
+        if since is not None:
+            where, params = where + " AND created_at >= ?", [*params, since]
+        sql = f"{_select('cues', _CUE_COLS)} WHERE {where} ORDER BY created_at, rowid"
+        return [_cue_from(r) for r in await self._fetch(sql, tuple(params))]
+
+    async def get_engagement(self, engagement_id: str) -> EngagementRecord | None:
+        sql = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE engagement_id = ?"
+        rows = await self._fetch(sql, (engagement_id,))
+        return _engagement_from(rows[0]) if rows else None
+
+    async def engagements_for_device(self, device_id: str) -> list[EngagementRecord]:
+        """The device's engagements, oldest first."""
+        sql = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE device_id = ? ORDER BY created_at, rowid"
+        return [_engagement_from(r) for r in await self._fetch(sql, (device_id,))]

@@ -1,0 +1,309 @@
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cuepoint_server.storage import (
+    SCHEMA_VERSION,
+    CueRecord,
+    EngagementRecord,
+    SessionRecord,
+    SignalRecord,
+    SqliteStore,
+    StoreClosedError,
+)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(str(tmp_path / "cuepoint.db"))
+    yield s
+    await s.close()
+
+
+DEFAULT_PAYLOAD = {"screen": "checkout", "n": 3, "ok": True, "nested": {"a": [1, 2.5]}}
+
+
+def signal(
+    signal_id: str,
+    *,
+    device_id: str = "dev-1",
+    time: float = 1000.0,
+    kind: str = "event",
+    payload: dict[str, Any] | None = None,
+) -> SignalRecord:
+    return SignalRecord(
+        device_id=device_id,
+        signal_id=signal_id,
+        session_id="sess-1",
+        kind=kind,
+        name="screen_view" if kind == "event" else "",
+        time=time,
+        received_at=time + 0.25,
+        payload=DEFAULT_PAYLOAD if payload is None else payload,
+    )
+
+
+def cue(
+    cue_id: str = "cue-1", *, subject: str = "user-1", scenario_id: str = "sc-1", created_at: float = 100.0
+) -> CueRecord:
+    return CueRecord(
+        cue_id=cue_id,
+        scenario_id=scenario_id,
+        app_id="app",
+        device_id="dev-1",
+        subject=subject,
+        session_id="sess-1",
+        created_at=created_at,
+        expires_at=created_at + 60,
+        channel="chat",
+        message="Need a hand with checkout?",
+        status="offered",
+        responded_at=None,
+        explanation={"rule": "cart_stall", "matched": ["a", "b"], "score": 0.9},
+    )
+
+
+def engagement(engagement_id: str = "eng-1", *, created_at: float = 200.0) -> EngagementRecord:
+    return EngagementRecord(
+        engagement_id=engagement_id,
+        cue_id="cue-1",
+        app_id="app",
+        device_id="dev-1",
+        session_id="sess-1",
+        queue="payments",
+        state="queued",
+        channel="chat",
+        created_at=created_at,
+        assigned_at=None,
+        ended_at=None,
+        associate_id="",
+        disposition="",
+        notes="",
+        context={"cart_value": 129.5, "items": 3},
+    )
+
+
+SESSION = SessionRecord(
+    session_id="sess-1",
+    app_id="app",
+    device_id="dev-1",
+    user_id="user-1",
+    started_at=10.5,
+    context={"locale": "en-GB", "build": 42, "battery": 0.5, "wifi": True},
+    consent="analytics",
+)
+
+
+async def test_session_round_trip_upsert_and_end(store: SqliteStore) -> None:
+    await store.save_session(SESSION)
+    assert await store.get_session("sess-1") == SESSION
+    assert await store.get_session("missing") is None
+
+    await store.end_session("sess-1", 99.0)
+    ended = await store.get_session("sess-1")
+    assert ended is not None and ended.ended_at == 99.0
+
+    # Re-saving to update the context must not reopen the session.
+    updated = replace(SESSION, context={"locale": "fr-FR"})
+    await store.save_session(updated)
+    got = await store.get_session("sess-1")
+    assert got is not None
+    assert got.context == {"locale": "fr-FR"}
+    assert got.ended_at == 99.0
+
+    await store.end_session("missing", 1.0)  # no-op, no error
+
+
+async def test_signal_round_trip_preserves_types(store: SqliteStore) -> None:
+    rows = [signal("s1"), signal("s2", kind="context", time=1001.0, payload={"locale": "de-DE"})]
+    assert await store.append_signals(rows) == []
+    assert await store.journey("dev-1") == rows
+    assert await store.count_signals("dev-1") == 2
+    assert await store.count_signals("other") == 0
+    assert await store.append_signals([]) == []
+
+
+async def test_cue_round_trip_status_and_subject_queries(store: SqliteStore) -> None:
+    first = cue("cue-1", created_at=100.0)
+    await store.save_cue(first)
+    assert await store.get_cue("cue-1") == first
+    assert await store.get_cue("missing") is None
+
+    await store.set_cue_status("cue-1", "accepted", 105.0)
+    got = await store.get_cue("cue-1")
+    assert got is not None and (got.status, got.responded_at) == ("accepted", 105.0)
+
+    await store.save_cue(cue("cue-2", created_at=300.0, scenario_id="sc-2"))
+    await store.save_cue(cue("cue-3", created_at=200.0))
+    await store.save_cue(cue("cue-x", subject="user-2"))
+    assert [c.cue_id for c in await store.cues_for_subject("user-1")] == ["cue-1", "cue-3", "cue-2"]
+    assert [c.cue_id for c in await store.cues_for_subject("user-1", since=200.0)] == ["cue-3", "cue-2"]
+    only_sc1 = await store.cues_for_subject("user-1", scenario_id="sc-1")
+    assert [c.cue_id for c in only_sc1] == ["cue-1", "cue-3"]
+    assert await store.cues_for_subject("nobody") == []
+
+    # Upsert replaces the whole record.
+    replaced = cue("cue-1", created_at=100.0)
+    await store.save_cue(replaced)
+    assert await store.get_cue("cue-1") == replaced
+
+
+async def test_engagement_round_trip_and_upsert(store: SqliteStore) -> None:
+    queued = engagement("eng-1", created_at=200.0)
+    await store.save_engagement(queued)
+    assert await store.get_engagement("eng-1") == queued
+    assert await store.get_engagement("missing") is None
+
+    assigned = replace(queued, state="assigned", assigned_at=210.0, associate_id="a-7")
+    await store.save_engagement(assigned)
+    await store.save_engagement(engagement("eng-0", created_at=150.0))
+    assert await store.get_engagement("eng-1") == assigned
+    assert [e.engagement_id for e in await store.engagements_for_device("dev-1")] == ["eng-0", "eng-1"]
+    assert await store.engagements_for_device("other") == []
+
+
+async def test_duplicates_within_and_across_calls(store: SqliteStore) -> None:
+    assert await store.append_signals([signal("a"), signal("b"), signal("a", time=1005.0)]) == ["a"]
+    assert await store.append_signals([signal("b"), signal("c"), signal("c"), signal("d")]) == ["b", "c"]
+    # The same signal_id on another device is a different signal.
+    assert await store.append_signals([signal("a", device_id="dev-2")]) == []
+
+    journey = await store.journey("dev-1")
+    assert [s.signal_id for s in journey] == ["a", "b", "c", "d"]
+    assert journey[0].time == 1000.0  # the first copy wins
+    assert await store.count_signals("dev-1") == 4
+    assert store.stats.duplicates == 3
+
+
+async def test_concurrent_duplicates_are_reported_once(store: SqliteStore) -> None:
+    # Every caller races to store the same five signals: exactly one copy of each must land.
+    rows = [signal(f"s{i}") for i in range(5)]
+    results = await asyncio.gather(*(store.append_signals(rows) for _ in range(20)))
+    assert sum(len(r) for r in results) == 19 * 5
+    assert sorted(len(r) for r in results) == [0] + [5] * 19
+    assert [s.signal_id for s in await store.journey("dev-1")] == [f"s{i}" for i in range(5)]
+
+
+async def test_concurrent_callers_are_batched(store: SqliteStore) -> None:
+    before = store.stats
+
+    async def caller(n: int) -> list[str]:
+        return await store.append_signals(
+            [signal(f"c{n}-{i}", device_id=f"dev-{n % 7}", time=float(n * 10 + i)) for i in range(5)]
+        )
+
+    results = await asyncio.gather(*(caller(n) for n in range(200)))
+    assert all(r == [] for r in results)
+    after = store.stats
+    assert after.ops - before.ops == 200
+    assert after.rows - before.rows == 1000
+    assert after.batches - before.batches < 200 // 4
+    assert sum([await store.count_signals(f"dev-{d}") for d in range(7)]) == 1000
+
+
+async def test_small_max_batch_splits_transactions(tmp_path: Path) -> None:
+    async with await SqliteStore.open(tmp_path / "db.sqlite", max_batch=10) as s:
+        await asyncio.gather(*(s.append_signals([signal(f"x{n}-{i}") for i in range(5)]) for n in range(20)))
+        assert s.stats.batches >= 10
+        assert await s.count_signals("dev-1") == 100
+
+
+async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "persist.db")
+    s = await SqliteStore.open(path)
+    await s.save_session(SESSION)
+    await s.append_signals([signal("p1"), signal("p2", time=1001.0)])
+    await s.save_cue(cue())
+    await s.save_engagement(engagement())
+    await s.close()
+    await s.close()  # idempotent
+
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    reopened = await SqliteStore.open(path)
+    try:
+        assert await reopened.get_session("sess-1") == SESSION
+        assert [x.signal_id for x in await reopened.journey("dev-1")] == ["p1", "p2"]
+        assert await reopened.append_signals([signal("p1")]) == ["p1"]
+        assert await reopened.get_cue("cue-1") == cue()
+        assert await reopened.get_engagement("eng-1") == engagement()
+    finally:
+        await reopened.close()
+
+
+async def test_close_drains_pending_writes(tmp_path: Path) -> None:
+    path = tmp_path / "drain.db"
+    s = await SqliteStore.open(path)
+    writes = [asyncio.ensure_future(s.append_signals([signal(f"d{i}")])) for i in range(50)]
+    await asyncio.sleep(0)  # let the writes enqueue before close is requested
+    await s.close()
+    assert all(w.done() and w.result() == [] for w in writes)
+    with pytest.raises(StoreClosedError):
+        await s.append_signals([signal("late")])
+
+    async with await SqliteStore.open(path) as again:
+        assert await again.count_signals("dev-1") == 50
+
+
+async def test_unserialisable_payload_fails_only_its_caller(store: SqliteStore) -> None:
+    with pytest.raises(TypeError):
+        await store.append_signals([signal("bad", payload={"when": object()})])
+    with pytest.raises(ValueError):
+        await store.append_signals([signal("nan", payload={"x": float("nan")})])
+    assert await store.append_signals([signal("good")]) == []
+    assert [s.signal_id for s in await store.journey("dev-1")] == ["good"]
+    assert store.stats.failed_ops == 0  # rejected before reaching the writer
+
+
+async def test_failing_statement_in_a_batch_fails_only_its_caller(store: SqliteStore) -> None:
+    # kind is constrained in the schema, so this fails inside the shared transaction.
+    good = [store.append_signals([signal(f"g{i}", time=1000.0 + i)]) for i in range(10)]
+    bad = store.append_signals([signal("bad", kind="bogus")])
+    results = await asyncio.gather(*good[:5], bad, *good[5:], return_exceptions=True)
+    assert isinstance(results[5], sqlite3.IntegrityError)
+    assert [r for i, r in enumerate(results) if i != 5] == [[]] * 10
+    assert [s.signal_id for s in await store.journey("dev-1")] == [f"g{i}" for i in range(10)]
+    assert store.stats.failed_ops == 1
+
+    # The writer keeps going afterwards.
+    await store.save_cue(cue())
+    assert await store.get_cue("cue-1") == cue()
+
+
+async def test_journey_limit_order_and_since(store: SqliteStore) -> None:
+    # Inserted out of time order, with a tie at t=1003 broken by arrival.
+    times = [1005.0, 1001.0, 1003.0, 1000.0, 1004.0, 1002.0, 1003.0]
+    await store.append_signals([signal(f"j{i}", time=t) for i, t in enumerate(times)])
+    await store.append_signals([signal("other-device", device_id="dev-9")])
+
+    everything = await store.journey("dev-1")
+    assert [s.time for s in everything] == sorted(times)
+    assert [s.signal_id for s in everything if s.time == 1003.0] == ["j2", "j6"]
+
+    latest = await store.journey("dev-1", limit=3)
+    assert [s.signal_id for s in latest] == ["j6", "j4", "j0"]
+    assert [s.time for s in await store.journey("dev-1", since=1003.5)] == [1004.0, 1005.0]
+    assert [s.time for s in await store.journey("dev-1", since=1001.0, limit=2)] == [1004.0, 1005.0]
+    assert await store.journey("dev-1", limit=0) == []
+    with pytest.raises(ValueError):
+        await store.journey("dev-1", limit=-1)
+
+
+async def test_in_memory_store_reads_committed_writes() -> None:
+    async with await SqliteStore.open(":memory:") as s:
+        results = await asyncio.gather(
+            *(s.append_signals([signal(f"m{i}", time=float(i))]) for i in range(100)),
+            *(s.count_signals("dev-1") for _ in range(20)),
+        )
+        # One connection serves reads and writes here; reads interleaved with batches must still work.
+        assert all(isinstance(c, int) and 0 <= c <= 100 for c in results[100:])
+        assert await s.count_signals("dev-1") == 100
+        assert len(await s.journey("dev-1", limit=1000)) == 100
