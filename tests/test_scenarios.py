@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cuepoint_server.engine.engine import Engine
 from cuepoint_server.engine.scenario_set import ScenarioSet
 from cuepoint_server.engine.state import DeviceState, EventOccurrence
@@ -69,16 +68,28 @@ cue:
 
 
 def test_empty_group_is_rejected_not_matched() -> None:
-    assert any("trigger.all" in i and "at least 1 item" in i for i in issues(BASE.replace(
-        "trigger:\n  event: sync_failed\n  count: {at_least: 3, within: 10m}", "trigger:\n  all: []")))
+    assert any(
+        "trigger.all" in i and "at least 1 item" in i
+        for i in issues(
+            BASE.replace(
+                "trigger:\n  event: sync_failed\n  count: {at_least: 3, within: 10m}", "trigger:\n  all: []"
+            )
+        )
+    )
 
 
 @pytest.mark.parametrize(
     ("snippet", "expected"),
     [
-        ("trigger:\n  attribute: user.tier\n  equals: x", "trigger: a trigger must mention at least one event"),
+        (
+            "trigger:\n  attribute: user.tier\n  equals: x",
+            "trigger: a trigger must mention at least one event",
+        ),
         ("trigger:\n  evnt: x", "trigger: a condition needs one of the keys"),
-        ("trigger:\n  event: x\n  where: {d: {gt: 1}}\n  count: {within: 1m}\n  within: 1m", "give `within` inside"),
+        (
+            "trigger:\n  event: x\n  where: {d: {gt: 1}}\n  count: {within: 1m}\n  within: 1m",
+            "give `within` inside",
+        ),
         ("trigger:\n  event: x\n  where: {d: {}}", "trigger.where.d: needs at least one operator"),
         ("trigger:\n  event: x\n  where: {d: {matches: '('}}", "invalid regular expression"),
         ("trigger:\n  event: x\ntarget:\n  attribute: app.version\n  version_lt: banana", "is not a version"),
@@ -91,7 +102,10 @@ def test_condition_errors(snippet: str, expected: str) -> None:
 
 
 def test_yaml_syntax_and_duplicate_keys() -> None:
-    assert issues("id: [unclosed\n")[0].startswith("f.yaml:2:  invalid YAML") or "invalid YAML" in issues("id: [unclosed\n")[0]
+    assert (
+        issues("id: [unclosed\n")[0].startswith("f.yaml:2:  invalid YAML")
+        or "invalid YAML" in issues("id: [unclosed\n")[0]
+    )
     assert issues("id: a\nid: b\n") == ["f.yaml:2: invalid YAML: duplicate key 'id'"]
 
 
@@ -109,7 +123,12 @@ def test_duplicate_ids_across_files(tmp_path: Path) -> None:
 
 
 def test_file_may_hold_a_list() -> None:
-    two = "- " + BASE.strip().replace("\n", "\n  ") + "\n- " + BASE.strip().replace("\n", "\n  ").replace("id: s1", "id: s2")
+    two = (
+        "- "
+        + BASE.strip().replace("\n", "\n  ")
+        + "\n- "
+        + BASE.strip().replace("\n", "\n  ").replace("id: s1", "id: s2")
+    )
     assert [s.spec.id for s in load_text(two, "f.yaml")] == ["s1", "s2"]
 
 
@@ -143,7 +162,9 @@ def test_count_window_and_target() -> None:
     engine = Engine(scenarios)
     state = _state({"user.tier": "premium"})
     for i, t in enumerate((0.0, 330.0, 660.0)):  # spread over 11 minutes
-        state.record_event("sync_failed", EventOccurrence(t, f"s{i}", {}), scenarios.keep_seconds("sync_failed"))
+        state.record_event(
+            "sync_failed", EventOccurrence(t, f"s{i}", {}), scenarios.keep_seconds("sync_failed")
+        )
     assert engine.qualified(state, {"sync_failed"}, 660.0) == []
     state.record_event("sync_failed", EventOccurrence(661.0, "s3", {}), 600.0)
     assert [s.id for s in engine.qualified(state, {"sync_failed"}, 661.0)] == ["s1"]
@@ -161,7 +182,12 @@ def test_value_threshold_and_explanation() -> None:
     (slow,) = Engine(scenarios).qualified(state, {"sync_completed"}, 2.0)
     why = slow.explain(state, 2.0)
     assert why.signal_ids == ["a"]
-    assert why.conditions == [("trigger", "last sync_completed where duration_ms > 30000 (observed sync_completed duration_ms=41000)")]
+    assert why.conditions == [
+        (
+            "trigger",
+            "last sync_completed where duration_ms > 30000 (observed sync_completed duration_ms=41000)",
+        )
+    ]
     state.record_event("sync_completed", EventOccurrence(3.0, "b", {"duration_ms": 900}), 0.0)
     assert Engine(scenarios).qualified(state, {"sync_completed"}, 3.0) == []
 
@@ -178,7 +204,11 @@ def test_value_threshold_and_explanation() -> None:
         ("{attribute: user.tier, not_equals: premium}", {}, True),
         ("{attribute: user.tier, exists: false}", {}, True),
         ("{not: {attribute: user.tier, equals: premium}}", {"user.tier": "premium"}, False),
-        ("{any: [{attribute: user.tier, equals: gold}, {attribute: user.tier, equals: premium}]}", {"user.tier": "premium"}, True),
+        (
+            "{any: [{attribute: user.tier, equals: gold}, {attribute: user.tier, equals: premium}]}",
+            {"user.tier": "premium"},
+            True,
+        ),
     ],
 )
 def test_attribute_operators(cond: str, context: dict[str, object], expected: bool) -> None:
@@ -190,9 +220,12 @@ def test_attribute_operators(cond: str, context: dict[str, object], expected: bo
 
 def test_evaluation_is_indexed_by_event() -> None:
     unrelated = "\n".join(
-        f"- id: other-{i}\n  trigger: {{event: other_{i}}}\n  cue: {{message: hi, channel: chat}}" for i in range(500)
+        f"- id: other-{i}\n  trigger: {{event: other_{i}}}\n  cue: {{message: hi, channel: chat}}"
+        for i in range(500)
     )
-    scenarios = _set(unrelated + "\n- id: mine\n  trigger: {event: mine}\n  cue: {message: hi, channel: chat}\n")
+    scenarios = _set(
+        unrelated + "\n- id: mine\n  trigger: {event: mine}\n  cue: {message: hi, channel: chat}\n"
+    )
     engine = Engine(scenarios)
     state = _state({})
     state.record_event("mine", EventOccurrence(1.0, "x", {}), 0.0)

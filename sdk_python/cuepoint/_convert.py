@@ -7,6 +7,7 @@ timestamps become ``None`` so a sparse server message never raises here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, MutableMapping
 
 from google.protobuf.message import Message
@@ -83,10 +84,13 @@ _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 
 
 def timestamp(t: float) -> Timestamp:
-    ts = Timestamp()
-    # Integer nanoseconds: float seconds lose sub-microsecond precision anyway.
-    ts.FromNanoseconds(round(t * 1e9))
-    return ts
+    # Split before scaling: t * 1e9 is beyond float's integer precision and
+    # would shift the time by up to ~100 ns; t - floor(t) is exact.
+    seconds = math.floor(t)
+    nanos = round((t - seconds) * 1e9)
+    if nanos >= 1_000_000_000:
+        seconds, nanos = seconds + 1, nanos - 1_000_000_000
+    return Timestamp(seconds=seconds, nanos=nanos)
 
 
 def time_from_proto(msg: Message, field: str) -> float | None:
@@ -94,7 +98,9 @@ def time_from_proto(msg: Message, field: str) -> float | None:
     if not msg.HasField(field):
         return None
     ts: Timestamp = getattr(msg, field)
-    return ts.ToNanoseconds() / 1e9
+    # Not ToNanoseconds() / 1e9: dividing the huge integer loses the exact
+    # float a round trip of timestamp() should give back.
+    return ts.seconds + ts.nanos / 1e9
 
 
 def channel_to_proto(channel: Channel | None) -> common_pb2.Channel.ValueType:
@@ -214,6 +220,15 @@ def event_signal(signal_id: str, at: float, name: str, properties: Mapping[str, 
     return common_pb2.Signal(id=signal_id, time=timestamp(at), event=event)
 
 
+def context_update(
+    context: common_pb2.Context, user: User | None, clear_keys: Iterable[str]
+) -> common_pb2.ContextUpdate:
+    update = common_pb2.ContextUpdate(context=context, clear_keys=list(clear_keys))
+    if user is not None:
+        update.user.CopyFrom(user_to_proto(user))
+    return update
+
+
 def context_signal(
     signal_id: str,
     at: float,
@@ -221,9 +236,7 @@ def context_signal(
     user: User | None,
     clear_keys: Iterable[str],
 ) -> common_pb2.Signal:
-    update = common_pb2.ContextUpdate(context=context, clear_keys=list(clear_keys))
-    if user is not None:
-        update.user.CopyFrom(user_to_proto(user))
+    update = context_update(context, user, clear_keys)
     return common_pb2.Signal(id=signal_id, time=timestamp(at), context=update)
 
 
@@ -275,7 +288,9 @@ def flatten_context_update(update: common_pb2.ContextUpdate) -> dict[str, Scalar
     return out
 
 
-def unflatten_context_update(properties: Mapping[str, Scalar], clear_keys: Iterable[str]) -> common_pb2.ContextUpdate:
+def unflatten_context_update(
+    properties: Mapping[str, Scalar], clear_keys: Iterable[str]
+) -> common_pb2.ContextUpdate:
     """Inverse of :func:`flatten_context_update` (``user.*`` beyond id/tier are user attributes)."""
     update = common_pb2.ContextUpdate(clear_keys=list(clear_keys))
     for path, value in properties.items():
@@ -448,7 +463,9 @@ def hello(
     return device_pb2.DeviceMessage(hello=msg)
 
 
-def signal_batch(batch_id: str, sent_at: float, signals: Iterable[common_pb2.Signal]) -> device_pb2.DeviceMessage:
+def signal_batch(
+    batch_id: str, sent_at: float, signals: Iterable[common_pb2.Signal]
+) -> device_pb2.DeviceMessage:
     batch = device_pb2.SignalBatch(batch_id=batch_id, sent_at=timestamp(sent_at), signals=list(signals))
     return device_pb2.DeviceMessage(signals=batch)
 

@@ -7,6 +7,8 @@ is the complete story of which status code means what to an app.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from .errors import ConnectionLost, CuepointError, InvalidSignal, Rejected, ServerError, TimedOut
@@ -44,7 +46,19 @@ def from_status(code: grpc.StatusCode | None, details: str | None) -> CuepointEr
         return ConnectionLost(details or "the server ended the stream", code=code.name if code else None)
     cls = _BY_CODE.get(code, ServerError)
     message = f"{code.name}: {details}" if details else code.name
+    if cls is InvalidSignal:
+        return InvalidSignal(message, field=_field_of(details), code=code.name, details=details)
     return cls(message, code=code.name, details=details)
+
+
+# The server words INVALID_ARGUMENT details as "<field path>: <problem>",
+# e.g. "signals.signals[3].event.name: invalid event name 'X'".
+_FIELD_PREFIX = re.compile(r"([A-Za-z_][\w.]*(?:\[[^\]]*\][\w.]*)*): ")
+
+
+def _field_of(details: str | None) -> str | None:
+    match = _FIELD_PREFIX.match(details or "")
+    return match.group(1) if match else None
 
 
 def from_rpc_error(error: grpc.RpcError) -> CuepointError:

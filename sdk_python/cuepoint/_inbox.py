@@ -8,8 +8,9 @@ for every consumer. Also lets the cue inbox drop offers the server withdrew.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
 from .errors import ClientClosed, CuepointError, TimedOut
@@ -91,7 +92,8 @@ class Inbox(Generic[T]):
         self._waiters.clear()
 
 
-async def get_within(inbox: Inbox[T], timeout: float | None, what: str) -> T:
+# `timeout` carries the public API's next_cue(timeout=...) through to asyncio.timeout.
+async def get_within(inbox: Inbox[T], timeout: float | None, what: str) -> T:  # noqa: ASYNC109
     """``inbox.get()`` with SDK errors: TimedOut on timeout, ClientClosed after a clean close."""
     try:
         async with asyncio.timeout(timeout):
@@ -103,3 +105,20 @@ async def get_within(inbox: Inbox[T], timeout: float | None, what: str) -> T:
         raise TimedOut(f"no {what} within {timeout}s") from exc
     except InboxClosed:
         raise ClientClosed(f"no more {what}s: the client is closed") from None
+
+
+async def drain(inbox: Inbox[T], registry: weakref.WeakSet[Inbox[T]]) -> AsyncIterator[T]:
+    """Iterate a subscriber inbox, unsubscribing it from ``registry`` when done.
+
+    An async generator so that leaving the loop early (break) unsubscribes via
+    ``finally``; a WeakSet registry covers iterators that are never started.
+    """
+    try:
+        while True:
+            try:
+                item = await inbox.get()
+            except InboxClosed:
+                return
+            yield item
+    finally:
+        registry.discard(inbox)

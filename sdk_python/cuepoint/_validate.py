@@ -3,7 +3,7 @@
 A malformed signal makes the server end the whole stream with
 INVALID_ARGUMENT, so catching it here (and raising before anything is queued)
 turns a lost session into an exception at the offending call site. The rules
-are at least as strict as the contract in ``common.proto``.
+match the server's validation; keep the two in step.
 """
 
 from __future__ import annotations
@@ -13,43 +13,37 @@ import re
 from collections.abc import Iterable, Mapping
 
 from .errors import InvalidSignal
-from .models import Context, Scalar, User
+from .models import Context, Location, Scalar, User
 
+APP_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 EVENT_NAME = re.compile(r"[a-z][a-z0-9_.:-]{0,63}")
+KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""Property, attribute and user-attribute keys."""
+CONTEXT_PATH = re.compile(
+    r"app\.version|device\.(os|os_version|model|locale|timezone)|location\.(country|region|city)"
+    r"|user\.[A-Za-z0-9_.-]{1,64}|attributes\.[A-Za-z0-9_.-]{1,64}"
+)
+"""Keys a context update may set or clear."""
 MAX_DEVICE_ID = 128
+MAX_ENTRIES = 64
+MAX_STRING = 1024
+# user.id and user.tier address UserIdentity fields, so attributes may not shadow them.
+RESERVED_USER_KEYS = frozenset({"id", "tier"})
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-# Keys a ContextUpdate may clear: the fixed scenario paths plus custom
-# attributes ("attributes.<key>") and user attributes ("user.<key>").
-CLEARABLE_PATHS = frozenset(
-    {
-        "app.version",
-        "device.os",
-        "device.os_version",
-        "device.model",
-        "device.locale",
-        "device.timezone",
-        "location.country",
-        "location.region",
-        "location.city",
-    }
-)
-_CLEARABLE_PREFIXES = ("attributes.", "user.")
 
 
 def event_name(name: object) -> str:
     if not isinstance(name, str) or not EVENT_NAME.fullmatch(name):
-        raise InvalidSignal(
-            f"event name {name!r} must match {EVENT_NAME.pattern}",
-            field="event.name",
-        )
+        raise InvalidSignal(f"event name {name!r} must match {EVENT_NAME.pattern}", field="event.name")
     return name
 
 
 def scalar(value: object, where: str) -> Scalar:
-    if isinstance(value, bool | str):
+    if isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        return string(value, where)
     if isinstance(value, int):
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise InvalidSignal(f"{where} = {value} does not fit in int64", field=where)
@@ -64,16 +58,30 @@ def scalar(value: object, where: str) -> Scalar:
     )
 
 
-def attributes(values: Mapping[str, object] | None, where: str) -> dict[str, Scalar]:
+def string(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidSignal(f"{where} must be a string", field=where)
+    if len(value) > MAX_STRING:
+        raise InvalidSignal(f"{where} is longer than {MAX_STRING} characters", field=where)
+    return value
+
+
+def attributes(
+    values: Mapping[str, object] | None, where: str, *, reserved: frozenset[str] = frozenset()
+) -> dict[str, Scalar]:
     """A validated copy, so later mutation by the caller cannot change what is sent."""
     if values is None:
         return {}
     if not isinstance(values, Mapping):
         raise InvalidSignal(f"{where} must be a mapping", field=where)
+    if len(values) > MAX_ENTRIES:
+        raise InvalidSignal(f"{where} has more than {MAX_ENTRIES} entries", field=where)
     out: dict[str, Scalar] = {}
     for key, value in values.items():
-        if not isinstance(key, str) or not key:
-            raise InvalidSignal(f"{where} keys must be non-empty strings, got {key!r}", field=where)
+        if not isinstance(key, str) or not KEY.fullmatch(key):
+            raise InvalidSignal(f"{where} key {key!r} must match {KEY.pattern}", field=where)
+        if key in reserved:
+            raise InvalidSignal(f"{where} key {key!r} is reserved", field=f"{where}.{key}")
         out[key] = scalar(value, f"{where}.{key}")
     return out
 
@@ -84,22 +92,31 @@ def clear_keys(keys: Iterable[str]) -> tuple[str, ...]:
         raise InvalidSignal("clear_keys must be a list of keys, not a string", field="clear_keys")
     out = tuple(keys)
     for key in out:
-        ok = isinstance(key, str) and (
-            key in CLEARABLE_PATHS
-            or any(key.startswith(p) and len(key) > len(p) for p in _CLEARABLE_PREFIXES)
-        )
-        if not ok:
+        if not isinstance(key, str) or not CONTEXT_PATH.fullmatch(key):
             raise InvalidSignal(
-                f"cannot clear {key!r}: use a scenario path such as app.version, "
-                "attributes.<key> or user.<key>",
+                f"cannot clear {key!r}: use a context path such as app.version, "
+                "location.city, attributes.<key> or user.<key>",
                 field="clear_keys",
             )
     return out
 
 
+def location(value: Location | None, where: str) -> Location | None:
+    if value is None:
+        return None
+    if not isinstance(value, Location):
+        raise InvalidSignal(f"{where} must be a cuepoint.Location", field=where)
+    for name in ("country", "region", "city"):
+        string(getattr(value, name), f"{where}.{name}")
+    return value
+
+
 def context(value: Context, where: str = "context") -> Context:
     if not isinstance(value, Context):
         raise InvalidSignal(f"{where} must be a cuepoint.Context", field=where)
+    for name in ("app_version", "os", "os_version", "device_model", "locale", "timezone"):
+        string(getattr(value, name), f"{where}.{name}")
+    location(value.location, f"{where}.location")
     attributes(value.attributes, f"{where}.attributes")
     return value
 
@@ -109,15 +126,28 @@ def user(value: User | None, where: str = "user") -> User | None:
         return None
     if not isinstance(value, User):
         raise InvalidSignal(f"{where} must be a cuepoint.User", field=where)
-    attributes(value.attributes, f"{where}.attributes")
+    string(value.user_id, f"{where}.user_id")
+    string(value.tier, f"{where}.tier")
+    attributes(value.attributes, f"{where}.attributes", reserved=RESERVED_USER_KEYS)
     return value
 
 
-def identity(app_id: str, device_id: str) -> None:
-    if not isinstance(app_id, str) or not app_id:
-        raise InvalidSignal("app_id must be a non-empty string", field="hello.app_id")
-    if not isinstance(device_id, str) or not device_id or len(device_id) > MAX_DEVICE_ID:
+def identity(app_id: object, device_id: object) -> None:
+    if not isinstance(app_id, str) or not APP_ID.fullmatch(app_id):
+        raise InvalidSignal(f"app_id {app_id!r} must match {APP_ID.pattern}", field="hello.app_id")
+    if (
+        not isinstance(device_id, str)
+        or not device_id
+        or len(device_id) > MAX_DEVICE_ID
+        or not device_id.isprintable()
+    ):
         raise InvalidSignal(
-            f"device_id must be a non-empty string of at most {MAX_DEVICE_ID} characters",
+            f"device_id must be 1-{MAX_DEVICE_ID} printable characters",
             field="hello.device_id",
         )
+
+
+def cue_id(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidSignal("cue_id must be a non-empty string", field="cue_response.cue_id")
+    return value

@@ -64,9 +64,10 @@ class InvalidSignal(CuepointError):
 
     Raised before anything is sent when ``track``/``set_context``/``connect``
     get malformed input (``field`` names the culprit), and when the server ends
-    the stream with ``INVALID_ARGUMENT`` (then ``field`` is ``None`` and
-    ``details`` carries the server's explanation). Local checks exist because a
-    server-side rejection ends the whole session, not just the bad signal.
+    the stream with ``INVALID_ARGUMENT`` (``details`` is the server's
+    explanation; ``field`` is the path it names, if any). Local checks exist
+    because a server-side rejection ends the whole session, not just the bad
+    signal.
     """
 
     def __init__(
@@ -101,7 +102,12 @@ class BufferFull(CuepointError):
 
 
 class ClientClosed(CuepointError):
-    """The client was closed, or used before it was started."""
+    """The client was closed, used before it was started, or its session ended.
+
+    After a session failure, waits that were in progress get the failure
+    itself; later calls get ClientClosed with the failure as ``__cause__``
+    (also on ``client.failure``).
+    """
 
 
 class EngagementClosed(CuepointError):

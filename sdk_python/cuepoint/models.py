@@ -270,7 +270,8 @@ def _describe_lines(eng: AssignedEngagement) -> list[str]:
     ctx = eng.context
     dev = ctx.context
     channel = eng.channel.name if eng.channel else "?"
-    lines = [f"Engagement {eng.engagement_id} (cue {eng.cue_id}) - queue {eng.queue or '?'}, channel {channel}"]
+    queue = eng.queue or "?"
+    lines = [f"Engagement {eng.engagement_id} (cue {eng.cue_id}) - queue {queue}, channel {channel}"]
 
     device = [
         dev.device_model or "unknown device",
@@ -279,7 +280,8 @@ def _describe_lines(eng: AssignedEngagement) -> list[str]:
     ]
     device += [p for p in (dev.locale, dev.timezone) if p]
     if dev.location is not None:
-        device.append("/".join(p for p in (dev.location.country, dev.location.region, dev.location.city) if p))
+        loc = dev.location
+        device.append("/".join(p for p in (loc.country, loc.region, loc.city) if p))
     lines.append(f"Device:  {ctx.device_id} - " + ", ".join(p for p in device if p))
     if dev.attributes:
         lines.append(f"         {_fmt_props(dev.attributes)}")
@@ -292,8 +294,9 @@ def _describe_lines(eng: AssignedEngagement) -> list[str]:
     if ctx.user is not None and ctx.user.attributes:
         lines.append(f"         {_fmt_props(ctx.user.attributes)}")
 
+    fired_at = ctx.cue.created_at if ctx.cue is not None else None
     if ctx.cue is not None:
-        lines.append(f"Cue:     {ctx.cue.title + ': ' if ctx.cue.title else ''}{ctx.cue.message}")
+        lines.append(f"Cue:     {ctx.cue.title + ' - ' if ctx.cue.title else ''}{ctx.cue.message}")
 
     trigger_ids: set[str] = set()
     if ctx.trigger is not None:
@@ -303,13 +306,21 @@ def _describe_lines(eng: AssignedEngagement) -> list[str]:
         lines += [f"         - {c.path}: {c.description}" for c in t.conditions]
         trigger_ids = set(t.signal_ids)
 
-    lines.append(f"Journey: {len(ctx.journey)} signal(s), oldest first (* = made the cue fire)")
+    lines.append(f"Journey: {len(ctx.journey)} signal(s), oldest first; > marks those that fired the cue")
+    whens = []
     for entry in ctx.journey:
-        mark = "*" if entry.signal_id in trigger_ids else " "
+        when = _fmt_time(entry.time)
+        if entry.time is not None and fired_at is not None:
+            # Offset from the offer: "3 failures in the last 40 s" reads faster than clock times.
+            when += f" ({entry.time - fired_at:+.1f}s)"
+        whens.append(when)
+    width = max(map(len, whens), default=0)
+    for entry, when in zip(ctx.journey, whens, strict=True):
+        mark = ">" if entry.signal_id in trigger_ids else " "
         detail = _fmt_props(entry.properties)
         if entry.cleared_keys:
             detail = (detail + " " if detail else "") + "cleared " + ",".join(entry.cleared_keys)
-        lines.append(f"  {mark} {_fmt_time(entry.time)}  {entry.kind:<7} {entry.name}  {detail}".rstrip())
+        lines.append(f"  {mark} {when:<{width}}  {entry.kind:<7} {entry.name}  {detail}".rstrip())
 
     if ctx.redacted_fields:
         lines.append("Withheld (consent): " + ", ".join(ctx.redacted_fields))

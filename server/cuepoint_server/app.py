@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -39,11 +39,13 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     # Seconds in-flight streams get to finish on shutdown.
     grace: float = 5.0
-    core: CoreConfig = CoreConfig()
+    core: CoreConfig = field(default_factory=CoreConfig)
 
 
 class CuepointServer:
-    def __init__(self, config: ServerConfig, store: SqliteStore, core: Core, server: grpc.aio.Server, port: int):
+    def __init__(
+        self, config: ServerConfig, store: SqliteStore, core: Core, server: grpc.aio.Server, port: int
+    ):
         self.config = config
         self.store = store
         self.core = core

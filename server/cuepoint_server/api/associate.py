@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import grpc
 import structlog
@@ -20,14 +21,14 @@ __all__ = ["AssociateServicer"]
 
 log = structlog.get_logger("cuepoint.api.associate")
 
-Context = grpc.aio.ServicerContext[associate_pb2.AssociateMessage, associate_pb2.AssociateEvent]
+Context: TypeAlias = grpc.aio.ServicerContext[associate_pb2.AssociateMessage, associate_pb2.AssociateEvent]
 
 
 class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
     def __init__(self, core: Core) -> None:
         self.core = core
 
-    async def Connect(  # noqa: N802 - generated name
+    async def Connect(  # type: ignore[override]  # writes through context, not yield
         self, request_iterator: AsyncIterator[associate_pb2.AssociateMessage], context: Context
     ) -> None:
         try:
@@ -55,9 +56,13 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
                         return
                     await context.abort(code, item.reason)
                 if isinstance(item, EngagementView):
-                    await context.write(associate_pb2.AssociateEvent(assigned=convert.engagement_to_proto(item)))
+                    await context.write(
+                        associate_pb2.AssociateEvent(assigned=convert.engagement_to_proto(item))
+                    )
                 elif isinstance(item, EngagementEnded):
-                    await context.write(associate_pb2.AssociateEvent(ended=convert.engagement_ended_to_proto(item)))
+                    await context.write(
+                        associate_pb2.AssociateEvent(ended=convert.engagement_ended_to_proto(item))
+                    )
         finally:
             reader.cancel()
             self.core.sign_out(associate)

@@ -104,7 +104,9 @@ def _to_value(value: Scalar) -> common_pb2.AttributeValue:
     return common_pb2.AttributeValue(string_value=str(value))
 
 
-def flatten_context(field: str, ctx: common_pb2.Context, user: common_pb2.UserIdentity | None) -> dict[str, Scalar]:
+def flatten_context(
+    field: str, ctx: common_pb2.Context, user: common_pb2.UserIdentity | None
+) -> dict[str, Scalar]:
     """Proto context to flat keys; empty strings mean "not given"."""
     out: dict[str, Scalar] = {}
     for name, key in CONTEXT_FIELDS.items():
@@ -163,15 +165,27 @@ def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
         kind = s.WhichOneof("kind")
         if kind == "event":
             signals.append(
-                IncomingSignal(s.id, time, "event", s.event.name, _values(f"{field}.event.properties", s.event.properties))
+                IncomingSignal(
+                    s.id,
+                    time,
+                    "event",
+                    s.event.name,
+                    _values(f"{field}.event.properties", s.event.properties),
+                )
             )
         elif kind == "context":
             update = s.context
-            flat = flatten_context(f"{field}.context", update.context, update.user if update.HasField("user") else None)
-            signals.append(IncomingSignal(s.id, time, "context", context_set=flat, clear_keys=tuple(update.clear_keys)))
+            flat = flatten_context(
+                f"{field}.context", update.context, update.user if update.HasField("user") else None
+            )
+            signals.append(
+                IncomingSignal(s.id, time, "context", context_set=flat, clear_keys=tuple(update.clear_keys))
+            )
         else:
             signals.append(IncomingSignal(s.id, time, ""))
-    return IncomingBatch(msg.batch_id, _seconds(msg.sent_at) if msg.HasField("sent_at") else None, tuple(signals))
+    return IncomingBatch(
+        msg.batch_id, _seconds(msg.sent_at) if msg.HasField("sent_at") else None, tuple(signals)
+    )
 
 
 def response_from_proto(msg: device_pb2.CueResponse) -> tuple[str, str]:
@@ -197,7 +211,9 @@ def cue_to_proto(cue: CueOffer) -> common_pb2.Cue:
 
 
 def ack_to_proto(ack: Ack) -> device_pb2.SignalAck:
-    return device_pb2.SignalAck(batch_id=ack.batch_id, signal_ids=ack.signal_ids, duplicate_ids=ack.duplicate_ids)
+    return device_pb2.SignalAck(
+        batch_id=ack.batch_id, signal_ids=ack.signal_ids, duplicate_ids=ack.duplicate_ids
+    )
 
 
 def withdrawal_to_proto(w: Withdrawal) -> device_pb2.CueWithdrawal:
@@ -233,7 +249,11 @@ def _journey_entry(item: JourneyItem) -> common_pb2.JourneyEntry:
             entry.event.properties[key].CopyFrom(_to_value(value))
     else:
         entry.context.context.CopyFrom(context_to_proto(item.payload.get("set", {})))
-        user = {k.removeprefix("user."): v for k, v in item.payload.get("set", {}).items() if k.startswith("user.")}
+        user = {
+            k.removeprefix("user."): v
+            for k, v in item.payload.get("set", {}).items()
+            if k.startswith("user.")
+        }
         _fill_user(entry.context.user, user)
         entry.context.clear_keys.extend(item.payload.get("clear", []))
     return entry

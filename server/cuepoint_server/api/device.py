@@ -35,7 +35,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, core: Core) -> None:
         self.core = core
 
-    async def Connect(  # noqa: N802 - generated name
+    async def Connect(  # type: ignore[override]  # writes through context, not yield
         self,
         request_iterator: AsyncIterator[device_pb2.DeviceMessage],
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
@@ -79,7 +79,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     cue_id, response = convert.response_from_proto(message.cue_response)
                     await self.core.respond(session, cue_id, response)
                 else:
-                    await outbox.put(_StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello"))
+                    await outbox.put(
+                        _StreamEnd(
+                            grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello"
+                        )
+                    )
                     return
         except CoreError as exc:
             code, text = status_for(exc)

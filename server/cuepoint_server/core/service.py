@@ -116,7 +116,9 @@ class _Registry:
 
 
 class Core:
-    def __init__(self, store: SqliteStore, engine: Engine, clock: Clock, config: CoreConfig | None = None) -> None:
+    def __init__(
+        self, store: SqliteStore, engine: Engine, clock: Clock, config: CoreConfig | None = None
+    ) -> None:
         self.store = store
         self.engine = engine
         self.clock = clock
@@ -167,7 +169,9 @@ class Core:
         pending = self._reg.pending.get(hello.device_id)
         if pending is not None:
             session.send(pending.offer)
-        log.info("session.opened", session_id=session.session_id, device_id=hello.device_id, app_id=hello.app_id)
+        log.info(
+            "session.opened", session_id=session.session_id, device_id=hello.device_id, app_id=hello.app_id
+        )
         return session
 
     async def _restore_offers(self, subject: str, now: float) -> None:
@@ -295,7 +299,9 @@ class Core:
             "blocked": [{"scenario_id": b.scenario_id, "reason": b.reason} for b in decision.blocked],
         }
         pending = PendingCue(offer, scenario.id, why)
-        pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
+        pending.expiry = self.clock.call_at(
+            offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id)
+        )
         self._reg.pending[session.device_id] = pending
         self.arbiter.remember_offer(session.subject, scenario.id, now)
         self._track(
@@ -334,7 +340,11 @@ class Core:
         if pending is None or pending.offer.cue_id != cue_id:
             return
         del self._reg.pending[device_id]
-        self._spawn(self.store.set_cue_status(cue_id, "expired", self.clock.now()))
+        self._spawn(self._expired(device_id, cue_id))
+
+    async def _expired(self, device_id: str, cue_id: str) -> None:
+        # Record first, so a withdrawal the device sees is already on file.
+        await self.store.set_cue_status(cue_id, "expired", self.clock.now())
         session = self._reg.sessions.get(device_id)
         if session is not None:
             session.send(Withdrawal(cue_id, "expired"))
@@ -347,10 +357,11 @@ class Core:
         pending = self._reg.pending.get(session.device_id)
         if pending is None or pending.offer.cue_id != cue_id:
             known = await self.store.get_cue(cue_id)
-            if known is None or known.device_id != session.device_id:
-                raise InvalidInput("cue_response.cue_id", f"no cue {cue_id!r} was offered to this device")
-            # Already settled (expired, withdrawn or answered): tell the device again.
-            session.send(Withdrawal(cue_id, known.status))
+            # A stale or stray answer is not worth the session: settled cues
+            # (expired, withdrawn, answered) and ids this device never saw are
+            # both answered with a withdrawal the app can act on.
+            mine = known is not None and known.device_id == session.device_id
+            session.send(Withdrawal(cue_id, known.status if mine and known else "unknown"))
             return
         del self._reg.pending[session.device_id]
         if pending.expiry is not None:
@@ -541,7 +552,7 @@ class Core:
 
     async def drain(self) -> None:
         """Wait for background writes; used on shutdown."""
-        pending = set(self._background)
+        pending: set[asyncio.Future[Any]] = set(self._background)
         for session in self._reg.sessions.values():
             pending |= session.writes
         if pending:
@@ -573,5 +584,3 @@ def _context_json(ctx: EngagementContext) -> dict[str, Any]:
         "cue": {"cue_id": ctx.cue.cue_id, "message": ctx.cue.message, "channel": ctx.cue.channel},
         "redacted_fields": list(ctx.redacted_fields),
     }
-
-

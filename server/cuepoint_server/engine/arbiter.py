@@ -52,7 +52,11 @@ class Arbiter:
             last = self._last_offer.get((subject, scenario.id))
             if last is not None and now - last < scenario.cooldown:
                 decision.blocked.append(
-                    Blocked(scenario.id, "cooldown", f"offered {now - last:.0f}s ago, cooldown {scenario.cooldown:.0f}s")
+                    Blocked(
+                        scenario.id,
+                        "cooldown",
+                        f"offered {now - last:.0f}s ago, cooldown {scenario.cooldown:.0f}s",
+                    )
                 )
                 continue
             decision.offer = scenario

@@ -115,7 +115,9 @@ def compile_scenario(loaded: LoadedScenario) -> CompiledScenario:
     )
 
 
-def _compile(cond: Any, path: str, events: set[str], retention: dict[str, float]) -> tuple[Predicate, Explainer]:
+def _compile(
+    cond: Any, path: str, events: set[str], retention: dict[str, float]
+) -> tuple[Predicate, Explainer]:
     if isinstance(cond, AllCondition):
         parts = [_compile(c, f"{path}.all[{i}]", events, retention) for i, c in enumerate(cond.all)]
         preds = tuple(p for p, _ in parts)
@@ -297,7 +299,13 @@ def _operator(op: str, arg: Any) -> ValueTest:
 
         return numeric
     if op.startswith("version_"):
-        wanted = {"version_eq": (0,), "version_lt": (-1,), "version_lte": (-1, 0), "version_gt": (1,), "version_gte": (1, 0)}[op]
+        wanted = {
+            "version_eq": (0,),
+            "version_lt": (-1,),
+            "version_lte": (-1, 0),
+            "version_gt": (1,),
+            "version_gte": (1, 0),
+        }[op]
 
         def version(v: Scalar | None) -> bool:
             c = _version_cmp(v, arg)

@@ -18,7 +18,14 @@ from .model import ScenarioSpec, _condition_kind
 from .template import Template, TemplateError
 from .yaml_lines import Located, YamlProblem, load_yaml
 
-__all__ = ["LoadedScenario", "ScenarioError", "ScenarioIssue", "load_directory", "load_file", "scenario_files"]
+__all__ = [
+    "LoadedScenario",
+    "ScenarioError",
+    "ScenarioIssue",
+    "load_directory",
+    "load_file",
+    "scenario_files",
+]
 
 SUFFIXES = (".yaml", ".yml")
 
@@ -113,7 +120,9 @@ def load_text(text: str, name: str) -> list[LoadedScenario]:
         try:
             template = Template(spec.cue.message)
         except TemplateError as exc:
-            issues.append(ScenarioIssue(name, located.line_of((*prefix, "cue", "message")), "cue.message", str(exc)))
+            issues.append(
+                ScenarioIssue(name, located.line_of((*prefix, "cue", "message")), "cue.message", str(exc))
+            )
             continue
         out.append(LoadedScenario(spec, name, line, template))
     if issues:
@@ -121,8 +130,11 @@ def load_text(text: str, name: str) -> list[LoadedScenario]:
     return out
 
 
-def _entries(located: Located, name: str) -> tuple[list[tuple[tuple[str | int, ...], Any]], list[ScenarioIssue]]:
+def _entries(
+    located: Located, name: str
+) -> tuple[list[tuple[tuple[str | int, ...], Any]], list[ScenarioIssue]]:
     data = located.data
+    base: tuple[str | int, ...]
     if isinstance(data, dict) and "scenarios" in data and set(data) == {"scenarios"}:
         data, base = data["scenarios"], ("scenarios",)
     else:
@@ -132,7 +144,11 @@ def _entries(located: Located, name: str) -> tuple[list[tuple[tuple[str | int, .
     if isinstance(data, list) and data:
         return [((*base, i), item) for i, item in enumerate(data)], []
     what = "empty" if data in (None, []) else f"a {type(data).__name__}"
-    return [], [ScenarioIssue(name, 1, "", f"expected a scenario, a list of scenarios or `scenarios:`; the file is {what}")]
+    return [], [
+        ScenarioIssue(
+            name, 1, "", f"expected a scenario, a list of scenarios or `scenarios:`; the file is {what}"
+        )
+    ]
 
 
 def _issues_from(

@@ -8,7 +8,7 @@ Schema editors use (scenarios/scenario.schema.json) is generated from here.
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -62,7 +62,10 @@ Duration = Annotated[
 _ID = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 _EVENT = r"^[a-z][a-z0-9_.:-]{0,63}$"
 # Context keys the SDK sends; custom ones live under attributes.* and user.*.
-_ATTRIBUTE = r"^(app\.(id|version)|device\.(os|os_version|model|locale|timezone)|location\.(country|region|city)|user\.[A-Za-z0-9_.-]{1,64}|attributes\.[A-Za-z0-9_.-]{1,64}|consent)$"
+_ATTRIBUTE = (
+    r"^(app\.(id|version)|device\.(os|os_version|model|locale|timezone)|location\.(country|region|city)"
+    r"|user\.[A-Za-z0-9_.-]{1,64}|attributes\.[A-Za-z0-9_.-]{1,64}|consent)$"
+)
 
 _ATTRIBUTE_RE = re.compile(_ATTRIBUTE)
 
@@ -72,7 +75,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-class ChannelName(str, Enum):
+class ChannelName(StrEnum):
     audio = "audio"
     screen_share = "screen_share"
     chat = "chat"

@@ -30,7 +30,7 @@ def parse_version(text: str) -> VersionKey:
     if match.group(2):
         # Numeric identifiers sort before alphanumeric ones, as in SemVer.
         pre = tuple((0, int(p)) if p.isdigit() else (1, p) for p in match.group(2).split("."))
-    return numbers, pre  # type: ignore[return-value]
+    return numbers, pre
 
 
 def _pad(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:

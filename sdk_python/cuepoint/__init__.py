@@ -1,0 +1,101 @@
+"""Cuepoint Python SDK.
+
+Devices stream context signals and receive cues::
+
+    async with await cuepoint.connect("host:50051", app_id="fitkit", device_id="dev-1") as client:
+        await client.track("sync_failed", reason="timeout")
+        cue = await client.next_cue(timeout=30)
+        engagement = await client.accept(cue)
+        await engagement.wait_for(cuepoint.EngagementState.ASSIGNED)
+
+Associates receive the engagements, with the device's context and journey::
+
+    assoc = await cuepoint.connect_associate("host:50051", associate_id="a-1", queues=["default"])
+    async for engagement in assoc.engagements():
+        print(engagement.describe())
+
+Everything public is importable from here; ``cuepoint.v1`` holds the
+generated protobuf code and is not part of the SDK's stable API.
+"""
+
+import logging as _logging
+
+from ._version import __version__
+from .associate import AssociateClient, AssociateEvent, connect_associate
+from .client import Client, CueCallback, Engagement, connect
+from .config import AssociateConfig, ClientConfig
+from .errors import (
+    BufferFull,
+    ClientClosed,
+    ConnectionLost,
+    CuepointError,
+    EngagementClosed,
+    InvalidSignal,
+    Rejected,
+    ServerError,
+    TimedOut,
+)
+from .models import (
+    AssignedEngagement,
+    Channel,
+    Consent,
+    Context,
+    Cue,
+    CueResponse,
+    CueWithdrawal,
+    EngagementContext,
+    EngagementEnded,
+    EngagementState,
+    EngagementUpdate,
+    JourneyEntry,
+    Location,
+    MatchedCondition,
+    Scalar,
+    ServerEvent,
+    Trigger,
+    User,
+)
+
+# Library etiquette: records go nowhere unless the app configures logging; every
+# failure the SDK logs is also raised to the caller.
+_logging.getLogger("cuepoint").addHandler(_logging.NullHandler())
+
+__all__ = [
+    "AssignedEngagement",
+    "AssociateClient",
+    "AssociateConfig",
+    "AssociateEvent",
+    "BufferFull",
+    "Channel",
+    "Client",
+    "ClientClosed",
+    "ClientConfig",
+    "ConnectionLost",
+    "Consent",
+    "Context",
+    "Cue",
+    "CueCallback",
+    "CueResponse",
+    "CueWithdrawal",
+    "CuepointError",
+    "Engagement",
+    "EngagementClosed",
+    "EngagementContext",
+    "EngagementEnded",
+    "EngagementState",
+    "EngagementUpdate",
+    "InvalidSignal",
+    "JourneyEntry",
+    "Location",
+    "MatchedCondition",
+    "Rejected",
+    "Scalar",
+    "ServerError",
+    "ServerEvent",
+    "TimedOut",
+    "Trigger",
+    "User",
+    "__version__",
+    "connect",
+    "connect_associate",
+]

@@ -1,0 +1,805 @@
+"""The device client: one session stream per app install.
+
+Three tasks share the stream: the caller's (track/accept/flush), a sender
+that cuts batches from the queue, and a reader that dispatches whatever the
+server pushes. Every path that can learn the stream is gone funnels into
+``Client._fail``; that single seam is where reconnect-with-backoff would go
+(re-run the handshake, ``requeue_in_flight`` the batcher, keep ids).
+
+Ordering assumptions about the server: Welcome is the first message; acks
+name individual signal ids; EngagementUpdate carries the cue_id it belongs to.
+"""
+
+# ruff: noqa: ASYNC109 -- `timeout=` arguments are part of the public API by design;
+# they are applied with asyncio.timeout inside.
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import itertools
+import logging
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal
+
+from cuepoint.v1 import common_pb2, device_pb2, device_pb2_grpc
+
+from . import _convert, _validate
+from ._batcher import SignalBatcher
+from ._ids import IdGenerator
+from ._inbox import Inbox, InboxClosed, drain, get_within
+from ._transport import BidiStream
+from ._version import SDK_AGENT
+from .config import ClientConfig
+from .errors import (
+    BufferFull,
+    ClientClosed,
+    ConnectionLost,
+    CuepointError,
+    EngagementClosed,
+    InvalidSignal,
+    Rejected,
+    ServerError,
+    TimedOut,
+)
+from .models import (
+    Consent,
+    Context,
+    Cue,
+    CueResponse,
+    CueWithdrawal,
+    EngagementState,
+    EngagementUpdate,
+    Location,
+    Scalar,
+    ServerEvent,
+    User,
+)
+
+__all__ = ["Client", "CueCallback", "Engagement", "connect"]
+
+log = logging.getLogger("cuepoint")
+
+CueCallback = Callable[[Cue], object]
+"""Called with each new cue; may be a plain function or return an awaitable."""
+
+# Cues nobody consumed via cues()/next_cue() are kept up to this many; the
+# oldest go first because a stale offer is the least useful one to show.
+_CUE_INBOX_SIZE = 100
+
+_Stream = BidiStream[device_pb2.DeviceMessage, device_pb2.ServerMessage]
+_State = Literal["new", "starting", "open", "closing", "closed"]
+
+
+async def connect(
+    target: str,
+    *,
+    app_id: str,
+    device_id: str,
+    context: Context | None = None,
+    user: User | None = None,
+    consent: Consent = Consent.NONE,
+    config: ClientConfig | None = None,
+) -> Client:
+    """Open a device session and return the started :class:`Client`.
+
+    Raises a :class:`~cuepoint.errors.CuepointError` subclass if the server is
+    unreachable, refuses the Hello, or sends no Welcome within
+    ``config.connect_timeout``.
+    """
+    client = Client(
+        target, app_id=app_id, device_id=device_id, context=context, user=user, consent=consent, config=config
+    )
+    return await client.start()
+
+
+class Engagement:
+    """Handle on the engagement started by :meth:`Client.accept`.
+
+    Every update for the cue is recorded, so ``updates()`` replays from the
+    first one and no consumer misses a state because it started late.
+    """
+
+    def __init__(self, cue: Cue) -> None:
+        self.cue = cue
+        self._history: list[EngagementUpdate] = []
+        self._subscribers: weakref.WeakSet[Inbox[EngagementUpdate]] = weakref.WeakSet()
+        self._done = False
+        self._error: CuepointError | None = None
+
+    def __repr__(self) -> str:
+        state = self.state.name if self.state else "PENDING"
+        return f"<Engagement cue={self.cue.cue_id} id={self.engagement_id or '?'} {state}>"
+
+    @property
+    def cue_id(self) -> str:
+        return self.cue.cue_id
+
+    @property
+    def last_update(self) -> EngagementUpdate | None:
+        return self._history[-1] if self._history else None
+
+    @property
+    def history(self) -> tuple[EngagementUpdate, ...]:
+        return tuple(self._history)
+
+    @property
+    def engagement_id(self) -> str | None:
+        """Known from the server's first update on."""
+        return next((u.engagement_id for u in reversed(self._history) if u.engagement_id), None)
+
+    @property
+    def state(self) -> EngagementState | None:
+        return self._history[-1].state if self._history else None
+
+    @property
+    def associate_name(self) -> str:
+        return next((u.associate_name for u in reversed(self._history) if u.associate_name), "")
+
+    def updates(self) -> AsyncIterator[EngagementUpdate]:
+        """Every update for this engagement, from the first; ends after ENDED.
+
+        Raises the client's error if the session fails first.
+        """
+        return drain(self._subscribe(), self._subscribers)
+
+    async def wait_for(self, state: EngagementState, *, timeout: float | None = None) -> EngagementUpdate:
+        """The first update at or past ``state`` in the lifecycle QUEUED < ASSIGNED < ENDED.
+
+        Raises :class:`EngagementClosed` if the engagement ends before reaching
+        ``state``, :class:`TimedOut` after ``timeout`` seconds.
+        """
+        inbox = self._subscribe()
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    update = await inbox.get()
+                    if update.state is None or update.state.rank < state.rank:
+                        continue
+                    if update.state is EngagementState.ENDED and state is not EngagementState.ENDED:
+                        raise EngagementClosed(
+                            f"engagement for cue {self.cue_id} ended before reaching {state.name}",
+                            update=update,
+                        )
+                    return update
+        except CuepointError:
+            raise
+        except TimeoutError as exc:
+            raise TimedOut(f"engagement for cue {self.cue_id} not {state.name} within {timeout}s") from exc
+        except InboxClosed:
+            raise ClientClosed(f"client closed before the engagement reached {state.name}") from None
+        finally:
+            self._subscribers.discard(inbox)
+
+    def _subscribe(self) -> Inbox[EngagementUpdate]:
+        inbox: Inbox[EngagementUpdate] = Inbox()
+        for update in self._history:
+            inbox.put(update)
+        if self._done:
+            inbox.close(self._error)
+        else:
+            self._subscribers.add(inbox)
+        return inbox
+
+    def _push(self, update: EngagementUpdate) -> None:
+        if self._done:
+            return
+        self._history.append(update)
+        for inbox in list(self._subscribers):
+            inbox.put(update)
+        if update.state is EngagementState.ENDED:
+            self._finish(None)
+
+    def _finish(self, error: CuepointError | None) -> None:
+        if self._done:
+            return
+        self._done, self._error = True, error
+        for inbox in list(self._subscribers):
+            inbox.close(error)
+
+
+class Client:
+    """A device session. Use :func:`connect`, or ``async with Client(...)``.
+
+    Not thread-safe: call it from the event loop it was started on.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        app_id: str,
+        device_id: str,
+        context: Context | None = None,
+        user: User | None = None,
+        consent: Consent = Consent.NONE,
+        config: ClientConfig | None = None,
+    ) -> None:
+        _validate.identity(app_id, device_id)
+        if not isinstance(consent, Consent):
+            raise InvalidSignal("consent must be a cuepoint.Consent", field="hello.consent")
+        self._target = target
+        self._app_id = app_id
+        self._device_id = device_id
+        self._context = _validate.context(context or Context())
+        self._user = _validate.user(user)
+        self._consent = consent
+        self._config = config or ClientConfig()
+        self._new_id = IdGenerator(self._config.clock)
+
+        self._state: _State = "new"
+        self._failure: CuepointError | None = None
+        self._stream: _Stream | None = None
+        self._session_id = ""
+        self._server_time: float | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+
+        self._batcher: SignalBatcher[common_pb2.Signal] = SignalBatcher(
+            self._config.max_batch, self._config.linger
+        )
+        self._wake_sender = asyncio.Event()
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+        self._cue_inbox: Inbox[Cue] = Inbox(maxlen=_CUE_INBOX_SIZE)
+        self._subscribers: weakref.WeakSet[Inbox[ServerEvent]] = weakref.WeakSet()
+        self._callbacks: list[CueCallback] = []
+        self._engagements: dict[str, Engagement] = {}
+        self._answered: set[str] = set()
+        self._withdrawn: set[str] = set()
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> Client:
+        """Open the stream, send Hello, wait for Welcome. Returns ``self``."""
+        if self._state == "open":
+            return self
+        if self._state != "new":
+            raise ClientClosed(f"cannot start a client that is {self._state}")
+        self._state = "starting"
+        stream: _Stream = BidiStream.open(
+            self._target,
+            lambda channel: device_pb2_grpc.DeviceServiceStub(channel).Connect,
+            credentials=self._config.credentials,
+            options=self._config.channel_options,
+            metadata=self._config.metadata,
+        )
+        try:
+            welcome = await self._handshake(stream)
+            if self._state != "starting":
+                raise ClientClosed("the client was closed while starting")
+        except BaseException as exc:
+            await stream.close()
+            if self._state == "starting":  # else close() got here first and cleaned up
+                self._state = "closed"
+                if isinstance(exc, CuepointError):
+                    self._failure = exc
+                self._close_consumers(self._failure or ClientClosed("client start was interrupted"))
+            raise
+        self._stream = stream
+        self._session_id = welcome.session_id
+        self._server_time = _convert.time_from_proto(welcome, "server_time")
+        self._batcher.limit_batch(welcome.max_signals_per_batch)
+        self._state = "open"
+        self._reader = self._spawn(self._read_loop(stream))
+        self._sender = self._spawn(self._send_loop(stream))
+        log.debug("cuepoint session %s open (max_batch=%d)", self._session_id, self._batcher.max_batch)
+        return self
+
+    async def _handshake(self, stream: _Stream) -> device_pb2.Welcome:
+        hello = _convert.hello(
+            app_id=self._app_id,
+            device_id=self._device_id,
+            context=self._context,
+            user=self._user,
+            consent=self._consent,
+            sdk_version=SDK_AGENT,
+        )
+        timeout = self._config.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await stream.write(hello)
+                first = await stream.read()
+        except CuepointError:
+            raise
+        except TimeoutError as exc:
+            raise TimedOut(f"no Welcome from {self._target} within {timeout}s") from exc
+        if first is None:
+            raise ConnectionLost("the server closed the stream before sending Welcome")
+        kind = first.WhichOneof("kind")
+        if kind != "welcome":
+            raise ServerError(f"expected Welcome as the first server message, got {kind}")
+        return first.welcome
+
+    async def close(self) -> None:
+        """Flush (bounded by ``close_timeout``), half-close, stop tasks. Never raises.
+
+        Signals still unacked when the timeout hits are dropped.
+        """
+        if self._state in ("closing", "closed"):
+            return
+        if self._state in ("new", "starting"):
+            self._state = "closed"
+            self._close_consumers(None)
+            return
+        self._state = "closing"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.close_timeout
+        stream = self._stream
+        assert stream is not None
+        if self._failure is None:
+            try:
+                await self._flush(timeout=self._config.close_timeout)
+            except CuepointError as err:
+                pending = self._batcher.pending_count
+                log.warning("cuepoint: closing with %d unacked signal(s): %s", pending, err)
+            # The sender must be idle before half-closing; cancelling it
+            # mid-write would make grpc cancel the whole call.
+            await self._cancel(self._sender)
+            await stream.done_writing()
+            if self._reader is not None and self._failure is None:
+                # Let the server end the stream itself so it logs a clean goodbye.
+                await asyncio.wait({self._reader}, timeout=max(0.0, deadline - loop.time()))
+        for task in list(self._tasks):
+            await self._cancel(task)
+        await stream.close()
+        self._state = "closed"
+        self._close_consumers(self._failure)
+
+    async def __aenter__(self) -> Client:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- state ----------------------------------------------------------------
+
+    @property
+    def session_id(self) -> str:
+        """Assigned by the server's Welcome; empty before ``start()``."""
+        return self._session_id
+
+    @property
+    def server_time(self) -> float | None:
+        """The server clock at Welcome, epoch seconds."""
+        return self._server_time
+
+    @property
+    def max_batch(self) -> int:
+        """Effective batch size: ``config.max_batch`` capped by the server."""
+        return self._batcher.max_batch
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open" and self._failure is None
+
+    @property
+    def failure(self) -> CuepointError | None:
+        """The error that ended the session, if one did."""
+        return self._failure
+
+    @property
+    def pending_signals(self) -> int:
+        """Signals tracked but not yet acked by the server."""
+        return self._batcher.pending_count
+
+    @property
+    def context(self) -> Context:
+        """The device context as the server should now see it (Hello plus updates)."""
+        return self._context
+
+    @property
+    def user(self) -> User | None:
+        return self._user
+
+    # --- signals --------------------------------------------------------------
+
+    async def track(self, name: str, /, **properties: Scalar) -> str:
+        """Queue an app event; returns its signal id. Sending happens in the background.
+
+        Raises :class:`InvalidSignal` (nothing queued) for a bad name or property.
+        """
+        self._check_usable()
+        name = _validate.event_name(name)
+        props = _validate.attributes(properties, "properties")
+        signal_id = self._new_id()
+        self._enqueue(signal_id, _convert.event_signal(signal_id, self._config.clock(), name, props))
+        return signal_id
+
+    async def set_context(
+        self,
+        *,
+        app_version: str | None = None,
+        os: str | None = None,
+        os_version: str | None = None,
+        device_model: str | None = None,
+        locale: str | None = None,
+        timezone: str | None = None,
+        location: Location | None = None,
+        attributes: Mapping[str, Scalar] | None = None,
+        user: User | None = None,
+        clear_keys: Iterable[str] = (),
+    ) -> str:
+        """Queue a context change; returns its signal id.
+
+        Given fields replace, ``attributes`` merge into the existing ones,
+        ``user`` fields replace and its attributes merge, and ``clear_keys``
+        (scenario paths like ``attributes.cart_value`` or ``user.id``) remove.
+        """
+        self._check_usable()
+        strings = {
+            "app_version": app_version,
+            "os": os,
+            "os_version": os_version,
+            "device_model": device_model,
+            "locale": locale,
+            "timezone": timezone,
+        }
+        for key, value in strings.items():
+            if value is not None:
+                _validate.string(value, f"context.{key}")
+        _validate.location(location, "context.location")
+        attrs = _validate.attributes(attributes, "context.attributes")
+        user = _validate.user(user)
+        cleared = _validate.clear_keys(clear_keys)
+        partial = _convert.partial_context(location=location, attributes=attrs, **strings)
+        changed = len(_convert.flatten_context_update(_convert.context_update(partial, user, ())))
+        if not changed and not cleared:
+            raise InvalidSignal("set_context() was given nothing to change")
+        if changed > _validate.MAX_ENTRIES:
+            raise InvalidSignal(f"a context update may change at most {_validate.MAX_ENTRIES} keys")
+
+        signal_id = self._new_id()
+        signal = _convert.context_signal(signal_id, self._config.clock(), partial, user, cleared)
+        self._enqueue(signal_id, signal)
+        self._context, self._user = _merge_context(
+            self._context, self._user, _convert.context_from_proto(partial), user, cleared
+        )
+        return signal_id
+
+    async def flush(self, *, timeout: float | None = None) -> None:
+        """Send everything queued now and wait until the server has acked all of it.
+
+        Signals tracked after the call do not extend the wait.
+        """
+        self._check_usable(started=True)
+        await self._flush(timeout=timeout)
+
+    async def _flush(self, *, timeout: float | None) -> None:
+        target = self._batcher.request_flush()
+        if self._batcher.acked_through(target):
+            return
+        if self._failure is not None:
+            raise self._failure
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (target, waiter)
+        self._flush_waiters.append(entry)
+        self._wake_sender.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except CuepointError:
+            raise
+        except TimeoutError as exc:
+            raise TimedOut(f"{self._batcher.pending_count} signal(s) still unacked after {timeout}s") from exc
+        finally:
+            with contextlib.suppress(ValueError):
+                self._flush_waiters.remove(entry)
+
+    def _enqueue(self, signal_id: str, signal: common_pb2.Signal) -> None:
+        limit = self._config.max_pending_signals
+        if self._batcher.pending_count >= limit:
+            raise BufferFull(f"{limit} signals are already waiting for acks")
+        self._batcher.add(signal_id, signal, asyncio.get_running_loop().time())
+        self._wake_sender.set()
+
+    # --- cues -----------------------------------------------------------------
+
+    def cues(self) -> AsyncIterator[Cue]:
+        """Cues not yet taken, from session start on, oldest first.
+
+        Consumers share one queue (each cue goes to one of them). Withdrawn and
+        already-answered cues are dropped from it. Ends when the client closes;
+        raises the session's error if it fails.
+        """
+        return self._cue_inbox
+
+    async def next_cue(self, *, timeout: float | None = None) -> Cue:
+        """The next cue from :meth:`cues`; raises :class:`TimedOut` after ``timeout`` s."""
+        return await get_within(self._cue_inbox, timeout, "cue")
+
+    def on_cue(self, callback: CueCallback) -> Callable[[], None]:
+        """Call ``callback(cue)`` for every cue from now on; returns an unsubscribe function.
+
+        Async callbacks run as tasks; exceptions are logged, never raised into the SDK.
+        Cues are still queued for :meth:`cues` as well.
+        """
+        self._callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks.remove(callback)
+
+        return unsubscribe
+
+    def events(self) -> AsyncIterator[ServerEvent]:
+        """Every Cue, CueWithdrawal and EngagementUpdate received after this call.
+
+        Each call is an independent subscription (unlike :meth:`cues`).
+        """
+        inbox: Inbox[ServerEvent] = Inbox()
+        if self._state == "closed" or self._failure is not None:
+            inbox.close(self._failure)
+        else:
+            self._subscribers.add(inbox)
+        return drain(inbox, self._subscribers)
+
+    async def accept(self, cue: Cue | str) -> Engagement:
+        """Accept the cue; the returned handle follows the engagement it starts."""
+        handle = Engagement(cue if isinstance(cue, Cue) else Cue(cue_id=_validate.cue_id(cue)))
+        previous = self._engagements.get(handle.cue_id)
+        # Registered before the response is written: the first update may
+        # arrive while the write is still in progress.
+        self._engagements[handle.cue_id] = handle
+        try:
+            await self._respond(handle.cue_id, CueResponse.ACCEPTED)
+        except BaseException:
+            if previous is None:
+                self._engagements.pop(handle.cue_id, None)
+            else:
+                self._engagements[handle.cue_id] = previous
+            raise
+        return handle
+
+    async def decline(self, cue: Cue | str) -> None:
+        await self._respond(_cue_id(cue), CueResponse.DECLINED)
+
+    async def dismiss(self, cue: Cue | str) -> None:
+        """The user closed the cue without answering."""
+        await self._respond(_cue_id(cue), CueResponse.DISMISSED)
+
+    async def expire(self, cue: Cue | str) -> None:
+        """The cue was shown but timed out on the device."""
+        await self._respond(_cue_id(cue), CueResponse.EXPIRED)
+
+    async def _respond(self, cue_id: str, response: CueResponse) -> None:
+        self._check_usable(started=True)
+        _validate.cue_id(cue_id)
+        if cue_id in self._withdrawn:
+            raise Rejected(f"cue {cue_id} was withdrawn by the server")
+        if cue_id in self._answered:
+            raise Rejected(f"cue {cue_id} was already answered")
+        self._answered.add(cue_id)
+        self._cue_inbox.discard(lambda c: c.cue_id == cue_id)
+        assert self._stream is not None
+        try:
+            await self._stream.write(_convert.cue_response(cue_id, response, self._config.clock()))
+        except CuepointError as err:
+            self._fail(err)
+            raise
+
+    # --- background tasks -----------------------------------------------------
+
+    async def _read_loop(self, stream: _Stream) -> None:
+        try:
+            while True:
+                message = await stream.read()
+                if message is None:
+                    if self._state in ("closing", "closed"):
+                        return
+                    raise ConnectionLost("the server ended the session stream")
+                self._dispatch(message)
+        except CuepointError as err:
+            self._fail(err)
+        except Exception as exc:
+            log.exception("cuepoint: unexpected error handling a server message")
+            self._fail(CuepointError(f"unexpected error handling a server message: {exc!r}"))
+
+    async def _send_loop(self, stream: _Stream) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._wake_sender.clear()
+                wait = self._batcher.time_until_due(loop.time())
+                if wait == 0.0:
+                    batch = [signal for _, signal in self._batcher.take_batch()]
+                    message = _convert.signal_batch(self._new_id(), self._config.clock(), batch)
+                    await stream.write(message)
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake_sender.wait()
+        except CuepointError as err:
+            self._fail(err)
+
+    def _dispatch(self, message: device_pb2.ServerMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "ack":
+            self._batcher.ack(itertools.chain(message.ack.signal_ids, message.ack.duplicate_ids))
+            self._resolve_flush_waiters()
+        elif kind == "cue":
+            self._on_cue(_convert.cue_from_proto(message.cue))
+        elif kind == "withdrawal":
+            self._on_withdrawal(_convert.withdrawal_from_proto(message.withdrawal))
+        elif kind == "engagement":
+            self._on_engagement(_convert.engagement_update_from_proto(message.engagement))
+        elif kind == "welcome":
+            log.warning("cuepoint: ignoring a second Welcome")
+        else:
+            # A newer server may send kinds this SDK does not know yet.
+            log.debug("cuepoint: ignoring server message of kind %r", kind)
+
+    def _on_cue(self, cue: Cue) -> None:
+        self._cue_inbox.put(cue)
+        self._publish(cue)
+        for callback in list(self._callbacks):
+            try:
+                result = callback(cue)
+            except Exception:
+                log.exception("cuepoint: on_cue callback failed")
+                continue
+            if inspect.isawaitable(result):
+                self._spawn(_run_callback(result))
+
+    def _on_withdrawal(self, withdrawal: CueWithdrawal) -> None:
+        self._withdrawn.add(withdrawal.cue_id)
+        self._cue_inbox.discard(lambda c: c.cue_id == withdrawal.cue_id)
+        handle = self._engagements.get(withdrawal.cue_id)
+        if handle is not None and handle.last_update is None:
+            # The server answers a response to an already settled cue with a
+            # withdrawal: this accept will never start an engagement.
+            del self._engagements[withdrawal.cue_id]
+            reason = f" ({withdrawal.reason})" if withdrawal.reason else ""
+            handle._finish(Rejected(f"cue {withdrawal.cue_id} is no longer available{reason}"))
+        self._publish(withdrawal)
+
+    def _on_engagement(self, update: EngagementUpdate) -> None:
+        handle = self._engagements.get(update.cue_id)
+        if handle is not None:
+            handle._push(update)
+            if update.state is EngagementState.ENDED:
+                del self._engagements[update.cue_id]
+        self._publish(update)
+
+    def _publish(self, event: ServerEvent) -> None:
+        for inbox in list(self._subscribers):
+            inbox.put(event)
+
+    def _resolve_flush_waiters(self) -> None:
+        for target, waiter in self._flush_waiters:
+            if not waiter.done() and self._batcher.acked_through(target):
+                waiter.set_result(None)
+
+    def _fail(self, error: CuepointError) -> None:
+        """The session is over: every waiter and iterator gets ``error``.
+
+        The one place a reconnect would intercept instead of giving up.
+        """
+        if self._failure is not None or self._state == "closed":
+            return
+        self._failure = error
+        log.warning("cuepoint: session %s failed: %s", self._session_id or "-", error)
+        for _, waiter in self._flush_waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._close_consumers(error)
+        current = asyncio.current_task()
+        for task in (self._sender, self._reader):
+            if task is not None and task is not current:
+                task.cancel()
+
+    def _close_consumers(self, error: CuepointError | None) -> None:
+        self._cue_inbox.close(error)
+        for inbox in list(self._subscribers):
+            inbox.close(error)
+        for handle in self._engagements.values():
+            handle._finish(error)
+        closed = ClientClosed("the client was closed")
+        for _, waiter in self._flush_waiters:
+            if not waiter.done():
+                waiter.set_exception(error or closed)
+
+    def _check_usable(self, *, started: bool = False) -> None:
+        if self._failure is not None:
+            # Not the failure itself: a valid track() must not raise InvalidSignal
+            # because of an earlier bad one. The cause is chained and on .failure.
+            raise ClientClosed(f"the session has ended: {self._failure}") from self._failure
+        if self._state in ("closing", "closed"):
+            raise ClientClosed("the client is closed")
+        if started and self._state != "open":
+            raise ClientClosed("the client is not started; call start() or use cuepoint.connect()")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task[None] | None) -> None:
+        if task is None or task.done():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def _cue_id(cue: Cue | str) -> str:
+    return cue.cue_id if isinstance(cue, Cue) else cue
+
+
+async def _run_callback(result: Awaitable[object]) -> None:
+    try:
+        await result
+    except Exception:
+        log.exception("cuepoint: on_cue callback failed")
+
+
+def _merge_context(
+    context: Context,
+    user: User | None,
+    change: Context,
+    user_change: User | None,
+    cleared: Iterable[str],
+) -> tuple[Context, User | None]:
+    """Apply a ContextUpdate locally with the wire's rules (empty means unchanged)."""
+    fields = {
+        name: getattr(change, name) or getattr(context, name)
+        for name in ("app_version", "os", "os_version", "device_model", "locale", "timezone")
+    }
+    location = context.location
+    if change.location is not None:
+        old = location or Location()
+        location = Location(
+            country=change.location.country or old.country,
+            region=change.location.region or old.region,
+            city=change.location.city or old.city,
+        )
+    attributes = {**context.attributes, **change.attributes}
+    if user_change is not None:
+        old_user = user or User()
+        user = User(
+            user_id=user_change.user_id or old_user.user_id,
+            tier=user_change.tier or old_user.tier,
+            attributes={**old_user.attributes, **user_change.attributes},
+        )
+    for key in cleared:
+        section, _, rest = key.partition(".")
+        if section == "attributes":
+            attributes.pop(rest, None)
+        elif section == "location" and location is not None:
+            location = dataclasses.replace(location, **{rest: ""})
+        elif section == "user" and user is not None:
+            if rest == "id":
+                user = dataclasses.replace(user, user_id="")
+            elif rest == "tier":
+                user = dataclasses.replace(user, tier="")
+            else:
+                kept = {k: v for k, v in user.attributes.items() if k != rest}
+                user = dataclasses.replace(user, attributes=kept)
+        elif key in _CLEARED_FIELD:
+            fields[_CLEARED_FIELD[key]] = ""
+    return Context(location=location, attributes=attributes, **fields), user
+
+
+_CLEARED_FIELD = {
+    "app.version": "app_version",
+    "device.os": "os",
+    "device.os_version": "os_version",
+    "device.model": "device_model",
+    "device.locale": "locale",
+    "device.timezone": "timezone",
+}

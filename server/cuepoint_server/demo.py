@@ -1,0 +1,120 @@
+"""`make demo`: the whole story on the embedded default, narrated.
+
+A real server (SQLite, the shipped scenarios) on a free port, a simulated
+FitKit phone and a simulated associate, both through the real SDK over gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+import cuepoint
+
+from .app import CuepointServer, ServerConfig
+from .logs import configure_logging
+
+__all__ = ["run_demo"]
+
+
+def _say(who: str, text: str) -> None:
+    print(f"[{who:<9}] {text}", flush=True)
+
+
+async def run_demo(scenarios: str, db: str | None = None) -> int:
+    configure_logging("warning", json=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = db or str(Path(tmp) / "cuepoint-demo.db")
+        server = await CuepointServer.start(ServerConfig(port=0, db=path, scenarios=scenarios))
+        try:
+            return await _story(server)
+        finally:
+            await server.stop(1.0)
+
+
+async def _story(server: CuepointServer) -> int:
+    loaded = server.core.engine.scenarios.scenarios
+    _say("server", f"listening on {server.address}, SQLite at {server.config.db}, {len(loaded)} scenarios:")
+    for s in loaded:
+        _say("server", f"  - {s.id} (priority {s.priority}) from {s.file}")
+
+    associate = await cuepoint.connect_associate(
+        server.address,
+        associate_id="assoc-dana",
+        display_name="Dana (FitKit support)",
+        queues=["fitkit-support"],
+    )
+    _say("associate", f"Dana signed in to {', '.join(associate.queues)}")
+
+    phone = await cuepoint.connect(
+        server.address,
+        app_id="fitkit",
+        device_id="fitkit-iphone-7f3a",
+        context=cuepoint.Context(
+            app_version="4.2.0",
+            os="iOS",
+            os_version="17.4",
+            device_model="iPhone15,2",
+            locale="en_US",
+            timezone="America/Chicago",
+            location=cuepoint.Location(country="US", region="IL", city="Chicago"),
+        ),
+        user=cuepoint.User(user_id="user-1042", tier="premium", attributes={"first_name": "Sam"}),
+        consent=cuepoint.Consent.FULL,
+    )
+    _say(
+        "phone",
+        f"FitKit 4.2.0 on iPhone15,2 / iOS 17.4 connected (session {(phone.session_id or '')[:8]}), "
+        "premium user",
+    )
+
+    await phone.track("screen_viewed", screen="dashboard")
+    await phone.track("sync_completed", duration_ms=12_400, records=311)
+    _say("phone", "dashboard viewed; sync completed in 12.4 s")
+    for attempt in (1, 2, 3):
+        await phone.track("sync_failed", reason="timeout", attempt=attempt, duration_ms=41_000)
+        if attempt < 3:
+            await phone.track("sync_retry", attempt=attempt + 1)
+        await phone.flush()
+        await asyncio.sleep(0.3)  # paced so the journey shows real gaps
+        _say("phone", f"sync failed (attempt {attempt}, timed out after 41 s) - acked by server")
+
+    cue = await phone.next_cue(timeout=5)
+    channel = cue.channel.name.lower() if cue.channel else "?"
+    upgrades = ", ".join(c.name.lower() for c in cue.allowed_upgrades) or "none"
+    _say(
+        "phone",
+        f'CUE from scenario {cue.scenario_id}: "{cue.message}" (channel {channel}; upgrades: {upgrades})',
+    )
+
+    engagement = await phone.accept(cue)
+    _say("phone", "user tapped Accept")
+    update = await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+    _say("phone", f"engagement {update.engagement_id[:8]} assigned to {update.associate_name}")
+
+    assigned = await associate.next_engagement(timeout=5)
+    _say("associate", "new engagement, with the full context:")
+    for line in assigned.describe().splitlines():
+        print(f"{'':12}{line}")
+
+    await associate.end(
+        assigned, disposition="resolved", notes="Cleared a stale auth token; sync works again."
+    )
+    ended = await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=5)
+    _say("associate", 'wrapped up: disposition "resolved"')
+    _say("phone", f"engagement {ended.engagement_id[:8]} ended")
+
+    stored = await server.store.get_engagement(assigned.engagement_id)
+    journey = await server.store.count_signals("fitkit-iphone-7f3a")
+    await phone.close()
+    await associate.close()
+    if stored is None or stored.state != "ended":
+        _say("server", "ERROR: the engagement was not stored as ended")
+        return 1
+    _say(
+        "server",
+        f"stored: {journey} signals in the journey, engagement {stored.state} ({stored.disposition})",
+    )
+    print("\nDemo complete.")
+    return 0
