@@ -34,7 +34,7 @@ def issues(text: str) -> list[str]:
 
 def test_shipped_scenarios_are_valid() -> None:
     loaded = load_directory(ROOT / "scenarios")
-    assert {s.spec.id for s in loaded} >= {"fitkit-sync-failure", "fitkit-slow-sync"}
+    assert {s.spec.id for s in loaded.scenarios} >= {"fitkit-sync-failure", "fitkit-slow-sync"}
 
 
 def test_committed_json_schema_is_current() -> None:
@@ -83,7 +83,7 @@ def test_empty_group_is_rejected_not_matched() -> None:
     [
         (
             "trigger:\n  attribute: user.tier\n  equals: x",
-            "trigger: a trigger must mention at least one event",
+            "trigger: a trigger must mention an event, idle, dwell, milestone or segment",
         ),
         ("trigger:\n  evnt: x", "trigger: a condition needs one of the keys"),
         (
@@ -129,7 +129,7 @@ def test_file_may_hold_a_list() -> None:
         + "\n- "
         + BASE.strip().replace("\n", "\n  ").replace("id: s1", "id: s2")
     )
-    assert [s.spec.id for s in load_text(two, "f.yaml")] == ["s1", "s2"]
+    assert [s.spec.id for s in load_text(two, "f.yaml").scenarios] == ["s1", "s2"]
 
 
 def test_versions_durations_template() -> None:

@@ -28,6 +28,9 @@ class Router:
         # Longest idle wins; id breaks ties so the choice is deterministic.
         return min(candidates, key=lambda a: (a.idle_since, a.associate_id))
 
+    def has_capacity(self, queue: str) -> bool:
+        return self.pick(queue) is not None
+
     def wait(self, queue: str, engagement_id: str, *, front: bool = False) -> None:
         waiting = self._waiting.setdefault(queue, deque())
         if front:

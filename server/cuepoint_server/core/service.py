@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from ..clock import Clock
-from ..engine.arbiter import Arbiter
+from ..clock import Clock, TimerHandle
+from ..engine.arbiter import Arbiter, Blocked, Situation
 from ..engine.engine import Engine
 from ..engine.state import DeviceState, EventOccurrence
-from ..storage import CueRecord, EngagementRecord, SessionRecord, SignalRecord, SqliteStore
+from ..scenarios.compiler import CompiledScenario, milestone_event
+from ..storage import CueRecord, DecisionRecord, EngagementRecord, SessionRecord, SignalRecord, SqliteStore
 from .errors import InvalidInput, NotFound, PermissionDenied
 from .model import (
     Ack,
@@ -127,6 +128,16 @@ class Core:
         self.router = Router()
         self._reg = _Registry()
         self._background: set[asyncio.Task[Any]] = set()
+        self._timers: dict[str, tuple[float, TimerHandle]] = {}
+        self._restored: set[str] = set()
+        # The runtime emergency switch (admin API); the policy file has its own.
+        self.paused_by_admin = False
+        # Called with every arbitration decision (simulate, metrics).
+        self.decision_listeners: list[Callable[[DecisionRecord], None]] = []
+
+    @property
+    def offers_paused(self) -> bool:
+        return self.paused_by_admin or self.engine.scenarios.policy.offers_paused
 
     # -- device sessions -------------------------------------------------
 
@@ -139,6 +150,7 @@ class Core:
         # The hello carries the whole context; it replaces what we had.
         state.app_id = hello.app_id
         state.context = {**hello.context, "app.id": hello.app_id, "consent": hello.consent}
+        state.new_session()
         user_id = str(hello.context.get("user.id") or "")
         subject = f"user:{user_id}" if user_id and hello.consent != "none" else f"device:{hello.device_id}"
         session = DeviceSession(
@@ -161,7 +173,7 @@ class Core:
                 consent=hello.consent,
             )
         )
-        await self._restore_offers(subject, now)
+        await self._restore_memory(subject)
         previous = self._reg.sessions.get(hello.device_id)
         if previous is not None:
             previous.closed = True
@@ -169,24 +181,30 @@ class Core:
         pending = self._reg.pending.get(hello.device_id)
         if pending is not None:
             session.send(pending.offer)
-        log.info(
-            "session.opened", session_id=session.session_id, device_id=hello.device_id, app_id=hello.app_id
-        )
+        self._schedule_timer(session.device_id, now)
+        log.info("session.opened", session_id=session.session_id, device_id=hello.device_id, app_id=hello.app_id)
         return session
 
-    async def _restore_offers(self, subject: str, now: float) -> None:
-        # Cooldowns follow the user across devices and restarts: replay the
-        # offers still inside the longest cooldown any scenario has.
-        horizon = max((s.cooldown for s in self.engine.scenarios.scenarios), default=0.0)
-        if horizon <= 0:
+    async def _restore_memory(self, subject: str) -> None:
+        # Caps, cooldowns and decline memory follow the user across devices
+        # and restarts: replay their stored cues once per process.
+        if subject in self._restored:
             return
-        for cue in await self.store.cues_for_subject(subject, since=now - horizon):
-            self.arbiter.remember_offer(subject, cue.scenario_id, cue.created_at)
+        self._restored.add(subject)
+        for cue in await self.store.cues_for_subject(subject):
+            self.arbiter.remember_offer(subject, cue.scenario_id, cue.created_at, cue.session_id)
+            if cue.status == "declined":
+                self.arbiter.remember_decline(subject, cue.scenario_id, cue.responded_at or cue.created_at, cue.session_id)
+            elif cue.status == "accepted":
+                self.arbiter.remember_engagement(subject, cue.session_id)
 
     async def close_session(self, session: DeviceSession) -> None:
         session.closed = True
         if self._reg.sessions.get(session.device_id) is session:
             del self._reg.sessions[session.device_id]
+            timer = self._timers.pop(session.device_id, None)
+            if timer is not None:
+                timer.cancel()
         if session.writes:
             await asyncio.gather(*session.writes, return_exceptions=True)
         await self.store.end_session(session.session_id, self.clock.now())
@@ -240,7 +258,12 @@ class Core:
             )
         self._track(session, self._store_and_ack(session, batch.batch_id, rows, fresh, duplicates))
         if events:
-            self._evaluate(session, events, now)
+            for milestone in self.engine.advance_milestones(state, events, now):
+                events.add(milestone_event(milestone))
+                log.info("milestone.reached", device_id=session.device_id, milestone=milestone)
+            self._evaluate(session, self.engine.scenarios.candidates(events), now)
+        if fresh:
+            self._schedule_timer(session.device_id, now)
 
     async def _store_and_ack(
         self,
@@ -260,12 +283,35 @@ class Core:
             return
         session.send(Ack(batch_id, tuple(fresh + duplicates), tuple(duplicates + stored_before)))
 
-    def _evaluate(self, session: DeviceSession, events: set[str], now: float) -> None:
+    # -- evaluation and arbitration ---------------------------------------
+
+    def _evaluate(self, session: DeviceSession, candidates: list[CompiledScenario], now: float) -> None:
+        """Qualify `candidates`, settle a pending cue whose reason is gone, arbitrate, offer."""
         state = session.state
-        qualified = self.engine.qualified(state, events, now)
+        qualified = self.engine.check(candidates, state, now)
+        pending = self._reg.pending.get(session.device_id)
+        if pending is not None:
+            scenario = self.engine.scenarios.by_id.get(pending.scenario_id)
+            if scenario is None or not scenario.enabled:
+                self._withdraw(session.device_id, "scenario_removed")
+            elif scenario.outcome is not None and scenario.outcome in state.milestones:
+                self._withdraw(session.device_id, "outcome_achieved")
+            elif scenario in candidates and scenario not in qualified:
+                self._withdraw(session.device_id, "condition_cleared")
         if not qualified:
             return
-        decision = self.arbiter.decide(qualified, session.subject, self._busy(session.device_id, now), now)
+        situation = Situation(
+            subject=session.subject,
+            session_id=session.session_id,
+            state=state,
+            now=now,
+            policy=self.engine.scenarios.policy,
+            busy=self._busy(session.device_id, now),
+            paused=self.offers_paused,
+            has_capacity=self.router.has_capacity,
+        )
+        decision = self.arbiter.decide(qualified, situation)
+        offer = self._offer(session, decision.offer, decision.blocked, now) if decision.offer else None
         for blocked in decision.blocked:
             log.info(
                 "scenario.blocked",
@@ -274,10 +320,18 @@ class Core:
                 reason=blocked.reason,
                 detail=blocked.detail,
             )
-        scenario = decision.offer
-        if scenario is None:
-            return
+            self._decided(session, now, blocked.scenario_id, "blocked", blocked.reason, blocked.detail, "")
+        if offer is not None and decision.offer is not None:
+            self._decided(session, now, decision.offer.id, "offered", "", "", offer.cue_id)
+
+    def _offer(
+        self, session: DeviceSession, scenario: CompiledScenario, blocked: list[Blocked], now: float
+    ) -> CueOffer:
+        state = session.state
         explanation = scenario.explain(state, now)
+        episode = scenario.episode(state)
+        if episode is not None:
+            state.fired_episodes[scenario.id] = episode
         offer = CueOffer(
             cue_id=uuid.uuid4().hex,
             scenario_id=scenario.id,
@@ -296,14 +350,14 @@ class Core:
             "queue": scenario.queue,
             "conditions": [list(c) for c in explanation.conditions],
             "signal_ids": list(dict.fromkeys(explanation.signal_ids)),
-            "blocked": [{"scenario_id": b.scenario_id, "reason": b.reason} for b in decision.blocked],
+            "blocked": [{"scenario_id": b.scenario_id, "reason": b.reason} for b in blocked],
+            "segments": self.engine.segments_of(state, now),
+            "milestones": sorted(state.milestones),
         }
         pending = PendingCue(offer, scenario.id, why)
-        pending.expiry = self.clock.call_at(
-            offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id)
-        )
+        pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
         self._reg.pending[session.device_id] = pending
-        self.arbiter.remember_offer(session.subject, scenario.id, now)
+        self.arbiter.remember_offer(session.subject, scenario.id, now, session.session_id)
         self._track(
             session,
             self.store.save_cue(
@@ -326,6 +380,26 @@ class Core:
         )
         log.info("cue.offered", device_id=session.device_id, scenario_id=scenario.id, cue_id=offer.cue_id)
         session.send(offer)
+        return offer
+
+    def _decided(
+        self, session: DeviceSession, now: float, scenario_id: str, outcome: str, reason: str, detail: str, cue_id: str
+    ) -> None:
+        record = DecisionRecord(
+            time=now,
+            app_id=session.app_id,
+            device_id=session.device_id,
+            subject=session.subject,
+            session_id=session.session_id,
+            scenario_id=scenario_id,
+            outcome=outcome,
+            reason=reason,
+            detail=detail,
+            cue_id=cue_id,
+        )
+        for listener in self.decision_listeners:
+            listener(record)
+        self._track(session, self.store.save_decision(record))
 
     def _busy(self, device_id: str, now: float) -> str | None:
         if device_id in self._reg.active_by_device:
@@ -335,20 +409,60 @@ class Core:
             return "cue_pending"
         return None
 
+    def _withdraw(self, device_id: str, reason: str) -> None:
+        pending = self._reg.pending.pop(device_id, None)
+        if pending is None:
+            return
+        if pending.expiry is not None:
+            pending.expiry.cancel()
+        self._spawn(self._settled(device_id, pending.offer.cue_id, "withdrawn", reason))
+
     def _expire(self, device_id: str, cue_id: str) -> None:
         pending = self._reg.pending.get(device_id)
         if pending is None or pending.offer.cue_id != cue_id:
             return
         del self._reg.pending[device_id]
-        self._spawn(self._expired(device_id, cue_id))
+        self._spawn(self._settled(device_id, cue_id, "expired", "expired"))
 
-    async def _expired(self, device_id: str, cue_id: str) -> None:
+    async def _settled(self, device_id: str, cue_id: str, status: str, reason: str) -> None:
         # Record first, so a withdrawal the device sees is already on file.
-        await self.store.set_cue_status(cue_id, "expired", self.clock.now())
+        await self.store.set_cue_status(cue_id, status, self.clock.now())
         session = self._reg.sessions.get(device_id)
         if session is not None:
-            session.send(Withdrawal(cue_id, "expired"))
-        log.info("cue.expired", device_id=device_id, cue_id=cue_id)
+            session.send(Withdrawal(cue_id, reason))
+        log.info("cue.withdrawn", device_id=device_id, cue_id=cue_id, reason=reason)
+
+    # -- timers -------------------------------------------------------------
+
+    def _schedule_timer(self, device_id: str, now: float) -> None:
+        """Arm one timer per device at the next moment a time-driven scenario may fire."""
+        if not self.engine.scenarios.timed:
+            return
+        state = self._reg.states.get(device_id)
+        if state is None or device_id not in self._reg.sessions:
+            return
+        due = self.engine.next_deadline(state, now)
+        current = self._timers.get(device_id)
+        if current is not None:
+            if due is not None and current[0] == due:
+                return
+            current[1].cancel()
+            del self._timers[device_id]
+        if due is not None:
+            handle = self.clock.call_at(due, lambda: self._on_timer(device_id, due))
+            self._timers[device_id] = (due, handle)
+
+    def _on_timer(self, device_id: str, due: float) -> None:
+        current = self._timers.get(device_id)
+        if current is not None and current[0] == due:
+            del self._timers[device_id]
+        session = self._reg.sessions.get(device_id)
+        if session is None:
+            return
+        now = self.clock.now()
+        timed = [s for s in self.engine.scenarios.timed if s.applies_to(session.app_id)]
+        self._evaluate(session, timed, now)
+        self._schedule_timer(device_id, now)
 
     async def respond(self, session: DeviceSession, cue_id: str, response: str) -> None:
         if response not in RESPONSES:
@@ -368,7 +482,10 @@ class Core:
             pending.expiry.cancel()
         await self.store.set_cue_status(cue_id, response, now)
         log.info("cue.answered", device_id=session.device_id, cue_id=cue_id, response=response)
+        if response == "declined":
+            self.arbiter.remember_decline(session.subject, pending.scenario_id, now, session.session_id)
         if response == "accepted":
+            self.arbiter.remember_engagement(session.subject, session.session_id)
             await self._start_engagement(session, pending, now)
 
     # -- engagements ------------------------------------------------------

@@ -1,24 +1,39 @@
 """Choose at most one cue among qualifying scenarios, and say why not for the rest.
 
-Memory of past offers is keyed by subject (the user id when known, else the
-device), on the server, so cooldowns survive reinstalls and follow the user
-across devices.
+Memory of offers, declines and engagements is keyed by subject (the user id
+when known, else the device), on the server, so caps and decline memory
+survive reinstalls and follow the user across devices.
+
+Checks, per qualifying scenario in arbitration order (priority, then id):
+the emergency switch, its schedule, decline memory, an engagement earlier in
+the session, its cooldown and caps; then, if a higher scenario already won,
+"priority"; otherwise the device being busy (a cue on screen or an engagement
+active), the global minimum gap and caps, and queue capacity. The first
+scenario that passes everything is offered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..scenarios.compiler import CompiledScenario
+from ..scenarios.durations import format_duration
+from ..scenarios.model import CapsSpec, PolicySpec
+from .state import DeviceState
 
-__all__ = ["Arbiter", "Blocked", "Decision"]
+__all__ = ["Arbiter", "Blocked", "Decision", "Situation"]
+
+DAY = 86400.0
+MAX_REMEMBERED_OFFERS = 512
 
 
 @dataclass(frozen=True, slots=True)
 class Blocked:
     scenario_id: str
-    # priority | cooldown | cue_pending | engagement_active
+    # paused | schedule | declined | engaged | cooldown | cap | cue_pending |
+    # engagement_active | min_gap | no_capacity | priority
     reason: str
     detail: str = ""
 
@@ -29,35 +44,139 @@ class Decision:
     blocked: list[Blocked] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Situation:
+    """What the arbiter needs to know about the device at decision time."""
+
+    subject: str
+    session_id: str
+    state: DeviceState
+    now: float
+    policy: PolicySpec
+    busy: str | None = None
+    paused: bool = False
+    has_capacity: Callable[[str], bool] = lambda queue: True
+
+
+@dataclass(frozen=True, slots=True)
+class _Offer:
+    at: float
+    scenario_id: str
+    session_id: str
+
+
+@dataclass(slots=True)
+class _Memory:
+    offers: deque[_Offer] = field(default_factory=lambda: deque(maxlen=MAX_REMEMBERED_OFFERS))
+    declines: dict[str, tuple[float, str]] = field(default_factory=dict)
+    engaged_sessions: set[str] = field(default_factory=set)
+
+
 class Arbiter:
     def __init__(self) -> None:
-        self._last_offer: dict[tuple[str, str], float] = {}
+        self._memory: dict[str, _Memory] = {}
 
-    def remember_offer(self, subject: str, scenario_id: str, at: float) -> None:
-        key = (subject, scenario_id)
-        self._last_offer[key] = max(at, self._last_offer.get(key, at))
+    def _of(self, subject: str) -> _Memory:
+        memory = self._memory.get(subject)
+        if memory is None:
+            memory = self._memory[subject] = _Memory()
+        return memory
 
-    def decide(
-        self, qualified: Sequence[CompiledScenario], subject: str, busy: str | None, now: float
-    ) -> Decision:
-        """`qualified` is in arbitration order; `busy` names why the device can take no cue."""
+    def remember_offer(self, subject: str, scenario_id: str, at: float, session_id: str = "") -> None:
+        offers = self._of(subject).offers
+        offers.append(_Offer(at, scenario_id, session_id))
+        if len(offers) > 1 and offers[-2].at > at:
+            # Restored history may arrive out of order; keep it sorted.
+            ordered = sorted(offers, key=lambda o: o.at)
+            offers.clear()
+            offers.extend(ordered)
+
+    def remember_decline(self, subject: str, scenario_id: str, at: float, session_id: str) -> None:
+        self._of(subject).declines[scenario_id] = (at, session_id)
+
+    def remember_engagement(self, subject: str, session_id: str) -> None:
+        self._of(subject).engaged_sessions.add(session_id)
+
+    def decide(self, qualified: Sequence[CompiledScenario], situation: Situation) -> Decision:
         decision = Decision()
+        memory = self._of(situation.subject)
         for scenario in qualified:
-            if decision.offer is not None:
-                decision.blocked.append(Blocked(scenario.id, "priority", f"lost to {decision.offer.id}"))
-                continue
-            if busy is not None:
-                decision.blocked.append(Blocked(scenario.id, busy))
-                continue
-            last = self._last_offer.get((subject, scenario.id))
-            if last is not None and now - last < scenario.cooldown:
-                decision.blocked.append(
-                    Blocked(
-                        scenario.id,
-                        "cooldown",
-                        f"offered {now - last:.0f}s ago, cooldown {scenario.cooldown:.0f}s",
-                    )
-                )
+            episode = scenario.episode(situation.state)
+            if episode is not None and situation.state.fired_episodes.get(scenario.id) == episode:
+                continue  # this idle period / absence / visit already fired
+            reason = self._own_block(scenario, situation, memory)
+            if reason is None and decision.offer is not None:
+                reason = ("priority", f"lost to {decision.offer.id}")
+            if reason is None:
+                reason = self._shared_block(scenario, situation, memory)
+            if reason is not None:
+                decision.blocked.append(Blocked(scenario.id, *reason))
                 continue
             decision.offer = scenario
         return decision
+
+    def _own_block(self, scenario: CompiledScenario, s: Situation, memory: _Memory) -> tuple[str, str] | None:
+        if s.paused:
+            return ("paused", "offers are switched off")
+        if scenario.schedule is not None and not scenario.schedule.is_open(s.now, s.state.context):
+            return ("schedule", f"outside its {scenario.schedule.describe()}")
+        declined = memory.declines.get(scenario.id)
+        if declined is not None:
+            at, session_id = declined
+            memory_rule = scenario.after_decline
+            if (
+                memory_rule == "never"
+                or (memory_rule == "session" and session_id == s.session_id)
+                or (isinstance(memory_rule, float) and s.now - at < memory_rule)
+            ):
+                return ("declined", f"declined {s.now - at:.0f}s ago (after_decline: {_rule(memory_rule)})")
+        if s.policy.after_engagement == "session" and s.session_id in memory.engaged_sessions:
+            return ("engaged", "an engagement already happened this session")
+        mine = [o for o in memory.offers if o.scenario_id == scenario.id]
+        if mine and s.now - mine[-1].at < scenario.cooldown:
+            return (
+                "cooldown",
+                f"offered {s.now - mine[-1].at:.0f}s ago, cooldown {format_duration(scenario.cooldown)}",
+            )
+        return _over_cap(scenario.caps, mine, s, "scenario")
+
+    def _shared_block(self, scenario: CompiledScenario, s: Situation, memory: _Memory) -> tuple[str, str] | None:
+        if s.busy is not None:
+            return (s.busy, "")
+        if memory.offers and s.now - memory.offers[-1].at < s.policy.min_gap:
+            return (
+                "min_gap",
+                f"last cue {s.now - memory.offers[-1].at:.0f}s ago, min_gap {format_duration(s.policy.min_gap)}",
+            )
+        capped = _over_cap(s.policy.caps, list(memory.offers), s, "all scenarios")
+        if capped is not None:
+            return capped
+        if s.policy.require_capacity and not s.has_capacity(scenario.queue):
+            return ("no_capacity", f"no associate available in queue {scenario.queue}")
+        return None
+
+    def snapshot(self, subject: str) -> Mapping[str, object]:
+        memory = self._of(subject)
+        return {
+            "offers": len(memory.offers),
+            "declines": dict(memory.declines),
+            "engaged_sessions": sorted(memory.engaged_sessions),
+        }
+
+
+def _rule(rule: float | str) -> str:
+    return format_duration(rule) if isinstance(rule, float) else rule
+
+
+def _over_cap(caps: CapsSpec | None, offers: Sequence[_Offer], s: Situation, scope: str) -> tuple[str, str] | None:
+    if caps is None:
+        return None
+    if caps.per_session is not None:
+        in_session = sum(1 for o in offers if o.session_id == s.session_id)
+        if in_session >= caps.per_session:
+            return ("cap", f"{in_session} offer(s) this session, cap {caps.per_session} ({scope})")
+    if caps.per_day is not None:
+        today = sum(1 for o in offers if s.now - o.at < DAY)
+        if today >= caps.per_day:
+            return ("cap", f"{today} offer(s) in 24h, cap {caps.per_day} ({scope})")
+    return None

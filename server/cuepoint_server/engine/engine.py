@@ -1,11 +1,11 @@
-"""Evaluate the scenarios a batch of signals concerns, for one device."""
+"""Evaluate the scenarios a batch of signals (or a timer) concerns, for one device."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from ..scenarios.compiler import CompiledScenario
-from .scenario_set import ScenarioSet
+from .scenario_set import ScenarioSet, _order
 from .state import DeviceState
 
 __all__ = ["Engine"]
@@ -20,13 +20,49 @@ class Engine:
     def swap(self, scenarios: ScenarioSet) -> None:
         self.scenarios = scenarios
 
+    def advance_milestones(self, state: DeviceState, events: Iterable[str], now: float) -> list[str]:
+        """Mark milestones reached by these events; returns the newly reached ids."""
+        reached: list[str] = []
+        seen: set[str] = set()
+        for event in events:
+            for milestone in self.scenarios.milestones_by_event.get(event, ()):
+                if milestone.id in seen or milestone.id in state.milestones:
+                    continue
+                seen.add(milestone.id)
+                self.evaluations += 1
+                if milestone.predicate(state, now):
+                    state.milestones[milestone.id] = now
+                    reached.append(milestone.id)
+        return reached
+
     def qualified(self, state: DeviceState, events: Iterable[str], now: float) -> list[CompiledScenario]:
-        """Scenarios that qualify now, highest priority first."""
+        """Scenarios listening to `events` that qualify now, highest priority first."""
+        return self.check(self.scenarios.candidates(events), state, now)
+
+    def qualified_timed(self, state: DeviceState, now: float) -> list[CompiledScenario]:
+        """Time-driven scenarios that qualify now (a timer fired)."""
+        return self.check(sorted(self.scenarios.timed, key=_order), state, now)
+
+    def check(self, candidates: Iterable[CompiledScenario], state: DeviceState, now: float) -> list[CompiledScenario]:
         out = []
-        for scenario in self.scenarios.candidates(events):
+        for scenario in candidates:
             if not scenario.applies_to(state.app_id):
                 continue
             self.evaluations += 1
             if scenario.qualifies(state, now):
                 out.append(scenario)
         return out
+
+    def next_deadline(self, state: DeviceState, now: float) -> float | None:
+        best: float | None = None
+        for scenario in self.scenarios.timed:
+            if not scenario.applies_to(state.app_id):
+                continue
+            at = scenario.next_deadline(state, now)
+            if at is not None and (best is None or at < best):
+                best = at
+        return best
+
+    def segments_of(self, state: DeviceState, now: float) -> list[str]:
+        return [s.id for s in self.scenarios.segments if s.predicate(state, now)]
+

@@ -1,4 +1,4 @@
-"""An immutable, indexed set of compiled scenarios.
+"""An immutable, indexed set of compiled scenarios, milestones and segments.
 
 Scenarios are indexed by the events their trigger listens to, so a signal
 costs evaluations only for scenarios that care about it, however many others
@@ -7,11 +7,12 @@ are loaded. A new set replaces the old in one assignment (atomic swap).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
-from ..scenarios.compiler import CompiledScenario, compile_scenario
-from ..scenarios.loader import LoadedScenario, load_directory
+from ..scenarios.compiler import CompiledDefinition, CompiledScenario, compile_definition, compile_scenario
+from ..scenarios.loader import LoadedSet, load_directory
+from ..scenarios.model import PolicySpec
 
 __all__ = ["ScenarioSet"]
 
@@ -22,39 +23,63 @@ def _order(s: CompiledScenario) -> tuple[int, str]:
     return (-s.priority, s.id)
 
 
+def _index(items: Iterable[CompiledScenario | CompiledDefinition]) -> dict[str, tuple[str, ...]]:
+    index: dict[str, list[str]] = {}
+    for item in items:
+        for event in item.events:
+            index.setdefault(event, []).append(item.id)
+    return {k: tuple(v) for k, v in index.items()}
+
+
 @dataclass(frozen=True)
 class ScenarioSet:
     scenarios: tuple[CompiledScenario, ...]
     by_event: dict[str, tuple[CompiledScenario, ...]]
     by_id: dict[str, CompiledScenario]
     retention: dict[str, float]
+    milestones: tuple[CompiledDefinition, ...] = ()
+    milestones_by_event: dict[str, tuple[CompiledDefinition, ...]] = field(default_factory=dict)
+    segments: tuple[CompiledDefinition, ...] = ()
+    # Enabled scenarios with idle, dwell or absence leaves: they need timers.
+    timed: tuple[CompiledScenario, ...] = ()
+    policy: PolicySpec = field(default_factory=PolicySpec)
     source: str = ""
 
     @classmethod
     def empty(cls) -> ScenarioSet:
-        return cls.build([])
+        return cls.build(LoadedSet())
 
     @classmethod
     def load(cls, directory: str) -> ScenarioSet:
         return cls.build(load_directory(directory), source=directory)
 
     @classmethod
-    def build(cls, loaded: Sequence[LoadedScenario], source: str = "") -> ScenarioSet:
-        compiled = sorted((compile_scenario(item) for item in loaded), key=_order)
-        by_event: dict[str, list[CompiledScenario]] = {}
+    def build(cls, loaded: LoadedSet, source: str = "") -> ScenarioSet:
+        segment_defs = {s.spec.id: s for s in loaded.segments}
+        compiled = sorted((compile_scenario(item, segment_defs) for item in loaded.scenarios), key=_order)
+        milestones = tuple(compile_definition(m, segment_defs) for m in loaded.milestones)
+        segments = tuple(compile_definition(s, segment_defs) for s in loaded.segments)
+        enabled = [s for s in compiled if s.enabled]
+        by_id = {s.id: s for s in compiled}
+        by_event = {event: tuple(by_id[i] for i in ids) for event, ids in _index(enabled).items()}
+        milestone_ids = {m.id: m for m in milestones}
+        milestones_by_event = {
+            event: tuple(milestone_ids[i] for i in ids) for event, ids in _index(milestones).items()
+        }
         retention: dict[str, float] = {}
-        for scenario in compiled:
-            for name, seconds in scenario.retention.items():
+        for item in (*compiled, *milestones, *segments):
+            for name, seconds in item.retention.items():
                 retention[name] = max(retention.get(name, 0.0), seconds)
-            if not scenario.enabled:
-                continue
-            for event in scenario.events:
-                by_event.setdefault(event, []).append(scenario)
         return cls(
             scenarios=tuple(compiled),
-            by_event={k: tuple(v) for k, v in by_event.items()},
-            by_id={s.id: s for s in compiled},
+            by_event=by_event,
+            by_id=by_id,
             retention=retention,
+            milestones=milestones,
+            milestones_by_event=milestones_by_event,
+            segments=segments,
+            timed=tuple(s for s in enabled if s.timed),
+            policy=loaded.policy,
             source=source,
         )
 

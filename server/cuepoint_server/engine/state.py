@@ -31,7 +31,16 @@ class DeviceState:
     context: dict[str, Scalar] = field(default_factory=dict)
     history: dict[str, deque[EventOccurrence]] = field(default_factory=dict)
     last_signal_at: float = 0.0
+    # Milestones reached in the current session, with when.
+    milestones: dict[str, float] = field(default_factory=dict)
+    # Per time-driven scenario, the episode (idle period, absent follow-up,
+    # screen visit) it last fired for: each fires once per episode.
+    fired_episodes: dict[str, tuple[object, ...]] = field(default_factory=dict)
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    def new_session(self) -> None:
+        self.milestones.clear()
+        self.fired_episodes.clear()
 
     def remember(self, signal_id: str) -> bool:
         """Record an id; False when it was already seen (a resend)."""

@@ -7,14 +7,25 @@ caller keeps serving its previous good set when this raises.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
 from typing import Any
 
 from pydantic import ValidationError
 
-from .model import ScenarioSpec, _condition_kind
+from .model import (
+    AllCondition,
+    AnyCondition,
+    MilestoneCondition,
+    MilestoneSpec,
+    NotCondition,
+    PolicySpec,
+    ScenarioSpec,
+    SegmentCondition,
+    SegmentSpec,
+    _condition_kind,
+)
 from .template import Template, TemplateError
 from .yaml_lines import Located, YamlProblem, load_yaml
 
@@ -56,104 +67,237 @@ class LoadedScenario:
     file: str
     line: int
     template: Template
+    located: Located | None = None
+    prefix: Path = ()
+
+    def line_of(self, path: Path) -> int:
+        return self.located.line_of((*self.prefix, *path)) if self.located else self.line
 
 
-def scenario_files(directory: Path) -> list[Path]:
+@dataclass(frozen=True, slots=True)
+class LoadedDefinition:
+    spec: SegmentSpec | MilestoneSpec
+    file: str
+    line: int
+    located: Located | None = None
+    prefix: Path = ()
+
+    def line_of(self, path: Path) -> int:
+        return self.located.line_of((*self.prefix, *path)) if self.located else self.line
+
+
+@dataclass(slots=True)
+class LoadedSet:
+    """Everything a folder of files defines, checked across files."""
+
+    scenarios: list[LoadedScenario] = field(default_factory=list)
+    segments: list[LoadedDefinition] = field(default_factory=list)
+    milestones: list[LoadedDefinition] = field(default_factory=list)
+    policy: PolicySpec = field(default_factory=PolicySpec)
+    policy_at: tuple[str, int] | None = None
+
+    def merge(self, other: LoadedSet, issues: list[ScenarioIssue]) -> None:
+        self.scenarios.extend(other.scenarios)
+        self.segments.extend(other.segments)
+        self.milestones.extend(other.milestones)
+        if other.policy_at is not None:
+            if self.policy_at is not None:
+                file, line = other.policy_at
+                issues.append(
+                    ScenarioIssue(file, line, "policy", f"a policy is already defined at {self.policy_at[0]}:{self.policy_at[1]}")
+                )
+            else:
+                self.policy, self.policy_at = other.policy, other.policy_at
+
+
+def scenario_files(directory: FsPath) -> list[FsPath]:
     return sorted(
         p
         for p in directory.rglob("*")
-        if p.suffix in SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.parts)
+        if p.suffix in SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
 
 
-def load_directory(directory: str | Path) -> list[LoadedScenario]:
-    root = Path(directory)
+def load_directory(directory: str | FsPath) -> LoadedSet:
+    root = FsPath(directory)
     if not root.is_dir():
         raise ScenarioError([ScenarioIssue(str(root), 1, "", "not a folder of scenario files")])
     issues: list[ScenarioIssue] = []
-    loaded: list[LoadedScenario] = []
+    result = LoadedSet()
     for path in scenario_files(root):
         try:
-            loaded.extend(load_file(path))
-        except ScenarioError as exc:
-            issues.extend(exc.issues)
-    seen: dict[str, LoadedScenario] = {}
-    for item in loaded:
-        first = seen.setdefault(item.spec.id, item)
-        if first is not item:
-            issues.append(
-                ScenarioIssue(
-                    item.file,
-                    item.line,
-                    "id",
-                    f"scenario id {item.spec.id!r} is already used at {first.file}:{first.line}",
-                )
-            )
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            issues.append(ScenarioIssue(str(path), 1, "", f"cannot read file: {exc}"))
+            continue
+        part, found = _parse(text, str(path))
+        issues.extend(found)
+        result.merge(part, issues)
+    issues.extend(_cross_check(result))
     if issues:
         raise ScenarioError(issues)
-    return loaded
+    return result
 
 
-def load_file(path: str | Path) -> list[LoadedScenario]:
+def load_file(path: str | FsPath) -> LoadedSet:
     name = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = FsPath(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError([ScenarioIssue(name, 1, "", f"cannot read file: {exc}")]) from None
     return load_text(text, name)
 
 
-def load_text(text: str, name: str) -> list[LoadedScenario]:
+def load_text(text: str, name: str) -> LoadedSet:
+    result, issues = _parse(text, name)
+    issues.extend(_cross_check(result))
+    if issues:
+        raise ScenarioError(issues)
+    return result
+
+
+SECTIONS = ("scenarios", "segments", "milestones", "policy")
+
+
+def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
+    result = LoadedSet()
     try:
         located = load_yaml(text)
     except YamlProblem as exc:
-        raise ScenarioError([ScenarioIssue(name, exc.line, "", f"invalid YAML: {exc.message}")]) from None
-    entries, issues = _entries(located, name)
-    out: list[LoadedScenario] = []
-    for prefix, raw in entries:
+        return result, [ScenarioIssue(name, exc.line, "", f"invalid YAML: {exc.message}")]
+    data = located.data
+    issues: list[ScenarioIssue] = []
+    entries: list[tuple[str, Path, Any]] = []
+    if isinstance(data, dict) and "id" not in data and any(k in SECTIONS for k in data):
+        for key, value in data.items():
+            if key not in SECTIONS:
+                issues.append(
+                    ScenarioIssue(name, located.line_of((key,)), str(key), "unknown section; expected " + ", ".join(SECTIONS))
+                )
+            elif key == "policy":
+                entries.append(("policy", ("policy",), value))
+            elif not isinstance(value, list):
+                issues.append(ScenarioIssue(name, located.line_of((key,)), str(key), "expected a list"))
+            else:
+                entries.extend((key, (key, i), item) for i, item in enumerate(value))
+    elif isinstance(data, dict):
+        entries.append(("scenarios", (), data))
+    elif isinstance(data, list) and data:
+        entries.extend(("scenarios", (i,), item) for i, item in enumerate(data))
+    else:
+        what = "empty" if data in (None, []) else f"a {type(data).__name__}"
+        issues.append(
+            ScenarioIssue(name, 1, "", f"expected a scenario, a list of scenarios or sections {', '.join(SECTIONS)}; the file is {what}")
+        )
+    for kind, prefix, raw in entries:
+        model = _MODELS[kind]
         try:
-            spec = ScenarioSpec.model_validate(raw)
+            spec = model.model_validate(raw)
         except ValidationError as exc:
             issues.extend(_issues_from(exc, located, prefix, raw, name))
             continue
         line = located.line_of(prefix)
-        try:
-            template = Template(spec.cue.message)
-        except TemplateError as exc:
-            issues.append(
-                ScenarioIssue(name, located.line_of((*prefix, "cue", "message")), "cue.message", str(exc))
-            )
-            continue
-        out.append(LoadedScenario(spec, name, line, template))
-    if issues:
-        raise ScenarioError(issues)
-    return out
+        if isinstance(spec, ScenarioSpec):
+            try:
+                template = Template(spec.cue.message)
+            except TemplateError as exc:
+                issues.append(ScenarioIssue(name, located.line_of((*prefix, "cue", "message")), "cue.message", str(exc)))
+                continue
+            result.scenarios.append(LoadedScenario(spec, name, line, template, located, prefix))
+        elif isinstance(spec, SegmentSpec):
+            result.segments.append(LoadedDefinition(spec, name, line, located, prefix))
+        elif isinstance(spec, MilestoneSpec):
+            result.milestones.append(LoadedDefinition(spec, name, line, located, prefix))
+        elif isinstance(spec, PolicySpec):
+            result.policy, result.policy_at = spec, (name, line)
+    return result, issues
 
 
-def _entries(
-    located: Located, name: str
-) -> tuple[list[tuple[tuple[str | int, ...], Any]], list[ScenarioIssue]]:
-    data = located.data
-    base: tuple[str | int, ...]
-    if isinstance(data, dict) and "scenarios" in data and set(data) == {"scenarios"}:
-        data, base = data["scenarios"], ("scenarios",)
+_MODELS: dict[str, type[ScenarioSpec | SegmentSpec | MilestoneSpec | PolicySpec]] = {
+    "scenarios": ScenarioSpec,
+    "segments": SegmentSpec,
+    "milestones": MilestoneSpec,
+    "policy": PolicySpec,
+}
+
+
+def walk_paths(cond: Any, path: Path) -> Iterator[tuple[Any, Path]]:
+    """Each condition node with its path in the YAML data."""
+    yield cond, path
+    if isinstance(cond, AllCondition):
+        for i, child in enumerate(cond.all):
+            yield from walk_paths(child, (*path, "all", i))
+    elif isinstance(cond, AnyCondition):
+        for i, child in enumerate(cond.any):
+            yield from walk_paths(child, (*path, "any", i))
+    elif isinstance(cond, NotCondition):
+        yield from walk_paths(cond.not_, (*path, "not"))
+
+
+def _conditions(item: LoadedScenario | LoadedDefinition) -> Iterator[tuple[Any, Path]]:
+    spec = item.spec
+    if isinstance(spec, ScenarioSpec):
+        if spec.target is not None:
+            yield from walk_paths(spec.target, ("target",))
+        yield from walk_paths(spec.trigger, ("trigger",))
     else:
-        base = ()
-    if isinstance(data, dict):
-        return [(base, data)], []
-    if isinstance(data, list) and data:
-        return [((*base, i), item) for i, item in enumerate(data)], []
-    what = "empty" if data in (None, []) else f"a {type(data).__name__}"
-    return [], [
-        ScenarioIssue(
-            name, 1, "", f"expected a scenario, a list of scenarios or `scenarios:`; the file is {what}"
-        )
-    ]
+        yield from walk_paths(spec.when, ("when",))
 
 
-def _issues_from(
-    exc: ValidationError, located: Located, prefix: tuple[str | int, ...], raw: Any, name: str
-) -> Iterable[ScenarioIssue]:
+def _cross_check(loaded: LoadedSet) -> list[ScenarioIssue]:
+    issues: list[ScenarioIssue] = []
+    for kind, items in (("scenario", loaded.scenarios), ("segment", loaded.segments), ("milestone", loaded.milestones)):
+        seen: dict[str, LoadedScenario | LoadedDefinition] = {}
+        for item in items:
+            first = seen.setdefault(item.spec.id, item)
+            if first is not item:
+                issues.append(
+                    ScenarioIssue(item.file, item.line, "id", f"{kind} id {item.spec.id!r} is already used at {first.file}:{first.line}")
+                )
+    segments = {s.spec.id: s for s in loaded.segments}
+    milestones = {m.spec.id for m in loaded.milestones}
+    everything: list[LoadedScenario | LoadedDefinition] = [*loaded.scenarios, *loaded.segments, *loaded.milestones]
+    for item in everything:
+        for cond, path in _conditions(item):
+            if isinstance(cond, SegmentCondition) and cond.segment not in segments:
+                issues.append(ScenarioIssue(item.file, item.line_of(path), _dotted((*path, "segment")), f"unknown segment {cond.segment!r}"))
+            if isinstance(cond, MilestoneCondition) and cond.milestone not in milestones:
+                issues.append(
+                    ScenarioIssue(item.file, item.line_of(path), _dotted((*path, "milestone")), f"unknown milestone {cond.milestone!r}")
+                )
+        spec = item.spec
+        if isinstance(spec, ScenarioSpec) and spec.outcome is not None and spec.outcome not in milestones:
+            issues.append(ScenarioIssue(item.file, item.line_of(("outcome",)), "outcome", f"unknown milestone {spec.outcome!r}"))
+    issues.extend(_segment_cycles(segments))
+    return issues
+
+
+def _segment_cycles(segments: dict[str, LoadedDefinition]) -> list[ScenarioIssue]:
+    refs = {
+        sid: [(c.segment, p) for c, p in _conditions(item) if isinstance(c, SegmentCondition)]
+        for sid, item in segments.items()
+    }
+    issues: list[ScenarioIssue] = []
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(sid: str, trail: list[str]) -> None:
+        state[sid] = 1
+        for ref, path in refs.get(sid, []):
+            if state.get(ref) == 1:
+                item = segments[sid]
+                cycle = " -> ".join([*trail[trail.index(ref) :], ref]) if ref in trail else f"{sid} -> {ref}"
+                issues.append(ScenarioIssue(item.file, item.line_of(path), _dotted((*path, "segment")), f"segments refer to each other in a cycle: {cycle}"))
+            elif state.get(ref) is None and ref in refs:
+                visit(ref, [*trail, ref])
+        state[sid] = 2
+
+    for sid in sorted(refs):
+        if state.get(sid) is None:
+            visit(sid, [sid])
+    return issues
+
+
+def _issues_from(exc: ValidationError, located: Located, prefix: Path, raw: Any, name: str) -> Iterable[ScenarioIssue]:
     for error in exc.errors(include_url=False):
         path = _data_path(raw, error["loc"])
         field = _dotted(path)

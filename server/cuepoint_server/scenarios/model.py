@@ -8,8 +8,11 @@ Schema editors use (scenarios/scenario.schema.json) is generated from here.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -28,18 +31,34 @@ from .durations import format_duration, parse_duration
 from .versions import parse_version
 
 __all__ = [
+    "AbsenceSpec",
+    "AggregateSpec",
     "AllCondition",
     "AnyCondition",
     "AttributeCondition",
     "ChannelName",
     "Comparison",
     "Condition",
+    "CapsSpec",
     "CountSpec",
     "CueSpec",
+    "DwellCondition",
     "EventCondition",
+    "IdleCondition",
+    "MilestoneCondition",
+    "MilestoneSpec",
     "NotCondition",
+    "PolicySpec",
+    "RateSpec",
     "Scalar",
+    "ScenarioFile",
     "ScenarioSpec",
+    "ScheduleSpec",
+    "SegmentCondition",
+    "SegmentSpec",
+    "StreakSpec",
+    "children",
+    "walk",
 ]
 
 Scalar = str | int | float | bool
@@ -174,12 +193,71 @@ class CountSpec(_Strict):
         return self
 
 
-class EventCondition(_Strict):
-    """Something the app reported: `event: sync_failed`, optionally counted in a window.
+class RateSpec(_Strict):
+    """Occurrences per `per` (default a minute), averaged over the window `within`."""
 
-    Without `count`, the most recent occurrence of the event must match `where`
-    (e.g. the last sync took over 30 s). With `count`, the number of matching
-    occurrences inside the sliding window `within` must be in range.
+    at_least: float | None = Field(default=None, ge=0)
+    at_most: float | None = Field(default=None, ge=0)
+    per: Duration = 60.0
+    within: Duration
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RateSpec:
+        if self.at_least is None and self.at_most is None:
+            raise ValueError("give at_least or at_most")
+        if self.within <= 0 or self.per <= 0:
+            raise ValueError("within and per must be longer than zero")
+        return self
+
+
+class StreakSpec(_Strict):
+    """N occurrences in a row, with none of the `broken_by` events in between."""
+
+    at_least: int = Field(ge=1)
+    broken_by: list[Annotated[str, Field(pattern=_EVENT)]] = Field(min_length=1)
+    within: Duration | None = None
+
+    @field_validator("broken_by", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class AggregateSpec(Comparison):
+    """An aggregate of a numeric property over the window, compared with the operators."""
+
+    fn: Literal["avg", "max", "min", "sum"]
+    property: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    within: Duration
+
+    def operators(self) -> dict[str, Any]:
+        ops = super().operators()
+        for name in ("fn", "property", "within"):
+            ops.pop(name, None)
+        return ops
+
+
+class AbsenceSpec(_Strict):
+    """Not followed by `event` within `within` (fires from a server timer)."""
+
+    event: list[Annotated[str, Field(pattern=_EVENT)]] = Field(min_length=1)
+    within: Duration
+
+    @field_validator("event", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class EventCondition(_Strict):
+    """Something the app reported: `event: sync_failed`.
+
+    Without a measure, the most recent occurrence must match `where` (e.g. the
+    last sync took over 30 s). At most one measure may be given: `count`
+    (occurrences in a sliding window), `rate`, `streak` (in a row, not broken
+    by another event), `aggregate` (avg/max/min/sum of a property over a
+    window) or `not_followed_by` (absence: fires from a timer once `within`
+    has passed after the event without the follow-up).
     """
 
     event: str = Field(pattern=_EVENT)
@@ -187,15 +265,58 @@ class EventCondition(_Strict):
         default=None, description="Conditions on the event's properties, by property name."
     )
     count: CountSpec | None = None
+    rate: RateSpec | None = None
+    streak: StreakSpec | None = None
+    aggregate: AggregateSpec | None = None
+    not_followed_by: AbsenceSpec | None = None
     within: Duration | None = Field(
-        default=None, description="Without count: the last occurrence must be this recent."
+        default=None, description="Without a measure: the last occurrence must be this recent."
     )
 
     @model_validator(mode="after")
-    def _within(self) -> EventCondition:
-        if self.count is not None and self.within is not None:
-            raise ValueError("give `within` inside `count`, not beside it")
+    def _one_measure(self) -> EventCondition:
+        given = [n for n in ("count", "rate", "streak", "aggregate", "not_followed_by") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of count, rate, streak, aggregate, not_followed_by (got {given})")
+        if given and self.within is not None:
+            raise ValueError(f"give `within` inside `{given[0]}`, not beside it")
         return self
+
+
+class IdleCondition(_Strict):
+    """No signal at all from the device for this long (fires from a server timer)."""
+
+    idle: Duration
+
+    @field_validator("idle")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("idle must be longer than zero")
+        return value
+
+
+class DwellSpec(_Strict):
+    screen: str = Field(min_length=1, max_length=200)
+    at_least: Duration
+
+
+class DwellCondition(_Strict):
+    """Still on a screen after a while: the last `screen_viewed` event's `screen` property."""
+
+    dwell: DwellSpec
+
+
+class MilestoneCondition(_Strict):
+    """A named milestone (defined under `milestones:`) was reached in this session."""
+
+    milestone: str = Field(pattern=_ID)
+
+
+class SegmentCondition(_Strict):
+    """The device is in a named segment (defined under `segments:`)."""
+
+    segment: str = Field(pattern=_ID)
 
 
 class AllCondition(_Strict):
@@ -210,12 +331,15 @@ class NotCondition(_Strict):
     not_: Condition = Field(alias="not")
 
 
+CONDITION_KINDS = ("all", "any", "not", "attribute", "event", "idle", "dwell", "milestone", "segment")
+
+
 def _condition_kind(value: Any) -> str | None:
     if isinstance(value, BaseModel):
         value = value.model_dump(by_alias=True)
     if not isinstance(value, dict):
         return None
-    for key in ("all", "any", "not", "attribute", "event"):
+    for key in CONDITION_KINDS:
         if key in value:
             return key
     return None
@@ -226,11 +350,16 @@ Condition = Annotated[
     | Annotated[AnyCondition, Tag("any")]
     | Annotated[NotCondition, Tag("not")]
     | Annotated[AttributeCondition, Tag("attribute")]
-    | Annotated[EventCondition, Tag("event")],
+    | Annotated[EventCondition, Tag("event")]
+    | Annotated[IdleCondition, Tag("idle")]
+    | Annotated[DwellCondition, Tag("dwell")]
+    | Annotated[MilestoneCondition, Tag("milestone")]
+    | Annotated[SegmentCondition, Tag("segment")],
     Discriminator(
         _condition_kind,
         custom_error_type="condition_kind",
-        custom_error_message="a condition needs one of the keys all, any, not, attribute or event",
+        custom_error_message="a condition needs one of the keys all, any, not, attribute, event, idle, dwell, "
+        "milestone or segment",
     ),
 ]
 
@@ -261,6 +390,74 @@ class CueSpec(_Strict):
         return self
 
 
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+_CLOCK = r"^([01]\d|2[0-3]):[0-5]\d$|^24:00$"
+
+
+class HoursSpec(_Strict):
+    days: list[Weekday] = Field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], min_length=1
+    )
+    from_: str = Field(alias="from", pattern=_CLOCK, description="Local time HH:MM.")
+    to: str = Field(pattern=_CLOCK, description="Local time HH:MM; before `from` spans midnight.")
+
+
+class ScheduleSpec(_Strict):
+    """When offers may be made. Outside it, a qualifying scenario is blocked with reason `schedule`."""
+
+    timezone: str = Field(
+        default="UTC", description="An IANA zone, or `user` for the device's own zone (device.timezone)."
+    )
+    hours: list[HoursSpec] = Field(default_factory=list, description="Open windows; empty means all day.")
+    start: datetime | None = Field(default=None, description="Not before this instant (ISO 8601).")
+    end: datetime | None = Field(default=None, description="Not after this instant (ISO 8601).")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        if value != "user":
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r}; use an IANA name such as Europe/Paris") from None
+        return value
+
+    @field_validator("start", "end")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+    @model_validator(mode="after")
+    def _order(self) -> ScheduleSpec:
+        if self.start and self.end and self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
+class CapsSpec(_Strict):
+    """Most offers per session and per rolling 24 hours."""
+
+    per_session: int | None = Field(default=None, ge=0)
+    per_day: int | None = Field(default=None, ge=0)
+
+
+DeclineMemory = Annotated[
+    float | Literal["never", "session"],
+    BeforeValidator(lambda v: v if v in ("never", "session") else parse_duration(v)),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"enum": ["never", "session"]},
+                {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"},
+                {"type": "number", "minimum": 0},
+            ]
+        }
+    ),
+]
+
+
 class ScenarioSpec(_Strict):
     """One engagement scenario: who (target), when (trigger), what (cue)."""
 
@@ -279,36 +476,94 @@ class ScenarioSpec(_Strict):
         default_factory=list, description="App ids this applies to; empty means every app."
     )
     target: Condition | None = Field(default=None, description="Who: conditions on the context.")
-    trigger: Condition = Field(description="When: conditions evaluated as signals arrive.")
+    trigger: Condition = Field(description="When: conditions evaluated as signals arrive and timers fire.")
     cue: CueSpec
     cooldown: Duration = Field(
         default=0.0, description="After an offer, do not offer this scenario to the same user for this long."
     )
+    caps: CapsSpec | None = None
+    after_decline: DeclineMemory = Field(
+        default="session",
+        description="After the user declines: not again this session (default), for a duration, or never.",
+    )
+    schedule: ScheduleSpec | None = None
+    outcome: str | None = Field(
+        default=None,
+        pattern=_ID,
+        description="A milestone that means success: once reached, the scenario is no longer offered "
+        "this session and a pending cue is withdrawn.",
+    )
 
     @field_validator("trigger")
     @classmethod
-    def _trigger_has_event(cls, value: Condition) -> Condition:
-        if not _mentions_event(value):
-            raise ValueError("a trigger must mention at least one event, so it knows when to evaluate")
+    def _trigger_has_driver(cls, value: Condition) -> Condition:
+        if not any(isinstance(c, _DRIVERS) for c in walk(value)):
+            raise ValueError(
+                "a trigger must mention an event, idle, dwell, milestone or segment, so it knows when to evaluate"
+            )
         return value
 
 
-def _mentions_event(cond: Any) -> bool:
-    if isinstance(cond, EventCondition):
-        return True
-    if isinstance(cond, AllCondition):
-        return any(_mentions_event(c) for c in cond.all)
-    if isinstance(cond, AnyCondition):
-        return any(_mentions_event(c) for c in cond.any)
-    if isinstance(cond, NotCondition):
-        return _mentions_event(cond.not_)
-    return False
+class DefinitionSpec(_Strict):
+    id: str = Field(pattern=_ID)
+    name: str = Field(default="", max_length=200)
+    description: str = ""
+    when: Condition
+
+
+class SegmentSpec(DefinitionSpec):
+    """A named, reusable set of conditions; referenced with `segment: <id>`."""
+
+
+class MilestoneSpec(DefinitionSpec):
+    """A named step of the journey, reached (once per session) when `when` holds."""
+
+    @field_validator("when")
+    @classmethod
+    def _has_event(cls, value: Condition) -> Condition:
+        if not any(isinstance(c, EventCondition) for c in walk(value)):
+            raise ValueError("a milestone must mention an event, so it knows when it is reached")
+        return value
+
+
+class PolicySpec(_Strict):
+    """Rules across all scenarios, per user. At most one policy across the loaded files."""
+
+    min_gap: Duration = Field(default=0.0, description="Least time between any two cues to the same user.")
+    caps: CapsSpec | None = Field(default=None, description="Most cues per session / per day, all scenarios.")
+    require_capacity: bool = Field(
+        default=False,
+        description="Offer only when an associate of the cue's queue is available (blocked: no_capacity).",
+    )
+    offers_paused: bool = Field(default=False, description="Emergency switch: no offers at all while true.")
+    after_engagement: Literal["session", "none"] = Field(
+        default="session", description="After an engagement, offer nothing more in the same session."
+    )
 
 
 class ScenarioFile(_Strict):
-    """A file holds one scenario, a list of them, or `scenarios: [...]`."""
+    """A file holds one scenario, a list of them, or any of these sections."""
 
-    scenarios: list[ScenarioSpec]
+    scenarios: list[ScenarioSpec] = Field(default_factory=list)
+    segments: list[SegmentSpec] = Field(default_factory=list)
+    milestones: list[MilestoneSpec] = Field(default_factory=list)
+    policy: PolicySpec | None = None
 
 
-FileKind = Literal["single", "list"]
+def children(cond: Any) -> list[Any]:
+    if isinstance(cond, AllCondition):
+        return list(cond.all)
+    if isinstance(cond, AnyCondition):
+        return list(cond.any)
+    if isinstance(cond, NotCondition):
+        return [cond.not_]
+    return []
+
+
+def walk(cond: Any) -> Iterator[Any]:
+    yield cond
+    for child in children(cond):
+        yield from walk(child)
+
+
+_DRIVERS = (EventCondition, IdleCondition, DwellCondition, MilestoneCondition, SegmentCondition)

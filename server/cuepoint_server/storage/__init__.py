@@ -1,12 +1,13 @@
 """Persistence for Cuepoint: plain records and the embedded SQLite store."""
 
-from .records import ContextValue, CueRecord, EngagementRecord, SessionRecord, SignalRecord
+from .records import ContextValue, CueRecord, DecisionRecord, EngagementRecord, SessionRecord, SignalRecord
 from .sqlite import SCHEMA_VERSION, SqliteStore, StoreClosedError, StoreStats
 
 __all__ = [
     "SCHEMA_VERSION",
     "ContextValue",
     "CueRecord",
+    "DecisionRecord",
     "EngagementRecord",
     "SessionRecord",
     "SignalRecord",

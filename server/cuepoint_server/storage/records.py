@@ -71,3 +71,19 @@ class EngagementRecord:
     disposition: str
     notes: str
     context: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """A qualifying scenario's arbitration outcome: offered, or blocked and why."""
+
+    time: float
+    app_id: str
+    device_id: str
+    subject: str
+    session_id: str
+    scenario_id: str
+    outcome: str  # "offered" | "blocked"
+    reason: str  # "" when offered; priority | cooldown | cap | declined | schedule | no_capacity | ...
+    detail: str
+    cue_id: str  # the cue when offered, else ""

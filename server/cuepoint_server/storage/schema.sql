@@ -67,3 +67,20 @@ CREATE TABLE IF NOT EXISTS engagements (
 );
 CREATE INDEX IF NOT EXISTS engagements_device_created ON engagements (device_id, created_at);
 CREATE INDEX IF NOT EXISTS engagements_cue ON engagements (cue_id);
+
+-- Every arbitration outcome for a scenario that qualified: offered, or blocked
+-- with a reason. Answers "why did this device not get a cue?" and feeds funnels.
+CREATE TABLE IF NOT EXISTS decisions (
+    time        REAL NOT NULL,
+    app_id      TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    subject     TEXT NOT NULL,
+    session_id  TEXT NOT NULL,
+    scenario_id TEXT NOT NULL,
+    outcome     TEXT NOT NULL CHECK (outcome IN ('offered', 'blocked')),
+    reason      TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    cue_id      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_device_time ON decisions (device_id, time);
+CREATE INDEX IF NOT EXISTS decisions_scenario_time ON decisions (scenario_id, time);

@@ -23,7 +23,7 @@ from typing import Any, Self
 
 import aiosqlite
 
-from .records import CueRecord, EngagementRecord, SessionRecord, SignalRecord
+from .records import CueRecord, DecisionRecord, EngagementRecord, SessionRecord, SignalRecord
 
 SCHEMA_VERSION = 1
 _BUSY_TIMEOUT_MS = 5000
@@ -122,6 +122,25 @@ def _signal_row(r: SignalRecord) -> Row:
 
 def _signal_from(row: sqlite3.Row) -> SignalRecord:
     return SignalRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]))
+
+
+_DECISION_COLS = (
+    "time",
+    "app_id",
+    "device_id",
+    "subject",
+    "session_id",
+    "scenario_id",
+    "outcome",
+    "reason",
+    "detail",
+    "cue_id",
+)
+_INSERT_DECISION = f"INSERT INTO decisions ({', '.join(_DECISION_COLS)}) VALUES ({', '.join('?' * len(_DECISION_COLS))})"
+
+
+def _decision_row(r: DecisionRecord) -> Row:
+    return tuple(getattr(r, c) for c in _DECISION_COLS)
 
 
 def _cue_row(r: CueRecord) -> Row:
@@ -480,6 +499,9 @@ class SqliteStore:
     async def save_engagement(self, rec: EngagementRecord) -> None:
         await self._writer.execute(_UPSERT_ENGAGEMENT, _engagement_row(rec))
 
+    async def save_decision(self, rec: DecisionRecord) -> None:
+        await self._writer.execute(_INSERT_DECISION, _decision_row(rec))
+
     # Reads bypass the write queue. They run in autocommit mode, so each sees everything committed so far,
     # which includes every write whose coroutine has returned.
 
@@ -531,6 +553,17 @@ class SqliteStore:
             where, params = where + " AND created_at >= ?", [*params, since]
         sql = f"{_select('cues', _CUE_COLS)} WHERE {where} ORDER BY created_at, rowid"
         return [_cue_from(r) for r in await self._fetch(sql, tuple(params))]
+
+    async def decisions_for_device(
+        self, device_id: str, *, limit: int = 100, since: float | None = None
+    ) -> list[DecisionRecord]:
+        """The device's most recent arbitration decisions, oldest first."""
+        where, params = "device_id = ?", list[object]([device_id])
+        if since is not None:
+            where, params = where + " AND time >= ?", [*params, since]
+        sql = f"{_select('decisions', _DECISION_COLS)} WHERE {where} ORDER BY time DESC, rowid DESC LIMIT ?"
+        rows = await self._fetch(sql, (*params, limit))
+        return [DecisionRecord(*r) for r in reversed(rows)]
 
     async def get_engagement(self, engagement_id: str) -> EngagementRecord | None:
         sql = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE engagement_id = ?"
