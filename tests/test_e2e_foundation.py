@@ -68,9 +68,7 @@ async def test_fitkit_flow_with_shipped_scenarios(start_server: StartServer) -> 
     assert [journey[i].name for i in failures] == ["sync_failed"] * 3
     assert ctx.trigger is not None and ctx.trigger.scenario_id == "fitkit-sync-failure"
     assert sorted(ctx.trigger.signal_ids) == sorted(failures)
-    assert any(
-        "count(sync_failed) >= 3 within 10m (observed 3)" in c.description for c in ctx.trigger.conditions
-    )
+    assert any("count(sync_failed) >= 3 within 10m (observed 3)" in c.description for c in ctx.trigger.conditions)
     assert "iPhone15,2" in assigned.describe()
 
     await associate.end(assigned, disposition="resolved", notes="token refreshed")
@@ -101,9 +99,7 @@ async def test_non_premium_user_does_not_fire(start_server: StartServer) -> None
     await client.close()
 
 
-async def test_failures_spread_over_eleven_minutes_do_not_fire(
-    start_server: StartServer, clock: ManualClock
-) -> None:
+async def test_failures_spread_over_eleven_minutes_do_not_fire(start_server: StartServer, clock: ManualClock) -> None:
     server = await start_server(SYNC_FAILURE)
     client = await phone(server)
     for i in range(3):  # at 0, 5.5 and 11 minutes
@@ -279,14 +275,10 @@ async def test_invalid_signal_gets_invalid_argument_and_others_keep_working(
         (device_pb2.Hello(app_id="Fit Kit", device_id="d"), "hello.app_id"),
     ],
 )
-async def test_invalid_hello_is_rejected(
-    start_server: StartServer, hello: device_pb2.Hello, field: str
-) -> None:
+async def test_invalid_hello_is_rejected(start_server: StartServer, hello: device_pb2.Hello, field: str) -> None:
     server = await start_server(SYNC_FAILURE)
     async with grpc.aio.insecure_channel(server.address) as channel:
-        call = device_pb2_grpc.DeviceServiceStub(channel).Connect(
-            iter([device_pb2.DeviceMessage(hello=hello)])
-        )
+        call = device_pb2_grpc.DeviceServiceStub(channel).Connect(iter([device_pb2.DeviceMessage(hello=hello)]))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call.read()
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -352,9 +344,7 @@ def test_validate_command_reports_every_problem(tmp_path: pytest.TempPathFactory
     folder = tmp_path / "bad"  # type: ignore[operator]
     folder.mkdir()
     (folder / "a.yaml").write_text(SYNC_FAILURE.replace("channel: audio", "channel: fax"))
-    (folder / "b.yaml").write_text(
-        SYNC_FAILURE.replace("id: sync-failure", "id: other").replace("10m", "10 min")
-    )
+    (folder / "b.yaml").write_text(SYNC_FAILURE.replace("id: sync-failure", "id: other").replace("10m", "10 min"))
     done = subprocess.run(
         [sys.executable, "-m", "cuepoint_server.cli", "validate", str(folder)], capture_output=True, text=True
     )
@@ -391,9 +381,6 @@ def test_demo_runs_end_to_end() -> None:
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr
-    assert (
-        'CUE from scenario fitkit-sync-failure: "Unable to sync? I can help you." (channel audio'
-        in done.stdout
-    )
+    assert 'CUE from scenario fitkit-sync-failure: "Unable to sync? I can help you." (channel audio' in done.stdout
     assert "Device:  fitkit-iphone-7f3a - iPhone15,2, iOS 17.4, app fitkit 4.2.0" in done.stdout
     assert "Demo complete." in done.stdout

@@ -71,9 +71,7 @@ def test_empty_group_is_rejected_not_matched() -> None:
     assert any(
         "trigger.all" in i and "at least 1 item" in i
         for i in issues(
-            BASE.replace(
-                "trigger:\n  event: sync_failed\n  count: {at_least: 3, within: 10m}", "trigger:\n  all: []"
-            )
+            BASE.replace("trigger:\n  event: sync_failed\n  count: {at_least: 3, within: 10m}", "trigger:\n  all: []")
         )
     )
 
@@ -162,9 +160,7 @@ def test_count_window_and_target() -> None:
     engine = Engine(scenarios)
     state = _state({"user.tier": "premium"})
     for i, t in enumerate((0.0, 330.0, 660.0)):  # spread over 11 minutes
-        state.record_event(
-            "sync_failed", EventOccurrence(t, f"s{i}", {}), scenarios.keep_seconds("sync_failed")
-        )
+        state.record_event("sync_failed", EventOccurrence(t, f"s{i}", {}), scenarios.keep_seconds("sync_failed"))
     assert engine.qualified(state, {"sync_failed"}, 660.0) == []
     state.record_event("sync_failed", EventOccurrence(661.0, "s3", {}), 600.0)
     assert [s.id for s in engine.qualified(state, {"sync_failed"}, 661.0)] == ["s1"]
@@ -220,12 +216,9 @@ def test_attribute_operators(cond: str, context: dict[str, object], expected: bo
 
 def test_evaluation_is_indexed_by_event() -> None:
     unrelated = "\n".join(
-        f"- id: other-{i}\n  trigger: {{event: other_{i}}}\n  cue: {{message: hi, channel: chat}}"
-        for i in range(500)
+        f"- id: other-{i}\n  trigger: {{event: other_{i}}}\n  cue: {{message: hi, channel: chat}}" for i in range(500)
     )
-    scenarios = _set(
-        unrelated + "\n- id: mine\n  trigger: {event: mine}\n  cue: {message: hi, channel: chat}\n"
-    )
+    scenarios = _set(unrelated + "\n- id: mine\n  trigger: {event: mine}\n  cue: {message: hi, channel: chat}\n")
     engine = Engine(scenarios)
     state = _state({})
     state.record_event("mine", EventOccurrence(1.0, "x", {}), 0.0)

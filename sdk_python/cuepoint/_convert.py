@@ -146,9 +146,7 @@ def value_from_proto(value: common_pb2.AttributeValue) -> Scalar | None:
     return result
 
 
-def fill_attributes(
-    target: MutableMapping[str, common_pb2.AttributeValue], attributes: Mapping[str, Scalar]
-) -> None:
+def fill_attributes(target: MutableMapping[str, common_pb2.AttributeValue], attributes: Mapping[str, Scalar]) -> None:
     for key, value in attributes.items():
         target[key].CopyFrom(value_to_proto(value))
 
@@ -288,9 +286,7 @@ def flatten_context_update(update: common_pb2.ContextUpdate) -> dict[str, Scalar
     return out
 
 
-def unflatten_context_update(
-    properties: Mapping[str, Scalar], clear_keys: Iterable[str]
-) -> common_pb2.ContextUpdate:
+def unflatten_context_update(properties: Mapping[str, Scalar], clear_keys: Iterable[str]) -> common_pb2.ContextUpdate:
     """Inverse of :func:`flatten_context_update` (``user.*`` beyond id/tier are user attributes)."""
     update = common_pb2.ContextUpdate(clear_keys=list(clear_keys))
     for path, value in properties.items():
@@ -418,6 +414,8 @@ def engagement_context_from_proto(msg: common_pb2.EngagementContext) -> Engageme
         trigger=trigger_from_proto(msg.trigger) if msg.HasField("trigger") else None,
         cue=cue_from_proto(msg.cue) if msg.HasField("cue") else None,
         redacted_fields=tuple(msg.redacted_fields),
+        segments=tuple(msg.segments),
+        milestones=tuple(msg.milestones),
     )
 
 
@@ -463,9 +461,7 @@ def hello(
     return device_pb2.DeviceMessage(hello=msg)
 
 
-def signal_batch(
-    batch_id: str, sent_at: float, signals: Iterable[common_pb2.Signal]
-) -> device_pb2.DeviceMessage:
+def signal_batch(batch_id: str, sent_at: float, signals: Iterable[common_pb2.Signal]) -> device_pb2.DeviceMessage:
     batch = device_pb2.SignalBatch(batch_id=batch_id, sent_at=timestamp(sent_at), signals=list(signals))
     return device_pb2.DeviceMessage(signals=batch)
 

@@ -135,12 +135,7 @@ def user(value: User | None, where: str = "user") -> User | None:
 def identity(app_id: object, device_id: object) -> None:
     if not isinstance(app_id, str) or not APP_ID.fullmatch(app_id):
         raise InvalidSignal(f"app_id {app_id!r} must match {APP_ID.pattern}", field="hello.app_id")
-    if (
-        not isinstance(device_id, str)
-        or not device_id
-        or len(device_id) > MAX_DEVICE_ID
-        or not device_id.isprintable()
-    ):
+    if not isinstance(device_id, str) or not device_id or len(device_id) > MAX_DEVICE_ID or not device_id.isprintable():
         raise InvalidSignal(
             f"device_id must be 1-{MAX_DEVICE_ID} printable characters",
             field="hello.device_id",

@@ -240,9 +240,7 @@ class Client:
         self._reader: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
 
-        self._batcher: SignalBatcher[common_pb2.Signal] = SignalBatcher(
-            self._config.max_batch, self._config.linger
-        )
+        self._batcher: SignalBatcher[common_pb2.Signal] = SignalBatcher(self._config.max_batch, self._config.linger)
         self._wake_sender = asyncio.Event()
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
 

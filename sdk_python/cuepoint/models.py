@@ -224,6 +224,10 @@ class EngagementContext:
     trigger: Trigger | None = None
     cue: Cue | None = None
     redacted_fields: tuple[str, ...] = ()
+    segments: tuple[str, ...] = ()
+    """Named segments the device is in."""
+    milestones: tuple[str, ...] = ()
+    """Milestones the device reached this session."""
 
 
 @dataclass(frozen=True)
@@ -305,6 +309,8 @@ def _describe_lines(eng: AssignedEngagement) -> list[str]:
         lines.append(f"Why:     scenario {t.scenario_name or t.scenario_id!r} ({where})")
         lines += [f"         - {c.path}: {c.description}" for c in t.conditions]
         trigger_ids = set(t.signal_ids)
+    if ctx.segments or ctx.milestones:
+        lines.append(f"Segments: {', '.join(ctx.segments) or '-'}; milestones: {', '.join(ctx.milestones) or '-'}")
 
     lines.append(f"Journey: {len(ctx.journey)} signal(s), oldest first; > marks those that fired the cue")
     whens = []

@@ -7,16 +7,25 @@ from pathlib import Path
 
 import grpc
 import structlog
-from cuepoint.v1 import associate_pb2, associate_pb2_grpc, device_pb2, device_pb2_grpc
+from cuepoint.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    associate_pb2,
+    associate_pb2_grpc,
+    device_pb2,
+    device_pb2_grpc,
+)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .api.admin import AdminServicer
 from .api.associate import AssociateServicer
 from .api.device import DeviceServicer
 from .clock import Clock, SystemClock
 from .core.service import Core, CoreConfig
 from .engine.engine import Engine
 from .engine.scenario_set import ScenarioSet
+from .scenarios.reloader import ScenarioReloader
 from .storage import SqliteStore
 
 __all__ = ["CuepointServer", "ServerConfig"]
@@ -26,6 +35,7 @@ log = structlog.get_logger("cuepoint.server")
 SERVICES = (
     device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
     associate_pb2.DESCRIPTOR.services_by_name["AssociateService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 
 
@@ -40,18 +50,20 @@ class ServerConfig:
     # Seconds in-flight streams get to finish on shutdown.
     grace: float = 5.0
     core: CoreConfig = field(default_factory=CoreConfig)
+    # Watch the scenarios folder and apply edits live (scenarios/reloader.py).
+    watch_scenarios: bool = True
 
 
 class CuepointServer:
-    def __init__(
-        self, config: ServerConfig, store: SqliteStore, core: Core, server: grpc.aio.Server, port: int
-    ):
+    def __init__(self, config: ServerConfig, store: SqliteStore, core: Core, server: grpc.aio.Server, port: int):
         self.config = config
         self.store = store
         self.core = core
         self.port = port
         self._server = server
         self._health: health.aio.HealthServicer | None = None
+        # Set when the server serves a scenarios folder; reload_now() works even unwatched.
+        self.reloader: ScenarioReloader | None = None
 
     @property
     def address(self) -> str:
@@ -73,6 +85,8 @@ class CuepointServer:
         server = grpc.aio.server(options=options)
         device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(core), server)
         associate_pb2_grpc.add_AssociateServiceServicer_to_server(AssociateServicer(core), server)
+        admin = AdminServicer(core)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -84,11 +98,24 @@ class CuepointServer:
         for name in ("", *SERVICES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self = cls(config, store, core, server, port)
+        admin.status = self._scenario_status
         self._health = health_servicer
+        if config.scenarios:
+            self.reloader = ScenarioReloader(core.engine, config.scenarios, clock=core.clock)
+            self.reloader.swap_listeners.append(core.scenarios_swapped)
+            await self.reloader.start(watch=config.watch_scenarios)
         log.info("server.started", address=self.address, scenarios=len(scenarios.scenarios), db=config.db)
         return self
 
+    def _scenario_status(self) -> tuple[int, str]:
+        if self.reloader is None:
+            return 1, ""
+        error = self.reloader.last_error
+        return self.reloader.version.number, str(error) if error else ""
+
     async def stop(self, grace: float | None = None) -> None:
+        if self.reloader is not None:
+            await self.reloader.stop()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         await self._server.stop(self.config.grace if grace is None else grace)

@@ -1,4 +1,4 @@
-"""`cuepoint` command line: serve, validate, schema, demo."""
+"""`cuepoint` command line: serve, validate, schema, simulate, demo."""
 
 from __future__ import annotations
 
@@ -19,17 +19,31 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, json=args.log_json)
 
     async def run() -> int:
-        config = ServerConfig(host=args.host, port=args.port, db=args.db, scenarios=args.scenarios)
+        config = ServerConfig(
+            host=args.host, port=args.port, db=args.db, scenarios=args.scenarios, watch_scenarios=args.watch
+        )
         try:
             server = await CuepointServer.start(config)
         except ScenarioError as exc:
             print(f"cannot start: scenario files have {len(exc.issues)} problem(s):\n{exc}", file=sys.stderr)
             return 2
-        print(f"cuepoint listening on {server.address}", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP reloads the scenario files now (also without --watch); the
+        # reloader logs the outcome, and a broken folder keeps the old set.
+        reloads: set[asyncio.Task[object]] = set()
+
+        def reload_on_hup() -> None:
+            if server.reloader is not None:
+                task = loop.create_task(server.reloader.reload_now(reason="SIGHUP"))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
+        # Announced once the signal handlers are in place, so a supervisor may signal at once.
+        print(f"cuepoint listening on {server.address}", file=sys.stderr, flush=True)
         await stop.wait()
         await server.stop()
         return 0
@@ -46,7 +60,7 @@ def _validate(args: argparse.Namespace) -> int:
         path = Path(target)
         try:
             loaded = load_directory(path) if path.is_dir() else load_file(path)
-            total += len(loaded)
+            total += len(loaded.scenarios)
         except ScenarioError as exc:
             problems += len(exc.issues)
             for issue in exc.issues:
@@ -69,6 +83,48 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import difflib
+
+    from .logs import configure_logging
+    from .scenarios.loader import ScenarioError
+    from .simulate import TraceError, render_json, render_text, simulate_files
+
+    # The timeline is the output; the core's own logs stay out of it.
+    configure_logging("warning", json=False)
+    render = render_json if args.json else render_text
+    try:
+        outcomes = simulate_files(args.scenarios, args.trace)
+    except ScenarioError as exc:
+        print(f"scenario files have {len(exc.issues)} problem(s):\n{exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"cannot read trace: {exc}", file=sys.stderr)
+        return 2
+    except TraceError as exc:
+        sys.stdout.write(render(exc.outcomes) if exc.outcomes else "")
+        print(f"invalid trace:\n{exc}", file=sys.stderr)
+        return 2
+    output = render(outcomes)
+    if args.expect is None:
+        sys.stdout.write(output)
+        return 0
+    try:
+        expected = Path(args.expect).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"cannot read expected output: {exc}", file=sys.stderr)
+        return 2
+    if expected == output:
+        print(f"ok: {args.trace} matches {args.expect}")
+        return 0
+    diff = difflib.unified_diff(
+        expected.splitlines(keepends=True), output.splitlines(keepends=True), args.expect, "simulated"
+    )
+    sys.stdout.writelines(diff)
+    print(f"{args.trace}: output differs from {args.expect}", file=sys.stderr)
+    return 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -86,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
+    serve.add_argument(
+        "--watch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="apply scenario file edits live (default: on); SIGHUP reloads either way",
+    )
     serve.set_defaults(func=_serve)
 
     validate = sub.add_parser("validate", help="check scenario files; prints file:line: field: problem")
@@ -95,6 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     schema = sub.add_parser("schema", help="print the JSON Schema of scenario files")
     schema.add_argument("--output", "-o")
     schema.set_defaults(func=_schema)
+
+    simulate = sub.add_parser(
+        "simulate", help="replay a signal trace (JSON lines) and print which cues would fire, and why not"
+    )
+    simulate.add_argument("scenarios", help="folder of scenario files")
+    simulate.add_argument("trace", help="trace file: one JSON object per line (see README)")
+    simulate.add_argument("--json", action="store_true", help="one JSON object per outcome")
+    simulate.add_argument(
+        "--expect", metavar="FILE", help="compare with an expected output; exit 1 with a diff when different"
+    )
+    simulate.set_defaults(func=_simulate)
 
     demo = sub.add_parser("demo", help="end-to-end demo: server, simulated phone and associate")
     demo.add_argument("--scenarios", default="scenarios")

@@ -65,8 +65,7 @@ async def _story(server: CuepointServer) -> int:
     )
     _say(
         "phone",
-        f"FitKit 4.2.0 on iPhone15,2 / iOS 17.4 connected (session {(phone.session_id or '')[:8]}), "
-        "premium user",
+        f"FitKit 4.2.0 on iPhone15,2 / iOS 17.4 connected (session {(phone.session_id or '')[:8]}), premium user",
     )
 
     await phone.track("screen_viewed", screen="dashboard")
@@ -98,9 +97,7 @@ async def _story(server: CuepointServer) -> int:
     for line in assigned.describe().splitlines():
         print(f"{'':12}{line}")
 
-    await associate.end(
-        assigned, disposition="resolved", notes="Cleared a stale auth token; sync works again."
-    )
+    await associate.end(assigned, disposition="resolved", notes="Cleared a stale auth token; sync works again.")
     ended = await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=5)
     _say("associate", 'wrapped up: disposition "resolved"')
     _say("phone", f"engagement {ended.engagement_id[:8]} ended")

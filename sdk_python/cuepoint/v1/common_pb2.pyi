@@ -608,6 +608,8 @@ class EngagementContext(_message.Message):
     TRIGGER_FIELD_NUMBER: _builtins.int
     CUE_FIELD_NUMBER: _builtins.int
     REDACTED_FIELDS_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    MILESTONES_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     device_id: _builtins.str
     user_id: _builtins.str
@@ -631,6 +633,12 @@ class EngagementContext(_message.Message):
     def redacted_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Field paths withheld for lack of consent, so the associate knows why."""
 
+    @_builtins.property
+    def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Named segments the device is in, and milestones reached this session."""
+
+    @_builtins.property
+    def milestones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -644,10 +652,12 @@ class EngagementContext(_message.Message):
         trigger: Global___TriggerExplanation | None = ...,
         cue: Global___Cue | None = ...,
         redacted_fields: _abc.Iterable[_builtins.str] | None = ...,
+        segments: _abc.Iterable[_builtins.str] | None = ...,
+        milestones: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "cue", b"cue", "trigger", b"trigger", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "cue", b"cue", "device_id", b"device_id", "journey", b"journey", "redacted_fields", b"redacted_fields", "trigger", b"trigger", "user", b"user", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "cue", b"cue", "device_id", b"device_id", "journey", b"journey", "milestones", b"milestones", "redacted_fields", b"redacted_fields", "segments", b"segments", "trigger", b"trigger", "user", b"user", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

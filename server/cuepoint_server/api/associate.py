@@ -56,20 +56,14 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
                         return
                     await context.abort(code, item.reason)
                 if isinstance(item, EngagementView):
-                    await context.write(
-                        associate_pb2.AssociateEvent(assigned=convert.engagement_to_proto(item))
-                    )
+                    await context.write(associate_pb2.AssociateEvent(assigned=convert.engagement_to_proto(item)))
                 elif isinstance(item, EngagementEnded):
-                    await context.write(
-                        associate_pb2.AssociateEvent(ended=convert.engagement_ended_to_proto(item))
-                    )
+                    await context.write(associate_pb2.AssociateEvent(ended=convert.engagement_ended_to_proto(item)))
         finally:
             reader.cancel()
             self.core.sign_out(associate)
 
-    async def _read(
-        self, requests: AsyncIterator[associate_pb2.AssociateMessage], associate: AssociateSession
-    ) -> None:
+    async def _read(self, requests: AsyncIterator[associate_pb2.AssociateMessage], associate: AssociateSession) -> None:
         try:
             async for message in requests:
                 if message.WhichOneof("kind") == "end":

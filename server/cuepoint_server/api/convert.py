@@ -33,6 +33,7 @@ __all__ = [
     "engagement_update_to_proto",
     "hello_from_proto",
     "sign_in_from_proto",
+    "timestamp",
     "withdrawal_to_proto",
 ]
 
@@ -72,7 +73,7 @@ CONTEXT_FIELDS = {
 LOCATION_FIELDS = {"country": "location.country", "region": "location.region", "city": "location.city"}
 
 
-def _ts(seconds: float) -> Timestamp:
+def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
@@ -104,9 +105,7 @@ def _to_value(value: Scalar) -> common_pb2.AttributeValue:
     return common_pb2.AttributeValue(string_value=str(value))
 
 
-def flatten_context(
-    field: str, ctx: common_pb2.Context, user: common_pb2.UserIdentity | None
-) -> dict[str, Scalar]:
+def flatten_context(field: str, ctx: common_pb2.Context, user: common_pb2.UserIdentity | None) -> dict[str, Scalar]:
     """Proto context to flat keys; empty strings mean "not given"."""
     out: dict[str, Scalar] = {}
     for name, key in CONTEXT_FIELDS.items():
@@ -175,17 +174,11 @@ def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
             )
         elif kind == "context":
             update = s.context
-            flat = flatten_context(
-                f"{field}.context", update.context, update.user if update.HasField("user") else None
-            )
-            signals.append(
-                IncomingSignal(s.id, time, "context", context_set=flat, clear_keys=tuple(update.clear_keys))
-            )
+            flat = flatten_context(f"{field}.context", update.context, update.user if update.HasField("user") else None)
+            signals.append(IncomingSignal(s.id, time, "context", context_set=flat, clear_keys=tuple(update.clear_keys)))
         else:
             signals.append(IncomingSignal(s.id, time, ""))
-    return IncomingBatch(
-        msg.batch_id, _seconds(msg.sent_at) if msg.HasField("sent_at") else None, tuple(signals)
-    )
+    return IncomingBatch(msg.batch_id, _seconds(msg.sent_at) if msg.HasField("sent_at") else None, tuple(signals))
 
 
 def response_from_proto(msg: device_pb2.CueResponse) -> tuple[str, str]:
@@ -204,16 +197,14 @@ def cue_to_proto(cue: CueOffer) -> common_pb2.Cue:
         message=cue.message,
         channel=CHANNELS[cue.channel],
         allowed_upgrades=[CHANNELS[c] for c in cue.upgrades],
-        created_at=_ts(cue.created_at),
-        expires_at=_ts(cue.expires_at),
+        created_at=timestamp(cue.created_at),
+        expires_at=timestamp(cue.expires_at),
         title=cue.title,
     )
 
 
 def ack_to_proto(ack: Ack) -> device_pb2.SignalAck:
-    return device_pb2.SignalAck(
-        batch_id=ack.batch_id, signal_ids=ack.signal_ids, duplicate_ids=ack.duplicate_ids
-    )
+    return device_pb2.SignalAck(batch_id=ack.batch_id, signal_ids=ack.signal_ids, duplicate_ids=ack.duplicate_ids)
 
 
 def withdrawal_to_proto(w: Withdrawal) -> device_pb2.CueWithdrawal:
@@ -228,7 +219,7 @@ def engagement_update_to_proto(u: EngagementUpdate) -> device_pb2.EngagementUpda
         channel=CHANNELS[u.channel],
         queue=u.queue,
         associate_name=u.associate_name,
-        time=_ts(u.time),
+        time=timestamp(u.time),
     )
 
 
@@ -242,18 +233,14 @@ def sign_in_from_proto(msg: associate_pb2.SignIn) -> AssociateSignIn:
 
 
 def _journey_entry(item: JourneyItem) -> common_pb2.JourneyEntry:
-    entry = common_pb2.JourneyEntry(signal_id=item.signal_id, time=_ts(item.time))
+    entry = common_pb2.JourneyEntry(signal_id=item.signal_id, time=timestamp(item.time))
     if item.kind == "event":
         entry.event.name = item.name
         for key, value in item.payload.items():
             entry.event.properties[key].CopyFrom(_to_value(value))
     else:
         entry.context.context.CopyFrom(context_to_proto(item.payload.get("set", {})))
-        user = {
-            k.removeprefix("user."): v
-            for k, v in item.payload.get("set", {}).items()
-            if k.startswith("user.")
-        }
+        user = {k.removeprefix("user."): v for k, v in item.payload.get("set", {}).items() if k.startswith("user.")}
         _fill_user(entry.context.user, user)
         entry.context.clear_keys.extend(item.payload.get("clear", []))
     return entry
@@ -280,7 +267,7 @@ def engagement_to_proto(view: EngagementView) -> common_pb2.Engagement:
         queue=view.queue,
         state=STATES[view.state],
         channel=CHANNELS[view.channel],
-        created_at=_ts(view.created_at),
+        created_at=timestamp(view.created_at),
         associate_id=view.associate_id,
         associate_name=view.associate_name,
         context=common_pb2.EngagementContext(
@@ -304,6 +291,8 @@ def engagement_to_proto(view: EngagementView) -> common_pb2.Engagement:
             ),
             cue=cue_to_proto(ctx.cue),
             redacted_fields=ctx.redacted_fields,
+            segments=trigger.get("segments", []),
+            milestones=trigger.get("milestones", []),
         ),
     )
 

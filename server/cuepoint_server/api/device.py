@@ -80,9 +80,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     await self.core.respond(session, cue_id, response)
                 else:
                     await outbox.put(
-                        _StreamEnd(
-                            grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello"
-                        )
+                        _StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello")
                     )
                     return
         except CoreError as exc:

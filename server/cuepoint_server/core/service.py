@@ -19,6 +19,7 @@ import structlog
 from ..clock import Clock, TimerHandle
 from ..engine.arbiter import Arbiter, Blocked, Situation
 from ..engine.engine import Engine
+from ..engine.scenario_set import ScenarioSet
 from ..engine.state import DeviceState, EventOccurrence
 from ..scenarios.compiler import CompiledScenario, milestone_event
 from ..storage import CueRecord, DecisionRecord, EngagementRecord, SessionRecord, SignalRecord, SqliteStore
@@ -54,6 +55,14 @@ class CoreConfig:
     # Signals shown to the associate in the journey timeline.
     journey_limit: int = 50
     max_signals_per_batch: int = Limits.max_signals_per_batch
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    device_id: str
+    connected: bool
+    segments: list[str]
+    milestones: list[str]
 
 
 @dataclass(slots=True)
@@ -117,9 +126,7 @@ class _Registry:
 
 
 class Core:
-    def __init__(
-        self, store: SqliteStore, engine: Engine, clock: Clock, config: CoreConfig | None = None
-    ) -> None:
+    def __init__(self, store: SqliteStore, engine: Engine, clock: Clock, config: CoreConfig | None = None) -> None:
         self.store = store
         self.engine = engine
         self.clock = clock
@@ -194,7 +201,9 @@ class Core:
         for cue in await self.store.cues_for_subject(subject):
             self.arbiter.remember_offer(subject, cue.scenario_id, cue.created_at, cue.session_id)
             if cue.status == "declined":
-                self.arbiter.remember_decline(subject, cue.scenario_id, cue.responded_at or cue.created_at, cue.session_id)
+                self.arbiter.remember_decline(
+                    subject, cue.scenario_id, cue.responded_at or cue.created_at, cue.session_id
+                )
             elif cue.status == "accepted":
                 self.arbiter.remember_engagement(subject, cue.session_id)
 
@@ -202,9 +211,9 @@ class Core:
         session.closed = True
         if self._reg.sessions.get(session.device_id) is session:
             del self._reg.sessions[session.device_id]
-            timer = self._timers.pop(session.device_id, None)
-            if timer is not None:
-                timer.cancel()
+            armed = self._timers.pop(session.device_id, None)
+            if armed is not None:
+                armed[1].cancel()
         if session.writes:
             await asyncio.gather(*session.writes, return_exceptions=True)
         await self.store.end_session(session.session_id, self.clock.now())
@@ -233,7 +242,7 @@ class Core:
             if signal.kind == "event":
                 state.record_event(
                     signal.name,
-                    EventOccurrence(at, signal.id, signal.props),
+                    EventOccurrence(at, signal.id, signal.props, state.next_seq()),
                     scenarios.keep_seconds(signal.name),
                 )
                 events.add(signal.name)
@@ -383,7 +392,14 @@ class Core:
         return offer
 
     def _decided(
-        self, session: DeviceSession, now: float, scenario_id: str, outcome: str, reason: str, detail: str, cue_id: str
+        self,
+        session: DeviceSession,
+        now: float,
+        scenario_id: str,
+        outcome: str,
+        reason: str,
+        detail: str,
+        cue_id: str,
     ) -> None:
         record = DecisionRecord(
             time=now,
@@ -431,6 +447,19 @@ class Core:
         if session is not None:
             session.send(Withdrawal(cue_id, reason))
         log.info("cue.withdrawn", device_id=device_id, cue_id=cue_id, reason=reason)
+
+    def scenarios_swapped(self, old: ScenarioSet, new: ScenarioSet) -> None:
+        """After a reload: settle cues whose scenario is gone and re-arm every timer."""
+        now = self.clock.now()
+        for device_id, pending in list(self._reg.pending.items()):
+            scenario = new.by_id.get(pending.scenario_id)
+            if scenario is None or not scenario.enabled:
+                self._withdraw(device_id, "scenario_removed")
+        for device_id, (_, handle) in list(self._timers.items()):
+            handle.cancel()
+            del self._timers[device_id]
+        for device_id in self._reg.sessions:
+            self._schedule_timer(device_id, now)
 
     # -- timers -------------------------------------------------------------
 
@@ -559,9 +588,7 @@ class Core:
         self._spawn(self.store.save_engagement(engagement.record()))
         associate.send(engagement.view())
         self._notify_device(engagement)
-        log.info(
-            "engagement.assigned", engagement_id=engagement.engagement_id, associate_id=associate.associate_id
-        )
+        log.info("engagement.assigned", engagement_id=engagement.engagement_id, associate_id=associate.associate_id)
 
     def _notify_device(self, engagement: _Engagement) -> None:
         session = self._reg.sessions.get(engagement.device_id)
@@ -674,6 +701,18 @@ class Core:
             pending |= session.writes
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def device_view(self, device_id: str) -> DeviceView:
+        state = self._reg.states.get(device_id)
+        if state is None:
+            return DeviceView(device_id, False, [], [])
+        now = self.clock.now()
+        return DeviceView(
+            device_id,
+            device_id in self._reg.sessions,
+            self.engine.segments_of(state, now),
+            sorted(state.milestones),
+        )
 
     def stats(self) -> dict[str, int]:
         return {

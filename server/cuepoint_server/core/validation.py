@@ -60,9 +60,7 @@ def validate_hello(hello: Hello) -> None:
     if not APP_ID.match(hello.app_id):
         raise InvalidInput("hello.app_id", "required; lowercase letters, digits, _ . - (at most 64)")
     if not hello.device_id or len(hello.device_id) > Limits.max_device_id or not _printable(hello.device_id):
-        raise InvalidInput(
-            "hello.device_id", f"required; printable, at most {Limits.max_device_id} characters"
-        )
+        raise InvalidInput("hello.device_id", f"required; printable, at most {Limits.max_device_id} characters")
     if hello.consent not in CONSENT_LEVELS:
         raise InvalidInput("hello.consent.level", f"unknown consent level {hello.consent!r}")
     for key, value in hello.context.items():
@@ -71,9 +69,7 @@ def validate_hello(hello: Hello) -> None:
 
 def validate_batch(batch: IncomingBatch, now: float) -> None:
     if len(batch.signals) > Limits.max_signals_per_batch:
-        raise InvalidInput(
-            "signals", f"batch of {len(batch.signals)} exceeds {Limits.max_signals_per_batch} signals"
-        )
+        raise InvalidInput("signals", f"batch of {len(batch.signals)} exceeds {Limits.max_signals_per_batch} signals")
     if batch.sent_at is not None and not math.isfinite(batch.sent_at):
         raise InvalidInput("signals.sent_at", "invalid timestamp")
     seen: set[str] = set()

@@ -65,4 +65,3 @@ class Engine:
 
     def segments_of(self, state: DeviceState, now: float) -> list[str]:
         return [s.id for s in self.scenarios.segments if s.predicate(state, now)]
-

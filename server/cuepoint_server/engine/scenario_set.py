@@ -63,11 +63,10 @@ class ScenarioSet:
         by_id = {s.id: s for s in compiled}
         by_event = {event: tuple(by_id[i] for i in ids) for event, ids in _index(enabled).items()}
         milestone_ids = {m.id: m for m in milestones}
-        milestones_by_event = {
-            event: tuple(milestone_ids[i] for i in ids) for event, ids in _index(milestones).items()
-        }
+        milestones_by_event = {event: tuple(milestone_ids[i] for i in ids) for event, ids in _index(milestones).items()}
         retention: dict[str, float] = {}
-        for item in (*compiled, *milestones, *segments):
+        items: list[CompiledScenario | CompiledDefinition] = [*compiled, *milestones, *segments]
+        for item in items:
             for name, seconds in item.retention.items():
                 retention[name] = max(retention.get(name, 0.0), seconds)
         return cls(

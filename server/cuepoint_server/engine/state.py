@@ -22,6 +22,10 @@ class EventOccurrence:
     time: float
     signal_id: str
     props: Mapping[str, Scalar]
+    # Arrival order on this device. "In a row" and "followed by" use it:
+    # skew-corrected times of different batches can tie or cross by
+    # microseconds, the order the device sent them in cannot.
+    seq: int = 0
 
 
 @dataclass(slots=True)
@@ -31,6 +35,7 @@ class DeviceState:
     context: dict[str, Scalar] = field(default_factory=dict)
     history: dict[str, deque[EventOccurrence]] = field(default_factory=dict)
     last_signal_at: float = 0.0
+    seq: int = 0
     # Milestones reached in the current session, with when.
     milestones: dict[str, float] = field(default_factory=dict)
     # Per time-driven scenario, the episode (idle period, absent follow-up,
@@ -54,6 +59,10 @@ class DeviceState:
     def forget(self, signal_id: str) -> None:
         """Undo remember() for a signal that could not be stored, so a resend counts."""
         self._seen.pop(signal_id, None)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
 
     def record_event(self, name: str, occurrence: EventOccurrence, keep_seconds: float) -> None:
         queue = self.history.get(name)

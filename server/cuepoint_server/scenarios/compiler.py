@@ -163,7 +163,9 @@ class CompiledScenario:
         return out
 
 
-def compile_scenario(loaded: LoadedScenario, segments: Mapping[str, LoadedDefinition] | None = None) -> CompiledScenario:
+def compile_scenario(
+    loaded: LoadedScenario, segments: Mapping[str, LoadedDefinition] | None = None
+) -> CompiledScenario:
     spec = loaded.spec
     build = _Build(segments or {})
     trigger, explain_trigger = _compile(spec.trigger, "trigger", build)
@@ -392,12 +394,8 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
             build.keep(breaker, 0.0)
 
         def run(state: DeviceState, now: float) -> list[EventOccurrence]:
-            since = now - horizon
-            for breaker in streak.broken_by:
-                last = state.last(breaker)
-                if last is not None:
-                    since = max(since, last.time)
-            return matching(state, since)
+            after = max((b.seq for breaker in streak.broken_by if (b := state.last(breaker)) is not None), default=-1)
+            return [o for o in matching(state, now - horizon) if o.seq > after]
 
         return _leaf(
             path,
@@ -410,22 +408,28 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
         agg = cond.aggregate
         build.keep(name, agg.within)
         test = value_test(agg)
-        reduce: Callable[[list[float]], float] = {
+        reducers: dict[str, Callable[[list[float]], float]] = {
             "avg": lambda v: sum(v) / len(v),
-            "max": max,
-            "min": min,
-            "sum": sum,
-        }[agg.fn]
+            "max": lambda v: max(v),
+            "min": lambda v: min(v),
+            "sum": lambda v: float(sum(v)),
+        }
+        reduce = reducers[agg.fn]
 
         def aggregate(state: DeviceState, now: float) -> float | None:
-            values = [n for o in matching(state, now - agg.within) if (n := _number(o.props.get(agg.property))) is not None]
+            values = [
+                n for o in matching(state, now - agg.within) if (n := _number(o.props.get(agg.property))) is not None
+            ]
             return reduce(values) if values else None
 
         return _leaf(
             path,
             text,
             lambda s, n: (value := aggregate(s, n)) is not None and test(value),
-            lambda s, n: (f"{agg.fn} {aggregate(s, n):g}", [o.signal_id for o in matching(s, n - agg.within)]),
+            lambda s, n: (
+                f"{agg.fn} {aggregate(s, n):g}",
+                [o.signal_id for o in matching(s, n - agg.within)],
+            ),
         )
 
     if cond.not_followed_by is not None:
@@ -445,7 +449,9 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
         def followed(state: DeviceState, start: EventOccurrence) -> bool:
             end = start.time + absent.within
             return any(
-                start.time <= o.time <= end for follow in absent.event for o in state.occurrences(follow, start.time - EPSILON)
+                o.seq > start.seq and o.time <= end
+                for follow in absent.event
+                for o in state.occurrences(follow, start.time - absent.within)
             )
 
         def not_followed(state: DeviceState, now: float) -> bool:
@@ -462,7 +468,9 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
             path,
             text,
             not_followed,
-            lambda s, n: (f"{name} at -{n - a.time:.0f}s, no follow-up", [a.signal_id]) if (a := anchor(s)) else ("", []),
+            lambda s, n: (
+                (f"{name} at -{n - a.time:.0f}s, no follow-up", [a.signal_id]) if (a := anchor(s)) else ("", [])
+            ),
         )
 
     max_age = cond.within if cond.within is not None else math.inf
@@ -630,9 +638,7 @@ def _describe_event(cond: EventCondition) -> str:
         return f"count({subject}) {bound} within {format_duration(cond.count.within)}"
     if cond.rate is not None:
         r = cond.rate
-        bounds = " and ".join(
-            f"{op} {_shown(v)}" for op, v in ((">=", r.at_least), ("<=", r.at_most)) if v is not None
-        )
+        bounds = " and ".join(f"{op} {_shown(v)}" for op, v in ((">=", r.at_least), ("<=", r.at_most)) if v is not None)
         return f"rate({subject}) {bounds} per {format_duration(r.per)} over {format_duration(r.within)}"
     if cond.streak is not None:
         s = cond.streak

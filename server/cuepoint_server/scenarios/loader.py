@@ -30,13 +30,20 @@ from .template import Template, TemplateError
 from .yaml_lines import Located, YamlProblem, load_yaml
 
 __all__ = [
+    "LoadedDefinition",
     "LoadedScenario",
+    "LoadedSet",
     "ScenarioError",
     "ScenarioIssue",
     "load_directory",
     "load_file",
+    "load_text",
     "scenario_files",
+    "walk_paths",
 ]
+
+# A path into the YAML data, e.g. ("trigger", "all", 0).
+Path = tuple[str | int, ...]
 
 SUFFIXES = (".yaml", ".yml")
 
@@ -104,7 +111,12 @@ class LoadedSet:
             if self.policy_at is not None:
                 file, line = other.policy_at
                 issues.append(
-                    ScenarioIssue(file, line, "policy", f"a policy is already defined at {self.policy_at[0]}:{self.policy_at[1]}")
+                    ScenarioIssue(
+                        file,
+                        line,
+                        "policy",
+                        f"a policy is already defined at {self.policy_at[0]}:{self.policy_at[1]}",
+                    )
                 )
             else:
                 self.policy, self.policy_at = other.policy, other.policy_at
@@ -114,7 +126,9 @@ def scenario_files(directory: FsPath) -> list[FsPath]:
     return sorted(
         p
         for p in directory.rglob("*")
-        if p.suffix in SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        if p.suffix in SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
 
 
@@ -172,7 +186,12 @@ def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
         for key, value in data.items():
             if key not in SECTIONS:
                 issues.append(
-                    ScenarioIssue(name, located.line_of((key,)), str(key), "unknown section; expected " + ", ".join(SECTIONS))
+                    ScenarioIssue(
+                        name,
+                        located.line_of((key,)),
+                        str(key),
+                        "unknown section; expected " + ", ".join(SECTIONS),
+                    )
                 )
             elif key == "policy":
                 entries.append(("policy", ("policy",), value))
@@ -187,7 +206,12 @@ def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
     else:
         what = "empty" if data in (None, []) else f"a {type(data).__name__}"
         issues.append(
-            ScenarioIssue(name, 1, "", f"expected a scenario, a list of scenarios or sections {', '.join(SECTIONS)}; the file is {what}")
+            ScenarioIssue(
+                name,
+                1,
+                "",
+                f"expected a scenario, a list of scenarios or sections {', '.join(SECTIONS)}; the file is {what}",
+            )
         )
     for kind, prefix, raw in entries:
         model = _MODELS[kind]
@@ -201,7 +225,9 @@ def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
             try:
                 template = Template(spec.cue.message)
             except TemplateError as exc:
-                issues.append(ScenarioIssue(name, located.line_of((*prefix, "cue", "message")), "cue.message", str(exc)))
+                issues.append(
+                    ScenarioIssue(name, located.line_of((*prefix, "cue", "message")), "cue.message", str(exc))
+                )
                 continue
             result.scenarios.append(LoadedScenario(spec, name, line, template, located, prefix))
         elif isinstance(spec, SegmentSpec):
@@ -246,28 +272,55 @@ def _conditions(item: LoadedScenario | LoadedDefinition) -> Iterator[tuple[Any, 
 
 def _cross_check(loaded: LoadedSet) -> list[ScenarioIssue]:
     issues: list[ScenarioIssue] = []
-    for kind, items in (("scenario", loaded.scenarios), ("segment", loaded.segments), ("milestone", loaded.milestones)):
+    for kind, items in (
+        ("scenario", loaded.scenarios),
+        ("segment", loaded.segments),
+        ("milestone", loaded.milestones),
+    ):
         seen: dict[str, LoadedScenario | LoadedDefinition] = {}
         for item in items:
             first = seen.setdefault(item.spec.id, item)
             if first is not item:
                 issues.append(
-                    ScenarioIssue(item.file, item.line, "id", f"{kind} id {item.spec.id!r} is already used at {first.file}:{first.line}")
+                    ScenarioIssue(
+                        item.file,
+                        item.line,
+                        "id",
+                        f"{kind} id {item.spec.id!r} is already used at {first.file}:{first.line}",
+                    )
                 )
     segments = {s.spec.id: s for s in loaded.segments}
     milestones = {m.spec.id for m in loaded.milestones}
-    everything: list[LoadedScenario | LoadedDefinition] = [*loaded.scenarios, *loaded.segments, *loaded.milestones]
+    everything: list[LoadedScenario | LoadedDefinition] = [
+        *loaded.scenarios,
+        *loaded.segments,
+        *loaded.milestones,
+    ]
     for item in everything:
         for cond, path in _conditions(item):
             if isinstance(cond, SegmentCondition) and cond.segment not in segments:
-                issues.append(ScenarioIssue(item.file, item.line_of(path), _dotted((*path, "segment")), f"unknown segment {cond.segment!r}"))
+                issues.append(
+                    ScenarioIssue(
+                        item.file,
+                        item.line_of(path),
+                        _dotted((*path, "segment")),
+                        f"unknown segment {cond.segment!r}",
+                    )
+                )
             if isinstance(cond, MilestoneCondition) and cond.milestone not in milestones:
                 issues.append(
-                    ScenarioIssue(item.file, item.line_of(path), _dotted((*path, "milestone")), f"unknown milestone {cond.milestone!r}")
+                    ScenarioIssue(
+                        item.file,
+                        item.line_of(path),
+                        _dotted((*path, "milestone")),
+                        f"unknown milestone {cond.milestone!r}",
+                    )
                 )
         spec = item.spec
         if isinstance(spec, ScenarioSpec) and spec.outcome is not None and spec.outcome not in milestones:
-            issues.append(ScenarioIssue(item.file, item.line_of(("outcome",)), "outcome", f"unknown milestone {spec.outcome!r}"))
+            issues.append(
+                ScenarioIssue(item.file, item.line_of(("outcome",)), "outcome", f"unknown milestone {spec.outcome!r}")
+            )
     issues.extend(_segment_cycles(segments))
     return issues
 
@@ -286,7 +339,14 @@ def _segment_cycles(segments: dict[str, LoadedDefinition]) -> list[ScenarioIssue
             if state.get(ref) == 1:
                 item = segments[sid]
                 cycle = " -> ".join([*trail[trail.index(ref) :], ref]) if ref in trail else f"{sid} -> {ref}"
-                issues.append(ScenarioIssue(item.file, item.line_of(path), _dotted((*path, "segment")), f"segments refer to each other in a cycle: {cycle}"))
+                issues.append(
+                    ScenarioIssue(
+                        item.file,
+                        item.line_of(path),
+                        _dotted((*path, "segment")),
+                        f"segments refer to each other in a cycle: {cycle}",
+                    )
+                )
             elif state.get(ref) is None and ref in refs:
                 visit(ref, [*trail, ref])
         state[sid] = 2

@@ -36,10 +36,10 @@ __all__ = [
     "AllCondition",
     "AnyCondition",
     "AttributeCondition",
+    "CapsSpec",
     "ChannelName",
     "Comparison",
     "Condition",
-    "CapsSpec",
     "CountSpec",
     "CueSpec",
     "DwellCondition",
@@ -148,9 +148,7 @@ class Comparison(_Strict):
 
     def operators(self) -> dict[str, Any]:
         return {
-            name: value
-            for name, value in ((n, getattr(self, n)) for n in type(self).model_fields)
-            if value is not None
+            name: value for name, value in ((n, getattr(self, n)) for n in type(self).model_fields) if value is not None
         }
 
 
@@ -394,10 +392,12 @@ Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _CLOCK = r"^([01]\d|2[0-3]):[0-5]\d$|^24:00$"
 
 
+def _every_day() -> list[Weekday]:
+    return ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
 class HoursSpec(_Strict):
-    days: list[Weekday] = Field(
-        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], min_length=1
-    )
+    days: list[Weekday] = Field(default_factory=_every_day, min_length=1)
     from_: str = Field(alias="from", pattern=_CLOCK, description="Local time HH:MM.")
     to: str = Field(pattern=_CLOCK, description="Local time HH:MM; before `from` spans midnight.")
 

@@ -136,7 +136,9 @@ _DECISION_COLS = (
     "detail",
     "cue_id",
 )
-_INSERT_DECISION = f"INSERT INTO decisions ({', '.join(_DECISION_COLS)}) VALUES ({', '.join('?' * len(_DECISION_COLS))})"
+_INSERT_DECISION = (
+    f"INSERT INTO decisions ({', '.join(_DECISION_COLS)}) VALUES ({', '.join('?' * len(_DECISION_COLS))})"
+)
 
 
 def _decision_row(r: DecisionRecord) -> Row:
@@ -514,9 +516,7 @@ class SqliteStore:
         async with self._shared_lock:
             return list(await self._writer_conn.execute_fetchall(sql, params))
 
-    async def journey(
-        self, device_id: str, *, limit: int = 100, since: float | None = None
-    ) -> list[SignalRecord]:
+    async def journey(self, device_id: str, *, limit: int = 100, since: float | None = None) -> list[SignalRecord]:
         """The device's most recent ``limit`` signals (time >= ``since``), oldest first."""
         if limit < 0:
             raise ValueError("limit must not be negative")
