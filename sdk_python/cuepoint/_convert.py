@@ -17,7 +17,11 @@ from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
 
 from .models import (
     AssignedEngagement,
+    CallSignal,
+    CallSignalKind,
     Channel,
+    ChannelChange,
+    ChatMessage,
     Consent,
     Context,
     Cue,
@@ -27,11 +31,17 @@ from .models import (
     EngagementEnded,
     EngagementState,
     EngagementUpdate,
+    FallbackOffer,
+    FallbackOption,
     JourneyEntry,
     Location,
     MatchedCondition,
+    Party,
+    Presence,
+    PriorEngagement,
     Scalar,
     Trigger,
+    UpgradeRequest,
     User,
 )
 
@@ -76,8 +86,38 @@ _STATE_TO_PB = {
     EngagementState.QUEUED: common_pb2.ENGAGEMENT_STATE_QUEUED,
     EngagementState.ASSIGNED: common_pb2.ENGAGEMENT_STATE_ASSIGNED,
     EngagementState.ENDED: common_pb2.ENGAGEMENT_STATE_ENDED,
+    EngagementState.CALLBACK_REQUESTED: common_pb2.ENGAGEMENT_STATE_CALLBACK_REQUESTED,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+_PARTY_TO_PB = {
+    Party.USER: common_pb2.PARTY_USER,
+    Party.ASSOCIATE: common_pb2.PARTY_ASSOCIATE,
+    Party.SYSTEM: common_pb2.PARTY_SYSTEM,
+}
+_PARTY_FROM_PB = {v: k for k, v in _PARTY_TO_PB.items()}
+
+_CALL_KIND_TO_PB = {
+    CallSignalKind.OFFER: common_pb2.CALL_SIGNAL_KIND_OFFER,
+    CallSignalKind.ANSWER: common_pb2.CALL_SIGNAL_KIND_ANSWER,
+    CallSignalKind.CANDIDATE: common_pb2.CALL_SIGNAL_KIND_CANDIDATE,
+    CallSignalKind.HANGUP: common_pb2.CALL_SIGNAL_KIND_HANGUP,
+}
+_CALL_KIND_FROM_PB = {v: k for k, v in _CALL_KIND_TO_PB.items()}
+
+_FALLBACK_TO_PB = {
+    FallbackOption.CALLBACK: device_pb2.FALLBACK_OPTION_CALLBACK,
+    FallbackOption.CHAT: device_pb2.FALLBACK_OPTION_CHAT,
+    FallbackOption.CANCEL: device_pb2.FALLBACK_OPTION_CANCEL,
+}
+_FALLBACK_FROM_PB = {v: k for k, v in _FALLBACK_TO_PB.items()}
+
+_PRESENCE_TO_PB = {
+    Presence.AVAILABLE: associate_pb2.PRESENCE_AVAILABLE,
+    Presence.BUSY: associate_pb2.PRESENCE_BUSY,
+    Presence.AWAY: associate_pb2.PRESENCE_AWAY,
+}
+_PRESENCE_FROM_PB = {v: k for k, v in _PRESENCE_TO_PB.items()}
 
 
 # --- scalars ----------------------------------------------------------------
@@ -125,6 +165,38 @@ def state_to_proto(state: EngagementState | None) -> common_pb2.EngagementState.
 
 def state_from_proto(value: common_pb2.EngagementState.ValueType) -> EngagementState | None:
     return _STATE_FROM_PB.get(value)
+
+
+def party_to_proto(party: Party | None) -> common_pb2.Party.ValueType:
+    return common_pb2.PARTY_UNSPECIFIED if party is None else _PARTY_TO_PB[party]
+
+
+def party_from_proto(value: common_pb2.Party.ValueType) -> Party | None:
+    return _PARTY_FROM_PB.get(value)
+
+
+def call_signal_kind_to_proto(kind: CallSignalKind | None) -> common_pb2.CallSignalKind.ValueType:
+    return common_pb2.CALL_SIGNAL_KIND_UNSPECIFIED if kind is None else _CALL_KIND_TO_PB[kind]
+
+
+def call_signal_kind_from_proto(value: common_pb2.CallSignalKind.ValueType) -> CallSignalKind | None:
+    return _CALL_KIND_FROM_PB.get(value)
+
+
+def fallback_option_to_proto(option: FallbackOption | None) -> device_pb2.FallbackOption.ValueType:
+    return device_pb2.FALLBACK_OPTION_UNSPECIFIED if option is None else _FALLBACK_TO_PB[option]
+
+
+def fallback_option_from_proto(value: device_pb2.FallbackOption.ValueType) -> FallbackOption | None:
+    return _FALLBACK_FROM_PB.get(value)
+
+
+def presence_to_proto(presence: Presence | None) -> associate_pb2.Presence.ValueType:
+    return associate_pb2.PRESENCE_UNSPECIFIED if presence is None else _PRESENCE_TO_PB[presence]
+
+
+def presence_from_proto(value: associate_pb2.Presence.ValueType) -> Presence | None:
+    return _PRESENCE_FROM_PB.get(value)
 
 
 def value_to_proto(value: Scalar) -> common_pb2.AttributeValue:
@@ -383,7 +455,117 @@ def engagement_update_from_proto(msg: device_pb2.EngagementUpdate) -> Engagement
         queue=msg.queue,
         associate_name=msg.associate_name,
         time=time_from_proto(msg, "time"),
+        disposition=msg.disposition,
     )
+
+
+def fallback_offer_from_proto(msg: device_pb2.FallbackOffer) -> FallbackOffer:
+    options = (fallback_option_from_proto(o) for o in msg.options)
+    return FallbackOffer(
+        engagement_id=msg.engagement_id,
+        options=tuple(o for o in options if o is not None),
+        message=msg.message,
+    )
+
+
+# --- engagement traffic (both directions, both sides) -----------------------
+
+
+def chat_message_from_proto(msg: common_pb2.ChatMessage) -> ChatMessage:
+    return ChatMessage(
+        engagement_id=msg.engagement_id,
+        message_id=msg.message_id,
+        sender=party_from_proto(msg.sender),
+        text=msg.text,
+        time=time_from_proto(msg, "time"),
+    )
+
+
+def chat_message_to_proto(message: ChatMessage) -> common_pb2.ChatMessage:
+    msg = common_pb2.ChatMessage(
+        engagement_id=message.engagement_id,
+        message_id=message.message_id,
+        sender=party_to_proto(message.sender),
+        text=message.text,
+    )
+    if message.time is not None:
+        msg.time.CopyFrom(timestamp(message.time))
+    return msg
+
+
+def upgrade_request_from_proto(msg: common_pb2.UpgradeRequest) -> UpgradeRequest:
+    return UpgradeRequest(
+        engagement_id=msg.engagement_id,
+        request_id=msg.request_id,
+        channel=channel_from_proto(msg.channel),
+        requested_by=party_from_proto(msg.requested_by),
+    )
+
+
+def upgrade_request_to_proto(request: UpgradeRequest) -> common_pb2.UpgradeRequest:
+    return common_pb2.UpgradeRequest(
+        engagement_id=request.engagement_id,
+        request_id=request.request_id,
+        channel=channel_to_proto(request.channel),
+        requested_by=party_to_proto(request.requested_by),
+    )
+
+
+def upgrade_response_to_proto(engagement_id: str, request_id: str, accepted: bool) -> common_pb2.UpgradeResponse:
+    return common_pb2.UpgradeResponse(engagement_id=engagement_id, request_id=request_id, accepted=accepted)
+
+
+def channel_change_from_proto(msg: common_pb2.ChannelChange) -> ChannelChange:
+    return ChannelChange(
+        engagement_id=msg.engagement_id,
+        request_id=msg.request_id,
+        channel=channel_from_proto(msg.channel),
+        requested_by=party_from_proto(msg.requested_by),
+        accepted=msg.accepted,
+        time=time_from_proto(msg, "time"),
+    )
+
+
+def call_signal_from_proto(msg: common_pb2.CallSignal) -> CallSignal:
+    return CallSignal(
+        engagement_id=msg.engagement_id,
+        kind=call_signal_kind_from_proto(msg.kind),
+        payload=bytes(msg.payload),
+        sender=party_from_proto(msg.sender),
+    )
+
+
+def call_signal_to_proto(signal: CallSignal) -> common_pb2.CallSignal:
+    return common_pb2.CallSignal(
+        engagement_id=signal.engagement_id,
+        kind=call_signal_kind_to_proto(signal.kind),
+        payload=signal.payload,
+        sender=party_to_proto(signal.sender),
+    )
+
+
+EngagementPayload = common_pb2.ChatMessage | common_pb2.UpgradeRequest | common_pb2.UpgradeResponse | common_pb2.CallSignal
+"""What either side sends about a live engagement; wrapped by :func:`device_message`/:func:`associate_message`."""
+
+
+def device_message(payload: EngagementPayload) -> device_pb2.DeviceMessage:
+    if isinstance(payload, common_pb2.ChatMessage):
+        return device_pb2.DeviceMessage(chat=payload)
+    if isinstance(payload, common_pb2.UpgradeRequest):
+        return device_pb2.DeviceMessage(upgrade_request=payload)
+    if isinstance(payload, common_pb2.UpgradeResponse):
+        return device_pb2.DeviceMessage(upgrade_response=payload)
+    return device_pb2.DeviceMessage(call_signal=payload)
+
+
+def associate_message(payload: EngagementPayload) -> associate_pb2.AssociateMessage:
+    if isinstance(payload, common_pb2.ChatMessage):
+        return associate_pb2.AssociateMessage(chat=payload)
+    if isinstance(payload, common_pb2.UpgradeRequest):
+        return associate_pb2.AssociateMessage(upgrade_request=payload)
+    if isinstance(payload, common_pb2.UpgradeResponse):
+        return associate_pb2.AssociateMessage(upgrade_response=payload)
+    return associate_pb2.AssociateMessage(call_signal=payload)
 
 
 # --- server -> associate ----------------------------------------------------
@@ -397,6 +579,17 @@ def trigger_from_proto(msg: common_pb2.TriggerExplanation) -> Trigger:
         priority=msg.priority,
         conditions=tuple(MatchedCondition(c.path, c.description) for c in msg.conditions),
         signal_ids=tuple(msg.signal_ids),
+    )
+
+
+def prior_engagement_from_proto(msg: common_pb2.PriorEngagement) -> PriorEngagement:
+    return PriorEngagement(
+        engagement_id=msg.engagement_id,
+        created_at=time_from_proto(msg, "created_at"),
+        scenario_id=msg.scenario_id,
+        disposition=msg.disposition,
+        notes=msg.notes,
+        outcome=msg.outcome,
     )
 
 
@@ -416,6 +609,8 @@ def engagement_context_from_proto(msg: common_pb2.EngagementContext) -> Engageme
         redacted_fields=tuple(msg.redacted_fields),
         segments=tuple(msg.segments),
         milestones=tuple(msg.milestones),
+        prior_engagements=tuple(prior_engagement_from_proto(p) for p in msg.prior_engagements),
+        priority=msg.priority,
     )
 
 
@@ -434,7 +629,11 @@ def assigned_engagement_from_proto(msg: common_pb2.Engagement) -> AssignedEngage
 
 
 def engagement_ended_from_proto(msg: associate_pb2.EngagementEnded) -> EngagementEnded:
-    return EngagementEnded(engagement_id=msg.engagement_id, disposition=msg.disposition)
+    return EngagementEnded(
+        engagement_id=msg.engagement_id,
+        disposition=msg.disposition,
+        ended_by=party_from_proto(msg.ended_by),
+    )
 
 
 # --- device -> server -------------------------------------------------------
@@ -471,13 +670,54 @@ def cue_response(cue_id: str, response: CueResponse, at: float) -> device_pb2.De
     return device_pb2.DeviceMessage(cue_response=msg)
 
 
+def end_by_user(engagement_id: str) -> device_pb2.DeviceMessage:
+    return device_pb2.DeviceMessage(end_engagement=device_pb2.EndEngagementByUser(engagement_id=engagement_id))
+
+
+def fallback_choice(engagement_id: str, option: FallbackOption, phone_number: str) -> device_pb2.DeviceMessage:
+    msg = device_pb2.FallbackChoice(
+        engagement_id=engagement_id, option=fallback_option_to_proto(option), phone_number=phone_number
+    )
+    return device_pb2.DeviceMessage(fallback_choice=msg)
+
+
+# --- associate -> server ----------------------------------------------------
+
+
 def sign_in(
-    *, associate_id: str, display_name: str, queues: Iterable[str], capacity: int
+    *,
+    associate_id: str,
+    display_name: str,
+    queues: Iterable[str],
+    capacity: int,
+    skills: Iterable[str] = (),
+    manual_claim: bool = False,
+    presence: Presence | None = None,
 ) -> associate_pb2.AssociateMessage:
     msg = associate_pb2.SignIn(
-        associate_id=associate_id, display_name=display_name, queues=list(queues), capacity=capacity
+        associate_id=associate_id,
+        display_name=display_name,
+        queues=list(queues),
+        capacity=capacity,
+        skills=list(skills),
+        manual_claim=manual_claim,
+        presence=presence_to_proto(presence),
     )
     return associate_pb2.AssociateMessage(sign_in=msg)
+
+
+def claim_engagement(engagement_id: str) -> associate_pb2.AssociateMessage:
+    return associate_pb2.AssociateMessage(claim=associate_pb2.ClaimEngagement(engagement_id=engagement_id))
+
+
+def reject_engagement(engagement_id: str, reason: str) -> associate_pb2.AssociateMessage:
+    msg = associate_pb2.RejectEngagement(engagement_id=engagement_id, reason=reason)
+    return associate_pb2.AssociateMessage(reject=msg)
+
+
+def set_presence(presence: Presence) -> associate_pb2.AssociateMessage:
+    msg = associate_pb2.SetPresence(presence=presence_to_proto(presence))
+    return associate_pb2.AssociateMessage(presence=msg)
 
 
 def end_engagement(engagement_id: str, disposition: str, notes: str) -> associate_pb2.AssociateMessage:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from .errors import InvalidSignal
-from .models import Context, Location, Scalar, User
+from .models import CallSignalKind, Channel, Context, FallbackOption, Location, Presence, Scalar, User
 
 APP_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 EVENT_NAME = re.compile(r"[a-z][a-z0-9_.:-]{0,63}")
@@ -27,6 +27,12 @@ CONTEXT_PATH = re.compile(
 MAX_DEVICE_ID = 128
 MAX_ENTRIES = 64
 MAX_STRING = 1024
+MAX_CHAT_TEXT = 4000
+"""Characters in one chat message."""
+MAX_CALL_PAYLOAD = 64 * 1024
+"""Bytes in one call signal's payload."""
+MAX_PHONE_NUMBER = 32
+MAX_REASON = 1024
 # user.id and user.tier address UserIdentity fields, so attributes may not shadow them.
 RESERVED_USER_KEYS = frozenset({"id", "tier"})
 
@@ -146,3 +152,80 @@ def cue_id(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidSignal("cue_id must be a non-empty string", field="cue_response.cue_id")
     return value
+
+
+# --- engagements ----------------------------------------------------------------
+
+
+def engagement_id(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidSignal(f"{where} must be a non-empty string", field=where)
+    return value
+
+
+def chat_text(value: object, where: str = "chat.text") -> str:
+    """1-4000 characters, not only whitespace. Sent as given (never trimmed)."""
+    if not isinstance(value, str):
+        raise InvalidSignal(f"{where} must be a string", field=where)
+    if not value.strip():
+        raise InvalidSignal(f"{where} must not be empty", field=where)
+    if len(value) > MAX_CHAT_TEXT:
+        raise InvalidSignal(f"{where} is longer than {MAX_CHAT_TEXT} characters ({len(value)})", field=where)
+    return value
+
+
+def call_payload(value: object, where: str = "call_signal.payload") -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise InvalidSignal(f"{where} must be bytes, not {type(value).__name__}", field=where)
+    data = bytes(value)
+    if len(data) > MAX_CALL_PAYLOAD:
+        raise InvalidSignal(f"{where} is larger than {MAX_CALL_PAYLOAD} bytes ({len(data)})", field=where)
+    return data
+
+
+def call_signal_kind(value: object, where: str = "call_signal.kind") -> CallSignalKind:
+    if not isinstance(value, CallSignalKind):
+        raise InvalidSignal(f"{where} must be a cuepoint.CallSignalKind", field=where)
+    return value
+
+
+def channel(value: object, where: str = "upgrade_request.channel") -> Channel:
+    if not isinstance(value, Channel):
+        raise InvalidSignal(f"{where} must be a cuepoint.Channel", field=where)
+    return value
+
+
+def flag(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidSignal(f"{where} must be a bool", field=where)
+    return value
+
+
+def fallback_option(value: object, where: str = "fallback_choice.option") -> FallbackOption:
+    if not isinstance(value, FallbackOption):
+        raise InvalidSignal(f"{where} must be a cuepoint.FallbackOption", field=where)
+    return value
+
+
+def phone_number(value: object, where: str = "fallback_choice.phone_number") -> str:
+    if not isinstance(value, str) or len(value) > MAX_PHONE_NUMBER or not value.isprintable():
+        raise InvalidSignal(f"{where} must be at most {MAX_PHONE_NUMBER} printable characters", field=where)
+    return value
+
+
+def presence(value: object, where: str = "presence") -> Presence:
+    if not isinstance(value, Presence):
+        raise InvalidSignal(f"{where} must be a cuepoint.Presence", field=where)
+    return value
+
+
+def names(values: Iterable[str], where: str) -> tuple[str, ...]:
+    """A list of short names (queues, skills); a lone string is a mistake, not a list of letters."""
+    if isinstance(values, str):
+        raise InvalidSignal(f"{where} must be a list of names, not a string", field=where)
+    out = tuple(values)
+    for value in out:
+        if not isinstance(value, str) or not value:
+            raise InvalidSignal(f"{where} entries must be non-empty strings", field=where)
+        string(value, where)
+    return out

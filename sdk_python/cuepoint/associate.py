@@ -110,7 +110,7 @@ class AssociateClient:
             lambda channel: associate_pb2_grpc.AssociateServiceStub(channel).Connect,
             credentials=self._config.credentials,
             options=self._config.channel_options,
-            metadata=self._config.metadata,
+            metadata=self._config.call_metadata(),
         )
         try:
             signed_in = await self._handshake(stream)

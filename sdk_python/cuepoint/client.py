@@ -265,7 +265,7 @@ class Client:
             lambda channel: device_pb2_grpc.DeviceServiceStub(channel).Connect,
             credentials=self._config.credentials,
             options=self._config.channel_options,
-            metadata=self._config.metadata,
+            metadata=self._config.call_metadata(),
         )
         try:
             welcome = await self._handshake(stream)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -23,6 +23,20 @@ __all__ = ["AssociateConfig", "ClientConfig"]
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_secret(name: str, secret: str | None, metadata: Sequence[tuple[str, str]]) -> None:
+    if secret is None:
+        return
+    if not isinstance(secret, str) or not secret or not secret.isprintable() or any(c.isspace() for c in secret):
+        raise ValueError(f"{name} must be a non-empty string without spaces")
+    if any(key.lower() == "authorization" for key, _ in metadata):
+        raise ValueError(f"give either {name} or an 'authorization' entry in metadata, not both")
+
+
+def _call_metadata(secret: str | None, metadata: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    bearer = (("authorization", f"Bearer {secret}"),) if secret else ()
+    return (*metadata, *bearer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,9 +68,17 @@ class ClientConfig:
     """Extra grpc channel options, e.g. keepalive settings."""
 
     metadata: Sequence[tuple[str, str]] = ()
-    """Call metadata sent when the stream opens, e.g. an auth token."""
+    """Call metadata sent when the stream opens."""
+
+    api_key: str | None = field(default=None, repr=False)
+    """The app's API key, sent as ``authorization: Bearer <api_key>`` (servers run with ``--auth``)."""
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """``metadata`` plus the authorization entry for ``api_key``."""
+        return _call_metadata(self.api_key, self.metadata)
 
     def __post_init__(self) -> None:
+        _check_secret("api_key", self.api_key, self.metadata)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch!r}")
         if self.linger < 0:
@@ -81,6 +103,15 @@ class AssociateConfig:
     channel_options: Sequence[tuple[str, Any]] = ()
     metadata: Sequence[tuple[str, str]] = ()
 
+    token: str | None = field(default=None, repr=False)
+    """The associate's token, sent as ``authorization: Bearer <token>``; it names the
+    associate id and the queues the server lets this associate sign in to."""
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """``metadata`` plus the authorization entry for ``token``."""
+        return _call_metadata(self.token, self.metadata)
+
     def __post_init__(self) -> None:
+        _check_secret("token", self.token, self.metadata)
         _positive("connect_timeout", self.connect_timeout)
         _positive("close_timeout", self.close_timeout)

@@ -17,7 +17,11 @@ from typing import Literal, NamedTuple, TypeAlias
 
 __all__ = [
     "AssignedEngagement",
+    "CallSignal",
+    "CallSignalKind",
     "Channel",
+    "ChannelChange",
+    "ChatMessage",
     "Consent",
     "Context",
     "Cue",
@@ -27,12 +31,18 @@ __all__ = [
     "EngagementEnded",
     "EngagementState",
     "EngagementUpdate",
+    "FallbackOffer",
+    "FallbackOption",
     "JourneyEntry",
     "Location",
     "MatchedCondition",
+    "Party",
+    "Presence",
+    "PriorEngagement",
     "Scalar",
     "ServerEvent",
     "Trigger",
+    "UpgradeRequest",
     "User",
 ]
 
@@ -76,15 +86,67 @@ class EngagementState(enum.Enum):
 
     QUEUED = "queued"
     ASSIGNED = "assigned"
+    CALLBACK_REQUESTED = "callback_requested"
+    """Nobody was available in time and the user asked to be called back
+    (a :class:`FallbackOption.CALLBACK` choice). Nobody will be assigned live."""
     ENDED = "ended"
 
     @property
     def rank(self) -> int:
-        """Position in the lifecycle, so "at least ASSIGNED" is a comparison."""
+        """Position in the lifecycle, so "at least ASSIGNED" is a comparison.
+
+        QUEUED < ASSIGNED < CALLBACK_REQUESTED < ENDED: a callback request
+        replaces the live assignment, and the engagement may still end later.
+        """
         return _STATE_RANK[self]
 
 
-_STATE_RANK = {EngagementState.QUEUED: 1, EngagementState.ASSIGNED: 2, EngagementState.ENDED: 3}
+_STATE_RANK = {
+    EngagementState.QUEUED: 1,
+    EngagementState.ASSIGNED: 2,
+    EngagementState.CALLBACK_REQUESTED: 3,
+    EngagementState.ENDED: 4,
+}
+
+
+class Party(enum.Enum):
+    """Who said or did something in an engagement."""
+
+    USER = "user"
+    """The app's user, i.e. the device side."""
+    ASSOCIATE = "associate"
+    SYSTEM = "system"
+    """The server itself, e.g. a fallback to chat or an automatic notice."""
+
+
+class CallSignalKind(enum.Enum):
+    """What an opaque call-setup signal carries (e.g. WebRTC SDP or ICE)."""
+
+    OFFER = "offer"
+    ANSWER = "answer"
+    CANDIDATE = "candidate"
+    HANGUP = "hangup"
+
+
+class FallbackOption(enum.Enum):
+    """What the user may choose when nobody could take the engagement in time."""
+
+    CALLBACK = "callback"
+    """Be called back later (the number comes from the context or the choice)."""
+    CHAT = "chat"
+    """Continue in chat, which needs no associate waiting on the line."""
+    CANCEL = "cancel"
+    """Give up; the engagement ends with disposition ``cancelled``."""
+
+
+class Presence(enum.Enum):
+    """An associate's availability for new engagements."""
+
+    AVAILABLE = "available"
+    """Takes engagements, up to capacity."""
+    BUSY = "busy"
+    """Signed in, takes nothing new."""
+    AWAY = "away"
 
 
 @dataclass(frozen=True)
@@ -161,6 +223,81 @@ class EngagementUpdate:
     associate_name: str = ""
     """Display name of the associate, once assigned."""
     time: float | None = None
+    disposition: str = ""
+    """Set on ENDED: the associate's wrap-up code (e.g. ``resolved``), ``user_ended``
+    when the user ended it, ``cancelled`` after a :class:`FallbackOption.CANCEL`."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat message of an engagement, as relayed (and numbered) by the server.
+
+    Both sides receive every message, their own included, so each sees the
+    authoritative transcript in the server's order.
+    """
+
+    engagement_id: str
+    message_id: str = ""
+    """Server-assigned; empty only on messages never relayed."""
+    sender: Party | None = None
+    text: str = ""
+    time: float | None = None
+
+
+@dataclass(frozen=True)
+class UpgradeRequest:
+    """A request, by the other side, to move the engagement to ``channel``.
+
+    Answer it with ``respond_upgrade(request, accept)``.
+    """
+
+    engagement_id: str
+    request_id: str
+    """Chosen by the requester; the resulting :class:`ChannelChange` carries it."""
+    channel: Channel | None = None
+    requested_by: Party | None = None
+
+
+@dataclass(frozen=True)
+class ChannelChange:
+    """The outcome of an upgrade request, sent to both sides.
+
+    ``accepted=True`` means the engagement's channel is now ``channel``; False
+    means it was declined (or the channel is not among the cue's allowed
+    upgrades) and nothing changed. Also sent with ``requested_by=SYSTEM`` when a
+    fallback moves the engagement to chat.
+    """
+
+    engagement_id: str
+    request_id: str = ""
+    channel: Channel | None = None
+    requested_by: Party | None = None
+    accepted: bool = False
+    time: float | None = None
+
+
+@dataclass(frozen=True)
+class CallSignal:
+    """Opaque call-setup signalling relayed between device and associate."""
+
+    engagement_id: str
+    kind: CallSignalKind | None = None
+    payload: bytes = b""
+    """At most 64 KiB; the server does not look inside."""
+    sender: Party | None = None
+
+
+@dataclass(frozen=True)
+class FallbackOffer:
+    """Nobody took the engagement in time: offer the user these alternatives.
+
+    Answer with ``Engagement.choose_fallback(option)``.
+    """
+
+    engagement_id: str
+    options: tuple[FallbackOption, ...] = ()
+    message: str = ""
+    """Text for the user, e.g. "Everyone is busy. How should we continue?"."""
 
 
 ServerEvent: TypeAlias = Cue | CueWithdrawal | EngagementUpdate
@@ -228,6 +365,23 @@ class EngagementContext:
     """Named segments the device is in."""
     milestones: tuple[str, ...] = ()
     """Milestones the device reached this session."""
+    prior_engagements: tuple[PriorEngagement, ...] = ()
+    """Earlier engagements of this user (or device), newest first, with their wrap-up."""
+    priority: int = 0
+    """The engagement's routing priority (higher is served first)."""
+
+
+@dataclass(frozen=True)
+class PriorEngagement:
+    """An earlier engagement of the same user or device, for the associate."""
+
+    engagement_id: str
+    created_at: float | None = None
+    scenario_id: str = ""
+    disposition: str = ""
+    notes: str = ""
+    outcome: str = ""
+    """The scenario's outcome milestone, if the user reached it afterwards."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +409,8 @@ class EngagementEnded:
 
     engagement_id: str
     disposition: str = ""
+    ended_by: Party | None = None
+    """Who ended it. After the user ended it the associate may still send a wrap-up."""
 
 
 # --- describe() -------------------------------------------------------------
@@ -266,6 +422,12 @@ def _fmt_time(t: float | None) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+def _fmt_date(t: float | None) -> str:
+    if t is None:
+        return "????-??-?? --:--Z"
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) + "Z"
+
+
 def _fmt_props(props: Mapping[str, Scalar]) -> str:
     return " ".join(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}" for k, v in props.items())
 
@@ -275,7 +437,8 @@ def _describe_lines(eng: AssignedEngagement) -> list[str]:
     dev = ctx.context
     channel = eng.channel.name if eng.channel else "?"
     queue = eng.queue or "?"
-    lines = [f"Engagement {eng.engagement_id} (cue {eng.cue_id}) - queue {queue}, channel {channel}"]
+    priority = f", priority {ctx.priority}" if ctx.priority else ""
+    lines = [f"Engagement {eng.engagement_id} (cue {eng.cue_id}) - queue {queue}, channel {channel}{priority}"]
 
     device = [
         dev.device_model or "unknown device",
@@ -327,6 +490,19 @@ def _describe_lines(eng: AssignedEngagement) -> list[str]:
         if entry.cleared_keys:
             detail = (detail + " " if detail else "") + "cleared " + ",".join(entry.cleared_keys)
         lines.append(f"  {mark} {when:<{width}}  {entry.kind:<7} {entry.name}  {detail}".rstrip())
+
+    if ctx.prior_engagements:
+        lines.append(f"History: {len(ctx.prior_engagements)} prior engagement(s), newest first")
+        for prior in ctx.prior_engagements:
+            detail = prior.disposition or "no disposition"
+            if prior.notes:
+                detail += f" - {prior.notes}"
+            if prior.outcome:
+                detail += f" (outcome: {prior.outcome})"
+            scenario = f" scenario {prior.scenario_id}" if prior.scenario_id else ""
+            lines.append(f"  - {_fmt_date(prior.created_at)} {prior.engagement_id}{scenario}: {detail}")
+    else:
+        lines.append("History: no prior engagements")
 
     if ctx.redacted_fields:
         lines.append("Withheld (consent): " + ", ".join(ctx.redacted_fields))

@@ -20,7 +20,9 @@ from grpc_reflection.v1alpha import reflection
 
 from .api.admin import AdminServicer
 from .api.associate import AssociateServicer
+from .api.auth import AuthConfig, Authenticator, AuthInterceptor
 from .api.device import DeviceServicer
+from .api.limits import RateLimiter, RateLimits
 from .clock import Clock, SystemClock
 from .core.service import Core, CoreConfig
 from .engine.engine import Engine
@@ -52,6 +54,13 @@ class ServerConfig:
     core: CoreConfig = field(default_factory=CoreConfig)
     # Watch the scenarios folder and apply edits live (scenarios/reloader.py).
     watch_scenarios: bool = True
+    # Issued credentials (api/auth.py, `cuepoint serve --auth FILE`); None disables auth (a warning is logged).
+    auth: AuthConfig | None = None
+    # PEM files; both set: the port speaks TLS only (`--tls-cert/--tls-key`).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Token buckets per device and per app (api/limits.py); None disables them.
+    rate_limits: RateLimits | None = field(default_factory=RateLimits)
 
 
 class CuepointServer:
@@ -74,6 +83,7 @@ class CuepointServer:
         # Scenarios load first: a broken folder must stop start-up before we
         # open the database or bind the port.
         scenarios = ScenarioSet.load(config.scenarios) if config.scenarios else ScenarioSet.empty()
+        tls = _tls_credentials(config)
         if config.db != ":memory:":
             Path(config.db).parent.mkdir(parents=True, exist_ok=True)
         store = await SqliteStore.open(config.db)
@@ -82,15 +92,20 @@ class CuepointServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
-        server = grpc.aio.server(options=options)
-        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(core), server)
-        associate_pb2_grpc.add_AssociateServiceServicer_to_server(AssociateServicer(core), server)
+        auth = Authenticator(config.auth) if config.auth is not None else None
+        if auth is None:
+            log.warning("auth.disabled", hint="any client may connect as any app, associate or admin; use --auth FILE")
+        limiter = RateLimiter(config.rate_limits, core.clock.now) if config.rate_limits is not None else None
+        server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(auth)])
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(core, auth=auth, limiter=limiter), server)
+        associate_pb2_grpc.add_AssociateServiceServicer_to_server(AssociateServicer(core, auth=auth), server)
         admin = AdminServicer(core)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        bind = f"{config.host}:{config.port}"
+        port = server.add_secure_port(bind, tls) if tls is not None else server.add_insecure_port(bind)
         if port == 0:
             await store.close()
             raise OSError(f"cannot listen on {config.host}:{config.port}")
@@ -104,7 +119,14 @@ class CuepointServer:
             self.reloader = ScenarioReloader(core.engine, config.scenarios, clock=core.clock)
             self.reloader.swap_listeners.append(core.scenarios_swapped)
             await self.reloader.start(watch=config.watch_scenarios)
-        log.info("server.started", address=self.address, scenarios=len(scenarios.scenarios), db=config.db)
+        log.info(
+            "server.started",
+            address=self.address,
+            scenarios=len(scenarios.scenarios),
+            db=config.db,
+            auth=auth is not None,
+            tls=tls is not None,
+        )
         return self
 
     def _scenario_status(self) -> tuple[int, str]:
@@ -125,3 +147,13 @@ class CuepointServer:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
+
+
+def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if not config.tls_cert or not config.tls_key:
+        raise ValueError("TLS needs both a certificate and its private key (--tls-cert and --tls-key)")
+    key = Path(config.tls_key).read_bytes()
+    cert = Path(config.tls_cert).read_bytes()
+    return grpc.ssl_server_credentials([(key, cert)])

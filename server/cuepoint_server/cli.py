@@ -12,15 +12,34 @@ __all__ = ["main"]
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .api.auth import AuthConfig, AuthConfigError
+    from .api.limits import RateLimits
     from .app import CuepointServer, ServerConfig
     from .logs import configure_logging
     from .scenarios.loader import ScenarioError
 
     configure_logging(args.log_level, json=args.log_json)
+    try:
+        auth = AuthConfig.load(args.auth) if args.auth else None
+        limits = RateLimits(args.device_rate, args.device_burst, args.app_rate, args.app_burst)
+    except (AuthConfigError, ValueError) as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("cannot start: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
 
     async def run() -> int:
         config = ServerConfig(
-            host=args.host, port=args.port, db=args.db, scenarios=args.scenarios, watch_scenarios=args.watch
+            host=args.host,
+            port=args.port,
+            db=args.db,
+            scenarios=args.scenarios,
+            watch_scenarios=args.watch,
+            auth=auth,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            rate_limits=limits,
         )
         try:
             server = await CuepointServer.start(config)
@@ -132,6 +151,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .api.limits import RateLimits
+
     parser = argparse.ArgumentParser(prog="cuepoint", description="Proactive in-app engagement server.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -148,6 +169,16 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="apply scenario file edits live (default: on); SIGHUP reloads either way",
     )
+    serve.add_argument(
+        "--auth", metavar="FILE", help="YAML file of app API keys, associate tokens, admin tokens (default: no auth)"
+    )
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this certificate chain")
+    serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    limits = RateLimits()
+    serve.add_argument("--device-rate", type=float, default=limits.device_rate, help="signals/s per device; 0: off")
+    serve.add_argument("--device-burst", type=float, default=limits.device_burst, help="signals a device may burst")
+    serve.add_argument("--app-rate", type=float, default=limits.app_rate, help="signals/s per app; 0: off (default)")
+    serve.add_argument("--app-burst", type=float, default=limits.app_burst, help="signals an app may burst (0: 1 s)")
     serve.set_defaults(func=_serve)
 
     validate = sub.add_parser("validate", help="check scenario files; prints file:line: field: problem")

@@ -3,16 +3,60 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["REDACTED", "configure_logging", "redact"]
+
+REDACTED = "[redacted]"
+# Secrets: never logged, whatever the level.
+_SECRET_KEY = re.compile(r"(authori[sz]ation|token|api[_-]?key|secret|password|passwd|credential|cookie|bearer)", re.I)
+# Personal data: user identity and attributes, location (the device and app facts stay).
+_PII_KEY = re.compile(r"^(user([._].*)?|user_?id|email|phone(_?number)?|location([._].*)?|ip)$", re.I)
+_BEARER = re.compile(r"(bearer\s+)[^\s'\",;]+", re.I)
 
 
-def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
+def _redact_value(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return _BEARER.sub(r"\1" + REDACTED, value)
+    if depth > 4:
+        return value
+    if isinstance(value, Mapping):
+        return {k: _redact_entry(str(k), v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v, depth + 1) for v in value]
+    return value
+
+
+def _redact_entry(key: str, value: Any, depth: int) -> Any:
+    if _SECRET_KEY.search(key) or _PII_KEY.match(key):
+        return REDACTED
+    return _redact_value(value, depth)
+
+
+def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: secrets and personal data never reach the log.
+
+    Values of secret-looking keys (authorization, token, api_key, password, ...)
+    and of personal ones (user, user_id, user.*, email, location.*, ...) are
+    replaced, also inside nested mappings such as a logged context; a
+    ``Bearer <token>`` inside any string (an exception text, say) is masked.
+    """
+    for key in list(event_dict):
+        if key == "event":
+            event_dict[key] = _redact_value(event_dict[key])
+            continue
+        event_dict[key] = _redact_entry(key, event_dict[key], 0)
+    return event_dict
+
+
+def configure_logging(level: str = "info", *, json: bool | None = None, file: TextIO | None = None) -> None:
     if json is None:
-        json = not sys.stderr.isatty()
+        json = not (file or sys.stderr).isatty()
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -22,9 +66,10 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=file or sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -8,6 +8,7 @@ from cuepoint.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,27 +20,78 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Presence:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PresenceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Presence.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRESENCE_UNSPECIFIED: _Presence.ValueType  # 0
+    PRESENCE_AVAILABLE: _Presence.ValueType  # 1
+    """Takes engagements (up to capacity)."""
+    PRESENCE_BUSY: _Presence.ValueType  # 2
+    """Signed in, takes nothing new."""
+    PRESENCE_AWAY: _Presence.ValueType  # 3
+
+class Presence(_Presence, metaclass=_PresenceEnumTypeWrapper): ...
+
+PRESENCE_UNSPECIFIED: Presence.ValueType  # 0
+PRESENCE_AVAILABLE: Presence.ValueType  # 1
+"""Takes engagements (up to capacity)."""
+PRESENCE_BUSY: Presence.ValueType  # 2
+"""Signed in, takes nothing new."""
+PRESENCE_AWAY: Presence.ValueType  # 3
+Global___Presence: _TypeAlias = Presence  # noqa: Y015
+
 @_typing.final
 class AssociateMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SIGN_IN_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    CLAIM_FIELD_NUMBER: _builtins.int
+    REJECT_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    UPGRADE_REQUEST_FIELD_NUMBER: _builtins.int
+    UPGRADE_RESPONSE_FIELD_NUMBER: _builtins.int
+    CALL_SIGNAL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sign_in(self) -> Global___SignIn: ...
     @_builtins.property
     def end(self) -> Global___EndEngagement: ...
+    @_builtins.property
+    def claim(self) -> Global___ClaimEngagement: ...
+    @_builtins.property
+    def reject(self) -> Global___RejectEngagement: ...
+    @_builtins.property
+    def presence(self) -> Global___SetPresence: ...
+    @_builtins.property
+    def chat(self) -> _common_pb2.ChatMessage: ...
+    @_builtins.property
+    def upgrade_request(self) -> _common_pb2.UpgradeRequest: ...
+    @_builtins.property
+    def upgrade_response(self) -> _common_pb2.UpgradeResponse: ...
+    @_builtins.property
+    def call_signal(self) -> _common_pb2.CallSignal: ...
     def __init__(
         self,
         *,
         sign_in: Global___SignIn | None = ...,
         end: Global___EndEngagement | None = ...,
+        claim: Global___ClaimEngagement | None = ...,
+        reject: Global___RejectEngagement | None = ...,
+        presence: Global___SetPresence | None = ...,
+        chat: _common_pb2.ChatMessage | None = ...,
+        upgrade_request: _common_pb2.UpgradeRequest | None = ...,
+        upgrade_response: _common_pb2.UpgradeResponse | None = ...,
+        call_signal: _common_pb2.CallSignal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "kind", b"kind", "sign_in", b"sign_in"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "claim", b"claim", "end", b"end", "kind", b"kind", "presence", b"presence", "reject", b"reject", "sign_in", b"sign_in", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "kind", b"kind", "sign_in", b"sign_in"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "claim", b"claim", "end", b"end", "kind", b"kind", "presence", b"presence", "reject", b"reject", "sign_in", b"sign_in", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["sign_in", "end"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["sign_in", "end", "claim", "reject", "presence", "chat", "upgrade_request", "upgrade_response", "call_signal"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -53,13 +105,26 @@ class SignIn(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     QUEUES_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
+    SKILLS_FIELD_NUMBER: _builtins.int
+    MANUAL_CLAIM_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
     associate_id: _builtins.str
     display_name: _builtins.str
     capacity: _builtins.int
     """Concurrent engagements this associate can hold; 0 means 1."""
+    manual_claim: _builtins.bool
+    """When true, offers must be claimed (or rejected) explicitly; otherwise an
+    offer is assigned at once.
+    """
+    presence: Global___Presence.ValueType
+    """Initial presence; unspecified means available."""
     @_builtins.property
     def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Queues to take engagements from; empty means the "default" queue."""
+
+    @_builtins.property
+    def skills(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Skills, matched against the skills an engagement requires."""
 
     def __init__(
         self,
@@ -68,14 +133,79 @@ class SignIn(_message.Message):
         display_name: _builtins.str = ...,
         queues: _abc.Iterable[_builtins.str] | None = ...,
         capacity: _builtins.int = ...,
+        skills: _abc.Iterable[_builtins.str] | None = ...,
+        manual_claim: _builtins.bool = ...,
+        presence: Global___Presence.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "capacity", b"capacity", "display_name", b"display_name", "queues", b"queues"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "capacity", b"capacity", "display_name", b"display_name", "manual_claim", b"manual_claim", "presence", b"presence", "queues", b"queues", "skills", b"skills"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SignIn: _TypeAlias = SignIn  # noqa: Y015
+
+@_typing.final
+class ClaimEngagement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimEngagement: _TypeAlias = ClaimEngagement  # noqa: Y015
+
+@_typing.final
+class RejectEngagement(_message.Message):
+    """Passes the offer on: another associate gets it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectEngagement: _TypeAlias = RejectEngagement  # noqa: Y015
+
+@_typing.final
+class SetPresence(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRESENCE_FIELD_NUMBER: _builtins.int
+    presence: Global___Presence.ValueType
+    def __init__(
+        self,
+        *,
+        presence: Global___Presence.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["presence", b"presence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPresence: _TypeAlias = SetPresence  # noqa: Y015
 
 @_typing.final
 class EndEngagement(_message.Message):
@@ -110,6 +240,12 @@ class AssociateEvent(_message.Message):
     SIGNED_IN_FIELD_NUMBER: _builtins.int
     ASSIGNED_FIELD_NUMBER: _builtins.int
     ENDED_FIELD_NUMBER: _builtins.int
+    OFFERED_FIELD_NUMBER: _builtins.int
+    OFFER_WITHDRAWN_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    UPGRADE_REQUEST_FIELD_NUMBER: _builtins.int
+    CHANNEL_CHANGE_FIELD_NUMBER: _builtins.int
+    CALL_SIGNAL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def signed_in(self) -> Global___SignedIn: ...
     @_builtins.property
@@ -120,22 +256,66 @@ class AssociateEvent(_message.Message):
     def ended(self) -> Global___EngagementEnded:
         """An engagement ended (by either side)."""
 
+    @_builtins.property
+    def offered(self) -> _common_pb2.Engagement:
+        """Offered to this associate (manual_claim): claim or reject it."""
+
+    @_builtins.property
+    def offer_withdrawn(self) -> Global___OfferWithdrawn:
+        """The offer went to someone else or lapsed."""
+
+    @_builtins.property
+    def chat(self) -> _common_pb2.ChatMessage: ...
+    @_builtins.property
+    def upgrade_request(self) -> _common_pb2.UpgradeRequest: ...
+    @_builtins.property
+    def channel_change(self) -> _common_pb2.ChannelChange: ...
+    @_builtins.property
+    def call_signal(self) -> _common_pb2.CallSignal: ...
     def __init__(
         self,
         *,
         signed_in: Global___SignedIn | None = ...,
         assigned: _common_pb2.Engagement | None = ...,
         ended: Global___EngagementEnded | None = ...,
+        offered: _common_pb2.Engagement | None = ...,
+        offer_withdrawn: Global___OfferWithdrawn | None = ...,
+        chat: _common_pb2.ChatMessage | None = ...,
+        upgrade_request: _common_pb2.UpgradeRequest | None = ...,
+        channel_change: _common_pb2.ChannelChange | None = ...,
+        call_signal: _common_pb2.CallSignal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "ended", b"ended", "kind", b"kind", "signed_in", b"signed_in"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "ended", b"ended", "kind", b"kind", "offer_withdrawn", b"offer_withdrawn", "offered", b"offered", "signed_in", b"signed_in", "upgrade_request", b"upgrade_request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "ended", b"ended", "kind", b"kind", "signed_in", b"signed_in"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "ended", b"ended", "kind", b"kind", "offer_withdrawn", b"offer_withdrawn", "offered", b"offered", "signed_in", b"signed_in", "upgrade_request", b"upgrade_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["signed_in", "assigned", "ended"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["signed_in", "assigned", "ended", "offered", "offer_withdrawn", "chat", "upgrade_request", "channel_change", "call_signal"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AssociateEvent: _TypeAlias = AssociateEvent  # noqa: Y015
+
+@_typing.final
+class OfferWithdrawn(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferWithdrawn: _TypeAlias = OfferWithdrawn  # noqa: Y015
 
 @_typing.final
 class SignedIn(_message.Message):
@@ -166,17 +346,21 @@ class EngagementEnded(_message.Message):
 
     ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
     DISPOSITION_FIELD_NUMBER: _builtins.int
+    ENDED_BY_FIELD_NUMBER: _builtins.int
     engagement_id: _builtins.str
     disposition: _builtins.str
+    ended_by: _common_pb2.Party.ValueType
+    """Who ended it; the associate may still send a wrap-up after the user left."""
     def __init__(
         self,
         *,
         engagement_id: _builtins.str = ...,
         disposition: _builtins.str = ...,
+        ended_by: _common_pb2.Party.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disposition", b"disposition", "engagement_id", b"engagement_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disposition", b"disposition", "ended_by", b"ended_by", "engagement_id", b"engagement_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

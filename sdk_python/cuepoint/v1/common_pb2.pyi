@@ -105,6 +105,8 @@ class _EngagementStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Engag
     ENGAGEMENT_STATE_ASSIGNED: _EngagementState.ValueType  # 2
     """An associate has the engagement and its context."""
     ENGAGEMENT_STATE_ENDED: _EngagementState.ValueType  # 3
+    ENGAGEMENT_STATE_CALLBACK_REQUESTED: _EngagementState.ValueType  # 4
+    """Nobody was available in time; the user asked to be called back."""
 
 class EngagementState(_EngagementState, metaclass=_EngagementStateEnumTypeWrapper): ...
 
@@ -114,7 +116,50 @@ ENGAGEMENT_STATE_QUEUED: EngagementState.ValueType  # 1
 ENGAGEMENT_STATE_ASSIGNED: EngagementState.ValueType  # 2
 """An associate has the engagement and its context."""
 ENGAGEMENT_STATE_ENDED: EngagementState.ValueType  # 3
+ENGAGEMENT_STATE_CALLBACK_REQUESTED: EngagementState.ValueType  # 4
+"""Nobody was available in time; the user asked to be called back."""
 Global___EngagementState: _TypeAlias = EngagementState  # noqa: Y015
+
+class _Party:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PartyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Party.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARTY_UNSPECIFIED: _Party.ValueType  # 0
+    PARTY_USER: _Party.ValueType  # 1
+    PARTY_ASSOCIATE: _Party.ValueType  # 2
+    PARTY_SYSTEM: _Party.ValueType  # 3
+
+class Party(_Party, metaclass=_PartyEnumTypeWrapper):
+    """Who said or did something in an engagement."""
+
+PARTY_UNSPECIFIED: Party.ValueType  # 0
+PARTY_USER: Party.ValueType  # 1
+PARTY_ASSOCIATE: Party.ValueType  # 2
+PARTY_SYSTEM: Party.ValueType  # 3
+Global___Party: _TypeAlias = Party  # noqa: Y015
+
+class _CallSignalKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CallSignalKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallSignalKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CALL_SIGNAL_KIND_UNSPECIFIED: _CallSignalKind.ValueType  # 0
+    CALL_SIGNAL_KIND_OFFER: _CallSignalKind.ValueType  # 1
+    CALL_SIGNAL_KIND_ANSWER: _CallSignalKind.ValueType  # 2
+    CALL_SIGNAL_KIND_CANDIDATE: _CallSignalKind.ValueType  # 3
+    CALL_SIGNAL_KIND_HANGUP: _CallSignalKind.ValueType  # 4
+
+class CallSignalKind(_CallSignalKind, metaclass=_CallSignalKindEnumTypeWrapper): ...
+
+CALL_SIGNAL_KIND_UNSPECIFIED: CallSignalKind.ValueType  # 0
+CALL_SIGNAL_KIND_OFFER: CallSignalKind.ValueType  # 1
+CALL_SIGNAL_KIND_ANSWER: CallSignalKind.ValueType  # 2
+CALL_SIGNAL_KIND_CANDIDATE: CallSignalKind.ValueType  # 3
+CALL_SIGNAL_KIND_HANGUP: CallSignalKind.ValueType  # 4
+Global___CallSignalKind: _TypeAlias = CallSignalKind  # noqa: Y015
 
 @_typing.final
 class AttributeValue(_message.Message):
@@ -492,6 +537,208 @@ class Cue(_message.Message):
 Global___Cue: _TypeAlias = Cue  # noqa: Y015
 
 @_typing.final
+class ChatMessage(_message.Message):
+    """A chat message, relayed through the server and stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    message_id: _builtins.str
+    """Server-assigned on relay; ignored when sending."""
+    sender: Global___Party.ValueType
+    text: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        sender: Global___Party.ValueType = ...,
+        text: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "message_id", b"message_id", "sender", b"sender", "text", b"text", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class UpgradeRequest(_message.Message):
+    """Either side asks to move the engagement to another channel (e.g. the
+    associate asks for screen share); the other side must consent.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    request_id: _builtins.str
+    """Chosen by the requester; echoed in the response."""
+    channel: Global___Channel.ValueType
+    requested_by: Global___Party.ValueType
+    """Set by the server when relaying."""
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        channel: Global___Channel.ValueType = ...,
+        requested_by: Global___Party.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "engagement_id", b"engagement_id", "request_id", b"request_id", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeRequest: _TypeAlias = UpgradeRequest  # noqa: Y015
+
+@_typing.final
+class UpgradeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    request_id: _builtins.str
+    accepted: _builtins.bool
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        accepted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "engagement_id", b"engagement_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpgradeResponse: _TypeAlias = UpgradeResponse  # noqa: Y015
+
+@_typing.final
+class ChannelChange(_message.Message):
+    """The engagement's channel changed (or an upgrade was refused: accepted=false)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    request_id: _builtins.str
+    channel: Global___Channel.ValueType
+    requested_by: Global___Party.ValueType
+    accepted: _builtins.bool
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        channel: Global___Channel.ValueType = ...,
+        requested_by: Global___Party.ValueType = ...,
+        accepted: _builtins.bool = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "channel", b"channel", "engagement_id", b"engagement_id", "request_id", b"request_id", "requested_by", b"requested_by", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelChange: _TypeAlias = ChannelChange  # noqa: Y015
+
+@_typing.final
+class CallSignal(_message.Message):
+    """Opaque call-setup signalling (e.g. WebRTC SDP and ICE candidates) relayed
+    between the SDK and the associate for audio, video and screen share.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    kind: Global___CallSignalKind.ValueType
+    payload: _builtins.bytes
+    """At most 64 KiB; the server does not look inside."""
+    sender: Global___Party.ValueType
+    """Set by the server when relaying."""
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        kind: Global___CallSignalKind.ValueType = ...,
+        payload: _builtins.bytes = ...,
+        sender: Global___Party.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "kind", b"kind", "payload", b"payload", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallSignal: _TypeAlias = CallSignal  # noqa: Y015
+
+@_typing.final
+class PriorEngagement(_message.Message):
+    """An earlier engagement of the same user (or device), for the associate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    SCENARIO_ID_FIELD_NUMBER: _builtins.int
+    DISPOSITION_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    scenario_id: _builtins.str
+    disposition: _builtins.str
+    notes: _builtins.str
+    outcome: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        scenario_id: _builtins.str = ...,
+        disposition: _builtins.str = ...,
+        notes: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disposition", b"disposition", "engagement_id", b"engagement_id", "notes", b"notes", "outcome", b"outcome", "scenario_id", b"scenario_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriorEngagement: _TypeAlias = PriorEngagement  # noqa: Y015
+
+@_typing.final
 class JourneyEntry(_message.Message):
     """A signal as it appears in an engagement's journey timeline."""
 
@@ -610,11 +857,15 @@ class EngagementContext(_message.Message):
     REDACTED_FIELDS_FIELD_NUMBER: _builtins.int
     SEGMENTS_FIELD_NUMBER: _builtins.int
     MILESTONES_FIELD_NUMBER: _builtins.int
+    PRIOR_ENGAGEMENTS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     device_id: _builtins.str
     user_id: _builtins.str
     """Empty when anonymous or when consent does not allow identity."""
     consent: Global___ConsentLevel.ValueType
+    priority: _builtins.int
+    """The engagement's routing priority (higher is served first)."""
     @_builtins.property
     def context(self) -> Global___Context: ...
     @_builtins.property
@@ -639,6 +890,10 @@ class EngagementContext(_message.Message):
 
     @_builtins.property
     def milestones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def prior_engagements(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorEngagement]:
+        """Earlier engagements of this user, newest first, with their wrap-up."""
+
     def __init__(
         self,
         *,
@@ -654,10 +909,12 @@ class EngagementContext(_message.Message):
         redacted_fields: _abc.Iterable[_builtins.str] | None = ...,
         segments: _abc.Iterable[_builtins.str] | None = ...,
         milestones: _abc.Iterable[_builtins.str] | None = ...,
+        prior_engagements: _abc.Iterable[Global___PriorEngagement] | None = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "cue", b"cue", "trigger", b"trigger", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "cue", b"cue", "device_id", b"device_id", "journey", b"journey", "milestones", b"milestones", "redacted_fields", b"redacted_fields", "segments", b"segments", "trigger", b"trigger", "user", b"user", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "cue", b"cue", "device_id", b"device_id", "journey", b"journey", "milestones", b"milestones", "prior_engagements", b"prior_engagements", "priority", b"priority", "redacted_fields", b"redacted_fields", "segments", b"segments", "trigger", b"trigger", "user", b"user", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

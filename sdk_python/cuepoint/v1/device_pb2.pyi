@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,31 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _FallbackOption:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FallbackOptionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FallbackOption.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FALLBACK_OPTION_UNSPECIFIED: _FallbackOption.ValueType  # 0
+    FALLBACK_OPTION_CALLBACK: _FallbackOption.ValueType  # 1
+    """Be called back later (the number is taken from the context or given)."""
+    FALLBACK_OPTION_CHAT: _FallbackOption.ValueType  # 2
+    """Continue in chat, which needs no associate waiting on the line."""
+    FALLBACK_OPTION_CANCEL: _FallbackOption.ValueType  # 3
+    """Give up."""
+
+class FallbackOption(_FallbackOption, metaclass=_FallbackOptionEnumTypeWrapper): ...
+
+FALLBACK_OPTION_UNSPECIFIED: FallbackOption.ValueType  # 0
+FALLBACK_OPTION_CALLBACK: FallbackOption.ValueType  # 1
+"""Be called back later (the number is taken from the context or given)."""
+FALLBACK_OPTION_CHAT: FallbackOption.ValueType  # 2
+"""Continue in chat, which needs no associate waiting on the line."""
+FALLBACK_OPTION_CANCEL: FallbackOption.ValueType  # 3
+"""Give up."""
+Global___FallbackOption: _TypeAlias = FallbackOption  # noqa: Y015
+
 @_typing.final
 class DeviceMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -27,28 +53,127 @@ class DeviceMessage(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     SIGNALS_FIELD_NUMBER: _builtins.int
     CUE_RESPONSE_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    UPGRADE_REQUEST_FIELD_NUMBER: _builtins.int
+    UPGRADE_RESPONSE_FIELD_NUMBER: _builtins.int
+    CALL_SIGNAL_FIELD_NUMBER: _builtins.int
+    END_ENGAGEMENT_FIELD_NUMBER: _builtins.int
+    FALLBACK_CHOICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
     def signals(self) -> Global___SignalBatch: ...
     @_builtins.property
     def cue_response(self) -> Global___CueResponse: ...
+    @_builtins.property
+    def chat(self) -> _common_pb2.ChatMessage: ...
+    @_builtins.property
+    def upgrade_request(self) -> _common_pb2.UpgradeRequest: ...
+    @_builtins.property
+    def upgrade_response(self) -> _common_pb2.UpgradeResponse: ...
+    @_builtins.property
+    def call_signal(self) -> _common_pb2.CallSignal: ...
+    @_builtins.property
+    def end_engagement(self) -> Global___EndEngagementByUser: ...
+    @_builtins.property
+    def fallback_choice(self) -> Global___FallbackChoice: ...
     def __init__(
         self,
         *,
         hello: Global___Hello | None = ...,
         signals: Global___SignalBatch | None = ...,
         cue_response: Global___CueResponse | None = ...,
+        chat: _common_pb2.ChatMessage | None = ...,
+        upgrade_request: _common_pb2.UpgradeRequest | None = ...,
+        upgrade_response: _common_pb2.UpgradeResponse | None = ...,
+        call_signal: _common_pb2.CallSignal | None = ...,
+        end_engagement: Global___EndEngagementByUser | None = ...,
+        fallback_choice: Global___FallbackChoice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cue_response", b"cue_response", "hello", b"hello", "kind", b"kind", "signals", b"signals"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "cue_response", b"cue_response", "end_engagement", b"end_engagement", "fallback_choice", b"fallback_choice", "hello", b"hello", "kind", b"kind", "signals", b"signals", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cue_response", b"cue_response", "hello", b"hello", "kind", b"kind", "signals", b"signals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "cue_response", b"cue_response", "end_engagement", b"end_engagement", "fallback_choice", b"fallback_choice", "hello", b"hello", "kind", b"kind", "signals", b"signals", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "signals", "cue_response"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "signals", "cue_response", "chat", "upgrade_request", "upgrade_response", "call_signal", "end_engagement", "fallback_choice"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___DeviceMessage: _TypeAlias = DeviceMessage  # noqa: Y015
+
+@_typing.final
+class EndEngagementByUser(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndEngagementByUser: _TypeAlias = EndEngagementByUser  # noqa: Y015
+
+@_typing.final
+class FallbackOffer(_message.Message):
+    """Nobody could take the engagement within the configured wait: the SDK
+    offers the user these alternatives and answers with a FallbackChoice.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    message: _builtins.str
+    @_builtins.property
+    def options(self) -> _containers.RepeatedScalarFieldContainer[Global___FallbackOption.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        options: _abc.Iterable[Global___FallbackOption.ValueType] | None = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "message", b"message", "options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FallbackOffer: _TypeAlias = FallbackOffer  # noqa: Y015
+
+@_typing.final
+class FallbackChoice(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    OPTION_FIELD_NUMBER: _builtins.int
+    PHONE_NUMBER_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    option: Global___FallbackOption.ValueType
+    phone_number: _builtins.str
+    """For a callback, optional; at most 32 characters."""
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        option: Global___FallbackOption.ValueType = ...,
+        phone_number: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "option", b"option", "phone_number", b"phone_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FallbackChoice: _TypeAlias = FallbackChoice  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -155,6 +280,11 @@ class ServerMessage(_message.Message):
     CUE_FIELD_NUMBER: _builtins.int
     WITHDRAWAL_FIELD_NUMBER: _builtins.int
     ENGAGEMENT_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    UPGRADE_REQUEST_FIELD_NUMBER: _builtins.int
+    CHANNEL_CHANGE_FIELD_NUMBER: _builtins.int
+    CALL_SIGNAL_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -165,6 +295,16 @@ class ServerMessage(_message.Message):
     def withdrawal(self) -> Global___CueWithdrawal: ...
     @_builtins.property
     def engagement(self) -> Global___EngagementUpdate: ...
+    @_builtins.property
+    def chat(self) -> _common_pb2.ChatMessage: ...
+    @_builtins.property
+    def upgrade_request(self) -> _common_pb2.UpgradeRequest: ...
+    @_builtins.property
+    def channel_change(self) -> _common_pb2.ChannelChange: ...
+    @_builtins.property
+    def call_signal(self) -> _common_pb2.CallSignal: ...
+    @_builtins.property
+    def fallback(self) -> Global___FallbackOffer: ...
     def __init__(
         self,
         *,
@@ -173,12 +313,17 @@ class ServerMessage(_message.Message):
         cue: _common_pb2.Cue | None = ...,
         withdrawal: Global___CueWithdrawal | None = ...,
         engagement: Global___EngagementUpdate | None = ...,
+        chat: _common_pb2.ChatMessage | None = ...,
+        upgrade_request: _common_pb2.UpgradeRequest | None = ...,
+        channel_change: _common_pb2.ChannelChange | None = ...,
+        call_signal: _common_pb2.CallSignal | None = ...,
+        fallback: Global___FallbackOffer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "cue", b"cue", "engagement", b"engagement", "kind", b"kind", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "kind", b"kind", "upgrade_request", b"upgrade_request", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "cue", b"cue", "engagement", b"engagement", "kind", b"kind", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "kind", b"kind", "upgrade_request", b"upgrade_request", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "cue", "withdrawal", "engagement"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "cue", "withdrawal", "engagement", "chat", "upgrade_request", "channel_change", "call_signal", "fallback"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -276,6 +421,7 @@ class EngagementUpdate(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     ASSOCIATE_NAME_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    DISPOSITION_FIELD_NUMBER: _builtins.int
     engagement_id: _builtins.str
     cue_id: _builtins.str
     state: _common_pb2.EngagementState.ValueType
@@ -283,6 +429,8 @@ class EngagementUpdate(_message.Message):
     queue: _builtins.str
     associate_name: _builtins.str
     """Display name of the associate, once assigned."""
+    disposition: _builtins.str
+    """Set once ended by the associate's wrap-up, e.g. "resolved"."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -295,10 +443,11 @@ class EngagementUpdate(_message.Message):
         queue: _builtins.str = ...,
         associate_name: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        disposition: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_name", b"associate_name", "channel", b"channel", "cue_id", b"cue_id", "engagement_id", b"engagement_id", "queue", b"queue", "state", b"state", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_name", b"associate_name", "channel", b"channel", "cue_id", b"cue_id", "disposition", b"disposition", "engagement_id", b"engagement_id", "queue", b"queue", "state", b"state", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,13 +9,15 @@ from typing import TypeAlias
 import grpc
 import structlog
 from cuepoint.v1 import associate_pb2, associate_pb2_grpc
+from google.protobuf.message import DecodeError
 
 from ..core.errors import CoreError
 from ..core.model import EngagementEnded, EngagementView, SessionFailed
 from ..core.service import Core
 from ..core.sessions import AssociateSession
 from . import convert
-from .errors import status_for
+from .auth import Authenticator, undecodable
+from .errors import abort, status_for
 
 __all__ = ["AssociateServicer"]
 
@@ -25,8 +27,9 @@ Context: TypeAlias = grpc.aio.ServicerContext[associate_pb2.AssociateMessage, as
 
 
 class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, *, auth: Authenticator | None = None) -> None:
         self.core = core
+        self.auth = auth  # None: auth disabled
 
     async def Connect(  # type: ignore[override]  # writes through context, not yield
         self, request_iterator: AsyncIterator[associate_pb2.AssociateMessage], context: Context
@@ -35,12 +38,18 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             return
+        except DecodeError as exc:
+            await abort(context, undecodable("AssociateMessage", exc))
         if first.WhichOneof("kind") != "sign_in":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a sign_in")
         try:
-            associate = self.core.sign_in(convert.sign_in_from_proto(first.sign_in))
+            request = convert.sign_in_from_proto(first.sign_in)
+            if self.auth is not None:
+                # Own associate id only, allowed queues only: engagements of other queues never reach it.
+                request = self.auth.check_sign_in(self.auth.identify(context.invocation_metadata()), request)
+            associate = self.core.sign_in(request)
         except CoreError as exc:
-            await context.abort(*status_for(exc))
+            await abort(context, exc)
         await context.write(
             associate_pb2.AssociateEvent(
                 signed_in=associate_pb2.SignedIn(associate_id=associate.associate_id, queues=associate.queues)
@@ -72,6 +81,9 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
                 else:
                     associate.outbox.put_nowait(SessionFailed("unexpected message after sign_in"))
                     return
+        except DecodeError as exc:
+            associate.outbox.put_nowait(SessionFailed(str(undecodable("AssociateMessage", exc))))
+            return
         except CoreError as exc:
             _, text = status_for(exc)
             log.info("associate.rejected", associate_id=associate.associate_id, error=text)

@@ -23,6 +23,7 @@ from ..core.model import (
     Scalar,
     Withdrawal,
 )
+from ..core.validation import Limits
 
 __all__ = [
     "ack_to_proto",
@@ -92,6 +93,8 @@ def _value(field: str, value: common_pb2.AttributeValue) -> Scalar:
 
 
 def _values(field: str, values: Mapping[str, common_pb2.AttributeValue]) -> dict[str, Scalar]:
+    if len(values) > Limits.max_props:
+        raise InvalidInput(field, f"more than {Limits.max_props} entries")
     return {key: _value(f"{field}[{key!r}]", v) for key, v in values.items()}
 
 
@@ -157,6 +160,9 @@ def hello_from_proto(msg: device_pb2.Hello) -> Hello:
 
 
 def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
+    size = msg.ByteSize()
+    if size > Limits.max_batch_bytes:
+        raise InvalidInput("signals", f"batch of {size} bytes exceeds {Limits.max_batch_bytes} bytes")
     signals = []
     for i, s in enumerate(msg.signals):
         field = f"signals.signals[{i}]"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 from cuepoint.v1 import device_pb2, device_pb2_grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..core.errors import CoreError
@@ -16,7 +17,9 @@ from ..core.model import Ack, CueOffer, EngagementUpdate, SessionFailed, Withdra
 from ..core.service import Core
 from ..core.sessions import DeviceOut, DeviceSession
 from . import convert
-from .errors import status_for
+from .auth import Authenticator, undecodable
+from .errors import abort, status_for
+from .limits import RateLimiter
 
 __all__ = ["DeviceServicer"]
 
@@ -29,11 +32,16 @@ class _StreamEnd:
 
     code: grpc.StatusCode | None = None
     message: str = ""
+    # When set, the stream ends with this error's rich status (api/errors.py).
+    error: CoreError | None = None
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, *, auth: Authenticator | None = None, limiter: RateLimiter | None = None) -> None:
         self.core = core
+        # None: auth disabled / no rate limits (ServerConfig.auth, ServerConfig.rate_limits).
+        self.auth = auth
+        self.limiter = limiter
 
     async def Connect(  # type: ignore[override]  # writes through context, not yield
         self,
@@ -44,12 +52,20 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             return
+        except DecodeError as exc:
+            await abort(context, undecodable("DeviceMessage", exc))
         if first.WhichOneof("kind") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
         try:
-            session = await self.core.open_session(convert.hello_from_proto(first.hello))
+            hello = convert.hello_from_proto(first.hello)
+            if self.auth is not None:
+                # The interceptor checked the key; only the Hello tells which app it is used for.
+                self.auth.check_hello(self.auth.identify(context.invocation_metadata()), hello.app_id)
+            if self.limiter is not None:
+                self.limiter.charge(hello.app_id, hello.device_id)
+            session = await self.core.open_session(hello)
         except CoreError as exc:
-            await context.abort(*status_for(exc))
+            await abort(context, exc)
         now = Timestamp()
         now.FromNanoseconds(int(self.core.clock.now() * 1e9))
         await context.write(
@@ -73,6 +89,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         try:
             async for message in requests:
                 kind = message.WhichOneof("kind")
+                if self.limiter is not None:
+                    cost = len(message.signals.signals) if kind == "signals" else 1
+                    self.limiter.charge(session.app_id, session.device_id, cost)
                 if kind == "signals":
                     self.core.ingest(session, convert.batch_from_proto(message.signals))
                 elif kind == "cue_response":
@@ -83,10 +102,15 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                         _StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello")
                     )
                     return
+        except DecodeError as exc:
+            error = undecodable("DeviceMessage", exc)
+            log.info("device.rejected", device_id=session.device_id, code="INVALID_ARGUMENT", error=str(error))
+            await outbox.put(_StreamEnd(error=error))
+            return
         except CoreError as exc:
             code, text = status_for(exc)
             log.info("device.rejected", device_id=session.device_id, code=code.name, error=text)
-            await outbox.put(_StreamEnd(code, text))
+            await outbox.put(_StreamEnd(code, text, exc))
             return
         except asyncio.CancelledError:
             raise
@@ -113,6 +137,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     extra = outbox.get_nowait()
                     if not isinstance(extra, _StreamEnd):
                         await context.write(_to_proto(extra))
+                if item.error is not None:
+                    await abort(context, item.error)
                 if item.code is not None:
                     await context.abort(item.code, item.message)
                 return

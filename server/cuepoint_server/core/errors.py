@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["CoreError", "InvalidInput", "NotFound", "PermissionDenied", "Unavailable"]
+__all__ = [
+    "CoreError",
+    "InvalidInput",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+]
 
 
 class CoreError(Exception):
@@ -28,3 +36,16 @@ class PermissionDenied(CoreError):
 
 class Unavailable(CoreError):
     pass
+
+
+class Unauthenticated(CoreError):
+    """No credentials, or credentials nobody issued."""
+
+
+class ResourceExhausted(CoreError):
+    """A rate limit is used up; `subject` names whose, e.g. ``device:fitkit/d1``."""
+
+    def __init__(self, subject: str, message: str) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.message = message

@@ -90,6 +90,7 @@ class EngagementUpdate:
     queue: str
     associate_name: str
     time: float
+    disposition: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,8 @@ class EngagementContext:
     trigger: dict[str, Any]
     cue: CueOffer
     redacted_fields: tuple[str, ...]
+    prior_engagements: tuple[PriorEngagement, ...] = ()
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +144,85 @@ class AssociateSignIn:
     display_name: str
     queues: tuple[str, ...]
     capacity: int
+    skills: tuple[str, ...] = ()
+    manual_claim: bool = False
+    presence: str = "available"
 
 
 @dataclass(frozen=True, slots=True)
 class EngagementEnded:
     engagement_id: str
     disposition: str
+    ended_by: str = "associate"
+
+
+# -- engagement traffic (issue: engagements) -----------------------------------------
+
+PARTIES = ("user", "associate", "system")
+CALL_SIGNAL_KINDS = ("offer", "answer", "candidate", "hangup")
+FALLBACKS = ("callback", "chat", "cancel")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatLine:
+    engagement_id: str
+    message_id: str
+    sender: str  # user | associate | system
+    text: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeAsk:
+    engagement_id: str
+    request_id: str
+    channel: str
+    requested_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelChanged:
+    engagement_id: str
+    request_id: str
+    channel: str
+    requested_by: str
+    accepted: bool
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class CallSignalRelay:
+    engagement_id: str
+    kind: str  # offer | answer | candidate | hangup
+    payload: bytes
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackOffered:
+    engagement_id: str
+    options: tuple[str, ...]
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class EngagementOffered:
+    """Offered to a manual-claim associate, who must claim or reject it."""
+
+    view: EngagementView
+
+
+@dataclass(frozen=True, slots=True)
+class OfferWithdrawn:
+    engagement_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PriorEngagement:
+    engagement_id: str
+    created_at: float
+    scenario_id: str
+    disposition: str
+    notes: str
+    outcome: str

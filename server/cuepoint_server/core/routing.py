@@ -1,8 +1,13 @@
-"""Queues of engagements waiting for associates; longest-idle associate first."""
+"""Queues of engagements waiting for associates.
+
+The longest-idle available associate with the required skills gets an
+engagement; waiting engagements are served by priority, then age.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+from collections.abc import Collection
 
 from .sessions import AssociateSession
 
@@ -12,7 +17,8 @@ __all__ = ["Router"]
 class Router:
     def __init__(self) -> None:
         self._associates: dict[str, AssociateSession] = {}
-        self._waiting: dict[str, deque[str]] = {}
+        # Per queue, sorted by (-priority, created_at, engagement_id).
+        self._waiting: dict[str, list[tuple[int, float, str]]] = {}
 
     def add(self, associate: AssociateSession) -> None:
         self._associates[associate.associate_id] = associate
@@ -21,8 +27,12 @@ class Router:
         if self._associates.get(associate.associate_id) is associate:
             del self._associates[associate.associate_id]
 
-    def pick(self, queue: str) -> AssociateSession | None:
-        candidates = [a for a in self._associates.values() if a.available and queue in a.queues]
+    def pick(self, queue: str, skills: Collection[str] = (), exclude: Collection[str] = ()) -> AssociateSession | None:
+        candidates = [
+            a
+            for a in self._associates.values()
+            if a.available and queue in a.queues and a.associate_id not in exclude and a.skills.issuperset(skills)
+        ]
         if not candidates:
             return None
         # Longest idle wins; id breaks ties so the choice is deterministic.
@@ -31,20 +41,21 @@ class Router:
     def has_capacity(self, queue: str) -> bool:
         return self.pick(queue) is not None
 
-    def wait(self, queue: str, engagement_id: str, *, front: bool = False) -> None:
-        waiting = self._waiting.setdefault(queue, deque())
-        if front:
-            waiting.appendleft(engagement_id)
-        else:
-            waiting.append(engagement_id)
+    def wait(self, queue: str, engagement_id: str, *, priority: int = 0, since: float = 0.0) -> None:
+        bisect.insort(self._waiting.setdefault(queue, []), (-priority, since, engagement_id))
 
-    def next_waiting(self, queues: tuple[str, ...]) -> tuple[str, str] | None:
-        """Pop the oldest waiting engagement among `queues` (queue order breaks ties)."""
-        for queue in queues:
-            waiting = self._waiting.get(queue)
-            if waiting:
-                return queue, waiting.popleft()
-        return None
+    def unwait(self, queue: str, engagement_id: str) -> None:
+        waiting = self._waiting.get(queue, [])
+        waiting[:] = [w for w in waiting if w[2] != engagement_id]
+
+    def waiting(self, queues: Collection[str]) -> list[str]:
+        """Waiting engagement ids across `queues`, best first."""
+        merged = sorted(w for q in queues for w in self._waiting.get(q, ()))
+        return [w[2] for w in merged]
 
     def waiting_count(self, queue: str) -> int:
         return len(self._waiting.get(queue, ()))
+
+    def associates(self) -> list[AssociateSession]:
+        """Signed-in associates (read-only view for live status and metrics)."""
+        return list(self._associates.values())

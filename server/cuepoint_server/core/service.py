@@ -22,24 +22,21 @@ from ..engine.engine import Engine
 from ..engine.scenario_set import ScenarioSet
 from ..engine.state import DeviceState, EventOccurrence
 from ..scenarios.compiler import CompiledScenario, milestone_event
-from ..storage import CueRecord, DecisionRecord, EngagementRecord, SessionRecord, SignalRecord, SqliteStore
-from .errors import InvalidInput, NotFound, PermissionDenied
+from ..storage import CueRecord, DecisionRecord, SessionRecord, SignalRecord, SqliteStore
+from ..storage.records import MilestoneRecord
+from .engagements import DeskConfig, EngagementDesk
+from .errors import InvalidInput
+from .live import LiveNow, describe_session, queue_loads
 from .model import (
     Ack,
     AssociateSignIn,
     CueOffer,
-    EngagementContext,
-    EngagementEnded,
-    EngagementUpdate,
-    EngagementView,
     Hello,
     IncomingBatch,
-    JourneyItem,
-    Scalar,
     SessionFailed,
     Withdrawal,
 )
-from .routing import Router
+from .observers import CoreObserver
 from .sessions import AssociateSession, DeviceSession, PendingCue
 from .validation import Limits, event_time, validate_batch, validate_hello
 
@@ -54,7 +51,13 @@ RESPONSES = ("accepted", "declined", "dismissed", "expired")
 class CoreConfig:
     # Signals shown to the associate in the journey timeline.
     journey_limit: int = 50
+    # Seconds an engagement may wait before the user is offered a callback or
+    # chat, when its queue sets no fallback_after; None: never.
+    fallback_after: float | None = None
     max_signals_per_batch: int = Limits.max_signals_per_batch
+    # Live now (admin ListLiveSessions): seconds since a device's last signal before idle, then inactive.
+    live_idle_after: float = 45.0
+    live_inactive_after: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,64 +68,11 @@ class DeviceView:
     milestones: list[str]
 
 
-@dataclass(slots=True)
-class _Engagement:
-    engagement_id: str
-    cue_id: str
-    app_id: str
-    device_id: str
-    session_id: str
-    queue: str
-    channel: str
-    created_at: float
-    context: EngagementContext
-    state: str = "queued"
-    associate: AssociateSession | None = None
-    assigned_at: float | None = None
-    ended_at: float | None = None
-    disposition: str = ""
-    notes: str = ""
-
-    def view(self) -> EngagementView:
-        return EngagementView(
-            engagement_id=self.engagement_id,
-            cue_id=self.cue_id,
-            queue=self.queue,
-            state=self.state,
-            channel=self.channel,
-            created_at=self.created_at,
-            associate_id=self.associate.associate_id if self.associate else "",
-            associate_name=self.associate.display_name if self.associate else "",
-            context=self.context,
-        )
-
-    def record(self) -> EngagementRecord:
-        return EngagementRecord(
-            engagement_id=self.engagement_id,
-            cue_id=self.cue_id,
-            app_id=self.app_id,
-            device_id=self.device_id,
-            session_id=self.session_id,
-            queue=self.queue,
-            state=self.state,
-            channel=self.channel,
-            created_at=self.created_at,
-            assigned_at=self.assigned_at,
-            ended_at=self.ended_at,
-            associate_id=self.associate.associate_id if self.associate else "",
-            disposition=self.disposition,
-            notes=self.notes,
-            context=_context_json(self.context),
-        )
-
-
 @dataclass
 class _Registry:
     states: dict[str, DeviceState] = field(default_factory=dict)
     sessions: dict[str, DeviceSession] = field(default_factory=dict)
     pending: dict[str, PendingCue] = field(default_factory=dict)
-    engagements: dict[str, _Engagement] = field(default_factory=dict)
-    active_by_device: dict[str, str] = field(default_factory=dict)
 
 
 class Core:
@@ -132,15 +82,25 @@ class Core:
         self.clock = clock
         self.config = config or CoreConfig()
         self.arbiter = Arbiter()
-        self.router = Router()
         self._reg = _Registry()
         self._background: set[asyncio.Task[Any]] = set()
+        self.desk = EngagementDesk(
+            store,
+            engine,
+            clock,
+            self._reg.sessions,
+            self._spawn,
+            DeskConfig(journey_limit=self.config.journey_limit, default_fallback_after=self.config.fallback_after),
+        )
+        self.router = self.desk.router
         self._timers: dict[str, tuple[float, TimerHandle]] = {}
         self._restored: set[str] = set()
         # The runtime emergency switch (admin API); the policy file has its own.
         self.paused_by_admin = False
         # Called with every arbitration decision (simulate, metrics).
         self.decision_listeners: list[Callable[[DecisionRecord], None]] = []
+        # Called as signals arrive, cues are offered and settled, engagements assigned (metrics).
+        self.observers: list[CoreObserver] = []
 
     @property
     def offers_paused(self) -> bool:
@@ -246,11 +206,15 @@ class Core:
                     scenarios.keep_seconds(signal.name),
                 )
                 events.add(signal.name)
+                self.desk.observe(state, signal.name, signal.props, at)
                 payload: dict[str, Any] = dict(signal.props)
             else:
+                identified = signal.context_set.get("user.id")
                 state.context.update(signal.context_set)
                 for key in signal.clear_keys:
                     state.context.pop(key, None)
+                if identified and session.consent != "none":
+                    self._identify(session, str(identified), now)
                 payload = {"set": dict(signal.context_set), "clear": list(signal.clear_keys)}
             state.last_signal_at = max(state.last_signal_at, at)
             rows.append(
@@ -266,13 +230,42 @@ class Core:
                 )
             )
         self._track(session, self._store_and_ack(session, batch.batch_id, rows, fresh, duplicates))
+        session.last_received_at = now
+        for observer in self.observers:
+            observer.signals_received(len(fresh), len(duplicates))
         if events:
             for milestone in self.engine.advance_milestones(state, events, now):
                 events.add(milestone_event(milestone))
                 log.info("milestone.reached", device_id=session.device_id, milestone=milestone)
+                reached = MilestoneRecord(now, session.app_id, session.device_id, session.session_id, milestone)
+                self._track(session, self.store.save_milestone(reached))
             self._evaluate(session, self.engine.scenarios.candidates(events), now)
         if fresh:
             self._schedule_timer(session.device_id, now)
+
+    def _identify(self, session: DeviceSession, user_id: str, now: float) -> None:
+        """The app signed the user in: stitch this device's journey and memory under the user."""
+        subject = f"user:{user_id}"
+        if session.subject == subject:
+            return
+        self.arbiter.merge(session.subject, subject)
+        session.subject = subject
+        self._track(
+            session,
+            self.store.save_session(
+                SessionRecord(
+                    session_id=session.session_id,
+                    app_id=session.app_id,
+                    device_id=session.device_id,
+                    user_id=user_id,
+                    started_at=session.started_at,
+                    context=dict(session.state.context),
+                    consent=session.consent,
+                )
+            ),
+        )
+        self._track(session, self._restore_memory(subject))
+        log.info("device.identified", device_id=session.device_id, session_id=session.session_id)
 
     async def _store_and_ack(
         self,
@@ -389,6 +382,8 @@ class Core:
         )
         log.info("cue.offered", device_id=session.device_id, scenario_id=scenario.id, cue_id=offer.cue_id)
         session.send(offer)
+        for observer in self.observers:
+            observer.cue_offered(scenario.id, self.clock.now() - now)
         return offer
 
     def _decided(
@@ -401,6 +396,7 @@ class Core:
         detail: str,
         cue_id: str,
     ) -> None:
+        scenario = self.engine.scenarios.by_id.get(scenario_id)
         record = DecisionRecord(
             time=now,
             app_id=session.app_id,
@@ -412,13 +408,14 @@ class Core:
             reason=reason,
             detail=detail,
             cue_id=cue_id,
+            outcome_milestone=(scenario.outcome or "") if scenario is not None else "",
         )
         for listener in self.decision_listeners:
             listener(record)
         self._track(session, self.store.save_decision(record))
 
     def _busy(self, device_id: str, now: float) -> str | None:
-        if device_id in self._reg.active_by_device:
+        if self.desk.active_for(device_id) is not None:
             return "engagement_active"
         pending = self._reg.pending.get(device_id)
         if pending is not None and pending.offer.expires_at > now:
@@ -431,6 +428,8 @@ class Core:
             return
         if pending.expiry is not None:
             pending.expiry.cancel()
+        for observer in self.observers:
+            observer.cue_settled(pending.scenario_id, "withdrawn")
         self._spawn(self._settled(device_id, pending.offer.cue_id, "withdrawn", reason))
 
     def _expire(self, device_id: str, cue_id: str) -> None:
@@ -438,6 +437,8 @@ class Core:
         if pending is None or pending.offer.cue_id != cue_id:
             return
         del self._reg.pending[device_id]
+        for observer in self.observers:
+            observer.cue_settled(pending.scenario_id, "expired")
         self._spawn(self._settled(device_id, cue_id, "expired", "expired"))
 
     async def _settled(self, device_id: str, cue_id: str, status: str, reason: str) -> None:
@@ -510,172 +511,30 @@ class Core:
         if pending.expiry is not None:
             pending.expiry.cancel()
         await self.store.set_cue_status(cue_id, response, now)
+        for observer in self.observers:
+            observer.cue_settled(pending.scenario_id, response)
         log.info("cue.answered", device_id=session.device_id, cue_id=cue_id, response=response)
         if response == "declined":
             self.arbiter.remember_decline(session.subject, pending.scenario_id, now, session.session_id)
         if response == "accepted":
             self.arbiter.remember_engagement(session.subject, session.session_id)
-            await self._start_engagement(session, pending, now)
+            if session.writes:
+                # The journey the associate sees must include every signal that led here.
+                await asyncio.gather(*session.writes, return_exceptions=True)
+            await self.desk.start(session, pending, now)
 
-    # -- engagements ------------------------------------------------------
-
-    async def _start_engagement(self, session: DeviceSession, pending: PendingCue, now: float) -> None:
-        if session.writes:
-            # The journey must include every signal that led here.
-            await asyncio.gather(*session.writes, return_exceptions=True)
-        context = await self._engagement_context(session, pending)
-        engagement = _Engagement(
-            engagement_id=uuid.uuid4().hex,
-            cue_id=pending.offer.cue_id,
-            app_id=session.app_id,
-            device_id=session.device_id,
-            session_id=session.session_id,
-            queue=str(pending.explanation.get("queue") or "default"),
-            channel=pending.offer.channel,
-            created_at=now,
-            context=context,
-        )
-        self._reg.engagements[engagement.engagement_id] = engagement
-        self._reg.active_by_device[session.device_id] = engagement.engagement_id
-        await self.store.save_engagement(engagement.record())
-        self._notify_device(engagement)
-        log.info("engagement.queued", engagement_id=engagement.engagement_id, queue=engagement.queue)
-        self._route(engagement)
-
-    async def _engagement_context(self, session: DeviceSession, pending: PendingCue) -> EngagementContext:
-        journey = await self.store.journey(session.device_id, limit=self.config.journey_limit)
-        ctx = session.state.context
-        consent = session.consent
-        user_attrs: dict[str, Scalar] = {}
-        redacted: list[str] = []
-        for key, value in ctx.items():
-            if not key.startswith("user.") or key == "user.id":
-                continue
-            if consent == "full" or (consent == "essential" and key == "user.tier"):
-                user_attrs[key.removeprefix("user.")] = value
-            else:
-                redacted.append(key)
-        user_id = str(ctx.get("user.id") or "")
-        if consent == "none" and user_id:
-            redacted.append("user.id")
-            user_id = ""
-        return EngagementContext(
-            app_id=session.app_id,
-            device_id=session.device_id,
-            user_id=user_id,
-            context={k: v for k, v in ctx.items() if not k.startswith("user.")},
-            user_attributes=user_attrs,
-            consent=consent,
-            journey=tuple(JourneyItem(r.signal_id, r.time, r.kind, r.name, r.payload) for r in journey),
-            trigger=dict(pending.explanation),
-            cue=pending.offer,
-            redacted_fields=tuple(sorted(redacted)),
-        )
-
-    def _route(self, engagement: _Engagement) -> None:
-        associate = self.router.pick(engagement.queue)
-        if associate is None:
-            self.router.wait(engagement.queue, engagement.engagement_id)
-            return
-        self._assign(engagement, associate)
-
-    def _assign(self, engagement: _Engagement, associate: AssociateSession) -> None:
-        now = self.clock.now()
-        engagement.state = "assigned"
-        engagement.associate = associate
-        engagement.assigned_at = now
-        associate.active.add(engagement.engagement_id)
-        self._spawn(self.store.save_engagement(engagement.record()))
-        associate.send(engagement.view())
-        self._notify_device(engagement)
-        log.info("engagement.assigned", engagement_id=engagement.engagement_id, associate_id=associate.associate_id)
-
-    def _notify_device(self, engagement: _Engagement) -> None:
-        session = self._reg.sessions.get(engagement.device_id)
-        if session is None:
-            return
-        session.send(
-            EngagementUpdate(
-                engagement_id=engagement.engagement_id,
-                cue_id=engagement.cue_id,
-                state=engagement.state,
-                channel=engagement.channel,
-                queue=engagement.queue,
-                associate_name=engagement.associate.display_name if engagement.associate else "",
-                time=self.clock.now(),
-            )
-        )
-
-    def _drain_waiting(self, associate: AssociateSession) -> None:
-        while associate.available:
-            item = self.router.next_waiting(associate.queues)
-            if item is None:
-                return
-            engagement = self._reg.engagements.get(item[1])
-            if engagement is not None and engagement.state == "queued":
-                self._assign(engagement, associate)
-
-    # -- associates -------------------------------------------------------
+    # -- engagements (core/engagements.py does the work) -------------------
 
     def sign_in(self, request: AssociateSignIn) -> AssociateSession:
-        if not request.associate_id or len(request.associate_id) > 128:
-            raise InvalidInput("sign_in.associate_id", "required; at most 128 characters")
-        if request.capacity < 0 or request.capacity > 100:
-            raise InvalidInput("sign_in.capacity", "must be between 0 and 100")
-        associate = AssociateSession(
-            associate_id=request.associate_id,
-            display_name=request.display_name or request.associate_id,
-            queues=request.queues or ("default",),
-            capacity=request.capacity or 1,
-            idle_since=self.clock.now(),
-        )
-        self.router.add(associate)
-        log.info("associate.signed_in", associate_id=associate.associate_id, queues=list(associate.queues))
-        self._drain_waiting(associate)
-        return associate
+        return self.desk.sign_in(request)
 
     def sign_out(self, associate: AssociateSession) -> None:
-        associate.closed = True
-        self.router.remove(associate)
-        # Engagements the associate still held go back to the front of their queue.
-        for engagement_id in sorted(associate.active):
-            engagement = self._reg.engagements.get(engagement_id)
-            if engagement is None or engagement.state != "assigned":
-                continue
-            engagement.state, engagement.associate, engagement.assigned_at = "queued", None, None
-            self._spawn(self.store.save_engagement(engagement.record()))
-            self._notify_device(engagement)
-            other = self.router.pick(engagement.queue)
-            if other is None:
-                self.router.wait(engagement.queue, engagement_id, front=True)
-            else:
-                self._assign(engagement, other)
-        associate.active.clear()
-        log.info("associate.signed_out", associate_id=associate.associate_id)
+        self.desk.sign_out(associate)
 
     async def end_engagement(
         self, associate: AssociateSession, engagement_id: str, disposition: str, notes: str
     ) -> None:
-        engagement = self._reg.engagements.get(engagement_id)
-        if engagement is None:
-            raise NotFound(f"no engagement {engagement_id!r}")
-        if engagement.associate is not associate:
-            raise PermissionDenied(f"engagement {engagement_id!r} is not assigned to you")
-        if not disposition or len(disposition) > 64:
-            raise InvalidInput("end.disposition", "required; at most 64 characters")
-        now = self.clock.now()
-        engagement.state, engagement.ended_at = "ended", now
-        engagement.disposition, engagement.notes = disposition, notes[:4000]
-        associate.active.discard(engagement_id)
-        if not associate.active:
-            associate.idle_since = now
-        if self._reg.active_by_device.get(engagement.device_id) == engagement_id:
-            del self._reg.active_by_device[engagement.device_id]
-        await self.store.save_engagement(engagement.record())
-        associate.send(EngagementEnded(engagement_id, disposition))
-        self._notify_device(engagement)
-        log.info("engagement.ended", engagement_id=engagement_id, disposition=disposition)
-        self._drain_waiting(associate)
+        await self.desk.wrap_up(associate, engagement_id, disposition, notes)
 
     # -- housekeeping -----------------------------------------------------
 
@@ -714,29 +573,32 @@ class Core:
             sorted(state.milestones),
         )
 
+    def live_now(self) -> LiveNow:
+        """Connected sessions (live / idle / inactive), pending cues and queue loads: the admin's live view."""
+        now, config = self.clock.now(), self.config
+        sessions = []
+        for session in list(self._reg.sessions.values()):
+            engagement = self.desk.get(self.desk.active_for(session.device_id) or "")
+            sessions.append(
+                describe_session(
+                    session,
+                    now,
+                    status_after=(config.live_idle_after, config.live_inactive_after),
+                    segments=self.engine.segments_of(session.state, now),
+                    pending=self._reg.pending.get(session.device_id),
+                    engagement=(engagement.engagement_id, engagement.state) if engagement else ("", ""),
+                )
+            )
+        queues = {s.queue for s in self.engine.scenarios.scenarios}
+        queues |= self.desk.queues_in_use()
+        return LiveNow(now, sessions, queue_loads(queues, self.router.associates(), self.router.waiting_count))
+
     def stats(self) -> dict[str, int]:
         return {
             "devices": len(self._reg.states),
             "sessions": len(self._reg.sessions),
+            "associates": len(self.router.associates()),
             "pending_cues": len(self._reg.pending),
-            "engagements": len(self._reg.engagements),
+            "engagements": self.desk.count(),
             "evaluations": self.engine.evaluations,
         }
-
-
-def _context_json(ctx: EngagementContext) -> dict[str, Any]:
-    return {
-        "app_id": ctx.app_id,
-        "device_id": ctx.device_id,
-        "user_id": ctx.user_id,
-        "context": dict(ctx.context),
-        "user_attributes": dict(ctx.user_attributes),
-        "consent": ctx.consent,
-        "journey": [
-            {"signal_id": j.signal_id, "time": j.time, "kind": j.kind, "name": j.name, "payload": j.payload}
-            for j in ctx.journey
-        ],
-        "trigger": ctx.trigger,
-        "cue": {"cue_id": ctx.cue.cue_id, "message": ctx.cue.message, "channel": ctx.cue.channel},
-        "redacted_fields": list(ctx.redacted_fields),
-    }

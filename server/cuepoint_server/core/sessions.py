@@ -9,18 +9,27 @@ from ..clock import TimerHandle
 from ..engine.state import DeviceState
 from .model import (
     Ack,
+    CallSignalRelay,
+    ChannelChanged,
+    ChatLine,
     CueOffer,
     EngagementEnded,
+    EngagementOffered,
     EngagementUpdate,
     EngagementView,
+    FallbackOffered,
+    OfferWithdrawn,
     SessionFailed,
+    UpgradeAsk,
     Withdrawal,
 )
 
 __all__ = ["AssociateSession", "DeviceOut", "DeviceSession", "PendingCue"]
 
-DeviceOut = Ack | CueOffer | Withdrawal | EngagementUpdate | SessionFailed
-AssociateOut = EngagementView | EngagementEnded | SessionFailed
+# What the core puts on each side's outbox; the gRPC layer converts.
+Relayed = ChatLine | UpgradeAsk | ChannelChanged | CallSignalRelay
+DeviceOut = Ack | CueOffer | Withdrawal | EngagementUpdate | SessionFailed | Relayed | FallbackOffered
+AssociateOut = EngagementView | EngagementOffered | OfferWithdrawn | EngagementEnded | SessionFailed | Relayed
 
 
 @dataclass(slots=True)
@@ -41,6 +50,8 @@ class DeviceSession:
     state: DeviceState
     started_at: float
     outbox: asyncio.Queue[DeviceOut] = field(default_factory=asyncio.Queue)
+    # When the last signal batch arrived (core clock); 0 before the first. Live now reads it.
+    last_received_at: float = 0.0
     writes: set[asyncio.Future[object]] = field(default_factory=set)
     closed: bool = False
 
@@ -56,13 +67,18 @@ class AssociateSession:
     queues: tuple[str, ...]
     capacity: int
     idle_since: float
+    skills: frozenset[str] = frozenset()
+    manual_claim: bool = False
+    presence: str = "available"  # available | busy | away
     active: set[str] = field(default_factory=set)
+    # Offers awaiting claim hold a slot, so one associate is never offered more than they can take.
+    offers: set[str] = field(default_factory=set)
     outbox: asyncio.Queue[AssociateOut] = field(default_factory=asyncio.Queue)
     closed: bool = False
 
     @property
     def available(self) -> bool:
-        return not self.closed and len(self.active) < self.capacity
+        return not self.closed and self.presence == "available" and len(self.active) + len(self.offers) < self.capacity
 
     def send(self, message: AssociateOut) -> None:
         if not self.closed:

@@ -29,6 +29,8 @@ class Limits:
     max_props = 64
     max_string = 1024
     max_device_id = 128
+    # Encoded size of one SignalBatch (the whole gRPC message is capped by ServerConfig.max_message_bytes).
+    max_batch_bytes = 1024 * 1024
     # How far a corrected timestamp may sit in the future, and how old a
     # buffered signal may be, before we call the clock absurd.
     max_future_skew = 300.0
@@ -64,6 +66,8 @@ def validate_hello(hello: Hello) -> None:
     if hello.consent not in CONSENT_LEVELS:
         raise InvalidInput("hello.consent.level", f"unknown consent level {hello.consent!r}")
     for key, value in hello.context.items():
+        if not CONTEXT_KEY.match(key):
+            raise InvalidInput(f"hello.context[{key[:80]!r}]", "invalid key; expected " + CONTEXT_KEY.pattern)
         _check_value(f"hello.context[{key!r}]", value)
 
 

@@ -5,8 +5,9 @@ when known, else the device), on the server, so caps and decline memory
 survive reinstalls and follow the user across devices.
 
 Checks, per qualifying scenario in arbitration order (priority, then id):
-the emergency switch, its schedule, decline memory, an engagement earlier in
-the session, its cooldown and caps; then, if a higher scenario already won,
+its holdout (control) group first, so that group is exactly the hash split
+(engine/holdout.py); the emergency switch, its schedule, decline memory, an
+engagement earlier in the session, its cooldown and caps; then, if a higher scenario already won,
 "priority"; otherwise the device being busy (a cue on screen or an engagement
 active), the global minimum gap and caps, and queue capacity. The first
 scenario that passes everything is offered.
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from ..scenarios.compiler import CompiledScenario
 from ..scenarios.durations import format_duration
 from ..scenarios.model import CapsSpec, PolicySpec
+from .holdout import in_holdout
 from .state import DeviceState
 
 __all__ = ["Arbiter", "Blocked", "Decision", "Situation"]
@@ -32,7 +34,7 @@ MAX_REMEMBERED_OFFERS = 512
 @dataclass(frozen=True, slots=True)
 class Blocked:
     scenario_id: str
-    # paused | schedule | declined | engaged | cooldown | cap | cue_pending |
+    # holdout | paused | schedule | declined | engaged | cooldown | cap | cue_pending |
     # engagement_active | min_gap | no_capacity | priority
     reason: str
     detail: str = ""
@@ -97,6 +99,19 @@ class Arbiter:
     def remember_engagement(self, subject: str, session_id: str) -> None:
         self._of(subject).engaged_sessions.add(session_id)
 
+    def merge(self, source: str, target: str) -> None:
+        """An anonymous device was identified: its history now belongs to the user."""
+        old = self._memory.pop(source, None)
+        if old is None:
+            return
+        memory = self._of(target)
+        for offer in old.offers:
+            self.remember_offer(target, offer.scenario_id, offer.at, offer.session_id)
+        for scenario_id, (at, session_id) in old.declines.items():
+            if scenario_id not in memory.declines or memory.declines[scenario_id][0] < at:
+                memory.declines[scenario_id] = (at, session_id)
+        memory.engaged_sessions |= old.engaged_sessions
+
     def decide(self, qualified: Sequence[CompiledScenario], situation: Situation) -> Decision:
         decision = Decision()
         memory = self._of(situation.subject)
@@ -116,6 +131,8 @@ class Arbiter:
         return decision
 
     def _own_block(self, scenario: CompiledScenario, s: Situation, memory: _Memory) -> tuple[str, str] | None:
+        if scenario.holdout and in_holdout(s.subject, scenario.id, scenario.holdout):
+            return ("holdout", f"in the {scenario.holdout * 100:g}% holdout (control) group")
         if s.paused:
             return ("paused", "offers are switched off")
         if scenario.schedule is not None and not scenario.schedule.is_open(s.now, s.state.context):

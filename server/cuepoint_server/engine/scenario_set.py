@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..scenarios.compiler import CompiledDefinition, CompiledScenario, compile_definition, compile_scenario
+from ..scenarios.compiler import (
+    CompiledDefinition,
+    CompiledScenario,
+    Routing,
+    compile_definition,
+    compile_routing,
+    compile_scenario,
+)
 from ..scenarios.loader import LoadedSet, load_directory
 from ..scenarios.model import PolicySpec
 
@@ -43,6 +50,7 @@ class ScenarioSet:
     # Enabled scenarios with idle, dwell or absence leaves: they need timers.
     timed: tuple[CompiledScenario, ...] = ()
     policy: PolicySpec = field(default_factory=PolicySpec)
+    routing: Routing = field(default_factory=Routing)
     source: str = ""
 
     @classmethod
@@ -79,6 +87,7 @@ class ScenarioSet:
             segments=segments,
             timed=tuple(s for s in enabled if s.timed),
             policy=loaded.policy,
+            routing=compile_routing(loaded.routing, segment_defs),
             source=source,
         )
 

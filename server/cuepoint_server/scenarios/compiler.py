@@ -30,6 +30,8 @@ from .model import (
     IdleCondition,
     MilestoneCondition,
     NotCondition,
+    QueueSpec,
+    RoutingSpec,
     ScheduleSpec,
     SegmentCondition,
 )
@@ -40,10 +42,14 @@ from .versions import compare_versions
 __all__ = [
     "SCREEN_EVENT",
     "CompiledDefinition",
+    "CompiledRule",
     "CompiledScenario",
     "Explanation",
+    "OutcomeCheck",
     "Predicate",
+    "Routing",
     "compile_definition",
+    "compile_routing",
     "compile_scenario",
     "milestone_event",
 ]
@@ -85,6 +91,50 @@ class _Build:
 
 
 @dataclass(frozen=True, slots=True)
+class OutcomeCheck:
+    """After an engagement: did `event` (matching `where`) follow within `within` seconds?"""
+
+    event: str
+    where: Callable[[Mapping[str, Scalar]], bool]
+    within: float
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    predicate: Predicate
+    queue: str | None
+    priority: int
+    skills: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    rules: tuple[CompiledRule, ...] = ()
+    queues: Mapping[str, QueueSpec] = field(default_factory=dict)
+
+    def queue(self, name: str) -> QueueSpec:
+        return self.queues.get(name) or QueueSpec(id=name)
+
+    def route(
+        self, state: DeviceState, now: float, queue: str, priority: int, skills: tuple[str, ...]
+    ) -> tuple[str, int, tuple[str, ...]]:
+        """The first matching rule moves the engagement, adds priority and skills."""
+        for rule in self.rules:
+            if rule.predicate(state, now):
+                merged = tuple(dict.fromkeys((*skills, *rule.skills)))
+                return rule.queue or queue, priority + rule.priority, merged
+        return queue, priority, skills
+
+
+def compile_routing(spec: RoutingSpec, segments: Mapping[str, LoadedDefinition]) -> Routing:
+    rules = []
+    for i, rule in enumerate(spec.rules):
+        predicate, _ = _compile(rule.when, f"routing.rules[{i}].when", _Build(segments))
+        rules.append(CompiledRule(predicate, rule.queue, rule.priority, tuple(rule.skills)))
+    return Routing(tuple(rules), {q.id: q for q in spec.queues})
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledDefinition:
     """A compiled milestone or segment."""
 
@@ -122,10 +172,15 @@ class CompiledScenario:
     after_decline: float | str
     schedule: Schedule | None
     outcome: str | None
+    queue_priority: int
+    skills: tuple[str, ...]
+    engagement_outcome: OutcomeCheck | None
     _deadlines: tuple[Deadline, ...]
     _anchors: tuple[Anchor, ...]
     _explain_target: Explainer | None
     _explain_trigger: Explainer
+    # Share of subjects held out as a control group (never offered; blocked: holdout).
+    holdout: float = 0.0
 
     @property
     def timed(self) -> bool:
@@ -201,10 +256,22 @@ def compile_scenario(
         after_decline=spec.after_decline,
         schedule=_schedule(spec.schedule),
         outcome=spec.outcome,
+        queue_priority=spec.cue.priority,
+        skills=tuple(spec.cue.skills),
+        engagement_outcome=(
+            OutcomeCheck(
+                spec.engagement_outcome.event,
+                _where_test(spec.engagement_outcome.where),
+                spec.engagement_outcome.within,
+            )
+            if spec.engagement_outcome
+            else None
+        ),
         _deadlines=tuple(build.deadlines),
         _anchors=tuple(build.anchors),
         _explain_target=explain_target,
         _explain_trigger=explain_trigger,
+        holdout=spec.holdout,
     )
 
 

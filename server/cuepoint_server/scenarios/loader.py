@@ -7,7 +7,7 @@ caller keeps serving its previous good set when this raises.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
@@ -21,6 +21,7 @@ from .model import (
     MilestoneSpec,
     NotCondition,
     PolicySpec,
+    RoutingSpec,
     ScenarioSpec,
     SegmentCondition,
     SegmentSpec,
@@ -102,11 +103,22 @@ class LoadedSet:
     milestones: list[LoadedDefinition] = field(default_factory=list)
     policy: PolicySpec = field(default_factory=PolicySpec)
     policy_at: tuple[str, int] | None = None
+    routing: RoutingSpec = field(default_factory=RoutingSpec)
+    routing_at: tuple[str, int] | None = None
+    routing_line_of: Callable[[Path], int] | None = None
 
     def merge(self, other: LoadedSet, issues: list[ScenarioIssue]) -> None:
         self.scenarios.extend(other.scenarios)
         self.segments.extend(other.segments)
         self.milestones.extend(other.milestones)
+        if other.routing_at is not None:
+            if self.routing_at is not None:
+                file, line = other.routing_at
+                at = f"{self.routing_at[0]}:{self.routing_at[1]}"
+                issues.append(ScenarioIssue(file, line, "routing", f"routing is already defined at {at}"))
+            else:
+                self.routing, self.routing_at = other.routing, other.routing_at
+                self.routing_line_of = other.routing_line_of
         if other.policy_at is not None:
             if self.policy_at is not None:
                 file, line = other.policy_at
@@ -170,7 +182,7 @@ def load_text(text: str, name: str) -> LoadedSet:
     return result
 
 
-SECTIONS = ("scenarios", "segments", "milestones", "policy")
+SECTIONS = ("scenarios", "segments", "milestones", "policy", "routing")
 
 
 def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
@@ -193,8 +205,8 @@ def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
                         "unknown section; expected " + ", ".join(SECTIONS),
                     )
                 )
-            elif key == "policy":
-                entries.append(("policy", ("policy",), value))
+            elif key in ("policy", "routing"):
+                entries.append((key, (key,), value))
             elif not isinstance(value, list):
                 issues.append(ScenarioIssue(name, located.line_of((key,)), str(key), "expected a list"))
             else:
@@ -236,14 +248,18 @@ def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
             result.milestones.append(LoadedDefinition(spec, name, line, located, prefix))
         elif isinstance(spec, PolicySpec):
             result.policy, result.policy_at = spec, (name, line)
+        elif isinstance(spec, RoutingSpec):
+            result.routing, result.routing_at = spec, (name, line)
+            result.routing_line_of = lambda path, prefix=prefix: located.line_of((*prefix, *path))
     return result, issues
 
 
-_MODELS: dict[str, type[ScenarioSpec | SegmentSpec | MilestoneSpec | PolicySpec]] = {
+_MODELS: dict[str, type[ScenarioSpec | SegmentSpec | MilestoneSpec | PolicySpec | RoutingSpec]] = {
     "scenarios": ScenarioSpec,
     "segments": SegmentSpec,
     "milestones": MilestoneSpec,
     "policy": PolicySpec,
+    "routing": RoutingSpec,
 }
 
 
@@ -291,36 +307,30 @@ def _cross_check(loaded: LoadedSet) -> list[ScenarioIssue]:
                 )
     segments = {s.spec.id: s for s in loaded.segments}
     milestones = {m.spec.id for m in loaded.milestones}
-    everything: list[LoadedScenario | LoadedDefinition] = [
-        *loaded.scenarios,
-        *loaded.segments,
-        *loaded.milestones,
+    defined: list[LoadedScenario | LoadedDefinition] = [*loaded.scenarios, *loaded.segments, *loaded.milestones]
+    located: list[tuple[str, Callable[[Path], int], Iterator[tuple[Any, Path]], Path]] = [
+        (item.file, item.line_of, _conditions(item), ()) for item in defined
     ]
-    for item in everything:
-        for cond, path in _conditions(item):
+    if loaded.routing_at is not None:
+        file, line = loaded.routing_at
+        routing_lines = loaded.routing_line_of or (lambda path: line)
+        rules = (
+            pair for i, rule in enumerate(loaded.routing.rules) for pair in walk_paths(rule.when, ("rules", i, "when"))
+        )
+        located.append((file, routing_lines, rules, ("routing",)))
+    for file, line_of, conditions, shown in located:
+        for cond, path in conditions:
             if isinstance(cond, SegmentCondition) and cond.segment not in segments:
-                issues.append(
-                    ScenarioIssue(
-                        item.file,
-                        item.line_of(path),
-                        _dotted((*path, "segment")),
-                        f"unknown segment {cond.segment!r}",
-                    )
-                )
+                field_name = _dotted((*shown, *path, "segment"))
+                issues.append(ScenarioIssue(file, line_of(path), field_name, f"unknown segment {cond.segment!r}"))
             if isinstance(cond, MilestoneCondition) and cond.milestone not in milestones:
-                issues.append(
-                    ScenarioIssue(
-                        item.file,
-                        item.line_of(path),
-                        _dotted((*path, "milestone")),
-                        f"unknown milestone {cond.milestone!r}",
-                    )
-                )
-        spec = item.spec
-        if isinstance(spec, ScenarioSpec) and spec.outcome is not None and spec.outcome not in milestones:
-            issues.append(
-                ScenarioIssue(item.file, item.line_of(("outcome",)), "outcome", f"unknown milestone {spec.outcome!r}")
-            )
+                field_name = _dotted((*shown, *path, "milestone"))
+                issues.append(ScenarioIssue(file, line_of(path), field_name, f"unknown milestone {cond.milestone!r}"))
+    for scenario in loaded.scenarios:
+        spec = scenario.spec
+        if spec.outcome is not None and spec.outcome not in milestones:
+            line = scenario.line_of(("outcome",))
+            issues.append(ScenarioIssue(scenario.file, line, "outcome", f"unknown milestone {spec.outcome!r}"))
     issues.extend(_segment_cycles(segments))
     return issues
 

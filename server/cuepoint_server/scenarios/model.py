@@ -78,6 +78,37 @@ Duration = Annotated[
     ),
 ]
 
+
+def parse_share(value: object) -> float:
+    """A share of subjects: '10%' or a fraction 0.1, between 0 and 1."""
+    if isinstance(value, bool):
+        raise ValueError("expected a share such as 10% or 0.1")
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*%\s*", value):
+        share = float(value.strip().rstrip("%")) / 100
+    elif isinstance(value, int | float):
+        share = float(value)
+    else:
+        raise ValueError(f"{value!r} is not a share; write e.g. 10% or 0.1")
+    if not 0 <= share <= 1:
+        raise ValueError("a share must be between 0% and 100% (a fraction between 0 and 1)")
+    return share
+
+
+Share = Annotated[
+    float,
+    BeforeValidator(parse_share),
+    PlainSerializer(lambda share: f"{share * 100:g}%", return_type=str),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\d+(\.\d+)?%$"},
+                {"type": "number", "minimum": 0, "maximum": 1},
+            ],
+            "description": "A share of users: 10% or a fraction such as 0.1.",
+        }
+    ),
+]
+
 _ID = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 _EVENT = r"^[a-z][a-z0-9_.:-]{0,63}$"
 # Context keys the SDK sends; custom ones live under attributes.* and user.*.
@@ -378,6 +409,12 @@ class CueSpec(_Strict):
     upgrades: list[ChannelName] = Field(default_factory=list, description="Channels it may upgrade to.")
     ttl: Duration = Field(default=60.0, description="How long the offer stays up before it expires.")
     queue: str = Field(default="default", pattern=_ID, description="Associate queue for the engagement.")
+    priority: int = Field(
+        default=0, ge=-1000, le=1000, description="Engagement priority in its queue; higher is served first."
+    )
+    skills: list[Annotated[str, Field(pattern=_ID)]] = Field(
+        default_factory=list, description="Skills the associate must have."
+    )
 
     @model_validator(mode="after")
     def _upgrades(self) -> CueSpec:
@@ -487,11 +524,19 @@ class ScenarioSpec(_Strict):
         description="After the user declines: not again this session (default), for a duration, or never.",
     )
     schedule: ScheduleSpec | None = None
+    engagement_outcome: OutcomeCheckSpec | None = Field(
+        default=None, description="How to judge an engagement's outcome, e.g. sync_succeeded within 10m."
+    )
     outcome: str | None = Field(
         default=None,
         pattern=_ID,
         description="A milestone that means success: once reached, the scenario is no longer offered "
         "this session and a pending cue is withdrawn.",
+    )
+    holdout: Share = Field(
+        default=0.0,
+        description="A control group: this share of users (a stable hash of user and scenario) qualifies but is "
+        "never offered (blocked: holdout), so reports can compare its conversion with the treated group's.",
     )
 
     @field_validator("trigger")
@@ -502,6 +547,48 @@ class ScenarioSpec(_Strict):
                 "a trigger must mention an event, idle, dwell, milestone or segment, so it knows when to evaluate"
             )
         return value
+
+
+class OutcomeCheckSpec(_Strict):
+    """After an engagement ends: did this event follow within the window? Stored as its outcome."""
+
+    event: str = Field(pattern=_EVENT)
+    where: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], Comparison] | None = None
+    within: Duration
+
+
+FallbackName = Literal["callback", "chat", "cancel"]
+
+
+def _all_fallbacks() -> list[FallbackName]:
+    return ["callback", "chat", "cancel"]
+
+
+class QueueSpec(_Strict):
+    id: str = Field(pattern=_ID)
+    fallback_after: Duration | None = Field(
+        default=None, description="If nobody takes the engagement this long, offer the user the fallbacks."
+    )
+    fallback: list[FallbackName] = Field(default_factory=_all_fallbacks, min_length=1)
+    offer_timeout: Duration = Field(
+        default=30.0, description="An offer to a manual-claim associate lapses after this and moves on."
+    )
+
+
+class RoutingRuleSpec(_Strict):
+    """First matching rule wins, when an engagement is created."""
+
+    when: Condition
+    queue: str | None = Field(default=None, pattern=_ID, description="Route to this queue instead.")
+    priority: int = Field(default=0, ge=-1000, le=1000, description="Added to the engagement's priority.")
+    skills: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list)
+
+
+class RoutingSpec(_Strict):
+    """Queues and routing rules. Scores such as an outcome probability arrive as context attributes."""
+
+    queues: list[QueueSpec] = Field(default_factory=list)
+    rules: list[RoutingRuleSpec] = Field(default_factory=list)
 
 
 class DefinitionSpec(_Strict):
@@ -548,6 +635,7 @@ class ScenarioFile(_Strict):
     segments: list[SegmentSpec] = Field(default_factory=list)
     milestones: list[MilestoneSpec] = Field(default_factory=list)
     policy: PolicySpec | None = None
+    routing: RoutingSpec | None = None
 
 
 def children(cond: Any) -> list[Any]:

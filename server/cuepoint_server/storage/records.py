@@ -71,6 +71,11 @@ class EngagementRecord:
     disposition: str
     notes: str
     context: dict[str, Any]
+    subject: str = ""
+    scenario_id: str = ""
+    priority: int = 0
+    outcome: str = ""  # "" | "pending" | "achieved" | "not_achieved"
+    ended_by: str = ""  # "" | "associate" | "user" | "system"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +92,35 @@ class DecisionRecord:
     reason: str  # "" when offered; priority | cooldown | cap | declined | schedule | no_capacity | ...
     detail: str
     cue_id: str  # the cue when offered, else ""
+    outcome_milestone: str = ""  # the scenario's outcome milestone, if it has one (funnel conversion)
+
+
+@dataclass(frozen=True, slots=True)
+class MilestoneRecord:
+    """A milestone a session reached (once per session)."""
+
+    time: float
+    app_id: str
+    device_id: str
+    session_id: str
+    milestone_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRecord:
+    message_id: str
+    engagement_id: str
+    sender: str  # "user" | "associate" | "system"
+    text: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelChangeRecord:
+    engagement_id: str
+    time: float
+    request_id: str
+    from_channel: str
+    to_channel: str
+    requested_by: str
+    accepted: bool

@@ -63,8 +63,37 @@ CREATE TABLE IF NOT EXISTS engagements (
     associate_id  TEXT NOT NULL,
     disposition   TEXT NOT NULL,
     notes         TEXT NOT NULL,
-    context       TEXT NOT NULL
+    context       TEXT NOT NULL,
+    subject       TEXT NOT NULL DEFAULT '',
+    scenario_id   TEXT NOT NULL DEFAULT '',
+    priority      INTEGER NOT NULL DEFAULT 0,
+    -- "", pending, achieved or not_achieved: did the scenario's success event follow?
+    outcome       TEXT NOT NULL DEFAULT '',
+    ended_by      TEXT NOT NULL DEFAULT ''
 );
+CREATE INDEX IF NOT EXISTS engagements_subject_created ON engagements (subject, created_at);
+
+-- Chat relayed through the server, both directions.
+CREATE TABLE IF NOT EXISTS chat_messages (
+    message_id    TEXT PRIMARY KEY,
+    engagement_id TEXT NOT NULL,
+    sender        TEXT NOT NULL CHECK (sender IN ('user', 'associate', 'system')),
+    text          TEXT NOT NULL,
+    time          REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chat_engagement_time ON chat_messages (engagement_id, time);
+
+-- Every channel change asked for, granted or refused.
+CREATE TABLE IF NOT EXISTS channel_changes (
+    engagement_id TEXT NOT NULL,
+    time          REAL NOT NULL,
+    request_id    TEXT NOT NULL,
+    from_channel  TEXT NOT NULL,
+    to_channel    TEXT NOT NULL,
+    requested_by  TEXT NOT NULL,
+    accepted      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS channel_changes_engagement ON channel_changes (engagement_id, time);
 CREATE INDEX IF NOT EXISTS engagements_device_created ON engagements (device_id, created_at);
 CREATE INDEX IF NOT EXISTS engagements_cue ON engagements (cue_id);
 
@@ -80,7 +109,24 @@ CREATE TABLE IF NOT EXISTS decisions (
     outcome     TEXT NOT NULL CHECK (outcome IN ('offered', 'blocked')),
     reason      TEXT NOT NULL,
     detail      TEXT NOT NULL,
-    cue_id      TEXT NOT NULL
+    cue_id      TEXT NOT NULL,
+    -- The scenario's outcome milestone at decision time ('' if none): what counts as conversion in funnels.
+    outcome_milestone TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS decisions_device_time ON decisions (device_id, time);
 CREATE INDEX IF NOT EXISTS decisions_scenario_time ON decisions (scenario_id, time);
+CREATE INDEX IF NOT EXISTS decisions_cue ON decisions (cue_id) WHERE cue_id != '';
+
+-- Milestones reached, once per session each: funnels count conversions (the scenario's
+-- outcome milestone) for offered and held-out sessions alike.
+CREATE TABLE IF NOT EXISTS milestones (
+    time         REAL NOT NULL,
+    app_id       TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    session_id   TEXT NOT NULL,
+    milestone_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS milestones_session ON milestones (session_id, milestone_id, time);
+-- Funnels read a scenario's cues over a time range, and a session's cues.
+CREATE INDEX IF NOT EXISTS cues_scenario_created ON cues (scenario_id, created_at);
+CREATE INDEX IF NOT EXISTS cues_session ON cues (session_id);

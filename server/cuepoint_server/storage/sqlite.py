@@ -23,7 +23,16 @@ from typing import Any, Self
 
 import aiosqlite
 
-from .records import CueRecord, DecisionRecord, EngagementRecord, SessionRecord, SignalRecord
+from .records import (
+    ChannelChangeRecord,
+    ChatRecord,
+    CueRecord,
+    DecisionRecord,
+    EngagementRecord,
+    MilestoneRecord,
+    SessionRecord,
+    SignalRecord,
+)
 
 SCHEMA_VERSION = 1
 _BUSY_TIMEOUT_MS = 5000
@@ -54,8 +63,11 @@ _CUE_COLS = (
 )  # fmt: skip
 _ENGAGEMENT_COLS = (
     "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
-    "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context",
+    "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context", "subject", "scenario_id",
+    "priority", "outcome", "ended_by",
 )  # fmt: skip
+_CHAT_COLS = ("message_id", "engagement_id", "sender", "text", "time")
+_CHANGE_COLS = ("engagement_id", "time", "request_id", "from_channel", "to_channel", "requested_by", "accepted")
 
 
 def _upsert_sql(table: str, cols: Sequence[str], *, keep_when_null: Sequence[str] = ()) -> str:
@@ -135,7 +147,12 @@ _DECISION_COLS = (
     "reason",
     "detail",
     "cue_id",
+    "outcome_milestone",
 )
+_MILESTONE_COLS = ("time", "app_id", "device_id", "session_id", "milestone_id")
+_INSERT_MILESTONE = f"INSERT INTO milestones ({', '.join(_MILESTONE_COLS)}) VALUES (?, ?, ?, ?, ?)"
+_INSERT_CHAT = f"INSERT INTO chat_messages ({', '.join(_CHAT_COLS)}) VALUES (?, ?, ?, ?, ?)"
+_INSERT_CHANGE = f"INSERT INTO channel_changes ({', '.join(_CHANGE_COLS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_DECISION = (
     f"INSERT INTO decisions ({', '.join(_DECISION_COLS)}) VALUES ({', '.join('?' * len(_DECISION_COLS))})"
 )
@@ -163,13 +180,14 @@ def _engagement_row(r: EngagementRecord) -> Row:
     return (
         r.engagement_id, r.cue_id, r.app_id, r.device_id, r.session_id, r.queue, r.state, r.channel,
         r.created_at, r.assigned_at, r.ended_at, r.associate_id, r.disposition, r.notes, _dumps(r.context),
+        r.subject, r.scenario_id, r.priority, r.outcome, r.ended_by,
     )  # fmt: skip
 
 
 def _engagement_from(row: sqlite3.Row) -> EngagementRecord:
     return EngagementRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
-        row[12], row[13], json.loads(row[14]),
+        row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19],
     )  # fmt: skip
 
 
@@ -501,8 +519,18 @@ class SqliteStore:
     async def save_engagement(self, rec: EngagementRecord) -> None:
         await self._writer.execute(_UPSERT_ENGAGEMENT, _engagement_row(rec))
 
+    async def save_chat(self, rec: ChatRecord) -> None:
+        await self._writer.execute(_INSERT_CHAT, (rec.message_id, rec.engagement_id, rec.sender, rec.text, rec.time))
+
+    async def save_channel_change(self, rec: ChannelChangeRecord) -> None:
+        row = (rec.engagement_id, rec.time, rec.request_id, rec.from_channel, rec.to_channel, rec.requested_by)
+        await self._writer.execute(_INSERT_CHANGE, (*row, int(rec.accepted)))
+
     async def save_decision(self, rec: DecisionRecord) -> None:
         await self._writer.execute(_INSERT_DECISION, _decision_row(rec))
+
+    async def save_milestone(self, rec: MilestoneRecord) -> None:
+        await self._writer.execute(_INSERT_MILESTONE, tuple(getattr(rec, c) for c in _MILESTONE_COLS))
 
     # Reads bypass the write queue. They run in autocommit mode, so each sees everything committed so far,
     # which includes every write whose coroutine has returned.
@@ -515,6 +543,10 @@ class SqliteStore:
         assert self._shared_lock is not None
         async with self._shared_lock:
             return list(await self._writer_conn.execute_fetchall(sql, params))
+
+    async def query(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        """A read-only ad-hoc query (reports, reporting/funnel.py); sees everything committed."""
+        return await self._fetch(sql, tuple(params))
 
     async def journey(self, device_id: str, *, limit: int = 100, since: float | None = None) -> list[SignalRecord]:
         """The device's most recent ``limit`` signals (time >= ``since``), oldest first."""
@@ -569,6 +601,34 @@ class SqliteStore:
         sql = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE engagement_id = ?"
         rows = await self._fetch(sql, (engagement_id,))
         return _engagement_from(rows[0]) if rows else None
+
+    async def engagements_for_subject(self, subject: str, *, limit: int = 20) -> list[EngagementRecord]:
+        """The subject's (user's, else device's) most recent engagements, newest first."""
+        sql = (
+            f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE subject = ? ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        )
+        return [_engagement_from(r) for r in await self._fetch(sql, (subject, limit))]
+
+    async def chat_transcript(self, engagement_id: str) -> list[ChatRecord]:
+        sql = f"{_select('chat_messages', _CHAT_COLS)} WHERE engagement_id = ? ORDER BY time, rowid"
+        return [ChatRecord(*r) for r in await self._fetch(sql, (engagement_id,))]
+
+    async def channel_changes(self, engagement_id: str) -> list[ChannelChangeRecord]:
+        sql = f"{_select('channel_changes', _CHANGE_COLS)} WHERE engagement_id = ? ORDER BY time, rowid"
+        return [
+            ChannelChangeRecord(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]))
+            for r in await self._fetch(sql, (engagement_id,))
+        ]
+
+    async def journey_for_user(self, user_id: str, *, limit: int = 100) -> list[SignalRecord]:
+        """The user's most recent signals across all their devices and sessions, oldest first."""
+        cols = ", ".join(f"s.{c}" for c in _SIGNAL_COLS)
+        sql = (
+            f"SELECT {cols} FROM signals AS s JOIN sessions AS x ON x.session_id = s.session_id "
+            "WHERE x.user_id = ? ORDER BY s.time DESC, s.rowid DESC LIMIT ?"
+        )
+        rows = await self._fetch(sql, (user_id, limit))
+        return [_signal_from(r) for r in reversed(rows)]
 
     async def engagements_for_device(self, device_id: str) -> list[EngagementRecord]:
         """The device's engagements, oldest first."""

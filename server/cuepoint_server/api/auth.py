@@ -1,0 +1,362 @@
+"""Who may call what: per-app API keys, associate tokens and admin tokens.
+
+Credentials travel as gRPC metadata ``authorization: Bearer <token>``. The
+server keeps only SHA-256 digests of them (the auth file may hold either the
+token or ``sha256:<hex digest>``, so it need not hold secrets at all) and looks
+a presented token up by its digest: no token is ever compared byte by byte, so
+lookup timing tells an attacker nothing about a real token's characters, and a
+memory dump holds no usable token.
+
+Enforcement has two layers, both at the API boundary:
+
+- :class:`AuthInterceptor` runs before any handler of a ``cuepoint.*``
+  service: no or unknown credentials end the call with UNAUTHENTICATED, a
+  credential of the wrong kind for the service (an app key on AdminService)
+  with PERMISSION_DENIED. Services it does not know need an admin token, so a
+  new service is closed until someone decides otherwise. Health checking and
+  reflection stay open for load balancers and tooling.
+- the stream servicers check what only the first message tells: the Hello's
+  ``app_id`` must be the key's app, and a SignIn must name the token's own
+  associate and only queues the token allows (:meth:`Authenticator.check_hello`,
+  :meth:`Authenticator.check_sign_in`); PERMISSION_DENIED otherwise.
+
+Example auth file (YAML)::
+
+    apps:
+      fitkit:
+        api_keys: ["fk_live_2b7c0e8f6d1a4e3b"]
+    associates:
+      dana:
+        token: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        queues: [fitkit-support]          # "*" allows every queue
+    admin_tokens: ["adm_5c1e9a7f3b2d4c6e"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+import structlog
+import yaml
+from google.protobuf.message import DecodeError
+
+from ..core.errors import CoreError, InvalidInput, PermissionDenied, Unauthenticated
+from ..core.model import AssociateSignIn
+from .errors import rich_status
+
+__all__ = [
+    "AUTHORIZATION",
+    "AssociateGrant",
+    "AuthConfig",
+    "AuthConfigError",
+    "AuthInterceptor",
+    "Authenticator",
+    "Principal",
+]
+
+log = structlog.get_logger("cuepoint.api.auth")
+
+AUTHORIZATION = "authorization"
+ANY_QUEUE = "*"
+# Shortest token accepted in plain form: anything shorter is guessable.
+MIN_TOKEN_LENGTH = 16
+_DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+_APP_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+Kind = Literal["app", "associate", "admin"]
+
+# The credential each service needs; any other cuepoint service needs "admin".
+SERVICE_KINDS: dict[str, Kind] = {
+    "cuepoint.v1.DeviceService": "app",
+    "cuepoint.v1.AssociateService": "associate",
+    "cuepoint.v1.AdminService": "admin",
+}
+
+
+class AuthConfigError(ValueError):
+    """The auth file is malformed; the message names the file and the entry."""
+
+
+def digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def _secret(value: object, where: str) -> bytes:
+    """A token entry of the auth file as its digest."""
+    if not isinstance(value, str) or not value:
+        raise AuthConfigError(f"{where}: expected a token string or 'sha256:<64 hex digits>'")
+    found = _DIGEST.match(value)
+    if found:
+        return bytes.fromhex(found.group(1))
+    if len(value) < MIN_TOKEN_LENGTH or any(c.isspace() for c in value):
+        raise AuthConfigError(f"{where}: tokens need at least {MIN_TOKEN_LENGTH} characters and no whitespace")
+    return digest(value)
+
+
+@dataclass(frozen=True, slots=True)
+class AssociateGrant:
+    associate_id: str
+    token: bytes = field(repr=False)
+    # Queue names the associate may sign in to; "*" allows every queue.
+    queues: frozenset[str] = frozenset()
+
+    def allows(self, queue: str) -> bool:
+        return ANY_QUEUE in self.queues or queue in self.queues
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Issued credentials, as SHA-256 digests. ``ServerConfig.auth = None`` turns auth off."""
+
+    # app id -> digests of its API keys
+    apps: Mapping[str, frozenset[bytes]] = field(default_factory=dict, repr=False)
+    associates: Mapping[str, AssociateGrant] = field(default_factory=dict, repr=False)
+    admin_tokens: frozenset[bytes] = field(default_factory=frozenset, repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AuthConfig:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            data = yaml.safe_load(text)
+        except (OSError, yaml.YAMLError) as exc:
+            raise AuthConfigError(f"{path}: cannot read auth file: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str = "auth") -> AuthConfig:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise AuthConfigError(f"{source}: expected a mapping with apps, associates, admin_tokens")
+        unknown = set(data) - {"apps", "associates", "admin_tokens"}
+        if unknown:
+            raise AuthConfigError(f"{source}: unknown key(s) {sorted(unknown)}")
+        apps: dict[str, frozenset[bytes]] = {}
+        for app_id, entry in _mapping(data.get("apps"), f"{source}: apps").items():
+            where = f"{source}: apps.{app_id}"
+            if not isinstance(app_id, str) or not _APP_ID.match(app_id):
+                raise AuthConfigError(f"{where}: not a valid app id")
+            keys = _mapping(entry, where).get("api_keys")
+            apps[app_id] = frozenset(_secret(k, f"{where}.api_keys[{i}]") for i, k in enumerate(_list(keys, where)))
+        associates: dict[str, AssociateGrant] = {}
+        for associate_id, entry in _mapping(data.get("associates"), f"{source}: associates").items():
+            where = f"{source}: associates.{associate_id}"
+            if not isinstance(associate_id, str) or not associate_id:
+                raise AuthConfigError(f"{where}: not a valid associate id")
+            grant = _mapping(entry, where)
+            queues = _list(grant.get("queues"), f"{where}.queues")
+            if not queues or not all(isinstance(q, str) and q for q in queues):
+                raise AuthConfigError(f"{where}.queues: list the queues this associate may serve (or '*')")
+            associates[associate_id] = AssociateGrant(
+                associate_id, _secret(grant.get("token"), f"{where}.token"), frozenset(queues)
+            )
+        admins = frozenset(
+            _secret(t, f"{source}: admin_tokens[{i}]") for i, t in enumerate(_list(data.get("admin_tokens"), source))
+        )
+        config = cls(apps=apps, associates=associates, admin_tokens=admins)
+        config.principals()  # rejects a token issued twice
+        return config
+
+    def principals(self) -> dict[bytes, Principal]:
+        """Digest -> who presents it. A token may belong to one principal only."""
+        table: dict[bytes, Principal] = {}
+
+        def add(token: bytes, principal: Principal) -> None:
+            other = table.setdefault(token, principal)
+            if other is not principal:
+                raise AuthConfigError(f"one token is issued to both {other} and {principal}")
+
+        for app_id, keys in self.apps.items():
+            app = Principal("app", app_id)
+            for key in keys:
+                add(key, app)
+        for grant in self.associates.values():
+            add(grant.token, Principal("associate", grant.associate_id, grant))
+        admin = Principal("admin", "admin")
+        for token in self.admin_tokens:
+            add(token, admin)
+        return table
+
+
+def _mapping(value: object, where: str) -> Mapping[Any, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise AuthConfigError(f"{where}: expected a mapping")
+    return value
+
+
+def _list(value: object, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise AuthConfigError(f"{where}: expected a list")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: Kind
+    name: str
+    grant: AssociateGrant | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name!r}"
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig) -> None:
+        self._principals = config.principals()
+
+    def identify(self, metadata: Iterable[Any] | None) -> Principal:
+        """Who presents the bearer token in `metadata`; UNAUTHENTICATED if nobody."""
+        values = [_value(item) for item in metadata or () if _key(item) == AUTHORIZATION]
+        if not values:
+            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <token>'")
+        if len(values) > 1:
+            raise Unauthenticated("more than one authorization header")
+        scheme, _, token = values[0].strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("malformed authorization header: expected 'Bearer <token>'")
+        principal = self._principals.get(digest(token))
+        if principal is None:
+            raise Unauthenticated("unknown credentials")
+        return principal
+
+    def check_service(self, principal: Principal, service: str) -> None:
+        needed = SERVICE_KINDS.get(service, "admin")
+        if principal.kind != needed:
+            raise PermissionDenied(f"{principal} may not call {service}; it needs {_article(needed)} credential")
+
+    def check_hello(self, principal: Principal, app_id: str) -> None:
+        if principal.kind != "app" or principal.name != app_id:
+            raise PermissionDenied(f"{principal} may not connect devices of app {app_id!r}")
+
+    def check_sign_in(self, principal: Principal, request: AssociateSignIn) -> AssociateSignIn:
+        """The sign-in to perform: own id only, allowed queues only (all of them when none asked)."""
+        grant = principal.grant
+        if principal.kind != "associate" or grant is None:
+            raise PermissionDenied(f"{principal} may not sign in as an associate")
+        if request.associate_id != grant.associate_id:
+            raise PermissionDenied(f"{principal} may not sign in as associate {request.associate_id!r}")
+        if not request.queues:
+            if ANY_QUEUE in grant.queues:
+                return request
+            return dataclasses.replace(request, queues=tuple(sorted(grant.queues)))
+        denied = [q for q in request.queues if not grant.allows(q)]
+        if denied:
+            raise PermissionDenied(f"{principal} may not serve queue(s) {denied}")
+        return request
+
+
+def _article(kind: Kind) -> str:
+    return {"app": "an app API key", "associate": "an associate token", "admin": "an admin token"}[kind]
+
+
+def _key(item: Any) -> str:
+    key = item.key if hasattr(item, "key") else item[0]
+    return str(key).lower()
+
+
+def _value(item: Any) -> str:
+    value = item.value if hasattr(item, "value") else item[1]
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+# -- the interceptor ----------------------------------------------------------------
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every call to a ``cuepoint.*`` service before its handler runs.
+
+    With ``auth=None`` (auth disabled) it only guards unary handlers against
+    undecodable requests (INVALID_ARGUMENT instead of grpc's INTERNAL); stream
+    servicers catch those themselves.
+    """
+
+    def __init__(self, auth: Authenticator | None) -> None:
+        self.auth = auth
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method or ""
+        service = method.lstrip("/").partition("/")[0]
+        if handler is None or not service.startswith("cuepoint."):
+            return handler
+        handler = _guard_unary_decoding(handler, method)
+        if self.auth is None:
+            return handler
+        try:
+            principal = self.auth.identify(handler_call_details.invocation_metadata)
+            self.auth.check_service(principal, service)
+        except CoreError as exc:
+            log.info("auth.rejected", method=method, error=str(exc))
+            return _rejecting(handler, exc)
+        return handler
+
+
+def _rejecting(handler: grpc.RpcMethodHandler, error: CoreError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape that ends the call with `error` without reading it."""
+    status = rich_status(error)
+
+    async def reject(request: object, context: Any) -> None:
+        await context.abort_with_status(status)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(reject)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(reject)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(reject)
+    return grpc.unary_unary_rpc_method_handler(reject)
+
+
+class _Undecodable:
+    __slots__ = ("error",)
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def _guard_unary_decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """Undecodable unary requests (bad UTF-8, truncated fields) get INVALID_ARGUMENT."""
+    deserialize = handler.request_deserializer
+    if handler.request_streaming or deserialize is None:
+        return handler
+    behavior = handler.unary_unary or handler.unary_stream
+    if behavior is None:
+        return handler
+
+    def safe_deserialize(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+
+    async def guarded(request: object, context: Any) -> Any:
+        if isinstance(request, _Undecodable):
+            await context.abort_with_status(rich_status(undecodable(method, request.error)))
+        return await behavior(request, context)
+
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=safe_deserialize, response_serializer=handler.response_serializer
+        )
+    return handler  # unary-stream: none in the contract; left as grpc handles it
+
+
+def undecodable(what: str, error: Exception) -> InvalidInput:
+    """The error for a message protobuf cannot parse (invalid UTF-8, truncated or mistyped fields)."""
+    return InvalidInput("", f"cannot decode {what}: {error}")

@@ -1,0 +1,1 @@
+"""Reporting: funnels per scenario over the store (admin GetFunnel and `cuepoint report`)."""

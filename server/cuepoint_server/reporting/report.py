@@ -1,0 +1,143 @@
+"""`cuepoint report`: the funnel per scenario, read straight from a server's SQLite file.
+
+Uses the same queries as the admin API's GetFunnel (reporting/funnel.py), on a read-only
+connection, so it is safe next to a running server (WAL mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..scenarios.durations import parse_duration
+from .funnel import DIMENSIONS, Cohort, FunnelQuery, FunnelRow, funnel
+
+__all__ = ["parse_group_by", "read_funnel", "render_json", "render_table", "since_to_start"]
+
+_COUNTS = (
+    "qualified", "blocked", "offered", "accepted", "declined", "dismissed", "ignored", "withdrawn", "pending",
+    "engaged", "resolved",
+)  # fmt: skip
+
+
+def parse_group_by(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [n for n in names if n not in DIMENSIONS]
+    if unknown:
+        raise ValueError(f"cannot group by {', '.join(unknown)}; use {', '.join(DIMENSIONS)}")
+    return names
+
+
+def since_to_start(since: str, now: float) -> float | None:
+    """'7d', '12h', '90m' back from `now`; 'all' for everything."""
+    if since.strip().lower() == "all":
+        return None
+    return now - parse_duration(since)
+
+
+def read_funnel(db: str | Path, query: FunnelQuery) -> list[FunnelRow]:
+    path = Path(db)
+    if not path.is_file():
+        raise FileNotFoundError(f"no database at {path}")
+    # mode=ro: never create or change anything, even the schema.
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+
+        async def fetch(sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, tuple(params)).fetchall()
+
+        return asyncio.run(funnel(fetch, query))
+    finally:
+        conn.close()
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _conversion(c: Cohort) -> str:
+    rate = c.conversion_rate
+    return "-" if rate is None else f"{c.converted}/{c.sessions} {rate:.1%}"
+
+
+def render_table(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO) -> None:
+    out.write(f"funnel from {_when(query.start)} to {_when(query.end)} UTC")
+    if query.scenario_id:
+        out.write(f", scenario {query.scenario_id}")
+    out.write("\n")
+    if not rows:
+        out.write("no scenario qualified in this range\n")
+        return
+    header = ["scenario", *query.group_by, *_COUNTS, "sessions", "conv. treated", "conv. holdout"]
+    table = [header]
+    for row in rows:
+        counts = [row.blocked_total if name == "blocked" else getattr(row, name) for name in _COUNTS]
+        table.append(
+            [
+                row.scenario_id,
+                *(value or '""' for value in row.group),
+                *(str(c) for c in counts),
+                str(row.qualified_sessions),
+                _conversion(row.treated),
+                _conversion(row.holdout),
+            ]
+        )
+    keys = 1 + len(query.group_by)
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        cells = [
+            cell.ljust(widths[i]) if i < keys or i >= len(header) - 2 else cell.rjust(widths[i])
+            for i, cell in enumerate(line)
+        ]
+        out.write("  ".join(cells).rstrip() + "\n")
+    blocked = [row for row in rows if row.blocked]
+    if blocked:
+        out.write("\nblocked by reason:\n")
+        for row in blocked:
+            key = "  ".join([row.scenario_id, *(value or '""' for value in row.group)])
+            reasons = ", ".join(f"{reason} {count}" for reason, count in row.blocked_by_count())
+            out.write(f"  {key}: {reasons}\n")
+    out.write(
+        "\nqualified/blocked/offered count decisions and cues; sessions, conversions count qualified sessions"
+        " (conv. = outcome milestone reached or engagement resolved).\n"
+    )
+
+
+def render_json(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO) -> None:
+    document = {
+        "start": query.start,
+        "end": query.end,
+        "scenario_id": query.scenario_id,
+        "group_by": list(query.group_by),
+        "rows": [row.as_dict(query.group_by) for row in rows],
+    }
+    json.dump(document, out, indent=2)
+    out.write("\n")
+
+
+def run(
+    db: str, since: str, until: str | None, scenario: str | None, by: str, as_json: bool, out: TextIO, err: TextIO
+) -> int:
+    now = time.time()
+    try:
+        start = since_to_start(since, now)
+        end = None if until is None else now - parse_duration(until)
+        query = FunnelQuery(start=start, end=end, scenario_id=scenario or None, group_by=parse_group_by(by))
+    except ValueError as exc:
+        print(f"cuepoint report: {exc}", file=err)
+        return 2
+    try:
+        rows = read_funnel(db, query)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"cuepoint report: cannot read {db}: {exc}", file=err)
+        return 2
+    (render_json if as_json else render_table)(rows, query, out)
+    return 0
