@@ -6,6 +6,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import cuepoint
 import pytest
@@ -28,14 +29,19 @@ def clock() -> ManualClock:
 async def start_server(tmp_path: Path, clock: ManualClock) -> AsyncIterator[StartServer]:
     servers: list[CuepointServer] = []
 
-    async def start(*scenario_texts: str, scenarios: Path | None = None, db: Path | None = None) -> CuepointServer:
+    async def start(
+        *scenario_texts: str, scenarios: Path | None = None, db: Path | None = None, **options: Any
+    ) -> CuepointServer:
+        """`options` are further ServerConfig fields (auth, tls_cert, rate_limits, ...)."""
         folder = scenarios
         if folder is None:
             folder = tmp_path / f"scenarios-{len(servers)}"
             folder.mkdir()
             for i, text in enumerate(scenario_texts):
                 (folder / f"s{i}.yaml").write_text(textwrap.dedent(text))
-        config = ServerConfig(port=0, db=str(db or tmp_path / f"cuepoint-{len(servers)}.db"), scenarios=str(folder))
+        config = ServerConfig(
+            port=0, db=str(db or tmp_path / f"cuepoint-{len(servers)}.db"), scenarios=str(folder), **options
+        )
         server = await CuepointServer.start(config, clock=clock)
         servers.append(server)
         return server

@@ -7,12 +7,18 @@ Devices stream context signals and receive cues::
         cue = await client.next_cue(timeout=30)
         engagement = await client.accept(cue)
         await engagement.wait_for(cuepoint.EngagementState.ASSIGNED)
+        await engagement.send_chat("It keeps failing since the update")
+        async for message in engagement.messages():  # both sides, server order
+            print(message.sender, message.text)
 
-Associates receive the engagements, with the device's context and journey::
+Associates receive the engagements, with the device's context and journey,
+and talk to the user through the same client::
 
     assoc = await cuepoint.connect_associate("host:50051", associate_id="a-1", queues=["default"])
     async for engagement in assoc.engagements():
         print(engagement.describe())
+        await assoc.send_chat(engagement, "Hi, I can see the sync errors.")
+        change = await assoc.request_upgrade(engagement, cuepoint.Channel.SCREEN_SHARE, timeout=60)
 
 Everything public is importable from here; ``cuepoint.v1`` holds the
 generated protobuf code and is not part of the SDK's stable API.
@@ -37,7 +43,11 @@ from .errors import (
 )
 from .models import (
     AssignedEngagement,
+    CallSignal,
+    CallSignalKind,
     Channel,
+    ChannelChange,
+    ChatMessage,
     Consent,
     Context,
     Cue,
@@ -47,12 +57,18 @@ from .models import (
     EngagementEnded,
     EngagementState,
     EngagementUpdate,
+    FallbackOffer,
+    FallbackOption,
     JourneyEntry,
     Location,
     MatchedCondition,
+    Party,
+    Presence,
+    PriorEngagement,
     Scalar,
     ServerEvent,
     Trigger,
+    UpgradeRequest,
     User,
 )
 
@@ -66,7 +82,11 @@ __all__ = [
     "AssociateConfig",
     "AssociateEvent",
     "BufferFull",
+    "CallSignal",
+    "CallSignalKind",
     "Channel",
+    "ChannelChange",
+    "ChatMessage",
     "Client",
     "ClientClosed",
     "ClientConfig",
@@ -84,16 +104,22 @@ __all__ = [
     "EngagementEnded",
     "EngagementState",
     "EngagementUpdate",
+    "FallbackOffer",
+    "FallbackOption",
     "InvalidSignal",
     "JourneyEntry",
     "Location",
     "MatchedCondition",
+    "Party",
+    "Presence",
+    "PriorEngagement",
     "Rejected",
     "Scalar",
     "ServerError",
     "ServerEvent",
     "TimedOut",
     "Trigger",
+    "UpgradeRequest",
     "User",
     "__version__",
     "connect",

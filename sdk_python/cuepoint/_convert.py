@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, MutableMapping
+from typing import TypeAlias
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -544,7 +545,9 @@ def call_signal_to_proto(signal: CallSignal) -> common_pb2.CallSignal:
     )
 
 
-EngagementPayload = common_pb2.ChatMessage | common_pb2.UpgradeRequest | common_pb2.UpgradeResponse | common_pb2.CallSignal
+EngagementPayload: TypeAlias = (
+    common_pb2.ChatMessage | common_pb2.UpgradeRequest | common_pb2.UpgradeResponse | common_pb2.CallSignal
+)
 """What either side sends about a live engagement; wrapped by :func:`device_message`/:func:`associate_message`."""
 
 

@@ -8,6 +8,8 @@ is the complete story of which status code means what to an app.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import Any
 
 import grpc
 
@@ -35,7 +37,9 @@ _BY_CODE: dict[grpc.StatusCode, type[CuepointError]] = {
 }
 
 
-def from_status(code: grpc.StatusCode | None, details: str | None) -> CuepointError:
+def from_status(
+    code: grpc.StatusCode | None, details: str | None, trailing_metadata: Iterable[Any] | None = None
+) -> CuepointError:
     """The SDK error for a finished call's status.
 
     ``OK`` maps to ConnectionLost: callers only ask once the stream has ended,
@@ -47,7 +51,8 @@ def from_status(code: grpc.StatusCode | None, details: str | None) -> CuepointEr
     cls = _BY_CODE.get(code, ServerError)
     message = f"{code.name}: {details}" if details else code.name
     if cls is InvalidSignal:
-        return InvalidSignal(message, field=_field_of(details), code=code.name, details=details)
+        field = _rich_field(trailing_metadata) or _field_of(details)
+        return InvalidSignal(message, field=field, code=code.name, details=details)
     return cls(message, code=code.name, details=details)
 
 
@@ -61,13 +66,46 @@ def _field_of(details: str | None) -> str | None:
     return match.group(1) if match else None
 
 
+_STATUS_DETAILS = "grpc-status-details-bin"
+
+
+def _rich_field(trailing_metadata: Iterable[Any] | None) -> str | None:
+    """The field of a google.rpc.BadRequest in the rich status trailer, if any.
+
+    The rich status is decoded only when googleapis-common-protos is installed
+    (it comes with grpcio-status); the SDK itself needs just grpcio and
+    protobuf, and without it the field is read from the message, which the
+    server words the same way.
+    """
+    blob = next((value for key, value in trailing_metadata or () if key == _STATUS_DETAILS), None)
+    if not isinstance(blob, bytes):
+        return None
+    try:
+        from google.protobuf.message import DecodeError
+        from google.rpc.error_details_pb2 import BadRequest
+        from google.rpc.status_pb2 import Status
+    except ImportError:
+        return None
+    try:
+        for detail in Status.FromString(blob).details:
+            request = BadRequest()
+            if detail.Unpack(request):  # False for other detail types
+                for violation in request.field_violations:
+                    if violation.field:
+                        return str(violation.field)
+    except DecodeError:
+        return None
+    return None
+
+
 def from_rpc_error(error: grpc.RpcError) -> CuepointError:
     # Sync and aio errors both expose code()/details() when they describe a
     # call; a bare RpcError (e.g. from channel setup) does not.
     code_fn = getattr(error, "code", None)
     details_fn = getattr(error, "details", None)
+    trailers_fn = getattr(error, "trailing_metadata", None)
     code = code_fn() if callable(code_fn) else None
     details = details_fn() if callable(details_fn) else None
     if code is None:
         return ConnectionLost(str(error) or "gRPC call failed")
-    return from_status(code, details)
+    return from_status(code, details, trailers_fn() if callable(trailers_fn) else None)

@@ -87,4 +87,6 @@ class BidiStream(Generic[Req, Resp]):
     async def _final_error(self) -> CuepointError:
         if not self._call.done():
             return ConnectionLost("the stream is closed for writing")
-        return _grpc_errors.from_status(await self._call.code(), await self._call.details())
+        return _grpc_errors.from_status(
+            await self._call.code(), await self._call.details(), await self._call.trailing_metadata()
+        )

@@ -1,10 +1,16 @@
-"""The associate client: receive engagements with their context, end them.
+"""The associate client: receive engagements with their context, talk, end them.
 
 Same shape as the device client, minus signals: one stream, a reader task
 that dispatches server events, and one failure path (``_fail``) that reaches
-every waiter and iterator.
+every waiter and iterator. Per engagement, chat, channel upgrades and call
+signalling live in a ``_conversation.Conversation`` (shared with the device
+side), created when the engagement is assigned.
 
-Ordering assumption about the server: SignedIn is the first message.
+Ordering assumptions about the server: SignedIn is the first message; an
+engagement's ``assigned`` precedes its chat/upgrade/call traffic (traffic for
+an engagement not assigned to this associate is dropped); a claim is answered
+by ``assigned`` or ``offer_withdrawn`` for that engagement id. Matching of chat
+echoes and channel changes is described in ``cuepoint._conversation``.
 """
 
 # ruff: noqa: ASYNC109 -- `timeout=` arguments are part of the public API by design;
@@ -15,19 +21,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import types
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Literal, TypeAlias
 
 from cuepoint.v1 import associate_pb2, associate_pb2_grpc
 
-from . import _convert
+from . import _convert, _validate
+from ._conversation import Conversation, deadline
+from ._ids import IdGenerator
 from ._inbox import Inbox, drain, get_within
 from ._transport import BidiStream
 from .config import AssociateConfig
-from .errors import ClientClosed, ConnectionLost, CuepointError, InvalidSignal, ServerError, TimedOut
-from .models import AssignedEngagement, EngagementEnded
+from .errors import (
+    ClientClosed,
+    ConnectionLost,
+    CuepointError,
+    EngagementClosed,
+    InvalidSignal,
+    Rejected,
+    ServerError,
+    TimedOut,
+)
+from .models import (
+    AssignedEngagement,
+    CallSignal,
+    CallSignalKind,
+    Channel,
+    ChannelChange,
+    ChatMessage,
+    EngagementEnded,
+    EngagementState,
+    EngagementUpdate,
+    Party,
+    Presence,
+    UpgradeRequest,
+)
 
 __all__ = ["AssociateClient", "AssociateEvent", "connect_associate"]
 
@@ -39,6 +71,10 @@ AssociateEvent: TypeAlias = AssignedEngagement | EngagementEnded
 _Stream = BidiStream[associate_pb2.AssociateMessage, associate_pb2.AssociateEvent]
 _State = Literal["new", "starting", "open", "closing", "closed"]
 
+# Ended engagements whose transcript stays readable, and withdrawn offers remembered.
+_KEEP_FINISHED = 256
+_KEEP_WITHDRAWN = 256
+
 
 async def connect_associate(
     target: str,
@@ -47,15 +83,27 @@ async def connect_associate(
     display_name: str = "",
     queues: Iterable[str] = (),
     capacity: int = 1,
+    skills: Iterable[str] = (),
+    manual_claim: bool = False,
+    presence: Presence = Presence.AVAILABLE,
     config: AssociateConfig | None = None,
 ) -> AssociateClient:
-    """Sign an associate in and return the started :class:`AssociateClient`."""
+    """Sign an associate in and return the started :class:`AssociateClient`.
+
+    ``skills`` are matched against what an engagement requires. With
+    ``manual_claim`` engagements arrive as offers (:meth:`AssociateClient.offers`)
+    to :meth:`~AssociateClient.claim` or :meth:`~AssociateClient.reject`;
+    otherwise they are assigned at once (:meth:`AssociateClient.engagements`).
+    """
     client = AssociateClient(
         target,
         associate_id=associate_id,
         display_name=display_name,
         queues=queues,
         capacity=capacity,
+        skills=skills,
+        manual_claim=manual_claim,
+        presence=presence,
         config=config,
     )
     return await client.start()
@@ -72,6 +120,9 @@ class AssociateClient:
         display_name: str = "",
         queues: Iterable[str] = (),
         capacity: int = 1,
+        skills: Iterable[str] = (),
+        manual_claim: bool = False,
+        presence: Presence = Presence.AVAILABLE,
         config: AssociateConfig | None = None,
     ) -> None:
         if not isinstance(associate_id, str) or not associate_id:
@@ -85,7 +136,11 @@ class AssociateClient:
         self._display_name = display_name
         self._requested_queues = tuple(queues)
         self._capacity = capacity
+        self._skills = _validate.names(skills, "sign_in.skills")
+        self._manual_claim = _validate.flag(manual_claim, "sign_in.manual_claim")
+        self._presence = _validate.presence(presence, "sign_in.presence")
         self._config = config or AssociateConfig()
+        self._new_id = IdGenerator(time.time)
 
         self._state: _State = "new"
         self._failure: CuepointError | None = None
@@ -95,6 +150,15 @@ class AssociateClient:
         self._active: dict[str, AssignedEngagement] = {}
         self._inbox: Inbox[AssignedEngagement] = Inbox()
         self._subscribers: weakref.WeakSet[Inbox[AssociateEvent]] = weakref.WeakSet()
+        # Manual claim: outstanding offers, claims awaiting their answer, offers lost.
+        self._offers: Inbox[AssignedEngagement] = Inbox()
+        self._offered: dict[str, AssignedEngagement] = {}
+        self._claims: dict[str, asyncio.Future[AssignedEngagement]] = {}
+        self._withdrawn: dict[str, str] = {}
+        # Per engagement (assigned since sign-in): its assignment and live traffic.
+        self._assigned: dict[str, AssignedEngagement] = {}
+        self._conversations: dict[str, Conversation] = {}
+        self._finished: deque[str] = deque()
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -136,6 +200,9 @@ class AssociateClient:
             display_name=self._display_name,
             queues=self._requested_queues,
             capacity=self._capacity,
+            skills=self._skills,
+            manual_claim=self._manual_claim,
+            presence=self._presence,
         )
         timeout = self._config.connect_timeout
         try:
@@ -207,6 +274,20 @@ class AssociateClient:
         return types.MappingProxyType(self._active)
 
     @property
+    def manual_claim(self) -> bool:
+        return self._manual_claim
+
+    @property
+    def presence(self) -> Presence:
+        """The presence last sent (at sign-in or by :meth:`set_presence`)."""
+        return self._presence
+
+    @property
+    def offers_pending(self) -> Mapping[str, AssignedEngagement]:
+        """Offers (manual claim) neither claimed, rejected nor withdrawn, by engagement id."""
+        return types.MappingProxyType(self._offered)
+
+    @property
     def is_open(self) -> bool:
         return self._state == "open" and self._failure is None
 
@@ -225,6 +306,7 @@ class AssociateClient:
         return self._inbox
 
     async def next_engagement(self, *, timeout: float | None = None) -> AssignedEngagement:
+        """The next engagement from :meth:`engagements`; :class:`TimedOut` after ``timeout`` s."""
         return await get_within(self._inbox, timeout, "engagement")
 
     def events(self) -> AsyncIterator[AssociateEvent]:
@@ -246,21 +328,177 @@ class AssociateClient:
         """Ask the server to end an engagement with a wrap-up ``disposition``.
 
         Returns once sent; the server's EngagementEnded (see :meth:`events`)
-        confirms it and removes it from :attr:`active`.
+        confirms it and removes it from :attr:`active`. Also the wrap-up of an
+        engagement the user already ended.
         """
+        self._check_usable()
+        engagement_id = _engagement_id(engagement, "end.engagement_id")
+        await self._send(_convert.end_engagement(engagement_id, disposition, notes))
+
+    # --- offers (manual claim) -----------------------------------------------------
+
+    def offers(self) -> AsyncIterator[AssignedEngagement]:
+        """Offers (with ``manual_claim``) not yet taken, since sign-in, oldest first.
+
+        Each is a full :class:`AssignedEngagement` (context included) to
+        :meth:`claim` or :meth:`reject`. One shared queue; withdrawn, claimed
+        and rejected offers are dropped from it. Ends when the client closes.
+        """
+        return self._offers
+
+    async def next_offer(self, *, timeout: float | None = None) -> AssignedEngagement:
+        """The next offer from :meth:`offers`; :class:`TimedOut` after ``timeout`` s."""
+        return await get_within(self._offers, timeout, "offer")
+
+    async def claim(self, offer: AssignedEngagement | str, *, timeout: float | None = None) -> AssignedEngagement:
+        """Take an offered engagement; returns it as assigned by the server.
+
+        Raises :class:`Rejected` if the offer was withdrawn (taken by someone
+        else or lapsed), before or in answer to the claim; :class:`TimedOut`
+        after ``timeout``. A claimed engagement is returned here and not also
+        queued for :meth:`engagements` (it still shows in :meth:`events`).
+        """
+        engagement_id = _engagement_id(offer, "claim.engagement_id")
+        self._check_usable()
+        if engagement_id in self._active:
+            return self._active[engagement_id]
+        if engagement_id in self._withdrawn:
+            raise Rejected(_withdrawn_message(engagement_id, self._withdrawn[engagement_id]))
+        if engagement_id in self._claims:
+            raise Rejected(f"engagement {engagement_id} is already being claimed")
+        future: asyncio.Future[AssignedEngagement] = asyncio.get_running_loop().create_future()
+        self._claims[engagement_id] = future
+        self._drop_offer(engagement_id)
+        try:
+            await self._send(_convert.claim_engagement(engagement_id))
+            async with deadline(timeout, f"answer to the claim of {engagement_id}"):
+                return await future
+        finally:
+            self._claims.pop(engagement_id, None)
+
+    async def reject(self, offer: AssignedEngagement | str, reason: str = "") -> None:
+        """Pass an offer on (another associate gets it); returns once sent."""
+        engagement_id = _engagement_id(offer, "reject.engagement_id")
+        reason = _validate.string(reason, "reject.reason")
+        self._check_usable()
+        self._drop_offer(engagement_id)
+        await self._send(_convert.reject_engagement(engagement_id, reason))
+
+    async def set_presence(self, presence: Presence) -> None:
+        """Set AVAILABLE (takes engagements), BUSY (takes nothing new) or AWAY; returns once sent."""
+        presence = _validate.presence(presence)
+        self._check_usable()
+        await self._send(_convert.set_presence(presence))
+        self._presence = presence
+
+    # --- live engagement traffic ----------------------------------------------------
+
+    def channel_of(self, engagement: AssignedEngagement | str) -> Channel | None:
+        """The engagement's current channel: the last accepted change, else the assigned one."""
+        engagement_id, conversation = self._conversation(engagement, "engagement_id")
+        return conversation.channel or self._assigned[engagement_id].channel
+
+    def transcript(self, engagement: AssignedEngagement | str) -> tuple[ChatMessage, ...]:
+        """The engagement's chat so far, in the server's order (both sides)."""
+        return tuple(self._conversation(engagement, "engagement_id")[1].messages.items)
+
+    async def send_chat(
+        self, engagement: AssignedEngagement | str, text: str, *, timeout: float | None = None
+    ) -> ChatMessage:
+        """Send a chat message to the user; returns the server's relay of it.
+
+        Resolves on our own echo (sender ASSOCIATE), matched like the device
+        side: the oldest unanswered send with the same text, else the oldest.
+        ``text`` must be 1-4000 characters, not all blank.
+        """
+        text = _validate.chat_text(text)
+        self._check_usable()
+        engagement_id, conversation = self._conversation(engagement, "chat.engagement_id")
+        async with deadline(timeout, "chat echo from the server"):
+            return await conversation.send_chat(engagement_id, text)
+
+    def messages(self, engagement: AssignedEngagement | str) -> AsyncIterator[ChatMessage]:
+        """Every chat message of the engagement (both sides), from the first; ends when it ends."""
+        return self._conversation(engagement, "engagement_id")[1].messages.iterate()
+
+    async def request_upgrade(
+        self, engagement: AssignedEngagement | str, channel: Channel, *, timeout: float | None = None
+    ) -> ChannelChange:
+        """Ask the user to move the engagement to ``channel`` (e.g. SCREEN_SHARE).
+
+        Returns the :class:`ChannelChange` answering this request (``accepted``
+        False when the user declined or the cue does not allow ``channel``).
+        """
+        channel = _validate.channel(channel)
+        self._check_usable()
+        engagement_id, conversation = self._conversation(engagement, "upgrade_request.engagement_id")
+        async with deadline(timeout, f"answer to the {channel.name} upgrade request"):
+            return await conversation.request_upgrade(engagement_id, channel)
+
+    def upgrade_requests(self, engagement: AssignedEngagement | str) -> AsyncIterator[UpgradeRequest]:
+        """Upgrade requests from the user: those still unanswered first, then new ones."""
+        conversation = self._conversation(engagement, "engagement_id")[1]
+        return conversation.upgrade_requests.iterate(replay=conversation.pending_upgrade_requests)
+
+    async def respond_upgrade(self, request: UpgradeRequest, accept: bool) -> None:
+        """Accept or decline the user's upgrade request; returns once sent.
+
+        The outcome arrives as a :class:`ChannelChange` (:meth:`channel_changes`).
+        Raises :class:`Rejected` if it was already answered.
+        """
+        if not isinstance(request, UpgradeRequest):
+            raise InvalidSignal("request must be a cuepoint.UpgradeRequest", field="upgrade_response")
+        accept = _validate.flag(accept, "upgrade_response.accepted")
+        self._check_usable()
+        conversation = self._conversation(request.engagement_id, "upgrade_response.engagement_id")[1]
+        await conversation.respond_upgrade(request, accept)
+
+    def channel_changes(self, engagement: AssignedEngagement | str) -> AsyncIterator[ChannelChange]:
+        """Every ChannelChange of the engagement (accepted or not, whoever asked), from the first."""
+        return self._conversation(engagement, "engagement_id")[1].channel_changes.iterate()
+
+    async def send_call_signal(
+        self, engagement: AssignedEngagement | str, kind: CallSignalKind, payload: bytes
+    ) -> None:
+        """Relay opaque call-setup data (SDP, ICE, ...) to the user; at most 64 KiB; not echoed."""
+        kind = _validate.call_signal_kind(kind)
+        data = _validate.call_payload(payload)
+        self._check_usable()
+        engagement_id, conversation = self._conversation(engagement, "call_signal.engagement_id")
+        await conversation.send_call_signal(engagement_id, kind, data)
+
+    def call_signals(self, engagement: AssignedEngagement | str) -> AsyncIterator[CallSignal]:
+        """Call signals from the user, from the first; ends when the engagement ends."""
+        return self._conversation(engagement, "engagement_id")[1].call_signals.iterate()
+
+    def _conversation(self, engagement: AssignedEngagement | str, where: str) -> tuple[str, Conversation]:
+        engagement_id = _engagement_id(engagement, where)
+        conversation = self._conversations.get(engagement_id)
+        if conversation is None:
+            raise Rejected(f"engagement {engagement_id} is not assigned to associate {self._associate_id}")
+        return engagement_id, conversation
+
+    async def _send_payload(self, payload: _convert.EngagementPayload) -> None:
+        await self._send(_convert.associate_message(payload))
+
+    async def _send(self, message: associate_pb2.AssociateMessage) -> None:
+        self._check_usable()
+        assert self._stream is not None
+        try:
+            await self._stream.write(message)
+        except CuepointError as err:
+            self._fail(err)
+            raise
+
+    def _check_usable(self) -> None:
         if self._failure is not None:
             raise ClientClosed(f"the session has ended: {self._failure}") from self._failure
         if self._state != "open":
             raise ClientClosed("the associate client is not open")
-        engagement_id = engagement.engagement_id if isinstance(engagement, AssignedEngagement) else engagement
-        if not engagement_id:
-            raise InvalidSignal("engagement_id must be non-empty", field="end.engagement_id")
-        assert self._stream is not None
-        try:
-            await self._stream.write(_convert.end_engagement(engagement_id, disposition, notes))
-        except CuepointError as err:
-            self._fail(err)
-            raise
+
+    def _drop_offer(self, engagement_id: str) -> None:
+        self._offered.pop(engagement_id, None)
+        self._offers.discard(lambda e: e.engagement_id == engagement_id)
 
     # --- background -------------------------------------------------------------
 
@@ -282,18 +520,94 @@ class AssociateClient:
     def _dispatch(self, message: associate_pb2.AssociateEvent) -> None:
         kind = message.WhichOneof("kind")
         if kind == "assigned":
-            engagement = _convert.assigned_engagement_from_proto(message.assigned)
-            self._active[engagement.engagement_id] = engagement
-            self._inbox.put(engagement)
-            self._publish(engagement)
+            self._on_assigned(_convert.assigned_engagement_from_proto(message.assigned))
         elif kind == "ended":
-            ended = _convert.engagement_ended_from_proto(message.ended)
-            self._active.pop(ended.engagement_id, None)
-            # Not yet picked up and already over: nothing left to handle.
-            self._inbox.discard(lambda e: e.engagement_id == ended.engagement_id)
-            self._publish(ended)
+            self._on_ended(_convert.engagement_ended_from_proto(message.ended))
+        elif kind == "offered":
+            offer = _convert.assigned_engagement_from_proto(message.offered)
+            self._withdrawn.pop(offer.engagement_id, None)
+            self._offered[offer.engagement_id] = offer
+            self._offers.put(offer)
+        elif kind == "offer_withdrawn":
+            engagement_id, reason = message.offer_withdrawn.engagement_id, message.offer_withdrawn.reason
+            self._drop_offer(engagement_id)
+            self._withdrawn[engagement_id] = reason
+            while len(self._withdrawn) > _KEEP_WITHDRAWN:
+                del self._withdrawn[next(iter(self._withdrawn))]
+            claim = self._claims.pop(engagement_id, None)
+            if claim is not None and not claim.done():
+                claim.set_exception(Rejected(_withdrawn_message(engagement_id, reason)))
+        elif kind == "chat":
+            chat = _convert.chat_message_from_proto(message.chat)
+            if (conversation := self._traffic_target(chat.engagement_id, kind)) is not None:
+                conversation.on_chat(chat)
+        elif kind == "upgrade_request":
+            request = _convert.upgrade_request_from_proto(message.upgrade_request)
+            if (conversation := self._traffic_target(request.engagement_id, kind)) is not None:
+                conversation.on_upgrade_request(request)
+        elif kind == "channel_change":
+            change = _convert.channel_change_from_proto(message.channel_change)
+            if (conversation := self._traffic_target(change.engagement_id, kind)) is not None:
+                conversation.on_channel_change(change)
+        elif kind == "call_signal":
+            signal = _convert.call_signal_from_proto(message.call_signal)
+            if (conversation := self._traffic_target(signal.engagement_id, kind)) is not None:
+                conversation.on_call_signal(signal)
         else:
             log.debug("cuepoint: ignoring associate event of kind %r", kind)
+
+    def _on_assigned(self, engagement: AssignedEngagement) -> None:
+        engagement_id = engagement.engagement_id
+        self._active[engagement_id] = engagement
+        self._assigned[engagement_id] = engagement
+        if engagement_id not in self._conversations:
+            self._conversations[engagement_id] = Conversation(Party.ASSOCIATE, self._send_payload, self._new_id)
+        self._drop_offer(engagement_id)
+        claim = self._claims.pop(engagement_id, None)
+        if claim is not None and not claim.done():
+            claim.set_result(engagement)
+        else:
+            self._inbox.put(engagement)
+        self._publish(engagement)
+
+    def _on_ended(self, ended: EngagementEnded) -> None:
+        engagement_id = ended.engagement_id
+        self._active.pop(engagement_id, None)
+        # Not yet picked up and already over: nothing left to handle.
+        self._inbox.discard(lambda e: e.engagement_id == engagement_id)
+        self._drop_offer(engagement_id)
+        claim = self._claims.pop(engagement_id, None)
+        if claim is not None and not claim.done():
+            claim.set_exception(Rejected(f"engagement {engagement_id} ended before the claim was answered"))
+        conversation = self._conversations.get(engagement_id)
+        if conversation is not None and not conversation.done:
+            assigned = self._assigned.get(engagement_id)
+            update = EngagementUpdate(
+                engagement_id=engagement_id,
+                cue_id=assigned.cue_id if assigned is not None else "",
+                state=EngagementState.ENDED,
+                channel=conversation.channel or (assigned.channel if assigned is not None else None),
+                queue=assigned.queue if assigned is not None else "",
+                disposition=ended.disposition,
+            )
+            by = f" by the {ended.ended_by.value}" if ended.ended_by is not None else ""
+
+            def closed() -> CuepointError:
+                return EngagementClosed(f"engagement {engagement_id} was ended{by}", update=update)
+
+            conversation.finish(None, closed)
+            self._finished.append(engagement_id)
+            while len(self._finished) > _KEEP_FINISHED:
+                old = self._finished.popleft()
+                self._conversations.pop(old, None)
+                self._assigned.pop(old, None)
+        self._publish(ended)
+
+    def _traffic_target(self, engagement_id: str, kind: str) -> Conversation | None:
+        conversation = self._conversations.get(engagement_id)
+        if conversation is None:
+            log.debug("cuepoint: dropping %s for engagement %s, not assigned to us", kind, engagement_id)
+        return conversation
 
     def _publish(self, event: AssociateEvent) -> None:
         for inbox in list(self._subscribers):
@@ -308,5 +622,34 @@ class AssociateClient:
 
     def _close_consumers(self, error: CuepointError | None) -> None:
         self._inbox.close(error)
+        self._offers.close(error)
         for inbox in list(self._subscribers):
             inbox.close(error)
+        claims = list(self._claims.values())
+        self._claims.clear()
+        for claim in claims:
+            if not claim.done():
+                claim.set_exception(error or ClientClosed("the associate client was closed"))
+
+        def closed() -> CuepointError:
+            if error is None:
+                return ClientClosed("the associate client was closed")
+            failed = ClientClosed(f"the session has ended: {error}")
+            failed.__cause__ = error
+            return failed
+
+        for conversation in self._conversations.values():
+            conversation.finish(error, closed)
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def _engagement_id(engagement: AssignedEngagement | str, where: str) -> str:
+    if isinstance(engagement, AssignedEngagement):
+        engagement = engagement.engagement_id
+    return _validate.engagement_id(engagement, where)
+
+
+def _withdrawn_message(engagement_id: str, reason: str) -> str:
+    return f"the offer of engagement {engagement_id} was withdrawn" + (f" ({reason})" if reason else "")

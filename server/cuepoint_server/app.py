@@ -27,8 +27,10 @@ from .clock import Clock, SystemClock
 from .core.service import Core, CoreConfig
 from .engine.engine import Engine
 from .engine.scenario_set import ScenarioSet
+from .metrics import Metrics
 from .scenarios.reloader import ScenarioReloader
 from .storage import SqliteStore
+from .webhooks import WebhookConfig, WebhookDispatcher
 
 __all__ = ["CuepointServer", "ServerConfig"]
 
@@ -61,6 +63,11 @@ class ServerConfig:
     tls_key: str | None = None
     # Token buckets per device and per app (api/limits.py); None disables them.
     rate_limits: RateLimits | None = field(default_factory=RateLimits)
+    # Prometheus metrics over HTTP (metrics.py): None off, 0 a free port (CuepointServer.metrics_port says which).
+    metrics_port: int | None = None
+    # Engagement start/end POSTed, signed, to these URLs (webhooks.py).
+    webhooks: tuple[WebhookConfig, ...] = ()
+    metrics_host: str = "127.0.0.1"
 
 
 class CuepointServer:
@@ -73,10 +80,16 @@ class CuepointServer:
         self._health: health.aio.HealthServicer | None = None
         # Set when the server serves a scenarios folder; reload_now() works even unwatched.
         self.reloader: ScenarioReloader | None = None
+        # Its own registry, so several servers in one process never collide.
+        self.metrics = Metrics(core)
 
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port
 
     @classmethod
     async def start(cls, config: ServerConfig, *, clock: Clock | None = None) -> CuepointServer:
@@ -119,6 +132,16 @@ class CuepointServer:
             self.reloader = ScenarioReloader(core.engine, config.scenarios, clock=core.clock)
             self.reloader.swap_listeners.append(core.scenarios_swapped)
             await self.reloader.start(watch=config.watch_scenarios)
+        if config.webhooks:
+            self.webhooks = WebhookDispatcher(config.webhooks)
+            self.webhooks.start()
+            core.desk.listeners.append(self.webhooks.emit)
+        if config.metrics_port is not None:
+            try:
+                await self.metrics.serve(config.metrics_host, config.metrics_port)
+            except OSError:
+                await self.stop(0)
+                raise
         log.info(
             "server.started",
             address=self.address,
@@ -135,7 +158,12 @@ class CuepointServer:
         error = self.reloader.last_error
         return self.reloader.version.number, str(error) if error else ""
 
+    webhooks: WebhookDispatcher | None = None
+
     async def stop(self, grace: float | None = None) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.close()
+        await self.metrics.close()
         if self.reloader is not None:
             await self.reloader.stop()
         if self._health is not None:

@@ -1,4 +1,4 @@
-"""`cuepoint` command line: serve, validate, schema, simulate, demo."""
+"""`cuepoint` command line: serve, validate, schema, simulate, report, demo."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             rate_limits=limits,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
         try:
             server = await CuepointServer.start(config)
@@ -63,6 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
         # Announced once the signal handlers are in place, so a supervisor may signal at once.
         print(f"cuepoint listening on {server.address}", file=sys.stderr, flush=True)
+        if server.metrics_port is not None:
+            print(f"metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", file=sys.stderr, flush=True)
         await stop.wait()
         await server.stop()
         return 0
@@ -144,6 +148,12 @@ def _simulate(args: argparse.Namespace) -> int:
     return 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .reporting.report import run
+
+    return run(args.db, args.since, args.until, args.scenario, args.by, args.json, sys.stdout, sys.stderr)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -162,7 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--log-level", default="info")
-    serve.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
+    serve.add_argument(
+        "--log-json",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="JSON log lines (default: when stderr is not a terminal)",
+    )
+    serve.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)"
+    )
+    serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
     serve.add_argument(
         "--watch",
         action=argparse.BooleanOptionalAction,
@@ -199,6 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         "--expect", metavar="FILE", help="compare with an expected output; exit 1 with a diff when different"
     )
     simulate.set_defaults(func=_simulate)
+
+    report = sub.add_parser("report", help="funnel per scenario, read from a server's SQLite database")
+    report.add_argument("--db", default="cuepoint.db", help="SQLite database path (opened read-only)")
+    report.add_argument("--since", default="7d", help="how far back: a duration (7d, 12h, 30m) or 'all'")
+    report.add_argument("--until", default=None, help="end this long ago (a duration); default: no end")
+    report.add_argument("--scenario", default=None, help="one scenario id")
+    report.add_argument("--by", default="", help="group by context keys, e.g. device.model,app.version")
+    report.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    report.set_defaults(func=_report)
 
     demo = sub.add_parser("demo", help="end-to-end demo: server, simulated phone and associate")
     demo.add_argument("--scenarios", default="scenarios")

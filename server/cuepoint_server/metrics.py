@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -59,11 +60,12 @@ class _LiveState(Collector):
         streams.add_metric(["device"], stats["sessions"])
         streams.add_metric(["associate"], stats["associates"])
         yield streams
-        yield GaugeMetricFamily("cuepoint_pending_cues", "Cues on screen, not yet answered.", value=stats["pending_cues"])
+        pending = stats["pending_cues"]
+        yield GaugeMetricFamily("cuepoint_pending_cues", "Cues on screen, not yet answered.", value=pending)
         waiting = GaugeMetricFamily(
             "cuepoint_engagements_waiting", "Engagements queued for an associate.", labels=["queue"]
         )
-        for load in core.live_now().queues:
+        for load in core.queue_loads():
             waiting.add_metric([load.queue], load.waiting)
         yield waiting
 
@@ -101,8 +103,10 @@ class Metrics(CoreObserver):
             registry=r,
         )
         r.register(_LiveState(core))
+        self._core = core
         core.observers.append(self)
         core.decision_listeners.append(self._on_decision)
+        core.desk.listeners.append(self._on_engagement)
         self._server: asyncio.Server | None = None
         self.port: int | None = None
 
@@ -120,8 +124,12 @@ class Metrics(CoreObserver):
     def cue_settled(self, scenario_id: str, status: str) -> None:
         self.cues.labels(scenario_id, status).inc()
 
-    def engagement_assigned(self, queue: str, waited: float) -> None:
-        self.queue_wait.labels(queue).observe(max(0.0, waited))
+    def _on_engagement(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind != "engagement.started":  # assigned to an associate
+            return
+        engagement = self._core.desk.get(str(payload.get("engagement_id", "")))
+        if engagement is not None and engagement.assigned_at is not None:
+            self.queue_wait.labels(engagement.queue).observe(max(0.0, engagement.assigned_at - engagement.created_at))
 
     def _on_decision(self, record: DecisionRecord) -> None:
         if record.outcome == "blocked":

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63uepoint/v1/admin.proto\x12\x0b\x63uepoint.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x14\x45xplainDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xbc\x01\n\x08\x44\x65\x63ision\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bscenario_id\x18\x02 \x01(\t\x12-\n\x07outcome\x18\x03 \x01(\x0e\x32\x1c.cuepoint.v1.DecisionOutcome\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x0e\n\x06\x63ue_id\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\"\x8d\x01\n\x15\x45xplainDeviceResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\tdecisions\x18\x02 \x03(\x0b\x32\x15.cuepoint.v1.Decision\x12\x10\n\x08segments\x18\x03 \x03(\t\x12\x12\n\nmilestones\x18\x04 \x03(\t\x12\x11\n\tconnected\x18\x05 \x01(\x08\"8\n\x16SetOffersPausedRequest\x12\x0e\n\x06paused\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x17SetOffersPausedResponse\x12\x0e\n\x06paused\x18\x01 \x01(\x08\"\x15\n\x13GetScenariosRequest\"~\n\x0cScenarioInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x0e\n\x06\x65vents\x18\x06 \x03(\t\x12\x13\n\x0btime_driven\x18\x07 \x01(\x08\"\x80\x01\n\x14GetScenariosResponse\x12,\n\tscenarios\x18\x01 \x03(\x0b\x32\x19.cuepoint.v1.ScenarioInfo\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nlast_error\x18\x03 \x01(\t\x12\x15\n\roffers_paused\x18\x04 \x01(\x08*o\n\x0f\x44\x65\x63isionOutcome\x12 \n\x1c\x44\x45\x43ISION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x43ISION_OUTCOME_OFFERED\x10\x01\x12\x1c\n\x18\x44\x45\x43ISION_OUTCOME_BLOCKED\x10\x02\x32\x99\x02\n\x0c\x41\x64minService\x12V\n\rExplainDevice\x12!.cuepoint.v1.ExplainDeviceRequest\x1a\".cuepoint.v1.ExplainDeviceResponse\x12\\\n\x0fSetOffersPaused\x12#.cuepoint.v1.SetOffersPausedRequest\x1a$.cuepoint.v1.SetOffersPausedResponse\x12S\n\x0cGetScenarios\x12 .cuepoint.v1.GetScenariosRequest\x1a!.cuepoint.v1.GetScenariosResponseBO\n\x0f\x64\x65v.cuepoint.v1P\x01Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63uepoint/v1/admin.proto\x12\x0b\x63uepoint.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x14\x45xplainDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xbc\x01\n\x08\x44\x65\x63ision\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bscenario_id\x18\x02 \x01(\t\x12-\n\x07outcome\x18\x03 \x01(\x0e\x32\x1c.cuepoint.v1.DecisionOutcome\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x0e\n\x06\x63ue_id\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\"\x8d\x01\n\x15\x45xplainDeviceResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\tdecisions\x18\x02 \x03(\x0b\x32\x15.cuepoint.v1.Decision\x12\x10\n\x08segments\x18\x03 \x03(\t\x12\x12\n\nmilestones\x18\x04 \x03(\t\x12\x11\n\tconnected\x18\x05 \x01(\x08\"8\n\x16SetOffersPausedRequest\x12\x0e\n\x06paused\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x17SetOffersPausedResponse\x12\x0e\n\x06paused\x18\x01 \x01(\x08\"\x15\n\x13GetScenariosRequest\"\x8f\x01\n\x0cScenarioInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x0e\n\x06\x65vents\x18\x06 \x03(\t\x12\x13\n\x0btime_driven\x18\x07 \x01(\x08\x12\x0f\n\x07holdout\x18\x08 \x01(\x01\"\x80\x01\n\x14GetScenariosResponse\x12,\n\tscenarios\x18\x01 \x03(\x0b\x32\x19.cuepoint.v1.ScenarioInfo\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nlast_error\x18\x03 \x01(\t\x12\x15\n\roffers_paused\x18\x04 \x01(\x08\"\x8d\x01\n\x10GetFunnelRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bscenario_id\x18\x03 \x01(\t\x12\x10\n\x08group_by\x18\x04 \x03(\t\"h\n\x0f\x43onversionGroup\x12\x10\n\x08sessions\x18\x01 \x01(\x03\x12\x17\n\x0foutcome_reached\x18\x02 \x01(\x03\x12\x11\n\tconverted\x18\x03 \x01(\x03\x12\x17\n\x0f\x63onversion_rate\x18\x04 \x01(\x01\"-\n\x0c\x42lockedCount\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xf0\x03\n\tFunnelRow\x12\x13\n\x0bscenario_id\x18\x01 \x01(\t\x12\x30\n\x05group\x18\x02 \x03(\x0b\x32!.cuepoint.v1.FunnelRow.GroupEntry\x12\x11\n\tqualified\x18\x03 \x01(\x03\x12*\n\x07\x62locked\x18\x04 \x03(\x0b\x32\x19.cuepoint.v1.BlockedCount\x12\x15\n\rblocked_total\x18\x05 \x01(\x03\x12\x0f\n\x07offered\x18\x06 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x07 \x01(\x03\x12\x10\n\x08\x64\x65\x63lined\x18\x08 \x01(\x03\x12\x11\n\tdismissed\x18\t \x01(\x03\x12\x0f\n\x07ignored\x18\n \x01(\x03\x12\x11\n\twithdrawn\x18\x0b \x01(\x03\x12\x0f\n\x07pending\x18\x0c \x01(\x03\x12\x0f\n\x07\x65ngaged\x18\r \x01(\x03\x12\x10\n\x08resolved\x18\x0e \x01(\x03\x12\x1a\n\x12qualified_sessions\x18\x0f \x01(\x03\x12-\n\x07treated\x18\x10 \x01(\x0b\x32\x1c.cuepoint.v1.ConversionGroup\x12-\n\x07holdout\x18\x11 \x01(\x0b\x32\x1c.cuepoint.v1.ConversionGroup\x1a,\n\nGroupEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x11GetFunnelResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.cuepoint.v1.FunnelRow\")\n\x17ListLiveSessionsRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\"\x95\x01\n\x0eLivePendingCue\x12\x0e\n\x06\x63ue_id\x18\x01 \x01(\t\x12\x13\n\x0bscenario_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc2\x03\n\x0bLiveSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61pp_id\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.cuepoint.v1.LiveStatus\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_signal_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x07\x63ontext\x18\x07 \x03(\x0b\x32%.cuepoint.v1.LiveSession.ContextEntry\x12\x10\n\x08segments\x18\x08 \x03(\t\x12\x12\n\nmilestones\x18\t \x03(\t\x12\x30\n\x0bpending_cue\x18\n \x01(\x0b\x32\x1b.cuepoint.v1.LivePendingCue\x12\x15\n\rengagement_id\x18\x0b \x01(\t\x12\x18\n\x10\x65ngagement_state\x18\x0c \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\tQueueLoad\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x12\n\nassociates\x18\x03 \x01(\x05\x12\x11\n\tavailable\x18\x04 \x01(\x05\"\xad\x01\n\x18ListLiveSessionsResponse\x12\'\n\x03now\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08sessions\x18\x02 \x03(\x0b\x32\x18.cuepoint.v1.LiveSession\x12&\n\x06queues\x18\x03 \x03(\x0b\x32\x16.cuepoint.v1.QueueLoad\x12\x14\n\x0cpending_cues\x18\x04 \x01(\x05*o\n\x0f\x44\x65\x63isionOutcome\x12 \n\x1c\x44\x45\x43ISION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x43ISION_OUTCOME_OFFERED\x10\x01\x12\x1c\n\x18\x44\x45\x43ISION_OUTCOME_BLOCKED\x10\x02*o\n\nLiveStatus\x12\x1b\n\x17LIVE_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10LIVE_STATUS_LIVE\x10\x01\x12\x14\n\x10LIVE_STATUS_IDLE\x10\x02\x12\x18\n\x14LIVE_STATUS_INACTIVE\x10\x03\x32\xc6\x03\n\x0c\x41\x64minService\x12V\n\rExplainDevice\x12!.cuepoint.v1.ExplainDeviceRequest\x1a\".cuepoint.v1.ExplainDeviceResponse\x12\\\n\x0fSetOffersPaused\x12#.cuepoint.v1.SetOffersPausedRequest\x1a$.cuepoint.v1.SetOffersPausedResponse\x12S\n\x0cGetScenarios\x12 .cuepoint.v1.GetScenariosRequest\x1a!.cuepoint.v1.GetScenariosResponse\x12J\n\tGetFunnel\x12\x1d.cuepoint.v1.GetFunnelRequest\x1a\x1e.cuepoint.v1.GetFunnelResponse\x12_\n\x10ListLiveSessions\x12$.cuepoint.v1.ListLiveSessionsRequest\x1a%.cuepoint.v1.ListLiveSessionsResponseBO\n\x0f\x64\x65v.cuepoint.v1P\x01Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cuepoint.v1.admin_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.cuepoint.v1P\001Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1'
-  _globals['_DECISIONOUTCOME']._serialized_start=849
-  _globals['_DECISIONOUTCOME']._serialized_end=960
+  _globals['_FUNNELROW_GROUPENTRY']._loaded_options = None
+  _globals['_FUNNELROW_GROUPENTRY']._serialized_options = b'8\001'
+  _globals['_LIVESESSION_CONTEXTENTRY']._loaded_options = None
+  _globals['_LIVESESSION_CONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_DECISIONOUTCOME']._serialized_start=2630
+  _globals['_DECISIONOUTCOME']._serialized_end=2741
+  _globals['_LIVESTATUS']._serialized_start=2743
+  _globals['_LIVESTATUS']._serialized_end=2854
   _globals['_EXPLAINDEVICEREQUEST']._serialized_start=73
   _globals['_EXPLAINDEVICEREQUEST']._serialized_end=129
   _globals['_DECISION']._serialized_start=132
@@ -47,10 +53,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETOFFERSPAUSEDRESPONSE']._serialized_end=565
   _globals['_GETSCENARIOSREQUEST']._serialized_start=567
   _globals['_GETSCENARIOSREQUEST']._serialized_end=588
-  _globals['_SCENARIOINFO']._serialized_start=590
-  _globals['_SCENARIOINFO']._serialized_end=716
-  _globals['_GETSCENARIOSRESPONSE']._serialized_start=719
-  _globals['_GETSCENARIOSRESPONSE']._serialized_end=847
-  _globals['_ADMINSERVICE']._serialized_start=963
-  _globals['_ADMINSERVICE']._serialized_end=1244
+  _globals['_SCENARIOINFO']._serialized_start=591
+  _globals['_SCENARIOINFO']._serialized_end=734
+  _globals['_GETSCENARIOSRESPONSE']._serialized_start=737
+  _globals['_GETSCENARIOSRESPONSE']._serialized_end=865
+  _globals['_GETFUNNELREQUEST']._serialized_start=868
+  _globals['_GETFUNNELREQUEST']._serialized_end=1009
+  _globals['_CONVERSIONGROUP']._serialized_start=1011
+  _globals['_CONVERSIONGROUP']._serialized_end=1115
+  _globals['_BLOCKEDCOUNT']._serialized_start=1117
+  _globals['_BLOCKEDCOUNT']._serialized_end=1162
+  _globals['_FUNNELROW']._serialized_start=1165
+  _globals['_FUNNELROW']._serialized_end=1661
+  _globals['_FUNNELROW_GROUPENTRY']._serialized_start=1617
+  _globals['_FUNNELROW_GROUPENTRY']._serialized_end=1661
+  _globals['_GETFUNNELRESPONSE']._serialized_start=1663
+  _globals['_GETFUNNELRESPONSE']._serialized_end=1720
+  _globals['_LISTLIVESESSIONSREQUEST']._serialized_start=1722
+  _globals['_LISTLIVESESSIONSREQUEST']._serialized_end=1763
+  _globals['_LIVEPENDINGCUE']._serialized_start=1766
+  _globals['_LIVEPENDINGCUE']._serialized_end=1915
+  _globals['_LIVESESSION']._serialized_start=1918
+  _globals['_LIVESESSION']._serialized_end=2368
+  _globals['_LIVESESSION_CONTEXTENTRY']._serialized_start=2322
+  _globals['_LIVESESSION_CONTEXTENTRY']._serialized_end=2368
+  _globals['_QUEUELOAD']._serialized_start=2370
+  _globals['_QUEUELOAD']._serialized_end=2452
+  _globals['_LISTLIVESESSIONSRESPONSE']._serialized_start=2455
+  _globals['_LISTLIVESESSIONSRESPONSE']._serialized_end=2628
+  _globals['_ADMINSERVICE']._serialized_start=2857
+  _globals['_ADMINSERVICE']._serialized_end=3311
 # @@protoc_insertion_point(module_scope)

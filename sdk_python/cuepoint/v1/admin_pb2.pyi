@@ -37,6 +37,29 @@ DECISION_OUTCOME_OFFERED: DecisionOutcome.ValueType  # 1
 DECISION_OUTCOME_BLOCKED: DecisionOutcome.ValueType  # 2
 Global___DecisionOutcome: _TypeAlias = DecisionOutcome  # noqa: Y015
 
+class _LiveStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LiveStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LiveStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LIVE_STATUS_UNSPECIFIED: _LiveStatus.ValueType  # 0
+    LIVE_STATUS_LIVE: _LiveStatus.ValueType  # 1
+    """A signal within the idle threshold (45 s by default)."""
+    LIVE_STATUS_IDLE: _LiveStatus.ValueType  # 2
+    """Quiet for longer, but not yet the inactive threshold (60 s by default)."""
+    LIVE_STATUS_INACTIVE: _LiveStatus.ValueType  # 3
+
+class LiveStatus(_LiveStatus, metaclass=_LiveStatusEnumTypeWrapper): ...
+
+LIVE_STATUS_UNSPECIFIED: LiveStatus.ValueType  # 0
+LIVE_STATUS_LIVE: LiveStatus.ValueType  # 1
+"""A signal within the idle threshold (45 s by default)."""
+LIVE_STATUS_IDLE: LiveStatus.ValueType  # 2
+"""Quiet for longer, but not yet the inactive threshold (60 s by default)."""
+LIVE_STATUS_INACTIVE: LiveStatus.ValueType  # 3
+Global___LiveStatus: _TypeAlias = LiveStatus  # noqa: Y015
+
 @_typing.final
 class ExplainDeviceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -76,7 +99,7 @@ class Decision(_message.Message):
     scenario_id: _builtins.str
     outcome: Global___DecisionOutcome.ValueType
     reason: _builtins.str
-    """paused, schedule, declined, engaged, cooldown, cap, cue_pending,
+    """holdout, paused, schedule, declined, engaged, cooldown, cap, cue_pending,
     engagement_active, min_gap, no_capacity or priority.
     """
     detail: _builtins.str
@@ -210,12 +233,15 @@ class ScenarioInfo(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     TIME_DRIVEN_FIELD_NUMBER: _builtins.int
+    HOLDOUT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     file: _builtins.str
     priority: _builtins.int
     enabled: _builtins.bool
     time_driven: _builtins.bool
+    holdout: _builtins.float
+    """Share of users held out as a control group, 0 to 1 (0.1 = 10%)."""
     @_builtins.property
     def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Events (and milestone:<id> pseudo-events) that drive its evaluation."""
@@ -230,10 +256,11 @@ class ScenarioInfo(_message.Message):
         enabled: _builtins.bool = ...,
         events: _abc.Iterable[_builtins.str] | None = ...,
         time_driven: _builtins.bool = ...,
+        holdout: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "events", b"events", "file", b"file", "id", b"id", "name", b"name", "priority", b"priority", "time_driven", b"time_driven"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "events", b"events", "file", b"file", "holdout", b"holdout", "id", b"id", "name", b"name", "priority", b"priority", "time_driven", b"time_driven"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -269,3 +296,429 @@ class GetScenariosResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetScenariosResponse: _TypeAlias = GetScenariosResponse  # noqa: Y015
+
+@_typing.final
+class GetFunnelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    SCENARIO_ID_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    scenario_id: _builtins.str
+    """Empty: every scenario."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """Decisions and cues from start (inclusive) to end (exclusive); what
+        became of them later still counts. Unset start: from the beginning;
+        unset end: no upper bound.
+        """
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Context keys of the session's hello to group by, in order: app.id,
+        app.version, device.model, device.os, device.os_version, device.locale,
+        location.country or consent.
+        """
+
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        scenario_id: _builtins.str = ...,
+        group_by: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "group_by", b"group_by", "scenario_id", b"scenario_id", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFunnelRequest: _TypeAlias = GetFunnelRequest  # noqa: Y015
+
+@_typing.final
+class ConversionGroup(_message.Message):
+    """Qualified sessions of one group (treated or holdout)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    OUTCOME_REACHED_FIELD_NUMBER: _builtins.int
+    CONVERTED_FIELD_NUMBER: _builtins.int
+    CONVERSION_RATE_FIELD_NUMBER: _builtins.int
+    sessions: _builtins.int
+    outcome_reached: _builtins.int
+    """Sessions that reached the scenario's outcome milestone after qualifying."""
+    converted: _builtins.int
+    """outcome_reached, or an engagement of the scenario's cue ended "resolved"."""
+    conversion_rate: _builtins.float
+    """converted / sessions; 0 when there are no sessions."""
+    def __init__(
+        self,
+        *,
+        sessions: _builtins.int = ...,
+        outcome_reached: _builtins.int = ...,
+        converted: _builtins.int = ...,
+        conversion_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_rate", b"conversion_rate", "converted", b"converted", "outcome_reached", b"outcome_reached", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversionGroup: _TypeAlias = ConversionGroup  # noqa: Y015
+
+@_typing.final
+class BlockedCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockedCount: _TypeAlias = BlockedCount  # noqa: Y015
+
+@_typing.final
+class FunnelRow(_message.Message):
+    """One scenario (and group). Counts of decisions and cues, not of sessions,
+    except qualified_sessions and the conversion groups.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class GroupEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SCENARIO_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    QUALIFIED_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
+    BLOCKED_TOTAL_FIELD_NUMBER: _builtins.int
+    OFFERED_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DECLINED_FIELD_NUMBER: _builtins.int
+    DISMISSED_FIELD_NUMBER: _builtins.int
+    IGNORED_FIELD_NUMBER: _builtins.int
+    WITHDRAWN_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    ENGAGED_FIELD_NUMBER: _builtins.int
+    RESOLVED_FIELD_NUMBER: _builtins.int
+    QUALIFIED_SESSIONS_FIELD_NUMBER: _builtins.int
+    TREATED_FIELD_NUMBER: _builtins.int
+    HOLDOUT_FIELD_NUMBER: _builtins.int
+    scenario_id: _builtins.str
+    qualified: _builtins.int
+    """Times the scenario qualified and was arbitrated: offered + blocked."""
+    blocked_total: _builtins.int
+    offered: _builtins.int
+    """Cues created; they split into the six counts that follow."""
+    accepted: _builtins.int
+    declined: _builtins.int
+    dismissed: _builtins.int
+    ignored: _builtins.int
+    """Never answered before the cue expired (status expired)."""
+    withdrawn: _builtins.int
+    """Pulled by the server: condition cleared, outcome reached, scenario removed."""
+    pending: _builtins.int
+    """Still on screen."""
+    engaged: _builtins.int
+    """Accepted, and the engagement reached an associate."""
+    resolved: _builtins.int
+    """Engaged, and the engagement ended "resolved" or the outcome milestone followed."""
+    qualified_sessions: _builtins.int
+    """Distinct sessions in which it qualified: treated + holdout sessions."""
+    @_builtins.property
+    def group(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """group_by key -> value ("" when the session did not say)."""
+
+    @_builtins.property
+    def blocked(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockedCount]:
+        """By reason, most frequent first."""
+
+    @_builtins.property
+    def treated(self) -> Global___ConversionGroup: ...
+    @_builtins.property
+    def holdout(self) -> Global___ConversionGroup:
+        """Sessions held out (blocked: holdout); never offered this scenario."""
+
+    def __init__(
+        self,
+        *,
+        scenario_id: _builtins.str = ...,
+        group: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        qualified: _builtins.int = ...,
+        blocked: _abc.Iterable[Global___BlockedCount] | None = ...,
+        blocked_total: _builtins.int = ...,
+        offered: _builtins.int = ...,
+        accepted: _builtins.int = ...,
+        declined: _builtins.int = ...,
+        dismissed: _builtins.int = ...,
+        ignored: _builtins.int = ...,
+        withdrawn: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        engaged: _builtins.int = ...,
+        resolved: _builtins.int = ...,
+        qualified_sessions: _builtins.int = ...,
+        treated: Global___ConversionGroup | None = ...,
+        holdout: Global___ConversionGroup | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["holdout", b"holdout", "treated", b"treated"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "blocked", b"blocked", "blocked_total", b"blocked_total", "declined", b"declined", "dismissed", b"dismissed", "engaged", b"engaged", "group", b"group", "holdout", b"holdout", "ignored", b"ignored", "offered", b"offered", "pending", b"pending", "qualified", b"qualified", "qualified_sessions", b"qualified_sessions", "resolved", b"resolved", "scenario_id", b"scenario_id", "treated", b"treated", "withdrawn", b"withdrawn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FunnelRow: _TypeAlias = FunnelRow  # noqa: Y015
+
+@_typing.final
+class GetFunnelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___FunnelRow]:
+        """Sorted by scenario id, then group values."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___FunnelRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFunnelResponse: _TypeAlias = GetFunnelResponse  # noqa: Y015
+
+@_typing.final
+class ListLiveSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Only this app's sessions; empty: all."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLiveSessionsRequest: _TypeAlias = ListLiveSessionsRequest  # noqa: Y015
+
+@_typing.final
+class LivePendingCue(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUE_ID_FIELD_NUMBER: _builtins.int
+    SCENARIO_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    cue_id: _builtins.str
+    scenario_id: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        cue_id: _builtins.str = ...,
+        scenario_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "cue_id", b"cue_id", "expires_at", b"expires_at", "scenario_id", b"scenario_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LivePendingCue: _TypeAlias = LivePendingCue  # noqa: Y015
+
+@_typing.final
+class LiveSession(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    APP_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    LAST_SIGNAL_AT_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    MILESTONES_FIELD_NUMBER: _builtins.int
+    PENDING_CUE_FIELD_NUMBER: _builtins.int
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    ENGAGEMENT_STATE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    device_id: _builtins.str
+    app_id: _builtins.str
+    status: Global___LiveStatus.ValueType
+    engagement_id: _builtins.str
+    """The active engagement, if any, and its state (queued or assigned)."""
+    engagement_state: _builtins.str
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_signal_at(self) -> _timestamp_pb2.Timestamp:
+        """When the last signal arrived (server clock); unset before the first."""
+
+    @_builtins.property
+    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Device, app and location context (no user.* keys), values as text."""
+
+    @_builtins.property
+    def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def milestones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def pending_cue(self) -> Global___LivePendingCue:
+        """Unset when no cue is on screen."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        app_id: _builtins.str = ...,
+        status: Global___LiveStatus.ValueType = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        last_signal_at: _timestamp_pb2.Timestamp | None = ...,
+        context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        segments: _abc.Iterable[_builtins.str] | None = ...,
+        milestones: _abc.Iterable[_builtins.str] | None = ...,
+        pending_cue: Global___LivePendingCue | None = ...,
+        engagement_id: _builtins.str = ...,
+        engagement_state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_signal_at", b"last_signal_at", "pending_cue", b"pending_cue", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "context", b"context", "device_id", b"device_id", "engagement_id", b"engagement_id", "engagement_state", b"engagement_state", "last_signal_at", b"last_signal_at", "milestones", b"milestones", "pending_cue", b"pending_cue", "segments", b"segments", "session_id", b"session_id", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveSession: _TypeAlias = LiveSession  # noqa: Y015
+
+@_typing.final
+class QueueLoad(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    ASSOCIATES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    waiting: _builtins.int
+    """Engagements waiting for an associate."""
+    associates: _builtins.int
+    """Associates signed in to the queue, and those with spare capacity."""
+    available: _builtins.int
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        waiting: _builtins.int = ...,
+        associates: _builtins.int = ...,
+        available: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associates", b"associates", "available", b"available", "queue", b"queue", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueLoad: _TypeAlias = QueueLoad  # noqa: Y015
+
+@_typing.final
+class ListLiveSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOW_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    QUEUES_FIELD_NUMBER: _builtins.int
+    PENDING_CUES_FIELD_NUMBER: _builtins.int
+    pending_cues: _builtins.int
+    @_builtins.property
+    def now(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___LiveSession]:
+        """Oldest session first."""
+
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueLoad]: ...
+    def __init__(
+        self,
+        *,
+        now: _timestamp_pb2.Timestamp | None = ...,
+        sessions: _abc.Iterable[Global___LiveSession] | None = ...,
+        queues: _abc.Iterable[Global___QueueLoad] | None = ...,
+        pending_cues: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["now", b"now"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["now", b"now", "pending_cues", b"pending_cues", "queues", b"queues", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLiveSessionsResponse: _TypeAlias = ListLiveSessionsResponse  # noqa: Y015

@@ -49,6 +49,16 @@ class AdminServiceStub:
                 request_serializer=cuepoint_dot_v1_dot_admin__pb2.GetScenariosRequest.SerializeToString,
                 response_deserializer=cuepoint_dot_v1_dot_admin__pb2.GetScenariosResponse.FromString,
                 _registered_method=True)
+        self.GetFunnel = channel.unary_unary(
+                '/cuepoint.v1.AdminService/GetFunnel',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.GetFunnelRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.GetFunnelResponse.FromString,
+                _registered_method=True)
+        self.ListLiveSessions = channel.unary_unary(
+                '/cuepoint.v1.AdminService/ListLiveSessions',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -76,6 +86,24 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFunnel(self, request, context):
+        """Funnel per scenario over a time range: qualified, blocked by reason,
+        offered, answers, engaged, resolved; conversion of the treated group
+        against the scenario's holdout (control) group. Optionally grouped by
+        context keys of the session (device.model, device.os, app.version...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLiveSessions(self, request, context):
+        """Live now: connected device sessions (live, idle or inactive), their
+        segments and pending cues, and engagements waiting per queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +121,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetScenarios,
                     request_deserializer=cuepoint_dot_v1_dot_admin__pb2.GetScenariosRequest.FromString,
                     response_serializer=cuepoint_dot_v1_dot_admin__pb2.GetScenariosResponse.SerializeToString,
+            ),
+            'GetFunnel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFunnel,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.GetFunnelRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.GetFunnelResponse.SerializeToString,
+            ),
+            'ListLiveSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLiveSessions,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +214,60 @@ class AdminService:
             '/cuepoint.v1.AdminService/GetScenarios',
             cuepoint_dot_v1_dot_admin__pb2.GetScenariosRequest.SerializeToString,
             cuepoint_dot_v1_dot_admin__pb2.GetScenariosResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFunnel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/GetFunnel',
+            cuepoint_dot_v1_dot_admin__pb2.GetFunnelRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.GetFunnelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLiveSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/ListLiveSessions',
+            cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,16 @@ class AdminServiceStub:
     """The emergency switch: while paused, no cue is offered to anyone."""
     GetScenarios: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetScenariosRequest, _admin_pb2.GetScenariosResponse]
     """The scenarios being served, and the last reload problem if any."""
+    GetFunnel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFunnelRequest, _admin_pb2.GetFunnelResponse]
+    """Funnel per scenario over a time range: qualified, blocked by reason,
+    offered, answers, engaged, resolved; conversion of the treated group
+    against the scenario's holdout (control) group. Optionally grouped by
+    context keys of the session (device.model, device.os, app.version...).
+    """
+    ListLiveSessions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListLiveSessionsRequest, _admin_pb2.ListLiveSessionsResponse]
+    """Live now: connected device sessions (live, idle or inactive), their
+    segments and pending cues, and engagements waiting per queue.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -51,6 +61,16 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """The emergency switch: while paused, no cue is offered to anyone."""
     GetScenarios: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetScenariosRequest, _admin_pb2.GetScenariosResponse]  # type: ignore[assignment]
     """The scenarios being served, and the last reload problem if any."""
+    GetFunnel: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFunnelRequest, _admin_pb2.GetFunnelResponse]  # type: ignore[assignment]
+    """Funnel per scenario over a time range: qualified, blocked by reason,
+    offered, answers, engaged, resolved; conversion of the treated group
+    against the scenario's holdout (control) group. Optionally grouped by
+    context keys of the session (device.model, device.os, app.version...).
+    """
+    ListLiveSessions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListLiveSessionsRequest, _admin_pb2.ListLiveSessionsResponse]  # type: ignore[assignment]
+    """Live now: connected device sessions (live, idle or inactive), their
+    segments and pending cues, and engagements waiting per queue.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -78,5 +98,27 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetScenariosResponse, _abc.Awaitable[_admin_pb2.GetScenariosResponse]]:
         """The scenarios being served, and the last reload problem if any."""
+
+    @_abc_1.abstractmethod
+    def GetFunnel(
+        self,
+        request: _admin_pb2.GetFunnelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetFunnelResponse, _abc.Awaitable[_admin_pb2.GetFunnelResponse]]:
+        """Funnel per scenario over a time range: qualified, blocked by reason,
+        offered, answers, engaged, resolved; conversion of the treated group
+        against the scenario's holdout (control) group. Optionally grouped by
+        context keys of the session (device.model, device.os, app.version...).
+        """
+
+    @_abc_1.abstractmethod
+    def ListLiveSessions(
+        self,
+        request: _admin_pb2.ListLiveSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListLiveSessionsResponse, _abc.Awaitable[_admin_pb2.ListLiveSessionsResponse]]:
+        """Live now: connected device sessions (live, idle or inactive), their
+        segments and pending cues, and engagements waiting per queue.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

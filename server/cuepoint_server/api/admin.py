@@ -1,4 +1,4 @@
-"""AdminService: explain decisions, the emergency switch, scenario status."""
+"""AdminService: explain decisions, the emergency switch, scenario status, funnels, live sessions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from typing import TypeAlias
 import grpc
 import structlog
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from ..core.live import LiveSession
 from ..core.service import Core
+from ..reporting.funnel import Cohort, FunnelQuery, FunnelRow, funnel
 from .convert import timestamp
 
 __all__ = ["AdminServicer", "ScenarioStatus"]
@@ -20,6 +23,11 @@ log = structlog.get_logger("cuepoint.api.admin")
 ScenarioStatus = Callable[[], tuple[int, str]]
 
 _OUTCOMES = {"offered": admin_pb2.DECISION_OUTCOME_OFFERED, "blocked": admin_pb2.DECISION_OUTCOME_BLOCKED}
+_LIVE = {
+    "live": admin_pb2.LIVE_STATUS_LIVE,
+    "idle": admin_pb2.LIVE_STATUS_IDLE,
+    "inactive": admin_pb2.LIVE_STATUS_INACTIVE,
+}
 Context: TypeAlias = grpc.aio.ServicerContext[object, object]
 
 
@@ -76,6 +84,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     enabled=s.enabled,
                     events=sorted(s.events),
                     time_driven=s.timed,
+                    holdout=s.holdout,
                 )
                 for s in self.core.engine.scenarios.scenarios
             ],
@@ -83,3 +92,97 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             last_error=error,
             offers_paused=self.core.offers_paused,
         )
+
+    async def GetFunnel(self, request: admin_pb2.GetFunnelRequest, context: Context) -> admin_pb2.GetFunnelResponse:
+        try:
+            query = FunnelQuery(
+                start=_seconds(request.start) if request.HasField("start") else None,
+                end=_seconds(request.end) if request.HasField("end") else None,
+                scenario_id=request.scenario_id or None,
+                group_by=tuple(request.group_by),
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group_by: {exc}")
+        if query.start is not None and query.end is not None and query.end < query.start:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "end: must not be before start")
+        rows = await funnel(self.core.store.query, query)
+        return admin_pb2.GetFunnelResponse(rows=[_funnel_row(r, query.group_by) for r in rows])
+
+    async def ListLiveSessions(
+        self, request: admin_pb2.ListLiveSessionsRequest, context: Context
+    ) -> admin_pb2.ListLiveSessionsResponse:
+        live = self.core.live_now()
+        sessions = [s for s in live.sessions if not request.app_id or s.app_id == request.app_id]
+        sessions.sort(key=lambda s: (s.started_at, s.device_id))
+        return admin_pb2.ListLiveSessionsResponse(
+            now=timestamp(live.now),
+            sessions=[_live_session(s) for s in sessions],
+            queues=[
+                admin_pb2.QueueLoad(queue=q.queue, waiting=q.waiting, associates=q.associates, available=q.available)
+                for q in live.queues
+            ],
+            pending_cues=sum(1 for s in sessions if s.pending_cue is not None),
+        )
+
+
+def _seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _conversion(cohort: Cohort) -> admin_pb2.ConversionGroup:
+    return admin_pb2.ConversionGroup(
+        sessions=cohort.sessions,
+        outcome_reached=cohort.outcome_reached,
+        converted=cohort.converted,
+        conversion_rate=cohort.conversion_rate or 0.0,
+    )
+
+
+def _funnel_row(row: FunnelRow, group_by: tuple[str, ...]) -> admin_pb2.FunnelRow:
+    return admin_pb2.FunnelRow(
+        scenario_id=row.scenario_id,
+        group=dict(zip(group_by, row.group, strict=True)),
+        qualified=row.qualified,
+        blocked=[admin_pb2.BlockedCount(reason=r, count=n) for r, n in row.blocked_by_count()],
+        blocked_total=row.blocked_total,
+        offered=row.offered,
+        accepted=row.accepted,
+        declined=row.declined,
+        dismissed=row.dismissed,
+        ignored=row.ignored,
+        withdrawn=row.withdrawn,
+        pending=row.pending,
+        engaged=row.engaged,
+        resolved=row.resolved,
+        qualified_sessions=row.qualified_sessions,
+        treated=_conversion(row.treated),
+        holdout=_conversion(row.holdout),
+    )
+
+
+def _live_session(s: LiveSession) -> admin_pb2.LiveSession:
+    out = admin_pb2.LiveSession(
+        session_id=s.session_id,
+        device_id=s.device_id,
+        app_id=s.app_id,
+        status=_LIVE.get(s.status, admin_pb2.LIVE_STATUS_UNSPECIFIED),
+        started_at=timestamp(s.started_at),
+        context={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in s.context.items()},
+        segments=s.segments,
+        milestones=s.milestones,
+        engagement_id=s.engagement_id,
+        engagement_state=s.engagement_state,
+    )
+    if s.last_signal_at is not None:
+        out.last_signal_at.CopyFrom(timestamp(s.last_signal_at))
+    if s.pending_cue is not None:
+        cue = s.pending_cue
+        out.pending_cue.CopyFrom(
+            admin_pb2.LivePendingCue(
+                cue_id=cue.cue_id,
+                scenario_id=cue.scenario_id,
+                created_at=timestamp(cue.created_at),
+                expires_at=timestamp(cue.expires_at),
+            )
+        )
+    return out

@@ -15,7 +15,7 @@ from ..core.errors import CoreError
 from ..core.model import EngagementEnded, EngagementView, SessionFailed
 from ..core.service import Core
 from ..core.sessions import AssociateSession
-from . import convert
+from . import conversation, convert
 from .auth import Authenticator, undecodable
 from .errors import abort, status_for
 
@@ -55,6 +55,8 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
                 signed_in=associate_pb2.SignedIn(associate_id=associate.associate_id, queues=associate.queues)
             )
         )
+        # Every log line of this stream names the associate (each call runs in its own task).
+        structlog.contextvars.bind_contextvars(associate_id=associate.associate_id)
         reader = asyncio.create_task(self._read(request_iterator, associate))
         try:
             while True:
@@ -68,6 +70,8 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
                     await context.write(associate_pb2.AssociateEvent(assigned=convert.engagement_to_proto(item)))
                 elif isinstance(item, EngagementEnded):
                     await context.write(associate_pb2.AssociateEvent(ended=convert.engagement_ended_to_proto(item)))
+                elif (relayed := conversation.to_associate(item)) is not None:
+                    await context.write(relayed)
         finally:
             reader.cancel()
             self.core.sign_out(associate)
@@ -75,9 +79,12 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
     async def _read(self, requests: AsyncIterator[associate_pb2.AssociateMessage], associate: AssociateSession) -> None:
         try:
             async for message in requests:
-                if message.WhichOneof("kind") == "end":
+                kind = message.WhichOneof("kind")
+                if kind == "end":
                     end = message.end
                     await self.core.end_engagement(associate, end.engagement_id, end.disposition, end.notes)
+                elif kind in conversation.ASSOCIATE_KINDS:
+                    await conversation.from_associate(self.core, associate, message)
                 else:
                     associate.outbox.put_nowait(SessionFailed("unexpected message after sign_in"))
                     return

@@ -238,23 +238,30 @@ class Authenticator:
 
     def check_hello(self, principal: Principal, app_id: str) -> None:
         if principal.kind != "app" or principal.name != app_id:
-            raise PermissionDenied(f"{principal} may not connect devices of app {app_id!r}")
+            message = f"{principal} may not connect devices of app {app_id!r}"
+            raise _denied(message, "/cuepoint.v1.DeviceService/Connect")
 
     def check_sign_in(self, principal: Principal, request: AssociateSignIn) -> AssociateSignIn:
         """The sign-in to perform: own id only, allowed queues only (all of them when none asked)."""
         grant = principal.grant
+        method = "/cuepoint.v1.AssociateService/Connect"
         if principal.kind != "associate" or grant is None:
-            raise PermissionDenied(f"{principal} may not sign in as an associate")
+            raise _denied(f"{principal} may not sign in as an associate", method)
         if request.associate_id != grant.associate_id:
-            raise PermissionDenied(f"{principal} may not sign in as associate {request.associate_id!r}")
+            raise _denied(f"{principal} may not sign in as associate {request.associate_id!r}", method)
         if not request.queues:
             if ANY_QUEUE in grant.queues:
                 return request
             return dataclasses.replace(request, queues=tuple(sorted(grant.queues)))
         denied = [q for q in request.queues if not grant.allows(q)]
         if denied:
-            raise PermissionDenied(f"{principal} may not serve queue(s) {denied}")
+            raise _denied(f"{principal} may not serve queue(s) {denied}", method)
         return request
+
+
+def _denied(message: str, method: str) -> PermissionDenied:
+    log.info("auth.rejected", method=method, error=message)
+    return PermissionDenied(message)
 
 
 def _article(kind: Kind) -> str:

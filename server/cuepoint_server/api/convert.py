@@ -61,7 +61,9 @@ STATES = {
     "queued": common_pb2.ENGAGEMENT_STATE_QUEUED,
     "assigned": common_pb2.ENGAGEMENT_STATE_ASSIGNED,
     "ended": common_pb2.ENGAGEMENT_STATE_ENDED,
+    "callback_requested": common_pb2.ENGAGEMENT_STATE_CALLBACK_REQUESTED,
 }
+PARTIES = {"user": common_pb2.PARTY_USER, "associate": common_pb2.PARTY_ASSOCIATE, "system": common_pb2.PARTY_SYSTEM}
 # Well-known Context fields and the flat keys scenario files use for them.
 CONTEXT_FIELDS = {
     "app_version": "app.version",
@@ -226,6 +228,7 @@ def engagement_update_to_proto(u: EngagementUpdate) -> device_pb2.EngagementUpda
         queue=u.queue,
         associate_name=u.associate_name,
         time=timestamp(u.time),
+        disposition=u.disposition,
     )
 
 
@@ -235,7 +238,22 @@ def sign_in_from_proto(msg: associate_pb2.SignIn) -> AssociateSignIn:
         display_name=msg.display_name,
         queues=tuple(msg.queues),
         capacity=msg.capacity,
+        skills=tuple(msg.skills),
+        manual_claim=msg.manual_claim,
+        presence=_presence(msg.presence),
     )
+
+
+def _presence(value: int) -> str:
+    names: dict[int, str] = {
+        associate_pb2.PRESENCE_UNSPECIFIED: "available",
+        associate_pb2.PRESENCE_AVAILABLE: "available",
+        associate_pb2.PRESENCE_BUSY: "busy",
+        associate_pb2.PRESENCE_AWAY: "away",
+    }
+    if value not in names:
+        raise InvalidInput("sign_in.presence", f"unknown presence {value}")
+    return names[value]
 
 
 def _journey_entry(item: JourneyItem) -> common_pb2.JourneyEntry:
@@ -299,9 +317,23 @@ def engagement_to_proto(view: EngagementView) -> common_pb2.Engagement:
             redacted_fields=ctx.redacted_fields,
             segments=trigger.get("segments", []),
             milestones=trigger.get("milestones", []),
+            prior_engagements=[
+                common_pb2.PriorEngagement(
+                    engagement_id=p.engagement_id,
+                    created_at=timestamp(p.created_at),
+                    scenario_id=p.scenario_id,
+                    disposition=p.disposition,
+                    notes=p.notes,
+                    outcome=p.outcome,
+                )
+                for p in ctx.prior_engagements
+            ],
+            priority=ctx.priority,
         ),
     )
 
 
 def engagement_ended_to_proto(e: EngagementEnded) -> associate_pb2.EngagementEnded:
-    return associate_pb2.EngagementEnded(engagement_id=e.engagement_id, disposition=e.disposition)
+    return associate_pb2.EngagementEnded(
+        engagement_id=e.engagement_id, disposition=e.disposition, ended_by=PARTIES[e.ended_by]
+    )

@@ -16,7 +16,7 @@ from ..core.errors import CoreError
 from ..core.model import Ack, CueOffer, EngagementUpdate, SessionFailed, Withdrawal
 from ..core.service import Core
 from ..core.sessions import DeviceOut, DeviceSession
-from . import convert
+from . import conversation, convert
 from .auth import Authenticator, undecodable
 from .errors import abort, status_for
 from .limits import RateLimiter
@@ -77,6 +77,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 )
             )
         )
+        # Every log line of this stream (and of the core work it causes) names the device and session;
+        # grpc.aio runs each call in its own task, so the binding ends with the stream.
+        structlog.contextvars.bind_contextvars(device_id=session.device_id, session_id=session.session_id)
         reader = asyncio.create_task(self._read(request_iterator, session))
         try:
             await self._write(session, context)
@@ -97,6 +100,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 elif kind == "cue_response":
                     cue_id, response = convert.response_from_proto(message.cue_response)
                     await self.core.respond(session, cue_id, response)
+                elif kind in conversation.DEVICE_KINDS:
+                    await conversation.from_device(self.core, session, message)
                 else:
                     await outbox.put(
                         _StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello")
@@ -158,4 +163,7 @@ def _to_proto(item: DeviceOut) -> device_pb2.ServerMessage:
         return device_pb2.ServerMessage(withdrawal=convert.withdrawal_to_proto(item))
     if isinstance(item, EngagementUpdate):
         return device_pb2.ServerMessage(engagement=convert.engagement_update_to_proto(item))
+    relayed = conversation.to_device(item)
+    if relayed is not None:
+        return relayed
     raise TypeError(f"cannot send {type(item).__name__}")

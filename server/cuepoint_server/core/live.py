@@ -23,9 +23,6 @@ __all__ = [
     "queue_loads",
 ]
 
-STATUSES = ("live", "idle", "inactive")
-
-
 @dataclass(frozen=True, slots=True)
 class LivePendingCue:
     cue_id: str

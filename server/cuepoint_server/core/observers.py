@@ -2,8 +2,10 @@
 
 Subclass CoreObserver, override what you need, and append an instance to
 ``Core.observers``. Arbitration decisions (offered, blocked and why) have their
-own hook, ``Core.decision_listeners``. Observers are called synchronously on the
-event loop, in the middle of the core's work: keep them cheap, and never raise.
+own hook, ``Core.decision_listeners``, and engagements theirs,
+``Core.desk.listeners`` (engagement.started / engagement.ended). Observers are
+called synchronously on the event loop, in the middle of the core's work: keep
+them cheap, and never raise.
 """
 
 from __future__ import annotations
@@ -21,6 +23,3 @@ class CoreObserver:
 
     def cue_settled(self, scenario_id: str, status: str) -> None:
         """A pending cue ended: accepted, declined, dismissed, expired or withdrawn."""
-
-    def engagement_assigned(self, queue: str, waited: float) -> None:
-        """An engagement reached an associate `waited` seconds (core clock) after it was queued."""

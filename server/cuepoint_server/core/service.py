@@ -26,7 +26,7 @@ from ..storage import CueRecord, DecisionRecord, SessionRecord, SignalRecord, Sq
 from ..storage.records import MilestoneRecord
 from .engagements import DeskConfig, EngagementDesk
 from .errors import InvalidInput
-from .live import LiveNow, describe_session, queue_loads
+from .live import LiveNow, QueueLoad, describe_session, queue_loads
 from .model import (
     Ack,
     AssociateSignIn,
@@ -206,7 +206,8 @@ class Core:
                     scenarios.keep_seconds(signal.name),
                 )
                 events.add(signal.name)
-                self.desk.observe(state, signal.name, signal.props, at)
+                # Receipt time: an outcome must arrive after the engagement ended.
+                self.desk.observe(state, signal.name, signal.props, now)
                 payload: dict[str, Any] = dict(signal.props)
             else:
                 identified = signal.context_set.get("user.id")
@@ -589,9 +590,12 @@ class Core:
                     engagement=(engagement.engagement_id, engagement.state) if engagement else ("", ""),
                 )
             )
-        queues = {s.queue for s in self.engine.scenarios.scenarios}
-        queues |= self.desk.queues_in_use()
-        return LiveNow(now, sessions, queue_loads(queues, self.router.associates(), self.router.waiting_count))
+        return LiveNow(now, sessions, self.queue_loads())
+
+    def queue_loads(self) -> list[QueueLoad]:
+        """Per queue (of a scenario, an associate or a waiting engagement): waiting engagements, associates."""
+        queues = {s.queue for s in self.engine.scenarios.scenarios} | self.desk.queues_in_use()
+        return queue_loads(queues, self.router.associates(), self.router.waiting_count)
 
     def stats(self) -> dict[str, int]:
         return {

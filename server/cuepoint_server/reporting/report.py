@@ -57,9 +57,7 @@ def read_funnel(db: str | Path, query: FunnelQuery) -> list[FunnelRow]:
         conn.close()
 
 
-def _when(at: float | None) -> str:
-    if at is None:
-        return "-"
+def _when(at: float) -> str:
     return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -69,10 +67,10 @@ def _conversion(c: Cohort) -> str:
 
 
 def render_table(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO) -> None:
-    out.write(f"funnel from {_when(query.start)} to {_when(query.end)} UTC")
-    if query.scenario_id:
-        out.write(f", scenario {query.scenario_id}")
-    out.write("\n")
+    span = [f"since {_when(query.start)} UTC"] if query.start is not None else []
+    span += [f"until {_when(query.end)} UTC"] if query.end is not None else []
+    scope = f"scenario {query.scenario_id}" if query.scenario_id else "per scenario"
+    out.write(f"funnel {scope}: decisions and cues {' '.join(span) or 'of all time'}\n\n")
     if not rows:
         out.write("no scenario qualified in this range\n")
         return
@@ -106,8 +104,8 @@ def render_table(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO) -> 
             reasons = ", ".join(f"{reason} {count}" for reason, count in row.blocked_by_count())
             out.write(f"  {key}: {reasons}\n")
     out.write(
-        "\nqualified/blocked/offered count decisions and cues; sessions, conversions count qualified sessions"
-        " (conv. = outcome milestone reached or engagement resolved).\n"
+        "\nsessions: qualified sessions; conv.: of those, sessions that reached the scenario's outcome"
+        " milestone or had an engagement resolved (treated vs holdout group)\n"
     )
 
 
