@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .webhooks import WebhookConfig
 
 __all__ = ["main"]
 
@@ -42,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
             rate_limits=limits,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            webhooks=_webhooks(args),
         )
         try:
             server = await CuepointServer.start(config)
@@ -72,6 +78,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _webhooks(args: argparse.Namespace) -> tuple[WebhookConfig, ...]:
+    from .webhooks import WebhookConfig
+
+    secret = args.webhook_secret or os.environ.get("CUEPOINT_WEBHOOK_SECRET", "")
+    if args.webhook and not secret:
+        raise SystemExit("--webhook needs --webhook-secret (or CUEPOINT_WEBHOOK_SECRET) to sign deliveries")
+    return tuple(WebhookConfig(url=url, secret=secret) for url in args.webhook)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -180,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)"
+    )
+    serve.add_argument(
+        "--webhook", action="append", default=[], metavar="URL", help="POST engagement start/end here (repeatable)"
+    )
+    serve.add_argument(
+        "--webhook-secret", default="", help="HMAC key for webhook signatures (or $CUEPOINT_WEBHOOK_SECRET)"
     )
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
     serve.add_argument(

@@ -18,6 +18,31 @@ from .logs import configure_logging
 __all__ = ["run_demo"]
 
 
+async def _conversation(
+    *, phone_engagement: cuepoint.Engagement, associate: cuepoint.AssociateClient, assigned: cuepoint.AssignedEngagement
+) -> None:
+    """Chat both ways, then the associate asks for screen share and the user consents."""
+    await phone_engagement.send_chat("It keeps saying 'sync failed'. I'm on 4.2.0.")
+    line = await anext(aiter(associate.messages(assigned)))
+    _say("associate", f'chat from user: "{line.text}"')
+    await associate.send_chat(assigned, "I can see three timeouts in the last minute. May I look at your screen?")
+    async for message in phone_engagement.messages():
+        if message.sender is cuepoint.Party.ASSOCIATE:
+            _say("phone", f'chat from Dana: "{message.text}"')
+            break
+    asked = asyncio.ensure_future(associate.request_upgrade(assigned, cuepoint.Channel.SCREEN_SHARE, timeout=5))
+    request = await anext(aiter(phone_engagement.upgrade_requests()))
+    _say("phone", "Dana asks to switch to screen share - the user agrees")
+    await phone_engagement.respond_upgrade(request, True)
+    change = await asked
+    channel = change.channel.name.lower() if change.channel else "?"
+    _say("associate", f"channel is now {channel}; the call setup is relayed through the server")
+    await phone_engagement.send_call_signal(cuepoint.CallSignalKind.OFFER, b"v=0 (SDP offer from the phone)")
+    offer = await anext(aiter(associate.call_signals(assigned)))
+    _say("associate", f"received the phone's WebRTC offer ({len(offer.payload)} bytes), answers it")
+    await associate.send_call_signal(assigned, cuepoint.CallSignalKind.ANSWER, b"v=0 (SDP answer)")
+
+
 def _say(who: str, text: str) -> None:
     print(f"[{who:<9}] {text}", flush=True)
 
@@ -97,13 +122,20 @@ async def _story(server: CuepointServer) -> int:
     for line in assigned.describe().splitlines():
         print(f"{'':12}{line}")
 
+    await _conversation(phone_engagement=engagement, associate=associate, assigned=assigned)
+
     await associate.end(assigned, disposition="resolved", notes="Cleared a stale auth token; sync works again.")
     ended = await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=5)
-    _say("associate", 'wrapped up: disposition "resolved"')
+    _say("associate", 'wrapped up: disposition "resolved", notes "Cleared a stale auth token; sync works again."')
     _say("phone", f"engagement {ended.engagement_id[:8]} ended")
+    await phone.track("sync_succeeded", duration_ms=9_800)
+    await phone.flush()
+    _say("phone", "sync succeeded in 9.8 s - the scenario's outcome check is watching for exactly this")
 
+    await server.core.drain()
     stored = await server.store.get_engagement(assigned.engagement_id)
     journey = await server.store.count_signals("fitkit-iphone-7f3a")
+    transcript = await server.store.chat_transcript(assigned.engagement_id)
     await phone.close()
     await associate.close()
     if stored is None or stored.state != "ended":
@@ -111,7 +143,8 @@ async def _story(server: CuepointServer) -> int:
         return 1
     _say(
         "server",
-        f"stored: {journey} signals in the journey, engagement {stored.state} ({stored.disposition})",
+        f"stored: {journey} signals in the journey, {len(transcript)} chat messages, engagement {stored.state} "
+        f"({stored.disposition}), channel {stored.channel}, outcome {stored.outcome}",
     )
     print("\nDemo complete.")
     return 0
