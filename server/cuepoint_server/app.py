@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,10 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     # Seconds in-flight streams get to finish on shutdown.
     grace: float = 5.0
+    # Server keepalive pings on idle connections.
+    keepalive_time: float = 30.0
+    # Journey data (signals, decisions) older than this many days is deleted; None keeps it.
+    retention_days: float | None = None
     core: CoreConfig = field(default_factory=CoreConfig)
     # Watch the scenarios folder and apply edits live (scenarios/reloader.py).
     watch_scenarios: bool = True
@@ -104,6 +109,12 @@ class CuepointServer:
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # Keepalive: find dead mobile connections, and accept the SDK's pings.
+            ("grpc.keepalive_time_ms", int(config.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ]
         auth = Authenticator(config.auth) if config.auth is not None else None
         if auth is None:
@@ -122,6 +133,7 @@ class CuepointServer:
         if port == 0:
             await store.close()
             raise OSError(f"cannot listen on {config.host}:{config.port}")
+        await core.recover()
         await server.start()
         for name in ("", *SERVICES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -132,6 +144,8 @@ class CuepointServer:
             self.reloader = ScenarioReloader(core.engine, config.scenarios, clock=core.clock)
             self.reloader.swap_listeners.append(core.scenarios_swapped)
             await self.reloader.start(watch=config.watch_scenarios)
+        if config.core.retention_days is not None:
+            self._purger = asyncio.create_task(self._purge_periodically(), name="cuepoint-retention")
         if config.webhooks:
             self.webhooks = WebhookDispatcher(config.webhooks)
             self.webhooks.start()
@@ -159,8 +173,19 @@ class CuepointServer:
         return self.reloader.version.number, str(error) if error else ""
 
     webhooks: WebhookDispatcher | None = None
+    _purger: asyncio.Task[None] | None = None
+
+    async def _purge_periodically(self) -> None:
+        while True:
+            try:
+                await self.core.purge()
+            except Exception:
+                log.exception("journey.purge_failed")
+            await asyncio.sleep(3600)
 
     async def stop(self, grace: float | None = None) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
         if self.webhooks is not None:
             await self.webhooks.close()
         await self.metrics.close()

@@ -59,6 +59,16 @@ class AdminServiceStub:
                 request_serializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsRequest.SerializeToString,
                 response_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsResponse.FromString,
                 _registered_method=True)
+        self.ExportUser = channel.unary_unary(
+                '/cuepoint.v1.AdminService/ExportUser',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.ExportUserRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.ExportUserResponse.FromString,
+                _registered_method=True)
+        self.EraseUser = channel.unary_unary(
+                '/cuepoint.v1.AdminService/EraseUser',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.EraseUserRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.EraseUserResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -104,6 +114,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportUser(self, request, context):
+        """Right of access: everything stored about one user, as a JSON document.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseUser(self, request, context):
+        """Right to erasure: delete everything stored about one user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +155,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListLiveSessions,
                     request_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsRequest.FromString,
                     response_serializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsResponse.SerializeToString,
+            ),
+            'ExportUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportUser,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.ExportUserRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.ExportUserResponse.SerializeToString,
+            ),
+            'EraseUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseUser,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.EraseUserRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.EraseUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +302,60 @@ class AdminService:
             '/cuepoint.v1.AdminService/ListLiveSessions',
             cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsRequest.SerializeToString,
             cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/ExportUser',
+            cuepoint_dot_v1_dot_admin__pb2.ExportUserRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.ExportUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/EraseUser',
+            cuepoint_dot_v1_dot_admin__pb2.EraseUserRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.EraseUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,10 @@ class AdminServiceStub:
     """Live now: connected device sessions (live, idle or inactive), their
     segments and pending cues, and engagements waiting per queue.
     """
+    ExportUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ExportUserRequest, _admin_pb2.ExportUserResponse]
+    """Right of access: everything stored about one user, as a JSON document."""
+    EraseUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.EraseUserRequest, _admin_pb2.EraseUserResponse]
+    """Right to erasure: delete everything stored about one user."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -71,6 +75,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Live now: connected device sessions (live, idle or inactive), their
     segments and pending cues, and engagements waiting per queue.
     """
+    ExportUser: _aio.UnaryUnaryMultiCallable[_admin_pb2.ExportUserRequest, _admin_pb2.ExportUserResponse]  # type: ignore[assignment]
+    """Right of access: everything stored about one user, as a JSON document."""
+    EraseUser: _aio.UnaryUnaryMultiCallable[_admin_pb2.EraseUserRequest, _admin_pb2.EraseUserResponse]  # type: ignore[assignment]
+    """Right to erasure: delete everything stored about one user."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -120,5 +128,21 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Live now: connected device sessions (live, idle or inactive), their
         segments and pending cues, and engagements waiting per queue.
         """
+
+    @_abc_1.abstractmethod
+    def ExportUser(
+        self,
+        request: _admin_pb2.ExportUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ExportUserResponse, _abc.Awaitable[_admin_pb2.ExportUserResponse]]:
+        """Right of access: everything stored about one user, as a JSON document."""
+
+    @_abc_1.abstractmethod
+    def EraseUser(
+        self,
+        request: _admin_pb2.EraseUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.EraseUserResponse, _abc.Awaitable[_admin_pb2.EraseUserResponse]]:
+        """Right to erasure: delete everything stored about one user."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

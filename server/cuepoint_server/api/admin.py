@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import TypeAlias
 
@@ -10,10 +11,12 @@ import structlog
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ..core.errors import CoreError
 from ..core.live import LiveSession
 from ..core.service import Core
 from ..reporting.funnel import Cohort, FunnelQuery, FunnelRow, funnel
 from .convert import timestamp
+from .errors import abort
 
 __all__ = ["AdminServicer", "ScenarioStatus"]
 
@@ -123,6 +126,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             ],
             pending_cues=sum(1 for s in sessions if s.pending_cue is not None),
         )
+
+    async def ExportUser(self, request: admin_pb2.ExportUserRequest, context: Context) -> admin_pb2.ExportUserResponse:
+        try:
+            data = await self.core.export_user(request.user_id)
+        except CoreError as exc:
+            await abort(context, exc)
+        return admin_pb2.ExportUserResponse(json=json.dumps(data, sort_keys=True, default=str))
+
+    async def EraseUser(self, request: admin_pb2.EraseUserRequest, context: Context) -> admin_pb2.EraseUserResponse:
+        try:
+            deleted = await self.core.erase_user(request.user_id)
+        except CoreError as exc:
+            await abort(context, exc)
+        return admin_pb2.EraseUserResponse(deleted=deleted)
 
 
 def _seconds(ts: Timestamp) -> float:

@@ -91,6 +91,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         outbox: asyncio.Queue[DeviceOut | _StreamEnd] = session.outbox  # type: ignore[assignment]
         try:
             async for message in requests:
+                await session.wait_for_room()
                 kind = message.WhichOneof("kind")
                 if self.limiter is not None:
                     cost = len(message.signals.signals) if kind == "signals" else 1
@@ -152,6 +153,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             if session.closed and not isinstance(item, Ack):
                 continue
             await context.write(_to_proto(item))
+            session.notify_room()
 
 
 def _to_proto(item: DeviceOut) -> device_pb2.ServerMessage:

@@ -337,6 +337,36 @@ class EngagementDesk:
             else:
                 self._assign(engagement, associate)
 
+    def restore(self, record: EngagementRecord) -> None:
+        """Re-queue an engagement left open by a stopped process; its associate must take it again."""
+        if record.engagement_id in self._engagements:
+            return
+        context = context_from_json(record.context)
+        scenario = self.engine.scenarios.by_id.get(record.scenario_id)
+        engagement = Engagement(
+            engagement_id=record.engagement_id,
+            cue_id=record.cue_id,
+            app_id=record.app_id,
+            device_id=record.device_id,
+            session_id=record.session_id,
+            subject=record.subject,
+            scenario_id=record.scenario_id,
+            queue=record.queue,
+            priority=record.priority,
+            skills=scenario.skills if scenario else (),
+            channel=record.channel,
+            allowed_channels=(context.cue.channel, *context.cue.upgrades),
+            created_at=record.created_at,
+            context=context,
+            outcome_check=scenario.engagement_outcome if scenario else None,
+        )
+        self._engagements[engagement.engagement_id] = engagement
+        self._active_by_device[engagement.device_id] = engagement.engagement_id
+        if record.state == "assigned":
+            self._save(engagement)  # back to queued until someone takes it
+        log.info("engagement.restored", engagement_id=engagement.engagement_id, queue=engagement.queue)
+        self._route(engagement)
+
     # -- fallback -------------------------------------------------------------
 
     def _arm_fallback(self, engagement: Engagement) -> None:
@@ -700,11 +730,67 @@ def context_json(ctx: EngagementContext) -> dict[str, Any]:
             for j in ctx.journey
         ],
         "trigger": ctx.trigger,
-        "cue": {"cue_id": cue.cue_id, "message": cue.message, "channel": cue.channel},
+        "cue": {
+            "cue_id": cue.cue_id,
+            "scenario_id": cue.scenario_id,
+            "message": cue.message,
+            "channel": cue.channel,
+            "upgrades": list(cue.upgrades),
+            "created_at": cue.created_at,
+            "expires_at": cue.expires_at,
+            "title": cue.title,
+        },
         "redacted_fields": list(ctx.redacted_fields),
         "prior_engagements": [
-            {"engagement_id": p.engagement_id, "disposition": p.disposition, "outcome": p.outcome}
+            {
+                "engagement_id": p.engagement_id,
+                "created_at": p.created_at,
+                "scenario_id": p.scenario_id,
+                "disposition": p.disposition,
+                "notes": p.notes,
+                "outcome": p.outcome,
+            }
             for p in ctx.prior_engagements
         ],
         "priority": ctx.priority,
     }
+
+
+def context_from_json(data: Mapping[str, Any]) -> EngagementContext:
+    """The inverse of context_json, for engagements restored after a restart."""
+    cue = data.get("cue", {})
+    return EngagementContext(
+        app_id=data.get("app_id", ""),
+        device_id=data.get("device_id", ""),
+        user_id=data.get("user_id", ""),
+        context=dict(data.get("context", {})),
+        user_attributes=dict(data.get("user_attributes", {})),
+        consent=data.get("consent", "essential"),
+        journey=tuple(
+            JourneyItem(j["signal_id"], j["time"], j["kind"], j["name"], j["payload"]) for j in data.get("journey", [])
+        ),
+        trigger=dict(data.get("trigger", {})),
+        cue=CueOffer(
+            cue_id=cue.get("cue_id", ""),
+            scenario_id=cue.get("scenario_id", ""),
+            message=cue.get("message", ""),
+            channel=cue.get("channel", "chat"),
+            upgrades=tuple(cue.get("upgrades", ())),
+            created_at=cue.get("created_at", 0.0),
+            expires_at=cue.get("expires_at", 0.0),
+            title=cue.get("title", ""),
+        ),
+        redacted_fields=tuple(data.get("redacted_fields", ())),
+        prior_engagements=tuple(
+            PriorEngagement(
+                p.get("engagement_id", ""),
+                p.get("created_at", 0.0),
+                p.get("scenario_id", ""),
+                p.get("disposition", ""),
+                p.get("notes", ""),
+                p.get("outcome", ""),
+            )
+            for p in data.get("prior_engagements", [])
+        ),
+        priority=int(data.get("priority", 0)),
+    )

@@ -20,7 +20,7 @@ from ..clock import Clock, TimerHandle
 from ..engine.arbiter import Arbiter, Blocked, Situation
 from ..engine.engine import Engine
 from ..engine.scenario_set import ScenarioSet
-from ..engine.state import DeviceState, EventOccurrence
+from ..engine.state import MAX_REMEMBERED_IDS, DeviceState, EventOccurrence
 from ..scenarios.compiler import CompiledScenario, milestone_event
 from ..storage import CueRecord, DecisionRecord, SessionRecord, SignalRecord, SqliteStore
 from ..storage.records import MilestoneRecord
@@ -40,6 +40,9 @@ from .observers import CoreObserver
 from .sessions import AssociateSession, DeviceSession, PendingCue
 from .validation import Limits, event_time, validate_batch, validate_hello
 
+# Signals read back per device to rebuild its windows after a restart.
+RESTORE_SIGNALS = 5000
+
 __all__ = ["Core", "CoreConfig"]
 
 log = structlog.get_logger("cuepoint.core")
@@ -51,6 +54,8 @@ RESPONSES = ("accepted", "declined", "dismissed", "expired")
 class CoreConfig:
     # Signals shown to the associate in the journey timeline.
     journey_limit: int = 50
+    # Journey data older than this many days is deleted by purge(); None keeps it.
+    retention_days: float | None = None
     # Seconds an engagement may wait before the user is offered a callback or
     # chat, when its queue sets no fallback_after; None: never.
     fallback_after: float | None = None
@@ -114,6 +119,9 @@ class Core:
         state = self._reg.states.get(hello.device_id)
         if state is None:
             state = self._reg.states[hello.device_id] = DeviceState(hello.device_id, hello.app_id)
+            # First sight of this device in this process (e.g. after a restart): windows
+            # and de-duplication resume from what storage holds.
+            await self._restore_state(state, now)
         # The hello carries the whole context; it replaces what we had.
         state.app_id = hello.app_id
         state.context = {**hello.context, "app.id": hello.app_id, "consent": hello.consent}
@@ -145,12 +153,80 @@ class Core:
         if previous is not None:
             previous.closed = True
         self._reg.sessions[hello.device_id] = session
-        pending = self._reg.pending.get(hello.device_id)
+        pending = self._reg.pending.get(hello.device_id) or await self._restore_cue(session, now)
         if pending is not None:
             session.send(pending.offer)
         self._schedule_timer(session.device_id, now)
         log.info("session.opened", session_id=session.session_id, device_id=hello.device_id, app_id=hello.app_id)
         return session
+
+    async def _restore_state(self, state: DeviceState, now: float) -> None:
+        scenarios = self.engine.scenarios
+        horizon = min(max(scenarios.retention.values(), default=0.0), Limits.max_age)
+        for record in await self.store.journey(state.device_id, limit=RESTORE_SIGNALS, since=now - horizon):
+            state.remember(record.signal_id)
+            state.last_signal_at = max(state.last_signal_at, record.time)
+            if record.kind == "event":
+                occurrence = EventOccurrence(record.time, record.signal_id, record.payload, state.next_seq())
+                state.record_event(record.name, occurrence, scenarios.keep_seconds(record.name))
+        # Ids older than the windows still dedupe a resend after a crash.
+        for signal_id in await self.store.recent_signal_ids(state.device_id, limit=MAX_REMEMBERED_IDS):
+            state.remember(signal_id)
+
+    async def _restore_cue(self, session: DeviceSession, now: float) -> PendingCue | None:
+        record = await self.store.open_cue(session.device_id)
+        if record is None:
+            return None
+        if record.expires_at <= now:
+            await self.store.set_cue_status(record.cue_id, "expired", now)
+            return None
+        scenario = self.engine.scenarios.by_id.get(record.scenario_id)
+        offer = CueOffer(
+            cue_id=record.cue_id,
+            scenario_id=record.scenario_id,
+            message=record.message,
+            channel=record.channel,
+            upgrades=scenario.upgrades if scenario else (),
+            created_at=record.created_at,
+            expires_at=record.expires_at,
+            title=scenario.title if scenario else "",
+        )
+        pending = PendingCue(offer, record.scenario_id, dict(record.explanation))
+        pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
+        self._reg.pending[session.device_id] = pending
+        log.info("cue.restored", device_id=session.device_id, cue_id=record.cue_id)
+        return pending
+
+    async def export_user(self, user_id: str) -> dict[str, list[dict[str, Any]]]:
+        if not user_id:
+            raise InvalidInput("user_id", "required")
+        return await self.store.export_user(user_id)
+
+    async def erase_user(self, user_id: str) -> dict[str, int]:
+        """Delete a user's data from storage and from memory (caps, declines, windows)."""
+        if not user_id:
+            raise InvalidInput("user_id", "required")
+        await self.drain()
+        deleted = await self.store.erase_user(user_id)
+        self.arbiter.forget(f"user:{user_id}")
+        for state in self._reg.states.values():
+            if state.context.get("user.id") == user_id:
+                state.history.clear()
+        log.warning("user.erased", rows=sum(deleted.values()))
+        return deleted
+
+    async def purge(self) -> int:
+        """Retention: delete journey data older than the configured number of days."""
+        if self.config.retention_days is None:
+            return 0
+        removed = await self.store.purge_journey(self.clock.now() - self.config.retention_days * 86400)
+        log.info("journey.purged", signals=removed)
+        return removed
+
+    async def recover(self) -> None:
+        """At start-up: engagements that were queued or assigned when the process stopped wait again."""
+        for record in await self.store.open_engagements():
+            self.desk.restore(record)
 
     async def _restore_memory(self, subject: str) -> None:
         # Caps, cooldowns and decline memory follow the user across devices
@@ -177,6 +253,9 @@ class Core:
         if session.writes:
             await asyncio.gather(*session.writes, return_exceptions=True)
         await self.store.end_session(session.session_id, self.clock.now())
+        if session.consent == "none":
+            # No consent: the journey served this session only.
+            await self.store.forget_session_journey(session.session_id)
         log.info("session.closed", session_id=session.session_id, device_id=session.device_id)
 
     def ingest(self, session: DeviceSession, batch: IncomingBatch) -> None:
@@ -542,7 +621,12 @@ class Core:
     def _track(self, session: DeviceSession, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(work)
         session.writes.add(task)
-        task.add_done_callback(session.writes.discard)
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            session.writes.discard(finished)
+            session.notify_room()
+
+        task.add_done_callback(done)
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(work)

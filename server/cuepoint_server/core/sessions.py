@@ -40,6 +40,13 @@ class PendingCue:
     expiry: TimerHandle | None = None
 
 
+# Backpressure: past these, the server stops reading the device's stream until
+# its outbox drains and its writes commit, so HTTP/2 flow control pushes back on
+# the client instead of server memory growing.
+OUTBOX_HIGH = 256
+PENDING_WRITES_HIGH = 64
+
+
 @dataclass(eq=False, slots=True)
 class DeviceSession:
     session_id: str
@@ -55,9 +62,23 @@ class DeviceSession:
     writes: set[asyncio.Future[object]] = field(default_factory=set)
     closed: bool = False
 
+    _room: asyncio.Event = field(default_factory=asyncio.Event)
+
     def send(self, message: DeviceOut) -> None:
         if not self.closed:
             self.outbox.put_nowait(message)
+
+    def has_room(self) -> bool:
+        return self.outbox.qsize() < OUTBOX_HIGH and len(self.writes) < PENDING_WRITES_HIGH
+
+    def notify_room(self) -> None:
+        if self.has_room():
+            self._room.set()
+
+    async def wait_for_room(self) -> None:
+        while not self.has_room():
+            self._room.clear()
+            await self._room.wait()
 
 
 @dataclass(eq=False, slots=True)

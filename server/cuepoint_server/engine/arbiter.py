@@ -99,6 +99,9 @@ class Arbiter:
     def remember_engagement(self, subject: str, session_id: str) -> None:
         self._of(subject).engaged_sessions.add(session_id)
 
+    def forget(self, subject: str) -> None:
+        self._memory.pop(subject, None)
+
     def merge(self, source: str, target: str) -> None:
         """An anonymous device was identified: its history now belongs to the user."""
         old = self._memory.pop(source, None)

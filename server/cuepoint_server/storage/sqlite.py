@@ -158,6 +158,33 @@ _INSERT_DECISION = (
 )
 
 
+def _user_queries(user_id: str, subject: str) -> list[tuple[str, str, Row]]:
+    sessions = "SELECT session_id FROM sessions WHERE user_id = ?"
+    engagements = "SELECT engagement_id FROM engagements WHERE subject = ?"
+    return [
+        ("sessions", "SELECT * FROM sessions WHERE user_id = ?", (user_id,)),
+        ("signals", f"SELECT * FROM signals WHERE session_id IN ({sessions}) ORDER BY time", (user_id,)),
+        ("milestones", f"SELECT * FROM milestones WHERE session_id IN ({sessions})", (user_id,)),
+        ("cues", "SELECT * FROM cues WHERE subject = ?", (subject,)),
+        ("decisions", "SELECT * FROM decisions WHERE subject = ?", (subject,)),
+        ("engagements", "SELECT * FROM engagements WHERE subject = ?", (subject,)),
+        ("chat_messages", f"SELECT * FROM chat_messages WHERE engagement_id IN ({engagements})", (subject,)),
+        ("channel_changes", f"SELECT * FROM channel_changes WHERE engagement_id IN ({engagements})", (subject,)),
+    ]
+
+
+def _plain(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in zip(columns, row, strict=True):
+        if isinstance(value, str) and value[:1] in "{[":
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
 def _decision_row(r: DecisionRecord) -> Row:
     return tuple(getattr(r, c) for c in _DECISION_COLS)
 
@@ -543,6 +570,73 @@ class SqliteStore:
         assert self._shared_lock is not None
         async with self._shared_lock:
             return list(await self._writer_conn.execute_fetchall(sql, params))
+
+    # -- recovery after a restart --------------------------------------------------------------------
+
+    async def open_cue(self, device_id: str) -> CueRecord | None:
+        """The device's newest cue still on offer (status offered), if any."""
+        sql = (
+            f"{_select('cues', _CUE_COLS)} WHERE device_id = ? AND status = 'offered' "
+            "ORDER BY created_at DESC, rowid DESC LIMIT 1"
+        )
+        rows = await self._fetch(sql, (device_id,))
+        return _cue_from(rows[0]) if rows else None
+
+    async def open_engagements(self) -> list[EngagementRecord]:
+        """Engagements not finished when the process stopped (queued or assigned), oldest first."""
+        sql = (
+            f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE state IN ('queued', 'assigned') "
+            "ORDER BY created_at, rowid"
+        )
+        return [_engagement_from(r) for r in await self._fetch(sql, ())]
+
+    async def recent_signal_ids(self, device_id: str, *, limit: int) -> list[str]:
+        sql = "SELECT signal_id FROM signals WHERE device_id = ? ORDER BY rowid DESC LIMIT ?"
+        return [str(r[0]) for r in reversed(await self._fetch(sql, (device_id, limit)))]
+
+    # -- privacy ------------------------------------------------------------------------------------
+
+    async def forget_session_journey(self, session_id: str) -> None:
+        """Drop a session's signals (consent none: nothing persists beyond the session)."""
+        await self._writer.execute("DELETE FROM signals WHERE session_id = ?", (session_id,))
+
+    async def purge_journey(self, older_than: float) -> int:
+        """Retention: delete signals and decisions older than ``older_than`` (epoch seconds)."""
+        rows = await self._fetch("SELECT COUNT(*) FROM signals WHERE time < ?", (older_than,))
+        await self._writer.execute("DELETE FROM signals WHERE time < ?", (older_than,))
+        await self._writer.execute("DELETE FROM decisions WHERE time < ?", (older_than,))
+        return int(rows[0][0])
+
+    async def export_user(self, user_id: str) -> dict[str, list[dict[str, Any]]]:
+        """Everything stored about one user, as plain data (right of access)."""
+        subject = f"user:{user_id}"
+        out: dict[str, list[dict[str, Any]]] = {}
+        for table, sql, params in _user_queries(user_id, subject):
+            columns = [str(c[1]) for c in await self._fetch(f"PRAGMA table_info({table})", ())]
+            out[table] = [_plain(columns, r) for r in await self._fetch(sql, params)]
+        return out
+
+    async def erase_user(self, user_id: str) -> dict[str, int]:
+        """Delete everything stored about one user (right to erasure); returns rows deleted per table."""
+        subject = f"user:{user_id}"
+        counts: dict[str, int] = {}
+        for table, sql, params in _user_queries(user_id, subject):
+            counts[table] = len(await self._fetch(sql, params))
+        # Children first: they are found through the sessions and engagements deleted last.
+        sessions = "SELECT session_id FROM sessions WHERE user_id = ?"
+        engagements = "SELECT engagement_id FROM engagements WHERE subject = ?"
+        for sql, params in (
+            (f"DELETE FROM chat_messages WHERE engagement_id IN ({engagements})", (subject,)),
+            (f"DELETE FROM channel_changes WHERE engagement_id IN ({engagements})", (subject,)),
+            (f"DELETE FROM signals WHERE session_id IN ({sessions})", (user_id,)),
+            (f"DELETE FROM milestones WHERE session_id IN ({sessions})", (user_id,)),
+            ("DELETE FROM decisions WHERE subject = ?", (subject,)),
+            ("DELETE FROM cues WHERE subject = ?", (subject,)),
+            ("DELETE FROM engagements WHERE subject = ?", (subject,)),
+            ("DELETE FROM sessions WHERE user_id = ?", (user_id,)),
+        ):
+            await self._writer.execute(sql, params)
+        return counts
 
     async def query(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
         """A read-only ad-hoc query (reports, reporting/funnel.py); sees everything committed."""
