@@ -371,3 +371,36 @@ async def test_identified_user_stitches_journeys_and_memory(start_server: StartS
     }
     for c in (tablet, phone_, t2, p2, dana, dana2):
         await c.close()
+
+
+async def test_an_associate_cannot_end_someone_elses_engagement(start_server: StartServer) -> None:
+    import grpc
+
+    from cuepoint.v1 import associate_pb2, associate_pb2_grpc
+
+    server = await start_server(HELP)
+    dana = await associate(server, "dana")
+    client = await phone(server)
+    await ask_for_help(client)
+    assigned = await dana.next_engagement(timeout=5)
+
+    async def mallory() -> object:
+        yield associate_pb2.AssociateMessage(sign_in=associate_pb2.SignIn(associate_id="mallory", queues=["other"]))
+        yield associate_pb2.AssociateMessage(
+            end=associate_pb2.EndEngagement(engagement_id=assigned.engagement_id, disposition="resolved")
+        )
+        await asyncio.sleep(5)
+
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = associate_pb2_grpc.AssociateServiceStub(channel).Connect(mallory())
+        try:
+            async with asyncio.timeout(5):
+                async for _ in call:
+                    pass
+            raise AssertionError("the stream should have been refused")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() is grpc.StatusCode.PERMISSION_DENIED
+    stored = await server.store.get_engagement(assigned.engagement_id)
+    assert stored is not None and stored.state == "assigned"
+    await client.close()
+    await dana.close()

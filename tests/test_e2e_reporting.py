@@ -353,7 +353,9 @@ async def test_holdout_is_a_deterministic_control_group_with_its_own_conversion(
     ("written", "share"), [("10%", 0.1), ("12.5%", 0.125), ("0.25", 0.25), ("0", 0.0), ("100%", 1.0)]
 )
 def test_holdout_is_written_as_a_percentage_or_a_fraction(written: str, share: float) -> None:
-    loaded = load_text(f"id: s\nholdout: {written}\ntrigger: {{event: e}}\ncue: {{message: hi, channel: chat}}\n", "f.yaml")
+    loaded = load_text(
+        f"id: s\nholdout: {written}\ntrigger: {{event: e}}\ncue: {{message: hi, channel: chat}}\n", "f.yaml"
+    )
     assert loaded.scenarios[0].spec.holdout == pytest.approx(share)
 
 

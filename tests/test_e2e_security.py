@@ -610,49 +610,80 @@ async def test_device_rate_limit_ends_only_the_flooding_stream(start_server: Sta
     limits = RateLimits(device_rate=10, device_burst=20)
     server = await start_server(SYNC_FAILURE, rate_limits=limits)
     raw = RawDevice(server.address)
-    raw.hello("flooder")  # costs 1
+    raw.hello("flooder")  # 20 - 1
     assert (await raw.read()).HasField("welcome")
-    raw.signals(*(event(f"a-{i}") for i in range(15)), batch_id="first")
+    raw.signals(*(event(f"a-{i}") for i in range(15)), batch_id="first")  # 19 - 15
     assert (await raw.read()).ack.batch_id == "first"
-    raw.signals(*(event(f"b-{i}") for i in range(10)), batch_id="second")  # 4 tokens left
+    raw.signals(*(event(f"b-{i}") for i in range(10)), batch_id="second")  # 4 left: passes, into debt (-6)
+    assert (await raw.read()).ack.batch_id == "second"
+    raw.signals(event("c-0"), batch_id="third")
     error = await raw.failure()
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert quota_violations(error) == [("device:fitkit/flooder", "device rate limit: 10 signals/s (burst 20)")]
-    assert await server.store.count_signals("flooder") == 15  # the refused batch was not applied
+    assert await server.store.count_signals("flooder") == 25  # the refused batch was not applied
     await raw.close()
 
     # Another device is unaffected, also through the SDK.
     calm = await device(server, "calm", api_key=None)
     await tracked_and_acked(calm)
-    # The flooder's bucket refills with time.
+    # The flooder's bucket refills with time: -6 + 2 s x 10/s.
     clock.advance(2)
     raw = RawDevice(server.address)
     raw.hello("flooder")
     assert (await raw.read()).HasField("welcome")
-    raw.signals(*(event(f"c-{i}") for i in range(10)), batch_id="third")
-    assert (await raw.read()).ack.batch_id == "third"
+    raw.signals(*(event(f"d-{i}") for i in range(10)), batch_id="fourth")
+    assert (await raw.read()).ack.batch_id == "fourth"
     await raw.close()
-
-    # The SDK sees RESOURCE_EXHAUSTED as Rejected.
-    for i in range(30):
-        await calm.track("screen_viewed", n=i)
-    with pytest.raises(cuepoint.Rejected) as info:
-        await calm.flush(timeout=5)
-    assert info.value.code == "RESOURCE_EXHAUSTED"
     await calm.close()
+
+
+async def test_sdk_backs_off_when_throttled_and_loses_nothing(start_server: StartServer, clock: ManualClock) -> None:
+    server = await start_server(SYNC_FAILURE, rate_limits=RateLimits(device_rate=10, device_burst=20))
+
+    async def client(device_id: str, reconnect: bool) -> cuepoint.Client:
+        return await cuepoint.connect(
+            server.address,
+            app_id="fitkit",
+            device_id=device_id,
+            config=cuepoint.ClientConfig(reconnect=reconnect, reconnect_initial_backoff=0.05),
+        )
+
+    # Without reconnect the refusal surfaces as Rejected(RESOURCE_EXHAUSTED).
+    strict = await client("strict", reconnect=False)
+    for i in range(40):
+        await strict.track("screen_viewed", n=i)
+    await strict.flush(timeout=5)  # 19 left: passes into debt
+    await strict.track("screen_viewed", n=40)
+    with pytest.raises(cuepoint.Rejected) as info:
+        await strict.flush(timeout=5)
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    await strict.close()
+
+    # With reconnect (the default) the client backs off, and once the bucket refills every signal is acked.
+    patient = await client("patient", reconnect=True)
+    for i in range(40):
+        await patient.track("screen_viewed", n=i)
+    await patient.flush(timeout=5)
+    for i in range(40, 45):
+        await patient.track("screen_viewed", n=i)
+    flushed = asyncio.ensure_future(patient.flush(timeout=10))
+    await asyncio.sleep(0.3)  # refused (and retried with backoff) meanwhile
+    assert not flushed.done()
+    clock.advance(5)
+    await flushed  # every signal acked, i.e. stored
+    assert patient.is_open
+    await patient.close()
 
 
 async def test_app_rate_limit_spares_other_apps(start_server: StartServer) -> None:
     server = await start_server(SYNC_FAILURE, rate_limits=RateLimits(device_rate=0, app_rate=5, app_burst=30))
     first = RawDevice(server.address)
-    first.hello("fit-1")
+    first.hello("fit-1")  # 30 - 1
     assert (await first.read()).HasField("welcome")
-    first.signals(*(event(f"a-{i}") for i in range(25)))
+    first.signals(*(event(f"a-{i}") for i in range(29)))  # 0 left
     assert (await first.read()).HasField("ack")
     second = RawDevice(server.address)
-    second.hello("fit-2")
-    assert (await second.read()).HasField("welcome")
-    second.signals(*(event(f"b-{i}") for i in range(10)))
+    second.hello("fit-2")  # another device of the same app
     error = await second.failure()
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert [s for s, _ in quota_violations(error)] == ["app:fitkit"]
@@ -685,6 +716,7 @@ def test_log_processor_drops_secrets_and_personal_data(log_output: io.StringIO) 
         token=DANA_TOKEN,
         user_id="user-1042",
         email="sam@example.com",
+        subject="user:user-1042",
         context={"user.id": "user-1042", "user.first_name": "Sam", "location.city": "Lyon", "app.version": "4.2.0"},
         device_id="phone-1",
     )
@@ -696,7 +728,7 @@ def test_log_processor_drops_secrets_and_personal_data(log_output: io.StringIO) 
     for secret in (FITKIT_KEY, DANA_TOKEN, ADMIN_TOKEN, "user-1042", "sam@example.com", "Sam", "Lyon"):
         assert secret not in text, secret
     probe = json.loads(text.splitlines()[0])
-    assert probe["api_key"] == probe["token"] == probe["user_id"] == REDACTED
+    assert probe["api_key"] == probe["token"] == probe["user_id"] == probe["subject"] == REDACTED
     assert probe["context"] == {
         "user.id": REDACTED,
         "user.first_name": REDACTED,

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,7 +28,7 @@ import pytest
 import structlog
 from cuepoint.v1 import common_pb2, device_pb2
 from cuepoint_server.app import CuepointServer, ServerConfig
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from .conftest import SHIPPED
@@ -205,6 +205,47 @@ SEQUENCES = st.tuples(
 ).map(lambda t: [t[0], *t[1]])
 
 
+def _explicit() -> dict[str, list[bytes]]:
+    """Hostile shapes every run covers, whatever the random draw."""
+    hello = device_pb2.DeviceMessage(
+        hello=device_pb2.Hello(
+            app_id="fitkit",
+            device_id="fuzz-explicit",
+            user=common_pb2.UserIdentity(user_id="fuzz-user", tier="premium"),
+            consent=common_pb2.Consent(level=common_pb2.CONSENT_LEVEL_FULL),
+        )
+    ).SerializeToString()
+    batch = device_pb2.DeviceMessage(
+        signals=device_pb2.SignalBatch(
+            batch_id="b", signals=[common_pb2.Signal(id=MARK, event=common_pb2.Event(name="sync_failed"))]
+        )
+    )
+    data = batch.SerializeToString()
+    huge = device_pb2.DeviceMessage()
+    huge.CopyFrom(batch)
+    huge.signals.signals[0].time.seconds = 2**62
+    huge.signals.sent_at.seconds = -(2**62)
+    return {
+        "bad UTF-8 after hello": [hello, data.replace(MARK.encode(), b"MAR\xffER")],
+        "bad UTF-8 hello": [hello.replace(b"fitkit", b"fitk\xffT")],
+        "truncated after hello": [hello, data[:-3]],
+        "garbage first": [b"\xff\xff\xff\xff"],
+        "garbage after hello": [hello, b"\x0e\x04gF7"],
+        "unknown response kind": [
+            hello,
+            device_pb2.DeviceMessage(
+                cue_response=device_pb2.CueResponse(cue_id="c", kind=12345)  # type: ignore[arg-type]
+            ).SerializeToString(),
+        ],
+        "absurd times": [hello, huge.SerializeToString()],
+        "second hello": [hello, hello],
+        "empty messages": [hello, b"", b""],
+    }
+
+
+EXPLICIT = _explicit()
+
+
 async def _exchange(address: str, frames: list[bytes]) -> tuple[grpc.StatusCode | None, str]:
     """Send `frames`, half-close, drain the replies; the status the server ended the stream with.
 
@@ -266,6 +307,12 @@ def live_server(tmp_path: Path) -> Iterator[tuple[asyncio.Runner, CuepointServer
         runner.close()
 
 
+def _with_examples(test: Callable[..., None]) -> Callable[..., None]:
+    for frames in EXPLICIT.values():
+        test = example(frames=frames)(test)
+    return test
+
+
 def test_random_device_streams_never_take_the_server_down(
     live_server: tuple[asyncio.Runner, CuepointServer],
 ) -> None:
@@ -278,10 +325,13 @@ def test_random_device_streams_never_take_the_server_down(
         deadline=None,
         derandomize=True,
         database=None,
+        # No shrinking: a failure prints the frames as drawn, and a server bug fails in seconds.
+        phases=[Phase.explicit, Phase.generate],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(frames=SEQUENCES)
-    def example(frames: list[bytes]) -> None:
+    @_with_examples
+    def stream(frames: list[bytes]) -> None:
         with structlog.testing.capture_logs() as events:
             code, details = runner.run(_exchange(server.address, frames))
             if code is not None:
@@ -297,7 +347,7 @@ def test_random_device_streams_never_take_the_server_down(
     grpc_errors = _ErrorRecords()
     logging.getLogger("grpc").addHandler(grpc_errors)
     try:
-        example()
+        stream()
     finally:
         logging.getLogger("grpc").removeHandler(grpc_errors)
     # The run exercised both the happy and the rejecting paths.

@@ -15,8 +15,9 @@ __all__ = ["REDACTED", "configure_logging", "redact"]
 REDACTED = "[redacted]"
 # Secrets: never logged, whatever the level.
 _SECRET_KEY = re.compile(r"(authori[sz]ation|token|api[_-]?key|secret|password|passwd|credential|cookie|bearer)", re.I)
-# Personal data: user identity and attributes, location (the device and app facts stay).
-_PII_KEY = re.compile(r"^(user([._].*)?|user_?id|email|phone(_?number)?|location([._].*)?|ip)$", re.I)
+# Personal data: user identity and attributes (also the arbiter subject "user:<id>"), location;
+# device and app facts stay.
+_PII_KEY = re.compile(r"^(user([._].*)?|user_?id|subject|email|phone(_?number)?|location([._].*)?|ip)$", re.I)
 _BEARER = re.compile(r"(bearer\s+)[^\s'\",;]+", re.I)
 
 

@@ -62,10 +62,11 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
             while True:
                 item = await associate.outbox.get()
                 if isinstance(item, SessionFailed):
-                    code = grpc.StatusCode.OK if not item.reason else grpc.StatusCode.INVALID_ARGUMENT
-                    if code is grpc.StatusCode.OK:
+                    if isinstance(item.error, CoreError):
+                        await abort(context, item.error)
+                    if not item.reason:
                         return
-                    await context.abort(code, item.reason)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, item.reason)
                 if isinstance(item, EngagementView):
                     await context.write(associate_pb2.AssociateEvent(assigned=convert.engagement_to_proto(item)))
                 elif isinstance(item, EngagementEnded):
@@ -94,7 +95,7 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
         except CoreError as exc:
             _, text = status_for(exc)
             log.info("associate.rejected", associate_id=associate.associate_id, error=text)
-            associate.outbox.put_nowait(SessionFailed(text))
+            associate.outbox.put_nowait(SessionFailed(text, exc))
             return
         except asyncio.CancelledError:
             raise

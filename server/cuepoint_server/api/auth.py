@@ -234,7 +234,7 @@ class Authenticator:
     def check_service(self, principal: Principal, service: str) -> None:
         needed = SERVICE_KINDS.get(service, "admin")
         if principal.kind != needed:
-            raise PermissionDenied(f"{principal} may not call {service}; it needs {_article(needed)} credential")
+            raise PermissionDenied(f"{principal} may not call {service}; it needs {_article(needed)}")
 
     def check_hello(self, principal: Principal, app_id: str) -> None:
         if principal.kind != "app" or principal.name != app_id:

@@ -3,10 +3,14 @@
 Costs are counted in signals: a batch costs its number of signals (at least
 1), a Hello or a cue response costs 1. A bucket holds up to ``burst`` tokens
 and refills at ``rate`` per second on the core's clock (so tests drive it with
-a ManualClock). A message that finds either bucket short ends that device's
-stream with RESOURCE_EXHAUSTED (google.rpc.QuotaFailure naming the bucket);
-nothing of it is applied, and other devices (other apps, for the per-app
-bucket) are unaffected.
+a ManualClock). A message passes while both buckets hold more than zero
+tokens; its whole cost is then taken, possibly into debt, so the sustained
+rate holds and yet a batch larger than what is left (or than the burst) is
+never refused forever. A message that finds a bucket empty (or in debt) ends
+that device's stream with RESOURCE_EXHAUSTED (google.rpc.QuotaFailure naming
+the bucket); nothing of it is applied, and other devices (other apps, for the
+per-app bucket) are unaffected. The SDK reconnects after such a refusal with a
+throttled backoff and resends what was not acked.
 
 The defaults only stop floods: a phone sends a handful of signals a second,
 and the burst is larger than the SDK's whole offline buffer
@@ -85,7 +89,7 @@ class RateLimiter:
                     self._devices.popitem(last=False)
             else:
                 self._devices.move_to_end(key)
-            if device.refill(now) < cost:
+            if device.refill(now) <= 0:
                 raise ResourceExhausted(
                     f"device:{app_id}/{device_id}",
                     f"device rate limit: {limits.device_rate:g} signals/s (burst {device.burst:g})",
@@ -98,11 +102,11 @@ class RateLimiter:
                     self._apps.popitem(last=False)
             else:
                 self._apps.move_to_end(app_id)
-            if app.refill(now) < cost:
+            if app.refill(now) <= 0:
                 raise ResourceExhausted(
                     f"app:{app_id}", f"app rate limit: {limits.app_rate:g} signals/s (burst {app.burst:g})"
                 )
-        # Both had room: only now take, so a refusal by one never drains the other.
+        # Both had room: only now take (into debt if need be), so a refusal by one never drains the other.
         if device is not None:
             device.tokens -= cost
         if app is not None:

@@ -23,6 +23,7 @@ __all__ = [
     "queue_loads",
 ]
 
+
 @dataclass(frozen=True, slots=True)
 class LivePendingCue:
     cue_id: str

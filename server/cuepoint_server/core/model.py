@@ -95,9 +95,14 @@ class EngagementUpdate:
 
 @dataclass(frozen=True, slots=True)
 class SessionFailed:
-    """Ends a stream from the core's side (e.g. storage failing)."""
+    """Ends a stream from the core's side (e.g. storage failing).
+
+    With `error`, the API layer maps that error to its status; an empty reason
+    and no error ends the stream cleanly.
+    """
 
     reason: str
+    error: Exception | None = None
 
 
 @dataclass(frozen=True, slots=True)
