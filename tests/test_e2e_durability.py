@@ -6,9 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
-import grpc
-
 import cuepoint
+import grpc
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.core.sessions import OUTBOX_HIGH, PENDING_WRITES_HIGH
@@ -142,7 +141,7 @@ async def test_graceful_shutdown_keeps_everything_acked(start_server: StartServe
     await client.close()
 
 
-async def test_without_consent_nothing_outlives_the_session(start_server: StartServer) -> None:
+async def test_without_consent_nothing_outlives_the_session(start_server: StartServer, clock: ManualClock) -> None:
     server = await start_server(SYNC)
     client = await phone(server, "private", consent=cuepoint.Consent.NONE)
     await client.track("sync_failed")
@@ -151,6 +150,9 @@ async def test_without_consent_nothing_outlives_the_session(start_server: StartS
     session_id = client.session_id
     await client.close()
     await asyncio.sleep(0.2)
+    # Kept while a dropped connection could still resume the session, then gone.
+    assert await server.store.count_signals("private") == 1
+    clock.advance(server.core.config.resume_window + 1)
     await server.core.drain()
     assert await server.store.count_signals("private") == 0
     stored = await server.store.get_session(session_id or "")
@@ -201,3 +203,42 @@ async def test_retention_deletes_old_journey_data(start_server: StartServer, clo
     assert await server.core.purge() == 1
     assert await server.store.count_signals("phone-1") == 1
     await client.close()
+
+
+async def test_a_reconnect_resumes_the_session(start_server: StartServer, tmp_path: Path) -> None:
+    """A dropped connection does not reset session rules: caps per session, decline memory."""
+    folder, db = (
+        folder_with(tmp_path, SYNC.replace("at_least: 3", "at_least: 1") + "caps: {per_session: 1}\n"),
+        tmp_path / "r.db",
+    )
+    first = await start_server(scenarios=folder, db=db)
+    port = first.port
+    client = await phone(first, "resumer", consent=cuepoint.Consent.NONE)
+    await client.track("sync_failed")
+    await client.flush()
+    await client.dismiss(await client.next_cue(timeout=5))
+    session_id = client.session_id
+    await first.stop(0.5)
+    from cuepoint_server.app import CuepointServer, ServerConfig
+
+    for _ in range(50):  # the port frees up a moment after stop
+        try:
+            second = await CuepointServer.start(
+                ServerConfig(port=port, db=str(db), scenarios=str(folder)), clock=first.core.clock
+            )
+            break
+        except OSError:
+            await asyncio.sleep(0.1)
+    try:
+        async with asyncio.timeout(10):
+            while client.state is not cuepoint.ConnectionState.CONNECTED:  # noqa: ASYNC110 - reconnects by itself
+                await asyncio.sleep(0.05)
+        await client.track("sync_failed")
+        await client.flush(timeout=10)
+        assert client.session_id == session_id  # resumed, not a new session
+        assert await no_cue(client)  # per-session cap still counts the first offer
+        await second.core.drain()
+        assert await second.store.count_signals("resumer") == 2  # consent none, but the session lives on
+    finally:
+        await client.close()
+        await second.stop(0.5)

@@ -28,7 +28,7 @@ import logging as _logging
 
 from ._version import __version__
 from .associate import AssociateClient, AssociateEvent, connect_associate
-from .client import Client, CueCallback, Engagement, connect
+from .client import Client, CueCallback, Engagement, StateCallback, connect
 from .config import AssociateConfig, ClientConfig
 from .errors import (
     BufferFull,
@@ -48,6 +48,7 @@ from .models import (
     Channel,
     ChannelChange,
     ChatMessage,
+    ConnectionState,
     Consent,
     Context,
     Cue,
@@ -91,6 +92,7 @@ __all__ = [
     "ClientClosed",
     "ClientConfig",
     "ConnectionLost",
+    "ConnectionState",
     "Consent",
     "Context",
     "Cue",
@@ -117,6 +119,7 @@ __all__ = [
     "Scalar",
     "ServerError",
     "ServerEvent",
+    "StateCallback",
     "TimedOut",
     "Trigger",
     "UpgradeRequest",

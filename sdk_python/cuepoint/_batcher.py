@@ -5,8 +5,8 @@ and takes batches; the reader task feeds acks back. Keeping this pure (time
 is passed in) lets the tests drive every flushing rule deterministically.
 
 Every signal stays here, keyed by its id, from ``add`` until acked, whether
-still queued or already sent. That is the buffer a future reconnect resends
-from (:meth:`requeue_in_flight`), with the same ids so the server can de-dup.
+still queued or already sent. That is the buffer a reconnect resends from
+(:meth:`requeue_in_flight`), with the same ids so the server can de-dup.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class SignalBatcher(Generic[T]):
             raise ValueError("max_batch must be >= 1")
         self._configured_max = max_batch
         self._max_batch = max_batch
+        self._halvings = 0  # throttle(): batches are cut at max_batch >> halvings
         self._linger = linger
         # Insertion order == seq order; deleting acked entries keeps it.
         self._pending: dict[str, _Pending[T]] = {}
@@ -49,11 +50,26 @@ class SignalBatcher(Generic[T]):
 
     @property
     def max_batch(self) -> int:
-        return self._max_batch
+        """Signals per batch now: the configured/server cap, halved once per unrelaxed ``throttle()``."""
+        return max(1, self._max_batch >> self._halvings)
 
     def limit_batch(self, server_max: int) -> None:
         """Apply the server's cap (0 or less means "no cap")."""
         self._max_batch = min(self._configured_max, server_max) if server_max > 0 else self._configured_max
+
+    def throttle(self) -> None:
+        """The server refused for load (RESOURCE_EXHAUSTED): cut smaller batches.
+
+        A rate limiter charges per signal, and a batch larger than its burst
+        would be refused forever; halving until one fits lets the backlog drain.
+        """
+        if self.max_batch > 1:
+            self._halvings += 1
+
+    def relax(self) -> None:
+        """A batch was acked: double the batch size again, up to the cap."""
+        if self._halvings:
+            self._halvings -= 1
 
     @property
     def last_seq(self) -> int:
@@ -74,6 +90,10 @@ class SignalBatcher(Generic[T]):
 
     def unacked_ids(self) -> list[str]:
         return list(self._pending)
+
+    def pending_items(self) -> list[tuple[str, T]]:
+        """Every unacked signal, queued or in flight, oldest first."""
+        return [(signal_id, entry.payload) for signal_id, entry in self._pending.items()]
 
     def add(self, signal_id: str, payload: T, now: float) -> int:
         if signal_id in self._pending:
@@ -96,14 +116,15 @@ class SignalBatcher(Generic[T]):
         if not self._queue:
             return None
         head = self._pending[self._queue[0]]
-        if len(self._queue) >= self._max_batch or head.seq <= self._flush_through:
+        if len(self._queue) >= self.max_batch or head.seq <= self._flush_through:
             return 0.0
         return max(0.0, self._linger - (now - head.queued_at))
 
     def take_batch(self) -> list[tuple[str, T]]:
         """Up to ``max_batch`` queued signals, oldest first, now counted as in flight."""
         batch: list[tuple[str, T]] = []
-        while self._queue and len(batch) < self._max_batch:
+        limit = self.max_batch
+        while self._queue and len(batch) < limit:
             signal_id = self._queue.popleft()
             entry = self._pending[signal_id]
             entry.sent = True
@@ -122,6 +143,10 @@ class SignalBatcher(Generic[T]):
                 # Only after requeue_in_flight can an ack overtake a resend.
                 self._queue.remove(signal_id)
         return removed
+
+    def drop(self, signal_ids: Iterable[str]) -> int:
+        """Give up on signals that will never be sent (e.g. too old); for waiters they count as acked."""
+        return self.ack(signal_ids)
 
     def acked_through(self, seq: int) -> bool:
         """True when every signal with sequence number <= ``seq`` has been acked."""

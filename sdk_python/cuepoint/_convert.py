@@ -650,6 +650,7 @@ def hello(
     user: User | None,
     consent: Consent,
     sdk_version: str,
+    resume_session_id: str = "",
 ) -> device_pb2.DeviceMessage:
     msg = device_pb2.Hello(
         app_id=app_id,
@@ -657,6 +658,7 @@ def hello(
         context=context_to_proto(context),
         consent=common_pb2.Consent(level=consent_to_proto(consent)),
         sdk_version=sdk_version,
+        resume_session_id=resume_session_id,
     )
     if user is not None:
         msg.user.CopyFrom(user_to_proto(user))

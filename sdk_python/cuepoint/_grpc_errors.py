@@ -37,6 +37,9 @@ _BY_CODE: dict[grpc.StatusCode, type[CuepointError]] = {
 }
 
 
+_LOCAL_TRANSPORT_FAILURE = "Internal error from Core"
+
+
 def from_status(
     code: grpc.StatusCode | None, details: str | None, trailing_metadata: Iterable[Any] | None = None
 ) -> CuepointError:
@@ -48,6 +51,10 @@ def from_status(
     details = details or None
     if code is None or code == grpc.StatusCode.OK:
         return ConnectionLost(details or "the server ended the stream", code=code.name if code else None)
+    if code == grpc.StatusCode.INTERNAL and details == _LOCAL_TRANSPORT_FAILURE:
+        # gRPC's C core reports a write that raced a dead connection this way on
+        # the client itself; the server said nothing. Reconnecting is right.
+        return ConnectionLost(f"connection failed: {details}", code=code.name, details=details)
     cls = _BY_CODE.get(code, ServerError)
     message = f"{code.name}: {details}" if details else code.name
     if cls is InvalidSignal:

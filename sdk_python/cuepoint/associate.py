@@ -173,7 +173,7 @@ class AssociateClient:
             self._target,
             lambda channel: associate_pb2_grpc.AssociateServiceStub(channel).Connect,
             credentials=self._config.credentials,
-            options=self._config.channel_options,
+            options=self._config.grpc_options(),
             metadata=self._config.call_metadata(),
         )
         try:

@@ -3,8 +3,22 @@
 Three tasks share the stream: the caller's (track/accept/flush), a sender
 that cuts batches from the queue, and a reader that dispatches whatever the
 server pushes. Every path that can learn the stream is gone funnels into
-``Client._fail``; that single seam is where reconnect-with-backoff would go
-(re-run the handshake, ``requeue_in_flight`` the batcher, keep ids).
+``Client._fail``, which either ends the client (``_terminate``) or, for a
+retryable failure, reconnects:
+
+    CONNECTING --Welcome--> CONNECTED --retryable failure--> STALE
+    STALE --(backoff; new stream; Hello with the current context; Welcome)--> CONNECTED
+    STALE/CONNECTED --non-retryable failure, attempts exhausted, close()--> CLOSED
+
+On the way back to CONNECTED the batcher puts sent-but-unacked signals back in
+front of the queue (``requeue_in_flight``) so everything unacked is resent in
+its original order with its original ids and times; the server acks those it
+already stored as duplicates. Signals tracked while STALE simply queue.
+Failures reported for a stream that is no longer current are ignored.
+
+Cues are surfaced once per cue_id: the server re-offers a still-pending cue
+on every new session, so a repeat is dropped, and if the app had already
+answered it (the answer evidently never arrived) the answer is sent again.
 
 Ordering assumptions about the server: Welcome is the first message; acks
 name individual signal ids; EngagementUpdate carries the cue_id it belongs to.
@@ -28,9 +42,12 @@ import itertools
 import logging
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeAlias
+
+from google.protobuf.message import DecodeError
 
 from cuepoint.v1 import common_pb2, device_pb2, device_pb2_grpc
 
@@ -39,6 +56,8 @@ from ._batcher import SignalBatcher
 from ._conversation import Conversation, Feed, deadline
 from ._ids import IdGenerator
 from ._inbox import Inbox, InboxClosed, drain, get_within
+from ._journal import Journal, JournalError
+from ._reconnect import Backoff, is_retryable, is_throttled
 from ._transport import BidiStream
 from ._version import SDK_AGENT
 from .config import ClientConfig
@@ -59,6 +78,7 @@ from .models import (
     Channel,
     ChannelChange,
     ChatMessage,
+    ConnectionState,
     Consent,
     Context,
     Cue,
@@ -76,12 +96,15 @@ from .models import (
     User,
 )
 
-__all__ = ["Client", "CueCallback", "Engagement", "connect"]
+__all__ = ["Client", "CueCallback", "Engagement", "StateCallback", "connect"]
 
 log = logging.getLogger("cuepoint")
 
 CueCallback = Callable[[Cue], object]
 """Called with each new cue; may be a plain function or return an awaitable."""
+
+StateCallback = Callable[[ConnectionState], object]
+"""Called with each new :class:`ConnectionState`; may be a plain function or return an awaitable."""
 
 # Cues nobody consumed via cues()/next_cue() are kept up to this many; the
 # oldest go first because a stale offer is the least useful one to show.
@@ -91,6 +114,18 @@ _CUE_INBOX_SIZE = 100
 # to a cue: at most this many engagements, this many items each.
 _ORPHAN_ENGAGEMENTS = 16
 _ORPHAN_ITEMS = 256
+
+# Cue ids already surfaced (and answers already given), remembered to drop the
+# server's re-offer of a pending cue after a reconnect.
+_SEEN_CUES = 1024
+
+# A session counts as progress (resetting the reconnect backoff) once it acks a
+# batch or stays up this long.
+_STABLE_AFTER = 10.0
+
+# The server rejects signals more than 7 days old, and one rejected signal ends
+# the session: older unacked signals are dropped before they are resent.
+_MAX_SIGNAL_AGE = 6 * 86400.0
 
 EngagementItem: TypeAlias = ChatMessage | UpgradeRequest | ChannelChange | CallSignal | FallbackOffer
 """Engagement traffic the client routes to an :class:`Engagement` by engagement id."""
@@ -532,6 +567,23 @@ class Client:
         self._orphans: dict[str, list[EngagementItem]] = {}
         self._answered: set[str] = set()
         self._withdrawn: set[str] = set()
+        # cue_id -> the CueResponse message sent for it (None: surfaced, not answered).
+        self._seen_cues: OrderedDict[str, device_pb2.DeviceMessage | None] = OrderedDict()
+
+        self._conn_state = ConnectionState.CONNECTING
+        self._connected = asyncio.Event()  # set while CONNECTED or CLOSED: wakes _writable()
+        self._state_callbacks: list[StateCallback] = []
+        self._state_subscribers: weakref.WeakSet[Inbox[ConnectionState]] = weakref.WeakSet()
+        self._backoff = Backoff(self._config.reconnect_initial_backoff, self._config.reconnect_max_backoff)
+        self._reconnector: asyncio.Task[None] | None = None
+        self._attempts = 0  # consecutive reconnect attempts without progress
+        self._connected_at = 0.0
+        self._last_error: CuepointError | None = None
+        self._draining = False  # close() half-closed the stream: its end is expected
+
+        self._journal: Journal | None = None
+        self._journal_opened = False
+        self._journal_commit: asyncio.Handle | None = None
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -542,13 +594,8 @@ class Client:
         if self._state != "new":
             raise ClientClosed(f"cannot start a client that is {self._state}")
         self._state = "starting"
-        stream: _Stream = BidiStream.open(
-            self._target,
-            lambda channel: device_pb2_grpc.DeviceServiceStub(channel).Connect,
-            credentials=self._config.credentials,
-            options=self._config.channel_options,
-            metadata=self._config.call_metadata(),
-        )
+        self._open_journal()
+        stream = self._open_stream()
         try:
             welcome = await self._handshake(stream)
             if self._state != "starting":
@@ -559,17 +606,35 @@ class Client:
                 self._state = "closed"
                 if isinstance(exc, CuepointError):
                     self._failure = exc
+                self._close_journal()
+                self._set_state(ConnectionState.CLOSED)
                 self._close_consumers(self._failure or ClientClosed("client start was interrupted"))
             raise
+        self._state = "open"
+        self._install(stream, welcome)
+        return self
+
+    def _open_stream(self) -> _Stream:
+        return BidiStream.open(
+            self._target,
+            lambda channel: device_pb2_grpc.DeviceServiceStub(channel).Connect,
+            credentials=self._config.credentials,
+            options=self._config.grpc_options(),
+            metadata=self._config.call_metadata(),
+        )
+
+    def _install(self, stream: _Stream, welcome: device_pb2.Welcome) -> None:
+        """Make ``stream`` (past its Welcome) the session: start its reader and sender."""
         self._stream = stream
         self._session_id = welcome.session_id
         self._server_time = _convert.time_from_proto(welcome, "server_time")
         self._batcher.limit_batch(welcome.max_signals_per_batch)
-        self._state = "open"
+        self._connected_at = asyncio.get_running_loop().time()
         self._reader = self._spawn(self._read_loop(stream))
         self._sender = self._spawn(self._send_loop(stream))
+        self._wake_sender.set()
+        self._set_state(ConnectionState.CONNECTED)
         log.debug("cuepoint session %s open (max_batch=%d)", self._session_id, self._batcher.max_batch)
-        return self
 
     async def _handshake(self, stream: _Stream) -> device_pb2.Welcome:
         hello = _convert.hello(
@@ -579,6 +644,8 @@ class Client:
             user=self._user,
             consent=self._consent,
             sdk_version=SDK_AGENT,
+            # After a drop, ask to resume: the server keeps session-scoped rules.
+            resume_session_id=self._session_id or "",
         )
         timeout = self._config.connect_timeout
         try:
@@ -599,36 +666,48 @@ class Client:
     async def close(self) -> None:
         """Flush (bounded by ``close_timeout``), half-close, stop tasks. Never raises.
 
-        Signals still unacked when the timeout hits are dropped.
+        While STALE the flush keeps reconnecting until the timeout. Signals
+        still unacked then are dropped, or with ``outbox_path`` left in the
+        journal for the next client with the same app and device ids.
         """
         if self._state in ("closing", "closed"):
             return
         if self._state in ("new", "starting"):
             self._state = "closed"
+            self._close_journal()
+            self._set_state(ConnectionState.CLOSED)
             self._close_consumers(None)
             return
         self._state = "closing"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.close_timeout
-        stream = self._stream
-        assert stream is not None
         if self._failure is None:
             try:
                 await self._flush(timeout=self._config.close_timeout)
             except CuepointError as err:
                 pending = self._batcher.pending_count
-                log.warning("cuepoint: closing with %d unacked signal(s): %s", pending, err)
+                kept = " (kept in the outbox)" if self._journal is not None else ""
+                log.warning("cuepoint: closing with %d unacked signal(s)%s: %s", pending, kept, err)
+            # From here on the stream's end is expected, not a reason to reconnect.
+            self._draining = True
+            await self._cancel(self._reconnector)
             # The sender must be idle before half-closing; cancelling it
             # mid-write would make grpc cancel the whole call.
             await self._cancel(self._sender)
-            await stream.done_writing()
-            if self._reader is not None and self._failure is None:
-                # Let the server end the stream itself so it logs a clean goodbye.
-                await asyncio.wait({self._reader}, timeout=max(0.0, deadline - loop.time()))
+            stream = self._stream
+            if stream is not None and self._conn_state is ConnectionState.CONNECTED:
+                await stream.done_writing()
+                if self._reader is not None and self._failure is None:
+                    # Let the server end the stream itself so it logs a clean goodbye.
+                    await asyncio.wait({self._reader}, timeout=max(0.0, deadline - loop.time()))
+        self._draining = True
         for task in list(self._tasks):
             await self._cancel(task)
-        await stream.close()
+        if self._stream is not None:
+            await self._stream.close()
         self._state = "closed"
+        self._close_journal()
+        self._set_state(ConnectionState.CLOSED)
         self._close_consumers(self._failure)
 
     async def __aenter__(self) -> Client:
@@ -646,8 +725,48 @@ class Client:
 
     @property
     def session_id(self) -> str:
-        """Assigned by the server's Welcome; empty before ``start()``."""
+        """Assigned by the server's Welcome; empty before ``start()``. A reconnect gets a new one."""
         return self._session_id
+
+    @property
+    def state(self) -> ConnectionState:
+        """CONNECTING, CONNECTED, STALE (reconnecting, signals buffered) or CLOSED."""
+        return self._conn_state
+
+    @property
+    def last_error(self) -> CuepointError | None:
+        """The error behind the latest disconnect or failed reconnect attempt (None if none yet).
+
+        Unlike :attr:`failure` it does not mean the client is over: while STALE it says why.
+        """
+        return self._last_error
+
+    def on_state(self, callback: StateCallback) -> Callable[[], None]:
+        """Call ``callback(state)`` on every ConnectionState change from now on; returns an unsubscribe function.
+
+        Async callbacks run as tasks; exceptions are logged, never raised into the SDK.
+        """
+        self._state_callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._state_callbacks.remove(callback)
+
+        return unsubscribe
+
+    def states(self) -> AsyncIterator[ConnectionState]:
+        """The current ConnectionState, then every change; ends after CLOSED.
+
+        Each call is an independent subscription. A consumer that lags sees every
+        transition in order (none are coalesced).
+        """
+        inbox: Inbox[ConnectionState] = Inbox()
+        inbox.put(self._conn_state)
+        if self._conn_state is ConnectionState.CLOSED:
+            inbox.close()
+        else:
+            self._state_subscribers.add(inbox)
+        return drain(inbox, self._state_subscribers)
 
     @property
     def server_time(self) -> float | None:
@@ -661,6 +780,7 @@ class Client:
 
     @property
     def is_open(self) -> bool:
+        """Started, not closed, not failed; also True while STALE (the client is still usable)."""
         return self._state == "open" and self._failure is None
 
     @property
@@ -750,7 +870,9 @@ class Client:
     async def flush(self, *, timeout: float | None = None) -> None:
         """Send everything queued now and wait until the server has acked all of it.
 
-        Signals tracked after the call do not extend the wait.
+        Signals tracked after the call do not extend the wait. Keeps waiting
+        across reconnects; raises :class:`TimedOut` after ``timeout`` and the
+        failure if the client fails for good.
         """
         self._check_usable(started=True)
         await self._flush(timeout=timeout)
@@ -777,11 +899,69 @@ class Client:
                 self._flush_waiters.remove(entry)
 
     def _enqueue(self, signal_id: str, signal: common_pb2.Signal) -> None:
+        self._open_journal()  # signals left by an earlier run go first
         limit = self._config.max_pending_signals
         if self._batcher.pending_count >= limit:
             raise BufferFull(f"{limit} signals are already waiting for acks")
         self._batcher.add(signal_id, signal, asyncio.get_running_loop().time())
+        if self._journal is not None:
+            self._journal.add(signal_id, _signal_time(signal), signal.SerializeToString())
+            self._schedule_journal_commit()
         self._wake_sender.set()
+
+    # --- outbox journal (ClientConfig.outbox_path) -----------------------------
+
+    def _open_journal(self) -> None:
+        """Open the outbox once and queue the signals an earlier run left unacked."""
+        path = self._config.outbox_path
+        if self._journal_opened or path is None:
+            return
+        self._journal_opened = True
+        try:
+            journal = Journal(path, self._app_id, self._device_id)
+            rows = journal.load(not_before=self._config.clock() - _MAX_SIGNAL_AGE)
+        except JournalError as exc:
+            # Persistence is a bonus: without it signals still flow, from memory.
+            log.warning("cuepoint: outbox disabled: %s", exc)
+            return
+        self._journal = journal
+        now = asyncio.get_running_loop().time()
+        pending = set(self._batcher.unacked_ids())
+        restored = 0
+        for signal_id, payload in rows:
+            try:
+                signal = common_pb2.Signal.FromString(payload)
+            except DecodeError:
+                signal = None
+            if signal is None or signal.id != signal_id or signal_id in pending:
+                journal.remove([signal_id])
+                continue
+            # Over max_pending_signals if need be: they were accepted once already.
+            self._batcher.add(signal_id, signal, now)
+            pending.add(signal_id)
+            restored += 1
+        if journal.buffered:
+            self._schedule_journal_commit()
+        if restored:
+            log.info("cuepoint: %d unacked signal(s) from an earlier run will be resent", restored)
+
+    def _schedule_journal_commit(self) -> None:
+        """Commit once per event-loop pass, however many signals were tracked in it."""
+        if self._journal_commit is None:
+            self._journal_commit = asyncio.get_running_loop().call_soon(self._commit_journal)
+
+    def _commit_journal(self) -> None:
+        self._journal_commit = None
+        if self._journal is not None:
+            self._journal.commit()
+
+    def _close_journal(self) -> None:
+        if self._journal_commit is not None:
+            self._journal_commit.cancel()
+            self._journal_commit = None
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
     # --- cues -----------------------------------------------------------------
 
@@ -853,6 +1033,11 @@ class Client:
         await self._respond(_cue_id(cue), CueResponse.EXPIRED)
 
     async def _respond(self, cue_id: str, response: CueResponse) -> None:
+        """Send an answer; while STALE (or if the write breaks the stream) it is only recorded.
+
+        The server re-offers a cue it has no answer for on the next session;
+        ``_on_cue`` then sends the recorded answer again.
+        """
         self._check_usable(started=True)
         _validate.cue_id(cue_id)
         if cue_id in self._withdrawn:
@@ -861,12 +1046,18 @@ class Client:
             raise Rejected(f"cue {cue_id} was already answered")
         self._answered.add(cue_id)
         self._cue_inbox.discard(lambda c: c.cue_id == cue_id)
-        assert self._stream is not None
+        message = _convert.cue_response(cue_id, response, self._config.clock())
+        self._remember_cue(cue_id, message)
+        stream = self._stream
+        if stream is None or self._conn_state is not ConnectionState.CONNECTED:
+            log.info("cuepoint: not connected; the answer to cue %s goes out when the server re-offers it", cue_id)
+            return
         try:
-            await self._stream.write(_convert.cue_response(cue_id, response, self._config.clock()))
+            await stream.write(message)
         except CuepointError as err:
-            self._fail(err)
-            raise
+            self._fail(err, stream)
+            if self._failure is not None:
+                raise
 
     # --- background tasks -----------------------------------------------------
 
@@ -875,15 +1066,15 @@ class Client:
             while True:
                 message = await stream.read()
                 if message is None:
-                    if self._state in ("closing", "closed"):
+                    if self._draining or self._state == "closed":
                         return
                     raise ConnectionLost("the server ended the session stream")
                 self._dispatch(message)
         except CuepointError as err:
-            self._fail(err)
+            self._fail(err, stream)
         except Exception as exc:
             log.exception("cuepoint: unexpected error handling a server message")
-            self._fail(CuepointError(f"unexpected error handling a server message: {exc!r}"))
+            self._fail(CuepointError(f"unexpected error handling a server message: {exc!r}"), stream)
 
     async def _send_loop(self, stream: _Stream) -> None:
         loop = asyncio.get_running_loop()
@@ -900,12 +1091,18 @@ class Client:
                     async with asyncio.timeout(wait):
                         await self._wake_sender.wait()
         except CuepointError as err:
-            self._fail(err)
+            self._fail(err, stream)
 
     def _dispatch(self, message: device_pb2.ServerMessage) -> None:
         kind = message.WhichOneof("kind")
         if kind == "ack":
-            self._batcher.ack(itertools.chain(message.ack.signal_ids, message.ack.duplicate_ids))
+            acked = [*itertools.chain(message.ack.signal_ids, message.ack.duplicate_ids)]
+            self._batcher.ack(acked)
+            self._batcher.relax()
+            self._attempts = 0  # this session makes progress
+            if self._journal is not None:
+                self._journal.remove(acked)
+                self._schedule_journal_commit()
             self._resolve_flush_waiters()
         elif kind == "cue":
             self._on_cue(_convert.cue_from_proto(message.cue))
@@ -930,6 +1127,17 @@ class Client:
             log.debug("cuepoint: ignoring server message of kind %r", kind)
 
     def _on_cue(self, cue: Cue) -> None:
+        if cue.cue_id in self._seen_cues or cue.cue_id in self._withdrawn:
+            # The server re-offers a pending cue on each new session: surfaced once only.
+            answer = self._seen_cues.get(cue.cue_id)
+            if answer is not None and self._stream is not None:
+                # Still pending although answered: the answer was lost with the old stream.
+                log.info("cuepoint: re-sending the answer to re-offered cue %s", cue.cue_id)
+                self._spawn(self._resend(self._stream, answer))
+            else:
+                log.debug("cuepoint: dropping repeated cue %s", cue.cue_id)
+            return
+        self._remember_cue(cue.cue_id, None)
         self._cue_inbox.put(cue)
         self._publish(cue)
         for callback in list(self._callbacks):
@@ -981,15 +1189,46 @@ class Client:
             del self._orphans[next(iter(self._orphans))]
         log.debug("cuepoint: holding %s for unknown engagement %s", type(item).__name__, item.engagement_id)
 
-    async def _send_engagement(self, message: device_pb2.DeviceMessage) -> None:
-        """Write one engagement message (chat, upgrade, call signal, end, fallback choice)."""
-        self._check_usable(started=True)
-        assert self._stream is not None
+    def _remember_cue(self, cue_id: str, answer: device_pb2.DeviceMessage | None) -> None:
+        self._seen_cues[cue_id] = answer
+        self._seen_cues.move_to_end(cue_id)
+        while len(self._seen_cues) > _SEEN_CUES:
+            self._seen_cues.popitem(last=False)
+
+    async def _resend(self, stream: _Stream, message: device_pb2.DeviceMessage) -> None:
         try:
-            await self._stream.write(message)
+            await stream.write(message)
         except CuepointError as err:
-            self._fail(err)
+            self._fail(err, stream)
+
+    async def _send_engagement(self, message: device_pb2.DeviceMessage) -> None:
+        """Write one engagement message (chat, upgrade, call signal, end, fallback choice).
+
+        While STALE it waits for the reconnect (up to ``connect_timeout``);
+        a write that fails raises (the message may or may not have arrived),
+        and is not retried: the app may send it again.
+        """
+        stream = await self._writable()
+        try:
+            await stream.write(message)
+        except CuepointError as err:
+            self._fail(err, stream)
             raise
+
+    async def _writable(self) -> _Stream:
+        """The current stream, waiting up to ``connect_timeout`` while reconnecting."""
+        timeout = self._config.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    self._check_usable(started=True)
+                    stream = self._stream
+                    if stream is not None and self._conn_state is ConnectionState.CONNECTED:
+                        return stream
+                    await self._connected.wait()
+        except TimeoutError as exc:
+            cause = f": {self._last_error}" if self._last_error else ""
+            raise ConnectionLost(f"still reconnecting after {timeout}s{cause}") from exc
 
     def _publish(self, event: ServerEvent) -> None:
         for inbox in list(self._subscribers):
@@ -1000,23 +1239,147 @@ class Client:
             if not waiter.done() and self._batcher.acked_through(target):
                 waiter.set_result(None)
 
-    def _fail(self, error: CuepointError) -> None:
-        """The session is over: every waiter and iterator gets ``error``.
+    def _fail(self, error: CuepointError, stream: _Stream | None = None) -> None:
+        """A stream failed: reconnect if the error is retryable, else end the client.
 
-        The one place a reconnect would intercept instead of giving up.
+        ``stream`` is the stream the error came from; news about a stream that
+        is no longer current (a late error from before a reconnect) is ignored.
         """
         if self._failure is not None or self._state == "closed":
             return
+        if stream is not None and stream is not self._stream:
+            return
+        if self._reconnector is not None and not self._reconnector.done():
+            return  # already reconnecting; the reconnector ends the client if it must
+        if self._config.reconnect and self._state in ("open", "closing") and not self._draining:
+            if is_retryable(error):
+                self._disconnect(error)
+                return
+        self._terminate(error)
+
+    def _terminate(self, error: CuepointError) -> None:
+        """The session is over for good: every waiter and iterator gets ``error``."""
+        if self._failure is not None or self._state == "closed":
+            return
         self._failure = error
+        self._last_error = error
         log.warning("cuepoint: session %s failed: %s", self._session_id or "-", error)
         for _, waiter in self._flush_waiters:
             if not waiter.done():
                 waiter.set_exception(error)
         self._close_consumers(error)
         current = asyncio.current_task()
+        for task in (self._sender, self._reader, self._reconnector):
+            if task is not None and task is not current:
+                task.cancel()
+        self._set_state(ConnectionState.CLOSED)
+
+    def _disconnect(self, error: CuepointError) -> None:
+        """Drop the broken stream, go STALE and start reconnecting. Waiters and iterators keep waiting."""
+        self._last_error = error
+        log.warning("cuepoint: session %s lost, reconnecting: %s", self._session_id or "-", error)
+        if is_throttled(error):
+            self._batcher.throttle()
+        stream, self._stream = self._stream, None
+        if asyncio.get_running_loop().time() - self._connected_at >= _STABLE_AFTER:
+            self._attempts = 0
+        current = asyncio.current_task()
         for task in (self._sender, self._reader):
             if task is not None and task is not current:
                 task.cancel()
+        self._sender = self._reader = None
+        self._set_state(ConnectionState.STALE)
+        self._reconnector = self._spawn(self._reconnect(stream, error))
+
+    async def _reconnect(self, old: _Stream | None, error: CuepointError) -> None:
+        """Back off, open a new stream, say Hello (current context), resume; until it works or must stop."""
+        if old is not None:
+            await old.close()
+        max_attempts = self._config.reconnect_max_attempts
+        while True:
+            if max_attempts is not None and self._attempts >= max_attempts:
+                gave_up = ConnectionLost(
+                    f"gave up after {self._attempts} reconnect attempt(s): {error}",
+                    code=error.code,
+                    details=error.details,
+                )
+                gave_up.__cause__ = error
+                self._reconnector = None
+                self._terminate(gave_up)
+                return
+            delay = self._backoff.delay(self._attempts, throttled=is_throttled(error))
+            self._attempts += 1
+            log.debug("cuepoint: reconnect attempt %d in %.3fs", self._attempts, delay)
+            await asyncio.sleep(delay)
+            stream = self._open_stream()
+            try:
+                welcome = await self._handshake(stream)
+            except CuepointError as err:
+                await stream.close()
+                error = self._last_error = err
+                if is_throttled(err):
+                    self._batcher.throttle()
+                if not is_retryable(err):
+                    self._reconnector = None
+                    self._terminate(err)
+                    return
+                log.info("cuepoint: reconnect attempt %d failed: %s", self._attempts, err)
+                continue
+            except BaseException:
+                await stream.close()
+                raise
+            break
+        if self._state == "closed" or self._draining:
+            await stream.close()
+            return
+        self._reconnector = None
+        dropped = self._drop_expired()
+        requeued = self._batcher.requeue_in_flight()
+        self._install(stream, welcome)
+        log.info(
+            "cuepoint: reconnected as session %s; resending %d unacked signal(s) (%d in flight)%s",
+            self._session_id,
+            self._batcher.pending_count,
+            requeued,
+            f", dropped {dropped} too old" if dropped else "",
+        )
+
+    def _drop_expired(self) -> int:
+        """Forget unacked signals the server would reject as too old (it would end the session)."""
+        oldest = self._config.clock() - _MAX_SIGNAL_AGE
+        expired = [signal_id for signal_id, signal in self._batcher.pending_items() if _signal_time(signal) < oldest]
+        if not expired:
+            return 0
+        log.warning("cuepoint: dropping %d unacked signal(s) older than the server accepts", len(expired))
+        self._batcher.drop(expired)
+        if self._journal is not None:
+            self._journal.remove(expired)
+            self._schedule_journal_commit()
+        self._resolve_flush_waiters()
+        return len(expired)
+
+    def _set_state(self, state: ConnectionState) -> None:
+        previous = self._conn_state
+        if state is previous or previous is ConnectionState.CLOSED:
+            return
+        self._conn_state = state
+        if state in (ConnectionState.CONNECTED, ConnectionState.CLOSED):
+            self._connected.set()
+        else:
+            self._connected.clear()
+        log.debug("cuepoint: %s -> %s", previous.name, state.name)
+        for inbox in list(self._state_subscribers):
+            inbox.put(state)
+            if state is ConnectionState.CLOSED:
+                inbox.close()
+        for callback in list(self._state_callbacks):
+            try:
+                result = callback(state)
+            except Exception:
+                log.exception("cuepoint: on_state callback failed")
+                continue
+            if inspect.isawaitable(result):
+                self._spawn(_run_callback(result, "on_state"))
 
     def _close_consumers(self, error: CuepointError | None) -> None:
         self._cue_inbox.close(error)
@@ -1065,11 +1428,15 @@ def _cue_id(cue: Cue | str) -> str:
     return cue.cue_id if isinstance(cue, Cue) else cue
 
 
-async def _run_callback(result: Awaitable[object]) -> None:
+async def _run_callback(result: Awaitable[object], what: str = "on_cue") -> None:
     try:
         await result
     except Exception:
-        log.exception("cuepoint: on_cue callback failed")
+        log.exception("cuepoint: %s callback failed", what)
+
+
+def _signal_time(signal: common_pb2.Signal) -> float:
+    return signal.time.seconds + signal.time.nanos / 1e9
 
 
 def _merge_context(

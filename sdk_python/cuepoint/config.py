@@ -1,11 +1,12 @@
 """Typed, immutable settings for the device and associate clients.
 
-Reconnect is deliberately absent: the client fails fast with
-:class:`~cuepoint.errors.ConnectionLost`. The pieces a reconnecting client
-needs are already in place (signal ids are generated once and kept with the
-unacked payload, and ``_batcher.SignalBatcher.requeue_in_flight`` puts sent
-but unacked signals back in order), so adding ``reconnect``/backoff settings
-here later will not change any existing field.
+The device client reconnects by itself (``ClientConfig.reconnect``): after a
+retryable failure it opens a new stream with jittered exponential backoff,
+sends a Hello with the current context, and resends every unacked signal with
+its original id, which the server de-duplicates. ``outbox_path`` additionally
+keeps unacked signals on disk across app restarts. Both clients enable gRPC
+keepalive pings by default (:data:`DEFAULT_CHANNEL_OPTIONS`, overridable
+through ``channel_options``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,31 @@ from typing import Any
 
 import grpc
 
-__all__ = ["AssociateConfig", "ClientConfig"]
+__all__ = ["DEFAULT_CHANNEL_OPTIONS", "AssociateConfig", "ClientConfig", "merge_channel_options"]
+
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # Ping every 20 s, idle or not, and drop the connection if a ping is not answered within
+    # 10 s: a dead network path (NAT timeout, switched radio) is noticed within ~30 s instead
+    # of at the next write. The server must accept pings this often (grpcio's default does);
+    # a proxy or server enforcing a longer minimum answers with GOAWAY "too_many_pings".
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # grpc shares connections (subchannels) process-wide by default, and one that failed sits
+    # in grpc's own backoff (1 s growing to 120 s) where every new channel fails fast. The SDK
+    # opens a channel per (re)connect attempt and paces attempts itself, so each channel dials
+    # afresh instead.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+
+
+def merge_channel_options(
+    defaults: Sequence[tuple[str, Any]], overrides: Sequence[tuple[str, Any]]
+) -> tuple[tuple[str, Any], ...]:
+    """``defaults`` with every key also given in ``overrides`` replaced; the overrides win."""
+    given = {key for key, _ in overrides}
+    return (*(item for item in defaults if item[0] not in given), *overrides)
 
 
 def _positive(name: str, value: float) -> None:
@@ -65,7 +90,7 @@ class ClientConfig:
     """TLS credentials; ``None`` opens a plaintext channel."""
 
     channel_options: Sequence[tuple[str, Any]] = ()
-    """Extra grpc channel options, e.g. keepalive settings."""
+    """Extra grpc channel options; they override :data:`DEFAULT_CHANNEL_OPTIONS` key by key."""
 
     metadata: Sequence[tuple[str, str]] = ()
     """Call metadata sent when the stream opens."""
@@ -73,9 +98,38 @@ class ClientConfig:
     api_key: str | None = field(default=None, repr=False)
     """The app's API key, sent as ``authorization: Bearer <api_key>`` (servers run with ``--auth``)."""
 
+    reconnect: bool = True
+    """Reconnect after a retryable failure (stream broken or ended early, UNAVAILABLE, CANCELLED,
+    DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) instead of failing with ConnectionLost. The first
+    ``start()`` is never retried: a client that cannot connect at all fails at once."""
+
+    reconnect_initial_backoff: float = 0.2
+    """Seconds; attempt n waits uniform(0, min(reconnect_max_backoff, initial * 2**n)) ("full jitter")."""
+
+    reconnect_max_backoff: float = 30.0
+    """Upper bound of one wait between reconnect attempts, seconds."""
+
+    reconnect_max_attempts: int | None = None
+    """Consecutive attempts without progress before giving up with ConnectionLost; None: until ``close()``.
+    An attempt counts as progress once the new session acks a batch or stays up for 10 s."""
+
+    outbox_path: str | None = None
+    """SQLite file keeping unacked signals across app restarts; None keeps them in memory only.
+
+    Signals are written when tracked (coalesced: one transaction per event-loop pass, WAL,
+    ``synchronous=NORMAL``) and deleted when acked. They survive the app being killed; an OS crash
+    or power loss may lose the last transactions. A lost delete only causes a resend, which the
+    server acks as a duplicate. On ``start()`` signals left by an earlier run with the same
+    ``app_id`` and ``device_id`` are resent first, with their original ids and times (those older
+    than the server accepts, 6 days here, are dropped)."""
+
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         """``metadata`` plus the authorization entry for ``api_key``."""
         return _call_metadata(self.api_key, self.metadata)
+
+    def grpc_options(self) -> tuple[tuple[str, Any], ...]:
+        """The channel options actually used: keepalive defaults merged with ``channel_options``."""
+        return merge_channel_options(DEFAULT_CHANNEL_OPTIONS, self.channel_options)
 
     def __post_init__(self) -> None:
         _check_secret("api_key", self.api_key, self.metadata)
@@ -87,6 +141,14 @@ class ClientConfig:
             raise ValueError("max_pending_signals must be >= max_batch")
         _positive("connect_timeout", self.connect_timeout)
         _positive("close_timeout", self.close_timeout)
+        _positive("reconnect_initial_backoff", self.reconnect_initial_backoff)
+        if self.reconnect_max_backoff < self.reconnect_initial_backoff:
+            raise ValueError("reconnect_max_backoff must be >= reconnect_initial_backoff")
+        attempts = self.reconnect_max_attempts
+        if attempts is not None and (isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1):
+            raise ValueError(f"reconnect_max_attempts must be None or >= 1, got {attempts!r}")
+        if self.outbox_path is not None and (not isinstance(self.outbox_path, str) or not self.outbox_path):
+            raise ValueError("outbox_path must be a non-empty path or None")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +163,7 @@ class AssociateConfig:
 
     credentials: grpc.ChannelCredentials | None = None
     channel_options: Sequence[tuple[str, Any]] = ()
+    """Extra grpc channel options; they override :data:`DEFAULT_CHANNEL_OPTIONS` key by key."""
     metadata: Sequence[tuple[str, str]] = ()
 
     token: str | None = field(default=None, repr=False)
@@ -110,6 +173,10 @@ class AssociateConfig:
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         """``metadata`` plus the authorization entry for ``token``."""
         return _call_metadata(self.token, self.metadata)
+
+    def grpc_options(self) -> tuple[tuple[str, Any], ...]:
+        """The channel options actually used: keepalive defaults merged with ``channel_options``."""
+        return merge_channel_options(DEFAULT_CHANNEL_OPTIONS, self.channel_options)
 
     def __post_init__(self) -> None:
         _check_secret("token", self.token, self.metadata)

@@ -47,8 +47,13 @@ class CuepointError(Exception):
 class ConnectionLost(CuepointError):
     """The server could not be reached, or the stream broke or ended early.
 
-    Signals that were queued or in flight but not acked are not known to be
-    stored; the app may track them again on a new client.
+    With ``ClientConfig.reconnect`` (the default) an established client
+    reconnects by itself and resends unacked signals; this error reaches the
+    app only from ``connect()``/``start()``, when reconnecting gave up
+    (``reconnect_max_attempts``), or from an engagement send made while the
+    link was down. Without reconnect, signals that were queued or in flight but
+    not acked are not known to be stored; the app may track them again on a
+    new client.
     """
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "Channel",
     "ChannelChange",
     "ChatMessage",
+    "ConnectionState",
     "Consent",
     "Context",
     "Cue",
@@ -147,6 +148,25 @@ class Presence(enum.Enum):
     BUSY = "busy"
     """Signed in, takes nothing new."""
     AWAY = "away"
+
+
+class ConnectionState(enum.Enum):
+    """Where a device :class:`~cuepoint.Client`'s link to the server stands.
+
+    ``CONNECTING`` (until the first Welcome) -> ``CONNECTED`` <-> ``STALE`` ->
+    ``CLOSED``. While ``STALE`` the client reconnects with backoff by itself and
+    ``track()`` keeps buffering; nothing the app tracked is lost by going stale.
+    """
+
+    CONNECTING = "connecting"
+    """Opening the first session (``start()`` / ``connect()`` in progress, or not started)."""
+    CONNECTED = "connected"
+    """A session is open: signals flow and are acked, cues arrive."""
+    STALE = "stale"
+    """The stream broke; reconnecting with backoff. Signals are buffered (and journaled, with
+    ``ClientConfig.outbox_path``) and resent with their ids once a new session is open."""
+    CLOSED = "closed"
+    """Closed by the app, or failed for good (``client.failure`` says why). Final."""
 
 
 @dataclass(frozen=True)

@@ -185,12 +185,18 @@ class Hello(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     CONSENT_FIELD_NUMBER: _builtins.int
     SDK_VERSION_FIELD_NUMBER: _builtins.int
+    RESUME_SESSION_ID_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The app's id as registered with the server, e.g. "fitkit"."""
     device_id: _builtins.str
     """Stable anonymous id of this app install, at most 128 characters."""
     sdk_version: _builtins.str
     """e.g. "cuepoint-python/0.1.0"."""
+    resume_session_id: _builtins.str
+    """The session this device had before a dropped connection. If it ended
+    recently the server resumes it (same session id, session-scoped caps,
+    milestones and decline memory kept); otherwise a new session starts.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.Context: ...
     @_builtins.property
@@ -206,10 +212,11 @@ class Hello(_message.Message):
         user: _common_pb2.UserIdentity | None = ...,
         consent: _common_pb2.Consent | None = ...,
         sdk_version: _builtins.str = ...,
+        resume_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "context", b"context", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "sdk_version", b"sdk_version", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -158,6 +158,7 @@ def hello_from_proto(msg: device_pb2.Hello) -> Hello:
         context=flatten_context("hello.context", msg.context, msg.user if msg.HasField("user") else None),
         consent=CONSENT[msg.consent.level],
         sdk_version=msg.sdk_version[:64],
+        resume_session_id=msg.resume_session_id[:64],
     )
 
 

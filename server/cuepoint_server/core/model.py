@@ -35,6 +35,7 @@ class Hello:
     context: dict[str, Scalar]
     consent: str = "essential"
     sdk_version: str = ""
+    resume_session_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

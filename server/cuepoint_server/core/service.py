@@ -56,6 +56,8 @@ class CoreConfig:
     journey_limit: int = 50
     # Journey data older than this many days is deleted by purge(); None keeps it.
     retention_days: float | None = None
+    # A device reconnecting within this many seconds resumes its session.
+    resume_window: float = 120.0
     # Seconds an engagement may wait before the user is offered a callback or
     # chat, when its queue sets no fallback_after; None: never.
     fallback_after: float | None = None
@@ -125,11 +127,13 @@ class Core:
         # The hello carries the whole context; it replaces what we had.
         state.app_id = hello.app_id
         state.context = {**hello.context, "app.id": hello.app_id, "consent": hello.consent}
-        state.new_session()
+        resumed = await self._resumable(hello, now)
+        if resumed is None:
+            state.new_session()
         user_id = str(hello.context.get("user.id") or "")
         subject = f"user:{user_id}" if user_id and hello.consent != "none" else f"device:{hello.device_id}"
         session = DeviceSession(
-            session_id=uuid.uuid4().hex,
+            session_id=resumed.session_id if resumed else uuid.uuid4().hex,
             app_id=hello.app_id,
             device_id=hello.device_id,
             subject=subject,
@@ -143,7 +147,7 @@ class Core:
                 app_id=hello.app_id,
                 device_id=hello.device_id,
                 user_id=user_id if hello.consent != "none" else "",
-                started_at=now,
+                started_at=resumed.started_at if resumed else now,
                 context=dict(state.context),
                 consent=hello.consent,
             )
@@ -159,6 +163,18 @@ class Core:
         self._schedule_timer(session.device_id, now)
         log.info("session.opened", session_id=session.session_id, device_id=hello.device_id, app_id=hello.app_id)
         return session
+
+    async def _resumable(self, hello: Hello, now: float) -> SessionRecord | None:
+        """The earlier session a reconnecting device may continue, if it ended recently."""
+        if not hello.resume_session_id:
+            return None
+        record = await self.store.get_session(hello.resume_session_id)
+        if record is None or record.device_id != hello.device_id or record.app_id != hello.app_id:
+            return None
+        # Still open (the old stream is not yet known dead, or the process crashed) or ended recently.
+        if record.ended_at is None or now - record.ended_at <= self.config.resume_window:
+            return record
+        return None
 
     async def _restore_state(self, state: DeviceState, now: float) -> None:
         scenarios = self.engine.scenarios
@@ -224,7 +240,11 @@ class Core:
         return removed
 
     async def recover(self) -> None:
-        """At start-up: engagements that were queued or assigned when the process stopped wait again."""
+        """At start-up: engagements that were queued or assigned when the process stopped wait again.
+
+        Journeys of sessions without consent are dropped too: their timers died with the process.
+        """
+        await self.store.forget_unconsented(ended_before=self.clock.now() - self.config.resume_window)
         for record in await self.store.open_engagements():
             self.desk.restore(record)
 
@@ -245,17 +265,32 @@ class Core:
 
     async def close_session(self, session: DeviceSession) -> None:
         session.closed = True
-        if self._reg.sessions.get(session.device_id) is session:
+        current = self._reg.sessions.get(session.device_id)
+        # A reconnect that resumed this session before the old stream ended keeps it open.
+        resumed = current is not None and current is not session and current.session_id == session.session_id
+        if current is session:
             del self._reg.sessions[session.device_id]
             armed = self._timers.pop(session.device_id, None)
             if armed is not None:
                 armed[1].cancel()
         if session.writes:
             await asyncio.gather(*session.writes, return_exceptions=True)
+        if resumed:
+            return
         await self.store.end_session(session.session_id, self.clock.now())
+        log.info("session.closed", session_id=session.session_id, device_id=session.device_id)
         if session.consent == "none":
-            # No consent: the journey served this session only.
-            await self.store.forget_session_journey(session.session_id)
+            # No consent: the journey serves this session only. A reconnect may
+            # resume it within the window, so it is dropped once that has passed.
+            self.clock.call_at(
+                self.clock.now() + self.config.resume_window, lambda: self._spawn(self._forget_unless_resumed(session))
+            )
+
+    async def _forget_unless_resumed(self, session: DeviceSession) -> None:
+        current = self._reg.sessions.get(session.device_id)
+        if current is not None and current.session_id == session.session_id:
+            return  # resumed; its own close schedules this again
+        await self.store.forget_session_journey(session.session_id)
         log.info("session.closed", session_id=session.session_id, device_id=session.device_id)
 
     def ingest(self, session: DeviceSession, batch: IncomingBatch) -> None:

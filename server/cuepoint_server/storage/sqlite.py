@@ -600,6 +600,11 @@ class SqliteStore:
         """Drop a session's signals (consent none: nothing persists beyond the session)."""
         await self._writer.execute("DELETE FROM signals WHERE session_id = ?", (session_id,))
 
+    async def forget_unconsented(self, *, ended_before: float) -> None:
+        """Drop journeys of consent-none sessions that ended (or were left open) before a time."""
+        sessions = "SELECT session_id FROM sessions WHERE consent = 'none' AND COALESCE(ended_at, started_at) < ?"
+        await self._writer.execute(f"DELETE FROM signals WHERE session_id IN ({sessions})", (ended_before,))
+
     async def purge_journey(self, older_than: float) -> int:
         """Retention: delete signals and decisions older than ``older_than`` (epoch seconds)."""
         rows = await self._fetch("SELECT COUNT(*) FROM signals WHERE time < ?", (older_than,))
