@@ -569,7 +569,10 @@ class EngagementDesk:
 
     def observe(self, state: DeviceState, name: str, props: Mapping[str, Scalar], at: float) -> None:
         """An event arrived: settle engagements waiting for it as their outcome."""
-        for engagement in list(self._awaiting_outcome.get(state.device_id, ())):
+        waiting = self._awaiting_outcome.get(state.device_id)
+        if not waiting:
+            return
+        for engagement in list(waiting):
             check = engagement.outcome_check
             ended = engagement.ended_at or 0.0
             if check is not None and check.event == name and check.where(props) and ended <= at <= ended + check.within:

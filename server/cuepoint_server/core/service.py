@@ -430,7 +430,8 @@ class Core:
         decision = self.arbiter.decide(qualified, situation)
         offer = self._offer(session, decision.offer, decision.blocked, now) if decision.offer else None
         for blocked in decision.blocked:
-            log.info(
+            # Every block is also stored (decisions table): the log line is for debugging only.
+            log.debug(
                 "scenario.blocked",
                 device_id=session.device_id,
                 scenario_id=blocked.scenario_id,
@@ -625,7 +626,12 @@ class Core:
         del self._reg.pending[session.device_id]
         if pending.expiry is not None:
             pending.expiry.cancel()
-        await self.store.set_cue_status(cue_id, response, now)
+        status = self.store.set_cue_status(cue_id, response, now)
+        if response == "accepted":
+            await status
+        else:
+            # The answer is settled in memory; the device's next message need not wait for the commit.
+            self._track(session, status)
         for observer in self.observers:
             observer.cue_settled(pending.scenario_id, response)
         log.info("cue.answered", device_id=session.device_id, cue_id=cue_id, response=response)

@@ -129,7 +129,8 @@ def _session_from(row: sqlite3.Row) -> SessionRecord:
 
 
 def _signal_row(r: SignalRecord) -> Row:
-    return (r.device_id, r.signal_id, r.session_id, r.kind, r.name, r.time, r.received_at, _dumps(r.payload))
+    payload = _dumps(r.payload) if r.payload else "{}"
+    return (r.device_id, r.signal_id, r.session_id, r.kind, r.name, r.time, r.received_at, payload)
 
 
 def _signal_from(row: sqlite3.Row) -> SignalRecord:
