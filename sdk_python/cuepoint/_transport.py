@@ -20,7 +20,7 @@ import grpc
 import grpc.aio
 
 from . import _grpc_errors
-from .errors import ConnectionLost, CuepointError
+from .errors import ConnectionLost, CuepointError, ServerError, TimedOut
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -90,3 +90,25 @@ class BidiStream(Generic[Req, Resp]):
         return _grpc_errors.from_status(
             await self._call.code(), await self._call.details(), await self._call.trailing_metadata()
         )
+
+
+async def handshake(stream: BidiStream[Req, Resp], opening: Req, *, expect: str, target: str, within: float) -> Any:
+    """Send the opening message and return the server's first reply, which must be `expect`.
+
+    Both clients open this way (Hello -> Welcome, SignIn -> SignedIn); the
+    reply's `kind` oneof names what came back.
+    """
+    try:
+        async with asyncio.timeout(within):
+            await stream.write(opening)
+            first = await stream.read()
+    except CuepointError:
+        raise
+    except TimeoutError as exc:
+        raise TimedOut(f"no {expect} from {target} within {within}s") from exc
+    if first is None:
+        raise ConnectionLost(f"the server closed the stream before {expect}")
+    kind = first.WhichOneof("kind")  # type: ignore[attr-defined]
+    if kind != expect:
+        raise ServerError(f"expected {expect} as the first server message, got {kind}")
+    return getattr(first, expect)

@@ -34,7 +34,7 @@ from . import _convert, _validate
 from ._conversation import Conversation, deadline
 from ._ids import IdGenerator
 from ._inbox import Inbox, drain, get_within
-from ._transport import BidiStream
+from ._transport import BidiStream, handshake
 from .config import AssociateConfig
 from .errors import (
     ClientClosed,
@@ -43,8 +43,6 @@ from .errors import (
     EngagementClosed,
     InvalidSignal,
     Rejected,
-    ServerError,
-    TimedOut,
 )
 from .models import (
     AssignedEngagement,
@@ -204,21 +202,10 @@ class AssociateClient:
             manual_claim=self._manual_claim,
             presence=self._presence,
         )
-        timeout = self._config.connect_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                await stream.write(message)
-                first = await stream.read()
-        except CuepointError:
-            raise
-        except TimeoutError as exc:
-            raise TimedOut(f"no SignedIn from {self._target} within {timeout}s") from exc
-        if first is None:
-            raise ConnectionLost("the server closed the stream before SignedIn")
-        kind = first.WhichOneof("kind")
-        if kind != "signed_in":
-            raise ServerError(f"expected SignedIn as the first server message, got {kind}")
-        return first.signed_in
+        signed_in: associate_pb2.SignedIn = await handshake(
+            stream, message, expect="signed_in", target=self._target, within=self._config.connect_timeout
+        )
+        return signed_in
 
     async def close(self) -> None:
         """Half-close and give the server ``close_timeout`` to end the stream. Never raises.

@@ -58,7 +58,7 @@ from ._ids import IdGenerator
 from ._inbox import Inbox, InboxClosed, drain, get_within
 from ._journal import Journal, JournalError
 from ._reconnect import Backoff, is_retryable, is_throttled
-from ._transport import BidiStream
+from ._transport import BidiStream, handshake
 from ._version import SDK_AGENT
 from .config import ClientConfig
 from .errors import (
@@ -69,7 +69,6 @@ from .errors import (
     EngagementClosed,
     InvalidSignal,
     Rejected,
-    ServerError,
     TimedOut,
 )
 from .models import (
@@ -647,21 +646,10 @@ class Client:
             # After a drop, ask to resume: the server keeps session-scoped rules.
             resume_session_id=self._session_id or "",
         )
-        timeout = self._config.connect_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                await stream.write(hello)
-                first = await stream.read()
-        except CuepointError:
-            raise
-        except TimeoutError as exc:
-            raise TimedOut(f"no Welcome from {self._target} within {timeout}s") from exc
-        if first is None:
-            raise ConnectionLost("the server closed the stream before sending Welcome")
-        kind = first.WhichOneof("kind")
-        if kind != "welcome":
-            raise ServerError(f"expected Welcome as the first server message, got {kind}")
-        return first.welcome
+        welcome: device_pb2.Welcome = await handshake(
+            stream, hello, expect="welcome", target=self._target, within=self._config.connect_timeout
+        )
+        return welcome
 
     async def close(self) -> None:
         """Flush (bounded by ``close_timeout``), half-close, stop tasks. Never raises.

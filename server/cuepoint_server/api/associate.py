@@ -18,6 +18,7 @@ from ..core.sessions import AssociateSession
 from . import conversation, convert
 from .auth import Authenticator, undecodable
 from .errors import abort, status_for
+from .streams import opening
 
 __all__ = ["AssociateServicer"]
 
@@ -34,14 +35,9 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
     async def Connect(  # type: ignore[override]  # writes through context, not yield
         self, request_iterator: AsyncIterator[associate_pb2.AssociateMessage], context: Context
     ) -> None:
-        try:
-            first = await anext(aiter(request_iterator))
-        except StopAsyncIteration:
+        first = await opening(request_iterator, context, kind="sign_in", type_name="AssociateMessage")
+        if first is None:
             return
-        except DecodeError as exc:
-            await abort(context, undecodable("AssociateMessage", exc))
-        if first.WhichOneof("kind") != "sign_in":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a sign_in")
         try:
             request = convert.sign_in_from_proto(first.sign_in)
             if self.auth is not None:

@@ -20,6 +20,7 @@ from . import conversation, convert
 from .auth import Authenticator, undecodable
 from .errors import abort, status_for
 from .limits import RateLimiter
+from .streams import opening
 
 __all__ = ["DeviceServicer"]
 
@@ -48,14 +49,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         request_iterator: AsyncIterator[device_pb2.DeviceMessage],
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
     ) -> None:
-        try:
-            first = await anext(aiter(request_iterator))
-        except StopAsyncIteration:
+        first = await opening(request_iterator, context, kind="hello", type_name="DeviceMessage")
+        if first is None:
             return
-        except DecodeError as exc:
-            await abort(context, undecodable("DeviceMessage", exc))
-        if first.WhichOneof("kind") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
         try:
             hello = convert.hello_from_proto(first.hello)
             if self.auth is not None:

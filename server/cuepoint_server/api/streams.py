@@ -1,0 +1,29 @@
+"""What both streaming services do first: read the opening message and check its kind."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from .auth import undecodable
+from .errors import abort
+
+__all__ = ["opening"]
+
+M = TypeVar("M", bound=Message)
+
+
+async def opening(requests: AsyncIterator[M], context: Any, *, kind: str, type_name: str) -> M | None:
+    """The stream's first message, which must carry `kind`; None when the client left at once."""
+    try:
+        first = await anext(aiter(requests))
+    except StopAsyncIteration:
+        return None
+    except DecodeError as exc:
+        await abort(context, undecodable(type_name, exc))
+    if first.WhichOneof("kind") != kind:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the first message must be a {kind}")
+    return first
