@@ -56,8 +56,6 @@ class ServerConfig:
     grace: float = 5.0
     # Server keepalive pings on idle connections.
     keepalive_time: float = 30.0
-    # Journey data (signals, decisions) older than this many days is deleted; None keeps it.
-    retention_days: float | None = None
     core: CoreConfig = field(default_factory=CoreConfig)
     # Watch the scenarios folder and apply edits live (scenarios/reloader.py).
     watch_scenarios: bool = True

@@ -1,0 +1,83 @@
+"""Run a server with tracemalloc on, for ``bench_memory.py --tracemalloc``. Not a benchmark.
+
+    python bench/_traced_server.py OUT.json cuepoint serve --scenarios DIR --db PATH --port 0 ...
+    python bench/_traced_server.py OUT.json echo serve --port 0
+
+Each SIGUSR1 takes a snapshot of the Python heap; from the second one on, the growth since the first
+is written to OUT.json (atomically): by allocating line and by file, with block counts. Only
+allocations made through Python's allocators are traced (objects, dicts, protobuf messages' Python
+wrappers, ...), not grpc C-core's own buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tracemalloc
+from pathlib import Path
+from types import FrameType
+
+
+def _diff(
+    new: tracemalloc.Snapshot, old: tracemalloc.Snapshot, key: str, top: int
+) -> list[dict[str, object]]:
+    stats = sorted(new.compare_to(old, key), key=lambda s: s.size_diff, reverse=True)[:top]
+    out = []
+    for stat in stats:
+        frame = stat.traceback[0]
+        where = frame.filename
+        for marker in ("site-packages/", "/server/", "/lib/python3"):
+            if marker in where:
+                where = where.split(marker, 1)[1]
+                break
+        out.append(
+            {
+                "where": f"{where}:{frame.lineno}" if key == "lineno" else where,
+                "size_diff": stat.size_diff,
+                "count_diff": stat.count_diff,
+            }
+        )
+    return out
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    kind, rest = sys.argv[2], sys.argv[3:]
+    tracemalloc.start(1)
+    snapshots: list[tracemalloc.Snapshot] = []
+    exclude = [tracemalloc.Filter(False, tracemalloc.__file__)]
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        snapshots.append(tracemalloc.take_snapshot().filter_traces(exclude))
+        if len(snapshots) < 2:
+            return
+        first, last = snapshots[0], snapshots[-1]
+        total_new = sum(s.size for s in last.statistics("filename"))
+        total_old = sum(s.size for s in first.statistics("filename"))
+        blocks_new = sum(s.count for s in last.statistics("filename"))
+        blocks_old = sum(s.count for s in first.statistics("filename"))
+        doc = {
+            "traced_diff": total_new - total_old,
+            "blocks_diff": blocks_new - blocks_old,
+            "by_line": _diff(last, first, "lineno", 30),
+            "by_file": _diff(last, first, "filename", 15),
+        }
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, out)
+
+    signal.signal(signal.SIGUSR1, on_signal)
+    if kind == "cuepoint":
+        from cuepoint_server.cli import main as cuepoint_main
+
+        return cuepoint_main(rest)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from echo_server import main as echo_main
+
+    return echo_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Evaluation cost as the loaded scenarios grow: 10 -> 100 -> 1,000 -> 10,000, in process.
+
+    .venv/bin/python bench/bench_eval.py [--sizes 10,100,1000,10000] [--json]
+
+Scenario ``sNNNNN`` (generated YAML, loaded through the real loader and ``ScenarioSet``) listens to
+its own event ``ev_NNNNN`` and to the shared event ``popular``; its target holds (user.tier premium)
+but no trigger matches the signals sent, so every evaluation walks its conditions and nothing fires:
+
+* "one listener": a signal of ``ev_00007`` concerns one scenario whatever the size: its cost should
+  stay flat as unrelated scenarios are added (the event index);
+* "every scenario listens": a signal of ``popular`` concerns all of them: cost grows with the size
+  (for contrast).
+
+Three levels: ``Engine.qualified`` alone (evaluations/s and us per signal); ``Core.ingest`` end to end
+in process (validation, state, evaluation, a ``:memory:`` SQLite store, the ack), per signal, with
+batches of ``--batch`` signals; and, as the page's baseline, the bare echo's per-message and per-signal
+cost from a short run (server subprocess, 50 streams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import logging
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from _common import Metric, check_quiet, note, report
+from cuepoint_server.clock import SystemClock
+from cuepoint_server.core.model import Hello, IncomingBatch, IncomingSignal
+from cuepoint_server.core.service import Core
+from cuepoint_server.engine.engine import Engine
+from cuepoint_server.engine.scenario_set import ScenarioSet
+from cuepoint_server.engine.state import DeviceState, EventOccurrence
+from cuepoint_server.storage import SqliteStore
+from echo_server import echo_throughput
+
+LONELY = "ev_00007"
+POPULAR = "popular"
+
+SCENARIO = """\
+- id: s{i:05d}
+  name: "Generated {i}"
+  target: {{attribute: user.tier, equals: premium}}
+  trigger:
+    any:
+      - event: ev_{i:05d}
+        where: {{duration_ms: {{gt: 30000}}}}
+        count: {{at_least: 3, within: 10m}}
+      - all:
+          - event: popular
+            where: {{screen: {{equals: checkout}}}}
+          - attribute: app.version
+            version_lt: "4.0"
+  cue:
+    message: "Hi {{{{ user.first_name | default('there') }}}}, need a hand?"
+    channel: audio
+  cooldown: 1h
+"""
+
+
+def scenario_text(n: int) -> str:
+    return "".join(SCENARIO.format(i=i) for i in range(n))
+
+
+def load_set(n: int, folder: Path) -> tuple[ScenarioSet, float]:
+    """Through the server's own loading path (``ScenarioSet.load`` of a folder); returns (set, seconds)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "generated.yaml").write_text(scenario_text(n))
+    started = time.perf_counter()
+    scenarios = ScenarioSet.load(str(folder))
+    return scenarios, time.perf_counter() - started
+
+
+def device_state(now: float) -> DeviceState:
+    state = DeviceState("bench-device", "bench")
+    state.context.update(
+        {
+            "app.id": "bench",
+            "app.version": "4.2.0",
+            "device.os": "iOS",
+            "user.tier": "premium",
+            "user.first_name": "Sam",
+            "consent": "full",
+        }
+    )
+    # A little history for both events, inside the windows.
+    for k in range(5):
+        state.record_event(LONELY, EventOccurrence(now - 60 + k, f"l{k}", {"duration_ms": 100}), 600.0)
+        state.record_event(POPULAR, EventOccurrence(now - 60 + k, f"p{k}", {"screen": "home"}), 600.0)
+    return state
+
+
+def timed(fn: Callable[[], object], budget: float, min_calls: int = 20) -> tuple[int, float]:
+    """Call ``fn`` repeatedly for about ``budget`` seconds (in rounds of growing size); (calls, seconds)."""
+    calls, elapsed, chunk = 0, 0.0, 1
+    while elapsed < budget or calls < min_calls:
+        started = time.perf_counter()
+        for _ in range(chunk):
+            fn()
+        elapsed += time.perf_counter() - started
+        calls += chunk
+        chunk = min(chunk * 2, 10_000)
+    return calls, elapsed
+
+
+def engine_cost(scenarios: ScenarioSet, event: str, budget: float, repeat: int) -> dict[str, float]:
+    """Engine.qualified for one signal of ``event``; the best of ``repeat`` timings (this machine is noisy)."""
+    engine = Engine(scenarios)
+    now = time.time()
+    state = device_state(now)
+    events = {event}
+    fired = engine.qualified(state, events, now)
+    if fired:
+        raise RuntimeError(f"expected no scenario to qualify, got {[s.id for s in fired]}")
+    best = float("inf")
+    evaluations = 0.0
+    for _ in range(repeat):
+        before = engine.evaluations
+        calls, seconds = timed(lambda: engine.qualified(state, events, now), budget / repeat)
+        evaluations = (engine.evaluations - before) / calls
+        best = min(best, seconds / calls)
+    return {
+        "us_per_signal": 1e6 * best,
+        "signals_per_s": 1 / best,
+        "evaluations_per_signal": evaluations,
+        "evaluations_per_s": evaluations / best,
+    }
+
+
+async def ingest_cost(
+    scenarios: ScenarioSet, event: str, batch: int, total: int, repeat: int
+) -> dict[str, float]:
+    """Per-signal cost of Core.ingest plus the store/ack it schedules (:memory: SQLite).
+
+    Every run ingests the same ``total`` signals into a fresh core, so the device's history (which
+    count-window conditions scan) grows the same way at every size; the best of ``repeat`` runs counts.
+    """
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        run = await _ingest_once(scenarios, event, batch, total)
+        if not best or run["us_per_signal"] < best["us_per_signal"]:
+            best = run
+    return best
+
+
+async def _ingest_once(scenarios: ScenarioSet, event: str, batch: int, total: int) -> dict[str, float]:
+    store = await SqliteStore.open(":memory:")
+    core = Core(store, Engine(scenarios), SystemClock())
+    try:
+        session = await core.open_session(
+            Hello(
+                app_id="bench",
+                device_id="bench-device",
+                context={
+                    "app.version": "4.2.0",
+                    "device.os": "iOS",
+                    "user.tier": "premium",
+                    "user.first_name": "Sam",
+                },
+                consent="full",
+            )
+        )
+        props = {"duration_ms": 100} if event == LONELY else {"screen": "home"}
+        batches = [
+            IncomingBatch(
+                f"b-{start}",
+                None,
+                tuple(
+                    IncomingSignal(f"sig-{start + k}", None, "event", event, dict(props))
+                    for k in range(batch)
+                ),
+            )
+            for start in range(0, max(total, batch), batch)
+        ]
+        evaluations_before = core.engine.evaluations
+        started = time.perf_counter()
+        # Rounds of 20 batches, each followed by waiting for their acks, so the store keeps up.
+        for first in range(0, len(batches), 20):
+            for incoming in batches[first : first + 20]:
+                core.ingest(session, incoming)
+            await asyncio.gather(*list(session.writes))
+        elapsed = time.perf_counter() - started
+        signals = len(batches) * batch
+        acked = 0
+        while not session.outbox.empty():
+            item = session.outbox.get_nowait()
+            acked += len(getattr(item, "signal_ids", ()))
+        if acked != signals:
+            raise RuntimeError(f"acked {acked} of {signals} signals")
+        evaluations = core.engine.evaluations - evaluations_before
+        return {
+            "us_per_signal": 1e6 * elapsed / signals,
+            "signals_per_s": signals / elapsed,
+            "evaluations_per_signal": evaluations / signals,
+            "signals": signals,
+        }
+    finally:
+        await core.drain()
+        await store.close()
+
+
+async def profile_ingest(scenarios: ScenarioSet, batch: int, total: int, top: int) -> list[list[str]]:
+    """cProfile (event-loop thread) of the one-listener Core.ingest run: the costliest functions."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = await _ingest_once(scenarios, LONELY, batch, total)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in stats.values())
+    count = result["signals"]
+    rows = []
+    for (file, line, func), (_cc, calls, own, cumulative, _callers) in sorted(
+        stats.items(), key=lambda kv: kv[1][2], reverse=True
+    )[:top]:
+        where = f"{Path(file).name}:{line}" if line else file
+        rows.append(
+            [
+                f"{func} ({where})",
+                f"{calls / count:.2f}",
+                f"{100 * own / total:.1f}%",
+                f"{1e6 * own / count:.2f}",
+                f"{1e6 * cumulative / count:.2f}",
+            ]
+        )
+    return rows
+
+
+async def run(args: argparse.Namespace) -> None:
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    rows_engine: list[list[str]] = []
+    rows_ingest: list[list[str]] = []
+    results: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="cuepoint-bench-eval-") as tmp:
+        for n in sizes:
+            note(f"eval: loading {n:,} scenarios ...")
+            scenarios, load_s = load_set(n, Path(tmp) / f"set-{n}")
+            lonely = engine_cost(scenarios, LONELY, args.budget, args.repeat)
+            popular = engine_cost(
+                scenarios, POPULAR, args.budget if n <= 1000 else args.budget / 2, args.repeat
+            )
+            note(f"eval: Core.ingest with {n:,} scenarios ...")
+            ingest_lonely = await ingest_cost(scenarios, LONELY, args.batch, args.signals, args.repeat)
+            # Every scenario evaluates once per batch here: fewer signals at the large sizes.
+            many = max(args.batch * 5, min(args.signals, args.signals * 100 // max(n, 1)))
+            ingest_popular = await ingest_cost(scenarios, POPULAR, args.batch, many, args.repeat)
+            results[n] = {
+                "load_seconds": load_s,
+                "engine_one_listener": lonely,
+                "engine_all_listen": popular,
+                "ingest_one_listener": ingest_lonely,
+                "ingest_all_listen": ingest_popular,
+            }
+            rows_engine.append(
+                [
+                    f"{n:,}",
+                    f"{load_s:.2f}",
+                    f"{lonely['evaluations_per_signal']:.0f}",
+                    f"{lonely['us_per_signal']:.2f}",
+                    f"{lonely['signals_per_s']:,.0f}",
+                    f"{popular['evaluations_per_signal']:,.0f}",
+                    f"{popular['us_per_signal']:,.1f}",
+                    f"{popular['evaluations_per_s']:,.0f}",
+                ]
+            )
+            rows_ingest.append(
+                [
+                    f"{n:,}",
+                    f"{ingest_lonely['us_per_signal']:.2f}",
+                    f"{ingest_lonely['signals_per_s']:,.0f}",
+                    f"{ingest_popular['us_per_signal']:,.1f}",
+                    f"{ingest_popular['evaluations_per_signal']:,.2f}",
+                ]
+            )
+        profile_rows: list[list[str]] = []
+        if args.profile:
+            note(f"eval: cProfile of Core.ingest, one listener, {sizes[0]:,} scenarios ...")
+            scenarios, _ = load_set(sizes[0], Path(tmp) / "profiled")
+            profile_rows = await profile_ingest(scenarios, args.batch, args.signals, args.top)
+        note(f"eval: bare echo baseline, 50 streams, {args.batch}/msg, {args.echo_seconds:g} s ...")
+        echo = await echo_throughput(
+            streams=50,
+            batch=args.batch,
+            window=4,
+            seconds=args.echo_seconds,
+            warmup=0.5,
+            log_dir=Path(tmp),
+        )
+    echo_us_signal = 1e6 / echo.signals_per_s
+    echo_us_message = 1e6 / echo.messages_per_s
+
+    smallest, largest = sizes[0], sizes[-1]
+    lone_small = results[smallest]["engine_one_listener"]["us_per_signal"]
+    lone_large = results[largest]["engine_one_listener"]["us_per_signal"]
+    ing_small = results[smallest]["ingest_one_listener"]["us_per_signal"]
+    ing_large = results[largest]["ingest_one_listener"]["us_per_signal"]
+    pop_small = results[smallest]["engine_all_listen"]["us_per_signal"]
+    pop_large = results[largest]["engine_all_listen"]["us_per_signal"]
+    flat_engine = lone_large <= 1.5 * lone_small
+    flat_ingest = ing_large <= 1.5 * ing_small
+    metrics = [
+        Metric(f"eval, one listener, {smallest:,} scenarios", lone_small, "us/signal"),
+        Metric(
+            f"eval, one listener, {largest:,} scenarios",
+            lone_large,
+            "us/signal",
+            target=f"flat (<= 1.5x of {smallest:,})",
+            met=flat_engine,
+        ),
+        Metric(f"eval, all {largest:,} listen", pop_large, "us/signal"),
+        Metric(
+            f"Core.ingest, one listener, {largest:,} scenarios",
+            ing_large,
+            "us/signal",
+            baseline=echo_us_signal,
+            target=f"flat (<= 1.5x of {smallest:,})",
+            met=flat_ingest,
+        ),
+    ]
+    summary = (
+        f"eval: one-listener signal {lone_small:.2f} -> {lone_large:.2f} us from {smallest:,} to "
+        f"{largest:,} scenarios ({'flat' if flat_engine else 'NOT flat'}); Core.ingest {ing_small:.1f} -> "
+        f"{ing_large:.1f} us/signal ({'flat' if flat_ingest else 'NOT flat'}); all-listen signal "
+        f"{pop_small:.1f} -> {pop_large:,.0f} us; bare echo {echo_us_signal:.2f} us/signal, "
+        f"{echo_us_message:.0f} us/message"
+    )
+    report(
+        "bench_eval",
+        as_json=args.json,
+        sections=[
+            (
+                f"Engine.qualified per signal (in process, nothing qualifies; best of {args.repeat})",
+                [
+                    "scenarios",
+                    "load s",
+                    "evals",
+                    "us/signal",
+                    "signals/s",
+                    "evals (all)",
+                    "us/signal (all)",
+                    "evals/s (all)",
+                ],
+                rows_engine,
+            ),
+            (
+                f"Core.ingest end to end per signal ({args.signals:,} signals in {args.batch}-signal batches per "
+                f"run, best of {args.repeat}; :memory: store, acks awaited)",
+                ["scenarios", "us/signal (one)", "signals/s (one)", "us/signal (all)", "evals/signal (all)"],
+                rows_ingest,
+            ),
+            *(
+                [
+                    (
+                        f"cProfile of Core.ingest, one listener, {sizes[0]:,} scenarios, {args.batch}-signal "
+                        "batches (event-loop thread; times inflated by the profiler, shares are what count)",
+                        ["function", "calls/signal", "self share", "self us/signal", "cum us/signal"],
+                        profile_rows,
+                    )
+                ]
+                if profile_rows
+                else []
+            ),
+            (
+                f"baseline: bare grpc.aio echo, 50 streams, {args.batch} signals/message (server subprocess)",
+                ["run", "signals/s", "msgs/s", "us/signal", "us/message"],
+                [
+                    [
+                        echo.label,
+                        f"{echo.signals_per_s:,.0f}",
+                        f"{echo.messages_per_s:,.0f}",
+                        f"{echo_us_signal:.2f}",
+                        f"{echo_us_message:.1f}",
+                    ]
+                ],
+            ),
+        ],
+        metrics=metrics,
+        summary=summary,
+        details={"sizes": results, "echo": vars(echo), "batch": args.batch},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", default="10,100,1000,10000", help="scenario counts (default 10,100,1000,10000)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=100, help="signals per batch for Core.ingest (default 100)"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=0.6, help="seconds per engine measurement (default 0.6)"
+    )
+    parser.add_argument(
+        "--signals", type=int, default=10_000, help="signals per Core.ingest run (default 10000)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per measurement, the best counts (default 3)"
+    )
+    parser.add_argument("--echo-seconds", type=float, default=2.0, help="echo baseline seconds (default 2)")
+    parser.add_argument("--quick", action="store_true", help="sizes up to 1,000 and shorter measurements")
+    parser.add_argument("--profile", action="store_true", help="also cProfile the Core.ingest path")
+    parser.add_argument("--top", type=int, default=25, help="functions shown by --profile (default 25)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes = ",".join(s for s in args.sizes.split(",") if s and int(s) <= 1000)
+        args.budget, args.echo_seconds = min(args.budget, 0.3), min(args.echo_seconds, 1.0)
+        args.signals = min(args.signals, 5_000)
+    # The core logs sessions at info level; keep the tables readable (nothing is logged per signal).
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    check_quiet()
+    started = time.perf_counter()
+    asyncio.run(run(args))
+    note(f"bench_eval: done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Signal-to-cue latency at many concurrent device streams, beside the bare echo round trip.
+
+    .venv/bin/python bench/bench_latency.py [--streams 1000] [--rate 0.25,0.5,1] [--seconds 5] [--json]
+
+The server (``cuepoint serve``, temp SQLite file, default log level) runs in a subprocess; this process
+opens ``--streams`` device streams with raw generated stubs (no SDK, so SDK batching/linger plays no
+part: each trigger is sent as its own one-signal SignalBatch the moment it is made). The scenarios folder
+holds one scenario, ``trigger: {event: help_me}`` with ``cooldown: 0s`` and ``after_decline: 0s`` (so a
+declined cue may be offered again at once).
+
+Every device, after a random start offset: sends ``help_me``, waits for the cue, answers it with a
+decline (the server offers no new cue while one is pending, see ``Core._busy``), thinks (100 ms plus
+an exponentially distributed time, ``1/--rate`` s in all on average), and repeats. Latency is measured in this process
+from just before the trigger is written to when the cue is read off the stream; also shown: the
+trigger's ack (sent after the signal is committed to SQLite). Offered load = streams x rate triggers/s;
+the default runs 0.25, 0.5 and 1 trigger/s per device (250, 500, 1,000 cues/s at 1,000 streams), since
+whether a latency target holds depends on the load as much as on the number of streams.
+
+Baseline, same run and concurrency: the bare echo (``echo_server.py``) driven by the identical device
+loop, where the "cue" is the ack of the one-signal batch (a pure round trip).
+Target: p99 signal-to-cue under 10 ms at 1,000 streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from _common import (
+    CLIENT_CPU,
+    CUEPOINT_METHOD,
+    ECHO_METHOD,
+    BatchEncoder,
+    CpuMeter,
+    Metric,
+    PySpy,
+    ServerProcess,
+    check_quiet,
+    close_channels,
+    cuepoint_server,
+    decline_bytes,
+    echo_server,
+    find_py_spy,
+    note,
+    open_raw_streams,
+    percentile,
+    pin_self,
+    raise_nofile,
+    report,
+    temp_dir,
+)
+
+TARGET_P99_MS = 10.0
+
+SCENARIO = """\
+id: bench-help
+name: "Bench: the user asks for help"
+trigger:
+  event: help_me
+cue:
+  message: "Need a hand?"
+  channel: chat
+  ttl: 2m
+cooldown: 0s
+after_decline: 0s
+"""
+
+
+@dataclass
+class LatencyResult:
+    label: str
+    streams: int
+    rate: float
+    seconds: float
+    samples: list[float] = field(default_factory=list)  # trigger -> cue (or echo ack), seconds
+    ack_samples: list[float] = field(default_factory=list)  # trigger -> its ack (Cuepoint only)
+    timeouts: int = 0
+    failures: int = 0
+    server_cpu_pct: float = 0.0
+    client_cpu_pct: float = 0.0
+    profile: PySpy | None = None
+
+    def stats(self, samples: list[float] | None = None) -> dict[str, float]:
+        values = sorted(self.samples if samples is None else samples)
+        return {
+            "count": len(values),
+            "p50_ms": 1000 * percentile(values, 50),
+            "p90_ms": 1000 * percentile(values, 90),
+            "p99_ms": 1000 * percentile(values, 99),
+            "max_ms": 1000 * values[-1] if values else float("nan"),
+        }
+
+    def row(self, what: str = "cue", ack: bool = False) -> list[str]:
+        s = self.stats(self.ack_samples if ack else None)
+        rate = s["count"] / self.seconds if self.seconds else 0.0
+        return [
+            f"{self.label} ({what})",
+            str(self.streams),
+            f"{self.rate:g}",
+            f"{rate:,.0f}",
+            str(int(s["count"])),
+            f"{s['p50_ms']:.2f}",
+            f"{s['p90_ms']:.2f}",
+            f"{s['p99_ms']:.2f}",
+            f"{s['max_ms']:.1f}",
+            str(self.timeouts),
+            f"{self.server_cpu_pct:.0f}%",
+            f"{self.client_cpu_pct:.0f}%",
+        ]
+
+
+HEADERS = [
+    "run", "streams", "rate/dev", "done/s", "samples", "p50 ms", "p90 ms", "p99 ms", "max ms",
+    "timeouts", "server cpu", "client cpu",
+]  # fmt: skip
+
+
+async def measure(
+    server: ServerProcess,
+    method: str,
+    *,
+    label: str,
+    streams: int,
+    rate: float,
+    seconds: float,
+    warmup: float,
+    streams_per_channel: int,
+    answer_kind: str,
+    seed: int,
+    spy: tuple[str, Path] | None = None,
+) -> LatencyResult:
+    """Run the device loop on ``streams`` streams; ``answer_kind`` is what ends a round (cue or ack)."""
+    rng = random.Random(seed)
+    # Nobody answers a cue and asks for help again within 100 ms; the rest of the mean interval is
+    # exponential (Poisson-like arrivals), so the mean round interval stays 1/rate.
+    think = min(0.1, 0.5 / rate)
+    encoder = BatchEncoder(1, event="help_me", props={"screen": "sync"})
+    device_ids = [f"lat-{label[:4].strip().lower()}-{i:05d}" for i in range(streams)]
+    note(f"  {label}: opening {streams} streams ...")
+    channels, calls = await open_raw_streams(
+        server.address, method, device_ids, streams_per_channel=streams_per_channel
+    )
+    # Let the server finish what the hellos started (session rows, restored memory) before the load.
+    await asyncio.sleep(1.0)
+    result = LatencyResult(label, streams, rate, seconds)
+    loop = asyncio.get_running_loop()
+    window = {"start": float("inf"), "end": float("inf")}
+    stopping = asyncio.Event()
+
+    async def device(call: Any, device_rng: random.Random) -> None:
+        waiting: dict[str, Any] = {"future": None}
+        sent_at: dict[int, float] = {}
+
+        async def read() -> None:
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    return
+                now = time.perf_counter()
+                kind = message.WhichOneof("kind")
+                if kind == "ack":
+                    batch_no = int(message.ack.batch_id)
+                    started = sent_at.pop(batch_no, None)
+                    if started is not None and window["start"] <= started <= window["end"]:
+                        result.ack_samples.append(now - started)
+                if kind == answer_kind:
+                    future = waiting["future"]
+                    if future is not None and not future.done():
+                        future.set_result((message, now))
+
+        reader = asyncio.create_task(read())
+        try:
+            await asyncio.sleep(device_rng.uniform(0, 1 / rate))
+            for round_no in range(1, 1_000_000):
+                if stopping.is_set():
+                    break
+                future = loop.create_future()
+                waiting["future"] = future
+                started = time.perf_counter()
+                if answer_kind == "cue":
+                    sent_at[round_no] = started
+                await call.write(encoder.encode(round_no, round_no))
+                try:
+                    message, received = await asyncio.wait_for(future, 5.0)
+                except TimeoutError:
+                    result.timeouts += 1
+                    continue
+                if window["start"] <= started <= window["end"]:
+                    result.samples.append(received - started)
+                if answer_kind == "cue":
+                    await call.write(decline_bytes(message.cue.cue_id))
+                else:
+                    # The echo answers nothing to a cue response, but gets the same upstream traffic.
+                    await call.write(decline_bytes(f"echo-{round_no}"))
+                await asyncio.sleep(think + device_rng.expovariate(1 / (1 / rate - think)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            result.failures += 1
+            if result.failures == 1:
+                note(f"  {label}: a device failed: {exc!r}")
+        finally:
+            reader.cancel()
+
+    tasks = [asyncio.create_task(device(call, random.Random(rng.random()))) for call in calls]
+    try:
+        now = time.perf_counter()
+        window["start"], window["end"] = now + warmup, now + warmup + seconds
+        await asyncio.sleep(warmup)
+        meter = CpuMeter(server.pid)
+        profiler = PySpy(spy[0], server.pid, seconds, spy[1]) if spy else None
+        await asyncio.sleep(seconds)
+        result.server_cpu_pct, result.client_cpu_pct = meter.read()
+        if profiler is not None:
+            await profiler.wait()
+            result.profile = profiler
+        stopping.set()
+        # Let rounds in progress finish (bounded), so late cues are counted, not dropped.
+        await asyncio.wait(tasks, timeout=5.0)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await close_channels(channels, calls)
+    return result
+
+
+def write_scenarios(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "help.yaml").write_text(textwrap.dedent(SCENARIO))
+    return folder
+
+
+async def run(args: argparse.Namespace) -> None:
+    rates = [float(r) for r in str(args.rate).split(",") if r]
+    py_spy = find_py_spy(args.py_spy or None) if args.py_spy is not False else None
+    if args.py_spy is not False and not py_spy:
+        note("py-spy not found; running without the profile")
+    results: list[LatencyResult] = []
+    common = {
+        "streams": args.streams,
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "streams_per_channel": args.streams_per_channel,
+    }
+    with temp_dir("latency") as tmp_text:
+        tmp = Path(tmp_text)
+        for i, rate in enumerate(rates):
+            note(f"latency: bare echo, {args.streams} streams, {rate:g} round(s)/s per device ...")
+            echo = await echo_server(log_dir=tmp).start()
+            try:
+                results.append(
+                    await measure(
+                        echo, ECHO_METHOD, label="bare echo", rate=rate, answer_kind="ack", seed=i, **common
+                    )
+                )
+            finally:
+                await echo.stop()
+            note(f"latency: Cuepoint, {args.streams} streams, {rate:g} trigger(s)/s per device ...")
+            server = await cuepoint_server(
+                write_scenarios(tmp / "scenarios"), tmp / f"lat-{i}.db", log_dir=tmp
+            ).start()
+            spy = (py_spy, tmp / f"spy-{i}.txt") if py_spy else None
+            try:
+                result = await measure(
+                    server,
+                    CUEPOINT_METHOD,
+                    label="Cuepoint",
+                    rate=rate,
+                    answer_kind="cue",
+                    seed=i,
+                    spy=spy,
+                    **common,
+                )
+                result.failures += server.count_in_log(b'"level": "error"')
+                results.append(result)
+            finally:
+                await server.stop()
+
+    rows: list[list[str]] = []
+    metrics: list[Metric] = []
+    sections: list[tuple[str, list[str], list[list[str]]]] = []
+    profiles: dict[str, Any] = {}
+    for r in results:
+        if r.profile is None:
+            continue
+        total, top = r.profile.top(args.top)
+        key = f"{r.label}, {r.streams} streams x {r.rate:g}/s"
+        profiles[key] = {
+            "samples": total,
+            "self": top,
+            "inclusive_cuepoint": r.profile.top_inclusive(args.top),
+        }
+        sections.append(
+            (
+                f"py-spy, server process during '{key}' ({total} samples): self time",
+                ["function", "self", "inclusive"],
+                [[f, f"{s:.1f}%", f"{i:.1f}%"] for f, s, i in top],
+            )
+        )
+        sections.append(
+            (
+                f"py-spy, server process during '{key}': Cuepoint functions by inclusive time",
+                ["function", "inclusive"],
+                [[f, f"{i:.1f}%"] for f, i in profiles[key]["inclusive_cuepoint"]],
+            )
+        )
+    for base, cue in zip(results[::2], results[1::2], strict=True):
+        rows.append(base.row("ack = round trip"))
+        rows.append(cue.row("cue"))
+        rows.append(cue.row("ack, after commit", ack=True))
+        e, c = base.stats(), cue.stats()
+        load = f"{cue.streams} streams x {cue.rate:g}/s"
+        metrics.append(Metric(f"signal-to-cue p50, {load}", c["p50_ms"], "ms", baseline=e["p50_ms"]))
+        metrics.append(
+            Metric(
+                f"signal-to-cue p99, {load}",
+                c["p99_ms"],
+                "ms",
+                baseline=e["p99_ms"],
+                target=f"< {TARGET_P99_MS:g} ms",
+                met=c["p99_ms"] < TARGET_P99_MS and cue.timeouts == 0 and cue.failures == 0,
+            )
+        )
+    parts = []
+    for base, cue in zip(results[::2], results[1::2], strict=True):
+        c, e = cue.stats(), base.stats()
+        ok = c["p99_ms"] < TARGET_P99_MS and cue.timeouts == 0 and cue.failures == 0
+        parts.append(
+            f"{cue.streams * cue.rate:,.0f} triggers/s ({cue.streams} streams x {cue.rate:g}/s): p50 "
+            f"{c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms [echo p99 {e['p99_ms']:.2f} ms] "
+            f"{'met' if ok else 'NOT MET'}"
+        )
+    summary = f"signal-to-cue latency, target p99 < {TARGET_P99_MS:g} ms: " + "; ".join(parts)
+    report(
+        "bench_latency",
+        as_json=args.json,
+        sections=[
+            (
+                f"signal-to-cue latency, raw stubs, {args.streams} streams "
+                f"({args.streams_per_channel} per connection), {args.seconds:g} s measured after "
+                f"{args.warmup:g} s warm-up; rate = triggers/s per device",
+                HEADERS,
+                rows,
+            ),
+            *sections,
+        ],
+        metrics=metrics,
+        summary=summary,
+        details={
+            "runs": [
+                {
+                    "label": r.label,
+                    "streams": r.streams,
+                    "rate": r.rate,
+                    "answer": r.stats(),
+                    "ack": r.stats(r.ack_samples),
+                    "timeouts": r.timeouts,
+                    "failures": r.failures,
+                    "server_cpu_pct": r.server_cpu_pct,
+                    "client_cpu_pct": r.client_cpu_pct,
+                }
+                for r in results
+            ],
+            "client": "raw generated stubs, one SignalBatch per trigger (no SDK)",
+            "profiles": profiles,
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=1000, help="concurrent device streams (default 1000)")
+    parser.add_argument(
+        "--rate",
+        default="0.25,0.5,1",
+        help="triggers/s per device; comma-separated, one run each (default 0.25,0.5,1)",
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.5, help="seconds before measuring (default 1.5)")
+    parser.add_argument(
+        "--streams-per-channel", type=int, default=1, help="streams sharing one connection (default 1)"
+    )
+    parser.add_argument("--quick", action="store_true", help="3 s runs at 0.5 and 1 trigger/s per device")
+    parser.add_argument(
+        "--py-spy", nargs="?", const="", default=False, help="profile the server with py-spy [PATH]"
+    )
+    parser.add_argument("--top", type=int, default=15, help="functions shown per profile (default 15)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds = min(args.seconds, 3.0)
+        if args.rate == "0.25,0.5,1":
+            args.rate = "0.5,1"
+    raise_nofile(4 * args.streams + 1024)
+    pin_self(CLIENT_CPU)
+    check_quiet()
+    started = time.perf_counter()
+    asyncio.run(run(args))
+    note(f"bench_latency: done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
