@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from cuepoint.v1 import common_pb2, device_pb2
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -52,9 +53,7 @@ _PLACEHOLDER = "~" * ID_WIDTH
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Written by the child before exec: pins the server process (and every thread it later starts).
-_PIN_AND_EXEC = (
-    "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); os.execv(sys.argv[2], sys.argv[2:])"
-)
+_PIN_AND_EXEC = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); os.execv(sys.argv[2], sys.argv[2:])"
 
 
 def note(message: str) -> None:
@@ -66,8 +65,9 @@ def note(message: str) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    import cuepoint_server
     import google.protobuf
+
+    import cuepoint_server
 
     # The server code measured: normally this checkout; a snapshot elsewhere on PYTHONPATH (e.g. a
     # `git archive` of a commit, with a COMMIT file beside server/) is named as such.
@@ -213,9 +213,7 @@ class ServerProcess:
         if self.cpu is not None:
             argv = [PYTHON, "-c", _PIN_AND_EXEC, str(self.cpu), *argv]
         with open(self.log_path, "wb") as log:
-            return subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT
-            )
+            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
 
     async def start(self, limit: float = 60.0) -> ServerProcess:
         """Spawn, then wait (at most ``limit`` s) for the "listening on HOST:PORT" line."""
@@ -365,9 +363,7 @@ class BatchEncoder:
             for key, v in (DEFAULT_PROPS if props is None else props).items()
         }
         signals = [
-            common_pb2.Signal(
-                id=_PLACEHOLDER, time=stamp, event=common_pb2.Event(name=event, properties=values)
-            )
+            common_pb2.Signal(id=_PLACEHOLDER, time=stamp, event=common_pb2.Event(name=event, properties=values))
             for _ in range(size)
         ]
         batch = device_pb2.SignalBatch(batch_id=_PLACEHOLDER, sent_at=stamp, signals=signals)
@@ -479,9 +475,7 @@ async def raw_throughput(
     """
     encoder = BatchEncoder(batch)
     device_ids = [f"{prefix}-{i:05d}" for i in range(streams)]
-    channels, calls = await open_raw_streams(
-        address, method, device_ids, streams_per_channel=streams_per_channel
-    )
+    channels, calls = await open_raw_streams(address, method, device_ids, streams_per_channel=streams_per_channel)
     tally = Tally()
     # Bounded in count as well as time: no stream sends more than this many batches.
     max_batches = max(1000, int(2_000_000 / batch))

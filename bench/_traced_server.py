@@ -20,9 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 
-def _diff(
-    new: tracemalloc.Snapshot, old: tracemalloc.Snapshot, key: str, top: int
-) -> list[dict[str, object]]:
+def _diff(new: tracemalloc.Snapshot, old: tracemalloc.Snapshot, key: str, top: int) -> list[dict[str, object]]:
     stats = sorted(new.compare_to(old, key), key=lambda s: s.size_diff, reverse=True)[:top]
     out = []
     for stat in stats:

@@ -33,6 +33,8 @@ from typing import Any
 
 import structlog
 from _common import Metric, check_quiet, note, report
+from echo_server import echo_throughput
+
 from cuepoint_server.clock import SystemClock
 from cuepoint_server.core.model import Hello, IncomingBatch, IncomingSignal
 from cuepoint_server.core.service import Core
@@ -40,7 +42,6 @@ from cuepoint_server.engine.engine import Engine
 from cuepoint_server.engine.scenario_set import ScenarioSet
 from cuepoint_server.engine.state import DeviceState, EventOccurrence
 from cuepoint_server.storage import SqliteStore
-from echo_server import echo_throughput
 
 LONELY = "ev_00007"
 POPULAR = "popular"
@@ -135,9 +136,7 @@ def engine_cost(scenarios: ScenarioSet, event: str, budget: float, repeat: int) 
     }
 
 
-async def ingest_cost(
-    scenarios: ScenarioSet, event: str, batch: int, total: int, repeat: int
-) -> dict[str, float]:
+async def ingest_cost(scenarios: ScenarioSet, event: str, batch: int, total: int, repeat: int) -> dict[str, float]:
     """Per-signal cost of Core.ingest plus the store/ack it schedules (:memory: SQLite).
 
     Every run ingests the same ``total`` signals into a fresh core, so the device's history (which
@@ -173,10 +172,7 @@ async def _ingest_once(scenarios: ScenarioSet, event: str, batch: int, total: in
             IncomingBatch(
                 f"b-{start}",
                 None,
-                tuple(
-                    IncomingSignal(f"sig-{start + k}", None, "event", event, dict(props))
-                    for k in range(batch)
-                ),
+                tuple(IncomingSignal(f"sig-{start + k}", None, "event", event, dict(props)) for k in range(batch)),
             )
             for start in range(0, max(total, batch), batch)
         ]
@@ -243,9 +239,7 @@ async def run(args: argparse.Namespace) -> None:
             note(f"eval: loading {n:,} scenarios ...")
             scenarios, load_s = load_set(n, Path(tmp) / f"set-{n}")
             lonely = engine_cost(scenarios, LONELY, args.budget, args.repeat)
-            popular = engine_cost(
-                scenarios, POPULAR, args.budget if n <= 1000 else args.budget / 2, args.repeat
-            )
+            popular = engine_cost(scenarios, POPULAR, args.budget if n <= 1000 else args.budget / 2, args.repeat)
             note(f"eval: Core.ingest with {n:,} scenarios ...")
             ingest_lonely = await ingest_cost(scenarios, LONELY, args.batch, args.signals, args.repeat)
             # Every scenario evaluates once per batch here: fewer signals at the large sizes.
@@ -388,24 +382,12 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--sizes", default="10,100,1000,10000", help="scenario counts (default 10,100,1000,10000)"
-    )
-    parser.add_argument(
-        "--batch", type=int, default=100, help="signals per batch for Core.ingest (default 100)"
-    )
-    parser.add_argument(
-        "--budget", type=float, default=0.6, help="seconds per engine measurement (default 0.6)"
-    )
-    parser.add_argument(
-        "--signals", type=int, default=10_000, help="signals per Core.ingest run (default 10000)"
-    )
-    parser.add_argument(
-        "--repeat", type=int, default=3, help="runs per measurement, the best counts (default 3)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10,100,1000,10000", help="scenario counts (default 10,100,1000,10000)")
+    parser.add_argument("--batch", type=int, default=100, help="signals per batch for Core.ingest (default 100)")
+    parser.add_argument("--budget", type=float, default=0.6, help="seconds per engine measurement (default 0.6)")
+    parser.add_argument("--signals", type=int, default=10_000, help="signals per Core.ingest run (default 10000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement, the best counts (default 3)")
     parser.add_argument("--echo-seconds", type=float, default=2.0, help="echo baseline seconds (default 2)")
     parser.add_argument("--quick", action="store_true", help="sizes up to 1,000 and shorter measurements")
     parser.add_argument("--profile", action="store_true", help="also cProfile the Core.ingest path")

@@ -31,7 +31,6 @@ from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
-import cuepoint
 from _common import (
     CLIENT_CPU,
     CUEPOINT_METHOD,
@@ -51,6 +50,8 @@ from _common import (
     temp_dir,
 )
 from echo_server import echo_throughput
+
+import cuepoint
 
 TARGET_RATIO = 0.5
 
@@ -325,21 +326,15 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=50, help="concurrent device streams (default 50)")
-    parser.add_argument(
-        "--batch", type=int, default=100, help="signals per message when batched (default 100)"
-    )
+    parser.add_argument("--batch", type=int, default=100, help="signals per message when batched (default 100)")
     parser.add_argument("--window", type=int, default=4, help="messages in flight per stream (default 4)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (default 5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (default 1)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each, the median is shown (default 1)")
     parser.add_argument("--quick", action="store_true", help="2 s runs")
-    parser.add_argument(
-        "--py-spy", nargs="?", const="", default=False, help="profile the server with py-spy [PATH]"
-    )
+    parser.add_argument("--py-spy", nargs="?", const="", default=False, help="profile the server with py-spy [PATH]")
     parser.add_argument("--top", type=int, default=15, help="functions shown per profile (default 15)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     args = parser.parse_args(argv)

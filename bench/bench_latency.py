@@ -258,16 +258,12 @@ async def run(args: argparse.Namespace) -> None:
             echo = await echo_server(log_dir=tmp).start()
             try:
                 results.append(
-                    await measure(
-                        echo, ECHO_METHOD, label="bare echo", rate=rate, answer_kind="ack", seed=i, **common
-                    )
+                    await measure(echo, ECHO_METHOD, label="bare echo", rate=rate, answer_kind="ack", seed=i, **common)
                 )
             finally:
                 await echo.stop()
             note(f"latency: Cuepoint, {args.streams} streams, {rate:g} trigger(s)/s per device ...")
-            server = await cuepoint_server(
-                write_scenarios(tmp / "scenarios"), tmp / f"lat-{i}.db", log_dir=tmp
-            ).start()
+            server = await cuepoint_server(write_scenarios(tmp / "scenarios"), tmp / f"lat-{i}.db", log_dir=tmp).start()
             spy = (py_spy, tmp / f"spy-{i}.txt") if py_spy else None
             try:
                 result = await measure(
@@ -377,9 +373,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=1000, help="concurrent device streams (default 1000)")
     parser.add_argument(
         "--rate",
@@ -388,13 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (default 5)")
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds before measuring (default 1.5)")
-    parser.add_argument(
-        "--streams-per-channel", type=int, default=1, help="streams sharing one connection (default 1)"
-    )
+    parser.add_argument("--streams-per-channel", type=int, default=1, help="streams sharing one connection (default 1)")
     parser.add_argument("--quick", action="store_true", help="3 s runs at 0.5 and 1 trigger/s per device")
-    parser.add_argument(
-        "--py-spy", nargs="?", const="", default=False, help="profile the server with py-spy [PATH]"
-    )
+    parser.add_argument("--py-spy", nargs="?", const="", default=False, help="profile the server with py-spy [PATH]")
     parser.add_argument("--top", type=int, default=15, help="functions shown per profile (default 15)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     args = parser.parse_args(argv)

@@ -176,9 +176,7 @@ async def hold_idle(
     finally:
         await close_channels(channels, calls)
     rss_first, rss_half, rss_full = rss_points
-    result = MemoryResult(
-        label, streams, rss_start, rss_first, rss_half, rss_full, first, half, connect_seconds
-    )
+    result = MemoryResult(label, streams, rss_start, rss_first, rss_half, rss_full, first, half, connect_seconds)
     result.heap = heap
     return result
 
@@ -270,9 +268,7 @@ async def run(args: argparse.Namespace) -> None:
             target=f"< {TARGET_KB:g} KB",
             met=met,
         ),
-        Metric(
-            "memory per idle device, marginal N/2..N", cue_r.marginal_kb, "KB", baseline=echo_r.marginal_kb
-        ),
+        Metric("memory per idle device, marginal N/2..N", cue_r.marginal_kb, "KB", baseline=echo_r.marginal_kb),
     ]
     summary = (
         f"memory: {cue_r.per_device_kb:.1f} KB per idle device at {args.streams:,} streams "
@@ -306,9 +302,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=10_000, help="idle device streams (default 10000)")
     parser.add_argument(
         "--streams-per-channel", type=int, default=100, help="streams sharing one connection (default 100)"
@@ -317,9 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracemalloc", action="store_true", help="extra runs under tracemalloc: where the Python heap grows"
     )
-    parser.add_argument(
-        "--top", type=int, default=20, help="lines shown per --tracemalloc table (default 20)"
-    )
+    parser.add_argument("--top", type=int, default=20, help="lines shown per --tracemalloc table (default 20)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     args = parser.parse_args(argv)
     if args.quick:

@@ -40,8 +40,9 @@ from _common import (
     report,
     temp_dir,
 )
-from cuepoint.v1 import device_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from cuepoint.v1 import device_pb2
 
 SERVICE = "benchecho.v1.Echo"
 MAX_SIGNALS_PER_BATCH = 500
@@ -155,8 +156,7 @@ async def bench(args: argparse.Namespace) -> None:
     best = max(results, key=lambda r: r.signals_per_s)
     msg_best = max(results, key=lambda r: r.messages_per_s)
     metrics = [
-        Metric(f"echo ceiling, {r.streams} streams x {r.batch}/msg", r.signals_per_s, "signals/s")
-        for r in results
+        Metric(f"echo ceiling, {r.streams} streams x {r.batch}/msg", r.signals_per_s, "signals/s") for r in results
     ]
     summary = (
         f"bare grpc.aio echo ceiling: {best.signals_per_s:,.0f} signals/s "
@@ -180,17 +180,13 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     serve_cmd = sub.add_parser("serve", help="run only the echo server")
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=0)
     parser.add_argument("--streams", default="1,50", help="comma-separated stream counts (default 1,50)")
-    parser.add_argument(
-        "--batch", default="1,100", help="comma-separated signals per message (default 1,100)"
-    )
+    parser.add_argument("--batch", default="1,100", help="comma-separated signals per message (default 1,100)")
     parser.add_argument("--window", type=int, default=4, help="messages in flight per stream (default 4)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run (default 4)")
     parser.add_argument("--warmup", type=float, default=1.0)

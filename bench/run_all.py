@@ -28,9 +28,7 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
     ("memory", "bench_memory.py", [], []),
     ("storage", "bench_storage.py", [], []),
 ]
-STORAGE_ROW = re.compile(
-    r"^(?P<name>.+?)\s{2,}(?P<rows>\d+)\s+(?P<sec>[\d.]+)\s+(?P<rate>[\d,]+)\s+\d+\s+[\d.]+$"
-)
+STORAGE_ROW = re.compile(r"^(?P<name>.+?)\s{2,}(?P<rows>\d+)\s+(?P<sec>[\d.]+)\s+(?P<rate>[\d,]+)\s+\d+\s+[\d.]+$")
 
 
 def wait_quiet(limit: float, threshold: float = 15.0) -> float:
@@ -93,16 +91,10 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes and shorter runs")
-    parser.add_argument(
-        "--only", default="", help="comma-separated subset: " + ",".join(b[0] for b in BENCHES)
-    )
-    parser.add_argument(
-        "--limit", type=float, default=600.0, help="seconds allowed per benchmark (default 600)"
-    )
+    parser.add_argument("--only", default="", help="comma-separated subset: " + ",".join(b[0] for b in BENCHES))
+    parser.add_argument("--limit", type=float, default=600.0, help="seconds allowed per benchmark (default 600)")
     parser.add_argument(
         "--wait-quiet",
         type=float,

@@ -40,9 +40,7 @@ def generate(out_root: Path) -> Path:
     ]
     subprocess.run(cmd, check=True)
     out = out_root / "cuepoint" / "v1"
-    (out / "__init__.py").write_text(
-        '"""Generated from proto/cuepoint/v1 by scripts/gen_protos.py. Do not edit."""\n'
-    )
+    (out / "__init__.py").write_text('"""Generated from proto/cuepoint/v1 by scripts/gen_protos.py. Do not edit."""\n')
     return out
 
 

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import cuepoint
 import pytest
+
+import cuepoint
 from cuepoint_server.app import CuepointServer, ServerConfig
 from cuepoint_server.clock import ManualClock
 

@@ -17,10 +17,11 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import cuepoint
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import cuepoint
 
 SCENARIO = """
 id: sync-failure

@@ -6,8 +6,9 @@ import asyncio
 import json
 from pathlib import Path
 
-import cuepoint
 import grpc
+
+import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.core.sessions import OUTBOX_HIGH, PENDING_WRITES_HIGH

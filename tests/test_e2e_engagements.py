@@ -375,6 +375,7 @@ async def test_identified_user_stitches_journeys_and_memory(start_server: StartS
 
 async def test_an_associate_cannot_end_someone_elses_engagement(start_server: StartServer) -> None:
     import grpc
+
     from cuepoint.v1 import associate_pb2, associate_pb2_grpc
 
     server = await start_server(HELP)

@@ -7,14 +7,15 @@ import subprocess
 import sys
 import time
 
-import cuepoint
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import cuepoint
 from cuepoint.v1 import common_pb2, device_pb2, device_pb2_grpc
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.scenarios.loader import ScenarioError
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from .conftest import ROOT, SHIPPED, StartServer, no_cue, phone
 

@@ -6,9 +6,10 @@ import asyncio
 import datetime as dt
 from zoneinfo import ZoneInfo
 
-import cuepoint
 import grpc
 import pytest
+
+import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import cuepoint
 import pytest
+
+import cuepoint
 from cuepoint import _convert
 from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock

@@ -15,10 +15,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import cuepoint
 import grpc
 import pytest
 import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client.parser import text_string_to_metric_families
+
+import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 from cuepoint_server.app import CuepointServer, ServerConfig
 from cuepoint_server.cli import main
@@ -26,8 +29,6 @@ from cuepoint_server.clock import ManualClock
 from cuepoint_server.engine.holdout import in_holdout
 from cuepoint_server.logs import configure_logging
 from cuepoint_server.scenarios.loader import ScenarioError, load_text
-from google.protobuf.timestamp_pb2 import Timestamp
-from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import StartServer, no_cue
 

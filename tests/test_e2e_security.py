@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import cuepoint
 import grpc
 import pytest
 import structlog
@@ -25,6 +24,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.rpc.error_details_pb2 import BadRequest, QuotaFailure
+from google.rpc.status_pb2 import Status
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+import cuepoint
 from cuepoint import _grpc_errors
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2
 from cuepoint_server.api.auth import AuthConfig, AuthConfigError
@@ -33,10 +38,6 @@ from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.core.validation import Limits
 from cuepoint_server.logs import REDACTED, configure_logging
-from google.rpc.error_details_pb2 import BadRequest, QuotaFailure
-from google.rpc.status_pb2 import Status
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from .conftest import ROOT, StartServer
 

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import cuepoint
 import pytest
+
+import cuepoint
 from cuepoint_server.app import CuepointServer, ServerConfig
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.webhooks import WebhookConfig, verify

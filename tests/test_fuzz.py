@@ -22,14 +22,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import cuepoint
 import grpc
 import pytest
 import structlog
-from cuepoint.v1 import common_pb2, device_pb2
-from cuepoint_server.app import CuepointServer, ServerConfig
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
+
+import cuepoint
+from cuepoint.v1 import common_pb2, device_pb2
+from cuepoint_server.app import CuepointServer, ServerConfig
 
 from .conftest import SHIPPED
 

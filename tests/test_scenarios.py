@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from cuepoint_server.engine.engine import Engine
 from cuepoint_server.engine.scenario_set import ScenarioSet
 from cuepoint_server.engine.state import DeviceState, EventOccurrence

@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import cuepoint
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import cuepoint
 from cuepoint import _convert, _validate
 from cuepoint._conversation import Conversation
 from cuepoint._convert import EngagementPayload
 from cuepoint.client import Engagement
 from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 T0 = 1_700_000_000.25
 

@@ -9,9 +9,10 @@ import sqlite3
 import time
 from pathlib import Path
 
-import cuepoint
 import grpc
 import pytest
+
+import cuepoint
 from cuepoint import _convert, _grpc_errors
 from cuepoint._batcher import SignalBatcher
 from cuepoint._journal import Journal

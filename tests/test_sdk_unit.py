@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import math
 
-import cuepoint
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import cuepoint
 from cuepoint import _convert, _grpc_errors, _validate
 from cuepoint._batcher import SignalBatcher
 from cuepoint._ids import IdGenerator
 from cuepoint._inbox import Inbox, get_within
 from cuepoint.client import Engagement, _merge_context
 from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 T0 = 1_700_000_000.25
 

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from cuepoint_server.engine.scenario_set import ScenarioSet
 from cuepoint_server.simulate import (
     Outcome,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cuepoint_server.storage import (
     SCHEMA_VERSION,
     CueRecord,

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import grpc
 import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from cuepoint.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -16,8 +19,6 @@ from cuepoint.v1 import (
     device_pb2,
     device_pb2_grpc,
 )
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .api.admin import AdminServicer
 from .api.associate import AssociateServicer

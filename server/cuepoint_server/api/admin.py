@@ -8,8 +8,9 @@ from typing import TypeAlias
 
 import grpc
 import structlog
-from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 
 from ..core.errors import CoreError
 from ..core.live import LiveSession

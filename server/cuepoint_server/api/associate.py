@@ -8,8 +8,9 @@ from typing import TypeAlias
 
 import grpc
 import structlog
-from cuepoint.v1 import associate_pb2, associate_pb2_grpc
 from google.protobuf.message import DecodeError
+
+from cuepoint.v1 import associate_pb2, associate_pb2_grpc
 
 from ..core.errors import CoreError
 from ..core.model import EngagementEnded, EngagementView, SessionFailed

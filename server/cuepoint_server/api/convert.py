@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
 
 from ..core.errors import InvalidInput
 from ..core.model import (

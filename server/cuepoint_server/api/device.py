@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import grpc
 import structlog
-from cuepoint.v1 import device_pb2, device_pb2_grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from cuepoint.v1 import device_pb2, device_pb2_grpc
 
 from ..core.errors import CoreError
 from ..core.model import Ack, CueOffer, EngagementUpdate, SessionFailed, Withdrawal
