@@ -40,7 +40,6 @@ ASSOCIATE_KINDS = frozenset(
 )
 
 _CHANNEL_NAMES: dict[int, str] = {v: k for k, v in CHANNELS.items()}
-_PARTIES = PARTIES
 _KINDS: dict[int, str] = {
     common_pb2.CALL_SIGNAL_KIND_OFFER: "offer",
     common_pb2.CALL_SIGNAL_KIND_ANSWER: "answer",
@@ -146,7 +145,7 @@ def _chat(line: ChatLine) -> common_pb2.ChatMessage:
     return common_pb2.ChatMessage(
         engagement_id=line.engagement_id,
         message_id=line.message_id,
-        sender=_PARTIES[line.sender],
+        sender=PARTIES[line.sender],
         text=line.text,
         time=timestamp(line.time),
     )
@@ -157,7 +156,7 @@ def _upgrade(ask: UpgradeAsk) -> common_pb2.UpgradeRequest:
         engagement_id=ask.engagement_id,
         request_id=ask.request_id,
         channel=CHANNELS[ask.channel],
-        requested_by=_PARTIES[ask.requested_by],
+        requested_by=PARTIES[ask.requested_by],
     )
 
 
@@ -166,7 +165,7 @@ def _change(change: ChannelChanged) -> common_pb2.ChannelChange:
         engagement_id=change.engagement_id,
         request_id=change.request_id,
         channel=CHANNELS[change.channel],
-        requested_by=_PARTIES[change.requested_by],
+        requested_by=PARTIES[change.requested_by],
         accepted=change.accepted,
         time=timestamp(change.time),
     )
@@ -174,7 +173,7 @@ def _change(change: ChannelChanged) -> common_pb2.ChannelChange:
 
 def _signal(sig: CallSignalRelay) -> common_pb2.CallSignal:
     return common_pb2.CallSignal(
-        engagement_id=sig.engagement_id, kind=_KIND_TO_PROTO[sig.kind], payload=sig.payload, sender=_PARTIES[sig.sender]
+        engagement_id=sig.engagement_id, kind=_KIND_TO_PROTO[sig.kind], payload=sig.payload, sender=PARTIES[sig.sender]
     )
 
 

@@ -16,7 +16,7 @@ scenario that passes everything is offered.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..scenarios.compiler import CompiledScenario
@@ -174,14 +174,6 @@ class Arbiter:
         if s.policy.require_capacity and not s.has_capacity(scenario.queue):
             return ("no_capacity", f"no associate available in queue {scenario.queue}")
         return None
-
-    def snapshot(self, subject: str) -> Mapping[str, object]:
-        memory = self._of(subject)
-        return {
-            "offers": len(memory.offers),
-            "declines": dict(memory.declines),
-            "engaged_sessions": sorted(memory.engaged_sessions),
-        }
 
 
 def _rule(rule: float | str) -> str:
