@@ -553,6 +553,9 @@ class Client:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeats: dict[str, asyncio.Future[None]] = {}
+        self._last_heard = 0.0
 
         self._batcher: SignalBatcher[common_pb2.Signal] = SignalBatcher(self._config.max_batch, self._config.linger)
         self._wake_sender = asyncio.Event()
@@ -631,6 +634,9 @@ class Client:
         self._connected_at = asyncio.get_running_loop().time()
         self._reader = self._spawn(self._read_loop(stream))
         self._sender = self._spawn(self._send_loop(stream))
+        self._last_heard = self._connected_at
+        if self._config.heartbeat_interval > 0:
+            self._heartbeat = self._spawn(self._heartbeat_loop(stream))
         self._wake_sender.set()
         self._set_state(ConnectionState.CONNECTED)
         log.debug("cuepoint session %s open (max_batch=%d)", self._session_id, self._batcher.max_batch)
@@ -682,6 +688,7 @@ class Client:
             # The sender must be idle before half-closing; cancelling it
             # mid-write would make grpc cancel the whole call.
             await self._cancel(self._sender)
+            await self._cancel(self._heartbeat)
             stream = self._stream
             if stream is not None and self._conn_state is ConnectionState.CONNECTED:
                 await stream.done_writing()
@@ -1057,6 +1064,7 @@ class Client:
                     if self._draining or self._state == "closed":
                         return
                     raise ConnectionLost("the server ended the session stream")
+                self._last_heard = asyncio.get_running_loop().time()
                 self._dispatch(message)
         except CuepointError as err:
             self._fail(err, stream)
@@ -1081,9 +1089,36 @@ class Client:
         except CuepointError as err:
             self._fail(err, stream)
 
+    async def _heartbeat_loop(self, stream: _Stream) -> None:
+        """Probe a silent link with an empty batch; an unanswered probe means the link is dead."""
+        interval, timeout = self._config.heartbeat_interval, self._config.heartbeat_timeout
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(max(0.0, self._last_heard + interval - loop.time()))
+                if loop.time() - self._last_heard < interval:
+                    continue  # the server spoke meanwhile: the link is alive
+                beat = f"hb-{self._new_id()}"
+                answered = self._heartbeats[beat] = loop.create_future()
+                try:
+                    await stream.write(_convert.signal_batch(beat, self._config.clock(), []))
+                    async with asyncio.timeout(timeout):
+                        await answered
+                except TimeoutError:
+                    self._fail(ConnectionLost(f"no answer to a heartbeat within {timeout}s"), stream)
+                    return
+                finally:
+                    self._heartbeats.pop(beat, None)
+        except CuepointError as err:
+            self._fail(err, stream)
+
     def _dispatch(self, message: device_pb2.ServerMessage) -> None:
         kind = message.WhichOneof("kind")
-        if kind == "ack":
+        if kind == "ack" and message.ack.batch_id in self._heartbeats:
+            beat = self._heartbeats[message.ack.batch_id]
+            if not beat.done():
+                beat.set_result(None)
+        elif kind == "ack":
             acked = [*itertools.chain(message.ack.signal_ids, message.ack.duplicate_ids)]
             self._batcher.ack(acked)
             self._batcher.relax()
@@ -1257,7 +1292,7 @@ class Client:
                 waiter.set_exception(error)
         self._close_consumers(error)
         current = asyncio.current_task()
-        for task in (self._sender, self._reader, self._reconnector):
+        for task in (self._sender, self._reader, self._heartbeat, self._reconnector):
             if task is not None and task is not current:
                 task.cancel()
         self._set_state(ConnectionState.CLOSED)
@@ -1272,10 +1307,10 @@ class Client:
         if asyncio.get_running_loop().time() - self._connected_at >= _STABLE_AFTER:
             self._attempts = 0
         current = asyncio.current_task()
-        for task in (self._sender, self._reader):
+        for task in (self._sender, self._reader, self._heartbeat):
             if task is not None and task is not current:
                 task.cancel()
-        self._sender = self._reader = None
+        self._sender = self._reader = self._heartbeat = None
         self._set_state(ConnectionState.STALE)
         self._reconnector = self._spawn(self._reconnect(stream, error))
 

@@ -109,6 +109,14 @@ class ClientConfig:
     reconnect_max_backoff: float = 30.0
     """Upper bound of one wait between reconnect attempts, seconds."""
 
+    heartbeat_interval: float = 15.0
+    """Seconds of silence after which the client probes the link with an empty batch; 0 disables.
+    gRPC keepalive alone did not notice a link that drops packets without closing (a mobile network
+    gone dark); an unanswered heartbeat does, and the client reconnects."""
+
+    heartbeat_timeout: float = 10.0
+    """Seconds a heartbeat may go unanswered before the link counts as dead."""
+
     reconnect_max_attempts: int | None = None
     """Consecutive attempts without progress before giving up with ConnectionLost; None: until ``close()``.
     An attempt counts as progress once the new session acks a batch or stays up for 10 s."""
@@ -137,6 +145,8 @@ class ClientConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch!r}")
         if self.linger < 0:
             raise ValueError(f"linger must be >= 0, got {self.linger!r}")
+        if self.heartbeat_interval < 0 or self.heartbeat_timeout <= 0:
+            raise ValueError("heartbeat_interval must be >= 0 and heartbeat_timeout > 0")
         if self.max_pending_signals < self.max_batch:
             raise ValueError("max_pending_signals must be >= max_batch")
         _positive("connect_timeout", self.connect_timeout)

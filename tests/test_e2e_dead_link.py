@@ -1,0 +1,87 @@
+"""A dead link is detected: traffic silently vanishes but no socket closes.
+
+A TCP proxy between the SDK and the server stops forwarding (a mobile link gone
+dark). Nothing errors, so without a probe the client would wait forever (gRPC's
+keepalive pings did not notice here); the SDK's heartbeat does, the client goes
+STALE, and reconnects once the link is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import cuepoint
+
+from .conftest import StartServer
+
+SCENARIO = "id: help\ntrigger: {event: help}\ncue: {message: hi, channel: chat}\n"
+
+
+class DarkableProxy:
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.dark = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await src.read(65536):
+                if not self.dark:  # dark: bytes vanish, sockets stay open
+                    dst.write(data)
+                    await dst.drain()
+        dst.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def test_heartbeat_detects_a_link_gone_dark(start_server: StartServer) -> None:
+    server = await start_server(SCENARIO)
+    proxy = DarkableProxy(server.port)
+    await proxy.start()
+    config = cuepoint.ClientConfig(
+        heartbeat_interval=0.3, heartbeat_timeout=0.5, reconnect_initial_backoff=0.05, reconnect_max_backoff=0.2
+    )
+    client = await cuepoint.connect(f"127.0.0.1:{proxy.port}", app_id="fitkit", device_id="tunnel", config=config)
+    states: asyncio.Queue[cuepoint.ConnectionState] = asyncio.Queue()
+    client.on_state(states.put_nowait)
+    proxy.dark = True
+    async with asyncio.timeout(10):
+        while await states.get() is not cuepoint.ConnectionState.STALE:
+            pass
+    proxy.dark = False
+    await client.track("help")
+    await client.flush(timeout=10)
+    assert client.state is cuepoint.ConnectionState.CONNECTED
+    assert (await client.next_cue(timeout=5)).scenario_id == "help"
+    await client.close()
+    await proxy.close()
+
+
+async def test_a_quiet_but_healthy_link_is_not_mistaken_for_dead(start_server: StartServer) -> None:
+    server = await start_server(SCENARIO)
+    config = cuepoint.ClientConfig(heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    client = await cuepoint.connect(server.address, app_id="fitkit", device_id="quiet", config=config)
+    seen: list[cuepoint.ConnectionState] = []
+    client.on_state(seen.append)
+    await asyncio.sleep(1.5)  # several heartbeats, each answered
+    assert client.state is cuepoint.ConnectionState.CONNECTED and cuepoint.ConnectionState.STALE not in seen
+    assert await server.store.count_signals("quiet") == 0  # heartbeats are not signals
+    await client.close()
