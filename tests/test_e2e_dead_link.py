@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 
 import cuepoint
+from cuepoint_server.clock import ManualClock
 
 from .conftest import StartServer
 
@@ -85,3 +86,34 @@ async def test_a_quiet_but_healthy_link_is_not_mistaken_for_dead(start_server: S
     assert client.state is cuepoint.ConnectionState.CONNECTED and cuepoint.ConnectionState.STALE not in seen
     assert await server.store.count_signals("quiet") == 0  # heartbeats are not signals
     await client.close()
+
+
+async def test_an_offer_settled_while_the_link_was_dark_is_withdrawn_after_it(
+    start_server: StartServer, clock: ManualClock
+) -> None:
+    server = await start_server(SCENARIO.replace("channel: chat}", "channel: chat, ttl: 30s}"))
+    proxy = DarkableProxy(server.port)
+    await proxy.start()
+    config = cuepoint.ClientConfig(
+        heartbeat_interval=0.3, heartbeat_timeout=0.5, reconnect_initial_backoff=0.05, reconnect_max_backoff=0.2
+    )
+    client = await cuepoint.connect(f"127.0.0.1:{proxy.port}", app_id="fitkit", device_id="away", config=config)
+    events = client.events()
+    await client.track("help")
+    await client.flush()
+    cue = await client.next_cue(timeout=5)
+    states: asyncio.Queue[cuepoint.ConnectionState] = asyncio.Queue()
+    client.on_state(states.put_nowait)
+    proxy.dark = True
+    clock.advance(31)  # the offer expires while its withdrawal cannot get through
+    async with asyncio.timeout(10):
+        while await states.get() is not cuepoint.ConnectionState.STALE:
+            pass
+    proxy.dark = False
+    async with asyncio.timeout(10):
+        async for event in events:
+            if isinstance(event, cuepoint.CueWithdrawal):
+                assert (event.cue_id, event.reason) == (cue.cue_id, "expired")
+                break
+    await client.close()
+    await proxy.close()

@@ -160,6 +160,12 @@ class Core:
         pending = self._reg.pending.get(hello.device_id) or await self._restore_cue(session, now)
         if pending is not None:
             session.send(pending.offer)
+        if resumed is not None:
+            # Offers settled while the device was away (expired, withdrawn) may
+            # still be on its screen: withdraw them again on the new stream.
+            for cue in await self.store.cues_for_session(session.session_id):
+                if cue.status in ("expired", "withdrawn"):
+                    session.send(Withdrawal(cue.cue_id, cue.status))
         self._schedule_timer(session.device_id, now)
         log.info("session.opened", session_id=session.session_id, device_id=hello.device_id, app_id=hello.app_id)
         return session

@@ -583,6 +583,10 @@ class SqliteStore:
         rows = await self._fetch(sql, (device_id,))
         return _cue_from(rows[0]) if rows else None
 
+    async def cues_for_session(self, session_id: str) -> list[CueRecord]:
+        sql = f"{_select('cues', _CUE_COLS)} WHERE session_id = ? ORDER BY created_at, rowid"
+        return [_cue_from(r) for r in await self._fetch(sql, (session_id,))]
+
     async def open_engagements(self) -> list[EngagementRecord]:
         """Engagements not finished when the process stopped (queued or assigned), oldest first."""
         sql = (
