@@ -16,7 +16,7 @@ import cuepoint
 from cuepoint import _convert, _validate
 from cuepoint._conversation import Conversation
 from cuepoint._convert import EngagementPayload
-from cuepoint.client import Engagement
+from cuepoint.engagement import Engagement
 from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
 
 T0 = 1_700_000_000.25

@@ -15,7 +15,8 @@ from cuepoint import _convert, _grpc_errors, _validate
 from cuepoint._batcher import SignalBatcher
 from cuepoint._ids import IdGenerator
 from cuepoint._inbox import Inbox, get_within
-from cuepoint.client import Engagement, _merge_context
+from cuepoint.client import _merge_context
+from cuepoint.engagement import Engagement
 from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
 
 T0 = 1_700_000_000.25

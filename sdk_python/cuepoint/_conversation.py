@@ -1,6 +1,6 @@
 """Chat, channel upgrades and call signalling of one engagement, seen from one side.
 
-The device's :class:`~cuepoint.client.Engagement` handle and the
+The device's :class:`~cuepoint.engagement.Engagement` handle and the
 :class:`~cuepoint.associate.AssociateClient` (one per engagement) share this:
 both sides speak the same protocol, mirror-imaged, and differ only in how a
 payload is wrapped for their stream and which :class:`Party` they are.
