@@ -142,15 +142,7 @@ class Core:
             started_at=now,
         )
         await self.store.save_session(
-            SessionRecord(
-                session_id=session.session_id,
-                app_id=hello.app_id,
-                device_id=hello.device_id,
-                user_id=user_id if hello.consent != "none" else "",
-                started_at=resumed.started_at if resumed else now,
-                context=dict(state.context),
-                consent=hello.consent,
-            )
+            _session_record(session, user_id if hello.consent != "none" else "", resumed.started_at if resumed else now)
         )
         await self._restore_memory(subject)
         previous = self._reg.sessions.get(hello.device_id)
@@ -373,17 +365,7 @@ class Core:
         session.subject = subject
         self._track(
             session,
-            self.store.save_session(
-                SessionRecord(
-                    session_id=session.session_id,
-                    app_id=session.app_id,
-                    device_id=session.device_id,
-                    user_id=user_id,
-                    started_at=session.started_at,
-                    context=dict(session.state.context),
-                    consent=session.consent,
-                )
-            ),
+            self.store.save_session(_session_record(session, user_id, session.started_at)),
         )
         self._track(session, self._restore_memory(subject))
         log.info("device.identified", device_id=session.device_id, session_id=session.session_id)
@@ -737,3 +719,15 @@ class Core:
             "engagements": self.desk.count(),
             "evaluations": self.engine.evaluations,
         }
+
+
+def _session_record(session: DeviceSession, user_id: str, started_at: float) -> SessionRecord:
+    return SessionRecord(
+        session_id=session.session_id,
+        app_id=session.app_id,
+        device_id=session.device_id,
+        user_id=user_id,
+        started_at=started_at,
+        context=dict(session.state.context),
+        consent=session.consent,
+    )
