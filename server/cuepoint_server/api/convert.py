@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -95,10 +96,20 @@ def _value(field: str, value: common_pb2.AttributeValue) -> Scalar:
     return result
 
 
-def _values(field: str, values: Mapping[str, common_pb2.AttributeValue]) -> dict[str, Scalar]:
+def _values(field: str | Callable[[], str], values: Mapping[str, common_pb2.AttributeValue]) -> dict[str, Scalar]:
+    """Attribute map to plain values. ``field`` may be a callable: the hot path (every property of every
+    signal) then builds the field name only when there is an error to report."""
     if len(values) > Limits.max_props:
-        raise InvalidInput(field, f"more than {Limits.max_props} entries")
-    return {key: _value(f"{field}[{key!r}]", v) for key, v in values.items()}
+        raise InvalidInput(_name(field), f"more than {Limits.max_props} entries")
+    out: dict[str, Scalar] = {}
+    for key, v in values.items():
+        kind = v.WhichOneof("kind")
+        out[key] = getattr(v, kind) if kind is not None else _value(f"{_name(field)}[{key!r}]", v)
+    return out
+
+
+def _name(field: str | Callable[[], str]) -> str:
+    return field if isinstance(field, str) else field()
 
 
 def _to_value(value: Scalar) -> common_pb2.AttributeValue:
@@ -169,22 +180,25 @@ def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
         raise InvalidInput("signals", f"batch of {size} bytes exceeds {Limits.max_batch_bytes} bytes")
     signals = []
     for i, s in enumerate(msg.signals):
-        field = f"signals.signals[{i}]"
         time = _seconds(s.time) if s.HasField("time") else None
         kind = s.WhichOneof("kind")
         if kind == "event":
+            event = s.event
+            props = event.properties
             signals.append(
                 IncomingSignal(
                     s.id,
                     time,
                     "event",
-                    s.event.name,
-                    _values(f"{field}.event.properties", s.event.properties),
+                    event.name,
+                    _values(partial("signals.signals[{}].event.properties".format, i), props) if props else {},
                 )
             )
         elif kind == "context":
             update = s.context
-            flat = flatten_context(f"{field}.context", update.context, update.user if update.HasField("user") else None)
+            flat = flatten_context(
+                f"signals.signals[{i}].context", update.context, update.user if update.HasField("user") else None
+            )
             signals.append(IncomingSignal(s.id, time, "context", context_set=flat, clear_keys=tuple(update.clear_keys)))
         else:
             signals.append(IncomingSignal(s.id, time, ""))

@@ -254,7 +254,7 @@ class EngagementDesk:
             context={k: v for k, v in ctx.items() if not k.startswith("user.")},
             user_attributes=user_attrs,
             consent=consent,
-            journey=tuple(JourneyItem(r.signal_id, r.time, r.kind, r.name, r.payload) for r in journey),
+            journey=tuple(JourneyItem(r.signal_id, r.time, r.kind, r.name, dict(r.payload)) for r in journey),
             trigger=dict(pending.explanation),
             cue=pending.offer,
             redacted_fields=tuple(sorted(redacted)),
@@ -566,6 +566,10 @@ class EngagementDesk:
             waiting.remove(engagement)
         if not waiting:
             self._awaiting_outcome.pop(engagement.device_id, None)
+
+    def awaits_outcome(self, device_id: str) -> bool:
+        """Whether an ended engagement of this device still waits for its outcome event."""
+        return bool(self._awaiting_outcome.get(device_id))
 
     def observe(self, state: DeviceState, name: str, props: Mapping[str, Scalar], at: float) -> None:
         """An event arrived: settle engagements waiting for it as their outcome."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from ..engine.state import Scalar
 
@@ -27,6 +29,9 @@ __all__ = [
 CONSENT_LEVELS = ("none", "essential", "full")
 
 
+_EMPTY: Mapping[str, Scalar] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     app_id: str
@@ -38,15 +43,17 @@ class Hello:
     resume_session_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class IncomingSignal:
+# A NamedTuple, not a frozen dataclass: one is built per signal on the ingest path, and a frozen
+# dataclass's __init__ costs several times more (it sets each field through object.__setattr__).
+class IncomingSignal(NamedTuple):
     id: str
     # Device clock, epoch seconds; None when the client sent none.
     time: float | None
     kind: str  # "event" | "context" | "" (unset: invalid)
     name: str = ""
-    props: dict[str, Scalar] = field(default_factory=dict)
-    context_set: dict[str, Scalar] = field(default_factory=dict)
+    # Shared read-only empties as defaults: nothing mutates an incoming signal.
+    props: Mapping[str, Scalar] = _EMPTY
+    context_set: Mapping[str, Scalar] = _EMPTY
     clear_keys: tuple[str, ...] = ()
 
 

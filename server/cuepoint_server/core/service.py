@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from .model import (
 )
 from .observers import CoreObserver
 from .sessions import AssociateSession, DeviceSession, PendingCue
-from .validation import Limits, event_time, validate_batch, validate_hello
+from .validation import Limits, validate_batch, validate_hello
 
 # Signals read back per device to rebuild its windows after a restart.
 RESTORE_SIGNALS = 5000
@@ -304,23 +304,29 @@ class Core:
         fresh: list[str] = []
         duplicates: list[str] = []
         events: set[str] = set()
-        scenarios = self.engine.scenarios
+        # Once per batch, not per signal: this loop is the server's hottest code.
+        retention = self.engine.scenarios.retention
+        offset = now - batch.sent_at if batch.sent_at is not None else 0.0
+        awaiting_outcome = self.desk.awaits_outcome(session.device_id)
+        device_id, session_id = session.device_id, session.session_id
+        latest = state.last_signal_at
         for signal in batch.signals:
             if not state.remember(signal.id):
                 duplicates.append(signal.id)
                 continue
             fresh.append(signal.id)
-            at = min(event_time(signal, batch, now), now)
+            at = now if signal.time is None else min(signal.time + offset, now)
+            payload: Mapping[str, Any]
             if signal.kind == "event":
+                name = signal.name
                 state.record_event(
-                    signal.name,
-                    EventOccurrence(at, signal.id, signal.props, state.next_seq()),
-                    scenarios.keep_seconds(signal.name),
+                    name, EventOccurrence(at, signal.id, signal.props, state.next_seq()), retention.get(name, 0.0)
                 )
-                events.add(signal.name)
-                # Receipt time: an outcome must arrive after the engagement ended.
-                self.desk.observe(state, signal.name, signal.props, now)
-                payload: dict[str, Any] = dict(signal.props)
+                events.add(name)
+                if awaiting_outcome:
+                    # Receipt time: an outcome must arrive after the engagement ended.
+                    self.desk.observe(state, name, signal.props, now)
+                payload = signal.props
             else:
                 identified = signal.context_set.get("user.id")
                 state.context.update(signal.context_set)
@@ -329,19 +335,10 @@ class Core:
                 if identified and session.consent != "none":
                     self._identify(session, str(identified), now)
                 payload = {"set": dict(signal.context_set), "clear": list(signal.clear_keys)}
-            state.last_signal_at = max(state.last_signal_at, at)
-            rows.append(
-                SignalRecord(
-                    device_id=session.device_id,
-                    signal_id=signal.id,
-                    session_id=session.session_id,
-                    kind=signal.kind,
-                    name=signal.name,
-                    time=at,
-                    received_at=now,
-                    payload=payload,
-                )
-            )
+            if at > latest:
+                latest = at
+            rows.append(SignalRecord(device_id, signal.id, session_id, signal.kind, signal.name, at, now, payload))
+        state.last_signal_at = latest
         self._track(session, self._store_and_ack(session, batch.batch_id, rows, fresh, duplicates))
         session.last_received_at = now
         for observer in self.observers:

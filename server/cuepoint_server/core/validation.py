@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 from .errors import InvalidInput
 from .model import CONSENT_LEVELS, Hello, IncomingBatch, IncomingSignal, Scalar
@@ -49,15 +50,6 @@ def _check_value(field: str, value: Scalar) -> None:
         raise InvalidInput(field, "number must be finite")
 
 
-def _check_map(field: str, values: dict[str, Scalar], key_pattern: re.Pattern[str]) -> None:
-    if len(values) > Limits.max_props:
-        raise InvalidInput(field, f"more than {Limits.max_props} entries")
-    for key, value in values.items():
-        if not key_pattern.match(key):
-            raise InvalidInput(f"{field}[{key!r}]", f"invalid key; expected {key_pattern.pattern}")
-        _check_value(f"{field}[{key!r}]", value)
-
-
 def validate_hello(hello: Hello) -> None:
     if not APP_ID.match(hello.app_id):
         raise InvalidInput("hello.app_id", "required; lowercase letters, digits, _ . - (at most 64)")
@@ -76,36 +68,78 @@ def validate_batch(batch: IncomingBatch, now: float) -> None:
         raise InvalidInput("signals", f"batch of {len(batch.signals)} exceeds {Limits.max_signals_per_batch} signals")
     if batch.sent_at is not None and not math.isfinite(batch.sent_at):
         raise InvalidInput("signals.sent_at", "invalid timestamp")
+    offset = now - batch.sent_at if batch.sent_at is not None else 0.0
+    window = (now - Limits.max_age, now + Limits.max_future_skew)
     seen: set[str] = set()
     for i, signal in enumerate(batch.signals):
-        _validate_signal(f"signals.signals[{i}]", signal, batch, now)
+        # Runs for every signal of every batch: field paths are only built for the error.
+        problem = _signal_problem(signal, offset, window)
+        if problem is not None:
+            raise InvalidInput(f"signals.signals[{i}]{problem[0]}", problem[1])
         if signal.id in seen:
             raise InvalidInput(f"signals.signals[{i}].id", f"id {signal.id!r} repeated within the batch")
         seen.add(signal.id)
 
 
-def _validate_signal(field: str, signal: IncomingSignal, batch: IncomingBatch, now: float) -> None:
+# Event names and property keys repeat across millions of signals; once one has passed its pattern, a set
+# lookup replaces the regex. Bounded so that a client inventing names cannot grow it without limit.
+_KNOWN_GOOD: dict[re.Pattern[str], set[str]] = {}
+_KNOWN_GOOD_MAX = 4096
+
+
+def _good(text: str, pattern: re.Pattern[str]) -> bool:
+    known = _KNOWN_GOOD.get(pattern)
+    if known is None:
+        known = _KNOWN_GOOD[pattern] = set()
+    elif text in known:
+        return True
+    if not pattern.match(text):
+        return False
+    if len(known) >= _KNOWN_GOOD_MAX:
+        known.clear()
+    known.add(text)
+    return True
+
+
+def _signal_problem(signal: IncomingSignal, offset: float, window: tuple[float, float]) -> tuple[str, str] | None:
+    """(field path below the signal, message) of the first problem, or None."""
     if not SIGNAL_ID.match(signal.id):
-        raise InvalidInput(f"{field}.id", "required; 1-64 characters of A-Z a-z 0-9 _ . : -")
+        return ".id", "required; 1-64 characters of A-Z a-z 0-9 _ . : -"
     if signal.time is not None:
-        corrected = event_time(signal, batch, now)
-        if corrected > now + Limits.max_future_skew:
-            raise InvalidInput(f"{field}.time", "timestamp is in the future")
-        if corrected < now - Limits.max_age:
-            raise InvalidInput(f"{field}.time", "timestamp is more than 7 days old")
+        corrected = signal.time + offset
+        if corrected > window[1]:
+            return ".time", "timestamp is in the future"
+        if corrected < window[0]:
+            return ".time", "timestamp is more than 7 days old"
     if signal.kind == "event":
-        if not EVENT_NAME.match(signal.name):
-            raise InvalidInput(
-                f"{field}.event.name", f"invalid event name {signal.name!r}; expected {EVENT_NAME.pattern}"
-            )
-        _check_map(f"{field}.event.properties", signal.props, PROP_KEY)
-    elif signal.kind == "context":
-        _check_map(f"{field}.context", signal.context_set, re.compile(r".*"))
+        if not _good(signal.name, EVENT_NAME):
+            return ".event.name", f"invalid event name {signal.name!r}; expected {EVENT_NAME.pattern}"
+        return _map_problem(".event.properties", signal.props, PROP_KEY)
+    if signal.kind == "context":
+        problem = _map_problem(".context", signal.context_set, None)
+        if problem is not None:
+            return problem
         for key in (*signal.context_set, *signal.clear_keys):
             if not CONTEXT_KEY.match(key):
-                raise InvalidInput(f"{field}.context", f"unknown context key {key!r}")
-    else:
-        raise InvalidInput(f"{field}.kind", "a signal must carry an event or a context update")
+                return ".context", f"unknown context key {key!r}"
+        return None
+    return ".kind", "a signal must carry an event or a context update"
+
+
+def _map_problem(
+    field: str, values: Mapping[str, Scalar], key_pattern: re.Pattern[str] | None
+) -> tuple[str, str] | None:
+    if len(values) > Limits.max_props:
+        return field, f"more than {Limits.max_props} entries"
+    for key, value in values.items():
+        if key_pattern is not None and not _good(key, key_pattern):
+            return f"{field}[{key!r}]", f"invalid key; expected {key_pattern.pattern}"
+        if type(value) is str:
+            if len(value) > Limits.max_string:
+                return f"{field}[{key!r}]", f"string longer than {Limits.max_string} characters"
+        elif type(value) is float and not math.isfinite(value):
+            return f"{field}[{key!r}]", "number must be finite"
+    return None
 
 
 def event_time(signal: IncomingSignal, batch: IncomingBatch, now: float) -> float:
