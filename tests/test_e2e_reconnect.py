@@ -108,10 +108,9 @@ def slow_acks(server: CuepointServer, monkeypatch: pytest.MonkeyPatch, delay: fl
     """Store signals at once but hold their ack back: what a crash between commit and ack looks like."""
     original = server.store.append_signals
 
-    async def append_then_wait(rows: Any) -> list[str]:
-        stored = await original(rows)
+    async def append_then_wait(rows: Any) -> None:
+        await original(rows)
         await asyncio.sleep(delay)
-        return stored
 
     monkeypatch.setattr(server.store, "append_signals", append_then_wait)
 

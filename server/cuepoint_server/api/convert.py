@@ -102,7 +102,9 @@ def _values(field: str | Callable[[], str], values: Mapping[str, common_pb2.Attr
     if len(values) > Limits.max_props:
         raise InvalidInput(_name(field), f"more than {Limits.max_props} entries")
     out: dict[str, Scalar] = {}
-    for key, v in values.items():
+    # Keys then lookups: a protobuf map's items() goes through the pure-Python ItemsView, ~1.5x slower.
+    for key in values:
+        v = values[key]
         kind = v.WhichOneof("kind")
         out[key] = getattr(v, kind) if kind is not None else _value(f"{_name(field)}[{key!r}]", v)
     return out

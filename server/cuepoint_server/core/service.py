@@ -376,14 +376,15 @@ class Core:
         duplicates: list[str],
     ) -> None:
         try:
-            stored_before = await self.store.append_signals(rows) if rows else []
+            if rows:
+                await self.store.append_signals(rows)
         except Exception:
             log.exception("signals.store_failed", device_id=session.device_id, batch_id=batch_id)
             for signal_id in fresh:
                 session.state.forget(signal_id)
             session.send(SessionFailed("could not store signals; resend them"))
             return
-        session.send(Ack(batch_id, tuple(fresh + duplicates), tuple(duplicates + stored_before)))
+        session.send(Ack(batch_id, tuple(fresh + duplicates), tuple(duplicates)))
 
     # -- evaluation and arbitration ---------------------------------------
 

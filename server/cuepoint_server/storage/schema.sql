@@ -1,4 +1,4 @@
--- Cuepoint storage schema, version 1 (tracked in PRAGMA user_version by sqlite.py).
+-- Cuepoint storage schema, version 2 (tracked in PRAGMA user_version by sqlite.py).
 -- Never edit a released version in place: add a migration step that moves user_version forward.
 -- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
 -- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
@@ -16,7 +16,8 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 
 -- A rowid table (not WITHOUT ROWID): signal ids are random, so clustering on them would scatter inserts;
--- the rowid also gives a stable arrival-order tie-break for signals with equal times.
+-- the rowid also gives a stable arrival-order tie-break for signals with equal times. For the same reason
+-- there is no unique (device_id, signal_id) index (it was in version 1): the core deduplicates resends.
 CREATE TABLE IF NOT EXISTS signals (
     device_id   TEXT NOT NULL,
     signal_id   TEXT NOT NULL,
@@ -25,8 +26,7 @@ CREATE TABLE IF NOT EXISTS signals (
     name        TEXT NOT NULL,
     time        REAL NOT NULL,
     received_at REAL NOT NULL,
-    payload     TEXT NOT NULL,
-    UNIQUE (device_id, signal_id)
+    payload     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS signals_device_time ON signals (device_id, time);
 

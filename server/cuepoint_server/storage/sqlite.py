@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiosqlite
+import structlog
 
 from .records import (
     ChannelChangeRecord,
@@ -34,7 +35,35 @@ from .records import (
     SignalRecord,
 )
 
-SCHEMA_VERSION = 1
+log = structlog.get_logger("cuepoint.storage")
+
+SCHEMA_VERSION = 2
+
+_SIGNAL_COLUMNS_SQL = ", ".join(
+    ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
+)
+# Steps from version N-1 to N, applied in one transaction to databases created by older releases. A new
+# database gets schema.sql, which always describes the newest version.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # Version 2 drops the unique (device_id, signal_id) index: SQLite cannot drop a constraint's index,
+    # so the table is rebuilt, keeping rowid order.
+    2: (
+        """CREATE TABLE signals_v2 (
+            device_id   TEXT NOT NULL,
+            signal_id   TEXT NOT NULL,
+            session_id  TEXT NOT NULL,
+            kind        TEXT NOT NULL CHECK (kind IN ('event', 'context')),
+            name        TEXT NOT NULL,
+            time        REAL NOT NULL,
+            received_at REAL NOT NULL,
+            payload     TEXT NOT NULL
+        )""",
+        f"INSERT INTO signals_v2 ({_SIGNAL_COLUMNS_SQL}) SELECT {_SIGNAL_COLUMNS_SQL} FROM signals ORDER BY rowid",
+        "DROP TABLE signals",
+        "ALTER TABLE signals_v2 RENAME TO signals",
+        "CREATE INDEX IF NOT EXISTS signals_device_time ON signals (device_id, time)",
+    ),
+}
 _BUSY_TIMEOUT_MS = 5000
 
 
@@ -47,7 +76,6 @@ class StoreStats:
     batches: int  # committed write transactions
     ops: int  # committed write calls
     rows: int  # committed rows: inserted signals plus one per upsert/update statement
-    duplicates: int  # signals skipped because (device_id, signal_id) was already stored
     failed_ops: int  # write calls that raised to their caller
 
 
@@ -92,24 +120,16 @@ _END_SESSION = "UPDATE sessions SET ended_at = ? WHERE session_id = ?"
 _SET_CUE_STATUS = "UPDATE cues SET status = ?, responded_at = ? WHERE cue_id = ?"
 # Duplicates are filtered before this runs, inside the same write transaction; DO NOTHING is only a safety
 # net, and unlike INSERT OR IGNORE it does not silently swallow CHECK or NOT NULL violations.
-_INSERT_SIGNALS = (
-    f"INSERT INTO signals ({', '.join(_SIGNAL_COLS)}) VALUES ({', '.join('?' * len(_SIGNAL_COLS))}) "
-    "ON CONFLICT (device_id, signal_id) DO NOTHING"
-)
-# One JSON parameter instead of 2 placeholders per key: no variable-count limit and a single thread hop.
-_EXISTING_SIGNALS = (
-    "SELECT s.device_id, s.signal_id FROM json_each(?) AS j JOIN signals AS s "
-    "ON s.device_id = json_extract(j.value, '$[0]') AND s.signal_id = json_extract(j.value, '$[1]')"
-)
+_INSERT_SIGNALS = f"INSERT INTO signals ({', '.join(_SIGNAL_COLS)}) VALUES ({', '.join('?' * len(_SIGNAL_COLS))})"
 
 
 def _select(table: str, cols: Sequence[str]) -> str:
     return f"SELECT {', '.join(cols)} FROM {table}"
 
 
-def _dumps(value: object) -> str:
-    # allow_nan=False: the columns must hold real JSON so SQLite's json functions can read them.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# allow_nan=False: the columns must hold real JSON so SQLite's json functions can read them. Built once:
+# json.dumps with options constructs an encoder per call, and every stored signal's payload passes here.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 # --- row mapping ----------------------------------------------------------------------------------------
@@ -237,7 +257,7 @@ class _Statement:
 
 @dataclass(slots=True, eq=False)
 class _AppendSignals:
-    rows: list[Row]  # in _SIGNAL_COLS order, so row[0], row[1] is the (device_id, signal_id) key
+    rows: list[Row]  # in _SIGNAL_COLS order
     future: asyncio.Future[Any]
 
     @property
@@ -277,18 +297,17 @@ class _BatchWriter:
         self._guard = txn_guard
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._closed = False
-        self._batches = self._ops = self._rows = self._duplicates = self._failed = 0
+        self._batches = self._ops = self._rows = self._failed = 0
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cuepoint-sqlite-writer")
 
     def stats(self) -> StoreStats:
-        return StoreStats(self._batches, self._ops, self._rows, self._duplicates, self._failed)
+        return StoreStats(self._batches, self._ops, self._rows, self._failed)
 
     async def execute(self, sql: str, params: Row) -> None:
         await self._submit(_Statement(sql, params, self._new_future()))
 
-    async def append_signals(self, rows: list[Row]) -> list[str]:
-        result: list[str] = await self._submit(_AppendSignals(rows, self._new_future()))
-        return result
+    async def append_signals(self, rows: list[Row]) -> None:
+        await self._submit(_AppendSignals(rows, self._new_future()))
 
     async def stop(self) -> None:
         if not self._closed:
@@ -345,7 +364,7 @@ class _BatchWriter:
                 try:
                     await self._conn.execute("BEGIN IMMEDIATE")
                     applying = True
-                    results, rows, duplicates = await self._write(batch)
+                    results, rows = await self._write(batch)
                     applying = False
                     await self._conn.commit()
                 except BaseException:
@@ -365,7 +384,6 @@ class _BatchWriter:
         self._batches += 1
         self._ops += len(batch)
         self._rows += rows
-        self._duplicates += duplicates
         for op, result in zip(batch, results, strict=True):
             if not op.future.done():
                 op.future.set_result(result)
@@ -376,43 +394,19 @@ class _BatchWriter:
         with contextlib.suppress(Exception):
             await self._conn.rollback()
 
-    async def _write(self, batch: list[_Op]) -> tuple[list[Any], int, int]:
+    async def _write(self, batch: list[_Op]) -> tuple[list[Any], int]:
         results: list[Any] = []
-        rows = duplicates = 0
+        rows = 0
         for group in _groups(batch):
             first = group[0]
             if isinstance(first, _Statement):
                 params = [op.params for op in group if isinstance(op, _Statement)]
-                await self._conn.executemany(first.sql, params)
-                results.extend([None] * len(group))
-                rows += len(group)
             else:
-                appends = [op for op in group if isinstance(op, _AppendSignals)]
-                dup_lists, inserted = await self._insert_signals(appends)
-                results.extend(dup_lists)
-                rows += inserted
-                duplicates += sum(len(d) for d in dup_lists)
-        return results, rows, duplicates
-
-    async def _insert_signals(self, group: list[_AppendSignals]) -> tuple[list[list[str]], int]:
-        keys = [[row[0], row[1]] for op in group for row in op.rows]
-        existing = await self._conn.execute_fetchall(_EXISTING_SIGNALS, (_dumps(keys),))
-        seen: set[tuple[object, object]] = {(r[0], r[1]) for r in existing}
-        fresh: list[Row] = []
-        dup_lists: list[list[str]] = []
-        for op in group:
-            dups: list[str] = []
-            for row in op.rows:
-                key = (row[0], row[1])
-                if key in seen:
-                    dups.append(str(row[1]))
-                else:
-                    seen.add(key)
-                    fresh.append(row)
-            dup_lists.append(dups)
-        if fresh:
-            await self._conn.executemany(_INSERT_SIGNALS, fresh)
-        return dup_lists, len(fresh)
+                params = [row for op in group if isinstance(op, _AppendSignals) for row in op.rows]
+            await self._conn.executemany(first.sql if isinstance(first, _Statement) else _INSERT_SIGNALS, params)
+            results.extend([None] * len(group))
+            rows += len(params)
+        return results, rows
 
 
 # --- store ----------------------------------------------------------------------------------------------
@@ -430,23 +424,48 @@ async def _configure(conn: aiosqlite.Connection, *, read_only: bool) -> None:
 
 
 async def _ensure_schema(conn: aiosqlite.Connection) -> None:
-    rows = list(await conn.execute_fetchall("PRAGMA user_version"))
-    version = int(rows[0][0])
+    version = await _user_version(conn)
     if version > SCHEMA_VERSION:
         raise RuntimeError(f"database schema version {version} is newer than supported ({SCHEMA_VERSION})")
     if version == SCHEMA_VERSION:
         return
-    package = importlib.resources.files(__name__.rpartition(".")[0])
-    script = package.joinpath("schema.sql").read_text(encoding="utf-8")
-    # One transaction so a crash never leaves a half-created schema marked as current. Statements use
-    # IF NOT EXISTS, so two processes racing here both succeed.
+    if version == 0:
+        package = importlib.resources.files(__name__.rpartition(".")[0])
+        script = package.joinpath("schema.sql").read_text(encoding="utf-8")
+        # One transaction so a crash never leaves a half-created schema marked as current. Statements use
+        # IF NOT EXISTS, so two processes racing here both succeed.
+        try:
+            bump = f"PRAGMA user_version = {SCHEMA_VERSION};"
+            await conn.executescript(f"BEGIN IMMEDIATE;\n{script}\n{bump}\nCOMMIT;")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.rollback()
+            raise
+        return
+    await _migrate(conn)
+
+
+async def _user_version(conn: aiosqlite.Connection) -> int:
+    rows = list(await conn.execute_fetchall("PRAGMA user_version"))
+    return int(rows[0][0])
+
+
+async def _migrate(conn: aiosqlite.Connection) -> None:
+    """Move an older database forward, one version per step, all in one transaction."""
+    await conn.execute("BEGIN IMMEDIATE")
     try:
-        bump = f"PRAGMA user_version = {SCHEMA_VERSION};"
-        await conn.executescript(f"BEGIN IMMEDIATE;\n{script}\n{bump}\nCOMMIT;")
+        # Read again under the write lock: another process may have migrated meanwhile.
+        version = await _user_version(conn)
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
+                await conn.execute(statement)
+        await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await conn.commit()
     except BaseException:
         with contextlib.suppress(Exception):
             await conn.rollback()
         raise
+    log.info("storage.migrated", from_version=version, to_version=SCHEMA_VERSION)
 
 
 class SqliteStore:
@@ -526,16 +545,17 @@ class SqliteStore:
         """Record the end time; a no-op for an unknown session."""
         await self._writer.execute(_END_SESSION, (ended_at, session_id))
 
-    async def append_signals(self, rows: Sequence[SignalRecord]) -> list[str]:
-        """Store new signals; return the signal_ids of rows skipped as already stored, in input order.
+    async def append_signals(self, rows: Sequence[SignalRecord]) -> None:
+        """Append signals to the journal; returns once they are committed.
 
-        A (device_id, signal_id) seen earlier in the same call counts as already stored, so a signal_id is
-        listed once per skipped row.
+        The journal does not deduplicate: the core does, by signal id, against the device's recent ids
+        (kept in memory and reloaded from here after a restart). A unique (device_id, signal_id) index
+        would do it here, but random client ids scatter its inserts across the B-tree and made every
+        append about 4x slower (see bench/README.md).
         """
         encoded = [_signal_row(r) for r in rows]
-        if not encoded:
-            return []
-        return await self._writer.append_signals(encoded)
+        if encoded:
+            await self._writer.append_signals(encoded)
 
     async def save_cue(self, rec: CueRecord) -> None:
         await self._writer.execute(_UPSERT_CUE, _cue_row(rec))
@@ -596,7 +616,8 @@ class SqliteStore:
         return [_engagement_from(r) for r in await self._fetch(sql, ())]
 
     async def recent_signal_ids(self, device_id: str, *, limit: int) -> list[str]:
-        sql = "SELECT signal_id FROM signals WHERE device_id = ? ORDER BY rowid DESC LIMIT ?"
+        # (time, rowid) order is what the signals_device_time index holds, so no sort of a long journey.
+        sql = "SELECT signal_id FROM signals WHERE device_id = ? ORDER BY time DESC, rowid DESC LIMIT ?"
         return [str(r[0]) for r in reversed(await self._fetch(sql, (device_id, limit)))]
 
     # -- privacy ------------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+-- Cuepoint storage schema, version 1 (tracked in PRAGMA user_version by sqlite.py).
+-- Never edit a released version in place: add a migration step that moves user_version forward.
+-- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
+-- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
+-- because a related row is late or was pruned; referential checks belong to the service layer.
+
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id  TEXT PRIMARY KEY,
+    app_id      TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    user_id     TEXT NOT NULL,
+    started_at  REAL NOT NULL,
+    ended_at    REAL,
+    context     TEXT NOT NULL,
+    consent     TEXT NOT NULL
+);
+
+-- A rowid table (not WITHOUT ROWID): signal ids are random, so clustering on them would scatter inserts;
+-- the rowid also gives a stable arrival-order tie-break for signals with equal times.
+CREATE TABLE IF NOT EXISTS signals (
+    device_id   TEXT NOT NULL,
+    signal_id   TEXT NOT NULL,
+    session_id  TEXT NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('event', 'context')),
+    name        TEXT NOT NULL,
+    time        REAL NOT NULL,
+    received_at REAL NOT NULL,
+    payload     TEXT NOT NULL,
+    UNIQUE (device_id, signal_id)
+);
+CREATE INDEX IF NOT EXISTS signals_device_time ON signals (device_id, time);
+
+CREATE TABLE IF NOT EXISTS cues (
+    cue_id       TEXT PRIMARY KEY,
+    scenario_id  TEXT NOT NULL,
+    app_id       TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    subject      TEXT NOT NULL,
+    session_id   TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    expires_at   REAL NOT NULL,
+    channel      TEXT NOT NULL,
+    message      TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    responded_at REAL,
+    explanation  TEXT NOT NULL
+);
+-- Frequency caps and cooldowns look up a subject's recent cues per scenario.
+CREATE INDEX IF NOT EXISTS cues_subject_scenario_created ON cues (subject, scenario_id, created_at);
+
+CREATE TABLE IF NOT EXISTS engagements (
+    engagement_id TEXT PRIMARY KEY,
+    cue_id        TEXT NOT NULL,
+    app_id        TEXT NOT NULL,
+    device_id     TEXT NOT NULL,
+    session_id    TEXT NOT NULL,
+    queue         TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    channel       TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    assigned_at   REAL,
+    ended_at      REAL,
+    associate_id  TEXT NOT NULL,
+    disposition   TEXT NOT NULL,
+    notes         TEXT NOT NULL,
+    context       TEXT NOT NULL,
+    subject       TEXT NOT NULL DEFAULT '',
+    scenario_id   TEXT NOT NULL DEFAULT '',
+    priority      INTEGER NOT NULL DEFAULT 0,
+    -- "", pending, achieved or not_achieved: did the scenario's success event follow?
+    outcome       TEXT NOT NULL DEFAULT '',
+    ended_by      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS engagements_subject_created ON engagements (subject, created_at);
+
+-- Chat relayed through the server, both directions.
+CREATE TABLE IF NOT EXISTS chat_messages (
+    message_id    TEXT PRIMARY KEY,
+    engagement_id TEXT NOT NULL,
+    sender        TEXT NOT NULL CHECK (sender IN ('user', 'associate', 'system')),
+    text          TEXT NOT NULL,
+    time          REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chat_engagement_time ON chat_messages (engagement_id, time);
+
+-- Every channel change asked for, granted or refused.
+CREATE TABLE IF NOT EXISTS channel_changes (
+    engagement_id TEXT NOT NULL,
+    time          REAL NOT NULL,
+    request_id    TEXT NOT NULL,
+    from_channel  TEXT NOT NULL,
+    to_channel    TEXT NOT NULL,
+    requested_by  TEXT NOT NULL,
+    accepted      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS channel_changes_engagement ON channel_changes (engagement_id, time);
+CREATE INDEX IF NOT EXISTS engagements_device_created ON engagements (device_id, created_at);
+CREATE INDEX IF NOT EXISTS engagements_cue ON engagements (cue_id);
+
+-- Every arbitration outcome for a scenario that qualified: offered, or blocked
+-- with a reason. Answers "why did this device not get a cue?" and feeds funnels.
+CREATE TABLE IF NOT EXISTS decisions (
+    time        REAL NOT NULL,
+    app_id      TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    subject     TEXT NOT NULL,
+    session_id  TEXT NOT NULL,
+    scenario_id TEXT NOT NULL,
+    outcome     TEXT NOT NULL CHECK (outcome IN ('offered', 'blocked')),
+    reason      TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    cue_id      TEXT NOT NULL,
+    -- The scenario's outcome milestone at decision time ('' if none): what counts as conversion in funnels.
+    outcome_milestone TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS decisions_device_time ON decisions (device_id, time);
+CREATE INDEX IF NOT EXISTS decisions_scenario_time ON decisions (scenario_id, time);
+CREATE INDEX IF NOT EXISTS decisions_cue ON decisions (cue_id) WHERE cue_id != '';
+
+-- Milestones reached, once per session each: funnels count conversions (the scenario's
+-- outcome milestone) for offered and held-out sessions alike.
+CREATE TABLE IF NOT EXISTS milestones (
+    time         REAL NOT NULL,
+    app_id       TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    session_id   TEXT NOT NULL,
+    milestone_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS milestones_session ON milestones (session_id, milestone_id, time);
+-- Funnels read a scenario's cues over a time range, and a session's cues.
+CREATE INDEX IF NOT EXISTS cues_scenario_created ON cues (scenario_id, created_at);
+CREATE INDEX IF NOT EXISTS cues_session ON cues (session_id);
