@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ log = structlog.get_logger("cuepoint.api.device")
 
 @dataclass(frozen=True, slots=True)
 class _StreamEnd:
-    """Put on the outbox by the reader: the client half-closed, or failed."""
+    """How reading the device's stream ended: the client half-closed (no code), or failed."""
 
     code: grpc.StatusCode | None = None
     message: str = ""
@@ -50,9 +51,36 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         request_iterator: AsyncIterator[device_pb2.DeviceMessage],
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
     ) -> None:
-        first = await opening(request_iterator, context, kind="hello", type_name="DeviceMessage")
-        if first is None:
+        session = await self._open(request_iterator, context)
+        if session is None:
             return
+        # Every log line of this stream (and of the core work it causes) names the device and session;
+        # grpc.aio runs each call in its own task, so the binding ends with the stream.
+        structlog.contextvars.bind_contextvars(device_id=session.device_id, session_id=session.session_id)
+        # One task per stream: this handler reads; server messages go out from a writer task that
+        # exists only while the session's outbox has something to send (_Writer).
+        writer = _Writer(session, context)
+        try:
+            try:
+                end: _StreamEnd | None = await self._read(request_iterator, session)
+            except asyncio.CancelledError:
+                if not writer.stopped_reading():
+                    raise
+                end = None
+            await writer.finish(end)
+        finally:
+            writer.stop()
+            await self.core.close_session(session)
+
+    async def _open(
+        self,
+        requests: AsyncIterator[device_pb2.DeviceMessage],
+        context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
+    ) -> DeviceSession | None:
+        """Read the Hello, open (or resume) the session and answer the Welcome; None if the client left."""
+        first = await opening(requests, context, kind="hello", type_name="DeviceMessage")
+        if first is None:
+            return None
         try:
             hello = convert.hello_from_proto(first.hello)
             if self.auth is not None:
@@ -74,21 +102,13 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 )
             )
         )
-        # Every log line of this stream (and of the core work it causes) names the device and session;
-        # grpc.aio runs each call in its own task, so the binding ends with the stream.
-        structlog.contextvars.bind_contextvars(device_id=session.device_id, session_id=session.session_id)
-        reader = asyncio.create_task(self._read(request_iterator, session))
-        try:
-            await self._write(session, context)
-        finally:
-            reader.cancel()
-            await self.core.close_session(session)
+        return session
 
-    async def _read(self, requests: AsyncIterator[device_pb2.DeviceMessage], session: DeviceSession) -> None:
-        outbox: asyncio.Queue[DeviceOut | _StreamEnd] = session.outbox  # type: ignore[assignment]
+    async def _read(self, requests: AsyncIterator[device_pb2.DeviceMessage], session: DeviceSession) -> _StreamEnd:
         try:
             async for message in requests:
-                await session.wait_for_room()
+                if not session.has_room():
+                    await session.wait_for_room()
                 kind = message.WhichOneof("kind")
                 if self.limiter is not None:
                     cost = len(message.signals.signals) if kind == "signals" else 1
@@ -101,56 +121,124 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 elif kind in conversation.DEVICE_KINDS:
                     await conversation.from_device(self.core, session, message)
                 else:
-                    await outbox.put(
-                        _StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello")
-                    )
-                    return
+                    return _StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello")
         except DecodeError as exc:
             error = undecodable("DeviceMessage", exc)
             log.info("device.rejected", device_id=session.device_id, code="INVALID_ARGUMENT", error=str(error))
-            await outbox.put(_StreamEnd(error=error))
-            return
+            return _StreamEnd(error=error)
         except CoreError as exc:
             code, text = status_for(exc)
             log.info("device.rejected", device_id=session.device_id, code=code.name, error=text)
-            await outbox.put(_StreamEnd(code, text, exc))
-            return
+            return _StreamEnd(code, text, exc)
         except asyncio.CancelledError:
             raise
         except Exception:  # the stream broke under us; nothing to answer
             log.debug("device.read_failed", device_id=session.device_id, exc_info=True)
-            await outbox.put(_StreamEnd(grpc.StatusCode.CANCELLED, "stream failed"))
-            return
+            return _StreamEnd(grpc.StatusCode.CANCELLED, "stream failed")
         # Half-closed by the client: ack what it sent before we finish.
         if session.writes:
             await asyncio.gather(*session.writes, return_exceptions=True)
-        await outbox.put(_StreamEnd())
+        return _StreamEnd()
 
-    async def _write(
+
+class _Writer:
+    """Sends a session's outbox on its stream, in ``session.send`` order, from a task started on demand.
+
+    ``session.send`` wakes it (``Outbox.listener``); the task writes until the outbox is empty, then
+    exits, so an idle device holds one task (the grpc.aio handler, reading) instead of a reader and a
+    writer. At most one writer task runs at a time, which keeps the order. If a write fails or the core
+    sends SessionFailed, the writer stops and cancels the reading handler, which catches that
+    (``stopped_reading``) and ends the stream with ``finish``.
+    """
+
+    __slots__ = ("_context", "_handler", "_log_context", "_session", "ending", "failure", "task")
+
+    def __init__(
         self,
         session: DeviceSession,
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
     ) -> None:
-        outbox: asyncio.Queue[DeviceOut | _StreamEnd] = session.outbox  # type: ignore[assignment]
-        while True:
-            item = await outbox.get()
-            if isinstance(item, _StreamEnd):
-                # Flush what was queued before the end marker (e.g. final acks).
-                while not outbox.empty():
-                    extra = outbox.get_nowait()
-                    if not isinstance(extra, _StreamEnd):
-                        await context.write(_to_proto(extra))
-                if item.error is not None:
-                    await abort(context, item.error)
-                if item.code is not None:
-                    await context.abort(item.code, item.message)
-                return
-            if isinstance(item, SessionFailed):
-                await context.abort(grpc.StatusCode.UNAVAILABLE, item.reason)
-            if session.closed and not isinstance(item, Ack):
-                continue
-            await context.write(_to_proto(item))
-            session.notify_room()
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._session = session
+        self._context = context
+        self._handler = handler
+        # Writer tasks run in the stream's context (its structlog binding), not in the sender's.
+        self._log_context = contextvars.copy_context()
+        self.task: asyncio.Task[None] | None = None
+        self.failure: SessionFailed | Exception | None = None
+        self.ending = False  # the handler flushes and ends the stream itself; no more writer tasks
+        session.outbox.listener = self.wake
+        if not session.outbox.empty():  # what open_session queued before the Welcome
+            self.wake()
+
+    def wake(self) -> None:
+        if self.task is None and not self.ending and self.failure is None:
+            self.task = self._handler.get_loop().create_task(self._drain(), context=self._log_context)
+
+    async def _drain(self) -> None:
+        outbox = self._session.outbox
+        try:
+            while not outbox.empty():
+                item = outbox.get_nowait()
+                if isinstance(item, SessionFailed):
+                    self._fail(item)
+                    return
+                await self._send(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke (or was ended); the handler re-raises it
+            self._fail(exc)
+        finally:
+            self.task = None
+
+    def _fail(self, failure: SessionFailed | Exception) -> None:
+        self.failure = failure
+        if not self.ending:
+            self._handler.cancel()  # stop reading; see stopped_reading
+
+    async def _send(self, item: DeviceOut) -> None:
+        session = self._session
+        if not session.closed or isinstance(item, Ack):
+            await self._context.write(_to_proto(item))
+        session.notify_room()
+
+    def stopped_reading(self) -> bool:
+        """Called with the handler's CancelledError: True if it was only this writer's (then absorbed)."""
+        if self.failure is None:
+            return False
+        return self._handler.uncancel() == 0
+
+    async def finish(self, end: _StreamEnd | None) -> None:
+        """End the stream: send what is queued (unless writing failed), then the status ``end`` asks for."""
+        self.ending = True
+        if end is not None:
+            task = self.task
+            if task is not None:
+                await task
+            outbox = self._session.outbox
+            while self.failure is None and not outbox.empty():
+                item = outbox.get_nowait()
+                if isinstance(item, SessionFailed):
+                    self.failure = item
+                else:
+                    await self._send(item)
+        failure = self.failure
+        if isinstance(failure, SessionFailed):
+            await self._context.abort(grpc.StatusCode.UNAVAILABLE, failure.reason)
+        elif failure is not None:
+            raise failure
+        assert end is not None
+        if end.error is not None:
+            await abort(self._context, end.error)
+        if end.code is not None:
+            await self._context.abort(end.code, end.message)
+
+    def stop(self) -> None:
+        self.ending = True
+        self._session.outbox.listener = None
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _to_proto(item: DeviceOut) -> device_pb2.ServerMessage:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from ..clock import TimerHandle
 from ..engine.state import DeviceState
@@ -24,7 +27,9 @@ from .model import (
     Withdrawal,
 )
 
-__all__ = ["AssociateSession", "DeviceOut", "DeviceSession", "PendingCue"]
+__all__ = ["AssociateSession", "DeviceOut", "DeviceSession", "Outbox", "PendingCue"]
+
+T = TypeVar("T")
 
 # What the core puts on each side's outbox; the gRPC layer converts.
 Relayed = ChatLine | UpgradeAsk | ChannelChanged | CallSignalRelay
@@ -38,6 +43,45 @@ class PendingCue:
     scenario_id: str
     explanation: dict[str, object]
     expiry: TimerHandle | None = None
+
+
+class Outbox(Generic[T]):
+    """A device session's FIFO of outgoing messages: asyncio.Queue's non-blocking half, in under 100 bytes.
+
+    Nothing ever awaits it: whoever drains it (the device stream, api/device.py) sets ``listener``, which
+    each put calls, and takes items with ``get_nowait``. The deque exists only while messages wait, so
+    an idle device pays for neither it nor an asyncio.Queue's three deques and Event (~3 KB).
+    """
+
+    __slots__ = ("_items", "listener")
+
+    def __init__(self) -> None:
+        self._items: deque[T] | None = None
+        self.listener: Callable[[], None] | None = None
+
+    def put_nowait(self, item: T) -> None:
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        items.append(item)
+        if self.listener is not None:
+            self.listener()
+
+    def get_nowait(self) -> T:
+        """The oldest item; raises asyncio.QueueEmpty (like asyncio.Queue) when there is none."""
+        items = self._items
+        if not items:
+            raise asyncio.QueueEmpty
+        item = items.popleft()
+        if not items:
+            self._items = None
+        return item
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
 
 
 # Backpressure: past these, the server stops reading the device's stream until
@@ -56,13 +100,14 @@ class DeviceSession:
     consent: str
     state: DeviceState
     started_at: float
-    outbox: asyncio.Queue[DeviceOut] = field(default_factory=asyncio.Queue)
+    outbox: Outbox[DeviceOut] = field(default_factory=Outbox)
     # When the last signal batch arrived (core clock); 0 before the first. Live now reads it.
     last_received_at: float = 0.0
     writes: set[asyncio.Future[object]] = field(default_factory=set)
     closed: bool = False
 
-    _room: asyncio.Event = field(default_factory=asyncio.Event)
+    # Resolved by notify_room once there is room again; exists only while the reader waits for it.
+    _room: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
 
     def send(self, message: DeviceOut) -> None:
         if not self.closed:
@@ -72,13 +117,19 @@ class DeviceSession:
         return self.outbox.qsize() < OUTBOX_HIGH and len(self.writes) < PENDING_WRITES_HIGH
 
     def notify_room(self) -> None:
-        if self.has_room():
-            self._room.set()
+        room = self._room
+        if room is not None and self.has_room():
+            self._room = None
+            if not room.done():
+                room.set_result(None)
 
     async def wait_for_room(self) -> None:
         while not self.has_room():
-            self._room.clear()
-            await self._room.wait()
+            room = self._room
+            if room is None:
+                room = self._room = asyncio.get_running_loop().create_future()
+            # Shielded: a cancelled waiter must not cancel the future other waiters share.
+            await asyncio.shield(room)
 
 
 @dataclass(eq=False, slots=True)
