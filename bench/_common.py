@@ -315,7 +315,12 @@ def raw_method(channel: grpc.aio.Channel, method: str) -> Any:
 
 
 def channel_options() -> list[tuple[str, Any]]:
-    return [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+    return [
+        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+        # grpc shares one connection between channels with equal settings; a local pool gives each
+        # channel its own, so "streams per channel" is also streams per TCP connection (1 = a phone each).
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
 
 
 def hello_bytes(device_id: str, *, tier: str = "free", app_id: str = "bench") -> bytes:
