@@ -38,7 +38,7 @@ from .model import (
 )
 from .observers import CoreObserver
 from .sessions import AssociateSession, DeviceSession, PendingCue
-from .validation import Limits, validate_batch, validate_hello
+from .validation import Limits, clock_offset, validate_batch, validate_hello
 
 # Signals read back per device to rebuild its windows after a restart.
 RESTORE_SIGNALS = 5000
@@ -306,7 +306,7 @@ class Core:
         events: set[str] = set()
         # Once per batch, not per signal: this loop is the server's hottest code.
         retention = self.engine.scenarios.retention
-        offset = now - batch.sent_at if batch.sent_at is not None else 0.0
+        offset = clock_offset(batch, now)
         awaiting_outcome = self.desk.awaits_outcome(session.device_id)
         device_id, session_id = session.device_id, session.session_id
         latest = state.last_signal_at

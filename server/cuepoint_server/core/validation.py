@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from .errors import InvalidInput
 from .model import CONSENT_LEVELS, Hello, IncomingBatch, IncomingSignal, Scalar
 
-__all__ = ["Limits", "validate_batch", "validate_hello"]
+__all__ = ["Limits", "clock_offset", "validate_batch", "validate_hello"]
 
 APP_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 EVENT_NAME = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
@@ -68,7 +68,7 @@ def validate_batch(batch: IncomingBatch, now: float) -> None:
         raise InvalidInput("signals", f"batch of {len(batch.signals)} exceeds {Limits.max_signals_per_batch} signals")
     if batch.sent_at is not None and not math.isfinite(batch.sent_at):
         raise InvalidInput("signals.sent_at", "invalid timestamp")
-    offset = now - batch.sent_at if batch.sent_at is not None else 0.0
+    offset = clock_offset(batch, now)
     window = (now - Limits.max_age, now + Limits.max_future_skew)
     seen: set[str] = set()
     for i, signal in enumerate(batch.signals):
@@ -142,13 +142,10 @@ def _map_problem(
     return None
 
 
-def event_time(signal: IncomingSignal, batch: IncomingBatch, now: float) -> float:
-    """Device time moved onto the server clock.
+def clock_offset(batch: IncomingBatch, now: float) -> float:
+    """What to add to the batch's device times to move them onto the server clock.
 
     The offset between the batch's sent_at and our receipt corrects a skewed
     device clock while keeping the spacing of buffered signals intact.
     """
-    if signal.time is None:
-        return now
-    offset = now - batch.sent_at if batch.sent_at is not None else 0.0
-    return signal.time + offset
+    return now - batch.sent_at if batch.sent_at is not None else 0.0
