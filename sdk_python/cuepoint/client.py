@@ -628,7 +628,11 @@ class Client:
 
     async def accept(self, cue: Cue | str) -> Engagement:
         """Accept the cue; the returned handle follows the engagement it starts."""
-        handle = Engagement(cue if isinstance(cue, Cue) else Cue(cue_id=_validate.cue_id(cue)), _client=self)
+        handle = Engagement(
+            cue if isinstance(cue, Cue) else Cue(cue_id=_validate.cue_id(cue)),
+            _send=self._send_engagement,
+            _new_id=self._new_id,
+        )
         previous = self._engagements.get(handle.cue_id)
         # Registered before the response is written: the first update may
         # arrive while the write is still in progress.

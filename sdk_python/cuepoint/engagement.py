@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
 
 from cuepoint.v1 import device_pb2
 
@@ -55,13 +55,13 @@ StateCallback = Callable[[ConnectionState], object]
 # Cues nobody consumed via cues()/next_cue() are kept up to this many; the
 # oldest go first because a stale offer is the least useful one to show.
 
-if TYPE_CHECKING:
-    from .client import Client
-
 __all__ = ["Engagement", "EngagementItem"]
 
 # Traffic the client routes to an engagement by its id.
 EngagementItem: TypeAlias = ChatMessage | UpgradeRequest | ChannelChange | CallSignal | FallbackOffer
+# How an engagement writes to its client's stream. The handle is given this
+# callable rather than the Client itself, so this module never imports client.py.
+SendEngagement: TypeAlias = Callable[[device_pb2.DeviceMessage], Awaitable[None]]
 
 
 def _random_id() -> str:
@@ -83,14 +83,15 @@ class Engagement:
     ending the whole session.
     """
 
-    def __init__(self, cue: Cue, *, _client: Client | None = None) -> None:
+    def __init__(
+        self, cue: Cue, *, _send: SendEngagement | None = None, _new_id: Callable[[], str] | None = None
+    ) -> None:
         self.cue = cue
-        self._client = _client
+        self._sender = _send
         self._updates: Feed[EngagementUpdate] = Feed()
         self._done = False
         self._error: CuepointError | None = None
-        new_id = _client._new_id if _client is not None else _random_id
-        self._conversation = Conversation(Party.USER, self._send_payload, new_id)
+        self._conversation = Conversation(Party.USER, self._send_payload, _new_id or _random_id)
         self._id_waiters: list[asyncio.Future[str]] = []
         self._fallback: FallbackOffer | None = None
         self._fallback_waiters: list[asyncio.Future[FallbackOffer]] = []
@@ -362,7 +363,7 @@ class Engagement:
                 self._id_waiters.remove(future)
 
     def _check_open(self) -> None:
-        if self._client is None:
+        if self._sender is None:
             raise ClientClosed("this engagement handle is not attached to a client")
         if self._done:
             raise self._closed_error()
@@ -380,9 +381,9 @@ class Engagement:
         return ClientClosed("the client was closed")
 
     async def _send(self, message: device_pb2.DeviceMessage) -> None:
-        if self._client is None:
+        if self._sender is None:
             raise ClientClosed("this engagement handle is not attached to a client")
-        await self._client._send_engagement(message)
+        await self._sender(message)
 
     async def _send_payload(self, payload: _convert.EngagementPayload) -> None:
         await self._send(_convert.device_message(payload))
