@@ -1,0 +1,145 @@
+"""What every part of the engagement desk shares: its state, lookups and delivery to either side.
+
+The desk is split by idea (routing, conversation, calls, wrap-up), each a class in its own module
+that builds on this one; core/engagements.py puts them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from ..clock import Clock
+from ..engine.engine import Engine
+from ..storage import SqliteStore
+from .engagement_model import Engagement, EngagementEvent, context_json
+from .errors import InvalidInput, NotFound, PermissionDenied
+from .model import (
+    EngagementUpdate,
+)
+from .routing import Router
+from .sessions import AssociateSession, DeviceSession
+
+__all__ = ["DeskBase", "DeskConfig"]
+
+log = structlog.get_logger("cuepoint.core.engagements")
+
+
+@dataclass(frozen=True, slots=True)
+class DeskConfig:
+    journey_limit: int = 50
+    prior_limit: int = 10
+    # Used when a queue does not set its own fallback_after; None: never.
+    default_fallback_after: float | None = None
+
+
+class DeskBase:
+    def __init__(
+        self,
+        store: SqliteStore,
+        engine: Engine,
+        clock: Clock,
+        sessions: Mapping[str, DeviceSession],
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
+        config: DeskConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.clock = clock
+        self.config = config or DeskConfig()
+        self.router = Router()
+        self.listeners: list[EngagementEvent] = []
+        self._sessions = sessions
+        self._spawn = spawn
+        self._engagements: dict[str, Engagement] = {}
+        self._active_by_device: dict[str, str] = {}
+        self._awaiting_outcome: dict[str, list[Engagement]] = {}
+
+    def active_for(self, device_id: str) -> str | None:
+        return self._active_by_device.get(device_id)
+
+    def get(self, engagement_id: str) -> Engagement | None:
+        return self._engagements.get(engagement_id)
+
+    def count(self) -> int:
+        return len(self._engagements)
+
+    def queues_in_use(self) -> set[str]:
+        return {e.queue for e in self._engagements.values() if e.state == "queued"}
+
+    def _of_device(self, session: DeviceSession, engagement_id: str, field_name: str) -> Engagement:
+        engagement = self._engagements.get(engagement_id)
+        if engagement is None or engagement.device_id != session.device_id:
+            raise InvalidInput(field_name, f"no engagement {engagement_id!r} for this device")
+        return engagement
+
+    def _of_associate(self, associate: AssociateSession, engagement_id: str) -> Engagement:
+        engagement = self._engagements.get(engagement_id)
+        if engagement is None:
+            raise NotFound(f"no engagement {engagement_id!r}")
+        if engagement.associate is not associate:
+            raise PermissionDenied(f"engagement {engagement_id!r} is not assigned to you")
+        return engagement
+
+    def _free(self, associate: AssociateSession, engagement_id: str, now: float) -> None:
+        associate.active.discard(engagement_id)
+        if not associate.active:
+            associate.idle_since = now
+
+    def _release_device(self, engagement: Engagement) -> None:
+        if self._active_by_device.get(engagement.device_id) == engagement.engagement_id:
+            del self._active_by_device[engagement.device_id]
+
+    def _to_device(self, engagement: Engagement, message: Any) -> None:
+        session = self._sessions.get(engagement.device_id)
+        if session is not None:
+            session.send(message)
+
+    def _to_other(self, engagement: Engagement, party: str, message: Any) -> None:
+        if party == "user":
+            if engagement.associate is not None:
+                engagement.associate.send(message)
+        else:
+            self._to_device(engagement, message)
+
+    def _notify_device(self, engagement: Engagement) -> None:
+        self._to_device(
+            engagement,
+            EngagementUpdate(
+                engagement_id=engagement.engagement_id,
+                cue_id=engagement.cue_id,
+                state=engagement.state,
+                channel=engagement.channel,
+                queue=engagement.queue,
+                associate_name=engagement.associate.display_name if engagement.associate else "",
+                time=self.clock.now(),
+                disposition=engagement.disposition,
+            ),
+        )
+
+    def _save(self, engagement: Engagement) -> None:
+        self._spawn(self.store.save_engagement(engagement.record()))
+
+    def _emit(self, kind: str, engagement: Engagement) -> None:
+        if not self.listeners:
+            return
+        payload = {
+            "type": kind,
+            "engagement_id": engagement.engagement_id,
+            "state": engagement.state,
+            "queue": engagement.queue,
+            "channel": engagement.channel,
+            "associate_id": engagement.associate.associate_id if engagement.associate else "",
+            "disposition": engagement.disposition,
+            "notes": engagement.notes,
+            "ended_by": engagement.ended_by,
+            "context": context_json(engagement.context),
+        }
+        for listener in self.listeners:
+            try:
+                listener(kind, payload)
+            except Exception:
+                log.exception("engagement.listener_failed", kind=kind)

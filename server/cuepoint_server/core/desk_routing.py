@@ -1,0 +1,330 @@
+"""Routing: from an accepted cue to an associate.
+
+Queues, rules, skills, priority and the longest-idle associate; manual claims and rejects; associates
+signing in and out; the fallback offered when nobody is free in time; re-queueing after a restart.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import structlog
+
+from ..engine.state import Scalar
+from ..storage import EngagementRecord
+from .desk_conversation import Conversation
+from .engagement_model import Engagement, context_from_json
+from .errors import InvalidInput
+from .model import (
+    FALLBACKS,
+    AssociateSignIn,
+    EngagementContext,
+    EngagementOffered,
+    FallbackOffered,
+    JourneyItem,
+    OfferWithdrawn,
+    PriorEngagement,
+)
+from .sessions import AssociateSession, DeviceSession, PendingCue
+
+__all__ = ["Routing"]
+
+log = structlog.get_logger("cuepoint.core.engagements")
+
+
+class Routing(Conversation):
+    async def start(self, session: DeviceSession, pending: PendingCue, now: float) -> Engagement:
+        scenarios = self.engine.scenarios
+        scenario = scenarios.by_id.get(pending.scenario_id)
+        base_queue = str(pending.explanation.get("queue") or "default")
+        queue, priority, skills = scenarios.routing.route(
+            session.state,
+            now,
+            base_queue,
+            scenario.queue_priority if scenario else 0,
+            scenario.skills if scenario else (),
+        )
+        context = await self._context(session, pending, priority)
+        engagement = Engagement(
+            engagement_id=uuid.uuid4().hex,
+            cue_id=pending.offer.cue_id,
+            app_id=session.app_id,
+            device_id=session.device_id,
+            session_id=session.session_id,
+            subject=session.subject,
+            scenario_id=pending.scenario_id,
+            queue=queue,
+            priority=priority,
+            skills=skills,
+            channel=pending.offer.channel,
+            allowed_channels=(pending.offer.channel, *pending.offer.upgrades),
+            created_at=now,
+            context=context,
+            outcome_check=scenario.engagement_outcome if scenario else None,
+        )
+        self._engagements[engagement.engagement_id] = engagement
+        self._active_by_device[session.device_id] = engagement.engagement_id
+        await self.store.save_engagement(engagement.record())
+        self._notify_device(engagement)
+        log.info("engagement.queued", engagement_id=engagement.engagement_id, queue=queue, priority=priority)
+        self._route(engagement)
+        return engagement
+
+    async def _context(self, session: DeviceSession, pending: PendingCue, priority: int) -> EngagementContext:
+        ctx = session.state.context
+        consent = session.consent
+        user_id = str(ctx.get("user.id") or "")
+        if user_id and consent != "none":
+            # Identified users: the journey stitched across all their devices.
+            journey = await self.store.journey_for_user(user_id, limit=self.config.journey_limit)
+        else:
+            journey = await self.store.journey(session.device_id, limit=self.config.journey_limit)
+        prior = await self.store.engagements_for_subject(session.subject, limit=self.config.prior_limit)
+        user_attrs: dict[str, Scalar] = {}
+        redacted: list[str] = []
+        for key, value in ctx.items():
+            if not key.startswith("user.") or key == "user.id":
+                continue
+            if consent == "full" or (consent == "essential" and key == "user.tier"):
+                user_attrs[key.removeprefix("user.")] = value
+            else:
+                redacted.append(key)
+        if consent == "none" and user_id:
+            redacted.append("user.id")
+            user_id = ""
+        return EngagementContext(
+            app_id=session.app_id,
+            device_id=session.device_id,
+            user_id=user_id,
+            context={k: v for k, v in ctx.items() if not k.startswith("user.")},
+            user_attributes=user_attrs,
+            consent=consent,
+            journey=tuple(JourneyItem(r.signal_id, r.time, r.kind, r.name, dict(r.payload)) for r in journey),
+            trigger=dict(pending.explanation),
+            cue=pending.offer,
+            redacted_fields=tuple(sorted(redacted)),
+            prior_engagements=tuple(
+                PriorEngagement(p.engagement_id, p.created_at, p.scenario_id, p.disposition, p.notes, p.outcome)
+                for p in prior
+            ),
+            priority=priority,
+        )
+
+    def _route(self, engagement: Engagement) -> None:
+        associate = self.router.pick(engagement.queue, engagement.skills, engagement.rejected_by)
+        if associate is None:
+            self.router.wait(
+                engagement.queue, engagement.engagement_id, priority=engagement.priority, since=engagement.created_at
+            )
+            self._arm_fallback(engagement)
+            return
+        if associate.manual_claim:
+            self._offer(engagement, associate)
+        else:
+            self._assign(engagement, associate)
+
+    def _offer(self, engagement: Engagement, associate: AssociateSession) -> None:
+        queue = self.engine.scenarios.routing.queue(engagement.queue)
+        engagement.offered_to = associate
+        associate.offers.add(engagement.engagement_id)
+        engagement.offer_timer = self.clock.call_at(
+            self.clock.now() + queue.offer_timeout, lambda: self._offer_lapsed(engagement, associate)
+        )
+        associate.send(EngagementOffered(engagement.view()))
+        log.info("engagement.offered", engagement_id=engagement.engagement_id, associate_id=associate.associate_id)
+
+    def _withdraw_offer(self, engagement: Engagement) -> AssociateSession | None:
+        associate = engagement.offered_to
+        if associate is None:
+            return None
+        associate.offers.discard(engagement.engagement_id)
+        engagement.offered_to = None
+        if engagement.offer_timer is not None:
+            engagement.offer_timer.cancel()
+            engagement.offer_timer = None
+        return associate
+
+    def _offer_lapsed(self, engagement: Engagement, associate: AssociateSession) -> None:
+        if engagement.offered_to is not associate or engagement.state != "queued":
+            return
+        self._withdraw_offer(engagement)
+        engagement.rejected_by.add(associate.associate_id)
+        associate.send(OfferWithdrawn(engagement.engagement_id, "timeout"))
+        self._route(engagement)
+
+    def _assign(self, engagement: Engagement, associate: AssociateSession) -> None:
+        now = self.clock.now()
+        self.router.unwait(engagement.queue, engagement.engagement_id)
+        if engagement.fallback_timer is not None:
+            engagement.fallback_timer.cancel()
+            engagement.fallback_timer = None
+        engagement.state, engagement.associate, engagement.assigned_at = "assigned", associate, now
+        associate.active.add(engagement.engagement_id)
+        self._save(engagement)
+        associate.send(engagement.view())
+        self._notify_device(engagement)
+        self._emit("engagement.started", engagement)
+        log.info("engagement.assigned", engagement_id=engagement.engagement_id, associate_id=associate.associate_id)
+
+    def _drain(self, associate: AssociateSession) -> None:
+        """Give a newly free associate the best waiting engagements it can take."""
+        for engagement_id in self.router.waiting(associate.queues):
+            if not associate.available:
+                return
+            engagement = self._engagements.get(engagement_id)
+            if engagement is None or engagement.state != "queued" or engagement.offered_to is not None:
+                continue
+            if associate.associate_id in engagement.rejected_by or not associate.skills.issuperset(engagement.skills):
+                continue
+            self.router.unwait(engagement.queue, engagement_id)
+            if associate.manual_claim:
+                self._offer(engagement, associate)
+            else:
+                self._assign(engagement, associate)
+
+    def restore(self, record: EngagementRecord) -> None:
+        """Re-queue an engagement left open by a stopped process; its associate must take it again."""
+        if record.engagement_id in self._engagements:
+            return
+        context = context_from_json(record.context)
+        scenario = self.engine.scenarios.by_id.get(record.scenario_id)
+        engagement = Engagement(
+            engagement_id=record.engagement_id,
+            cue_id=record.cue_id,
+            app_id=record.app_id,
+            device_id=record.device_id,
+            session_id=record.session_id,
+            subject=record.subject,
+            scenario_id=record.scenario_id,
+            queue=record.queue,
+            priority=record.priority,
+            skills=scenario.skills if scenario else (),
+            channel=record.channel,
+            allowed_channels=(context.cue.channel, *context.cue.upgrades),
+            created_at=record.created_at,
+            context=context,
+            outcome_check=scenario.engagement_outcome if scenario else None,
+        )
+        self._engagements[engagement.engagement_id] = engagement
+        self._active_by_device[engagement.device_id] = engagement.engagement_id
+        if record.state == "assigned":
+            self._save(engagement)  # back to queued until someone takes it
+        log.info("engagement.restored", engagement_id=engagement.engagement_id, queue=engagement.queue)
+        self._route(engagement)
+
+    def _arm_fallback(self, engagement: Engagement) -> None:
+        if engagement.fallback_timer is not None or engagement.fallback_offered:
+            return
+        queue = self.engine.scenarios.routing.queue(engagement.queue)
+        after = queue.fallback_after if queue.fallback_after is not None else self.config.default_fallback_after
+        if after is None:
+            return
+        options = tuple(queue.fallback)
+        engagement.fallback_timer = self.clock.call_at(
+            engagement.created_at + after, lambda: self._offer_fallback(engagement, options)
+        )
+
+    def _offer_fallback(self, engagement: Engagement, options: tuple[str, ...]) -> None:
+        engagement.fallback_timer = None
+        if engagement.state != "queued":
+            return
+        engagement.fallback_offered = options
+        session = self._sessions.get(engagement.device_id)
+        if session is not None:
+            session.send(
+                FallbackOffered(
+                    engagement.engagement_id, options, "Everyone is busy right now. How would you like to continue?"
+                )
+            )
+        log.info("engagement.fallback_offered", engagement_id=engagement.engagement_id, options=list(options))
+
+    async def choose_fallback(self, session: DeviceSession, engagement_id: str, option: str, phone: str) -> None:
+        engagement = self._of_device(session, engagement_id, "fallback_choice.engagement_id")
+        if option not in FALLBACKS:
+            raise InvalidInput("fallback_choice.option", "must be callback, chat or cancel")
+        if engagement.state != "queued" or option not in engagement.fallback_offered:
+            raise InvalidInput("fallback_choice.option", f"{option!r} was not offered for this engagement")
+        if len(phone) > 32:
+            raise InvalidInput("fallback_choice.phone_number", "at most 32 characters")
+        now = self.clock.now()
+        if option == "chat":
+            engagement.fallback_offered = ()
+            self._change_channel(engagement, "", "chat", "system", True, now)
+            return
+        self.router.unwait(engagement.queue, engagement_id)
+        self._withdraw_offer(engagement)
+        if option == "callback":
+            engagement.state, engagement.notes = "callback_requested", f"callback requested {phone}".strip()
+            engagement.ended_by = "user"
+        else:
+            engagement.state, engagement.disposition, engagement.ended_by = "ended", "cancelled", "user"
+        engagement.ended_at = now
+        self._release_device(engagement)
+        await self.store.save_engagement(engagement.record())
+        self._notify_device(engagement)
+        self._emit("engagement.ended", engagement)
+
+    def sign_in(self, request: AssociateSignIn) -> AssociateSession:
+        if not request.associate_id or len(request.associate_id) > 128:
+            raise InvalidInput("sign_in.associate_id", "required; at most 128 characters")
+        if request.capacity < 0 or request.capacity > 100:
+            raise InvalidInput("sign_in.capacity", "must be between 0 and 100")
+        if request.presence not in ("available", "busy", "away"):
+            raise InvalidInput("sign_in.presence", "must be available, busy or away")
+        associate = AssociateSession(
+            associate_id=request.associate_id,
+            display_name=request.display_name or request.associate_id,
+            queues=request.queues or ("default",),
+            capacity=request.capacity or 1,
+            idle_since=self.clock.now(),
+            skills=frozenset(request.skills),
+            manual_claim=request.manual_claim,
+            presence=request.presence,
+        )
+        self.router.add(associate)
+        log.info("associate.signed_in", associate_id=associate.associate_id, queues=list(associate.queues))
+        self._drain(associate)
+        return associate
+
+    def set_presence(self, associate: AssociateSession, presence: str) -> None:
+        if presence not in ("available", "busy", "away"):
+            raise InvalidInput("presence.presence", "must be available, busy or away")
+        associate.presence = presence
+        log.info("associate.presence", associate_id=associate.associate_id, presence=presence)
+        self._drain(associate)
+
+    def sign_out(self, associate: AssociateSession) -> None:
+        associate.closed = True
+        self.router.remove(associate)
+        # Offers and engagements the associate held go back to their queues, first in line.
+        for engagement in list(self._engagements.values()):
+            if engagement.offered_to is associate:
+                self._withdraw_offer(engagement)
+                self._route(engagement)
+            elif engagement.associate is associate and engagement.state == "assigned":
+                associate.active.discard(engagement.engagement_id)
+                engagement.state, engagement.associate, engagement.assigned_at = "queued", None, None
+                self._save(engagement)
+                self._notify_device(engagement)
+                self._route(engagement)
+        associate.active.clear()
+        log.info("associate.signed_out", associate_id=associate.associate_id)
+
+    def claim(self, associate: AssociateSession, engagement_id: str) -> None:
+        engagement = self._engagements.get(engagement_id)
+        if engagement is None or engagement.offered_to is not associate or engagement.state != "queued":
+            # Lost a race (taken, lapsed, cancelled): tell, don't fail the stream.
+            associate.send(OfferWithdrawn(engagement_id, "no longer offered to you"))
+            return
+        self._withdraw_offer(engagement)
+        self._assign(engagement, associate)
+
+    def reject(self, associate: AssociateSession, engagement_id: str, reason: str) -> None:
+        engagement = self._engagements.get(engagement_id)
+        if engagement is None or engagement.offered_to is not associate:
+            return
+        self._withdraw_offer(engagement)
+        engagement.rejected_by.add(associate.associate_id)
+        log.info("engagement.rejected", engagement_id=engagement_id, associate_id=associate.associate_id, reason=reason)
+        self._route(engagement)
+        self._drain(associate)

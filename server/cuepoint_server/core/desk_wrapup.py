@@ -1,0 +1,108 @@
+"""The end of an engagement: wrap-up by the associate or the user leaving, and the outcome watched afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import structlog
+
+from ..engine.state import DeviceState, Scalar
+from .desk_routing import Routing
+from .engagement_model import Engagement
+from .errors import InvalidInput, NotFound, PermissionDenied
+from .model import (
+    EngagementEnded,
+)
+from .sessions import AssociateSession, DeviceSession
+
+__all__ = ["WrapUp"]
+
+log = structlog.get_logger("cuepoint.core.engagements")
+
+
+class WrapUp(Routing):
+    async def wrap_up(self, associate: AssociateSession, engagement_id: str, disposition: str, notes: str) -> None:
+        engagement = self._engagements.get(engagement_id)
+        if engagement is None:
+            raise NotFound(f"no engagement {engagement_id!r}")
+        if engagement.associate is not associate:
+            raise PermissionDenied(f"engagement {engagement_id!r} is not assigned to you")
+        if not disposition or len(disposition) > 64:
+            raise InvalidInput("end.disposition", "required; at most 64 characters")
+        engagement.disposition, engagement.notes = disposition, notes[:4000]
+        if engagement.state == "ended":
+            # The user left first; this is the associate's wrap-up.
+            await self.store.save_engagement(engagement.record())
+            return
+        now = self.clock.now()
+        engagement.state, engagement.ended_at, engagement.ended_by = "ended", now, "associate"
+        self._free(associate, engagement_id, now)
+        self._release_device(engagement)
+        self._watch_outcome(engagement, now)
+        await self.store.save_engagement(engagement.record())
+        associate.send(EngagementEnded(engagement_id, disposition, "associate"))
+        self._notify_device(engagement)
+        self._emit("engagement.ended", engagement)
+        log.info("engagement.ended", engagement_id=engagement_id, disposition=disposition)
+        self._drain(associate)
+
+    async def end_by_user(self, session: DeviceSession, engagement_id: str) -> None:
+        engagement = self._of_device(session, engagement_id, "end_engagement.engagement_id")
+        if not engagement.open:
+            return
+        now = self.clock.now()
+        self.router.unwait(engagement.queue, engagement_id)
+        self._withdraw_offer(engagement)
+        engagement.state, engagement.ended_at, engagement.ended_by = "ended", now, "user"
+        engagement.disposition = engagement.disposition or "user_ended"
+        associate = engagement.associate
+        if associate is not None:
+            self._free(associate, engagement_id, now)
+            associate.send(EngagementEnded(engagement_id, engagement.disposition, "user"))
+        self._release_device(engagement)
+        self._watch_outcome(engagement, now)
+        await self.store.save_engagement(engagement.record())
+        self._notify_device(engagement)
+        self._emit("engagement.ended", engagement)
+        if associate is not None:
+            self._drain(associate)
+
+    def _watch_outcome(self, engagement: Engagement, now: float) -> None:
+        check = engagement.outcome_check
+        if check is None:
+            return
+        engagement.outcome = "pending"
+        self._awaiting_outcome.setdefault(engagement.device_id, []).append(engagement)
+        self.clock.call_at(now + check.within, lambda: self._outcome_due(engagement))
+
+    def _outcome_due(self, engagement: Engagement) -> None:
+        if engagement.outcome != "pending":
+            return
+        engagement.outcome = "not_achieved"
+        self._forget_outcome(engagement)
+        self._save(engagement)
+
+    def _forget_outcome(self, engagement: Engagement) -> None:
+        waiting = self._awaiting_outcome.get(engagement.device_id, [])
+        if engagement in waiting:
+            waiting.remove(engagement)
+        if not waiting:
+            self._awaiting_outcome.pop(engagement.device_id, None)
+
+    def awaits_outcome(self, device_id: str) -> bool:
+        """Whether an ended engagement of this device still waits for its outcome event."""
+        return bool(self._awaiting_outcome.get(device_id))
+
+    def observe(self, state: DeviceState, name: str, props: Mapping[str, Scalar], at: float) -> None:
+        """An event arrived: settle engagements waiting for it as their outcome."""
+        waiting = self._awaiting_outcome.get(state.device_id)
+        if not waiting:
+            return
+        for engagement in list(waiting):
+            check = engagement.outcome_check
+            ended = engagement.ended_at or 0.0
+            if check is not None and check.event == name and check.where(props) and ended <= at <= ended + check.within:
+                engagement.outcome = "achieved"
+                self._forget_outcome(engagement)
+                self._save(engagement)
+                log.info("engagement.outcome", engagement_id=engagement.engagement_id, outcome="achieved")

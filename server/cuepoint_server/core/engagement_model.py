@@ -1,0 +1,178 @@
+"""An engagement in memory, and its context as stored JSON (for restore after a restart)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..clock import TimerHandle
+from ..scenarios.compiler import OutcomeCheck
+from ..storage import EngagementRecord
+from .model import (
+    CueOffer,
+    EngagementContext,
+    EngagementView,
+    JourneyItem,
+    PriorEngagement,
+)
+from .sessions import AssociateSession
+
+__all__ = ["Engagement", "EngagementEvent", "context_from_json", "context_json"]
+
+# (event type, payload): engagement.started / engagement.ended, for webhooks.
+EngagementEvent = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(slots=True)
+class Engagement:
+    engagement_id: str
+    cue_id: str
+    app_id: str
+    device_id: str
+    session_id: str
+    subject: str
+    scenario_id: str
+    queue: str
+    priority: int
+    skills: tuple[str, ...]
+    channel: str
+    allowed_channels: tuple[str, ...]
+    created_at: float
+    context: EngagementContext
+    outcome_check: OutcomeCheck | None
+    state: str = "queued"  # queued | assigned | ended | callback_requested
+    associate: AssociateSession | None = None
+    assigned_at: float | None = None
+    ended_at: float | None = None
+    ended_by: str = ""
+    disposition: str = ""
+    notes: str = ""
+    outcome: str = ""
+    rejected_by: set[str] = field(default_factory=set)
+    offered_to: AssociateSession | None = None
+    offer_timer: TimerHandle | None = None
+    fallback_timer: TimerHandle | None = None
+    fallback_offered: tuple[str, ...] = ()
+    pending_upgrades: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def open(self) -> bool:
+        return self.state in ("queued", "assigned")
+
+    def view(self) -> EngagementView:
+        return EngagementView(
+            engagement_id=self.engagement_id,
+            cue_id=self.cue_id,
+            queue=self.queue,
+            state=self.state,
+            channel=self.channel,
+            created_at=self.created_at,
+            associate_id=self.associate.associate_id if self.associate else "",
+            associate_name=self.associate.display_name if self.associate else "",
+            context=self.context,
+        )
+
+    def record(self) -> EngagementRecord:
+        return EngagementRecord(
+            engagement_id=self.engagement_id,
+            cue_id=self.cue_id,
+            app_id=self.app_id,
+            device_id=self.device_id,
+            session_id=self.session_id,
+            queue=self.queue,
+            state=self.state,
+            channel=self.channel,
+            created_at=self.created_at,
+            assigned_at=self.assigned_at,
+            ended_at=self.ended_at,
+            associate_id=self.associate.associate_id if self.associate else "",
+            disposition=self.disposition,
+            notes=self.notes,
+            context=context_json(self.context),
+            subject=self.subject,
+            scenario_id=self.scenario_id,
+            priority=self.priority,
+            outcome=self.outcome,
+            ended_by=self.ended_by,
+        )
+
+
+def context_json(ctx: EngagementContext) -> dict[str, Any]:
+    cue: CueOffer = ctx.cue
+    return {
+        "app_id": ctx.app_id,
+        "device_id": ctx.device_id,
+        "user_id": ctx.user_id,
+        "context": dict(ctx.context),
+        "user_attributes": dict(ctx.user_attributes),
+        "consent": ctx.consent,
+        "journey": [
+            {"signal_id": j.signal_id, "time": j.time, "kind": j.kind, "name": j.name, "payload": j.payload}
+            for j in ctx.journey
+        ],
+        "trigger": ctx.trigger,
+        "cue": {
+            "cue_id": cue.cue_id,
+            "scenario_id": cue.scenario_id,
+            "message": cue.message,
+            "channel": cue.channel,
+            "upgrades": list(cue.upgrades),
+            "created_at": cue.created_at,
+            "expires_at": cue.expires_at,
+            "title": cue.title,
+        },
+        "redacted_fields": list(ctx.redacted_fields),
+        "prior_engagements": [
+            {
+                "engagement_id": p.engagement_id,
+                "created_at": p.created_at,
+                "scenario_id": p.scenario_id,
+                "disposition": p.disposition,
+                "notes": p.notes,
+                "outcome": p.outcome,
+            }
+            for p in ctx.prior_engagements
+        ],
+        "priority": ctx.priority,
+    }
+
+
+def context_from_json(data: Mapping[str, Any]) -> EngagementContext:
+    """The inverse of context_json, for engagements restored after a restart."""
+    cue = data.get("cue", {})
+    return EngagementContext(
+        app_id=data.get("app_id", ""),
+        device_id=data.get("device_id", ""),
+        user_id=data.get("user_id", ""),
+        context=dict(data.get("context", {})),
+        user_attributes=dict(data.get("user_attributes", {})),
+        consent=data.get("consent", "essential"),
+        journey=tuple(
+            JourneyItem(j["signal_id"], j["time"], j["kind"], j["name"], j["payload"]) for j in data.get("journey", [])
+        ),
+        trigger=dict(data.get("trigger", {})),
+        cue=CueOffer(
+            cue_id=cue.get("cue_id", ""),
+            scenario_id=cue.get("scenario_id", ""),
+            message=cue.get("message", ""),
+            channel=cue.get("channel", "chat"),
+            upgrades=tuple(cue.get("upgrades", ())),
+            created_at=cue.get("created_at", 0.0),
+            expires_at=cue.get("expires_at", 0.0),
+            title=cue.get("title", ""),
+        ),
+        redacted_fields=tuple(data.get("redacted_fields", ())),
+        prior_engagements=tuple(
+            PriorEngagement(
+                p.get("engagement_id", ""),
+                p.get("created_at", 0.0),
+                p.get("scenario_id", ""),
+                p.get("disposition", ""),
+                p.get("notes", ""),
+                p.get("outcome", ""),
+            )
+            for p in data.get("prior_engagements", [])
+        ),
+        priority=int(data.get("priority", 0)),
+    )
