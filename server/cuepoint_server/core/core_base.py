@@ -1,0 +1,126 @@
+"""What every part of the core shares: configuration, the registry of devices and sessions, background work.
+
+The core is split by idea (evaluation, recovery, ingest, session lifecycle, privacy), each a class in its
+own module building on this one; core/service.py puts them together as `Core`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from ..clock import Clock, TimerHandle
+from ..engine.arbiter import Arbiter
+from ..engine.engine import Engine
+from ..engine.state import DeviceState
+from ..storage import DecisionRecord, SessionRecord, SqliteStore
+from .engagements import DeskConfig, EngagementDesk
+from .observers import CoreObserver
+from .sessions import DeviceSession, PendingCue
+from .validation import Limits
+
+__all__ = ["CoreBase", "CoreConfig", "Registry", "session_record"]
+
+log = structlog.get_logger("cuepoint.core")
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    # Signals shown to the associate in the journey timeline.
+    journey_limit: int = 50
+    # Journey data older than this many days is deleted by purge(); None keeps it.
+    retention_days: float | None = None
+    # A device reconnecting within this many seconds resumes its session.
+    resume_window: float = 120.0
+    # Seconds an engagement may wait before the user is offered a callback or
+    # chat, when its queue sets no fallback_after; None: never.
+    fallback_after: float | None = None
+    max_signals_per_batch: int = Limits.max_signals_per_batch
+    # Live now (admin ListLiveSessions): seconds since a device's last signal before idle, then inactive.
+    live_idle_after: float = 45.0
+    live_inactive_after: float = 60.0
+
+
+@dataclass
+class Registry:
+    states: dict[str, DeviceState] = field(default_factory=dict)
+    sessions: dict[str, DeviceSession] = field(default_factory=dict)
+    pending: dict[str, PendingCue] = field(default_factory=dict)
+
+
+class CoreBase:
+    """State and background work every part of the core uses."""
+
+    def __init__(self, store: SqliteStore, engine: Engine, clock: Clock, config: CoreConfig | None = None) -> None:
+        self.store = store
+        self.engine = engine
+        self.clock = clock
+        self.config = config or CoreConfig()
+        self.arbiter = Arbiter()
+        self._reg = Registry()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.desk = EngagementDesk(
+            store,
+            engine,
+            clock,
+            self._reg.sessions,
+            self._spawn,
+            DeskConfig(journey_limit=self.config.journey_limit, default_fallback_after=self.config.fallback_after),
+        )
+        self.router = self.desk.router
+        self._timers: dict[str, tuple[float, TimerHandle]] = {}
+        self._restored: set[str] = set()
+        # The runtime emergency switch (admin API); the policy file has its own.
+        self.paused_by_admin = False
+        # Called with every arbitration decision (simulate, metrics).
+        self.decision_listeners: list[Callable[[DecisionRecord], None]] = []
+        # Called as signals arrive, cues are offered and settled, engagements assigned (metrics).
+        self.observers: list[CoreObserver] = []
+
+    @property
+    def offers_paused(self) -> bool:
+        return self.paused_by_admin or self.engine.scenarios.policy.offers_paused
+
+    def _track(self, session: DeviceSession, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
+        session.writes.add(task)
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            session.writes.discard(finished)
+            session.notify_room()
+
+        task.add_done_callback(done)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background.failed", error=repr(task.exception()))
+
+    async def drain(self) -> None:
+        """Wait for background writes; used on shutdown."""
+        pending: set[asyncio.Future[Any]] = set(self._background)
+        for session in self._reg.sessions.values():
+            pending |= session.writes
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+def session_record(session: DeviceSession, user_id: str, started_at: float) -> SessionRecord:
+    return SessionRecord(
+        session_id=session.session_id,
+        app_id=session.app_id,
+        device_id=session.device_id,
+        user_id=user_id,
+        started_at=started_at,
+        context=dict(session.state.context),
+        consent=session.consent,
+    )

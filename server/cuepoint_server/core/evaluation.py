@@ -1,0 +1,272 @@
+"""Evaluation and arbitration: qualify scenarios, settle cues whose reason is gone, offer, expire, answer.
+
+Also the one timer per device that wakes time-driven scenarios (idle, dwell, absence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import structlog
+
+from ..engine.arbiter import Blocked, Situation
+from ..engine.scenario_set import ScenarioSet
+from ..scenarios.compiler import CompiledScenario
+from ..storage import CueRecord, DecisionRecord
+from .core_base import CoreBase
+from .errors import InvalidInput
+from .model import (
+    CueOffer,
+    Withdrawal,
+)
+from .sessions import DeviceSession, PendingCue
+
+__all__ = ["RESPONSES", "Evaluation"]
+
+log = structlog.get_logger("cuepoint.core")
+
+RESPONSES = ("accepted", "declined", "dismissed", "expired")
+
+
+class Evaluation(CoreBase):
+    def _evaluate(self, session: DeviceSession, candidates: list[CompiledScenario], now: float) -> None:
+        """Qualify `candidates`, settle a pending cue whose reason is gone, arbitrate, offer."""
+        state = session.state
+        qualified = self.engine.check(candidates, state, now)
+        pending = self._reg.pending.get(session.device_id)
+        if pending is not None:
+            scenario = self.engine.scenarios.by_id.get(pending.scenario_id)
+            if scenario is None or not scenario.enabled:
+                self._withdraw(session.device_id, "scenario_removed")
+            elif scenario.outcome is not None and scenario.outcome in state.milestones:
+                self._withdraw(session.device_id, "outcome_achieved")
+            elif scenario in candidates and scenario not in qualified:
+                self._withdraw(session.device_id, "condition_cleared")
+        if not qualified:
+            return
+        situation = Situation(
+            subject=session.subject,
+            session_id=session.session_id,
+            state=state,
+            now=now,
+            policy=self.engine.scenarios.policy,
+            busy=self._busy(session.device_id, now),
+            paused=self.offers_paused,
+            has_capacity=self.router.has_capacity,
+        )
+        decision = self.arbiter.decide(qualified, situation)
+        offer = self._offer(session, decision.offer, decision.blocked, now) if decision.offer else None
+        for blocked in decision.blocked:
+            # Every block is also stored (decisions table): the log line is for debugging only.
+            log.debug(
+                "scenario.blocked",
+                device_id=session.device_id,
+                scenario_id=blocked.scenario_id,
+                reason=blocked.reason,
+                detail=blocked.detail,
+            )
+            self._decided(session, now, blocked.scenario_id, "blocked", blocked.reason, blocked.detail, "")
+        if offer is not None and decision.offer is not None:
+            self._decided(session, now, decision.offer.id, "offered", "", "", offer.cue_id)
+
+    def _offer(
+        self, session: DeviceSession, scenario: CompiledScenario, blocked: list[Blocked], now: float
+    ) -> CueOffer:
+        state = session.state
+        explanation = scenario.explain(state, now)
+        episode = scenario.episode(state)
+        if episode is not None:
+            state.fired_episodes[scenario.id] = episode
+        offer = CueOffer(
+            cue_id=uuid.uuid4().hex,
+            scenario_id=scenario.id,
+            message=scenario.template.render(state.context),
+            channel=scenario.channel,
+            upgrades=scenario.upgrades,
+            created_at=now,
+            expires_at=now + scenario.ttl,
+            title=scenario.title,
+        )
+        why: dict[str, Any] = {
+            "scenario_id": scenario.id,
+            "scenario_name": scenario.name,
+            "scenario_file": scenario.file,
+            "priority": scenario.priority,
+            "queue": scenario.queue,
+            "conditions": [list(c) for c in explanation.conditions],
+            "signal_ids": list(dict.fromkeys(explanation.signal_ids)),
+            "blocked": [{"scenario_id": b.scenario_id, "reason": b.reason} for b in blocked],
+            "segments": self.engine.segments_of(state, now),
+            "milestones": sorted(state.milestones),
+        }
+        pending = PendingCue(offer, scenario.id, why)
+        pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
+        self._reg.pending[session.device_id] = pending
+        self.arbiter.remember_offer(session.subject, scenario.id, now, session.session_id)
+        self._track(
+            session,
+            self.store.save_cue(
+                CueRecord(
+                    cue_id=offer.cue_id,
+                    scenario_id=scenario.id,
+                    app_id=session.app_id,
+                    device_id=session.device_id,
+                    subject=session.subject,
+                    session_id=session.session_id,
+                    created_at=now,
+                    expires_at=offer.expires_at,
+                    channel=offer.channel,
+                    message=offer.message,
+                    status="offered",
+                    responded_at=None,
+                    explanation=why,
+                )
+            ),
+        )
+        log.info("cue.offered", device_id=session.device_id, scenario_id=scenario.id, cue_id=offer.cue_id)
+        session.send(offer)
+        for observer in self.observers:
+            observer.cue_offered(scenario.id, self.clock.now() - now)
+        return offer
+
+    def _decided(
+        self,
+        session: DeviceSession,
+        now: float,
+        scenario_id: str,
+        outcome: str,
+        reason: str,
+        detail: str,
+        cue_id: str,
+    ) -> None:
+        scenario = self.engine.scenarios.by_id.get(scenario_id)
+        record = DecisionRecord(
+            time=now,
+            app_id=session.app_id,
+            device_id=session.device_id,
+            subject=session.subject,
+            session_id=session.session_id,
+            scenario_id=scenario_id,
+            outcome=outcome,
+            reason=reason,
+            detail=detail,
+            cue_id=cue_id,
+            outcome_milestone=(scenario.outcome or "") if scenario is not None else "",
+        )
+        for listener in self.decision_listeners:
+            listener(record)
+        self._track(session, self.store.save_decision(record))
+
+    def _busy(self, device_id: str, now: float) -> str | None:
+        if self.desk.active_for(device_id) is not None:
+            return "engagement_active"
+        pending = self._reg.pending.get(device_id)
+        if pending is not None and pending.offer.expires_at > now:
+            return "cue_pending"
+        return None
+
+    def _withdraw(self, device_id: str, reason: str) -> None:
+        pending = self._reg.pending.pop(device_id, None)
+        if pending is None:
+            return
+        if pending.expiry is not None:
+            pending.expiry.cancel()
+        for observer in self.observers:
+            observer.cue_settled(pending.scenario_id, "withdrawn")
+        self._spawn(self._settled(device_id, pending.offer.cue_id, "withdrawn", reason))
+
+    def _expire(self, device_id: str, cue_id: str) -> None:
+        pending = self._reg.pending.get(device_id)
+        if pending is None or pending.offer.cue_id != cue_id:
+            return
+        del self._reg.pending[device_id]
+        for observer in self.observers:
+            observer.cue_settled(pending.scenario_id, "expired")
+        self._spawn(self._settled(device_id, cue_id, "expired", "expired"))
+
+    async def _settled(self, device_id: str, cue_id: str, status: str, reason: str) -> None:
+        # Record first, so a withdrawal the device sees is already on file.
+        await self.store.set_cue_status(cue_id, status, self.clock.now())
+        session = self._reg.sessions.get(device_id)
+        if session is not None:
+            session.send(Withdrawal(cue_id, reason))
+        log.info("cue.withdrawn", device_id=device_id, cue_id=cue_id, reason=reason)
+
+    def scenarios_swapped(self, old: ScenarioSet, new: ScenarioSet) -> None:
+        """After a reload: settle cues whose scenario is gone and re-arm every timer."""
+        now = self.clock.now()
+        for device_id, pending in list(self._reg.pending.items()):
+            scenario = new.by_id.get(pending.scenario_id)
+            if scenario is None or not scenario.enabled:
+                self._withdraw(device_id, "scenario_removed")
+        for device_id, (_, handle) in list(self._timers.items()):
+            handle.cancel()
+            del self._timers[device_id]
+        for device_id in self._reg.sessions:
+            self._schedule_timer(device_id, now)
+
+    def _schedule_timer(self, device_id: str, now: float) -> None:
+        """Arm one timer per device at the next moment a time-driven scenario may fire."""
+        if not self.engine.scenarios.timed:
+            return
+        state = self._reg.states.get(device_id)
+        if state is None or device_id not in self._reg.sessions:
+            return
+        due = self.engine.next_deadline(state, now)
+        current = self._timers.get(device_id)
+        if current is not None:
+            if due is not None and current[0] == due:
+                return
+            current[1].cancel()
+            del self._timers[device_id]
+        if due is not None:
+            handle = self.clock.call_at(due, lambda: self._on_timer(device_id, due))
+            self._timers[device_id] = (due, handle)
+
+    def _on_timer(self, device_id: str, due: float) -> None:
+        current = self._timers.get(device_id)
+        if current is not None and current[0] == due:
+            del self._timers[device_id]
+        session = self._reg.sessions.get(device_id)
+        if session is None:
+            return
+        now = self.clock.now()
+        timed = [s for s in self.engine.scenarios.timed if s.applies_to(session.app_id)]
+        self._evaluate(session, timed, now)
+        self._schedule_timer(device_id, now)
+
+    async def respond(self, session: DeviceSession, cue_id: str, response: str) -> None:
+        if response not in RESPONSES:
+            raise InvalidInput("cue_response.kind", "must be accepted, declined, dismissed or expired")
+        now = self.clock.now()
+        pending = self._reg.pending.get(session.device_id)
+        if pending is None or pending.offer.cue_id != cue_id:
+            known = await self.store.get_cue(cue_id)
+            # A stale or stray answer is not worth the session: settled cues
+            # (expired, withdrawn, answered) and ids this device never saw are
+            # both answered with a withdrawal the app can act on.
+            mine = known is not None and known.device_id == session.device_id
+            session.send(Withdrawal(cue_id, known.status if mine and known else "unknown"))
+            return
+        del self._reg.pending[session.device_id]
+        if pending.expiry is not None:
+            pending.expiry.cancel()
+        status = self.store.set_cue_status(cue_id, response, now)
+        if response == "accepted":
+            await status
+        else:
+            # The answer is settled in memory; the device's next message need not wait for the commit.
+            self._track(session, status)
+        for observer in self.observers:
+            observer.cue_settled(pending.scenario_id, response)
+        log.info("cue.answered", device_id=session.device_id, cue_id=cue_id, response=response)
+        if response == "declined":
+            self.arbiter.remember_decline(session.subject, pending.scenario_id, now, session.session_id)
+        if response == "accepted":
+            self.arbiter.remember_engagement(session.subject, session.session_id)
+            if session.writes:
+                # The journey the associate sees must include every signal that led here.
+                await asyncio.gather(*session.writes, return_exceptions=True)
+            await self.desk.start(session, pending, now)

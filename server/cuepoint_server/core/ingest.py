@@ -1,0 +1,123 @@
+"""Ingest: a device's signal batch validated, applied to its state, evaluated, stored and acknowledged."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from ..engine.state import EventOccurrence
+from ..scenarios.compiler import milestone_event
+from ..storage import SignalRecord
+from ..storage.records import MilestoneRecord
+from .core_base import session_record
+from .model import (
+    Ack,
+    IncomingBatch,
+    SessionFailed,
+)
+from .recovery import Recovery
+from .sessions import DeviceSession
+from .validation import clock_offset, validate_batch
+
+__all__ = ["Ingest"]
+
+log = structlog.get_logger("cuepoint.core")
+
+
+class Ingest(Recovery):
+    def ingest(self, session: DeviceSession, batch: IncomingBatch) -> None:
+        """Apply a batch: validate, update state, evaluate, and ack once stored.
+
+        Synchronous up to the storage hand-off so evaluation never waits on a
+        commit; the ack follows asynchronously through the session's outbox.
+        """
+        now = self.clock.now()
+        validate_batch(batch, now)
+        state = session.state
+        rows: list[SignalRecord] = []
+        fresh: list[str] = []
+        duplicates: list[str] = []
+        events: set[str] = set()
+        # Once per batch, not per signal: this loop is the server's hottest code.
+        retention = self.engine.scenarios.retention
+        offset = clock_offset(batch, now)
+        awaiting_outcome = self.desk.awaits_outcome(session.device_id)
+        device_id, session_id = session.device_id, session.session_id
+        latest = state.last_signal_at
+        for signal in batch.signals:
+            if not state.remember(signal.id):
+                duplicates.append(signal.id)
+                continue
+            fresh.append(signal.id)
+            at = now if signal.time is None else min(signal.time + offset, now)
+            payload: Mapping[str, Any]
+            if signal.kind == "event":
+                name = signal.name
+                state.record_event(
+                    name, EventOccurrence(at, signal.id, signal.props, state.next_seq()), retention.get(name, 0.0)
+                )
+                events.add(name)
+                if awaiting_outcome:
+                    # Receipt time: an outcome must arrive after the engagement ended.
+                    self.desk.observe(state, name, signal.props, now)
+                payload = signal.props
+            else:
+                identified = signal.context_set.get("user.id")
+                state.context.update(signal.context_set)
+                for key in signal.clear_keys:
+                    state.context.pop(key, None)
+                if identified and session.consent != "none":
+                    self._identify(session, str(identified), now)
+                payload = {"set": dict(signal.context_set), "clear": list(signal.clear_keys)}
+            if at > latest:
+                latest = at
+            rows.append(SignalRecord(device_id, signal.id, session_id, signal.kind, signal.name, at, now, payload))
+        state.last_signal_at = latest
+        self._track(session, self._store_and_ack(session, batch.batch_id, rows, fresh, duplicates))
+        session.last_received_at = now
+        for observer in self.observers:
+            observer.signals_received(len(fresh), len(duplicates))
+        if events:
+            for milestone in self.engine.advance_milestones(state, events, now):
+                events.add(milestone_event(milestone))
+                log.info("milestone.reached", device_id=session.device_id, milestone=milestone)
+                reached = MilestoneRecord(now, session.app_id, session.device_id, session.session_id, milestone)
+                self._track(session, self.store.save_milestone(reached))
+            self._evaluate(session, self.engine.scenarios.candidates(events), now)
+        if fresh:
+            self._schedule_timer(session.device_id, now)
+
+    def _identify(self, session: DeviceSession, user_id: str, now: float) -> None:
+        """The app signed the user in: stitch this device's journey and memory under the user."""
+        subject = f"user:{user_id}"
+        if session.subject == subject:
+            return
+        self.arbiter.merge(session.subject, subject)
+        session.subject = subject
+        self._track(
+            session,
+            self.store.save_session(session_record(session, user_id, session.started_at)),
+        )
+        self._track(session, self._restore_memory(subject))
+        log.info("device.identified", device_id=session.device_id, session_id=session.session_id)
+
+    async def _store_and_ack(
+        self,
+        session: DeviceSession,
+        batch_id: str,
+        rows: list[SignalRecord],
+        fresh: list[str],
+        duplicates: list[str],
+    ) -> None:
+        try:
+            if rows:
+                await self.store.append_signals(rows)
+        except Exception:
+            log.exception("signals.store_failed", device_id=session.device_id, batch_id=batch_id)
+            for signal_id in fresh:
+                session.state.forget(signal_id)
+            session.send(SessionFailed("could not store signals; resend them"))
+            return
+        session.send(Ack(batch_id, tuple(fresh + duplicates), tuple(duplicates)))

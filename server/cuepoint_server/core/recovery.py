@@ -1,0 +1,83 @@
+"""Recovery: what a device, a user or the whole process had before a restart, rebuilt from storage."""
+
+from __future__ import annotations
+
+import structlog
+
+from ..engine.state import MAX_REMEMBERED_IDS, DeviceState, EventOccurrence
+from .evaluation import Evaluation
+from .model import (
+    CueOffer,
+)
+from .sessions import DeviceSession, PendingCue
+from .validation import Limits
+
+__all__ = ["RESTORE_SIGNALS", "Recovery"]
+
+log = structlog.get_logger("cuepoint.core")
+
+# Signals read back per device to rebuild its windows after a restart.
+RESTORE_SIGNALS = 5000
+
+
+class Recovery(Evaluation):
+    async def _restore_state(self, state: DeviceState, now: float) -> None:
+        scenarios = self.engine.scenarios
+        horizon = min(max(scenarios.retention.values(), default=0.0), Limits.max_age)
+        for record in await self.store.journey(state.device_id, limit=RESTORE_SIGNALS, since=now - horizon):
+            state.remember(record.signal_id)
+            state.last_signal_at = max(state.last_signal_at, record.time)
+            if record.kind == "event":
+                occurrence = EventOccurrence(record.time, record.signal_id, record.payload, state.next_seq())
+                state.record_event(record.name, occurrence, scenarios.keep_seconds(record.name))
+        # Ids older than the windows still dedupe a resend after a crash.
+        for signal_id in await self.store.recent_signal_ids(state.device_id, limit=MAX_REMEMBERED_IDS):
+            state.remember(signal_id)
+
+    async def _restore_cue(self, session: DeviceSession, now: float) -> PendingCue | None:
+        record = await self.store.open_cue(session.device_id)
+        if record is None:
+            return None
+        if record.expires_at <= now:
+            await self.store.set_cue_status(record.cue_id, "expired", now)
+            return None
+        scenario = self.engine.scenarios.by_id.get(record.scenario_id)
+        offer = CueOffer(
+            cue_id=record.cue_id,
+            scenario_id=record.scenario_id,
+            message=record.message,
+            channel=record.channel,
+            upgrades=scenario.upgrades if scenario else (),
+            created_at=record.created_at,
+            expires_at=record.expires_at,
+            title=scenario.title if scenario else "",
+        )
+        pending = PendingCue(offer, record.scenario_id, dict(record.explanation))
+        pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
+        self._reg.pending[session.device_id] = pending
+        log.info("cue.restored", device_id=session.device_id, cue_id=record.cue_id)
+        return pending
+
+    async def _restore_memory(self, subject: str) -> None:
+        # Caps, cooldowns and decline memory follow the user across devices
+        # and restarts: replay their stored cues once per process.
+        if subject in self._restored:
+            return
+        self._restored.add(subject)
+        for cue in await self.store.cues_for_subject(subject):
+            self.arbiter.remember_offer(subject, cue.scenario_id, cue.created_at, cue.session_id)
+            if cue.status == "declined":
+                self.arbiter.remember_decline(
+                    subject, cue.scenario_id, cue.responded_at or cue.created_at, cue.session_id
+                )
+            elif cue.status == "accepted":
+                self.arbiter.remember_engagement(subject, cue.session_id)
+
+    async def recover(self) -> None:
+        """At start-up: engagements that were queued or assigned when the process stopped wait again.
+
+        Journeys of sessions without consent are dropped too: their timers died with the process.
+        """
+        await self.store.forget_unconsented(ended_before=self.clock.now() - self.config.resume_window)
+        for record in await self.store.open_engagements():
+            self.desk.restore(record)

@@ -1,0 +1,114 @@
+"""Device sessions: opening (fresh or resumed within the window), replacing and closing them."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import structlog
+
+from ..engine.state import DeviceState
+from ..storage import SessionRecord
+from .core_base import session_record
+from .ingest import Ingest
+from .model import (
+    Hello,
+    Withdrawal,
+)
+from .sessions import DeviceSession
+from .validation import validate_hello
+
+__all__ = ["SessionLifecycle"]
+
+log = structlog.get_logger("cuepoint.core")
+
+
+class SessionLifecycle(Ingest):
+    async def open_session(self, hello: Hello) -> DeviceSession:
+        validate_hello(hello)
+        now = self.clock.now()
+        state = self._reg.states.get(hello.device_id)
+        if state is None:
+            state = self._reg.states[hello.device_id] = DeviceState(hello.device_id, hello.app_id)
+            # First sight of this device in this process (e.g. after a restart): windows
+            # and de-duplication resume from what storage holds.
+            await self._restore_state(state, now)
+        # The hello carries the whole context; it replaces what we had.
+        state.app_id = hello.app_id
+        state.context = {**hello.context, "app.id": hello.app_id, "consent": hello.consent}
+        resumed = await self._resumable(hello, now)
+        if resumed is None:
+            state.new_session()
+        user_id = str(hello.context.get("user.id") or "")
+        subject = f"user:{user_id}" if user_id and hello.consent != "none" else f"device:{hello.device_id}"
+        session = DeviceSession(
+            session_id=resumed.session_id if resumed else uuid.uuid4().hex,
+            app_id=hello.app_id,
+            device_id=hello.device_id,
+            subject=subject,
+            consent=hello.consent,
+            state=state,
+            started_at=now,
+        )
+        await self.store.save_session(
+            session_record(session, user_id if hello.consent != "none" else "", resumed.started_at if resumed else now)
+        )
+        await self._restore_memory(subject)
+        previous = self._reg.sessions.get(hello.device_id)
+        if previous is not None:
+            previous.closed = True
+        self._reg.sessions[hello.device_id] = session
+        pending = self._reg.pending.get(hello.device_id) or await self._restore_cue(session, now)
+        if pending is not None:
+            session.send(pending.offer)
+        if resumed is not None:
+            # Offers settled while the device was away (expired, withdrawn) may
+            # still be on its screen: withdraw them again on the new stream.
+            for cue in await self.store.cues_for_session(session.session_id):
+                if cue.status in ("expired", "withdrawn"):
+                    session.send(Withdrawal(cue.cue_id, cue.status))
+        self._schedule_timer(session.device_id, now)
+        log.info("session.opened", session_id=session.session_id, device_id=hello.device_id, app_id=hello.app_id)
+        return session
+
+    async def _resumable(self, hello: Hello, now: float) -> SessionRecord | None:
+        """The earlier session a reconnecting device may continue, if it ended recently."""
+        if not hello.resume_session_id:
+            return None
+        record = await self.store.get_session(hello.resume_session_id)
+        if record is None or record.device_id != hello.device_id or record.app_id != hello.app_id:
+            return None
+        # Still open (the old stream is not yet known dead, or the process crashed) or ended recently.
+        if record.ended_at is None or now - record.ended_at <= self.config.resume_window:
+            return record
+        return None
+
+    async def close_session(self, session: DeviceSession) -> None:
+        session.closed = True
+        current = self._reg.sessions.get(session.device_id)
+        # A reconnect that resumed this session before the old stream ended keeps it open.
+        resumed = current is not None and current is not session and current.session_id == session.session_id
+        if current is session:
+            del self._reg.sessions[session.device_id]
+            armed = self._timers.pop(session.device_id, None)
+            if armed is not None:
+                armed[1].cancel()
+        if session.writes:
+            await asyncio.gather(*session.writes, return_exceptions=True)
+        if resumed:
+            return
+        await self.store.end_session(session.session_id, self.clock.now())
+        log.info("session.closed", session_id=session.session_id, device_id=session.device_id)
+        if session.consent == "none":
+            # No consent: the journey serves this session only. A reconnect may
+            # resume it within the window, so it is dropped once that has passed.
+            self.clock.call_at(
+                self.clock.now() + self.config.resume_window, lambda: self._spawn(self._forget_unless_resumed(session))
+            )
+
+    async def _forget_unless_resumed(self, session: DeviceSession) -> None:
+        current = self._reg.sessions.get(session.device_id)
+        if current is not None and current.session_id == session.session_id:
+            return  # resumed; its own close schedules this again
+        await self.store.forget_session_journey(session.session_id)
+        log.info("session.closed", session_id=session.session_id, device_id=session.device_id)
