@@ -195,7 +195,7 @@ async def test_version_1_database_is_migrated_keeping_its_signals(tmp_path: Path
         await s.append_signals([signal("new", time=1010.0)])
         assert await s.recent_signal_ids("dev-1", limit=2) == ["old-2", "new"]
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         indexes = {r[1] for r in raw.execute("PRAGMA index_list(signals)")}
         assert indexes == {"signals_device_time"}  # the unique (device_id, signal_id) index is gone
     # Opening again is a no-op.
@@ -320,3 +320,36 @@ async def test_in_memory_store_reads_committed_writes() -> None:
         assert all(isinstance(c, int) and 0 <= c <= 100 for c in results[100:])
         assert await s.count_signals("dev-1") == 100
         assert len(await s.journey("dev-1", limit=1000)) == 100
+
+
+async def test_variant_button_feedback_and_switches_round_trip(store: SqliteStore) -> None:
+    from cuepoint_server.storage import FeedbackRecord
+
+    await store.save_cue(replace(cue(), variant="short", locale="pt"))
+    await store.set_cue_status("cue-1", "accepted", 101.0, "call")
+    got = await store.get_cue("cue-1")
+    assert got is not None and (got.variant, got.locale, got.button_id, got.status) == ("short", "pt", "call", "accepted")
+    rating = FeedbackRecord("eng-1", "cue-1", "sc-1", "payments", "dana", "short", "csat", 4, "quick", 300.0)
+    await store.save_feedback(rating)
+    await store.save_feedback(replace(rating, score=1))  # a resend does not overwrite the first answer
+    assert await store.get_feedback("eng-1") == rating
+    await store.set_variant_stopped("sc-1", "short", True, "too pushy", 400.0)
+    await store.set_variant_stopped("sc-1", "long", True, "", 400.0)
+    await store.set_variant_stopped("sc-1", "long", False, "back on", 401.0)
+    assert await store.stopped_variants() == {("sc-1", "short")}
+
+
+async def test_version_2_database_gains_the_variant_and_feedback_columns(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    async with await SqliteStore.open(path) as s:
+        await s.save_cue(cue())
+    with sqlite3.connect(path) as raw:  # back to version 2's shape
+        raw.execute("DROP TABLE feedback")
+        raw.execute("DROP TABLE variant_switches")
+        for column in ("variant", "locale", "button_id"):
+            raw.execute(f"ALTER TABLE cues DROP COLUMN {column}")
+        raw.execute("PRAGMA user_version = 2")
+    async with await SqliteStore.open(path) as s:
+        got = await s.get_cue("cue-1")
+        assert got is not None and (got.variant, got.button_id) == ("", "")
+        assert await s.stopped_variants() == set()

@@ -7,6 +7,7 @@ from .records import (
     CueRecord,
     DecisionRecord,
     EngagementRecord,
+    FeedbackRecord,
     SessionRecord,
     SignalRecord,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "CueRecord",
     "DecisionRecord",
     "EngagementRecord",
+    "FeedbackRecord",
     "SessionRecord",
     "SignalRecord",
     "SqliteStore",

@@ -54,6 +54,9 @@ class CueRecord:
     status: str  # "offered" | "accepted" | "declined" | "dismissed" | "expired" | "withdrawn"
     responded_at: float | None
     explanation: dict[str, Any]
+    variant: str = ""  # the A/B variant shown, "" when the scenario has none
+    locale: str = ""  # the locale whose text was shown, "" for the default
+    button_id: str = ""  # the button the user answered with, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,3 +129,19 @@ class ChannelChangeRecord:
     to_channel: str
     requested_by: str
     accepted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackRecord:
+    """A satisfaction rating given after an engagement ended (one per engagement)."""
+
+    engagement_id: str
+    cue_id: str
+    scenario_id: str
+    queue: str
+    associate_id: str
+    variant: str
+    kind: str  # "csat" (1-5) | "nps" (0-10)
+    score: int
+    comment: str
+    time: float

@@ -1,4 +1,4 @@
--- Cuepoint storage schema, version 2 (tracked in PRAGMA user_version by sqlite.py).
+-- Cuepoint storage schema, version 3 (tracked in PRAGMA user_version by sqlite.py).
 -- Never edit a released version in place: add a migration step that moves user_version forward.
 -- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
 -- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS signals (
 );
 CREATE INDEX IF NOT EXISTS signals_device_time ON signals (device_id, time);
 
+-- variant: the A/B variant shown ('' without variants); locale: the locale its text was chosen for
+-- ('' = default); button_id: the button the user pressed to answer ('' = none).
 CREATE TABLE IF NOT EXISTS cues (
     cue_id       TEXT PRIMARY KEY,
     scenario_id  TEXT NOT NULL,
@@ -43,7 +45,10 @@ CREATE TABLE IF NOT EXISTS cues (
     message      TEXT NOT NULL,
     status       TEXT NOT NULL,
     responded_at REAL,
-    explanation  TEXT NOT NULL
+    explanation  TEXT NOT NULL,
+    variant      TEXT NOT NULL DEFAULT '',
+    locale       TEXT NOT NULL DEFAULT '',
+    button_id    TEXT NOT NULL DEFAULT ''
 );
 -- Frequency caps and cooldowns look up a subject's recent cues per scenario.
 CREATE INDEX IF NOT EXISTS cues_subject_scenario_created ON cues (subject, scenario_id, created_at);
@@ -130,3 +135,29 @@ CREATE INDEX IF NOT EXISTS milestones_session ON milestones (session_id, milesto
 -- Funnels read a scenario's cues over a time range, and a session's cues.
 CREATE INDEX IF NOT EXISTS cues_scenario_created ON cues (scenario_id, created_at);
 CREATE INDEX IF NOT EXISTS cues_session ON cues (session_id);
+
+-- A/B variants stopped at runtime (AdminService.SetVariantStopped): their users see the control.
+CREATE TABLE IF NOT EXISTS variant_switches (
+    scenario_id TEXT NOT NULL,
+    variant_id  TEXT NOT NULL,
+    stopped     INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    time        REAL NOT NULL,
+    PRIMARY KEY (scenario_id, variant_id)
+);
+
+-- Satisfaction ratings asked for when an engagement ended (CSAT 1-5 or NPS 0-10), one per engagement.
+-- Scenario, queue, associate and variant are copied from the engagement so reports need no joins.
+CREATE TABLE IF NOT EXISTS feedback (
+    engagement_id TEXT PRIMARY KEY,
+    cue_id        TEXT NOT NULL,
+    scenario_id   TEXT NOT NULL,
+    queue         TEXT NOT NULL,
+    associate_id  TEXT NOT NULL,
+    variant       TEXT NOT NULL,
+    kind          TEXT NOT NULL CHECK (kind IN ('csat', 'nps')),
+    score         INTEGER NOT NULL,
+    comment       TEXT NOT NULL,
+    time          REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_time ON feedback (time);

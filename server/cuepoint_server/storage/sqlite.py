@@ -30,6 +30,7 @@ from .records import (
     CueRecord,
     DecisionRecord,
     EngagementRecord,
+    FeedbackRecord,
     MilestoneRecord,
     SessionRecord,
     SignalRecord,
@@ -37,7 +38,7 @@ from .records import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -63,6 +64,33 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE signals_v2 RENAME TO signals",
         "CREATE INDEX IF NOT EXISTS signals_device_time ON signals (device_id, time)",
     ),
+    # Version 3: rich cues, A/B variants and feedback (issue 17).
+    3: (
+        "ALTER TABLE cues ADD COLUMN variant TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE cues ADD COLUMN locale TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE cues ADD COLUMN button_id TEXT NOT NULL DEFAULT ''",
+        """CREATE TABLE IF NOT EXISTS variant_switches (
+            scenario_id TEXT NOT NULL,
+            variant_id  TEXT NOT NULL,
+            stopped     INTEGER NOT NULL,
+            reason      TEXT NOT NULL,
+            time        REAL NOT NULL,
+            PRIMARY KEY (scenario_id, variant_id)
+        )""",
+        """CREATE TABLE IF NOT EXISTS feedback (
+            engagement_id TEXT PRIMARY KEY,
+            cue_id        TEXT NOT NULL,
+            scenario_id   TEXT NOT NULL,
+            queue         TEXT NOT NULL,
+            associate_id  TEXT NOT NULL,
+            variant       TEXT NOT NULL,
+            kind          TEXT NOT NULL CHECK (kind IN ('csat', 'nps')),
+            score         INTEGER NOT NULL,
+            comment       TEXT NOT NULL,
+            time          REAL NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS feedback_time ON feedback (time)",
+    ),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -87,7 +115,7 @@ _SESSION_COLS = (
 _SIGNAL_COLS = ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
 _CUE_COLS = (
     "cue_id", "scenario_id", "app_id", "device_id", "subject", "session_id", "created_at", "expires_at",
-    "channel", "message", "status", "responded_at", "explanation",
+    "channel", "message", "status", "responded_at", "explanation", "variant", "locale", "button_id",
 )  # fmt: skip
 _ENGAGEMENT_COLS = (
     "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
@@ -117,7 +145,20 @@ _UPSERT_SESSION = _upsert_sql("sessions", _SESSION_COLS, keep_when_null=("ended_
 _UPSERT_CUE = _upsert_sql("cues", _CUE_COLS)
 _UPSERT_ENGAGEMENT = _upsert_sql("engagements", _ENGAGEMENT_COLS)
 _END_SESSION = "UPDATE sessions SET ended_at = ? WHERE session_id = ?"
-_SET_CUE_STATUS = "UPDATE cues SET status = ?, responded_at = ? WHERE cue_id = ?"
+_SET_CUE_STATUS = "UPDATE cues SET status = ?, responded_at = ?, button_id = ? WHERE cue_id = ?"
+_FEEDBACK_COLS = (
+    "engagement_id", "cue_id", "scenario_id", "queue", "associate_id", "variant", "kind", "score", "comment", "time",
+)  # fmt: skip
+# One answer per engagement: a resent answer does not count twice.
+_INSERT_FEEDBACK = (
+    f"INSERT INTO feedback ({', '.join(_FEEDBACK_COLS)}) VALUES ({', '.join('?' * len(_FEEDBACK_COLS))}) "
+    "ON CONFLICT (engagement_id) DO NOTHING"
+)
+_UPSERT_SWITCH = (
+    "INSERT INTO variant_switches (scenario_id, variant_id, stopped, reason, time) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (scenario_id, variant_id) DO UPDATE SET stopped = excluded.stopped, reason = excluded.reason, "
+    "time = excluded.time"
+)
 # Duplicates are filtered before this runs, inside the same write transaction; DO NOTHING is only a safety
 # net, and unlike INSERT OR IGNORE it does not silently swallow CHECK or NOT NULL violations.
 _INSERT_SIGNALS = f"INSERT INTO signals ({', '.join(_SIGNAL_COLS)}) VALUES ({', '.join('?' * len(_SIGNAL_COLS))})"
@@ -191,6 +232,7 @@ def _user_queries(user_id: str, subject: str) -> list[tuple[str, str, Row]]:
         ("engagements", "SELECT * FROM engagements WHERE subject = ?", (subject,)),
         ("chat_messages", f"SELECT * FROM chat_messages WHERE engagement_id IN ({engagements})", (subject,)),
         ("channel_changes", f"SELECT * FROM channel_changes WHERE engagement_id IN ({engagements})", (subject,)),
+        ("feedback", f"SELECT * FROM feedback WHERE engagement_id IN ({engagements})", (subject,)),
     ]
 
 
@@ -213,14 +255,14 @@ def _decision_row(r: DecisionRecord) -> Row:
 def _cue_row(r: CueRecord) -> Row:
     return (
         r.cue_id, r.scenario_id, r.app_id, r.device_id, r.subject, r.session_id, r.created_at, r.expires_at,
-        r.channel, r.message, r.status, r.responded_at, _dumps(r.explanation),
+        r.channel, r.message, r.status, r.responded_at, _dumps(r.explanation), r.variant, r.locale, r.button_id,
     )  # fmt: skip
 
 
 def _cue_from(row: sqlite3.Row) -> CueRecord:
     return CueRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
-        json.loads(row[12]),
+        json.loads(row[12]), row[13], row[14], row[15],
     )  # fmt: skip
 
 
@@ -560,9 +602,18 @@ class SqliteStore:
     async def save_cue(self, rec: CueRecord) -> None:
         await self._writer.execute(_UPSERT_CUE, _cue_row(rec))
 
-    async def set_cue_status(self, cue_id: str, status: str, responded_at: float) -> None:
-        """Update a cue's status; a no-op for an unknown cue."""
-        await self._writer.execute(_SET_CUE_STATUS, (status, responded_at, cue_id))
+    async def set_cue_status(self, cue_id: str, status: str, responded_at: float, button_id: str = "") -> None:
+        """Update a cue's status (and the button that answered it); a no-op for an unknown cue."""
+        await self._writer.execute(_SET_CUE_STATUS, (status, responded_at, button_id, cue_id))
+
+    async def save_feedback(self, rec: FeedbackRecord) -> None:
+        """Store a rating; a second answer for the same engagement is ignored."""
+        await self._writer.execute(_INSERT_FEEDBACK, tuple(getattr(rec, c) for c in _FEEDBACK_COLS))
+
+    async def set_variant_stopped(
+        self, scenario_id: str, variant_id: str, stopped: bool, reason: str, at: float
+    ) -> None:
+        await self._writer.execute(_UPSERT_SWITCH, (scenario_id, variant_id, int(stopped), reason, at))
 
     async def save_engagement(self, rec: EngagementRecord) -> None:
         await self._writer.execute(_UPSERT_ENGAGEMENT, _engagement_row(rec))
@@ -659,6 +710,7 @@ class SqliteStore:
         for sql, params in (
             (f"DELETE FROM chat_messages WHERE engagement_id IN ({engagements})", (subject,)),
             (f"DELETE FROM channel_changes WHERE engagement_id IN ({engagements})", (subject,)),
+            (f"DELETE FROM feedback WHERE engagement_id IN ({engagements})", (subject,)),
             (f"DELETE FROM signals WHERE session_id IN ({sessions})", (user_id,)),
             (f"DELETE FROM milestones WHERE session_id IN ({sessions})", (user_id,)),
             ("DELETE FROM decisions WHERE subject = ?", (subject,)),
@@ -694,6 +746,16 @@ class SqliteStore:
     async def get_session(self, session_id: str) -> SessionRecord | None:
         rows = await self._fetch(f"{_select('sessions', _SESSION_COLS)} WHERE session_id = ?", (session_id,))
         return _session_from(rows[0]) if rows else None
+
+    async def stopped_variants(self) -> set[tuple[str, str]]:
+        """(scenario_id, variant_id) of every variant switched off at runtime."""
+        rows = await self._fetch("SELECT scenario_id, variant_id FROM variant_switches WHERE stopped = 1", ())
+        return {(str(r[0]), str(r[1])) for r in rows}
+
+    async def get_feedback(self, engagement_id: str) -> FeedbackRecord | None:
+        sql = f"{_select('feedback', _FEEDBACK_COLS)} WHERE engagement_id = ?"
+        rows = await self._fetch(sql, (engagement_id,))
+        return FeedbackRecord(*rows[0]) if rows else None
 
     async def get_cue(self, cue_id: str) -> CueRecord | None:
         rows = await self._fetch(f"{_select('cues', _CUE_COLS)} WHERE cue_id = ?", (cue_id,))
