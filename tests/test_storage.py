@@ -12,10 +12,13 @@ import pytest
 from cuepoint_server.storage import (
     SCHEMA_VERSION,
     CueRecord,
+    DecisionRecord,
     EngagementRecord,
+    OfferCommit,
     SessionRecord,
     SignalRecord,
     SqliteStore,
+    Store,
     StoreClosedError,
 )
 
@@ -328,7 +331,12 @@ async def test_variant_button_feedback_and_switches_round_trip(store: SqliteStor
     await store.save_cue(replace(cue(), variant="short", locale="pt"))
     await store.set_cue_status("cue-1", "accepted", 101.0, "call")
     got = await store.get_cue("cue-1")
-    assert got is not None and (got.variant, got.locale, got.button_id, got.status) == ("short", "pt", "call", "accepted")
+    assert got is not None and (got.variant, got.locale, got.button_id, got.status) == (
+        "short",
+        "pt",
+        "call",
+        "accepted",
+    )
     rating = FeedbackRecord("eng-1", "cue-1", "sc-1", "payments", "dana", "short", "csat", 4, "quick", 300.0)
     await store.save_feedback(rating)
     await store.save_feedback(replace(rating, score=1))  # a resend does not overwrite the first answer
@@ -353,3 +361,44 @@ async def test_version_2_database_gains_the_variant_and_feedback_columns(tmp_pat
         got = await s.get_cue("cue-1")
         assert got is not None and (got.variant, got.button_id) == ("", "")
         assert await s.stopped_variants() == set()
+
+
+def decision(outcome: str = "offered", cue_id: str = "cue-1") -> DecisionRecord:
+    return DecisionRecord(100.0, "app", "dev-1", "user-1", "sess-1", "sc-1", outcome, "", "", cue_id)
+
+
+async def test_sqlite_store_implements_the_store_protocol(store: SqliteStore) -> None:
+    assert isinstance(store, Store)
+
+
+async def test_an_offer_commits_with_its_signals_and_decisions_or_not_at_all(store: SqliteStore) -> None:
+    await store.commit_offer(OfferCommit(signals=[signal("s-1")], cues=[cue()], decisions=[decision()]))
+    assert [r.signal_id for r in await store.journey("dev-1")] == ["s-1"]
+    assert (await store.get_cue("cue-1")) is not None
+    assert len(await store.decisions_for_device("dev-1")) == 1
+    # One bad row (a decision outcome the schema refuses) and nothing of the unit is stored.
+    broken = OfferCommit(signals=[signal("s-2")], cues=[cue("cue-2")], decisions=[decision("bogus", "cue-2")])
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.commit_offer(broken)
+    assert [r.signal_id for r in await store.journey("dev-1")] == ["s-1"]
+    assert await store.get_cue("cue-2") is None
+    assert len(await store.decisions_for_device("dev-1")) == 1
+
+
+async def test_accept_and_its_engagement_commit_together_once(store: SqliteStore) -> None:
+    await store.save_cue(cue())
+    first = await store.accept_cue("cue-1", 150.0, engagement("eng-1"))
+    assert first.accepted and first.engagement is not None and first.engagement.engagement_id == "eng-1"
+    # A resent accept (another engagement id) changes nothing and returns the stored engagement.
+    again = await store.accept_cue("cue-1", 160.0, engagement("eng-2"))
+    assert not again.accepted and again.engagement is not None and again.engagement.engagement_id == "eng-1"
+    assert [e.engagement_id for e in await store.engagements_for_device("dev-1")] == ["eng-1"]
+    stored = await store.get_cue("cue-1")
+    assert stored is not None and stored.status == "accepted" and stored.responded_at == 150.0
+    # A cue that is no longer offered (or unknown) starts nothing.
+    await store.save_cue(cue("cue-3"))
+    await store.set_cue_status("cue-3", "expired", 170.0)
+    late = await store.accept_cue("cue-3", 171.0, replace(engagement("eng-3"), cue_id="cue-3"))
+    assert not late.accepted and late.status == "expired" and late.engagement is None
+    assert not (await store.accept_cue("nope", 1.0, engagement("eng-4"))).accepted
+    assert await store.get_engagement("eng-3") is None and await store.get_engagement("eng-4") is None

@@ -109,7 +109,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group_by: {exc}")
         if query.start is not None and query.end is not None and query.end < query.start:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "end: must not be before start")
-        rows = await funnel(self.core.store.query, query)
+        rows = await funnel(self.core.store.funnel_counts, query)
         return admin_pb2.GetFunnelResponse(rows=[_funnel_row(r, query.group_by) for r in rows])
 
     async def ListLiveSessions(

@@ -17,7 +17,7 @@ from ..clock import Clock, TimerHandle
 from ..engine.arbiter import Arbiter
 from ..engine.engine import Engine
 from ..engine.state import DeviceState
-from ..storage import DecisionRecord, SessionRecord, SqliteStore
+from ..storage import DecisionRecord, SessionRecord, Store
 from .engagements import DeskConfig, EngagementDesk
 from .observers import CoreObserver
 from .sessions import DeviceSession, PendingCue
@@ -55,7 +55,7 @@ class Registry:
 class CoreBase:
     """State and background work every part of the core uses."""
 
-    def __init__(self, store: SqliteStore, engine: Engine, clock: Clock, config: CoreConfig | None = None) -> None:
+    def __init__(self, store: Store, engine: Engine, clock: Clock, config: CoreConfig | None = None) -> None:
         self.store = store
         self.engine = engine
         self.clock = clock

@@ -14,7 +14,7 @@ import structlog
 
 from ..clock import Clock
 from ..engine.engine import Engine
-from ..storage import SqliteStore
+from ..storage import Store
 from .engagement_model import Engagement, EngagementEvent, context_json
 from .errors import InvalidInput, NotFound, PermissionDenied
 from .model import (
@@ -39,7 +39,7 @@ class DeskConfig:
 class DeskBase:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         engine: Engine,
         clock: Clock,
         sessions: Mapping[str, DeviceSession],

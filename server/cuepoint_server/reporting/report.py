@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..scenarios.durations import parse_duration
+from ..storage.base import FunnelSlice
+from ..storage.sqlite import read_funnel_counts
 from .funnel import DIMENSIONS, Cohort, FunnelQuery, FunnelRow, funnel
 
 __all__ = ["parse_group_by", "read_funnel", "render_json", "render_table", "since_to_start"]
@@ -45,16 +47,11 @@ def read_funnel(db: str | Path, query: FunnelQuery) -> list[FunnelRow]:
     path = Path(db)
     if not path.is_file():
         raise FileNotFoundError(f"no database at {path}")
-    # mode=ro: never create or change anything, even the schema.
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
 
-        async def fetch(sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
-            return conn.execute(sql, tuple(params)).fetchall()
+    async def fetch(cut: FunnelSlice) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        return read_funnel_counts(path, cut)
 
-        return asyncio.run(funnel(fetch, query))
-    finally:
-        conn.close()
+    return asyncio.run(funnel(fetch, query))
 
 
 def _when(at: float) -> str:

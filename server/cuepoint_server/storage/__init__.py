@@ -1,5 +1,6 @@
 """Persistence for Cuepoint: plain records and the embedded SQLite store."""
 
+from .base import AcceptOutcome, FunnelSlice, OfferCommit, Store, StoreClosedError, StoreStats
 from .records import (
     ChannelChangeRecord,
     ChatRecord,
@@ -11,10 +12,11 @@ from .records import (
     SessionRecord,
     SignalRecord,
 )
-from .sqlite import SCHEMA_VERSION, SqliteStore, StoreClosedError, StoreStats
+from .sqlite import SCHEMA_VERSION, SqliteStore
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AcceptOutcome",
     "ChannelChangeRecord",
     "ChatRecord",
     "ContextValue",
@@ -22,9 +24,12 @@ __all__ = [
     "DecisionRecord",
     "EngagementRecord",
     "FeedbackRecord",
+    "FunnelSlice",
+    "OfferCommit",
     "SessionRecord",
     "SignalRecord",
     "SqliteStore",
+    "Store",
     "StoreClosedError",
     "StoreStats",
 ]

@@ -16,14 +16,17 @@ import importlib.resources
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import aiosqlite
 import structlog
 
+from .base import AcceptOutcome, FunnelSlice, OfferCommit, StoreClosedError, StoreStats
+from .funnel_sql import funnel_queries
 from .records import (
     ChannelChangeRecord,
     ChatRecord,
@@ -93,18 +96,6 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 _BUSY_TIMEOUT_MS = 5000
-
-
-class StoreClosedError(RuntimeError):
-    """The store was closed before (or while) the operation could run."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    batches: int  # committed write transactions
-    ops: int  # committed write calls
-    rows: int  # committed rows: inserted signals plus one per upsert/update statement
-    failed_ops: int  # write calls that raised to their caller
 
 
 # --- SQL ------------------------------------------------------------------------------------------------
@@ -307,7 +298,16 @@ class _AppendSignals:
         return len(self.rows)
 
 
-_Op = _Statement | _AppendSignals
+@dataclass(slots=True, eq=False)
+class _Transaction:
+    """A unit of work of several statements (and reads) that commits whole or not at all; never merged."""
+
+    work: Callable[[aiosqlite.Connection], Awaitable[tuple[Any, int]]]  # -> (result, rows written)
+    future: asyncio.Future[Any]
+    size: int = 1
+
+
+_Op = _Statement | _AppendSignals | _Transaction
 
 
 def _groups(batch: list[_Op]) -> Iterable[list[_Op]]:
@@ -322,6 +322,8 @@ def _groups(batch: list[_Op]) -> Iterable[list[_Op]]:
 
 
 def _same_kind(a: _Op, b: _Op) -> bool:
+    if isinstance(a, _Transaction) or isinstance(b, _Transaction):
+        return False
     if isinstance(a, _Statement) and isinstance(b, _Statement):
         return a.sql == b.sql
     return isinstance(a, _AppendSignals) and isinstance(b, _AppendSignals)
@@ -350,6 +352,11 @@ class _BatchWriter:
 
     async def append_signals(self, rows: list[Row]) -> None:
         await self._submit(_AppendSignals(rows, self._new_future()))
+
+    async def transaction(
+        self, work: Callable[[aiosqlite.Connection], Awaitable[tuple[Any, int]]], size: int = 1
+    ) -> Any:
+        return await self._submit(_Transaction(work, self._new_future(), max(size, 1)))
 
     async def stop(self) -> None:
         if not self._closed:
@@ -441,6 +448,11 @@ class _BatchWriter:
         rows = 0
         for group in _groups(batch):
             first = group[0]
+            if isinstance(first, _Transaction):
+                result, written = await first.work(self._conn)
+                results.append(result)
+                rows += written
+                continue
             if isinstance(first, _Statement):
                 params = [op.params for op in group if isinstance(op, _Statement)]
             else:
@@ -598,6 +610,56 @@ class SqliteStore:
         encoded = [_signal_row(r) for r in rows]
         if encoded:
             await self._writer.append_signals(encoded)
+
+    async def commit_offer(self, work: OfferCommit) -> None:
+        """Signals, cues, cue statuses, decisions and milestones of one evaluation, in one transaction."""
+        signals = [_signal_row(r) for r in work.signals]
+        cues = [_cue_row(r) for r in work.cues]
+        statuses = [(status, at, "", cue_id) for cue_id, status, at in work.statuses]
+        decisions = [_decision_row(r) for r in work.decisions]
+        milestones = [tuple(getattr(r, c) for c in _MILESTONE_COLS) for r in work.milestones]
+        steps = [
+            (sql, rows)
+            for sql, rows in (
+                (_INSERT_SIGNALS, signals),
+                (_SET_CUE_STATUS, statuses),
+                (_UPSERT_CUE, cues),
+                (_INSERT_DECISION, decisions),
+                (_INSERT_MILESTONE, milestones),
+            )
+            if rows
+        ]
+
+        async def run(conn: aiosqlite.Connection) -> tuple[None, int]:
+            for sql, rows in steps:
+                await conn.executemany(sql, rows)
+            return None, sum(len(rows) for _, rows in steps)
+
+        if steps:
+            await self._writer.transaction(run, sum(len(rows) for _, rows in steps))
+
+    async def accept_cue(
+        self, cue_id: str, responded_at: float, engagement: EngagementRecord, button_id: str = ""
+    ) -> AcceptOutcome:
+        """The cue becomes accepted and its engagement is stored, together; idempotent by cue id."""
+        row = _engagement_row(engagement)
+        by_cue = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE cue_id = ? ORDER BY created_at, rowid LIMIT 1"
+
+        async def run(conn: aiosqlite.Connection) -> tuple[AcceptOutcome, int]:
+            found = list(await conn.execute_fetchall("SELECT status FROM cues WHERE cue_id = ?", (cue_id,)))
+            status = str(found[0][0]) if found else ""
+            if status not in ("offered", "accepted"):
+                return AcceptOutcome(False, status, None), 0
+            existing = list(await conn.execute_fetchall(by_cue, (cue_id,)))
+            if existing:
+                # Accepted before (a resent accept, a replay): the stored engagement stands.
+                return AcceptOutcome(False, "accepted", _engagement_from(existing[0])), 0
+            await conn.execute(_SET_CUE_STATUS, ("accepted", responded_at, button_id, cue_id))
+            await conn.execute(_UPSERT_ENGAGEMENT, row)
+            return AcceptOutcome(True, "accepted", engagement), 2
+
+        outcome: AcceptOutcome = await self._writer.transaction(run, 2)
+        return outcome
 
     async def save_cue(self, rec: CueRecord) -> None:
         await self._writer.execute(_UPSERT_CUE, _cue_row(rec))
@@ -789,6 +851,18 @@ class SqliteStore:
         rows = await self._fetch(sql, (engagement_id,))
         return _engagement_from(rows[0]) if rows else None
 
+    async def engagement_for_cue(self, cue_id: str) -> EngagementRecord | None:
+        """The engagement an accepted cue started, if any."""
+        sql = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE cue_id = ? ORDER BY created_at, rowid LIMIT 1"
+        rows = await self._fetch(sql, (cue_id,))
+        return _engagement_from(rows[0]) if rows else None
+
+    async def funnel_counts(self, cut: FunnelSlice) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        return [
+            (kind, [tuple(r) for r in await self._fetch(sql, tuple(params))])
+            for kind, sql, params in funnel_queries(cut)
+        ]
+
     async def engagements_for_subject(self, subject: str, *, limit: int = 20) -> list[EngagementRecord]:
         """The subject's (user's, else device's) most recent engagements, newest first."""
         sql = (
@@ -821,3 +895,13 @@ class SqliteStore:
         """The device's engagements, oldest first."""
         sql = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE device_id = ? ORDER BY created_at, rowid"
         return [_engagement_from(r) for r in await self._fetch(sql, (device_id,))]
+
+
+def read_funnel_counts(path: str | os.PathLike[str], cut: FunnelSlice) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """The funnel's counts straight from a database file, read-only (``cuepoint report``, no server needed)."""
+    # mode=ro: never create or change anything, even the schema.
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return [(kind, conn.execute(sql, tuple(params)).fetchall()) for kind, sql, params in funnel_queries(cut)]
+    finally:
+        conn.close()

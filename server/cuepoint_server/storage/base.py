@@ -1,0 +1,197 @@
+"""The storage interface the core and the engagement desk are written against.
+
+`SqliteStore` (sqlite.py) is one implementation; a scale-out backend (PostgreSQL) implements the same
+protocol. Every method is a whole unit of work: writes that must hold together (an offer and the signals
+that fired it, an accept and the engagement it starts) are one method, one transaction, so no backend ever
+hands a connection or a transaction upward, and nothing above this package builds SQL. An awaited write is
+durable; every write is idempotent by its record's id, so a retried or replayed one changes nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from .records import (
+    ChannelChangeRecord,
+    ChatRecord,
+    CueRecord,
+    DecisionRecord,
+    EngagementRecord,
+    FeedbackRecord,
+    MilestoneRecord,
+    SessionRecord,
+    SignalRecord,
+)
+
+__all__ = ["AcceptOutcome", "FunnelSlice", "OfferCommit", "Store", "StoreClosedError", "StoreStats"]
+
+
+class StoreClosedError(RuntimeError):
+    """The store was closed before (or while) the operation could run."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    batches: int  # committed write transactions
+    ops: int  # committed write calls
+    rows: int  # committed rows: inserted signals plus one per upsert/update statement
+    failed_ops: int  # write calls that raised to their caller
+
+
+@dataclass(slots=True)
+class OfferCommit:
+    """What one evaluation decided, committed in one transaction before anything of it is shown.
+
+    The signals that were evaluated, the cues offered (and the status changes of cues it settled), every
+    arbitration decision and the milestones reached: all of it is durable, or none of it.
+    """
+
+    signals: list[SignalRecord] = field(default_factory=list)
+    cues: list[CueRecord] = field(default_factory=list)
+    decisions: list[DecisionRecord] = field(default_factory=list)
+    milestones: list[MilestoneRecord] = field(default_factory=list)
+    # (cue_id, status, at): a cue this evaluation settled (withdrawn) beside the new one.
+    statuses: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.signals or self.cues or self.decisions or self.milestones or self.statuses)
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptOutcome:
+    """What `Store.accept_cue` found: ``engagement`` is the one now stored for the cue (new or earlier)."""
+
+    accepted: bool  # False: the cue was unknown or no longer offered; nothing was written
+    status: str  # the cue's status after the call ("" if unknown)
+    engagement: EngagementRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelSlice:
+    """Which decisions and cues a funnel counts (see reporting/funnel.py for the definitions)."""
+
+    start: float | None = None
+    end: float | None = None
+    scenario_id: str = ""
+    group_by: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Durable sessions, signal journal, cues, decisions, engagements and their conversation."""
+
+    @property
+    def stats(self) -> StoreStats: ...
+
+    async def close(self) -> None: ...
+
+    # -- transactions the core's promises rest on -----------------------------------------------------
+
+    async def append_signals(self, rows: Sequence[SignalRecord]) -> None:
+        """Append signals to the journal; returns once they are committed."""
+        ...
+
+    async def commit_offer(self, work: OfferCommit) -> None:
+        """Commit an evaluation's signals, cue statuses, cues, decisions and milestones in one transaction."""
+        ...
+
+    async def accept_cue(
+        self, cue_id: str, responded_at: float, engagement: EngagementRecord, button_id: str = ""
+    ) -> AcceptOutcome:
+        """Mark an offered cue accepted and store the engagement it starts, in one transaction.
+
+        Idempotent: for a cue already accepted it returns the engagement stored for it and writes nothing.
+        """
+        ...
+
+    # -- single writes ----------------------------------------------------------------------------
+
+    async def save_session(self, rec: SessionRecord) -> None: ...
+
+    async def end_session(self, session_id: str, ended_at: float) -> None: ...
+
+    async def save_cue(self, rec: CueRecord) -> None: ...
+
+    async def set_cue_status(self, cue_id: str, status: str, responded_at: float, button_id: str = "") -> None: ...
+
+    async def save_engagement(self, rec: EngagementRecord) -> None: ...
+
+    async def save_chat(self, rec: ChatRecord) -> None: ...
+
+    async def save_channel_change(self, rec: ChannelChangeRecord) -> None: ...
+
+    async def save_decision(self, rec: DecisionRecord) -> None: ...
+
+    async def save_milestone(self, rec: MilestoneRecord) -> None: ...
+
+    async def save_feedback(self, rec: FeedbackRecord) -> None:
+        """Store a rating; a second answer for the same engagement is ignored."""
+        ...
+
+    async def set_variant_stopped(
+        self, scenario_id: str, variant_id: str, stopped: bool, reason: str, at: float
+    ) -> None: ...
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    async def journey(self, device_id: str, *, limit: int = 100, since: float | None = None) -> list[SignalRecord]: ...
+
+    async def journey_for_user(self, user_id: str, *, limit: int = 100) -> list[SignalRecord]: ...
+
+    async def count_signals(self, device_id: str) -> int: ...
+
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def get_cue(self, cue_id: str) -> CueRecord | None: ...
+
+    async def cues_for_subject(
+        self, subject: str, *, since: float | None = None, scenario_id: str | None = None
+    ) -> list[CueRecord]: ...
+
+    async def cues_for_session(self, session_id: str) -> list[CueRecord]: ...
+
+    async def decisions_for_device(
+        self, device_id: str, *, limit: int = 100, since: float | None = None
+    ) -> list[DecisionRecord]: ...
+
+    async def get_engagement(self, engagement_id: str) -> EngagementRecord | None: ...
+
+    async def engagement_for_cue(self, cue_id: str) -> EngagementRecord | None: ...
+
+    async def engagements_for_subject(self, subject: str, *, limit: int = 20) -> list[EngagementRecord]: ...
+
+    async def engagements_for_device(self, device_id: str) -> list[EngagementRecord]: ...
+
+    async def chat_transcript(self, engagement_id: str) -> list[ChatRecord]: ...
+
+    async def get_feedback(self, engagement_id: str) -> FeedbackRecord | None: ...
+
+    async def stopped_variants(self) -> set[tuple[str, str]]: ...
+
+    async def channel_changes(self, engagement_id: str) -> list[ChannelChangeRecord]: ...
+
+    async def funnel_counts(self, cut: FunnelSlice) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """The funnel's three aggregate queries (decisions, cues, sessions), as (kind, rows)."""
+        ...
+
+    # -- recovery after a restart -----------------------------------------------------------------
+
+    async def open_cue(self, device_id: str) -> CueRecord | None: ...
+
+    async def open_engagements(self) -> list[EngagementRecord]: ...
+
+    async def recent_signal_ids(self, device_id: str, *, limit: int) -> list[str]: ...
+
+    # -- privacy ----------------------------------------------------------------------------------
+
+    async def forget_session_journey(self, session_id: str) -> None: ...
+
+    async def forget_unconsented(self, *, ended_before: float) -> None: ...
+
+    async def purge_journey(self, older_than: float) -> int: ...
+
+    async def export_user(self, user_id: str) -> dict[str, list[dict[str, Any]]]: ...
+
+    async def erase_user(self, user_id: str) -> dict[str, int]: ...

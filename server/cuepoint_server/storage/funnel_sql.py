@@ -1,0 +1,90 @@
+"""The funnel's three aggregate queries (decisions, cues, sessions); reporting/funnel.py sums them up.
+
+Kept here so no SQL lives above the storage package; a second backend writes its own versions of these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .base import FunnelSlice
+
+__all__ = ["funnel_queries"]
+
+
+def _dims(alias: str, group_by: Sequence[str]) -> list[str]:
+    # Names come from reporting.funnel.DIMENSIONS only (checked in FunnelQuery), so quoting them inline is safe.
+    return [f"COALESCE(CAST(json_extract({alias}.context, '$.\"{d}\"') AS TEXT), '')" for d in group_by]
+
+
+def _range(column: str, query: FunnelSlice, scenario_column: str) -> tuple[str, list[object]]:
+    where, params = ["1 = 1"], list[object]()
+    if query.start is not None and not math.isinf(query.start):
+        where.append(f"{column} >= ?")
+        params.append(query.start)
+    if query.end is not None and not math.isinf(query.end):
+        where.append(f"{column} < ?")
+        params.append(query.end)
+    if query.scenario_id:
+        where.append(f"{scenario_column} = ?")
+        params.append(query.scenario_id)
+    return " AND ".join(where), params
+
+
+def funnel_queries(query: FunnelSlice) -> list[tuple[str, str, list[object]]]:
+    dims = _dims("s", query.group_by)
+    select_dims = "".join(f", {d}" for d in dims)
+    group_dims = "".join(f", {i + 2}" for i in range(len(dims)))
+    n = len(dims)
+
+    d_where, d_params = _range("d.time", query, "d.scenario_id")
+    decisions = f"""
+        SELECT d.scenario_id{select_dims}, d.outcome, d.reason, COUNT(*)
+        FROM decisions AS d LEFT JOIN sessions AS s ON s.session_id = d.session_id
+        WHERE {d_where}
+        GROUP BY 1{group_dims}, {n + 2}, {n + 3}"""
+
+    c_where, c_params = _range("c.created_at", query, "c.scenario_id")
+    cues = f"""
+        WITH x AS (
+            SELECT c.scenario_id, c.session_id, c.status,
+                EXISTS (SELECT 1 FROM engagements AS e
+                        WHERE e.cue_id = c.cue_id AND e.assigned_at IS NOT NULL) AS engaged,
+                EXISTS (SELECT 1 FROM engagements AS e
+                        WHERE e.cue_id = c.cue_id AND e.assigned_at IS NOT NULL
+                          AND e.disposition = 'resolved') AS resolved_by_associate,
+                EXISTS (SELECT 1 FROM decisions AS o JOIN milestones AS m
+                          ON m.session_id = c.session_id AND m.milestone_id = o.outcome_milestone
+                        WHERE o.cue_id = c.cue_id AND o.outcome_milestone != ''
+                          AND m.time >= c.created_at) AS outcome_reached
+            FROM cues AS c
+            WHERE {c_where}
+        )
+        SELECT x.scenario_id{select_dims}, x.status, COUNT(*), SUM(x.engaged),
+            SUM(x.engaged AND (x.resolved_by_associate OR x.outcome_reached))
+        FROM x LEFT JOIN sessions AS s ON s.session_id = x.session_id
+        GROUP BY 1{group_dims}, {n + 2}"""
+
+    q_where, q_params = _range("time", query, "scenario_id")
+    sessions = f"""
+        WITH q AS (
+            SELECT scenario_id, session_id, MIN(time) AS first_at, MAX(reason = 'holdout') AS held_out,
+                MAX(outcome_milestone) AS goal
+            FROM decisions
+            WHERE {q_where}
+            GROUP BY scenario_id, session_id
+        ), r AS (
+            SELECT q.scenario_id, q.session_id, q.held_out,
+                EXISTS (SELECT 1 FROM milestones AS m
+                        WHERE m.session_id = q.session_id AND m.milestone_id = q.goal
+                          AND m.time >= q.first_at) AS reached,
+                EXISTS (SELECT 1 FROM cues AS c JOIN engagements AS e ON e.cue_id = c.cue_id
+                        WHERE c.session_id = q.session_id AND c.scenario_id = q.scenario_id
+                          AND e.assigned_at IS NOT NULL AND e.disposition = 'resolved') AS resolved
+            FROM q
+        )
+        SELECT r.scenario_id{select_dims}, r.held_out, COUNT(*), SUM(r.reached), SUM(r.reached OR r.resolved)
+        FROM r LEFT JOIN sessions AS s ON s.session_id = r.session_id
+        GROUP BY 1{group_dims}, {n + 2}"""
+    return [("decisions", decisions, d_params), ("cues", cues, c_params), ("sessions", sessions, q_params)]
