@@ -92,7 +92,7 @@ def test_empty_group_is_rejected_not_matched() -> None:
         ("trigger:\n  event: x\n  where: {d: {}}", "trigger.where.d: needs at least one operator"),
         ("trigger:\n  event: x\n  where: {d: {matches: '('}}", "invalid regular expression"),
         ("trigger:\n  event: x\ntarget:\n  attribute: app.version\n  version_lt: banana", "is not a version"),
-        ("trigger:\n  event: X Y", "trigger.event: String should match pattern"),
+        ("trigger:\n  event: X Y", "trigger.event: 'X Y' is not a valid event name"),
     ],
 )
 def test_condition_errors(snippet: str, expected: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from .scenarios.reloader import ScenarioReloader
 from .storage import SqliteStore
 from .webhooks import WebhookConfig, WebhookDispatcher
 
-__all__ = ["CuepointServer", "ServerConfig"]
+__all__ = ["CuepointServer", "PortUnavailable", "ServerConfig"]
 
 log = structlog.get_logger("cuepoint.server")
 
@@ -114,6 +116,8 @@ class CuepointServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_ping_strikes", 0),
+            # Without this a second server on a busy port binds beside the first and shares its traffic.
+            ("grpc.so_reuseport", 0),
         ]
         auth = Authenticator(config.auth) if config.auth is not None else None
         if auth is None:
@@ -128,10 +132,13 @@ class CuepointServer:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = f"{config.host}:{config.port}"
-        port = server.add_secure_port(bind, tls) if tls is not None else server.add_insecure_port(bind)
+        try:
+            port = server.add_secure_port(bind, tls) if tls is not None else server.add_insecure_port(bind)
+        except RuntimeError:  # grpc's way of saying the bind failed
+            port = 0
         if port == 0:
             await store.close()
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+            raise PortUnavailable(_why_not_bound(config.host, config.port))
         await core.recover()
         await server.start()
         for name in ("", *SERVICES):
@@ -199,6 +206,24 @@ class CuepointServer:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
+
+
+class PortUnavailable(OSError):
+    """The server could not listen on its address (`cuepoint serve` exits 2 with the message)."""
+
+
+def _why_not_bound(host: str, port: int) -> str:
+    # grpc only says "failed to bind"; ask the OS the same question for the reason.
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return (
+                f"{host}:{port} is already in use (another cuepoint serve?); pick another --port, or 0 for a free one"
+            )
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return f"cannot listen on {host}:{port}"
 
 
 def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

@@ -54,6 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
         except ScenarioError as exc:
             print(f"cannot start: scenario files have {len(exc.issues)} problem(s):\n{exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # a busy port (PortUnavailable), the metrics port, the database folder
+            print(f"cannot start: {exc}", file=sys.stderr)
+            return 2
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ from ..core.errors import CoreError
 from ..core.model import Ack, CueOffer, EngagementUpdate, SessionFailed, Withdrawal
 from ..core.service import Core
 from ..core.sessions import DeviceOut, DeviceSession
+from ..core.validation import validate_hello
 from . import conversation, convert
 from .auth import Authenticator, undecodable
 from .errors import abort, status_for
@@ -83,6 +84,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             return None
         try:
             hello = convert.hello_from_proto(first.hello)
+            # A malformed Hello is the client's mistake whoever sent it: name the field before judging the key.
+            validate_hello(hello)
             if self.auth is not None:
                 # The interceptor checked the key; only the Hello tells which app it is used for.
                 self.auth.check_hello(self.auth.identify(context.invocation_metadata()), hello.app_id)

@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from .model import (
+    _ATTRIBUTE_RE,
+    PATTERN_WORDS,
     AllCondition,
     AnyCondition,
     MilestoneCondition,
@@ -241,6 +243,20 @@ def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
                     ScenarioIssue(name, located.line_of((*prefix, "cue", "message")), "cue.message", str(exc))
                 )
                 continue
+            # A key outside the context vocabulary can never have a value: it would always render as "".
+            unknown = sorted(k for k in template.keys if not _ATTRIBUTE_RE.match(k))
+            if unknown:
+                keys = ", ".join(repr(k) for k in unknown)
+                issues.append(
+                    ScenarioIssue(
+                        name,
+                        located.line_of((*prefix, "cue", "message")),
+                        "cue.message",
+                        f"unknown template key {keys}; use a context key such as app.version, device.model, "
+                        "location.city, user.<name> or attributes.<name>",
+                    )
+                )
+                continue
             result.scenarios.append(LoadedScenario(spec, name, line, template, located, prefix))
         elif isinstance(spec, SegmentSpec):
             result.segments.append(LoadedDefinition(spec, name, line, located, prefix))
@@ -376,6 +392,10 @@ def _issues_from(exc: ValidationError, located: Located, prefix: Path, raw: Any,
             message = f"unknown field {path[-1]!r}" if path else "unknown field"
         elif error["type"] == "missing":
             message = "required field is missing"
+        elif error["type"] == "string_pattern_mismatch":
+            pattern = str((error.get("ctx") or {}).get("pattern", ""))
+            words = PATTERN_WORDS.get(pattern, "is not allowed here")
+            message = f"{error['input']!r} {words}"
         yield ScenarioIssue(name, located.line_of((*prefix, *path)), field, message)
 
 

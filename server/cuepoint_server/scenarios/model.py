@@ -109,7 +109,10 @@ Share = Annotated[
     ),
 ]
 
-_ID = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+# Ids of scenarios, queues, skills, segments and milestones: the names people already use (Sales_Closers_Tier2).
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# App ids are matched against the SDK's Hello, which allows lowercase only.
+_APP_ID = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 _EVENT = r"^[a-z][a-z0-9_.:-]{0,63}$"
 # Context keys the SDK sends; custom ones live under attributes.* and user.*.
 _ATTRIBUTE = (
@@ -118,6 +121,16 @@ _ATTRIBUTE = (
 )
 
 _ATTRIBUTE_RE = re.compile(_ATTRIBUTE)
+
+# What each pattern means, for error messages in words rather than regular expressions.
+PATTERN_WORDS = {
+    _ID: "is not a valid id; use up to 64 letters, digits, '_', '-' or '.', starting with a letter or digit",
+    _APP_ID: "is not a valid app id; use up to 64 lowercase letters, digits, '_', '-' or '.', "
+    "starting with a letter or digit (as the SDK sends it)",
+    _EVENT: "is not a valid event name; use up to 64 lowercase letters, digits, '_', '.', ':' or '-', "
+    "starting with a letter",
+    r"^[A-Za-z0-9_.-]{1,64}$": "is not a valid property name; use up to 64 letters, digits, '_', '-' or '.'",
+}
 
 
 class _Strict(BaseModel):
@@ -509,7 +522,7 @@ class ScenarioSpec(_Strict):
         description="When several scenarios qualify at once, the highest fires; ties go to the "
         "scenario id that sorts first.",
     )
-    apps: list[Annotated[str, Field(pattern=_ID)]] = Field(
+    apps: list[Annotated[str, Field(pattern=_APP_ID)]] = Field(
         default_factory=list, description="App ids this applies to; empty means every app."
     )
     target: Condition | None = Field(default=None, description="Who: conditions on the context.")

@@ -1,0 +1,115 @@
+"""Rough edges a newcomer hit (issue 12, item 8), each on the real server, SDK and gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+import cuepoint
+from cuepoint.v1 import device_pb2, device_pb2_grpc
+from cuepoint_server.api.auth import AuthConfig
+
+from .conftest import StartServer, phone
+
+FITKIT_KEY = "fk_test_4f9a1c2e7b3d5a60"
+AUTH = AuthConfig.from_dict({"apps": {"fitkit": {"api_keys": [FITKIT_KEY]}}})
+
+HELP = """
+id: help
+trigger: {event: help}
+cue: {message: "hi", channel: chat}
+"""
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cuepoint_server.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+async def test_hello_without_app_id_is_invalid_argument_even_with_auth_on(start_server: StartServer) -> None:
+    server = await start_server(HELP, auth=AUTH)
+
+    async def frames() -> AsyncIterator[device_pb2.DeviceMessage]:
+        yield device_pb2.DeviceMessage(hello=device_pb2.Hello(device_id="phone-1"))
+        await asyncio.sleep(5)
+
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = device_pb2_grpc.DeviceServiceStub(channel).Connect(
+            frames(), metadata=(("authorization", f"Bearer {FITKIT_KEY}"),)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async with asyncio.timeout(5):
+                async for _ in call:
+                    pass
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith("hello.app_id: required")
+
+
+async def test_serve_on_a_busy_port_says_so_and_exits_2(start_server: StartServer, tmp_path: Path) -> None:
+    server = await start_server(HELP)
+    folder = tmp_path / "scenarios"
+    folder.mkdir()
+    (folder / "s.yaml").write_text(HELP)
+    done = await asyncio.to_thread(
+        cli, "serve", "--scenarios", str(folder), "--db", str(tmp_path / "other.db"), "--port", str(server.port)
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"cannot start: 127.0.0.1:{server.port} is already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+    # The running server was not disturbed.
+    client = await phone(server)
+    await client.track("help")
+    assert (await client.next_cue(timeout=5)).message == "hi"
+    await client.close()
+
+
+def test_unknown_template_keys_are_a_validate_error_with_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(
+        "id: greet\ntrigger: {event: help}\ncue:\n  channel: chat\n"
+        '  message: "Hi {{ user.first_name }}, key {{ secret.key }}"\n'
+    )
+    done = cli("validate", str(tmp_path))
+    assert done.returncode == 1
+    assert f"{tmp_path}/s.yaml:5: cue.message: unknown template key 'secret.key'" in done.stdout
+    assert "user.first_name" not in done.stdout  # a real context key is fine
+
+
+MIXED = """
+id: Sales_Help
+trigger: {event: help}
+cue: {message: "Talk to sales?", channel: chat, queue: Sales_Closers_Tier2, skills: [Enterprise_Deals]}
+"""
+
+
+async def test_ids_may_use_mixed_case_and_underscores(start_server: StartServer) -> None:
+    server = await start_server(MIXED)
+    associate = await cuepoint.connect_associate(
+        server.address, associate_id="dana", queues=["Sales_Closers_Tier2"], skills=["Enterprise_Deals"]
+    )
+    client = await phone(server)
+    await client.track("help")
+    cue = await client.next_cue(timeout=5)
+    assert cue.scenario_id == "Sales_Help"
+    engagement = await client.accept(cue)
+    assigned = await associate.next_engagement(timeout=5)
+    assert assigned.queue == "Sales_Closers_Tier2"
+    await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+    await client.close()
+    await associate.close()
+
+
+def test_a_bad_id_is_explained_in_our_words(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(MIXED.replace("Sales_Closers_Tier2", "Sales Closers/2"))
+    done = cli("validate", str(tmp_path))
+    assert done.returncode == 1
+    line = next(line for line in done.stdout.splitlines() if "cue.queue" in line)
+    assert "'Sales Closers/2' is not a valid id" in line
+    assert "letters, digits" in line
+    assert "pattern" not in done.stdout and "^[" not in done.stdout
