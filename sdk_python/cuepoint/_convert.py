@@ -651,6 +651,7 @@ def hello(
     consent: Consent,
     sdk_version: str,
     resume_session_id: str = "",
+    device_secret: str = "",
 ) -> device_pb2.DeviceMessage:
     msg = device_pb2.Hello(
         app_id=app_id,
@@ -659,6 +660,7 @@ def hello(
         consent=common_pb2.Consent(level=consent_to_proto(consent)),
         sdk_version=sdk_version,
         resume_session_id=resume_session_id,
+        device_secret=device_secret,
     )
     if user is not None:
         msg.user.CopyFrom(user_to_proto(user))

@@ -6,6 +6,9 @@ travel with it), keyed by app, device and signal id, ordered by insertion::
 
     outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, app_id, device_id, signal_id, time REAL, payload BLOB)
 
+It also keeps the install's device secret (issued by the server on the first connection and presented in
+every Hello): ``device_secret(app_id, device_id, secret)``, written at once, outside the outbox batching.
+
 Writes are buffered and applied by :meth:`Journal.commit` in one transaction;
 the client calls it once per event-loop pass, so a burst of ``track()`` calls
 costs one commit. WAL with ``synchronous=NORMAL``: a commit survives the app
@@ -39,6 +42,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (app_id, device_id, signal_id)
 )
 """
+_SECRET_SCHEMA = """
+CREATE TABLE IF NOT EXISTS device_secret (
+    app_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    PRIMARY KEY (app_id, device_id)
+)
+"""
 
 
 class JournalError(Exception):
@@ -60,6 +71,7 @@ class Journal:
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = NORMAL")
             self._conn.execute(_SCHEMA)
+            self._conn.execute(_SECRET_SCHEMA)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open the outbox {path!r}: {exc}") from exc
 
@@ -121,6 +133,31 @@ class Journal:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+            return False
+        return True
+
+    def device_secret(self) -> str | None:
+        """The device secret stored for this app and device, if any."""
+        try:
+            row = (
+                self._connection()
+                .execute("SELECT secret FROM device_secret WHERE app_id = ? AND device_id = ?", self._key)
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot read the outbox {self.path!r}: {exc}") from exc
+        return str(row[0]) if row else None
+
+    def save_device_secret(self, secret: str) -> bool:
+        """Keep the secret the server issued, committed at once (losing it locks the install out)."""
+        try:
+            self._connection().execute(
+                "INSERT INTO device_secret (app_id, device_id, secret) VALUES (?, ?, ?) "
+                "ON CONFLICT (app_id, device_id) DO UPDATE SET secret = excluded.secret",
+                (*self._key, secret),
+            )
+        except (sqlite3.Error, JournalError):
+            log.warning("cuepoint: could not keep the device secret in %s", self.path, exc_info=True)
             return False
         return True
 

@@ -130,15 +130,26 @@ async def connect(
     user: User | None = None,
     consent: Consent = Consent.NONE,
     config: ClientConfig | None = None,
+    device_secret: str | None = None,
 ) -> Client:
     """Open a device session and return the started :class:`Client`.
+
+    ``device_secret``: the secret the server issued to this install (see :attr:`Client.device_secret`);
+    with ``config.outbox_path`` the SDK keeps it itself.
 
     Raises a :class:`~cuepoint.errors.CuepointError` subclass if the server is
     unreachable, refuses the Hello, or sends no Welcome within
     ``config.connect_timeout``.
     """
     client = Client(
-        target, app_id=app_id, device_id=device_id, context=context, user=user, consent=consent, config=config
+        target,
+        app_id=app_id,
+        device_id=device_id,
+        context=context,
+        user=user,
+        consent=consent,
+        config=config,
+        device_secret=device_secret,
     )
     return await client.start()
 
@@ -159,6 +170,7 @@ class Client:
         user: User | None = None,
         consent: Consent = Consent.NONE,
         config: ClientConfig | None = None,
+        device_secret: str | None = None,
     ) -> None:
         _validate.identity(app_id, device_id)
         if not isinstance(consent, Consent):
@@ -171,6 +183,8 @@ class Client:
         self._consent = consent
         self._config = config or ClientConfig()
         self._new_id = IdGenerator(self._config.clock)
+        # Issued by the server on this install's first connection; presented in every Hello.
+        self._device_secret = device_secret or ""
 
         self._state: _State = "new"
         self._failure: CuepointError | None = None
@@ -256,6 +270,10 @@ class Client:
         """Make ``stream`` (past its Welcome) the session: start its reader and sender."""
         self._stream = stream
         self._session_id = welcome.session_id
+        if welcome.device_secret:
+            self._device_secret = welcome.device_secret
+            if self._journal is not None:
+                self._journal.save_device_secret(welcome.device_secret)
         self._server_time = _convert.time_from_proto(welcome, "server_time")
         self._batcher.limit_batch(welcome.max_signals_per_batch)
         self._connected_at = asyncio.get_running_loop().time()
@@ -278,6 +296,7 @@ class Client:
             sdk_version=SDK_AGENT,
             # After a drop, ask to resume: the server keeps session-scoped rules.
             resume_session_id=self._session_id or "",
+            device_secret=self._device_secret,
         )
         welcome: device_pb2.Welcome = await handshake(
             stream, hello, expect="welcome", target=self._target, within=self._config.connect_timeout
@@ -344,6 +363,16 @@ class Client:
         await self.close()
 
     # --- state ----------------------------------------------------------------
+
+    @property
+    def device_secret(self) -> str:
+        """The secret the server issued to this install ("" before the first Welcome).
+
+        Servers with auth refuse a Hello for a known device id without it. With ``config.outbox_path``
+        the SDK keeps it in that file; otherwise keep it with the install (the platform's keychain) and
+        pass it back as ``connect(..., device_secret=...)``. Never log it.
+        """
+        return self._device_secret
 
     @property
     def session_id(self) -> str:
@@ -547,6 +576,11 @@ class Client:
             log.warning("cuepoint: outbox disabled: %s", exc)
             return
         self._journal = journal
+        if not self._device_secret:
+            try:
+                self._device_secret = journal.device_secret() or ""
+            except JournalError as exc:
+                log.warning("cuepoint: %s", exc)
         now = asyncio.get_running_loop().time()
         pending = set(self._batcher.unacked_ids())
         restored = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import socket
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ class ServerConfig:
     watch_scenarios: bool = True
     # Issued credentials (api/auth.py, `cuepoint serve --auth FILE`); None disables auth (a warning is logged).
     auth: AuthConfig | None = None
+    # With auth, a Hello for a known device id must carry the device secret issued on its first connection
+    # (core/device_credentials.py). Migration mode also admits devices that never presented theirs (SDKs
+    # that predate device secrets); off by default (`--device-secret-migration`).
+    device_secret_migration: bool = False
     # PEM files; both set: the port speaks TLS only (`--tls-cert/--tls-key`).
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -106,7 +111,12 @@ class CuepointServer:
         if config.db != ":memory:":
             Path(config.db).parent.mkdir(parents=True, exist_ok=True)
         store = await SqliteStore.open(config.db)
-        core = Core(store, Engine(scenarios), clock or SystemClock(), config.core)
+        core_config = dataclasses.replace(
+            config.core,
+            enforce_device_secrets=config.auth is not None,
+            device_secret_migration=config.device_secret_migration,
+        )
+        core = Core(store, Engine(scenarios), clock or SystemClock(), core_config)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -121,7 +131,9 @@ class CuepointServer:
         ]
         auth = Authenticator(config.auth) if config.auth is not None else None
         if auth is None:
-            log.warning("auth.disabled", hint="any client may connect as any app, associate or admin; use --auth FILE")
+            log.warning(
+                "auth.disabled", hint="any client may connect as any app, device, associate or admin; use --auth FILE"
+            )
         limiter = RateLimiter(config.rate_limits, core.clock.now) if config.rate_limits is not None else None
         server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(auth)])
         device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(core, auth=auth, limiter=limiter), server)

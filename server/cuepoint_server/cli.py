@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
             scenarios=args.scenarios,
             watch_scenarios=args.watch,
             auth=auth,
+            device_secret_migration=args.device_secret_migration,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             rate_limits=limits,
@@ -172,6 +173,22 @@ def _report(args: argparse.Namespace) -> int:
     return run(args.db, args.since, args.until, args.scenario, args.by, args.json, sys.stdout, sys.stderr)
 
 
+def _forget_device(args: argparse.Namespace) -> int:
+    from .storage import SqliteStore
+
+    async def run() -> bool:
+        # The server reads credentials from the database at every Hello, so this works beside a running server.
+        async with await SqliteStore.open(args.db) as store:
+            return await store.forget_device_credential(args.device_id)
+
+    forgotten = asyncio.run(run())
+    print(
+        f"{args.device_id}: "
+        + ("credential forgotten; its next Hello is a new install" if forgotten else "no credential")
+    )
+    return 0 if forgotten else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -215,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--auth", metavar="FILE", help="YAML file of app API keys, associate tokens, admin tokens (default: no auth)"
     )
+    serve.add_argument(
+        "--device-secret-migration",
+        action="store_true",
+        help="with --auth, also admit devices that never presented their device secret (SDKs that predate it)",
+    )
     serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this certificate chain")
     serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     limits = RateLimits()
@@ -251,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--by", default="", help="group by context keys, e.g. device.model,app.version")
     report.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     report.set_defaults(func=_report)
+
+    forget = sub.add_parser(
+        "forget-device", help="forget a device's credential (lost device secret): its next Hello is a new install"
+    )
+    forget.add_argument("device_id")
+    forget.add_argument("--db", default="cuepoint.db", help="SQLite database path")
+    forget.set_defaults(func=_forget_device)
 
     demo = sub.add_parser("demo", help="end-to-end demo: server, simulated phone and associate")
     demo.add_argument("--scenarios", default="scenarios")

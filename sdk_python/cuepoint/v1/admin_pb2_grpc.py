@@ -69,6 +69,11 @@ class AdminServiceStub:
                 request_serializer=cuepoint_dot_v1_dot_admin__pb2.EraseUserRequest.SerializeToString,
                 response_deserializer=cuepoint_dot_v1_dot_admin__pb2.EraseUserResponse.FromString,
                 _registered_method=True)
+        self.ForgetDeviceCredential = channel.unary_unary(
+                '/cuepoint.v1.AdminService/ForgetDeviceCredential',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -128,6 +133,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetDeviceCredential(self, request, context):
+        """For an install that lost its device secret: forget the device's
+        credential, so its next Hello (with no secret) is treated as a new install
+        and issued a new one. Its stored journey stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +179,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.EraseUser,
                     request_deserializer=cuepoint_dot_v1_dot_admin__pb2.EraseUserRequest.FromString,
                     response_serializer=cuepoint_dot_v1_dot_admin__pb2.EraseUserResponse.SerializeToString,
+            ),
+            'ForgetDeviceCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetDeviceCredential,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +375,33 @@ class AdminService:
             '/cuepoint.v1.AdminService/EraseUser',
             cuepoint_dot_v1_dot_admin__pb2.EraseUserRequest.SerializeToString,
             cuepoint_dot_v1_dot_admin__pb2.EraseUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetDeviceCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/ForgetDeviceCredential',
+            cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,

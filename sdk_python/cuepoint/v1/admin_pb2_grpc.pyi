@@ -53,6 +53,11 @@ class AdminServiceStub:
     """Right of access: everything stored about one user, as a JSON document."""
     EraseUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.EraseUserRequest, _admin_pb2.EraseUserResponse]
     """Right to erasure: delete everything stored about one user."""
+    ForgetDeviceCredential: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ForgetDeviceCredentialRequest, _admin_pb2.ForgetDeviceCredentialResponse]
+    """For an install that lost its device secret: forget the device's
+    credential, so its next Hello (with no secret) is treated as a new install
+    and issued a new one. Its stored journey stays.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -79,6 +84,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Right of access: everything stored about one user, as a JSON document."""
     EraseUser: _aio.UnaryUnaryMultiCallable[_admin_pb2.EraseUserRequest, _admin_pb2.EraseUserResponse]  # type: ignore[assignment]
     """Right to erasure: delete everything stored about one user."""
+    ForgetDeviceCredential: _aio.UnaryUnaryMultiCallable[_admin_pb2.ForgetDeviceCredentialRequest, _admin_pb2.ForgetDeviceCredentialResponse]  # type: ignore[assignment]
+    """For an install that lost its device secret: forget the device's
+    credential, so its next Hello (with no secret) is treated as a new install
+    and issued a new one. Its stored journey stays.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -144,5 +154,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.EraseUserResponse, _abc.Awaitable[_admin_pb2.EraseUserResponse]]:
         """Right to erasure: delete everything stored about one user."""
+
+    @_abc_1.abstractmethod
+    def ForgetDeviceCredential(
+        self,
+        request: _admin_pb2.ForgetDeviceCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ForgetDeviceCredentialResponse, _abc.Awaitable[_admin_pb2.ForgetDeviceCredentialResponse]]:
+        """For an install that lost its device secret: forget the device's
+        credential, so its next Hello (with no secret) is treated as a new install
+        and issued a new one. Its stored journey stays.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -186,6 +186,7 @@ class Hello(_message.Message):
     CONSENT_FIELD_NUMBER: _builtins.int
     SDK_VERSION_FIELD_NUMBER: _builtins.int
     RESUME_SESSION_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_SECRET_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The app's id as registered with the server, e.g. "fitkit"."""
     device_id: _builtins.str
@@ -196,6 +197,13 @@ class Hello(_message.Message):
     """The session this device had before a dropped connection. If it ended
     recently the server resumes it (same session id, session-scoped caps,
     milestones and decline memory kept); otherwise a new session starts.
+    """
+    device_secret: _builtins.str
+    """The secret the server issued to this install in its first Welcome. A
+    Hello for a known device id without it (or with another one) is refused
+    with UNAUTHENTICATED when the server runs with auth, and never touches the
+    device's session. Empty on a first connection. Keep it with the install
+    (the Python SDK keeps it in its outbox file) and never log it.
     """
     @_builtins.property
     def context(self) -> _common_pb2.Context: ...
@@ -213,10 +221,11 @@ class Hello(_message.Message):
         consent: _common_pb2.Consent | None = ...,
         sdk_version: _builtins.str = ...,
         resume_session_id: _builtins.str = ...,
+        device_secret: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "context", b"context", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "device_secret", b"device_secret", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -343,9 +352,16 @@ class Welcome(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SERVER_TIME_FIELD_NUMBER: _builtins.int
     MAX_SIGNALS_PER_BATCH_FIELD_NUMBER: _builtins.int
+    DEVICE_SECRET_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_signals_per_batch: _builtins.int
     """Limits the client should batch within."""
+    device_secret: _builtins.str
+    """Set only when the server issues a device secret: on the device's first
+    connection, and after an operator forgot its credential
+    (AdminService.ForgetDeviceCredential). Send it in every later
+    Hello.device_secret. The server keeps only its SHA-256.
+    """
     @_builtins.property
     def server_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -354,10 +370,11 @@ class Welcome(_message.Message):
         session_id: _builtins.str = ...,
         server_time: _timestamp_pb2.Timestamp | None = ...,
         max_signals_per_batch: _builtins.int = ...,
+        device_secret: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_signals_per_batch", b"max_signals_per_batch", "server_time", b"server_time", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_secret", b"device_secret", "max_signals_per_batch", b"max_signals_per_batch", "server_time", b"server_time", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

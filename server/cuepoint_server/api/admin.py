@@ -142,6 +142,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await abort(context, exc)
         return admin_pb2.EraseUserResponse(deleted=deleted)
 
+    async def ForgetDeviceCredential(
+        self, request: admin_pb2.ForgetDeviceCredentialRequest, context: Context
+    ) -> admin_pb2.ForgetDeviceCredentialResponse:
+        if not request.device_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id: required")
+        forgotten = await self.core.forget_device_credential(request.device_id)
+        return admin_pb2.ForgetDeviceCredentialResponse(forgotten=forgotten)
+
 
 def _seconds(ts: Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9

@@ -173,6 +173,7 @@ def hello_from_proto(msg: device_pb2.Hello) -> Hello:
         consent=CONSENT[msg.consent.level],
         sdk_version=msg.sdk_version[:64],
         resume_session_id=msg.resume_session_id[:64],
+        device_secret=msg.device_secret[:256],
     )
 
 

@@ -102,9 +102,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     session_id=session.session_id,
                     server_time=now,
                     max_signals_per_batch=self.core.config.max_signals_per_batch,
+                    device_secret=session.issued_secret,
                 )
             )
         )
+        session.issued_secret = ""
         return session
 
     async def _read(self, requests: AsyncIterator[device_pb2.DeviceMessage], session: DeviceSession) -> _StreamEnd:

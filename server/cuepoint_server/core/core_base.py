@@ -43,6 +43,11 @@ class CoreConfig:
     # Live now (admin ListLiveSessions): seconds since a device's last signal before idle, then inactive.
     live_idle_after: float = 45.0
     live_inactive_after: float = 60.0
+    # Refuse a Hello for a known device id without its secret (core/device_credentials.py). The server
+    # turns this on whenever it runs with auth; without auth anyone may be anyone, and it is off.
+    enforce_device_secrets: bool = False
+    # Migration for SDKs that predate device secrets: admit devices that never presented theirs.
+    device_secret_migration: bool = False
 
 
 @dataclass

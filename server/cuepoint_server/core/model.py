@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -41,6 +41,7 @@ class Hello:
     consent: str = "essential"
     sdk_version: str = ""
     resume_session_id: str = ""
+    device_secret: str = field(default="", repr=False)
 
 
 # A NamedTuple, not a frozen dataclass: one is built per signal on the ingest path, and a frozen

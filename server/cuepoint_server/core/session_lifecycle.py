@@ -10,6 +10,7 @@ import structlog
 from ..engine.state import DeviceState
 from ..storage import SessionRecord
 from .core_base import session_record
+from .device_credentials import DeviceCredentials
 from .ingest import Ingest
 from .model import (
     Hello,
@@ -23,10 +24,12 @@ __all__ = ["SessionLifecycle"]
 log = structlog.get_logger("cuepoint.core")
 
 
-class SessionLifecycle(Ingest):
+class SessionLifecycle(Ingest, DeviceCredentials):
     async def open_session(self, hello: Hello) -> DeviceSession:
         validate_hello(hello)
         now = self.clock.now()
+        # First, before anything of the device is touched: a Hello refused here never reaches its session.
+        issued_secret = await self._admit_device(hello, now)
         state = self._reg.states.get(hello.device_id)
         if state is None:
             state = self._reg.states[hello.device_id] = DeviceState(hello.device_id, hello.app_id)
@@ -49,6 +52,7 @@ class SessionLifecycle(Ingest):
             consent=hello.consent,
             state=state,
             started_at=now,
+            issued_secret=issued_secret,
         )
         await self.store.save_session(
             session_record(session, user_id if hello.consent != "none" else "", resumed.started_at if resumed else now)

@@ -105,6 +105,8 @@ class DeviceSession:
     last_received_at: float = 0.0
     writes: set[asyncio.Future[object]] = field(default_factory=set)
     closed: bool = False
+    # A device secret issued by this Hello, for the Welcome to carry; cleared once sent.
+    issued_secret: str = field(default="", repr=False)
 
     # Resolved by notify_room once there is room again; exists only while the reader waits for it.
     _room: asyncio.Future[None] | None = field(default=None, init=False, repr=False)

@@ -18,6 +18,7 @@ from .records import (
     ChatRecord,
     CueRecord,
     DecisionRecord,
+    DeviceCredentialRecord,
     EngagementRecord,
     FeedbackRecord,
     MilestoneRecord,
@@ -195,3 +196,15 @@ class Store(Protocol):
     async def export_user(self, user_id: str) -> dict[str, list[dict[str, Any]]]: ...
 
     async def erase_user(self, user_id: str) -> dict[str, int]: ...
+
+    # -- device credentials (core/device_credentials.py) ------------------------------------------
+
+    async def device_credential(self, device_id: str) -> DeviceCredentialRecord | None: ...
+
+    async def issue_device_credential(self, rec: DeviceCredentialRecord) -> bool:
+        """Store ``rec`` unless the device already has a credential; True if ``rec`` is the one stored."""
+        ...
+
+    async def confirm_device_credential(self, device_id: str, at: float) -> None: ...
+
+    async def forget_device_credential(self, device_id: str) -> bool: ...

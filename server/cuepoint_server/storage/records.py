@@ -7,7 +7,7 @@ converts at its edge. Times are epoch seconds.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 ContextValue = str | int | float | bool
@@ -145,3 +145,15 @@ class FeedbackRecord:
     score: int
     comment: str
     time: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCredentialRecord:
+    """A device id's credential: the SHA-256 of its secret (the secret itself is never stored)."""
+
+    device_id: str
+    app_id: str
+    secret_sha256: bytes = field(repr=False)
+    issued_at: float
+    # When the install first presented the secret; None while it never has (an SDK that predates them).
+    confirmed_at: float | None = None

@@ -1,4 +1,4 @@
--- Cuepoint storage schema, version 3 (tracked in PRAGMA user_version by sqlite.py).
+-- Cuepoint storage schema, version 4 (tracked in PRAGMA user_version by sqlite.py).
 -- Never edit a released version in place: add a migration step that moves user_version forward.
 -- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
 -- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
@@ -161,3 +161,14 @@ CREATE TABLE IF NOT EXISTS feedback (
     time          REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_time ON feedback (time);
+
+-- One credential per device id (version 4): the SHA-256 of the secret issued on the device's first
+-- connection, never the secret itself. confirmed_at: when the install first presented it, which tells an
+-- SDK that keeps its secret from one that predates device credentials (migration mode).
+CREATE TABLE IF NOT EXISTS device_credentials (
+    device_id     TEXT PRIMARY KEY,
+    app_id        TEXT NOT NULL,
+    secret_sha256 BLOB NOT NULL,
+    issued_at     REAL NOT NULL,
+    confirmed_at  REAL
+);

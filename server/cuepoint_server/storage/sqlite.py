@@ -32,6 +32,7 @@ from .records import (
     ChatRecord,
     CueRecord,
     DecisionRecord,
+    DeviceCredentialRecord,
     EngagementRecord,
     FeedbackRecord,
     MilestoneRecord,
@@ -41,7 +42,7 @@ from .records import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -93,6 +94,16 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             time          REAL NOT NULL
         )""",
         "CREATE INDEX IF NOT EXISTS feedback_time ON feedback (time)",
+    ),
+    # Version 4 adds device credentials (core/device_credentials.py).
+    4: (
+        """CREATE TABLE IF NOT EXISTS device_credentials (
+            device_id     TEXT PRIMARY KEY,
+            app_id        TEXT NOT NULL,
+            secret_sha256 BLOB NOT NULL,
+            issued_at     REAL NOT NULL,
+            confirmed_at  REAL
+        )""",
     ),
 }
 _BUSY_TIMEOUT_MS = 5000
@@ -782,6 +793,38 @@ class SqliteStore:
         ):
             await self._writer.execute(sql, params)
         return counts
+
+    # -- device credentials -------------------------------------------------------------------------
+
+    async def device_credential(self, device_id: str) -> DeviceCredentialRecord | None:
+        cols = "device_id, app_id, secret_sha256, issued_at, confirmed_at"
+        rows = await self._fetch(f"SELECT {cols} FROM device_credentials WHERE device_id = ?", (device_id,))
+        return DeviceCredentialRecord(*rows[0]) if rows else None
+
+    async def issue_device_credential(self, rec: DeviceCredentialRecord) -> bool:
+        """Store ``rec`` unless the device already has a credential; True if ``rec`` is the one stored.
+
+        Two first connections racing for one device id: the writer applies one insert, the other is ignored.
+        """
+        await self._writer.execute(
+            "INSERT INTO device_credentials (device_id, app_id, secret_sha256, issued_at, confirmed_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id) DO NOTHING",
+            (rec.device_id, rec.app_id, rec.secret_sha256, rec.issued_at, rec.confirmed_at),
+        )
+        stored = await self.device_credential(rec.device_id)
+        return stored is not None and stored.secret_sha256 == rec.secret_sha256
+
+    async def confirm_device_credential(self, device_id: str, at: float) -> None:
+        await self._writer.execute(
+            "UPDATE device_credentials SET confirmed_at = ? WHERE device_id = ? AND confirmed_at IS NULL",
+            (at, device_id),
+        )
+
+    async def forget_device_credential(self, device_id: str) -> bool:
+        """Delete the device's credential (operator path for a lost secret); False if it had none."""
+        existed = await self.device_credential(device_id) is not None
+        await self._writer.execute("DELETE FROM device_credentials WHERE device_id = ?", (device_id,))
+        return existed
 
     async def query(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
         """A read-only ad-hoc query (reports, reporting/funnel.py); sees everything committed."""
