@@ -22,7 +22,9 @@ GENERATED = OUT_PACKAGE / "cuepoint" / "v1"
 
 
 def generate(out_root: Path) -> Path:
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    # Only our own package: proto/google/rpc ships for other languages' clients, and Python has it from
+    # googleapis-common-protos.
+    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "cuepoint").rglob("*.proto"))
     bindir = Path(sys.executable).parent
     cmd = [
         sys.executable,

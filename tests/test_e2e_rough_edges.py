@@ -10,12 +10,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory
 
 import cuepoint
 from cuepoint.v1 import device_pb2, device_pb2_grpc
 from cuepoint_server.api.auth import AuthConfig
 
-from .conftest import StartServer, phone
+from .conftest import ROOT, StartServer, phone
 
 FITKIT_KEY = "fk_test_4f9a1c2e7b3d5a60"
 AUTH = AuthConfig.from_dict({"apps": {"fitkit": {"api_keys": [FITKIT_KEY]}}})
@@ -113,3 +114,59 @@ def test_a_bad_id_is_explained_in_our_words(tmp_path: Path) -> None:
     assert "'Sales Closers/2' is not a valid id" in line
     assert "letters, digits" in line
     assert "pattern" not in done.stdout and "^[" not in done.stdout
+
+
+DEVICE_PROTO = ROOT / "proto" / "cuepoint" / "v1" / "device.proto"
+
+
+def test_the_proto_documents_auth_metadata_and_message_ordering() -> None:
+    device = DEVICE_PROTO.read_text()
+    common = (ROOT / "proto" / "cuepoint" / "v1" / "common.proto").read_text()
+    assert "`authorization: Bearer <key>`" in device
+    assert "may arrive before that batch's" in device
+    assert "the sender included" in device
+    assert "Unset: the server's time of arrival is used." in common
+
+
+async def test_rich_errors_decode_with_the_google_rpc_protos_shipped_in_proto(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    shipped = [ROOT / "proto" / "google" / "rpc" / name for name in ("status.proto", "error_details.proto")]
+    for path in shipped:
+        assert path.read_text().startswith("// Copyright"), path
+        assert "Licensed under the Apache License, Version 2.0" in path.read_text()
+    # What a client in another language does: compile them, with nothing but protoc's well-known types.
+    descriptors = tmp_path / "rpc.pb"
+    from grpc_tools import protoc
+
+    include = str(Path(protoc.__file__).parent / "_proto")
+    argv = ["protoc", f"-I{ROOT / 'proto'}", f"-I{include}", f"--descriptor_set_out={descriptors}"]
+    assert protoc.main([*argv, "google/rpc/status.proto", "google/rpc/error_details.proto"]) == 0
+    pool = descriptor_pool.DescriptorPool()
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptors.read_bytes())
+    for well_known in (any_pb2, duration_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        well_known.DESCRIPTOR.CopyToProto(proto)
+        pool.Add(proto)
+    for file in files.file:
+        pool.Add(file)
+    status_class = message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.Status"))
+    bad_request_class = message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.BadRequest"))
+
+    server = await start_server(HELP)
+
+    async def frames() -> AsyncIterator[device_pb2.DeviceMessage]:
+        yield device_pb2.DeviceMessage(hello=device_pb2.Hello(app_id="Not An App", device_id="phone-1"))
+        await asyncio.sleep(5)
+
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = device_pb2_grpc.DeviceServiceStub(channel).Connect(frames())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async with asyncio.timeout(5):
+                async for _ in call:
+                    pass
+    trailer = dict(info.value.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_class.FromString(trailer)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    bad_request = bad_request_class.FromString(status.details[0].value)
+    assert bad_request.field_violations[0].field == "hello.app_id"

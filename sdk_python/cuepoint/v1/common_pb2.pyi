@@ -460,7 +460,7 @@ class Signal(_message.Message):
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened on the device (device clock; the server corrects skew
-        with SignalBatch.sent_at).
+        with SignalBatch.sent_at). Unset: the server's time of arrival is used.
         """
 
     @_builtins.property

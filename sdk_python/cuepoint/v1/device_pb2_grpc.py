@@ -51,6 +51,21 @@ class DeviceServiceServicer:
         engagement updates. Malformed input ends the stream with
         INVALID_ARGUMENT naming the offending field; nothing from the rejected
         batch is stored and everything acked before it is kept.
+
+        Authentication: when the server runs with auth on, every call carries the
+        app's API key as gRPC metadata `authorization: Bearer <key>`; a missing
+        or unknown key gets UNAUTHENTICATED, another app's key PERMISSION_DENIED.
+
+        Ordering a client must expect:
+        - A batch is evaluated as it arrives and acked once it is committed, so a
+        Cue (or CueWithdrawal) fired by a batch may arrive before that batch's
+        SignalAck.
+        - Chat is relayed to both sides, the sender included: the device receives
+        its own ChatMessage back, with the server's message_id and time, in
+        transcript order.
+        - Rejections carry a google.rpc.Status in the `grpc-status-details-bin`
+        trailer (BadRequest, QuotaFailure); the protos to decode it ship in
+        proto/google/rpc.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,6 +38,21 @@ class DeviceServiceStub:
     engagement updates. Malformed input ends the stream with
     INVALID_ARGUMENT naming the offending field; nothing from the rejected
     batch is stored and everything acked before it is kept.
+
+    Authentication: when the server runs with auth on, every call carries the
+    app's API key as gRPC metadata `authorization: Bearer <key>`; a missing
+    or unknown key gets UNAUTHENTICATED, another app's key PERMISSION_DENIED.
+
+    Ordering a client must expect:
+    - A batch is evaluated as it arrives and acked once it is committed, so a
+      Cue (or CueWithdrawal) fired by a batch may arrive before that batch's
+      SignalAck.
+    - Chat is relayed to both sides, the sender included: the device receives
+      its own ChatMessage back, with the server's message_id and time, in
+      transcript order.
+    - Rejections carry a google.rpc.Status in the `grpc-status-details-bin`
+      trailer (BadRequest, QuotaFailure); the protos to decode it ship in
+      proto/google/rpc.
     """
 
 @_typing.type_check_only
@@ -50,6 +65,21 @@ class DeviceServiceAsyncStub(DeviceServiceStub):
     engagement updates. Malformed input ends the stream with
     INVALID_ARGUMENT naming the offending field; nothing from the rejected
     batch is stored and everything acked before it is kept.
+
+    Authentication: when the server runs with auth on, every call carries the
+    app's API key as gRPC metadata `authorization: Bearer <key>`; a missing
+    or unknown key gets UNAUTHENTICATED, another app's key PERMISSION_DENIED.
+
+    Ordering a client must expect:
+    - A batch is evaluated as it arrives and acked once it is committed, so a
+      Cue (or CueWithdrawal) fired by a batch may arrive before that batch's
+      SignalAck.
+    - Chat is relayed to both sides, the sender included: the device receives
+      its own ChatMessage back, with the server's message_id and time, in
+      transcript order.
+    - Rejections carry a google.rpc.Status in the `grpc-status-details-bin`
+      trailer (BadRequest, QuotaFailure); the protos to decode it ship in
+      proto/google/rpc.
     """
 
 class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -65,6 +95,21 @@ class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
         engagement updates. Malformed input ends the stream with
         INVALID_ARGUMENT naming the offending field; nothing from the rejected
         batch is stored and everything acked before it is kept.
+
+        Authentication: when the server runs with auth on, every call carries the
+        app's API key as gRPC metadata `authorization: Bearer <key>`; a missing
+        or unknown key gets UNAUTHENTICATED, another app's key PERMISSION_DENIED.
+
+        Ordering a client must expect:
+        - A batch is evaluated as it arrives and acked once it is committed, so a
+          Cue (or CueWithdrawal) fired by a batch may arrive before that batch's
+          SignalAck.
+        - Chat is relayed to both sides, the sender included: the device receives
+          its own ChatMessage back, with the server's message_id and time, in
+          transcript order.
+        - Rejections carry a google.rpc.Status in the `grpc-status-details-bin`
+          trailer (BadRequest, QuotaFailure); the protos to decode it ship in
+          proto/google/rpc.
         """
 
 def add_DeviceServiceServicer_to_server(servicer: DeviceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
