@@ -52,7 +52,7 @@ def test_public_api_is_explicit_and_importable() -> None:
     assert isinstance(cuepoint.__version__, str) and cuepoint.__version__
     assert [c.name for c in cuepoint.Consent] == ["NONE", "ESSENTIAL", "FULL"]
     assert [c.name for c in cuepoint.Channel] == ["AUDIO", "SCREEN_SHARE", "CHAT", "VIDEO"]
-    assert [c.name for c in cuepoint.CueResponse] == ["ACCEPTED", "DECLINED", "DISMISSED", "EXPIRED"]
+    assert [c.name for c in cuepoint.CueResponse] == ["ACCEPTED", "DECLINED", "DISMISSED", "EXPIRED", "OPENED"]
 
 
 def test_every_sdk_error_has_one_root() -> None:

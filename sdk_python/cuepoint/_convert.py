@@ -18,6 +18,7 @@ from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
 
 from .models import (
     AssignedEngagement,
+    ButtonAction,
     CallSignal,
     CallSignalKind,
     Channel,
@@ -26,6 +27,9 @@ from .models import (
     Consent,
     Context,
     Cue,
+    CueButton,
+    CueImage,
+    CueLayout,
     CueResponse,
     CueWithdrawal,
     EngagementContext,
@@ -81,6 +85,7 @@ _RESPONSE_TO_PB = {
     CueResponse.DECLINED: common_pb2.CUE_RESPONSE_KIND_DECLINED,
     CueResponse.DISMISSED: common_pb2.CUE_RESPONSE_KIND_DISMISSED,
     CueResponse.EXPIRED: common_pb2.CUE_RESPONSE_KIND_EXPIRED,
+    CueResponse.OPENED: common_pb2.CUE_RESPONSE_KIND_OPENED,
 }
 
 _STATE_TO_PB = {
@@ -413,6 +418,41 @@ def journey_entry_to_proto(entry: JourneyEntry) -> common_pb2.JourneyEntry:
 # --- server -> device -------------------------------------------------------
 
 
+_LAYOUT_TO_PB = {
+    CueLayout.BANNER: common_pb2.CUE_LAYOUT_BANNER,
+    CueLayout.MODAL: common_pb2.CUE_LAYOUT_MODAL,
+    CueLayout.BUBBLE: common_pb2.CUE_LAYOUT_BUBBLE,
+}
+_LAYOUT_FROM_PB = {v: k for k, v in _LAYOUT_TO_PB.items()}
+_ACTION_TO_PB = {
+    ButtonAction.ACCEPT: common_pb2.CUE_BUTTON_ACTION_ACCEPT,
+    ButtonAction.DECLINE: common_pb2.CUE_BUTTON_ACTION_DECLINE,
+    ButtonAction.DISMISS: common_pb2.CUE_BUTTON_ACTION_DISMISS,
+    ButtonAction.OPEN_URL: common_pb2.CUE_BUTTON_ACTION_OPEN_URL,
+}
+_ACTION_FROM_PB = {v: k for k, v in _ACTION_TO_PB.items()}
+
+
+def _button_to_proto(b: CueButton) -> common_pb2.CueButton:
+    return common_pb2.CueButton(
+        button_id=b.button_id,
+        label=b.label,
+        action=_ACTION_TO_PB[b.action] if b.action else common_pb2.CUE_BUTTON_ACTION_UNSPECIFIED,
+        channel=channel_to_proto(b.channel),
+        url=b.url,
+    )
+
+
+def _button_from_proto(msg: common_pb2.CueButton) -> CueButton:
+    return CueButton(
+        button_id=msg.button_id,
+        label=msg.label,
+        action=_ACTION_FROM_PB.get(msg.action),
+        channel=channel_from_proto(msg.channel),
+        url=msg.url,
+    )
+
+
 def cue_to_proto(cue: Cue) -> common_pb2.Cue:
     msg = common_pb2.Cue(
         cue_id=cue.cue_id,
@@ -421,7 +461,13 @@ def cue_to_proto(cue: Cue) -> common_pb2.Cue:
         channel=channel_to_proto(cue.channel),
         allowed_upgrades=[channel_to_proto(c) for c in cue.allowed_upgrades],
         title=cue.title,
+        buttons=[_button_to_proto(b) for b in cue.buttons],
+        layout=_LAYOUT_TO_PB[cue.layout] if cue.layout else common_pb2.CUE_LAYOUT_UNSPECIFIED,
+        variant=cue.variant,
+        locale=cue.locale,
     )
+    if cue.image is not None:
+        msg.image.CopyFrom(common_pb2.CueImage(url=cue.image.url, alt_text=cue.image.alt_text))
     if cue.created_at is not None:
         msg.created_at.CopyFrom(timestamp(cue.created_at))
     if cue.expires_at is not None:
@@ -440,6 +486,11 @@ def cue_from_proto(msg: common_pb2.Cue) -> Cue:
         created_at=time_from_proto(msg, "created_at"),
         expires_at=time_from_proto(msg, "expires_at"),
         title=msg.title,
+        image=CueImage(msg.image.url, msg.image.alt_text) if msg.HasField("image") else None,
+        buttons=tuple(_button_from_proto(b) for b in msg.buttons),
+        layout=_LAYOUT_FROM_PB.get(msg.layout),
+        variant=msg.variant,
+        locale=msg.locale,
     )
 
 
@@ -672,8 +723,10 @@ def signal_batch(batch_id: str, sent_at: float, signals: Iterable[common_pb2.Sig
     return device_pb2.DeviceMessage(signals=batch)
 
 
-def cue_response(cue_id: str, response: CueResponse, at: float) -> device_pb2.DeviceMessage:
-    msg = device_pb2.CueResponse(cue_id=cue_id, kind=_RESPONSE_TO_PB[response], time=timestamp(at))
+def cue_response(cue_id: str, response: CueResponse, at: float, button_id: str = "") -> device_pb2.DeviceMessage:
+    msg = device_pb2.CueResponse(
+        cue_id=cue_id, kind=_RESPONSE_TO_PB[response], time=timestamp(at), button_id=button_id
+    )
     return device_pb2.DeviceMessage(cue_response=msg)
 
 

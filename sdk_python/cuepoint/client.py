@@ -70,10 +70,12 @@ from .errors import (
     TimedOut,
 )
 from .models import (
+    ButtonAction,
     ConnectionState,
     Consent,
     Context,
     Cue,
+    CueButton,
     CueResponse,
     CueWithdrawal,
     EngagementState,
@@ -662,6 +664,24 @@ class Client:
 
     async def accept(self, cue: Cue | str) -> Engagement:
         """Accept the cue; the returned handle follows the engagement it starts."""
+        return await self._accept(cue, "")
+
+    async def press(self, cue: Cue, button: CueButton | str) -> Engagement | None:
+        """The user pressed one of the cue's buttons: answer as its action says, recording which button.
+
+        An ACCEPT button starts the engagement on the button's channel and returns its handle;
+        DECLINE, DISMISS and OPEN_URL (the app opens ``button.url`` itself) return None.
+        """
+        button_id = button.button_id if isinstance(button, CueButton) else button
+        pressed = cue.button(button_id)
+        if pressed is None or pressed.action is None:
+            raise Rejected(f"cue {cue.cue_id} has no button {button_id!r}")
+        if pressed.action is ButtonAction.ACCEPT:
+            return await self._accept(cue, button_id)
+        await self._respond(cue.cue_id, pressed.action.response, button_id)
+        return None
+
+    async def _accept(self, cue: Cue | str, button_id: str) -> Engagement:
         handle = Engagement(
             cue if isinstance(cue, Cue) else Cue(cue_id=_validate.cue_id(cue)),
             _send=self._send_engagement,
@@ -672,7 +692,7 @@ class Client:
         # arrive while the write is still in progress.
         self._engagements[handle.cue_id] = handle
         try:
-            await self._respond(handle.cue_id, CueResponse.ACCEPTED)
+            await self._respond(handle.cue_id, CueResponse.ACCEPTED, button_id)
         except BaseException:
             if previous is None:
                 self._engagements.pop(handle.cue_id, None)
@@ -692,7 +712,7 @@ class Client:
         """The cue was shown but timed out on the device."""
         await self._respond(_cue_id(cue), CueResponse.EXPIRED)
 
-    async def _respond(self, cue_id: str, response: CueResponse) -> None:
+    async def _respond(self, cue_id: str, response: CueResponse, button_id: str = "") -> None:
         """Send an answer; while STALE (or if the write breaks the stream) it is only recorded.
 
         The server re-offers a cue it has no answer for on the next session;
@@ -706,7 +726,7 @@ class Client:
             raise Rejected(f"cue {cue_id} was already answered")
         self._answered.add(cue_id)
         self._cue_inbox.discard(lambda c: c.cue_id == cue_id)
-        message = _convert.cue_response(cue_id, response, self._config.clock())
+        message = _convert.cue_response(cue_id, response, self._config.clock(), button_id)
         self._remember_cue(cue_id, message)
         stream = self._stream
         if stream is None or self._conn_state is not ConnectionState.CONNECTED:

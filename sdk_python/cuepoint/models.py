@@ -17,6 +17,7 @@ from typing import Literal, NamedTuple, TypeAlias
 
 __all__ = [
     "AssignedEngagement",
+    "ButtonAction",
     "CallSignal",
     "CallSignalKind",
     "Channel",
@@ -26,6 +27,9 @@ __all__ = [
     "Consent",
     "Context",
     "Cue",
+    "CueButton",
+    "CueImage",
+    "CueLayout",
     "CueResponse",
     "CueWithdrawal",
     "EngagementContext",
@@ -80,6 +84,32 @@ class CueResponse(enum.Enum):
     """Closed without an answer (swiped away)."""
     EXPIRED = "expired"
     """Shown but timed out on the device."""
+    OPENED = "opened"
+    """The user pressed a button that opens a link (:attr:`ButtonAction.OPEN_URL`)."""
+
+
+class CueLayout(enum.Enum):
+    """How the scenario suggests presenting a cue (a hint: the app decides)."""
+
+    BANNER = "banner"
+    MODAL = "modal"
+    BUBBLE = "bubble"
+
+
+class ButtonAction(enum.Enum):
+    """What a cue button does; pass the button to :meth:`Client.press`."""
+
+    ACCEPT = "accept"
+    """Accept, on the button's ``channel``."""
+    DECLINE = "decline"
+    DISMISS = "dismiss"
+    OPEN_URL = "open_url"
+    """Open the button's ``url`` (a deep link or web address)."""
+
+    @property
+    def response(self) -> CueResponse:
+        """The answer pressing such a button gives."""
+        return _BUTTON_RESPONSES[self]
 
 
 class EngagementState(enum.Enum):
@@ -201,6 +231,35 @@ class User:
     attributes: Mapping[str, Scalar] = field(default_factory=dict)
 
 
+_BUTTON_RESPONSES = {
+    ButtonAction.ACCEPT: CueResponse.ACCEPTED,
+    ButtonAction.DECLINE: CueResponse.DECLINED,
+    ButtonAction.DISMISS: CueResponse.DISMISSED,
+    ButtonAction.OPEN_URL: CueResponse.OPENED,
+}
+
+
+@dataclass(frozen=True)
+class CueImage:
+    url: str
+    alt_text: str = ""
+    """For screen readers, in the chosen locale."""
+
+
+@dataclass(frozen=True)
+class CueButton:
+    """One of up to three buttons of a cue; answer with :meth:`Client.press`."""
+
+    button_id: str
+    label: str = ""
+    """In the chosen locale."""
+    action: ButtonAction | None = None
+    channel: Channel | None = None
+    """ACCEPT only: the channel the engagement starts on."""
+    url: str = ""
+    """OPEN_URL only: the deep link or web address to open."""
+
+
 @dataclass(frozen=True)
 class Cue:
     """An offer of help for the app to present."""
@@ -214,6 +273,17 @@ class Cue:
     expires_at: float | None = None
     """After this the offer lapses and should no longer be shown."""
     title: str = ""
+    image: CueImage | None = None
+    buttons: tuple[CueButton, ...] = ()
+    """At most three; when empty the app shows its own accept and decline."""
+    layout: CueLayout | None = None
+    variant: str = ""
+    """The A/B variant shown ("" without variants); the same for a user on every device."""
+    locale: str = ""
+    """The locale whose texts were chosen ("pt" for a pt-BR device with only pt); "" for the default."""
+
+    def button(self, button_id: str) -> CueButton | None:
+        return next((b for b in self.buttons if b.button_id == button_id), None)
 
     def is_expired(self, now: float | None = None) -> bool:
         """Whether ``expires_at`` has passed at ``now`` (default: ``time.time()``)."""

@@ -234,6 +234,7 @@ class ScenarioInfo(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     TIME_DRIVEN_FIELD_NUMBER: _builtins.int
     HOLDOUT_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     file: _builtins.str
@@ -246,6 +247,10 @@ class ScenarioInfo(_message.Message):
     def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Events (and milestone:<id> pseudo-events) that drive its evaluation."""
 
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantInfo]:
+        """A/B variants in file order (the first is the control); empty if none."""
+
     def __init__(
         self,
         *,
@@ -257,14 +262,96 @@ class ScenarioInfo(_message.Message):
         events: _abc.Iterable[_builtins.str] | None = ...,
         time_driven: _builtins.bool = ...,
         holdout: _builtins.float = ...,
+        variants: _abc.Iterable[Global___VariantInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "events", b"events", "file", b"file", "holdout", b"holdout", "id", b"id", "name", b"name", "priority", b"priority", "time_driven", b"time_driven"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "events", b"events", "file", b"file", "holdout", b"holdout", "id", b"id", "name", b"name", "priority", b"priority", "time_driven", b"time_driven", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScenarioInfo: _TypeAlias = ScenarioInfo  # noqa: Y015
+
+@_typing.final
+class VariantInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANT_ID_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
+    variant_id: _builtins.str
+    weight: _builtins.float
+    """Relative share of users."""
+    control: _builtins.bool
+    stopped: _builtins.bool
+    """Stopped with SetVariantStopped: its users see the control."""
+    def __init__(
+        self,
+        *,
+        variant_id: _builtins.str = ...,
+        weight: _builtins.float = ...,
+        control: _builtins.bool = ...,
+        stopped: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["control", b"control", "stopped", b"stopped", "variant_id", b"variant_id", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariantInfo: _TypeAlias = VariantInfo  # noqa: Y015
+
+@_typing.final
+class SetVariantStoppedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCENARIO_ID_FIELD_NUMBER: _builtins.int
+    VARIANT_ID_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    scenario_id: _builtins.str
+    variant_id: _builtins.str
+    stopped: _builtins.bool
+    reason: _builtins.str
+    """Kept with the switch, e.g. "complaints about wording"."""
+    def __init__(
+        self,
+        *,
+        scenario_id: _builtins.str = ...,
+        variant_id: _builtins.str = ...,
+        stopped: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "scenario_id", b"scenario_id", "stopped", b"stopped", "variant_id", b"variant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVariantStoppedRequest: _TypeAlias = SetVariantStoppedRequest  # noqa: Y015
+
+@_typing.final
+class SetVariantStoppedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantInfo]:
+        """The scenario's variants as now served."""
+
+    def __init__(
+        self,
+        *,
+        variants: _abc.Iterable[Global___VariantInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["variants", b"variants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVariantStoppedResponse: _TypeAlias = SetVariantStoppedResponse  # noqa: Y015
 
 @_typing.final
 class GetScenariosResponse(_message.Message):
@@ -439,6 +526,8 @@ class FunnelRow(_message.Message):
     QUALIFIED_SESSIONS_FIELD_NUMBER: _builtins.int
     TREATED_FIELD_NUMBER: _builtins.int
     HOLDOUT_FIELD_NUMBER: _builtins.int
+    OPENED_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
     scenario_id: _builtins.str
     qualified: _builtins.int
     """Times the scenario qualified and was arbitrated: offered + blocked."""
@@ -460,6 +549,8 @@ class FunnelRow(_message.Message):
     """Engaged, and the engagement ended "resolved" or the outcome milestone followed."""
     qualified_sessions: _builtins.int
     """Distinct sessions in which it qualified: treated + holdout sessions."""
+    opened: _builtins.int
+    """Answered with a button that opens a link (status opened)."""
     @_builtins.property
     def group(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """group_by key -> value ("" when the session did not say)."""
@@ -473,6 +564,10 @@ class FunnelRow(_message.Message):
     @_builtins.property
     def holdout(self) -> Global___ConversionGroup:
         """Sessions held out (blocked: holdout); never offered this scenario."""
+
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantResult]:
+        """Per A/B variant, the control first; empty when no cue carried a variant."""
 
     def __init__(
         self,
@@ -494,14 +589,70 @@ class FunnelRow(_message.Message):
         qualified_sessions: _builtins.int = ...,
         treated: Global___ConversionGroup | None = ...,
         holdout: Global___ConversionGroup | None = ...,
+        opened: _builtins.int = ...,
+        variants: _abc.Iterable[Global___VariantResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["holdout", b"holdout", "treated", b"treated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "blocked", b"blocked", "blocked_total", b"blocked_total", "declined", b"declined", "dismissed", b"dismissed", "engaged", b"engaged", "group", b"group", "holdout", b"holdout", "ignored", b"ignored", "offered", b"offered", "pending", b"pending", "qualified", b"qualified", "qualified_sessions", b"qualified_sessions", "resolved", b"resolved", "scenario_id", b"scenario_id", "treated", b"treated", "withdrawn", b"withdrawn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "blocked", b"blocked", "blocked_total", b"blocked_total", "declined", b"declined", "dismissed", b"dismissed", "engaged", b"engaged", "group", b"group", "holdout", b"holdout", "ignored", b"ignored", "offered", b"offered", "opened", b"opened", "pending", b"pending", "qualified", b"qualified", "qualified_sessions", b"qualified_sessions", "resolved", b"resolved", "scenario_id", b"scenario_id", "treated", b"treated", "variants", b"variants", "withdrawn", b"withdrawn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FunnelRow: _TypeAlias = FunnelRow  # noqa: Y015
+
+@_typing.final
+class VariantResult(_message.Message):
+    """One A/B variant of a scenario. Counted over sessions that were offered a
+    cue of this variant; converted as in ConversionGroup.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANT_ID_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
+    OFFERED_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    CONVERSION_FIELD_NUMBER: _builtins.int
+    CI_LOW_FIELD_NUMBER: _builtins.int
+    CI_HIGH_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_FIELD_NUMBER: _builtins.int
+    variant_id: _builtins.str
+    control: _builtins.bool
+    offered: _builtins.int
+    """Cues of this variant, and those accepted."""
+    accepted: _builtins.int
+    ci_low: _builtins.float
+    """95% Wilson interval of conversion_rate."""
+    ci_high: _builtins.float
+    p_value: _builtins.float
+    """Two-sided two-proportion z-test against the control: the p-value, and
+    this variant's conversion rate minus the control's. 1 and 0 for the
+    control itself or when either group has no sessions.
+    """
+    difference: _builtins.float
+    @_builtins.property
+    def conversion(self) -> Global___ConversionGroup: ...
+    def __init__(
+        self,
+        *,
+        variant_id: _builtins.str = ...,
+        control: _builtins.bool = ...,
+        offered: _builtins.int = ...,
+        accepted: _builtins.int = ...,
+        conversion: Global___ConversionGroup | None = ...,
+        ci_low: _builtins.float = ...,
+        ci_high: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        difference: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversion", b"conversion"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "ci_high", b"ci_high", "ci_low", b"ci_low", "control", b"control", "conversion", b"conversion", "difference", b"difference", "offered", b"offered", "p_value", b"p_value", "variant_id", b"variant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariantResult: _TypeAlias = VariantResult  # noqa: Y015
 
 @_typing.final
 class GetFunnelResponse(_message.Message):

@@ -59,6 +59,11 @@ class AdminServiceStub:
                 request_serializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsRequest.SerializeToString,
                 response_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsResponse.FromString,
                 _registered_method=True)
+        self.SetVariantStopped = channel.unary_unary(
+                '/cuepoint.v1.AdminService/SetVariantStopped',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.SetVariantStoppedRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.SetVariantStoppedResponse.FromString,
+                _registered_method=True)
         self.ExportUser = channel.unary_unary(
                 '/cuepoint.v1.AdminService/ExportUser',
                 request_serializer=cuepoint_dot_v1_dot_admin__pb2.ExportUserRequest.SerializeToString,
@@ -119,6 +124,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetVariantStopped(self, request, context):
+        """Stop an A/B variant without a release (or start it again): its users
+        see the control from now on. Persisted; survives restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportUser(self, request, context):
         """Right of access: everything stored about one user, as a JSON document.
         """
@@ -169,6 +182,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListLiveSessions,
                     request_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsRequest.FromString,
                     response_serializer=cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsResponse.SerializeToString,
+            ),
+            'SetVariantStopped': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetVariantStopped,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.SetVariantStoppedRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.SetVariantStoppedResponse.SerializeToString,
             ),
             'ExportUser': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportUser,
@@ -321,6 +339,33 @@ class AdminService:
             '/cuepoint.v1.AdminService/ListLiveSessions',
             cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsRequest.SerializeToString,
             cuepoint_dot_v1_dot_admin__pb2.ListLiveSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetVariantStopped(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/SetVariantStopped',
+            cuepoint_dot_v1_dot_admin__pb2.SetVariantStoppedRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.SetVariantStoppedResponse.FromString,
             options,
             channel_credentials,
             insecure,

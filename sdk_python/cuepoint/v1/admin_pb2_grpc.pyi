@@ -49,6 +49,10 @@ class AdminServiceStub:
     """Live now: connected device sessions (live, idle or inactive), their
     segments and pending cues, and engagements waiting per queue.
     """
+    SetVariantStopped: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetVariantStoppedRequest, _admin_pb2.SetVariantStoppedResponse]
+    """Stop an A/B variant without a release (or start it again): its users
+    see the control from now on. Persisted; survives restarts.
+    """
     ExportUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ExportUserRequest, _admin_pb2.ExportUserResponse]
     """Right of access: everything stored about one user, as a JSON document."""
     EraseUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.EraseUserRequest, _admin_pb2.EraseUserResponse]
@@ -79,6 +83,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListLiveSessions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListLiveSessionsRequest, _admin_pb2.ListLiveSessionsResponse]  # type: ignore[assignment]
     """Live now: connected device sessions (live, idle or inactive), their
     segments and pending cues, and engagements waiting per queue.
+    """
+    SetVariantStopped: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetVariantStoppedRequest, _admin_pb2.SetVariantStoppedResponse]  # type: ignore[assignment]
+    """Stop an A/B variant without a release (or start it again): its users
+    see the control from now on. Persisted; survives restarts.
     """
     ExportUser: _aio.UnaryUnaryMultiCallable[_admin_pb2.ExportUserRequest, _admin_pb2.ExportUserResponse]  # type: ignore[assignment]
     """Right of access: everything stored about one user, as a JSON document."""
@@ -137,6 +145,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.ListLiveSessionsResponse, _abc.Awaitable[_admin_pb2.ListLiveSessionsResponse]]:
         """Live now: connected device sessions (live, idle or inactive), their
         segments and pending cues, and engagements waiting per queue.
+        """
+
+    @_abc_1.abstractmethod
+    def SetVariantStopped(
+        self,
+        request: _admin_pb2.SetVariantStoppedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetVariantStoppedResponse, _abc.Awaitable[_admin_pb2.SetVariantStoppedResponse]]:
+        """Stop an A/B variant without a release (or start it again): its users
+        see the control from now on. Persisted; survives restarts.
         """
 
     @_abc_1.abstractmethod

@@ -81,6 +81,8 @@ class _CueResponseKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CueRe
     """Closed without an answer (swiped away)."""
     CUE_RESPONSE_KIND_EXPIRED: _CueResponseKind.ValueType  # 4
     """Shown but timed out on the device."""
+    CUE_RESPONSE_KIND_OPENED: _CueResponseKind.ValueType  # 5
+    """The user pressed a button that opens a deep link or web address."""
 
 class CueResponseKind(_CueResponseKind, metaclass=_CueResponseKindEnumTypeWrapper): ...
 
@@ -91,7 +93,65 @@ CUE_RESPONSE_KIND_DISMISSED: CueResponseKind.ValueType  # 3
 """Closed without an answer (swiped away)."""
 CUE_RESPONSE_KIND_EXPIRED: CueResponseKind.ValueType  # 4
 """Shown but timed out on the device."""
+CUE_RESPONSE_KIND_OPENED: CueResponseKind.ValueType  # 5
+"""The user pressed a button that opens a deep link or web address."""
 Global___CueResponseKind: _TypeAlias = CueResponseKind  # noqa: Y015
+
+class _CueLayout:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CueLayoutEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CueLayout.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CUE_LAYOUT_UNSPECIFIED: _CueLayout.ValueType  # 0
+    CUE_LAYOUT_BANNER: _CueLayout.ValueType  # 1
+    """A strip along the top or bottom edge that leaves the screen usable."""
+    CUE_LAYOUT_MODAL: _CueLayout.ValueType  # 2
+    """A dialog over the screen that asks for an answer."""
+    CUE_LAYOUT_BUBBLE: _CueLayout.ValueType  # 3
+    """A small floating bubble, e.g. beside a help icon."""
+
+class CueLayout(_CueLayout, metaclass=_CueLayoutEnumTypeWrapper):
+    """How the app should present a cue. A hint: the app has the last word."""
+
+CUE_LAYOUT_UNSPECIFIED: CueLayout.ValueType  # 0
+CUE_LAYOUT_BANNER: CueLayout.ValueType  # 1
+"""A strip along the top or bottom edge that leaves the screen usable."""
+CUE_LAYOUT_MODAL: CueLayout.ValueType  # 2
+"""A dialog over the screen that asks for an answer."""
+CUE_LAYOUT_BUBBLE: CueLayout.ValueType  # 3
+"""A small floating bubble, e.g. beside a help icon."""
+Global___CueLayout: _TypeAlias = CueLayout  # noqa: Y015
+
+class _CueButtonAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CueButtonActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CueButtonAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CUE_BUTTON_ACTION_UNSPECIFIED: _CueButtonAction.ValueType  # 0
+    CUE_BUTTON_ACTION_ACCEPT: _CueButtonAction.ValueType  # 1
+    """Accept (CUE_RESPONSE_KIND_ACCEPTED) on the button's channel."""
+    CUE_BUTTON_ACTION_DECLINE: _CueButtonAction.ValueType  # 2
+    """Decline (CUE_RESPONSE_KIND_DECLINED)."""
+    CUE_BUTTON_ACTION_DISMISS: _CueButtonAction.ValueType  # 3
+    """Close without an answer (CUE_RESPONSE_KIND_DISMISSED)."""
+    CUE_BUTTON_ACTION_OPEN_URL: _CueButtonAction.ValueType  # 4
+    """Open the button's url (CUE_RESPONSE_KIND_OPENED)."""
+
+class CueButtonAction(_CueButtonAction, metaclass=_CueButtonActionEnumTypeWrapper):
+    """What pressing a cue button does; the answer is the matching CueResponseKind."""
+
+CUE_BUTTON_ACTION_UNSPECIFIED: CueButtonAction.ValueType  # 0
+CUE_BUTTON_ACTION_ACCEPT: CueButtonAction.ValueType  # 1
+"""Accept (CUE_RESPONSE_KIND_ACCEPTED) on the button's channel."""
+CUE_BUTTON_ACTION_DECLINE: CueButtonAction.ValueType  # 2
+"""Decline (CUE_RESPONSE_KIND_DECLINED)."""
+CUE_BUTTON_ACTION_DISMISS: CueButtonAction.ValueType  # 3
+"""Close without an answer (CUE_RESPONSE_KIND_DISMISSED)."""
+CUE_BUTTON_ACTION_OPEN_URL: CueButtonAction.ValueType  # 4
+"""Open the button's url (CUE_RESPONSE_KIND_OPENED)."""
+Global___CueButtonAction: _TypeAlias = CueButtonAction  # noqa: Y015
 
 class _EngagementState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -486,6 +546,66 @@ class Signal(_message.Message):
 Global___Signal: _TypeAlias = Signal  # noqa: Y015
 
 @_typing.final
+class CueImage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    ALT_TEXT_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """An http(s) address."""
+    alt_text: _builtins.str
+    """For screen readers, in the chosen locale."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        alt_text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alt_text", b"alt_text", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CueImage: _TypeAlias = CueImage  # noqa: Y015
+
+@_typing.final
+class CueButton(_message.Message):
+    """One of up to three buttons. Answer with CueResponse.button_id set to its id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUTTON_ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    button_id: _builtins.str
+    label: _builtins.str
+    """In the chosen locale."""
+    action: Global___CueButtonAction.ValueType
+    channel: Global___Channel.ValueType
+    """ACCEPT only: the channel the engagement starts on (the cue's channel or one of its upgrades)."""
+    url: _builtins.str
+    """OPEN_URL only: a deep link (fitkit://sync/help) or web address."""
+    def __init__(
+        self,
+        *,
+        button_id: _builtins.str = ...,
+        label: _builtins.str = ...,
+        action: Global___CueButtonAction.ValueType = ...,
+        channel: Global___Channel.ValueType = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "button_id", b"button_id", "channel", b"channel", "label", b"label", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CueButton: _TypeAlias = CueButton  # noqa: Y015
+
+@_typing.final
 class Cue(_message.Message):
     """An offer of help, chosen by a scenario, for the SDK to present."""
 
@@ -499,6 +619,11 @@ class Cue(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     TITLE_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    BUTTONS_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
     cue_id: _builtins.str
     scenario_id: _builtins.str
     message: _builtins.str
@@ -506,6 +631,13 @@ class Cue(_message.Message):
     channel: Global___Channel.ValueType
     title: _builtins.str
     """Optional title for the presentation."""
+    layout: Global___CueLayout.ValueType
+    variant: _builtins.str
+    """The A/B variant shown, empty when the scenario has none. Stable per user."""
+    locale: _builtins.str
+    """The locale whose texts were chosen from the device's (e.g. "pt" for
+    pt-BR when only pt exists); empty for the default texts.
+    """
     @_builtins.property
     def allowed_upgrades(self) -> _containers.RepeatedScalarFieldContainer[Global___Channel.ValueType]:
         """Channels the engagement may later be upgraded to."""
@@ -515,6 +647,14 @@ class Cue(_message.Message):
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """After this the offer lapses; the SDK should stop presenting it."""
+
+    @_builtins.property
+    def image(self) -> Global___CueImage:
+        """Optional picture, with alternative text."""
+
+    @_builtins.property
+    def buttons(self) -> _containers.RepeatedCompositeFieldContainer[Global___CueButton]:
+        """At most three; when empty the app shows its own accept and decline."""
 
     def __init__(
         self,
@@ -527,10 +667,15 @@ class Cue(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         title: _builtins.str = ...,
+        image: Global___CueImage | None = ...,
+        buttons: _abc.Iterable[Global___CueButton] | None = ...,
+        layout: Global___CueLayout.ValueType = ...,
+        variant: _builtins.str = ...,
+        locale: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "image", b"image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_upgrades", b"allowed_upgrades", "channel", b"channel", "created_at", b"created_at", "cue_id", b"cue_id", "expires_at", b"expires_at", "message", b"message", "scenario_id", b"scenario_id", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_upgrades", b"allowed_upgrades", "buttons", b"buttons", "channel", b"channel", "created_at", b"created_at", "cue_id", b"cue_id", "expires_at", b"expires_at", "image", b"image", "layout", b"layout", "locale", b"locale", "message", b"message", "scenario_id", b"scenario_id", "title", b"title", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -268,8 +268,13 @@ class CueResponse(_message.Message):
     CUE_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    BUTTON_ID_FIELD_NUMBER: _builtins.int
     cue_id: _builtins.str
     kind: _common_pb2.CueResponseKind.ValueType
+    button_id: _builtins.str
+    """The cue button pressed, if any; kind must be the one its action gives,
+    and an accept button's channel is the engagement's.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -278,10 +283,11 @@ class CueResponse(_message.Message):
         cue_id: _builtins.str = ...,
         kind: _common_pb2.CueResponseKind.ValueType = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        button_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cue_id", b"cue_id", "kind", b"kind", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["button_id", b"button_id", "cue_id", b"cue_id", "kind", b"kind", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,8 +14,8 @@ from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 
 from ..core.errors import CoreError
 from ..core.live import LiveSession
-from ..core.service import Core
-from ..reporting.funnel import Cohort, FunnelQuery, FunnelRow, funnel
+from ..core.service import Core, VariantState
+from ..reporting.funnel import Cohort, FunnelQuery, FunnelRow, VariantRow, funnel
 from .convert import timestamp
 from .errors import abort
 
@@ -89,6 +89,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     events=sorted(s.events),
                     time_driven=s.timed,
                     holdout=s.holdout,
+                    variants=_variants(self.core.variant_states(s.id)),
                 )
                 for s in self.core.engine.scenarios.scenarios
             ],
@@ -96,6 +97,23 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             last_error=error,
             offers_paused=self.core.offers_paused,
         )
+
+    async def SetVariantStopped(
+        self, request: admin_pb2.SetVariantStoppedRequest, context: Context
+    ) -> admin_pb2.SetVariantStoppedResponse:
+        try:
+            states = await self.core.set_variant_stopped(
+                request.scenario_id, request.variant_id, request.stopped, request.reason
+            )
+        except CoreError as exc:
+            await abort(context, exc)
+        log.warning(
+            "variant.stopped" if request.stopped else "variant.restarted",
+            scenario_id=request.scenario_id,
+            variant_id=request.variant_id,
+            reason=request.reason,
+        )
+        return admin_pb2.SetVariantStoppedResponse(variants=_variants(states))
 
     async def GetFunnel(self, request: admin_pb2.GetFunnelRequest, context: Context) -> admin_pb2.GetFunnelResponse:
         try:
@@ -164,6 +182,27 @@ def _conversion(cohort: Cohort) -> admin_pb2.ConversionGroup:
     )
 
 
+def _variants(states: list[VariantState]) -> list[admin_pb2.VariantInfo]:
+    return [
+        admin_pb2.VariantInfo(variant_id=v.variant_id, weight=v.weight, control=v.control, stopped=v.stopped)
+        for v in states
+    ]
+
+
+def _variant_result(v: VariantRow) -> admin_pb2.VariantResult:
+    return admin_pb2.VariantResult(
+        variant_id=v.variant_id,
+        control=v.control,
+        offered=v.offered,
+        accepted=v.accepted,
+        conversion=_conversion(v.cohort),
+        ci_low=v.ci_low,
+        ci_high=v.ci_high,
+        p_value=v.p_value,
+        difference=v.difference,
+    )
+
+
 def _funnel_row(row: FunnelRow, group_by: tuple[str, ...]) -> admin_pb2.FunnelRow:
     return admin_pb2.FunnelRow(
         scenario_id=row.scenario_id,
@@ -183,6 +222,8 @@ def _funnel_row(row: FunnelRow, group_by: tuple[str, ...]) -> admin_pb2.FunnelRo
         qualified_sessions=row.qualified_sessions,
         treated=_conversion(row.treated),
         holdout=_conversion(row.holdout),
+        opened=row.opened,
+        variants=[_variant_result(v) for v in row.variants],
     )
 
 

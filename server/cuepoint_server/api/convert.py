@@ -58,6 +58,18 @@ RESPONSES = {
     common_pb2.CUE_RESPONSE_KIND_DECLINED: "declined",
     common_pb2.CUE_RESPONSE_KIND_DISMISSED: "dismissed",
     common_pb2.CUE_RESPONSE_KIND_EXPIRED: "expired",
+    common_pb2.CUE_RESPONSE_KIND_OPENED: "opened",
+}
+LAYOUTS = {
+    "banner": common_pb2.CUE_LAYOUT_BANNER,
+    "modal": common_pb2.CUE_LAYOUT_MODAL,
+    "bubble": common_pb2.CUE_LAYOUT_BUBBLE,
+}
+BUTTON_ACTIONS = {
+    "accept": common_pb2.CUE_BUTTON_ACTION_ACCEPT,
+    "decline": common_pb2.CUE_BUTTON_ACTION_DECLINE,
+    "dismiss": common_pb2.CUE_BUTTON_ACTION_DISMISS,
+    "open_url": common_pb2.CUE_BUTTON_ACTION_OPEN_URL,
 }
 STATES = {
     "queued": common_pb2.ENGAGEMENT_STATE_QUEUED,
@@ -208,17 +220,20 @@ def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
     return IncomingBatch(msg.batch_id, _seconds(msg.sent_at) if msg.HasField("sent_at") else None, tuple(signals))
 
 
-def response_from_proto(msg: device_pb2.CueResponse) -> tuple[str, str]:
+def response_from_proto(msg: device_pb2.CueResponse) -> tuple[str, str, str]:
+    """(cue id, response, button id or "")."""
     response = RESPONSES.get(msg.kind)
     if response is None:
         raise InvalidInput("cue_response.kind", f"unknown or unspecified response kind {msg.kind}")
     if not msg.cue_id:
         raise InvalidInput("cue_response.cue_id", "required")
-    return msg.cue_id, response
+    if len(msg.button_id) > 64:
+        raise InvalidInput("cue_response.button_id", "at most 64 characters")
+    return msg.cue_id, response, msg.button_id
 
 
 def cue_to_proto(cue: CueOffer) -> common_pb2.Cue:
-    return common_pb2.Cue(
+    msg = common_pb2.Cue(
         cue_id=cue.cue_id,
         scenario_id=cue.scenario_id,
         message=cue.message,
@@ -227,7 +242,23 @@ def cue_to_proto(cue: CueOffer) -> common_pb2.Cue:
         created_at=timestamp(cue.created_at),
         expires_at=timestamp(cue.expires_at),
         title=cue.title,
+        buttons=[
+            common_pb2.CueButton(
+                button_id=b.id,
+                label=b.label,
+                action=BUTTON_ACTIONS[b.action],
+                channel=CHANNELS[b.channel] if b.channel else common_pb2.CHANNEL_UNSPECIFIED,
+                url=b.url,
+            )
+            for b in cue.buttons
+        ],
+        layout=LAYOUTS.get(cue.layout, common_pb2.CUE_LAYOUT_UNSPECIFIED),
+        variant=cue.variant,
+        locale=cue.locale,
     )
+    if cue.image is not None:
+        msg.image.CopyFrom(common_pb2.CueImage(url=cue.image.url, alt_text=cue.image.alt))
+    return msg
 
 
 def ack_to_proto(ack: Ack) -> device_pb2.SignalAck:

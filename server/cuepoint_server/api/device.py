@@ -121,8 +121,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 if kind == "signals":
                     self.core.ingest(session, convert.batch_from_proto(message.signals))
                 elif kind == "cue_response":
-                    cue_id, response = convert.response_from_proto(message.cue_response)
-                    await self.core.respond(session, cue_id, response)
+                    cue_id, response, button_id = convert.response_from_proto(message.cue_response)
+                    await self.core.respond(session, cue_id, response, button_id)
                 elif kind in conversation.DEVICE_KINDS:
                     await conversation.from_device(self.core, session, message)
                 else:

@@ -81,6 +81,8 @@ class CoreBase:
         self._restored: set[str] = set()
         # The runtime emergency switch (admin API); the policy file has its own.
         self.paused_by_admin = False
+        # A/B variants switched off at runtime, (scenario id, variant id); loaded from storage at start.
+        self.stopped_variants: set[tuple[str, str]] = set()
         # Called with every arbitration decision (simulate, metrics).
         self.decision_listeners: list[Callable[[DecisionRecord], None]] = []
         # Called as signals arrive, cues are offered and settled, engagements assigned (metrics).

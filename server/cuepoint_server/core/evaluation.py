@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -21,13 +22,16 @@ from .model import (
     CueOffer,
     Withdrawal,
 )
+from .presentation import offer_content
 from .sessions import DeviceSession, PendingCue
 
 __all__ = ["RESPONSES", "Evaluation"]
 
 log = structlog.get_logger("cuepoint.core")
 
-RESPONSES = ("accepted", "declined", "dismissed", "expired")
+RESPONSES = ("accepted", "declined", "dismissed", "expired", "opened")
+# The answer each kind of button gives (scenario files: cue.buttons[].action).
+BUTTON_RESPONSES = {"accept": "accepted", "decline": "declined", "dismiss": "dismissed", "open_url": "opened"}
 
 
 class Evaluation(CoreBase):
@@ -82,12 +86,9 @@ class Evaluation(CoreBase):
         offer = CueOffer(
             cue_id=uuid.uuid4().hex,
             scenario_id=scenario.id,
-            message=scenario.template.render(state.context),
-            channel=scenario.channel,
-            upgrades=scenario.upgrades,
             created_at=now,
             expires_at=now + scenario.ttl,
-            title=scenario.title,
+            **offer_content(scenario, session.subject, state.context, self.stopped_variants),
         )
         why: dict[str, Any] = {
             "scenario_id": scenario.id,
@@ -100,6 +101,9 @@ class Evaluation(CoreBase):
             "blocked": [{"scenario_id": b.scenario_id, "reason": b.reason} for b in blocked],
             "segments": self.engine.segments_of(state, now),
             "milestones": sorted(state.milestones),
+            "cue": offer.content(),
+            # Funnels compare every variant with the control (the first), even after the file changes.
+            "variant_control": bool(offer.variant) and offer.variant == scenario.contents[0].variant,
         }
         pending = PendingCue(offer, scenario.id, why)
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
@@ -122,6 +126,8 @@ class Evaluation(CoreBase):
                     status="offered",
                     responded_at=None,
                     explanation=why,
+                    variant=offer.variant,
+                    locale=offer.locale,
                 )
             ),
         )
@@ -237,11 +243,13 @@ class Evaluation(CoreBase):
         self._evaluate(session, timed, now)
         self._schedule_timer(device_id, now)
 
-    async def respond(self, session: DeviceSession, cue_id: str, response: str) -> None:
+    async def respond(self, session: DeviceSession, cue_id: str, response: str, button_id: str = "") -> None:
         if response not in RESPONSES:
-            raise InvalidInput("cue_response.kind", "must be accepted, declined, dismissed or expired")
+            raise InvalidInput("cue_response.kind", "must be accepted, declined, dismissed, expired or opened")
         now = self.clock.now()
         pending = self._reg.pending.get(session.device_id)
+        if pending is not None and pending.offer.cue_id == cue_id and button_id:
+            self._press(pending, response, button_id)
         if pending is None or pending.offer.cue_id != cue_id:
             known = await self.store.get_cue(cue_id)
             # A stale or stray answer is not worth the session: settled cues
@@ -253,7 +261,7 @@ class Evaluation(CoreBase):
         del self._reg.pending[session.device_id]
         if pending.expiry is not None:
             pending.expiry.cancel()
-        status = self.store.set_cue_status(cue_id, response, now)
+        status = self.store.set_cue_status(cue_id, response, now, button_id)
         if response == "accepted":
             await status
         else:
@@ -270,3 +278,18 @@ class Evaluation(CoreBase):
                 # The journey the associate sees must include every signal that led here.
                 await asyncio.gather(*session.writes, return_exceptions=True)
             await self.desk.start(session, pending, now)
+
+    @staticmethod
+    def _press(pending: PendingCue, response: str, button_id: str) -> None:
+        """Check a pressed button against the cue; an accept button may choose the engagement's channel."""
+        offer = pending.offer
+        button = offer.button(button_id)
+        if button is None:
+            raise InvalidInput("cue_response.button_id", f"the cue has no button {button_id!r}")
+        if BUTTON_RESPONSES[button.action] != response:
+            raise InvalidInput(
+                "cue_response.kind", f"button {button_id!r} answers {BUTTON_RESPONSES[button.action]}, not {response}"
+            )
+        if button.channel and button.channel != offer.channel:
+            others = tuple(c for c in (offer.channel, *offer.upgrades) if c != button.channel)
+            pending.offer = replace(offer, channel=button.channel, upgrades=others)

@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ..engine.state import Scalar
+from ..scenarios.content import Button, Image
 
 __all__ = [
     "Ack",
@@ -75,6 +76,25 @@ class CueOffer:
     created_at: float
     expires_at: float
     title: str = ""
+    image: Image | None = None
+    # Labels already in the chosen locale.
+    buttons: tuple[Button, ...] = ()
+    layout: str = ""  # "" | banner | modal | bubble
+    variant: str = ""  # the A/B variant shown, "" without variants
+    locale: str = ""  # the locale whose texts were chosen, "" for the default
+
+    def button(self, button_id: str) -> Button | None:
+        return next((b for b in self.buttons if b.id == button_id), None)
+
+    def content(self) -> dict[str, Any]:
+        """Presentation beyond message and channel, as JSON, kept with the stored cue to re-offer it."""
+        return {
+            "title": self.title,
+            "upgrades": list(self.upgrades),
+            "image": {"url": self.image.url, "alt": self.image.alt} if self.image else None,
+            "buttons": [[b.id, b.label, b.action, b.channel, b.url] for b in self.buttons],
+            "layout": self.layout,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from .evaluation import Evaluation
 from .model import (
     CueOffer,
 )
+from .presentation import restored_offer
 from .sessions import DeviceSession, PendingCue
 from .validation import Limits
 
@@ -51,7 +52,10 @@ class Recovery(Evaluation):
             created_at=record.created_at,
             expires_at=record.expires_at,
             title=scenario.title if scenario else "",
+            variant=record.variant,
+            locale=record.locale,
         )
+        offer = restored_offer(offer, record.explanation.get("cue"))
         pending = PendingCue(offer, record.scenario_id, dict(record.explanation))
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
         self._reg.pending[session.device_id] = pending
@@ -79,5 +83,6 @@ class Recovery(Evaluation):
         Journeys of sessions without consent are dropped too: their timers died with the process.
         """
         await self.store.forget_unconsented(ended_before=self.clock.now() - self.config.resume_window)
+        self.stopped_variants = await self.store.stopped_variants()
         for record in await self.store.open_engagements():
             self.desk.restore(record)

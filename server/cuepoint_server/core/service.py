@@ -14,13 +14,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .core_base import CoreConfig
+from .errors import InvalidInput
 from .live import LiveNow, QueueLoad, describe_session, queue_loads
 from .model import AssociateSignIn
 from .privacy import Privacy
 from .session_lifecycle import SessionLifecycle
 from .sessions import AssociateSession
 
-__all__ = ["Core", "CoreConfig", "DeviceView"]
+__all__ = ["Core", "CoreConfig", "DeviceView", "VariantState"]
+
+
+@dataclass(frozen=True, slots=True)
+class VariantState:
+    variant_id: str
+    weight: float
+    control: bool
+    stopped: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +53,33 @@ class Core(SessionLifecycle, Privacy):
         self, associate: AssociateSession, engagement_id: str, disposition: str, notes: str
     ) -> None:
         await self.desk.wrap_up(associate, engagement_id, disposition, notes)
+
+    def variant_states(self, scenario_id: str) -> list[VariantState]:
+        """A scenario's A/B variants in file order (the first is the control), with their switches."""
+        scenario = self.engine.scenarios.by_id.get(scenario_id)
+        weights = scenario.variant_weights if scenario else ()
+        return [
+            VariantState(v, w, i == 0, (scenario_id, v) in self.stopped_variants) for i, (v, w) in enumerate(weights)
+        ]
+
+    async def set_variant_stopped(
+        self, scenario_id: str, variant_id: str, stopped: bool, reason: str
+    ) -> list[VariantState]:
+        """Stop (or restart) a variant: its users see the control. Stored before it takes effect."""
+        scenario = self.engine.scenarios.by_id.get(scenario_id)
+        if scenario is None:
+            raise InvalidInput("scenario_id", f"no scenario {scenario_id!r} is being served")
+        ids = [v for v, _ in scenario.variant_weights]
+        if variant_id not in ids:
+            raise InvalidInput("variant_id", f"scenario {scenario_id!r} has no variant {variant_id!r}")
+        if variant_id == ids[0]:
+            raise InvalidInput("variant_id", "the control cannot be stopped; disable the scenario instead")
+        await self.store.set_variant_stopped(scenario_id, variant_id, stopped, reason, self.clock.now())
+        if stopped:
+            self.stopped_variants.add((scenario_id, variant_id))
+        else:
+            self.stopped_variants.discard((scenario_id, variant_id))
+        return self.variant_states(scenario_id)
 
     def device_view(self, device_id: str) -> DeviceView:
         state = self._reg.states.get(device_id)

@@ -18,6 +18,12 @@ Definitions (README, "Reporting and observability"):
   the scenario's outcome milestone at or after it first qualified; ``converted`` when that, or
   (treated only: the holdout never gets a cue) an engagement of the scenario's cue in that session
   ended ``resolved``. Rate = converted / sessions.
+- opened: cues answered with a button that opens a deep link or web address.
+- Variants (A/B): per variant recorded on the cues (``cues.variant``), over the sessions that
+  were offered a cue of that variant: cues offered and accepted, and conversion as above (the
+  outcome milestone reached at or after the first such cue, or such a cue's engagement ended
+  ``resolved``), with its 95% Wilson interval and a two-sided two-proportion z-test against the
+  control (the scenario's first variant, marked on its cues).
 - Grouping: by context keys of the session's hello (sessions.context), e.g. device.model,
   device.os, app.version; a missing value groups as "".
 """
@@ -29,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..storage.base import FunnelSlice
+from .stats import two_proportion_test, wilson_interval
 
 __all__ = [
     "CUE_OUTCOMES",
@@ -37,6 +44,7 @@ __all__ = [
     "Fetch",
     "FunnelQuery",
     "FunnelRow",
+    "VariantRow",
     "funnel",
 ]
 
@@ -59,9 +67,10 @@ CUE_OUTCOMES = {
     "expired": "ignored",
     "withdrawn": "withdrawn",
     "offered": "pending",
+    "opened": "opened",
 }
 
-# Runs the funnel's three aggregate queries: Store.funnel_counts, or the CLI's read-only sqlite3 reader.
+# Runs the funnel's aggregate queries: Store.funnel_counts, or the CLI's read-only sqlite3 reader.
 Fetch = Callable[[FunnelSlice], Awaitable[Iterable[tuple[str, Iterable[Sequence[Any]]]]]]
 
 
@@ -92,6 +101,35 @@ class Cohort:
 
 
 @dataclass(slots=True)
+class VariantRow:
+    variant_id: str
+    control: bool = False
+    offered: int = 0
+    accepted: int = 0
+    cohort: Cohort = field(default_factory=Cohort)
+    ci_low: float = 0.0
+    ci_high: float = 0.0
+    # Against the control: two-sided p-value and difference of conversion rates (1 and 0 for the control).
+    p_value: float = 1.0
+    difference: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        rate = self.cohort.conversion_rate
+        return {
+            "variant_id": self.variant_id,
+            "control": self.control,
+            "offered": self.offered,
+            "accepted": self.accepted,
+            "sessions": self.cohort.sessions,
+            "converted": self.cohort.converted,
+            "conversion_rate": None if rate is None else round(rate, 6),
+            "ci": [round(self.ci_low, 6), round(self.ci_high, 6)],
+            "p_value": round(self.p_value, 6),
+            "difference": round(self.difference, 6),
+        }
+
+
+@dataclass(slots=True)
 class FunnelRow:
     scenario_id: str
     # Values of the query's group_by dimensions, in that order.
@@ -110,6 +148,9 @@ class FunnelRow:
     qualified_sessions: int = 0
     treated: Cohort = field(default_factory=Cohort)
     holdout: Cohort = field(default_factory=Cohort)
+    opened: int = 0
+    # Control first, then the other variants by id.
+    variants: list[VariantRow] = field(default_factory=list)
 
     @property
     def blocked_total(self) -> int:
@@ -146,6 +187,8 @@ class FunnelRow:
             "qualified_sessions": self.qualified_sessions,
             "treated": cohort(self.treated),
             "holdout": cohort(self.holdout),
+            "opened": self.opened,
+            "variants": [v.as_dict() for v in self.variants],
         }
 
 
@@ -178,6 +221,12 @@ async def funnel(fetch: Fetch, query: FunnelQuery) -> list[FunnelRow]:
                     setattr(row, bucket, getattr(row, bucket) + count)
                 row.engaged += int(rest[2] or 0)
                 row.resolved += int(rest[3] or 0)
+            elif kind == "variants":
+                variant = VariantRow(
+                    str(rest[0]), control=bool(rest[1]), offered=int(rest[2]), accepted=int(rest[3] or 0)
+                )
+                variant.cohort = Cohort(int(rest[4]), int(rest[5] or 0), int(rest[6] or 0))
+                row.variants.append(variant)
             else:
                 cohort = row.holdout if rest[0] else row.treated
                 count = int(rest[1])
@@ -185,4 +234,18 @@ async def funnel(fetch: Fetch, query: FunnelQuery) -> list[FunnelRow]:
                 cohort.outcome_reached += int(rest[2] or 0)
                 cohort.converted += int(rest[3] or 0)
                 row.qualified_sessions += count
+    for row in rows.values():
+        _compare_variants(row)
     return [rows[key] for key in sorted(rows)]
+
+
+def _compare_variants(row: FunnelRow) -> None:
+    row.variants.sort(key=lambda v: (not v.control, v.variant_id))
+    control = next((v for v in row.variants if v.control), None)
+    for v in row.variants:
+        v.ci_low, v.ci_high = wilson_interval(v.cohort.converted, v.cohort.sessions)
+        if control is not None and v is not control:
+            v.p_value, v.difference = two_proportion_test(
+                v.cohort.converted, v.cohort.sessions, control.cohort.converted, control.cohort.sessions
+            )
+

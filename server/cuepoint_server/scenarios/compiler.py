@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.state import DeviceState, EventOccurrence, Scalar
+from .content import CueContent, compile_contents
 from .durations import format_duration
 from .loader import LoadedDefinition, LoadedScenario
 from .model import (
@@ -27,6 +28,7 @@ from .model import (
     Comparison,
     DwellCondition,
     EventCondition,
+    FeedbackSpec,
     IdleCondition,
     MilestoneCondition,
     NotCondition,
@@ -181,6 +183,21 @@ class CompiledScenario:
     _explain_trigger: Explainer
     # Share of subjects held out as a control group (never offered; blocked: holdout).
     holdout: float = 0.0
+    # What the cue shows, per A/B variant (the first is the control); one unnamed without variants.
+    contents: tuple[CueContent, ...] = ()
+    # Ask for a rating when its engagement ends (else the queue's setting applies).
+    feedback: FeedbackSpec | None = None
+
+    @property
+    def variant_weights(self) -> tuple[tuple[str, float], ...]:
+        """(variant id, weight) in file order; empty without variants."""
+        return tuple((c.variant, c.weight) for c in self.contents if c.variant)
+
+    def content(self, variant: str) -> CueContent:
+        for content in self.contents:
+            if content.variant == variant:
+                return content
+        return self.contents[0]
 
     @property
     def timed(self) -> bool:
@@ -272,6 +289,8 @@ def compile_scenario(
         _explain_target=explain_target,
         _explain_trigger=explain_trigger,
         holdout=spec.holdout,
+        contents=compile_contents(spec),
+        feedback=spec.cue.feedback,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .content import check_content
 from .model import (
     _ATTRIBUTE_RE,
     PATTERN_WORDS,
@@ -256,6 +257,11 @@ def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
                         "location.city, user.<name> or attributes.<name>",
                     )
                 )
+                continue
+            problems = check_content(spec)
+            for path, message in problems:
+                issues.append(ScenarioIssue(name, located.line_of((*prefix, *path)), _dotted(path), message))
+            if problems:
                 continue
             result.scenarios.append(LoadedScenario(spec, name, line, template, located, prefix))
         elif isinstance(spec, SegmentSpec):

@@ -36,6 +36,8 @@ __all__ = [
     "AllCondition",
     "AnyCondition",
     "AttributeCondition",
+    "ButtonAction",
+    "ButtonSpec",
     "CapsSpec",
     "ChannelName",
     "Comparison",
@@ -44,7 +46,11 @@ __all__ = [
     "CueSpec",
     "DwellCondition",
     "EventCondition",
+    "FeedbackSpec",
     "IdleCondition",
+    "ImageSpec",
+    "LayoutName",
+    "LocaleSpec",
     "MilestoneCondition",
     "MilestoneSpec",
     "NotCondition",
@@ -57,6 +63,7 @@ __all__ = [
     "SegmentCondition",
     "SegmentSpec",
     "StreakSpec",
+    "VariantSpec",
     "children",
     "walk",
 ]
@@ -410,6 +417,72 @@ AnyCondition.model_rebuild()
 NotCondition.model_rebuild()
 
 
+class LayoutName(StrEnum):
+    """How the app should present the cue (a hint: the app decides)."""
+
+    banner = "banner"
+    modal = "modal"
+    bubble = "bubble"
+
+
+class ButtonAction(StrEnum):
+    accept = "accept"
+    decline = "decline"
+    dismiss = "dismiss"
+    open_url = "open_url"
+
+
+# A deep link (fitkit://sync/help) or a web address: any scheme, no spaces.
+_URL = r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s]+$"
+_LOCALE = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
+
+
+class ImageSpec(_Strict):
+    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2000, description="An http(s) image address.")
+    alt: str = Field(min_length=1, max_length=200, description="Alternative text, read out by screen readers.")
+
+
+class ButtonSpec(_Strict):
+    """One of up to three buttons; the answer records which one was pressed."""
+
+    id: str = Field(pattern=_ID, description="Reported back when pressed, e.g. `call`.")
+    label: str = Field(min_length=1, max_length=40)
+    action: ButtonAction = Field(description="accept (on `channel`), decline, dismiss or open_url (`url`).")
+    channel: ChannelName | None = Field(
+        default=None, description="accept only: the channel to engage on; default the cue's channel."
+    )
+    url: str | None = Field(
+        default=None, pattern=_URL, max_length=2000, description="open_url only: a deep link or web address."
+    )
+
+    @model_validator(mode="after")
+    def _action_fields(self) -> ButtonSpec:
+        if self.channel is not None and self.action is not ButtonAction.accept:
+            raise ValueError("`channel` is only for an accept button")
+        if (self.url is not None) != (self.action is ButtonAction.open_url):
+            raise ValueError("an open_url button needs `url`, and only it may have one")
+        return self
+
+
+class LocaleSpec(_Strict):
+    """Texts for one locale; what is left out falls back to the default text."""
+
+    title: str | None = Field(default=None, max_length=100)
+    message: str | None = Field(default=None, min_length=1, max_length=500)
+    buttons: dict[Annotated[str, Field(pattern=_ID)], Annotated[str, Field(min_length=1, max_length=40)]] = (
+        Field(default_factory=dict, description="Button id -> label.")
+    )
+    image_alt: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class FeedbackSpec(_Strict):
+    """Ask the user for a rating when the engagement ends."""
+
+    kind: Literal["csat", "nps"] = Field(description="csat: 1 to 5; nps: 0 to 10 (would you recommend us?).")
+    question: str = Field(default="", max_length=200, description="Shown to the user; a default fits the kind.")
+    comment: bool = Field(default=True, description="Whether the user may add a comment.")
+
+
 class CueSpec(_Strict):
     message: str = Field(
         min_length=1,
@@ -428,6 +501,15 @@ class CueSpec(_Strict):
     skills: list[Annotated[str, Field(pattern=_ID)]] = Field(
         default_factory=list, description="Skills the associate must have."
     )
+    image: ImageSpec | None = None
+    buttons: list[ButtonSpec] = Field(default_factory=list, max_length=3, description="At most three buttons.")
+    layout: LayoutName | None = Field(default=None, description="A presentation hint: banner, modal or bubble.")
+    locales: dict[Annotated[str, Field(pattern=_LOCALE)], LocaleSpec] = Field(
+        default_factory=dict,
+        description="Texts per locale (pt-BR, pt, de...), chosen from device.locale: pt-BR, then pt, then the "
+        "default. Placeholders must be the default text's.",
+    )
+    feedback: FeedbackSpec | None = Field(default=None, description="Ask for a rating when the engagement ends.")
 
     @model_validator(mode="after")
     def _upgrades(self) -> CueSpec:
@@ -435,7 +517,29 @@ class CueSpec(_Strict):
             raise ValueError(f"upgrades must not repeat the initial channel {self.channel.value!r}")
         if self.ttl <= 0:
             raise ValueError("ttl must be longer than zero")
+        ids = [b.id for b in self.buttons]
+        if len(set(ids)) != len(ids):
+            raise ValueError("button ids must be unique")
         return self
+
+
+# Cue fields a variant may replace; the rest (ttl, queue, priority, skills, feedback) is the scenario's.
+VARIANT_FIELDS = ("message", "title", "channel", "upgrades", "image", "buttons", "layout", "locales")
+
+
+class VariantSpec(_Strict):
+    """An A/B variant: replaces some of the cue's content. The first variant listed is the control."""
+
+    id: str = Field(pattern=_ID, description="Recorded on every cue it shows and in the funnel.")
+    weight: float = Field(default=1.0, gt=0, le=1_000_000, description="Relative share of users.")
+    message: str | None = Field(default=None, min_length=1, max_length=500)
+    title: str | None = Field(default=None, max_length=100)
+    channel: ChannelName | None = None
+    upgrades: list[ChannelName] | None = None
+    image: ImageSpec | None = None
+    buttons: list[ButtonSpec] | None = Field(default=None, max_length=3)
+    layout: LayoutName | None = None
+    locales: dict[Annotated[str, Field(pattern=_LOCALE)], LocaleSpec] | None = None
 
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -551,6 +655,21 @@ class ScenarioSpec(_Strict):
         description="A control group: this share of users (a stable hash of user and scenario) qualifies but is "
         "never offered (blocked: holdout), so reports can compare its conversion with the treated group's.",
     )
+    variants: list[VariantSpec] = Field(
+        default_factory=list,
+        description="A/B variants of the cue, at least two; the first is the control. Each user (a stable hash "
+        "of user and scenario) sees one, in proportion to the weights.",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: list[VariantSpec]) -> list[VariantSpec]:
+        if len(value) == 1:
+            raise ValueError("give at least two variants (the first is the control), or none")
+        ids = [v.id for v in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("variant ids must be unique")
+        return value
 
     @field_validator("trigger")
     @classmethod
@@ -585,6 +704,9 @@ class QueueSpec(_Strict):
     fallback: list[FallbackName] = Field(default_factory=_all_fallbacks, min_length=1)
     offer_timeout: Duration = Field(
         default=30.0, description="An offer to a manual-claim associate lapses after this and moves on."
+    )
+    feedback: FeedbackSpec | None = Field(
+        default=None, description="Ask for a rating when an engagement of this queue ends (unless its cue asks)."
     )
 
 

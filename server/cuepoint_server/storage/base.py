@@ -174,7 +174,7 @@ class Store(Protocol):
     async def channel_changes(self, engagement_id: str) -> list[ChannelChangeRecord]: ...
 
     async def funnel_counts(self, cut: FunnelSlice) -> list[tuple[str, list[tuple[Any, ...]]]]:
-        """The funnel's three aggregate queries (decisions, cues, sessions), as (kind, rows)."""
+        """The funnel's aggregate queries (decisions, cues, sessions, variants), as (kind, rows)."""
         ...
 
     # -- recovery after a restart -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The funnel's three aggregate queries (decisions, cues, sessions); reporting/funnel.py sums them up.
+"""The funnel's aggregate queries (decisions, cues, sessions, A/B variants); reporting/funnel.py sums them up.
 
 Kept here so no SQL lives above the storage package; a second backend writes its own versions of these.
 """
@@ -87,4 +87,34 @@ def funnel_queries(query: FunnelSlice) -> list[tuple[str, str, list[object]]]:
         SELECT r.scenario_id{select_dims}, r.held_out, COUNT(*), SUM(r.reached), SUM(r.reached OR r.resolved)
         FROM r LEFT JOIN sessions AS s ON s.session_id = r.session_id
         GROUP BY 1{group_dims}, {n + 2}"""
-    return [("decisions", decisions, d_params), ("cues", cues, c_params), ("sessions", sessions, q_params)]
+    variants = f"""
+        WITH v AS (
+            SELECT c.scenario_id, c.variant, c.session_id, MIN(c.created_at) AS first_at, COUNT(*) AS offered,
+                SUM(c.status = 'accepted') AS accepted,
+                MAX(COALESCE(json_extract(c.explanation, '$.variant_control'), 0)) AS control,
+                MAX(COALESCE((SELECT o.outcome_milestone FROM decisions AS o WHERE o.cue_id = c.cue_id), ''))
+                    AS goal
+            FROM cues AS c
+            WHERE {c_where} AND c.variant != ''
+            GROUP BY c.scenario_id, c.variant, c.session_id
+        ), r AS (
+            SELECT v.*,
+                EXISTS (SELECT 1 FROM milestones AS m
+                        WHERE m.session_id = v.session_id AND v.goal != '' AND m.milestone_id = v.goal
+                          AND m.time >= v.first_at) AS reached,
+                EXISTS (SELECT 1 FROM cues AS c2 JOIN engagements AS e ON e.cue_id = c2.cue_id
+                        WHERE c2.session_id = v.session_id AND c2.scenario_id = v.scenario_id
+                          AND c2.variant = v.variant AND e.assigned_at IS NOT NULL
+                          AND e.disposition = 'resolved') AS resolved
+            FROM v
+        )
+        SELECT r.scenario_id{select_dims}, r.variant, MAX(r.control), SUM(r.offered), SUM(r.accepted), COUNT(*),
+            SUM(r.reached), SUM(r.reached OR r.resolved)
+        FROM r LEFT JOIN sessions AS s ON s.session_id = r.session_id
+        GROUP BY 1{group_dims}, {n + 2}"""
+    return [
+        ("decisions", decisions, d_params),
+        ("cues", cues, c_params),
+        ("sessions", sessions, q_params),
+        ("variants", variants, c_params),
+    ]
