@@ -11,7 +11,6 @@ period or missing follow-up fires at most once.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from .model import (
     ScheduleSpec,
     SegmentCondition,
 )
+from .regex import compile_search
 from .schedule import Schedule
 from .template import Template
 from .versions import compare_versions
@@ -654,8 +654,8 @@ def _operator(op: str, arg: Any) -> ValueTest:
 
         return version
     if op == "matches":
-        pattern = re.compile(arg)
-        return lambda v: v is not None and pattern.search(str(v)) is not None
+        found = compile_search(arg)  # RE2: linear in the device-supplied value (scenarios/regex.py)
+        return lambda v: v is not None and found(str(v))
     if op == "exists":
         return lambda v: (v is not None) == arg
     raise ValueError(f"unknown operator {op}")

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from .durations import format_duration, parse_duration
+from .regex import compile_search
 from .versions import parse_version
 
 __all__ = [
@@ -168,7 +169,9 @@ class Comparison(_Strict):
     version_lte: str | None = None
     version_gt: str | None = None
     version_gte: str | None = None
-    matches: str | None = Field(default=None, description="A Python regular expression, searched anywhere.")
+    matches: str | None = Field(
+        default=None, description="A regular expression in RE2 syntax (linear time), searched anywhere."
+    )
     exists: bool | None = None
 
     @field_validator("version_eq", "version_lt", "version_lte", "version_gt", "version_gte")
@@ -182,10 +185,7 @@ class Comparison(_Strict):
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression: {exc}") from None
+            compile_search(value)  # a RegexError (a ValueError) names what RE2 cannot run
         return value
 
     @model_validator(mode="after")
