@@ -11,6 +11,7 @@ import pytest
 import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2
 from cuepoint_server.app import CuepointServer
+from cuepoint_server.cli import main
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.engine.variants import assign_variant
 from cuepoint_server.reporting.stats import two_proportion_test, wilson_interval
@@ -207,7 +208,7 @@ async def admin(server: CuepointServer) -> admin_pb2_grpc.AdminServiceStub:
 
 
 async def test_variants_are_stable_per_user_split_the_funnel_and_can_be_stopped(
-    start_server: StartServer, clock: ManualClock
+    start_server: StartServer, clock: ManualClock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = await start_server(AB)
     users = [f"ab{i:02d}" for i in range(24)]
@@ -255,6 +256,12 @@ async def test_variants_are_stable_per_user_split_the_funnel_and_can_be_stopped(
     p_value, difference = two_proportion_test(*counts["short"], *counts["control"])
     assert (row.variants[1].p_value, row.variants[1].difference) == pytest.approx((p_value, difference))
     assert (row.variants[0].p_value, row.variants[0].difference) == (1.0, 0.0)
+    # `cuepoint report` prints the same split from the database file.
+    assert await asyncio.to_thread(main, ["report", "--db", server.config.db, "--since", "all"]) == 0
+    report = capsys.readouterr().out
+    won, sessions = counts["short"]
+    assert f"sync-ab: short  offered {sessions}  accepted 0  conv. {won}/{sessions}" in report
+    assert f"{difference:+.1%} p={p_value:.3f}" in report
 
     # Stop "short" without a release: its users see the control; the control cannot be stopped.
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -119,8 +119,8 @@ def test_rich_content_problems_are_reported_with_file_line_and_field() -> None:
         "message uses {{ user.name }}",
         "f.yaml:12: cue.locales.pt.buttons.nope: no button 'nope' in this cue",
         "f.yaml:13: cue.locales.de.message: unbalanced {{ or }} in message",
-        "f.yaml:16: variants[1]: this variant changes the wording but not `locales`: users with a translation "
-        "would see the control's text; give the variant its own `locales` (or `locales: {}`)",
+        "f.yaml:16: variants[1]: this variant rewords the cue but does not translate pt.message, de.message: "
+        "those users would see the control's translation",
     ]
 
 
@@ -152,3 +152,15 @@ def test_variants_compile_to_whole_cues_over_the_scenario_cue() -> None:
     assert (a.channel, a.upgrades, a.layout) == ("audio", ("chat",), "banner")
     assert (b.channel, b.upgrades, b.layout) == ("chat", ("audio",), "bubble")
     assert b.render({}).title == "T"
+
+
+def test_a_variant_merges_its_translations_over_the_cue_s() -> None:
+    text = (
+        "id: s\ntrigger: {event: e}\n"
+        "cue:\n  message: hi\n  title: T\n  channel: audio\n  buttons: [{id: b, label: Go, action: accept}]\n"
+        "  locales: {pt: {message: olá, title: Título, buttons: {b: Ir}}}\n"
+        "variants: [{id: a}, {id: short, message: yo, locales: {pt: {message: oi}}}]\n"
+    )
+    (loaded,) = load_text(text, "f.yaml").scenarios
+    short = compile_scenario(loaded).contents[1].render({"device.locale": "pt-PT"})
+    assert (short.locale, short.message, short.title, short.buttons[0].label) == ("pt", "oi", "Título", "Ir")

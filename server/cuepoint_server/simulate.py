@@ -17,6 +17,7 @@ Trace format (JSON lines; blank lines and lines starting with # are skipped):
     {"t": 60, "device": "d1", "event": "sync_failed", "props": {"reason": "timeout"}}
     {"t": 70, "device": "d1", "context": {"set": {"app.version": "4.3.0"}, "clear": ["user.tier"]}}
     {"t": 80, "device": "d1", "respond": {"cue": "last", "kind": "declined"}}
+    {"t": 85, "device": "d1", "respond": {"cue": "cue#2", "kind": "accepted", "button": "chat"}}
     {"t": 90, "device": "d1", "close": true}
     {"t": 900}
 
@@ -77,7 +78,7 @@ __all__ = [
 DEFAULT_START = 1_704_067_200.0
 ACTIONS = ("hello", "event", "context", "respond", "close")
 ONE_OF = ", ".join(ACTIONS)
-RESPONSES = ("accepted", "declined", "dismissed", "expired")
+RESPONSES = ("accepted", "declined", "dismissed", "expired", "opened")
 CONSENTS = ("none", "essential", "full")
 CUE_LABEL = re.compile(r"^cue#[1-9][0-9]*$")
 
@@ -133,7 +134,8 @@ class Outcome:
         d = self.data
         head = f"{offset(self.t)} {self.device}"
         if self.kind == "cue":
-            lines = [f"{head} CUE {d['scenario']} {d['channel']} {_quote(d['message'])} ({d['cue']})"]
+            shown = "".join(f" {key}={d[key]}" for key in ("variant", "locale") if d.get(key))
+            lines = [f"{head} CUE {d['scenario']} {d['channel']} {_quote(d['message'])} ({d['cue']}){shown}"]
             lines += [f"    because {path}: {text}" for path, text in d["because"]]
             return "\n".join(lines)
         if self.kind == "blocked":
@@ -141,7 +143,8 @@ class Outcome:
         if self.kind == "withdrawn":
             return f"{head} WITHDRAWN {d['cue']} {d['reason']}"
         if self.kind == "answered":
-            return f"{head} ANSWERED {d['cue']} {d['response']}"
+            pressed = f" button={d['button']}" if d.get("button") else ""
+            return f"{head} ANSWERED {d['cue']} {d['response']}{pressed}"
         if self.kind == "resent":
             return f"{head} RESENT {d['cue']} {d['scenario']}"
         if self.kind == "engagement":
@@ -221,8 +224,13 @@ def _check_action(action: str, value: object) -> str | None:
             return "context.clear: expected a list of context keys"
         return None
     if action == "respond":
-        if not isinstance(value, dict) or set(value) != {"cue", "kind"}:
-            return 'respond: expected {"cue": "last" or "cue#N", "kind": "accepted"|"declined"|"dismissed"}'
+        if not isinstance(value, dict) or not {"cue", "kind"} <= set(value) <= {"cue", "kind", "button"}:
+            return (
+                'respond: expected {"cue": "last" or "cue#N", "kind": "accepted"|"declined"|"dismissed"}'
+                ' and optionally "button": "<button id>"'
+            )
+        if not isinstance(value.get("button", ""), str):
+            return "respond.button: expected a button id"
         if value["cue"] != "last" and not (isinstance(value["cue"], str) and CUE_LABEL.match(value["cue"])):
             return f'respond.cue: expected "last" or "cue#N", got {value["cue"]!r}'
         if value["kind"] not in RESPONSES:
@@ -457,8 +465,9 @@ class Simulation:
             if cue_id is None:
                 what = "no cue was offered to this device yet" if label == "last" else f"no {label} yet"
                 raise TraceError([TraceIssue(step.line, f"respond.cue: {what}", self.name)])
-            self._emit(device, "answered", cue=self._labels[cue_id], response=answer["kind"])
-            await core.respond(session, cue_id, answer["kind"])
+            pressed = {"button": answer["button"]} if answer.get("button") else {}
+            self._emit(device, "answered", cue=self._labels[cue_id], response=answer["kind"], **pressed)
+            await core.respond(session, cue_id, answer["kind"], str(answer.get("button", "")))
         elif step.action == "close":
             del self._sessions[device]
             await core.close_session(session)
@@ -488,6 +497,8 @@ class Simulation:
             if message.cue_id in self._labels:
                 self._emit(device, "resent", cue=self._labels[message.cue_id], scenario=message.scenario_id)
                 return
+            # A/B variant and locale only when the scenario has them, so older timelines read as before.
+            extra = {key: value for key, value in (("variant", message.variant), ("locale", message.locale)) if value}
             label = self._labels[message.cue_id] = f"cue#{len(self._labels) + 1}"
             self._ids[label] = message.cue_id
             self._last_cue[device] = message.cue_id
@@ -503,6 +514,7 @@ class Simulation:
                 message=message.message,
                 expires_at=offset(message.expires_at - self.start),
                 because=because,
+                **extra,
             )
             self._blocked(self._blocked_by_cue.pop(message.cue_id, []))
         elif isinstance(message, Withdrawal):

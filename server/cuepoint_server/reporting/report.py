@@ -100,6 +100,20 @@ def render_table(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO) -> 
             key = "  ".join([row.scenario_id, *(value or '""' for value in row.group)])
             reasons = ", ".join(f"{reason} {count}" for reason, count in row.blocked_by_count())
             out.write(f"  {key}: {reasons}\n")
+    tested = [row for row in rows if row.variants]
+    if tested:
+        out.write("\nA/B variants (sessions offered the variant; test: two-sided, against the control):\n")
+        for row in tested:
+            key = "  ".join([row.scenario_id, *(value or '""' for value in row.group)])
+            for v in row.variants:
+                rate = v.cohort.conversion_rate
+                conv = "-" if rate is None else f"{v.cohort.converted}/{v.cohort.sessions} {rate:.1%}"
+                ci = f"95% CI {v.ci_low:.1%}-{v.ci_high:.1%}"
+                test = "control" if v.control else f"{v.difference:+.1%} p={v.p_value:.3f}"
+                out.write(
+                    f"  {key}: {v.variant_id}  offered {v.offered}  accepted {v.accepted}  conv. {conv}  {ci}  "
+                    f"{test}\n"
+                )
     out.write(
         "\nsessions: qualified sessions; conv.: of those, sessions that reached the scenario's outcome"
         " milestone or had an engagement resolved (treated vs holdout group)\n"

@@ -118,10 +118,25 @@ def locale_chain(device_locale: object) -> Iterator[str]:
 
 
 def merged_cue(cue: CueSpec, variant: Mapping[str, Any]) -> dict[str, Any]:
-    """The cue's fields as data, with a variant's replacements (the fields it sets) laid over them."""
+    """The cue's fields as data, with a variant's replacements (the fields it sets) laid over them.
+
+    Locales merge per locale and text, so a variant that rewords the message only translates the
+    message and keeps the cue's translated title and button labels.
+    """
     data = cue.model_dump(mode="json", by_alias=True, exclude_none=True)
     for name in VARIANT_FIELDS:
-        if variant.get(name) is not None:
+        if variant.get(name) is None:
+            continue
+        if name == "locales":
+            merged: dict[str, Any] = {tag: dict(texts) for tag, texts in data.get("locales", {}).items()}
+            for tag, texts in variant["locales"].items():
+                base = merged.setdefault(tag, {})
+                buttons = {**base.get("buttons", {}), **texts.get("buttons", {})}
+                base.update(texts)
+                if buttons:
+                    base["buttons"] = buttons
+            data["locales"] = merged
+        else:
             data[name] = variant[name]
     return data
 
@@ -190,12 +205,20 @@ def check_content(spec: ScenarioSpec) -> list[tuple[Path, str]]:
                 path = (*here, *loc) if loc and loc[0] in given else here
                 problems.append((path, error["msg"].removeprefix("Value error, ")))
             continue
-        if spec.cue.locales and ("message" in given or "title" in given) and "locales" not in given:
+        untranslated = [
+            f"{tag}.{text}"
+            for tag, texts in spec.cue.locales.items()
+            for text in ("message", "title")
+            if text in given
+            and getattr(texts, text) is not None
+            and (given.get("locales", {}).get(tag) or {}).get(text) is None
+        ]
+        if untranslated:
             problems.append(
                 (
-                    here,
-                    "this variant changes the wording but not `locales`: users with a translation would see "
-                    "the control's text; give the variant its own `locales` (or `locales: {}`)",
+                    (*here, "locales") if "locales" in given else here,
+                    f"this variant rewords the cue but does not translate {', '.join(untranslated)}: those users "
+                    "would see the control's translation",
                 )
             )
             continue
