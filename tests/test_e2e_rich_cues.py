@@ -15,6 +15,7 @@ from cuepoint_server.cli import main
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.engine.variants import assign_variant
 from cuepoint_server.reporting.stats import two_proportion_test, wilson_interval
+from cuepoint_server.storage import CueRecord
 
 from .conftest import StartServer
 from .test_e2e_foundation import RawDevice, _raw_signal
@@ -62,6 +63,17 @@ async def device(
     )
 
 
+async def settled(server: CuepointServer, cue_id: str) -> CueRecord:
+    """The stored cue once an answer reached it (the answer travels on the stream after press() returns)."""
+    async with asyncio.timeout(5):
+        while True:
+            await server.core.drain()
+            stored = await server.store.get_cue(cue_id)
+            if stored is not None and stored.status != "offered":
+                return stored
+            await asyncio.sleep(0.01)
+
+
 async def cue_after(client: cuepoint.Client, event: str = "sync_failed") -> cuepoint.Cue:
     await client.track(event)
     await client.flush()
@@ -102,9 +114,8 @@ async def test_rich_cue_is_typed_localised_and_records_the_button(start_server: 
         ["Ligar", "Conversar", "Read the FAQ"],
     )
     assert await portugal.press(cue, cue.buttons[2]) is None
-    await server.core.drain()
-    stored = await server.store.get_cue(cue.cue_id)
-    assert stored is not None and (stored.status, stored.button_id) == ("opened", "faq")
+    stored = await settled(server, cue.cue_id)
+    assert (stored.status, stored.button_id) == ("opened", "faq")
 
     # No translation for German: the default texts.
     germany = await device(server, "de-phone", locale="de-DE")
