@@ -17,10 +17,11 @@ from ..clock import Clock, TimerHandle
 from ..engine.arbiter import Arbiter
 from ..engine.engine import Engine
 from ..engine.state import DeviceState
-from ..storage import DecisionRecord, SessionRecord, Store
+from ..storage import CueRecord, DecisionRecord, SessionRecord, SignalRecord, Store
 from .engagements import DeskConfig, EngagementDesk
+from .model import CueOffer, SessionFailed
 from .observers import CoreObserver
-from .sessions import DeviceSession, PendingCue
+from .sessions import DeviceSession, PendingCue, Unit
 from .validation import Limits
 
 __all__ = ["CoreBase", "CoreConfig", "Registry", "session_record"]
@@ -111,6 +112,59 @@ class CoreBase:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background.failed", error=repr(task.exception()))
+
+    # -- units of work: an evaluation's writes commit together, then what they promise is shown ----------
+
+    def _open_unit(self, session: DeviceSession, signals: list[SignalRecord] | None = None) -> Unit:
+        unit = session.unit = Unit()
+        if signals:
+            unit.work.signals = signals
+        return unit
+
+    def _seal_unit(self, session: DeviceSession, unit: Unit) -> None:
+        unit.sealed = True
+        if session.unit is unit:
+            session.unit = None
+
+    def _stage_offer(self, session: DeviceSession, record: CueRecord, offer: CueOffer) -> None:
+        unit = session.unit
+        if unit is None or unit.sealed:
+            unit = Unit()
+            self._track(session, self._commit_unit(session, unit))
+        unit.work.cues.append(record)
+        unit.shown.append(offer)
+
+    def _stage_decision(self, session: DeviceSession, record: DecisionRecord) -> None:
+        unit = session.unit
+        if unit is None or unit.sealed:
+            self._track(session, self.store.save_decision(record))
+        else:
+            unit.work.decisions.append(record)
+
+    async def _commit_unit(self, session: DeviceSession, unit: Unit) -> bool:
+        """Commit the unit, then show what it offered; False (and the stream ends) if storage failed."""
+        self._seal_unit(session, unit)
+        work = unit.work
+        try:
+            if work.cues or work.decisions or work.milestones or work.statuses:
+                await self.store.commit_offer(work)
+            elif work.signals:
+                # Plain signal batches stay on the writer's merged append path (the hot one).
+                await self.store.append_signals(work.signals)
+        except Exception:
+            log.exception("unit.store_failed", device_id=session.device_id, cues=len(work.cues))
+            for record in work.cues:
+                pending = self._reg.pending.get(record.device_id)
+                if pending is not None and pending.offer.cue_id == record.cue_id:
+                    # Never committed, so never shown: the offer is forgotten with it.
+                    del self._reg.pending[record.device_id]
+                    if pending.expiry is not None:
+                        pending.expiry.cancel()
+            session.send(SessionFailed("could not store signals; resend them"))
+            return False
+        for message in unit.shown:
+            session.send(message)
+        return True
 
     async def drain(self) -> None:
         """Wait for background writes; used on shutdown."""

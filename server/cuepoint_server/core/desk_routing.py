@@ -24,6 +24,7 @@ from .model import (
     JourneyItem,
     OfferWithdrawn,
     PriorEngagement,
+    Withdrawal,
 )
 from .sessions import AssociateSession, DeviceSession, PendingCue
 
@@ -33,7 +34,9 @@ log = structlog.get_logger("cuepoint.core.engagements")
 
 
 class Routing(Conversation):
-    async def start(self, session: DeviceSession, pending: PendingCue, now: float) -> Engagement:
+    async def start(
+        self, session: DeviceSession, pending: PendingCue, now: float, button_id: str = ""
+    ) -> Engagement | None:
         scenarios = self.engine.scenarios
         scenario = scenarios.by_id.get(pending.scenario_id)
         base_queue = str(pending.explanation.get("queue") or "default")
@@ -62,13 +65,38 @@ class Routing(Conversation):
             context=context,
             outcome_check=scenario.engagement_outcome if scenario else None,
         )
+        # Reserved in memory while committing, so nothing else is offered to the device meanwhile.
+        self._active_by_device[session.device_id] = engagement.engagement_id
+        try:
+            # The accept and the engagement commit in one transaction: never an accepted cue without one.
+            outcome = await self.store.accept_cue(engagement.cue_id, now, engagement.record(), button_id)
+        finally:
+            self._release_device(engagement)
+        if not outcome.accepted:
+            # Settled meanwhile (expired, withdrawn) or accepted before: answer with what is on file.
+            if not self.answer_again(session, engagement.cue_id):
+                session.send(Withdrawal(engagement.cue_id, outcome.status or "unknown"))
+            return None
         self._engagements[engagement.engagement_id] = engagement
         self._active_by_device[session.device_id] = engagement.engagement_id
-        await self.store.save_engagement(engagement.record())
         self._notify_device(engagement)
         log.info("engagement.queued", engagement_id=engagement.engagement_id, queue=queue, priority=priority)
         self._route(engagement)
         return engagement
+
+    def answer_again(self, session: DeviceSession, cue_id: str) -> bool:
+        """Re-send the state of the live engagement an accepted cue started (a resent accept, a reconnect)."""
+        engagement = self._engagements.get(self._active_by_device.get(session.device_id, ""))
+        if engagement is None or engagement.cue_id != cue_id:
+            return False
+        self._notify_device(engagement)
+        return True
+
+    def resume_device(self, session: DeviceSession) -> None:
+        """A device (re)connected: tell it where its live engagement stands, e.g. after a restart."""
+        engagement = self._engagements.get(self._active_by_device.get(session.device_id, ""))
+        if engagement is not None:
+            self._notify_device(engagement)
 
     async def _context(self, session: DeviceSession, pending: PendingCue, priority: int) -> EngagementContext:
         ctx = session.state.context

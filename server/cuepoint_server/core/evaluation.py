@@ -109,30 +109,29 @@ class Evaluation(CoreBase):
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
         self._reg.pending[session.device_id] = pending
         self.arbiter.remember_offer(session.subject, scenario.id, now, session.session_id)
-        self._track(
+        # Shown only once the cue, its decisions and the signals that fired it are committed (Unit).
+        self._stage_offer(
             session,
-            self.store.save_cue(
-                CueRecord(
-                    cue_id=offer.cue_id,
-                    scenario_id=scenario.id,
-                    app_id=session.app_id,
-                    device_id=session.device_id,
-                    subject=session.subject,
-                    session_id=session.session_id,
-                    created_at=now,
-                    expires_at=offer.expires_at,
-                    channel=offer.channel,
-                    message=offer.message,
-                    status="offered",
-                    responded_at=None,
-                    explanation=why,
-                    variant=offer.variant,
-                    locale=offer.locale,
-                )
+            CueRecord(
+                cue_id=offer.cue_id,
+                scenario_id=scenario.id,
+                app_id=session.app_id,
+                device_id=session.device_id,
+                subject=session.subject,
+                session_id=session.session_id,
+                created_at=now,
+                expires_at=offer.expires_at,
+                channel=offer.channel,
+                message=offer.message,
+                status="offered",
+                responded_at=None,
+                explanation=why,
+                variant=offer.variant,
+                locale=offer.locale,
             ),
+            offer,
         )
         log.info("cue.offered", device_id=session.device_id, scenario_id=scenario.id, cue_id=offer.cue_id)
-        session.send(offer)
         for observer in self.observers:
             observer.cue_offered(scenario.id, self.clock.now() - now)
         return offer
@@ -163,7 +162,7 @@ class Evaluation(CoreBase):
         )
         for listener in self.decision_listeners:
             listener(record)
-        self._track(session, self.store.save_decision(record))
+        self._stage_decision(session, record)
 
     def _busy(self, device_id: str, now: float) -> str | None:
         if self.desk.active_for(device_id) is not None:
@@ -240,7 +239,9 @@ class Evaluation(CoreBase):
             return
         now = self.clock.now()
         timed = [s for s in self.engine.scenarios.timed if s.applies_to(session.app_id)]
+        unit = self._open_unit(session)
         self._evaluate(session, timed, now)
+        self._track(session, self._commit_unit(session, unit))
         self._schedule_timer(device_id, now)
 
     async def respond(self, session: DeviceSession, cue_id: str, response: str, button_id: str = "") -> None:
@@ -256,17 +257,17 @@ class Evaluation(CoreBase):
             # (expired, withdrawn, answered) and ids this device never saw are
             # both answered with a withdrawal the app can act on.
             mine = known is not None and known.device_id == session.device_id
+            if mine and known and known.status == "accepted" and self.desk.answer_again(session, cue_id):
+                return  # a resent accept: the engagement it started is the answer
             session.send(Withdrawal(cue_id, known.status if mine and known else "unknown"))
             return
         del self._reg.pending[session.device_id]
         if pending.expiry is not None:
             pending.expiry.cancel()
-        status = self.store.set_cue_status(cue_id, response, now, button_id)
-        if response == "accepted":
-            await status
-        else:
+        if response != "accepted":
             # The answer is settled in memory; the device's next message need not wait for the commit.
-            self._track(session, status)
+            # An accept is stored by desk.start, together with the engagement it starts.
+            self._track(session, self.store.set_cue_status(cue_id, response, now, button_id))
         for observer in self.observers:
             observer.cue_settled(pending.scenario_id, response)
         log.info("cue.answered", device_id=session.device_id, cue_id=cue_id, response=response)
@@ -277,7 +278,7 @@ class Evaluation(CoreBase):
             if session.writes:
                 # The journey the associate sees must include every signal that led here.
                 await asyncio.gather(*session.writes, return_exceptions=True)
-            await self.desk.start(session, pending, now)
+            await self.desk.start(session, pending, now, button_id)
 
     @staticmethod
     def _press(pending: PendingCue, response: str, button_id: str) -> None:

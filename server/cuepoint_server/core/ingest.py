@@ -15,10 +15,9 @@ from .core_base import session_record
 from .model import (
     Ack,
     IncomingBatch,
-    SessionFailed,
 )
 from .recovery import Recovery
-from .sessions import DeviceSession
+from .sessions import DeviceSession, Unit
 from .validation import clock_offset, validate_batch
 
 __all__ = ["Ingest"]
@@ -75,7 +74,10 @@ class Ingest(Recovery):
                 latest = at
             rows.append(SignalRecord(device_id, signal.id, session_id, signal.kind, signal.name, at, now, payload))
         state.last_signal_at = latest
-        self._track(session, self._store_and_ack(session, batch.batch_id, rows, fresh, duplicates))
+        # Evaluation below stages its cues and decisions in this unit; the task commits it with the signals
+        # once ingest returns (it cannot start before), then shows the cues and acks.
+        unit = self._open_unit(session, rows)
+        self._track(session, self._store_and_ack(session, batch.batch_id, unit, fresh, duplicates))
         session.last_received_at = now
         for observer in self.observers:
             observer.signals_received(len(fresh), len(duplicates))
@@ -107,17 +109,13 @@ class Ingest(Recovery):
         self,
         session: DeviceSession,
         batch_id: str,
-        rows: list[SignalRecord],
+        unit: Unit,
         fresh: list[str],
         duplicates: list[str],
     ) -> None:
-        try:
-            if rows:
-                await self.store.append_signals(rows)
-        except Exception:
-            log.exception("signals.store_failed", device_id=session.device_id, batch_id=batch_id)
+        if not await self._commit_unit(session, unit):
+            log.error("signals.store_failed", device_id=session.device_id, batch_id=batch_id)
             for signal_id in fresh:
                 session.state.forget(signal_id)
-            session.send(SessionFailed("could not store signals; resend them"))
             return
         session.send(Ack(batch_id, tuple(fresh + duplicates), tuple(duplicates)))

@@ -65,6 +65,8 @@ class SessionLifecycle(Ingest, DeviceCredentials):
         pending = self._reg.pending.get(hello.device_id) or await self._restore_cue(session, now)
         if pending is not None:
             session.send(pending.offer)
+        # An engagement accepted before a reconnect (or a restart) answers the device again.
+        self.desk.resume_device(session)
         if resumed is not None:
             # Offers settled while the device was away (expired, withdrawn) may
             # still be on its screen: withdraw them again on the new stream.

@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 
 from ..clock import TimerHandle
 from ..engine.state import DeviceState
+from ..storage import OfferCommit
 from .model import (
     Ack,
     CallSignalRelay,
@@ -27,7 +28,7 @@ from .model import (
     Withdrawal,
 )
 
-__all__ = ["AssociateSession", "DeviceOut", "DeviceSession", "Outbox", "PendingCue"]
+__all__ = ["AssociateSession", "DeviceOut", "DeviceSession", "Outbox", "PendingCue", "Unit"]
 
 T = TypeVar("T")
 
@@ -43,6 +44,20 @@ class PendingCue:
     scenario_id: str
     explanation: dict[str, object]
     expiry: TimerHandle | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Unit:
+    """What one evaluation of a device decided: stored in one transaction, and only then shown.
+
+    A transactional outbox in miniature: ``shown`` (cues offered) reaches the device only after ``work``
+    (the signals that fired them, the cue rows, every decision) is committed, so a crash never leaves the
+    device holding a cue the database does not know.
+    """
+
+    work: OfferCommit = field(default_factory=OfferCommit)
+    shown: list[DeviceOut] = field(default_factory=list)
+    sealed: bool = False  # its commit has started: nothing more may be added
 
 
 class Outbox(Generic[T]):
@@ -107,6 +122,8 @@ class DeviceSession:
     closed: bool = False
     # A device secret issued by this Hello, for the Welcome to carry; cleared once sent.
     issued_secret: str = field(default="", repr=False)
+    # The evaluation in progress stages its cues and decisions here (see Unit).
+    unit: Unit | None = None
 
     # Resolved by notify_room once there is room again; exists only while the reader waits for it.
     _room: asyncio.Future[None] | None = field(default=None, init=False, repr=False)

@@ -248,4 +248,3 @@ def _compare_variants(row: FunnelRow) -> None:
             v.p_value, v.difference = two_proportion_test(
                 v.cohort.converted, v.cohort.sessions, control.cohort.converted, control.cohort.sessions
             )
-

@@ -469,8 +469,8 @@ class LocaleSpec(_Strict):
 
     title: str | None = Field(default=None, max_length=100)
     message: str | None = Field(default=None, min_length=1, max_length=500)
-    buttons: dict[Annotated[str, Field(pattern=_ID)], Annotated[str, Field(min_length=1, max_length=40)]] = (
-        Field(default_factory=dict, description="Button id -> label.")
+    buttons: dict[Annotated[str, Field(pattern=_ID)], Annotated[str, Field(min_length=1, max_length=40)]] = Field(
+        default_factory=dict, description="Button id -> label."
     )
     image_alt: str | None = Field(default=None, min_length=1, max_length=200)
 
