@@ -41,10 +41,15 @@ from .models import (
     JourneyEntry,
     Location,
     MatchedCondition,
+    Participant,
+    ParticipantRole,
     Party,
     Presence,
     PriorEngagement,
     Scalar,
+    SupervisedEngagement,
+    Transfer,
+    TransferMode,
     Trigger,
     UpgradeRequest,
     User,
@@ -530,6 +535,9 @@ def chat_message_from_proto(msg: common_pb2.ChatMessage) -> ChatMessage:
         sender=party_from_proto(msg.sender),
         text=msg.text,
         time=time_from_proto(msg, "time"),
+        sender_id=msg.sender_id,
+        sender_name=msg.sender_name,
+        whisper=msg.whisper,
     )
 
 
@@ -679,6 +687,52 @@ def assigned_engagement_from_proto(msg: common_pb2.Engagement) -> AssignedEngage
         state=state_from_proto(msg.state),
         associate_id=msg.associate_id,
         associate_name=msg.associate_name,
+        transcript=tuple(chat_message_from_proto(m) for m in msg.transcript),
+        transfers=tuple(
+            Transfer(
+                from_associate_id=t.from_associate_id,
+                to_associate_id=t.to_associate_id,
+                to_queue=t.to_queue,
+                mode=_TRANSFER_MODES.get(t.mode, TransferMode.BLIND),
+                note=t.note,
+                time=time_from_proto(t, "time"),
+            )
+            for t in msg.transfers
+        ),
+        role=_ROLES.get(msg.role, ParticipantRole.OWNER),
+        participants=participants_from_proto(msg.participants),
+    )
+
+
+_ROLES = {
+    common_pb2.PARTICIPANT_ROLE_OWNER: ParticipantRole.OWNER,
+    common_pb2.PARTICIPANT_ROLE_CONFERENCE: ParticipantRole.CONFERENCE,
+    common_pb2.PARTICIPANT_ROLE_CONSULT: ParticipantRole.CONSULT,
+    common_pb2.PARTICIPANT_ROLE_MONITOR: ParticipantRole.MONITOR,
+    common_pb2.PARTICIPANT_ROLE_BARGE: ParticipantRole.BARGE,
+}
+_TRANSFER_MODES = {
+    common_pb2.TRANSFER_MODE_BLIND: TransferMode.BLIND,
+    common_pb2.TRANSFER_MODE_CONSULT: TransferMode.CONSULT,
+}
+_TRANSFER_MODES_TO_PROTO = {v: k for k, v in _TRANSFER_MODES.items()}
+
+
+def participants_from_proto(items: Iterable[common_pb2.Participant]) -> tuple[Participant, ...]:
+    return tuple(
+        Participant(p.associate_id, p.display_name, _ROLES.get(p.role, ParticipantRole.CONFERENCE)) for p in items
+    )
+
+
+def supervised_from_proto(msg: associate_pb2.SupervisedEngagement) -> SupervisedEngagement:
+    return SupervisedEngagement(
+        engagement_id=msg.engagement_id,
+        queue=msg.queue,
+        state=state_from_proto(msg.state),
+        channel=channel_from_proto(msg.channel),
+        associate_id=msg.associate_id,
+        participants=participants_from_proto(msg.participants),
+        time=time_from_proto(msg, "time"),
     )
 
 
@@ -753,8 +807,10 @@ def sign_in(
     skills: Iterable[str] = (),
     manual_claim: bool = False,
     presence: Presence | None = None,
+    supervised_queues: Iterable[str] = (),
 ) -> associate_pb2.AssociateMessage:
     msg = associate_pb2.SignIn(
+        supervised_queues=list(supervised_queues),
         associate_id=associate_id,
         display_name=display_name,
         queues=list(queues),
@@ -775,9 +831,48 @@ def reject_engagement(engagement_id: str, reason: str) -> associate_pb2.Associat
     return associate_pb2.AssociateMessage(reject=msg)
 
 
-def set_presence(presence: Presence) -> associate_pb2.AssociateMessage:
-    msg = associate_pb2.SetPresence(presence=presence_to_proto(presence))
+def set_presence(presence: Presence, reason: str = "") -> associate_pb2.AssociateMessage:
+    msg = associate_pb2.SetPresence(presence=presence_to_proto(presence), reason=reason)
     return associate_pb2.AssociateMessage(presence=msg)
+
+
+def transfer(
+    engagement_id: str, to_associate_id: str, to_queue: str, mode: TransferMode, note: str
+) -> associate_pb2.AssociateMessage:
+    msg = associate_pb2.TransferEngagement(
+        engagement_id=engagement_id,
+        to_associate_id=to_associate_id,
+        to_queue=to_queue,
+        mode=_TRANSFER_MODES_TO_PROTO[mode],
+        note=note,
+    )
+    return associate_pb2.AssociateMessage(transfer=msg)
+
+
+def complete_transfer(engagement_id: str) -> associate_pb2.AssociateMessage:
+    return associate_pb2.AssociateMessage(complete_transfer=associate_pb2.CompleteTransfer(engagement_id=engagement_id))
+
+
+def add_participant(engagement_id: str, associate_id: str) -> associate_pb2.AssociateMessage:
+    msg = associate_pb2.AddParticipant(engagement_id=engagement_id, associate_id=associate_id)
+    return associate_pb2.AssociateMessage(add_participant=msg)
+
+
+def leave(engagement_id: str, disposition: str, notes: str) -> associate_pb2.AssociateMessage:
+    msg = associate_pb2.LeaveEngagement(engagement_id=engagement_id, disposition=disposition, notes=notes)
+    return associate_pb2.AssociateMessage(leave=msg)
+
+
+def monitor(engagement_id: str) -> associate_pb2.AssociateMessage:
+    return associate_pb2.AssociateMessage(monitor=associate_pb2.MonitorEngagement(engagement_id=engagement_id))
+
+
+def whisper(engagement_id: str, text: str) -> associate_pb2.AssociateMessage:
+    return associate_pb2.AssociateMessage(whisper=associate_pb2.Whisper(engagement_id=engagement_id, text=text))
+
+
+def barge(engagement_id: str) -> associate_pb2.AssociateMessage:
+    return associate_pb2.AssociateMessage(barge=associate_pb2.BargeIn(engagement_id=engagement_id))
 
 
 def end_engagement(engagement_id: str, disposition: str, notes: str) -> associate_pb2.AssociateMessage:

@@ -54,8 +54,11 @@ from .models import (
     EngagementEnded,
     EngagementState,
     EngagementUpdate,
+    ParticipantRole,
     Party,
     Presence,
+    SupervisedEngagement,
+    TransferMode,
     UpgradeRequest,
 )
 
@@ -64,7 +67,7 @@ __all__ = ["AssociateClient", "AssociateEvent", "connect_associate"]
 log = logging.getLogger("cuepoint")
 
 AssociateEvent: TypeAlias = AssignedEngagement | EngagementEnded
-"""What ``AssociateClient.events()`` yields."""
+"""What ``AssociateClient.events()`` yields: assignments, joinings (``role`` not OWNER) and endings."""
 
 _Stream = BidiStream[associate_pb2.AssociateMessage, associate_pb2.AssociateEvent]
 _State = Literal["new", "starting", "open", "closing", "closed"]
@@ -84,6 +87,7 @@ async def connect_associate(
     skills: Iterable[str] = (),
     manual_claim: bool = False,
     presence: Presence = Presence.AVAILABLE,
+    supervised_queues: Iterable[str] = (),
     config: AssociateConfig | None = None,
 ) -> AssociateClient:
     """Sign an associate in and return the started :class:`AssociateClient`.
@@ -102,6 +106,7 @@ async def connect_associate(
         skills=skills,
         manual_claim=manual_claim,
         presence=presence,
+        supervised_queues=supervised_queues,
         config=config,
     )
     return await client.start()
@@ -121,6 +126,7 @@ class AssociateClient:
         skills: Iterable[str] = (),
         manual_claim: bool = False,
         presence: Presence = Presence.AVAILABLE,
+        supervised_queues: Iterable[str] = (),
         config: AssociateConfig | None = None,
     ) -> None:
         if not isinstance(associate_id, str) or not associate_id:
@@ -137,6 +143,11 @@ class AssociateClient:
         self._skills = _validate.names(skills, "sign_in.skills")
         self._manual_claim = _validate.flag(manual_claim, "sign_in.manual_claim")
         self._presence = _validate.presence(presence, "sign_in.presence")
+        if isinstance(supervised_queues, str):
+            raise InvalidSignal(
+                "supervised_queues must be a list of queue names, not a string", field="sign_in.supervised_queues"
+            )
+        self._supervised_queues = tuple(supervised_queues)
         self._config = config or AssociateConfig()
         self._new_id = IdGenerator(time.time)
 
@@ -157,6 +168,11 @@ class AssociateClient:
         self._assigned: dict[str, AssignedEngagement] = {}
         self._conversations: dict[str, Conversation] = {}
         self._finished: deque[str] = deque()
+        # Engagements joined (conference, consult, monitor, barge-in), and for supervisors the latest
+        # state of every engagement of their queues.
+        self._joined: Inbox[AssignedEngagement] = Inbox()
+        self._supervised: dict[str, SupervisedEngagement] = {}
+        self._supervised_feed: Inbox[SupervisedEngagement] = Inbox()
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -200,6 +216,7 @@ class AssociateClient:
             capacity=self._capacity,
             skills=self._skills,
             manual_claim=self._manual_claim,
+            supervised_queues=self._supervised_queues,
             presence=self._presence,
         )
         signed_in: associate_pb2.SignedIn = await handshake(
@@ -371,12 +388,100 @@ class AssociateClient:
         self._drop_offer(engagement_id)
         await self._send(_convert.reject_engagement(engagement_id, reason))
 
-    async def set_presence(self, presence: Presence) -> None:
-        """Set AVAILABLE (takes engagements), BUSY (takes nothing new) or AWAY; returns once sent."""
+    async def set_presence(self, presence: Presence, reason: str = "") -> None:
+        """Set AVAILABLE (takes engagements), BUSY (takes nothing new) or AWAY; returns once sent.
+
+        ``reason`` (at most 64 characters, e.g. "break", "training") shows in live now and reports.
+        """
         presence = _validate.presence(presence)
+        reason = _validate.string(reason, "presence.reason")
         self._check_usable()
-        await self._send(_convert.set_presence(presence))
+        await self._send(_convert.set_presence(presence, reason))
         self._presence = presence
+
+    # --- transfer, conference, supervision ---------------------------------------------
+
+    async def transfer(
+        self,
+        engagement: AssignedEngagement | str,
+        *,
+        to_associate: str = "",
+        to_queue: str = "",
+        mode: TransferMode = TransferMode.BLIND,
+        note: str = "",
+    ) -> None:
+        """Move an engagement you hold to another associate or queue (exactly one); returns once sent.
+
+        BLIND hands it over at once: your part ends (an EngagementEnded with disposition
+        ``transferred``). CONSULT (to an associate) first adds them as a consultant who sees the
+        context and the chat; :meth:`complete_transfer` then hands over. The server refuses a
+        transfer of an engagement that is not yours with PERMISSION_DENIED, which ends this session.
+        """
+        engagement_id = _engagement_id(engagement, "transfer.engagement_id")
+        if bool(to_associate) == bool(to_queue):
+            raise InvalidSignal("set exactly one of to_associate and to_queue", field="transfer.to_queue")
+        if not isinstance(mode, TransferMode):
+            raise InvalidSignal("mode must be a TransferMode", field="transfer.mode")
+        note = _validate.string(note, "transfer.note")
+        self._check_usable()
+        await self._send(_convert.transfer(engagement_id, to_associate, to_queue, mode, note))
+
+    async def complete_transfer(self, engagement: AssignedEngagement | str) -> None:
+        """After a CONSULT transfer: the consulted associate becomes the owner; your part ends."""
+        engagement_id = _engagement_id(engagement, "complete_transfer.engagement_id")
+        self._check_usable()
+        await self._send(_convert.complete_transfer(engagement_id))
+
+    async def add_participant(self, engagement: AssignedEngagement | str, associate_id: str) -> None:
+        """Conference: add another signed-in associate to an engagement you hold."""
+        engagement_id = _engagement_id(engagement, "add_participant.engagement_id")
+        associate_id = _validate.string(associate_id, "add_participant.associate_id")
+        self._check_usable()
+        await self._send(_convert.add_participant(engagement_id, associate_id))
+
+    async def leave(self, engagement: AssignedEngagement | str, *, disposition: str = "", notes: str = "") -> None:
+        """Leave an engagement you joined, with your own wrap-up of your part."""
+        engagement_id = _engagement_id(engagement, "leave.engagement_id")
+        self._check_usable()
+        await self._send(_convert.leave(engagement_id, disposition, notes))
+
+    async def monitor(self, engagement_id: str) -> None:
+        """Supervisors: watch an engagement of a supervised queue read-only (see :meth:`joined`)."""
+        engagement_id = _engagement_id(engagement_id, "monitor.engagement_id")
+        self._check_usable()
+        await self._send(_convert.monitor(engagement_id))
+
+    async def barge(self, engagement_id: str) -> None:
+        """Supervisors: join the conversation of an engagement of a supervised queue."""
+        engagement_id = _engagement_id(engagement_id, "barge.engagement_id")
+        self._check_usable()
+        await self._send(_convert.barge(engagement_id))
+
+    async def whisper(self, engagement: AssignedEngagement | str, text: str) -> None:
+        """A message to the associates on the engagement only; the user never sees it."""
+        engagement_id = _engagement_id(engagement, "whisper.engagement_id")
+        text = _validate.chat_text(text)
+        self._check_usable()
+        await self._send(_convert.whisper(engagement_id, text))
+
+    def joined(self) -> AsyncIterator[AssignedEngagement]:
+        """Engagements you were added to (``role`` says how), oldest first, with context and transcript."""
+        return self._joined
+
+    async def next_joined(self, *, timeout: float | None = None) -> AssignedEngagement:
+        return await get_within(self._joined, timeout, "joined engagement")
+
+    def supervised(self) -> AsyncIterator[SupervisedEngagement]:
+        """Supervisors: every change to an engagement of a supervised queue, oldest first."""
+        return self._supervised_feed
+
+    async def next_supervised(self, *, timeout: float | None = None) -> SupervisedEngagement:
+        return await get_within(self._supervised_feed, timeout, "supervised engagement")
+
+    @property
+    def supervised_engagements(self) -> Mapping[str, SupervisedEngagement]:
+        """The latest known state of each engagement of the supervised queues."""
+        return types.MappingProxyType(self._supervised)
 
     # --- live engagement traffic ----------------------------------------------------
 
@@ -524,6 +629,14 @@ class AssociateClient:
             claim = self._claims.pop(engagement_id, None)
             if claim is not None and not claim.done():
                 claim.set_exception(Rejected(_withdrawn_message(engagement_id, reason)))
+        elif kind == "joined":
+            self._on_joined(_convert.assigned_engagement_from_proto(message.joined))
+        elif kind == "supervised":
+            snapshot = _convert.supervised_from_proto(message.supervised)
+            self._supervised[snapshot.engagement_id] = snapshot
+            if snapshot.state is EngagementState.ENDED:
+                del self._supervised[snapshot.engagement_id]
+            self._supervised_feed.put(snapshot)
         elif kind == "chat":
             chat = _convert.chat_message_from_proto(message.chat)
             if (conversation := self._traffic_target(chat.engagement_id, kind)) is not None:
@@ -546,9 +659,7 @@ class AssociateClient:
     def _on_assigned(self, engagement: AssignedEngagement) -> None:
         engagement_id = engagement.engagement_id
         self._active[engagement_id] = engagement
-        self._assigned[engagement_id] = engagement
-        if engagement_id not in self._conversations:
-            self._conversations[engagement_id] = Conversation(Party.ASSOCIATE, self._send_payload, self._new_id)
+        self._open_conversation(engagement)
         self._drop_offer(engagement_id)
         claim = self._claims.pop(engagement_id, None)
         if claim is not None and not claim.done():
@@ -556,6 +667,26 @@ class AssociateClient:
         else:
             self._inbox.put(engagement)
         self._publish(engagement)
+
+    def _on_joined(self, engagement: AssignedEngagement) -> None:
+        if engagement.role in (ParticipantRole.CONFERENCE, ParticipantRole.CONSULT):
+            self._active[engagement.engagement_id] = engagement
+        self._open_conversation(engagement)
+        self._joined.put(engagement)
+        self._publish(engagement)
+
+    def _open_conversation(self, engagement: AssignedEngagement) -> None:
+        """Start (or restart, after a transfer back or a new part) following an engagement's traffic."""
+        engagement_id = engagement.engagement_id
+        self._assigned[engagement_id] = engagement
+        conversation = self._conversations.get(engagement_id)
+        if conversation is None or conversation.done:
+            conversation = self._conversations[engagement_id] = Conversation(
+                Party.ASSOCIATE, self._send_payload, self._new_id
+            )
+            # What was said before it reached us: the transcript travels with the engagement.
+            for line in engagement.transcript:
+                conversation.on_chat(line)
 
     def _on_ended(self, ended: EngagementEnded) -> None:
         engagement_id = ended.engagement_id
@@ -610,6 +741,8 @@ class AssociateClient:
     def _close_consumers(self, error: CuepointError | None) -> None:
         self._inbox.close(error)
         self._offers.close(error)
+        self._joined.close(error)
+        self._supervised_feed.close(error)
         for inbox in list(self._subscribers):
             inbox.close(error)
         claims = list(self._claims.values())

@@ -41,11 +41,16 @@ __all__ = [
     "JourneyEntry",
     "Location",
     "MatchedCondition",
+    "Participant",
+    "ParticipantRole",
     "Party",
     "Presence",
     "PriorEngagement",
     "Scalar",
     "ServerEvent",
+    "SupervisedEngagement",
+    "Transfer",
+    "TransferMode",
     "Trigger",
     "UpgradeRequest",
     "User",
@@ -178,6 +183,58 @@ class Presence(enum.Enum):
     BUSY = "busy"
     """Signed in, takes nothing new."""
     AWAY = "away"
+
+
+class ParticipantRole(enum.Enum):
+    """How an associate takes part in an engagement."""
+
+    OWNER = "owner"
+    """Holds it: routes and wraps it up."""
+    CONFERENCE = "conference"
+    """Added by the owner; chats with the user and wraps up their own part."""
+    CONSULT = "consult"
+    """Consulted before a transfer; talks to the associates only (whispers)."""
+    MONITOR = "monitor"
+    """A supervisor watching read-only (may whisper)."""
+    BARGE = "barge"
+    """A supervisor who joined the conversation."""
+
+
+class TransferMode(enum.Enum):
+    BLIND = "blind"
+    """The engagement moves at once."""
+    CONSULT = "consult"
+    """The target joins first; ``complete_transfer`` hands over."""
+
+
+@dataclass(frozen=True)
+class Participant:
+    associate_id: str
+    display_name: str
+    role: ParticipantRole
+
+
+@dataclass(frozen=True)
+class Transfer:
+    from_associate_id: str
+    to_associate_id: str
+    to_queue: str
+    mode: TransferMode
+    note: str = ""
+    time: float | None = None
+
+
+@dataclass(frozen=True)
+class SupervisedEngagement:
+    """For supervisors: an engagement of a supervised queue, as it is now."""
+
+    engagement_id: str
+    queue: str
+    state: EngagementState | None
+    channel: Channel | None
+    associate_id: str
+    participants: tuple[Participant, ...] = ()
+    time: float | None = None
 
 
 class ConnectionState(enum.Enum):
@@ -332,6 +389,11 @@ class ChatMessage:
     sender: Party | None = None
     text: str = ""
     time: float | None = None
+    sender_id: str = ""
+    """Which associate wrote it (several may share an engagement); empty for the user and the system."""
+    sender_name: str = ""
+    whisper: bool = False
+    """To the associates only (a supervisor or consulted colleague); the user never sees these."""
 
 
 @dataclass(frozen=True)
@@ -487,6 +549,13 @@ class AssignedEngagement:
     state: EngagementState | None = None
     associate_id: str = ""
     associate_name: str = ""
+    transcript: tuple[ChatMessage, ...] = ()
+    """The chat so far when it reached you: after a transfer or on joining, what was already said."""
+    transfers: tuple[Transfer, ...] = ()
+    role: ParticipantRole = ParticipantRole.OWNER
+    """Your part: OWNER unless you joined it (conference, consult, monitor, barge-in)."""
+    participants: tuple[Participant, ...] = ()
+    """Associates on it besides the owner."""
 
     def describe(self) -> str:
         """A readable multi-line briefing: device, user, why the cue fired, journey."""

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from cuepoint.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -56,6 +57,13 @@ class AssociateMessage(_message.Message):
     UPGRADE_REQUEST_FIELD_NUMBER: _builtins.int
     UPGRADE_RESPONSE_FIELD_NUMBER: _builtins.int
     CALL_SIGNAL_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    COMPLETE_TRANSFER_FIELD_NUMBER: _builtins.int
+    ADD_PARTICIPANT_FIELD_NUMBER: _builtins.int
+    LEAVE_FIELD_NUMBER: _builtins.int
+    MONITOR_FIELD_NUMBER: _builtins.int
+    WHISPER_FIELD_NUMBER: _builtins.int
+    BARGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sign_in(self) -> Global___SignIn: ...
     @_builtins.property
@@ -74,6 +82,31 @@ class AssociateMessage(_message.Message):
     def upgrade_response(self) -> _common_pb2.UpgradeResponse: ...
     @_builtins.property
     def call_signal(self) -> _common_pb2.CallSignal: ...
+    @_builtins.property
+    def transfer(self) -> Global___TransferEngagement:
+        """Contact-center operations. Each is refused with PERMISSION_DENIED (the
+        stream ends, nothing changes) when the engagement is not the sender's
+        to act on, and with INVALID_ARGUMENT naming the field when malformed.
+        """
+
+    @_builtins.property
+    def complete_transfer(self) -> Global___CompleteTransfer: ...
+    @_builtins.property
+    def add_participant(self) -> Global___AddParticipant: ...
+    @_builtins.property
+    def leave(self) -> Global___LeaveEngagement:
+        """Leave an engagement you joined (conference, consult, monitor, barge),
+        with your own wrap-up of your part.
+        """
+
+    @_builtins.property
+    def monitor(self) -> Global___MonitorEngagement:
+        """Supervisors only, for engagements of the queues they supervise."""
+
+    @_builtins.property
+    def whisper(self) -> Global___Whisper: ...
+    @_builtins.property
+    def barge(self) -> Global___BargeIn: ...
     def __init__(
         self,
         *,
@@ -86,16 +119,199 @@ class AssociateMessage(_message.Message):
         upgrade_request: _common_pb2.UpgradeRequest | None = ...,
         upgrade_response: _common_pb2.UpgradeResponse | None = ...,
         call_signal: _common_pb2.CallSignal | None = ...,
+        transfer: Global___TransferEngagement | None = ...,
+        complete_transfer: Global___CompleteTransfer | None = ...,
+        add_participant: Global___AddParticipant | None = ...,
+        leave: Global___LeaveEngagement | None = ...,
+        monitor: Global___MonitorEngagement | None = ...,
+        whisper: Global___Whisper | None = ...,
+        barge: Global___BargeIn | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "claim", b"claim", "end", b"end", "kind", b"kind", "presence", b"presence", "reject", b"reject", "sign_in", b"sign_in", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_participant", b"add_participant", "barge", b"barge", "call_signal", b"call_signal", "chat", b"chat", "claim", b"claim", "complete_transfer", b"complete_transfer", "end", b"end", "kind", b"kind", "leave", b"leave", "monitor", b"monitor", "presence", b"presence", "reject", b"reject", "sign_in", b"sign_in", "transfer", b"transfer", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "whisper", b"whisper"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "claim", b"claim", "end", b"end", "kind", b"kind", "presence", b"presence", "reject", b"reject", "sign_in", b"sign_in", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_participant", b"add_participant", "barge", b"barge", "call_signal", b"call_signal", "chat", b"chat", "claim", b"claim", "complete_transfer", b"complete_transfer", "end", b"end", "kind", b"kind", "leave", b"leave", "monitor", b"monitor", "presence", b"presence", "reject", b"reject", "sign_in", b"sign_in", "transfer", b"transfer", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "whisper", b"whisper"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["sign_in", "end", "claim", "reject", "presence", "chat", "upgrade_request", "upgrade_response", "call_signal"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["sign_in", "end", "claim", "reject", "presence", "chat", "upgrade_request", "upgrade_response", "call_signal", "transfer", "complete_transfer", "add_participant", "leave", "monitor", "whisper", "barge"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AssociateMessage: _TypeAlias = AssociateMessage  # noqa: Y015
+
+@_typing.final
+class TransferEngagement(_message.Message):
+    """Move an engagement you hold to another associate or queue. The context,
+    journey, transcript and channel follow it; the device sees who it talks to
+    now (an EngagementUpdate with the new associate's name).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    TO_ASSOCIATE_ID_FIELD_NUMBER: _builtins.int
+    TO_QUEUE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    to_associate_id: _builtins.str
+    """Exactly one of to_associate_id and to_queue."""
+    to_queue: _builtins.str
+    mode: _common_pb2.TransferMode.ValueType
+    """Unspecified means blind. Consult needs to_associate_id."""
+    note: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        to_associate_id: _builtins.str = ...,
+        to_queue: _builtins.str = ...,
+        mode: _common_pb2.TransferMode.ValueType = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "mode", b"mode", "note", b"note", "to_associate_id", b"to_associate_id", "to_queue", b"to_queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferEngagement: _TypeAlias = TransferEngagement  # noqa: Y015
+
+@_typing.final
+class CompleteTransfer(_message.Message):
+    """Hand over an engagement after a consult: the consulted associate becomes
+    its owner and the sender's part ends.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteTransfer: _TypeAlias = CompleteTransfer  # noqa: Y015
+
+@_typing.final
+class AddParticipant(_message.Message):
+    """Conference: add another signed-in associate to an engagement you hold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    ASSOCIATE_ID_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    associate_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        associate_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "engagement_id", b"engagement_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddParticipant: _TypeAlias = AddParticipant  # noqa: Y015
+
+@_typing.final
+class LeaveEngagement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    DISPOSITION_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    disposition: _builtins.str
+    notes: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        disposition: _builtins.str = ...,
+        notes: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disposition", b"disposition", "engagement_id", b"engagement_id", "notes", b"notes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveEngagement: _TypeAlias = LeaveEngagement  # noqa: Y015
+
+@_typing.final
+class MonitorEngagement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonitorEngagement: _TypeAlias = MonitorEngagement  # noqa: Y015
+
+@_typing.final
+class Whisper(_message.Message):
+    """A message to the associates on an engagement only; the user never sees it.
+    From a supervisor monitoring it, or an associate taking part in it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Whisper: _TypeAlias = Whisper  # noqa: Y015
+
+@_typing.final
+class BargeIn(_message.Message):
+    """A monitoring supervisor (or one not yet watching) joins the conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BargeIn: _TypeAlias = BargeIn  # noqa: Y015
 
 @_typing.final
 class SignIn(_message.Message):
@@ -108,6 +324,7 @@ class SignIn(_message.Message):
     SKILLS_FIELD_NUMBER: _builtins.int
     MANUAL_CLAIM_FIELD_NUMBER: _builtins.int
     PRESENCE_FIELD_NUMBER: _builtins.int
+    SUPERVISED_QUEUES_FIELD_NUMBER: _builtins.int
     associate_id: _builtins.str
     display_name: _builtins.str
     capacity: _builtins.int
@@ -126,6 +343,13 @@ class SignIn(_message.Message):
     def skills(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Skills, matched against the skills an engagement requires."""
 
+    @_builtins.property
+    def supervised_queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Queues this associate supervises: every engagement of them is streamed
+        (supervised events) and may be monitored, whispered to or barged into.
+        With auth on, the token must allow supervising each of them.
+        """
+
     def __init__(
         self,
         *,
@@ -136,10 +360,11 @@ class SignIn(_message.Message):
         skills: _abc.Iterable[_builtins.str] | None = ...,
         manual_claim: _builtins.bool = ...,
         presence: Global___Presence.ValueType = ...,
+        supervised_queues: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "capacity", b"capacity", "display_name", b"display_name", "manual_claim", b"manual_claim", "presence", b"presence", "queues", b"queues", "skills", b"skills"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "capacity", b"capacity", "display_name", b"display_name", "manual_claim", b"manual_claim", "presence", b"presence", "queues", b"queues", "skills", b"skills", "supervised_queues", b"supervised_queues"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,15 +418,19 @@ class SetPresence(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PRESENCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     presence: Global___Presence.ValueType
+    reason: _builtins.str
+    """Why, for reports and live now (e.g. "break", "training"); at most 64 characters."""
     def __init__(
         self,
         *,
         presence: Global___Presence.ValueType = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["presence", b"presence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["presence", b"presence", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -246,6 +475,8 @@ class AssociateEvent(_message.Message):
     UPGRADE_REQUEST_FIELD_NUMBER: _builtins.int
     CHANNEL_CHANGE_FIELD_NUMBER: _builtins.int
     CALL_SIGNAL_FIELD_NUMBER: _builtins.int
+    JOINED_FIELD_NUMBER: _builtins.int
+    SUPERVISED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def signed_in(self) -> Global___SignedIn: ...
     @_builtins.property
@@ -272,6 +503,18 @@ class AssociateEvent(_message.Message):
     def channel_change(self) -> _common_pb2.ChannelChange: ...
     @_builtins.property
     def call_signal(self) -> _common_pb2.CallSignal: ...
+    @_builtins.property
+    def joined(self) -> _common_pb2.Engagement:
+        """You were added to an engagement (Engagement.role says how), with its
+        context and transcript so far.
+        """
+
+    @_builtins.property
+    def supervised(self) -> Global___SupervisedEngagement:
+        """Supervisors: an engagement of a supervised queue changed (queued,
+        assigned, transferred, ended), and at sign-in one per open engagement.
+        """
+
     def __init__(
         self,
         *,
@@ -284,16 +527,57 @@ class AssociateEvent(_message.Message):
         upgrade_request: _common_pb2.UpgradeRequest | None = ...,
         channel_change: _common_pb2.ChannelChange | None = ...,
         call_signal: _common_pb2.CallSignal | None = ...,
+        joined: _common_pb2.Engagement | None = ...,
+        supervised: Global___SupervisedEngagement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "ended", b"ended", "kind", b"kind", "offer_withdrawn", b"offer_withdrawn", "offered", b"offered", "signed_in", b"signed_in", "upgrade_request", b"upgrade_request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "ended", b"ended", "joined", b"joined", "kind", b"kind", "offer_withdrawn", b"offer_withdrawn", "offered", b"offered", "signed_in", b"signed_in", "supervised", b"supervised", "upgrade_request", b"upgrade_request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "ended", b"ended", "kind", b"kind", "offer_withdrawn", b"offer_withdrawn", "offered", b"offered", "signed_in", b"signed_in", "upgrade_request", b"upgrade_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "ended", b"ended", "joined", b"joined", "kind", b"kind", "offer_withdrawn", b"offer_withdrawn", "offered", b"offered", "signed_in", b"signed_in", "supervised", b"supervised", "upgrade_request", b"upgrade_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["signed_in", "assigned", "ended", "offered", "offer_withdrawn", "chat", "upgrade_request", "channel_change", "call_signal"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["signed_in", "assigned", "ended", "offered", "offer_withdrawn", "chat", "upgrade_request", "channel_change", "call_signal", "joined", "supervised"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AssociateEvent: _TypeAlias = AssociateEvent  # noqa: Y015
+
+@_typing.final
+class SupervisedEngagement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ASSOCIATE_ID_FIELD_NUMBER: _builtins.int
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    queue: _builtins.str
+    state: _common_pb2.EngagementState.ValueType
+    channel: _common_pb2.Channel.ValueType
+    associate_id: _builtins.str
+    @_builtins.property
+    def participants(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Participant]: ...
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        queue: _builtins.str = ...,
+        state: _common_pb2.EngagementState.ValueType = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        associate_id: _builtins.str = ...,
+        participants: _abc.Iterable[_common_pb2.Participant] | None = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "channel", b"channel", "engagement_id", b"engagement_id", "participants", b"participants", "queue", b"queue", "state", b"state", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SupervisedEngagement: _TypeAlias = SupervisedEngagement  # noqa: Y015
 
 @_typing.final
 class OfferWithdrawn(_message.Message):

@@ -221,6 +221,65 @@ CALL_SIGNAL_KIND_CANDIDATE: CallSignalKind.ValueType  # 3
 CALL_SIGNAL_KIND_HANGUP: CallSignalKind.ValueType  # 4
 Global___CallSignalKind: _TypeAlias = CallSignalKind  # noqa: Y015
 
+class _ParticipantRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ParticipantRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ParticipantRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARTICIPANT_ROLE_UNSPECIFIED: _ParticipantRole.ValueType  # 0
+    PARTICIPANT_ROLE_OWNER: _ParticipantRole.ValueType  # 1
+    """Holds the engagement: routes it, wraps it up."""
+    PARTICIPANT_ROLE_CONFERENCE: _ParticipantRole.ValueType  # 2
+    """Added by the owner: sees context and chat, chats with the user, wraps up their own part."""
+    PARTICIPANT_ROLE_CONSULT: _ParticipantRole.ValueType  # 3
+    """Consulted before a transfer: sees context and chat, talks to associates only (whispers)."""
+    PARTICIPANT_ROLE_MONITOR: _ParticipantRole.ValueType  # 4
+    """A supervisor watching read-only; may whisper to the associates."""
+    PARTICIPANT_ROLE_BARGE: _ParticipantRole.ValueType  # 5
+    """A supervisor who joined the conversation: the user sees their messages."""
+
+class ParticipantRole(_ParticipantRole, metaclass=_ParticipantRoleEnumTypeWrapper):
+    """How an associate takes part in an engagement."""
+
+PARTICIPANT_ROLE_UNSPECIFIED: ParticipantRole.ValueType  # 0
+PARTICIPANT_ROLE_OWNER: ParticipantRole.ValueType  # 1
+"""Holds the engagement: routes it, wraps it up."""
+PARTICIPANT_ROLE_CONFERENCE: ParticipantRole.ValueType  # 2
+"""Added by the owner: sees context and chat, chats with the user, wraps up their own part."""
+PARTICIPANT_ROLE_CONSULT: ParticipantRole.ValueType  # 3
+"""Consulted before a transfer: sees context and chat, talks to associates only (whispers)."""
+PARTICIPANT_ROLE_MONITOR: ParticipantRole.ValueType  # 4
+"""A supervisor watching read-only; may whisper to the associates."""
+PARTICIPANT_ROLE_BARGE: ParticipantRole.ValueType  # 5
+"""A supervisor who joined the conversation: the user sees their messages."""
+Global___ParticipantRole: _TypeAlias = ParticipantRole  # noqa: Y015
+
+class _TransferMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TransferModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TransferMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRANSFER_MODE_UNSPECIFIED: _TransferMode.ValueType  # 0
+    TRANSFER_MODE_BLIND: _TransferMode.ValueType  # 1
+    """The engagement moves at once; the transferring associate's part ends."""
+    TRANSFER_MODE_CONSULT: _TransferMode.ValueType  # 2
+    """The target associate joins first (PARTICIPANT_ROLE_CONSULT); a
+    CompleteTransfer then hands the engagement over.
+    """
+
+class TransferMode(_TransferMode, metaclass=_TransferModeEnumTypeWrapper): ...
+
+TRANSFER_MODE_UNSPECIFIED: TransferMode.ValueType  # 0
+TRANSFER_MODE_BLIND: TransferMode.ValueType  # 1
+"""The engagement moves at once; the transferring associate's part ends."""
+TRANSFER_MODE_CONSULT: TransferMode.ValueType  # 2
+"""The target associate joins first (PARTICIPANT_ROLE_CONSULT); a
+CompleteTransfer then hands the engagement over.
+"""
+Global___TransferMode: _TypeAlias = TransferMode  # noqa: Y015
+
 @_typing.final
 class AttributeValue(_message.Message):
     """A scalar attribute value. Custom context attributes and event properties use
@@ -692,11 +751,24 @@ class ChatMessage(_message.Message):
     SENDER_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    SENDER_ID_FIELD_NUMBER: _builtins.int
+    SENDER_NAME_FIELD_NUMBER: _builtins.int
+    WHISPER_FIELD_NUMBER: _builtins.int
     engagement_id: _builtins.str
     message_id: _builtins.str
     """Server-assigned on relay; ignored when sending."""
     sender: Global___Party.ValueType
     text: _builtins.str
+    sender_id: _builtins.str
+    """Set by the server: which associate wrote it (several may share an
+    engagement: conference, barge-in), empty for the user and the system.
+    """
+    sender_name: _builtins.str
+    whisper: _builtins.bool
+    """A whisper: from a supervisor or consulting associate to the associates
+    on the engagement only. Never relayed to the device, never stored in the
+    user's transcript.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -707,10 +779,13 @@ class ChatMessage(_message.Message):
         sender: Global___Party.ValueType = ...,
         text: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        sender_id: _builtins.str = ...,
+        sender_name: _builtins.str = ...,
+        whisper: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "message_id", b"message_id", "sender", b"sender", "text", b"text", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "message_id", b"message_id", "sender", b"sender", "sender_id", b"sender_id", "sender_name", b"sender_name", "text", b"text", "time", b"time", "whisper", b"whisper"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1078,6 +1153,10 @@ class Engagement(_message.Message):
     ASSOCIATE_ID_FIELD_NUMBER: _builtins.int
     ASSOCIATE_NAME_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    TRANSCRIPT_FIELD_NUMBER: _builtins.int
+    TRANSFERS_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
     engagement_id: _builtins.str
     cue_id: _builtins.str
     queue: _builtins.str
@@ -1085,10 +1164,26 @@ class Engagement(_message.Message):
     channel: Global___Channel.ValueType
     associate_id: _builtins.str
     associate_name: _builtins.str
+    role: Global___ParticipantRole.ValueType
+    """The receiving associate's part in it (owner unless they joined)."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def context(self) -> Global___EngagementContext: ...
+    @_builtins.property
+    def transcript(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """The conversation so far, oldest first: whoever receives the engagement
+        after a transfer, or joins it, reads what was already said.
+        """
+
+    @_builtins.property
+    def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]:
+        """Transfers this engagement went through, oldest first."""
+
+    @_builtins.property
+    def participants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Participant]:
+        """Associates taking part besides the owner."""
+
     def __init__(
         self,
         *,
@@ -1101,11 +1196,76 @@ class Engagement(_message.Message):
         associate_id: _builtins.str = ...,
         associate_name: _builtins.str = ...,
         context: Global___EngagementContext | None = ...,
+        transcript: _abc.Iterable[Global___ChatMessage] | None = ...,
+        transfers: _abc.Iterable[Global___Transfer] | None = ...,
+        role: Global___ParticipantRole.ValueType = ...,
+        participants: _abc.Iterable[Global___Participant] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "associate_name", b"associate_name", "channel", b"channel", "context", b"context", "created_at", b"created_at", "cue_id", b"cue_id", "engagement_id", b"engagement_id", "queue", b"queue", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "associate_name", b"associate_name", "channel", b"channel", "context", b"context", "created_at", b"created_at", "cue_id", b"cue_id", "engagement_id", b"engagement_id", "participants", b"participants", "queue", b"queue", "role", b"role", "state", b"state", "transcript", b"transcript", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Engagement: _TypeAlias = Engagement  # noqa: Y015
+
+@_typing.final
+class Participant(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSOCIATE_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    associate_id: _builtins.str
+    display_name: _builtins.str
+    role: Global___ParticipantRole.ValueType
+    def __init__(
+        self,
+        *,
+        associate_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        role: Global___ParticipantRole.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "display_name", b"display_name", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Participant: _TypeAlias = Participant  # noqa: Y015
+
+@_typing.final
+class Transfer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_ASSOCIATE_ID_FIELD_NUMBER: _builtins.int
+    TO_ASSOCIATE_ID_FIELD_NUMBER: _builtins.int
+    TO_QUEUE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    from_associate_id: _builtins.str
+    to_associate_id: _builtins.str
+    """Exactly one of these two is set."""
+    to_queue: _builtins.str
+    mode: Global___TransferMode.ValueType
+    note: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        from_associate_id: _builtins.str = ...,
+        to_associate_id: _builtins.str = ...,
+        to_queue: _builtins.str = ...,
+        mode: Global___TransferMode.ValueType = ...,
+        note: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_associate_id", b"from_associate_id", "mode", b"mode", "note", b"note", "time", b"time", "to_associate_id", b"to_associate_id", "to_queue", b"to_queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Transfer: _TypeAlias = Transfer  # noqa: Y015

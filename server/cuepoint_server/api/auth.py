@@ -29,6 +29,7 @@ Example auth file (YAML)::
       dana:
         token: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         queues: [fitkit-support]          # "*" allows every queue
+        supervises: [fitkit-support]      # optional: queues whose engagements dana may monitor, whisper to, barge into
     admin_tokens: ["adm_5c1e9a7f3b2d4c6e"]
 """
 
@@ -107,8 +108,14 @@ class AssociateGrant:
     # Queue names the associate may sign in to; "*" allows every queue.
     queues: frozenset[str] = frozenset()
 
+    # Queues whose engagements the associate may supervise (monitor, whisper, barge in); "*" allows every queue.
+    supervises: frozenset[str] = frozenset()
+
     def allows(self, queue: str) -> bool:
         return ANY_QUEUE in self.queues or queue in self.queues
+
+    def may_supervise(self, queue: str) -> bool:
+        return ANY_QUEUE in self.supervises or queue in self.supervises
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +161,11 @@ class AuthConfig:
             queues = _list(grant.get("queues"), f"{where}.queues")
             if not queues or not all(isinstance(q, str) and q for q in queues):
                 raise AuthConfigError(f"{where}.queues: list the queues this associate may serve (or '*')")
+            supervises = _list(grant.get("supervises"), f"{where}.supervises")
+            if not all(isinstance(q, str) and q for q in supervises):
+                raise AuthConfigError(f"{where}.supervises: list the queues this associate may supervise (or '*')")
             associates[associate_id] = AssociateGrant(
-                associate_id, _secret(grant.get("token"), f"{where}.token"), frozenset(queues)
+                associate_id, _secret(grant.get("token"), f"{where}.token"), frozenset(queues), frozenset(supervises)
             )
         admins = frozenset(
             _secret(t, f"{source}: admin_tokens[{i}]") for i, t in enumerate(_list(data.get("admin_tokens"), source))
@@ -249,6 +259,9 @@ class Authenticator:
             raise _denied(f"{principal} may not sign in as an associate", method)
         if request.associate_id != grant.associate_id:
             raise _denied(f"{principal} may not sign in as associate {request.associate_id!r}", method)
+        unsupervised = [q for q in request.supervised_queues if not grant.may_supervise(q)]
+        if unsupervised:
+            raise _denied(f"{principal} may not supervise queue(s) {unsupervised}", method)
         if not request.queues:
             if ANY_QUEUE in grant.queues:
                 return request

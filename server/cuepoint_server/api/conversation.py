@@ -14,14 +14,24 @@ from ..core.model import (
     CallSignalRelay,
     ChannelChanged,
     ChatLine,
+    EngagementJoined,
     EngagementOffered,
     FallbackOffered,
     OfferWithdrawn,
+    SupervisedSnapshot,
     UpgradeAsk,
 )
 from ..core.service import Core
 from ..core.sessions import AssociateSession, DeviceSession
-from .convert import CHANNELS, PARTIES, engagement_to_proto, timestamp
+from .convert import (
+    CHANNELS,
+    PARTIES,
+    TRANSFER_MODES,
+    chat_to_proto,
+    engagement_to_proto,
+    supervised_to_proto,
+    timestamp,
+)
 
 __all__ = [
     "ASSOCIATE_KINDS",
@@ -36,8 +46,24 @@ DEVICE_KINDS = frozenset(
     {"chat", "upgrade_request", "upgrade_response", "call_signal", "end_engagement", "fallback_choice"}
 )
 ASSOCIATE_KINDS = frozenset(
-    {"claim", "reject", "presence", "chat", "upgrade_request", "upgrade_response", "call_signal"}
+    {
+        "claim",
+        "reject",
+        "presence",
+        "chat",
+        "upgrade_request",
+        "upgrade_response",
+        "call_signal",
+        "transfer",
+        "complete_transfer",
+        "add_participant",
+        "leave",
+        "monitor",
+        "whisper",
+        "barge",
+    }
 )
+_TRANSFER_MODE_NAMES: dict[int, str] = {v: k for k, v in TRANSFER_MODES.items()}
 
 _CHANNEL_NAMES: dict[int, str] = {v: k for k, v in CHANNELS.items()}
 _KINDS: dict[int, str] = {
@@ -112,10 +138,38 @@ async def from_associate(core: Core, associate: AssociateSession, message: assoc
     elif kind == "reject":
         desk.reject(associate, message.reject.engagement_id, message.reject.reason[:200])
     elif kind == "presence":
-        desk.set_presence(associate, presence_name("presence.presence", message.presence.presence))
+        if len(message.presence.reason) > 64:
+            raise InvalidInput("presence.reason", "at most 64 characters")
+        desk.set_presence(
+            associate, presence_name("presence.presence", message.presence.presence), message.presence.reason
+        )
     elif kind == "chat":
-        engagement = desk.associate_engagement(associate, message.chat.engagement_id)
-        await desk.chat("associate", engagement, message.chat.text)
+        engagement = desk.speaking_engagement(associate, message.chat.engagement_id)
+        await desk.chat("associate", engagement, message.chat.text, by=associate)
+    elif kind == "transfer":
+        t = message.transfer
+        mode = "blind"
+        if t.mode:
+            mode = _TRANSFER_MODE_NAMES.get(t.mode, "")
+            if not mode:
+                raise InvalidInput("transfer.mode", f"unknown transfer mode {t.mode}")
+        await desk.transfer(
+            associate, t.engagement_id, to_associate_id=t.to_associate_id, to_queue=t.to_queue, mode=mode, note=t.note
+        )
+    elif kind == "complete_transfer":
+        await desk.complete_transfer(associate, message.complete_transfer.engagement_id)
+    elif kind == "add_participant":
+        add = message.add_participant
+        await desk.add_participant(associate, add.engagement_id, add.associate_id)
+    elif kind == "leave":
+        leave = message.leave
+        await desk.leave(associate, leave.engagement_id, leave.disposition, leave.notes)
+    elif kind == "monitor":
+        await desk.monitor(associate, message.monitor.engagement_id)
+    elif kind == "whisper":
+        desk.whisper(associate, message.whisper.engagement_id, message.whisper.text)
+    elif kind == "barge":
+        await desk.barge(associate, message.barge.engagement_id)
     elif kind == "upgrade_request":
         req = message.upgrade_request
         engagement = desk.associate_engagement(associate, req.engagement_id)
@@ -139,16 +193,6 @@ def _call_kind(value: int) -> str:
     if kind is None:
         raise InvalidInput("call_signal.kind", f"unknown or unspecified kind {value}")
     return kind
-
-
-def _chat(line: ChatLine) -> common_pb2.ChatMessage:
-    return common_pb2.ChatMessage(
-        engagement_id=line.engagement_id,
-        message_id=line.message_id,
-        sender=PARTIES[line.sender],
-        text=line.text,
-        time=timestamp(line.time),
-    )
 
 
 def _upgrade(ask: UpgradeAsk) -> common_pb2.UpgradeRequest:
@@ -179,7 +223,7 @@ def _signal(sig: CallSignalRelay) -> common_pb2.CallSignal:
 
 def to_device(item: object) -> device_pb2.ServerMessage | None:
     if isinstance(item, ChatLine):
-        return device_pb2.ServerMessage(chat=_chat(item))
+        return device_pb2.ServerMessage(chat=chat_to_proto(item))
     if isinstance(item, UpgradeAsk):
         return device_pb2.ServerMessage(upgrade_request=_upgrade(item))
     if isinstance(item, ChannelChanged):
@@ -199,7 +243,7 @@ def to_device(item: object) -> device_pb2.ServerMessage | None:
 
 def to_associate(item: object) -> associate_pb2.AssociateEvent | None:
     if isinstance(item, ChatLine):
-        return associate_pb2.AssociateEvent(chat=_chat(item))
+        return associate_pb2.AssociateEvent(chat=chat_to_proto(item))
     if isinstance(item, UpgradeAsk):
         return associate_pb2.AssociateEvent(upgrade_request=_upgrade(item))
     if isinstance(item, ChannelChanged):
@@ -208,6 +252,10 @@ def to_associate(item: object) -> associate_pb2.AssociateEvent | None:
         return associate_pb2.AssociateEvent(call_signal=_signal(item))
     if isinstance(item, EngagementOffered):
         return associate_pb2.AssociateEvent(offered=engagement_to_proto(item.view))
+    if isinstance(item, EngagementJoined):
+        return associate_pb2.AssociateEvent(joined=engagement_to_proto(item.view))
+    if isinstance(item, SupervisedSnapshot):
+        return associate_pb2.AssociateEvent(supervised=supervised_to_proto(item))
     if isinstance(item, OfferWithdrawn):
         return associate_pb2.AssociateEvent(
             offer_withdrawn=associate_pb2.OfferWithdrawn(engagement_id=item.engagement_id, reason=item.reason)

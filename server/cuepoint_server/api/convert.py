@@ -14,6 +14,7 @@ from ..core.errors import InvalidInput
 from ..core.model import (
     Ack,
     AssociateSignIn,
+    ChatLine,
     CueOffer,
     EngagementEnded,
     EngagementUpdate,
@@ -22,7 +23,9 @@ from ..core.model import (
     IncomingBatch,
     IncomingSignal,
     JourneyItem,
+    ParticipantInfo,
     Scalar,
+    SupervisedSnapshot,
     Withdrawal,
 )
 from ..core.validation import Limits
@@ -77,6 +80,14 @@ STATES = {
     "ended": common_pb2.ENGAGEMENT_STATE_ENDED,
     "callback_requested": common_pb2.ENGAGEMENT_STATE_CALLBACK_REQUESTED,
 }
+ROLES = {
+    "owner": common_pb2.PARTICIPANT_ROLE_OWNER,
+    "conference": common_pb2.PARTICIPANT_ROLE_CONFERENCE,
+    "consult": common_pb2.PARTICIPANT_ROLE_CONSULT,
+    "monitor": common_pb2.PARTICIPANT_ROLE_MONITOR,
+    "barge": common_pb2.PARTICIPANT_ROLE_BARGE,
+}
+TRANSFER_MODES = {"blind": common_pb2.TRANSFER_MODE_BLIND, "consult": common_pb2.TRANSFER_MODE_CONSULT}
 PARTIES = {"user": common_pb2.PARTY_USER, "associate": common_pb2.PARTY_ASSOCIATE, "system": common_pb2.PARTY_SYSTEM}
 # Well-known Context fields and the flat keys scenario files use for them.
 CONTEXT_FIELDS = {
@@ -291,6 +302,7 @@ def sign_in_from_proto(msg: associate_pb2.SignIn) -> AssociateSignIn:
         skills=tuple(msg.skills),
         manual_claim=msg.manual_claim,
         presence=_presence(msg.presence),
+        supervised_queues=tuple(msg.supervised_queues),
     )
 
 
@@ -380,6 +392,52 @@ def engagement_to_proto(view: EngagementView) -> common_pb2.Engagement:
             ],
             priority=ctx.priority,
         ),
+        transcript=[chat_to_proto(line) for line in view.transcript],
+        transfers=[
+            common_pb2.Transfer(
+                from_associate_id=t.from_associate_id,
+                to_associate_id=t.to_associate_id,
+                to_queue=t.to_queue,
+                mode=TRANSFER_MODES[t.mode],
+                note=t.note,
+                time=timestamp(t.time),
+            )
+            for t in view.transfers
+        ],
+        role=ROLES[view.role],
+        participants=participants_to_proto(view.participants),
+    )
+
+
+def participants_to_proto(people: tuple[ParticipantInfo, ...]) -> list[common_pb2.Participant]:
+    return [
+        common_pb2.Participant(associate_id=p.associate_id, display_name=p.display_name, role=ROLES[p.role])
+        for p in people
+    ]
+
+
+def chat_to_proto(line: ChatLine) -> common_pb2.ChatMessage:
+    return common_pb2.ChatMessage(
+        engagement_id=line.engagement_id,
+        message_id=line.message_id,
+        sender=PARTIES[line.sender],
+        text=line.text,
+        time=timestamp(line.time),
+        sender_id=line.sender_id,
+        sender_name=line.sender_name,
+        whisper=line.whisper,
+    )
+
+
+def supervised_to_proto(s: SupervisedSnapshot) -> associate_pb2.SupervisedEngagement:
+    return associate_pb2.SupervisedEngagement(
+        engagement_id=s.engagement_id,
+        queue=s.queue,
+        state=STATES[s.state],
+        channel=CHANNELS[s.channel],
+        associate_id=s.associate_id,
+        participants=participants_to_proto(s.participants),
+        time=timestamp(s.time),
     )
 
 

@@ -17,9 +17,7 @@ from ..engine.engine import Engine
 from ..storage import Store
 from .engagement_model import Engagement, EngagementEvent, context_json
 from .errors import InvalidInput, NotFound, PermissionDenied
-from .model import (
-    EngagementUpdate,
-)
+from .model import EngagementEnded, EngagementUpdate, SupervisedSnapshot
 from .routing import Router
 from .sessions import AssociateSession, DeviceSession
 
@@ -57,6 +55,10 @@ class DeskBase:
         self._engagements: dict[str, Engagement] = {}
         self._active_by_device: dict[str, str] = {}
         self._awaiting_outcome: dict[str, list[Engagement]] = {}
+        # Signed-in associates who supervise queues; each sees every engagement of those queues change.
+        self._supervisors: list[AssociateSession] = []
+        # (engagement id, associate id) -> when they joined: the key of their stored participation row.
+        self._joined_at: dict[tuple[str, str], float] = {}
 
     def active_for(self, device_id: str) -> str | None:
         return self._active_by_device.get(device_id)
@@ -119,6 +121,31 @@ class DeskBase:
                 disposition=engagement.disposition,
             ),
         )
+        # Every change of state passes here, so this is where supervisors hear of it too.
+        self._tell_supervisors(engagement)
+
+    def _tell_supervisors(self, engagement: Engagement) -> None:
+        if not self._supervisors:
+            return
+        snapshot = SupervisedSnapshot(
+            engagement_id=engagement.engagement_id,
+            queue=engagement.queue,
+            state=engagement.state,
+            channel=engagement.channel,
+            associate_id=engagement.associate.associate_id if engagement.associate else "",
+            participants=engagement.participant_infos(),
+            time=self.clock.now(),
+        )
+        for supervisor in self._supervisors:
+            if engagement.queue in supervisor.supervised_queues:
+                supervisor.send(snapshot)
+
+    def _dismiss_participants(self, engagement: Engagement, ended_by: str, now: float) -> None:
+        """The engagement ended: everyone who joined it is told, and freed."""
+        for associate, _role in list(engagement.participants.values()):
+            self._free(associate, engagement.engagement_id, now)
+            associate.send(EngagementEnded(engagement.engagement_id, engagement.disposition, ended_by))
+        engagement.participants.clear()
 
     def _save(self, engagement: Engagement) -> None:
         self._spawn(self.store.save_engagement(engagement.record()))
@@ -136,6 +163,20 @@ class DeskBase:
             "disposition": engagement.disposition,
             "notes": engagement.notes,
             "ended_by": engagement.ended_by,
+            "participants": [
+                {"associate_id": p.associate_id, "role": p.role} for p in engagement.participant_infos()
+            ],
+            "transfers": [
+                {
+                    "from_associate_id": t.from_associate_id,
+                    "to_associate_id": t.to_associate_id,
+                    "to_queue": t.to_queue,
+                    "mode": t.mode,
+                    "note": t.note,
+                    "time": t.time,
+                }
+                for t in engagement.transfers
+            ],
             "context": context_json(engagement.context),
         }
         for listener in self.listeners:

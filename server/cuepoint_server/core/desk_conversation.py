@@ -8,7 +8,7 @@ import structlog
 
 from ..storage import ChannelChangeRecord, ChatRecord
 from .desk_base import DeskBase
-from .engagement_model import Engagement
+from .engagement_model import TRANSCRIPT_KEPT, Engagement
 from .errors import InvalidInput
 from .model import (
     ChannelChanged,
@@ -26,17 +26,28 @@ CHANNELS = ("audio", "screen_share", "chat", "video")
 
 
 class Conversation(DeskBase):
-    async def chat(self, party: str, engagement: Engagement, text: str) -> None:
+    async def chat(self, party: str, engagement: Engagement, text: str, by: AssociateSession | None = None) -> None:
         if not text.strip() or len(text) > MAX_CHAT:
             raise InvalidInput("chat.text", f"required; at most {MAX_CHAT} characters")
         if not engagement.open:
             raise InvalidInput("chat.engagement_id", "the engagement has ended")
-        line = ChatLine(engagement.engagement_id, uuid.uuid4().hex, party, text, self.clock.now())
+        line = ChatLine(
+            engagement.engagement_id,
+            uuid.uuid4().hex,
+            party,
+            text,
+            self.clock.now(),
+            sender_id=by.associate_id if by is not None else "",
+            sender_name=by.display_name if by is not None else "",
+        )
         await self.store.save_chat(ChatRecord(line.message_id, line.engagement_id, party, text, line.time))
-        # Both sides get every line, the sender included: one ordered transcript.
+        engagement.transcript.append(line)
+        del engagement.transcript[:-TRANSCRIPT_KEPT]
+        # Every side gets every line, the sender included: one ordered transcript. On the
+        # associates' side that is the owner and whoever joined (conference, consult, supervisors).
         self._to_device(engagement, line)
-        if engagement.associate is not None:
-            engagement.associate.send(line)
+        for associate in engagement.associates():
+            associate.send(line)
 
     def device_engagement(self, session: DeviceSession, engagement_id: str, field_name: str) -> Engagement:
         return self._of_device(session, engagement_id, field_name)

@@ -308,17 +308,19 @@ class Routing(Conversation):
             skills=frozenset(request.skills),
             manual_claim=request.manual_claim,
             presence=request.presence,
+            supervised_queues=request.supervised_queues,
         )
         self.router.add(associate)
         log.info("associate.signed_in", associate_id=associate.associate_id, queues=list(associate.queues))
         self._drain(associate)
         return associate
 
-    def set_presence(self, associate: AssociateSession, presence: str) -> None:
+    def set_presence(self, associate: AssociateSession, presence: str, reason: str = "") -> None:
         if presence not in ("available", "busy", "away"):
             raise InvalidInput("presence.presence", "must be available, busy or away")
         associate.presence = presence
-        log.info("associate.presence", associate_id=associate.associate_id, presence=presence)
+        associate.presence_reason = "" if presence == "available" else reason
+        log.info("associate.presence", associate_id=associate.associate_id, presence=presence, reason=reason)
         self._drain(associate)
 
     def sign_out(self, associate: AssociateSession) -> None:

@@ -38,6 +38,7 @@ class WrapUp(Routing):
         engagement.state, engagement.ended_at, engagement.ended_by = "ended", now, "associate"
         self._free(associate, engagement_id, now)
         self._release_device(engagement)
+        self._dismiss_participants(engagement, "associate", now)
         self._watch_outcome(engagement, now)
         await self.store.save_engagement(engagement.record())
         associate.send(EngagementEnded(engagement_id, disposition, "associate"))
@@ -60,6 +61,7 @@ class WrapUp(Routing):
             self._free(associate, engagement_id, now)
             associate.send(EngagementEnded(engagement_id, engagement.disposition, "user"))
         self._release_device(engagement)
+        self._dismiss_participants(engagement, "user", now)
         self._watch_outcome(engagement, now)
         await self.store.save_engagement(engagement.record())
         self._notify_device(engagement)

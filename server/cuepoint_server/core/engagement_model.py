@@ -10,15 +10,21 @@ from ..clock import TimerHandle
 from ..scenarios.compiler import OutcomeCheck
 from ..storage import EngagementRecord
 from .model import (
+    ChatLine,
     CueOffer,
     EngagementContext,
     EngagementView,
     JourneyItem,
+    ParticipantInfo,
     PriorEngagement,
+    TransferInfo,
 )
 from .sessions import AssociateSession
 
-__all__ = ["Engagement", "EngagementEvent", "context_from_json", "context_json"]
+__all__ = ["TRANSCRIPT_KEPT", "Engagement", "EngagementEvent", "context_from_json", "context_json"]
+
+# Chat lines an engagement keeps in memory for associates who receive or join it later.
+TRANSCRIPT_KEPT = 200
 
 # (event type, payload): engagement.started / engagement.ended, for webhooks.
 EngagementEvent = Callable[[str, dict[str, Any]], None]
@@ -55,12 +61,20 @@ class Engagement:
     fallback_timer: TimerHandle | None = None
     fallback_offered: tuple[str, ...] = ()
     pending_upgrades: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Associates taking part besides the owner: associate id -> (session, role).
+    participants: dict[str, tuple[AssociateSession, str]] = field(default_factory=dict)
+    transfers: list[TransferInfo] = field(default_factory=list)
+    # The note of a consult transfer in progress, carried to its completion.
+    consult_note: str = ""
+    # The conversation so far (whispers excluded), for whoever receives or joins the engagement
+    # later; the newest TRANSCRIPT_KEPT lines, the full transcript is in storage.
+    transcript: list[ChatLine] = field(default_factory=list)
 
     @property
     def open(self) -> bool:
         return self.state in ("queued", "assigned")
 
-    def view(self) -> EngagementView:
+    def view(self, role: str = "owner") -> EngagementView:
         return EngagementView(
             engagement_id=self.engagement_id,
             cue_id=self.cue_id,
@@ -71,7 +85,20 @@ class Engagement:
             associate_id=self.associate.associate_id if self.associate else "",
             associate_name=self.associate.display_name if self.associate else "",
             context=self.context,
+            transcript=tuple(self.transcript),
+            transfers=tuple(self.transfers),
+            role=role,
+            participants=self.participant_infos(),
         )
+
+    def participant_infos(self) -> tuple[ParticipantInfo, ...]:
+        return tuple(ParticipantInfo(a.associate_id, a.display_name, role) for a, role in self.participants.values())
+
+    def associates(self) -> list[AssociateSession]:
+        """Everyone on the associates' side: the owner first, then the participants."""
+        people = [self.associate] if self.associate is not None else []
+        people.extend(a for a, _ in self.participants.values() if a is not self.associate)
+        return people
 
     def record(self) -> EngagementRecord:
         return EngagementRecord(

@@ -170,6 +170,12 @@ class EngagementView:
     associate_id: str
     associate_name: str
     context: EngagementContext
+    # What a receiving associate reads beyond the context: the chat so far (after
+    # a transfer or on joining), earlier transfers, their own part and who else is on it.
+    transcript: tuple[ChatLine, ...] = ()
+    transfers: tuple[TransferInfo, ...] = ()
+    role: str = "owner"
+    participants: tuple[ParticipantInfo, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +187,8 @@ class AssociateSignIn:
     skills: tuple[str, ...] = ()
     manual_claim: bool = False
     presence: str = "available"
+    # Queues whose engagements this associate supervises (monitor, whisper, barge in).
+    supervised_queues: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +212,11 @@ class ChatLine:
     sender: str  # user | associate | system
     text: str
     time: float
+    # Which associate wrote it (several may share an engagement); empty for the user and the system.
+    sender_id: str = ""
+    sender_name: str = ""
+    # To the associates only: never relayed to the device, never stored in the transcript.
+    whisper: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,3 +273,46 @@ class PriorEngagement:
     disposition: str
     notes: str
     outcome: str
+
+
+# -- contact-center operations: transfer, conference, supervision -----------------------
+
+PARTICIPANT_ROLES = ("owner", "conference", "consult", "monitor", "barge")
+TRANSFER_MODES = ("blind", "consult")
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantInfo:
+    associate_id: str
+    display_name: str
+    role: str  # one of PARTICIPANT_ROLES
+
+
+@dataclass(frozen=True, slots=True)
+class TransferInfo:
+    from_associate_id: str
+    to_associate_id: str
+    to_queue: str
+    mode: str  # blind | consult
+    note: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class EngagementJoined:
+    """To an associate added to an engagement (conference, consult, monitor, barge)."""
+
+    view: EngagementView
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisedSnapshot:
+    """To supervisors of the engagement's queue, whenever its state or people change."""
+
+    engagement_id: str
+    queue: str
+    state: str
+    channel: str
+    associate_id: str
+    participants: tuple[ParticipantInfo, ...]
+    time: float

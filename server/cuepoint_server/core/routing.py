@@ -27,6 +27,9 @@ class Router:
         if self._associates.get(associate.associate_id) is associate:
             del self._associates[associate.associate_id]
 
+    def find(self, associate_id: str) -> AssociateSession | None:
+        return self._associates.get(associate_id)
+
     def pick(self, queue: str, skills: Collection[str] = (), exclude: Collection[str] = ()) -> AssociateSession | None:
         candidates = [
             a

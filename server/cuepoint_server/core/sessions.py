@@ -18,12 +18,14 @@ from .model import (
     ChatLine,
     CueOffer,
     EngagementEnded,
+    EngagementJoined,
     EngagementOffered,
     EngagementUpdate,
     EngagementView,
     FallbackOffered,
     OfferWithdrawn,
     SessionFailed,
+    SupervisedSnapshot,
     UpgradeAsk,
     Withdrawal,
 )
@@ -35,7 +37,16 @@ T = TypeVar("T")
 # What the core puts on each side's outbox; the gRPC layer converts.
 Relayed = ChatLine | UpgradeAsk | ChannelChanged | CallSignalRelay
 DeviceOut = Ack | CueOffer | Withdrawal | EngagementUpdate | SessionFailed | Relayed | FallbackOffered
-AssociateOut = EngagementView | EngagementOffered | OfferWithdrawn | EngagementEnded | SessionFailed | Relayed
+AssociateOut = (
+    EngagementView
+    | EngagementOffered
+    | OfferWithdrawn
+    | EngagementEnded
+    | SessionFailed
+    | Relayed
+    | EngagementJoined
+    | SupervisedSnapshot
+)
 
 
 @dataclass(slots=True)
@@ -161,6 +172,10 @@ class AssociateSession:
     skills: frozenset[str] = frozenset()
     manual_claim: bool = False
     presence: str = "available"  # available | busy | away
+    # Why busy or away (break, training), for live now and reports.
+    presence_reason: str = ""
+    # Queues whose engagements this associate supervises.
+    supervised_queues: tuple[str, ...] = ()
     active: set[str] = field(default_factory=set)
     # Offers awaiting claim hold a slot, so one associate is never offered more than they can take.
     offers: set[str] = field(default_factory=set)

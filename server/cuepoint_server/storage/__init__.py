@@ -10,8 +10,10 @@ from .records import (
     DeviceCredentialRecord,
     EngagementRecord,
     FeedbackRecord,
+    ParticipationRecord,
     SessionRecord,
     SignalRecord,
+    TransferRecord,
 )
 from .sqlite import SCHEMA_VERSION, SqliteStore
 
@@ -28,10 +30,12 @@ __all__ = [
     "FeedbackRecord",
     "FunnelSlice",
     "OfferCommit",
+    "ParticipationRecord",
     "SessionRecord",
     "SignalRecord",
     "SqliteStore",
     "Store",
     "StoreClosedError",
     "StoreStats",
+    "TransferRecord",
 ]

@@ -22,8 +22,10 @@ from .records import (
     EngagementRecord,
     FeedbackRecord,
     MilestoneRecord,
+    ParticipationRecord,
     SessionRecord,
     SignalRecord,
+    TransferRecord,
 )
 
 __all__ = ["AcceptOutcome", "FunnelSlice", "OfferCommit", "Store", "StoreClosedError", "StoreStats"]
@@ -122,6 +124,15 @@ class Store(Protocol):
     async def save_chat(self, rec: ChatRecord) -> None: ...
 
     async def save_channel_change(self, rec: ChannelChangeRecord) -> None: ...
+
+    async def save_transfer(self, rec: TransferRecord) -> None: ...
+
+    async def save_participation(self, rec: ParticipationRecord) -> None:
+        """Insert on joining; the same (engagement, associate, role, joined_at) again completes it on leaving."""
+
+    async def transfers_for(self, engagement_id: str) -> list[TransferRecord]: ...
+
+    async def participations_for(self, engagement_id: str) -> list[ParticipationRecord]: ...
 
     async def save_decision(self, rec: DecisionRecord) -> None: ...
 

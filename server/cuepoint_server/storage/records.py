@@ -121,6 +121,28 @@ class ChatRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class TransferRecord:
+    engagement_id: str
+    time: float
+    from_associate_id: str
+    to_associate_id: str
+    to_queue: str
+    mode: str  # "blind" | "consult"
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipationRecord:
+    engagement_id: str
+    associate_id: str
+    role: str  # "conference" | "consult" | "monitor" | "barge"
+    joined_at: float
+    left_at: float | None
+    disposition: str
+    notes: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelChangeRecord:
     engagement_id: str
     time: float

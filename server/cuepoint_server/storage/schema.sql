@@ -88,6 +88,31 @@ CREATE TABLE IF NOT EXISTS chat_messages (
 );
 CREATE INDEX IF NOT EXISTS chat_engagement_time ON chat_messages (engagement_id, time);
 
+-- Transfers of an engagement between associates or queues (blind or after a consult).
+CREATE TABLE IF NOT EXISTS engagement_transfers (
+    engagement_id     TEXT NOT NULL,
+    time              REAL NOT NULL,
+    from_associate_id TEXT NOT NULL,
+    to_associate_id   TEXT NOT NULL,
+    to_queue          TEXT NOT NULL,
+    mode              TEXT NOT NULL CHECK (mode IN ('blind', 'consult')),
+    note              TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transfers_engagement ON engagement_transfers (engagement_id);
+
+-- Associates who joined an engagement besides its owner: conference, consult, supervisors
+-- monitoring or barging in (an audit of who saw what), with their own wrap-up of their part.
+CREATE TABLE IF NOT EXISTS engagement_participants (
+    engagement_id TEXT NOT NULL,
+    associate_id  TEXT NOT NULL,
+    role          TEXT NOT NULL CHECK (role IN ('conference', 'consult', 'monitor', 'barge')),
+    joined_at     REAL NOT NULL,
+    left_at       REAL,
+    disposition   TEXT NOT NULL,
+    notes         TEXT NOT NULL,
+    PRIMARY KEY (engagement_id, associate_id, role, joined_at)
+);
+
 -- Every channel change asked for, granted or refused.
 CREATE TABLE IF NOT EXISTS channel_changes (
     engagement_id TEXT NOT NULL,

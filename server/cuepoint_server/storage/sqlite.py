@@ -36,13 +36,15 @@ from .records import (
     EngagementRecord,
     FeedbackRecord,
     MilestoneRecord,
+    ParticipationRecord,
     SessionRecord,
     SignalRecord,
+    TransferRecord,
 )
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -105,6 +107,29 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             confirmed_at  REAL
         )""",
     ),
+    # Version 5: transfers and the associates who joined an engagement (conference, consult, supervisors).
+    5: (
+        """CREATE TABLE IF NOT EXISTS engagement_transfers (
+            engagement_id     TEXT NOT NULL,
+            time              REAL NOT NULL,
+            from_associate_id TEXT NOT NULL,
+            to_associate_id   TEXT NOT NULL,
+            to_queue          TEXT NOT NULL,
+            mode              TEXT NOT NULL CHECK (mode IN ('blind', 'consult')),
+            note              TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS transfers_engagement ON engagement_transfers (engagement_id)",
+        """CREATE TABLE IF NOT EXISTS engagement_participants (
+            engagement_id TEXT NOT NULL,
+            associate_id  TEXT NOT NULL,
+            role          TEXT NOT NULL CHECK (role IN ('conference', 'consult', 'monitor', 'barge')),
+            joined_at     REAL NOT NULL,
+            left_at       REAL,
+            disposition   TEXT NOT NULL,
+            notes         TEXT NOT NULL,
+            PRIMARY KEY (engagement_id, associate_id, role, joined_at)
+        )""",
+    ),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -125,6 +150,8 @@ _ENGAGEMENT_COLS = (
     "priority", "outcome", "ended_by",
 )  # fmt: skip
 _CHAT_COLS = ("message_id", "engagement_id", "sender", "text", "time")
+_TRANSFER_COLS = ("engagement_id", "time", "from_associate_id", "to_associate_id", "to_queue", "mode", "note")
+_PART_COLS = ("engagement_id", "associate_id", "role", "joined_at", "left_at", "disposition", "notes")
 _CHANGE_COLS = ("engagement_id", "time", "request_id", "from_channel", "to_channel", "requested_by", "accepted")
 
 
@@ -216,6 +243,12 @@ _DECISION_COLS = (
 _MILESTONE_COLS = ("time", "app_id", "device_id", "session_id", "milestone_id")
 _INSERT_MILESTONE = f"INSERT INTO milestones ({', '.join(_MILESTONE_COLS)}) VALUES (?, ?, ?, ?, ?)"
 _INSERT_CHAT = f"INSERT INTO chat_messages ({', '.join(_CHAT_COLS)}) VALUES (?, ?, ?, ?, ?)"
+_INSERT_TRANSFER = f"INSERT INTO engagement_transfers ({', '.join(_TRANSFER_COLS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_UPSERT_PART = (
+    f"INSERT INTO engagement_participants ({', '.join(_PART_COLS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (engagement_id, associate_id, role, joined_at) DO UPDATE SET"
+    " left_at = excluded.left_at, disposition = excluded.disposition, notes = excluded.notes"
+)
 _INSERT_CHANGE = f"INSERT INTO channel_changes ({', '.join(_CHANGE_COLS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_DECISION = (
     f"INSERT INTO decisions ({', '.join(_DECISION_COLS)}) VALUES ({', '.join('?' * len(_DECISION_COLS))})"
@@ -693,6 +726,21 @@ class SqliteStore:
 
     async def save_chat(self, rec: ChatRecord) -> None:
         await self._writer.execute(_INSERT_CHAT, (rec.message_id, rec.engagement_id, rec.sender, rec.text, rec.time))
+
+    async def save_transfer(self, rec: TransferRecord) -> None:
+        await self._writer.execute(_INSERT_TRANSFER, tuple(getattr(rec, c) for c in _TRANSFER_COLS))
+
+    async def save_participation(self, rec: ParticipationRecord) -> None:
+        # One row per joining, completed in place when the associate leaves.
+        await self._writer.execute(_UPSERT_PART, tuple(getattr(rec, c) for c in _PART_COLS))
+
+    async def transfers_for(self, engagement_id: str) -> list[TransferRecord]:
+        sql = f"{_select('engagement_transfers', _TRANSFER_COLS)} WHERE engagement_id = ? ORDER BY time, rowid"
+        return [TransferRecord(*r) for r in await self._fetch(sql, (engagement_id,))]
+
+    async def participations_for(self, engagement_id: str) -> list[ParticipationRecord]:
+        sql = f"{_select('engagement_participants', _PART_COLS)} WHERE engagement_id = ? ORDER BY joined_at, rowid"
+        return [ParticipationRecord(*r) for r in await self._fetch(sql, (engagement_id,))]
 
     async def save_channel_change(self, rec: ChannelChangeRecord) -> None:
         row = (rec.engagement_id, rec.time, rec.request_id, rec.from_channel, rec.to_channel, rec.requested_by)

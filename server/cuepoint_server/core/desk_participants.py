@@ -1,0 +1,220 @@
+"""More than one associate on an engagement: conference, consult, and supervisors.
+
+The owner (``Engagement.associate``) routes and wraps up the engagement. Others join it in a role:
+``conference`` (added by the owner, chats with the user), ``consult`` (asked before a transfer, talks to
+the associates only), ``monitor`` (a supervisor watching read-only) and ``barge`` (a supervisor who
+joined the conversation). Every joining and leaving is stored (engagement_participants), so who saw an
+engagement, and when, can be audited; whispers reach the associates' side only and never the device.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import structlog
+
+from ..storage import ParticipationRecord
+from .desk_wrapup import WrapUp
+from .engagement_model import Engagement
+from .errors import InvalidInput, NotFound, PermissionDenied
+from .model import AssociateSignIn, ChatLine, EngagementEnded, EngagementJoined, SupervisedSnapshot
+from .sessions import AssociateSession
+
+__all__ = ["MAX_WHISPER", "Participants"]
+
+log = structlog.get_logger("cuepoint.core.engagements")
+
+MAX_WHISPER = 4000
+# Roles whose chat the user sees.
+SPEAKING = ("conference", "barge")
+# Roles that take one of the associate's engagement slots (supervisors watch on top of their own work).
+HOLDING = ("conference", "consult")
+
+
+class Participants(WrapUp):
+    def sign_in(self, request: AssociateSignIn) -> AssociateSession:
+        associate = super().sign_in(request)
+        if associate.supervised_queues:
+            self._supervisors.append(associate)
+            now = self.clock.now()
+            # A supervisor starts with the open engagements of their queues, then hears of every change.
+            for engagement in self._engagements.values():
+                if engagement.open and engagement.queue in associate.supervised_queues:
+                    associate.send(
+                        SupervisedSnapshot(
+                            engagement.engagement_id,
+                            engagement.queue,
+                            engagement.state,
+                            engagement.channel,
+                            engagement.associate.associate_id if engagement.associate else "",
+                            engagement.participant_infos(),
+                            now,
+                        )
+                    )
+        return associate
+
+    def sign_out(self, associate: AssociateSession) -> None:
+        if associate in self._supervisors:
+            self._supervisors.remove(associate)
+        now = self.clock.now()
+        for engagement in list(self._engagements.values()):
+            joined = engagement.participants.get(associate.associate_id)
+            if joined is not None and joined[0] is associate:
+                self._part(engagement, associate, joined[1], now, "signed_out", "")
+        super().sign_out(associate)
+
+    # -- joining ------------------------------------------------------------------
+
+    async def add_participant(self, owner: AssociateSession, engagement_id: str, associate_id: str) -> None:
+        """Conference: the owner adds another signed-in associate."""
+        engagement = self._of_associate(owner, engagement_id)
+        target = self._joinable(engagement, associate_id, "add_participant")
+        await self._join(engagement, target, "conference")
+
+    async def monitor(self, supervisor: AssociateSession, engagement_id: str) -> None:
+        engagement = self._supervised(supervisor, engagement_id, "monitor.engagement_id")
+        joined = engagement.participants.get(supervisor.associate_id)
+        if joined is not None and joined[0] is supervisor:
+            return  # already watching (or barged in): nothing changes
+        await self._join(engagement, supervisor, "monitor")
+
+    async def barge(self, supervisor: AssociateSession, engagement_id: str) -> None:
+        engagement = self._supervised(supervisor, engagement_id, "barge.engagement_id")
+        joined = engagement.participants.get(supervisor.associate_id)
+        if joined is not None and joined[0] is supervisor:
+            if joined[1] == "barge":
+                return
+            # From watching to talking: the monitoring part ends, the barge-in part starts.
+            self._part(engagement, supervisor, joined[1], self.clock.now(), "barged_in", "", quiet=True)
+        await self._join(engagement, supervisor, "barge")
+        # The user is told someone else joined, in the conversation itself.
+        await self.chat("system", engagement, f"{supervisor.display_name} joined the conversation")
+
+    def _joinable(self, engagement: Engagement, associate_id: str, where: str) -> AssociateSession:
+        if engagement.state != "assigned":
+            raise InvalidInput(f"{where}.engagement_id", "the engagement is not in progress")
+        target = self.router.find(associate_id)
+        if target is None or target.closed:
+            raise InvalidInput(f"{where}.associate_id", f"associate {associate_id!r} is not signed in")
+        if target is engagement.associate or associate_id in engagement.participants:
+            raise InvalidInput(f"{where}.associate_id", f"associate {associate_id!r} is already on this engagement")
+        return target
+
+    def _supervised(self, supervisor: AssociateSession, engagement_id: str, field_name: str) -> Engagement:
+        engagement = self._engagements.get(engagement_id)
+        if engagement is None:
+            raise NotFound(f"no engagement {engagement_id!r}")
+        if engagement.queue not in supervisor.supervised_queues:
+            raise PermissionDenied(f"you do not supervise queue {engagement.queue!r}")
+        if not engagement.open:
+            raise InvalidInput(field_name, "the engagement has ended")
+        return engagement
+
+    async def _join(self, engagement: Engagement, associate: AssociateSession, role: str) -> None:
+        now = self.clock.now()
+        # Stored before anyone is told: the audit of who saw the engagement is never behind what they saw.
+        await self.store.save_participation(
+            ParticipationRecord(engagement.engagement_id, associate.associate_id, role, now, None, "", "")
+        )
+        self._joined_at[(engagement.engagement_id, associate.associate_id)] = now
+        engagement.participants[associate.associate_id] = (associate, role)
+        if role in HOLDING:
+            associate.active.add(engagement.engagement_id)
+        associate.send(EngagementJoined(engagement.view(role=role)))
+        self._tell_supervisors(engagement)
+        self._emit("engagement.participant_joined", engagement)
+        log.info(
+            "engagement.joined", engagement_id=engagement.engagement_id, associate_id=associate.associate_id, role=role
+        )
+
+    # -- leaving ------------------------------------------------------------------
+
+    async def leave(self, associate: AssociateSession, engagement_id: str, disposition: str, notes: str) -> None:
+        """A participant wraps up their own part; the engagement goes on with its owner."""
+        engagement = self._engagements.get(engagement_id)
+        if engagement is None:
+            raise NotFound(f"no engagement {engagement_id!r}")
+        joined = engagement.participants.get(associate.associate_id)
+        if joined is None or joined[0] is not associate:
+            raise PermissionDenied(f"you are not taking part in engagement {engagement_id!r}")
+        if len(disposition) > 64:
+            raise InvalidInput("leave.disposition", "at most 64 characters")
+        self._part(engagement, associate, joined[1], self.clock.now(), disposition or "left", notes[:4000])
+        self._drain(associate)
+
+    def _part(
+        self,
+        engagement: Engagement,
+        associate: AssociateSession,
+        role: str,
+        now: float,
+        disposition: str,
+        notes: str,
+        *,
+        quiet: bool = False,
+    ) -> None:
+        del engagement.participants[associate.associate_id]
+        if role in HOLDING:
+            self._free(associate, engagement.engagement_id, now)
+        joined_at = self._joined_at.pop((engagement.engagement_id, associate.associate_id), now)
+        self._spawn(
+            self.store.save_participation(
+                ParticipationRecord(
+                    engagement.engagement_id, associate.associate_id, role, joined_at, now, disposition, notes
+                )
+            )
+        )
+        if quiet:
+            return
+        associate.send(EngagementEnded(engagement.engagement_id, disposition, "associate"))
+        self._tell_supervisors(engagement)
+        self._emit("engagement.participant_left", engagement)
+
+    # -- talking --------------------------------------------------------------------
+
+    def speaking_engagement(self, associate: AssociateSession, engagement_id: str) -> Engagement:
+        """The engagement, if this associate may chat with its user: the owner, a conference or barge-in."""
+        engagement = self._engagements.get(engagement_id)
+        if engagement is None:
+            raise NotFound(f"no engagement {engagement_id!r}")
+        if engagement.associate is associate:
+            return engagement
+        joined = engagement.participants.get(associate.associate_id)
+        if joined is not None and joined[0] is associate:
+            if joined[1] in SPEAKING:
+                return engagement
+            raise PermissionDenied(f"as {joined[1]} on engagement {engagement_id!r} you may whisper, not chat")
+        raise PermissionDenied(f"engagement {engagement_id!r} is not assigned to you")
+
+    def whisper(self, associate: AssociateSession, engagement_id: str, text: str) -> None:
+        """To the associates on the engagement only: its owner, participants, and the sender."""
+        engagement = self._engagements.get(engagement_id)
+        if engagement is None:
+            raise NotFound(f"no engagement {engagement_id!r}")
+        on_it = engagement.associate is associate or (
+            associate.associate_id in engagement.participants
+            and engagement.participants[associate.associate_id][0] is associate
+        )
+        if not on_it and engagement.queue not in associate.supervised_queues:
+            raise PermissionDenied(f"you are not on engagement {engagement_id!r} and do not supervise its queue")
+        if not text.strip() or len(text) > MAX_WHISPER:
+            raise InvalidInput("whisper.text", f"required; at most {MAX_WHISPER} characters")
+        if not engagement.open:
+            raise InvalidInput("whisper.engagement_id", "the engagement has ended")
+        line = ChatLine(
+            engagement.engagement_id,
+            uuid.uuid4().hex,
+            "associate",
+            text,
+            self.clock.now(),
+            sender_id=associate.associate_id,
+            sender_name=associate.display_name,
+            whisper=True,
+        )
+        recipients = engagement.associates()
+        if associate not in recipients:
+            recipients.append(associate)  # a supervisor whispering without watching still sees their line
+        for recipient in recipients:
+            recipient.send(line)
+        # Whispers are not part of the user's transcript; who whispered to whom is still on record.
+        log.info("engagement.whisper", engagement_id=engagement_id, associate_id=associate.associate_id)

@@ -1,0 +1,118 @@
+"""Transfers: an engagement moves to another associate or queue, blind or after a consult.
+
+The context, journey, transcript and channel travel with the engagement (they are the engagement); the
+transferring associate's part ends (EngagementEnded, disposition ``transferred``); the device hears the
+new state and, once someone takes it, who it is talking to now. Each transfer is stored before anyone
+is told, and reaches webhooks and the funnel as ``engagement.transferred``.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from ..storage import TransferRecord
+from .desk_participants import Participants
+from .engagement_model import Engagement
+from .errors import InvalidInput
+from .model import TRANSFER_MODES, EngagementEnded, TransferInfo
+from .sessions import AssociateSession
+
+__all__ = ["Transfers"]
+
+log = structlog.get_logger("cuepoint.core.engagements")
+
+MAX_NOTE = 500
+
+
+class Transfers(Participants):
+    async def transfer(
+        self,
+        associate: AssociateSession,
+        engagement_id: str,
+        *,
+        to_associate_id: str = "",
+        to_queue: str = "",
+        mode: str = "blind",
+        note: str = "",
+    ) -> None:
+        # Every check comes before any change: a refused transfer leaves the engagement as it was.
+        engagement = self._of_associate(associate, engagement_id)
+        if engagement.state != "assigned":
+            raise InvalidInput("transfer.engagement_id", "only an engagement in progress can be transferred")
+        if bool(to_associate_id) == bool(to_queue):
+            raise InvalidInput("transfer.to_queue", "set exactly one of to_associate_id and to_queue")
+        if mode not in TRANSFER_MODES:
+            raise InvalidInput("transfer.mode", "must be blind or consult")
+        if len(note) > MAX_NOTE:
+            raise InvalidInput("transfer.note", f"at most {MAX_NOTE} characters")
+        if len(to_queue) > 128:
+            raise InvalidInput("transfer.to_queue", "at most 128 characters")
+        if mode == "consult" and not to_associate_id:
+            raise InvalidInput("transfer.mode", "a consult transfer needs to_associate_id")
+        if any(role == "consult" for _, role in engagement.participants.values()):
+            raise InvalidInput("transfer.engagement_id", "a consult is already in progress; complete it first")
+        if not to_associate_id:
+            await self._hand_over(engagement, associate, None, to_queue, "blind", note)
+            return
+        if to_associate_id == associate.associate_id:
+            raise InvalidInput("transfer.to_associate_id", "that is you")
+        target = self._joinable(engagement, to_associate_id, "transfer")
+        if mode == "blind" and not target.available:
+            raise InvalidInput("transfer.to_associate_id", f"associate {to_associate_id!r} is not available")
+        if mode == "consult":
+            engagement.consult_note = note
+            await self._join(engagement, target, "consult")
+            return
+        await self._hand_over(engagement, associate, target, "", "blind", note)
+
+    async def complete_transfer(self, associate: AssociateSession, engagement_id: str) -> None:
+        """After a consult: the consulted associate becomes the owner."""
+        engagement = self._of_associate(associate, engagement_id)
+        consulted = next((a for a, role in engagement.participants.values() if role == "consult"), None)
+        if consulted is None:
+            raise InvalidInput("complete_transfer.engagement_id", "no consult in progress on this engagement")
+        now = self.clock.now()
+        # The consult part ends quietly: the consulted associate goes on as the owner, not out.
+        self._part(engagement, consulted, "consult", now, "transfer_completed", "", quiet=True)
+        await self._hand_over(engagement, associate, consulted, "", "consult", engagement.consult_note)
+
+    async def _hand_over(
+        self,
+        engagement: Engagement,
+        owner: AssociateSession,
+        target: AssociateSession | None,
+        to_queue: str,
+        mode: str,
+        note: str,
+    ) -> None:
+        now = self.clock.now()
+        info = TransferInfo(owner.associate_id, target.associate_id if target else "", to_queue, mode, note, now)
+        await self.store.save_transfer(
+            TransferRecord(
+                engagement.engagement_id, now, info.from_associate_id, info.to_associate_id, to_queue, mode, note
+            )
+        )
+        engagement.transfers.append(info)
+        engagement.consult_note = ""
+        self._free(owner, engagement.engagement_id, now)
+        owner.send(EngagementEnded(engagement.engagement_id, "transferred", "associate"))
+        engagement.state, engagement.associate, engagement.assigned_at = "queued", None, None
+        # Not straight back to whoever passed it on, whatever queue it lands in.
+        engagement.rejected_by = {owner.associate_id}
+        self._emit("engagement.transferred", engagement)
+        log.info(
+            "engagement.transferred",
+            engagement_id=engagement.engagement_id,
+            from_associate_id=owner.associate_id,
+            to_associate_id=info.to_associate_id,
+            to_queue=to_queue,
+            mode=mode,
+        )
+        if target is not None:
+            self._assign(engagement, target)
+        else:
+            engagement.queue = to_queue
+            self._save(engagement)
+            self._notify_device(engagement)
+            self._route(engagement)
+        self._drain(owner)
