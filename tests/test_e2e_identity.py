@@ -9,15 +9,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import grpc
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc
 from cuepoint_server import cli
-from cuepoint_server.api.auth import AuthConfig
+from cuepoint_server.api.auth import AuthConfig, AuthConfigError
 from cuepoint_server.app import CuepointServer
+from cuepoint_server.clock import ManualClock
 
 from .conftest import StartServer
 
@@ -180,3 +185,220 @@ async def test_migration_mode_admits_old_sdks_until_they_present_their_secret(st
     await updated.close()
     assert (await raw_hello(server, "new-sdk-phone", secret)).welcome.session_id
     assert await raw_hello_error(server, "new-sdk-phone") is grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- verified users ------------------------------------------------------------------------------------
+
+USER_SECRET = "fitkit-backend-signing-secret-0123456789"  # shared with the app's backend only
+DANA_TOKEN = "dana_tok_1a2b3c4d5e6f7a8b"
+SHOP_KEY = "shop_test_8e2d4b6a1c3f5e70"
+SHOP_PRIVATE = ec.generate_private_key(ec.SECP256R1())
+SHOP_PUBLIC_PEM = (
+    SHOP_PRIVATE.public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
+ISSUER, AUDIENCE = "https://api.fitkit.example", "cuepoint"
+USERS_AUTH = AuthConfig.from_dict(
+    {
+        "apps": {
+            "fitkit": {
+                "api_keys": [APP_KEY],
+                "user_tokens": {"issuer": ISSUER, "audience": AUDIENCE, "hs256_secret": USER_SECRET},
+            },
+            "shop": {
+                "api_keys": [SHOP_KEY],
+                "user_tokens": {"issuer": "https://shop.example", "audience": AUDIENCE, "public_key": SHOP_PUBLIC_PEM},
+            },
+        },
+        "associates": {"dana": {"token": DANA_TOKEN, "queues": ["*"]}},
+        "admin_tokens": [ADMIN_TOKEN],
+    }
+)
+HELP = """
+id: help
+trigger: {event: help}
+cue: {message: "Need help?", channel: chat, queue: support}
+after_decline: never
+"""
+CALL_ME = """
+id: call-me
+trigger: {event: call_me}
+cue: {message: "Shall we call you?", channel: audio, queue: support}
+"""
+
+
+def user_token(clock: ManualClock, sub: str, **changes: Any) -> str:
+    """What the app's backend signs after its own sign-in: short-lived, for this issuer and audience."""
+    key = changes.pop("key", USER_SECRET)
+    algorithm = changes.pop("algorithm", "HS256")
+    claims = {"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "iat": int(clock.now()), "exp": int(clock.now()) + 300}
+    claims.update(changes)
+    return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm=algorithm)
+
+
+async def user_device(
+    server: CuepointServer, device_id: str, user_id: str = "", token: str | None = None, *, app_id: str = "fitkit"
+) -> cuepoint.Client:
+    return await cuepoint.connect(
+        server.address,
+        app_id=app_id,
+        device_id=device_id,
+        user=cuepoint.User(user_id=user_id) if user_id else None,
+        consent=cuepoint.Consent.FULL,
+        config=cuepoint.ClientConfig(api_key=SHOP_KEY if app_id == "shop" else APP_KEY, connect_timeout=5),
+        user_token=token,
+    )
+
+
+async def verdict(client: cuepoint.Client) -> cuepoint.UserVerification:
+    """The server's verdict on the token the client presented in its Hello."""
+    async with asyncio.timeout(5):
+        while client.user_verification is None:  # noqa: ASYNC110 - set by the client's reader
+            await asyncio.sleep(0.01)
+    return client.user_verification
+
+
+async def help_cue(client: cuepoint.Client, event: str = "help") -> cuepoint.Cue | None:
+    await client.track(event)
+    await client.flush(timeout=5)
+    try:
+        return await client.next_cue(timeout=0.3)
+    except cuepoint.TimedOut:
+        return None
+
+
+async def test_a_claimed_user_id_never_borrows_the_users_journey_or_memory(
+    start_server: StartServer, clock: ManualClock
+) -> None:
+    server = await start_server(HELP, CALL_ME, auth=USERS_AUTH)
+    dana = await cuepoint.connect_associate(
+        server.address, associate_id="dana", queues=["support"], config=cuepoint.AssociateConfig(token=DANA_TOKEN)
+    )
+    # Alice signs in on her phone: the app's backend vouches for her.
+    phone = await user_device(server, "alice-phone", "u-alice", user_token(clock, "u-alice"))
+    assert await verdict(phone) == cuepoint.UserVerification("u-alice", True)
+    await phone.track("screen_viewed", screen="order A-9001")
+    cue = await help_cue(phone)
+    assert cue is not None
+    await phone.decline(cue)
+
+    # Mallory has the app key and Alice's user id, but no token from FitKit's backend: a claim.
+    mallory = await user_device(server, "mallory-phone", "u-alice")
+    assert mallory.user_verification is None  # no token, no verdict
+    stolen = await help_cue(mallory)
+    assert stolen is not None  # Alice's decline memory did not follow a mere claim
+    engagement = await mallory.accept(stolen)
+    await engagement.wait_for(cuepoint.EngagementState.QUEUED, timeout=5)
+    ctx = (await dana.next_engagement(timeout=5)).context
+    assert (ctx.user_id, ctx.user_verified) == ("u-alice", False)  # shown, marked unverified
+    assert [e.name for e in ctx.journey] == ["help"]  # Mallory's own, nothing of Alice's
+    assert ctx.prior_engagements == ()
+    decisions = await server.store.cues_for_subject("device:mallory-phone")
+    assert [c.device_id for c in decisions] == ["mallory-phone"]  # memory and caps stay with the device
+
+    # Forged, stale or misdirected tokens verify nothing.
+    now = int(clock.now())
+    forged = {
+        "bad signature": user_token(clock, "u-alice", key="a-secret-the-attacker-made-up-0123456789"),
+        "expired": user_token(clock, "u-alice", exp=now - 120),
+        "wrong audience": user_token(clock, "u-alice", aud="someone-else"),
+        "wrong issuer": user_token(clock, "u-alice", iss="https://evil.example"),
+        "not a short-lived token": user_token(clock, "u-alice", exp=now + 30 * 86400),
+        "missing claim 'exp'": user_token(clock, "u-alice", exp=None),
+        "algorithm not allowed": jwt.encode(
+            {"sub": "u-alice", "iss": ISSUER, "aud": AUDIENCE, "exp": now + 60}, None, algorithm="none"
+        ),
+    }
+    for reason, token in forged.items():
+        answer = await mallory.set_user_token(token, timeout=5)
+        assert not answer.verified and reason in answer.reason, (reason, answer)
+    assert server.core._reg.sessions["mallory-phone"].subject == "device:mallory-phone"
+
+    # Alice's tablet signs in after connecting; her decline follows her there, her journey is stitched.
+    tablet = await user_device(server, "alice-tablet")
+    answer = await tablet.set_user_token(user_token(clock, "u-alice"), timeout=5)
+    assert answer == cuepoint.UserVerification("u-alice", True)
+    assert await help_cue(tablet) is None
+    call = await help_cue(tablet, "call_me")
+    assert call is not None
+    await (await tablet.accept(call)).wait_for(cuepoint.EngagementState.QUEUED, timeout=5)
+    for c in (phone, mallory, tablet):
+        await c.close()
+    await dana.close()
+
+
+async def test_verified_journey_is_stitched_and_marked(start_server: StartServer, clock: ManualClock) -> None:
+    server = await start_server(CALL_ME, auth=USERS_AUTH)
+    dana = await cuepoint.connect_associate(
+        server.address, associate_id="dana", queues=["support"], config=cuepoint.AssociateConfig(token=DANA_TOKEN)
+    )
+    phone = await user_device(server, "bob-phone", "u-bob", user_token(clock, "u-bob"))
+    await phone.track("screen_viewed", screen="pricing")
+    await phone.flush(timeout=5)
+    tablet = await user_device(server, "bob-tablet", "u-bob", user_token(clock, "u-bob"))
+    cue = await help_cue(tablet, "call_me")
+    assert cue is not None
+    await (await tablet.accept(cue)).wait_for(cuepoint.EngagementState.QUEUED, timeout=5)
+    ctx = (await dana.next_engagement(timeout=5)).context
+    assert (ctx.user_id, ctx.user_verified) == ("u-bob", True)
+    assert {e.name for e in ctx.journey} == {"screen_viewed", "call_me"}  # across both devices
+
+    # A token is the authority on who signed in: the claimed id gives way to its subject.
+    other = await user_device(server, "carol-phone", "u-someone", user_token(clock, "u-carol"))
+    assert await verdict(other) == cuepoint.UserVerification("u-carol", True)
+    assert server.core._reg.sessions["carol-phone"].subject == "user:u-carol"
+    for c in (phone, tablet, other):
+        await c.close()
+    await dana.close()
+
+
+async def test_an_asymmetric_key_verifies_and_refuses_algorithm_confusion(
+    start_server: StartServer, clock: ManualClock
+) -> None:
+    server = await start_server(CALL_ME, auth=USERS_AUTH)
+    claims = {"sub": "u-dan", "iss": "https://shop.example", "aud": AUDIENCE, "exp": int(clock.now()) + 300}
+    signed = jwt.encode(claims, SHOP_PRIVATE, algorithm="ES256")
+    shop = await user_device(server, "shop-phone", "u-dan", signed, app_id="shop")
+    assert (await verdict(shop)).verified
+    # The public key is public: an HS256 token "signed" with it must not verify.
+    confused = jwt.encode(claims, SHOP_PUBLIC_PEM.encode(), algorithm="HS256") if _hs256_accepts_pem() else None
+    if confused is not None:
+        assert not (await shop.set_user_token(confused, timeout=5)).verified
+    # FitKit's backend cannot vouch for shop users, nor shop's for FitKit's.
+    fitkit_token = user_token(clock, "u-dan")
+    assert not (await shop.set_user_token(fitkit_token, timeout=5)).verified
+    await shop.close()
+
+
+def _hs256_accepts_pem() -> bool:
+    """PyJWT refuses to HMAC-sign with a PEM key (its own guard against the confusion); then nothing to try."""
+    try:
+        jwt.encode({"a": 1}, SHOP_PUBLIC_PEM.encode(), algorithm="HS256")
+    except jwt.InvalidKeyError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"audience": AUDIENCE, "hs256_secret": USER_SECRET}, "issuer and audience are required"),
+        ({"issuer": ISSUER, "audience": AUDIENCE, "hs256_secret": "short"}, "at least 32 characters"),
+        ({"issuer": ISSUER, "audience": AUDIENCE}, "exactly one of"),
+        (
+            {"issuer": ISSUER, "audience": AUDIENCE, "hs256_secret": USER_SECRET, "public_key": SHOP_PUBLIC_PEM},
+            "exactly one of",
+        ),
+        (
+            {"issuer": ISSUER, "audience": AUDIENCE, "public_key": SHOP_PUBLIC_PEM, "algorithms": ["HS256"]},
+            "not allowed",
+        ),
+        ({"issuer": ISSUER, "audience": AUDIENCE, "public_key": "not a key"}, "PEM public key"),
+        ({"issuer": ISSUER, "audience": AUDIENCE, "hs256_secret": USER_SECRET, "leeway": 5}, "unknown key"),
+    ],
+)
+def test_user_token_keys_in_the_auth_file_are_checked(entry: dict[str, Any], problem: str) -> None:
+    with pytest.raises(AuthConfigError) as info:
+        AuthConfig.from_dict({"apps": {"fitkit": {"api_keys": [APP_KEY], "user_tokens": entry}}})
+    assert problem in str(info.value) and "apps.fitkit.user_tokens" in str(info.value)

@@ -356,6 +356,8 @@ async def test_version_2_database_gains_the_variant_and_feedback_columns(tmp_pat
         raw.execute("DROP TABLE variant_switches")
         for column in ("variant", "locale", "button_id"):
             raw.execute(f"ALTER TABLE cues DROP COLUMN {column}")
+        raw.execute("DROP TABLE device_credentials")  # version 4
+        raw.execute("ALTER TABLE sessions DROP COLUMN identified")  # version 6
         raw.execute("PRAGMA user_version = 2")
     async with await SqliteStore.open(path) as s:
         got = await s.get_cue("cue-1")

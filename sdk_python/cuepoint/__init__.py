@@ -80,6 +80,7 @@ from .models import (
     Trigger,
     UpgradeRequest,
     User,
+    UserVerification,
 )
 
 # Library etiquette: records go nowhere unless the app configures logging; every
@@ -142,6 +143,7 @@ __all__ = [
     "Trigger",
     "UpgradeRequest",
     "User",
+    "UserVerification",
     "__version__",
     "connect",
     "connect_associate",

@@ -53,6 +53,7 @@ from .models import (
     Trigger,
     UpgradeRequest,
     User,
+    UserVerification,
 )
 
 CONTEXT_UPDATE_NAME = "context_update"
@@ -499,6 +500,10 @@ def cue_from_proto(msg: common_pb2.Cue) -> Cue:
     )
 
 
+def user_verification_from_proto(msg: device_pb2.UserVerification) -> UserVerification:
+    return UserVerification(user_id=msg.user_id, verified=msg.verified, reason=msg.reason)
+
+
 def withdrawal_from_proto(msg: device_pb2.CueWithdrawal) -> CueWithdrawal:
     return CueWithdrawal(cue_id=msg.cue_id, reason=msg.reason)
 
@@ -673,6 +678,7 @@ def engagement_context_from_proto(msg: common_pb2.EngagementContext) -> Engageme
         milestones=tuple(msg.milestones),
         prior_engagements=tuple(prior_engagement_from_proto(p) for p in msg.prior_engagements),
         priority=msg.priority,
+        user_verified=msg.user_verified,
     )
 
 
@@ -757,6 +763,7 @@ def hello(
     sdk_version: str,
     resume_session_id: str = "",
     device_secret: str = "",
+    user_token: str = "",
 ) -> device_pb2.DeviceMessage:
     msg = device_pb2.Hello(
         app_id=app_id,
@@ -766,6 +773,7 @@ def hello(
         sdk_version=sdk_version,
         resume_session_id=resume_session_id,
         device_secret=device_secret,
+        user_token=user_token,
     )
     if user is not None:
         msg.user.CopyFrom(user_to_proto(user))

@@ -148,6 +148,16 @@ def identity(app_id: object, device_id: object) -> None:
         )
 
 
+# Longest user token the server accepts (a JWT with a few claims is a few hundred bytes).
+MAX_USER_TOKEN = 8192
+
+
+def user_token(value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_USER_TOKEN or not value.isprintable():
+        raise InvalidSignal(f"user_token must be 1-{MAX_USER_TOKEN} printable characters", field="hello.user_token")
+    return value
+
+
 def cue_id(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidSignal("cue_id must be a non-empty string", field="cue_response.cue_id")

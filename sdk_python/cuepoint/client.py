@@ -84,6 +84,7 @@ from .models import (
     Scalar,
     ServerEvent,
     User,
+    UserVerification,
 )
 
 __all__ = ["Client", "CueCallback", "Engagement", "StateCallback", "connect"]
@@ -133,11 +134,13 @@ async def connect(
     consent: Consent = Consent.NONE,
     config: ClientConfig | None = None,
     device_secret: str | None = None,
+    user_token: str | None = None,
 ) -> Client:
     """Open a device session and return the started :class:`Client`.
 
     ``device_secret``: the secret the server issued to this install (see :attr:`Client.device_secret`);
-    with ``config.outbox_path`` the SDK keeps it itself.
+    with ``config.outbox_path`` the SDK keeps it itself. ``user_token``: a short-lived JWT from the app's
+    backend asserting the signed-in user (see :meth:`Client.set_user_token`).
 
     Raises a :class:`~cuepoint.errors.CuepointError` subclass if the server is
     unreachable, refuses the Hello, or sends no Welcome within
@@ -152,6 +155,7 @@ async def connect(
         consent=consent,
         config=config,
         device_secret=device_secret,
+        user_token=user_token,
     )
     return await client.start()
 
@@ -173,6 +177,7 @@ class Client:
         consent: Consent = Consent.NONE,
         config: ClientConfig | None = None,
         device_secret: str | None = None,
+        user_token: str | None = None,
     ) -> None:
         _validate.identity(app_id, device_id)
         if not isinstance(consent, Consent):
@@ -187,6 +192,10 @@ class Client:
         self._new_id = IdGenerator(self._config.clock)
         # Issued by the server on this install's first connection; presented in every Hello.
         self._device_secret = device_secret or ""
+        # The app backend's token for the signed-in user; sent in every Hello (and by set_user_token).
+        self._user_token = _validate.user_token(user_token) if user_token else ""
+        self._verification: UserVerification | None = None
+        self._verification_waiters: list[asyncio.Future[UserVerification]] = []
 
         self._state: _State = "new"
         self._failure: CuepointError | None = None
@@ -299,6 +308,7 @@ class Client:
             # After a drop, ask to resume: the server keeps session-scoped rules.
             resume_session_id=self._session_id or "",
             device_secret=self._device_secret,
+            user_token=self._user_token,
         )
         welcome: device_pb2.Welcome = await handshake(
             stream, hello, expect="welcome", target=self._target, within=self._config.connect_timeout
@@ -365,6 +375,32 @@ class Client:
         await self.close()
 
     # --- state ----------------------------------------------------------------
+
+    @property
+    def user_verification(self) -> UserVerification | None:
+        """The server's verdict on the latest user token (None before one was presented and answered)."""
+        return self._verification
+
+    async def set_user_token(self, token: str, *, timeout: float | None = None) -> UserVerification:
+        """Present a user token from the app's backend: after sign-in, or to refresh one about to expire.
+
+        The token (a short-lived JWT whose ``sub`` is the user id) is kept and sent in every later Hello,
+        so a reconnect stays verified while it is valid. Returns the server's verdict; raises
+        :class:`TimedOut` after ``timeout``. Never log the token.
+        """
+        self._check_usable(started=True)
+        self._user_token = _validate.user_token(token)
+        waiter: asyncio.Future[UserVerification] = asyncio.get_running_loop().create_future()
+        self._verification_waiters.append(waiter)
+        try:
+            await self._send_engagement(device_pb2.DeviceMessage(user_token=device_pb2.UserToken(token=token)))
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError as exc:
+            raise TimedOut(f"no verdict on the user token within {timeout}s") from exc
+        finally:
+            with contextlib.suppress(ValueError):
+                self._verification_waiters.remove(waiter)
 
     @property
     def device_secret(self) -> str:
@@ -828,11 +864,23 @@ class Client:
             self._route(_convert.call_signal_from_proto(message.call_signal))
         elif kind == "fallback":
             self._route(_convert.fallback_offer_from_proto(message.fallback))
+        elif kind == "user_verification":
+            self._on_verification(_convert.user_verification_from_proto(message.user_verification))
         elif kind == "welcome":
             log.warning("cuepoint: ignoring a second Welcome")
         else:
             # A newer server may send kinds this SDK does not know yet.
             log.debug("cuepoint: ignoring server message of kind %r", kind)
+
+    def _on_verification(self, verdict: UserVerification) -> None:
+        self._verification = verdict
+        if not verdict.verified:
+            log.warning("cuepoint: the user token was not accepted (%s); the user id is only claimed", verdict.reason)
+        waiters, self._verification_waiters = self._verification_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(verdict)
+        self._publish(verdict)
 
     def _on_cue(self, cue: Cue) -> None:
         if cue.cue_id in self._seen_cues or cue.cue_id in self._withdrawn:

@@ -54,6 +54,7 @@ __all__ = [
     "Trigger",
     "UpgradeRequest",
     "User",
+    "UserVerification",
 ]
 
 Scalar: TypeAlias = str | int | float | bool
@@ -452,7 +453,22 @@ class FallbackOffer:
     """Text for the user, e.g. "Everyone is busy. How should we continue?"."""
 
 
-ServerEvent: TypeAlias = Cue | CueWithdrawal | EngagementUpdate
+@dataclass(frozen=True)
+class UserVerification:
+    """Whether the user token the app gave (``connect(user_token=...)``, ``set_user_token``) verified.
+
+    Verified: ``user_id`` is the token's subject, and the user's journey, caps and decline memory follow
+    them across devices. Not verified (``reason`` says why, e.g. "expired"): the user id is only claimed,
+    stays with this device, and associates see it as unverified. Refresh an expired token with
+    ``set_user_token``.
+    """
+
+    user_id: str
+    verified: bool
+    reason: str = ""
+
+
+ServerEvent: TypeAlias = Cue | CueWithdrawal | EngagementUpdate | UserVerification
 """Anything the server pushes to a device, as yielded by ``Client.events()``."""
 
 
@@ -521,6 +537,8 @@ class EngagementContext:
     """Earlier engagements of this user (or device), newest first, with their wrap-up."""
     priority: int = 0
     """The engagement's routing priority (higher is served first)."""
+    user_verified: bool = False
+    """``user_id`` was asserted by the app backend's token; False: the device only claims it."""
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,8 @@ class CuepointServer:
             config.core,
             enforce_device_secrets=config.auth is not None,
             device_secret_migration=config.device_secret_migration,
+            enforce_user_tokens=config.auth is not None,
+            user_token_keys=config.auth.user_tokens if config.auth is not None else {},
         )
         core = Core(store, Engine(scenarios), clock or SystemClock(), core_config)
         options = [

@@ -1079,6 +1079,7 @@ class EngagementContext(_message.Message):
     MILESTONES_FIELD_NUMBER: _builtins.int
     PRIOR_ENGAGEMENTS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    USER_VERIFIED_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     device_id: _builtins.str
     user_id: _builtins.str
@@ -1086,6 +1087,11 @@ class EngagementContext(_message.Message):
     consent: Global___ConsentLevel.ValueType
     priority: _builtins.int
     """The engagement's routing priority (higher is served first)."""
+    user_verified: _builtins.bool
+    """True when user_id was asserted by a valid token from the app's backend
+    (Hello.user_token); false when the device only claims it, so the journey
+    and prior engagements are this device's alone.
+    """
     @_builtins.property
     def context(self) -> Global___Context: ...
     @_builtins.property
@@ -1131,10 +1137,11 @@ class EngagementContext(_message.Message):
         milestones: _abc.Iterable[_builtins.str] | None = ...,
         prior_engagements: _abc.Iterable[Global___PriorEngagement] | None = ...,
         priority: _builtins.int = ...,
+        user_verified: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "cue", b"cue", "trigger", b"trigger", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "cue", b"cue", "device_id", b"device_id", "journey", b"journey", "milestones", b"milestones", "prior_engagements", b"prior_engagements", "priority", b"priority", "redacted_fields", b"redacted_fields", "segments", b"segments", "trigger", b"trigger", "user", b"user", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "cue", b"cue", "device_id", b"device_id", "journey", b"journey", "milestones", b"milestones", "prior_engagements", b"prior_engagements", "priority", b"priority", "redacted_fields", b"redacted_fields", "segments", b"segments", "trigger", b"trigger", "user", b"user", "user_id", b"user_id", "user_verified", b"user_verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,7 @@ class DeviceMessage(_message.Message):
     CALL_SIGNAL_FIELD_NUMBER: _builtins.int
     END_ENGAGEMENT_FIELD_NUMBER: _builtins.int
     FALLBACK_CHOICE_FIELD_NUMBER: _builtins.int
+    USER_TOKEN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -77,6 +78,8 @@ class DeviceMessage(_message.Message):
     def end_engagement(self) -> Global___EndEngagementByUser: ...
     @_builtins.property
     def fallback_choice(self) -> Global___FallbackChoice: ...
+    @_builtins.property
+    def user_token(self) -> Global___UserToken: ...
     def __init__(
         self,
         *,
@@ -89,16 +92,72 @@ class DeviceMessage(_message.Message):
         call_signal: _common_pb2.CallSignal | None = ...,
         end_engagement: Global___EndEngagementByUser | None = ...,
         fallback_choice: Global___FallbackChoice | None = ...,
+        user_token: Global___UserToken | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "cue_response", b"cue_response", "end_engagement", b"end_engagement", "fallback_choice", b"fallback_choice", "hello", b"hello", "kind", b"kind", "signals", b"signals", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "cue_response", b"cue_response", "end_engagement", b"end_engagement", "fallback_choice", b"fallback_choice", "hello", b"hello", "kind", b"kind", "signals", b"signals", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "user_token", b"user_token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "cue_response", b"cue_response", "end_engagement", b"end_engagement", "fallback_choice", b"fallback_choice", "hello", b"hello", "kind", b"kind", "signals", b"signals", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "cue_response", b"cue_response", "end_engagement", b"end_engagement", "fallback_choice", b"fallback_choice", "hello", b"hello", "kind", b"kind", "signals", b"signals", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "user_token", b"user_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "signals", "cue_response", "chat", "upgrade_request", "upgrade_response", "call_signal", "end_engagement", "fallback_choice"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "signals", "cue_response", "chat", "upgrade_request", "upgrade_response", "call_signal", "end_engagement", "fallback_choice", "user_token"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___DeviceMessage: _TypeAlias = DeviceMessage  # noqa: Y015
+
+@_typing.final
+class UserToken(_message.Message):
+    """The app signed its user in (or refreshed the token) after the Hello. The
+    server answers with a UserVerification.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """See Hello.user_token."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserToken: _TypeAlias = UserToken  # noqa: Y015
+
+@_typing.final
+class UserVerification(_message.Message):
+    """Whether a user token (in a Hello or a UserToken) verified the user id.
+    Sent once per token presented.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The token's subject when verified, else the user id the device claims."""
+    verified: _builtins.bool
+    reason: _builtins.str
+    """Why not, when not verified: e.g. "expired", "bad signature", "wrong audience"."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        verified: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "user_id", b"user_id", "verified", b"verified"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserVerification: _TypeAlias = UserVerification  # noqa: Y015
 
 @_typing.final
 class EndEngagementByUser(_message.Message):
@@ -187,6 +246,7 @@ class Hello(_message.Message):
     SDK_VERSION_FIELD_NUMBER: _builtins.int
     RESUME_SESSION_ID_FIELD_NUMBER: _builtins.int
     DEVICE_SECRET_FIELD_NUMBER: _builtins.int
+    USER_TOKEN_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The app's id as registered with the server, e.g. "fitkit"."""
     device_id: _builtins.str
@@ -205,6 +265,15 @@ class Hello(_message.Message):
     device's session. Empty on a first connection. Keep it with the install
     (the Python SDK keeps it in its outbox file) and never log it.
     """
+    user_token: _builtins.str
+    """A short-lived JWT from the app's backend asserting the signed-in user:
+    `sub` is the user id, with `iss`, `aud` and `exp` as configured for the
+    app (HS256 with a shared secret, or RS256/ES256/EdDSA with the backend's
+    public key). A valid token makes the user id verified: it sets user.id,
+    and journeys, caps and decline memory follow the user across devices.
+    Without one (with auth on) a user id is only claimed: it stays with this
+    device and associates see it as unverified.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.Context: ...
     @_builtins.property
@@ -222,10 +291,11 @@ class Hello(_message.Message):
         sdk_version: _builtins.str = ...,
         resume_session_id: _builtins.str = ...,
         device_secret: _builtins.str = ...,
+        user_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "context", b"context", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "device_secret", b"device_secret", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "device_secret", b"device_secret", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user", "user_token", b"user_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,6 +377,7 @@ class ServerMessage(_message.Message):
     CHANNEL_CHANGE_FIELD_NUMBER: _builtins.int
     CALL_SIGNAL_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
+    USER_VERIFICATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -327,6 +398,8 @@ class ServerMessage(_message.Message):
     def call_signal(self) -> _common_pb2.CallSignal: ...
     @_builtins.property
     def fallback(self) -> Global___FallbackOffer: ...
+    @_builtins.property
+    def user_verification(self) -> Global___UserVerification: ...
     def __init__(
         self,
         *,
@@ -340,12 +413,13 @@ class ServerMessage(_message.Message):
         channel_change: _common_pb2.ChannelChange | None = ...,
         call_signal: _common_pb2.CallSignal | None = ...,
         fallback: Global___FallbackOffer | None = ...,
+        user_verification: Global___UserVerification | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "kind", b"kind", "upgrade_request", b"upgrade_request", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "kind", b"kind", "upgrade_request", b"upgrade_request", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "cue", "withdrawal", "engagement", "chat", "upgrade_request", "channel_change", "call_signal", "fallback"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "cue", "withdrawal", "engagement", "chat", "upgrade_request", "channel_change", "call_signal", "fallback", "user_verification"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

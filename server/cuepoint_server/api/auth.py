@@ -25,6 +25,10 @@ Example auth file (YAML)::
     apps:
       fitkit:
         api_keys: ["fk_live_2b7c0e8f6d1a4e3b"]
+        user_tokens:                      # optional: how FitKit's backend signs user tokens
+          issuer: "https://api.fitkit.example"
+          audience: "cuepoint"
+          public_key_file: fitkit-users.pem   # or public_key: PEM, or hs256_secret: 32+ characters
     associates:
       dana:
         token: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -50,6 +54,7 @@ from google.protobuf.message import DecodeError
 
 from ..core.errors import CoreError, InvalidInput, PermissionDenied, Unauthenticated
 from ..core.model import AssociateSignIn
+from ..core.user_tokens import ASYMMETRIC, UserTokenKey
 from .errors import rich_status
 
 __all__ = [
@@ -126,6 +131,8 @@ class AuthConfig:
     apps: Mapping[str, frozenset[bytes]] = field(default_factory=dict, repr=False)
     associates: Mapping[str, AssociateGrant] = field(default_factory=dict, repr=False)
     admin_tokens: frozenset[bytes] = field(default_factory=frozenset, repr=False)
+    # app id -> how its backend signs user tokens (apps.<id>.user_tokens; core/user_tokens.py)
+    user_tokens: Mapping[str, UserTokenKey] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, path: str | Path) -> AuthConfig:
@@ -146,12 +153,16 @@ class AuthConfig:
         if unknown:
             raise AuthConfigError(f"{source}: unknown key(s) {sorted(unknown)}")
         apps: dict[str, frozenset[bytes]] = {}
+        user_tokens: dict[str, UserTokenKey] = {}
         for app_id, entry in _mapping(data.get("apps"), f"{source}: apps").items():
             where = f"{source}: apps.{app_id}"
             if not isinstance(app_id, str) or not _APP_ID.match(app_id):
                 raise AuthConfigError(f"{where}: not a valid app id")
             keys = _mapping(entry, where).get("api_keys")
             apps[app_id] = frozenset(_secret(k, f"{where}.api_keys[{i}]") for i, k in enumerate(_list(keys, where)))
+            signing = _mapping(entry, where).get("user_tokens")
+            if signing is not None:
+                user_tokens[app_id] = _user_token_key(signing, f"{where}.user_tokens", Path(source).parent)
         associates: dict[str, AssociateGrant] = {}
         for associate_id, entry in _mapping(data.get("associates"), f"{source}: associates").items():
             where = f"{source}: associates.{associate_id}"
@@ -170,7 +181,7 @@ class AuthConfig:
         admins = frozenset(
             _secret(t, f"{source}: admin_tokens[{i}]") for i, t in enumerate(_list(data.get("admin_tokens"), source))
         )
-        config = cls(apps=apps, associates=associates, admin_tokens=admins)
+        config = cls(apps=apps, associates=associates, admin_tokens=admins, user_tokens=user_tokens)
         config.principals()  # rejects a token issued twice
         return config
 
@@ -193,6 +204,60 @@ class AuthConfig:
         for token in self.admin_tokens:
             add(token, admin)
         return table
+
+
+# Shortest HS256 secret accepted: RFC 7518 wants a key at least as long as the hash (32 bytes).
+MIN_HS256_SECRET = 32
+
+
+def _user_token_key(value: object, where: str, folder: Path) -> UserTokenKey:
+    """``{issuer, audience, hs256_secret | public_key | public_key_file, algorithms?, max_lifetime?}``."""
+    entry = _mapping(value, where)
+    unknown = set(entry) - {
+        "issuer",
+        "audience",
+        "hs256_secret",
+        "public_key",
+        "public_key_file",
+        "algorithms",
+        "max_lifetime",
+    }
+    if unknown:
+        raise AuthConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+    issuer, audience = entry.get("issuer"), entry.get("audience")
+    if not isinstance(issuer, str) or not issuer or not isinstance(audience, str) or not audience:
+        raise AuthConfigError(f"{where}: issuer and audience are required (the token's iss and aud)")
+    given = [k for k in ("hs256_secret", "public_key", "public_key_file") if entry.get(k)]
+    if len(given) != 1:
+        raise AuthConfigError(f"{where}: give exactly one of hs256_secret, public_key, public_key_file")
+    algorithms = entry.get("algorithms")
+    if given[0] == "hs256_secret":
+        key = entry["hs256_secret"]
+        if not isinstance(key, str) or len(key) < MIN_HS256_SECRET:
+            raise AuthConfigError(f"{where}.hs256_secret: at least {MIN_HS256_SECRET} characters")
+        allowed: tuple[str, ...] = ("HS256",)
+        if algorithms not in (None, ["HS256"]):
+            raise AuthConfigError(f"{where}.algorithms: an hs256_secret verifies HS256 only")
+    else:
+        try:
+            key = (
+                str(entry["public_key"])
+                if given[0] == "public_key"
+                else (folder / str(entry["public_key_file"])).read_text(encoding="utf-8")
+            )
+        except OSError as exc:
+            raise AuthConfigError(f"{where}.public_key_file: {exc}") from exc
+        if "PUBLIC KEY" not in key:
+            raise AuthConfigError(f"{where}: expected a PEM public key")
+        names = _list(algorithms, f"{where}.algorithms") or ["RS256", "ES256", "EdDSA"]
+        bad = [a for a in names if a not in ASYMMETRIC]
+        if bad:
+            raise AuthConfigError(f"{where}.algorithms: {bad} not allowed with a public key; use {list(ASYMMETRIC)}")
+        allowed = tuple(names)
+    lifetime = entry.get("max_lifetime", 86400)
+    if not isinstance(lifetime, int | float) or isinstance(lifetime, bool) or lifetime <= 0:
+        raise AuthConfigError(f"{where}.max_lifetime: seconds, > 0")
+    return UserTokenKey(issuer, audience, key, allowed, float(lifetime))
 
 
 def _mapping(value: object, where: str) -> Mapping[Any, Any]:

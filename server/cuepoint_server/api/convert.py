@@ -197,6 +197,7 @@ def hello_from_proto(msg: device_pb2.Hello) -> Hello:
         sdk_version=msg.sdk_version[:64],
         resume_session_id=msg.resume_session_id[:64],
         device_secret=msg.device_secret[:256],
+        user_token=msg.user_token,
     )
 
 
@@ -391,6 +392,7 @@ def engagement_to_proto(view: EngagementView) -> common_pb2.Engagement:
                 for p in ctx.prior_engagements
             ],
             priority=ctx.priority,
+            user_verified=ctx.user_verified,
         ),
         transcript=[chat_to_proto(line) for line in view.transcript],
         transfers=[

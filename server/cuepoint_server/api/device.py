@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cuepoint.v1 import device_pb2, device_pb2_grpc
 
 from ..core.errors import CoreError
-from ..core.model import Ack, CueOffer, EngagementUpdate, SessionFailed, Withdrawal
+from ..core.model import Ack, CueOffer, EngagementUpdate, SessionFailed, UserVerified, Withdrawal
 from ..core.service import Core
 from ..core.sessions import DeviceOut, DeviceSession
 from ..core.validation import validate_hello
@@ -123,6 +123,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 elif kind == "cue_response":
                     cue_id, response, button_id = convert.response_from_proto(message.cue_response)
                     await self.core.respond(session, cue_id, response, button_id)
+                elif kind == "user_token":
+                    self.core.present_user_token(session, message.user_token.token)
                 elif kind in conversation.DEVICE_KINDS:
                     await conversation.from_device(self.core, session, message)
                 else:
@@ -255,6 +257,9 @@ def _to_proto(item: DeviceOut) -> device_pb2.ServerMessage:
         return device_pb2.ServerMessage(withdrawal=convert.withdrawal_to_proto(item))
     if isinstance(item, EngagementUpdate):
         return device_pb2.ServerMessage(engagement=convert.engagement_update_to_proto(item))
+    if isinstance(item, UserVerified):
+        verdict = device_pb2.UserVerification(user_id=item.user_id, verified=item.verified, reason=item.reason)
+        return device_pb2.ServerMessage(user_verification=verdict)
     relayed = conversation.to_device(item)
     if relayed is not None:
         return relayed

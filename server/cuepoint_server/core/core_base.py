@@ -7,7 +7,7 @@ own module building on this one; core/service.py puts them together as `Core`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from .engagements import DeskConfig, EngagementDesk
 from .model import CueOffer, SessionFailed
 from .observers import CoreObserver
 from .sessions import DeviceSession, PendingCue, Unit
+from .user_tokens import UserTokenKey
 from .validation import Limits
 
 __all__ = ["CoreBase", "CoreConfig", "Registry", "session_record"]
@@ -49,6 +50,11 @@ class CoreConfig:
     enforce_device_secrets: bool = False
     # Migration for SDKs that predate device secrets: admit devices that never presented theirs.
     device_secret_migration: bool = False
+    # A user id stitches journeys, caps and decline memory across devices only when a user token verified
+    # it (core/user_tokens.py); without, it is only claimed. On whenever the server runs with auth.
+    enforce_user_tokens: bool = False
+    # Per app id: how its backend signs user tokens (the auth file's apps.<id>.user_tokens).
+    user_token_keys: Mapping[str, UserTokenKey] = field(default_factory=dict)
 
 
 @dataclass
@@ -176,6 +182,7 @@ class CoreBase:
 
 
 def session_record(session: DeviceSession, user_id: str, started_at: float) -> SessionRecord:
+    """The stored form of `session`; `user_id` is the session's identity only if its subject is the user."""
     return SessionRecord(
         session_id=session.session_id,
         app_id=session.app_id,
@@ -184,4 +191,5 @@ def session_record(session: DeviceSession, user_id: str, started_at: float) -> S
         started_at=started_at,
         context=dict(session.state.context),
         consent=session.consent,
+        identified=bool(user_id) and session.subject == f"user:{user_id}",
     )

@@ -102,8 +102,9 @@ class Routing(Conversation):
         ctx = session.state.context
         consent = session.consent
         user_id = str(ctx.get("user.id") or "")
-        if user_id and consent != "none":
-            # Identified users: the journey stitched across all their devices.
+        if user_id and consent != "none" and session.subject == f"user:{user_id}":
+            # Identified users: the journey stitched across all their devices. A claimed user id
+            # (core/identity.py) gets this device's journey only.
             journey = await self.store.journey_for_user(user_id, limit=self.config.journey_limit)
         else:
             journey = await self.store.journey(session.device_id, limit=self.config.journey_limit)
@@ -136,6 +137,7 @@ class Routing(Conversation):
                 for p in prior
             ),
             priority=priority,
+            user_verified=bool(user_id) and user_id == session.verified_user,
         )
 
     def _route(self, engagement: Engagement) -> None:

@@ -162,6 +162,7 @@ def context_json(ctx: EngagementContext) -> dict[str, Any]:
             for p in ctx.prior_engagements
         ],
         "priority": ctx.priority,
+        "user_verified": ctx.user_verified,
     }
 
 
@@ -202,4 +203,5 @@ def context_from_json(data: Mapping[str, Any]) -> EngagementContext:
             for p in data.get("prior_engagements", [])
         ),
         priority=int(data.get("priority", 0)),
+        user_verified=bool(data.get("user_verified", False)),
     )

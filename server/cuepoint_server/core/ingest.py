@@ -12,6 +12,7 @@ from ..scenarios.compiler import milestone_event
 from ..storage import SignalRecord
 from ..storage.records import MilestoneRecord
 from .core_base import session_record
+from .identity import Identity
 from .model import (
     Ack,
     IncomingBatch,
@@ -25,7 +26,7 @@ __all__ = ["Ingest"]
 log = structlog.get_logger("cuepoint.core")
 
 
-class Ingest(Recovery):
+class Ingest(Recovery, Identity):
     def ingest(self, session: DeviceSession, batch: IncomingBatch) -> None:
         """Apply a batch: validate, update state, evaluate, and ack once stored.
 
@@ -92,18 +93,22 @@ class Ingest(Recovery):
             self._schedule_timer(session.device_id, now)
 
     def _identify(self, session: DeviceSession, user_id: str, now: float) -> None:
-        """The app signed the user in: stitch this device's journey and memory under the user."""
-        subject = f"user:{user_id}"
-        if session.subject == subject:
-            return
-        self.arbiter.merge(session.subject, subject)
-        session.subject = subject
-        self._track(
-            session,
-            self.store.save_session(session_record(session, user_id, session.started_at)),
+        """The app set a user id: stitch this device's journey and memory under the user, if it identifies them.
+
+        A claimed id (no valid user token, with auth on) is stored with the session but changes nothing else.
+        """
+        subject = self._subject(session.device_id, user_id, session.verified_user, session.consent)
+        if session.subject != subject:
+            if subject.startswith("user:"):
+                self.arbiter.merge(session.subject, subject)
+            session.subject = subject
+            self._track(session, self._restore_memory(subject))
+        self._track(session, self.store.save_session(session_record(session, user_id, session.started_at)))
+        log.info(
+            "device.identified" if subject.startswith("user:") else "device.user_claimed",
+            device_id=session.device_id,
+            session_id=session.session_id,
         )
-        self._track(session, self._restore_memory(subject))
-        log.info("device.identified", device_id=session.device_id, session_id=session.session_id)
 
     async def _store_and_ack(
         self,

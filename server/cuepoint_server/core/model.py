@@ -43,6 +43,8 @@ class Hello:
     sdk_version: str = ""
     resume_session_id: str = ""
     device_secret: str = field(default="", repr=False)
+    # A JWT from the app's backend asserting the user id (core/user_tokens.py).
+    user_token: str = field(default="", repr=False)
 
 
 # A NamedTuple, not a frozen dataclass: one is built per signal on the ingest path, and a frozen
@@ -123,6 +125,15 @@ class EngagementUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class UserVerified:
+    """Whether a user token presented by the device verified; sent once per token."""
+
+    user_id: str
+    verified: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class SessionFailed:
     """Ends a stream from the core's side (e.g. storage failing).
 
@@ -157,6 +168,8 @@ class EngagementContext:
     redacted_fields: tuple[str, ...]
     prior_engagements: tuple[PriorEngagement, ...] = ()
     priority: int = 0
+    # user_id was asserted by a valid user token; False: the device only claims it.
+    user_verified: bool = False
 
 
 @dataclass(frozen=True, slots=True)

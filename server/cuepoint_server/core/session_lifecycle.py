@@ -43,7 +43,13 @@ class SessionLifecycle(Ingest, DeviceCredentials):
         if resumed is None:
             state.new_session()
         user_id = str(hello.context.get("user.id") or "")
-        subject = f"user:{user_id}" if user_id and hello.consent != "none" else f"device:{hello.device_id}"
+        verified_user, verdict = "", None
+        if hello.user_token:
+            verified_user, verdict = self._verify_token(hello.app_id, hello.user_token, user_id, now)
+            if verified_user:
+                # The token is the authority on who signed in.
+                user_id = state.context["user.id"] = verified_user
+        subject = self._subject(hello.device_id, user_id, verified_user, hello.consent)
         session = DeviceSession(
             session_id=resumed.session_id if resumed else uuid.uuid4().hex,
             app_id=hello.app_id,
@@ -53,6 +59,7 @@ class SessionLifecycle(Ingest, DeviceCredentials):
             state=state,
             started_at=now,
             issued_secret=issued_secret,
+            verified_user=verified_user,
         )
         await self.store.save_session(
             session_record(session, user_id if hello.consent != "none" else "", resumed.started_at if resumed else now)
@@ -62,6 +69,8 @@ class SessionLifecycle(Ingest, DeviceCredentials):
         if previous is not None:
             previous.closed = True
         self._reg.sessions[hello.device_id] = session
+        if verdict is not None:
+            session.send(verdict)
         pending = self._reg.pending.get(hello.device_id) or await self._restore_cue(session, now)
         if pending is not None:
             session.send(pending.offer)

@@ -27,6 +27,7 @@ from .model import (
     SessionFailed,
     SupervisedSnapshot,
     UpgradeAsk,
+    UserVerified,
     Withdrawal,
 )
 
@@ -36,7 +37,7 @@ T = TypeVar("T")
 
 # What the core puts on each side's outbox; the gRPC layer converts.
 Relayed = ChatLine | UpgradeAsk | ChannelChanged | CallSignalRelay
-DeviceOut = Ack | CueOffer | Withdrawal | EngagementUpdate | SessionFailed | Relayed | FallbackOffered
+DeviceOut = Ack | CueOffer | Withdrawal | EngagementUpdate | SessionFailed | Relayed | FallbackOffered | UserVerified
 AssociateOut = (
     EngagementView
     | EngagementOffered
@@ -135,6 +136,8 @@ class DeviceSession:
     issued_secret: str = field(default="", repr=False)
     # The evaluation in progress stages its cues and decisions here (see Unit).
     unit: Unit | None = None
+    # The user id a valid user token asserted on this session ("" if none): core/user_tokens.py.
+    verified_user: str = ""
 
     # Resolved by notify_room once there is room again; exists only while the reader waits for it.
     _room: asyncio.Future[None] | None = field(default=None, init=False, repr=False)

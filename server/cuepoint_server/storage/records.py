@@ -24,6 +24,9 @@ class SessionRecord:
     consent: str
     # Set by SqliteStore.end_session; saving a record with None keeps an already stored end time.
     ended_at: float | None = None
+    # user_id is the session's identity (verified by a user token, or taken at its word without auth), so
+    # its journey stitches with the user's other sessions; False: the user id is only claimed.
+    identified: bool = False
 
 
 # A NamedTuple: one per stored signal on the ingest path, where a frozen dataclass's __init__ costs

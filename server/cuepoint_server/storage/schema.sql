@@ -1,9 +1,11 @@
--- Cuepoint storage schema, version 4 (tracked in PRAGMA user_version by sqlite.py).
+-- Cuepoint storage schema, version 6 (tracked in PRAGMA user_version by sqlite.py).
 -- Never edit a released version in place: add a migration step that moves user_version forward.
 -- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
 -- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
 -- because a related row is late or was pruned; referential checks belong to the service layer.
 
+-- identified (version 6) is 1 when user_id is the session's identity (verified by a user token, or taken at
+-- its word without auth), so its journey stitches with the user's other sessions; 0: the id is only claimed.
 CREATE TABLE IF NOT EXISTS sessions (
     session_id  TEXT PRIMARY KEY,
     app_id      TEXT NOT NULL,
@@ -12,7 +14,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     started_at  REAL NOT NULL,
     ended_at    REAL,
     context     TEXT NOT NULL,
-    consent     TEXT NOT NULL
+    consent     TEXT NOT NULL,
+    identified  INTEGER NOT NULL DEFAULT 0
 );
 
 -- A rowid table (not WITHOUT ROWID): signal ids are random, so clustering on them would scatter inserts;

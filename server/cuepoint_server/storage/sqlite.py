@@ -44,7 +44,7 @@ from .records import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -130,6 +130,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (engagement_id, associate_id, role, joined_at)
         )""",
     ),
+    # Version 6: whether a session's user id is its identity (verified) or only claimed. User ids stored
+    # before verification existed were taken at the device's word: they count as claimed.
+    6: ("ALTER TABLE sessions ADD COLUMN identified INTEGER NOT NULL DEFAULT 0",),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -137,7 +140,7 @@ _BUSY_TIMEOUT_MS = 5000
 # --- SQL ------------------------------------------------------------------------------------------------
 
 _SESSION_COLS = (
-    "session_id", "app_id", "device_id", "user_id", "started_at", "context", "consent", "ended_at",
+    "session_id", "app_id", "device_id", "user_id", "started_at", "context", "consent", "ended_at", "identified",
 )  # fmt: skip
 _SIGNAL_COLS = ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
 _CUE_COLS = (
@@ -210,12 +213,12 @@ Row = tuple[object, ...]
 def _session_row(r: SessionRecord) -> Row:
     return (
         r.session_id, r.app_id, r.device_id, r.user_id, r.started_at, _dumps(r.context), r.consent,
-        r.ended_at,
+        r.ended_at, int(r.identified),
     )  # fmt: skip
 
 
 def _session_from(row: sqlite3.Row) -> SessionRecord:
-    return SessionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7])
+    return SessionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], bool(row[8]))
 
 
 def _signal_row(r: SignalRecord) -> Row:
@@ -977,7 +980,7 @@ class SqliteStore:
         cols = ", ".join(f"s.{c}" for c in _SIGNAL_COLS)
         sql = (
             f"SELECT {cols} FROM signals AS s JOIN sessions AS x ON x.session_id = s.session_id "
-            "WHERE x.user_id = ? ORDER BY s.time DESC, s.rowid DESC LIMIT ?"
+            "WHERE x.user_id = ? AND x.identified = 1 ORDER BY s.time DESC, s.rowid DESC LIMIT ?"
         )
         rows = await self._fetch(sql, (user_id, limit))
         return [_signal_from(r) for r in reversed(rows)]
