@@ -82,7 +82,7 @@ def test_empty_group_is_rejected_not_matched() -> None:
     [
         (
             "trigger:\n  attribute: user.tier\n  equals: x",
-            "trigger: a trigger must mention an event, idle, dwell, milestone or segment",
+            "trigger: a trigger must mention an event, idle, dwell, milestone, segment or score",
         ),
         ("trigger:\n  evnt: x", "trigger: a condition needs one of the keys"),
         (

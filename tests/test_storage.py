@@ -201,6 +201,8 @@ async def test_version_1_database_is_migrated_keeping_its_signals(tmp_path: Path
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         indexes = {r[1] for r in raw.execute("PRAGMA index_list(signals)")}
         assert indexes == {"signals_device_time"}  # the unique (device_id, signal_id) index is gone
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"predict_labels", "predict_models", "leases"} <= tables  # version 3
     # Opening again is a no-op.
     async with await SqliteStore.open(path) as s:
         assert await s.count_signals("dev-1") == 4

@@ -41,6 +41,7 @@ from .models import (
     JourneyEntry,
     Location,
     MatchedCondition,
+    OutcomeScore,
     Participant,
     ParticipantRole,
     Party,
@@ -679,7 +680,23 @@ def engagement_context_from_proto(msg: common_pb2.EngagementContext) -> Engageme
         prior_engagements=tuple(prior_engagement_from_proto(p) for p in msg.prior_engagements),
         priority=msg.priority,
         user_verified=msg.user_verified,
+        scores=tuple(
+            OutcomeScore(
+                s.outcome,
+                s.probability,
+                _SCORE_STATUS.get(s.status, ""),
+                tuple((f.feature, f.contribution) for f in s.top_features),
+            )
+            for s in msg.scores
+        ),
     )
+
+
+_SCORE_STATUS = {
+    common_pb2.SCORE_STATUS_TRAINING: "training",
+    common_pb2.SCORE_STATUS_TRAINED: "trained",
+    common_pb2.SCORE_STATUS_SHADOW: "shadow",
+}
 
 
 def assigned_engagement_from_proto(msg: common_pb2.Engagement) -> AssignedEngagement:

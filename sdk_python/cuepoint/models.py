@@ -41,6 +41,7 @@ __all__ = [
     "JourneyEntry",
     "Location",
     "MatchedCondition",
+    "OutcomeScore",
     "Participant",
     "ParticipantRole",
     "Party",
@@ -514,6 +515,18 @@ class Trigger:
 
 
 @dataclass(frozen=True)
+class OutcomeScore:
+    """The server's predicted probability of an outcome (e.g. a purchase) within the session, explained."""
+
+    outcome: str
+    probability: float
+    status: str = ""
+    """``training`` (too few labelled sessions: the base rate), ``trained`` or ``shadow`` (not used in rules)."""
+    top_features: tuple[tuple[str, float], ...] = ()
+    """The features that moved it most: (name, weight x standardised value), largest first."""
+
+
+@dataclass(frozen=True)
 class EngagementContext:
     """Everything an associate gets about the device, user and journey."""
 
@@ -539,6 +552,8 @@ class EngagementContext:
     """The engagement's routing priority (higher is served first)."""
     user_verified: bool = False
     """``user_id`` was asserted by the app backend's token; False: the device only claims it."""
+    scores: tuple[OutcomeScore, ...] = ()
+    """Predicted outcome probabilities when the engagement was routed, with their top features."""
 
 
 @dataclass(frozen=True)
@@ -649,6 +664,10 @@ def _describe_lines(eng: AssignedEngagement) -> list[str]:
         lines.append(f"Why:     scenario {t.scenario_name or t.scenario_id!r} ({where})")
         lines += [f"         - {c.path}: {c.description}" for c in t.conditions]
         trigger_ids = set(t.signal_ids)
+    for score in ctx.scores:
+        features = ", ".join(f"{name} {value:+.2f}" for name, value in score.top_features)
+        because = f": {features}" if features else ""
+        lines.append(f"Score:   P({score.outcome}) = {score.probability:.2f} ({score.status}){because}")
     if ctx.segments or ctx.milestones:
         lines.append(f"Segments: {', '.join(ctx.segments) or '-'}; milestones: {', '.join(ctx.milestones) or '-'}")
 

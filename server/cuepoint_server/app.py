@@ -154,6 +154,8 @@ class CuepointServer:
             await store.close()
             raise PortUnavailable(_why_not_bound(config.host, config.port))
         await core.recover()
+        # Models of declared outcomes come back from storage; this process trains while it holds the lease.
+        await core.start_training()
         await server.start()
         for name in ("", *SERVICES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -215,6 +217,7 @@ class CuepointServer:
             await self._health.enter_graceful_shutdown()
         await self._server.stop(self.config.grace if grace is None else grace)
         await self.core.drain()
+        await self.core.stop_training()
         await self.store.close()
         log.info("server.stopped", address=self.address)
 

@@ -4,6 +4,7 @@ isort:skip_file
 The API for admins and operators: explain decisions, switch offers off."""
 
 from collections import abc as _abc
+from cuepoint.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -135,6 +136,7 @@ class ExplainDeviceResponse(_message.Message):
     SEGMENTS_FIELD_NUMBER: _builtins.int
     MILESTONES_FIELD_NUMBER: _builtins.int
     CONNECTED_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     connected: _builtins.bool
     @_builtins.property
@@ -147,6 +149,10 @@ class ExplainDeviceResponse(_message.Message):
 
     @_builtins.property
     def milestones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.OutcomeScore]:
+        """The device's current outcome scores and their top features (empty when none is scored)."""
+
     def __init__(
         self,
         *,
@@ -155,10 +161,11 @@ class ExplainDeviceResponse(_message.Message):
         segments: _abc.Iterable[_builtins.str] | None = ...,
         milestones: _abc.Iterable[_builtins.str] | None = ...,
         connected: _builtins.bool = ...,
+        scores: _abc.Iterable[_common_pb2.OutcomeScore] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "decisions", b"decisions", "device_id", b"device_id", "milestones", b"milestones", "segments", b"segments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "decisions", b"decisions", "device_id", b"device_id", "milestones", b"milestones", "scores", b"scores", "segments", b"segments"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1012,3 +1019,139 @@ class ForgetDeviceCredentialResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForgetDeviceCredentialResponse: _TypeAlias = ForgetDeviceCredentialResponse  # noqa: Y015
+
+@_typing.final
+class GetModelReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOP_FEATURES_FIELD_NUMBER: _builtins.int
+    top_features: _builtins.int
+    """Features to list per outcome; 0 means 10."""
+    def __init__(
+        self,
+        *,
+        top_features: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["top_features", b"top_features"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelReportRequest: _TypeAlias = GetModelReportRequest  # noqa: Y015
+
+@_typing.final
+class CalibrationBin(_message.Message):
+    """How well predictions made before their label was known turned out, in one decile of probability."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    MEAN_PREDICTED_FIELD_NUMBER: _builtins.int
+    OBSERVED_RATE_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    high: _builtins.float
+    count: _builtins.int
+    mean_predicted: _builtins.float
+    observed_rate: _builtins.float
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+        count: _builtins.int = ...,
+        mean_predicted: _builtins.float = ...,
+        observed_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "high", b"high", "low", b"low", "mean_predicted", b"mean_predicted", "observed_rate", b"observed_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CalibrationBin: _TypeAlias = CalibrationBin  # noqa: Y015
+
+@_typing.final
+class OutcomeModelReport(_message.Message):
+    """One outcome's model, measured by delayed progressive validation over its most recent labelled predictions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    LABELLED_SESSIONS_FIELD_NUMBER: _builtins.int
+    POSITIVE_SESSIONS_FIELD_NUMBER: _builtins.int
+    BASE_RATE_FIELD_NUMBER: _builtins.int
+    AUC_FIELD_NUMBER: _builtins.int
+    HAS_AUC_FIELD_NUMBER: _builtins.int
+    VALIDATED_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
+    TOP_FEATURES_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    outcome: _builtins.str
+    status: _common_pb2.ScoreStatus.ValueType
+    labelled_sessions: _builtins.int
+    positive_sessions: _builtins.int
+    base_rate: _builtins.float
+    """Observed rate under the Beta prior."""
+    auc: _builtins.float
+    """Area under the ROC curve; unset (has_auc false) until both labels were seen."""
+    has_auc: _builtins.bool
+    validated: _builtins.int
+    """Predictions with labels the AUC and calibration cover."""
+    version: _builtins.int
+    """Version of the stored model state (0: not saved yet)."""
+    @_builtins.property
+    def calibration(self) -> _containers.RepeatedCompositeFieldContainer[Global___CalibrationBin]: ...
+    @_builtins.property
+    def top_features(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.FeatureContribution]:
+        """Learned weights (on standardised features), largest magnitude first."""
+
+    def __init__(
+        self,
+        *,
+        outcome: _builtins.str = ...,
+        status: _common_pb2.ScoreStatus.ValueType = ...,
+        labelled_sessions: _builtins.int = ...,
+        positive_sessions: _builtins.int = ...,
+        base_rate: _builtins.float = ...,
+        auc: _builtins.float = ...,
+        has_auc: _builtins.bool = ...,
+        validated: _builtins.int = ...,
+        calibration: _abc.Iterable[Global___CalibrationBin] | None = ...,
+        top_features: _abc.Iterable[_common_pb2.FeatureContribution] | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auc", b"auc", "base_rate", b"base_rate", "calibration", b"calibration", "has_auc", b"has_auc", "labelled_sessions", b"labelled_sessions", "outcome", b"outcome", "positive_sessions", b"positive_sessions", "status", b"status", "top_features", b"top_features", "validated", b"validated", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutcomeModelReport: _TypeAlias = OutcomeModelReport  # noqa: Y015
+
+@_typing.final
+class GetModelReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    TRAINING_FIELD_NUMBER: _builtins.int
+    training: _builtins.bool
+    """Whether this process holds the trainer lease (learns and saves the models)."""
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutcomeModelReport]: ...
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___OutcomeModelReport] | None = ...,
+        training: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes", "training", b"training"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelReportResponse: _TypeAlias = GetModelReportResponse  # noqa: Y015

@@ -79,6 +79,11 @@ class AdminServiceStub:
                 request_serializer=cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialRequest.SerializeToString,
                 response_deserializer=cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialResponse.FromString,
                 _registered_method=True)
+        self.GetModelReport = channel.unary_unary(
+                '/cuepoint.v1.AdminService/GetModelReport',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.GetModelReportRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.GetModelReportResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -155,6 +160,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelReport(self, request, context):
+        """Predictive scores: per declared outcome, how its model is doing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +214,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ForgetDeviceCredential,
                     request_deserializer=cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialRequest.FromString,
                     response_serializer=cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialResponse.SerializeToString,
+            ),
+            'GetModelReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelReport,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.GetModelReportRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.GetModelReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +464,33 @@ class AdminService:
             '/cuepoint.v1.AdminService/ForgetDeviceCredential',
             cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialRequest.SerializeToString,
             cuepoint_dot_v1_dot_admin__pb2.ForgetDeviceCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/GetModelReport',
+            cuepoint_dot_v1_dot_admin__pb2.GetModelReportRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.GetModelReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,8 @@ class AdminServiceStub:
     credential, so its next Hello (with no secret) is treated as a new install
     and issued a new one. Its stored journey stays.
     """
+    GetModelReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetModelReportRequest, _admin_pb2.GetModelReportResponse]
+    """Predictive scores: per declared outcome, how its model is doing."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -97,6 +99,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     credential, so its next Hello (with no secret) is treated as a new install
     and issued a new one. Its stored journey stays.
     """
+    GetModelReport: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetModelReportRequest, _admin_pb2.GetModelReportResponse]  # type: ignore[assignment]
+    """Predictive scores: per declared outcome, how its model is doing."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -183,5 +187,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         credential, so its next Hello (with no secret) is treated as a new install
         and issued a new one. Its stored journey stays.
         """
+
+    @_abc_1.abstractmethod
+    def GetModelReport(
+        self,
+        request: _admin_pb2.GetModelReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetModelReportResponse, _abc.Awaitable[_admin_pb2.GetModelReportResponse]]:
+        """Predictive scores: per declared outcome, how its model is doing."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -221,6 +221,31 @@ CALL_SIGNAL_KIND_CANDIDATE: CallSignalKind.ValueType  # 3
 CALL_SIGNAL_KIND_HANGUP: CallSignalKind.ValueType  # 4
 Global___CallSignalKind: _TypeAlias = CallSignalKind  # noqa: Y015
 
+class _ScoreStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScoreStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScoreStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCORE_STATUS_UNSPECIFIED: _ScoreStatus.ValueType  # 0
+    SCORE_STATUS_TRAINING: _ScoreStatus.ValueType  # 1
+    """Too few labelled sessions: the probability is the observed base rate (Beta prior)."""
+    SCORE_STATUS_TRAINED: _ScoreStatus.ValueType  # 2
+    """The outcome's model scores this journey."""
+    SCORE_STATUS_SHADOW: _ScoreStatus.ValueType  # 3
+    """Scored and shown, but conditions never use it (a dry run)."""
+
+class ScoreStatus(_ScoreStatus, metaclass=_ScoreStatusEnumTypeWrapper): ...
+
+SCORE_STATUS_UNSPECIFIED: ScoreStatus.ValueType  # 0
+SCORE_STATUS_TRAINING: ScoreStatus.ValueType  # 1
+"""Too few labelled sessions: the probability is the observed base rate (Beta prior)."""
+SCORE_STATUS_TRAINED: ScoreStatus.ValueType  # 2
+"""The outcome's model scores this journey."""
+SCORE_STATUS_SHADOW: ScoreStatus.ValueType  # 3
+"""Scored and shown, but conditions never use it (a dry run)."""
+Global___ScoreStatus: _TypeAlias = ScoreStatus  # noqa: Y015
+
 class _ParticipantRole:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1080,6 +1105,7 @@ class EngagementContext(_message.Message):
     PRIOR_ENGAGEMENTS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     USER_VERIFIED_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     device_id: _builtins.str
     user_id: _builtins.str
@@ -1120,6 +1146,12 @@ class EngagementContext(_message.Message):
     def prior_engagements(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorEngagement]:
         """Earlier engagements of this user, newest first, with their wrap-up."""
 
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutcomeScore]:
+        """Predicted outcome probabilities when the engagement was routed, with the
+        features that moved each most (scenario files' `outcomes:`).
+        """
+
     def __init__(
         self,
         *,
@@ -1138,14 +1170,74 @@ class EngagementContext(_message.Message):
         prior_engagements: _abc.Iterable[Global___PriorEngagement] | None = ...,
         priority: _builtins.int = ...,
         user_verified: _builtins.bool = ...,
+        scores: _abc.Iterable[Global___OutcomeScore] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "cue", b"cue", "trigger", b"trigger", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "cue", b"cue", "device_id", b"device_id", "journey", b"journey", "milestones", b"milestones", "prior_engagements", b"prior_engagements", "priority", b"priority", "redacted_fields", b"redacted_fields", "segments", b"segments", "trigger", b"trigger", "user", b"user", "user_id", b"user_id", "user_verified", b"user_verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "cue", b"cue", "device_id", b"device_id", "journey", b"journey", "milestones", b"milestones", "prior_engagements", b"prior_engagements", "priority", b"priority", "redacted_fields", b"redacted_fields", "scores", b"scores", "segments", b"segments", "trigger", b"trigger", "user", b"user", "user_id", b"user_id", "user_verified", b"user_verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EngagementContext: _TypeAlias = EngagementContext  # noqa: Y015
+
+@_typing.final
+class FeatureContribution(_message.Message):
+    """One feature's part in a score: the model's weight times the feature's standardised value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    CONTRIBUTION_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    """e.g. "milestone:payment", "events_5m:add_to_cart", "platform:iOS"."""
+    contribution: _builtins.float
+    """Positive raises the probability, negative lowers it (log-odds)."""
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        contribution: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contribution", b"contribution", "feature", b"feature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureContribution: _TypeAlias = FeatureContribution  # noqa: Y015
+
+@_typing.final
+class OutcomeScore(_message.Message):
+    """P(outcome reached within the session | journey so far), computed by the server."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    TOP_FEATURES_FIELD_NUMBER: _builtins.int
+    outcome: _builtins.str
+    probability: _builtins.float
+    status: Global___ScoreStatus.ValueType
+    @_builtins.property
+    def top_features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureContribution]:
+        """Largest contributions first."""
+
+    def __init__(
+        self,
+        *,
+        outcome: _builtins.str = ...,
+        probability: _builtins.float = ...,
+        status: Global___ScoreStatus.ValueType = ...,
+        top_features: _abc.Iterable[Global___FeatureContribution] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "probability", b"probability", "status", b"status", "top_features", b"top_features"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutcomeScore: _TypeAlias = OutcomeScore  # noqa: Y015
 
 @_typing.final
 class Engagement(_message.Message):

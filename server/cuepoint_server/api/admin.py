@@ -10,13 +10,14 @@ import grpc
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cuepoint.v1 import admin_pb2, admin_pb2_grpc
+from cuepoint.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 from ..core.errors import CoreError
 from ..core.live import LiveSession
 from ..core.service import Core, VariantState
+from ..predict.model import OutcomeReport
 from ..reporting.funnel import Cohort, FunnelQuery, FunnelRow, VariantRow, funnel
-from .convert import timestamp
+from .convert import SCORE_STATUS, scores_to_proto, timestamp
 from .errors import abort
 
 __all__ = ["AdminServicer", "ScenarioStatus"]
@@ -65,6 +66,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             segments=view.segments,
             milestones=view.milestones,
             connected=view.connected,
+            scores=scores_to_proto(view.scores),
         )
 
     async def SetOffersPaused(
@@ -168,6 +170,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         forgotten = await self.core.forget_device_credential(request.device_id)
         return admin_pb2.ForgetDeviceCredentialResponse(forgotten=forgotten)
 
+    async def GetModelReport(
+        self, request: admin_pb2.GetModelReportRequest, context: Context
+    ) -> admin_pb2.GetModelReportResponse:
+        top = request.top_features if 0 < request.top_features <= 100 else 10
+        return admin_pb2.GetModelReportResponse(
+            outcomes=[model_report_to_proto(r, top) for r in self.core.model_reports()],
+            training=self.core.trainer is not None and self.core.trainer.training,
+        )
+
 
 def _seconds(ts: Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9
@@ -253,3 +264,24 @@ def _live_session(s: LiveSession) -> admin_pb2.LiveSession:
             )
         )
     return out
+
+
+def model_report_to_proto(report: OutcomeReport, top: int = 10) -> admin_pb2.OutcomeModelReport:
+    return admin_pb2.OutcomeModelReport(
+        outcome=report.outcome,
+        status=SCORE_STATUS[report.status],
+        labelled_sessions=report.labelled_sessions,
+        positive_sessions=report.positive_sessions,
+        base_rate=report.base_rate,
+        auc=report.auc or 0.0,
+        has_auc=report.auc is not None,
+        validated=report.validated,
+        calibration=[
+            admin_pb2.CalibrationBin(
+                low=c.low, high=c.high, count=c.count, mean_predicted=c.mean_predicted, observed_rate=c.observed
+            )
+            for c in report.calibration
+        ],
+        top_features=[common_pb2.FeatureContribution(feature=n, contribution=w) for n, w in report.top_features[:top]],
+        version=report.version,
+    )

@@ -393,6 +393,7 @@ def engagement_to_proto(view: EngagementView) -> common_pb2.Engagement:
             ],
             priority=ctx.priority,
             user_verified=ctx.user_verified,
+            scores=scores_to_proto(ctx.scores),
         ),
         transcript=[chat_to_proto(line) for line in view.transcript],
         transfers=[
@@ -441,6 +442,29 @@ def supervised_to_proto(s: SupervisedSnapshot) -> associate_pb2.SupervisedEngage
         participants=participants_to_proto(s.participants),
         time=timestamp(s.time),
     )
+
+
+SCORE_STATUS = {
+    "training": common_pb2.SCORE_STATUS_TRAINING,
+    "trained": common_pb2.SCORE_STATUS_TRAINED,
+    "shadow": common_pb2.SCORE_STATUS_SHADOW,
+}
+
+
+def scores_to_proto(scores: Mapping[str, Mapping[str, Any]]) -> list[common_pb2.OutcomeScore]:
+    """predict.registry.describe_scores output as OutcomeScore messages."""
+    return [
+        common_pb2.OutcomeScore(
+            outcome=outcome,
+            probability=float(score.get("probability", 0.0)),
+            status=SCORE_STATUS.get(str(score.get("status")), common_pb2.SCORE_STATUS_UNSPECIFIED),
+            top_features=[
+                common_pb2.FeatureContribution(feature=str(name), contribution=float(value))
+                for name, value in score.get("top_features", [])
+            ],
+        )
+        for outcome, score in scores.items()
+    ]
 
 
 def engagement_ended_to_proto(e: EngagementEnded) -> associate_pb2.EngagementEnded:

@@ -48,6 +48,10 @@ class Conversation(DeskBase):
         self._to_device(engagement, line)
         for associate in engagement.associates():
             associate.send(line)
+        await self._heard(engagement, party, text)
+
+    async def _heard(self, engagement: Engagement, party: str, text: str) -> None:
+        """A line was relayed; a built-in bot (desk_bots.py) answers the user's."""
 
     def device_engagement(self, session: DeviceSession, engagement_id: str, field_name: str) -> Engagement:
         return self._of_device(session, engagement_id, field_name)

@@ -11,8 +11,9 @@ import uuid
 import structlog
 
 from ..engine.state import Scalar
+from ..predict.registry import describe_scores
 from ..storage import EngagementRecord
-from .desk_conversation import Conversation
+from .desk_bots import Bots
 from .engagement_model import Engagement, context_from_json
 from .errors import InvalidInput
 from .model import (
@@ -33,7 +34,7 @@ __all__ = ["Routing"]
 log = structlog.get_logger("cuepoint.core.engagements")
 
 
-class Routing(Conversation):
+class Routing(Bots):
     async def start(
         self, session: DeviceSession, pending: PendingCue, now: float, button_id: str = ""
     ) -> Engagement | None:
@@ -138,9 +139,14 @@ class Routing(Conversation):
             ),
             priority=priority,
             user_verified=bool(user_id) and user_id == session.verified_user,
+            scores=describe_scores(session.state),
         )
 
     def _route(self, engagement: Engagement) -> None:
+        bot = self._bot_for(engagement.queue)
+        if bot is not None:
+            self._bot_take(engagement, bot)
+            return
         associate = self.router.pick(engagement.queue, engagement.skills, engagement.rejected_by)
         if associate is None:
             self.router.wait(
@@ -152,6 +158,9 @@ class Routing(Conversation):
             self._offer(engagement, associate)
         else:
             self._assign(engagement, associate)
+
+    def _route_again(self, engagement: Engagement) -> None:
+        self._route(engagement)
 
     def _offer(self, engagement: Engagement, associate: AssociateSession) -> None:
         queue = self.engine.scenarios.routing.queue(engagement.queue)

@@ -163,6 +163,7 @@ def context_json(ctx: EngagementContext) -> dict[str, Any]:
         ],
         "priority": ctx.priority,
         "user_verified": ctx.user_verified,
+        "scores": ctx.scores,
     }
 
 
@@ -204,4 +205,5 @@ def context_from_json(data: Mapping[str, Any]) -> EngagementContext:
         ),
         priority=int(data.get("priority", 0)),
         user_verified=bool(data.get("user_verified", False)),
+        scores=dict(data.get("scores", {})),
     )

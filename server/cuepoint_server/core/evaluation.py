@@ -14,15 +14,16 @@ import structlog
 
 from ..engine.arbiter import Blocked, Situation
 from ..engine.scenario_set import ScenarioSet
+from ..predict.registry import describe_scores
 from ..scenarios.compiler import CompiledScenario
 from ..storage import CueRecord, DecisionRecord
-from .core_base import CoreBase
 from .errors import InvalidInput
 from .model import (
     CueOffer,
     Withdrawal,
 )
 from .presentation import offer_content
+from .scoring import Scoring
 from .sessions import DeviceSession, PendingCue
 
 __all__ = ["RESPONSES", "Evaluation"]
@@ -34,7 +35,7 @@ RESPONSES = ("accepted", "declined", "dismissed", "expired", "opened")
 BUTTON_RESPONSES = {"accept": "accepted", "decline": "declined", "dismiss": "dismissed", "open_url": "opened"}
 
 
-class Evaluation(CoreBase):
+class Evaluation(Scoring):
     def _evaluate(self, session: DeviceSession, candidates: list[CompiledScenario], now: float) -> None:
         """Qualify `candidates`, settle a pending cue whose reason is gone, arbitrate, offer."""
         state = session.state
@@ -105,6 +106,8 @@ class Evaluation(CoreBase):
             # Funnels compare every variant with the control (the first), even after the file changes.
             "variant_control": bool(offer.variant) and offer.variant == scenario.contents[0].variant,
         }
+        if state.scores:
+            why["scores"] = describe_scores(state)
         pending = PendingCue(offer, scenario.id, why)
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
         self._reg.pending[session.device_id] = pending
@@ -202,6 +205,7 @@ class Evaluation(CoreBase):
     def scenarios_swapped(self, old: ScenarioSet, new: ScenarioSet) -> None:
         """After a reload: settle cues whose scenario is gone and re-arm every timer."""
         now = self.clock.now()
+        self._outcomes_swapped()
         for device_id, pending in list(self._reg.pending.items()):
             scenario = new.by_id.get(pending.scenario_id)
             if scenario is None or not scenario.enabled:
@@ -238,6 +242,7 @@ class Evaluation(CoreBase):
         if session is None:
             return
         now = self.clock.now()
+        self._score_now(session, now)
         timed = [s for s in self.engine.scenarios.timed if s.applies_to(session.app_id)]
         unit = self._open_unit(session)
         self._evaluate(session, timed, now)

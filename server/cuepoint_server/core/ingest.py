@@ -88,6 +88,7 @@ class Ingest(Recovery, Identity):
                 log.info("milestone.reached", device_id=session.device_id, milestone=milestone)
                 reached = MilestoneRecord(now, session.app_id, session.device_id, session.session_id, milestone)
                 self._track(session, self.store.save_milestone(reached))
+            events.update(self._score_batch(session, rows, now))
             self._evaluate(session, self.engine.scenarios.candidates(events), now)
         if fresh:
             self._schedule_timer(session.device_id, now)

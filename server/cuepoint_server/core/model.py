@@ -170,6 +170,8 @@ class EngagementContext:
     priority: int = 0
     # user_id was asserted by a valid user token; False: the device only claims it.
     user_verified: bool = False
+    # Outcome id -> {probability, status, top_features}: predict.registry.describe_scores at routing.
+    scores: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

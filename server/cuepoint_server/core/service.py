@@ -11,8 +11,10 @@ recovery.py, evaluation.py and privacy.py, over core_base.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from ..predict.registry import describe_scores
 from .core_base import CoreConfig
 from .errors import InvalidInput
 from .live import LiveNow, QueueLoad, describe_session, queue_loads
@@ -38,6 +40,8 @@ class DeviceView:
     connected: bool
     segments: list[str]
     milestones: list[str]
+    # predict.registry.describe_scores: outcome -> probability, status, top features.
+    scores: dict[str, Any] = field(default_factory=dict)
 
 
 class Core(SessionLifecycle, Privacy):
@@ -91,6 +95,7 @@ class Core(SessionLifecycle, Privacy):
             device_id in self._reg.sessions,
             self.engine.segments_of(state, now),
             sorted(state.milestones),
+            describe_scores(state),
         )
 
     def live_now(self) -> LiveNow:

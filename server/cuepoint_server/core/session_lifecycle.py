@@ -71,6 +71,7 @@ class SessionLifecycle(Ingest, DeviceCredentials):
         self._reg.sessions[hello.device_id] = session
         if verdict is not None:
             session.send(verdict)
+        await self._start_scoring(session)
         pending = self._reg.pending.get(hello.device_id) or await self._restore_cue(session, now)
         if pending is not None:
             session.send(pending.offer)
@@ -113,6 +114,7 @@ class SessionLifecycle(Ingest, DeviceCredentials):
         if resumed:
             return
         await self.store.end_session(session.session_id, self.clock.now())
+        self._stop_scoring(session)
         log.info("session.closed", session_id=session.session_id, device_id=session.device_id)
         if session.consent == "none":
             # No consent: the journey serves this session only. A reconnect may

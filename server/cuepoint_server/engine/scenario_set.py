@@ -19,7 +19,7 @@ from ..scenarios.compiler import (
     compile_scenario,
 )
 from ..scenarios.loader import LoadedSet, load_directory
-from ..scenarios.model import PolicySpec
+from ..scenarios.model import OutcomeSpec, PolicySpec
 
 __all__ = ["ScenarioSet"]
 
@@ -52,6 +52,8 @@ class ScenarioSet:
     policy: PolicySpec = field(default_factory=PolicySpec)
     routing: Routing = field(default_factory=Routing)
     source: str = ""
+    # Outcomes to predict (score: true or shadow), in file order.
+    outcomes: tuple[OutcomeSpec, ...] = ()
 
     @classmethod
     def empty(cls) -> ScenarioSet:
@@ -89,6 +91,7 @@ class ScenarioSet:
             policy=loaded.policy,
             routing=compile_routing(loaded.routing, segment_defs),
             source=source,
+            outcomes=tuple(o.spec for o in loaded.outcomes if o.spec.score),
         )
 
     def candidates(self, events: Iterable[str]) -> list[CompiledScenario]:

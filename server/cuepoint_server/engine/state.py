@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["DeviceState", "EventOccurrence", "Scalar"]
+__all__ = ["DeviceState", "EventOccurrence", "Scalar", "Score"]
 
 Scalar = str | int | float | bool
 
@@ -30,6 +30,18 @@ class EventOccurrence(NamedTuple):
     seq: int = 0
 
 
+class Score(NamedTuple):
+    """An outcome's predicted probability for this device now (predict/ computes it)."""
+
+    probability: float
+    # False while the outcome's model has too few labelled sessions: the probability is the base rate.
+    trained: bool
+    # Shadow outcomes are scored and shown but never hold in conditions.
+    shadow: bool
+    # The features that moved the score most, (name, weight x standardised value); computed on demand.
+    explain: Callable[[], list[tuple[str, float]]]
+
+
 @dataclass(slots=True)
 class DeviceState:
     device_id: str
@@ -43,6 +55,8 @@ class DeviceState:
     # Per time-driven scenario, the episode (idle period, absent follow-up,
     # screen visit) it last fired for: each fires once per episode.
     fired_episodes: dict[str, tuple[object, ...]] = field(default_factory=dict)
+    # Outcome id -> its current score; None until an outcome is scored for this device (most devices never).
+    scores: dict[str, Score] | None = None
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def new_session(self) -> None:

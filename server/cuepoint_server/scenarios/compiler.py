@@ -34,6 +34,7 @@ from .model import (
     QueueSpec,
     RoutingSpec,
     ScheduleSpec,
+    ScoreCondition,
     SegmentCondition,
 )
 from .regex import compile_search
@@ -54,6 +55,7 @@ __all__ = [
     "compile_routing",
     "compile_scenario",
     "milestone_event",
+    "score_event",
 ]
 
 Predicate = Callable[[DeviceState, float], bool]
@@ -69,6 +71,11 @@ EPSILON = 1e-6
 def milestone_event(milestone_id: str) -> str:
     """The pseudo-event raised when a milestone is reached, for the index."""
     return f"milestone:{milestone_id}"
+
+
+def score_event(outcome_id: str) -> str:
+    """The pseudo-event raised when an outcome's score changed, for the index."""
+    return f"score:{outcome_id}"
 
 
 @dataclass(slots=True)
@@ -353,6 +360,8 @@ def _compile(cond: Any, path: str, build: _Build) -> tuple[Predicate, Explainer]
         name = cond.milestone
         build.events.add(milestone_event(name))
         return _leaf(path, f"reached milestone {name}", lambda s, n: name in s.milestones)
+    if isinstance(cond, ScoreCondition):
+        return _compile_score(cond, path, build)
     if isinstance(cond, SegmentCondition):
         segment = build.segments[cond.segment]
         inner, explain_inner = _compile(segment.spec.when, f"{path} (segment {cond.segment})", build)
@@ -393,6 +402,26 @@ def _compile_attribute(cond: AttributeCondition, path: str) -> tuple[Predicate, 
         lambda state, now: test(state.context.get(key)),
         lambda state, now: (f"is {state.context.get(key)!r}", []),
     )
+
+
+def _compile_score(cond: ScoreCondition, path: str, build: _Build) -> tuple[Predicate, Explainer]:
+    outcome, trained = cond.score, cond.trained
+    build.events.add(score_event(outcome))
+    tests = tuple(_operator(op, bound) for op, bound in cond.bounds().items())
+
+    def scored(state: DeviceState, now: float) -> bool:
+        scores = state.scores
+        score = scores.get(outcome) if scores is not None else None
+        if score is None or score.shadow or (trained and not score.trained):
+            return False
+        return all(test(score.probability) for test in tests)
+
+    def observed(state: DeviceState, now: float) -> tuple[str, list[str]]:
+        score = state.scores[outcome] if state.scores is not None else None
+        assert score is not None
+        return f"scored {score.probability:.3f}{'' if score.trained else ', training'}", []
+
+    return _leaf(path, _describe(cond), scored, observed)
 
 
 def _compile_idle(cond: IdleCondition, path: str, build: _Build) -> tuple[Predicate, Explainer]:
@@ -703,6 +732,9 @@ def _describe(cond: Any) -> str:
         return f"reached milestone {cond.milestone}"
     if isinstance(cond, SegmentCondition):
         return f"in segment {cond.segment}"
+    if isinstance(cond, ScoreCondition):
+        bounds = " and ".join(f"{_OP_TEXT[op]} {v:g}" for op, v in cond.bounds().items())
+        return f"P({cond.score}) {bounds}{' (trained model)' if cond.trained else ''}"
     if isinstance(cond, AllCondition):
         return " and ".join(f"({_describe(c)})" for c in cond.all)
     if isinstance(cond, AnyCondition):

@@ -23,9 +23,11 @@ from .model import (
     MilestoneCondition,
     MilestoneSpec,
     NotCondition,
+    OutcomeSpec,
     PolicySpec,
     RoutingSpec,
     ScenarioSpec,
+    ScoreCondition,
     SegmentCondition,
     SegmentSpec,
     _condition_kind,
@@ -35,6 +37,7 @@ from .yaml_lines import Located, YamlProblem, load_yaml
 
 __all__ = [
     "LoadedDefinition",
+    "LoadedOutcome",
     "LoadedScenario",
     "LoadedSet",
     "ScenarioError",
@@ -97,6 +100,18 @@ class LoadedDefinition:
         return self.located.line_of((*self.prefix, *path)) if self.located else self.line
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedOutcome:
+    spec: OutcomeSpec
+    file: str
+    line: int
+    located: Located | None = None
+    prefix: Path = ()
+
+    def line_of(self, path: Path) -> int:
+        return self.located.line_of((*self.prefix, *path)) if self.located else self.line
+
+
 @dataclass(slots=True)
 class LoadedSet:
     """Everything a folder of files defines, checked across files."""
@@ -104,6 +119,7 @@ class LoadedSet:
     scenarios: list[LoadedScenario] = field(default_factory=list)
     segments: list[LoadedDefinition] = field(default_factory=list)
     milestones: list[LoadedDefinition] = field(default_factory=list)
+    outcomes: list[LoadedOutcome] = field(default_factory=list)
     policy: PolicySpec = field(default_factory=PolicySpec)
     policy_at: tuple[str, int] | None = None
     routing: RoutingSpec = field(default_factory=RoutingSpec)
@@ -114,6 +130,7 @@ class LoadedSet:
         self.scenarios.extend(other.scenarios)
         self.segments.extend(other.segments)
         self.milestones.extend(other.milestones)
+        self.outcomes.extend(other.outcomes)
         if other.routing_at is not None:
             if self.routing_at is not None:
                 file, line = other.routing_at
@@ -185,7 +202,7 @@ def load_text(text: str, name: str) -> LoadedSet:
     return result
 
 
-SECTIONS = ("scenarios", "segments", "milestones", "policy", "routing")
+SECTIONS = ("scenarios", "segments", "milestones", "outcomes", "policy", "routing")
 
 
 def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
@@ -268,6 +285,8 @@ def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
             result.segments.append(LoadedDefinition(spec, name, line, located, prefix))
         elif isinstance(spec, MilestoneSpec):
             result.milestones.append(LoadedDefinition(spec, name, line, located, prefix))
+        elif isinstance(spec, OutcomeSpec):
+            result.outcomes.append(LoadedOutcome(spec, name, line, located, prefix))
         elif isinstance(spec, PolicySpec):
             result.policy, result.policy_at = spec, (name, line)
         elif isinstance(spec, RoutingSpec):
@@ -276,10 +295,11 @@ def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
     return result, issues
 
 
-_MODELS: dict[str, type[ScenarioSpec | SegmentSpec | MilestoneSpec | PolicySpec | RoutingSpec]] = {
+_MODELS: dict[str, type[ScenarioSpec | SegmentSpec | MilestoneSpec | OutcomeSpec | PolicySpec | RoutingSpec]] = {
     "scenarios": ScenarioSpec,
     "segments": SegmentSpec,
     "milestones": MilestoneSpec,
+    "outcomes": OutcomeSpec,
     "policy": PolicySpec,
     "routing": RoutingSpec,
 }
@@ -314,8 +334,9 @@ def _cross_check(loaded: LoadedSet) -> list[ScenarioIssue]:
         ("scenario", loaded.scenarios),
         ("segment", loaded.segments),
         ("milestone", loaded.milestones),
+        ("outcome", loaded.outcomes),
     ):
-        seen: dict[str, LoadedScenario | LoadedDefinition] = {}
+        seen: dict[str, LoadedScenario | LoadedDefinition | LoadedOutcome] = {}
         for item in items:
             first = seen.setdefault(item.spec.id, item)
             if first is not item:
@@ -329,6 +350,7 @@ def _cross_check(loaded: LoadedSet) -> list[ScenarioIssue]:
                 )
     segments = {s.spec.id: s for s in loaded.segments}
     milestones = {m.spec.id for m in loaded.milestones}
+    scored = {o.spec.id: o.spec.score for o in loaded.outcomes}
     defined: list[LoadedScenario | LoadedDefinition] = [*loaded.scenarios, *loaded.segments, *loaded.milestones]
     located: list[tuple[str, Callable[[Path], int], Iterator[tuple[Any, Path]], Path]] = [
         (item.file, item.line_of, _conditions(item), ()) for item in defined
@@ -348,6 +370,16 @@ def _cross_check(loaded: LoadedSet) -> list[ScenarioIssue]:
             if isinstance(cond, MilestoneCondition) and cond.milestone not in milestones:
                 field_name = _dotted((*shown, *path, "milestone"))
                 issues.append(ScenarioIssue(file, line_of(path), field_name, f"unknown milestone {cond.milestone!r}"))
+            if isinstance(cond, ScoreCondition) and not scored.get(cond.score):
+                field_name = _dotted((*shown, *path, "score"))
+                problem = "is not scored (score: false)" if cond.score in scored else "is not declared under outcomes:"
+                issues.append(ScenarioIssue(file, line_of(path), field_name, f"outcome {cond.score!r} {problem}"))
+    for outcome in loaded.outcomes:
+        if outcome.spec.milestone not in milestones:
+            line = outcome.line_of(("milestone",))
+            issues.append(
+                ScenarioIssue(outcome.file, line, "milestone", f"unknown milestone {outcome.spec.milestone!r}")
+            )
     for scenario in loaded.scenarios:
         spec = scenario.spec
         if spec.outcome is not None and spec.outcome not in milestones:

@@ -55,12 +55,14 @@ __all__ = [
     "MilestoneCondition",
     "MilestoneSpec",
     "NotCondition",
+    "OutcomeSpec",
     "PolicySpec",
     "RateSpec",
     "Scalar",
     "ScenarioFile",
     "ScenarioSpec",
     "ScheduleSpec",
+    "ScoreCondition",
     "SegmentCondition",
     "SegmentSpec",
     "StreakSpec",
@@ -368,6 +370,29 @@ class SegmentCondition(_Strict):
     segment: str = Field(pattern=_ID)
 
 
+class ScoreCondition(_Strict):
+    """A predicted outcome probability (an outcome declared under `outcomes:`) passes the bounds."""
+
+    score: str = Field(pattern=_ID, description="The id of an outcome declared with score: true or shadow.")
+    gt: float | None = Field(default=None, ge=0, le=1)
+    gte: float | None = Field(default=None, ge=0, le=1)
+    lt: float | None = Field(default=None, ge=0, le=1)
+    lte: float | None = Field(default=None, ge=0, le=1)
+    trained: bool = Field(
+        default=False,
+        description="Hold only once the outcome's model is trained (not while it scores the base rate).",
+    )
+
+    @model_validator(mode="after")
+    def _needs_bound(self) -> ScoreCondition:
+        if not self.bounds():
+            raise ValueError("needs at least one bound: gt, gte, lt or lte (a probability between 0 and 1)")
+        return self
+
+    def bounds(self) -> dict[str, float]:
+        return {n: v for n in ("gt", "gte", "lt", "lte") if (v := getattr(self, n)) is not None}
+
+
 class AllCondition(_Strict):
     all: list[Condition] = Field(min_length=1, description="Every condition must hold. Must not be empty.")
 
@@ -380,7 +405,7 @@ class NotCondition(_Strict):
     not_: Condition = Field(alias="not")
 
 
-CONDITION_KINDS = ("all", "any", "not", "attribute", "event", "idle", "dwell", "milestone", "segment")
+CONDITION_KINDS = ("all", "any", "not", "attribute", "event", "idle", "dwell", "milestone", "segment", "score")
 
 
 def _condition_kind(value: Any) -> str | None:
@@ -403,12 +428,13 @@ Condition = Annotated[
     | Annotated[IdleCondition, Tag("idle")]
     | Annotated[DwellCondition, Tag("dwell")]
     | Annotated[MilestoneCondition, Tag("milestone")]
-    | Annotated[SegmentCondition, Tag("segment")],
+    | Annotated[SegmentCondition, Tag("segment")]
+    | Annotated[ScoreCondition, Tag("score")],
     Discriminator(
         _condition_kind,
         custom_error_type="condition_kind",
         custom_error_message="a condition needs one of the keys all, any, not, attribute, event, idle, dwell, "
-        "milestone or segment",
+        "milestone, segment or score",
     ),
 ]
 
@@ -676,7 +702,8 @@ class ScenarioSpec(_Strict):
     def _trigger_has_driver(cls, value: Condition) -> Condition:
         if not any(isinstance(c, _DRIVERS) for c in walk(value)):
             raise ValueError(
-                "a trigger must mention an event, idle, dwell, milestone or segment, so it knows when to evaluate"
+                "a trigger must mention an event, idle, dwell, milestone, segment or score, so it knows when to "
+                "evaluate"
             )
         return value
 
@@ -696,8 +723,38 @@ def _all_fallbacks() -> list[FallbackName]:
     return ["callback", "chat", "cancel"]
 
 
+class BotChoice(_Strict):
+    """An answer the bot offers: the user types its number or its label."""
+
+    label: str = Field(min_length=1, max_length=100)
+    reply: str = Field(default="", max_length=1000, description="What the bot answers when chosen.")
+    handover: bool = Field(default=False, description="Choosing it hands the user over to a person.")
+
+
+class BotSpec(_Strict):
+    """A built-in bot serving a queue: a scripted chat, with a hand-over to a human queue."""
+
+    name: str = Field(default="Assistant", min_length=1, max_length=100)
+    greeting: str = Field(min_length=1, max_length=1000)
+    choices: list[BotChoice] = Field(default_factory=list, max_length=20)
+    handover_queue: str = Field(pattern=_ID, description="The human queue a hand-over goes to.")
+    handover_keywords: list[Annotated[str, Field(min_length=1, max_length=50)]] = Field(
+        default_factory=lambda: ["agent", "human", "person"],
+        description="A user message containing one of these words (any case) asks for a person.",
+    )
+    handover_message: str = Field(default="Connecting you with a person.", min_length=1, max_length=1000)
+    fallback: str = Field(
+        default="Sorry, I did not understand. Type a number, or 'agent' to talk to a person.",
+        min_length=1,
+        max_length=1000,
+    )
+
+
 class QueueSpec(_Strict):
     id: str = Field(pattern=_ID)
+    bot: BotSpec | None = Field(
+        default=None, description="Served by this built-in bot: no associate needs to be signed in."
+    )
     fallback_after: Duration | None = Field(
         default=None, description="If nobody takes the engagement this long, offer the user the fallbacks."
     )
@@ -708,6 +765,12 @@ class QueueSpec(_Strict):
     feedback: FeedbackSpec | None = Field(
         default=None, description="Ask for a rating when an engagement of this queue ends (unless its cue asks)."
     )
+
+    @model_validator(mode="after")
+    def _handover_elsewhere(self) -> QueueSpec:
+        if self.bot is not None and self.bot.handover_queue == self.id:
+            raise ValueError("bot.handover_queue must be another queue than the bot's own")
+        return self
 
 
 class RoutingRuleSpec(_Strict):
@@ -720,7 +783,7 @@ class RoutingRuleSpec(_Strict):
 
 
 class RoutingSpec(_Strict):
-    """Queues and routing rules. Scores such as an outcome probability arrive as context attributes."""
+    """Queues and routing rules. Rules may use `score` leaves (outcome probabilities computed by the server)."""
 
     queues: list[QueueSpec] = Field(default_factory=list)
     rules: list[RoutingRuleSpec] = Field(default_factory=list)
@@ -748,6 +811,26 @@ class MilestoneSpec(DefinitionSpec):
         return value
 
 
+class OutcomeSpec(_Strict):
+    """An outcome to predict: P(milestone reached within the session | journey so far), learned online."""
+
+    id: str = Field(pattern=_ID)
+    milestone: str = Field(pattern=_ID, description="The milestone (under `milestones:`) that means it happened.")
+    within: Literal["session"] = Field(default="session", description="The horizon: the rest of the session.")
+    score: bool | Literal["shadow"] = Field(
+        default=True,
+        description="true: scored and usable in conditions; shadow: scored and recorded, but score conditions "
+        "on it never hold (a dry run); false: not scored.",
+    )
+    min_sessions: int = Field(
+        default=200,
+        ge=1,
+        le=1_000_000,
+        description="Labelled sessions needed before the model's own score is used; until then the score is "
+        "the base rate (Beta prior) and marked training.",
+    )
+
+
 class PolicySpec(_Strict):
     """Rules across all scenarios, per user. At most one policy across the loaded files."""
 
@@ -769,6 +852,7 @@ class ScenarioFile(_Strict):
     scenarios: list[ScenarioSpec] = Field(default_factory=list)
     segments: list[SegmentSpec] = Field(default_factory=list)
     milestones: list[MilestoneSpec] = Field(default_factory=list)
+    outcomes: list[OutcomeSpec] = Field(default_factory=list)
     policy: PolicySpec | None = None
     routing: RoutingSpec | None = None
 
@@ -789,4 +873,4 @@ def walk(cond: Any) -> Iterator[Any]:
         yield from walk(child)
 
 
-_DRIVERS = (EventCondition, IdleCondition, DwellCondition, MilestoneCondition, SegmentCondition)
+_DRIVERS = (EventCondition, IdleCondition, DwellCondition, MilestoneCondition, SegmentCondition, ScoreCondition)

@@ -9,7 +9,7 @@ durable; every write is idempotent by its record's id, so a retried or replayed 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -21,7 +21,9 @@ from .records import (
     DeviceCredentialRecord,
     EngagementRecord,
     FeedbackRecord,
+    LabelRecord,
     MilestoneRecord,
+    ModelRecord,
     ParticipationRecord,
     SessionRecord,
     SignalRecord,
@@ -219,3 +221,36 @@ class Store(Protocol):
     async def confirm_device_credential(self, device_id: str, at: float) -> None: ...
 
     async def forget_device_credential(self, device_id: str) -> bool: ...
+
+    # -- predictive scores (storage/predict_state.py; predict/trainer.py) ------------------------------
+
+    async def save_label(
+        self,
+        outcome: str,
+        session_id: str,
+        reached: bool,
+        examples: Sequence[tuple[Mapping[str, float], float]],
+        time: float,
+    ) -> None:
+        """Append a labelled session (any process may); learned later by the lease holder."""
+        ...
+
+    async def labels_after(self, cursor: int, *, limit: int = 500) -> list[LabelRecord]: ...
+
+    async def prune_labels(self, up_to: int) -> None: ...
+
+    async def save_model(self, record: ModelRecord) -> None:
+        """Save a model state unless a newer version, or one saved under a later lease epoch, is stored."""
+        ...
+
+    async def models(self) -> list[ModelRecord]: ...
+
+    async def take_lease(self, name: str, holder: str, now: float, ttl: float) -> int | None:
+        """Take or renew a lease; its epoch when ``holder`` holds it now, else None."""
+        ...
+
+    async def release_lease(self, name: str, holder: str) -> None: ...
+
+    async def subject_history(self, user_id: str, device_id: str, before: float) -> tuple[int, dict[str, int]]:
+        """Earlier sessions of a user (else device), and in how many of them each milestone was reached."""
+        ...

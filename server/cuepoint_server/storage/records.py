@@ -182,3 +182,27 @@ class DeviceCredentialRecord:
     issued_at: float
     # When the install first presented the secret; None while it never has (an SDK that predates them).
     confirmed_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRecord:
+    """A session labelled for an outcome: reached or not, with its scoring moments (features, prediction)."""
+
+    id: int
+    outcome: str
+    session_id: str
+    reached: bool
+    examples: list[tuple[dict[str, float], float]]
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """An outcome model's learned state, its version, the trainer epoch that saved it and its cursor."""
+
+    outcome: str
+    version: int
+    epoch: int
+    cursor: int  # id of the last labelled session learned
+    state: dict[str, Any]
+    saved_at: float

@@ -1,4 +1,4 @@
--- Cuepoint storage schema, version 6 (tracked in PRAGMA user_version by sqlite.py).
+-- Cuepoint storage schema, version 7 (tracked in PRAGMA user_version by sqlite.py).
 -- Never edit a released version in place: add a migration step that moves user_version forward.
 -- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
 -- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
@@ -200,3 +200,35 @@ CREATE TABLE IF NOT EXISTS device_credentials (
     issued_at     REAL NOT NULL,
     confirmed_at  REAL
 );
+
+-- Predictive scores (predict_state.py holds the same statements as the version 7 migration).
+-- Labelled sessions waiting to be learned, in id order: features and prediction at each scoring moment.
+CREATE TABLE IF NOT EXISTS predict_labels (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    outcome    TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    reached    INTEGER NOT NULL,
+    examples   TEXT NOT NULL,
+    time       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS predict_labels_session ON predict_labels (session_id);
+-- One row per outcome: the learned state (JSON), its version, the trainer epoch that saved it, and the id of
+-- the last labelled session it learned.
+CREATE TABLE IF NOT EXISTS predict_models (
+    outcome  TEXT PRIMARY KEY,
+    version  INTEGER NOT NULL,
+    epoch    INTEGER NOT NULL,
+    cursor   INTEGER NOT NULL,
+    state    TEXT NOT NULL,
+    saved_at REAL NOT NULL
+);
+-- Who may do a singleton job (the model trainer) across processes; epoch grows with each new holder.
+CREATE TABLE IF NOT EXISTS leases (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    epoch      INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+-- Earlier sessions of a user or device (features of predictive scores).
+CREATE INDEX IF NOT EXISTS sessions_user_started ON sessions (user_id, started_at);
+CREATE INDEX IF NOT EXISTS sessions_device_started ON sessions (device_id, started_at);

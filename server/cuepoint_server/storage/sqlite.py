@@ -27,6 +27,7 @@ import structlog
 
 from .base import AcceptOutcome, FunnelSlice, OfferCommit, StoreClosedError, StoreStats
 from .funnel_sql import funnel_queries
+from .predict_state import PREDICT_SCHEMA, PredictState
 from .records import (
     ChannelChangeRecord,
     ChatRecord,
@@ -44,7 +45,7 @@ from .records import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -133,6 +134,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # Version 6: whether a session's user id is its identity (verified) or only claimed. User ids stored
     # before verification existed were taken at the device's word: they count as claimed.
     6: ("ALTER TABLE sessions ADD COLUMN identified INTEGER NOT NULL DEFAULT 0",),
+    # Version 7: predictive scores (labelled sessions, model states, the trainer lease; predict_state.py).
+    7: PREDICT_SCHEMA,
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -265,6 +268,7 @@ def _user_queries(user_id: str, subject: str) -> list[tuple[str, str, Row]]:
         ("sessions", "SELECT * FROM sessions WHERE user_id = ?", (user_id,)),
         ("signals", f"SELECT * FROM signals WHERE session_id IN ({sessions}) ORDER BY time", (user_id,)),
         ("milestones", f"SELECT * FROM milestones WHERE session_id IN ({sessions})", (user_id,)),
+        ("predict_labels", f"SELECT * FROM predict_labels WHERE session_id IN ({sessions})", (user_id,)),
         ("cues", "SELECT * FROM cues WHERE subject = ?", (subject,)),
         ("decisions", "SELECT * FROM decisions WHERE subject = ?", (subject,)),
         ("engagements", "SELECT * FROM engagements WHERE subject = ?", (subject,)),
@@ -569,7 +573,7 @@ async def _migrate(conn: aiosqlite.Connection) -> None:
     log.info("storage.migrated", from_version=version, to_version=SCHEMA_VERSION)
 
 
-class SqliteStore:
+class SqliteStore(PredictState):
     """Durable store for sessions, signals, cues and engagements. Create with ``await SqliteStore.open()``."""
 
     def __init__(
@@ -758,6 +762,9 @@ class SqliteStore:
     # Reads bypass the write queue. They run in autocommit mode, so each sees everything committed so far,
     # which includes every write whose coroutine has returned.
 
+    async def _execute(self, sql: str, params: Row) -> None:
+        await self._writer.execute(sql, params)
+
     async def _fetch(self, sql: str, params: Row) -> list[sqlite3.Row]:
         if self._closing is not None:
             raise StoreClosedError("store is closed")
@@ -837,6 +844,7 @@ class SqliteStore:
             (f"DELETE FROM feedback WHERE engagement_id IN ({engagements})", (subject,)),
             (f"DELETE FROM signals WHERE session_id IN ({sessions})", (user_id,)),
             (f"DELETE FROM milestones WHERE session_id IN ({sessions})", (user_id,)),
+            (f"DELETE FROM predict_labels WHERE session_id IN ({sessions})", (user_id,)),
             ("DELETE FROM decisions WHERE subject = ?", (subject,)),
             ("DELETE FROM cues WHERE subject = ?", (subject,)),
             ("DELETE FROM engagements WHERE subject = ?", (subject,)),

@@ -1,0 +1,132 @@
+"""Features of a journey at one moment, from what the server already keeps about the device.
+
+Every feature is computed from signals that arrived at or before the scoring moment `now`: event times
+and milestone times after it are skipped, so a score (and the example the model later learns from) never
+sees the future. The outcome's own milestone is never a feature of its model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from ..engine.state import Scalar
+
+__all__ = ["WINDOWS", "Journey", "features"]
+
+# Event counts per name over these windows (seconds): 1, 5 and 30 minutes.
+WINDOWS = (60.0, 300.0, 1800.0)
+_LONGEST = WINDOWS[-1]
+SCREEN_EVENT = "screen_viewed"
+# Bounds per scored session, so a flood of names or events cannot grow memory: counts saturate.
+MAX_EVENT_NAMES = 64
+MAX_TIMES_PER_EVENT = 512
+MAX_SCREENS = 256
+
+
+@dataclass(slots=True)
+class Journey:
+    """One device session as the scorer sees it: recent event times per name, screens, earlier history."""
+
+    started_at: float
+    # Earlier sessions of the same user (or device while anonymous), and in how many each milestone was reached.
+    prior_sessions: int = 0
+    prior_milestones: Mapping[str, int] = field(default_factory=dict)
+    times: dict[str, deque[float]] = field(default_factory=dict)
+    screens: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, name: str, at: float, props: Mapping[str, Scalar]) -> None:
+        queue = self.times.get(name)
+        if queue is None:
+            if len(self.times) >= MAX_EVENT_NAMES:
+                return
+            queue = self.times[name] = deque(maxlen=MAX_TIMES_PER_EVENT)
+        if queue and at < queue[-1]:
+            # A late arrival (offline buffer): keep time order, rare.
+            items = sorted((*queue, at))
+            queue.clear()
+            queue.extend(items)
+        else:
+            queue.append(at)
+        horizon = queue[-1] - _LONGEST
+        while queue and queue[0] < horizon:
+            queue.popleft()
+        if name == SCREEN_EVENT:
+            screen = props.get("screen")
+            if screen is not None and len(self.screens) < MAX_SCREENS:
+                key = str(screen)
+                self.screens[key] = min(self.screens.get(key, at), at)
+
+
+def _local_hour(now: float, zone: Scalar | None) -> float:
+    moment = datetime.fromtimestamp(now, UTC)
+    if isinstance(zone, str) and zone:
+        try:
+            moment = moment.astimezone(ZoneInfo(zone))
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    return moment.hour + moment.minute / 60
+
+
+def features(
+    journey: Journey,
+    milestones: Mapping[str, float],
+    context: Mapping[str, Scalar],
+    now: float,
+    *,
+    exclude: Iterable[str] = (),
+) -> dict[str, float]:
+    """The feature vector at `now`. `exclude`: milestones that must not be features (the outcome's own)."""
+    x: dict[str, float] = {}
+    w1, w5, w30 = WINDOWS
+    for name, queue in journey.times.items():
+        n1 = n5 = n30 = 0
+        for at in reversed(queue):
+            if at > now:
+                continue
+            age = now - at
+            if age >= w30:
+                break
+            n30 += 1
+            if age < w5:
+                n5 += 1
+                if age < w1:
+                    n1 += 1
+        if n30:
+            x[f"events_30m:{name}"] = float(n30)
+            if n5:
+                x[f"events_5m:{name}"] = float(n5)
+                if n1:
+                    x[f"events_1m:{name}"] = float(n1)
+    x["distinct_screens"] = float(sum(1 for at in journey.screens.values() if at <= now))
+    skipped = set(exclude)
+    last_milestone = journey.started_at
+    reached = 0
+    for name, at in milestones.items():
+        if at > now or name in skipped:
+            continue
+        x[f"milestone:{name}"] = 1.0
+        reached += 1
+        last_milestone = max(last_milestone, at)
+    x["milestones_reached"] = float(reached)
+    # Durations on a log scale: the first minutes matter more than the difference between hours.
+    x["log_seconds_in_session"] = math.log1p(max(0.0, now - journey.started_at))
+    x["log_seconds_since_milestone"] = math.log1p(max(0.0, now - last_milestone))
+    x["log_prior_sessions"] = math.log1p(journey.prior_sessions)
+    for name, count in journey.prior_milestones.items():
+        if count:
+            x[f"prior:{name}"] = math.log1p(count)
+    platform = context.get("device.os")
+    if platform is not None:
+        x[f"platform:{platform}"] = 1.0
+    version = context.get("app.version")
+    if version is not None:
+        x[f"app_version:{version}"] = 1.0
+    hour = _local_hour(now, context.get("device.timezone"))
+    x["hour_sin"] = math.sin(2 * math.pi * hour / 24)
+    x["hour_cos"] = math.cos(2 * math.pi * hour / 24)
+    return x
