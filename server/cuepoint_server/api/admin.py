@@ -72,9 +72,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetOffersPaused(
         self, request: admin_pb2.SetOffersPausedRequest, context: Context
     ) -> admin_pb2.SetOffersPausedResponse:
-        self.core.paused_by_admin = request.paused
+        paused = self.core.set_offers_paused(request.paused)
         log.warning("offers.paused" if request.paused else "offers.resumed", reason=request.reason)
-        return admin_pb2.SetOffersPausedResponse(paused=self.core.offers_paused)
+        return admin_pb2.SetOffersPausedResponse(paused=paused)
 
     async def GetScenarios(
         self, request: admin_pb2.GetScenariosRequest, context: Context

@@ -6,7 +6,7 @@ that builds on this one; core/engagements.py puts them together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +14,10 @@ import structlog
 
 from ..clock import Clock
 from ..engine.engine import Engine
-from ..storage import Store
+from ..storage import SignalRecord, Store
 from .engagement_model import Engagement, EngagementEvent, context_json
 from .errors import InvalidInput, NotFound, PermissionDenied
-from .model import EngagementEnded, EngagementUpdate, SupervisedSnapshot
+from .model import EngagementEnded, EngagementUpdate, JourneyAppended, JourneyItem, SupervisedSnapshot
 from .routing import Router
 from .sessions import AssociateSession, DeviceSession
 
@@ -71,6 +71,19 @@ class DeskBase:
 
     def queues_in_use(self) -> set[str]:
         return {e.queue for e in self._engagements.values() if e.state == "queued"}
+
+    def journey_stored(self, device_id: str, rows: Sequence[SignalRecord]) -> None:
+        """Signals of a device were stored: its assigned associate sees them in the live journey."""
+        engagement = self._engagements.get(self._active_by_device.get(device_id, ""))
+        if engagement is None or engagement.associate is None or engagement.state != "assigned":
+            return
+        # Events only: a context change may carry user attributes the consent level withholds.
+        items = tuple(
+            JourneyItem(r.signal_id, r.time, r.kind, r.name, dict(r.payload)) for r in rows if r.kind == "event"
+        )
+        if not items:
+            return
+        engagement.associate.send(JourneyAppended(engagement.engagement_id, items))
 
     def _of_device(self, session: DeviceSession, engagement_id: str, field_name: str) -> Engagement:
         engagement = self._engagements.get(engagement_id)

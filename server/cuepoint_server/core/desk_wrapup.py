@@ -29,6 +29,9 @@ class WrapUp(Routing):
             raise PermissionDenied(f"engagement {engagement_id!r} is not assigned to you")
         if not disposition or len(disposition) > 64:
             raise InvalidInput("end.disposition", "required; at most 64 characters")
+        codes = self.engine.scenarios.routing.queue(engagement.queue).dispositions
+        if codes and disposition not in codes:
+            raise InvalidInput("end.disposition", f"queue {engagement.queue!r} takes one of: {', '.join(codes)}")
         engagement.disposition, engagement.notes = disposition, notes[:4000]
         if engagement.state == "ended":
             # The user left first; this is the associate's wrap-up.

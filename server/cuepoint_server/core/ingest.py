@@ -124,4 +124,7 @@ class Ingest(Recovery, Identity):
             for signal_id in fresh:
                 session.state.forget(signal_id)
             return
+        if rows:
+            # Stored, so now the associate of a running engagement may see them.
+            self.desk.journey_stored(session.device_id, rows)
         session.send(Ack(batch_id, tuple(fresh + duplicates), tuple(duplicates)))

@@ -281,6 +281,14 @@ class OfferWithdrawn:
 
 
 @dataclass(frozen=True, slots=True)
+class JourneyAppended:
+    """Signals of an engaged device, stored after the engagement's context was taken: the live journey."""
+
+    engagement_id: str
+    items: tuple[JourneyItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PriorEngagement:
     engagement_id: str
     created_at: float

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..predict.registry import describe_scores
 from .core_base import CoreConfig
-from .errors import InvalidInput
+from .errors import InvalidInput, NotFound
 from .live import LiveNow, QueueLoad, describe_session, queue_loads
 from .model import AssociateSignIn
 from .privacy import Privacy
@@ -84,6 +84,32 @@ class Core(SessionLifecycle, Privacy):
         else:
             self.stopped_variants.discard((scenario_id, variant_id))
         return self.variant_states(scenario_id)
+
+    def set_offers_paused(self, paused: bool) -> bool:
+        """The runtime emergency switch; returns whether offers are paused now (the policy file may also pause)."""
+        self.paused_by_admin = paused
+        return self.offers_paused
+
+    def scenario_enabled(self, scenario_id: str) -> bool:
+        scenario = self.engine.scenarios.by_id.get(scenario_id)
+        return scenario is not None and scenario.enabled and scenario_id not in self.engine.disabled
+
+    def set_scenario_enabled(self, scenario_id: str, enabled: bool) -> bool:
+        """Switch one scenario off or back on at run time, at once; a cue of it on screen is withdrawn.
+
+        Kept in memory only (a restart or the file's own `enabled` decide again); a file with
+        `enabled: false` stays off. Returns whether the scenario is enabled now.
+        """
+        if scenario_id not in self.engine.scenarios.by_id:
+            raise NotFound(f"no scenario {scenario_id!r}")
+        if enabled:
+            self.engine.disabled.discard(scenario_id)
+        else:
+            self.engine.disabled.add(scenario_id)
+            for device_id, pending in list(self._reg.pending.items()):
+                if pending.scenario_id == scenario_id:
+                    self._withdraw(device_id, "scenario_disabled")
+        return self.scenario_enabled(scenario_id)
 
     def device_view(self, device_id: str) -> DeviceView:
         state = self._reg.states.get(device_id)

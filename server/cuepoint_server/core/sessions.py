@@ -23,6 +23,7 @@ from .model import (
     EngagementUpdate,
     EngagementView,
     FallbackOffered,
+    JourneyAppended,
     OfferWithdrawn,
     SessionFailed,
     SupervisedSnapshot,
@@ -47,6 +48,7 @@ AssociateOut = (
     | Relayed
     | EngagementJoined
     | SupervisedSnapshot
+    | JourneyAppended
 )
 
 

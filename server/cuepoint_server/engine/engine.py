@@ -14,6 +14,8 @@ __all__ = ["Engine"]
 class Engine:
     def __init__(self, scenarios: ScenarioSet | None = None) -> None:
         self.scenarios = scenarios or ScenarioSet.empty()
+        # Scenario ids an admin switched off at run time (Core.set_scenario_enabled); in memory only.
+        self.disabled: set[str] = set()
         # Counted, not timed, so tests can prove cost tracks relevance.
         self.evaluations = 0
 
@@ -46,7 +48,7 @@ class Engine:
     def check(self, candidates: Iterable[CompiledScenario], state: DeviceState, now: float) -> list[CompiledScenario]:
         out = []
         for scenario in candidates:
-            if not scenario.applies_to(state.app_id):
+            if not scenario.applies_to(state.app_id) or scenario.id in self.disabled:
                 continue
             self.evaluations += 1
             if scenario.qualifies(state, now):
@@ -56,7 +58,7 @@ class Engine:
     def next_deadline(self, state: DeviceState, now: float) -> float | None:
         best: float | None = None
         for scenario in self.scenarios.timed:
-            if not scenario.applies_to(state.app_id):
+            if not scenario.applies_to(state.app_id) or scenario.id in self.disabled:
                 continue
             at = scenario.next_deadline(state, now)
             if at is not None and (best is None or at < best):

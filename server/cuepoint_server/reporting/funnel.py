@@ -30,12 +30,13 @@ Definitions (README, "Reporting and observability"):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..storage.base import FunnelSlice
-from .stats import two_proportion_test, wilson_interval
+from .stats import Z95, two_proportion_test, wilson_interval
 
 __all__ = [
     "CUE_OUTCOMES",
@@ -248,3 +249,17 @@ def _compare_variants(row: FunnelRow) -> None:
             v.p_value, v.difference = two_proportion_test(
                 v.cohort.converted, v.cohort.sessions, control.cohort.converted, control.cohort.sessions
             )
+
+
+def lift_interval(treated: Cohort, holdout: Cohort, z: float = Z95) -> tuple[float, float, float] | None:
+    """Treated minus holdout conversion rate, with its confidence interval (normal approximation, 95%).
+
+    None unless both groups have sessions. Small groups give wide intervals, which is the point:
+    the console shows whether the difference could be chance.
+    """
+    p1, p2 = treated.conversion_rate, holdout.conversion_rate
+    if p1 is None or p2 is None:
+        return None
+    diff = p1 - p2
+    half = z * math.sqrt(p1 * (1 - p1) / treated.sessions + p2 * (1 - p2) / holdout.sessions)
+    return diff, diff - half, diff + half

@@ -765,6 +765,13 @@ class QueueSpec(_Strict):
     feedback: FeedbackSpec | None = Field(
         default=None, description="Ask for a rating when an engagement of this queue ends (unless its cue asks)."
     )
+    dispositions: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list,
+        description="Wrap-up codes associates of this queue choose from; empty: any code is accepted.",
+    )
+    canned_replies: list[Annotated[str, Field(min_length=1, max_length=4000)]] = Field(
+        default_factory=list, description="Ready-made chat lines the associate desk offers for this queue."
+    )
 
     @model_validator(mode="after")
     def _handover_elsewhere(self) -> QueueSpec:
