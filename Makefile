@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml sdk_python/pyproject.toml
 	$(BIN)/python -m pip install -q -e ./sdk_python -e '.[dev]'
 	touch $(STAMP)
 
+# `make demo ARGS=--keep-running` leaves the server up for the browser desk and console.
 demo: $(STAMP)
-	$(BIN)/cuepoint demo --scenarios scenarios
+	$(BIN)/cuepoint demo --scenarios scenarios $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py --check

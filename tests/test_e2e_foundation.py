@@ -388,3 +388,4 @@ def test_demo_runs_end_to_end() -> None:
     assert "[associate] channel is now screen_share" in done.stdout
     assert "2 chat messages, engagement ended (resolved), channel screen_share, outcome achieved" in done.stdout
     assert "Demo complete." in done.stdout
+    assert "associate desk: http://127.0.0.1:" in done.stdout and "admin console:  http://127.0.0.1:" in done.stdout

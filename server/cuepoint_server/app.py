@@ -32,6 +32,7 @@ from .clock import Clock, SystemClock
 from .core.service import Core, CoreConfig
 from .engine.engine import Engine
 from .engine.scenario_set import ScenarioSet
+from .http import HttpServer
 from .metrics import Metrics
 from .scenarios.reloader import ScenarioReloader
 from .storage import SqliteStore
@@ -79,6 +80,9 @@ class ServerConfig:
     # Engagement start/end POSTed, signed, to these URLs (webhooks.py).
     webhooks: tuple[WebhookConfig, ...] = ()
     metrics_host: str = "127.0.0.1"
+    # The associate desk and admin console (http/): None off, 0 a free port (CuepointServer.http_port).
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
 
 
 class CuepointServer:
@@ -93,6 +97,7 @@ class CuepointServer:
         self.reloader: ScenarioReloader | None = None
         # Its own registry, so several servers in one process never collide.
         self.metrics = Metrics(core)
+        self.http: HttpServer | None = None
 
     @property
     def address(self) -> str:
@@ -101,6 +106,15 @@ class CuepointServer:
     @property
     def metrics_port(self) -> int | None:
         return self.metrics.port
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    @property
+    def http_url(self) -> str | None:
+        port = self.http_port
+        return None if port is None else f"http://{self.config.http_host}:{port}"
 
     @classmethod
     async def start(cls, config: ServerConfig, *, clock: Clock | None = None) -> CuepointServer:
@@ -178,6 +192,15 @@ class CuepointServer:
             except OSError:
                 await self.stop(0)
                 raise
+        if config.http_port is not None:
+            # Same loop, same core, same credentials as the gRPC services.
+            self.http = HttpServer(core, auth)
+            self.http.scenario_status.read = self._scenario_status
+            try:
+                await self.http.start(config.http_host, config.http_port)
+            except OSError:
+                await self.stop(0)
+                raise
         log.info(
             "server.started",
             address=self.address,
@@ -206,6 +229,8 @@ class CuepointServer:
             await asyncio.sleep(3600)
 
     async def stop(self, grace: float | None = None) -> None:
+        if self.http is not None:
+            await self.http.stop()
         if self._purger is not None:
             self._purger.cancel()
         if self.webhooks is not None:

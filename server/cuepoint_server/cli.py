@@ -49,6 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             webhooks=_webhooks(args),
+            http_port=args.http_port,
+            http_host=args.http_host,
         )
         try:
             server = await CuepointServer.start(config)
@@ -77,6 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cuepoint listening on {server.address}", file=sys.stderr, flush=True)
         if server.metrics_port is not None:
             print(f"metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", file=sys.stderr, flush=True)
+        if server.http_url is not None:
+            print(f"associate desk on {server.http_url}/desk/", file=sys.stderr, flush=True)
+            print(f"admin console on {server.http_url}/console/", file=sys.stderr, flush=True)
         await stop.wait()
         await server.stop()
         return 0
@@ -192,7 +197,7 @@ def _forget_device(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return asyncio.run(run_demo(args.scenarios, args.db))
+    return asyncio.run(run_demo(args.scenarios, args.db, http_port=args.http_port, keep_running=args.keep_running))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         "--webhook-secret", default="", help="HMAC key for webhook signatures (or $CUEPOINT_WEBHOOK_SECRET)"
     )
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
+    serve.add_argument(
+        "--http-port", type=int, default=None, help="serve the associate desk and admin console here (0: a free one)"
+    )
+    serve.add_argument("--http-host", default="127.0.0.1", help="address of the desk and console")
     serve.add_argument(
         "--watch",
         action=argparse.BooleanOptionalAction,
@@ -284,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="end-to-end demo: server, simulated phone and associate")
     demo.add_argument("--scenarios", default="scenarios")
     demo.add_argument("--db", default=None, help="database path (default: a temporary file)")
+    demo.add_argument("--http-port", type=int, default=0, help="port of the desk and console (default: a free one)")
+    demo.add_argument(
+        "--keep-running", action="store_true", help="after the story, leave the server up for the desk and console"
+    )
     demo.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)

@@ -7,11 +7,14 @@ FitKit phone and a simulated associate, both through the real SDK over gRPC.
 from __future__ import annotations
 
 import asyncio
+import secrets
+import signal
 import tempfile
 from pathlib import Path
 
 import cuepoint
 
+from .api.auth import AuthConfig
 from .app import CuepointServer, ServerConfig
 from .logs import configure_logging
 
@@ -47,18 +50,62 @@ def _say(who: str, text: str) -> None:
     print(f"[{who:<9}] {text}", flush=True)
 
 
-async def run_demo(scenarios: str, db: str | None = None) -> int:
+class _Tokens:
+    """Fresh credentials for this run: the demo shows auth on, as a real deployment runs."""
+
+    def __init__(self) -> None:
+        self.fitkit = f"fk_demo_{secrets.token_hex(12)}"
+        self.dana = f"dana_{secrets.token_hex(12)}"
+        self.sam = f"sam_{secrets.token_hex(12)}"
+        self.admin = f"adm_{secrets.token_hex(12)}"
+
+    def config(self) -> AuthConfig:
+        return AuthConfig.from_dict(
+            {
+                "apps": {"fitkit": {"api_keys": [self.fitkit]}},
+                "associates": {
+                    "assoc-dana": {"token": self.dana, "queues": ["fitkit-support"]},
+                    # For a person at the browser desk while the scripted Dana works.
+                    "assoc-sam": {"token": self.sam, "queues": ["*"]},
+                },
+                "admin_tokens": [self.admin],
+            }
+        )
+
+
+async def run_demo(scenarios: str, db: str | None = None, *, http_port: int = 0, keep_running: bool = False) -> int:
     configure_logging("warning", json=False)
+    tokens = _Tokens()
     with tempfile.TemporaryDirectory() as tmp:
         path = db or str(Path(tmp) / "cuepoint-demo.db")
-        server = await CuepointServer.start(ServerConfig(port=0, db=path, scenarios=scenarios))
+        config = ServerConfig(port=0, db=path, scenarios=scenarios, auth=tokens.config(), http_port=http_port)
+        server = await CuepointServer.start(config)
         try:
-            return await _story(server)
+            _addresses(server, tokens)
+            result = await _story(server, tokens)
+            if keep_running:
+                _addresses(server, tokens)
+                _say("server", "still running (--keep-running); Ctrl-C stops it")
+                await _until_stopped()
+            return result
         finally:
             await server.stop(1.0)
 
 
-async def _story(server: CuepointServer) -> int:
+def _addresses(server: CuepointServer, tokens: _Tokens) -> None:
+    _say("server", f"associate desk: {server.http_url}/desk/  (token for assoc-sam: {tokens.sam})")
+    _say("server", f"admin console:  {server.http_url}/console/  (admin token: {tokens.admin})")
+
+
+async def _until_stopped() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _story(server: CuepointServer, tokens: _Tokens) -> int:
     loaded = server.core.engine.scenarios.scenarios
     _say("server", f"listening on {server.address}, SQLite at {server.config.db}, {len(loaded)} scenarios:")
     for s in loaded:
@@ -69,6 +116,7 @@ async def _story(server: CuepointServer) -> int:
         associate_id="assoc-dana",
         display_name="Dana (FitKit support)",
         queues=["fitkit-support"],
+        config=cuepoint.AssociateConfig(token=tokens.dana),
     )
     _say("associate", f"Dana signed in to {', '.join(associate.queues)}")
 
@@ -87,6 +135,7 @@ async def _story(server: CuepointServer) -> int:
         ),
         user=cuepoint.User(user_id="user-1042", tier="premium", attributes={"first_name": "Sam"}),
         consent=cuepoint.Consent.FULL,
+        config=cuepoint.ClientConfig(api_key=tokens.fitkit),
     )
     _say(
         "phone",

@@ -1,0 +1,222 @@
+"""The admin console's handlers: live now, funnels, scenarios and their switches, validate, replay, explain.
+
+Each handler calls what AdminService calls (core, reporting, the scenario loader, simulate); the
+console adds no rule of its own. Live now is pushed over a WebSocket once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from ..core.errors import InvalidInput
+from ..core.service import Core
+from ..reporting.funnel import FunnelQuery, funnel, lift_interval
+from ..reporting.report import parse_group_by, since_to_start
+from ..scenarios.loader import ScenarioError, load_text
+from ..simulate import TraceError, parse_trace, render_text, simulate
+from . import views
+from .common import Guard, json_body, text_field
+
+__all__ = ["Console", "ScenarioStatus"]
+
+log = structlog.get_logger("cuepoint.http.console")
+
+LIVE_EVERY = 1.0
+MAX_PASTE = 512 * 1024
+
+
+def _unknown_status() -> tuple[int, str]:
+    return 1, ""
+
+
+class ScenarioStatus:
+    """(version, last reload error) of the served scenarios; the server sets `read` once it knows."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], tuple[int, str]] = _unknown_status
+
+
+class Console:
+    def __init__(self, core: Core, guard: Guard, status: ScenarioStatus) -> None:
+        self.core = core
+        self.guard = guard
+        self.status = status
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/console/ws", self.socket),
+            web.get("/api/console/live", self.live),
+            web.get("/api/console/funnel", self.funnel),
+            web.get("/api/console/scenarios", self.scenarios),
+            web.post("/api/console/scenarios/{scenario_id}/enabled", self.set_enabled),
+            web.post("/api/console/pause", self.pause),
+            web.post("/api/console/validate", self.validate),
+            web.post("/api/console/replay", self.replay),
+            web.get("/api/console/explain/{device_id}", self.explain),
+        ]
+
+    async def close(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
+
+    def _live(self) -> dict[str, Any]:
+        return views.live_now(self.core.live_now(), offers_paused=self.core.offers_paused)
+
+    async def socket(self, request: web.Request) -> web.StreamResponse:
+        self.guard.session(request, "admin")
+        self.guard.same_origin(request)
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+
+        async def push() -> None:
+            with contextlib.suppress(ConnectionResetError):
+                while not ws.closed:
+                    await ws.send_json({"type": "live", "live": self._live()})
+                    await asyncio.sleep(LIVE_EVERY)
+
+        task = asyncio.create_task(push())
+        try:
+            async for message in ws:
+                if message.type == WSMsgType.TEXT and message.data == "ping":
+                    await ws.send_str("pong")
+        finally:
+            task.cancel()
+            self._sockets.discard(ws)
+        return ws
+
+    async def live(self, request: web.Request) -> web.Response:
+        self.guard.session(request, "admin")
+        return web.json_response(self._live())
+
+    async def funnel(self, request: web.Request) -> web.Response:
+        self.guard.session(request, "admin")
+        q = request.query
+        try:
+            start = since_to_start(q.get("since", "all"), self.core.clock.now())
+        except ValueError as exc:
+            raise InvalidInput("since", f"a duration such as 24h or 7d, or 'all' ({exc})") from None
+        try:
+            group_by = parse_group_by(q.get("by", ""))
+            query = FunnelQuery(start=start, scenario_id=q.get("scenario") or None, group_by=group_by)
+        except ValueError as exc:
+            raise InvalidInput("by", str(exc)) from None
+        rows = await funnel(self.core.store.query, query)
+        out = []
+        for row in rows:
+            item = row.as_dict(query.group_by)
+            lift = lift_interval(row.treated, row.holdout)
+            item["lift"] = None if lift is None else {"difference": lift[0], "low": lift[1], "high": lift[2]}
+            out.append(item)
+        return web.json_response({"group_by": list(query.group_by), "start": start, "rows": out})
+
+    async def scenarios(self, request: web.Request) -> web.Response:
+        self.guard.session(request, "admin")
+        version, error = self.status.read()
+        return web.json_response(
+            {
+                "version": version,
+                "last_error": error,
+                "offers_paused": self.core.offers_paused,
+                "scenarios": [
+                    {
+                        "id": s.id,
+                        "name": s.name,
+                        "file": s.file,
+                        "priority": s.priority,
+                        "enabled": self.core.scenario_enabled(s.id),
+                        "enabled_in_file": s.enabled,
+                        "events": sorted(s.events),
+                        "time_driven": s.timed,
+                        "holdout": s.holdout,
+                        "queue": s.queue,
+                    }
+                    for s in self.core.engine.scenarios.scenarios
+                ],
+            }
+        )
+
+    async def set_enabled(self, request: web.Request) -> web.Response:
+        self.guard.session(request, "admin", csrf=True)
+        body = await json_body(request)
+        enabled = body.get("enabled")
+        if not isinstance(enabled, bool):
+            raise InvalidInput("enabled", "true or false")
+        scenario_id = request.match_info["scenario_id"]
+        now = self.core.set_scenario_enabled(scenario_id, enabled)
+        log.warning("scenario.switched", scenario_id=scenario_id, enabled=now)
+        return web.json_response({"scenario_id": scenario_id, "enabled": now})
+
+    async def pause(self, request: web.Request) -> web.Response:
+        self.guard.session(request, "admin", csrf=True)
+        body = await json_body(request)
+        paused = body.get("paused")
+        if not isinstance(paused, bool):
+            raise InvalidInput("paused", "true or false")
+        reason = text_field(body, "reason", 500)
+        now = self.core.set_offers_paused(paused)
+        log.warning("offers.paused" if paused else "offers.resumed", reason=reason)
+        return web.json_response({"offers_paused": now})
+
+    async def validate(self, request: web.Request) -> web.Response:
+        self.guard.session(request, "admin", csrf=True)
+        body = await json_body(request)
+        text = text_field(body, "text", MAX_PASTE, strip=False)
+        name = text_field(body, "name", 200) or "pasted.yaml"
+        try:
+            loaded = load_text(text, name)
+        except ScenarioError as exc:
+            issues = [{"file": i.file, "line": i.line, "field": i.field, "message": i.message} for i in exc.issues]
+            return web.json_response({"ok": False, "issues": issues, "text": str(exc)})
+        return web.json_response(
+            {"ok": True, "issues": [], "scenarios": [s.spec.id for s in loaded.scenarios], "text": "ok"}
+        )
+
+    async def replay(self, request: web.Request) -> web.Response:
+        """A pasted trace against the served scenarios: the same text `cuepoint simulate` prints."""
+        self.guard.session(request, "admin", csrf=True)
+        body = await json_body(request)
+        text = text_field(body, "trace", MAX_PASTE, strip=False)
+        name = text_field(body, "name", 200) or "trace"
+        try:
+            outcomes = await simulate(self.core.engine.scenarios, parse_trace(text, name), name=name)
+        except TraceError as exc:
+            return web.json_response(
+                {"ok": False, "output": render_text(exc.outcomes) if exc.outcomes else "", "error": str(exc)}
+            )
+        return web.json_response({"ok": True, "output": render_text(outcomes), "error": ""})
+
+    async def explain(self, request: web.Request) -> web.Response:
+        self.guard.session(request, "admin")
+        device_id = request.match_info["device_id"]
+        if not device_id or len(device_id) > 128:
+            raise InvalidInput("device_id", "required; at most 128 characters")
+        records = await self.core.store.decisions_for_device(device_id, limit=100)
+        view = self.core.device_view(device_id)
+        return web.json_response(
+            {
+                "device_id": device_id,
+                "connected": view.connected,
+                "segments": view.segments,
+                "milestones": view.milestones,
+                "decisions": [
+                    {
+                        "time": r.time,
+                        "scenario_id": r.scenario_id,
+                        "outcome": r.outcome,
+                        "reason": r.reason,
+                        "detail": r.detail,
+                        "cue_id": r.cue_id,
+                        "session_id": r.session_id,
+                    }
+                    for r in records
+                ],
+            }
+        )

@@ -1,0 +1,241 @@
+// The admin console: live now over a WebSocket; funnels, scenarios, validate, replay and explain as JSON calls.
+"use strict";
+
+(() => {
+  const { api, el, clear, time, dateTime, show, announce } = Cuepoint;
+  const $ = (id) => document.getElementById(id);
+  let lastLive = null;
+  let paused = false;
+
+  async function boot() {
+    const config = await api("GET", "/api/config");
+    if (!config.auth) $("token-hint").textContent = "Not needed: this server runs without an auth file.";
+    try {
+      const session = await api("GET", "/api/console/session");
+      Cuepoint.setCsrf(session.csrf);
+      start();
+    } catch (e) {
+      show($("signin"), true);
+      $("token").focus();
+    }
+  }
+
+  $("signin-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    $("signin-error").textContent = "";
+    try {
+      const session = await api("POST", "/api/console/session", { token: $("token").value });
+      $("token").value = "";
+      Cuepoint.setCsrf(session.csrf);
+      show($("signin"), false);
+      start();
+    } catch (e) {
+      $("signin-error").textContent = "Sign-in refused: " + e.message;
+    }
+  });
+
+  $("sign-out").addEventListener("click", async () => {
+    try { await api("POST", "/api/console/session/sign-out"); } catch (e) { /* signed out anyway */ }
+    location.reload();
+  });
+
+  function start() {
+    show($("console"), true);
+    show($("pause"), true);
+    show($("sign-out"), true);
+    show($("link-state"), true);
+    Cuepoint.socket("/api/console/ws", (msg) => { if (msg.type === "live") renderLive(msg.live); }, (state) => {
+      $("link-state").textContent = state === "open" ? "live" : "reconnecting…";
+      $("link-state").className = "badge " + (state === "open" ? "ok" : "warn");
+    });
+    loadFunnels();
+    loadScenarios();
+    setInterval(loadFunnels, 10000);
+  }
+
+  // -- live now ------------------------------------------------------------------------------------
+
+  function card(label, value, id) {
+    return el("div", { class: "card", id }, el("span", { class: "n", text: String(value) }), el("span", { class: "k", text: label }));
+  }
+
+  function renderLive(live) {
+    lastLive = live;
+    setPaused(live.offers_paused);
+    const cards = clear($("live-cards"));
+    cards.append(
+      card("live", live.counts.live, "count-live"),
+      card("idle", live.counts.idle, "count-idle"),
+      card("inactive", live.counts.inactive, "count-inactive"),
+      card("pending cues", live.pending_cues, "count-pending"),
+      card("waiting engagements", live.queues.reduce((n, q) => n + q.waiting, 0), "count-waiting"),
+    );
+    const needle = $("filter").value.trim().toLowerCase();
+    const body = clear($("sessions"));
+    for (const s of live.sessions) {
+      const text = [s.device_id, s.app_id, s.status, ...s.segments, s.pending_cue ? s.pending_cue.scenario_id : ""].join(" ").toLowerCase();
+      if (needle && !text.includes(needle)) continue;
+      const statusClass = s.status === "live" ? "ok" : s.status === "idle" ? "warn" : "bad";
+      body.append(el("tr", { "data-device": s.device_id },
+        el("td", {}, el("button", { type: "button", class: "linkish", onclick: () => explain(s.device_id), "aria-label": "Explain " + s.device_id }, s.device_id)),
+        el("td", { text: s.app_id + " " + (s.context["app.version"] || "") }),
+        el("td", {}, el("span", { class: "badge " + statusClass, text: s.status })),
+        el("td", { text: s.last_signal_at ? time(s.last_signal_at) : "—" }),
+        el("td", { text: s.segments.join(", ") || "—" }),
+        el("td", { text: s.pending_cue ? s.pending_cue.scenario_id + " until " + time(s.pending_cue.expires_at) : "—" }),
+        el("td", { text: s.engagement_id ? s.engagement_state : "—" }),
+      ));
+    }
+    if (!body.firstChild) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "No sessions" + (needle ? " match the filter" : "") })));
+    const queues = clear($("queues"));
+    for (const q of live.queues) {
+      queues.append(el("tr", {}, el("td", { text: q.queue }), el("td", { text: String(q.waiting) }), el("td", { text: String(q.associates) }), el("td", { text: String(q.available) })));
+    }
+  }
+
+  $("filter").addEventListener("input", () => { if (lastLive) renderLive(lastLive); });
+
+  // -- the emergency switch ---------------------------------------------------------------------------
+
+  function setPaused(value) {
+    paused = value;
+    $("pause").textContent = paused ? "Resume offers" : "Pause all offers";
+    $("pause").setAttribute("aria-pressed", paused ? "true" : "false");
+    $("pause").className = paused ? "primary" : "danger";
+    show($("paused-banner"), paused);
+  }
+
+  $("pause").addEventListener("click", async () => {
+    const want = !paused;
+    if (want && !confirmPause()) return;
+    const result = await api("POST", "/api/console/pause", { paused: want, reason: "console" });
+    setPaused(result.offers_paused);
+    announce(result.offers_paused ? "Offers paused" : "Offers resumed");
+  });
+
+  function confirmPause() { return true; }
+
+  // -- funnels ---------------------------------------------------------------------------------------------
+
+  const STEPS = [["qualified", ""], ["blocked_total", "blocked"], ["offered", ""], ["accepted", ""], ["engaged", ""], ["resolved", "resolved"]];
+
+  function pct(rate) { return rate === null || rate === undefined ? "—" : (rate * 100).toFixed(1) + "%"; }
+
+  async function loadFunnels() {
+    $("funnel-error").textContent = "";
+    const params = new URLSearchParams({ since: $("period").value, by: $("group-by").value });
+    let data;
+    try { data = await api("GET", "/api/console/funnel?" + params); }
+    catch (e) { $("funnel-error").textContent = e.message; return; }
+    const box = clear($("funnels"));
+    if (!data.rows.length) box.append(el("p", { class: "muted span-12", text: "No decisions in this period." }));
+    for (const row of data.rows) {
+      const blocked = Object.entries(row.blocked);
+      const values = Object.assign({}, row, { blocked_total: blocked.reduce((n, [, c]) => n + c, 0) });
+      const max = Math.max(1, ...STEPS.map(([k]) => values[k] || 0));
+      const group = Object.entries(row.group).map(([k, v]) => k + "=" + v).join(", ");
+      const title = row.scenario_id + (group ? " · " + group : "");
+      const chart = el("div", { class: "funnel", role: "img", "aria-label": "Funnel of " + title + ": " + STEPS.map(([k, label]) => (label || k) + " " + values[k]).join(", ") });
+      for (const [key, kind] of STEPS) {
+        const n = values[key] || 0;
+        const bar = el("div", { class: "bar " + kind });
+        bar.style.width = (100 * n / max).toFixed(1) + "%";
+        chart.append(el("div", { class: "step", "data-step": key }, el("span", { text: key === "blocked_total" ? "blocked" : key }), el("div", {}, bar), el("span", { class: "n", text: String(n) })));
+      }
+      const lift = row.lift ? (row.lift.difference * 100).toFixed(1) + " pts (95% CI " + (row.lift.low * 100).toFixed(1) + " to " + (row.lift.high * 100).toFixed(1) + ")" : "needs sessions in both groups";
+      box.append(el("article", { class: "panel span-6", "data-scenario": row.scenario_id, "aria-label": "Funnel " + title },
+        el("h3", { text: title }),
+        chart,
+        el("p", { class: "muted", text: "Blocked by: " + (blocked.map(([r, c]) => r + " " + c).join(", ") || "nothing") + " · declined " + row.declined + " · dismissed " + row.dismissed + " · ignored " + row.ignored + " · withdrawn " + row.withdrawn }),
+        el("table", {},
+          el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "Group" }), el("th", { scope: "col", text: "Sessions" }), el("th", { scope: "col", text: "Converted" }), el("th", { scope: "col", text: "Conversion" }))),
+          el("tbody", {},
+            el("tr", {}, el("td", { text: "treated" }), el("td", { text: String(row.treated.sessions) }), el("td", { text: String(row.treated.converted) }), el("td", { text: pct(row.treated.conversion_rate) })),
+            el("tr", {}, el("td", { text: "holdout" }), el("td", { text: String(row.holdout.sessions) }), el("td", { text: String(row.holdout.converted) }), el("td", { text: pct(row.holdout.conversion_rate) })))),
+        el("p", {}, "Treated minus holdout: ", el("strong", { text: lift })),
+      ));
+    }
+  }
+
+  $("funnel-refresh").addEventListener("click", loadFunnels);
+  $("period").addEventListener("change", loadFunnels);
+  $("group-by").addEventListener("change", loadFunnels);
+
+  // -- scenarios ------------------------------------------------------------------------------------------
+
+  async function loadScenarios() {
+    const data = await api("GET", "/api/console/scenarios");
+    setPaused(data.offers_paused);
+    $("scenario-version").textContent = "Version " + data.version + (data.last_error ? " · last reload failed: " + data.last_error : "");
+    const body = clear($("scenarios"));
+    for (const s of data.scenarios) {
+      const toggle = el("button", {
+        type: "button", id: "toggle-" + s.id, "aria-pressed": s.enabled ? "true" : "false",
+        disabled: !s.enabled_in_file, "aria-label": (s.enabled ? "Disable " : "Enable ") + s.id,
+        onclick: async () => {
+          try {
+            await api("POST", `/api/console/scenarios/${encodeURIComponent(s.id)}/enabled`, { enabled: !s.enabled });
+            announce(s.id + (s.enabled ? " disabled" : " enabled"));
+          } catch (e) { announce(e.message); }
+          loadScenarios();
+        },
+      }, s.enabled ? "Disable" : "Enable");
+      body.append(el("tr", { "data-scenario": s.id },
+        el("td", {}, el("strong", { text: s.id }), el("br"), el("span", { class: "muted", text: s.name })),
+        el("td", { text: s.file }),
+        el("td", { text: String(s.priority) }),
+        el("td", { text: s.queue }),
+        el("td", { text: s.holdout ? (s.holdout * 100).toFixed(0) + "%" : "—" }),
+        el("td", {}, el("span", { class: "badge " + (s.enabled ? "ok" : "bad"), text: s.enabled ? "enabled" : s.enabled_in_file ? "disabled" : "off in file" })),
+        el("td", {}, toggle),
+      ));
+    }
+  }
+
+  // -- validate and replay ------------------------------------------------------------------------------------
+
+  $("validate").addEventListener("click", async () => {
+    try {
+      const result = await api("POST", "/api/console/validate", { text: $("validate-text").value, name: "pasted.yaml" });
+      $("validate-out").textContent = result.ok ? "ok: " + result.scenarios.length + " scenario(s) valid" : result.text + "\n" + result.issues.length + " problem(s) found";
+    } catch (e) { $("validate-out").textContent = e.message; }
+  });
+
+  $("replay").addEventListener("click", async () => {
+    try {
+      const result = await api("POST", "/api/console/replay", { trace: $("replay-text").value, name: "trace" });
+      $("replay-out").textContent = result.output + (result.error ? "invalid trace:\n" + result.error : "");
+    } catch (e) { $("replay-out").textContent = e.message; }
+  });
+
+  // -- explain ---------------------------------------------------------------------------------------------
+
+  async function explain(deviceId) {
+    $("explain-device").value = deviceId;
+    const facts = clear($("explain-facts"));
+    const body = clear($("explain"));
+    let data;
+    try { data = await api("GET", "/api/console/explain/" + encodeURIComponent(deviceId)); }
+    catch (e) { facts.append(el("dt", { text: "Error" }), el("dd", { class: "error", text: e.message })); return; }
+    facts.append(
+      el("dt", { text: "Connected" }), el("dd", { text: data.connected ? "yes" : "no" }),
+      el("dt", { text: "Segments" }), el("dd", { text: data.segments.join(", ") || "—" }),
+      el("dt", { text: "Milestones" }), el("dd", { text: data.milestones.join(", ") || "—" }),
+    );
+    for (const d of data.decisions.slice().reverse()) {
+      body.append(el("tr", {}, el("td", { text: dateTime(d.time) }), el("td", { text: d.scenario_id }),
+        el("td", {}, el("span", { class: "badge " + (d.outcome === "offered" ? "ok" : "warn"), text: d.outcome })),
+        el("td", { text: d.reason || "—" }), el("td", { text: d.detail || "" })));
+    }
+    if (!data.decisions.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted", text: "No decisions stored for this device." })));
+    $("explain-title").scrollIntoView();
+  }
+
+  $("explain-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const id = $("explain-device").value.trim();
+    if (id) explain(id);
+  });
+
+  boot();
+})();
