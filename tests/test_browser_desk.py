@@ -1,0 +1,260 @@
+"""The associate desk and the admin console in a real browser (Debian's Chromium), on the real server.
+
+The FitKit story end to end: a Python SDK phone fails to sync three times; Dana, in the browser, sees
+the notice, accepts, reads the context, chats both ways, asks for screen share, the phone consents,
+the call set-up is exchanged, and she wraps up; the console's funnel then shows the engagement resolved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+
+import cuepoint
+from cuepoint_server.api.auth import AuthConfig
+from cuepoint_server.app import CuepointServer
+
+from .browser import chromium, screenshot
+from .conftest import SHIPPED, StartServer
+
+FITKIT_KEY = "fk_live_browser_test_key_1"
+DANA = "dana-desk-token-0123456789"
+ELI = "eli-desk-token-0123456789ab"
+ADMIN = "adm-console-token-0123456789"
+AUTH = AuthConfig.from_dict(
+    {
+        "apps": {"fitkit": {"api_keys": [FITKIT_KEY]}},
+        "associates": {
+            "dana": {"token": DANA, "queues": ["fitkit-support"]},
+            "eli": {"token": ELI, "queues": ["shop-support"]},
+        },
+        "admin_tokens": [ADMIN],
+    }
+)
+
+
+async def start(start_server: StartServer) -> CuepointServer:
+    return await start_server(scenarios=SHIPPED, auth=AUTH, http_port=0)
+
+
+async def fitkit_phone(server: CuepointServer, device_id: str = "fitkit-iphone-7f3a") -> cuepoint.Client:
+    return await cuepoint.connect(
+        server.address,
+        app_id="fitkit",
+        device_id=device_id,
+        context=cuepoint.Context(
+            app_version="4.2.0",
+            os="iOS",
+            os_version="17.4",
+            device_model="iPhone15,2",
+            locale="en_US",
+            timezone="America/Chicago",
+            location=cuepoint.Location(country="US", region="IL", city="Chicago"),
+        ),
+        user=cuepoint.User(user_id=f"user-{device_id}", tier="premium", attributes={"first_name": "Sam"}),
+        consent=cuepoint.Consent.FULL,
+        config=cuepoint.ClientConfig(api_key=FITKIT_KEY),
+    )
+
+
+async def fail_to_sync(phone: cuepoint.Client, wait: float = 5.0) -> cuepoint.Cue:
+    """Three failed syncs; the cue they fired. Once flush() returned the server has evaluated the
+    batch (it acks after evaluating), so a short timeout is enough to show that no cue came."""
+    await phone.track("screen_viewed", screen="dashboard")
+    for attempt in (1, 2, 3):
+        await phone.track("sync_failed", reason="timeout", attempt=attempt, duration_ms=41_000)
+    await phone.flush()
+    return await phone.next_cue(timeout=wait)
+
+
+async def open_desk(browser: Any, server: CuepointServer, token: str, *, width: int = 1280) -> Any:
+    from playwright.async_api import expect
+
+    context = await browser.new_context(viewport={"width": width, "height": 1000})
+    page = await context.new_page()
+    await page.goto(f"{server.http_url}/desk/")
+    await page.get_by_label("Associate token").fill(token)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#link-state")).to_have_text("connected")
+    return page
+
+
+async def open_console(browser: Any, server: CuepointServer, *, width: int = 1920) -> Any:
+    from playwright.async_api import expect
+
+    context = await browser.new_context(viewport={"width": width, "height": 1200})
+    page = await context.new_page()
+    await page.goto(f"{server.http_url}/console/")
+    await page.get_by_label("Admin token").fill(ADMIN)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#link-state")).to_have_text("live")
+    return page
+
+
+def answer_for(offer_sdp: str) -> str:
+    """What a phone's WebRTC stack would answer, near enough for the page to accept it."""
+    swap = {"a=recvonly": "a=sendonly", "a=sendonly": "a=recvonly", "a=setup:actpass": "a=setup:active"}
+    return "\r\n".join(swap.get(line, line) for line in offer_sdp.split("\r\n"))
+
+
+async def test_fitkit_story_in_the_browser(start_server: StartServer) -> None:
+    from playwright.async_api import expect
+
+    server = await start(start_server)
+    async with chromium() as browser:
+        desk = await open_desk(browser, server, DANA)
+        await expect(desk.locator("[data-queue=fitkit-support]")).to_be_visible()
+        phone = await fitkit_phone(server)
+        cue = await fail_to_sync(phone)
+        assert cue.scenario_id == "fitkit-sync-failure"
+        engagement = await phone.accept(cue)
+
+        notice = desk.get_by_role("alertdialog", name="Incoming engagement")
+        await expect(notice).to_be_visible()
+        await expect(notice).to_contain_text("Unable to sync? I can help you.")
+        await expect(desk.locator("#countdown")).to_have_text(re.compile(r"^\d+$"))
+        await screenshot(desk, "desk-1-incoming-notice")
+        await notice.get_by_role("button", name="Accept").click()
+        assigned = await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+        assert assigned.associate_name == "dana"
+
+        context = desk.locator("#context")
+        await expect(context.locator("[data-field='app.version']")).to_contain_text("4.2.0")
+        await expect(context.locator("[data-field='device.model']")).to_have_text("iPhone15,2")
+        await expect(context).to_contain_text("premium")
+        await expect(desk.locator("#why")).to_contain_text("FitKit: sync keeps failing (premium)")
+        await expect(desk.locator("#conditions")).to_contain_text("sync_failed")
+        await expect(desk.locator("#conditions")).to_contain_text("user.tier")
+        await expect(desk.locator("#journey")).to_contain_text("sync_failed")
+        await expect(desk.locator("#journey")).to_contain_text("dashboard")
+
+        # The journey keeps growing while the engagement runs.
+        await phone.track("screen_viewed", screen="settings")
+        await phone.flush()
+        await expect(desk.locator("#journey li.fresh")).to_contain_text("settings")
+
+        # Chat both ways.
+        await engagement.send_chat("It keeps saying 'sync failed'.")
+        await expect(desk.locator("#transcript")).to_contain_text("It keeps saying 'sync failed'.")
+        await desk.get_by_label("Canned reply").select_option(index=1)
+        await desk.get_by_role("button", name="Send").click()
+        async with asyncio.timeout(5):
+            async for line in engagement.messages():
+                if line.sender is cuepoint.Party.ASSOCIATE:
+                    assert line.text.startswith("Hi, I'm here to help")
+                    break
+
+        # Screen share: asked in the page, consented on the phone, call set-up relayed both ways.
+        await desk.get_by_role("button", name="Ask for screen share").click()
+        request = await anext(aiter(engagement.upgrade_requests()))
+        assert request.channel is cuepoint.Channel.SCREEN_SHARE
+        await engagement.respond_upgrade(request, True)
+        await expect(desk.locator("#channel")).to_have_text("Screen share")
+        offer = await anext(aiter(engagement.call_signals()))
+        assert offer.kind is cuepoint.CallSignalKind.OFFER
+        sdp = offer.payload.decode()
+        assert sdp.startswith("v=0") and "m=audio" in sdp
+        await engagement.send_call_signal(cuepoint.CallSignalKind.ANSWER, answer_for(sdp).encode())
+        await expect(desk.locator("#calllog")).to_contain_text("call answer received")
+        await expect(desk.locator("#calllog")).to_contain_text("call set up: stable")
+        await screenshot(desk, "desk-2-engagement")
+
+        # Wrap-up with one of the queue's disposition codes.
+        await desk.get_by_label("Disposition").select_option("resolved")
+        await desk.get_by_label("Notes").fill("Cleared a stale auth token.")
+        await desk.get_by_role("button", name="Complete").click()
+        ended = await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=5)
+        assert ended.disposition == "resolved"
+        await expect(desk.locator("#last-wrap")).to_contain_text("resolved")
+
+        console = await open_console(browser, server)
+        funnel = console.locator("article[data-scenario='fitkit-sync-failure']")
+        await expect(funnel.locator("[data-step=resolved] .n")).to_have_text("1")
+        await expect(funnel.locator("[data-step=accepted] .n")).to_have_text("1")
+        await expect(console.locator("#sessions")).to_contain_text("fitkit-iphone-7f3a")
+        await screenshot(console, "console-1920")
+        await console.set_viewport_size({"width": 1280, "height": 1000})
+        await screenshot(console, "console-1280")
+        await phone.close()
+
+
+async def test_a_second_associate_never_sees_the_first_ones_engagement(start_server: StartServer) -> None:
+    from playwright.async_api import expect
+
+    server = await start(start_server)
+    async with chromium() as browser:
+        dana = await open_desk(browser, server, DANA)
+        eli = await open_desk(browser, server, ELI, width=1920)
+        await expect(eli.locator("[data-queue=shop-support]")).to_be_visible()
+        await expect(eli.locator("[data-queue=fitkit-support]")).to_have_count(0)
+        phone = await fitkit_phone(server)
+        engagement = await phone.accept(await fail_to_sync(phone))
+        await expect(dana.get_by_role("alertdialog", name="Incoming engagement")).to_be_visible()
+        await dana.get_by_role("button", name="Accept").click()
+        await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+        await engagement.send_chat("only Dana may read this")
+        await expect(dana.locator("#transcript")).to_contain_text("only Dana may read this")
+        # Everything Eli's page received by now: nothing of Dana's engagement, no notice, no context.
+        await expect(eli.locator("#notice")).to_be_hidden()
+        await expect(eli.locator("#work")).to_be_hidden()
+        body = await eli.locator("body").inner_text()
+        assert "iPhone15,2" not in body and "only Dana may read this" not in body
+        await screenshot(eli, "desk-second-associate-1920")
+        await phone.close()
+
+
+async def test_a_bad_token_cannot_open_the_desk(start_server: StartServer) -> None:
+    from playwright.async_api import expect
+
+    server = await start(start_server)
+    async with chromium() as browser:
+        page = await (await browser.new_context(viewport={"width": 1280, "height": 800})).new_page()
+        await page.goto(f"{server.http_url}/desk/")
+        for token in ("wrong-token-0123456789", ADMIN):
+            await page.get_by_label("Associate token").fill(token)
+            await page.get_by_role("button", name="Sign in").click()
+            await expect(page.get_by_role("alert")).to_contain_text("Sign-in refused")
+        await expect(page.locator("#desk")).to_be_hidden()
+        await screenshot(page, "desk-sign-in-refused")
+        # No cookie was set, so a reload still shows only the sign-in form.
+        assert not [c for c in await page.context.cookies() if c["name"] == "cuepoint_desk"]
+        await page.reload()
+        await expect(page.get_by_role("heading", name="Sign in to the desk")).to_be_visible()
+
+
+async def test_console_switches_change_what_devices_get(start_server: StartServer) -> None:
+    from playwright.async_api import expect
+
+    server = await start(start_server)
+    async with chromium() as browser:
+        console = await open_console(browser, server)
+        toggle = console.get_by_role("button", name="Disable fitkit-sync-failure")
+        await toggle.click()
+        row = console.locator("tr[data-scenario='fitkit-sync-failure']")
+        await expect(row).to_contain_text("disabled")
+        phone = await fitkit_phone(server, "phone-disabled")
+        with pytest.raises(cuepoint.TimedOut):
+            await fail_to_sync(phone, wait=0.3)
+
+        await console.get_by_role("button", name="Enable fitkit-sync-failure").click()
+        await expect(row).to_contain_text("enabled")
+        await console.get_by_role("button", name="Pause all offers").click()
+        await expect(console.locator("#paused-banner")).to_contain_text("Offers are paused")
+        await screenshot(console, "console-paused")
+        phone2 = await fitkit_phone(server, "phone-paused")
+        with pytest.raises(cuepoint.TimedOut):
+            await fail_to_sync(phone2, wait=0.3)
+
+        await console.get_by_role("button", name="Resume offers").click()
+        await expect(console.locator("#paused-banner")).to_be_hidden()
+        phone3 = await fitkit_phone(server, "phone-resumed")
+        assert (await fail_to_sync(phone3)).scenario_id == "fitkit-sync-failure"
+        # Explain tells why the earlier devices got nothing.
+        await console.get_by_label("Device id").fill("phone-paused")
+        await console.get_by_role("button", name="Explain", exact=True).click()
+        await expect(console.locator("#explain")).to_contain_text("paused")
+        for client in (phone, phone2, phone3):
+            await client.close()
