@@ -108,7 +108,7 @@ class Console:
             query = FunnelQuery(start=start, scenario_id=q.get("scenario") or None, group_by=group_by)
         except ValueError as exc:
             raise InvalidInput("by", str(exc)) from None
-        rows = await funnel(self.core.store.query, query)
+        rows = await funnel(self.core.store.funnel_counts, query)
         out = []
         for row in rows:
             item = row.as_dict(query.group_by)
