@@ -78,7 +78,7 @@ class Ingest(Recovery, Identity):
         # Evaluation below stages its cues and decisions in this unit; the task commits it with the signals
         # once ingest returns (it cannot start before), then shows the cues and acks.
         unit = self._open_unit(session, rows)
-        self._track(session, self._store_and_ack(session, batch.batch_id, unit, fresh, duplicates))
+        self._track(session, self._store_and_ack(session, batch.batch_id, unit, fresh, duplicates, rows))
         session.last_received_at = now
         for observer in self.observers:
             observer.signals_received(len(fresh), len(duplicates))
@@ -118,6 +118,7 @@ class Ingest(Recovery, Identity):
         unit: Unit,
         fresh: list[str],
         duplicates: list[str],
+        rows: list[SignalRecord],
     ) -> None:
         if not await self._commit_unit(session, unit):
             log.error("signals.store_failed", device_id=session.device_id, batch_id=batch_id)
