@@ -186,6 +186,7 @@ class CuepointServer:
             self.webhooks = WebhookDispatcher(config.webhooks)
             self.webhooks.start()
             core.desk.listeners.append(self.webhooks.emit)
+            core.privacy_listeners.append(self.webhooks.emit)
         if config.metrics_port is not None:
             try:
                 await self.metrics.serve(config.metrics_host, config.metrics_port)

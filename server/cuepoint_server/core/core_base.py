@@ -94,6 +94,8 @@ class CoreBase:
         self.decision_listeners: list[Callable[[DecisionRecord], None]] = []
         # Called as signals arrive, cues are offered and settled, engagements assigned (metrics).
         self.observers: list[CoreObserver] = []
+        # Called with ("user.erased", payload) after an erasure (webhooks tell the CRM).
+        self.privacy_listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     @property
     def offers_paused(self) -> bool:

@@ -72,6 +72,30 @@ class WrapUp(Routing):
         if associate is not None:
             self._drain(associate)
 
+    def forget_erased(self, subject: str, device_ids: set[str]) -> None:
+        """Erasure: the user's engagements (and those of the devices they used) end now and are never stored
+        again; storage has just deleted them. Both sides are told it ended ("erased")."""
+        now = self.clock.now()
+        for engagement in list(self._engagements.values()):
+            if engagement.subject != subject and engagement.device_id not in device_ids:
+                continue
+            associate = engagement.associate
+            if engagement.open:
+                self.router.unwait(engagement.queue, engagement.engagement_id)
+                self._withdraw_offer(engagement)
+                engagement.state, engagement.ended_at, engagement.ended_by = "ended", now, "system"
+                engagement.disposition = "erased"
+                if associate is not None:
+                    self._free(associate, engagement.engagement_id, now)
+                    associate.send(EngagementEnded(engagement.engagement_id, "erased", "system"))
+                self._release_device(engagement)
+                self._dismiss_participants(engagement, "system", now)
+                self._notify_device(engagement)
+            self._forget_outcome(engagement)
+            del self._engagements[engagement.engagement_id]
+            if associate is not None:
+                self._drain(associate)
+
     def _watch_outcome(self, engagement: Engagement, now: float) -> None:
         check = engagement.outcome_check
         if check is None:

@@ -208,7 +208,13 @@ class Store(Protocol):
 
     async def export_user(self, user_id: str) -> dict[str, list[dict[str, Any]]]: ...
 
-    async def erase_user(self, user_id: str) -> dict[str, int]: ...
+    async def erase_user(self, user_id: str) -> dict[str, int]:
+        """The user's rows, and the anonymous sessions (pre-sign-in history) of the devices they used."""
+        ...
+
+    async def checkpoint(self) -> bool:
+        """Make erased data unreadable in any write-ahead log (SQLite: the WAL truncated)."""
+        ...
 
     # -- device credentials (core/device_credentials.py) ------------------------------------------
 

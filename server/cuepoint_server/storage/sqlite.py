@@ -261,21 +261,46 @@ _INSERT_DECISION = (
 )
 
 
+# A user's sessions (?1: user id) and the anonymous sessions of the same devices: the pre-sign-in history.
+_USER_SESSIONS = (
+    "SELECT session_id FROM sessions WHERE user_id = ?1"
+    " OR (user_id = '' AND device_id IN (SELECT device_id FROM sessions WHERE user_id = ?1))"
+)
+# ... and their engagements, with those filed under the user's subject (?2).
+_USER_ENGAGEMENTS = f"SELECT engagement_id FROM engagements WHERE subject = ?2 OR session_id IN ({_USER_SESSIONS})"
+# table -> which of its rows are the user's; children of sessions and engagements come first, so a deletion
+# in this order still finds every row through the parents it deletes last.
+_USER_ROWS = (
+    ("chat_messages", f"engagement_id IN ({_USER_ENGAGEMENTS})"),
+    ("channel_changes", f"engagement_id IN ({_USER_ENGAGEMENTS})"),
+    ("feedback", f"engagement_id IN ({_USER_ENGAGEMENTS})"),
+    ("engagement_transfers", f"engagement_id IN ({_USER_ENGAGEMENTS})"),
+    ("engagement_participants", f"engagement_id IN ({_USER_ENGAGEMENTS})"),
+    ("signals", f"session_id IN ({_USER_SESSIONS})"),
+    ("milestones", f"session_id IN ({_USER_SESSIONS})"),
+    ("predict_labels", f"session_id IN ({_USER_SESSIONS})"),
+    ("decisions", f"subject = ?2 OR session_id IN ({_USER_SESSIONS})"),
+    ("cues", f"subject = ?2 OR session_id IN ({_USER_SESSIONS})"),
+    ("engagements", f"subject = ?2 OR session_id IN ({_USER_SESSIONS})"),
+    ("sessions", f"session_id IN ({_USER_SESSIONS})"),
+)
+
+
 def _user_queries(user_id: str, subject: str) -> list[tuple[str, str, Row]]:
-    sessions = "SELECT session_id FROM sessions WHERE user_id = ?"
-    engagements = "SELECT engagement_id FROM engagements WHERE subject = ?"
+    """(table, SELECT of the user's rows, parameters), in export order."""
+    order = ("sessions", "signals", "milestones", "predict_labels", "cues", "decisions", "engagements")
+    where = dict(_USER_ROWS)
+    tables = [*order, *(t for t, _ in _USER_ROWS if t not in order)]
+    order_by = {"signals": " ORDER BY time"}
     return [
-        ("sessions", "SELECT * FROM sessions WHERE user_id = ?", (user_id,)),
-        ("signals", f"SELECT * FROM signals WHERE session_id IN ({sessions}) ORDER BY time", (user_id,)),
-        ("milestones", f"SELECT * FROM milestones WHERE session_id IN ({sessions})", (user_id,)),
-        ("predict_labels", f"SELECT * FROM predict_labels WHERE session_id IN ({sessions})", (user_id,)),
-        ("cues", "SELECT * FROM cues WHERE subject = ?", (subject,)),
-        ("decisions", "SELECT * FROM decisions WHERE subject = ?", (subject,)),
-        ("engagements", "SELECT * FROM engagements WHERE subject = ?", (subject,)),
-        ("chat_messages", f"SELECT * FROM chat_messages WHERE engagement_id IN ({engagements})", (subject,)),
-        ("channel_changes", f"SELECT * FROM channel_changes WHERE engagement_id IN ({engagements})", (subject,)),
-        ("feedback", f"SELECT * FROM feedback WHERE engagement_id IN ({engagements})", (subject,)),
+        (t, f"SELECT * FROM {t} WHERE {where[t]}{order_by.get(t, '')}", _user_params(where[t], user_id, subject))
+        for t in tables
     ]
+
+
+def _user_params(where: str, user_id: str, subject: str) -> Row:
+    # sqlite3 wants exactly as many values as the highest ?N a statement uses.
+    return (user_id, subject) if "?2" in where else (user_id,)
 
 
 def _plain(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
@@ -361,6 +386,14 @@ class _Transaction:
 _Op = _Statement | _AppendSignals | _Transaction
 
 
+@dataclass(slots=True, eq=False)
+class _Checkpoint:
+    """``PRAGMA wal_checkpoint(TRUNCATE)``: runs between transactions, never inside one."""
+
+    future: asyncio.Future[Any]
+    size: int = 1
+
+
 def _groups(batch: list[_Op]) -> Iterable[list[_Op]]:
     group: list[_Op] = []
     for op in batch:
@@ -390,7 +423,7 @@ class _BatchWriter:
         self._conn = conn
         self._max_batch = max_batch
         self._guard = txn_guard
-        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Op | _Checkpoint | None] = asyncio.Queue()
         self._closed = False
         self._batches = self._ops = self._rows = self._failed = 0
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cuepoint-sqlite-writer")
@@ -409,6 +442,11 @@ class _BatchWriter:
     ) -> Any:
         return await self._submit(_Transaction(work, self._new_future(), max(size, 1)))
 
+    async def checkpoint(self) -> bool:
+        """Checkpoint the WAL and truncate it, after everything submitted before; False if readers kept it busy."""
+        result: bool = await self._submit(_Checkpoint(self._new_future()))
+        return result
+
     async def stop(self) -> None:
         if not self._closed:
             self._closed = True
@@ -419,7 +457,7 @@ class _BatchWriter:
     def _new_future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
 
-    async def _submit(self, op: _Op) -> Any:
+    async def _submit(self, op: _Op | _Checkpoint) -> Any:
         if self._closed:
             raise StoreClosedError("store is closed")
         self._queue.put_nowait(op)
@@ -429,12 +467,16 @@ class _BatchWriter:
 
     async def _run(self) -> None:
         pending: list[_Op] = []
+        held: _Checkpoint | None = None
         try:
             stopping = False
             while not stopping:
                 first = await self._queue.get()
                 if first is None:
                     break
+                if isinstance(first, _Checkpoint):
+                    await self._checkpoint(first)
+                    continue
                 pending = [first]
                 size = first.size
                 while size < self._max_batch and not self._queue.empty():
@@ -442,20 +484,41 @@ class _BatchWriter:
                     if op is None:
                         stopping = True
                         break
+                    if isinstance(op, _Checkpoint):
+                        held = op  # after this batch's transaction
+                        break
                     pending.append(op)
                     size += op.size
                 await self._apply(pending)
                 pending = []
+                if held is not None:
+                    await self._checkpoint(held)
+                    held = None
         finally:
             # Only reached early if the task is cancelled (e.g. loop shutdown): nobody may wait forever.
             self._closed = True
+            left: list[_Op | _Checkpoint] = [*pending, *([held] if held is not None else [])]
             while not self._queue.empty():
                 op = self._queue.get_nowait()
                 if op is not None:
-                    pending.append(op)
-            for op in pending:
+                    left.append(op)
+            for op in left:
                 if not op.future.done():
                     op.future.set_exception(StoreClosedError("store closed before the write was committed"))
+
+    async def _checkpoint(self, op: _Checkpoint) -> None:
+        try:
+            async with self._guard:
+                rows = list(await self._conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)"))
+        except Exception as exc:
+            if not op.future.done():
+                op.future.set_exception(exc)
+            return
+        busy = bool(rows and rows[0][0])
+        if busy:
+            log.warning("storage.checkpoint_busy")
+        if not op.future.done():
+            op.future.set_result(not busy)
 
     async def _apply(self, batch: list[_Op]) -> None:
         applying = False
@@ -524,6 +587,9 @@ async def _configure(conn: aiosqlite.Connection, *, read_only: bool) -> None:
     # NORMAL in WAL mode survives application crashes; only an OS crash/power loss can drop the last commits.
     await conn.execute("PRAGMA synchronous = NORMAL")
     await conn.execute("PRAGMA foreign_keys = ON")
+    # Deleted content is overwritten with zeros, so an erased user's strings do not linger in free pages (some
+    # builds default to this, e.g. Debian's; stock SQLite does not).
+    await conn.execute("PRAGMA secure_delete = ON")
     if read_only:
         await conn.execute("PRAGMA query_only = ON")
 
@@ -830,28 +896,29 @@ class SqliteStore(PredictState):
         return out
 
     async def erase_user(self, user_id: str) -> dict[str, int]:
-        """Delete everything stored about one user (right to erasure); returns rows deleted per table."""
+        """Delete everything stored about one user (right to erasure); returns rows deleted per table.
+
+        That is the user's sessions with their journeys, cues, decisions and engagements (with chat, channel
+        changes, transfers, participants and feedback), and the anonymous sessions of the same devices: what
+        the device did before the user signed in. One transaction. Deleted
+        content is overwritten (``secure_delete``); ``checkpoint()`` then empties the WAL of it.
+        """
         subject = f"user:{user_id}"
-        counts: dict[str, int] = {}
-        for table, sql, params in _user_queries(user_id, subject):
-            counts[table] = len(await self._fetch(sql, params))
-        # Children first: they are found through the sessions and engagements deleted last.
-        sessions = "SELECT session_id FROM sessions WHERE user_id = ?"
-        engagements = "SELECT engagement_id FROM engagements WHERE subject = ?"
-        for sql, params in (
-            (f"DELETE FROM chat_messages WHERE engagement_id IN ({engagements})", (subject,)),
-            (f"DELETE FROM channel_changes WHERE engagement_id IN ({engagements})", (subject,)),
-            (f"DELETE FROM feedback WHERE engagement_id IN ({engagements})", (subject,)),
-            (f"DELETE FROM signals WHERE session_id IN ({sessions})", (user_id,)),
-            (f"DELETE FROM milestones WHERE session_id IN ({sessions})", (user_id,)),
-            (f"DELETE FROM predict_labels WHERE session_id IN ({sessions})", (user_id,)),
-            ("DELETE FROM decisions WHERE subject = ?", (subject,)),
-            ("DELETE FROM cues WHERE subject = ?", (subject,)),
-            ("DELETE FROM engagements WHERE subject = ?", (subject,)),
-            ("DELETE FROM sessions WHERE user_id = ?", (user_id,)),
-        ):
-            await self._writer.execute(sql, params)
+
+        async def run(conn: aiosqlite.Connection) -> tuple[dict[str, int], int]:
+            counts: dict[str, int] = {}
+            for table, where in _USER_ROWS:
+                cursor = await conn.execute(f"DELETE FROM {table} WHERE {where}", _user_params(where, user_id, subject))
+                counts[table] = max(cursor.rowcount, 0)
+            return counts, sum(counts.values())
+
+        counts: dict[str, int] = await self._writer.transaction(run, len(_USER_ROWS))
         return counts
+
+    async def checkpoint(self) -> bool:
+        """Copy the WAL into the database file and truncate it (after an erasure: no erased page survives
+        there). False if a reader kept it from completing within the busy timeout."""
+        return bool(await self._writer.checkpoint())
 
     # -- device credentials -------------------------------------------------------------------------
 

@@ -1,0 +1,182 @@
+"""Consent and erasure hold in the bytes on disk: the raw SQLite file and its WAL are scanned for the values.
+
+Real server on port 0, real SDK, real gRPC; a local HTTP receiver for webhooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+import pytest
+
+import cuepoint
+from cuepoint.v1 import admin_pb2, admin_pb2_grpc
+from cuepoint_server.app import CuepointServer
+from cuepoint_server.webhooks import WebhookConfig, verify
+
+from .conftest import StartServer
+
+HOOK_SECRET = "whsec-privacy-test"
+
+ORDER_HELP = """
+id: order-help
+trigger: {event: order_stuck}
+cue:
+  message: "Hi {{ user.first_name | default('there') }}, need help with order {{ attributes.order | default('?') }}?"
+  channel: chat
+  queue: support
+"""
+
+
+class Receiver:
+    """A CRM endpoint: keeps every POST."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    async def event(self, kind: str) -> dict[str, object]:
+        async with asyncio.timeout(10):
+            while True:
+                for headers, body in self.received:
+                    if headers.get("x-cuepoint-event") == kind:
+                        assert verify(HOOK_SECRET, headers["x-cuepoint-signature"], body)
+                        data: dict[str, object] = json.loads(body)
+                        return data
+                await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+def raw_bytes(server: CuepointServer) -> dict[str, bytes]:
+    """The database file and its write-ahead log, as bytes on disk."""
+    db = Path(server.config.db)
+    files = {db.name: db.read_bytes()}
+    wal = db.with_name(db.name + "-wal")
+    files[wal.name] = wal.read_bytes() if wal.exists() else b""
+    return files
+
+
+async def found_on_disk(server: CuepointServer, *values: str) -> dict[str, list[str]]:
+    """Which of `values` (UTF-8) appear in which file: the test fails naming them."""
+    files = await asyncio.to_thread(raw_bytes, server)
+    hits: dict[str, list[str]] = {}
+    for name, data in files.items():
+        for value in values:
+            if value.encode() in data:
+                hits.setdefault(name, []).append(value)
+    return hits
+
+
+async def device(
+    server: CuepointServer,
+    device_id: str,
+    *,
+    consent: cuepoint.Consent = cuepoint.Consent.FULL,
+    user: cuepoint.User | None = None,
+) -> cuepoint.Client:
+    return await cuepoint.connect(
+        server.address,
+        app_id="fitkit",
+        device_id=device_id,
+        context=cuepoint.Context(app_version="4.2.0", os="iOS", attributes={"order": "A-9001"}),
+        user=user,
+        consent=consent,
+        config=cuepoint.ClientConfig(connect_timeout=5),
+    )
+
+
+async def test_erasure_is_complete_on_a_connected_device(start_server: StartServer, receiver: Receiver) -> None:
+    hook = WebhookConfig(url=receiver.url, secret=HOOK_SECRET, backoff=0.01)
+    server = await start_server(ORDER_HELP, webhooks=(hook,))
+    # Before signing in, on an earlier visit: anonymous history of the device.
+    earlier = await device(server, "erin-phone")
+    await earlier.track("screen_viewed", screen="anon-history-7f3a")
+    await earlier.flush(timeout=5)
+    await earlier.close()
+
+    # Another user's rows share the same pages, so the erased ones are cells amid kept data.
+    kai = await device(server, "kai-phone", user=cuepoint.User(user_id="kai-4411", attributes={"first_name": "Kai"}))
+    await kai.track("screen_viewed", screen="kai-keeps-this-61d0")
+    await kai.track("order_stuck")
+    await kai.flush(timeout=5)
+
+    phone = await device(server, "erin-phone")
+    await phone.track("screen_viewed", screen="pre-signin-2c9e")
+    await phone.flush(timeout=5)
+    await phone.set_context(
+        user=cuepoint.User(user_id="erin-8d2c", attributes={"first_name": "Erinna", "email": "erin@example.com"})
+    )
+    await phone.track("order_stuck")
+    await phone.flush(timeout=5)
+    cue = await phone.next_cue(timeout=5)
+    assert cue.message == "Hi Erinna, need help with order A-9001?"
+    old_session = server.core._reg.sessions["erin-phone"].session_id
+
+    erased_values = ("erin-8d2c", "erin@example.com", "Erinna", "anon-history-7f3a", "pre-signin-2c9e")
+    assert await found_on_disk(server, *erased_values)  # the scan does find what is there
+
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        events = phone.events()
+        deleted = (await admin.EraseUser(admin_pb2.EraseUserRequest(user_id="erin-8d2c"))).deleted
+        assert deleted["sessions"] == 2 and deleted["signals"] >= 4 and deleted["cues"] == 1
+
+        # Still connected: what the device sends now is stored, but never under the erased identity.
+        await phone.track("screen_viewed", screen="after-erase-5b1d")
+        await phone.flush(timeout=5)
+        live = server.core._reg.sessions["erin-phone"]
+        assert live.session_id != old_session and live.subject == "device:erin-phone"
+        assert not any(k.startswith("user.") for k in live.state.context)
+        await server.core.drain()
+        stored = await server.store.get_session(live.session_id)
+        assert stored is not None and stored.user_id == "" and "user.email" not in stored.context
+        again = json.loads((await admin.ExportUser(admin_pb2.ExportUserRequest(user_id="erin-8d2c"))).json)
+        assert all(rows == [] for rows in again.values()), again
+        # The cue that named her was withdrawn from the screen.
+        async with asyncio.timeout(5):
+            async for item in events:
+                if isinstance(item, cuepoint.CueWithdrawal):
+                    assert (item.cue_id, item.reason) == (cue.cue_id, "erased")
+                    break
+
+    # Not in the database file, not in the WAL: secure_delete zeroes freed cells, the WAL was truncated.
+    assert await found_on_disk(server, *erased_values) == {}
+    kept = await found_on_disk(server, "after-erase-5b1d", "kai-4411", "kai-keeps-this-61d0")
+    assert sorted({v for values in kept.values() for v in values}) == [
+        "after-erase-5b1d",
+        "kai-4411",
+        "kai-keeps-this-61d0",
+    ]
+
+    # The CRM is told, signed.
+    erased = await receiver.event("user.erased")
+    data = erased["data"]
+    assert isinstance(data, dict) and data["user_id"] == "erin-8d2c" and data["deleted"]["sessions"] == 2
+    await phone.close()
+    await kai.close()
