@@ -23,6 +23,7 @@ from .conftest import SHIPPED, StartServer
 FITKIT_KEY = "fk_live_browser_test_key_1"
 DANA = "dana-desk-token-0123456789"
 ELI = "eli-desk-token-0123456789ab"
+FAY = "fay-desk-token-0123456789ab"
 ADMIN = "adm-console-token-0123456789"
 AUTH = AuthConfig.from_dict(
     {
@@ -30,6 +31,7 @@ AUTH = AuthConfig.from_dict(
         "associates": {
             "dana": {"token": DANA, "queues": ["fitkit-support"]},
             "eli": {"token": ELI, "queues": ["shop-support"]},
+            "fay": {"token": FAY, "queues": ["fitkit-support"]},
         },
         "admin_tokens": [ADMIN],
     }
@@ -117,7 +119,9 @@ async def test_fitkit_story_in_the_browser(start_server: StartServer) -> None:
         await expect(notice).to_contain_text("Unable to sync? I can help you.")
         await expect(desk.locator("#countdown")).to_have_text(re.compile(r"^\d+$"))
         await screenshot(desk, "desk-1-incoming-notice")
-        await notice.get_by_role("button", name="Accept").click()
+        # Keyboard first: the notice moves focus to Accept, so Enter takes the engagement.
+        await expect(notice.get_by_role("button", name="Accept")).to_be_focused()
+        await desk.keyboard.press("Enter")
         assigned = await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
         assert assigned.associate_name == "dana"
 
@@ -125,6 +129,7 @@ async def test_fitkit_story_in_the_browser(start_server: StartServer) -> None:
         await expect(context.locator("[data-field='app.version']")).to_contain_text("4.2.0")
         await expect(context.locator("[data-field='device.model']")).to_have_text("iPhone15,2")
         await expect(context).to_contain_text("premium")
+        await expect(context.locator("[data-field='user.id']")).to_contain_text("claimed")
         await expect(desk.locator("#why")).to_contain_text("FitKit: sync keeps failing (premium)")
         await expect(desk.locator("#conditions")).to_contain_text("sync_failed")
         await expect(desk.locator("#conditions")).to_contain_text("user.tier")

@@ -16,7 +16,7 @@ import cuepoint
 from cuepoint_server.app import CuepointServer
 
 from .conftest import SHIPPED, StartServer
-from .test_browser_desk import ADMIN, AUTH, DANA, ELI, fail_to_sync, fitkit_phone
+from .test_browser_desk import ADMIN, AUTH, DANA, ELI, FAY, fail_to_sync, fitkit_phone
 
 
 async def start(start_server: StartServer, **options: Any) -> CuepointServer:
@@ -178,3 +178,55 @@ async def test_scenario_switch_and_pause_change_what_devices_get(start_server: S
             assert response.status == 404
         cue = await fail_to_sync(await fitkit_phone(server, "phone-on"))
         assert cue.scenario_id == "fitkit-sync-failure"
+
+
+async def test_decline_with_a_reason_then_wrap_up_with_a_queue_code(start_server: StartServer) -> None:
+    server = await start(start_server)
+    async with client() as dana_http, client() as fay_http:
+        dana_csrf = await sign_in(dana_http, server, "/api/desk/session", token=DANA)
+        fay_csrf = await sign_in(fay_http, server, "/api/desk/session", token=FAY)
+        async with (
+            dana_http.ws_connect(f"{server.http_url}/api/desk/ws") as dana,
+            fay_http.ws_connect(f"{server.http_url}/api/desk/ws") as fay,
+        ):
+            await next_event(dana, "signed_in")
+            await next_event(fay, "signed_in")
+            phone = await fitkit_phone(server)
+            engagement = await phone.accept(await fail_to_sync(phone))
+            # Both are equally idle: the id decides, so Dana is offered it first.
+            offered = await next_event(dana, "offered")
+            engagement_id = offered["engagement"]["engagement_id"]
+            base = f"{server.http_url}/api/desk/engagements/{engagement_id}"
+            async with dana_http.post(
+                f"{base}/decline", json={"reason": "not my skill"}, headers={"X-CSRF-Token": dana_csrf}
+            ) as response:
+                assert response.status == 200
+            assert (await next_event(fay, "offered"))["engagement"]["engagement_id"] == engagement_id
+            headers = {"X-CSRF-Token": fay_csrf}
+            async with fay_http.post(f"{base}/accept", json={}, headers=headers) as response:
+                assert response.status == 200
+            assigned = await next_event(fay, "assigned")
+            assert assigned["engagement"]["queue_config"]["dispositions"][0] == "resolved"
+            await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+
+            # The live journey: the phone's new event once stored; not its context change (consent-filtered).
+            await phone.track("screen_viewed", screen="settings")
+            await phone.set_context(attributes={"cart": 3}, user=cuepoint.User(tier="premium", attributes={"secret": "x"}))
+            await phone.flush()
+            journey = await next_event(fay, "journey")
+            assert [(i["kind"], i["name"], i["payload"]) for i in journey["items"]] == [
+                ("event", "screen_viewed", {"screen": "settings"})
+            ]
+
+            async with fay_http.post(f"{base}/wrap-up", json={"disposition": "done"}, headers=headers) as response:
+                assert response.status == 400
+                body = await response.json()
+                assert body["field"] == "end.disposition" and "resolved" in body["error"]
+            async with fay_http.post(
+                f"{base}/wrap-up", json={"disposition": "escalated", "notes": "to tier 2"}, headers=headers
+            ) as response:
+                assert response.status == 200
+            ended = await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=5)
+            assert ended.disposition == "escalated"
+            assert (await next_event(fay, "ended"))["disposition"] == "escalated"
+            await phone.close()

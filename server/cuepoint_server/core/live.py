@@ -58,6 +58,7 @@ class QueueLoad:
     waiting: int  # engagements queued for an associate
     associates: int  # signed in to the queue
     available: int  # of which with spare capacity
+    longest_wait: float = 0.0  # seconds the longest-waiting engagement has waited (core clock); 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +109,26 @@ def describe_session(
 
 
 def queue_loads(
-    queues: Iterable[str], associates: Sequence[AssociateSession], waiting_count: Callable[[str], int]
+    queues: Iterable[str],
+    associates: Sequence[AssociateSession],
+    waiting_count: Callable[[str], int],
+    oldest_since: Callable[[str], float | None] | None = None,
+    now: float = 0.0,
 ) -> list[QueueLoad]:
     """One row per queue in `queues` or served by an associate, sorted by name."""
     names = set(queues) | {q for a in associates for q in a.queues}
+
+    def longest(name: str) -> float:
+        since = oldest_since(name) if oldest_since is not None else None
+        return max(0.0, now - since) if since is not None else 0.0
+
     return [
         QueueLoad(
             queue=name,
             waiting=waiting_count(name),
             associates=sum(1 for a in associates if name in a.queues and not a.closed),
             available=sum(1 for a in associates if name in a.queues and a.available),
+            longest_wait=longest(name),
         )
         for name in sorted(names)
     ]

@@ -56,6 +56,11 @@ class Router:
         merged = sorted(w for q in queues for w in self._waiting.get(q, ()))
         return [w[2] for w in merged]
 
+    def oldest_since(self, queue: str) -> float | None:
+        """When the longest-waiting engagement of `queue` started waiting; None when none waits."""
+        waiting = self._waiting.get(queue)
+        return min(w[1] for w in waiting) if waiting else None
+
     def waiting_count(self, queue: str) -> int:
         return len(self._waiting.get(queue, ()))
 

@@ -145,7 +145,9 @@ class Core(SessionLifecycle, Privacy):
     def queue_loads(self) -> list[QueueLoad]:
         """Per queue (of a scenario, an associate or a waiting engagement): waiting engagements, associates."""
         queues = {s.queue for s in self.engine.scenarios.scenarios} | self.desk.queues_in_use()
-        return queue_loads(queues, self.router.associates(), self.router.waiting_count)
+        return queue_loads(
+            queues, self.router.associates(), self.router.waiting_count, self.router.oldest_since, self.clock.now()
+        )
 
     def stats(self) -> dict[str, int]:
         return {

@@ -129,7 +129,13 @@ class Desk:
             while not desk.ws.closed:
                 mine = set(desk.associate.queues)
                 counts = [
-                    {"queue": q.queue, "waiting": q.waiting, "associates": q.associates, "available": q.available}
+                    {
+                        "queue": q.queue,
+                        "waiting": q.waiting,
+                        "longest_wait": round(q.longest_wait),
+                        "associates": q.associates,
+                        "available": q.available,
+                    }
                     for q in self.core.queue_loads()
                     if q.queue in mine
                 ]

@@ -160,7 +160,13 @@ def live_now(live: LiveNow, *, offers_paused: bool) -> dict[str, Any]:
         "offers_paused": offers_paused,
         "sessions": [_session(s) for s in sessions],
         "queues": [
-            {"queue": q.queue, "waiting": q.waiting, "associates": q.associates, "available": q.available}
+            {
+                "queue": q.queue,
+                "waiting": q.waiting,
+                "longest_wait": round(q.longest_wait, 1),
+                "associates": q.associates,
+                "available": q.available,
+            }
             for q in live.queues
         ],
     }

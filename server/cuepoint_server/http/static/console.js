@@ -89,7 +89,7 @@
     if (!body.firstChild) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "No sessions" + (needle ? " match the filter" : "") })));
     const queues = clear($("queues"));
     for (const q of live.queues) {
-      queues.append(el("tr", {}, el("td", { text: q.queue }), el("td", { text: String(q.waiting) }), el("td", { text: String(q.associates) }), el("td", { text: String(q.available) })));
+      queues.append(el("tr", { "data-queue": q.queue }, el("td", { text: q.queue }), el("td", { text: String(q.waiting) }), el("td", { text: q.waiting ? Math.round(q.longest_wait) + " s" : "—" }), el("td", { text: String(q.associates) }), el("td", { text: String(q.available) })));
     }
   }
 

@@ -104,7 +104,7 @@
     const box = clear($("queue-counts"));
     for (const q of queues) {
       box.append(el("span", { class: "count", "data-queue": q.queue },
-        q.queue + ": " + q.waiting + " waiting · " + q.available + "/" + q.associates + " free"));
+        q.queue + ": " + q.waiting + " waiting" + (q.waiting ? " (longest " + q.longest_wait + " s)" : "") + " · " + q.available + "/" + q.associates + " free"));
     }
   }
 
@@ -176,7 +176,10 @@
     fact(dl, "Locale", ctx["device.locale"]);
     fact(dl, "Zone", ctx["device.timezone"]);
     fact(dl, "Location", [ctx["location.city"], ctx["location.region"], ctx["location.country"]].filter(Boolean).join(", "));
-    fact(dl, "User", c.user_id ? c.user_id : (c.redacted_fields.includes("user.id") ? "redacted" : "anonymous"));
+    const identity = c.user_id
+      ? [c.user_id + " ", el("span", { class: "badge " + (c.user_verified ? "ok" : "warn"), text: c.user_verified ? "verified" : "claimed" })]
+      : (c.redacted_fields.includes("user.id") ? el("span", { class: "badge warn", text: "redacted" }) : "anonymous");
+    fact(dl, "User", identity, { "data-field": "user.id" });
     for (const [key, value] of Object.entries(c.user_attributes || {})) fact(dl, key === "tier" ? "Tier" : "user." + key, String(value));
     for (const key of c.redacted_fields || []) if (key !== "user.id") fact(dl, key, el("span", { class: "badge warn", text: "redacted" }));
     for (const [key, value] of Object.entries(ctx)) if (key.startsWith("attributes.")) fact(dl, key, String(value));
@@ -190,7 +193,10 @@
     fact(why, "Cue", "“" + c.cue.message + "” by " + (CHANNEL_NAMES[c.cue.channel] || c.cue.channel));
     fact(why, "Priority", "scenario " + t.priority + " · engagement " + (c.priority || 0));
     fact(why, "Queue", e.queue + (t.queue && t.queue !== e.queue ? " (routed from " + t.queue + ")" : ""));
-    if (t.score !== undefined) fact(why, "Score", String(t.score));
+    for (const [outcome, score] of Object.entries(c.scores || t.scores || {})) {
+      const p = typeof score.probability === "number" ? (score.probability * 100).toFixed(0) + "%" : "—";
+      fact(why, "Score: " + outcome, p + (score.status ? " (" + score.status + ")" : ""));
+    }
     fact(why, "Milestones", (t.milestones || []).join(", "));
     const rows = clear($("conditions"));
     for (const [path, text] of t.conditions || []) {
