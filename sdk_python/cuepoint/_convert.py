@@ -38,6 +38,8 @@ from .models import (
     EngagementUpdate,
     FallbackOffer,
     FallbackOption,
+    FeedbackKind,
+    FeedbackRequest,
     JourneyEntry,
     Location,
     MatchedCondition,
@@ -531,6 +533,25 @@ def fallback_offer_from_proto(msg: device_pb2.FallbackOffer) -> FallbackOffer:
     )
 
 
+_FEEDBACK_KINDS = {device_pb2.FEEDBACK_KIND_CSAT: FeedbackKind.CSAT, device_pb2.FEEDBACK_KIND_NPS: FeedbackKind.NPS}
+
+
+def feedback_request_from_proto(msg: device_pb2.FeedbackRequest) -> FeedbackRequest:
+    return FeedbackRequest(
+        engagement_id=msg.engagement_id,
+        kind=_FEEDBACK_KINDS.get(msg.kind),
+        question=msg.question,
+        min_score=msg.min_score,
+        max_score=msg.max_score,
+        comment_allowed=msg.comment_allowed,
+    )
+
+
+def feedback_answer(engagement_id: str, score: int, comment: str) -> device_pb2.DeviceMessage:
+    answer = device_pb2.FeedbackAnswer(engagement_id=engagement_id, score=score, comment=comment)
+    return device_pb2.DeviceMessage(feedback=answer)
+
+
 # --- engagement traffic (both directions, both sides) -----------------------
 
 
@@ -803,9 +824,7 @@ def signal_batch(batch_id: str, sent_at: float, signals: Iterable[common_pb2.Sig
 
 
 def cue_response(cue_id: str, response: CueResponse, at: float, button_id: str = "") -> device_pb2.DeviceMessage:
-    msg = device_pb2.CueResponse(
-        cue_id=cue_id, kind=_RESPONSE_TO_PB[response], time=timestamp(at), button_id=button_id
-    )
+    msg = device_pb2.CueResponse(cue_id=cue_id, kind=_RESPONSE_TO_PB[response], time=timestamp(at), button_id=button_id)
     return device_pb2.DeviceMessage(cue_response=msg)
 
 

@@ -80,6 +80,7 @@ from .models import (
     CueWithdrawal,
     EngagementState,
     EngagementUpdate,
+    FeedbackRequest,
     Location,
     Scalar,
     ServerEvent,
@@ -214,6 +215,7 @@ class Client:
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
         self._cue_inbox: Inbox[Cue] = Inbox(maxlen=_CUE_INBOX_SIZE)
+        self._feedback_inbox: Inbox[FeedbackRequest] = Inbox(maxlen=_CUE_INBOX_SIZE)
         self._subscribers: weakref.WeakSet[Inbox[ServerEvent]] = weakref.WeakSet()
         self._callbacks: list[CueCallback] = []
         self._engagements: dict[str, Engagement] = {}
@@ -672,6 +674,27 @@ class Client:
         """The next cue from :meth:`cues`; raises :class:`TimedOut` after ``timeout`` s."""
         return await get_within(self._cue_inbox, timeout, "cue")
 
+    async def next_feedback_request(self, *, timeout: float | None = None) -> FeedbackRequest:
+        """The next request for a rating, sent when an engagement ends; :class:`TimedOut` after ``timeout`` s."""
+        return await get_within(self._feedback_inbox, timeout, "feedback request")
+
+    async def give_feedback(self, request: FeedbackRequest, score: int, comment: str = "") -> None:
+        """Answer a rating request; returns once sent. The server keeps the first answer per engagement.
+
+        A score outside ``min_score``..``max_score``, or a comment the request does not allow, raises
+        :class:`InvalidSignal` here rather than ending the session at the server.
+        """
+        self._check_usable(started=True)
+        if isinstance(score, bool) or not isinstance(score, int) or not request.min_score <= score <= request.max_score:
+            raise InvalidSignal(
+                f"score must be an integer from {request.min_score} to {request.max_score}", field="feedback.score"
+            )
+        if comment and not request.comment_allowed:
+            raise InvalidSignal("this request takes no comment", field="feedback.comment")
+        if len(comment) > 1000:
+            raise InvalidSignal("at most 1000 characters", field="feedback.comment")
+        await self._send_engagement(_convert.feedback_answer(request.engagement_id, score, comment))
+
     def on_cue(self, callback: CueCallback) -> Callable[[], None]:
         """Call ``callback(cue)`` for every cue from now on; returns an unsubscribe function.
 
@@ -866,6 +889,8 @@ class Client:
             self._route(_convert.fallback_offer_from_proto(message.fallback))
         elif kind == "user_verification":
             self._on_verification(_convert.user_verification_from_proto(message.user_verification))
+        elif kind == "feedback_request":
+            self._feedback_inbox.put(_convert.feedback_request_from_proto(message.feedback_request))
         elif kind == "welcome":
             log.warning("cuepoint: ignoring a second Welcome")
         else:

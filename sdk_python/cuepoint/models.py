@@ -38,6 +38,8 @@ __all__ = [
     "EngagementUpdate",
     "FallbackOffer",
     "FallbackOption",
+    "FeedbackKind",
+    "FeedbackRequest",
     "JourneyEntry",
     "Location",
     "MatchedCondition",
@@ -467,6 +469,29 @@ class UserVerification:
     user_id: str
     verified: bool
     reason: str = ""
+
+
+class FeedbackKind(enum.Enum):
+    CSAT = "csat"
+    """Customer satisfaction, 1 to 5."""
+    NPS = "nps"
+    """Net promoter score: how likely to recommend, 0 to 10."""
+
+
+@dataclass(frozen=True)
+class FeedbackRequest:
+    """An engagement ended and the scenario or queue asks for a rating.
+
+    Show ``question`` with a scale from ``min_score`` to ``max_score``; answer with
+    :meth:`Client.give_feedback` (or not at all).
+    """
+
+    engagement_id: str
+    kind: FeedbackKind | None = None
+    question: str = ""
+    min_score: int = 0
+    max_score: int = 0
+    comment_allowed: bool = False
 
 
 ServerEvent: TypeAlias = Cue | CueWithdrawal | EngagementUpdate | UserVerification

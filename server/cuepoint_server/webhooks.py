@@ -1,4 +1,4 @@
-"""Webhooks: POST engagement start/end, with the context payload, and user erasures to a CRM.
+"""Webhooks: POST engagement start/end (with the context payload), feedback ratings and user erasures to a CRM.
 
 Each delivery is signed (HMAC-SHA256 over "<timestamp>.<body>", sent as
 `X-Cuepoint-Signature: t=<timestamp>,v1=<hex>`, so the receiver can reject
@@ -26,7 +26,7 @@ __all__ = ["WebhookConfig", "WebhookDispatcher", "sign", "verify"]
 log = structlog.get_logger("cuepoint.webhooks")
 
 # user.erased tells the CRM to erase the user too: {"user_id", "erased_at", "deleted": rows per table}.
-EVENTS = ("engagement.started", "engagement.ended", "user.erased")
+EVENTS = ("engagement.started", "engagement.ended", "user.erased", "feedback.received")
 
 
 @dataclass(frozen=True, slots=True)

@@ -535,6 +535,7 @@ class FunnelRow(_message.Message):
     HOLDOUT_FIELD_NUMBER: _builtins.int
     OPENED_FIELD_NUMBER: _builtins.int
     VARIANTS_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
     scenario_id: _builtins.str
     qualified: _builtins.int
     """Times the scenario qualified and was arbitrated: offered + blocked."""
@@ -576,6 +577,10 @@ class FunnelRow(_message.Message):
     def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantResult]:
         """Per A/B variant, the control first; empty when no cue carried a variant."""
 
+    @_builtins.property
+    def feedback(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedbackSummary]:
+        """Ratings given after this scenario's engagements, one entry per kind."""
+
     def __init__(
         self,
         *,
@@ -598,14 +603,79 @@ class FunnelRow(_message.Message):
         holdout: Global___ConversionGroup | None = ...,
         opened: _builtins.int = ...,
         variants: _abc.Iterable[Global___VariantResult] | None = ...,
+        feedback: _abc.Iterable[Global___FeedbackSummary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["holdout", b"holdout", "treated", b"treated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "blocked", b"blocked", "blocked_total", b"blocked_total", "declined", b"declined", "dismissed", b"dismissed", "engaged", b"engaged", "group", b"group", "holdout", b"holdout", "ignored", b"ignored", "offered", b"offered", "opened", b"opened", "pending", b"pending", "qualified", b"qualified", "qualified_sessions", b"qualified_sessions", "resolved", b"resolved", "scenario_id", b"scenario_id", "treated", b"treated", "variants", b"variants", "withdrawn", b"withdrawn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "blocked", b"blocked", "blocked_total", b"blocked_total", "declined", b"declined", "dismissed", b"dismissed", "engaged", b"engaged", "feedback", b"feedback", "group", b"group", "holdout", b"holdout", "ignored", b"ignored", "offered", b"offered", "opened", b"opened", "pending", b"pending", "qualified", b"qualified", "qualified_sessions", b"qualified_sessions", "resolved", b"resolved", "scenario_id", b"scenario_id", "treated", b"treated", "variants", b"variants", "withdrawn", b"withdrawn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FunnelRow: _TypeAlias = FunnelRow  # noqa: Y015
+
+@_typing.final
+class FeedbackSummary(_message.Message):
+    """Ratings of one kind given after engagements (cue.feedback or a queue's)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    AVERAGE_SCORE_FIELD_NUMBER: _builtins.int
+    SATISFIED_SHARE_FIELD_NUMBER: _builtins.int
+    NET_PROMOTER_SCORE_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"csat" (1 to 5) or "nps" (0 to 10)."""
+    responses: _builtins.int
+    average_score: _builtins.float
+    satisfied_share: _builtins.float
+    """CSAT: share of 4 and 5. NPS: share of promoters (9 and 10)."""
+    net_promoter_score: _builtins.float
+    """NPS only: promoters minus detractors (0 to 6), in points from -100 to 100."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        responses: _builtins.int = ...,
+        average_score: _builtins.float = ...,
+        satisfied_share: _builtins.float = ...,
+        net_promoter_score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["average_score", b"average_score", "kind", b"kind", "net_promoter_score", b"net_promoter_score", "responses", b"responses", "satisfied_share", b"satisfied_share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackSummary: _TypeAlias = FeedbackSummary  # noqa: Y015
+
+@_typing.final
+class DeskFeedback(_message.Message):
+    """Ratings per queue and associate (associate_id empty: ended before anyone took it)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    ASSOCIATE_ID_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    associate_id: _builtins.str
+    @_builtins.property
+    def summary(self) -> Global___FeedbackSummary: ...
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        associate_id: _builtins.str = ...,
+        summary: Global___FeedbackSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "queue", b"queue", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeskFeedback: _TypeAlias = DeskFeedback  # noqa: Y015
 
 @_typing.final
 class VariantResult(_message.Message):
@@ -666,18 +736,26 @@ class GetFunnelResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROWS_FIELD_NUMBER: _builtins.int
+    FEEDBACK_BY_DESK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___FunnelRow]:
         """Sorted by scenario id, then group values."""
+
+    @_builtins.property
+    def feedback_by_desk(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeskFeedback]:
+        """Ratings after the engagements of the same cues, per queue and associate,
+        sorted by queue, associate and kind.
+        """
 
     def __init__(
         self,
         *,
         rows: _abc.Iterable[Global___FunnelRow] | None = ...,
+        feedback_by_desk: _abc.Iterable[Global___DeskFeedback] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feedback_by_desk", b"feedback_by_desk", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

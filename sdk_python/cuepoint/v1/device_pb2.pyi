@@ -21,6 +21,27 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _FeedbackKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeedbackKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeedbackKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEEDBACK_KIND_UNSPECIFIED: _FeedbackKind.ValueType  # 0
+    FEEDBACK_KIND_CSAT: _FeedbackKind.ValueType  # 1
+    """Customer satisfaction, 1 (very unsatisfied) to 5 (very satisfied)."""
+    FEEDBACK_KIND_NPS: _FeedbackKind.ValueType  # 2
+    """Net promoter: how likely to recommend, 0 to 10."""
+
+class FeedbackKind(_FeedbackKind, metaclass=_FeedbackKindEnumTypeWrapper): ...
+
+FEEDBACK_KIND_UNSPECIFIED: FeedbackKind.ValueType  # 0
+FEEDBACK_KIND_CSAT: FeedbackKind.ValueType  # 1
+"""Customer satisfaction, 1 (very unsatisfied) to 5 (very satisfied)."""
+FEEDBACK_KIND_NPS: FeedbackKind.ValueType  # 2
+"""Net promoter: how likely to recommend, 0 to 10."""
+Global___FeedbackKind: _TypeAlias = FeedbackKind  # noqa: Y015
+
 class _FallbackOption:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -60,6 +81,7 @@ class DeviceMessage(_message.Message):
     END_ENGAGEMENT_FIELD_NUMBER: _builtins.int
     FALLBACK_CHOICE_FIELD_NUMBER: _builtins.int
     USER_TOKEN_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -80,6 +102,8 @@ class DeviceMessage(_message.Message):
     def fallback_choice(self) -> Global___FallbackChoice: ...
     @_builtins.property
     def user_token(self) -> Global___UserToken: ...
+    @_builtins.property
+    def feedback(self) -> Global___FeedbackAnswer: ...
     def __init__(
         self,
         *,
@@ -93,12 +117,13 @@ class DeviceMessage(_message.Message):
         end_engagement: Global___EndEngagementByUser | None = ...,
         fallback_choice: Global___FallbackChoice | None = ...,
         user_token: Global___UserToken | None = ...,
+        feedback: Global___FeedbackAnswer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "cue_response", b"cue_response", "end_engagement", b"end_engagement", "fallback_choice", b"fallback_choice", "hello", b"hello", "kind", b"kind", "signals", b"signals", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "user_token", b"user_token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "cue_response", b"cue_response", "end_engagement", b"end_engagement", "fallback_choice", b"fallback_choice", "feedback", b"feedback", "hello", b"hello", "kind", b"kind", "signals", b"signals", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "user_token", b"user_token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "cue_response", b"cue_response", "end_engagement", b"end_engagement", "fallback_choice", b"fallback_choice", "hello", b"hello", "kind", b"kind", "signals", b"signals", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "user_token", b"user_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_signal", b"call_signal", "chat", b"chat", "cue_response", b"cue_response", "end_engagement", b"end_engagement", "fallback_choice", b"fallback_choice", "feedback", b"feedback", "hello", b"hello", "kind", b"kind", "signals", b"signals", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "user_token", b"user_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "signals", "cue_response", "chat", "upgrade_request", "upgrade_response", "call_signal", "end_engagement", "fallback_choice", "user_token"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "signals", "cue_response", "chat", "upgrade_request", "upgrade_response", "call_signal", "end_engagement", "fallback_choice", "user_token", "feedback"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -158,6 +183,78 @@ class UserVerification(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UserVerification: _TypeAlias = UserVerification  # noqa: Y015
+
+@_typing.final
+class FeedbackRequest(_message.Message):
+    """Sent right after an engagement ends, when its scenario (cue.feedback) or
+    its queue asks for a rating. The SDK shows the question and answers with
+    a FeedbackAnswer; not answering is fine.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    QUESTION_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
+    MAX_SCORE_FIELD_NUMBER: _builtins.int
+    COMMENT_ALLOWED_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    kind: Global___FeedbackKind.ValueType
+    question: _builtins.str
+    min_score: _builtins.int
+    """Lowest and highest score allowed (CSAT 1 and 5, NPS 0 and 10)."""
+    max_score: _builtins.int
+    comment_allowed: _builtins.bool
+    """Whether a free-text comment may go with the score."""
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        kind: Global___FeedbackKind.ValueType = ...,
+        question: _builtins.str = ...,
+        min_score: _builtins.int = ...,
+        max_score: _builtins.int = ...,
+        comment_allowed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment_allowed", b"comment_allowed", "engagement_id", b"engagement_id", "kind", b"kind", "max_score", b"max_score", "min_score", b"min_score", "question", b"question"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackRequest: _TypeAlias = FeedbackRequest  # noqa: Y015
+
+@_typing.final
+class FeedbackAnswer(_message.Message):
+    """The user's rating of an ended engagement; one per engagement (a second
+    answer is ignored). A score out of range, a comment where none is allowed
+    or an engagement that asked for none is INVALID_ARGUMENT.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    engagement_id: _builtins.str
+    score: _builtins.int
+    comment: _builtins.str
+    """At most 1000 characters."""
+    def __init__(
+        self,
+        *,
+        engagement_id: _builtins.str = ...,
+        score: _builtins.int = ...,
+        comment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "engagement_id", b"engagement_id", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackAnswer: _TypeAlias = FeedbackAnswer  # noqa: Y015
 
 @_typing.final
 class EndEngagementByUser(_message.Message):
@@ -378,6 +475,7 @@ class ServerMessage(_message.Message):
     CALL_SIGNAL_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
     USER_VERIFICATION_FIELD_NUMBER: _builtins.int
+    FEEDBACK_REQUEST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -400,6 +498,8 @@ class ServerMessage(_message.Message):
     def fallback(self) -> Global___FallbackOffer: ...
     @_builtins.property
     def user_verification(self) -> Global___UserVerification: ...
+    @_builtins.property
+    def feedback_request(self) -> Global___FeedbackRequest: ...
     def __init__(
         self,
         *,
@@ -414,12 +514,13 @@ class ServerMessage(_message.Message):
         call_signal: _common_pb2.CallSignal | None = ...,
         fallback: Global___FallbackOffer | None = ...,
         user_verification: Global___UserVerification | None = ...,
+        feedback_request: Global___FeedbackRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "feedback_request", b"feedback_request", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "feedback_request", b"feedback_request", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "cue", "withdrawal", "engagement", "chat", "upgrade_request", "channel_change", "call_signal", "fallback", "user_verification"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "cue", "withdrawal", "engagement", "chat", "upgrade_request", "channel_change", "call_signal", "fallback", "user_verification", "feedback_request"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -16,7 +16,7 @@ from ..core.errors import CoreError
 from ..core.live import LiveSession
 from ..core.service import Core, VariantState
 from ..predict.model import OutcomeReport
-from ..reporting.funnel import Cohort, FunnelQuery, FunnelRow, VariantRow, funnel
+from ..reporting.funnel import Cohort, FeedbackSummary, FunnelQuery, FunnelRow, VariantRow, funnel_report
 from .convert import SCORE_STATUS, scores_to_proto, timestamp
 from .errors import abort
 
@@ -129,8 +129,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group_by: {exc}")
         if query.start is not None and query.end is not None and query.end < query.start:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "end: must not be before start")
-        rows = await funnel(self.core.store.funnel_counts, query)
-        return admin_pb2.GetFunnelResponse(rows=[_funnel_row(r, query.group_by) for r in rows])
+        rows, desk = await funnel_report(self.core.store.funnel_counts, query)
+        return admin_pb2.GetFunnelResponse(
+            rows=[_funnel_row(r, query.group_by) for r in rows],
+            feedback_by_desk=[
+                admin_pb2.DeskFeedback(queue=d.queue, associate_id=d.associate_id, summary=_feedback(d.summary))
+                for d in desk
+            ],
+        )
 
     async def ListLiveSessions(
         self, request: admin_pb2.ListLiveSessionsRequest, context: Context
@@ -193,6 +199,16 @@ def _conversion(cohort: Cohort) -> admin_pb2.ConversionGroup:
     )
 
 
+def _feedback(f: FeedbackSummary) -> admin_pb2.FeedbackSummary:
+    return admin_pb2.FeedbackSummary(
+        kind=f.kind,
+        responses=f.responses,
+        average_score=f.average,
+        satisfied_share=f.satisfied_share,
+        net_promoter_score=f.net_promoter_score,
+    )
+
+
 def _variants(states: list[VariantState]) -> list[admin_pb2.VariantInfo]:
     return [
         admin_pb2.VariantInfo(variant_id=v.variant_id, weight=v.weight, control=v.control, stopped=v.stopped)
@@ -235,6 +251,7 @@ def _funnel_row(row: FunnelRow, group_by: tuple[str, ...]) -> admin_pb2.FunnelRo
         holdout=_conversion(row.holdout),
         opened=row.opened,
         variants=[_variant_result(v) for v in row.variants],
+        feedback=[_feedback(f) for f in row.feedback],
     )
 
 

@@ -17,6 +17,7 @@ from ..core.model import (
     EngagementJoined,
     EngagementOffered,
     FallbackOffered,
+    FeedbackAsked,
     OfferWithdrawn,
     SupervisedSnapshot,
     UpgradeAsk,
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 DEVICE_KINDS = frozenset(
-    {"chat", "upgrade_request", "upgrade_response", "call_signal", "end_engagement", "fallback_choice"}
+    {"chat", "upgrade_request", "upgrade_response", "call_signal", "end_engagement", "fallback_choice", "feedback"}
 )
 ASSOCIATE_KINDS = frozenset(
     {
@@ -79,6 +80,7 @@ _FALLBACKS: dict[int, str] = {
     device_pb2.FALLBACK_OPTION_CANCEL: "cancel",
 }
 _FALLBACK_TO_PROTO = {v: device_pb2.FallbackOption.ValueType(k) for k, v in _FALLBACKS.items()}
+_FEEDBACK_KINDS = {"csat": device_pb2.FEEDBACK_KIND_CSAT, "nps": device_pb2.FEEDBACK_KIND_NPS}
 _PRESENCE: dict[int, str] = {
     associate_pb2.PRESENCE_AVAILABLE: "available",
     associate_pb2.PRESENCE_BUSY: "busy",
@@ -128,6 +130,9 @@ async def from_device(core: Core, session: DeviceSession, message: device_pb2.De
         if option is None:
             raise InvalidInput("fallback_choice.option", f"unknown or unspecified option {choice.option}")
         await desk.choose_fallback(session, choice.engagement_id, option, choice.phone_number)
+    elif kind == "feedback":
+        answer = message.feedback
+        await desk.give_feedback(session, answer.engagement_id, answer.score, answer.comment)
 
 
 async def from_associate(core: Core, associate: AssociateSession, message: associate_pb2.AssociateMessage) -> None:
@@ -236,6 +241,17 @@ def to_device(item: object) -> device_pb2.ServerMessage | None:
                 engagement_id=item.engagement_id,
                 options=[_FALLBACK_TO_PROTO[o] for o in item.options],
                 message=item.message,
+            )
+        )
+    if isinstance(item, FeedbackAsked):
+        return device_pb2.ServerMessage(
+            feedback_request=device_pb2.FeedbackRequest(
+                engagement_id=item.engagement_id,
+                kind=_FEEDBACK_KINDS[item.kind],
+                question=item.question,
+                min_score=item.min_score,
+                max_score=item.max_score,
+                comment_allowed=item.comment_allowed,
             )
         )
     return None

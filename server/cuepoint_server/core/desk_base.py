@@ -192,6 +192,9 @@ class DeskBase:
             ],
             "context": context_json(engagement.context),
         }
+        self._emit_payload(kind, payload)
+
+    def _emit_payload(self, kind: str, payload: dict[str, Any]) -> None:
         for listener in self.listeners:
             try:
                 listener(kind, payload)

@@ -46,6 +46,7 @@ class WrapUp(Routing):
         await self.store.save_engagement(engagement.record())
         associate.send(EngagementEnded(engagement_id, disposition, "associate"))
         self._notify_device(engagement)
+        self._ask_feedback(engagement)
         self._emit("engagement.ended", engagement)
         log.info("engagement.ended", engagement_id=engagement_id, disposition=disposition)
         self._drain(associate)
@@ -68,6 +69,7 @@ class WrapUp(Routing):
         self._watch_outcome(engagement, now)
         await self.store.save_engagement(engagement.record())
         self._notify_device(engagement)
+        self._ask_feedback(engagement)
         self._emit("engagement.ended", engagement)
         if associate is not None:
             self._drain(associate)
@@ -95,6 +97,9 @@ class WrapUp(Routing):
             del self._engagements[engagement.engagement_id]
             if associate is not None:
                 self._drain(associate)
+
+    def _ask_feedback(self, engagement: Engagement) -> None:
+        """Overridden by the feedback part of the desk (desk_feedback.py)."""
 
     def _watch_outcome(self, engagement: Engagement, now: float) -> None:
         check = engagement.outcome_check

@@ -2,19 +2,21 @@
 
 The desk is the sum of its parts, each one idea in its own module: routing (desk_routing.py),
 conversation (desk_conversation.py), call signalling (desk_calls.py), wrap-up with the outcome
-(desk_wrapup.py), more than one associate on an engagement (desk_participants.py) and transfers
-(desk_transfer.py), over shared state and delivery (desk_base.py). Knows nothing of gRPC.
+(desk_wrapup.py), more than one associate on an engagement (desk_participants.py), transfers
+(desk_transfer.py) and feedback (desk_feedback.py), over shared state and delivery (desk_base.py).
+Knows nothing of gRPC.
 """
 
 from __future__ import annotations
 
 from .desk_base import DeskConfig
 from .desk_calls import Calls
+from .desk_feedback import Feedback
 from .desk_transfer import Transfers
 from .engagement_model import Engagement, EngagementEvent, context_from_json, context_json
 
 __all__ = ["DeskConfig", "Engagement", "EngagementDesk", "EngagementEvent", "context_from_json", "context_json"]
 
 
-class EngagementDesk(Transfers, Calls):
-    """Routing, conversation, calls, wrap-up, participants and transfers of every engagement in this process."""
+class EngagementDesk(Feedback, Transfers, Calls):
+    """Routing, conversation, calls, wrap-up, participants, transfers and feedback of every engagement here."""

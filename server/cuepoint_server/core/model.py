@@ -339,3 +339,15 @@ class SupervisedSnapshot:
     associate_id: str
     participants: tuple[ParticipantInfo, ...]
     time: float
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackAsked:
+    """After an engagement ended: please rate it (csat low..high or nps), maybe with a comment."""
+
+    engagement_id: str
+    kind: str  # csat | nps
+    question: str
+    min_score: int
+    max_score: int
+    comment_allowed: bool

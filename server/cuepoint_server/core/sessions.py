@@ -23,6 +23,7 @@ from .model import (
     EngagementUpdate,
     EngagementView,
     FallbackOffered,
+    FeedbackAsked,
     JourneyAppended,
     OfferWithdrawn,
     SessionFailed,
@@ -38,7 +39,17 @@ T = TypeVar("T")
 
 # What the core puts on each side's outbox; the gRPC layer converts.
 Relayed = ChatLine | UpgradeAsk | ChannelChanged | CallSignalRelay
-DeviceOut = Ack | CueOffer | Withdrawal | EngagementUpdate | SessionFailed | Relayed | FallbackOffered | UserVerified
+DeviceOut = (
+    Ack
+    | CueOffer
+    | Withdrawal
+    | EngagementUpdate
+    | SessionFailed
+    | Relayed
+    | FallbackOffered
+    | UserVerified
+    | FeedbackAsked
+)
 AssociateOut = (
     EngagementView
     | EngagementOffered

@@ -24,6 +24,9 @@ Definitions (README, "Reporting and observability"):
   outcome milestone reached at or after the first such cue, or such a cue's engagement ended
   ``resolved``), with its 95% Wilson interval and a two-sided two-proportion z-test against the
   control (the scenario's first variant, marked on its cues).
+- Feedback: ratings given after the engagements of the cohort's cues, per kind (CSAT 1-5, NPS
+  0-10): responses, average score, satisfied share (CSAT 4-5, NPS promoters 9-10) and, for NPS,
+  promoters minus detractors (0-6) in points; per scenario in its row, and per queue and associate.
 - Grouping: by context keys of the session's hello (sessions.context), e.g. device.model,
   device.os, app.version; a missing value groups as "".
 """
@@ -42,11 +45,14 @@ __all__ = [
     "CUE_OUTCOMES",
     "DIMENSIONS",
     "Cohort",
+    "DeskFeedback",
+    "FeedbackSummary",
     "Fetch",
     "FunnelQuery",
     "FunnelRow",
     "VariantRow",
     "funnel",
+    "funnel_report",
 ]
 
 # Context keys a funnel can be grouped by (from the session's hello).
@@ -101,6 +107,52 @@ class Cohort:
         return self.converted / self.sessions if self.sessions else None
 
 
+@dataclass(frozen=True, slots=True)
+class FeedbackSummary:
+    kind: str  # csat | nps
+    responses: int
+    score_sum: int
+    satisfied: int  # CSAT 4-5; NPS promoters 9-10
+    detractors: int  # NPS 0-6
+
+    @property
+    def average(self) -> float:
+        return self.score_sum / self.responses if self.responses else 0.0
+
+    @property
+    def satisfied_share(self) -> float:
+        return self.satisfied / self.responses if self.responses else 0.0
+
+    @property
+    def net_promoter_score(self) -> float:
+        """NPS only: promoters minus detractors, in points (-100 to 100)."""
+        if self.kind != "nps" or not self.responses:
+            return 0.0
+        return 100 * (self.satisfied - self.detractors) / self.responses
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "responses": self.responses,
+            "average_score": round(self.average, 6),
+            "satisfied_share": round(self.satisfied_share, 6),
+        }
+        if self.kind == "nps":
+            out["net_promoter_score"] = round(self.net_promoter_score, 6)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DeskFeedback:
+    queue: str
+    associate_id: str
+    summary: FeedbackSummary
+
+
+def _summary(kind: Any, rest: Sequence[Any]) -> FeedbackSummary:
+    return FeedbackSummary(str(kind), int(rest[0]), int(rest[1] or 0), int(rest[2] or 0), int(rest[3] or 0))
+
+
 @dataclass(slots=True)
 class VariantRow:
     variant_id: str
@@ -152,6 +204,8 @@ class FunnelRow:
     opened: int = 0
     # Control first, then the other variants by id.
     variants: list[VariantRow] = field(default_factory=list)
+    # One per kind of rating, by kind.
+    feedback: list[FeedbackSummary] = field(default_factory=list)
 
     @property
     def blocked_total(self) -> int:
@@ -190,12 +244,20 @@ class FunnelRow:
             "holdout": cohort(self.holdout),
             "opened": self.opened,
             "variants": [v.as_dict() for v in self.variants],
+            "feedback": [f.as_dict() for f in self.feedback],
         }
 
 
 async def funnel(fetch: Fetch, query: FunnelQuery) -> list[FunnelRow]:
     """One row per scenario (and group), sorted by scenario id then group values."""
+    rows, _ = await funnel_report(fetch, query)
+    return rows
+
+
+async def funnel_report(fetch: Fetch, query: FunnelQuery) -> tuple[list[FunnelRow], list[DeskFeedback]]:
+    """The funnel rows, and the ratings of the same cues' engagements per queue and associate."""
     rows: dict[tuple[str, tuple[str, ...]], FunnelRow] = {}
+    desk: list[DeskFeedback] = []
     n = len(query.group_by)
 
     def row_for(values: Sequence[Any]) -> FunnelRow:
@@ -207,6 +269,9 @@ async def funnel(fetch: Fetch, query: FunnelQuery) -> list[FunnelRow]:
 
     cut = FunnelSlice(query.start, query.end, query.scenario_id or "", query.group_by)
     for kind, found in await fetch(cut):
+        if kind == "desk_feedback":
+            desk.extend(DeskFeedback(str(v[0]), str(v[1]), _summary(v[2], v[3:])) for v in found)
+            continue
         for values in found:
             row, rest = row_for(values), values[n + 1 :]
             if kind == "decisions":
@@ -222,6 +287,8 @@ async def funnel(fetch: Fetch, query: FunnelQuery) -> list[FunnelRow]:
                     setattr(row, bucket, getattr(row, bucket) + count)
                 row.engaged += int(rest[2] or 0)
                 row.resolved += int(rest[3] or 0)
+            elif kind == "feedback":
+                row.feedback.append(_summary(rest[0], rest[1:]))
             elif kind == "variants":
                 variant = VariantRow(
                     str(rest[0]), control=bool(rest[1]), offered=int(rest[2]), accepted=int(rest[3] or 0)
@@ -237,7 +304,9 @@ async def funnel(fetch: Fetch, query: FunnelQuery) -> list[FunnelRow]:
                 row.qualified_sessions += count
     for row in rows.values():
         _compare_variants(row)
-    return [rows[key] for key in sorted(rows)]
+        row.feedback.sort(key=lambda f: f.kind)
+    desk.sort(key=lambda d: (d.queue, d.associate_id, d.summary.kind))
+    return [rows[key] for key in sorted(rows)], desk
 
 
 def _compare_variants(row: FunnelRow) -> None:

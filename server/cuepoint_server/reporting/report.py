@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from ..scenarios.durations import parse_duration
 from ..storage.base import FunnelSlice
 from ..storage.sqlite import read_funnel_counts
-from .funnel import DIMENSIONS, Cohort, FunnelQuery, FunnelRow, funnel
+from .funnel import DIMENSIONS, Cohort, DeskFeedback, FeedbackSummary, FunnelQuery, FunnelRow, funnel_report
 
 __all__ = ["parse_group_by", "read_funnel", "render_json", "render_table", "since_to_start"]
 
@@ -44,6 +44,11 @@ def since_to_start(since: str, now: float) -> float | None:
 
 
 def read_funnel(db: str | Path, query: FunnelQuery) -> list[FunnelRow]:
+    return read_funnel_report(db, query)[0]
+
+
+def read_funnel_report(db: str | Path, query: FunnelQuery) -> tuple[list[FunnelRow], list[DeskFeedback]]:
+    """The funnel rows and the ratings per queue and associate, from a database file."""
     path = Path(db)
     if not path.is_file():
         raise FileNotFoundError(f"no database at {path}")
@@ -51,7 +56,13 @@ def read_funnel(db: str | Path, query: FunnelQuery) -> list[FunnelRow]:
     async def fetch(cut: FunnelSlice) -> list[tuple[str, list[tuple[Any, ...]]]]:
         return read_funnel_counts(path, cut)
 
-    return asyncio.run(funnel(fetch, query))
+    return asyncio.run(funnel_report(fetch, query))
+
+
+def _rating(f: FeedbackSummary) -> str:
+    if f.kind == "nps":
+        return f"nps {f.responses} response(s), average {f.average:.1f}, NPS {f.net_promoter_score:+.0f}"
+    return f"csat {f.responses} response(s), average {f.average:.2f}, satisfied {f.satisfied_share:.0%}"
 
 
 def _when(at: float) -> str:
@@ -63,7 +74,7 @@ def _conversion(c: Cohort) -> str:
     return "-" if rate is None else f"{c.converted}/{c.sessions} {rate:.1%}"
 
 
-def render_table(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO) -> None:
+def render_table(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO, desk: Sequence[DeskFeedback] = ()) -> None:
     span = [f"since {_when(query.start)} UTC"] if query.start is not None else []
     span += [f"until {_when(query.end)} UTC"] if query.end is not None else []
     scope = f"scenario {query.scenario_id}" if query.scenario_id else "per scenario"
@@ -111,22 +122,31 @@ def render_table(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO) -> 
                 ci = f"95% CI {v.ci_low:.1%}-{v.ci_high:.1%}"
                 test = "control" if v.control else f"{v.difference:+.1%} p={v.p_value:.3f}"
                 out.write(
-                    f"  {key}: {v.variant_id}  offered {v.offered}  accepted {v.accepted}  conv. {conv}  {ci}  "
-                    f"{test}\n"
+                    f"  {key}: {v.variant_id}  offered {v.offered}  accepted {v.accepted}  conv. {conv}  {ci}  {test}\n"
                 )
+    rated = [row for row in rows if row.feedback]
+    if rated or desk:
+        out.write("\nfeedback after engagements:\n")
+        for row in rated:
+            key = "  ".join([row.scenario_id, *(value or '""' for value in row.group)])
+            for f in row.feedback:
+                out.write(f"  {key}: {_rating(f)}\n")
+        for d in desk:
+            out.write(f"  queue {d.queue}  associate {d.associate_id or '-'}: {_rating(d.summary)}\n")
     out.write(
         "\nsessions: qualified sessions; conv.: of those, sessions that reached the scenario's outcome"
         " milestone or had an engagement resolved (treated vs holdout group)\n"
     )
 
 
-def render_json(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO) -> None:
+def render_json(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO, desk: Sequence[DeskFeedback] = ()) -> None:
     document = {
         "start": query.start,
         "end": query.end,
         "scenario_id": query.scenario_id,
         "group_by": list(query.group_by),
         "rows": [row.as_dict(query.group_by) for row in rows],
+        "feedback_by_desk": [{"queue": d.queue, "associate_id": d.associate_id, **d.summary.as_dict()} for d in desk],
     }
     json.dump(document, out, indent=2)
     out.write("\n")
@@ -144,9 +164,9 @@ def run(
         print(f"cuepoint report: {exc}", file=err)
         return 2
     try:
-        rows = read_funnel(db, query)
+        rows, desk = read_funnel_report(db, query)
     except (OSError, sqlite3.Error) as exc:
         print(f"cuepoint report: cannot read {db}: {exc}", file=err)
         return 2
-    (render_json if as_json else render_table)(rows, query, out)
+    (render_json if as_json else render_table)(rows, query, out, desk)
     return 0

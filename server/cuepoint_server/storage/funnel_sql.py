@@ -112,9 +112,26 @@ def funnel_queries(query: FunnelSlice) -> list[tuple[str, str, list[object]]]:
             SUM(r.reached), SUM(r.reached OR r.resolved)
         FROM r LEFT JOIN sessions AS s ON s.session_id = r.session_id
         GROUP BY 1{group_dims}, {n + 2}"""
+    # Ratings of the cohort's engagements: count, sum of scores, satisfied (CSAT 4-5) or promoters (NPS 9-10),
+    # and NPS detractors (0-6).
+    rated = """COUNT(*), SUM(f.score),
+            SUM((f.kind = 'csat' AND f.score >= 4) OR (f.kind = 'nps' AND f.score >= 9)),
+            SUM(f.kind = 'nps' AND f.score <= 6)"""
+    feedback = f"""
+        SELECT c.scenario_id{select_dims}, f.kind, {rated}
+        FROM feedback AS f JOIN cues AS c ON c.cue_id = f.cue_id LEFT JOIN sessions AS s ON s.session_id = c.session_id
+        WHERE {c_where}
+        GROUP BY 1{group_dims}, {n + 2}"""
+    desk = f"""
+        SELECT f.queue, f.associate_id, f.kind, {rated}
+        FROM feedback AS f JOIN cues AS c ON c.cue_id = f.cue_id
+        WHERE {c_where}
+        GROUP BY 1, 2, 3"""
     return [
         ("decisions", decisions, d_params),
         ("cues", cues, c_params),
         ("sessions", sessions, q_params),
         ("variants", variants, c_params),
+        ("feedback", feedback, c_params),
+        ("desk_feedback", desk, c_params),
     ]
