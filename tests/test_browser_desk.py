@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 import cuepoint
 from cuepoint_server.api.auth import AuthConfig
 from cuepoint_server.app import CuepointServer
+from cuepoint_server.clock import ManualClock
 
 from .browser import chromium, screenshot
 from .conftest import SHIPPED, StartServer
@@ -42,7 +44,10 @@ async def start(start_server: StartServer) -> CuepointServer:
     return await start_server(scenarios=SHIPPED, auth=AUTH, http_port=0)
 
 
-async def fitkit_phone(server: CuepointServer, device_id: str = "fitkit-iphone-7f3a") -> cuepoint.Client:
+async def fitkit_phone(
+    server: CuepointServer, device_id: str = "fitkit-iphone-7f3a", outbox: Path | None = None
+) -> cuepoint.Client:
+    """`outbox`: the app's local journal, which also keeps the device's secret across restarts."""
     return await cuepoint.connect(
         server.address,
         app_id="fitkit",
@@ -58,7 +63,7 @@ async def fitkit_phone(server: CuepointServer, device_id: str = "fitkit-iphone-7
         ),
         user=cuepoint.User(user_id=f"user-{device_id}", tier="premium", attributes={"first_name": "Sam"}),
         consent=cuepoint.Consent.FULL,
-        config=cuepoint.ClientConfig(api_key=FITKIT_KEY),
+        config=cuepoint.ClientConfig(api_key=FITKIT_KEY, outbox_path=str(outbox) if outbox else None),
     )
 
 
@@ -184,6 +189,29 @@ async def test_fitkit_story_in_the_browser(start_server: StartServer) -> None:
         await console.set_viewport_size({"width": 1280, "height": 1000})
         await screenshot(console, "console-1280")
         await phone.close()
+
+
+async def test_the_journey_shows_earlier_cues_and_engagements(
+    start_server: StartServer, clock: ManualClock, tmp_path: Path
+) -> None:
+    from playwright.async_api import expect
+
+    server = await start(start_server)
+    async with chromium() as browser:
+        desk = await open_desk(browser, server, DANA)
+        phone = await fitkit_phone(server, outbox=tmp_path / "app.db")
+        first = await fail_to_sync(phone)
+        await phone.decline(first)
+        await phone.close()
+        clock.advance(2 * 3600)  # a new session, past the scenario's 1 h cooldown
+        again = await fitkit_phone(server, outbox=tmp_path / "app.db")
+        engagement = await again.accept(await fail_to_sync(again))
+        await desk.get_by_role("button", name="Accept").click()
+        await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+        earlier = desk.locator("#journey li.kind-cue")
+        await expect(earlier).to_contain_text("cue fitkit-sync-failure")
+        await expect(earlier).to_contain_text("answer=declined")
+        await again.close()
 
 
 async def test_a_second_associate_never_sees_the_first_ones_engagement(start_server: StartServer) -> None:

@@ -24,6 +24,7 @@ from .model import (
     FallbackOffered,
     JourneyItem,
     OfferWithdrawn,
+    PriorCue,
     PriorEngagement,
     Withdrawal,
 )
@@ -110,6 +111,7 @@ class Routing(Bots):
         else:
             journey = await self.store.journey(session.device_id, limit=self.config.journey_limit)
         prior = await self.store.engagements_for_subject(session.subject, limit=self.config.prior_limit)
+        cues = [c for c in await self.store.cues_for_subject(session.subject) if c.cue_id != pending.offer.cue_id]
         user_attrs: dict[str, Scalar] = {}
         redacted: list[str] = []
         for key, value in ctx.items():
@@ -136,6 +138,9 @@ class Routing(Bots):
             prior_engagements=tuple(
                 PriorEngagement(p.engagement_id, p.created_at, p.scenario_id, p.disposition, p.notes, p.outcome)
                 for p in prior
+            ),
+            prior_cues=tuple(
+                PriorCue(c.cue_id, c.created_at, c.scenario_id, c.status) for c in cues[-self.config.prior_limit :]
             ),
             priority=priority,
             user_verified=bool(user_id) and user_id == session.verified_user,

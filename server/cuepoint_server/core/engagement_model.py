@@ -16,6 +16,7 @@ from .model import (
     EngagementView,
     JourneyItem,
     ParticipantInfo,
+    PriorCue,
     PriorEngagement,
     TransferInfo,
 )
@@ -164,6 +165,10 @@ def context_json(ctx: EngagementContext) -> dict[str, Any]:
         "priority": ctx.priority,
         "user_verified": ctx.user_verified,
         "scores": ctx.scores,
+        "prior_cues": [
+            {"cue_id": c.cue_id, "created_at": c.created_at, "scenario_id": c.scenario_id, "status": c.status}
+            for c in ctx.prior_cues
+        ],
     }
 
 
@@ -206,4 +211,8 @@ def context_from_json(data: Mapping[str, Any]) -> EngagementContext:
         priority=int(data.get("priority", 0)),
         user_verified=bool(data.get("user_verified", False)),
         scores=dict(data.get("scores", {})),
+        prior_cues=tuple(
+            PriorCue(c.get("cue_id", ""), c.get("created_at", 0.0), c.get("scenario_id", ""), c.get("status", ""))
+            for c in data.get("prior_cues", [])
+        ),
     )

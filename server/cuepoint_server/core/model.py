@@ -172,6 +172,8 @@ class EngagementContext:
     user_verified: bool = False
     # Outcome id -> {probability, status, top_features}: predict.registry.describe_scores at routing.
     scores: dict[str, Any] = field(default_factory=dict)
+    # Earlier cues to the same user (or device) and how each ended, oldest first: the journey's offers.
+    prior_cues: tuple[PriorCue, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +288,14 @@ class JourneyAppended:
 
     engagement_id: str
     items: tuple[JourneyItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PriorCue:
+    cue_id: str
+    created_at: float
+    scenario_id: str
+    status: str  # offered | accepted | declined | dismissed | expired | withdrawn
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,8 +204,17 @@
       rows.append(el("tr", {}, el("td", { text: path + ": " + text.replace(/\s*\([^()]*\)\s*$/, "") }), el("td", { text: observed ? observed[1] : "held" })));
     }
 
+    // One timeline: the device's signals, earlier cues with how they ended, earlier engagements with outcomes.
     const journey = clear($("journey"));
-    for (const item of c.journey || []) addJourney(item, false);
+    const entries = (c.journey || []).map((item) => ({ time: item.time, item }));
+    for (const cue of c.prior_cues || []) {
+      entries.push({ time: cue.created_at, item: { kind: "cue", name: "cue " + cue.scenario_id, time: cue.created_at, payload: { answer: cue.status } } });
+    }
+    for (const p of c.prior_engagements || []) {
+      entries.push({ time: p.created_at, item: { kind: "engagement", name: "engagement " + p.scenario_id, time: p.created_at, payload: { disposition: p.disposition || "none", outcome: p.outcome || "none" } } });
+    }
+    entries.sort((a, b) => a.time - b.time);
+    for (const entry of entries) addJourney(entry.item, false);
     journey.scrollTop = journey.scrollHeight;
     const prior = clear($("prior"));
     for (const p of c.prior_engagements || []) {
@@ -233,8 +242,8 @@
 
   function addJourney(item, fresh) {
     const props = Object.entries(item.payload || {}).map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v)).join(" ");
-    const label = item.kind === "event" ? item.name : "context " + (item.name || "update");
-    $("journey").append(el("li", { class: fresh ? "fresh" : "" }, el("span", { class: "when", text: time(item.time) }), el("strong", { text: label }), el("span", { class: "props", text: props })));
+    const label = item.kind === "context" ? "context " + (item.name || "update") : item.name;
+    $("journey").append(el("li", { class: (fresh ? "fresh " : "") + "kind-" + item.kind }, el("span", { class: "when", text: time(item.time) }), el("strong", { text: label }), el("span", { class: "props", text: props })));
     $("journey").scrollTop = $("journey").scrollHeight;
   }
 
