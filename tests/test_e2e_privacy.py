@@ -18,6 +18,7 @@ import pytest
 import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 from cuepoint_server.app import CuepointServer
+from cuepoint_server.clock import ManualClock
 from cuepoint_server.webhooks import WebhookConfig, verify
 
 from .conftest import StartServer
@@ -180,3 +181,75 @@ async def test_erasure_is_complete_on_a_connected_device(start_server: StartServ
     assert isinstance(data, dict) and data["user_id"] == "erin-8d2c" and data["deleted"]["sessions"] == 2
     await phone.close()
     await kai.close()
+
+
+VIP_HELP = r"""
+id: vip-help
+target: {attribute: user.email, matches: "@example\\.com$"}
+trigger: {event: vip_stuck}
+cue: {message: "Hi {{ user.first_name }}, we can help", channel: chat, queue: support}
+"""
+
+
+async def test_consent_reaches_everything_derived_from_the_user(
+    start_server: StartServer, receiver: Receiver, clock: ManualClock
+) -> None:
+    hook = WebhookConfig(url=receiver.url, secret=HOOK_SECRET, backoff=0.01)
+    server = await start_server(ORDER_HELP, VIP_HELP, webhooks=(hook,))
+    dana = await cuepoint.connect_associate(server.address, associate_id="dana", queues=["support"], capacity=2)
+
+    # ESSENTIAL: the user id and tier may be kept and shown; the rest of the user's facts nowhere.
+    zed = await device(
+        server,
+        "zed-phone",
+        consent=cuepoint.Consent.ESSENTIAL,
+        user=cuepoint.User(
+            user_id="ess-user-31", tier="premium", attributes={"first_name": "Zelda", "email": "zelda@example.com"}
+        ),
+    )
+    await zed.set_context(user=cuepoint.User(user_id="ess-user-31", attributes={"phone": "+1-555-0199"}))
+    await zed.track("vip_stuck")
+    await zed.flush(timeout=5)
+    cue = await zed.next_cue(timeout=5)
+    assert cue.message == "Hi Zelda, we can help"  # the user reads about themselves
+    await (await zed.accept(cue)).wait_for(cuepoint.EngagementState.QUEUED, timeout=5)
+    ctx = (await dana.next_engagement(timeout=5)).context
+    withheld = ("Zelda", "zelda@example.com", "+1-555-0199")
+    shown = repr(ctx)
+    assert [v for v in withheld if v in shown] == []
+    assert ctx.user_id == "ess-user-31" and ctx.user is not None and ctx.user.tier == "premium"
+    assert {"user.email", "user.first_name", "user.phone"} <= set(ctx.redacted_fields)
+    assert ctx.cue is not None and ctx.cue.message == "Hi [redacted], we can help"
+    assert any("[redacted]" in c.description for c in (ctx.trigger.conditions if ctx.trigger else ()))
+    assert any(e.kind == "context" for e in ctx.journey)  # the update is in the journey, without its value
+    started = json.dumps(await receiver.event("engagement.started"))
+    assert [v for v in withheld if v in started] == []
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        export = (await admin.ExportUser(admin_pb2.ExportUserRequest(user_id="ess-user-31"))).json
+    assert "ess-user-31" in export and [v for v in withheld if v in export] == []
+    await server.core.drain()
+    assert await found_on_disk(server, *withheld) == {}  # not even while the session lives
+
+    # NONE: nothing that identifies the user, not even the id, in any table, during or after the session.
+    yus = await device(
+        server,
+        "yus-phone",
+        consent=cuepoint.Consent.NONE,
+        user=cuepoint.User(user_id="none-user-77", attributes={"first_name": "Yusuf", "email": "yusuf@example.com"}),
+    )
+    await yus.set_context(user=cuepoint.User(user_id="none-user-77", attributes={"city_of_birth": "Tromsø"}))
+    await yus.track("order_stuck")
+    await yus.flush(timeout=5)
+    cue = await yus.next_cue(timeout=5)
+    assert cue.message == "Hi Yusuf, need help with order A-9001?"
+    await (await yus.accept(cue)).wait_for(cuepoint.EngagementState.QUEUED, timeout=5)
+    ctx = (await dana.next_engagement(timeout=5)).context
+    anonymous = ("none-user-77", "Yusuf", "yusuf@example.com", "Tromsø")
+    assert [v for v in anonymous if v in repr(ctx)] == [] and ctx.user_id == ""
+    await yus.close()
+    clock.advance(server.core.config.resume_window + 1)
+    await server.core.drain()
+    assert await found_on_disk(server, *anonymous) == {}
+    await zed.close()
+    await dana.close()

@@ -18,6 +18,7 @@ from ..engine.arbiter import Arbiter
 from ..engine.engine import Engine
 from ..engine.state import DeviceState
 from ..storage import CueRecord, DecisionRecord, SessionRecord, SignalRecord, Store
+from .consent import shared
 from .engagements import DeskConfig, EngagementDesk
 from .model import CueOffer, SessionFailed
 from .observers import CoreObserver
@@ -191,7 +192,8 @@ def session_record(session: DeviceSession, user_id: str, started_at: float) -> S
         device_id=session.device_id,
         user_id=user_id,
         started_at=started_at,
-        context=dict(session.state.context),
+        # Only what the consent lets be stored (core/consent.py).
+        context={k: v for k, v in session.state.context.items() if shared(k, session.consent)},
         consent=session.consent,
         identified=bool(user_id) and session.subject == f"user:{user_id}",
     )

@@ -7,12 +7,14 @@ signing in and out; the fallback offered when nobody is free in time; re-queuein
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import structlog
 
 from ..engine.state import Scalar
 from ..predict.registry import describe_scores
 from ..storage import EngagementRecord
+from .consent import Redactor
 from .desk_bots import Bots
 from .engagement_model import Engagement, context_from_json
 from .errors import InvalidInput
@@ -124,6 +126,18 @@ class Routing(Bots):
         if consent == "none" and user_id:
             redacted.append("user.id")
             user_id = ""
+        # The journey, the cue's text and its explanation obey the same rules (core/consent.py): the
+        # engagement's context is stored, sent to associates and webhooks, and exported as built here.
+        redactor = Redactor(ctx, consent)
+        items = []
+        for r in journey:
+            payload = dict(r.payload)
+            if r.kind == "context" and consent != "full":
+                payload = redactor.payload(payload)
+            items.append(JourneyItem(r.signal_id, r.time, r.kind, r.name, payload))
+        cue = pending.offer
+        if redactor:
+            cue = replace(cue, message=redactor.text(cue.message), title=redactor.text(cue.title))
         return EngagementContext(
             app_id=session.app_id,
             device_id=session.device_id,
@@ -131,9 +145,9 @@ class Routing(Bots):
             context={k: v for k, v in ctx.items() if not k.startswith("user.")},
             user_attributes=user_attrs,
             consent=consent,
-            journey=tuple(JourneyItem(r.signal_id, r.time, r.kind, r.name, dict(r.payload)) for r in journey),
+            journey=tuple(items),
             trigger=dict(pending.explanation),
-            cue=pending.offer,
+            cue=cue,
             redacted_fields=tuple(sorted(redacted)),
             prior_engagements=tuple(
                 PriorEngagement(p.engagement_id, p.created_at, p.scenario_id, p.disposition, p.notes, p.outcome)

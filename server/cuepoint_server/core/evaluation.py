@@ -17,6 +17,7 @@ from ..engine.scenario_set import ScenarioSet
 from ..predict.registry import describe_scores
 from ..scenarios.compiler import CompiledScenario
 from ..storage import CueRecord, DecisionRecord
+from .consent import Redactor
 from .errors import InvalidInput
 from .model import (
     CueOffer,
@@ -108,6 +109,11 @@ class Evaluation(Scoring):
         }
         if state.scores:
             why["scores"] = describe_scores(state)
+        # What is stored and shown to associates obeys the consent; the device sees its own cue as rendered.
+        redactor = Redactor(state.context, session.consent)
+        stored_message = offer.message
+        if redactor:
+            why, stored_message = redactor.explanation(why), redactor.text(offer.message)
         pending = PendingCue(offer, scenario.id, why)
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
         self._reg.pending[session.device_id] = pending
@@ -125,7 +131,7 @@ class Evaluation(Scoring):
                 created_at=now,
                 expires_at=offer.expires_at,
                 channel=offer.channel,
-                message=offer.message,
+                message=stored_message,
                 status="offered",
                 responded_at=None,
                 explanation=why,

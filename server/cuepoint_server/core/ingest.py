@@ -11,6 +11,7 @@ from ..engine.state import EventOccurrence
 from ..scenarios.compiler import milestone_event
 from ..storage import SignalRecord
 from ..storage.records import MilestoneRecord
+from .consent import Redactor
 from .core_base import session_record
 from .identity import Identity
 from .model import (
@@ -71,6 +72,9 @@ class Ingest(Recovery, Identity):
                 if identified and session.consent != "none":
                     self._identify(session, str(identified), now)
                 payload = {"set": dict(signal.context_set), "clear": list(signal.clear_keys)}
+                if session.consent != "full":
+                    # The journal keeps only what the consent lets be stored (core/consent.py).
+                    payload = Redactor(signal.context_set, session.consent).payload(payload)
             if at > latest:
                 latest = at
             rows.append(SignalRecord(device_id, signal.id, session_id, signal.kind, signal.name, at, now, payload))

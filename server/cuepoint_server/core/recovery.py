@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import structlog
 
 from ..engine.state import MAX_REMEMBERED_IDS, DeviceState, EventOccurrence
+from .consent import REDACTED
 from .evaluation import Evaluation
 from .model import (
     CueOffer,
@@ -56,6 +59,10 @@ class Recovery(Evaluation):
             locale=record.locale,
         )
         offer = restored_offer(offer, record.explanation.get("cue"))
+        if scenario is not None and (REDACTED in offer.message or REDACTED in offer.title):
+            # Stored redacted (core/consent.py): the device gets its own cue filled in again from its context.
+            shown = scenario.content(record.variant).render(session.state.context)
+            offer = dataclasses.replace(offer, message=shown.message, title=shown.title)
         pending = PendingCue(offer, record.scenario_id, dict(record.explanation))
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
         self._reg.pending[session.device_id] = pending
