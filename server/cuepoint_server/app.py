@@ -59,6 +59,8 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     # Seconds in-flight streams get to finish on shutdown.
     grace: float = 5.0
+    # Seconds a new device stream may take to send its Hello before it ends with DEADLINE_EXCEEDED.
+    hello_timeout: float = 10.0
     # Server keepalive pings on idle connections.
     keepalive_time: float = 30.0
     core: CoreConfig = field(default_factory=CoreConfig)
@@ -152,7 +154,9 @@ class CuepointServer:
             )
         limiter = RateLimiter(config.rate_limits, core.clock.now) if config.rate_limits is not None else None
         server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(auth)])
-        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(core, auth=auth, limiter=limiter), server)
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(
+            DeviceServicer(core, auth=auth, limiter=limiter, hello_timeout=config.hello_timeout), server
+        )
         associate_pb2_grpc.add_AssociateServiceServicer_to_server(AssociateServicer(core, auth=auth), server)
         admin = AdminServicer(core)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)

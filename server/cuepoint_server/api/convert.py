@@ -107,7 +107,11 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def _seconds(ts: Timestamp) -> float:
+def _seconds(ts: Timestamp, field: str) -> float:
+    # protobuf checks the range only in its JSON and datetime helpers; a negative or overflowing nanos
+    # would otherwise shift the time silently.
+    if not 0 <= ts.nanos <= 999_999_999:
+        raise InvalidInput(f"{field}.nanos", f"must be between 0 and 999999999, got {ts.nanos}")
     return ts.seconds + ts.nanos / 1e9
 
 
@@ -207,7 +211,7 @@ def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
         raise InvalidInput("signals", f"batch of {size} bytes exceeds {Limits.max_batch_bytes} bytes")
     signals = []
     for i, s in enumerate(msg.signals):
-        time = _seconds(s.time) if s.HasField("time") else None
+        time = _seconds(s.time, f"signals.signals[{i}].time") if s.HasField("time") else None
         kind = s.WhichOneof("kind")
         if kind == "event":
             event = s.event
@@ -229,7 +233,8 @@ def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
             signals.append(IncomingSignal(s.id, time, "context", context_set=flat, clear_keys=tuple(update.clear_keys)))
         else:
             signals.append(IncomingSignal(s.id, time, ""))
-    return IncomingBatch(msg.batch_id, _seconds(msg.sent_at) if msg.HasField("sent_at") else None, tuple(signals))
+    sent_at = _seconds(msg.sent_at, "signals.sent_at") if msg.HasField("sent_at") else None
+    return IncomingBatch(msg.batch_id, sent_at, tuple(signals))
 
 
 def response_from_proto(msg: device_pb2.CueResponse) -> tuple[str, str, str]:

@@ -41,8 +41,16 @@ class _StreamEnd:
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, core: Core, *, auth: Authenticator | None = None, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        core: Core,
+        *,
+        auth: Authenticator | None = None,
+        limiter: RateLimiter | None = None,
+        hello_timeout: float | None = 10.0,
+    ) -> None:
         self.core = core
+        self.hello_timeout = hello_timeout
         # None: auth disabled / no rate limits (ServerConfig.auth, ServerConfig.rate_limits).
         self.auth = auth
         self.limiter = limiter
@@ -79,7 +87,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
     ) -> DeviceSession | None:
         """Read the Hello, open (or resume) the session and answer the Welcome; None if the client left."""
-        first = await opening(requests, context, kind="hello", type_name="DeviceMessage")
+        first = await opening(requests, context, kind="hello", type_name="DeviceMessage", deadline=self.hello_timeout)
         if first is None:
             return None
         try:
@@ -128,14 +136,17 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 elif kind in conversation.DEVICE_KINDS:
                     await conversation.from_device(self.core, session, message)
                 else:
+                    await _settle(session)
                     return _StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello")
         except DecodeError as exc:
             error = undecodable("DeviceMessage", exc)
             log.info("device.rejected", device_id=session.device_id, code="INVALID_ARGUMENT", error=str(error))
+            await _settle(session)
             return _StreamEnd(error=error)
         except CoreError as exc:
             code, text = status_for(exc)
             log.info("device.rejected", device_id=session.device_id, code=code.name, error=text)
+            await _settle(session)
             return _StreamEnd(code, text, exc)
         except asyncio.CancelledError:
             raise
@@ -143,9 +154,18 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             log.debug("device.read_failed", device_id=session.device_id, exc_info=True)
             return _StreamEnd(grpc.StatusCode.CANCELLED, "stream failed")
         # Half-closed by the client: ack what it sent before we finish.
-        if session.writes:
-            await asyncio.gather(*session.writes, return_exceptions=True)
+        await _settle(session)
         return _StreamEnd()
+
+
+async def _settle(session: DeviceSession) -> None:
+    """Wait for the session's pending writes, so every signal stored is acked before the stream ends.
+
+    Whatever ends a stream (the client half-closing, a rate limit, bad input), what was stored must be
+    acked first, or an honest SDK resends all of it.
+    """
+    if session.writes:
+        await asyncio.gather(*session.writes, return_exceptions=True)
 
 
 class _Writer:

@@ -1,0 +1,76 @@
+"""Streams end cleanly: acks before any rejection, a deadline for the Hello, timestamps checked."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from cuepoint.v1 import device_pb2, device_pb2_grpc
+from cuepoint_server.api.limits import RateLimits
+
+from .conftest import StartServer
+from .test_e2e_foundation import RawDevice, _raw_signal
+
+SYNC = """
+id: sync-failure
+trigger: {event: sync_failed, count: {at_least: 3, within: 10m}}
+cue: {message: "Unable to sync?", channel: audio, ttl: 10m}
+"""
+
+
+async def test_a_rate_limited_stream_acks_everything_it_stored_first(start_server: StartServer) -> None:
+    server = await start_server(SYNC, rate_limits=RateLimits(device_rate=1, device_burst=2_000))
+    flood = RawDevice(server.address, "flooder")
+    await flood.read()  # welcome
+    for b in range(40):  # 4,000 signals against a burst of 2,000, sent without waiting for acks
+        flood.send(*(_raw_signal(f"s-{b}-{i}", "tap") for i in range(100)), batch_id=f"b{b}")
+    acked: set[str] = set()
+    status = None
+    while status is None:
+        try:
+            message = await flood.read()
+        except grpc.aio.AioRpcError as exc:
+            status = exc.code()
+            break
+        if message.HasField("ack"):
+            acked.update(message.ack.signal_ids)
+    assert status is grpc.StatusCode.RESOURCE_EXHAUSTED
+    stored = {r.signal_id for r in await server.store.journey("flooder", limit=10_000)}
+    assert stored and acked == stored  # every stored signal acked, nothing acked that was not stored
+    await flood.close()
+
+
+async def test_a_stream_without_a_hello_ends_with_deadline_exceeded(start_server: StartServer) -> None:
+    server = await start_server(SYNC, hello_timeout=0.3)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        silent: asyncio.Queue[device_pb2.DeviceMessage] = asyncio.Queue()
+
+        async def nothing():  # type: ignore[no-untyped-def]
+            yield await silent.get()  # never: the client opens the stream and says nothing
+
+        call = device_pb2_grpc.DeviceServiceStub(channel).Connect(nothing())
+        try:
+            await asyncio.wait_for(call.read(), 10)
+            raise AssertionError("the stream must end")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "hello" in (exc.details() or "")
+    assert server.core.stats()["sessions"] == 0
+
+
+async def test_negative_nanos_are_invalid_argument_naming_the_field(start_server: StartServer) -> None:
+    server = await start_server(SYNC)
+    raw = RawDevice(server.address, "phone-nanos")
+    await raw.read()
+    signal = _raw_signal("n-1", "tap")
+    signal.time.nanos = -1
+    raw.send(_raw_signal("ok-1", "tap"), signal, batch_id="b1")
+    try:
+        await raw.read()
+        raise AssertionError("the batch must be refused")
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "signals.signals[1].time.nanos" in (exc.details() or "")
+    assert await server.store.count_signals("phone-nanos") == 0  # nothing of the refused batch applied
+    await raw.close()
