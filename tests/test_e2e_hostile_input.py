@@ -111,3 +111,64 @@ async def test_live_reload_rejects_a_backreference_and_keeps_serving(
     await client.track("ping")
     assert (await client.next_cue(timeout=5)).message == "pong"
     await client.close()
+
+
+# The classic "billion laughs": 433 bytes that expand to 10^9 strings. Before the limits, `validate` ran
+# for over 60 s and 1.6 GB and `serve` never started listening.
+LAUGHS = (
+    'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    + "".join(
+        f"{name}: &{name} [{','.join(['*' + prev] * 9)}]\n"
+        for prev, name in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+)
+
+
+def test_validate_rejects_alias_bombs_deep_nesting_and_huge_files(tmp_path: Path) -> None:
+    assert len(LAUGHS.encode()) <= 433
+    (tmp_path / "laughs.yaml").write_text(LAUGHS)
+    # 800 levels of nesting crashed validate and serve with a RecursionError.
+    (tmp_path / "deep.yaml").write_text("id: deep\ntrigger:\n  " + "[" * 800 + "]" * 800 + "\n")
+    # Over the size limit: the report names the line where the file crosses it.
+    filler = "# " + "x" * 98 + "\n"
+    (tmp_path / "huge.yaml").write_text(PING.lstrip() + filler * (9 * 1024 * 1024 // len(filler)))
+    done = cli("validate", str(tmp_path), timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "RecursionError" not in done.stdout + done.stderr
+    report = {line.split(":", 1)[0].rsplit("/", 1)[-1]: line for line in done.stdout.splitlines() if ".yaml:" in line}
+    assert set(report) == {"laughs.yaml", "deep.yaml", "huge.yaml"}, done.stdout
+    # The alias that pushes the expansion over the limit is on a line of its own file.
+    assert report["laughs.yaml"].startswith(f"{tmp_path}/laughs.yaml:") and "alias" in report["laughs.yaml"]
+    assert int(report["laughs.yaml"].split(":")[1]) > 1
+    assert report["deep.yaml"].startswith(f"{tmp_path}/deep.yaml:3:") and "deep" in report["deep.yaml"]
+    huge_line = int(report["huge.yaml"].split(":")[1])
+    assert huge_line > 80_000 and "MiB" in report["huge.yaml"]
+
+
+async def test_a_bomb_dropped_into_the_live_folder_leaves_the_old_set_serving(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    folder = tmp_path / "live"
+    folder.mkdir()
+    write(folder, "ping.yaml", PING)
+    server = await start_server(scenarios=folder)
+    reloader = server.reloader
+    assert isinstance(reloader, ScenarioReloader)
+    write(folder, "laughs.yaml", LAUGHS)
+    async with asyncio.timeout(20):
+        await reloader.wait_until(lambda r: r.last_error is not None)
+    assert reloader.last_error is not None
+    (issue,) = reloader.last_error.issues
+    assert issue.file == str(folder / "laughs.yaml") and issue.line > 1 and "alias" in issue.message
+    write(folder, "deep.yaml", "id: deep\ntrigger:\n  " + "{all: [" * 400 + "]}" * 400 + "\n")
+    (folder / "laughs.yaml").unlink()
+    async with asyncio.timeout(20):
+        await reloader.wait_until(lambda r: r.last_error is not None and r.last_error.issues[0].file.endswith("deep.yaml"))
+    assert reloader.last_error is not None
+    (issue,) = reloader.last_error.issues
+    assert issue.line == 3 and "deep" in issue.message
+    assert reloader.version.number == 1
+    client = await phone(server)
+    await client.track("ping")
+    assert (await client.next_cue(timeout=5)).message == "pong"
+    await client.close()

@@ -33,7 +33,7 @@ from .model import (
     _condition_kind,
 )
 from .template import Template, TemplateError
-from .yaml_lines import Located, YamlProblem, load_yaml
+from .yaml_lines import MAX_FILE_BYTES, Located, YamlProblem, load_yaml
 
 __all__ = [
     "LoadedDefinition",
@@ -172,9 +172,9 @@ def load_directory(directory: str | FsPath) -> LoadedSet:
     result = LoadedSet()
     for path in scenario_files(root):
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            issues.append(ScenarioIssue(str(path), 1, "", f"cannot read file: {exc}"))
+            text = _read(path)
+        except ScenarioError as exc:
+            issues.extend(exc.issues)
             continue
         part, found = _parse(text, str(path))
         issues.extend(found)
@@ -186,20 +186,36 @@ def load_directory(directory: str | FsPath) -> LoadedSet:
 
 
 def load_file(path: str | FsPath) -> LoadedSet:
+    return load_text(_read(FsPath(path)), str(path))
+
+
+def _read(path: FsPath) -> str:
+    """The file's text; a file over MAX_FILE_BYTES is refused at the line that crosses the limit, unread beyond."""
     name = str(path)
     try:
-        text = FsPath(path).read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise _too_large(name, data.count(b"\n", 0, MAX_FILE_BYTES) + 1)
+        return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError([ScenarioIssue(name, 1, "", f"cannot read file: {exc}")]) from None
-    return load_text(text, name)
 
 
 def load_text(text: str, name: str) -> LoadedSet:
+    if len(text) > MAX_FILE_BYTES:
+        raise _too_large(name, text.count("\n", 0, MAX_FILE_BYTES) + 1)
     result, issues = _parse(text, name)
     issues.extend(_cross_check(result))
     if issues:
         raise ScenarioError(issues)
     return result
+
+
+def _too_large(name: str, line: int) -> ScenarioError:
+    limit = MAX_FILE_BYTES / (1024 * 1024)
+    message = f"file too large: scenario files may be at most {limit:g} MiB; this line is past the limit"
+    return ScenarioError([ScenarioIssue(name, line, "", message)])
 
 
 SECTIONS = ("scenarios", "segments", "milestones", "outcomes", "policy", "routing")
