@@ -27,6 +27,7 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
     ("eval", "bench_eval.py", [], []),
     ("memory", "bench_memory.py", [], []),
     ("storage", "bench_storage.py", [], []),
+    ("predict", "bench_predict.py", [], []),
 ]
 STORAGE_ROW = re.compile(r"^(?P<name>.+?)\s{2,}(?P<rows>\d+)\s+(?P<sec>[\d.]+)\s+(?P<rate>[\d,]+)\s+\d+\s+[\d.]+$")
 

@@ -2,13 +2,13 @@
 
 The seed action map, worded as the reference product's: the visitor reached the payment page, not the
 thank-you page, and has been idle 45 s: offer chat; route to the closers with priority +50 when
-P(purchase) >= 0.2, otherwise to a bot. The queue id is lowercase (sales_closers_tier2): ids with
-uppercase letters are not accepted by the scenario language at the time of writing.
+P(purchase) >= 0.2, otherwise to a bot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -47,7 +47,7 @@ routing:
           - {label: Talk to a person, handover: true}
         handover_queue: sales
   rules:
-    - {when: {score: purchased, gte: 0.2}, queue: sales_closers_tier2, priority: 50}
+    - {when: {score: purchased, gte: 0.2}, queue: Sales_Closers_Tier2, priority: 50}
     - {when: {not: {score: purchased, gte: 0.2}}, queue: sales-bot}
 """
 
@@ -89,7 +89,7 @@ async def test_seed_action_map_routes_by_purchase_probability(
     db = tmp_path / "shop.db"
     await _pretrained(db)
     server = await start_server(ACTION_MAP, db=db)
-    closer = await associate(server, "closer", queues=["sales_closers_tier2"])
+    closer = await associate(server, "closer", queues=["Sales_Closers_Tier2"])
     human = await associate(server, "human", queues=["sales"])
 
     likely = await _shopper(
@@ -119,7 +119,7 @@ async def test_seed_action_map_routes_by_purchase_probability(
 
     # P(purchase) >= 0.2: the closers, priority +50, with the score and its reasons in the context.
     got = await closer.next_engagement(timeout=5)
-    assert (got.context.device_id, got.queue, got.context.priority) == ("likely", "sales_closers_tier2", 50)
+    assert (got.context.device_id, got.queue, got.context.priority) == ("likely", "Sales_Closers_Tier2", 50)
     [score] = got.context.scores
     assert score.outcome == "purchased" and score.probability >= 0.2 and score.status == "trained"
     assert score.top_features and all(isinstance(v, float) for _, v in score.top_features)
@@ -179,3 +179,42 @@ async def test_sessions_are_labelled_and_learned_by_the_server(start_server: Sta
     report = server.core.model_reports()[0]
     assert (report.positive_sessions, report.status) == (2, "trained")
     assert report.base_rate == (2 + 1) / (4 + 2)
+
+    # The trainer saves what it learned; `cuepoint model report` reads it from the database.
+    async def saved() -> bool:
+        return any(m.state["labelled"] == 4 for m in await server.store.models())
+
+    await eventually(saved)
+    done = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cuepoint_server.cli", "model", "report", "--db", str(tmp_path / "s.db"),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await done.communicate()
+    assert done.returncode == 0
+    text = out.decode()
+    assert "outcome purchased" in text and "4 labelled sessions, 2 reached, base rate 0.500" in text, text
+
+
+async def test_simulate_shows_the_score_at_each_cue(tmp_path: Path) -> None:
+    from cuepoint_server.engine.scenario_set import ScenarioSet
+    from cuepoint_server.simulate import parse_trace, render_text, simulate
+
+    folder = tmp_path / "scenarios"
+    folder.mkdir()
+    (folder / "shop.yaml").write_text(ACTION_MAP.replace("min_sessions: 100", "min_sessions: 5"))
+    hello = '{"app_id": "shop", "consent": "full", "context": {"device.os": "iOS", "user.id": "%s"}}'
+    trace = "\n".join(
+        [
+            f'{{"t": 0, "device": "d1", "hello": {hello % "u1"}}}',
+            '{"t": 1, "device": "d1", "event": "screen_viewed", "props": {"screen": "payment"}}',
+            '{"t": 2, "device": "d1", "event": "screen_viewed", "props": {"screen": "thank_you"}}',
+            '{"t": 3, "device": "d1", "close": true}',
+            f'{{"t": 10, "device": "d2", "hello": {hello % "u2"}}}',
+            '{"t": 11, "device": "d2", "event": "screen_viewed", "props": {"screen": "payment"}}',
+            '{"t": 60}',
+        ]
+    )
+    text = render_text(await simulate(ScenarioSet.load(str(folder)), parse_trace(trace)))
+    # One labelled session (reached) under the Beta(1, 1) prior: (1 + 1) / (1 + 2), still training.
+    assert "d2 CUE checkout-stall chat" in text
+    assert "    score purchased 0.667 (training)" in text, text

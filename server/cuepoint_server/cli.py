@@ -1,4 +1,4 @@
-"""`cuepoint` command line: serve, validate, schema, simulate, report, demo."""
+"""`cuepoint` command line: serve, validate, schema, simulate, report, model report, forget-device, demo."""
 
 from __future__ import annotations
 
@@ -178,6 +178,12 @@ def _report(args: argparse.Namespace) -> int:
     return run(args.db, args.since, args.until, args.scenario, args.by, args.json, sys.stdout, sys.stderr)
 
 
+def _model_report(args: argparse.Namespace) -> int:
+    from .predict.report import run
+
+    return run(args.db, args.top, args.json, sys.stdout)
+
+
 def _forget_device(args: argparse.Namespace) -> int:
     from .storage import SqliteStore
 
@@ -282,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--by", default="", help="group by context keys, e.g. device.model,app.version")
     report.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     report.set_defaults(func=_report)
+
+    model = sub.add_parser("model", help="predictive scores' models (outcomes: in the scenario files)")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    model_report = model_sub.add_parser(
+        "report", help="per outcome: labelled sessions, base rate, AUC, calibration per decile, top features"
+    )
+    model_report.add_argument("--db", default="cuepoint.db", help="SQLite database path")
+    model_report.add_argument("--top", type=int, default=10, help="features to list per outcome (default 10)")
+    model_report.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    model_report.set_defaults(func=_model_report)
 
     forget = sub.add_parser(
         "forget-device", help="forget a device's credential (lost device secret): its next Hello is a new install"

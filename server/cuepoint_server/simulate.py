@@ -137,6 +137,10 @@ class Outcome:
             shown = "".join(f" {key}={d[key]}" for key in ("variant", "locale") if d.get(key))
             lines = [f"{head} CUE {d['scenario']} {d['channel']} {_quote(d['message'])} ({d['cue']}){shown}"]
             lines += [f"    because {path}: {text}" for path, text in d["because"]]
+            for outcome, score in (d.get("scores") or {}).items():
+                top = ", ".join(f"{name} {value:+.2f}" for name, value in score.get("top_features", []))
+                head = f"    score {outcome} {score.get('probability', 0):.3f} ({score.get('status', '')})"
+                lines.append(f"{head}: {top}" if top else head)
             return "\n".join(lines)
         if self.kind == "blocked":
             return f"{head} BLOCKED {d['scenario']} {d['reason']} {d['detail']}".rstrip()
@@ -498,12 +502,17 @@ class Simulation:
                 self._emit(device, "resent", cue=self._labels[message.cue_id], scenario=message.scenario_id)
                 return
             # A/B variant and locale only when the scenario has them, so older timelines read as before.
-            extra = {key: value for key, value in (("variant", message.variant), ("locale", message.locale)) if value}
+            shown = (("variant", message.variant), ("locale", message.locale))
+            extra: dict[str, Any] = {key: value for key, value in shown if value}
             label = self._labels[message.cue_id] = f"cue#{len(self._labels) + 1}"
             self._ids[label] = message.cue_id
             self._last_cue[device] = message.cue_id
             stored = await self.core.store.get_cue(message.cue_id)
             because = _conditions(stored.explanation if stored is not None else {})
+            # Predicted outcome scores at the offer, only when the files declare outcomes.
+            scores = (stored.explanation.get("scores") if stored is not None else None) or {}
+            if scores:
+                extra["scores"] = scores
             self._emit(
                 device,
                 "cue",

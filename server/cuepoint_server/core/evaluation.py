@@ -60,7 +60,7 @@ class Evaluation(Scoring):
             policy=self.engine.scenarios.policy,
             busy=self._busy(session.device_id, now),
             paused=self.offers_paused,
-            has_capacity=self.router.has_capacity,
+            has_capacity=self.desk.has_capacity,
         )
         decision = self.arbiter.decide(qualified, situation)
         offer = self._offer(session, decision.offer, decision.blocked, now) if decision.offer else None

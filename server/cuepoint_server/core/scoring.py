@@ -40,6 +40,9 @@ class Scoring(CoreBase):
 
     def _outcomes_swapped(self) -> None:
         self._predictor().configure(self.engine.scenarios.outcomes)
+        if self.trainer is not None:
+            # An outcome added by the reload may have a stored model (declared before, or by another process).
+            self._spawn(self.trainer.reload())
 
     async def _start_scoring(self, session: DeviceSession) -> None:
         predictor = self._predictor()

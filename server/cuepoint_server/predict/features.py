@@ -7,8 +7,8 @@ sees the future. The outcome's own milestone is never a feature of its model.
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,25 +36,24 @@ class Journey:
     # Earlier sessions of the same user (or device while anonymous), and in how many each milestone was reached.
     prior_sessions: int = 0
     prior_milestones: Mapping[str, int] = field(default_factory=dict)
-    times: dict[str, deque[float]] = field(default_factory=dict)
+    # Per event name, its times within the longest window, sorted.
+    times: dict[str, list[float]] = field(default_factory=dict)
     screens: dict[str, float] = field(default_factory=dict)
 
     def observe(self, name: str, at: float, props: Mapping[str, Scalar]) -> None:
-        queue = self.times.get(name)
-        if queue is None:
+        times = self.times.get(name)
+        if times is None:
             if len(self.times) >= MAX_EVENT_NAMES:
                 return
-            queue = self.times[name] = deque(maxlen=MAX_TIMES_PER_EVENT)
-        if queue and at < queue[-1]:
-            # A late arrival (offline buffer): keep time order, rare.
-            items = sorted((*queue, at))
-            queue.clear()
-            queue.extend(items)
+            times = self.times[name] = []
+        if times and at < times[-1]:
+            bisect.insort(times, at)  # a late arrival (offline buffer): keep time order, rare
         else:
-            queue.append(at)
-        horizon = queue[-1] - _LONGEST
-        while queue and queue[0] < horizon:
-            queue.popleft()
+            times.append(at)
+        # Sorted, so the window counts are three binary searches; older than the longest window goes.
+        stale = bisect.bisect_left(times, times[-1] - _LONGEST)
+        if stale or len(times) > MAX_TIMES_PER_EVENT:
+            del times[: max(stale, len(times) - MAX_TIMES_PER_EVENT)]
         if name == SCREEN_EVENT:
             screen = props.get("screen")
             if screen is not None and len(self.screens) < MAX_SCREENS:
@@ -83,23 +82,16 @@ def features(
     """The feature vector at `now`. `exclude`: milestones that must not be features (the outcome's own)."""
     x: dict[str, float] = {}
     w1, w5, w30 = WINDOWS
-    for name, queue in journey.times.items():
-        n1 = n5 = n30 = 0
-        for at in reversed(queue):
-            if at > now:
-                continue
-            age = now - at
-            if age >= w30:
-                break
-            n30 += 1
-            if age < w5:
-                n5 += 1
-                if age < w1:
-                    n1 += 1
+    for name, times in journey.times.items():
+        # Occurrences at or before `now` and within each window: at > now - window.
+        upto = bisect.bisect_right(times, now)
+        n30 = upto - bisect.bisect_right(times, now - w30, 0, upto)
         if n30:
             x[f"events_30m:{name}"] = float(n30)
+            n5 = upto - bisect.bisect_right(times, now - w5, 0, upto)
             if n5:
                 x[f"events_5m:{name}"] = float(n5)
+                n1 = upto - bisect.bisect_right(times, now - w1, 0, upto)
                 if n1:
                     x[f"events_1m:{name}"] = float(n1)
     x["distinct_screens"] = float(sum(1 for at in journey.screens.values() if at <= now))

@@ -187,6 +187,7 @@ class OutcomeModel:
             "labelled": self.labelled,
             "positives": self.positives,
             "examples": self.examples,
+            "min_sessions": self.settings.min_sessions,
             "vocabulary": list(self.vocabulary),
             "scaler": {
                 "counts": dict(scaler.counts),
@@ -203,7 +204,7 @@ class OutcomeModel:
     def from_state(cls, data: Mapping[str, Any], settings: ModelSettings | None = None) -> OutcomeModel:
         if data.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown model state format {data.get('format')!r}")
-        model = cls(str(data["outcome"]), settings)
+        model = cls(str(data["outcome"]), settings or ModelSettings(min_sessions=int(data.get("min_sessions", 200))))
         model.labelled = int(data["labelled"])
         model.positives = int(data["positives"])
         model.examples = int(data["examples"])
