@@ -121,8 +121,12 @@ class Trainer:
 
     async def _run(self) -> None:
         while True:
+            timeout = self.config.poll
+            if self._dirty:
+                # Learned but not yet saved (saves are spaced by save_every): come back when it is due.
+                timeout = min(timeout, max(0.0, self._saved_at + self.config.save_every - time.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.config.poll)
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
             self._wake.clear()
             try:
                 await self._renew()
