@@ -291,3 +291,32 @@ async def test_console_switches_change_what_devices_get(start_server: StartServe
         await expect(console.locator("#explain")).to_contain_text("paused")
         for client in (phone, phone2, phone3):
             await client.close()
+
+
+# Every control a person operates must have a name a screen reader can read out.
+UNLABELLED = """() => [...document.querySelectorAll('button, input, select, textarea')]
+  .filter((e) => e.offsetParent !== null || e.closest('[hidden], .hidden') === null)
+  .filter((e) => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+  .map((e) => e.outerHTML)"""
+
+
+async def test_every_control_has_an_accessible_name(start_server: StartServer) -> None:
+    from playwright.async_api import expect
+
+    server = await start(start_server)
+    async with chromium() as browser:
+        desk = await open_desk(browser, server, DANA)
+        phone = await fitkit_phone(server)
+        engagement = await phone.accept(await fail_to_sync(phone))
+        await desk.get_by_role("button", name="Accept").click()
+        await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+        await expect(desk.locator("#work")).to_be_visible()
+        assert await desk.evaluate(UNLABELLED) == []
+        console = await open_console(browser, server)
+        await expect(console.locator("#sessions")).to_contain_text("fitkit-iphone-7f3a")
+        assert await console.evaluate(UNLABELLED) == []
+        # The whole desk works from the keyboard: Tab reaches the chat box from the canned replies.
+        await desk.get_by_label("Canned reply").focus()
+        await desk.keyboard.press("Tab")
+        await expect(desk.get_by_label("Message")).to_be_focused()
+        await phone.close()

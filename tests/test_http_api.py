@@ -230,3 +230,25 @@ async def test_decline_with_a_reason_then_wrap_up_with_a_queue_code(start_server
             assert ended.disposition == "escalated"
             assert (await next_event(fay, "ended"))["disposition"] == "escalated"
             await phone.close()
+
+
+async def test_bad_input_gets_a_clear_error_and_the_server_stays_up(start_server: StartServer) -> None:
+    server = await start(start_server)
+    async with client() as http:
+        csrf = await sign_in(http, server, "/api/console/session", token=ADMIN)
+        headers = {"X-CSRF-Token": csrf, "Content-Type": "application/json"}
+        for body, status in [
+            (b"{not json", 400),
+            (b"[1, 2]", 400),
+            (b'{"text": 5}', 400),
+            (b"\xff\xfe", 400),
+            (b'{"text": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413),
+        ]:
+            async with http.post(f"{server.http_url}/api/console/validate", data=body, headers=headers) as response:
+                assert response.status == status, (body[:20], await response.text())
+        async with http.get(f"{server.http_url}/api/console/funnel?since=forever") as response:
+            assert response.status == 400 and (await response.json())["field"] == "since"
+        async with http.get(f"{server.http_url}/api/console/funnel?by=shoe_size") as response:
+            assert response.status == 400 and (await response.json())["field"] == "by"
+        async with http.get(f"{server.http_url}/api/console/live") as response:
+            assert response.status == 200

@@ -87,7 +87,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     name=s.name,
                     file=s.file,
                     priority=s.priority,
-                    enabled=s.enabled,
+                    enabled=self.core.scenario_enabled(s.id),
                     events=sorted(s.events),
                     time_driven=s.timed,
                     holdout=s.holdout,

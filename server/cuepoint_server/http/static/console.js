@@ -70,6 +70,9 @@
       card("pending cues", live.pending_cues, "count-pending"),
       card("waiting engagements", live.queues.reduce((n, q) => n + q.waiting, 0), "count-waiting"),
     );
+    const segments = {};
+    for (const s of live.sessions) for (const name of s.segments) segments[name] = (segments[name] || 0) + 1;
+    for (const [name, n] of Object.entries(segments).sort()) cards.append(card("in segment " + name, n, "segment-" + name));
     const needle = $("filter").value.trim().toLowerCase();
     const body = clear($("sessions"));
     for (const s of live.sessions) {
