@@ -238,14 +238,20 @@ def user_token(clock: ManualClock, sub: str, **changes: Any) -> str:
 
 
 async def user_device(
-    server: CuepointServer, device_id: str, user_id: str = "", token: str | None = None, *, app_id: str = "fitkit"
+    server: CuepointServer,
+    device_id: str,
+    user_id: str = "",
+    token: str | None = None,
+    *,
+    app_id: str = "fitkit",
+    consent: cuepoint.Consent = cuepoint.Consent.FULL,
 ) -> cuepoint.Client:
     return await cuepoint.connect(
         server.address,
         app_id=app_id,
         device_id=device_id,
         user=cuepoint.User(user_id=user_id) if user_id else None,
-        consent=cuepoint.Consent.FULL,
+        consent=consent,
         config=cuepoint.ClientConfig(api_key=SHOP_KEY if app_id == "shop" else APP_KEY, connect_timeout=5),
         user_token=token,
     )
@@ -348,6 +354,14 @@ async def test_verified_journey_is_stitched_and_marked(start_server: StartServer
     other = await user_device(server, "carol-phone", "u-someone", user_token(clock, "u-carol"))
     assert await verdict(other) == cuepoint.UserVerification("u-carol", True)
     assert server.core._reg.sessions["carol-phone"].subject == "user:u-carol"
+    # Without consent a verified user is still not kept: no identity, no stitching.
+    private = await user_device(server, "dora-phone", consent=cuepoint.Consent.NONE)
+    assert (await private.set_user_token(user_token(clock, "u-dora"), timeout=5)).verified
+    assert server.core._reg.sessions["dora-phone"].subject == "device:dora-phone"
+    await server.core.drain()
+    stored = await server.store.get_session(private.session_id)
+    assert stored is not None and stored.user_id == "" and not stored.identified
+    await private.close()
     for c in (phone, tablet, other):
         await c.close()
     await dana.close()

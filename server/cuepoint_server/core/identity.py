@@ -52,7 +52,8 @@ class Identity(CoreBase):
         session.verified_user = user_id
         # The token is the authority on who signed in.
         session.state.context["user.id"] = user_id
-        self._identify(session, user_id, now)
+        if session.consent != "none":  # without consent no identity is kept (core/consent.py)
+            self._identify(session, user_id, now)
 
     def _identify(self, session: DeviceSession, user_id: str, now: float) -> None:
         raise NotImplementedError  # core/ingest.py
