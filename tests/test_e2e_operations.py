@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 import cuepoint
-from cuepoint.v1 import associate_pb2, associate_pb2_grpc
+from cuepoint.v1 import associate_pb2, associate_pb2_grpc, common_pb2
 
 from .conftest import StartServer, phone
 from .test_e2e_engagements import HELP, ask_for_help, associate, eventually
@@ -343,3 +343,106 @@ async def test_malformed_transfers_name_the_field(start_server: StartServer) -> 
     await eventually(unchanged)
     assert await server.store.transfers_for(engagement_id) == []
     await client.close()
+
+
+# -- associate-initiated engagement --------------------------------------------------------
+
+
+async def test_an_associate_invites_a_struggling_device_and_gets_the_engagement(start_server: StartServer) -> None:
+    server = await start_server(HELP)
+    # Erin has been idle longer: without the invitation, routing would pick her.
+    erin = await associate(server, "erin")
+    dana = await associate(server, "dana")
+    client = await phone(server)
+    await client.track("checkout_error")
+    await client.flush()
+
+    result = await dana.invite(
+        "phone-1", cuepoint.Channel.CHAT, "Need a hand with checkout?", reason="three checkout errors in live now"
+    )
+    assert result.invited and result.blocked_reason == ""
+    cue = await client.next_cue(timeout=5)
+    assert (cue.cue_id, cue.message, cue.channel) == (
+        result.cue_id,
+        "Need a hand with checkout?",
+        cuepoint.Channel.CHAT,
+    )
+
+    engagement = await client.accept(cue)
+    taken = await dana.next_engagement(timeout=5)
+    assert (
+        taken.engagement_id == (await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)).engagement_id
+    )
+    assert taken.context.trigger is not None
+    assert [(c.path, c.description) for c in taken.context.trigger.conditions] == [
+        ("invitation", "Dana invited the user: three checkout errors in live now")
+    ]
+    assert not erin.active
+    await server.core.drain()
+    stored = await server.store.get_cue(result.cue_id)
+    assert stored is not None and stored.scenario_id == "@invitation"
+    assert (
+        stored.explanation["invited_by"] == "dana"
+        and stored.explanation["reason"] == "three checkout errors in live now"
+    )
+    for c in (client, dana, erin):
+        await c.close()
+
+
+async def test_invitations_face_the_same_policy(start_server: StartServer) -> None:
+    server = await start_server(HELP)
+    dana = await associate(server, "dana")
+    client = await phone(server)
+    # A cue is already on screen: one thing at a time.
+    await client.track("help")
+    await client.flush()
+    cue = await client.next_cue(timeout=5)
+    busy = await dana.invite("phone-1", cuepoint.Channel.CHAT, "Hello?", reason="test")
+    assert (busy.invited, busy.blocked_reason) == (False, "cue_pending")
+
+    # Declined once: not invited again this session.
+    await client.decline(cue)
+    other = await phone(server, "phone-2", user_id="user-2")
+    first_try = await dana.invite("phone-2", cuepoint.Channel.CHAT, "Hello?", reason="test")
+    assert first_try.invited
+    await other.decline(await other.next_cue(timeout=5))
+    again = await dana.invite("phone-2", cuepoint.Channel.CHAT, "Hello again?", reason="test")
+    assert (again.invited, again.blocked_reason) == (False, "declined")
+
+    # The emergency pause stops people's cues as it stops scenarios'.
+    server.core.paused_by_admin = True
+    third = await phone(server, "phone-3", user_id="user-3")
+    paused = await dana.invite("phone-3", cuepoint.Channel.CHAT, "Hello?", reason="test")
+    assert (paused.invited, paused.blocked_reason) == (False, "paused")
+    assert await no_cue_within(third)
+
+    await server.core.drain()
+    decisions = await server.store.decisions_for_device("phone-2")
+    assert [(d.scenario_id, d.outcome, d.reason) for d in decisions if d.scenario_id == "@invitation"] == [
+        ("@invitation", "offered", "invited"),
+        ("@invitation", "blocked", "declined"),
+    ]
+    for c in (client, other, third, dana):
+        await c.close()
+
+
+async def no_cue_within(client: cuepoint.Client) -> bool:
+    try:
+        await client.next_cue(timeout=0.2)
+    except cuepoint.TimedOut:
+        return True
+    return False
+
+
+async def test_inviting_a_device_that_is_not_connected_names_the_field(start_server: StartServer) -> None:
+    server = await start_server(HELP)
+    refused = await _refused(
+        server,
+        associate_pb2.SignIn(associate_id="dana", queues=["support"]),
+        associate_pb2.AssociateMessage(
+            invite=associate_pb2.InviteDevice(
+                device_id="ghost", channel=common_pb2.CHANNEL_CHAT, message="Hi", reason="r"
+            )
+        ),
+    )
+    assert refused is grpc.StatusCode.INVALID_ARGUMENT

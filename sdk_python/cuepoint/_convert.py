@@ -40,6 +40,7 @@ from .models import (
     FallbackOption,
     FeedbackKind,
     FeedbackRequest,
+    InvitationResult,
     JourneyEntry,
     Location,
     MatchedCondition,
@@ -913,6 +914,17 @@ def monitor(engagement_id: str) -> associate_pb2.AssociateMessage:
 
 def whisper(engagement_id: str, text: str) -> associate_pb2.AssociateMessage:
     return associate_pb2.AssociateMessage(whisper=associate_pb2.Whisper(engagement_id=engagement_id, text=text))
+
+
+def invite(device_id: str, channel: Channel, message: str, reason: str) -> associate_pb2.AssociateMessage:
+    msg = associate_pb2.InviteDevice(
+        device_id=device_id, channel=channel_to_proto(channel), message=message, reason=reason
+    )
+    return associate_pb2.AssociateMessage(invite=msg)
+
+
+def invitation_from_proto(msg: associate_pb2.InvitationResult) -> InvitationResult:
+    return InvitationResult(msg.device_id, msg.cue_id, msg.blocked_reason, msg.detail)
 
 
 def barge(engagement_id: str) -> associate_pb2.AssociateMessage:

@@ -54,6 +54,7 @@ from .models import (
     EngagementEnded,
     EngagementState,
     EngagementUpdate,
+    InvitationResult,
     ParticipantRole,
     Party,
     Presence,
@@ -173,6 +174,8 @@ class AssociateClient:
         self._joined: Inbox[AssignedEngagement] = Inbox()
         self._supervised: dict[str, SupervisedEngagement] = {}
         self._supervised_feed: Inbox[SupervisedEngagement] = Inbox()
+        # Invitations awaiting the server's answer, per device, oldest first.
+        self._invitations: dict[str, deque[asyncio.Future[InvitationResult]]] = {}
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -464,6 +467,32 @@ class AssociateClient:
         self._check_usable()
         await self._send(_convert.whisper(engagement_id, text))
 
+    async def invite(
+        self, device_id: str, channel: Channel, message: str, *, reason: str, timeout: float | None = None
+    ) -> InvitationResult:
+        """Invite a connected device (e.g. one you see struggling in live now): a cue from you.
+
+        The same policy as a scenario's cue applies; the result says whether the cue was sent or why
+        not. If the user accepts, the engagement comes to you first (see :meth:`engagements`).
+        """
+        device_id = _validate.string(device_id, "invite.device_id")
+        channel = _validate.channel(channel)
+        message = _validate.chat_text(message, "invite.message")
+        reason = _validate.string(reason, "invite.reason")
+        self._check_usable()
+        future: asyncio.Future[InvitationResult] = asyncio.get_running_loop().create_future()
+        self._invitations.setdefault(device_id, deque()).append(future)
+        try:
+            await self._send(_convert.invite(device_id, channel, message, reason))
+            async with deadline(timeout, f"answer to the invitation of {device_id}"):
+                return await future
+        finally:
+            waiting = self._invitations.get(device_id)
+            if waiting is not None and future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._invitations.pop(device_id, None)
+
     def joined(self) -> AsyncIterator[AssignedEngagement]:
         """Engagements you were added to (``role`` says how), oldest first, with context and transcript."""
         return self._joined
@@ -631,6 +660,14 @@ class AssociateClient:
                 claim.set_exception(Rejected(_withdrawn_message(engagement_id, reason)))
         elif kind == "joined":
             self._on_joined(_convert.assigned_engagement_from_proto(message.joined))
+        elif kind == "invitation":
+            result = _convert.invitation_from_proto(message.invitation)
+            # Answers come in the order invitations were sent: the oldest waiting one for this device.
+            waiting = self._invitations.get(result.device_id)
+            if waiting:
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_result(result)
         elif kind == "supervised":
             snapshot = _convert.supervised_from_proto(message.supervised)
             self._supervised[snapshot.engagement_id] = snapshot
@@ -743,6 +780,11 @@ class AssociateClient:
         self._offers.close(error)
         self._joined.close(error)
         self._supervised_feed.close(error)
+        invitations = [f for waiting in self._invitations.values() for f in waiting]
+        self._invitations.clear()
+        for future in invitations:
+            if not future.done():
+                future.set_exception(error or ClientClosed("the associate client was closed"))
         for inbox in list(self._subscribers):
             inbox.close(error)
         claims = list(self._claims.values())

@@ -40,6 +40,7 @@ __all__ = [
     "FallbackOption",
     "FeedbackKind",
     "FeedbackRequest",
+    "InvitationResult",
     "JourneyEntry",
     "Location",
     "MatchedCondition",
@@ -239,6 +240,22 @@ class SupervisedEngagement:
     associate_id: str
     participants: tuple[Participant, ...] = ()
     time: float | None = None
+
+
+@dataclass(frozen=True)
+class InvitationResult:
+    """The server's answer to :meth:`AssociateClient.invite`."""
+
+    device_id: str
+    cue_id: str
+    """The cue sent to the device; empty when the policy held the invitation back."""
+    blocked_reason: str = ""
+    """Why not: e.g. ``cue_pending``, ``engagement_active``, ``min_gap``, ``cap``, ``paused``, ``declined``."""
+    detail: str = ""
+
+    @property
+    def invited(self) -> bool:
+        return bool(self.cue_id)
 
 
 class ConnectionState(enum.Enum):

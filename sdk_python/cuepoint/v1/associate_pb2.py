@@ -26,7 +26,7 @@ from cuepoint.v1 import common_pb2 as cuepoint_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63uepoint/v1/associate.proto\x12\x0b\x63uepoint.v1\x1a\x18\x63uepoint/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x06\n\x10\x41ssociateMessage\x12&\n\x07sign_in\x18\x01 \x01(\x0b\x32\x13.cuepoint.v1.SignInH\x00\x12)\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.cuepoint.v1.EndEngagementH\x00\x12-\n\x05\x63laim\x18\x03 \x01(\x0b\x32\x1c.cuepoint.v1.ClaimEngagementH\x00\x12/\n\x06reject\x18\x04 \x01(\x0b\x32\x1d.cuepoint.v1.RejectEngagementH\x00\x12,\n\x08presence\x18\x05 \x01(\x0b\x32\x18.cuepoint.v1.SetPresenceH\x00\x12(\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x07 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x38\n\x10upgrade_response\x18\x08 \x01(\x0b\x32\x1c.cuepoint.v1.UpgradeResponseH\x00\x12.\n\x0b\x63\x61ll_signal\x18\t \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12\x33\n\x08transfer\x18\n \x01(\x0b\x32\x1f.cuepoint.v1.TransferEngagementH\x00\x12:\n\x11\x63omplete_transfer\x18\x0b \x01(\x0b\x32\x1d.cuepoint.v1.CompleteTransferH\x00\x12\x36\n\x0f\x61\x64\x64_participant\x18\x0c \x01(\x0b\x32\x1b.cuepoint.v1.AddParticipantH\x00\x12-\n\x05leave\x18\r \x01(\x0b\x32\x1c.cuepoint.v1.LeaveEngagementH\x00\x12\x31\n\x07monitor\x18\x0e \x01(\x0b\x32\x1e.cuepoint.v1.MonitorEngagementH\x00\x12\'\n\x07whisper\x18\x0f \x01(\x0b\x32\x14.cuepoint.v1.WhisperH\x00\x12%\n\x05\x62\x61rge\x18\x10 \x01(\x0b\x32\x14.cuepoint.v1.BargeInH\x00\x42\x06\n\x04kind\"\x8d\x01\n\x12TransferEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x17\n\x0fto_associate_id\x18\x02 \x01(\t\x12\x10\n\x08to_queue\x18\x03 \x01(\t\x12\'\n\x04mode\x18\x04 \x01(\x0e\x32\x19.cuepoint.v1.TransferMode\x12\x0c\n\x04note\x18\x05 \x01(\t\")\n\x10\x43ompleteTransfer\x12\x15\n\rengagement_id\x18\x01 \x01(\t\"=\n\x0e\x41\x64\x64Participant\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61ssociate_id\x18\x02 \x01(\t\"L\n\x0fLeaveEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64isposition\x18\x02 \x01(\t\x12\r\n\x05notes\x18\x03 \x01(\t\"*\n\x11MonitorEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\".\n\x07Whisper\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\" \n\x07\x42\x61rgeIn\x12\x15\n\rengagement_id\x18\x01 \x01(\t\"\xc0\x01\n\x06SignIn\x12\x14\n\x0c\x61ssociate_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06queues\x18\x03 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x0e\n\x06skills\x18\x05 \x03(\t\x12\x14\n\x0cmanual_claim\x18\x06 \x01(\x08\x12\'\n\x08presence\x18\x07 \x01(\x0e\x32\x15.cuepoint.v1.Presence\x12\x19\n\x11supervised_queues\x18\x08 \x03(\t\"(\n\x0f\x43laimEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\"9\n\x10RejectEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\x0bSetPresence\x12\'\n\x08presence\x18\x01 \x01(\x0e\x32\x15.cuepoint.v1.Presence\x12\x0e\n\x06reason\x18\x02 \x01(\t\"J\n\rEndEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64isposition\x18\x02 \x01(\t\x12\r\n\x05notes\x18\x03 \x01(\t\"\xb0\x04\n\x0e\x41ssociateEvent\x12*\n\tsigned_in\x18\x01 \x01(\x0b\x32\x15.cuepoint.v1.SignedInH\x00\x12+\n\x08\x61ssigned\x18\x02 \x01(\x0b\x32\x17.cuepoint.v1.EngagementH\x00\x12-\n\x05\x65nded\x18\x03 \x01(\x0b\x32\x1c.cuepoint.v1.EngagementEndedH\x00\x12*\n\x07offered\x18\x04 \x01(\x0b\x32\x17.cuepoint.v1.EngagementH\x00\x12\x36\n\x0foffer_withdrawn\x18\x05 \x01(\x0b\x32\x1b.cuepoint.v1.OfferWithdrawnH\x00\x12(\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x07 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x34\n\x0e\x63hannel_change\x18\x08 \x01(\x0b\x32\x1a.cuepoint.v1.ChannelChangeH\x00\x12.\n\x0b\x63\x61ll_signal\x18\t \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12)\n\x06joined\x18\n \x01(\x0b\x32\x17.cuepoint.v1.EngagementH\x00\x12\x37\n\nsupervised\x18\x0b \x01(\x0b\x32!.cuepoint.v1.SupervisedEngagementH\x00\x42\x06\n\x04kind\"\x80\x02\n\x14SupervisedEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.cuepoint.v1.EngagementState\x12%\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x14.cuepoint.v1.Channel\x12\x14\n\x0c\x61ssociate_id\x18\x05 \x01(\t\x12.\n\x0cparticipants\x18\x06 \x03(\x0b\x32\x18.cuepoint.v1.Participant\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x0eOfferWithdrawn\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x08SignedIn\x12\x14\n\x0c\x61ssociate_id\x18\x01 \x01(\t\x12\x0e\n\x06queues\x18\x02 \x03(\t\"c\n\x0f\x45ngagementEnded\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64isposition\x18\x02 \x01(\t\x12$\n\x08\x65nded_by\x18\x03 \x01(\x0e\x32\x12.cuepoint.v1.Party*b\n\x08Presence\x12\x18\n\x14PRESENCE_UNSPECIFIED\x10\x00\x12\x16\n\x12PRESENCE_AVAILABLE\x10\x01\x12\x11\n\rPRESENCE_BUSY\x10\x02\x12\x11\n\rPRESENCE_AWAY\x10\x03\x32]\n\x10\x41ssociateService\x12I\n\x07\x43onnect\x12\x1d.cuepoint.v1.AssociateMessage\x1a\x1b.cuepoint.v1.AssociateEvent(\x01\x30\x01\x42O\n\x0f\x64\x65v.cuepoint.v1P\x01Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63uepoint/v1/associate.proto\x12\x0b\x63uepoint.v1\x1a\x18\x63uepoint/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x06\n\x10\x41ssociateMessage\x12&\n\x07sign_in\x18\x01 \x01(\x0b\x32\x13.cuepoint.v1.SignInH\x00\x12)\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.cuepoint.v1.EndEngagementH\x00\x12-\n\x05\x63laim\x18\x03 \x01(\x0b\x32\x1c.cuepoint.v1.ClaimEngagementH\x00\x12/\n\x06reject\x18\x04 \x01(\x0b\x32\x1d.cuepoint.v1.RejectEngagementH\x00\x12,\n\x08presence\x18\x05 \x01(\x0b\x32\x18.cuepoint.v1.SetPresenceH\x00\x12(\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x07 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x38\n\x10upgrade_response\x18\x08 \x01(\x0b\x32\x1c.cuepoint.v1.UpgradeResponseH\x00\x12.\n\x0b\x63\x61ll_signal\x18\t \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12\x33\n\x08transfer\x18\n \x01(\x0b\x32\x1f.cuepoint.v1.TransferEngagementH\x00\x12:\n\x11\x63omplete_transfer\x18\x0b \x01(\x0b\x32\x1d.cuepoint.v1.CompleteTransferH\x00\x12\x36\n\x0f\x61\x64\x64_participant\x18\x0c \x01(\x0b\x32\x1b.cuepoint.v1.AddParticipantH\x00\x12-\n\x05leave\x18\r \x01(\x0b\x32\x1c.cuepoint.v1.LeaveEngagementH\x00\x12\x31\n\x07monitor\x18\x0e \x01(\x0b\x32\x1e.cuepoint.v1.MonitorEngagementH\x00\x12\'\n\x07whisper\x18\x0f \x01(\x0b\x32\x14.cuepoint.v1.WhisperH\x00\x12%\n\x05\x62\x61rge\x18\x10 \x01(\x0b\x32\x14.cuepoint.v1.BargeInH\x00\x12+\n\x06invite\x18\x11 \x01(\x0b\x32\x19.cuepoint.v1.InviteDeviceH\x00\x42\x06\n\x04kind\"i\n\x0cInviteDevice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12%\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x14.cuepoint.v1.Channel\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x8d\x01\n\x12TransferEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x17\n\x0fto_associate_id\x18\x02 \x01(\t\x12\x10\n\x08to_queue\x18\x03 \x01(\t\x12\'\n\x04mode\x18\x04 \x01(\x0e\x32\x19.cuepoint.v1.TransferMode\x12\x0c\n\x04note\x18\x05 \x01(\t\")\n\x10\x43ompleteTransfer\x12\x15\n\rengagement_id\x18\x01 \x01(\t\"=\n\x0e\x41\x64\x64Participant\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61ssociate_id\x18\x02 \x01(\t\"L\n\x0fLeaveEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64isposition\x18\x02 \x01(\t\x12\r\n\x05notes\x18\x03 \x01(\t\"*\n\x11MonitorEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\".\n\x07Whisper\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\" \n\x07\x42\x61rgeIn\x12\x15\n\rengagement_id\x18\x01 \x01(\t\"\xc0\x01\n\x06SignIn\x12\x14\n\x0c\x61ssociate_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06queues\x18\x03 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x0e\n\x06skills\x18\x05 \x03(\t\x12\x14\n\x0cmanual_claim\x18\x06 \x01(\x08\x12\'\n\x08presence\x18\x07 \x01(\x0e\x32\x15.cuepoint.v1.Presence\x12\x19\n\x11supervised_queues\x18\x08 \x03(\t\"(\n\x0f\x43laimEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\"9\n\x10RejectEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\x0bSetPresence\x12\'\n\x08presence\x18\x01 \x01(\x0e\x32\x15.cuepoint.v1.Presence\x12\x0e\n\x06reason\x18\x02 \x01(\t\"J\n\rEndEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64isposition\x18\x02 \x01(\t\x12\r\n\x05notes\x18\x03 \x01(\t\"\xe5\x04\n\x0e\x41ssociateEvent\x12*\n\tsigned_in\x18\x01 \x01(\x0b\x32\x15.cuepoint.v1.SignedInH\x00\x12+\n\x08\x61ssigned\x18\x02 \x01(\x0b\x32\x17.cuepoint.v1.EngagementH\x00\x12-\n\x05\x65nded\x18\x03 \x01(\x0b\x32\x1c.cuepoint.v1.EngagementEndedH\x00\x12*\n\x07offered\x18\x04 \x01(\x0b\x32\x17.cuepoint.v1.EngagementH\x00\x12\x36\n\x0foffer_withdrawn\x18\x05 \x01(\x0b\x32\x1b.cuepoint.v1.OfferWithdrawnH\x00\x12(\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x07 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x34\n\x0e\x63hannel_change\x18\x08 \x01(\x0b\x32\x1a.cuepoint.v1.ChannelChangeH\x00\x12.\n\x0b\x63\x61ll_signal\x18\t \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12)\n\x06joined\x18\n \x01(\x0b\x32\x17.cuepoint.v1.EngagementH\x00\x12\x37\n\nsupervised\x18\x0b \x01(\x0b\x32!.cuepoint.v1.SupervisedEngagementH\x00\x12\x33\n\ninvitation\x18\x0c \x01(\x0b\x32\x1d.cuepoint.v1.InvitationResultH\x00\x42\x06\n\x04kind\"]\n\x10InvitationResult\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ue_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62locked_reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x80\x02\n\x14SupervisedEngagement\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.cuepoint.v1.EngagementState\x12%\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x14.cuepoint.v1.Channel\x12\x14\n\x0c\x61ssociate_id\x18\x05 \x01(\t\x12.\n\x0cparticipants\x18\x06 \x03(\x0b\x32\x18.cuepoint.v1.Participant\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x0eOfferWithdrawn\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x08SignedIn\x12\x14\n\x0c\x61ssociate_id\x18\x01 \x01(\t\x12\x0e\n\x06queues\x18\x02 \x03(\t\"c\n\x0f\x45ngagementEnded\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64isposition\x18\x02 \x01(\t\x12$\n\x08\x65nded_by\x18\x03 \x01(\x0e\x32\x12.cuepoint.v1.Party*b\n\x08Presence\x12\x18\n\x14PRESENCE_UNSPECIFIED\x10\x00\x12\x16\n\x12PRESENCE_AVAILABLE\x10\x01\x12\x11\n\rPRESENCE_BUSY\x10\x02\x12\x11\n\rPRESENCE_AWAY\x10\x03\x32]\n\x10\x41ssociateService\x12I\n\x07\x43onnect\x12\x1d.cuepoint.v1.AssociateMessage\x1a\x1b.cuepoint.v1.AssociateEvent(\x01\x30\x01\x42O\n\x0f\x64\x65v.cuepoint.v1P\x01Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,44 +34,48 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cuepoint.v1.associate_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.cuepoint.v1P\001Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1'
-  _globals['_PRESENCE']._serialized_start=2836
-  _globals['_PRESENCE']._serialized_end=2934
+  _globals['_PRESENCE']._serialized_start=3136
+  _globals['_PRESENCE']._serialized_end=3234
   _globals['_ASSOCIATEMESSAGE']._serialized_start=104
-  _globals['_ASSOCIATEMESSAGE']._serialized_end=906
-  _globals['_TRANSFERENGAGEMENT']._serialized_start=909
-  _globals['_TRANSFERENGAGEMENT']._serialized_end=1050
-  _globals['_COMPLETETRANSFER']._serialized_start=1052
-  _globals['_COMPLETETRANSFER']._serialized_end=1093
-  _globals['_ADDPARTICIPANT']._serialized_start=1095
-  _globals['_ADDPARTICIPANT']._serialized_end=1156
-  _globals['_LEAVEENGAGEMENT']._serialized_start=1158
-  _globals['_LEAVEENGAGEMENT']._serialized_end=1234
-  _globals['_MONITORENGAGEMENT']._serialized_start=1236
-  _globals['_MONITORENGAGEMENT']._serialized_end=1278
-  _globals['_WHISPER']._serialized_start=1280
-  _globals['_WHISPER']._serialized_end=1326
-  _globals['_BARGEIN']._serialized_start=1328
-  _globals['_BARGEIN']._serialized_end=1360
-  _globals['_SIGNIN']._serialized_start=1363
-  _globals['_SIGNIN']._serialized_end=1555
-  _globals['_CLAIMENGAGEMENT']._serialized_start=1557
-  _globals['_CLAIMENGAGEMENT']._serialized_end=1597
-  _globals['_REJECTENGAGEMENT']._serialized_start=1599
-  _globals['_REJECTENGAGEMENT']._serialized_end=1656
-  _globals['_SETPRESENCE']._serialized_start=1658
-  _globals['_SETPRESENCE']._serialized_end=1728
-  _globals['_ENDENGAGEMENT']._serialized_start=1730
-  _globals['_ENDENGAGEMENT']._serialized_end=1804
-  _globals['_ASSOCIATEEVENT']._serialized_start=1807
-  _globals['_ASSOCIATEEVENT']._serialized_end=2367
-  _globals['_SUPERVISEDENGAGEMENT']._serialized_start=2370
-  _globals['_SUPERVISEDENGAGEMENT']._serialized_end=2626
-  _globals['_OFFERWITHDRAWN']._serialized_start=2628
-  _globals['_OFFERWITHDRAWN']._serialized_end=2683
-  _globals['_SIGNEDIN']._serialized_start=2685
-  _globals['_SIGNEDIN']._serialized_end=2733
-  _globals['_ENGAGEMENTENDED']._serialized_start=2735
-  _globals['_ENGAGEMENTENDED']._serialized_end=2834
-  _globals['_ASSOCIATESERVICE']._serialized_start=2936
-  _globals['_ASSOCIATESERVICE']._serialized_end=3029
+  _globals['_ASSOCIATEMESSAGE']._serialized_end=951
+  _globals['_INVITEDEVICE']._serialized_start=953
+  _globals['_INVITEDEVICE']._serialized_end=1058
+  _globals['_TRANSFERENGAGEMENT']._serialized_start=1061
+  _globals['_TRANSFERENGAGEMENT']._serialized_end=1202
+  _globals['_COMPLETETRANSFER']._serialized_start=1204
+  _globals['_COMPLETETRANSFER']._serialized_end=1245
+  _globals['_ADDPARTICIPANT']._serialized_start=1247
+  _globals['_ADDPARTICIPANT']._serialized_end=1308
+  _globals['_LEAVEENGAGEMENT']._serialized_start=1310
+  _globals['_LEAVEENGAGEMENT']._serialized_end=1386
+  _globals['_MONITORENGAGEMENT']._serialized_start=1388
+  _globals['_MONITORENGAGEMENT']._serialized_end=1430
+  _globals['_WHISPER']._serialized_start=1432
+  _globals['_WHISPER']._serialized_end=1478
+  _globals['_BARGEIN']._serialized_start=1480
+  _globals['_BARGEIN']._serialized_end=1512
+  _globals['_SIGNIN']._serialized_start=1515
+  _globals['_SIGNIN']._serialized_end=1707
+  _globals['_CLAIMENGAGEMENT']._serialized_start=1709
+  _globals['_CLAIMENGAGEMENT']._serialized_end=1749
+  _globals['_REJECTENGAGEMENT']._serialized_start=1751
+  _globals['_REJECTENGAGEMENT']._serialized_end=1808
+  _globals['_SETPRESENCE']._serialized_start=1810
+  _globals['_SETPRESENCE']._serialized_end=1880
+  _globals['_ENDENGAGEMENT']._serialized_start=1882
+  _globals['_ENDENGAGEMENT']._serialized_end=1956
+  _globals['_ASSOCIATEEVENT']._serialized_start=1959
+  _globals['_ASSOCIATEEVENT']._serialized_end=2572
+  _globals['_INVITATIONRESULT']._serialized_start=2574
+  _globals['_INVITATIONRESULT']._serialized_end=2667
+  _globals['_SUPERVISEDENGAGEMENT']._serialized_start=2670
+  _globals['_SUPERVISEDENGAGEMENT']._serialized_end=2926
+  _globals['_OFFERWITHDRAWN']._serialized_start=2928
+  _globals['_OFFERWITHDRAWN']._serialized_end=2983
+  _globals['_SIGNEDIN']._serialized_start=2985
+  _globals['_SIGNEDIN']._serialized_end=3033
+  _globals['_ENGAGEMENTENDED']._serialized_start=3035
+  _globals['_ENGAGEMENTENDED']._serialized_end=3134
+  _globals['_ASSOCIATESERVICE']._serialized_start=3236
+  _globals['_ASSOCIATESERVICE']._serialized_end=3329
 # @@protoc_insertion_point(module_scope)

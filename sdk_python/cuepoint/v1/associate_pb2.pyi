@@ -64,6 +64,7 @@ class AssociateMessage(_message.Message):
     MONITOR_FIELD_NUMBER: _builtins.int
     WHISPER_FIELD_NUMBER: _builtins.int
     BARGE_FIELD_NUMBER: _builtins.int
+    INVITE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sign_in(self) -> Global___SignIn: ...
     @_builtins.property
@@ -107,6 +108,12 @@ class AssociateMessage(_message.Message):
     def whisper(self) -> Global___Whisper: ...
     @_builtins.property
     def barge(self) -> Global___BargeIn: ...
+    @_builtins.property
+    def invite(self) -> Global___InviteDevice:
+        """Invite a connected device (e.g. from live now): a cue from you rather
+        than a scenario, under the same policy; answered by an InvitationResult.
+        """
+
     def __init__(
         self,
         *,
@@ -126,16 +133,47 @@ class AssociateMessage(_message.Message):
         monitor: Global___MonitorEngagement | None = ...,
         whisper: Global___Whisper | None = ...,
         barge: Global___BargeIn | None = ...,
+        invite: Global___InviteDevice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["add_participant", b"add_participant", "barge", b"barge", "call_signal", b"call_signal", "chat", b"chat", "claim", b"claim", "complete_transfer", b"complete_transfer", "end", b"end", "kind", b"kind", "leave", b"leave", "monitor", b"monitor", "presence", b"presence", "reject", b"reject", "sign_in", b"sign_in", "transfer", b"transfer", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "whisper", b"whisper"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_participant", b"add_participant", "barge", b"barge", "call_signal", b"call_signal", "chat", b"chat", "claim", b"claim", "complete_transfer", b"complete_transfer", "end", b"end", "invite", b"invite", "kind", b"kind", "leave", b"leave", "monitor", b"monitor", "presence", b"presence", "reject", b"reject", "sign_in", b"sign_in", "transfer", b"transfer", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "whisper", b"whisper"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_participant", b"add_participant", "barge", b"barge", "call_signal", b"call_signal", "chat", b"chat", "claim", b"claim", "complete_transfer", b"complete_transfer", "end", b"end", "kind", b"kind", "leave", b"leave", "monitor", b"monitor", "presence", b"presence", "reject", b"reject", "sign_in", b"sign_in", "transfer", b"transfer", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "whisper", b"whisper"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_participant", b"add_participant", "barge", b"barge", "call_signal", b"call_signal", "chat", b"chat", "claim", b"claim", "complete_transfer", b"complete_transfer", "end", b"end", "invite", b"invite", "kind", b"kind", "leave", b"leave", "monitor", b"monitor", "presence", b"presence", "reject", b"reject", "sign_in", b"sign_in", "transfer", b"transfer", "upgrade_request", b"upgrade_request", "upgrade_response", b"upgrade_response", "whisper", b"whisper"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["sign_in", "end", "claim", "reject", "presence", "chat", "upgrade_request", "upgrade_response", "call_signal", "transfer", "complete_transfer", "add_participant", "leave", "monitor", "whisper", "barge"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["sign_in", "end", "claim", "reject", "presence", "chat", "upgrade_request", "upgrade_response", "call_signal", "transfer", "complete_transfer", "add_participant", "leave", "monitor", "whisper", "barge", "invite"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AssociateMessage: _TypeAlias = AssociateMessage  # noqa: Y015
+
+@_typing.final
+class InviteDevice(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    channel: _common_pb2.Channel.ValueType
+    message: _builtins.str
+    """Shown to the user; at most 500 characters."""
+    reason: _builtins.str
+    """Why you invite them, recorded with the cue (funnel, engagement context); required."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "device_id", b"device_id", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InviteDevice: _TypeAlias = InviteDevice  # noqa: Y015
 
 @_typing.final
 class TransferEngagement(_message.Message):
@@ -477,6 +515,7 @@ class AssociateEvent(_message.Message):
     CALL_SIGNAL_FIELD_NUMBER: _builtins.int
     JOINED_FIELD_NUMBER: _builtins.int
     SUPERVISED_FIELD_NUMBER: _builtins.int
+    INVITATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def signed_in(self) -> Global___SignedIn: ...
     @_builtins.property
@@ -515,6 +554,8 @@ class AssociateEvent(_message.Message):
         assigned, transferred, ended), and at sign-in one per open engagement.
         """
 
+    @_builtins.property
+    def invitation(self) -> Global___InvitationResult: ...
     def __init__(
         self,
         *,
@@ -529,16 +570,53 @@ class AssociateEvent(_message.Message):
         call_signal: _common_pb2.CallSignal | None = ...,
         joined: _common_pb2.Engagement | None = ...,
         supervised: Global___SupervisedEngagement | None = ...,
+        invitation: Global___InvitationResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "ended", b"ended", "joined", b"joined", "kind", b"kind", "offer_withdrawn", b"offer_withdrawn", "offered", b"offered", "signed_in", b"signed_in", "supervised", b"supervised", "upgrade_request", b"upgrade_request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "ended", b"ended", "invitation", b"invitation", "joined", b"joined", "kind", b"kind", "offer_withdrawn", b"offer_withdrawn", "offered", b"offered", "signed_in", b"signed_in", "supervised", b"supervised", "upgrade_request", b"upgrade_request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "ended", b"ended", "joined", b"joined", "kind", b"kind", "offer_withdrawn", b"offer_withdrawn", "offered", b"offered", "signed_in", b"signed_in", "supervised", b"supervised", "upgrade_request", b"upgrade_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "ended", b"ended", "invitation", b"invitation", "joined", b"joined", "kind", b"kind", "offer_withdrawn", b"offer_withdrawn", "offered", b"offered", "signed_in", b"signed_in", "supervised", b"supervised", "upgrade_request", b"upgrade_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["signed_in", "assigned", "ended", "offered", "offer_withdrawn", "chat", "upgrade_request", "channel_change", "call_signal", "joined", "supervised"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["signed_in", "assigned", "ended", "offered", "offer_withdrawn", "chat", "upgrade_request", "channel_change", "call_signal", "joined", "supervised", "invitation"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AssociateEvent: _TypeAlias = AssociateEvent  # noqa: Y015
+
+@_typing.final
+class InvitationResult(_message.Message):
+    """The answer to an InviteDevice. If the user accepts, the engagement is
+    routed to you first (while you are available).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CUE_ID_FIELD_NUMBER: _builtins.int
+    BLOCKED_REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    cue_id: _builtins.str
+    """The cue sent; empty when the policy held the invitation back."""
+    blocked_reason: _builtins.str
+    """Why not (e.g. "cue_pending", "engagement_active", "min_gap", "cap",
+    "paused", "declined"), with a readable detail.
+    """
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        cue_id: _builtins.str = ...,
+        blocked_reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_reason", b"blocked_reason", "cue_id", b"cue_id", "detail", b"detail", "device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvitationResult: _TypeAlias = InvitationResult  # noqa: Y015
 
 @_typing.final
 class SupervisedEngagement(_message.Message):

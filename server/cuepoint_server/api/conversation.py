@@ -18,6 +18,7 @@ from ..core.model import (
     EngagementOffered,
     FallbackOffered,
     FeedbackAsked,
+    InvitationResult,
     OfferWithdrawn,
     SupervisedSnapshot,
     UpgradeAsk,
@@ -62,6 +63,7 @@ ASSOCIATE_KINDS = frozenset(
         "monitor",
         "whisper",
         "barge",
+        "invite",
     }
 )
 _TRANSFER_MODE_NAMES: dict[int, str] = {v: k for k, v in TRANSFER_MODES.items()}
@@ -175,6 +177,12 @@ async def from_associate(core: Core, associate: AssociateSession, message: assoc
         desk.whisper(associate, message.whisper.engagement_id, message.whisper.text)
     elif kind == "barge":
         await desk.barge(associate, message.barge.engagement_id)
+    elif kind == "invite":
+        invite = message.invite
+        result = core.invite(
+            associate, invite.device_id, channel_name("invite.channel", invite.channel), invite.message, invite.reason
+        )
+        associate.send(result)
     elif kind == "upgrade_request":
         req = message.upgrade_request
         engagement = desk.associate_engagement(associate, req.engagement_id)
@@ -270,6 +278,12 @@ def to_associate(item: object) -> associate_pb2.AssociateEvent | None:
         return associate_pb2.AssociateEvent(offered=engagement_to_proto(item.view))
     if isinstance(item, EngagementJoined):
         return associate_pb2.AssociateEvent(joined=engagement_to_proto(item.view))
+    if isinstance(item, InvitationResult):
+        return associate_pb2.AssociateEvent(
+            invitation=associate_pb2.InvitationResult(
+                device_id=item.device_id, cue_id=item.cue_id, blocked_reason=item.blocked_reason, detail=item.detail
+            )
+        )
     if isinstance(item, SupervisedSnapshot):
         return associate_pb2.AssociateEvent(supervised=supervised_to_proto(item))
     if isinstance(item, OfferWithdrawn):

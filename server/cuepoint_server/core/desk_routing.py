@@ -68,6 +68,7 @@ class Routing(Bots):
             created_at=now,
             context=context,
             outcome_check=scenario.engagement_outcome if scenario else None,
+            preferred_associate=str(pending.explanation.get("invited_by") or ""),
         )
         # Reserved in memory while committing, so nothing else is offered to the device meanwhile.
         self._active_by_device[session.device_id] = engagement.engagement_id
@@ -166,7 +167,9 @@ class Routing(Bots):
         if bot is not None:
             self._bot_take(engagement, bot)
             return
-        associate = self.router.pick(engagement.queue, engagement.skills, engagement.rejected_by)
+        associate = self._preferred(engagement) or self.router.pick(
+            engagement.queue, engagement.skills, engagement.rejected_by
+        )
         if associate is None:
             self.router.wait(
                 engagement.queue, engagement.engagement_id, priority=engagement.priority, since=engagement.created_at
@@ -180,6 +183,13 @@ class Routing(Bots):
 
     def _route_again(self, engagement: Engagement) -> None:
         self._route(engagement)
+
+    def _preferred(self, engagement: Engagement) -> AssociateSession | None:
+        """The associate who invited the user, while free to take what they started."""
+        wanted = self.router.find(engagement.preferred_associate) if engagement.preferred_associate else None
+        if wanted is None or not wanted.available or wanted.associate_id in engagement.rejected_by:
+            return None
+        return wanted
 
     def _offer(self, engagement: Engagement, associate: AssociateSession) -> None:
         queue = self.engine.scenarios.routing.queue(engagement.queue)

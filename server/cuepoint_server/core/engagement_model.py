@@ -67,6 +67,8 @@ class Engagement:
     transfers: list[TransferInfo] = field(default_factory=list)
     # The note of a consult transfer in progress, carried to its completion.
     consult_note: str = ""
+    # Who invited the user (an associate-initiated engagement): routed to them first while they are free.
+    preferred_associate: str = ""
     # The conversation so far (whispers excluded), for whoever receives or joins the engagement
     # later; the newest TRANSCRIPT_KEPT lines, the full transcript is in storage.
     transcript: list[ChatLine] = field(default_factory=list)

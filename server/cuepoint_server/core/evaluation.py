@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from ..engine.arbiter import Blocked, Situation
+from ..engine.arbiter import INVITATION, Blocked, Situation
 from ..engine.scenario_set import ScenarioSet
 from ..predict.registry import describe_scores
 from ..scenarios.compiler import CompiledScenario
@@ -42,7 +42,8 @@ class Evaluation(Scoring):
         state = session.state
         qualified = self.engine.check(candidates, state, now)
         pending = self._reg.pending.get(session.device_id)
-        if pending is not None:
+        # A person's invitation has no scenario whose conditions could clear: it stands until answered or expired.
+        if pending is not None and pending.scenario_id != INVITATION:
             scenario = self.engine.scenarios.by_id.get(pending.scenario_id)
             if scenario is None or not scenario.enabled:
                 self._withdraw(session.device_id, "scenario_removed")
@@ -214,7 +215,7 @@ class Evaluation(Scoring):
         self._outcomes_swapped()
         for device_id, pending in list(self._reg.pending.items()):
             scenario = new.by_id.get(pending.scenario_id)
-            if scenario is None or not scenario.enabled:
+            if pending.scenario_id != INVITATION and (scenario is None or not scenario.enabled):
                 self._withdraw(device_id, "scenario_removed")
         for device_id, (_, handle) in list(self._timers.items()):
             handle.cancel()

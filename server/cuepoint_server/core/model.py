@@ -361,3 +361,13 @@ class FeedbackAsked:
     min_score: int
     max_score: int
     comment_allowed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InvitationResult:
+    """The answer to the inviter: the cue sent, or why the policy held it back."""
+
+    device_id: str
+    cue_id: str  # empty when not invited
+    blocked_reason: str = ""
+    detail: str = ""

@@ -6,7 +6,7 @@ go through the store's single writer and are awaited only where durability is
 promised (acks) or needed (an engagement's journey).
 
 The work is split by idea into the classes `Core` combines: session_lifecycle.py, ingest.py,
-recovery.py, evaluation.py and privacy.py, over core_base.py.
+recovery.py, evaluation.py, invitations.py and privacy.py, over core_base.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from ..predict.registry import describe_scores
 from .core_base import CoreConfig
 from .errors import InvalidInput, NotFound
+from .invitations import Invitations
 from .live import LiveNow, QueueLoad, describe_session, queue_loads
 from .model import AssociateSignIn
 from .privacy import Privacy
@@ -44,7 +45,7 @@ class DeviceView:
     scores: dict[str, Any] = field(default_factory=dict)
 
 
-class Core(SessionLifecycle, Privacy):
+class Core(SessionLifecycle, Invitations, Privacy):
     """The domain core the API adapters (gRPC, HTTP) and `simulate` drive."""
 
     def sign_in(self, request: AssociateSignIn) -> AssociateSession:

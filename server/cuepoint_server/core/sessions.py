@@ -24,6 +24,7 @@ from .model import (
     EngagementView,
     FallbackOffered,
     FeedbackAsked,
+    InvitationResult,
     JourneyAppended,
     OfferWithdrawn,
     SessionFailed,
@@ -60,6 +61,7 @@ AssociateOut = (
     | EngagementJoined
     | SupervisedSnapshot
     | JourneyAppended
+    | InvitationResult
 )
 
 

@@ -25,9 +25,12 @@ from ..scenarios.model import CapsSpec, PolicySpec
 from .holdout import in_holdout
 from .state import DeviceState
 
-__all__ = ["Arbiter", "Blocked", "Decision", "Situation"]
+__all__ = ["INVITATION", "Arbiter", "Blocked", "Decision", "Situation"]
 
 DAY = 86400.0
+# The scenario id of cues a person sends (an associate's invitation) rather than a scenario file:
+# outside the id syntax of scenario files, so it can never collide with one.
+INVITATION = "@invitation"
 MAX_REMEMBERED_OFFERS = 512
 
 
@@ -160,7 +163,33 @@ class Arbiter:
             )
         return _over_cap(scenario.caps, mine, s, "scenario")
 
+    def admit_invitation(self, s: Situation) -> tuple[str, str] | None:
+        """Why a person's invitation may not be offered now, if it may not.
+
+        The same policy as a scenario's cue (pause, one thing at a time, min_gap, caps, after_engagement),
+        less what only scenarios have (holdout, schedule, cooldown, capacity: the inviter is the capacity);
+        a user who declined an invitation is not invited again in the same session.
+        """
+        memory = self._of(s.subject)
+        if s.paused:
+            return ("paused", "offers are switched off")
+        declined = memory.declines.get(INVITATION)
+        if declined is not None and declined[1] == s.session_id:
+            return ("declined", "the user declined an invitation this session")
+        if s.policy.after_engagement == "session" and s.session_id in memory.engaged_sessions:
+            return ("engaged", "an engagement already happened this session")
+        return self._policy_block(s, memory)
+
     def _shared_block(self, scenario: CompiledScenario, s: Situation, memory: _Memory) -> tuple[str, str] | None:
+        blocked = self._policy_block(s, memory)
+        if blocked is not None:
+            return blocked
+        if s.policy.require_capacity and not s.has_capacity(scenario.queue):
+            return ("no_capacity", f"no associate available in queue {scenario.queue}")
+        return None
+
+    def _policy_block(self, s: Situation, memory: _Memory) -> tuple[str, str] | None:
+        """The policy every offer faces, whoever makes it: one thing at a time, min_gap, caps across scenarios."""
         if s.busy is not None:
             return (s.busy, "")
         if memory.offers and s.now - memory.offers[-1].at < s.policy.min_gap:
@@ -168,12 +197,7 @@ class Arbiter:
                 "min_gap",
                 f"last cue {s.now - memory.offers[-1].at:.0f}s ago, min_gap {format_duration(s.policy.min_gap)}",
             )
-        capped = _over_cap(s.policy.caps, list(memory.offers), s, "all scenarios")
-        if capped is not None:
-            return capped
-        if s.policy.require_capacity and not s.has_capacity(scenario.queue):
-            return ("no_capacity", f"no associate available in queue {scenario.queue}")
-        return None
+        return _over_cap(s.policy.caps, list(memory.offers), s, "all scenarios")
 
 
 def _rule(rule: float | str) -> str:
