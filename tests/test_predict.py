@@ -176,3 +176,51 @@ async def test_trainer_learns_stored_labels_once_saves_and_reloads(tmp_path: Pat
         [kept] = await store.models()
         assert kept.version == record.version
         await restarted.stop()
+
+
+def test_score_leaf_bounds_training_and_shadow() -> None:
+    from cuepoint_server.engine.state import Score
+    from cuepoint_server.scenarios.compiler import compile_routing
+    from cuepoint_server.scenarios.model import RoutingSpec
+
+    spec = RoutingSpec.model_validate(
+        {
+            "rules": [
+                {"when": {"score": "purchased", "gte": 0.2, "trained": True}, "queue": "trained-closers"},
+                {"when": {"score": "purchased", "gte": 0.2}, "queue": "closers"},
+            ]
+        }
+    )
+    routing = compile_routing(spec, {})
+    state = DeviceState("d1", "shop")
+
+    def route() -> str:
+        return routing.route(state, 0.0, "default", 0, ())[0]
+
+    assert route() == "default"  # not scored yet: no score condition holds
+    state.scores = {"purchased": Score(0.3, False, False, list)}
+    assert route() == "closers"  # the base rate while training passes the bound, not `trained: true`
+    state.scores = {"purchased": Score(0.3, True, False, list)}
+    assert route() == "trained-closers"
+    state.scores = {"purchased": Score(0.9, True, True, list)}
+    assert route() == "default"  # shadow: scored and shown, never decides
+    state.scores = {"purchased": Score(0.1, True, False, list)}
+    assert route() == "default"
+
+
+def test_timers_rescore_time_driven_features() -> None:
+    predictor = Predictor()
+    predictor.configure([OutcomeSpec(id="purchased", milestone="purchased", min_sessions=1)])
+    model = predictor.models["purchased"]
+    # Teach it that long sessions convert: log_seconds_in_session carries the signal.
+    for i in range(400):
+        journey = Journey(0.0)
+        seconds = 5.0 if i % 2 else 600.0
+        model.learn([Example(features(journey, {}, {}, seconds), 0.0)], seconds > 60)
+    state = DeviceState("d1", "shop")
+    predictor.session_opened(state, "s1", 0.0)
+    predictor.observe(state, [_signal("search", 1.0)], 1.0)
+    assert state.scores is not None
+    early = state.scores["purchased"].probability
+    predictor.refresh(state, 900.0)  # a timer fired: no signal, but time in session moved
+    assert state.scores["purchased"].probability > early + 0.2
