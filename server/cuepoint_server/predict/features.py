@@ -41,24 +41,33 @@ class Journey:
     screens: dict[str, float] = field(default_factory=dict)
 
     def observe(self, name: str, at: float, props: Mapping[str, Scalar]) -> None:
-        times = self.times.get(name)
-        if times is None:
-            if len(self.times) >= MAX_EVENT_NAMES:
-                return
-            times = self.times[name] = []
-        if times and at < times[-1]:
-            bisect.insort(times, at)  # a late arrival (offline buffer): keep time order, rare
-        else:
-            times.append(at)
-        # Sorted, so the window counts are three binary searches; older than the longest window goes.
-        stale = bisect.bisect_left(times, times[-1] - _LONGEST)
-        if stale or len(times) > MAX_TIMES_PER_EVENT:
-            del times[: max(stale, len(times) - MAX_TIMES_PER_EVENT)]
-        if name == SCREEN_EVENT:
-            screen = props.get("screen")
-            if screen is not None and len(self.screens) < MAX_SCREENS:
-                key = str(screen)
-                self.screens[key] = min(self.screens.get(key, at), at)
+        """One event; `add` takes a whole batch at once (the ingest path)."""
+        screen = props.get("screen") if name == SCREEN_EVENT else None
+        self.add({name: [at]}, [(screen, at)] if screen is not None else [])
+
+    def add(self, times_by_name: Mapping[str, list[float]], screens: Iterable[tuple[Scalar, float]]) -> None:
+        """A batch of events: their times per name, and the screens viewed with when."""
+        for name, new in times_by_name.items():
+            times = self.times.get(name)
+            if times is None:
+                if len(self.times) >= MAX_EVENT_NAMES:
+                    continue
+                times = self.times[name] = []
+            late = bool(times) and new[0] < times[-1]
+            times.extend(new)
+            if late or len(new) > 1:
+                # Keep time order (late arrivals from offline buffers); timsort is linear on sorted runs.
+                times.sort()
+            # Sorted, so the window counts are binary searches; older than the longest window goes.
+            if times[0] < times[-1] - _LONGEST or len(times) > MAX_TIMES_PER_EVENT:
+                stale = bisect.bisect_left(times, times[-1] - _LONGEST)
+                del times[: max(stale, len(times) - MAX_TIMES_PER_EVENT)]
+        for screen, at in screens:
+            key = str(screen)
+            if key in self.screens:
+                self.screens[key] = min(self.screens[key], at)
+            elif len(self.screens) < MAX_SCREENS:
+                self.screens[key] = at
 
 
 def _local_hour(now: float, zone: Scalar | None) -> float:

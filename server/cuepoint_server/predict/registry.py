@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from ..engine.state import DeviceState, Scalar, Score
 from ..scenarios.compiler import score_event
 from ..scenarios.model import OutcomeSpec
-from .features import Journey, features
+from .features import SCREEN_EVENT, Journey, features
 from .model import MAX_EXAMPLES_PER_SESSION, Example, ModelSettings, OutcomeModel, OutcomeReport
 
 __all__ = ["LabelledSession", "Predictor", "SignalLike", "describe_scores"]
@@ -111,10 +111,21 @@ class Predictor:
         scored = self._scored.get(state.device_id)
         if scored is None:
             return []
-        journey = scored.journey
+        # Grouped by name first: one list update per event name per batch, not one per signal.
+        times: dict[str, list[float]] = {}
+        screens: list[tuple[Scalar, float]] = []
         for signal in signals:
             if signal.kind == "event":
-                journey.observe(signal.name, signal.time, signal.payload)
+                name = signal.name
+                at = signal.time
+                found = times.get(name)
+                if found is None:
+                    times[name] = [at]
+                else:
+                    found.append(at)
+                if name == SCREEN_EVENT and (screen := signal.payload.get("screen")) is not None:
+                    screens.append((screen, at))
+        scored.journey.add(times, screens)
         return self._rescore(state, scored, now, sample=True)
 
     def refresh(self, state: DeviceState, now: float) -> None:
