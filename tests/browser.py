@@ -29,20 +29,35 @@ ARGS = [
 ]
 
 
-def need_browser() -> None:
-    """Skip (fail under CI) with one line saying how to install what is missing."""
-    missing = []
+def missing() -> str | None:
+    """What the browser tests lack, as one line saying how to install it; None when all is there."""
+    lacking = []
     try:
         import playwright.async_api  # noqa: F401
     except ImportError:
-        missing.append("the playwright package (pip install playwright)")
+        lacking.append("the playwright package (pip install playwright)")
     if not CHROMIUM.exists():
-        missing.append(f"Chromium at {CHROMIUM} (apt-get install chromium)")
-    if missing:
-        message = "browser tests need " + " and ".join(missing) + "; never run `playwright install`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        lacking.append(f"Chromium at {CHROMIUM} (apt-get install chromium)")
+    if not lacking:
+        return None
+    return "browser tests need " + " and ".join(lacking) + "; never run `playwright install`"
+
+
+def skip_module_without_browser() -> None:
+    """At import of a browser test module: one skip line for the whole module, except under CI."""
+    reason = missing()
+    if reason is not None and not os.environ.get("CI"):
+        pytest.skip(reason, allow_module_level=True)
+
+
+def need_browser() -> None:
+    """In each test (under CI the module was not skipped): fail with the same line."""
+    reason = missing()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 @asynccontextmanager

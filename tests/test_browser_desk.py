@@ -15,66 +15,23 @@ from typing import Any
 import pytest
 
 import cuepoint
-from cuepoint_server.api.auth import AuthConfig
 from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock
 
-from .browser import chromium, screenshot
+from .browser import chromium, need_browser, screenshot, skip_module_without_browser
 from .conftest import SHIPPED, StartServer
+from .desk_cast import ADMIN, AUTH, DANA, ELI, fail_to_sync, fitkit_phone
 
-FITKIT_KEY = "fk_live_browser_test_key_1"
-DANA = "dana-desk-token-0123456789"
-ELI = "eli-desk-token-0123456789ab"
-FAY = "fay-desk-token-0123456789ab"
-ADMIN = "adm-console-token-0123456789"
-AUTH = AuthConfig.from_dict(
-    {
-        "apps": {"fitkit": {"api_keys": [FITKIT_KEY]}},
-        "associates": {
-            "dana": {"token": DANA, "queues": ["fitkit-support"]},
-            "eli": {"token": ELI, "queues": ["shop-support"]},
-            "fay": {"token": FAY, "queues": ["fitkit-support"]},
-        },
-        "admin_tokens": [ADMIN],
-    }
-)
+skip_module_without_browser()
+
+
+@pytest.fixture(autouse=True)
+def _browser_present() -> None:
+    need_browser()  # before any server starts: a skip costs nothing
 
 
 async def start(start_server: StartServer) -> CuepointServer:
     return await start_server(scenarios=SHIPPED, auth=AUTH, http_port=0)
-
-
-async def fitkit_phone(
-    server: CuepointServer, device_id: str = "fitkit-iphone-7f3a", outbox: Path | None = None
-) -> cuepoint.Client:
-    """`outbox`: the app's local journal, which also keeps the device's secret across restarts."""
-    return await cuepoint.connect(
-        server.address,
-        app_id="fitkit",
-        device_id=device_id,
-        context=cuepoint.Context(
-            app_version="4.2.0",
-            os="iOS",
-            os_version="17.4",
-            device_model="iPhone15,2",
-            locale="en_US",
-            timezone="America/Chicago",
-            location=cuepoint.Location(country="US", region="IL", city="Chicago"),
-        ),
-        user=cuepoint.User(user_id=f"user-{device_id}", tier="premium", attributes={"first_name": "Sam"}),
-        consent=cuepoint.Consent.FULL,
-        config=cuepoint.ClientConfig(api_key=FITKIT_KEY, outbox_path=str(outbox) if outbox else None),
-    )
-
-
-async def fail_to_sync(phone: cuepoint.Client, wait: float = 5.0) -> cuepoint.Cue:
-    """Three failed syncs; the cue they fired. Once flush() returned the server has evaluated the
-    batch (it acks after evaluating), so a short timeout is enough to show that no cue came."""
-    await phone.track("screen_viewed", screen="dashboard")
-    for attempt in (1, 2, 3):
-        await phone.track("sync_failed", reason="timeout", attempt=attempt, duration_ms=41_000)
-    await phone.flush()
-    return await phone.next_cue(timeout=wait)
 
 
 async def open_desk(browser: Any, server: CuepointServer, token: str, *, width: int = 1280) -> Any:
@@ -305,12 +262,13 @@ async def test_every_control_has_an_accessible_name(start_server: StartServer) -
 
     server = await start(start_server)
     async with chromium() as browser:
-        desk = await open_desk(browser, server, DANA)
+        desk = await open_desk(browser, server, DANA, width=1920)
         phone = await fitkit_phone(server)
         engagement = await phone.accept(await fail_to_sync(phone))
         await desk.get_by_role("button", name="Accept").click()
         await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
         await expect(desk.locator("#work")).to_be_visible()
+        await screenshot(desk, "desk-engagement-1920")
         assert await desk.evaluate(UNLABELLED) == []
         console = await open_console(browser, server)
         await expect(console.locator("#sessions")).to_contain_text("fitkit-iphone-7f3a")

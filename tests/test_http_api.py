@@ -16,7 +16,7 @@ import cuepoint
 from cuepoint_server.app import CuepointServer
 
 from .conftest import SHIPPED, StartServer
-from .test_browser_desk import ADMIN, AUTH, DANA, ELI, FAY, fail_to_sync, fitkit_phone
+from .desk_cast import ADMIN, AUTH, DANA, ELI, FAY, fail_to_sync, fitkit_phone
 
 
 async def start(start_server: StartServer, **options: Any) -> CuepointServer:
