@@ -37,10 +37,17 @@ BUTTON_RESPONSES = {"accept": "accepted", "decline": "declined", "dismiss": "dis
 
 
 class Evaluation(Scoring):
-    def _evaluate(self, session: DeviceSession, candidates: list[CompiledScenario], now: float) -> None:
-        """Qualify `candidates`, settle a pending cue whose reason is gone, arbitrate, offer."""
+    def _evaluate(
+        self, session: DeviceSession, candidates: list[CompiledScenario], now: float, at: float | None = None
+    ) -> None:
+        """Qualify `candidates`, settle a pending cue whose reason is gone, arbitrate, offer.
+
+        Conditions are read at `at`, the time of the signal being evaluated (default: now), so a
+        signal means the same whether it arrived alone or later in a batch; the decision and the
+        cue are made now.
+        """
         state = session.state
-        qualified = self.engine.check(candidates, state, now)
+        qualified = self.engine.check(candidates, state, now if at is None else at)
         pending = self._reg.pending.get(session.device_id)
         # A person's invitation has no scenario whose conditions could clear: it stands until answered or expired.
         if pending is not None and pending.scenario_id != INVITATION:
@@ -64,7 +71,7 @@ class Evaluation(Scoring):
             has_capacity=self.desk.has_capacity,
         )
         decision = self.arbiter.decide(qualified, situation)
-        offer = self._offer(session, decision.offer, decision.blocked, now) if decision.offer else None
+        offer = self._offer(session, decision.offer, decision.blocked, now, at) if decision.offer else None
         for blocked in decision.blocked:
             # Every block is also stored (decisions table): the log line is for debugging only.
             log.debug(
@@ -79,10 +86,10 @@ class Evaluation(Scoring):
             self._decided(session, now, decision.offer.id, "offered", "", "", offer.cue_id)
 
     def _offer(
-        self, session: DeviceSession, scenario: CompiledScenario, blocked: list[Blocked], now: float
+        self, session: DeviceSession, scenario: CompiledScenario, blocked: list[Blocked], now: float, at: float | None
     ) -> CueOffer:
         state = session.state
-        explanation = scenario.explain(state, now)
+        explanation = scenario.explain(state, now if at is None else at)
         episode = scenario.episode(state)
         if episode is not None:
             state.fired_episodes[scenario.id] = episode

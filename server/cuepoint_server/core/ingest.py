@@ -31,8 +31,11 @@ class Ingest(Recovery, Identity):
     def ingest(self, session: DeviceSession, batch: IncomingBatch) -> None:
         """Apply a batch: validate, update state, evaluate, and ack once stored.
 
-        Synchronous up to the storage hand-off so evaluation never waits on a
-        commit; the ack follows asynchronously through the session's outbox.
+        Signal by signal, in order: each event a scenario or milestone listens to is evaluated
+        against the state as of that signal, at that signal's time, so a batch means exactly what
+        the same signals sent one at a time mean (milestones reached mid-batch, a "last occurrence"
+        that held only until the next signal). Synchronous up to the storage hand-off so evaluation
+        never waits on a commit; the ack follows asynchronously through the session's outbox.
         """
         now = self.clock.now()
         validate_batch(batch, now)
@@ -40,30 +43,42 @@ class Ingest(Recovery, Identity):
         rows: list[SignalRecord] = []
         fresh: list[str] = []
         duplicates: list[str] = []
-        events: set[str] = set()
+        # Evaluation below, signal by signal, stages its cues and decisions in this unit; the task commits
+        # it with the signals once ingest returns (it cannot start before, so the loop has filled the
+        # lists it reads by then), then shows the cues and acks.
+        unit = self._open_unit(session)
+        unit.work.signals = rows
+        self._track(session, self._store_and_ack(session, batch.batch_id, unit, fresh, duplicates, rows))
         # Once per batch, not per signal: this loop is the server's hottest code.
-        retention = self.engine.scenarios.retention
+        scenarios = self.engine.scenarios
+        retention = scenarios.retention
+        listened = scenarios.listened
         offset = clock_offset(batch, now)
         awaiting_outcome = self.desk.awaits_outcome(session.device_id)
         device_id, session_id = session.device_id, session.session_id
         latest = state.last_signal_at
+        evented = False
         for signal in batch.signals:
             if not state.remember(signal.id):
                 duplicates.append(signal.id)
                 continue
             fresh.append(signal.id)
             at = now if signal.time is None else min(signal.time + offset, now)
+            if at > latest:
+                latest = state.last_signal_at = at
             payload: Mapping[str, Any]
             if signal.kind == "event":
                 name = signal.name
                 state.record_event(
                     name, EventOccurrence(at, signal.id, signal.props, state.next_seq()), retention.get(name, 0.0)
                 )
-                events.add(name)
                 if awaiting_outcome:
                     # Receipt time: an outcome must arrive after the engagement ended.
                     self.desk.observe(state, name, signal.props, now)
                 payload = signal.props
+                evented = True
+                if name in listened:
+                    self._on_event(session, name, at, now)
             else:
                 identified = signal.context_set.get("user.id")
                 state.context.update(signal.context_set)
@@ -75,27 +90,29 @@ class Ingest(Recovery, Identity):
                 if session.consent != "full":
                     # The journal keeps only what the consent lets be stored (core/consent.py).
                     payload = Redactor(signal.context_set, session.consent).payload(payload)
-            if at > latest:
-                latest = at
             rows.append(SignalRecord(device_id, signal.id, session_id, signal.kind, signal.name, at, now, payload))
-        state.last_signal_at = latest
-        # Evaluation below stages its cues and decisions in this unit; the task commits it with the signals
-        # once ingest returns (it cannot start before), then shows the cues and acks.
-        unit = self._open_unit(session, rows)
-        self._track(session, self._store_and_ack(session, batch.batch_id, unit, fresh, duplicates, rows))
         session.last_received_at = now
         for observer in self.observers:
             observer.signals_received(len(fresh), len(duplicates))
-        if events:
-            for milestone in self.engine.advance_milestones(state, events, now):
-                events.add(milestone_event(milestone))
-                log.info("milestone.reached", device_id=session.device_id, milestone=milestone)
-                reached = MilestoneRecord(now, session.app_id, session.device_id, session.session_id, milestone)
-                self._track(session, self.store.save_milestone(reached))
-            events.update(self._score_batch(session, rows, now))
-            self._evaluate(session, self.engine.scenarios.candidates(events), now)
+        # Scores are rescored once per batch (core/scoring.py); their pseudo-events wake scenarios then.
+        scored = self._score_batch(session, rows, now) if evented else []
+        if scored:
+            self._evaluate(session, self.engine.scenarios.candidates(scored), now)
         if fresh:
             self._schedule_timer(session.device_id, now)
+
+    def _on_event(self, session: DeviceSession, name: str, at: float, now: float) -> None:
+        """One listened-to event arrived: advance milestones, then evaluate the scenarios it concerns."""
+        state = session.state
+        events = [name]
+        for milestone in self.engine.advance_milestones(state, events, at):
+            events.append(milestone_event(milestone))
+            log.info("milestone.reached", device_id=session.device_id, milestone=milestone)
+            reached = MilestoneRecord(now, session.app_id, session.device_id, session.session_id, milestone)
+            self._track(session, self.store.save_milestone(reached))
+        candidates = self.engine.scenarios.candidates(events)
+        if candidates:
+            self._evaluate(session, candidates, now, at)
 
     def _identify(self, session: DeviceSession, user_id: str, now: float) -> None:
         """The app set a user id: stitch this device's journey and memory under the user, if it identifies them.

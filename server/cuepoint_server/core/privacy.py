@@ -60,6 +60,7 @@ class Privacy(CoreBase):
         for state in self._reg.states.values():
             if state.context.get("user.id") == user_id:
                 state.history.clear()
+                state.windows = None
                 _strip_user(state.context)
         log.warning("user.erased", rows=sum(deleted.values()), connected_devices=len(devices))
         payload: dict[str, Any] = {"user_id": user_id, "erased_at": now, "deleted": deleted}
@@ -84,6 +85,7 @@ class Privacy(CoreBase):
         state = session.state
         _strip_user(state.context)
         state.history.clear()
+        state.windows = None
         state.new_session()
         log.info("session.rekeyed", device_id=session.device_id, session_id=session.session_id)
 

@@ -54,6 +54,8 @@ class ScenarioSet:
     source: str = ""
     # Outcomes to predict (score: true or shadow), in file order.
     outcomes: tuple[OutcomeSpec, ...] = ()
+    # Events some enabled scenario or milestone listens to: only these are evaluated on arrival.
+    listened: frozenset[str] = frozenset()
 
     @classmethod
     def empty(cls) -> ScenarioSet:
@@ -92,6 +94,7 @@ class ScenarioSet:
             routing=compile_routing(loaded.routing, segment_defs),
             source=source,
             outcomes=tuple(o.spec for o in loaded.outcomes if o.spec.score),
+            listened=frozenset(by_event) | frozenset(milestones_by_event),
         )
 
     def candidates(self, events: Iterable[str]) -> list[CompiledScenario]:

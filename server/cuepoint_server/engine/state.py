@@ -57,6 +57,9 @@ class DeviceState:
     fired_episodes: dict[str, tuple[object, ...]] = field(default_factory=dict)
     # Outcome id -> its current score; None until an outcome is scored for this device (most devices never).
     scores: dict[str, Score] | None = None
+    # Per windowed condition (count, rate, streak, aggregate), the matching occurrences found so far
+    # (scenarios/compiler.py), so evaluating at every signal costs only what is new. None until used.
+    windows: dict[int, object] | None = None
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def new_session(self) -> None:
@@ -86,10 +89,10 @@ class DeviceState:
             queue = self.history[name] = deque(maxlen=MAX_OCCURRENCES_PER_EVENT)
         if queue and occurrence.time < queue[-1].time:
             # Late arrivals (offline buffers) are inserted in time order so
-            # windows stay correct; rare, so the O(n) insert is acceptable.
+            # windows stay correct; rare, so the O(n) insert is acceptable. A new
+            # deque, so windows built on the old order know to start again.
             items = sorted((*queue, occurrence), key=lambda o: o.time)
-            queue.clear()
-            queue.extend(items)
+            queue = self.history[name] = deque(items, maxlen=MAX_OCCURRENCES_PER_EVENT)
         else:
             queue.append(occurrence)
         horizon = queue[-1].time - keep_seconds

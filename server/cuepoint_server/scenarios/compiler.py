@@ -10,12 +10,15 @@ period or missing follow-up fires at most once.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.state import DeviceState, EventOccurrence, Scalar
+from ..engine.state import MAX_OCCURRENCES_PER_EVENT, DeviceState, EventOccurrence, Scalar
 from .content import CueContent, compile_contents
 from .durations import format_duration
 from .loader import LoadedDefinition, LoadedScenario
@@ -462,6 +465,88 @@ def _compile_dwell(cond: DwellCondition, path: str, build: _Build) -> tuple[Pred
     return _leaf(path, _describe(cond), dwell, observed)
 
 
+# Keys of windowed conditions in DeviceState.windows: unique per compiled leaf.
+_window_keys = itertools.count()
+
+
+class _Window:
+    """The occurrences of one event that matched one condition's `where`, oldest first, with their times.
+
+    Kept per device and extended only by what arrived since the last look, so a window condition
+    evaluated at every signal costs O(new + log n), not a scan of the whole window.
+    """
+
+    __slots__ = ("items", "last", "source", "times")
+
+    def __init__(self, source: deque[EventOccurrence]) -> None:
+        self.source = source
+        # The newest occurrence of the history already looked at (by identity).
+        self.last: EventOccurrence | None = None
+        self.items: list[EventOccurrence] = []
+        self.times: list[float] = []
+
+
+def _window(
+    name: str, where: Callable[[Mapping[str, Scalar]], bool], *, by_arrival: bool = False
+) -> Callable[[DeviceState], _Window | None]:
+    """A condition's window of matching occurrences: in time order, or with `by_arrival` in arrival order
+    (streaks: "in a row" is the order the device sent them in; skew-corrected times may cross)."""
+    key = next(_window_keys)
+
+    def current(state: DeviceState) -> _Window | None:
+        queue = state.history.get(name)
+        if not queue:
+            return None
+        windows = state.windows
+        if windows is None:
+            windows = state.windows = {}
+        window = windows.get(key)
+        rebuilt = False
+        if not isinstance(window, _Window) or window.source is not queue:
+            # First look, or the history was reordered (a late arrival) or erased: start again.
+            window = windows[key] = _Window(queue)
+            rebuilt = True
+        newest = queue[-1]
+        if newest is not window.last:
+            # Appends only (a reorder makes a new deque): what is new is at the end.
+            fresh = []
+            for o in reversed(queue):
+                if o is window.last:
+                    break
+                if where(o.props):
+                    fresh.append(o)
+            fresh.reverse()
+            if by_arrival and rebuilt:
+                fresh.sort(key=lambda o: o.seq)
+            window.items.extend(fresh)
+            window.times.extend(o.time for o in fresh)
+            window.last = newest
+            # Forget what the history itself no longer holds (trimmed by retention, or the cap).
+            horizon = queue[0].time
+            items = window.items
+            cut = max(0, len(items) - MAX_OCCURRENCES_PER_EVENT)
+            while cut < len(items) and items[cut].time < horizon:
+                cut += 1
+            if cut:
+                del items[:cut]
+                del window.times[:cut]
+        return window
+
+    return current
+
+
+def _count_since(window: _Window | None, since: float) -> int:
+    if window is None:
+        return 0
+    return len(window.times) - bisect.bisect_right(window.times, since)
+
+
+def _since(window: _Window | None, since: float) -> list[EventOccurrence]:
+    if window is None:
+        return []
+    return window.items[bisect.bisect_right(window.times, since) :]
+
+
 def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Predicate, Explainer]:
     name = cond.event
     where = _where_test(cond.where)
@@ -471,12 +556,14 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
     def matching(state: DeviceState, since: float) -> list[EventOccurrence]:
         return [o for o in state.occurrences(name, since) if where(o.props)]
 
+    window = _window(name, where)
+
     if cond.count is not None:
         within, at_least, at_most = cond.count.within, cond.count.at_least, cond.count.at_most
         build.keep(name, within)
 
         def counted(state: DeviceState, now: float) -> bool:
-            n = len(matching(state, now - within))
+            n = _count_since(window(state), now - within)
             return n >= at_least and (at_most is None or n <= at_most)
 
         def count_seen(state: DeviceState, now: float) -> tuple[str, list[str]]:
@@ -491,7 +578,7 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
         periods = rate.within / rate.per
 
         def rated(state: DeviceState, now: float) -> bool:
-            value = len(matching(state, now - rate.within)) / periods
+            value = _count_since(window(state), now - rate.within) / periods
             return (rate.at_least is None or value >= rate.at_least) and (rate.at_most is None or value <= rate.at_most)
 
         def rate_seen(state: DeviceState, now: float) -> tuple[str, list[str]]:
@@ -512,10 +599,29 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
             after = max((b.seq for breaker in streak.broken_by if (b := state.last(breaker)) is not None), default=-1)
             return [o for o in matching(state, now - horizon) if o.seq > after]
 
+        arrivals = _window(name, where, by_arrival=True)
+
+        def in_a_row(state: DeviceState, now: float) -> bool:
+            # Newest arrival first, stopping at the breaker or once enough are found.
+            found = arrivals(state)
+            if found is None:
+                return False
+            after = max((b.seq for breaker in streak.broken_by if (b := state.last(breaker)) is not None), default=-1)
+            since, n = now - horizon, 0
+            for i in range(len(found.items) - 1, -1, -1):
+                o = found.items[i]
+                if o.seq <= after:
+                    break
+                if o.time > since:
+                    n += 1
+                    if n >= streak.at_least:
+                        return True
+            return False
+
         return _leaf(
             path,
             text,
-            lambda s, n: len(run(s, n)) >= streak.at_least,
+            in_a_row,
             lambda s, n: (f"{len(run(s, n))} in a row", [o.signal_id for o in run(s, n)]),
         )
 
@@ -533,7 +639,9 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
 
         def aggregate(state: DeviceState, now: float) -> float | None:
             values = [
-                n for o in matching(state, now - agg.within) if (n := _number(o.props.get(agg.property))) is not None
+                n
+                for o in _since(window(state), now - agg.within)
+                if (n := _number(o.props.get(agg.property))) is not None
             ]
             return reduce(values) if values else None
 
