@@ -16,6 +16,9 @@ Scalar = str | int | float | bool
 # towards "at least N" being true.
 MAX_OCCURRENCES_PER_EVENT = 2048
 MAX_REMEMBERED_IDS = 4096
+# Seconds a signal's corrected time may fall behind the previous one of its event and still count as
+# sent after it (batches' skew corrections differ by the SDK's linger and network jitter).
+REORDER_TOLERANCE = 1.0
 
 
 # A NamedTuple: one per event signal on the ingest path, where a frozen dataclass's __init__ costs
@@ -87,6 +90,10 @@ class DeviceState:
         queue = self.history.get(name)
         if queue is None:
             queue = self.history[name] = deque(maxlen=MAX_OCCURRENCES_PER_EVENT)
+        if queue and queue[-1].time - REORDER_TOLERANCE <= occurrence.time < queue[-1].time:
+            # Skew correction jitter between batches (each batch's sent_at moves its times), not a late
+            # arrival: the device sent this after the previous one, so it stays last, at that time.
+            occurrence = occurrence._replace(time=queue[-1].time)
         if queue and occurrence.time < queue[-1].time:
             # Late arrivals (offline buffers) are inserted in time order so
             # windows stay correct; rare, so the O(n) insert is acceptable. A new
