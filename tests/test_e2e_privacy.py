@@ -6,6 +6,7 @@ Real server on port 0, real SDK, real gRPC; a local HTTP receiver for webhooks.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 from collections.abc import Iterator
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import structlog
 
 import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock
+from cuepoint_server.logs import configure_logging
 from cuepoint_server.webhooks import WebhookConfig, verify
 
 from .conftest import StartServer
@@ -65,6 +68,17 @@ class Receiver:
                         data: dict[str, object] = json.loads(body)
                         return data
                 await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """The server's JSON log lines, through the production processors (redaction included)."""
+    out = io.StringIO()
+    configure_logging("debug", json=True, file=out)
+    try:
+        yield out
+    finally:
+        structlog.reset_defaults()
 
 
 @pytest.fixture
@@ -192,7 +206,7 @@ cue: {message: "Hi {{ user.first_name }}, we can help", channel: chat, queue: su
 
 
 async def test_consent_reaches_everything_derived_from_the_user(
-    start_server: StartServer, receiver: Receiver, clock: ManualClock
+    start_server: StartServer, receiver: Receiver, clock: ManualClock, log_output: io.StringIO
 ) -> None:
     hook = WebhookConfig(url=receiver.url, secret=HOOK_SECRET, backoff=0.01)
     server = await start_server(ORDER_HELP, VIP_HELP, webhooks=(hook,))
@@ -251,5 +265,8 @@ async def test_consent_reaches_everything_derived_from_the_user(
     clock.advance(server.core.config.resume_window + 1)
     await server.core.drain()
     assert await found_on_disk(server, *anonymous) == {}
+    logged = log_output.getvalue()
+    assert "cue.offered" in logged  # the log is being written...
+    assert [v for v in (*withheld, *anonymous) if v in logged] == []  # ...without them
     await zed.close()
     await dana.close()
