@@ -215,6 +215,172 @@ class SetOffersPausedResponse(_message.Message):
 Global___SetOffersPausedResponse: _TypeAlias = SetOffersPausedResponse  # noqa: Y015
 
 @_typing.final
+class SetScenarioEnabledRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCENARIO_ID_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    scenario_id: _builtins.str
+    enabled: _builtins.bool
+    reason: _builtins.str
+    """Kept with the switch and in the log, e.g. "wrong copy, fixing"."""
+    def __init__(
+        self,
+        *,
+        scenario_id: _builtins.str = ...,
+        enabled: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "reason", b"reason", "scenario_id", b"scenario_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetScenarioEnabledRequest: _TypeAlias = SetScenarioEnabledRequest  # noqa: Y015
+
+@_typing.final
+class SetScenarioEnabledResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """Whether the scenario is now offered: its file enables it and no switch disables it."""
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetScenarioEnabledResponse: _TypeAlias = SetScenarioEnabledResponse  # noqa: Y015
+
+@_typing.final
+class ListDeadWebhooksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """At most this many; 0 means 100."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadWebhooksRequest: _TypeAlias = ListDeadWebhooksRequest  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One delivery of the webhook outbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    url: _builtins.str
+    kind: _builtins.str
+    """cue.offered, cue.answered, cue.withdrawn, engagement.queued,
+    engagement.assigned, engagement.transferred, engagement.ended,
+    engagement.wrapped_up, engagement.outcome, user.erased.
+    """
+    body: _builtins.str
+    """The JSON document POSTed: {"id", "type", "time", "data"}."""
+    attempts: _builtins.int
+    last_error: _builtins.str
+    """Why the last attempt failed, e.g. "HTTP 410" or "ConnectError"."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        body: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "body", b"body", "created_at", b"created_at", "delivery_id", b"delivery_id", "kind", b"kind", "last_error", b"last_error", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class ListDeadWebhooksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]: ...
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadWebhooksResponse: _TypeAlias = ListDeadWebhooksResponse  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookRequest: _TypeAlias = RedeliverWebhookRequest  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookResponse: _TypeAlias = RedeliverWebhookResponse  # noqa: Y015
+
+@_typing.final
 class GetScenariosRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -242,6 +408,8 @@ class ScenarioInfo(_message.Message):
     TIME_DRIVEN_FIELD_NUMBER: _builtins.int
     HOLDOUT_FIELD_NUMBER: _builtins.int
     VARIANTS_FIELD_NUMBER: _builtins.int
+    DISABLED_BY_ADMIN_FIELD_NUMBER: _builtins.int
+    DISABLED_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     file: _builtins.str
@@ -250,6 +418,9 @@ class ScenarioInfo(_message.Message):
     time_driven: _builtins.bool
     holdout: _builtins.float
     """Share of users held out as a control group, 0 to 1 (0.1 = 10%)."""
+    disabled_by_admin: _builtins.bool
+    """Switched off through SetScenarioEnabled (then `enabled` is false), and why."""
+    disabled_reason: _builtins.str
     @_builtins.property
     def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Events (and milestone:<id> pseudo-events) that drive its evaluation."""
@@ -270,10 +441,12 @@ class ScenarioInfo(_message.Message):
         time_driven: _builtins.bool = ...,
         holdout: _builtins.float = ...,
         variants: _abc.Iterable[Global___VariantInfo] | None = ...,
+        disabled_by_admin: _builtins.bool = ...,
+        disabled_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "events", b"events", "file", b"file", "holdout", b"holdout", "id", b"id", "name", b"name", "priority", b"priority", "time_driven", b"time_driven", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disabled_by_admin", b"disabled_by_admin", "disabled_reason", b"disabled_reason", "enabled", b"enabled", "events", b"events", "file", b"file", "holdout", b"holdout", "id", b"id", "name", b"name", "priority", b"priority", "time_driven", b"time_driven", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,6 +44,21 @@ class AdminServiceStub:
                 request_serializer=cuepoint_dot_v1_dot_admin__pb2.SetOffersPausedRequest.SerializeToString,
                 response_deserializer=cuepoint_dot_v1_dot_admin__pb2.SetOffersPausedResponse.FromString,
                 _registered_method=True)
+        self.SetScenarioEnabled = channel.unary_unary(
+                '/cuepoint.v1.AdminService/SetScenarioEnabled',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.SetScenarioEnabledRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.SetScenarioEnabledResponse.FromString,
+                _registered_method=True)
+        self.ListDeadWebhooks = channel.unary_unary(
+                '/cuepoint.v1.AdminService/ListDeadWebhooks',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.ListDeadWebhooksRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListDeadWebhooksResponse.FromString,
+                _registered_method=True)
+        self.RedeliverWebhook = channel.unary_unary(
+                '/cuepoint.v1.AdminService/RedeliverWebhook',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.RedeliverWebhookRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.RedeliverWebhookResponse.FromString,
+                _registered_method=True)
         self.GetScenarios = channel.unary_unary(
                 '/cuepoint.v1.AdminService/GetScenarios',
                 request_serializer=cuepoint_dot_v1_dot_admin__pb2.GetScenariosRequest.SerializeToString,
@@ -98,7 +113,36 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetOffersPaused(self, request, context):
-        """The emergency switch: while paused, no cue is offered to anyone.
+        """The emergency switch: while paused, no cue is offered to anyone, and cues
+        already on screen are withdrawn (reason "paused"). Stored: it outlasts a
+        restart until switched back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetScenarioEnabled(self, request, context):
+        """Switch one loaded scenario off (or back on) without editing its file. Off:
+        it no longer qualifies and its cues on screen are withdrawn (reason
+        "scenario_disabled"). Stored: it outlasts restarts and reloads. A scenario
+        its file disables (`enabled: false`) stays off whatever this says.
+        NOT_FOUND for a scenario id that is not loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadWebhooks(self, request, context):
+        """Webhook deliveries that ran out of attempts or were refused (4xx): the
+        dead-letter list of the durable outbox, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverWebhook(self, request, context):
+        """Put a webhook delivery back in the outbox to be sent now, with fresh
+        attempts. NOT_FOUND for an unknown delivery id (delivered ones are gone).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +223,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetOffersPaused,
                     request_deserializer=cuepoint_dot_v1_dot_admin__pb2.SetOffersPausedRequest.FromString,
                     response_serializer=cuepoint_dot_v1_dot_admin__pb2.SetOffersPausedResponse.SerializeToString,
+            ),
+            'SetScenarioEnabled': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetScenarioEnabled,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.SetScenarioEnabledRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.SetScenarioEnabledResponse.SerializeToString,
+            ),
+            'ListDeadWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadWebhooks,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListDeadWebhooksRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.ListDeadWebhooksResponse.SerializeToString,
+            ),
+            'RedeliverWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverWebhook,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.RedeliverWebhookRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.RedeliverWebhookResponse.SerializeToString,
             ),
             'GetScenarios': grpc.unary_unary_rpc_method_handler(
                     servicer.GetScenarios,
@@ -275,6 +334,87 @@ class AdminService:
             '/cuepoint.v1.AdminService/SetOffersPaused',
             cuepoint_dot_v1_dot_admin__pb2.SetOffersPausedRequest.SerializeToString,
             cuepoint_dot_v1_dot_admin__pb2.SetOffersPausedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetScenarioEnabled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/SetScenarioEnabled',
+            cuepoint_dot_v1_dot_admin__pb2.SetScenarioEnabledRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.SetScenarioEnabledResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/ListDeadWebhooks',
+            cuepoint_dot_v1_dot_admin__pb2.ListDeadWebhooksRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.ListDeadWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/RedeliverWebhook',
+            cuepoint_dot_v1_dot_admin__pb2.RedeliverWebhookRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.RedeliverWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

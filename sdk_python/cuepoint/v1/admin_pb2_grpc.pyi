@@ -36,7 +36,25 @@ class AdminServiceStub:
     with its current segments and milestones.
     """
     SetOffersPaused: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetOffersPausedRequest, _admin_pb2.SetOffersPausedResponse]
-    """The emergency switch: while paused, no cue is offered to anyone."""
+    """The emergency switch: while paused, no cue is offered to anyone, and cues
+    already on screen are withdrawn (reason "paused"). Stored: it outlasts a
+    restart until switched back.
+    """
+    SetScenarioEnabled: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetScenarioEnabledRequest, _admin_pb2.SetScenarioEnabledResponse]
+    """Switch one loaded scenario off (or back on) without editing its file. Off:
+    it no longer qualifies and its cues on screen are withdrawn (reason
+    "scenario_disabled"). Stored: it outlasts restarts and reloads. A scenario
+    its file disables (`enabled: false`) stays off whatever this says.
+    NOT_FOUND for a scenario id that is not loaded.
+    """
+    ListDeadWebhooks: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadWebhooksRequest, _admin_pb2.ListDeadWebhooksResponse]
+    """Webhook deliveries that ran out of attempts or were refused (4xx): the
+    dead-letter list of the durable outbox, newest first.
+    """
+    RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RedeliverWebhookRequest, _admin_pb2.RedeliverWebhookResponse]
+    """Put a webhook delivery back in the outbox to be sent now, with fresh
+    attempts. NOT_FOUND for an unknown delivery id (delivered ones are gone).
+    """
     GetScenarios: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetScenariosRequest, _admin_pb2.GetScenariosResponse]
     """The scenarios being served, and the last reload problem if any."""
     GetFunnel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFunnelRequest, _admin_pb2.GetFunnelResponse]
@@ -73,7 +91,25 @@ class AdminServiceAsyncStub(AdminServiceStub):
     with its current segments and milestones.
     """
     SetOffersPaused: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetOffersPausedRequest, _admin_pb2.SetOffersPausedResponse]  # type: ignore[assignment]
-    """The emergency switch: while paused, no cue is offered to anyone."""
+    """The emergency switch: while paused, no cue is offered to anyone, and cues
+    already on screen are withdrawn (reason "paused"). Stored: it outlasts a
+    restart until switched back.
+    """
+    SetScenarioEnabled: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetScenarioEnabledRequest, _admin_pb2.SetScenarioEnabledResponse]  # type: ignore[assignment]
+    """Switch one loaded scenario off (or back on) without editing its file. Off:
+    it no longer qualifies and its cues on screen are withdrawn (reason
+    "scenario_disabled"). Stored: it outlasts restarts and reloads. A scenario
+    its file disables (`enabled: false`) stays off whatever this says.
+    NOT_FOUND for a scenario id that is not loaded.
+    """
+    ListDeadWebhooks: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadWebhooksRequest, _admin_pb2.ListDeadWebhooksResponse]  # type: ignore[assignment]
+    """Webhook deliveries that ran out of attempts or were refused (4xx): the
+    dead-letter list of the durable outbox, newest first.
+    """
+    RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_admin_pb2.RedeliverWebhookRequest, _admin_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
+    """Put a webhook delivery back in the outbox to be sent now, with fresh
+    attempts. NOT_FOUND for an unknown delivery id (delivered ones are gone).
+    """
     GetScenarios: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetScenariosRequest, _admin_pb2.GetScenariosResponse]  # type: ignore[assignment]
     """The scenarios being served, and the last reload problem if any."""
     GetFunnel: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFunnelRequest, _admin_pb2.GetFunnelResponse]  # type: ignore[assignment]
@@ -119,7 +155,43 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetOffersPausedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SetOffersPausedResponse, _abc.Awaitable[_admin_pb2.SetOffersPausedResponse]]:
-        """The emergency switch: while paused, no cue is offered to anyone."""
+        """The emergency switch: while paused, no cue is offered to anyone, and cues
+        already on screen are withdrawn (reason "paused"). Stored: it outlasts a
+        restart until switched back.
+        """
+
+    @_abc_1.abstractmethod
+    def SetScenarioEnabled(
+        self,
+        request: _admin_pb2.SetScenarioEnabledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetScenarioEnabledResponse, _abc.Awaitable[_admin_pb2.SetScenarioEnabledResponse]]:
+        """Switch one loaded scenario off (or back on) without editing its file. Off:
+        it no longer qualifies and its cues on screen are withdrawn (reason
+        "scenario_disabled"). Stored: it outlasts restarts and reloads. A scenario
+        its file disables (`enabled: false`) stays off whatever this says.
+        NOT_FOUND for a scenario id that is not loaded.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeadWebhooks(
+        self,
+        request: _admin_pb2.ListDeadWebhooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListDeadWebhooksResponse, _abc.Awaitable[_admin_pb2.ListDeadWebhooksResponse]]:
+        """Webhook deliveries that ran out of attempts or were refused (4xx): the
+        dead-letter list of the durable outbox, newest first.
+        """
+
+    @_abc_1.abstractmethod
+    def RedeliverWebhook(
+        self,
+        request: _admin_pb2.RedeliverWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RedeliverWebhookResponse, _abc.Awaitable[_admin_pb2.RedeliverWebhookResponse]]:
+        """Put a webhook delivery back in the outbox to be sent now, with fresh
+        attempts. NOT_FOUND for an unknown delivery id (delivered ones are gone).
+        """
 
     @_abc_1.abstractmethod
     def GetScenarios(

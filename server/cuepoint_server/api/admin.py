@@ -72,14 +72,51 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetOffersPaused(
         self, request: admin_pb2.SetOffersPausedRequest, context: Context
     ) -> admin_pb2.SetOffersPausedResponse:
-        paused = self.core.set_offers_paused(request.paused)
-        log.warning("offers.paused" if request.paused else "offers.resumed", reason=request.reason)
+        paused = await self.core.set_offers_paused(request.paused, request.reason)
         return admin_pb2.SetOffersPausedResponse(paused=paused)
+
+    async def SetScenarioEnabled(
+        self, request: admin_pb2.SetScenarioEnabledRequest, context: Context
+    ) -> admin_pb2.SetScenarioEnabledResponse:
+        try:
+            enabled = await self.core.set_scenario_enabled(request.scenario_id, request.enabled, request.reason)
+        except CoreError as exc:
+            await abort(context, exc)
+        return admin_pb2.SetScenarioEnabledResponse(enabled=enabled)
+
+    async def ListDeadWebhooks(
+        self, request: admin_pb2.ListDeadWebhooksRequest, context: Context
+    ) -> admin_pb2.ListDeadWebhooksResponse:
+        limit = request.limit if 0 < request.limit <= 1000 else 100
+        return admin_pb2.ListDeadWebhooksResponse(
+            deliveries=[
+                admin_pb2.WebhookDelivery(
+                    delivery_id=d.delivery_id,
+                    url=d.url,
+                    kind=d.kind,
+                    body=d.body,
+                    created_at=timestamp(d.created_at),
+                    attempts=d.attempts,
+                    last_error=d.last_error,
+                )
+                for d in await self.core.dead_webhooks(limit)
+            ]
+        )
+
+    async def RedeliverWebhook(
+        self, request: admin_pb2.RedeliverWebhookRequest, context: Context
+    ) -> admin_pb2.RedeliverWebhookResponse:
+        try:
+            await self.core.redeliver_webhook(request.delivery_id)
+        except CoreError as exc:
+            await abort(context, exc)
+        return admin_pb2.RedeliverWebhookResponse()
 
     async def GetScenarios(
         self, request: admin_pb2.GetScenariosRequest, context: Context
     ) -> admin_pb2.GetScenariosResponse:
         version, error = self.status()
+        disabled = self.core.disabled_reasons
         return admin_pb2.GetScenariosResponse(
             scenarios=[
                 admin_pb2.ScenarioInfo(
@@ -92,6 +129,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     time_driven=s.timed,
                     holdout=s.holdout,
                     variants=_variants(self.core.variant_states(s.id)),
+                    disabled_by_admin=s.id in disabled,
+                    disabled_reason=disabled.get(s.id, ""),
                 )
                 for s in self.core.engine.scenarios.scenarios
             ],

@@ -89,6 +89,10 @@ class CoreBase:
         self._restored: set[str] = set()
         # The runtime emergency switch (admin API); the policy file has its own.
         self.paused_by_admin = False
+        # Why each scenario in Engine.disabled was switched off (core/operations.py).
+        self.disabled_reasons: dict[str, str] = {}
+        # Called when webhook deliveries were added to the outbox or put back in it (webhooks.py).
+        self.outbox_wakeups: list[Callable[[], None]] = []
         # A/B variants switched off at runtime, (scenario id, variant id); loaded from storage at start.
         self.stopped_variants: set[tuple[str, str]] = set()
         # Called with every arbitration decision (simulate, metrics).

@@ -54,6 +54,8 @@ class Evaluation(Scoring):
             scenario = self.engine.scenarios.by_id.get(pending.scenario_id)
             if scenario is None or not scenario.enabled:
                 self._withdraw(session.device_id, "scenario_removed")
+            elif scenario.id in self.engine.disabled:
+                self._withdraw(session.device_id, "scenario_disabled")
             elif scenario.outcome is not None and scenario.outcome in state.milestones:
                 self._withdraw(session.device_id, "outcome_achieved")
             elif scenario in candidates and scenario not in qualified:

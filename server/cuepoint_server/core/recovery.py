@@ -91,5 +91,12 @@ class Recovery(Evaluation):
         """
         await self.store.forget_unconsented(ended_before=self.clock.now() - self.config.resume_window)
         self.stopped_variants = await self.store.stopped_variants()
+        # Operations switches set through the admin API outlast the process.
+        for switch in await self.store.switches():
+            if switch.scope == "offers":
+                self.paused_by_admin = not switch.on
+            elif not switch.on:
+                self.engine.disabled.add(switch.scope_id)
+                self.disabled_reasons[switch.scope_id] = switch.reason
         for record in await self.store.open_engagements():
             self.desk.restore(record)

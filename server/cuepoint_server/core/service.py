@@ -6,7 +6,7 @@ go through the store's single writer and are awaited only where durability is
 promised (acks) or needed (an engagement's journey).
 
 The work is split by idea into the classes `Core` combines: session_lifecycle.py, ingest.py,
-recovery.py, evaluation.py, invitations.py and privacy.py, over core_base.py.
+recovery.py, evaluation.py, invitations.py, privacy.py and operations.py, over core_base.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .errors import InvalidInput, NotFound
 from .invitations import Invitations
 from .live import LiveNow, QueueLoad, describe_session, queue_loads
 from .model import AssociateSignIn
+from .operations import Operations
 from .privacy import Privacy
 from .session_lifecycle import SessionLifecycle
 from .sessions import AssociateSession
@@ -45,7 +46,7 @@ class DeviceView:
     scores: dict[str, Any] = field(default_factory=dict)
 
 
-class Core(SessionLifecycle, Invitations, Privacy):
+class Core(SessionLifecycle, Invitations, Privacy, Operations):
     """The domain core the API adapters (gRPC, HTTP) and `simulate` drive."""
 
     def sign_in(self, request: AssociateSignIn) -> AssociateSession:
@@ -85,32 +86,6 @@ class Core(SessionLifecycle, Invitations, Privacy):
         else:
             self.stopped_variants.discard((scenario_id, variant_id))
         return self.variant_states(scenario_id)
-
-    def set_offers_paused(self, paused: bool) -> bool:
-        """The runtime emergency switch; returns whether offers are paused now (the policy file may also pause)."""
-        self.paused_by_admin = paused
-        return self.offers_paused
-
-    def scenario_enabled(self, scenario_id: str) -> bool:
-        scenario = self.engine.scenarios.by_id.get(scenario_id)
-        return scenario is not None and scenario.enabled and scenario_id not in self.engine.disabled
-
-    def set_scenario_enabled(self, scenario_id: str, enabled: bool) -> bool:
-        """Switch one scenario off or back on at run time, at once; a cue of it on screen is withdrawn.
-
-        Kept in memory only (a restart or the file's own `enabled` decide again); a file with
-        `enabled: false` stays off. Returns whether the scenario is enabled now.
-        """
-        if scenario_id not in self.engine.scenarios.by_id:
-            raise NotFound(f"no scenario {scenario_id!r}")
-        if enabled:
-            self.engine.disabled.discard(scenario_id)
-        else:
-            self.engine.disabled.add(scenario_id)
-            for device_id, pending in list(self._reg.pending.items()):
-                if pending.scenario_id == scenario_id:
-                    self._withdraw(device_id, "scenario_disabled")
-        return self.scenario_enabled(scenario_id)
 
     def device_view(self, device_id: str) -> DeviceView:
         state = self._reg.states.get(device_id)

@@ -14,7 +14,7 @@ __all__ = ["Engine"]
 class Engine:
     def __init__(self, scenarios: ScenarioSet | None = None) -> None:
         self.scenarios = scenarios or ScenarioSet.empty()
-        # Scenario ids an admin switched off at run time (Core.set_scenario_enabled); in memory only.
+        # Scenario ids an admin switched off at run time (Core.set_scenario_enabled; stored, restored at start).
         self.disabled: set[str] = set()
         # Counted, not timed, so tests can prove cost tracks relevance.
         self.evaluations = 0

@@ -150,7 +150,7 @@ class Console:
         if not isinstance(enabled, bool):
             raise InvalidInput("enabled", "true or false")
         scenario_id = request.match_info["scenario_id"]
-        now = self.core.set_scenario_enabled(scenario_id, enabled)
+        now = await self.core.set_scenario_enabled(scenario_id, enabled, "console")
         log.warning("scenario.switched", scenario_id=scenario_id, enabled=now)
         return web.json_response({"scenario_id": scenario_id, "enabled": now})
 
@@ -161,7 +161,7 @@ class Console:
         if not isinstance(paused, bool):
             raise InvalidInput("paused", "true or false")
         reason = text_field(body, "reason", 500)
-        now = self.core.set_offers_paused(paused)
+        now = await self.core.set_offers_paused(paused, reason)
         log.warning("offers.paused" if paused else "offers.resumed", reason=reason)
         return web.json_response({"offers_paused": now})
 

@@ -15,7 +15,9 @@ from .records import (
     ParticipationRecord,
     SessionRecord,
     SignalRecord,
+    SwitchRecord,
     TransferRecord,
+    WebhookRecord,
 )
 from .sqlite import SCHEMA_VERSION, SqliteStore
 
@@ -41,5 +43,7 @@ __all__ = [
     "Store",
     "StoreClosedError",
     "StoreStats",
+    "SwitchRecord",
     "TransferRecord",
+    "WebhookRecord",
 ]

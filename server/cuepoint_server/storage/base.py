@@ -27,7 +27,9 @@ from .records import (
     ParticipationRecord,
     SessionRecord,
     SignalRecord,
+    SwitchRecord,
     TransferRecord,
+    WebhookRecord,
 )
 
 __all__ = ["AcceptOutcome", "FunnelSlice", "OfferCommit", "Store", "StoreClosedError", "StoreStats"]
@@ -147,6 +149,30 @@ class Store(Protocol):
     async def set_variant_stopped(
         self, scenario_id: str, variant_id: str, stopped: bool, reason: str, at: float
     ) -> None: ...
+
+    # -- operations switches and the webhook outbox -------------------------------------------------
+
+    async def save_switch(self, rec: SwitchRecord) -> None:
+        """Set the runtime pause or a scenario's enable/disable; durable once awaited."""
+        ...
+
+    async def switches(self) -> list[SwitchRecord]: ...
+
+    async def enqueue_webhooks(self, rows: Sequence[WebhookRecord]) -> None:
+        """Add deliveries to the outbox; durable once awaited; idempotent by delivery id."""
+        ...
+
+    async def due_webhooks(self, now: float, *, limit: int = 100) -> list[WebhookRecord]: ...
+
+    async def next_webhook_due(self) -> float | None: ...
+
+    async def webhook_attempted(
+        self, delivery_id: str, *, delivered: bool, attempts: int, next_attempt_at: float, error: str, dead: bool
+    ) -> None: ...
+
+    async def dead_webhooks(self, *, limit: int = 100) -> list[WebhookRecord]: ...
+
+    async def redeliver_webhook(self, delivery_id: str, now: float) -> bool: ...
 
     # -- reads ------------------------------------------------------------------------------------
 

@@ -193,6 +193,20 @@ class LabelRecord:
     session_id: str
     reached: bool
     examples: list[tuple[dict[str, float], float]]
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchRecord:
+    """An operations switch set through AdminService, kept across restarts.
+
+    scope "offers" (scope_id ""): on = offers flowing, off = paused; scope "scenario" (scope_id: its id):
+    on = enabled, off = disabled.
+    """
+
+    scope: str
+    scope_id: str
+    on: bool
+    reason: str
     time: float
 
 
@@ -206,3 +220,18 @@ class ModelRecord:
     cursor: int  # id of the last labelled session learned
     state: dict[str, Any]
     saved_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRecord:
+    """One webhook delivery in the durable outbox: what to POST where, and how far it got."""
+
+    delivery_id: str
+    url: str
+    kind: str  # e.g. cue.offered, engagement.ended
+    body: str  # the JSON document POSTed, fixed when the event happened
+    created_at: float
+    state: str  # pending | dead (delivered rows are deleted)
+    attempts: int
+    next_attempt_at: float
+    last_error: str = ""

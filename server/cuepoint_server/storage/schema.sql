@@ -1,4 +1,4 @@
--- Cuepoint storage schema, version 7 (tracked in PRAGMA user_version by sqlite.py).
+-- Cuepoint storage schema, version 8 (tracked in PRAGMA user_version by sqlite.py).
 -- Never edit a released version in place: add a migration step that moves user_version forward.
 -- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
 -- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
@@ -232,3 +232,29 @@ CREATE TABLE IF NOT EXISTS leases (
 -- Earlier sessions of a user or device (features of predictive scores).
 CREATE INDEX IF NOT EXISTS sessions_user_started ON sessions (user_id, started_at);
 CREATE INDEX IF NOT EXISTS sessions_device_started ON sessions (device_id, started_at);
+-- Operations switches set through AdminService (version 8), so they outlast a restart. scope 'offers'
+-- (scope_id ''): is_on 0 = offers paused; scope 'scenario' (scope_id: its id): is_on 0 = disabled.
+CREATE TABLE IF NOT EXISTS switches (
+    scope    TEXT NOT NULL CHECK (scope IN ('offers', 'scenario')),
+    scope_id TEXT NOT NULL,
+    is_on    INTEGER NOT NULL,
+    reason   TEXT NOT NULL,
+    time     REAL NOT NULL,
+    PRIMARY KEY (scope, scope_id)
+);
+
+-- The durable webhook outbox (version 8): one row per delivery, written when the event happens, deleted
+-- once the receiver took it; after the last attempt (or a 4xx) it stays as 'dead' for AdminService to
+-- list and redeliver.
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    delivery_id     TEXT PRIMARY KEY,
+    url             TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'dead')),
+    attempts        INTEGER NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (state, next_attempt_at);

@@ -40,12 +40,14 @@ from .records import (
     ParticipationRecord,
     SessionRecord,
     SignalRecord,
+    SwitchRecord,
     TransferRecord,
+    WebhookRecord,
 )
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -136,6 +138,29 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     6: ("ALTER TABLE sessions ADD COLUMN identified INTEGER NOT NULL DEFAULT 0",),
     # Version 7: predictive scores (labelled sessions, model states, the trainer lease; predict_state.py).
     7: PREDICT_SCHEMA,
+    # Version 8: operations switches that outlast a restart, and the durable webhook outbox.
+    8: (
+        """CREATE TABLE IF NOT EXISTS switches (
+            scope    TEXT NOT NULL CHECK (scope IN ('offers', 'scenario')),
+            scope_id TEXT NOT NULL,
+            is_on    INTEGER NOT NULL,
+            reason   TEXT NOT NULL,
+            time     REAL NOT NULL,
+            PRIMARY KEY (scope, scope_id)
+        )""",
+        """CREATE TABLE IF NOT EXISTS webhook_outbox (
+            delivery_id     TEXT PRIMARY KEY,
+            url             TEXT NOT NULL,
+            kind            TEXT NOT NULL,
+            body            TEXT NOT NULL,
+            created_at      REAL NOT NULL,
+            state           TEXT NOT NULL CHECK (state IN ('pending', 'dead')),
+            attempts        INTEGER NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            last_error      TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (state, next_attempt_at)",
+    ),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -313,6 +338,24 @@ def _plain(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
                 pass
         out[key] = value
     return out
+
+
+_UPSERT_OPS_SWITCH = (
+    "INSERT INTO switches (scope, scope_id, is_on, reason, time) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (scope, scope_id) DO UPDATE SET is_on = excluded.is_on, reason = excluded.reason, time = excluded.time"
+)
+_WEBHOOK_COLS = (
+    "delivery_id", "url", "kind", "body", "created_at", "state", "attempts", "next_attempt_at", "last_error",
+)  # fmt: skip
+_WEBHOOK_SELECT = _select("webhook_outbox", _WEBHOOK_COLS)
+_INSERT_WEBHOOK = (
+    f"INSERT INTO webhook_outbox ({', '.join(_WEBHOOK_COLS)}) VALUES ({', '.join('?' * len(_WEBHOOK_COLS))}) "
+    "ON CONFLICT (delivery_id) DO NOTHING"
+)
+
+
+def _webhook_row(r: WebhookRecord) -> Row:
+    return tuple(getattr(r, c) for c in _WEBHOOK_COLS)
 
 
 def _decision_row(r: DecisionRecord) -> Row:
@@ -793,6 +836,61 @@ class SqliteStore(PredictState):
         self, scenario_id: str, variant_id: str, stopped: bool, reason: str, at: float
     ) -> None:
         await self._writer.execute(_UPSERT_SWITCH, (scenario_id, variant_id, int(stopped), reason, at))
+
+    # -- operations switches and the webhook outbox ------------------------------------------------
+
+    async def save_switch(self, rec: SwitchRecord) -> None:
+        """Set an operations switch (the runtime pause, a scenario's enable/disable); durable when awaited."""
+        await self._writer.execute(_UPSERT_OPS_SWITCH, (rec.scope, rec.scope_id, int(rec.on), rec.reason, rec.time))
+
+    async def switches(self) -> list[SwitchRecord]:
+        rows = await self._fetch(
+            "SELECT scope, scope_id, is_on, reason, time FROM switches ORDER BY scope, scope_id", ()
+        )
+        return [SwitchRecord(str(r[0]), str(r[1]), bool(r[2]), str(r[3]), float(r[4])) for r in rows]
+
+    async def enqueue_webhooks(self, rows: Sequence[WebhookRecord]) -> None:
+        """Add deliveries to the outbox; returns once they are committed (idempotent by delivery id)."""
+        for rec in rows:
+            await self._writer.execute(_INSERT_WEBHOOK, _webhook_row(rec))
+
+    async def due_webhooks(self, now: float, *, limit: int = 100) -> list[WebhookRecord]:
+        """Pending deliveries whose next attempt is due, oldest first."""
+        due = "state = 'pending' AND next_attempt_at <= ?"
+        sql = f"{_WEBHOOK_SELECT} WHERE {due} ORDER BY next_attempt_at, rowid LIMIT ?"
+        return [WebhookRecord(*r) for r in await self._fetch(sql, (now, limit))]
+
+    async def next_webhook_due(self) -> float | None:
+        rows = await self._fetch("SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE state = 'pending'", ())
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def webhook_attempted(
+        self, delivery_id: str, *, delivered: bool, attempts: int, next_attempt_at: float, error: str, dead: bool
+    ) -> None:
+        """After an attempt: delivered rows leave the outbox; failed ones wait for their next try or are dead."""
+        if delivered:
+            await self._writer.execute("DELETE FROM webhook_outbox WHERE delivery_id = ?", (delivery_id,))
+            return
+        state = "dead" if dead else "pending"
+        sql = (
+            "UPDATE webhook_outbox SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ? "
+            "WHERE delivery_id = ?"
+        )
+        await self._writer.execute(sql, (state, attempts, next_attempt_at, error, delivery_id))
+
+    async def dead_webhooks(self, *, limit: int = 100) -> list[WebhookRecord]:
+        """The dead-letter list: deliveries that ran out of attempts or were refused, newest first."""
+        sql = f"{_WEBHOOK_SELECT} WHERE state = 'dead' ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        return [WebhookRecord(*r) for r in await self._fetch(sql, (limit,))]
+
+    async def redeliver_webhook(self, delivery_id: str, now: float) -> bool:
+        """Put a delivery (dead, or pending later) back to be tried now, with fresh attempts; False if unknown."""
+        found = await self._fetch("SELECT 1 FROM webhook_outbox WHERE delivery_id = ?", (delivery_id,))
+        if not found:
+            return False
+        sql = "UPDATE webhook_outbox SET state = 'pending', attempts = 0, next_attempt_at = ? WHERE delivery_id = ?"
+        await self._writer.execute(sql, (now, delivery_id))
+        return True
 
     async def save_engagement(self, rec: EngagementRecord) -> None:
         await self._writer.execute(_UPSERT_ENGAGEMENT, _engagement_row(rec))
