@@ -193,6 +193,7 @@ class LabelRecord:
     session_id: str
     reached: bool
     examples: list[tuple[dict[str, float], float]]
+    time: float
 
 
 @dataclass(frozen=True, slots=True)
