@@ -79,7 +79,7 @@ class ServerConfig:
     rate_limits: RateLimits | None = field(default_factory=RateLimits)
     # Prometheus metrics over HTTP (metrics.py): None off, 0 a free port (CuepointServer.metrics_port says which).
     metrics_port: int | None = None
-    # Engagement start/end POSTed, signed, to these URLs (webhooks.py).
+    # Lifecycle events POSTed, signed, from the durable outbox to these URLs (webhooks.py).
     webhooks: tuple[WebhookConfig, ...] = ()
     metrics_host: str = "127.0.0.1"
     # The associate desk and admin console (http/): None off, 0 a free port (CuepointServer.http_port).
@@ -171,6 +171,14 @@ class CuepointServer:
         if port == 0:
             await store.close()
             raise PortUnavailable(_why_not_bound(config.host, config.port))
+        webhooks = WebhookDispatcher(config.webhooks, store) if config.webhooks else None
+        if webhooks is not None:
+            # Listening before anything can happen, so no event misses the outbox.
+            core.cue_listeners.append(webhooks.emit)
+            core.desk.listeners.append(webhooks.emit)
+            core.privacy_listeners.append(webhooks.emit)
+            core.outbox_wakeups.append(webhooks.wake)
+            webhooks.start()
         await core.recover()
         # Models of declared outcomes come back from storage; this process trains while it holds the lease.
         await core.start_training()
@@ -186,11 +194,7 @@ class CuepointServer:
             await self.reloader.start(watch=config.watch_scenarios)
         if config.core.retention_days is not None:
             self._purger = asyncio.create_task(self._purge_periodically(), name="cuepoint-retention")
-        if config.webhooks:
-            self.webhooks = WebhookDispatcher(config.webhooks)
-            self.webhooks.start()
-            core.desk.listeners.append(self.webhooks.emit)
-            core.privacy_listeners.append(self.webhooks.emit)
+        self.webhooks = webhooks
         if config.metrics_port is not None:
             try:
                 await self.metrics.serve(config.metrics_host, config.metrics_port)
@@ -238,8 +242,6 @@ class CuepointServer:
             await self.http.stop()
         if self._purger is not None:
             self._purger.cancel()
-        if self.webhooks is not None:
-            await self.webhooks.close()
         await self.metrics.close()
         if self.reloader is not None:
             await self.reloader.stop()
@@ -248,6 +250,9 @@ class CuepointServer:
         await self._server.stop(self.config.grace if grace is None else grace)
         await self.core.drain()
         await self.core.stop_training()
+        if self.webhooks is not None:
+            # After the core's last writes: every event emitted reaches the outbox before the store closes.
+            await self.webhooks.close()
         await self.store.close()
         log.info("server.stopped", address=self.address)
 

@@ -228,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)"
     )
     serve.add_argument(
-        "--webhook", action="append", default=[], metavar="URL", help="POST engagement start/end here (repeatable)"
+        "--webhook",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST cue and engagement lifecycle events here (repeatable)",
     )
     serve.add_argument(
         "--webhook-secret", default="", help="HMAC key for webhook signatures (or $CUEPOINT_WEBHOOK_SECRET)"

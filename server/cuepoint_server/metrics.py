@@ -125,7 +125,7 @@ class Metrics(CoreObserver):
         self.cues.labels(scenario_id, status).inc()
 
     def _on_engagement(self, kind: str, payload: dict[str, Any]) -> None:
-        if kind != "engagement.started":  # assigned to an associate
+        if kind != "engagement.assigned":
             return
         engagement = self._core.desk.get(str(payload.get("engagement_id", "")))
         if engagement is not None and engagement.assigned_at is not None:

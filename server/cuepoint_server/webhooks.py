@@ -1,32 +1,56 @@
-"""Webhooks: POST engagement start/end (with the context payload), feedback ratings and user erasures to a CRM.
+"""Webhooks: the cue and engagement lifecycle, and erasures, POSTed to a CRM from a durable outbox.
 
-Each delivery is signed (HMAC-SHA256 over "<timestamp>.<body>", sent as
-`X-Cuepoint-Signature: t=<timestamp>,v1=<hex>`, so the receiver can reject
-forgeries and replays) and retried with exponential backoff and jitter on
-network errors, 429 and 5xx. Deliveries run on a background task and never
-hold up the engagement flow.
+Each event becomes one outbox row per receiver that wants it (storage: `webhook_outbox`), written when the
+event happens, so a delivery survives restarts: a row leaves the outbox only once the receiver answered 2xx.
+Failed attempts (network errors, 429, 5xx) are retried with exponential backoff and jitter; after the last
+attempt, or on any other 4xx, the row stays as dead, listed by AdminService.ListDeadWebhooks and sent again by
+RedeliverWebhook. Delivery is at least once: a receiver de-duplicates by the body's `id`.
+
+Each POST is signed (HMAC-SHA256 over "<timestamp>.<body>", sent as `X-Cuepoint-Signature: t=<timestamp>,
+v1=<hex>`, so the receiver can reject forgeries and replays). Deliveries run on background tasks and never
+hold up evaluation or the engagement flow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import random
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import structlog
 
-__all__ = ["WebhookConfig", "WebhookDispatcher", "sign", "verify"]
+from .storage import Store, WebhookRecord
+
+__all__ = ["EVENTS", "WebhookConfig", "WebhookDispatcher", "sign", "verify"]
 
 log = structlog.get_logger("cuepoint.webhooks")
 
-# user.erased tells the CRM to erase the user too: {"user_id", "erased_at", "deleted": rows per table}.
-EVENTS = ("engagement.started", "engagement.ended", "user.erased", "feedback.received")
+EVENTS = (
+    "cue.offered",
+    "cue.answered",
+    "cue.withdrawn",
+    "engagement.queued",
+    "engagement.assigned",
+    "engagement.transferred",
+    "engagement.ended",
+    "engagement.wrapped_up",
+    "engagement.outcome",
+    "feedback.received",
+    "user.erased",
+)
+# Deliveries in flight at once, across receivers.
+_CONCURRENCY = 16
+# The loop looks at the outbox at least this often, even without a wake-up (e.g. another process's rows).
+_POLL = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +58,10 @@ class WebhookConfig:
     url: str
     secret: str
     events: tuple[str, ...] = EVENTS
-    max_attempts: int = 6
-    # First retry after this many seconds, doubling each time (with jitter).
-    backoff: float = 0.5
-    max_backoff: float = 60.0
+    max_attempts: int = 8
+    # First retry after this many seconds, doubling each time (with jitter), at most max_backoff.
+    backoff: float = 1.0
+    max_backoff: float = 3600.0
     timeout: float = 10.0
 
 
@@ -59,12 +83,25 @@ def verify(secret: str, header: str, body: bytes, *, tolerance: float = 300.0, n
 
 
 class WebhookDispatcher:
-    def __init__(self, hooks: tuple[WebhookConfig, ...], *, client: httpx.AsyncClient | None = None) -> None:
+    """Writes lifecycle events to the outbox (`emit`) and delivers due rows (a background loop)."""
+
+    def __init__(
+        self,
+        hooks: tuple[WebhookConfig, ...],
+        store: Store,
+        *,
+        now: Callable[[], float] = time.time,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
         self.hooks = hooks
+        self._by_url = {hook.url: hook for hook in hooks}
+        self._store = store
+        self._now = now
         self._client = client or httpx.AsyncClient()
-        self._queue: asyncio.Queue[tuple[WebhookConfig, str, bytes]] = asyncio.Queue()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._deliveries: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._deliveries: dict[str, asyncio.Task[None]] = {}
         self.delivered = 0
         self.failed = 0
 
@@ -72,52 +109,120 @@ class WebhookDispatcher:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="cuepoint-webhooks")
 
+    def wake(self) -> None:
+        self._wake.set()
+
     def emit(self, kind: str, payload: dict[str, Any]) -> None:
-        body = json.dumps({"type": kind, "data": payload}, default=str, sort_keys=True).encode()
-        for hook in self.hooks:
-            if kind in hook.events:
-                self._queue.put_nowait((hook, kind, body))
+        """A lifecycle event: one outbox row per receiver that wants it, written now (in the background)."""
+        hooks = [hook for hook in self.hooks if kind in hook.events]
+        if not hooks:
+            return
+        now = self._now()
+        event = {"id": uuid.uuid4().hex, "type": kind, "time": now, "data": payload}
+        body = json.dumps(event, default=str, sort_keys=True)
+        rows = [WebhookRecord(uuid.uuid4().hex, hook.url, kind, body, now, "pending", 0, now) for hook in hooks]
+        task = asyncio.ensure_future(self._enqueue(rows))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _enqueue(self, rows: list[WebhookRecord]) -> None:
+        try:
+            await self._store.enqueue_webhooks(rows)
+        except Exception:
+            log.exception("webhook.enqueue_failed", kind=rows[0].kind)
+            return
+        self._wake.set()
 
     async def _run(self) -> None:
         while True:
-            hook, kind, body = await self._queue.get()
-            # Each delivery retries on its own so one slow receiver does not stall the rest.
-            task = asyncio.create_task(self._deliver(hook, kind, body))
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
-
-    async def _deliver(self, hook: WebhookConfig, kind: str, body: bytes) -> None:
-        delay = hook.backoff
-        for attempt in range(1, hook.max_attempts + 1):
-            timestamp = int(time.time())
-            headers = {
-                "content-type": "application/json",
-                "x-cuepoint-event": kind,
-                "x-cuepoint-signature": sign(hook.secret, timestamp, body),
-                "x-cuepoint-attempt": str(attempt),
-            }
             try:
-                response = await self._client.post(hook.url, content=body, headers=headers, timeout=hook.timeout)
-                if response.status_code < 300:
-                    self.delivered += 1
-                    log.info("webhook.delivered", url=hook.url, kind=kind, attempt=attempt)
-                    return
-                retry = response.status_code == 429 or response.status_code >= 500
-                log.warning("webhook.rejected", url=hook.url, kind=kind, status=response.status_code, attempt=attempt)
-                if not retry:
-                    break
-            except httpx.HTTPError as exc:
-                log.warning("webhook.error", url=hook.url, kind=kind, error=type(exc).__name__, attempt=attempt)
-            if attempt < hook.max_attempts:
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
-                delay = min(delay * 2, hook.max_backoff)
-        self.failed += 1
-        log.error("webhook.gave_up", url=hook.url, kind=kind)
+                await self._deliver_due()
+                wait = _POLL
+                due = await self._store.next_webhook_due()
+                if due is not None:
+                    wait = min(wait, max(0.0, due - self._now()))
+            except Exception:
+                log.exception("webhook.loop_failed")
+                wait = _POLL
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait if wait > 0 else 0.01)
+
+    async def _deliver_due(self) -> None:
+        room = _CONCURRENCY - len(self._deliveries)
+        if room <= 0:
+            return
+        for rec in await self._store.due_webhooks(self._now(), limit=room + len(self._deliveries)):
+            if rec.delivery_id in self._deliveries or len(self._deliveries) >= _CONCURRENCY:
+                continue
+            task = asyncio.create_task(self._attempt(rec), name=rec.delivery_id)
+            self._deliveries[rec.delivery_id] = task
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._deliveries.pop(task.get_name(), None)
+        self._wake.set()
+
+    async def _attempt(self, rec: WebhookRecord) -> None:
+        hook = self._by_url.get(rec.url)
+        attempt = rec.attempts + 1
+        if hook is None:
+            await self._failed(rec, attempt, "no webhook is configured for this URL any more", retry=False, hook=None)
+            return
+        body = rec.body.encode()
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "x-cuepoint-event": rec.kind,
+            "x-cuepoint-delivery": rec.delivery_id,
+            "x-cuepoint-signature": sign(hook.secret, timestamp, body),
+            "x-cuepoint-attempt": str(attempt),
+        }
+        try:
+            response = await self._client.post(hook.url, content=body, headers=headers, timeout=hook.timeout)
+        except httpx.HTTPError as exc:
+            await self._failed(rec, attempt, type(exc).__name__, retry=True, hook=hook)
+            return
+        if response.status_code < 300:
+            await self._store.webhook_attempted(
+                rec.delivery_id, delivered=True, attempts=attempt, next_attempt_at=0.0, error="", dead=False
+            )
+            self.delivered += 1
+            log.info("webhook.delivered", url=hook.url, kind=rec.kind, attempt=attempt)
+            return
+        retry = response.status_code == 429 or response.status_code >= 500
+        await self._failed(rec, attempt, f"HTTP {response.status_code}", retry=retry, hook=hook)
+
+    async def _failed(
+        self, rec: WebhookRecord, attempt: int, error: str, *, retry: bool, hook: WebhookConfig | None
+    ) -> None:
+        dead = not retry or hook is None or attempt >= hook.max_attempts
+        delay = 0.0
+        if hook is not None and not dead:
+            delay = min(hook.backoff * 2 ** (attempt - 1), hook.max_backoff) * (0.5 + random.random() / 2)
+        await self._store.webhook_attempted(
+            rec.delivery_id,
+            delivered=False,
+            attempts=attempt,
+            next_attempt_at=self._now() + delay,
+            error=error,
+            dead=dead,
+        )
+        if dead:
+            self.failed += 1
+            log.error("webhook.dead", url=rec.url, kind=rec.kind, attempts=attempt, error=error)
+        else:
+            log.warning("webhook.retry", url=rec.url, kind=rec.kind, attempt=attempt, error=error, delay=delay)
 
     async def close(self) -> None:
+        """Finish writing emitted events to the outbox; stop delivering (what is left waits in the outbox)."""
+        if self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        for task in self._deliveries:
+        for task in list(self._deliveries.values()):
             task.cancel()
+        if self._deliveries:
+            await asyncio.gather(*list(self._deliveries.values()), return_exceptions=True)
         await self._client.aclose()

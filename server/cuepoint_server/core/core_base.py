@@ -91,7 +91,9 @@ class CoreBase:
         self.paused_by_admin = False
         # Why each scenario in Engine.disabled was switched off (core/operations.py).
         self.disabled_reasons: dict[str, str] = {}
-        # Called when webhook deliveries were added to the outbox or put back in it (webhooks.py).
+        # Called with (kind, payload) for cue.offered / cue.answered / cue.withdrawn (webhooks.py).
+        self.cue_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        # Called when webhook deliveries were put back in the outbox (webhooks.py).
         self.outbox_wakeups: list[Callable[[], None]] = []
         # A/B variants switched off at runtime, (scenario id, variant id); loaded from storage at start.
         self.stopped_variants: set[tuple[str, str]] = set()
@@ -177,7 +179,31 @@ class CoreBase:
             return False
         for message in unit.shown:
             session.send(message)
+        for record in work.cues:
+            self._emit_cue(
+                "cue.offered",
+                {
+                    "cue_id": record.cue_id,
+                    "scenario_id": record.scenario_id,
+                    "app_id": record.app_id,
+                    "device_id": record.device_id,
+                    "session_id": record.session_id,
+                    "channel": record.channel,
+                    "message": record.message,
+                    "variant": record.variant,
+                    "expires_at": record.expires_at,
+                    "conditions": record.explanation.get("conditions", []),
+                },
+            )
         return True
+
+    def _emit_cue(self, kind: str, payload: dict[str, Any]) -> None:
+        """A cue's lifecycle event (cue.offered / answered / withdrawn), once what it reports is stored."""
+        for listener in self.cue_listeners:
+            try:
+                listener(kind, payload)
+            except Exception:
+                log.exception("cue.listener_failed", kind=kind)
 
     async def drain(self) -> None:
         """Wait for background writes; used on shutdown."""

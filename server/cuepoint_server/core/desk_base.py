@@ -176,9 +176,11 @@ class DeskBase:
             "disposition": engagement.disposition,
             "notes": engagement.notes,
             "ended_by": engagement.ended_by,
-            "participants": [
-                {"associate_id": p.associate_id, "role": p.role} for p in engagement.participant_infos()
-            ],
+            "outcome": engagement.outcome,
+            "cue_id": engagement.cue_id,
+            "scenario_id": engagement.scenario_id,
+            "device_id": engagement.device_id,
+            "participants": [{"associate_id": p.associate_id, "role": p.role} for p in engagement.participant_infos()],
             "transfers": [
                 {
                     "from_associate_id": t.from_associate_id,

@@ -52,7 +52,7 @@ class Bots(Conversation):
         engagement.state, engagement.associate, engagement.assigned_at = "assigned", session, now
         self._save(engagement)
         self._notify_device(engagement)
-        self._emit("engagement.started", engagement)
+        self._emit("engagement.assigned", engagement)
         log.info("engagement.bot", engagement_id=engagement.engagement_id, queue=engagement.queue)
         lines = [bot.greeting]
         if bot.choices:

@@ -86,6 +86,7 @@ class Routing(Bots):
         self._active_by_device[session.device_id] = engagement.engagement_id
         self._notify_device(engagement)
         log.info("engagement.queued", engagement_id=engagement.engagement_id, queue=queue, priority=priority)
+        self._emit("engagement.queued", engagement)
         self._route(engagement)
         return engagement
 
@@ -231,7 +232,7 @@ class Routing(Bots):
         self._save(engagement)
         associate.send(engagement.view())
         self._notify_device(engagement)
-        self._emit("engagement.started", engagement)
+        self._emit("engagement.assigned", engagement)
         log.info("engagement.assigned", engagement_id=engagement.engagement_id, associate_id=associate.associate_id)
 
     def _drain(self, associate: AssociateSession) -> None:

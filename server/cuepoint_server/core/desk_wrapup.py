@@ -36,6 +36,7 @@ class WrapUp(Routing):
         if engagement.state == "ended":
             # The user left first; this is the associate's wrap-up.
             await self.store.save_engagement(engagement.record())
+            self._emit("engagement.wrapped_up", engagement)
             return
         now = self.clock.now()
         engagement.state, engagement.ended_at, engagement.ended_by = "ended", now, "associate"
@@ -48,6 +49,7 @@ class WrapUp(Routing):
         self._notify_device(engagement)
         self._ask_feedback(engagement)
         self._emit("engagement.ended", engagement)
+        self._emit("engagement.wrapped_up", engagement)
         log.info("engagement.ended", engagement_id=engagement_id, disposition=disposition)
         self._drain(associate)
 
@@ -115,6 +117,7 @@ class WrapUp(Routing):
         engagement.outcome = "not_achieved"
         self._forget_outcome(engagement)
         self._save(engagement)
+        self._emit("engagement.outcome", engagement)
 
     def _forget_outcome(self, engagement: Engagement) -> None:
         waiting = self._awaiting_outcome.get(engagement.device_id, [])
@@ -139,4 +142,5 @@ class WrapUp(Routing):
                 engagement.outcome = "achieved"
                 self._forget_outcome(engagement)
                 self._save(engagement)
+                self._emit("engagement.outcome", engagement)
                 log.info("engagement.outcome", engagement_id=engagement.engagement_id, outcome="achieved")

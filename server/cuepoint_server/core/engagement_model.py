@@ -27,7 +27,7 @@ __all__ = ["TRANSCRIPT_KEPT", "Engagement", "EngagementEvent", "context_from_jso
 # Chat lines an engagement keeps in memory for associates who receive or join it later.
 TRANSCRIPT_KEPT = 200
 
-# (event type, payload): engagement.started / engagement.ended, for webhooks.
+# (event type, payload): engagement.queued / assigned / transferred / ended / wrapped_up / outcome, for webhooks.
 EngagementEvent = Callable[[str, dict[str, Any]], None]
 
 

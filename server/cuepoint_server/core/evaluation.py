@@ -217,6 +217,7 @@ class Evaluation(Scoring):
         if session is not None:
             session.send(Withdrawal(cue_id, reason))
         log.info("cue.withdrawn", device_id=device_id, cue_id=cue_id, reason=reason)
+        self._emit_cue("cue.withdrawn", {"cue_id": cue_id, "device_id": device_id, "status": status, "reason": reason})
 
     def scenarios_swapped(self, old: ScenarioSet, new: ScenarioSet) -> None:
         """After a reload: settle cues whose scenario is gone and re-arm every timer."""
@@ -292,6 +293,17 @@ class Evaluation(Scoring):
         for observer in self.observers:
             observer.cue_settled(pending.scenario_id, response)
         log.info("cue.answered", device_id=session.device_id, cue_id=cue_id, response=response)
+        answered = {
+            "cue_id": cue_id,
+            "device_id": session.device_id,
+            "app_id": session.app_id,
+            "scenario_id": pending.scenario_id,
+            "response": response,
+            "button_id": button_id,
+        }
+        if response != "accepted":
+            # Queued to the single writer after the status update, so never committed before it.
+            self._emit_cue("cue.answered", answered)
         if response == "declined":
             self.arbiter.remember_decline(session.subject, pending.scenario_id, now, session.session_id)
         if response == "accepted":
@@ -300,6 +312,7 @@ class Evaluation(Scoring):
                 # The journey the associate sees must include every signal that led here.
                 await asyncio.gather(*session.writes, return_exceptions=True)
             await self.desk.start(session, pending, now, button_id)
+            self._emit_cue("cue.answered", answered)
 
     @staticmethod
     def _press(pending: PendingCue, response: str, button_id: str) -> None:

@@ -3,7 +3,7 @@
 Subclass CoreObserver, override what you need, and append an instance to
 ``Core.observers``. Arbitration decisions (offered, blocked and why) have their
 own hook, ``Core.decision_listeners``, and engagements theirs,
-``Core.desk.listeners`` (engagement.started / engagement.ended). Observers are
+``Core.desk.listeners`` (engagement.queued / assigned / transferred / ended / wrapped_up / outcome). Observers are
 called synchronously on the event loop, in the middle of the core's work: keep
 them cheap, and never raise.
 """
