@@ -170,3 +170,48 @@ async def test_rich_errors_decode_with_the_google_rpc_protos_shipped_in_proto(
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     bad_request = bad_request_class.FromString(status.details[0].value)
     assert bad_request.field_violations[0].field == "hello.app_id"
+
+
+ROUTED = """
+scenarios:
+  - id: help
+    trigger: {event: help}
+    cue: {message: "Need help?", channel: chat, queue: support}
+  - id: sales
+    trigger: {event: pricing}
+    cue: {message: "Pricing questions?", channel: chat, queue: support}
+routing:
+  rules:
+    - when: {attribute: user.tier, equals: premium}
+      apps: [shopapp]
+      queue: shop-support
+    - when: {attribute: user.tier, equals: premium}
+      scenarios: [sales]
+      queue: Sales_Closers_Tier2
+"""
+
+
+async def test_routing_rules_scoped_per_app_and_per_scenario(start_server: StartServer) -> None:
+    server = await start_server(ROUTED)
+    associates = {
+        queue: await cuepoint.connect_associate(server.address, associate_id=f"a-{queue}", queues=[queue])
+        for queue in ("support", "shop-support", "Sales_Closers_Tier2")
+    }
+    cases = [("fit-1", "fitkit", "help", "support"), ("fit-2", "fitkit", "pricing", "Sales_Closers_Tier2")]
+    cases.append(("shop-1", "shopapp", "help", "shop-support"))
+    for device, app, event, queue in cases:
+        client = await phone(server, device, user_id=f"u-{device}", app_id=app)
+        await client.track(event)
+        await client.accept(await client.next_cue(timeout=5))
+        assigned = await associates[queue].next_engagement(timeout=5)
+        assert assigned.queue == queue, device
+        await client.close()
+    for associate in associates.values():
+        await associate.close()
+
+
+def test_a_rule_scoped_to_an_unknown_scenario_is_a_validate_error(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(ROUTED.replace("scenarios: [sales]", "scenarios: [sale]"))
+    done = cli("validate", str(tmp_path))
+    assert done.returncode == 1
+    assert f"{tmp_path}/r.yaml:15: routing.rules[1].scenarios[0]: unknown scenario 'sale'" in done.stdout

@@ -50,6 +50,7 @@ class Routing(Bots):
             base_queue,
             scenario.queue_priority if scenario else 0,
             scenario.skills if scenario else (),
+            scenario_id=pending.scenario_id,
         )
         context = await self._context(session, pending, priority)
         engagement = Engagement(

@@ -117,6 +117,12 @@ class CompiledRule:
     queue: str | None
     priority: int
     skills: tuple[str, ...]
+    # Empty: every app / every scenario.
+    apps: frozenset[str] = frozenset()
+    scenarios: frozenset[str] = frozenset()
+
+    def applies(self, app_id: str, scenario_id: str) -> bool:
+        return (not self.apps or app_id in self.apps) and (not self.scenarios or scenario_id in self.scenarios)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +134,19 @@ class Routing:
         return self.queues.get(name) or QueueSpec(id=name)
 
     def route(
-        self, state: DeviceState, now: float, queue: str, priority: int, skills: tuple[str, ...]
+        self,
+        state: DeviceState,
+        now: float,
+        queue: str,
+        priority: int,
+        skills: tuple[str, ...],
+        *,
+        scenario_id: str = "",
     ) -> tuple[str, int, tuple[str, ...]]:
-        """The first matching rule moves the engagement, adds priority and skills."""
+        """The first matching rule (of those scoped to the device's app and the scenario) moves the
+        engagement, adds priority and skills."""
         for rule in self.rules:
-            if rule.predicate(state, now):
+            if rule.applies(state.app_id, scenario_id) and rule.predicate(state, now):
                 merged = tuple(dict.fromkeys((*skills, *rule.skills)))
                 return rule.queue or queue, priority + rule.priority, merged
         return queue, priority, skills
@@ -142,7 +156,16 @@ def compile_routing(spec: RoutingSpec, segments: Mapping[str, LoadedDefinition])
     rules = []
     for i, rule in enumerate(spec.rules):
         predicate, _ = _compile(rule.when, f"routing.rules[{i}].when", _Build(segments))
-        rules.append(CompiledRule(predicate, rule.queue, rule.priority, tuple(rule.skills)))
+        rules.append(
+            CompiledRule(
+                predicate,
+                rule.queue,
+                rule.priority,
+                tuple(rule.skills),
+                frozenset(rule.apps),
+                frozenset(rule.scenarios),
+            )
+        )
     return Routing(tuple(rules), {q.id: q for q in spec.queues})
 
 

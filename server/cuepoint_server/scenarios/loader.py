@@ -396,6 +396,21 @@ def _cross_check(loaded: LoadedSet) -> list[ScenarioIssue]:
             issues.append(
                 ScenarioIssue(outcome.file, line, "milestone", f"unknown milestone {outcome.spec.milestone!r}")
             )
+    if loaded.routing_at is not None:
+        known = {s.spec.id for s in loaded.scenarios}
+        routing_file, routing_line = loaded.routing_at
+        rule_line = loaded.routing_line_of or (lambda path: routing_line)
+        for i, rule in enumerate(loaded.routing.rules):
+            for j, scenario_id in enumerate(rule.scenarios):
+                if scenario_id not in known:
+                    issues.append(
+                        ScenarioIssue(
+                            routing_file,
+                            rule_line(("rules", i, "scenarios", j)),
+                            f"routing.rules[{i}].scenarios[{j}]",
+                            f"unknown scenario {scenario_id!r}",
+                        )
+                    )
     for scenario in loaded.scenarios:
         spec = scenario.spec
         if spec.outcome is not None and spec.outcome not in milestones:

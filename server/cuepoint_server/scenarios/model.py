@@ -787,6 +787,12 @@ class RoutingRuleSpec(_Strict):
     queue: str | None = Field(default=None, pattern=_ID, description="Route to this queue instead.")
     priority: int = Field(default=0, ge=-1000, le=1000, description="Added to the engagement's priority.")
     skills: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list)
+    apps: list[Annotated[str, Field(pattern=_APP_ID)]] = Field(
+        default_factory=list, description="Only for engagements of these apps; empty means every app."
+    )
+    scenarios: list[Annotated[str, Field(pattern=_ID)]] = Field(
+        default_factory=list, description="Only for engagements started by these scenarios' cues; empty means all."
+    )
 
 
 class RoutingSpec(_Strict):
