@@ -16,7 +16,7 @@ import cuepoint
 from cuepoint.v1 import device_pb2, device_pb2_grpc
 from cuepoint_server.api.auth import AuthConfig
 
-from .conftest import ROOT, StartServer, phone
+from .conftest import ROOT, SHIPPED, StartServer, phone
 
 FITKIT_KEY = "fk_test_4f9a1c2e7b3d5a60"
 AUTH = AuthConfig.from_dict({"apps": {"fitkit": {"api_keys": [FITKIT_KEY]}}})
@@ -215,3 +215,37 @@ def test_a_rule_scoped_to_an_unknown_scenario_is_a_validate_error(tmp_path: Path
     done = cli("validate", str(tmp_path))
     assert done.returncode == 1
     assert f"{tmp_path}/r.yaml:15: routing.rules[1].scenarios[0]: unknown scenario 'sale'" in done.stdout
+
+
+TRACE = SHIPPED / "traces" / "fitkit-sync-failure.jsonl"
+
+
+async def test_cuepoint_device_plays_a_trace_against_a_running_server(start_server: StartServer) -> None:
+    server = await start_server(scenarios=SHIPPED)
+    associate = await cuepoint.connect_associate(server.address, associate_id="dana", queues=["fitkit-support"])
+    # Played as fast as the server answers: the shipped trace for simulate, unchanged.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cuepoint_server.cli", "device", server.address, str(TRACE), "--speed", "0",
+        "--linger", "0.5",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    await associate.close()
+    assert proc.returncode == 0, err.decode()
+    lines = [line.split(" ", 1)[1] for line in out.decode().splitlines()]
+    assert lines[0].startswith("d1 CONNECTED session ")
+    assert 'd1 CUE fitkit-sync-failure audio "Unable to sync? I can help you." (cue#1)' in lines
+    # Nothing waits in real time, so cue#1 is still on screen when d1 answers "last": it starts an engagement.
+    assert "d1 ANSWERED cue#1 accepted" in lines
+    assert any(line.startswith("d1 ENGAGEMENT cue#1 assigned queue=fitkit-support") for line in lines)
+    assert not any(line.startswith("d3 CUE") for line in lines)  # free tier: never targeted
+    stored = await server.store.cues_for_subject("user:user-1042")
+    assert [c.scenario_id for c in stored] == ["fitkit-sync-failure"]
+
+
+def test_cuepoint_device_refuses_a_broken_trace(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"t": 0, "device": "d1", "event": "x"}\n')
+    done = cli("device", "127.0.0.1:1", str(tmp_path / "bad.jsonl"))
+    assert done.returncode == 2
+    assert "bad.jsonl:1: device 'd1' has not said hello yet" in done.stderr

@@ -1,4 +1,4 @@
-"""`cuepoint` command line: serve, validate, schema, simulate, report, model report, forget-device, demo."""
+"""`cuepoint` command line: serve, validate, schema, simulate, device, report, model report, forget-device, demo."""
 
 from __future__ import annotations
 
@@ -172,6 +172,37 @@ def _simulate(args: argparse.Namespace) -> int:
     return 1
 
 
+def _device(args: argparse.Namespace) -> int:
+    import grpc
+
+    import cuepoint
+
+    from .device_player import play
+    from .logs import configure_logging
+    from .simulate import TraceError, parse_trace
+
+    configure_logging("warning", json=False)
+    try:
+        trace = parse_trace(Path(args.trace).read_text(encoding="utf-8"), args.trace)
+    except OSError as exc:
+        print(f"cannot read trace: {exc}", file=sys.stderr)
+        return 2
+    except TraceError as exc:
+        print(f"invalid trace:\n{exc}", file=sys.stderr)
+        return 2
+    credentials = None
+    if args.tls_ca:
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
+    api_key = args.api_key or os.environ.get("CUEPOINT_API_KEY") or None
+    config = cuepoint.ClientConfig(api_key=api_key, credentials=credentials)
+    try:
+        asyncio.run(play(args.address, trace, sys.stdout, speed=args.speed, linger=args.linger, config=config))
+    except cuepoint.CuepointError as exc:
+        print(f"cuepoint device: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .reporting.report import run
 
@@ -283,6 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         "--expect", metavar="FILE", help="compare with an expected output; exit 1 with a diff when different"
     )
     simulate.set_defaults(func=_simulate)
+
+    device = sub.add_parser(
+        "device", help="play a trace file against a running server through the SDK; print what comes back"
+    )
+    device.add_argument("address", help="host:port of a running cuepoint serve")
+    device.add_argument("trace", help="trace file, as for simulate (scenarios/traces/*.jsonl)")
+    device.add_argument(
+        "--speed", type=float, default=1.0, help="play N times faster than the trace's times; 0: no waiting"
+    )
+    device.add_argument("--linger", type=float, default=1.0, help="seconds to keep listening after the last line")
+    device.add_argument("--api-key", default="", help="the app's API key when auth is on (or $CUEPOINT_API_KEY)")
+    device.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this certificate")
+    device.set_defaults(func=_device)
 
     report = sub.add_parser("report", help="funnel per scenario, read from a server's SQLite database")
     report.add_argument("--db", default="cuepoint.db", help="SQLite database path (opened read-only)")
