@@ -236,7 +236,7 @@ async def test_consent_reaches_everything_derived_from_the_user(
     assert ctx.cue is not None and ctx.cue.message == "Hi [redacted], we can help"
     assert any("[redacted]" in c.description for c in (ctx.trigger.conditions if ctx.trigger else ()))
     assert any(e.kind == "context" for e in ctx.journey)  # the update is in the journey, without its value
-    started = json.dumps(await receiver.event("engagement.started"))
+    started = json.dumps(await receiver.event("engagement.assigned"))
     assert [v for v in withheld if v in started] == []
     async with grpc.aio.insecure_channel(server.address) as channel:
         admin = admin_pb2_grpc.AdminServiceStub(channel)

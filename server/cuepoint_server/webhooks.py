@@ -47,6 +47,9 @@ EVENTS = (
     "feedback.received",
     "user.erased",
 )
+# Sent from memory, never written to the outbox: an erasure notice on disk would store the erased user id
+# again, in a file the erasure has just scrubbed. Retried with backoff like the rest, lost on a restart.
+_NOT_STORED = frozenset({"user.erased"})
 # Deliveries in flight at once, across receivers.
 _CONCURRENCY = 16
 # The loop looks at the outbox at least this often, even without a wake-up (e.g. another process's rows).
@@ -121,6 +124,10 @@ class WebhookDispatcher:
         event = {"id": uuid.uuid4().hex, "type": kind, "time": now, "data": payload}
         body = json.dumps(event, default=str, sort_keys=True)
         rows = [WebhookRecord(uuid.uuid4().hex, hook.url, kind, body, now, "pending", 0, now) for hook in hooks]
+        if kind in _NOT_STORED:
+            for rec in rows:
+                self._start(rec, stored=False)
+            return
         task = asyncio.ensure_future(self._enqueue(rows))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
@@ -155,20 +162,34 @@ class WebhookDispatcher:
         for rec in await self._store.due_webhooks(self._now(), limit=room + len(self._deliveries)):
             if rec.delivery_id in self._deliveries or len(self._deliveries) >= _CONCURRENCY:
                 continue
-            task = asyncio.create_task(self._attempt(rec), name=rec.delivery_id)
-            self._deliveries[rec.delivery_id] = task
-            task.add_done_callback(self._finished)
+            self._start(rec, stored=True)
+
+    def _start(self, rec: WebhookRecord, *, stored: bool) -> None:
+        work = self._attempt(rec) if stored else self._from_memory(rec)
+        task = asyncio.create_task(work, name=rec.delivery_id)
+        self._deliveries[rec.delivery_id] = task
+        task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._deliveries.pop(task.get_name(), None)
         self._wake.set()
 
-    async def _attempt(self, rec: WebhookRecord) -> None:
-        hook = self._by_url.get(rec.url)
-        attempt = rec.attempts + 1
-        if hook is None:
-            await self._failed(rec, attempt, "no webhook is configured for this URL any more", retry=False, hook=None)
-            return
+    async def _from_memory(self, rec: WebhookRecord) -> None:
+        hook = self._by_url[rec.url]
+        for attempt in range(1, hook.max_attempts + 1):
+            error, retry = await self._post(hook, rec, attempt)
+            if not error:
+                self.delivered += 1
+                log.info("webhook.delivered", url=hook.url, kind=rec.kind, attempt=attempt)
+                return
+            if not retry:
+                break
+            await asyncio.sleep(min(hook.backoff * 2 ** (attempt - 1), hook.max_backoff) * (0.5 + random.random() / 2))
+        self.failed += 1
+        log.error("webhook.gave_up", url=hook.url, kind=rec.kind)
+
+    async def _post(self, hook: WebhookConfig, rec: WebhookRecord, attempt: int) -> tuple[str, bool]:
+        """One POST: ("", False) when taken, else (error, whether to retry)."""
         body = rec.body.encode()
         timestamp = int(time.time())
         headers = {
@@ -181,17 +202,26 @@ class WebhookDispatcher:
         try:
             response = await self._client.post(hook.url, content=body, headers=headers, timeout=hook.timeout)
         except httpx.HTTPError as exc:
-            await self._failed(rec, attempt, type(exc).__name__, retry=True, hook=hook)
-            return
+            return type(exc).__name__, True
         if response.status_code < 300:
+            return "", False
+        return f"HTTP {response.status_code}", response.status_code == 429 or response.status_code >= 500
+
+    async def _attempt(self, rec: WebhookRecord) -> None:
+        hook = self._by_url.get(rec.url)
+        attempt = rec.attempts + 1
+        if hook is None:
+            await self._failed(rec, attempt, "no webhook is configured for this URL any more", retry=False, hook=None)
+            return
+        error, retry = await self._post(hook, rec, attempt)
+        if not error:
             await self._store.webhook_attempted(
                 rec.delivery_id, delivered=True, attempts=attempt, next_attempt_at=0.0, error="", dead=False
             )
             self.delivered += 1
             log.info("webhook.delivered", url=hook.url, kind=rec.kind, attempt=attempt)
             return
-        retry = response.status_code == 429 or response.status_code >= 500
-        await self._failed(rec, attempt, f"HTTP {response.status_code}", retry=retry, hook=hook)
+        await self._failed(rec, attempt, error, retry=retry, hook=hook)
 
     async def _failed(
         self, rec: WebhookRecord, attempt: int, error: str, *, retry: bool, hook: WebhookConfig | None

@@ -304,6 +304,13 @@ _USER_ROWS = (
     ("signals", f"session_id IN ({_USER_SESSIONS})"),
     ("milestones", f"session_id IN ({_USER_SESSIONS})"),
     ("predict_labels", f"session_id IN ({_USER_SESSIONS})"),
+    # Webhook deliveries not yet taken (or dead) that report one of the user's cues or engagements: every
+    # cue and engagement event names its cue_id. Before the cues, which find them.
+    (
+        "webhook_outbox",
+        "EXISTS (SELECT 1 FROM cues AS c WHERE (c.subject = ?2 OR c.session_id IN "
+        f"({_USER_SESSIONS})) AND webhook_outbox.body LIKE '%\"' || c.cue_id || '\"%')",
+    ),
     ("decisions", f"subject = ?2 OR session_id IN ({_USER_SESSIONS})"),
     ("cues", f"subject = ?2 OR session_id IN ({_USER_SESSIONS})"),
     ("engagements", f"subject = ?2 OR session_id IN ({_USER_SESSIONS})"),
