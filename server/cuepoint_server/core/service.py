@@ -16,7 +16,7 @@ from typing import Any
 
 from ..predict.registry import describe_scores
 from .core_base import CoreConfig
-from .errors import InvalidInput, NotFound
+from .errors import InvalidInput
 from .invitations import Invitations
 from .live import LiveNow, QueueLoad, describe_session, queue_loads
 from .model import AssociateSignIn
