@@ -224,3 +224,39 @@ def test_timers_rescore_time_driven_features() -> None:
     early = state.scores["purchased"].probability
     predictor.refresh(state, 900.0)  # a timer fired: no signal, but time in session moved
     assert state.scores["purchased"].probability > early + 0.2
+
+
+async def test_two_processes_one_trainer_each_label_learned_once(tmp_path: Path) -> None:
+    """Two servers sharing a database: one trains, both label; the other takes over when the first stops."""
+    from cuepoint_server.predict.trainer import TrainerConfig
+
+    db = tmp_path / "shared.db"
+    spec = OutcomeSpec(id="purchased", milestone="purchased", min_sessions=5)
+    fast = TrainerConfig(poll=0.05, lease_ttl=30.0, save_every=0.0)
+    async with await SqliteStore.open(db) as store_a, await SqliteStore.open(db) as store_b:
+        a, b = Predictor(), Predictor()
+        a.configure([spec])
+        b.configure([spec])
+        trainer_a, trainer_b = Trainer(store_a, a, fast), Trainer(store_b, b, fast)
+        await trainer_a.start()
+        await trainer_b.start()
+        assert trainer_a.training and not trainer_b.training
+        data = list(sessions(30))
+        for i, s in enumerate(data[:20]):
+            # Half the sessions end on each process; only A learns, from the stored queue.
+            (trainer_a if i % 2 else trainer_b).submit(
+                LabelledSession("purchased", f"s{i}", s.converted, (Example(s.x, 0.5),), 0.0)
+            )
+        await trainer_b.stop()  # B's pending label writes are flushed
+        await trainer_a.stop()  # A learns what is stored, saves, and lets the lease go
+        assert a.models["purchased"].labelled == 20
+        trainer_b = Trainer(store_b, b, fast)
+        await trainer_b.start()  # B takes over at the next epoch, from A's saved state and cursor
+        assert trainer_b.training and trainer_b.epoch == 2
+        assert b.models["purchased"].labelled == 20
+        for i, s in enumerate(data[20:], start=20):
+            trainer_b.submit(LabelledSession("purchased", f"s{i}", s.converted, (Example(s.x, 0.5),), 0.0))
+        await trainer_b.stop()
+        assert b.models["purchased"].labelled == 30  # each label learned exactly once across both
+        [record] = await store_a.models()
+        assert record.epoch == 2 and record.state["labelled"] == 30
