@@ -184,10 +184,11 @@ class Trainer:
             model = self.predictor.models.get(outcome)
             if model is None:
                 continue
-            version = self.versions.get(outcome, 0) + 1
+            version = self.versions[outcome] = self.versions.get(outcome, 0) + 1
             record = ModelRecord(outcome, version, self.epoch, self.cursors.get(outcome, 0), model.state(), now)
+            # The version is taken before the write: a save cancelled while its write still lands (stop())
+            # must not leave the next save reusing its number, which storage would refuse as not newer.
             await self.store.save_model(record)
-            self.versions[outcome] = version
         self._dirty.clear()
         self._saved_at = now
         learned = [self.cursors.get(o.id, 0) for o in self.predictor.outcomes]
