@@ -18,7 +18,7 @@ import pytest
 import structlog
 
 import cuepoint
-from cuepoint.v1 import admin_pb2, admin_pb2_grpc
+from cuepoint.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
 from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.logs import configure_logging
@@ -270,3 +270,41 @@ async def test_consent_reaches_everything_derived_from_the_user(
     assert [v for v in (*withheld, *anonymous) if v in logged] == []  # ...without them
     await zed.close()
     await dana.close()
+
+
+async def test_a_cue_stored_redacted_is_filled_in_again_for_its_device_after_a_restart(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "restart.db"
+    first = await start_server(ORDER_HELP, db=db)
+    zoe = cuepoint.User(user_id="zoe-1", attributes={"first_name": "Zoe-Ann"})
+    client = await device(first, "zoe-phone", consent=cuepoint.Consent.ESSENTIAL, user=zoe)
+    await client.track("order_stuck")
+    await client.flush(timeout=5)
+    cue = await client.next_cue(timeout=5)
+    assert cue.message == "Hi Zoe-Ann, need help with order A-9001?"
+    await first.core.drain()
+    stored = await first.store.get_cue(cue.cue_id)
+    assert stored is not None and stored.message == "Hi [redacted], need help with order A-9001?"
+    await client.close()
+    await first.stop(0.5)
+
+    second = await start_server(ORDER_HELP, db=db)
+    async with grpc.aio.insecure_channel(second.address) as channel:
+        call = device_pb2_grpc.DeviceServiceStub(channel).Connect()
+        hello = device_pb2.Hello(
+            app_id="fitkit",
+            device_id="zoe-phone",
+            context=common_pb2.Context(attributes={"order": common_pb2.AttributeValue(string_value="A-9001")}),
+            user=common_pb2.UserIdentity(
+                user_id="zoe-1", attributes={"first_name": common_pb2.AttributeValue(string_value="Zoe-Ann")}
+            ),
+            consent=common_pb2.Consent(level=common_pb2.CONSENT_LEVEL_ESSENTIAL),
+        )
+        await call.write(device_pb2.DeviceMessage(hello=hello))
+        async with asyncio.timeout(5):
+            assert (await call.read()).HasField("welcome")
+            offered = await call.read()
+        assert offered.cue.cue_id == cue.cue_id  # the same cue, restored from storage
+        assert offered.cue.message == "Hi Zoe-Ann, need help with order A-9001?"
+        call.cancel()
