@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -21,10 +22,13 @@ PAYLOAD = {"screen": "checkout", "cart_value": 129.5, "items": 3, "promo": False
 
 def make_rows(prefix: str, n: int) -> list[SignalRecord]:
     now = time.time()
+    # Ids as the SDK makes them (ULID: they sort by time) unless the scenario asks for random ones (uuid4,
+    # what a careless client might send): the journal's unique (device, id) index costs more for those.
+    random_ids = "random ids" in prefix
     return [
         SignalRecord(
             device_id=f"dev-{i % 50}",
-            signal_id=f"{prefix}-{i}",
+            signal_id=uuid.uuid4().hex if random_ids else f"{int(now * 1000) + i:013d}{i:013d}",
             session_id="sess",
             kind="event",
             name="screen_view",
@@ -62,6 +66,7 @@ SCENARIOS: list[tuple[str, int, Callable[[SqliteStore, list[SignalRecord]], Awai
     ("1 row per awaited append", 2_000, one_per_call),
     ("batches of 100", 50_000, batches_of(100)),
     ("batches of 1000", 200_000, batches_of(1000)),
+    ("batches of 1000, random ids", 200_000, batches_of(1000)),
     ("1000 concurrent 1-row callers", 50_000, concurrent_singles(1000)),
 ]
 

@@ -172,15 +172,34 @@ async def test_engagement_round_trip_and_upsert(store: SqliteStore) -> None:
     assert await store.engagements_for_device("other") == []
 
 
-async def test_journal_keeps_every_append_and_recent_ids_feed_deduplication(store: SqliteStore) -> None:
-    # The journal stores what it is given; the core decides what is a resend, using recent_signal_ids
-    # after a restart (tests/test_e2e_durability.py covers that end to end).
-    await store.append_signals([signal("a"), signal("b", time=1001.0)])
-    await store.append_signals([signal("c", time=1002.0), signal("a", device_id="dev-2")])
-    assert [s.signal_id for s in await store.journey("dev-1")] == ["a", "b", "c"]
-    assert await store.recent_signal_ids("dev-1", limit=2) == ["b", "c"]
-    assert await store.recent_signal_ids("dev-1", limit=10) == ["a", "b", "c"]
+async def test_the_journal_stores_each_device_signal_once_however_old(store: SqliteStore) -> None:
+    assert await store.append_signals([signal("a"), signal("b", time=1001.0)]) == []
+    # The same id on another device is another signal; "a" on dev-1 is a resend, skipped and reported.
+    assert await store.append_signals([signal("c", time=1002.0), signal("a"), signal("a", device_id="dev-2")]) == ["a"]
+    await store.append_signals([signal(f"later-{i}", time=2000.0 + i) for i in range(5000)])
+    assert await store.append_signals([signal("b", time=1001.0), signal("d", time=9000.0)]) == ["b"]
+    ids = [s.signal_id for s in await store.journey("dev-1", limit=10_000)]
+    assert len(ids) == len(set(ids)) == 5004
     assert await store.recent_signal_ids("dev-2", limit=10) == ["a"]
+    # Concurrent callers share one transaction and each hears of its own resends only.
+    first, second = await asyncio.gather(
+        store.append_signals([signal("e", time=9001.0), signal("c", time=1002.0)]),
+        store.append_signals([signal("f", time=9002.0), signal("a", device_id="dev-2")]),
+    )
+    assert (first, second) == (["c"], ["a"])
+
+
+async def test_version_8_duplicates_are_dropped_when_the_unique_index_comes_back(tmp_path: Path) -> None:
+    path = tmp_path / "v8.db"
+    async with await SqliteStore.open(path) as s:
+        await s.append_signals([signal("a"), signal("b")])
+    with sqlite3.connect(path) as raw:  # back to version 8, with a duplicate its journal allowed
+        raw.execute("DROP INDEX signals_device_signal")
+        raw.execute("INSERT INTO signals SELECT * FROM signals WHERE signal_id = 'a'")
+        raw.execute("PRAGMA user_version = 8")
+    async with await SqliteStore.open(path) as s:
+        assert [x.signal_id for x in await s.journey("dev-1")] == ["a", "b"]
+        assert await s.append_signals([signal("a")]) == ["a"]
 
 
 async def test_version_1_database_is_migrated_keeping_its_signals(tmp_path: Path) -> None:
@@ -200,7 +219,8 @@ async def test_version_1_database_is_migrated_keeping_its_signals(tmp_path: Path
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         indexes = {r[1] for r in raw.execute("PRAGMA index_list(signals)")}
-        assert indexes == {"signals_device_time"}  # the unique (device_id, signal_id) index is gone
+        # Version 2 dropped version 1's unique constraint; version 9 brought it back as a named index.
+        assert indexes == {"signals_device_time", "signals_device_signal"}
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"predict_labels", "predict_models", "leases"} <= tables  # version 3
     # Opening again is a no-op.
@@ -287,7 +307,7 @@ async def test_failing_statement_in_a_batch_fails_only_its_caller(store: SqliteS
     bad = store.append_signals([signal("bad", kind="bogus")])
     results = await asyncio.gather(*good[:5], bad, *good[5:], return_exceptions=True)
     assert isinstance(results[5], sqlite3.IntegrityError)
-    assert [r for i, r in enumerate(results) if i != 5] == [None] * 10
+    assert [r for i, r in enumerate(results) if i != 5] == [[]] * 10
     assert [s.signal_id for s in await store.journey("dev-1")] == [f"g{i}" for i in range(10)]
     assert store.stats.failed_ops == 1
 

@@ -156,16 +156,21 @@ class CoreBase:
         else:
             unit.work.decisions.append(record)
 
-    async def _commit_unit(self, session: DeviceSession, unit: Unit) -> bool:
-        """Commit the unit, then show what it offered; False (and the stream ends) if storage failed."""
+    async def _commit_unit(self, session: DeviceSession, unit: Unit) -> list[str] | None:
+        """Commit the unit, then show what it offered.
+
+        Returns the signal ids storage skipped as stored before (resends older than memory remembers),
+        or None if storage failed (then the stream ends).
+        """
         self._seal_unit(session, unit)
         work = unit.work
+        skipped: list[str] = []
         try:
             if work.cues or work.decisions or work.milestones or work.statuses:
-                await self.store.commit_offer(work)
+                skipped = await self.store.commit_offer(work)
             elif work.signals:
                 # Plain signal batches stay on the writer's merged append path (the hot one).
-                await self.store.append_signals(work.signals)
+                skipped = await self.store.append_signals(work.signals)
         except Exception:
             log.exception("unit.store_failed", device_id=session.device_id, cues=len(work.cues))
             for record in work.cues:
@@ -176,7 +181,7 @@ class CoreBase:
                     if pending.expiry is not None:
                         pending.expiry.cancel()
             session.send(SessionFailed("could not store signals; resend them"))
-            return False
+            return None
         for message in unit.shown:
             session.send(message)
         for record in work.cues:
@@ -195,7 +200,7 @@ class CoreBase:
                     "conditions": record.explanation.get("conditions", []),
                 },
             )
-        return True
+        return skipped
 
     def _emit_cue(self, kind: str, payload: dict[str, Any]) -> None:
         """A cue's lifecycle event (cue.offered / answered / withdrawn), once what it reports is stored."""

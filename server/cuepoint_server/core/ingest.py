@@ -141,11 +141,20 @@ class Ingest(Recovery, Identity):
         duplicates: list[str],
         rows: list[SignalRecord],
     ) -> None:
-        if not await self._commit_unit(session, unit):
+        skipped = await self._commit_unit(session, unit)
+        if skipped is None:
             log.error("signals.store_failed", device_id=session.device_id, batch_id=batch_id)
             for signal_id in fresh:
                 session.state.forget(signal_id)
             return
+        if skipped:
+            # Resends older than the ids kept in memory: storage knew them (and record_event kept them out of
+            # the windows if they were still in one).
+            gone = set(skipped)
+            fresh = [i for i in fresh if i not in gone]
+            duplicates = duplicates + skipped
+            rows = [r for r in rows if r.signal_id not in gone]
+            log.info("signals.resend_skipped_by_storage", device_id=session.device_id, count=len(skipped))
         if rows:
             # Stored, so now the associate of a running engagement may see them.
             self.desk.journey_stored(session.device_id, rows)

@@ -90,6 +90,10 @@ class DeviceState:
         queue = self.history.get(name)
         if queue is None:
             queue = self.history[name] = deque(maxlen=MAX_OCCURRENCES_PER_EVENT)
+        if queue and occurrence.time <= queue[-1].time and any(o.signal_id == occurrence.signal_id for o in queue):
+            # A resend of a signal still in the window, older than the ids remembered for dedupe (storage
+            # skips storing it again): it must not count twice. Only late arrivals pay for this scan.
+            return
         if queue and queue[-1].time - REORDER_TOLERANCE <= occurrence.time < queue[-1].time:
             # Skew correction jitter between batches (each batch's sent_at moves its times), not a late
             # arrival: the device sent this after the previous one, so it stays last, at that time.

@@ -96,12 +96,18 @@ class Store(Protocol):
 
     # -- transactions the core's promises rest on -----------------------------------------------------
 
-    async def append_signals(self, rows: Sequence[SignalRecord]) -> None:
-        """Append signals to the journal; returns once they are committed."""
+    async def append_signals(self, rows: Sequence[SignalRecord]) -> list[str]:
+        """Append signals; once committed, returns the ids skipped because that device stored them before.
+
+        A (device, signal id) is stored at most once, however long ago it was first sent.
+        """
         ...
 
-    async def commit_offer(self, work: OfferCommit) -> None:
-        """Commit an evaluation's signals, cue statuses, cues, decisions and milestones in one transaction."""
+    async def commit_offer(self, work: OfferCommit) -> list[str]:
+        """Commit an evaluation's signals, cue statuses, cues, decisions and milestones in one transaction.
+
+        Returns the signal ids skipped as already stored, like `append_signals`.
+        """
         ...
 
     async def accept_cue(

@@ -1,4 +1,4 @@
--- Cuepoint storage schema, version 8 (tracked in PRAGMA user_version by sqlite.py).
+-- Cuepoint storage schema, version 9 (tracked in PRAGMA user_version by sqlite.py).
 -- Never edit a released version in place: add a migration step that moves user_version forward.
 -- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
 -- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
@@ -19,8 +19,8 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 
 -- A rowid table (not WITHOUT ROWID): signal ids are random, so clustering on them would scatter inserts;
--- the rowid also gives a stable arrival-order tie-break for signals with equal times. For the same reason
--- there is no unique (device_id, signal_id) index (it was in version 1): the core deduplicates resends.
+-- the rowid also gives a stable arrival-order tie-break for signals with equal times. A (device, signal id)
+-- is stored once however long ago it was sent: the unique index below (dropped in version 2, back in 9).
 CREATE TABLE IF NOT EXISTS signals (
     device_id   TEXT NOT NULL,
     signal_id   TEXT NOT NULL,
@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS signals (
     payload     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS signals_device_time ON signals (device_id, time);
+CREATE UNIQUE INDEX IF NOT EXISTS signals_device_signal ON signals (device_id, signal_id);
 
 -- variant: the A/B variant shown ('' without variants); locale: the locale its text was chosen for
 -- ('' = default); button_id: the button the user pressed to answer ('' = none).

@@ -47,7 +47,7 @@ from .records import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -161,6 +161,14 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (state, next_attempt_at)",
     ),
+    # Version 9: a (device, signal id) is stored once however long ago it was first sent: the journal
+    # gets its unique index back. Duplicates that versions 2-8 let through are dropped first (the first
+    # stored copy stays). Signal ids from the SDK sort by time (ULID), so each device's inserts land at
+    # the end of its range of the index (bench/README.md: the cost of this index).
+    9: (
+        "DELETE FROM signals WHERE rowid NOT IN (SELECT MIN(rowid) FROM signals GROUP BY device_id, signal_id)",
+        "CREATE UNIQUE INDEX IF NOT EXISTS signals_device_signal ON signals (device_id, signal_id)",
+    ),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -219,9 +227,12 @@ _UPSERT_SWITCH = (
     "ON CONFLICT (scenario_id, variant_id) DO UPDATE SET stopped = excluded.stopped, reason = excluded.reason, "
     "time = excluded.time"
 )
-# Duplicates are filtered before this runs, inside the same write transaction; DO NOTHING is only a safety
-# net, and unlike INSERT OR IGNORE it does not silently swallow CHECK or NOT NULL violations.
-_INSERT_SIGNALS = f"INSERT INTO signals ({', '.join(_SIGNAL_COLS)}) VALUES ({', '.join('?' * len(_SIGNAL_COLS))})"
+# A resend of a stored signal, however old, is skipped by the unique (device_id, signal_id) index; unlike
+# INSERT OR IGNORE, DO NOTHING does not silently swallow CHECK or NOT NULL violations.
+_INSERT_SIGNALS = (
+    f"INSERT INTO signals ({', '.join(_SIGNAL_COLS)}) VALUES ({', '.join('?' * len(_SIGNAL_COLS))}) "
+    "ON CONFLICT (device_id, signal_id) DO NOTHING"
+)
 
 
 def _select(table: str, cols: Sequence[str]) -> str:
@@ -484,8 +495,9 @@ class _BatchWriter:
     async def execute(self, sql: str, params: Row) -> None:
         await self._submit(_Statement(sql, params, self._new_future()))
 
-    async def append_signals(self, rows: list[Row]) -> None:
-        await self._submit(_AppendSignals(rows, self._new_future()))
+    async def append_signals(self, rows: list[Row]) -> list[str]:
+        skipped: list[str] = await self._submit(_AppendSignals(rows, self._new_future()))
+        return skipped
 
     async def transaction(
         self, work: Callable[[aiosqlite.Connection], Awaitable[tuple[Any, int]]], size: int = 1
@@ -619,12 +631,47 @@ class _BatchWriter:
                 continue
             if isinstance(first, _Statement):
                 params = [op.params for op in group if isinstance(op, _Statement)]
-            else:
-                params = [row for op in group if isinstance(op, _AppendSignals) for row in op.rows]
-            await self._conn.executemany(first.sql if isinstance(first, _Statement) else _INSERT_SIGNALS, params)
-            results.extend([None] * len(group))
+                await self._conn.executemany(first.sql, params)
+                results.extend([None] * len(group))
+                rows += len(params)
+                continue
+            appends = [op for op in group if isinstance(op, _AppendSignals)]
+            params = [row for op in appends for row in op.rows]
+            new = await _insert_signals(self._conn, params)
+            # Each caller learns which of its signals were stored already (skipped as resends).
+            results.extend([_already_stored(op.rows, new) for op in appends])
             rows += len(params)
         return results, rows
+
+
+async def _insert_signals(conn: aiosqlite.Connection, params: list[Row]) -> set[tuple[object, object]] | None:
+    """Insert journal rows, skipping stored (device, id) pairs; the pairs inserted, or None when all were.
+
+    The common case costs nothing extra: the insert count says whether anything was skipped. Only then are
+    the new rows read back, by rowid: SQLite gives inserted rows consecutive rowids above the largest one.
+    """
+    cursor = await conn.executemany(_INSERT_SIGNALS, params)
+    inserted = cursor.rowcount
+    if inserted == len(params):
+        return None
+    if inserted <= 0:
+        return set()
+    last = next(iter(await conn.execute_fetchall("SELECT last_insert_rowid()")))[0]
+    sql = "SELECT device_id, signal_id FROM signals WHERE rowid > ? AND rowid <= ?"
+    return {(r[0], r[1]) for r in await conn.execute_fetchall(sql, (last - inserted, last))}
+
+
+def _already_stored(rows: Sequence[Row], new: set[tuple[object, object]] | None) -> list[str]:
+    if new is None:
+        return []
+    skipped: list[str] = []
+    for row in rows:
+        key = (row[0], row[1])
+        if key in new:
+            new.discard(key)  # a second copy within the same call is a resend too
+        else:
+            skipped.append(str(row[1]))
+    return skipped
 
 
 # --- store ----------------------------------------------------------------------------------------------
@@ -766,19 +813,20 @@ class SqliteStore(PredictState):
         """Record the end time; a no-op for an unknown session."""
         await self._writer.execute(_END_SESSION, (ended_at, session_id))
 
-    async def append_signals(self, rows: Sequence[SignalRecord]) -> None:
-        """Append signals to the journal; returns once they are committed.
+    async def append_signals(self, rows: Sequence[SignalRecord]) -> list[str]:
+        """Append signals to the journal; returns, once committed, the ids skipped as already stored.
 
-        The journal does not deduplicate: the core does, by signal id, against the device's recent ids
-        (kept in memory and reloaded from here after a restart). A unique (device_id, signal_id) index
-        would do it here, but random client ids scatter its inserts across the B-tree and made every
-        append about 4x slower (see bench/README.md).
+        A (device, signal id) is stored once, however long ago it was first sent: the journal's unique
+        index enforces it (bench/README.md measures what that costs). The core's in-memory window of
+        recent ids only saves the round trip for the common resend.
         """
         encoded = [_signal_row(r) for r in rows]
-        if encoded:
-            await self._writer.append_signals(encoded)
+        if not encoded:
+            return []
+        skipped: list[str] = await self._writer.append_signals(encoded)
+        return skipped
 
-    async def commit_offer(self, work: OfferCommit) -> None:
+    async def commit_offer(self, work: OfferCommit) -> list[str]:
         """Signals, cues, cue statuses, decisions and milestones of one evaluation, in one transaction."""
         signals = [_signal_row(r) for r in work.signals]
         cues = [_cue_row(r) for r in work.cues]
@@ -797,13 +845,19 @@ class SqliteStore(PredictState):
             if rows
         ]
 
-        async def run(conn: aiosqlite.Connection) -> tuple[None, int]:
+        async def run(conn: aiosqlite.Connection) -> tuple[list[str], int]:
+            skipped: list[str] = []
             for sql, rows in steps:
-                await conn.executemany(sql, rows)
-            return None, sum(len(rows) for _, rows in steps)
+                if sql is _INSERT_SIGNALS:
+                    skipped = _already_stored(signals, await _insert_signals(conn, signals))
+                else:
+                    await conn.executemany(sql, rows)
+            return skipped, sum(len(rows) for _, rows in steps)
 
-        if steps:
-            await self._writer.transaction(run, sum(len(rows) for _, rows in steps))
+        if not steps:
+            return []
+        skipped: list[str] = await self._writer.transaction(run, sum(len(rows) for _, rows in steps))
+        return skipped
 
     async def accept_cue(
         self, cue_id: str, responded_at: float, engagement: EngagementRecord, button_id: str = ""
