@@ -66,9 +66,10 @@ async def test_fitkit_three_failures_within_ten_minutes_fire_once() -> None:
     assert (cue.t, cue.line, cue.data["cue"], cue.data["channel"]) == (599.0, 4, "cue#1", "audio")
     assert cue.text().startswith('+00:09:59.000 d1 CUE fitkit-sync-failure audio "Unable to sync? I can help you."')
     assert any("count(sync_failed) >= 3 within 10m (observed 3)" in text for _, text in cue.data["because"])
-    # The 2m ttl expires on its own timer, stamped at its deadline though no line is there.
+    # The failure at 60 s leaves the 10m window at 660 s, before the 2m ttl runs out: a timer at the window's
+    # edge withdraws the cue then, stamped at its deadline though no line is there.
     (withdrawn,) = [o for o in outcomes if o.kind == "withdrawn"]
-    assert (withdrawn.t, withdrawn.line, withdrawn.data["reason"]) == (719.0, None, "expired")
+    assert (withdrawn.t, withdrawn.line, withdrawn.data["reason"]) == (660.0, None, "condition_cleared")
 
 
 async def test_priority_collision_prints_blocked(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def _simulate(args: argparse.Namespace) -> int:
     configure_logging("warning", json=False)
     render = render_json if args.json else render_text
     try:
-        outcomes = simulate_files(args.scenarios, args.trace)
+        outcomes = simulate_files(args.scenarios, args.trace, why=args.why)
     except ScenarioError as exc:
         print(f"scenario files have {len(exc.issues)} problem(s):\n{exc}", file=sys.stderr)
         return 2
@@ -200,6 +200,20 @@ def _device(args: argparse.Namespace) -> int:
     except cuepoint.CuepointError as exc:
         print(f"cuepoint device: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .explain_text import fetch, render
+
+    try:
+        answer = asyncio.run(fetch(args.address, args.device_id, args.token, args.limit))
+    except grpc.RpcError as exc:
+        print(f"explain: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(answer))
     return 0
 
 
@@ -313,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument(
         "--expect", metavar="FILE", help="compare with an expected output; exit 1 with a diff when different"
     )
+    simulate.add_argument(
+        "--why",
+        action="store_true",
+        help="also print, per line, the scenarios it concerned that did not qualify, and why",
+    )
     simulate.set_defaults(func=_simulate)
 
     device = sub.add_parser(
@@ -327,6 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     device.add_argument("--api-key", default="", help="the app's API key when auth is on (or $CUEPOINT_API_KEY)")
     device.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this certificate")
     device.set_defaults(func=_device)
+
+    explain = sub.add_parser(
+        "explain", help="ask a running server why (not): each scenario's conditions for one device, and its decisions"
+    )
+    explain.add_argument("device_id")
+    explain.add_argument("--address", default="127.0.0.1:50051", help="the server's gRPC address")
+    explain.add_argument("--token", default="", help="admin token, when the server runs with --auth")
+    explain.add_argument("--limit", type=int, default=20, help="recent decisions to show (default 20)")
+    explain.set_defaults(func=_explain)
 
     report = sub.add_parser("report", help="funnel per scenario, read from a server's SQLite database")
     report.add_argument("--db", default="cuepoint.db", help="SQLite database path (opened read-only)")

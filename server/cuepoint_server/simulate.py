@@ -58,6 +58,7 @@ from .core.sessions import DeviceSession
 from .core.validation import CONTEXT_KEY
 from .engine.engine import Engine
 from .engine.scenario_set import ScenarioSet
+from .scenarios.compiler import CompiledScenario
 from .storage import DecisionRecord, SqliteStore
 
 __all__ = [
@@ -144,6 +145,10 @@ class Outcome:
             return "\n".join(lines)
         if self.kind == "blocked":
             return f"{head} BLOCKED {d['scenario']} {d['reason']} {d['detail']}".rstrip()
+        if self.kind == "not_qualified":
+            lines = [f"{head} NOT {d['scenario']}"]
+            lines += [f"    no {path}: {expected} (observed: {seen})" for path, expected, seen in d["failing"]]
+            return "\n".join(lines)
         if self.kind == "withdrawn":
             return f"{head} WITHDRAWN {d['cue']} {d['reason']}"
         if self.kind == "answered":
@@ -361,8 +366,12 @@ class _SimClock(ManualClock):
 class Simulation:
     """One replay: a private Core, clock and in-memory store."""
 
-    def __init__(self, scenarios: ScenarioSet, *, start: float = DEFAULT_START, name: str = "trace") -> None:
+    def __init__(
+        self, scenarios: ScenarioSet, *, start: float = DEFAULT_START, name: str = "trace", why: bool = False
+    ) -> None:
         self.scenarios = scenarios
+        # --why: after each line, the scenarios it concerned that did not qualify, with the failing conditions.
+        self.why = why
         self.start = start
         self.name = name
         self.clock = _SimClock(start)
@@ -452,6 +461,8 @@ class Simulation:
         if step.action == "event":
             signal = IncomingSignal(signal_id, None, "event", data["event"], props=dict(data["props"]))
             core.ingest(session, IncomingBatch(signal_id, None, (signal,)))
+            if self.why:
+                self._why_not(device, core.engine.scenarios.candidates([data["event"]]))
         elif step.action == "context":
             update = data["context"]
             signal = IncomingSignal(
@@ -462,6 +473,9 @@ class Simulation:
                 clear_keys=tuple(update.get("clear", ())),
             )
             core.ingest(session, IncomingBatch(signal_id, None, (signal,)))
+            if self.why:
+                keys = [*update.get("set", {}), *update.get("clear", ())]
+                self._why_not(device, core.engine.scenarios.keyed(keys))
         elif step.action == "respond":
             answer = data["respond"]
             label = answer["cue"]
@@ -540,6 +554,13 @@ class Simulation:
         elif isinstance(message, SessionFailed):
             self._emit(device, "session_failed", reason=message.reason)
 
+    def _why_not(self, device: str, candidates: Iterable[CompiledScenario]) -> None:
+        concerned = {s.id for s in candidates}
+        for check in self.core.explain_scenarios(device):
+            if check.scenario_id in concerned and check.status == "not_qualified":
+                failing = [[c.path, c.expected, c.observed] for c in check.conditions if not c.holds]
+                self._emit(device, "not_qualified", scenario=check.scenario_id, failing=failing)
+
     def _label(self, cue_id: str) -> str:
         return self._labels.get(cue_id, "cue#?")
 
@@ -560,9 +581,9 @@ def _conditions(explanation: dict[str, Any]) -> list[list[str]]:
     return out
 
 
-async def simulate(scenarios: ScenarioSet, trace: Trace, *, name: str = "trace") -> list[Outcome]:
+async def simulate(scenarios: ScenarioSet, trace: Trace, *, name: str = "trace", why: bool = False) -> list[Outcome]:
     """Replay `trace` against `scenarios`; TraceError names the line the core rejected."""
-    simulation = Simulation(scenarios, start=trace.start, name=name)
+    simulation = Simulation(scenarios, start=trace.start, name=name, why=why)
     await simulation.open()
     try:
         return await simulation.run(trace.steps)
@@ -573,12 +594,12 @@ async def simulate(scenarios: ScenarioSet, trace: Trace, *, name: str = "trace")
         await simulation.close()
 
 
-def simulate_files(directory: str | Path, trace_path: str | Path) -> list[Outcome]:
+def simulate_files(directory: str | Path, trace_path: str | Path, *, why: bool = False) -> list[Outcome]:
     """Load the scenario folder and the trace, and replay (raises ScenarioError / TraceError)."""
     scenarios = ScenarioSet.load(str(directory))
     path = Path(trace_path)
     trace = parse_trace(path.read_text(encoding="utf-8"), str(path))
-    return asyncio.run(simulate(scenarios, trace, name=str(path)))
+    return asyncio.run(simulate(scenarios, trace, name=str(path), why=why))
 
 
 def render_text(outcomes: Sequence[Outcome]) -> str:

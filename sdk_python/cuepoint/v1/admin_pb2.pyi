@@ -38,6 +38,39 @@ DECISION_OUTCOME_OFFERED: DecisionOutcome.ValueType  # 1
 DECISION_OUTCOME_BLOCKED: DecisionOutcome.ValueType  # 2
 Global___DecisionOutcome: _TypeAlias = DecisionOutcome  # noqa: Y015
 
+class _ScenarioCheckStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScenarioCheckStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScenarioCheckStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCENARIO_CHECK_STATUS_UNSPECIFIED: _ScenarioCheckStatus.ValueType  # 0
+    SCENARIO_CHECK_STATUS_OFFERED: _ScenarioCheckStatus.ValueType  # 1
+    """Its conditions hold and nothing blocks it: it would be offered now."""
+    SCENARIO_CHECK_STATUS_BLOCKED: _ScenarioCheckStatus.ValueType  # 2
+    """Its conditions hold but the arbiter blocks it (`reason`, `detail`)."""
+    SCENARIO_CHECK_STATUS_NOT_QUALIFIED: _ScenarioCheckStatus.ValueType  # 3
+    """Some condition does not hold (see `conditions`)."""
+    SCENARIO_CHECK_STATUS_OTHER_APP: _ScenarioCheckStatus.ValueType  # 4
+    """The scenario is for other apps (`apps:`)."""
+    SCENARIO_CHECK_STATUS_DISABLED: _ScenarioCheckStatus.ValueType  # 5
+    """`enabled: false`."""
+
+class ScenarioCheckStatus(_ScenarioCheckStatus, metaclass=_ScenarioCheckStatusEnumTypeWrapper): ...
+
+SCENARIO_CHECK_STATUS_UNSPECIFIED: ScenarioCheckStatus.ValueType  # 0
+SCENARIO_CHECK_STATUS_OFFERED: ScenarioCheckStatus.ValueType  # 1
+"""Its conditions hold and nothing blocks it: it would be offered now."""
+SCENARIO_CHECK_STATUS_BLOCKED: ScenarioCheckStatus.ValueType  # 2
+"""Its conditions hold but the arbiter blocks it (`reason`, `detail`)."""
+SCENARIO_CHECK_STATUS_NOT_QUALIFIED: ScenarioCheckStatus.ValueType  # 3
+"""Some condition does not hold (see `conditions`)."""
+SCENARIO_CHECK_STATUS_OTHER_APP: ScenarioCheckStatus.ValueType  # 4
+"""The scenario is for other apps (`apps:`)."""
+SCENARIO_CHECK_STATUS_DISABLED: ScenarioCheckStatus.ValueType  # 5
+"""`enabled: false`."""
+Global___ScenarioCheckStatus: _TypeAlias = ScenarioCheckStatus  # noqa: Y015
+
 class _LiveStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -137,6 +170,7 @@ class ExplainDeviceResponse(_message.Message):
     MILESTONES_FIELD_NUMBER: _builtins.int
     CONNECTED_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
+    SCENARIOS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     connected: _builtins.bool
     @_builtins.property
@@ -153,6 +187,12 @@ class ExplainDeviceResponse(_message.Message):
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.OutcomeScore]:
         """The device's current outcome scores and their top features (empty when none is scored)."""
 
+    @_builtins.property
+    def scenarios(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScenarioCheck]:
+        """Why (not), now: every scenario loaded, in arbitration order, with each of its conditions
+        as it stands for this device. Empty when the device is not known to this server process.
+        """
+
     def __init__(
         self,
         *,
@@ -162,14 +202,87 @@ class ExplainDeviceResponse(_message.Message):
         milestones: _abc.Iterable[_builtins.str] | None = ...,
         connected: _builtins.bool = ...,
         scores: _abc.Iterable[_common_pb2.OutcomeScore] | None = ...,
+        scenarios: _abc.Iterable[Global___ScenarioCheck] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "decisions", b"decisions", "device_id", b"device_id", "milestones", b"milestones", "scores", b"scores", "segments", b"segments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "decisions", b"decisions", "device_id", b"device_id", "milestones", b"milestones", "scenarios", b"scenarios", "scores", b"scores", "segments", b"segments"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainDeviceResponse: _TypeAlias = ExplainDeviceResponse  # noqa: Y015
+
+@_typing.final
+class ConditionCheck(_message.Message):
+    """One condition of a scenario: what the file expects and what the device shows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    EXPECTED_FIELD_NUMBER: _builtins.int
+    OBSERVED_FIELD_NUMBER: _builtins.int
+    HOLDS_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Where in the scenario: "target", "trigger.all[1]", "outcome"."""
+    expected: _builtins.str
+    """What the file asks for, e.g. "user.tier = 'premium'", "count(sync_failed) >= 3 within 10m"."""
+    observed: _builtins.str
+    """What the device shows, e.g. "is 'basic'", "missing", "observed 2"."""
+    holds: _builtins.bool
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        expected: _builtins.str = ...,
+        observed: _builtins.str = ...,
+        holds: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "holds", b"holds", "observed", b"observed", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConditionCheck: _TypeAlias = ConditionCheck  # noqa: Y015
+
+@_typing.final
+class ScenarioCheck(_message.Message):
+    """One scenario, as it stands for the device now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCENARIO_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    scenario_id: _builtins.str
+    status: Global___ScenarioCheckStatus.ValueType
+    reason: _builtins.str
+    """BLOCKED: the arbiter's reason (cooldown, cue_pending, no_capacity, ...) and its detail.
+    OTHER_APP: `detail` lists the scenario's apps.
+    """
+    detail: _builtins.str
+    @_builtins.property
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConditionCheck]:
+        """Empty for OTHER_APP and DISABLED."""
+
+    def __init__(
+        self,
+        *,
+        scenario_id: _builtins.str = ...,
+        status: Global___ScenarioCheckStatus.ValueType = ...,
+        conditions: _abc.Iterable[Global___ConditionCheck] | None = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "detail", b"detail", "reason", b"reason", "scenario_id", b"scenario_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScenarioCheck: _TypeAlias = ScenarioCheck  # noqa: Y015
 
 @_typing.final
 class SetOffersPausedRequest(_message.Message):

@@ -27,6 +27,13 @@ log = structlog.get_logger("cuepoint.api.admin")
 # (version, last reload error or "") of the scenarios being served.
 ScenarioStatus = Callable[[], tuple[int, str]]
 
+_CHECK_STATUS = {
+    "offered": admin_pb2.SCENARIO_CHECK_STATUS_OFFERED,
+    "blocked": admin_pb2.SCENARIO_CHECK_STATUS_BLOCKED,
+    "not_qualified": admin_pb2.SCENARIO_CHECK_STATUS_NOT_QUALIFIED,
+    "other_app": admin_pb2.SCENARIO_CHECK_STATUS_OTHER_APP,
+    "disabled": admin_pb2.SCENARIO_CHECK_STATUS_DISABLED,
+}
 _OUTCOMES = {"offered": admin_pb2.DECISION_OUTCOME_OFFERED, "blocked": admin_pb2.DECISION_OUTCOME_BLOCKED}
 _LIVE = {
     "live": admin_pb2.LIVE_STATUS_LIVE,
@@ -67,6 +74,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             milestones=view.milestones,
             connected=view.connected,
             scores=scores_to_proto(view.scores),
+            scenarios=[
+                admin_pb2.ScenarioCheck(
+                    scenario_id=check.scenario_id,
+                    status=_CHECK_STATUS[check.status],
+                    conditions=[
+                        admin_pb2.ConditionCheck(path=c.path, expected=c.expected, observed=c.observed, holds=c.holds)
+                        for c in check.conditions
+                    ],
+                    reason=check.reason,
+                    detail=check.detail,
+                )
+                for check in self.core.explain_scenarios(request.device_id)
+            ],
         )
 
     async def SetOffersPaused(

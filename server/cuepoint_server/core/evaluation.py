@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import structlog
 
-from ..engine.arbiter import INVITATION, Blocked, Situation
+from ..engine.arbiter import INVITATION, Blocked, Decision, Situation
 from ..engine.scenario_set import ScenarioSet
 from ..predict.registry import describe_scores
 from ..scenarios.compiler import CompiledScenario
 from ..storage import CueRecord, DecisionRecord
 from .consent import Redactor
 from .errors import InvalidInput
+from .explain import ScenarioCheck, check_scenarios
 from .model import (
     CueOffer,
     Withdrawal,
@@ -191,6 +193,57 @@ class Evaluation(Scoring):
             return "cue_pending"
         return None
 
+    def _on_context(self, session: DeviceSession, keys: list[str] | None, at: float, now: float) -> None:
+        """Context changed (`keys`; None: all of it, a hello): evaluate the scenarios whose trigger reads it,
+        and withdraw a pending cue whose target or trigger no longer holds."""
+        scenarios = self.engine.scenarios
+        candidates = list(scenarios.contextual) if keys is None else scenarios.keyed(keys)
+        self._recheck_pending(session, at, keys)
+        if candidates:
+            self._evaluate(session, candidates, now, at)
+
+    def _recheck_pending(self, session: DeviceSession, at: float, keys: list[str] | None = None) -> None:
+        """Withdraw the pending cue (condition_cleared) if its scenario no longer qualifies; with `keys`,
+        only if its conditions read one of them."""
+        pending = self._reg.pending.get(session.device_id)
+        if pending is None:
+            return
+        scenario = self.engine.scenarios.by_id.get(pending.scenario_id)
+        if scenario is None:
+            return
+        if keys is not None and not (
+            scenario.target_keys.intersection(keys) or scenario.trigger_keys.intersection(keys)
+        ):
+            return
+        if not scenario.qualifies(session.state, at):
+            self._withdraw(session.device_id, "condition_cleared")
+
+    def explain_scenarios(self, device_id: str) -> list[ScenarioCheck]:
+        """Why (not), now: every scenario's conditions for the device and, for those that qualify, the
+        arbiter's verdict (a dry run: nothing is offered or recorded). Empty for a device never seen."""
+        state = self._reg.states.get(device_id)
+        if state is None:
+            return []
+        now = self.clock.now()
+        session = self._reg.sessions.get(device_id)
+        decide: Callable[[list[CompiledScenario]], Decision] | None = None
+        if session is not None:
+            situation = Situation(
+                subject=session.subject,
+                session_id=session.session_id,
+                state=state,
+                now=now,
+                policy=self.engine.scenarios.policy,
+                busy=self._busy(device_id, now),
+                paused=self.offers_paused,
+                has_capacity=self.desk.has_capacity,
+            )
+
+            def decide(qualified: list[CompiledScenario]) -> Decision:
+                return self.arbiter.decide(qualified, situation)
+
+        return check_scenarios(self.engine.scenarios.scenarios, state, now, decide)
+
     def _withdraw(self, device_id: str, reason: str) -> None:
         pending = self._reg.pending.pop(device_id, None)
         if pending is None:
@@ -234,13 +287,20 @@ class Evaluation(Scoring):
             self._schedule_timer(device_id, now)
 
     def _schedule_timer(self, device_id: str, now: float) -> None:
-        """Arm one timer per device at the next moment a time-driven scenario may fire."""
-        if not self.engine.scenarios.timed:
+        """Arm one timer per device at the next moment a time-driven scenario may fire, or the pending
+        cue's windows lose an occurrence (its count may drop: the cue is withdrawn at the window's edge)."""
+        pending = self._reg.pending.get(device_id)
+        if not self.engine.scenarios.timed and pending is None:
             return
         state = self._reg.states.get(device_id)
         if state is None or device_id not in self._reg.sessions:
             return
-        due = self.engine.next_deadline(state, now)
+        due = self.engine.next_deadline(state, now) if self.engine.scenarios.timed else None
+        scenario = self.engine.scenarios.by_id.get(pending.scenario_id) if pending is not None else None
+        if scenario is not None:
+            edge = scenario.next_edge(state, now)
+            if edge is not None and (due is None or edge < due):
+                due = edge
         current = self._timers.get(device_id)
         if current is not None:
             if due is not None and current[0] == due:
@@ -262,7 +322,9 @@ class Evaluation(Scoring):
         self._score_now(session, now)
         timed = [s for s in self.engine.scenarios.timed if s.applies_to(session.app_id)]
         unit = self._open_unit(session)
-        self._evaluate(session, timed, now)
+        self._recheck_pending(session, now)
+        if timed:
+            self._evaluate(session, timed, now)
         self._track(session, self._commit_unit(session, unit))
         self._schedule_timer(device_id, now)
 

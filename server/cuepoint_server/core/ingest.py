@@ -81,11 +81,17 @@ class Ingest(Recovery, Identity):
                     self._on_event(session, name, at, now)
             else:
                 identified = signal.context_set.get("user.id")
-                state.context.update(signal.context_set)
+                context = state.context
+                changed = [k for k, v in signal.context_set.items() if context.get(k) != v]
+                changed += [k for k in signal.clear_keys if k in context]
+                context.update(signal.context_set)
                 for key in signal.clear_keys:
-                    state.context.pop(key, None)
+                    context.pop(key, None)
                 if identified and session.consent != "none":
                     self._identify(session, str(identified), now)
+                if changed:
+                    # Context is a trigger: what reads a changed key is evaluated again, at this signal.
+                    self._on_context(session, changed, at, now)
                 payload = {"set": dict(signal.context_set), "clear": list(signal.clear_keys)}
                 if session.consent != "full":
                     # The journal keeps only what the consent lets be stored (core/consent.py).

@@ -83,6 +83,8 @@ class SessionLifecycle(Ingest, DeviceCredentials):
             for cue in await self.store.cues_for_session(session.session_id):
                 if cue.status in ("expired", "withdrawn"):
                     session.send(Withdrawal(cue.cue_id, cue.status))
+        # A hello sets the whole context: scenarios whose trigger reads it are evaluated (segment entry fires).
+        self._on_context(session, None, now, now)
         self._schedule_timer(session.device_id, now)
         log.info("session.opened", session_id=session.session_id, device_id=hello.device_id, app_id=hello.app_id)
         return session

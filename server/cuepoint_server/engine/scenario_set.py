@@ -38,6 +38,14 @@ def _index(items: Iterable[CompiledScenario | CompiledDefinition]) -> dict[str, 
     return {k: tuple(v) for k, v in index.items()}
 
 
+def _by_key(scenarios: Iterable[CompiledScenario]) -> dict[str, tuple[CompiledScenario, ...]]:
+    index: dict[str, list[CompiledScenario]] = {}
+    for scenario in scenarios:
+        for key in scenario.trigger_keys:
+            index.setdefault(key, []).append(scenario)
+    return {k: tuple(v) for k, v in index.items()}
+
+
 @dataclass(frozen=True)
 class ScenarioSet:
     scenarios: tuple[CompiledScenario, ...]
@@ -56,6 +64,10 @@ class ScenarioSet:
     outcomes: tuple[OutcomeSpec, ...] = ()
     # Events some enabled scenario or milestone listens to: only these are evaluated on arrival.
     listened: frozenset[str] = frozenset()
+    # Enabled scenarios by the context keys their trigger reads: a change of one evaluates them.
+    by_key: dict[str, tuple[CompiledScenario, ...]] = field(default_factory=dict)
+    # Enabled scenarios whose trigger reads any context key: evaluated when a session opens (its hello).
+    contextual: tuple[CompiledScenario, ...] = ()
 
     @classmethod
     def empty(cls) -> ScenarioSet:
@@ -95,6 +107,8 @@ class ScenarioSet:
             source=source,
             outcomes=tuple(o.spec for o in loaded.outcomes if o.spec.score),
             listened=frozenset(by_event) | frozenset(milestones_by_event),
+            by_key=_by_key(enabled),
+            contextual=tuple(s for s in enabled if s.trigger_keys),
         )
 
     def candidates(self, events: Iterable[str]) -> list[CompiledScenario]:
@@ -102,6 +116,14 @@ class ScenarioSet:
         seen: dict[str, CompiledScenario] = {}
         for event in events:
             for scenario in self.by_event.get(event, ()):
+                seen.setdefault(scenario.id, scenario)
+        return sorted(seen.values(), key=_order)
+
+    def keyed(self, keys: Iterable[str]) -> list[CompiledScenario]:
+        """Enabled scenarios whose trigger reads any of these context keys, in arbitration order."""
+        seen: dict[str, CompiledScenario] = {}
+        for key in keys:
+            for scenario in self.by_key.get(key, ()):
                 seen.setdefault(scenario.id, scenario)
         return sorted(seen.values(), key=_order)
 

@@ -64,6 +64,8 @@ __all__ = [
 Predicate = Callable[[DeviceState, float], bool]
 ValueTest = Callable[[Scalar | None], bool]
 Deadline = Callable[[DeviceState], float | None]
+# When a window condition next changes with no signal arriving (its oldest occurrence leaves the window).
+Edge = Callable[[DeviceState, float], float | None]
 Anchor = Callable[[DeviceState], object]
 
 SCREEN_EVENT = "screen_viewed"
@@ -85,6 +87,9 @@ def score_event(outcome_id: str) -> str:
 class Explanation:
     conditions: list[tuple[str, str]] = field(default_factory=list)
     signal_ids: list[str] = field(default_factory=list)
+    # With `every`: each condition, held or not, as (path, expected, observed, held); groups do not short-circuit.
+    every: bool = False
+    checks: list[tuple[str, str, str, bool]] = field(default_factory=list)
 
 
 Explainer = Callable[[DeviceState, float, Explanation], bool]
@@ -97,6 +102,9 @@ class _Build:
     retention: dict[str, float] = field(default_factory=dict)
     deadlines: list[Deadline] = field(default_factory=list)
     anchors: list[Anchor] = field(default_factory=list)
+    # Context keys the conditions read: a change of one re-evaluates (core/ingest.py).
+    keys: set[str] = field(default_factory=set)
+    edges: list[Edge] = field(default_factory=list)
 
     def keep(self, event: str, seconds: float) -> None:
         self.retention[event] = max(self.retention.get(event, 0.0), seconds)
@@ -220,6 +228,10 @@ class CompiledScenario:
     contents: tuple[CueContent, ...] = ()
     # Ask for a rating when its engagement ends (else the queue's setting applies).
     feedback: FeedbackSpec | None = None
+    # Context keys its trigger and its target read (segments included).
+    trigger_keys: frozenset[str] = frozenset()
+    target_keys: frozenset[str] = frozenset()
+    _edges: tuple[Edge, ...] = ()
 
     @property
     def variant_weights(self) -> tuple[tuple[str, float], ...]:
@@ -255,6 +267,33 @@ class CompiledScenario:
                 best = at
         return best
 
+    def next_edge(self, state: DeviceState, now: float) -> float | None:
+        """The next moment after `now` when one of its windows loses an occurrence (a count may drop)."""
+        best: float | None = None
+        for edge in self._edges:
+            at = edge(state, now)
+            if at is not None and at > now + EPSILON and (best is None or at < best):
+                best = at
+        return best
+
+    def checks(self, state: DeviceState, now: float) -> list[tuple[str, str, str, bool]]:
+        """Every condition with what it expects, what the device shows, and whether it holds (why-not)."""
+        out = Explanation(every=True)
+        if self.outcome is not None:
+            reached = self.outcome in state.milestones
+            out.checks.append(
+                (
+                    "outcome",
+                    f"milestone {self.outcome} not reached",
+                    "reached" if reached else "not reached",
+                    not reached,
+                )
+            )
+        if self._explain_target is not None:
+            self._explain_target(state, now, out)
+        self._explain_trigger(state, now, out)
+        return out.checks
+
     def episode(self, state: DeviceState) -> tuple[object, ...] | None:
         if not self._anchors:
             return None
@@ -281,6 +320,10 @@ def compile_scenario(
         target, explain_target = _compile(spec.target, "target", target_build)
         build.deadlines.extend(target_build.deadlines)
         build.anchors.extend(target_build.anchors)
+        build.edges.extend(target_build.edges)
+        target_keys = frozenset(target_build.keys)
+    else:
+        target_keys = frozenset()
     if spec.outcome is not None:
         build.events.add(milestone_event(spec.outcome))
     return CompiledScenario(
@@ -319,6 +362,9 @@ def compile_scenario(
         ),
         _deadlines=tuple(build.deadlines),
         _anchors=tuple(build.anchors),
+        trigger_keys=frozenset(build.keys),
+        target_keys=target_keys,
+        _edges=tuple(build.edges),
         _explain_target=explain_target,
         _explain_trigger=explain_trigger,
         holdout=spec.holdout,
@@ -353,6 +399,8 @@ def _compile(cond: Any, path: str, build: _Build) -> tuple[Predicate, Explainer]
             return all(p(state, now) for p in preds)
 
         def all_explain(state: DeviceState, now: float, out: Explanation) -> bool:
+            if out.every:
+                return all([e(state, now, out) for e in explainers])
             return all(e(state, now, out) for e in explainers)
 
         return all_pred, all_explain
@@ -375,6 +423,7 @@ def _compile(cond: Any, path: str, build: _Build) -> tuple[Predicate, Explainer]
         inner, _ = _compile(cond.not_, f"{path}.not", build)
         return _leaf(path, f"not ({_describe(cond.not_)})", lambda s, n: not inner(s, n))
     if isinstance(cond, AttributeCondition):
+        build.keys.add(cond.attribute)
         return _compile_attribute(cond, path)
     if isinstance(cond, EventCondition):
         return _compile_event(cond, path, build)
@@ -407,6 +456,10 @@ def _leaf(
 ) -> tuple[Predicate, Explainer]:
     def explain(state: DeviceState, now: float, out: Explanation) -> bool:
         held = pred(state, now)
+        if out.every:
+            note = ("holds" if held else "does not hold") if observed is None else _observe(observed, state, now)
+            out.checks.append((path, text, note, held))
+            return held
         if held:
             if observed is None:
                 out.conditions.append((path, text))
@@ -419,6 +472,14 @@ def _leaf(
     return pred, explain
 
 
+def _observe(observed: Callable[[DeviceState, float], tuple[str, list[str]]], state: DeviceState, now: float) -> str:
+    # Observers describe a condition that held; one that did not may have nothing to point at.
+    try:
+        return observed(state, now)[0] or "nothing observed"
+    except (AssertionError, TypeError, ValueError):
+        return "nothing observed"
+
+
 def _compile_attribute(cond: AttributeCondition, path: str) -> tuple[Predicate, Explainer]:
     key = cond.attribute
     test = value_test(cond)
@@ -426,7 +487,7 @@ def _compile_attribute(cond: AttributeCondition, path: str) -> tuple[Predicate, 
         path,
         _describe(cond),
         lambda state, now: test(state.context.get(key)),
-        lambda state, now: (f"is {state.context.get(key)!r}", []),
+        lambda state, now: ("missing" if (v := state.context.get(key)) is None else f"is {v!r}", []),
     )
 
 
@@ -564,6 +625,14 @@ def _count_since(window: _Window | None, since: float) -> int:
     return len(window.times) - bisect.bisect_right(window.times, since)
 
 
+def _edge(window: _Window | None, now: float, within: float) -> float | None:
+    """When the oldest occurrence still in the window leaves it."""
+    if window is None:
+        return None
+    i = bisect.bisect_right(window.times, now - within)
+    return window.times[i] + within if i < len(window.times) else None
+
+
 def _since(window: _Window | None, since: float) -> list[EventOccurrence]:
     if window is None:
         return []
@@ -585,6 +654,8 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
         within, at_least, at_most = cond.count.within, cond.count.at_least, cond.count.at_most
         build.keep(name, within)
 
+        build.edges.append(lambda state, now: _edge(window(state), now, within))
+
         def counted(state: DeviceState, now: float) -> bool:
             n = _count_since(window(state), now - within)
             return n >= at_least and (at_most is None or n <= at_most)
@@ -599,6 +670,8 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
         rate = cond.rate
         build.keep(name, rate.within)
         periods = rate.within / rate.per
+
+        build.edges.append(lambda state, now: _edge(window(state), now, rate.within))
 
         def rated(state: DeviceState, now: float) -> bool:
             value = _count_since(window(state), now - rate.within) / periods
@@ -659,6 +732,8 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
             "sum": lambda v: float(sum(v)),
         }
         reduce = reducers[agg.fn]
+
+        build.edges.append(lambda state, now: _edge(window(state), now, agg.within))
 
         def aggregate(state: DeviceState, now: float) -> float | None:
             values = [
@@ -721,6 +796,8 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
 
     max_age = cond.within if cond.within is not None else math.inf
     build.keep(name, 0.0 if cond.within is None else cond.within)
+    if cond.within is not None:
+        build.edges.append(lambda state, now: last.time + max_age if (last := state.last(name)) else None)
 
     def latest(state: DeviceState, now: float) -> bool:
         last = state.last(name)
