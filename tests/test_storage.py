@@ -20,6 +20,7 @@ from cuepoint_server.storage import (
     SqliteStore,
     Store,
     StoreClosedError,
+    WebhookRecord,
 )
 
 
@@ -426,3 +427,18 @@ async def test_accept_and_its_engagement_commit_together_once(store: SqliteStore
     assert not late.accepted and late.status == "expired" and late.engagement is None
     assert not (await store.accept_cue("nope", 1.0, engagement("eng-4"))).accepted
     assert await store.get_engagement("eng-3") is None and await store.get_engagement("eng-4") is None
+
+
+async def test_an_offers_webhook_rows_commit_in_the_same_transaction(store: SqliteStore) -> None:
+    def row(delivery_id: str, state: str = "pending") -> WebhookRecord:
+        return WebhookRecord(delivery_id, "http://crm", "cue.offered", '{"cue_id": "x"}', 100.0, state, 0, 100.0)
+
+    await store.commit_offer(OfferCommit(cues=[cue()], decisions=[decision()], webhooks=[row("d-1")]))
+    assert [r.delivery_id for r in await store.due_webhooks(100.0)] == ["d-1"]
+    # A webhook row the schema refuses takes the offer down with it, and the other way round.
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.commit_offer(OfferCommit(cues=[cue("cue-2")], webhooks=[row("d-2", state="bogus")]))
+    assert await store.get_cue("cue-2") is None
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.commit_offer(OfferCommit(decisions=[decision("bogus", "cue-3")], webhooks=[row("d-3")]))
+    assert [r.delivery_id for r in await store.due_webhooks(100.0)] == ["d-1"]

@@ -175,6 +175,7 @@ class CuepointServer:
         if webhooks is not None:
             # Listening before anything can happen, so no event misses the outbox.
             core.cue_listeners.append(webhooks.emit)
+            core.webhook_rows = webhooks.rows
             core.desk.listeners.append(webhooks.emit)
             core.privacy_listeners.append(webhooks.emit)
             core.outbox_wakeups.append(webhooks.wake)

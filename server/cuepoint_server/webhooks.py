@@ -30,7 +30,7 @@ import structlog
 
 from .storage import Store, WebhookRecord
 
-__all__ = ["EVENTS", "WebhookConfig", "WebhookDispatcher", "sign", "verify"]
+__all__ = ["COMMITTED_BY_CORE", "EVENTS", "WebhookConfig", "WebhookDispatcher", "sign", "verify"]
 
 log = structlog.get_logger("cuepoint.webhooks")
 
@@ -47,6 +47,8 @@ EVENTS = (
     "feedback.received",
     "user.erased",
 )
+# Events whose outbox rows the core commits in the same transaction as what they report (Core.webhook_rows).
+COMMITTED_BY_CORE = frozenset({"cue.offered"})
 # Sent from memory, never written to the outbox: an erasure notice on disk would store the erased user id
 # again, in a file the erasure has just scrubbed. Retried with backoff like the rest, lost on a restart.
 _NOT_STORED = frozenset({"user.erased"})
@@ -115,15 +117,21 @@ class WebhookDispatcher:
     def wake(self) -> None:
         self._wake.set()
 
-    def emit(self, kind: str, payload: dict[str, Any]) -> None:
-        """A lifecycle event: one outbox row per receiver that wants it, written now (in the background)."""
+    def rows(self, kind: str, payload: dict[str, Any]) -> list[WebhookRecord]:
+        """The outbox rows of an event, one per receiver that wants it (the core commits cue.offered's itself)."""
         hooks = [hook for hook in self.hooks if kind in hook.events]
-        if not hooks:
-            return
         now = self._now()
         event = {"id": uuid.uuid4().hex, "type": kind, "time": now, "data": payload}
         body = json.dumps(event, default=str, sort_keys=True)
-        rows = [WebhookRecord(uuid.uuid4().hex, hook.url, kind, body, now, "pending", 0, now) for hook in hooks]
+        return [WebhookRecord(uuid.uuid4().hex, hook.url, kind, body, now, "pending", 0, now) for hook in hooks]
+
+    def emit(self, kind: str, payload: dict[str, Any]) -> None:
+        """A lifecycle event: one outbox row per receiver that wants it, written now (in the background)."""
+        if kind in COMMITTED_BY_CORE:
+            return
+        rows = self.rows(kind, payload)
+        if not rows:
+            return
         if kind in _NOT_STORED:
             for rec in rows:
                 self._start(rec, stored=False)

@@ -17,7 +17,7 @@ from ..clock import Clock, TimerHandle
 from ..engine.arbiter import Arbiter
 from ..engine.engine import Engine
 from ..engine.state import DeviceState
-from ..storage import CueRecord, DecisionRecord, SessionRecord, SignalRecord, Store
+from ..storage import CueRecord, DecisionRecord, SessionRecord, SignalRecord, Store, WebhookRecord
 from .consent import shared
 from .engagements import DeskConfig, EngagementDesk
 from .model import CueOffer, SessionFailed
@@ -93,7 +93,9 @@ class CoreBase:
         self.disabled_reasons: dict[str, str] = {}
         # Called with (kind, payload) for cue.offered / cue.answered / cue.withdrawn (webhooks.py).
         self.cue_listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        # Called when webhook deliveries were put back in the outbox (webhooks.py).
+        # Builds the webhook outbox rows of an event (webhooks.py), for those committed with what they report.
+        self.webhook_rows: Callable[[str, dict[str, Any]], list[WebhookRecord]] | None = None
+        # Called when webhook deliveries were added to or put back in the outbox (webhooks.py).
         self.outbox_wakeups: list[Callable[[], None]] = []
         # A/B variants switched off at runtime, (scenario id, variant id); loaded from storage at start.
         self.stopped_variants: set[tuple[str, str]] = set()
@@ -165,6 +167,10 @@ class CoreBase:
         self._seal_unit(session, unit)
         work = unit.work
         skipped: list[str] = []
+        if self.webhook_rows is not None:
+            # The cue.offered webhooks commit with the cues they report: never one without the other.
+            for record in work.cues:
+                work.webhooks.extend(self.webhook_rows("cue.offered", _offered(record)))
         try:
             if work.cues or work.decisions or work.milestones or work.statuses:
                 skipped = await self.store.commit_offer(work)
@@ -184,22 +190,11 @@ class CoreBase:
             return None
         for message in unit.shown:
             session.send(message)
+        if work.webhooks:
+            for wake in self.outbox_wakeups:
+                wake()
         for record in work.cues:
-            self._emit_cue(
-                "cue.offered",
-                {
-                    "cue_id": record.cue_id,
-                    "scenario_id": record.scenario_id,
-                    "app_id": record.app_id,
-                    "device_id": record.device_id,
-                    "session_id": record.session_id,
-                    "channel": record.channel,
-                    "message": record.message,
-                    "variant": record.variant,
-                    "expires_at": record.expires_at,
-                    "conditions": record.explanation.get("conditions", []),
-                },
-            )
+            self._emit_cue("cue.offered", _offered(record))
         return skipped
 
     def _emit_cue(self, kind: str, payload: dict[str, Any]) -> None:
@@ -232,3 +227,19 @@ def session_record(session: DeviceSession, user_id: str, started_at: float) -> S
         consent=session.consent,
         identified=bool(user_id) and session.subject == f"user:{user_id}",
     )
+
+
+def _offered(record: CueRecord) -> dict[str, Any]:
+    """The cue.offered event's data."""
+    return {
+        "cue_id": record.cue_id,
+        "scenario_id": record.scenario_id,
+        "app_id": record.app_id,
+        "device_id": record.device_id,
+        "session_id": record.session_id,
+        "channel": record.channel,
+        "message": record.message,
+        "variant": record.variant,
+        "expires_at": record.expires_at,
+        "conditions": record.explanation.get("conditions", []),
+    }

@@ -61,9 +61,11 @@ class OfferCommit:
     milestones: list[MilestoneRecord] = field(default_factory=list)
     # (cue_id, status, at): a cue this evaluation settled (withdrawn) beside the new one.
     statuses: list[tuple[str, str, float]] = field(default_factory=list)
+    # Webhook outbox rows reporting the cues offered (cue.offered): stored with them or not at all.
+    webhooks: list[WebhookRecord] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.signals or self.cues or self.decisions or self.milestones or self.statuses)
+        return bool(self.signals or self.cues or self.decisions or self.milestones or self.statuses or self.webhooks)
 
 
 @dataclass(frozen=True, slots=True)

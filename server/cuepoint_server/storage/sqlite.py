@@ -827,12 +827,14 @@ class SqliteStore(PredictState):
         return skipped
 
     async def commit_offer(self, work: OfferCommit) -> list[str]:
-        """Signals, cues, cue statuses, decisions and milestones of one evaluation, in one transaction."""
+        """Signals, cues, cue statuses, decisions, milestones and cue.offered webhook rows of one evaluation,
+        in one transaction."""
         signals = [_signal_row(r) for r in work.signals]
         cues = [_cue_row(r) for r in work.cues]
         statuses = [(status, at, "", cue_id) for cue_id, status, at in work.statuses]
         decisions = [_decision_row(r) for r in work.decisions]
         milestones = [tuple(getattr(r, c) for c in _MILESTONE_COLS) for r in work.milestones]
+        webhooks = [_webhook_row(r) for r in work.webhooks]
         steps = [
             (sql, rows)
             for sql, rows in (
@@ -841,6 +843,7 @@ class SqliteStore(PredictState):
                 (_UPSERT_CUE, cues),
                 (_INSERT_DECISION, decisions),
                 (_INSERT_MILESTONE, milestones),
+                (_INSERT_WEBHOOK, webhooks),
             )
             if rows
         ]
