@@ -22,7 +22,7 @@ from cuepoint_server.predict.model import Example, ModelSettings, OutcomeModel
 from cuepoint_server.predict.synthetic import sessions
 from cuepoint_server.storage import ModelRecord, SqliteStore
 
-from .conftest import StartServer
+from .conftest import StartServer, no_cue
 from .test_e2e_engagements import associate, eventually
 
 ACTION_MAP = """
@@ -218,3 +218,36 @@ async def test_simulate_shows_the_score_at_each_cue(tmp_path: Path) -> None:
     # One labelled session (reached) under the Beta(1, 1) prior: (1 + 1) / (1 + 2), still training.
     assert "d2 CUE checkout-stall chat" in text
     assert "    score purchased 0.667 (training)" in text, text
+
+
+async def test_a_bot_queue_is_capacity_without_any_associate(start_server: StartServer) -> None:
+    server = await start_server(
+        """
+policy: {require_capacity: true}
+scenarios:
+  - id: ask-bot
+    trigger: {event: help}
+    cue: {message: "Questions?", channel: chat, queue: sales-bot}
+  - id: ask-human
+    priority: -1
+    trigger: {event: help_human}
+    cue: {message: "Talk to us?", channel: chat, queue: sales}
+routing:
+  queues:
+    - id: sales-bot
+      bot: {greeting: "Hello from the bot.", handover_queue: sales}
+"""
+    )
+    client = await _shopper(server, "d1", "iOS", [("help_human", {})])
+    # Nobody in `sales`: blocked for capacity. The bot queue always has someone.
+    assert await no_cue(client)
+    decisions = await server.store.decisions_for_device("d1")
+    assert [(d.scenario_id, d.reason) for d in decisions] == [("ask-human", "no_capacity")]
+    await client.track("help")
+    await client.flush()
+    engagement = await client.accept(await client.next_cue(timeout=5))
+    update = await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+    assert update.associate_name == "Assistant"
+    first = await asyncio.wait_for(anext(engagement.messages()), 5)
+    assert first.text == "Hello from the bot."
+    await client.close()
