@@ -20,6 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .api.auth import AuthConfig, AuthConfigError
     from .api.limits import RateLimits
     from .app import CuepointServer, ServerConfig
+    from .core.core_base import CoreConfig
     from .logs import configure_logging
     from .scenarios.loader import ScenarioError
 
@@ -51,6 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
             webhooks=_webhooks(args),
             http_port=args.http_port,
             http_host=args.http_host,
+            core=CoreConfig(resume_window=args.resume_window),
         )
         try:
             server = await CuepointServer.start(config)
@@ -300,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         "--device-secret-migration",
         action="store_true",
         help="with --auth, also admit devices that never presented their device secret (SDKs that predate it)",
+    )
+    serve.add_argument(
+        "--resume-window",
+        type=float,
+        default=120.0,
+        help="seconds a closed session may be resumed; its device state is freed after (default 120)",
     )
     serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this certificate chain")
     serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")

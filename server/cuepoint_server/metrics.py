@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from .core.observers import CoreObserver
 from .core.service import Core
+from .engine.state import EVENT_MEMORY
 from .storage import DecisionRecord
 
 __all__ = ["Metrics"]
@@ -60,6 +61,23 @@ class _LiveState(Collector):
         streams.add_metric(["device"], stats["sessions"])
         streams.add_metric(["associate"], stats["associates"])
         yield streams
+        memory = EVENT_MEMORY
+        yield GaugeMetricFamily(
+            "cuepoint_remembered_event_bytes",
+            "Estimated bytes of event occurrences held for windows.",
+            value=memory.bytes,
+        )
+        yield GaugeMetricFamily(
+            "cuepoint_remembered_events", "Event occurrences held in memory for windows.", value=memory.count
+        )
+        yield CounterMetricFamily(
+            "cuepoint_remembered_events_dropped",
+            "Event occurrences dropped (oldest first) by the per-device or server-wide memory limits.",
+            value=memory.dropped,
+        )
+        yield GaugeMetricFamily(
+            "cuepoint_device_states", "Devices whose state is held in memory.", value=stats["devices"]
+        )
         pending = stats["pending_cues"]
         yield GaugeMetricFamily("cuepoint_pending_cues", "Cues on screen, not yet answered.", value=pending)
         waiting = GaugeMetricFamily(

@@ -59,7 +59,7 @@ class Privacy(CoreBase):
             self._restored.discard(f"device:{device_id}")
         for state in self._reg.states.values():
             if state.context.get("user.id") == user_id:
-                state.history.clear()
+                state.release()
                 state.windows = None
                 _strip_user(state.context)
         log.warning("user.erased", rows=sum(deleted.values()), connected_devices=len(devices))
@@ -84,7 +84,7 @@ class Privacy(CoreBase):
         session.started_at = now
         state = session.state
         _strip_user(state.context)
-        state.history.clear()
+        state.release()
         state.windows = None
         state.new_session()
         log.info("session.rekeyed", device_id=session.device_id, session_id=session.session_id)

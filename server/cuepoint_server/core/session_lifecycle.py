@@ -118,6 +118,9 @@ class SessionLifecycle(Ingest, DeviceCredentials):
         await self.store.end_session(session.session_id, self.clock.now())
         self._stop_scoring(session)
         log.info("session.closed", session_id=session.session_id, device_id=session.device_id)
+        # Memory stays bounded by the devices connected now: once the session can no longer be resumed
+        # its state goes, and storage rebuilds it (windows, dedupe ids, open cue, caps) when it returns.
+        self.clock.call_at(self.clock.now() + self.config.resume_window, lambda: self._evict(session))
         if session.consent == "none":
             # No consent: the journey serves this session only. A reconnect may
             # resume it within the window, so it is dropped once that has passed.
@@ -131,3 +134,24 @@ class SessionLifecycle(Ingest, DeviceCredentials):
             return  # resumed; its own close schedules this again
         await self.store.forget_session_journey(session.session_id)
         log.info("session.closed", session_id=session.session_id, device_id=session.device_id)
+
+    def _evict(self, session: DeviceSession) -> None:
+        """Free a closed device's state after the resume window, unless it came back meanwhile."""
+        device_id = session.device_id
+        if device_id in self._reg.sessions:
+            return
+        state = self._reg.states.pop(device_id, None)
+        if state is None:
+            return
+        state.release()
+        timer = self._timers.pop(device_id, None)
+        if timer is not None:
+            timer[1].cancel()
+        # A cue still on offer keeps its small entry until it expires (its timer records that); a device
+        # returning before then gets it from there, after from storage.
+        subject = session.subject
+        if not any(s.subject == subject for s in self._reg.sessions.values()):
+            # Caps, cooldowns and decline memory are replayed from stored cues when the subject returns.
+            self.arbiter.forget(subject)
+            self._restored.discard(subject)
+        log.debug("device.evicted", device_id=device_id)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["DeviceState", "EventOccurrence", "Scalar", "Score"]
+__all__ = ["EVENT_MEMORY", "DeviceState", "EventMemory", "EventOccurrence", "Scalar", "Score"]
 
 Scalar = str | int | float | bool
 
@@ -16,6 +16,42 @@ Scalar = str | int | float | bool
 # towards "at least N" being true.
 MAX_OCCURRENCES_PER_EVENT = 2048
 MAX_REMEMBERED_IDS = 4096
+
+
+@dataclass(slots=True)
+class EventMemory:
+    """Remembered event occurrences: limits per device and for the whole process, and what they hold now.
+
+    Windows keep occurrences in memory; a device sending large properties, or many devices at once, must
+    not grow the server without bound. Past a limit the device's oldest occurrences are dropped, never the
+    one just recorded, and ``dropped`` counts them (metrics.py exports it). Sizes are estimates of what an
+    occurrence costs in Python (tuple, id, property dict and strings), not exact.
+    """
+
+    device_count: int = 4096
+    device_bytes: int = 1 << 20
+    total_count: int = 4_000_000
+    total_bytes: int = 512 << 20
+    count: int = 0
+    bytes: int = 0
+    dropped: int = 0
+
+
+# One per process: every DeviceState accounts its occurrences here.
+EVENT_MEMORY = EventMemory()
+
+
+def occurrence_size(props: Mapping[str, Scalar]) -> int:
+    """Estimated bytes an occurrence holds: ~200 for the tuple, id and deque slot, plus its properties."""
+    if not props:
+        return 200
+    size = 300 + 80 * len(props)
+    for value in props.values():
+        if type(value) is str:
+            size += len(value)
+    return size
+
+
 # Seconds a signal's corrected time may fall behind the previous one of its event and still count as
 # sent after it (batches' skew corrections differ by the SDK's linger and network jitter).
 REORDER_TOLERANCE = 1.0
@@ -64,6 +100,9 @@ class DeviceState:
     # (scenarios/compiler.py), so evaluating at every signal costs only what is new. None until used.
     windows: dict[int, object] | None = None
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    # What this device's occurrences hold (EventMemory): their number and estimated bytes.
+    event_count: int = 0
+    event_bytes: int = 0
 
     def new_session(self) -> None:
         self.milestones.clear()
@@ -89,7 +128,7 @@ class DeviceState:
     def record_event(self, name: str, occurrence: EventOccurrence, keep_seconds: float) -> None:
         queue = self.history.get(name)
         if queue is None:
-            queue = self.history[name] = deque(maxlen=MAX_OCCURRENCES_PER_EVENT)
+            queue = self.history[name] = deque()
         if queue and occurrence.time <= queue[-1].time and any(o.signal_id == occurrence.signal_id for o in queue):
             # A resend of a signal still in the window, older than the ids remembered for dedupe (storage
             # skips storing it again): it must not count twice. Only late arrivals pay for this scan.
@@ -103,13 +142,61 @@ class DeviceState:
             # windows stay correct; rare, so the O(n) insert is acceptable. A new
             # deque, so windows built on the old order know to start again.
             items = sorted((*queue, occurrence), key=lambda o: o.time)
-            queue = self.history[name] = deque(items, maxlen=MAX_OCCURRENCES_PER_EVENT)
+            queue = self.history[name] = deque(items)
         else:
             queue.append(occurrence)
+        self._account(1, occurrence_size(occurrence.props))
         horizon = queue[-1].time - keep_seconds
         # Always keep the latest occurrence: "last sync took > 30 s" needs it.
         while len(queue) > 1 and queue[0].time < horizon:
-            queue.popleft()
+            self._discard(queue)
+        # Hard cap per event name: windows needing more are saturated, which errs towards "at least N".
+        while len(queue) > MAX_OCCURRENCES_PER_EVENT:
+            self._discard(queue, dropped=True)
+        memory = EVENT_MEMORY
+        if (
+            self.event_count > memory.device_count
+            or self.event_bytes > memory.device_bytes
+            or memory.count > memory.total_count
+            or memory.bytes > memory.total_bytes
+        ):
+            self._shed(occurrence)
+
+    def _account(self, count: int, size: int) -> None:
+        self.event_count += count
+        self.event_bytes += size
+        EVENT_MEMORY.count += count
+        EVENT_MEMORY.bytes += size
+
+    def _discard(self, queue: deque[EventOccurrence], *, dropped: bool = False) -> None:
+        gone = queue.popleft()
+        self._account(-1, -occurrence_size(gone.props))
+        if dropped:
+            EVENT_MEMORY.dropped += 1
+
+    def _shed(self, keep: EventOccurrence) -> None:
+        """Over a limit: drop this device's oldest occurrences (never ``keep``, the newest) until under it."""
+        memory = EVENT_MEMORY
+        while (
+            self.event_count > memory.device_count
+            or self.event_bytes > memory.device_bytes
+            or memory.count > memory.total_count
+            or memory.bytes > memory.total_bytes
+        ):
+            oldest: deque[EventOccurrence] | None = None
+            for queue in self.history.values():
+                if queue and queue[0] is not keep and (oldest is None or queue[0].time < oldest[0].time):
+                    oldest = queue
+            if oldest is None:
+                return  # only the newest is left: kept whatever it costs
+            self._discard(oldest, dropped=True)
+        for name in [n for n, q in self.history.items() if not q]:
+            del self.history[name]
+
+    def release(self) -> None:
+        """Forget every occurrence (erasure, or the state is evicted): give their memory back."""
+        self.history.clear()
+        self._account(-self.event_count, -self.event_bytes)
 
     def last(self, name: str) -> EventOccurrence | None:
         queue = self.history.get(name)
