@@ -187,6 +187,7 @@ class CuepointServer:
         for name in ("", *SERVICES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self = cls(config, store, core, server, port)
+        self.metrics.limiter = limiter
         admin.status = self._scenario_status
         self._health = health_servicer
         if config.scenarios:

@@ -27,7 +27,19 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, json=args.log_json)
     try:
         auth = AuthConfig.load(args.auth) if args.auth else None
-        limits = RateLimits(args.device_rate, args.device_burst, args.app_rate, args.app_burst)
+        limits = RateLimits(
+            device_rate=args.device_rate,
+            device_burst=args.device_burst,
+            app_rate=args.app_rate,
+            app_burst=args.app_burst,
+            app_streams_rate=args.app_streams_rate,
+            app_streams_burst=args.app_streams_burst,
+            peer_rate=args.peer_rate,
+            peer_burst=args.peer_burst,
+            peer_streams_rate=args.peer_streams_rate,
+            peer_streams_burst=args.peer_streams_burst,
+            peer_exempt=tuple(n.strip() for n in args.peer_exempt.split(",") if n.strip()),
+        )
     except (AuthConfigError, ValueError) as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
@@ -314,8 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     limits = RateLimits()
     serve.add_argument("--device-rate", type=float, default=limits.device_rate, help="signals/s per device; 0: off")
     serve.add_argument("--device-burst", type=float, default=limits.device_burst, help="signals a device may burst")
-    serve.add_argument("--app-rate", type=float, default=limits.app_rate, help="signals/s per app; 0: off (default)")
+    serve.add_argument("--app-rate", type=float, default=limits.app_rate, help="signals/s per app; 0: off")
     serve.add_argument("--app-burst", type=float, default=limits.app_burst, help="signals an app may burst (0: 1 s)")
+    serve.add_argument(
+        "--app-streams-rate", type=float, default=limits.app_streams_rate, help="new device streams/s per app; 0: off"
+    )
+    serve.add_argument("--app-streams-burst", type=float, default=limits.app_streams_burst)
+    serve.add_argument("--peer-rate", type=float, default=limits.peer_rate, help="signals/s per client IP; 0: off")
+    serve.add_argument("--peer-burst", type=float, default=limits.peer_burst)
+    serve.add_argument(
+        "--peer-streams-rate", type=float, default=limits.peer_streams_rate, help="new device streams/s per client IP"
+    )
+    serve.add_argument("--peer-streams-burst", type=float, default=limits.peer_streams_burst)
+    serve.add_argument(
+        "--peer-exempt",
+        default=",".join(limits.peer_exempt),
+        help="networks (CIDR, comma-separated) spared the per-client-IP budgets; default loopback; '' for none",
+    )
     serve.set_defaults(func=_serve)
 
     validate = sub.add_parser("validate", help="check scenario files; prints file:line: field: problem")

@@ -16,6 +16,8 @@ Metrics (README, "Reporting and observability"):
 - cuepoint_pending_cues (gauge), cuepoint_engagements_waiting{queue} (gauge)
 - cuepoint_engagement_queue_wait_seconds{queue} (histogram): queued -> assigned to an associate
 - cuepoint_cue_latency_seconds (histogram): signal batch (or timer) -> cue handed to the device stream
+- cuepoint_rate_limit_per_second{bucket} (gauge), cuepoint_rate_limited_total{bucket} (counter),
+  cuepoint_rate_limit_keys{bucket} (gauge): the abuse budgets (api/limits.py) and their refusals
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from .api.limits import BUCKETS, RateLimiter
 from .core.observers import CoreObserver
 from .core.service import Core
 from .engine.state import EVENT_MEMORY
@@ -88,6 +91,37 @@ class _LiveState(Collector):
         yield waiting
 
 
+class _Budgets(Collector):
+    """The abuse budgets (api/limits.py): configured rates, and refusals by bucket kind."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        limiter = self._metrics.limiter
+        rates = GaugeMetricFamily(
+            "cuepoint_rate_limit_per_second",
+            "Sustained rate of each budget (signals, or new streams for *_streams), per key; 0: off.",
+            labels=["bucket"],
+        )
+        refused = CounterMetricFamily(
+            "cuepoint_rate_limited", "Messages refused with RESOURCE_EXHAUSTED, by budget.", labels=["bucket"]
+        )
+        tracked = GaugeMetricFamily(
+            "cuepoint_rate_limit_keys", "Keys (devices, apps, peers) with a bucket.", labels=["bucket"]
+        )
+        if limiter is not None:
+            limits = limiter.limits
+            for bucket in BUCKETS:
+                rates.add_metric([bucket], float(getattr(limits, f"{bucket}_rate")))
+                refused.add_metric([bucket], float(limiter.refused[bucket]))
+            for bucket, count in limiter.tracked().items():
+                tracked.add_metric([bucket], float(count))
+        yield rates
+        yield refused
+        yield tracked
+
+
 class Metrics(CoreObserver):
     """The metrics of one server: attach to a core, then optionally serve() them over HTTP."""
 
@@ -121,6 +155,9 @@ class Metrics(CoreObserver):
             registry=r,
         )
         r.register(_LiveState(core))
+        # Set by the server when rate limits are on.
+        self.limiter: RateLimiter | None = None
+        r.register(_Budgets(self))
         self._core = core
         core.observers.append(self)
         core.decision_listeners.append(self._on_decision)

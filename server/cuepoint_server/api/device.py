@@ -71,7 +71,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         writer = _Writer(session, context)
         try:
             try:
-                end: _StreamEnd | None = await self._read(request_iterator, session)
+                end: _StreamEnd | None = await self._read(request_iterator, session, context.peer())
             except asyncio.CancelledError:
                 if not writer.stopped_reading():
                     raise
@@ -98,7 +98,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 # The interceptor checked the key; only the Hello tells which app it is used for.
                 self.auth.check_hello(self.auth.identify(context.invocation_metadata()), hello.app_id)
             if self.limiter is not None:
-                self.limiter.charge(hello.app_id, hello.device_id)
+                # A new stream: charged to the streams budgets too, so rotating device ids gets nowhere.
+                self.limiter.charge_stream(hello.app_id, hello.device_id, context.peer())
             session = await self.core.open_session(hello)
         except CoreError as exc:
             await abort(context, exc)
@@ -117,7 +118,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         session.issued_secret = ""
         return session
 
-    async def _read(self, requests: AsyncIterator[device_pb2.DeviceMessage], session: DeviceSession) -> _StreamEnd:
+    async def _read(
+        self, requests: AsyncIterator[device_pb2.DeviceMessage], session: DeviceSession, peer: str | None = None
+    ) -> _StreamEnd:
         try:
             async for message in requests:
                 if not session.has_room():
@@ -125,7 +128,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 kind = message.WhichOneof("kind")
                 if self.limiter is not None:
                     cost = len(message.signals.signals) if kind == "signals" else 1
-                    self.limiter.charge(session.app_id, session.device_id, cost)
+                    self.limiter.charge(session.app_id, session.device_id, cost, peer)
                 if kind == "signals":
                     self.core.ingest(session, convert.batch_from_proto(message.signals))
                 elif kind == "cue_response":
