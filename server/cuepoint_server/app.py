@@ -29,12 +29,13 @@ from .api.auth import AuthConfig, Authenticator, AuthInterceptor
 from .api.device import DeviceServicer
 from .api.limits import RateLimiter, RateLimits
 from .clock import Clock, SystemClock
+from .core.audit import AuditTrail
 from .core.service import Core, CoreConfig
 from .engine.engine import Engine
 from .engine.scenario_set import ScenarioSet
 from .http import HttpServer
 from .metrics import Metrics
-from .scenarios.reloader import ScenarioReloader
+from .scenarios.reloader import ReloadResult, ScenarioReloader, ScenarioVersion
 from .storage import SqliteStore
 from .webhooks import WebhookConfig, WebhookDispatcher
 
@@ -100,6 +101,7 @@ class CuepointServer:
         # Its own registry, so several servers in one process never collide.
         self.metrics = Metrics(core)
         self.http: HttpServer | None = None
+        self._audit_tasks: set[asyncio.Task[object]] = set()
 
     @property
     def address(self) -> str:
@@ -153,12 +155,14 @@ class CuepointServer:
                 "auth.disabled", hint="any client may connect as any app, device, associate or admin; use --auth FILE"
             )
         limiter = RateLimiter(config.rate_limits, core.clock.now) if config.rate_limits is not None else None
-        server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(auth)])
+        # Every admin action is recorded with who, what, when and before/after (core/audit.py).
+        trail = AuditTrail(store, core.clock)
+        server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(auth, trail)])
         device_pb2_grpc.add_DeviceServiceServicer_to_server(
             DeviceServicer(core, auth=auth, limiter=limiter, hello_timeout=config.hello_timeout), server
         )
         associate_pb2_grpc.add_AssociateServiceServicer_to_server(AssociateServicer(core, auth=auth), server)
-        admin = AdminServicer(core)
+        admin = AdminServicer(core, audit=trail)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -187,12 +191,14 @@ class CuepointServer:
         for name in ("", *SERVICES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self = cls(config, store, core, server, port)
+        self.audit = trail
         self.metrics.limiter = limiter
         admin.status = self._scenario_status
         self._health = health_servicer
         if config.scenarios:
             self.reloader = ScenarioReloader(core.engine, config.scenarios, clock=core.clock)
             self.reloader.swap_listeners.append(core.scenarios_swapped)
+            self.reloader.result_listeners.append(self._audit_reload)
             await self.reloader.start(watch=config.watch_scenarios)
         if config.core.retention_days is not None:
             self._purger = asyncio.create_task(self._purge_periodically(), name="cuepoint-retention")
@@ -228,7 +234,30 @@ class CuepointServer:
         error = self.reloader.last_error
         return self.reloader.version.number, str(error) if error else ""
 
+    def _audit_reload(self, result: ReloadResult, reason: str, before: ScenarioVersion) -> None:
+        """A reload (file change, SIGHUP) is an admin action too: recorded as the server's own."""
+        if result.status == "unchanged" or self.audit is None:
+            return
+        after: dict[str, object] = {"version": result.version.number, "digest": result.version.short}
+        if result.status == "applied":
+            after.update(added=list(result.added), removed=list(result.removed))
+            after.update(enabled=list(result.enabled), disabled=list(result.disabled))
+        else:
+            after["problems"] = [str(issue) for issue in result.issues[:20]]
+        record = self.audit.record(
+            f"system:{reason}",
+            "scenarios.reload",
+            target=self.reloader.directory if self.reloader is not None else "",
+            outcome="ok" if result.status == "applied" else "failed",
+            before={"version": before.number, "digest": before.short},
+            after=after,
+        )
+        task = asyncio.create_task(record, name="cuepoint-audit-reload")
+        self._audit_tasks.add(task)
+        task.add_done_callback(self._audit_tasks.discard)
+
     webhooks: WebhookDispatcher | None = None
+    audit: AuditTrail | None = None
     _purger: asyncio.Task[None] | None = None
 
     async def _purge_periodically(self) -> None:
@@ -255,6 +284,8 @@ class CuepointServer:
         if self.webhooks is not None:
             # After the core's last writes: every event emitted reaches the outbox before the store closes.
             await self.webhooks.close()
+        if self._audit_tasks:
+            await asyncio.gather(*self._audit_tasks, return_exceptions=True)
         await self.store.close()
         log.info("server.stopped", address=self.address)
 

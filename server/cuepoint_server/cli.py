@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .storage import AuditRecord
     from .webhooks import WebhookConfig
 
 __all__ = ["main"]
@@ -259,6 +260,46 @@ def _forget_device(args: argparse.Namespace) -> int:
     return 0 if forgotten else 1
 
 
+def _audit(args: argparse.Namespace) -> int:
+    import json
+    from datetime import UTC, datetime
+
+    from .storage import SqliteStore
+
+    if not Path(args.db).is_file():
+        print(f"cannot read audit trail: no database at {args.db}", file=sys.stderr)
+        return 2
+
+    async def run() -> list[AuditRecord]:
+        async with await SqliteStore.open(args.db) as store:
+            return await store.audit_entries(actor=args.actor, action=args.action, limit=args.limit)
+
+    for rec in asyncio.run(run()):
+        when = datetime.fromtimestamp(rec.time, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        row = {
+            "id": rec.id,
+            "time": when,
+            "actor": rec.actor,
+            "roles": list(rec.roles),
+            "action": rec.action,
+            "target": rec.target,
+            "outcome": rec.outcome,
+            "detail": rec.detail,
+            "before": dict(rec.before),
+            "after": dict(rec.after),
+        }
+        if args.json:
+            print(json.dumps(row, sort_keys=True))
+            continue
+        roles = ",".join(rec.roles) or "-"
+        before, after = (json.dumps(row[k], sort_keys=True) for k in ("before", "after"))
+        detail = f" ({rec.detail})" if rec.detail else ""
+        target = rec.target or "-"
+        outcome = f"{rec.outcome}{detail}"
+        print(f"{when}  {rec.actor} [{roles}]  {rec.action} {target}  {outcome} before={before} after={after}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -416,6 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     forget.add_argument("device_id")
     forget.add_argument("--db", default="cuepoint.db", help="SQLite database path")
     forget.set_defaults(func=_forget_device)
+
+    audit = sub.add_parser("audit", help="the admin audit trail, newest first, read from a server's database")
+    audit.add_argument("--db", default="cuepoint.db", help="SQLite database path")
+    audit.add_argument("--actor", default="", help="only this actor, e.g. admin:ops")
+    audit.add_argument("--action", default="", help="only this action, e.g. EraseUser or scenarios.reload")
+    audit.add_argument("--limit", type=int, default=100, help="at most this many entries")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
+    audit.set_defaults(func=_audit)
 
     demo = sub.add_parser("demo", help="end-to-end demo: server, simulated phone and associate")
     demo.add_argument("--scenarios", default="scenarios")

@@ -94,6 +94,32 @@ LIVE_STATUS_IDLE: LiveStatus.ValueType  # 2
 LIVE_STATUS_INACTIVE: LiveStatus.ValueType  # 3
 Global___LiveStatus: _TypeAlias = LiveStatus  # noqa: Y015
 
+class _AuditOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_OUTCOME_UNSPECIFIED: _AuditOutcome.ValueType  # 0
+    AUDIT_OUTCOME_OK: _AuditOutcome.ValueType  # 1
+    """Done."""
+    AUDIT_OUTCOME_DENIED: _AuditOutcome.ValueType  # 2
+    """Refused: the caller lacks a role the action needs."""
+    AUDIT_OUTCOME_FAILED: _AuditOutcome.ValueType  # 3
+    """Allowed, but it ended with an error (bad input, a rejected reload)."""
+
+class AuditOutcome(_AuditOutcome, metaclass=_AuditOutcomeEnumTypeWrapper):
+    """How an audited admin action ended."""
+
+AUDIT_OUTCOME_UNSPECIFIED: AuditOutcome.ValueType  # 0
+AUDIT_OUTCOME_OK: AuditOutcome.ValueType  # 1
+"""Done."""
+AUDIT_OUTCOME_DENIED: AuditOutcome.ValueType  # 2
+"""Refused: the caller lacks a role the action needs."""
+AUDIT_OUTCOME_FAILED: AuditOutcome.ValueType  # 3
+"""Allowed, but it ended with an error (bad input, a rejected reload)."""
+Global___AuditOutcome: _TypeAlias = AuditOutcome  # noqa: Y015
+
 @_typing.final
 class ExplainDeviceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1519,3 +1545,119 @@ class GetModelReportResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelReportResponse: _TypeAlias = GetModelReportResponse  # noqa: Y015
+
+@_typing.final
+class ListAuditEntriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """At most this many entries, newest first; 0 means 100, at most 1000."""
+    actor: _builtins.str
+    """Only this actor, e.g. "admin:ops"."""
+    action: _builtins.str
+    """Only this action, e.g. "EraseUser" or "scenarios.reload"."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only entries at or after this time."""
+
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        action: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "limit", b"limit", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEntriesRequest: _TypeAlias = ListAuditEntriesRequest  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    """One admin action, as recorded before its caller got the answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    BEFORE_JSON_FIELD_NUMBER: _builtins.int
+    AFTER_JSON_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    actor: _builtins.str
+    """Who: "admin:<name>" for an admin token ("admin:admin" for tokens listed
+    without a name), "system:<reason>" for the server itself (a reload after a
+    file change or SIGHUP), "anonymous" when auth is off.
+    """
+    action: _builtins.str
+    """What: the AdminService method, or "scenarios.reload"."""
+    target: _builtins.str
+    """On what, e.g. "offers", "device:phone-1", "sync-failure/b", or
+    "user-sha256:<digest>" (user ids are kept only as a digest).
+    """
+    outcome: Global___AuditOutcome.ValueType
+    detail: _builtins.str
+    """Why it was denied or failed."""
+    before_json: _builtins.str
+    """The state before and after the action, as JSON objects."""
+    after_json: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The roles the actor held."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+        action: _builtins.str = ...,
+        target: _builtins.str = ...,
+        outcome: Global___AuditOutcome.ValueType = ...,
+        detail: _builtins.str = ...,
+        before_json: _builtins.str = ...,
+        after_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "after_json", b"after_json", "before_json", b"before_json", "detail", b"detail", "id", b"id", "outcome", b"outcome", "roles", b"roles", "target", b"target", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
+
+@_typing.final
+class ListAuditEntriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEntriesResponse: _TypeAlias = ListAuditEntriesResponse  # noqa: Y015

@@ -99,6 +99,11 @@ class AdminServiceStub:
                 request_serializer=cuepoint_dot_v1_dot_admin__pb2.GetModelReportRequest.SerializeToString,
                 response_deserializer=cuepoint_dot_v1_dot_admin__pb2.GetModelReportResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/cuepoint.v1.AdminService/ListAuditEntries',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -211,6 +216,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEntries(self, request, context):
+        """The audit trail, newest first: every AdminService call (allowed or
+        denied) with who made it, its roles, the target and the state before and
+        after, and every scenario reload. Needs the operator or privacy role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -278,6 +292,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetModelReport,
                     request_deserializer=cuepoint_dot_v1_dot_admin__pb2.GetModelReportRequest.FromString,
                     response_serializer=cuepoint_dot_v1_dot_admin__pb2.GetModelReportResponse.SerializeToString,
+            ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -631,6 +650,33 @@ class AdminService:
             '/cuepoint.v1.AdminService/GetModelReport',
             cuepoint_dot_v1_dot_admin__pb2.GetModelReportRequest.SerializeToString,
             cuepoint_dot_v1_dot_admin__pb2.GetModelReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/ListAuditEntries',
+            cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,11 @@ class AdminServiceStub:
     """
     GetModelReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetModelReportRequest, _admin_pb2.GetModelReportResponse]
     """Predictive scores: per declared outcome, how its model is doing."""
+    ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEntriesRequest, _admin_pb2.ListAuditEntriesResponse]
+    """The audit trail, newest first: every AdminService call (allowed or
+    denied) with who made it, its roles, the target and the state before and
+    after, and every scenario reload. Needs the operator or privacy role.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -137,6 +142,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     GetModelReport: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetModelReportRequest, _admin_pb2.GetModelReportResponse]  # type: ignore[assignment]
     """Predictive scores: per declared outcome, how its model is doing."""
+    ListAuditEntries: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEntriesRequest, _admin_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
+    """The audit trail, newest first: every AdminService call (allowed or
+    denied) with who made it, its roles, the target and the state before and
+    after, and every scenario reload. Needs the operator or privacy role.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -267,5 +277,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetModelReportResponse, _abc.Awaitable[_admin_pb2.GetModelReportResponse]]:
         """Predictive scores: per declared outcome, how its model is doing."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEntries(
+        self,
+        request: _admin_pb2.ListAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAuditEntriesResponse, _abc.Awaitable[_admin_pb2.ListAuditEntriesResponse]]:
+        """The audit trail, newest first: every AdminService call (allowed or
+        denied) with who made it, its roles, the target and the state before and
+        after, and every scenario reload. Needs the operator or privacy role.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,11 +12,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
+from ..core.audit import AuditTrail, user_ref
 from ..core.errors import CoreError
 from ..core.live import LiveSession
 from ..core.service import Core, VariantState
 from ..predict.model import OutcomeReport
 from ..reporting.funnel import Cohort, FeedbackSummary, FunnelQuery, FunnelRow, VariantRow, funnel_report
+from .admin_roles import note
 from .convert import SCORE_STATUS, scores_to_proto, timestamp
 from .errors import abort
 
@@ -34,6 +36,11 @@ _CHECK_STATUS = {
     "other_app": admin_pb2.SCENARIO_CHECK_STATUS_OTHER_APP,
     "disabled": admin_pb2.SCENARIO_CHECK_STATUS_DISABLED,
 }
+_AUDIT_OUTCOMES = {
+    "ok": admin_pb2.AUDIT_OUTCOME_OK,
+    "denied": admin_pb2.AUDIT_OUTCOME_DENIED,
+    "failed": admin_pb2.AUDIT_OUTCOME_FAILED,
+}
 _OUTCOMES = {"offered": admin_pb2.DECISION_OUTCOME_OFFERED, "blocked": admin_pb2.DECISION_OUTCOME_BLOCKED}
 _LIVE = {
     "live": admin_pb2.LIVE_STATUS_LIVE,
@@ -44,13 +51,16 @@ Context: TypeAlias = grpc.aio.ServicerContext[object, object]
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, core: Core, status: ScenarioStatus | None = None) -> None:
+    def __init__(self, core: Core, status: ScenarioStatus | None = None, audit: AuditTrail | None = None) -> None:
         self.core = core
         self.status = status or (lambda: (1, ""))
+        # The admin audit trail (ListAuditEntries); calls are recorded by the interceptor (api/admin_roles.py).
+        self.audit = audit
 
     async def ExplainDevice(
         self, request: admin_pb2.ExplainDeviceRequest, context: Context
     ) -> admin_pb2.ExplainDeviceResponse:
+        note(f"device:{request.device_id}")
         if not request.device_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id: required")
         limit = request.limit if 0 < request.limit <= 1000 else 50
@@ -92,7 +102,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetOffersPaused(
         self, request: admin_pb2.SetOffersPausedRequest, context: Context
     ) -> admin_pb2.SetOffersPausedResponse:
+        before = self.core.offers_paused
         paused = await self.core.set_offers_paused(request.paused, request.reason)
+        note("offers", before={"paused": before}, after={"paused": paused, "reason": request.reason})
         return admin_pb2.SetOffersPausedResponse(paused=paused)
 
     async def SetScenarioEnabled(
@@ -162,6 +174,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetVariantStopped(
         self, request: admin_pb2.SetVariantStoppedRequest, context: Context
     ) -> admin_pb2.SetVariantStoppedResponse:
+        target = f"{request.scenario_id}/{request.variant_id}"
+        note(target, after={"stopped": request.stopped, "reason": request.reason})
         try:
             states = await self.core.set_variant_stopped(
                 request.scenario_id, request.variant_id, request.stopped, request.reason
@@ -214,17 +228,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     async def ExportUser(self, request: admin_pb2.ExportUserRequest, context: Context) -> admin_pb2.ExportUserResponse:
+        note(user_ref(request.user_id))
         try:
             data = await self.core.export_user(request.user_id)
         except CoreError as exc:
             await abort(context, exc)
+        note(after={"exported": {table: len(rows) for table, rows in data.items()}})
         return admin_pb2.ExportUserResponse(json=json.dumps(data, sort_keys=True, default=str))
 
     async def EraseUser(self, request: admin_pb2.EraseUserRequest, context: Context) -> admin_pb2.EraseUserResponse:
+        note(user_ref(request.user_id))
         try:
             deleted = await self.core.erase_user(request.user_id)
         except CoreError as exc:
             await abort(context, exc)
+        note(after={"deleted": dict(deleted)})
         return admin_pb2.EraseUserResponse(deleted=deleted)
 
     async def ForgetDeviceCredential(
@@ -232,8 +250,36 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ForgetDeviceCredentialResponse:
         if not request.device_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id: required")
+        note(f"device:{request.device_id}")
         forgotten = await self.core.forget_device_credential(request.device_id)
+        note(before={"credential": forgotten}, after={"credential": False})
         return admin_pb2.ForgetDeviceCredentialResponse(forgotten=forgotten)
+
+    async def ListAuditEntries(
+        self, request: admin_pb2.ListAuditEntriesRequest, context: Context
+    ) -> admin_pb2.ListAuditEntriesResponse:
+        if self.audit is None:
+            return admin_pb2.ListAuditEntriesResponse()
+        limit = request.limit if 0 < request.limit <= 1000 else 100
+        since = _seconds(request.since) if request.HasField("since") else None
+        records = await self.audit.entries(since=since, actor=request.actor, action=request.action, limit=limit)
+        return admin_pb2.ListAuditEntriesResponse(
+            entries=[
+                admin_pb2.AuditEntry(
+                    id=r.id,
+                    time=timestamp(r.time),
+                    actor=r.actor,
+                    roles=list(r.roles),
+                    action=r.action,
+                    target=r.target,
+                    outcome=_AUDIT_OUTCOMES.get(r.outcome, admin_pb2.AUDIT_OUTCOME_UNSPECIFIED),
+                    detail=r.detail,
+                    before_json=json.dumps(dict(r.before), sort_keys=True),
+                    after_json=json.dumps(dict(r.after), sort_keys=True),
+                )
+                for r in records
+            ]
+        )
 
     async def GetModelReport(
         self, request: admin_pb2.GetModelReportRequest, context: Context

@@ -34,7 +34,12 @@ Example auth file (YAML)::
         token: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         queues: [fitkit-support]          # "*" allows every queue
         supervises: [fitkit-support]      # optional: queues whose engagements dana may monitor, whisper to, barge into
-    admin_tokens: ["adm_5c1e9a7f3b2d4c6e"]
+    admin_tokens:
+      - "adm_5c1e9a7f3b2d4c6e"            # a bare token: every admin role (as before roles existed)
+      - {name: vera, token: "sha256:...", roles: [viewer]}   # viewer, author, operator, privacy
+
+Admin roles (what each AdminService method needs: api/admin_roles.py): ``viewer`` reads, ``author``
+works on scenarios, ``operator`` runs the service, ``privacy`` exports and erases users' data.
 """
 
 from __future__ import annotations
@@ -52,13 +57,17 @@ import structlog
 import yaml
 from google.protobuf.message import DecodeError
 
+from ..core.audit import AuditTrail
 from ..core.errors import CoreError, InvalidInput, PermissionDenied, Unauthenticated
 from ..core.model import AssociateSignIn
 from ..core.user_tokens import ASYMMETRIC, UserTokenKey
+from .admin_roles import audited
 from .errors import rich_status
 
 __all__ = [
+    "ADMIN_ROLES",
     "AUTHORIZATION",
+    "AdminGrant",
     "AssociateGrant",
     "AuthConfig",
     "AuthConfigError",
@@ -75,8 +84,12 @@ ANY_QUEUE = "*"
 MIN_TOKEN_LENGTH = 16
 _DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 _APP_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_ADMIN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# What an admin token may carry; a bare token (no roles listed) has all of them.
+ADMIN_ROLES: frozenset[str] = frozenset({"viewer", "author", "operator", "privacy"})
 
 Kind = Literal["app", "associate", "admin"]
+ADMIN_SERVICE = "cuepoint.v1.AdminService"
 
 # The credential each service needs; any other cuepoint service needs "admin".
 SERVICE_KINDS: dict[str, Kind] = {
@@ -124,13 +137,23 @@ class AssociateGrant:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminGrant:
+    name: str
+    token: bytes = field(repr=False)
+    roles: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """Issued credentials, as SHA-256 digests. ``ServerConfig.auth = None`` turns auth off."""
 
     # app id -> digests of its API keys
     apps: Mapping[str, frozenset[bytes]] = field(default_factory=dict, repr=False)
     associates: Mapping[str, AssociateGrant] = field(default_factory=dict, repr=False)
+    # Admin tokens listed bare: every role, named "admin".
     admin_tokens: frozenset[bytes] = field(default_factory=frozenset, repr=False)
+    # Admin tokens listed as {name, token, roles}.
+    admin_grants: tuple[AdminGrant, ...] = field(default=(), repr=False)
     # app id -> how its backend signs user tokens (apps.<id>.user_tokens; core/user_tokens.py)
     user_tokens: Mapping[str, UserTokenKey] = field(default_factory=dict, repr=False)
 
@@ -178,10 +201,10 @@ class AuthConfig:
             associates[associate_id] = AssociateGrant(
                 associate_id, _secret(grant.get("token"), f"{where}.token"), frozenset(queues), frozenset(supervises)
             )
-        admins = frozenset(
-            _secret(t, f"{source}: admin_tokens[{i}]") for i, t in enumerate(_list(data.get("admin_tokens"), source))
+        admins, grants = _admin_tokens(_list(data.get("admin_tokens"), source), source)
+        config = cls(
+            apps=apps, associates=associates, admin_tokens=admins, admin_grants=grants, user_tokens=user_tokens
         )
-        config = cls(apps=apps, associates=associates, admin_tokens=admins, user_tokens=user_tokens)
         config.principals()  # rejects a token issued twice
         return config
 
@@ -200,10 +223,43 @@ class AuthConfig:
                 add(key, app)
         for grant in self.associates.values():
             add(grant.token, Principal("associate", grant.associate_id, grant))
-        admin = Principal("admin", "admin")
+        admin = Principal("admin", "admin", roles=ADMIN_ROLES)
         for token in self.admin_tokens:
             add(token, admin)
+        for admin_grant in self.admin_grants:
+            add(admin_grant.token, Principal("admin", admin_grant.name, roles=admin_grant.roles))
         return table
+
+
+def _admin_tokens(entries: list[Any], source: str) -> tuple[frozenset[bytes], tuple[AdminGrant, ...]]:
+    """Bare tokens (every role) and {name, token, roles} grants, checked."""
+    bare: set[bytes] = set()
+    grants: list[AdminGrant] = []
+    names: set[str] = set()
+    for i, entry in enumerate(entries):
+        where = f"{source}: admin_tokens[{i}]"
+        if not isinstance(entry, Mapping):
+            bare.add(_secret(entry, where))
+            continue
+        unknown = set(entry) - {"name", "token", "roles"}
+        if unknown:
+            raise AuthConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _ADMIN_NAME.match(name):
+            raise AuthConfigError(f"{where}.name: letters, digits, '_', '-' or '.', up to 64")
+        if name in names:
+            raise AuthConfigError(f"{where}.name: {name!r} is already used")
+        names.add(name)
+        roles = _list(entry.get("roles"), f"{where}.roles")
+        if not roles:
+            raise AuthConfigError(f"{where}.roles: list at least one of {', '.join(sorted(ADMIN_ROLES))}")
+        for role in roles:
+            if role not in ADMIN_ROLES:
+                raise AuthConfigError(
+                    f"{where}.roles: unknown role {role!r}; roles are {', '.join(sorted(ADMIN_ROLES))}"
+                )
+        grants.append(AdminGrant(name, _secret(entry.get("token"), f"{where}.token"), frozenset(roles)))
+    return frozenset(bare), tuple(grants)
 
 
 # Shortest HS256 secret accepted: RFC 7518 wants a key at least as long as the hash (32 bytes).
@@ -281,6 +337,8 @@ class Principal:
     kind: Kind
     name: str
     grant: AssociateGrant | None = None
+    # Admin roles (api/admin_roles.py); empty for apps and associates.
+    roles: frozenset[str] = frozenset()
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name!r}"
@@ -369,8 +427,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     servicers catch those themselves.
     """
 
-    def __init__(self, auth: Authenticator | None) -> None:
+    def __init__(self, auth: Authenticator | None, audit: AuditTrail | None = None) -> None:
         self.auth = auth
+        # With a trail, every AdminService call is checked against the caller's roles and recorded.
+        self.audit = audit
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -381,14 +441,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not service.startswith("cuepoint."):
             return handler
         handler = _guard_unary_decoding(handler, method)
+        audit = self.audit if service == ADMIN_SERVICE else None
         if self.auth is None:
-            return handler
+            # Auth off: anyone is every admin, and the trail says so.
+            return audited(handler, method, "anonymous", "anonymous", ADMIN_ROLES, audit) if audit else handler
         try:
             principal = self.auth.identify(handler_call_details.invocation_metadata)
             self.auth.check_service(principal, service)
         except CoreError as exc:
             log.info("auth.rejected", method=method, error=str(exc))
             return _rejecting(handler, exc)
+        if audit is not None:
+            return audited(handler, method, f"admin:{principal.name}", str(principal), principal.roles, audit)
         return handler
 
 

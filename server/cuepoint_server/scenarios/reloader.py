@@ -99,6 +99,9 @@ class ReloadResult:
     issues: tuple[ScenarioIssue, ...] = ()
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
+    # Scenarios in both versions whose `enabled` changed.
+    enabled: tuple[str, ...] = ()
+    disabled: tuple[str, ...] = ()
 
 
 def _counts(scenarios: ScenarioSet) -> tuple[int, int]:
@@ -129,6 +132,8 @@ class ScenarioReloader:
         # Called on the event loop right after each swap with (old, new), e.g.
         # to re-arm per-device timers for the new set's time-driven scenarios.
         self.swap_listeners: list[Callable[[ScenarioSet, ScenarioSet], None]] = []
+        # Called after every reload attempt with (result, reason, version serving before), e.g. to audit it.
+        self.result_listeners: list[Callable[[ReloadResult, str, ScenarioVersion], None]] = []
         self._lock = asyncio.Lock()
         self._changed = asyncio.Condition()
         self._stop = asyncio.Event()
@@ -174,7 +179,13 @@ class ScenarioReloader:
 
     async def reload_now(self, *, reason: str = "explicit") -> ReloadResult:
         """Load the folder again; apply it when it is valid and differs from what serves."""
+        before = self.version
         result = await self._reload(reason)
+        for listener in self.result_listeners:
+            try:
+                listener(result, reason, before)
+            except Exception:
+                log.exception("scenarios.result_listener_failed", directory=self.directory)
         async with self._changed:
             self._changed.notify_all()
         return result
@@ -236,6 +247,9 @@ class ScenarioReloader:
         self.last_error = None
         added = tuple(sorted(set(scenarios.by_id) - old_ids))
         removed = tuple(sorted(old_ids - set(scenarios.by_id)))
+        kept = [(old.by_id[i].enabled, scenarios.by_id[i].enabled, i) for i in sorted(old_ids & set(scenarios.by_id))]
+        switched_on = tuple(i for was, now, i in kept if now and not was)
+        switched_off = tuple(i for was, now, i in kept if was and not now)
         log.info(
             "scenarios.reloaded",
             directory=self.directory,
@@ -247,7 +261,9 @@ class ScenarioReloader:
             removed=list(removed),
             reason=reason,
         )
-        return ReloadResult("applied", self.version, added=added, removed=removed)
+        return ReloadResult(
+            "applied", self.version, added=added, removed=removed, enabled=switched_on, disabled=switched_off
+        )
 
     def _reject(self, digest: str, issues: list[ScenarioIssue], reason: str) -> ReloadResult:
         self.last_error = ReloadFailure(digest, tuple(issues), self.clock.now())

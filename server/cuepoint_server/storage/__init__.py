@@ -1,5 +1,6 @@
 """Persistence for Cuepoint: plain records and the embedded SQLite store."""
 
+from .audit_log import AuditRecord
 from .base import AcceptOutcome, FunnelSlice, OfferCommit, Store, StoreClosedError, StoreStats
 from .records import (
     ChannelChangeRecord,
@@ -24,6 +25,7 @@ from .sqlite import SCHEMA_VERSION, SqliteStore
 __all__ = [
     "SCHEMA_VERSION",
     "AcceptOutcome",
+    "AuditRecord",
     "ChannelChangeRecord",
     "ChatRecord",
     "ContextValue",

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from .audit_log import AuditRecord
 from .records import (
     ChannelChangeRecord,
     ChatRecord,
@@ -293,4 +294,16 @@ class Store(Protocol):
 
     async def subject_history(self, user_id: str, device_id: str, before: float) -> tuple[int, dict[str, int]]:
         """Earlier sessions of a user (else device), and in how many of them each milestone was reached."""
+        ...
+
+    # -- the admin audit trail (append-only) ------------------------------------------------------------
+
+    async def append_audit(self, rec: AuditRecord) -> None:
+        """Append one entry; returns once it is committed."""
+        ...
+
+    async def audit_entries(
+        self, *, since: float | None = None, actor: str = "", action: str = "", limit: int = 100
+    ) -> list[AuditRecord]:
+        """The newest `limit` entries matching, newest first."""
         ...

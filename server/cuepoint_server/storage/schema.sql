@@ -1,4 +1,4 @@
--- Cuepoint storage schema, version 9 (tracked in PRAGMA user_version by sqlite.py).
+-- Cuepoint storage schema, version 10 (tracked in PRAGMA user_version by sqlite.py).
 -- Never edit a released version in place: add a migration step that moves user_version forward.
 -- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
 -- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
@@ -259,3 +259,19 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     last_error      TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (state, next_attempt_at);
+
+-- The admin audit trail (version 10): one row per admin action, append-only; who (actor, roles), what
+-- (action, target), the outcome and the state before and after (JSON). No personal data (audit_log.py).
+CREATE TABLE IF NOT EXISTS audit_log (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    time    REAL NOT NULL,
+    actor   TEXT NOT NULL,
+    roles   TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    target  TEXT NOT NULL,
+    outcome TEXT NOT NULL CHECK (outcome IN ('ok', 'denied', 'failed')),
+    detail  TEXT NOT NULL,
+    before  TEXT NOT NULL,
+    after   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (time);

@@ -25,6 +25,7 @@ from typing import Any, Self
 import aiosqlite
 import structlog
 
+from .audit_log import AUDIT_SCHEMA, AuditRecord, audit_from_row, audit_insert, audit_select
 from .base import AcceptOutcome, FunnelSlice, OfferCommit, StoreClosedError, StoreStats
 from .funnel_sql import funnel_queries
 from .predict_state import PREDICT_SCHEMA, PredictState
@@ -47,7 +48,7 @@ from .records import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -169,6 +170,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "DELETE FROM signals WHERE rowid NOT IN (SELECT MIN(rowid) FROM signals GROUP BY device_id, signal_id)",
         "CREATE UNIQUE INDEX IF NOT EXISTS signals_device_signal ON signals (device_id, signal_id)",
     ),
+    # Version 10: the admin audit trail (audit_log.py).
+    10: AUDIT_SCHEMA,
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -1113,6 +1116,18 @@ class SqliteStore(PredictState):
         existed = await self.device_credential(device_id) is not None
         await self._writer.execute("DELETE FROM device_credentials WHERE device_id = ?", (device_id,))
         return existed
+
+    # -- the admin audit trail ------------------------------------------------------------------------
+
+    async def append_audit(self, rec: AuditRecord) -> None:
+        sql, params = audit_insert(rec)
+        await self._writer.execute(sql, params)
+
+    async def audit_entries(
+        self, *, since: float | None = None, actor: str = "", action: str = "", limit: int = 100
+    ) -> list[AuditRecord]:
+        sql, params = audit_select(since=since, actor=actor, action=action, limit=limit)
+        return [audit_from_row(row) for row in await self._fetch(sql, params)]
 
     async def query(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
         """A read-only ad-hoc query (reports, reporting/funnel.py); sees everything committed."""
