@@ -215,3 +215,40 @@ async def test_admin_actions_are_audited_durably_with_before_and_after(
     assert text.returncode == 0 and len(lines) == 2, text.stdout
     assert "admin:vera" in lines[0] and "denied" in lines[0]  # newest first
     assert "admin:otto" in lines[1] and '"paused": true' in lines[1]
+
+
+async def test_console_switches_need_roles_and_are_audited(start_server: StartServer) -> None:
+    import aiohttp
+
+    server = await start_server(PING, auth=AUTH, http_port=0)
+
+    async def console(role: str) -> tuple[aiohttp.ClientSession, dict[str, str]]:
+        http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        async with http.post(f"{server.http_url}/api/console/session", json={"token": TOKENS[role]}) as response:
+            assert response.status == 200, await response.text()
+            return http, {"X-CSRF-Token": str((await response.json())["csrf"])}
+
+    viewer, viewer_csrf = await console("viewer")
+    operator, operator_csrf = await console("operator")
+    author, author_csrf = await console("author")
+    try:
+        async with viewer.post(f"{server.http_url}/api/console/pause", json={"paused": True}, headers=viewer_csrf) as r:
+            assert r.status == 403 and "lacks the role 'operator'" in await r.text()
+        assert not server.core.offers_paused
+        async with operator.post(
+            f"{server.http_url}/api/console/pause", json={"paused": True, "reason": "drill"}, headers=operator_csrf
+        ) as r:
+            assert r.status == 200
+        url = f"{server.http_url}/api/console/scenarios/ping/enabled"
+        async with author.post(url, json={"enabled": False}, headers=author_csrf) as r:
+            assert r.status == 200 and (await r.json())["enabled"] is False
+    finally:
+        for http in (viewer, operator, author):
+            await http.close()
+    assert server.audit is not None
+    found = {(e.actor, e.action, e.outcome): e for e in await server.audit.entries()}
+    assert ("admin:vera", "console.pause", "denied") in found
+    paused = found["admin:otto", "console.pause", "ok"]
+    assert (dict(paused.before), dict(paused.after)) == ({"paused": False}, {"paused": True, "reason": "drill"})
+    switched = found["admin:ada", "console.set_enabled", "ok"]
+    assert (switched.target, dict(switched.before), dict(switched.after)) == ("ping", {"enabled": True}, {"enabled": False})

@@ -211,7 +211,7 @@ class CuepointServer:
                 raise
         if config.http_port is not None:
             # Same loop, same core, same credentials as the gRPC services.
-            self.http = HttpServer(core, auth)
+            self.http = HttpServer(core, auth, self.audit)
             self.http.scenario_status.read = self._scenario_status
             try:
                 await self.http.start(config.http_host, config.http_port)

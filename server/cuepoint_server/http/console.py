@@ -14,7 +14,8 @@ from typing import Any
 import structlog
 from aiohttp import WSMsgType, web
 
-from ..core.errors import InvalidInput
+from ..core.audit import AuditTrail
+from ..core.errors import InvalidInput, PermissionDenied
 from ..core.service import Core
 from ..reporting.funnel import FunnelQuery, funnel, lift_interval
 from ..reporting.report import parse_group_by, since_to_start
@@ -22,6 +23,7 @@ from ..scenarios.loader import ScenarioError, load_text
 from ..simulate import TraceError, parse_trace, render_text, simulate
 from . import views
 from .common import Guard, json_body, text_field
+from .sessions import WebSession
 
 __all__ = ["Console", "ScenarioStatus"]
 
@@ -43,10 +45,12 @@ class ScenarioStatus:
 
 
 class Console:
-    def __init__(self, core: Core, guard: Guard, status: ScenarioStatus) -> None:
+    def __init__(self, core: Core, guard: Guard, status: ScenarioStatus, audit: AuditTrail | None = None) -> None:
         self.core = core
         self.guard = guard
         self.status = status
+        # The console's switches are admin actions: role-checked and recorded like AdminService calls.
+        self.audit = audit
         self._sockets: set[web.WebSocketResponse] = set()
 
     def routes(self) -> list[web.RouteDef]:
@@ -143,25 +147,48 @@ class Console:
             }
         )
 
+    async def _require(self, session: WebSession, action: str, needed: frozenset[str]) -> None:
+        """PERMISSION_DENIED (recorded) unless the signed-in admin holds one of `needed`."""
+        if session.roles & needed:
+            return
+        wanted = " or ".join(repr(r) for r in sorted(needed))
+        error = PermissionDenied(f"{session.actor} lacks the role {wanted} needed for {action}")
+        if self.audit is not None:
+            await self.audit.record(
+                session.actor, action, outcome="denied", detail=str(error), roles=tuple(sorted(session.roles))
+            )
+        raise error
+
+    async def _audit(self, session: WebSession, action: str, target: str, before: Any, after: Any) -> None:
+        if self.audit is not None:
+            roles = tuple(sorted(session.roles))
+            await self.audit.record(session.actor, action, target=target, roles=roles, before=before, after=after)
+
     async def set_enabled(self, request: web.Request) -> web.Response:
-        self.guard.session(request, "admin", csrf=True)
+        session = self.guard.session(request, "admin", csrf=True)
+        await self._require(session, "console.set_enabled", frozenset({"author", "operator"}))
         body = await json_body(request)
         enabled = body.get("enabled")
         if not isinstance(enabled, bool):
             raise InvalidInput("enabled", "true or false")
         scenario_id = request.match_info["scenario_id"]
+        was = self.core.scenario_enabled(scenario_id) if scenario_id in self.core.engine.scenarios.by_id else None
         now = await self.core.set_scenario_enabled(scenario_id, enabled, "console")
+        await self._audit(session, "console.set_enabled", scenario_id, {"enabled": was}, {"enabled": now})
         log.warning("scenario.switched", scenario_id=scenario_id, enabled=now)
         return web.json_response({"scenario_id": scenario_id, "enabled": now})
 
     async def pause(self, request: web.Request) -> web.Response:
-        self.guard.session(request, "admin", csrf=True)
+        session = self.guard.session(request, "admin", csrf=True)
+        await self._require(session, "console.pause", frozenset({"operator"}))
         body = await json_body(request)
         paused = body.get("paused")
         if not isinstance(paused, bool):
             raise InvalidInput("paused", "true or false")
         reason = text_field(body, "reason", 500)
+        was = self.core.offers_paused
         now = await self.core.set_offers_paused(paused, reason)
+        await self._audit(session, "console.pause", "offers", {"paused": was}, {"paused": now, "reason": reason})
         log.warning("offers.paused" if paused else "offers.resumed", reason=reason)
         return web.json_response({"offers_paused": now})
 

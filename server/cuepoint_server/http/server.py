@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from ..api.auth import Authenticator
+from ..core.audit import AuditTrail
 from ..core.service import Core
 from .common import Guard, errors_as_json, json_body, security_headers
 from .console import Console, ScenarioStatus
@@ -28,14 +29,14 @@ PAGES = {"/desk/": "desk.html", "/console/": "console.html", "/": "index.html"}
 
 
 class HttpServer:
-    def __init__(self, core: Core, auth: Authenticator | None) -> None:
+    def __init__(self, core: Core, auth: Authenticator | None, audit: AuditTrail | None = None) -> None:
         self.core = core
         self.auth = auth
         self.sessions = SessionStore(auth)
         self.guard = Guard(self.sessions, core.clock)
         self.scenario_status = ScenarioStatus()
         self.desk = Desk(core, self.guard)
-        self.console = Console(core, self.guard, self.scenario_status)
+        self.console = Console(core, self.guard, self.scenario_status, audit)
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self.app = self._build()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from ..api.auth import Authenticator, Principal
+from ..api.auth import ADMIN_ROLES, Authenticator, Principal
 from ..core.errors import InvalidInput, PermissionDenied, Unauthenticated
 from ..core.model import AssociateSignIn
 
@@ -33,6 +33,9 @@ class WebSession:
     expires_at: float
     # For the desk: what the core signs in when the page connects (already checked against the token).
     sign_in: AssociateSignIn | None = None
+    # For the console: who signed in (the audit trail's actor) and their admin roles (api/admin_roles.py).
+    actor: str = "anonymous"
+    roles: frozenset[str] = field(default=ADMIN_ROLES)
 
 
 class SessionStore:
@@ -71,14 +74,18 @@ class SessionStore:
             elif not request.associate_id:
                 raise InvalidInput("associate_id", "required while auth is off (the server has no --auth file)")
             sign_in = request
-        elif self.auth is not None:
+        actor, roles = "anonymous", ADMIN_ROLES
+        if role == "admin" and self.auth is not None:
             principal = self._principal(token)
             if principal.kind != "admin":
                 raise PermissionDenied(f"{principal} may not open the admin console")
+            actor, roles = f"admin:{principal.name}", principal.roles
         self._expire(now)
         if len(self._sessions) >= MAX_SESSIONS:
             raise PermissionDenied("too many browser sessions; try again later")
-        session = WebSession(secrets.token_urlsafe(32), role, secrets.token_urlsafe(32), now + self.ttl, sign_in)
+        session = WebSession(
+            secrets.token_urlsafe(32), role, secrets.token_urlsafe(32), now + self.ttl, sign_in, actor, roles
+        )
         self._sessions[session.sid] = session
         return session
 
