@@ -60,7 +60,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         request_iterator: AsyncIterator[device_pb2.DeviceMessage],
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
     ) -> None:
-        session = await self._open(request_iterator, context)
+        # The client's IP, resolved once per stream, as the per-peer budgets know it (None: exempt or off).
+        peer = self.limiter.peer_key(context.peer()) if self.limiter is not None else None
+        session = await self._open(request_iterator, context, peer)
         if session is None:
             return
         # Every log line of this stream (and of the core work it causes) names the device and session;
@@ -71,7 +73,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         writer = _Writer(session, context)
         try:
             try:
-                end: _StreamEnd | None = await self._read(request_iterator, session, context.peer())
+                end: _StreamEnd | None = await self._read(request_iterator, session, peer)
             except asyncio.CancelledError:
                 if not writer.stopped_reading():
                     raise
@@ -85,6 +87,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self,
         requests: AsyncIterator[device_pb2.DeviceMessage],
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
+        peer: str | None = None,
     ) -> DeviceSession | None:
         """Read the Hello, open (or resume) the session and answer the Welcome; None if the client left."""
         first = await opening(requests, context, kind="hello", type_name="DeviceMessage", deadline=self.hello_timeout)
@@ -99,7 +102,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 self.auth.check_hello(self.auth.identify(context.invocation_metadata()), hello.app_id)
             if self.limiter is not None:
                 # A new stream: charged to the streams budgets too, so rotating device ids gets nowhere.
-                self.limiter.charge_stream(hello.app_id, hello.device_id, context.peer())
+                self.limiter.charge_stream(hello.app_id, hello.device_id, peer)
             session = await self.core.open_session(hello)
         except CoreError as exc:
             await abort(context, exc)

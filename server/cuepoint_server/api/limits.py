@@ -152,12 +152,15 @@ class RateLimiter:
         self.refused: Counter[str] = Counter()
 
     def charge_stream(self, app_id: str, device_id: str, peer: str | None) -> None:
-        """A Hello: one token from the device's and app's signal buckets and from the streams buckets."""
-        self._charge(app_id, device_id, self._peer_key(peer), 1, streams=True)
+        """A Hello: one token from the signal buckets and from the streams buckets.
+
+        `peer` is `peer_key()` of the stream's grpc peer, resolved once per stream.
+        """
+        self._charge(app_id, device_id, peer, 1, streams=True)
 
     def charge(self, app_id: str, device_id: str, cost: int = 1, peer: str | None = None) -> None:
         """Take `cost` tokens from the device's, the app's and the peer's bucket, or raise ResourceExhausted."""
-        self._charge(app_id, device_id, self._peer_key(peer), cost, streams=False)
+        self._charge(app_id, device_id, peer, cost, streams=False)
 
     def tracked(self) -> dict[str, int]:
         """Buckets currently kept, by kind."""
@@ -166,7 +169,8 @@ class RateLimiter:
     def _all(self) -> tuple[_Buckets, ...]:
         return (self._devices, self._apps, self._app_streams, self._peers, self._peer_streams)
 
-    def _peer_key(self, peer: str | None) -> str | None:
+    def peer_key(self, peer: str | None) -> str | None:
+        """The per-peer budgets' key for a grpc peer string: its IP, or None when exempt (loopback) or off."""
         address = peer_address(peer)
         if address is None or not (self.limits.peer_rate or self.limits.peer_streams_rate):
             return None
