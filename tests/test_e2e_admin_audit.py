@@ -114,6 +114,8 @@ def test_admin_token_roles_are_checked_in_the_auth_file() -> None:
         AuthConfig.from_dict({"admin_tokens": [{"name": "x", "token": TOKENS["viewer"], "roles": ["root"]}]})
     with pytest.raises(AuthConfigError, match=r"admin_tokens\[0\]\.roles"):
         AuthConfig.from_dict({"admin_tokens": [{"name": "x", "token": TOKENS["viewer"], "roles": []}]})
+    with pytest.raises(AuthConfigError, match=r"admin_tokens\[0\]\.name: 'admin' is already used"):
+        AuthConfig.from_dict({"admin_tokens": [{"name": "admin", "token": TOKENS["viewer"], "roles": ["viewer"]}]})
     with pytest.raises(AuthConfigError, match=r"admin_tokens\[1\]\.name: 'x' is already used"):
         AuthConfig.from_dict(
             {
