@@ -59,6 +59,9 @@ REQUESTS: dict[str, Any] = {
     "EraseUser": admin_pb2.EraseUserRequest(user_id="nobody"),
     "ForgetDeviceCredential": admin_pb2.ForgetDeviceCredentialRequest(device_id="phone-1"),
     "GetModelReport": admin_pb2.GetModelReportRequest(),
+    "SetScenarioEnabled": admin_pb2.SetScenarioEnabledRequest(scenario_id="ping", enabled=True),
+    "ListDeadWebhooks": admin_pb2.ListDeadWebhooksRequest(),
+    "RedeliverWebhook": admin_pb2.RedeliverWebhookRequest(delivery_id="none"),
     "ListAuditEntries": admin_pb2.ListAuditEntriesRequest(),
 }
 

@@ -110,10 +110,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetScenarioEnabled(
         self, request: admin_pb2.SetScenarioEnabledRequest, context: Context
     ) -> admin_pb2.SetScenarioEnabledResponse:
+        known = request.scenario_id in self.core.engine.scenarios.by_id
+        was = self.core.scenario_enabled(request.scenario_id) if known else None
+        note(request.scenario_id, before={"enabled": was})
         try:
             enabled = await self.core.set_scenario_enabled(request.scenario_id, request.enabled, request.reason)
         except CoreError as exc:
             await abort(context, exc)
+        note(after={"enabled": enabled, "reason": request.reason})
         return admin_pb2.SetScenarioEnabledResponse(enabled=enabled)
 
     async def ListDeadWebhooks(
@@ -138,6 +142,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def RedeliverWebhook(
         self, request: admin_pb2.RedeliverWebhookRequest, context: Context
     ) -> admin_pb2.RedeliverWebhookResponse:
+        note(f"webhook:{request.delivery_id}")
         try:
             await self.core.redeliver_webhook(request.delivery_id)
         except CoreError as exc:
