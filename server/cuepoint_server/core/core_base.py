@@ -184,6 +184,7 @@ class CoreBase:
                 if pending is not None and pending.offer.cue_id == record.cue_id:
                     # Never committed, so never shown: the offer is forgotten with it.
                     del self._reg.pending[record.device_id]
+                    pending.release()
                     if pending.expiry is not None:
                         pending.expiry.cancel()
             session.send(SessionFailed("could not store signals; resend them"))

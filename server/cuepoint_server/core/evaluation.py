@@ -72,7 +72,7 @@ class Evaluation(Scoring):
             policy=self.engine.scenarios.policy,
             busy=self._busy(session.device_id, now),
             paused=self.offers_paused,
-            has_capacity=self.desk.has_capacity,
+            no_capacity=lambda scenario: self._no_capacity(session, scenario, now),
         )
         decision = self.arbiter.decide(qualified, situation)
         offer = self._offer(session, decision.offer, decision.blocked, now, at) if decision.offer else None
@@ -127,6 +127,13 @@ class Evaluation(Scoring):
         if redactor:
             why, stored_message = redactor.explanation(why), redactor.text(offer.message)
         pending = PendingCue(offer, scenario.id, why)
+        if self.engine.scenarios.policy.require_capacity:
+            # Hold the slot the engagement will need, so one free associate is never offered twice.
+            queue, skills = self._routed(session, scenario, now)
+            associate = self.router.pick(queue, skills)
+            if associate is not None:
+                associate.reserved.add(offer.cue_id)
+                pending.reserved = associate
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
         self._reg.pending[session.device_id] = pending
         self.arbiter.remember_offer(session.subject, scenario.id, now, session.session_id)
@@ -236,7 +243,7 @@ class Evaluation(Scoring):
                 policy=self.engine.scenarios.policy,
                 busy=self._busy(device_id, now),
                 paused=self.offers_paused,
-                has_capacity=self.desk.has_capacity,
+                no_capacity=lambda scenario: self._no_capacity(session, scenario, now),
             )
 
             def decide(qualified: list[CompiledScenario]) -> Decision:
@@ -244,10 +251,25 @@ class Evaluation(Scoring):
 
         return check_scenarios(self.engine.scenarios.scenarios, state, now, decide)
 
+    def _routed(self, session: DeviceSession, scenario: CompiledScenario, now: float) -> tuple[str, tuple[str, ...]]:
+        """The queue and skills the routing rules would give this scenario's engagement now."""
+        queue, _, skills = self.engine.scenarios.routing.route(
+            session.state, now, scenario.queue, scenario.queue_priority, scenario.skills, scenario_id=scenario.id
+        )
+        return queue, skills
+
+    def _no_capacity(self, session: DeviceSession, scenario: CompiledScenario, now: float) -> str | None:
+        queue, skills = self._routed(session, scenario, now)
+        if self.desk.has_capacity(queue, skills):
+            return None
+        needs = f" with skills {', '.join(skills)}" if skills else ""
+        return f"no associate available in queue {queue}{needs}"
+
     def _withdraw(self, device_id: str, reason: str) -> None:
         pending = self._reg.pending.pop(device_id, None)
         if pending is None:
             return
+        pending.release()
         if pending.expiry is not None:
             pending.expiry.cancel()
         for observer in self.observers:
@@ -259,6 +281,7 @@ class Evaluation(Scoring):
         if pending is None or pending.offer.cue_id != cue_id:
             return
         del self._reg.pending[device_id]
+        pending.release()
         for observer in self.observers:
             observer.cue_settled(pending.scenario_id, "expired")
         self._spawn(self._settled(device_id, cue_id, "expired", "expired"))
@@ -346,6 +369,8 @@ class Evaluation(Scoring):
             session.send(Withdrawal(cue_id, known.status if mine and known else "unknown"))
             return
         del self._reg.pending[session.device_id]
+        # Freed before the engagement is routed, so the associate held for it can take it.
+        pending.release()
         if pending.expiry is not None:
             pending.expiry.cancel()
         if response != "accepted":

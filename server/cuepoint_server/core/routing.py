@@ -41,8 +41,8 @@ class Router:
         # Longest idle wins; id breaks ties so the choice is deterministic.
         return min(candidates, key=lambda a: (a.idle_since, a.associate_id))
 
-    def has_capacity(self, queue: str) -> bool:
-        return self.pick(queue) is not None
+    def has_capacity(self, queue: str, skills: Collection[str] = ()) -> bool:
+        return self.pick(queue, skills) is not None
 
     def wait(self, queue: str, engagement_id: str, *, priority: int = 0, since: float = 0.0) -> None:
         bisect.insort(self._waiting.setdefault(queue, []), (-priority, since, engagement_id))

@@ -71,6 +71,14 @@ class PendingCue:
     scenario_id: str
     explanation: dict[str, object]
     expiry: TimerHandle | None = None
+    # The associate whose slot is held for this cue's engagement while it is on screen (require_capacity).
+    reserved: AssociateSession | None = None
+
+    def release(self) -> None:
+        """The cue is answered, expired or withdrawn: its associate's slot is free again."""
+        if self.reserved is not None:
+            self.reserved.reserved.discard(self.offer.cue_id)
+            self.reserved = None
 
 
 @dataclass(slots=True, eq=False)
@@ -197,12 +205,15 @@ class AssociateSession:
     active: set[str] = field(default_factory=set)
     # Offers awaiting claim hold a slot, so one associate is never offered more than they can take.
     offers: set[str] = field(default_factory=set)
+    # Cues on screen whose engagement this associate's slot is held for, so it is not offered twice.
+    reserved: set[str] = field(default_factory=set)
     outbox: asyncio.Queue[AssociateOut] = field(default_factory=asyncio.Queue)
     closed: bool = False
 
     @property
     def available(self) -> bool:
-        return not self.closed and self.presence == "available" and len(self.active) + len(self.offers) < self.capacity
+        held = len(self.active) + len(self.offers) + len(self.reserved)
+        return not self.closed and self.presence == "available" and held < self.capacity
 
     def send(self, message: AssociateOut) -> None:
         if not self.closed:

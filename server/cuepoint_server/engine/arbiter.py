@@ -60,7 +60,8 @@ class Situation:
     policy: PolicySpec
     busy: str | None = None
     paused: bool = False
-    has_capacity: Callable[[str], bool] = lambda queue: True
+    # Why nobody could take this scenario's engagement where routing would send it; None: someone can.
+    no_capacity: Callable[[CompiledScenario], str | None] = lambda scenario: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +185,10 @@ class Arbiter:
         blocked = self._policy_block(s, memory)
         if blocked is not None:
             return blocked
-        if s.policy.require_capacity and not s.has_capacity(scenario.queue):
-            return ("no_capacity", f"no associate available in queue {scenario.queue}")
+        if s.policy.require_capacity:
+            missing = s.no_capacity(scenario)
+            if missing is not None:
+                return ("no_capacity", missing)
         return None
 
     def _policy_block(self, s: Situation, memory: _Memory) -> tuple[str, str] | None:
