@@ -30,13 +30,6 @@ async def first(items: AsyncIterator[T], matching: Callable[[T], bool], within: 
     raise AssertionError("the feed ended before a matching item arrived")
 
 
-async def ended_for(client: cuepoint.AssociateClient, engagement_id: str) -> cuepoint.EngagementEnded:
-    events = client.events()
-    return await first(  # type: ignore[return-value]
-        events, lambda e: isinstance(e, cuepoint.EngagementEnded) and e.engagement_id == engagement_id
-    )
-
-
 async def test_blind_transfer_to_an_associate_carries_context_transcript_and_channel(
     start_server: StartServer,
 ) -> None:
@@ -216,9 +209,13 @@ async def test_supervisor_sees_queues_live_monitors_whispers_and_barges_in(start
     await server.core.drain()
     parts = await server.store.participations_for(assigned.engagement_id)
     assert [(p.associate_id, p.role) for p in parts] == [("sam", "monitor"), ("sam", "barge")]
+    # Subscribed before the wrap-up is sent, so the supervisor's EngagementEnded cannot arrive unseen.
+    sup_events = sup.events()
     await dana.end(assigned, disposition="resolved")
-    ended = await ended_for(sup, assigned.engagement_id)
-    assert ended.engagement_id == assigned.engagement_id
+    ended = await first(
+        sup_events, lambda e: isinstance(e, cuepoint.EngagementEnded) and e.engagement_id == assigned.engagement_id
+    )
+    assert isinstance(ended, cuepoint.EngagementEnded)
     for c in (client, dana, sup):
         await c.close()
 
