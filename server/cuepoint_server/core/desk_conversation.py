@@ -27,19 +27,7 @@ CHANNELS = ("audio", "screen_share", "chat", "video")
 
 class Conversation(DeskBase):
     async def chat(self, party: str, engagement: Engagement, text: str, by: AssociateSession | None = None) -> None:
-        if not text.strip() or len(text) > MAX_CHAT:
-            raise InvalidInput("chat.text", f"required; at most {MAX_CHAT} characters")
-        if not engagement.open:
-            raise InvalidInput("chat.engagement_id", "the engagement has ended")
-        line = ChatLine(
-            engagement.engagement_id,
-            uuid.uuid4().hex,
-            party,
-            text,
-            self.clock.now(),
-            sender_id=by.associate_id if by is not None else "",
-            sender_name=by.display_name if by is not None else "",
-        )
+        line = self._line("chat", party, engagement, text, by)
         await self.store.save_chat(ChatRecord(line.message_id, line.engagement_id, party, text, line.time))
         engagement.transcript.append(line)
         del engagement.transcript[:-TRANSCRIPT_KEPT]
@@ -52,6 +40,32 @@ class Conversation(DeskBase):
 
     async def _heard(self, engagement: Engagement, party: str, text: str) -> None:
         """A line was relayed; a built-in bot (desk_bots.py) answers the user's."""
+
+    def _line(
+        self,
+        kind: str,
+        party: str,
+        engagement: Engagement,
+        text: str,
+        by: AssociateSession | None,
+        *,
+        whisper: bool = False,
+    ) -> ChatLine:
+        """A new line of chat or whisper (``kind`` names the request in errors), checked before anyone sees it."""
+        if not text.strip() or len(text) > MAX_CHAT:
+            raise InvalidInput(f"{kind}.text", f"required; at most {MAX_CHAT} characters")
+        if not engagement.open:
+            raise InvalidInput(f"{kind}.engagement_id", "the engagement has ended")
+        return ChatLine(
+            engagement.engagement_id,
+            uuid.uuid4().hex,
+            party,
+            text,
+            self.clock.now(),
+            sender_id=by.associate_id if by is not None else "",
+            sender_name=by.display_name if by is not None else "",
+            whisper=whisper,
+        )
 
     def device_engagement(self, session: DeviceSession, engagement_id: str, field_name: str) -> Engagement:
         return self._of_device(session, engagement_id, field_name)

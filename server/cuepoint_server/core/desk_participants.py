@@ -9,22 +9,19 @@ engagement, and when, can be audited; whispers reach the associates' side only a
 
 from __future__ import annotations
 
-import uuid
-
 import structlog
 
 from ..storage import ParticipationRecord
 from .desk_wrapup import WrapUp
 from .engagement_model import Engagement
 from .errors import InvalidInput, NotFound, PermissionDenied
-from .model import AssociateSignIn, ChatLine, EngagementEnded, EngagementJoined, SupervisedSnapshot
+from .model import AssociateSignIn, EngagementEnded, EngagementJoined, SupervisedSnapshot
 from .sessions import AssociateSession
 
-__all__ = ["MAX_WHISPER", "Participants"]
+__all__ = ["Participants"]
 
 log = structlog.get_logger("cuepoint.core.engagements")
 
-MAX_WHISPER = 4000
 # Roles whose chat the user sees.
 SPEAKING = ("conference", "barge")
 # Roles that take one of the associate's engagement slots (supervisors watch on top of their own work).
@@ -197,20 +194,7 @@ class Participants(WrapUp):
         )
         if not on_it and engagement.queue not in associate.supervised_queues:
             raise PermissionDenied(f"you are not on engagement {engagement_id!r} and do not supervise its queue")
-        if not text.strip() or len(text) > MAX_WHISPER:
-            raise InvalidInput("whisper.text", f"required; at most {MAX_WHISPER} characters")
-        if not engagement.open:
-            raise InvalidInput("whisper.engagement_id", "the engagement has ended")
-        line = ChatLine(
-            engagement.engagement_id,
-            uuid.uuid4().hex,
-            "associate",
-            text,
-            self.clock.now(),
-            sender_id=associate.associate_id,
-            sender_name=associate.display_name,
-            whisper=True,
-        )
+        line = self._line("whisper", "associate", engagement, text, associate, whisper=True)
         recipients = engagement.associates()
         if associate not in recipients:
             recipients.append(associate)  # a supervisor whispering without watching still sees their line
