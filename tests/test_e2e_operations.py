@@ -6,6 +6,7 @@ Real server on port 0, real SDK clients for the device, the associates and the s
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -13,7 +14,7 @@ import grpc
 import pytest
 
 import cuepoint
-from cuepoint.v1 import associate_pb2, associate_pb2_grpc, common_pb2
+from cuepoint.v1 import admin_pb2, admin_pb2_grpc, associate_pb2, associate_pb2_grpc, common_pb2
 
 from .conftest import StartServer, phone
 from .test_e2e_engagements import HELP, ask_for_help, associate, eventually
@@ -217,6 +218,52 @@ async def test_supervisor_sees_queues_live_monitors_whispers_and_barges_in(start
     )
     assert isinstance(ended, cuepoint.EngagementEnded)
     for c in (client, dana, sup):
+        await c.close()
+
+
+async def test_supervision_is_in_the_audit_trail_allowed_or_refused(start_server: StartServer) -> None:
+    server = await start_server(HELP)
+    dana = await associate(server, "dana")
+    sam = await associate(server, "sam", queues=["supervisors"], supervised_queues=["support"])
+    client = await phone(server)
+    await ask_for_help(client)
+    assigned = await dana.next_engagement(timeout=5)
+    target = f"engagement:{assigned.engagement_id}"
+
+    await sam.monitor(assigned.engagement_id)
+    watched = await sam.next_joined(timeout=5)
+    await sam.whisper(watched, "Offer the premium fix")
+    await first(dana.messages(assigned), lambda m: m.whisper)
+    await sam.barge(assigned.engagement_id)
+    await sam.next_joined(timeout=5)
+    # A supervisor of another queue is refused, and the attempt is on record too.
+    vic = associate_pb2.SignIn(associate_id="vic", queues=["other"], supervised_queues=["other"])
+    refused = await _refused(
+        server,
+        vic,
+        associate_pb2.AssociateMessage(whisper=associate_pb2.Whisper(engagement_id=assigned.engagement_id, text="x")),
+    )
+    assert refused is grpc.StatusCode.PERMISSION_DENIED
+
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        listed = await admin_pb2_grpc.AdminServiceStub(channel).ListAuditEntries(
+            admin_pb2.ListAuditEntriesRequest(limit=50)
+        )
+    entries = [
+        (e.actor, e.action, e.target, e.outcome, json.loads(e.after_json))
+        for e in reversed(listed.entries)  # newest first on the wire
+        if e.action.startswith("engagement.")
+    ]
+    ok, denied = admin_pb2.AUDIT_OUTCOME_OK, admin_pb2.AUDIT_OUTCOME_DENIED
+    assert entries == [
+        ("associate:sam", "engagement.monitor", target, ok, {"queue": "support"}),
+        ("associate:sam", "engagement.whisper", target, ok, {"queue": "support", "as": "monitor", "chars": 21}),
+        ("associate:sam", "engagement.barge", target, ok, {"queue": "support"}),
+        ("associate:vic", "engagement.whisper", target, denied, {}),
+    ]
+    # The whisper's words are not kept in the trail.
+    assert all("premium" not in e.after_json + e.detail for e in listed.entries)
+    for c in (client, dana, sam):
         await c.close()
 
 

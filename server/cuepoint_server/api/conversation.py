@@ -174,7 +174,7 @@ async def from_associate(core: Core, associate: AssociateSession, message: assoc
     elif kind == "monitor":
         await desk.monitor(associate, message.monitor.engagement_id)
     elif kind == "whisper":
-        desk.whisper(associate, message.whisper.engagement_id, message.whisper.text)
+        await desk.whisper(associate, message.whisper.engagement_id, message.whisper.text)
     elif kind == "barge":
         await desk.barge(associate, message.barge.engagement_id)
     elif kind == "invite":

@@ -5,6 +5,11 @@ The owner (``Engagement.associate``) routes and wraps up the engagement. Others 
 the associates only), ``monitor`` (a supervisor watching read-only) and ``barge`` (a supervisor who
 joined the conversation). Every joining and leaving is stored (engagement_participants), so who saw an
 engagement, and when, can be audited; whispers reach the associates' side only and never the device.
+
+A supervisor's monitor, whisper and barge-in, allowed or refused, is also an entry of the audit trail
+(audit_log, AdminService.ListAuditEntries), written before anyone is told: watching someone's work is an
+act of oversight and is accountable like an admin's. A whisper's text stays out of the trail (it may
+quote the user); its length is kept.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from __future__ import annotations
 import structlog
 
 from ..storage import ParticipationRecord
+from ..storage.audit_log import AuditRecord
 from .desk_wrapup import WrapUp
 from .engagement_model import Engagement
-from .errors import InvalidInput, NotFound, PermissionDenied
+from .errors import CoreError, InvalidInput, NotFound, PermissionDenied
 from .model import AssociateSignIn, EngagementEnded, EngagementJoined, SupervisedSnapshot
 from .sessions import AssociateSession
 
@@ -69,14 +75,14 @@ class Participants(WrapUp):
         await self._join(engagement, target, "conference")
 
     async def monitor(self, supervisor: AssociateSession, engagement_id: str) -> None:
-        engagement = self._supervised(supervisor, engagement_id, "monitor.engagement_id")
+        engagement = await self._audited_supervision(supervisor, engagement_id, "monitor")
         joined = engagement.participants.get(supervisor.associate_id)
         if joined is not None and joined[0] is supervisor:
             return  # already watching (or barged in): nothing changes
         await self._join(engagement, supervisor, "monitor")
 
     async def barge(self, supervisor: AssociateSession, engagement_id: str) -> None:
-        engagement = self._supervised(supervisor, engagement_id, "barge.engagement_id")
+        engagement = await self._audited_supervision(supervisor, engagement_id, "barge")
         joined = engagement.participants.get(supervisor.associate_id)
         if joined is not None and joined[0] is supervisor:
             if joined[1] == "barge":
@@ -96,6 +102,41 @@ class Participants(WrapUp):
         if target is engagement.associate or associate_id in engagement.participants:
             raise InvalidInput(f"{where}.associate_id", f"associate {associate_id!r} is already on this engagement")
         return target
+
+    async def _audited_supervision(self, supervisor: AssociateSession, engagement_id: str, action: str) -> Engagement:
+        """The supervised engagement, the attempt recorded in the audit trail either way before it acts."""
+        try:
+            engagement = self._supervised(supervisor, engagement_id, f"{action}.engagement_id")
+        except CoreError as exc:
+            await self._audit_supervision(supervisor, action, engagement_id, outcome="denied", detail=str(exc))
+            raise
+        await self._audit_supervision(supervisor, action, engagement_id, queue=engagement.queue)
+        return engagement
+
+    async def _audit_supervision(
+        self,
+        associate: AssociateSession,
+        action: str,
+        engagement_id: str,
+        *,
+        outcome: str = "ok",
+        detail: str = "",
+        queue: str = "",
+        after: dict[str, object] | None = None,
+    ) -> None:
+        roles = ("supervisor",) if associate.supervised_queues else ()
+        await self.store.append_audit(
+            AuditRecord(
+                time=self.clock.now(),
+                actor=f"associate:{associate.associate_id}",
+                action=f"engagement.{action}",
+                target=f"engagement:{engagement_id}",
+                outcome=outcome,
+                detail=detail,
+                roles=roles,
+                after={"queue": queue, **(after or {})} if queue else dict(after or {}),
+            )
+        )
 
     def _supervised(self, supervisor: AssociateSession, engagement_id: str, field_name: str) -> Engagement:
         engagement = self._engagements.get(engagement_id)
@@ -183,18 +224,31 @@ class Participants(WrapUp):
             raise PermissionDenied(f"as {joined[1]} on engagement {engagement_id!r} you may whisper, not chat")
         raise PermissionDenied(f"engagement {engagement_id!r} is not assigned to you")
 
-    def whisper(self, associate: AssociateSession, engagement_id: str, text: str) -> None:
+    async def whisper(self, associate: AssociateSession, engagement_id: str, text: str) -> None:
         """To the associates on the engagement only: its owner, participants, and the sender."""
         engagement = self._engagements.get(engagement_id)
-        if engagement is None:
-            raise NotFound(f"no engagement {engagement_id!r}")
-        on_it = engagement.associate is associate or (
-            associate.associate_id in engagement.participants
-            and engagement.participants[associate.associate_id][0] is associate
+        on_it = engagement is not None and (
+            engagement.associate is associate
+            or (
+                associate.associate_id in engagement.participants
+                and engagement.participants[associate.associate_id][0] is associate
+            )
         )
-        if not on_it and engagement.queue not in associate.supervised_queues:
-            raise PermissionDenied(f"you are not on engagement {engagement_id!r} and do not supervise its queue")
+        if engagement is None or (not on_it and engagement.queue not in associate.supervised_queues):
+            error: CoreError = (
+                NotFound(f"no engagement {engagement_id!r}")
+                if engagement is None
+                else PermissionDenied(f"you are not on engagement {engagement_id!r} and do not supervise its queue")
+            )
+            await self._audit_supervision(associate, "whisper", engagement_id, outcome="denied", detail=str(error))
+            raise error
         line = self._line("whisper", "associate", engagement, text, associate, whisper=True)
+        # On record before it is heard: who whispered, as what, and how much (not what: it may quote the user).
+        joined = engagement.participants.get(associate.associate_id)
+        as_role = "owner" if engagement.associate is associate else joined[1] if on_it and joined else "supervisor"
+        await self._audit_supervision(
+            associate, "whisper", engagement_id, queue=engagement.queue, after={"as": as_role, "chars": len(text)}
+        )
         recipients = engagement.associates()
         if associate not in recipients:
             recipients.append(associate)  # a supervisor whispering without watching still sees their line
