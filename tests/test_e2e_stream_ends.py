@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from cuepoint.v1 import device_pb2, device_pb2_grpc
+from cuepoint.v1 import associate_pb2, associate_pb2_grpc, device_pb2, device_pb2_grpc
 from cuepoint_server.api.limits import RateLimits
 
 from .conftest import StartServer
@@ -57,6 +57,23 @@ async def test_a_stream_without_a_hello_ends_with_deadline_exceeded(start_server
             assert exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
             assert "hello" in (exc.details() or "")
     assert server.core.stats()["sessions"] == 0
+
+
+async def test_an_associate_stream_without_a_sign_in_ends_with_deadline_exceeded(start_server: StartServer) -> None:
+    server = await start_server(SYNC, hello_timeout=0.3)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        silent: asyncio.Queue[associate_pb2.AssociateMessage] = asyncio.Queue()
+
+        async def nothing():  # type: ignore[no-untyped-def]
+            yield await silent.get()  # never: the desk opens the stream and never signs in
+
+        call = associate_pb2_grpc.AssociateServiceStub(channel).Connect(nothing())
+        try:
+            await asyncio.wait_for(call.read(), 10)
+            raise AssertionError("the stream must end")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "sign_in" in (exc.details() or "")
 
 
 async def test_negative_nanos_are_invalid_argument_naming_the_field(start_server: StartServer) -> None:

@@ -60,7 +60,8 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     # Seconds in-flight streams get to finish on shutdown.
     grace: float = 5.0
-    # Seconds a new device stream may take to send its Hello before it ends with DEADLINE_EXCEEDED.
+    # Seconds a new device stream may take to send its Hello, and an associate stream its sign-in, before
+    # it ends with DEADLINE_EXCEEDED.
     hello_timeout: float = 10.0
     # Server keepalive pings on idle connections.
     keepalive_time: float = 30.0
@@ -161,7 +162,7 @@ class CuepointServer:
         device_pb2_grpc.add_DeviceServiceServicer_to_server(
             DeviceServicer(core, auth=auth, limiter=limiter, hello_timeout=config.hello_timeout), server
         )
-        associate_pb2_grpc.add_AssociateServiceServicer_to_server(AssociateServicer(core, auth=auth), server)
+        associate_pb2_grpc.add_AssociateServiceServicer_to_server(AssociateServicer(core, auth=auth, sign_in_timeout=config.hello_timeout), server)
         admin = AdminServicer(core, audit=trail)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
         health_servicer = health.aio.HealthServicer()

@@ -29,14 +29,18 @@ Context: TypeAlias = grpc.aio.ServicerContext[associate_pb2.AssociateMessage, as
 
 
 class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
-    def __init__(self, core: Core, *, auth: Authenticator | None = None) -> None:
+    def __init__(self, core: Core, *, auth: Authenticator | None = None, sign_in_timeout: float | None = 10.0) -> None:
         self.core = core
         self.auth = auth  # None: auth disabled
+        # Like a device's Hello: a stream that never signs in holds server memory for nothing.
+        self.sign_in_timeout = sign_in_timeout
 
     async def Connect(  # type: ignore[override]  # writes through context, not yield
         self, request_iterator: AsyncIterator[associate_pb2.AssociateMessage], context: Context
     ) -> None:
-        first = await opening(request_iterator, context, kind="sign_in", type_name="AssociateMessage")
+        first = await opening(
+            request_iterator, context, kind="sign_in", type_name="AssociateMessage", deadline=self.sign_in_timeout
+        )
         if first is None:
             return
         try:
