@@ -184,3 +184,47 @@ async def test_kill_during_a_resend_stores_each_signal_once(server: ServerProces
         stored = [row[0] for row in db.execute("SELECT signal_id FROM signals WHERE device_id = 'resend-1'")]
     assert len(stored) == len(set(stored)) == len(tracked)  # 0 stored twice
     assert set(tracked) == set(stored)  # 0 acknowledged (indeed 0 tracked) signals lost
+
+
+async def test_an_older_versions_accept_without_engagement_is_repaired_at_start(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Before the accept and its engagement shared a transaction, a crash between them left an accepted cue
+    with no engagement that blocked its session for good. A start repairs what such a version left."""
+    db = tmp_path / "crash.db"
+    await server.start()
+    clients = []
+    cues = []
+    for name in ("old-within-ttl", "old-expired"):
+        client = await cuepoint.connect(server.address, app_id="fitkit", device_id=name, config=CONFIG)
+        await qualify(client)
+        await client.flush(timeout=10)
+        cue = await client.next_cue(timeout=10)
+        engagement = await client.accept(cue)
+        await engagement.wait_for(cuepoint.EngagementState.QUEUED, timeout=10)
+        clients.append((client, engagement))
+        cues.append(cue.cue_id)
+    await server.kill()
+    with sqlite3.connect(db) as conn:  # what the older version left behind
+        conn.execute("DELETE FROM engagements WHERE device_id LIKE 'old-%'")
+        conn.execute("UPDATE cues SET expires_at = 1 WHERE device_id = 'old-expired'")
+    assert counts(db, "old-")["accepted cues without an engagement"] == 2
+    await server.start()
+    # The cue still within its ttl is offered again; the SDK, still holding the answer, sends it again and
+    # this time the engagement commits with it.
+    async with asyncio.timeout(30):
+        while True:
+            with sqlite3.connect(db) as conn:
+                row = conn.execute("SELECT COUNT(*) FROM engagements WHERE cue_id = ?", (cues[0],)).fetchone()
+            if row[0] == 1:
+                break
+            await asyncio.sleep(0.1)
+    with sqlite3.connect(db) as conn:
+        statuses = dict(conn.execute("SELECT device_id, status FROM cues WHERE device_id LIKE 'old-%'").fetchall())
+    assert statuses == {"old-within-ttl": "accepted", "old-expired": "lost"}
+    found = counts(db, "old-")
+    assert found["accepted cues without an engagement"] == 0
+    assert found["engagements per cue beyond one"] == 0
+    for client, _ in clients:
+        await client.close()
+    await server.stop()

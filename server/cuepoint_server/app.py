@@ -162,7 +162,8 @@ class CuepointServer:
         device_pb2_grpc.add_DeviceServiceServicer_to_server(
             DeviceServicer(core, auth=auth, limiter=limiter, hello_timeout=config.hello_timeout), server
         )
-        associate_pb2_grpc.add_AssociateServiceServicer_to_server(AssociateServicer(core, auth=auth, sign_in_timeout=config.hello_timeout), server)
+        associate = AssociateServicer(core, auth=auth, sign_in_timeout=config.hello_timeout)
+        associate_pb2_grpc.add_AssociateServiceServicer_to_server(associate, server)
         admin = AdminServicer(core, audit=trail)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
         health_servicer = health.aio.HealthServicer()

@@ -90,6 +90,10 @@ class Recovery(Evaluation):
         Journeys of sessions without consent are dropped too: their timers died with the process.
         """
         await self.store.forget_unconsented(ended_before=self.clock.now() - self.config.resume_window)
+        # Before anything reads cues: an accepted cue with no engagement would block its session for good.
+        offered_again, lost = await self.store.repair_unfinished_accepts(self.clock.now())
+        if offered_again or lost:
+            log.warning("recovery.unfinished_accepts", offered_again=offered_again, lost=lost)
         self.stopped_variants = await self.store.stopped_variants()
         # Operations switches set through the admin API outlast the process.
         for switch in await self.store.switches():

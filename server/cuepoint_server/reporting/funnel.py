@@ -73,6 +73,9 @@ CUE_OUTCOMES = {
     "dismissed": "dismissed",
     "expired": "ignored",
     "withdrawn": "withdrawn",
+    # An accept an older version lost in a crash, found at start (Store.repair_unfinished_accepts): the
+    # server took the cue back, in effect; counting it as accepted would promise an engagement never made.
+    "lost": "withdrawn",
     "offered": "pending",
     "opened": "opened",
 }

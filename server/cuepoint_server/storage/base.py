@@ -231,6 +231,15 @@ class Store(Protocol):
 
     async def open_engagements(self) -> list[EngagementRecord]: ...
 
+    async def repair_unfinished_accepts(self, now: float) -> tuple[int, int]:
+        """Accepted cues without an engagement, left by versions whose accept and engagement were two commits.
+
+        A cue still within its ttl is offered again (the device's answer is taken again, this time with its
+        engagement); one past it becomes ``lost``, so it neither counts as accepted nor blocks the session.
+        Returns (offered again, lost); a second call finds nothing.
+        """
+        ...
+
     async def recent_signal_ids(self, device_id: str, *, limit: int) -> list[str]: ...
 
     # -- privacy ----------------------------------------------------------------------------------

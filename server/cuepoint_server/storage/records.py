@@ -54,7 +54,7 @@ class CueRecord:
     expires_at: float
     channel: str
     message: str
-    status: str  # "offered" | "accepted" | "declined" | "dismissed" | "expired" | "withdrawn"
+    status: str  # "offered" | "accepted" | "declined" | "dismissed" | "expired" | "withdrawn" | "lost"
     responded_at: float | None
     explanation: dict[str, Any]
     variant: str = ""  # the A/B variant shown, "" when the scenario has none

@@ -1020,6 +1020,22 @@ class SqliteStore(PredictState):
         sql = f"{_select('cues', _CUE_COLS)} WHERE session_id = ? ORDER BY created_at, rowid"
         return [_cue_from(r) for r in await self._fetch(sql, (session_id,))]
 
+    async def repair_unfinished_accepts(self, now: float) -> tuple[int, int]:
+        orphan = "status = 'accepted' AND NOT EXISTS (SELECT 1 FROM engagements AS e WHERE e.cue_id = cues.cue_id)"
+
+        async def run(conn: aiosqlite.Connection) -> tuple[tuple[int, int], int]:
+            again = await conn.execute(
+                f"UPDATE cues SET status = 'offered', responded_at = NULL, button_id = '' "
+                f"WHERE {orphan} AND expires_at > ?",
+                (now,),
+            )
+            lost = await conn.execute(f"UPDATE cues SET status = 'lost' WHERE {orphan}")
+            counts = (max(again.rowcount, 0), max(lost.rowcount, 0))
+            return counts, sum(counts)
+
+        repaired: tuple[int, int] = await self._writer.transaction(run)
+        return repaired
+
     async def open_engagements(self) -> list[EngagementRecord]:
         """Engagements not finished when the process stopped (queued or assigned), oldest first."""
         sql = (
