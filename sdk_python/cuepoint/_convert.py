@@ -522,6 +522,8 @@ def engagement_update_from_proto(msg: device_pb2.EngagementUpdate) -> Engagement
         associate_name=msg.associate_name,
         time=time_from_proto(msg, "time"),
         disposition=msg.disposition,
+        queue_position=max(msg.queue_position, 0),
+        estimated_wait=msg.estimated_wait.ToTimedelta().total_seconds() if msg.HasField("estimated_wait") else None,
     )
 
 

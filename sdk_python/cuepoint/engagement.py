@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,6 +51,10 @@ CueCallback = Callable[[Cue], object]
 """Called with each new cue; may be a plain function or return an awaitable."""
 
 StateCallback = Callable[[ConnectionState], object]
+
+QueueCallback = Callable[[EngagementUpdate], object]
+"""Called with each QUEUED update that tells the position in line or the estimated wait;
+may be a plain function or return an awaitable."""
 """Called with each new :class:`ConnectionState`; may be a plain function or return an awaitable."""
 
 # Cues nobody consumed via cues()/next_cue() are kept up to this many; the
@@ -95,6 +100,8 @@ class Engagement:
         self._id_waiters: list[asyncio.Future[str]] = []
         self._fallback: FallbackOffer | None = None
         self._fallback_waiters: list[asyncio.Future[FallbackOffer]] = []
+        self._queue_callbacks: list[QueueCallback] = []
+        self._callback_tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         state = self.state.name if self.state else "PENDING"
@@ -139,6 +146,35 @@ class Engagement:
             return self._conversation.channel
         from_updates = next((u.channel for u in reversed(self._updates.items) if u.channel), None)
         return from_updates or self.cue.channel
+
+    @property
+    def queue_position(self) -> int | None:
+        """While QUEUED and in line: 1 for the next to be served, 2 behind it, ...; else None."""
+        last = self.last_update
+        if last is None or last.state is not EngagementState.QUEUED or last.queue_position <= 0:
+            return None
+        return last.queue_position
+
+    @property
+    def estimated_wait(self) -> float | None:
+        """While QUEUED: the server's latest estimate of the wait, in seconds; None without one."""
+        last = self.last_update
+        if last is None or last.state is not EngagementState.QUEUED:
+            return None
+        return last.estimated_wait
+
+    def on_queue_update(self, callback: QueueCallback) -> Callable[[], None]:
+        """Call ``callback`` with each QUEUED update carrying a position or an estimate, as the line moves.
+
+        Returns a function that unregisters it.
+        """
+        self._queue_callbacks.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._queue_callbacks.remove(callback)
+
+        return remove
 
     @property
     def transcript(self) -> tuple[ChatMessage, ...]:
@@ -396,8 +432,22 @@ class Engagement:
             for future in self._id_waiters:
                 if not future.done():
                     future.set_result(update.engagement_id)
+        if update.state is EngagementState.QUEUED and (update.queue_position or update.estimated_wait is not None):
+            self._tell_queue(update)
         if update.state is EngagementState.ENDED:
             self._finish(None)
+
+    def _tell_queue(self, update: EngagementUpdate) -> None:
+        for callback in list(self._queue_callbacks):
+            try:
+                result = callback(update)
+            except Exception:
+                log.exception("cuepoint: on_queue_update callback failed")
+                continue
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(_run_queue_callback(result))
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._callback_tasks.discard)
 
     def _receive(self, item: EngagementItem) -> None:
         """Chat, upgrade, call and fallback traffic the client routed here by engagement id."""
@@ -428,3 +478,10 @@ class Engagement:
         for future in waiters:
             if not future.done():
                 future.set_exception(error or self._closed_error())
+
+
+async def _run_queue_callback(result: Awaitable[object]) -> None:
+    try:
+        await result
+    except Exception:
+        log.exception("cuepoint: on_queue_update callback failed")

@@ -394,6 +394,12 @@ class EngagementUpdate:
     disposition: str = ""
     """Set on ENDED: the associate's wrap-up code (e.g. ``resolved``), ``user_ended``
     when the user ended it, ``cancelled`` after a :class:`FallbackOption.CANCEL`."""
+    queue_position: int = 0
+    """While QUEUED and waiting in line: 1 for the next to be served, 2 behind it, ...;
+    0 when not in line (not queued, or being offered to an associate right now)."""
+    estimated_wait: float | None = None
+    """While QUEUED: seconds until an associate likely takes it, from the queue's recent
+    handling times and staffing; None when the server has no basis for an estimate."""
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,10 @@ class _Player:
             elif isinstance(event, cuepoint.EngagementUpdate):
                 state = event.state.value if event.state else ""
                 who = f" associate={event.associate_name}" if event.associate_name else ""
-                self.say(name, f"ENGAGEMENT {self._label(device, event.cue_id)} {state} queue={event.queue}{who}")
+                line = f" position={event.queue_position}" if event.queue_position else ""
+                wait = f" wait={event.estimated_wait:g}s" if event.estimated_wait is not None else ""
+                label = self._label(device, event.cue_id)
+                self.say(name, f"ENGAGEMENT {label} {state} queue={event.queue}{who}{line}{wait}")
 
     @staticmethod
     def _label(device: _Device, cue_id: str) -> str:

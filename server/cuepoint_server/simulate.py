@@ -158,7 +158,9 @@ class Outcome:
             return f"{head} RESENT {d['cue']} {d['scenario']}"
         if self.kind == "engagement":
             who = f" associate={d['associate']}" if d["associate"] else ""
-            return f"{head} ENGAGEMENT {d['cue']} {d['state']} queue={d['queue']}{who}"
+            line = f" position={d['position']}" if d.get("position") else ""
+            wait = f" wait={d['wait']:g}s" if d.get("wait") is not None else ""
+            return f"{head} ENGAGEMENT {d['cue']} {d['state']} queue={d['queue']}{who}{line}{wait}"
         return f"{head} {self.kind.upper()} {' '.join(str(v) for v in d.values())}".rstrip()
 
     def as_dict(self) -> dict[str, Any]:
@@ -543,6 +545,10 @@ class Simulation:
         elif isinstance(message, Withdrawal):
             self._emit(device, "withdrawn", cue=self._label(message.cue_id), reason=message.reason)
         elif isinstance(message, EngagementUpdate):
+            # While queued: the place in line and the estimated wait the device is told (core/queue_wait.py).
+            waiting = {"position": message.queue_position} if message.queue_position else {}
+            if message.estimated_wait is not None:
+                waiting["wait"] = round(message.estimated_wait, 3)
             self._emit(
                 device,
                 "engagement",
@@ -550,6 +556,7 @@ class Simulation:
                 state=message.state,
                 queue=message.queue,
                 associate=message.associate_name,
+                **waiting,
             )
         elif isinstance(message, SessionFailed):
             self._emit(device, "session_failed", reason=message.reason)

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from cuepoint.v1 import common_pb2 as cuepoint_dot_v1_dot_common__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63uepoint/v1/device.proto\x12\x0b\x63uepoint.v1\x1a\x18\x63uepoint/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x04\n\rDeviceMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.cuepoint.v1.HelloH\x00\x12+\n\x07signals\x18\x02 \x01(\x0b\x32\x18.cuepoint.v1.SignalBatchH\x00\x12\x30\n\x0c\x63ue_response\x18\x03 \x01(\x0b\x32\x18.cuepoint.v1.CueResponseH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x05 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x38\n\x10upgrade_response\x18\x06 \x01(\x0b\x32\x1c.cuepoint.v1.UpgradeResponseH\x00\x12.\n\x0b\x63\x61ll_signal\x18\x07 \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12:\n\x0e\x65nd_engagement\x18\x08 \x01(\x0b\x32 .cuepoint.v1.EndEngagementByUserH\x00\x12\x36\n\x0f\x66\x61llback_choice\x18\t \x01(\x0b\x32\x1b.cuepoint.v1.FallbackChoiceH\x00\x12,\n\nuser_token\x18\n \x01(\x0b\x32\x16.cuepoint.v1.UserTokenH\x00\x12/\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x0b \x01(\x0b\x32\x1b.cuepoint.v1.FeedbackAnswerH\x00\x42\x06\n\x04kind\"\x1a\n\tUserToken\x12\r\n\x05token\x18\x01 \x01(\t\"E\n\x10UserVerification\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08verified\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa2\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.cuepoint.v1.FeedbackKind\x12\x10\n\x08question\x18\x03 \x01(\t\x12\x11\n\tmin_score\x18\x04 \x01(\x05\x12\x11\n\tmax_score\x18\x05 \x01(\x05\x12\x17\n\x0f\x63omment_allowed\x18\x06 \x01(\x08\"G\n\x0e\x46\x65\x65\x64\x62\x61\x63kAnswer\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x05\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\",\n\x13\x45ndEngagementByUser\x12\x15\n\rengagement_id\x18\x01 \x01(\t\"e\n\rFallbackOffer\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12,\n\x07options\x18\x02 \x03(\x0e\x32\x1b.cuepoint.v1.FallbackOption\x12\x0f\n\x07message\x18\x03 \x01(\t\"j\n\x0e\x46\x61llbackChoice\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12+\n\x06option\x18\x02 \x01(\x0e\x32\x1b.cuepoint.v1.FallbackOption\x12\x14\n\x0cphone_number\x18\x03 \x01(\t\"\xfc\x01\n\x05Hello\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12%\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x14.cuepoint.v1.Context\x12\'\n\x04user\x18\x04 \x01(\x0b\x32\x19.cuepoint.v1.UserIdentity\x12%\n\x07\x63onsent\x18\x05 \x01(\x0b\x32\x14.cuepoint.v1.Consent\x12\x13\n\x0bsdk_version\x18\x06 \x01(\t\x12\x19\n\x11resume_session_id\x18\x07 \x01(\t\x12\x15\n\rdevice_secret\x18\x08 \x01(\t\x12\x12\n\nuser_token\x18\t \x01(\t\"r\n\x0bSignalBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x07signals\x18\x03 \x03(\x0b\x32\x13.cuepoint.v1.Signal\"\x86\x01\n\x0b\x43ueResponse\x12\x0e\n\x06\x63ue_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.cuepoint.v1.CueResponseKind\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tbutton_id\x18\x04 \x01(\t\"\xdd\x04\n\rServerMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.cuepoint.v1.WelcomeH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.cuepoint.v1.SignalAckH\x00\x12\x1f\n\x03\x63ue\x18\x03 \x01(\x0b\x32\x10.cuepoint.v1.CueH\x00\x12\x30\n\nwithdrawal\x18\x04 \x01(\x0b\x32\x1a.cuepoint.v1.CueWithdrawalH\x00\x12\x33\n\nengagement\x18\x05 \x01(\x0b\x32\x1d.cuepoint.v1.EngagementUpdateH\x00\x12(\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x07 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x34\n\x0e\x63hannel_change\x18\x08 \x01(\x0b\x32\x1a.cuepoint.v1.ChannelChangeH\x00\x12.\n\x0b\x63\x61ll_signal\x18\t \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12.\n\x08\x66\x61llback\x18\n \x01(\x0b\x32\x1a.cuepoint.v1.FallbackOfferH\x00\x12:\n\x11user_verification\x18\x0b \x01(\x0b\x32\x1d.cuepoint.v1.UserVerificationH\x00\x12\x38\n\x10\x66\x65\x65\x64\x62\x61\x63k_request\x18\x0c \x01(\x0b\x32\x1c.cuepoint.v1.FeedbackRequestH\x00\x42\x06\n\x04kind\"\x84\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15max_signals_per_batch\x18\x03 \x01(\x05\x12\x15\n\rdevice_secret\x18\x04 \x01(\t\"H\n\tSignalAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x12\n\nsignal_ids\x18\x02 \x03(\t\x12\x15\n\rduplicate_ids\x18\x03 \x03(\t\"/\n\rCueWithdrawal\x12\x0e\n\x06\x63ue_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xf3\x01\n\x10\x45ngagementUpdate\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ue_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.cuepoint.v1.EngagementState\x12%\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x14.cuepoint.v1.Channel\x12\r\n\x05queue\x18\x05 \x01(\t\x12\x16\n\x0e\x61ssociate_name\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64isposition\x18\x08 \x01(\t*\\\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x45\x45\x44\x42\x41\x43K_KIND_CSAT\x10\x01\x12\x15\n\x11\x46\x45\x45\x44\x42\x41\x43K_KIND_NPS\x10\x02*\x85\x01\n\x0e\x46\x61llbackOption\x12\x1f\n\x1b\x46\x41LLBACK_OPTION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41LLBACK_OPTION_CALLBACK\x10\x01\x12\x18\n\x14\x46\x41LLBACK_OPTION_CHAT\x10\x02\x12\x1a\n\x16\x46\x41LLBACK_OPTION_CANCEL\x10\x03\x32V\n\rDeviceService\x12\x45\n\x07\x43onnect\x12\x1a.cuepoint.v1.DeviceMessage\x1a\x1a.cuepoint.v1.ServerMessage(\x01\x30\x01\x42O\n\x0f\x64\x65v.cuepoint.v1P\x01Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63uepoint/v1/device.proto\x12\x0b\x63uepoint.v1\x1a\x18\x63uepoint/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x04\n\rDeviceMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.cuepoint.v1.HelloH\x00\x12+\n\x07signals\x18\x02 \x01(\x0b\x32\x18.cuepoint.v1.SignalBatchH\x00\x12\x30\n\x0c\x63ue_response\x18\x03 \x01(\x0b\x32\x18.cuepoint.v1.CueResponseH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x05 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x38\n\x10upgrade_response\x18\x06 \x01(\x0b\x32\x1c.cuepoint.v1.UpgradeResponseH\x00\x12.\n\x0b\x63\x61ll_signal\x18\x07 \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12:\n\x0e\x65nd_engagement\x18\x08 \x01(\x0b\x32 .cuepoint.v1.EndEngagementByUserH\x00\x12\x36\n\x0f\x66\x61llback_choice\x18\t \x01(\x0b\x32\x1b.cuepoint.v1.FallbackChoiceH\x00\x12,\n\nuser_token\x18\n \x01(\x0b\x32\x16.cuepoint.v1.UserTokenH\x00\x12/\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x0b \x01(\x0b\x32\x1b.cuepoint.v1.FeedbackAnswerH\x00\x42\x06\n\x04kind\"\x1a\n\tUserToken\x12\r\n\x05token\x18\x01 \x01(\t\"E\n\x10UserVerification\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08verified\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa2\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.cuepoint.v1.FeedbackKind\x12\x10\n\x08question\x18\x03 \x01(\t\x12\x11\n\tmin_score\x18\x04 \x01(\x05\x12\x11\n\tmax_score\x18\x05 \x01(\x05\x12\x17\n\x0f\x63omment_allowed\x18\x06 \x01(\x08\"G\n\x0e\x46\x65\x65\x64\x62\x61\x63kAnswer\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x05\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\",\n\x13\x45ndEngagementByUser\x12\x15\n\rengagement_id\x18\x01 \x01(\t\"e\n\rFallbackOffer\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12,\n\x07options\x18\x02 \x03(\x0e\x32\x1b.cuepoint.v1.FallbackOption\x12\x0f\n\x07message\x18\x03 \x01(\t\"j\n\x0e\x46\x61llbackChoice\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12+\n\x06option\x18\x02 \x01(\x0e\x32\x1b.cuepoint.v1.FallbackOption\x12\x14\n\x0cphone_number\x18\x03 \x01(\t\"\xfc\x01\n\x05Hello\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12%\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x14.cuepoint.v1.Context\x12\'\n\x04user\x18\x04 \x01(\x0b\x32\x19.cuepoint.v1.UserIdentity\x12%\n\x07\x63onsent\x18\x05 \x01(\x0b\x32\x14.cuepoint.v1.Consent\x12\x13\n\x0bsdk_version\x18\x06 \x01(\t\x12\x19\n\x11resume_session_id\x18\x07 \x01(\t\x12\x15\n\rdevice_secret\x18\x08 \x01(\t\x12\x12\n\nuser_token\x18\t \x01(\t\"r\n\x0bSignalBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x07signals\x18\x03 \x03(\x0b\x32\x13.cuepoint.v1.Signal\"\x86\x01\n\x0b\x43ueResponse\x12\x0e\n\x06\x63ue_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.cuepoint.v1.CueResponseKind\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tbutton_id\x18\x04 \x01(\t\"\xdd\x04\n\rServerMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.cuepoint.v1.WelcomeH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.cuepoint.v1.SignalAckH\x00\x12\x1f\n\x03\x63ue\x18\x03 \x01(\x0b\x32\x10.cuepoint.v1.CueH\x00\x12\x30\n\nwithdrawal\x18\x04 \x01(\x0b\x32\x1a.cuepoint.v1.CueWithdrawalH\x00\x12\x33\n\nengagement\x18\x05 \x01(\x0b\x32\x1d.cuepoint.v1.EngagementUpdateH\x00\x12(\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x07 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x34\n\x0e\x63hannel_change\x18\x08 \x01(\x0b\x32\x1a.cuepoint.v1.ChannelChangeH\x00\x12.\n\x0b\x63\x61ll_signal\x18\t \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12.\n\x08\x66\x61llback\x18\n \x01(\x0b\x32\x1a.cuepoint.v1.FallbackOfferH\x00\x12:\n\x11user_verification\x18\x0b \x01(\x0b\x32\x1d.cuepoint.v1.UserVerificationH\x00\x12\x38\n\x10\x66\x65\x65\x64\x62\x61\x63k_request\x18\x0c \x01(\x0b\x32\x1c.cuepoint.v1.FeedbackRequestH\x00\x42\x06\n\x04kind\"\x84\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15max_signals_per_batch\x18\x03 \x01(\x05\x12\x15\n\rdevice_secret\x18\x04 \x01(\t\"H\n\tSignalAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x12\n\nsignal_ids\x18\x02 \x03(\t\x12\x15\n\rduplicate_ids\x18\x03 \x03(\t\"/\n\rCueWithdrawal\x12\x0e\n\x06\x63ue_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xbe\x02\n\x10\x45ngagementUpdate\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ue_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.cuepoint.v1.EngagementState\x12%\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x14.cuepoint.v1.Channel\x12\r\n\x05queue\x18\x05 \x01(\t\x12\x16\n\x0e\x61ssociate_name\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64isposition\x18\x08 \x01(\t\x12\x16\n\x0equeue_position\x18\t \x01(\x05\x12\x31\n\x0e\x65stimated_wait\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration*\\\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x45\x45\x44\x42\x41\x43K_KIND_CSAT\x10\x01\x12\x15\n\x11\x46\x45\x45\x44\x42\x41\x43K_KIND_NPS\x10\x02*\x85\x01\n\x0e\x46\x61llbackOption\x12\x1f\n\x1b\x46\x41LLBACK_OPTION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41LLBACK_OPTION_CALLBACK\x10\x01\x12\x18\n\x14\x46\x41LLBACK_OPTION_CHAT\x10\x02\x12\x1a\n\x16\x46\x41LLBACK_OPTION_CANCEL\x10\x03\x32V\n\rDeviceService\x12\x45\n\x07\x43onnect\x12\x1a.cuepoint.v1.DeviceMessage\x1a\x1a.cuepoint.v1.ServerMessage(\x01\x30\x01\x42O\n\x0f\x64\x65v.cuepoint.v1P\x01Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,42 +35,42 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cuepoint.v1.device_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.cuepoint.v1P\001Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1'
-  _globals['_FEEDBACKKIND']._serialized_start=2887
-  _globals['_FEEDBACKKIND']._serialized_end=2979
-  _globals['_FALLBACKOPTION']._serialized_start=2982
-  _globals['_FALLBACKOPTION']._serialized_end=3115
-  _globals['_DEVICEMESSAGE']._serialized_start=101
-  _globals['_DEVICEMESSAGE']._serialized_end=671
-  _globals['_USERTOKEN']._serialized_start=673
-  _globals['_USERTOKEN']._serialized_end=699
-  _globals['_USERVERIFICATION']._serialized_start=701
-  _globals['_USERVERIFICATION']._serialized_end=770
-  _globals['_FEEDBACKREQUEST']._serialized_start=773
-  _globals['_FEEDBACKREQUEST']._serialized_end=935
-  _globals['_FEEDBACKANSWER']._serialized_start=937
-  _globals['_FEEDBACKANSWER']._serialized_end=1008
-  _globals['_ENDENGAGEMENTBYUSER']._serialized_start=1010
-  _globals['_ENDENGAGEMENTBYUSER']._serialized_end=1054
-  _globals['_FALLBACKOFFER']._serialized_start=1056
-  _globals['_FALLBACKOFFER']._serialized_end=1157
-  _globals['_FALLBACKCHOICE']._serialized_start=1159
-  _globals['_FALLBACKCHOICE']._serialized_end=1265
-  _globals['_HELLO']._serialized_start=1268
-  _globals['_HELLO']._serialized_end=1520
-  _globals['_SIGNALBATCH']._serialized_start=1522
-  _globals['_SIGNALBATCH']._serialized_end=1636
-  _globals['_CUERESPONSE']._serialized_start=1639
-  _globals['_CUERESPONSE']._serialized_end=1773
-  _globals['_SERVERMESSAGE']._serialized_start=1776
-  _globals['_SERVERMESSAGE']._serialized_end=2381
-  _globals['_WELCOME']._serialized_start=2384
-  _globals['_WELCOME']._serialized_end=2516
-  _globals['_SIGNALACK']._serialized_start=2518
-  _globals['_SIGNALACK']._serialized_end=2590
-  _globals['_CUEWITHDRAWAL']._serialized_start=2592
-  _globals['_CUEWITHDRAWAL']._serialized_end=2639
-  _globals['_ENGAGEMENTUPDATE']._serialized_start=2642
-  _globals['_ENGAGEMENTUPDATE']._serialized_end=2885
-  _globals['_DEVICESERVICE']._serialized_start=3117
-  _globals['_DEVICESERVICE']._serialized_end=3203
+  _globals['_FEEDBACKKIND']._serialized_start=2994
+  _globals['_FEEDBACKKIND']._serialized_end=3086
+  _globals['_FALLBACKOPTION']._serialized_start=3089
+  _globals['_FALLBACKOPTION']._serialized_end=3222
+  _globals['_DEVICEMESSAGE']._serialized_start=133
+  _globals['_DEVICEMESSAGE']._serialized_end=703
+  _globals['_USERTOKEN']._serialized_start=705
+  _globals['_USERTOKEN']._serialized_end=731
+  _globals['_USERVERIFICATION']._serialized_start=733
+  _globals['_USERVERIFICATION']._serialized_end=802
+  _globals['_FEEDBACKREQUEST']._serialized_start=805
+  _globals['_FEEDBACKREQUEST']._serialized_end=967
+  _globals['_FEEDBACKANSWER']._serialized_start=969
+  _globals['_FEEDBACKANSWER']._serialized_end=1040
+  _globals['_ENDENGAGEMENTBYUSER']._serialized_start=1042
+  _globals['_ENDENGAGEMENTBYUSER']._serialized_end=1086
+  _globals['_FALLBACKOFFER']._serialized_start=1088
+  _globals['_FALLBACKOFFER']._serialized_end=1189
+  _globals['_FALLBACKCHOICE']._serialized_start=1191
+  _globals['_FALLBACKCHOICE']._serialized_end=1297
+  _globals['_HELLO']._serialized_start=1300
+  _globals['_HELLO']._serialized_end=1552
+  _globals['_SIGNALBATCH']._serialized_start=1554
+  _globals['_SIGNALBATCH']._serialized_end=1668
+  _globals['_CUERESPONSE']._serialized_start=1671
+  _globals['_CUERESPONSE']._serialized_end=1805
+  _globals['_SERVERMESSAGE']._serialized_start=1808
+  _globals['_SERVERMESSAGE']._serialized_end=2413
+  _globals['_WELCOME']._serialized_start=2416
+  _globals['_WELCOME']._serialized_end=2548
+  _globals['_SIGNALACK']._serialized_start=2550
+  _globals['_SIGNALACK']._serialized_end=2622
+  _globals['_CUEWITHDRAWAL']._serialized_start=2624
+  _globals['_CUEWITHDRAWAL']._serialized_end=2671
+  _globals['_ENGAGEMENTUPDATE']._serialized_start=2674
+  _globals['_ENGAGEMENTUPDATE']._serialized_end=2992
+  _globals['_DEVICESERVICE']._serialized_start=3224
+  _globals['_DEVICESERVICE']._serialized_end=3310
 # @@protoc_insertion_point(module_scope)

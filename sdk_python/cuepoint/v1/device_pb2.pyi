@@ -6,6 +6,7 @@ The device-facing API used by app SDKs."""
 from collections import abc as _abc
 from cuepoint.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -627,6 +628,8 @@ class EngagementUpdate(_message.Message):
     ASSOCIATE_NAME_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     DISPOSITION_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    ESTIMATED_WAIT_FIELD_NUMBER: _builtins.int
     engagement_id: _builtins.str
     cue_id: _builtins.str
     state: _common_pb2.EngagementState.ValueType
@@ -636,8 +639,21 @@ class EngagementUpdate(_message.Message):
     """Display name of the associate, once assigned."""
     disposition: _builtins.str
     """Set once ended by the associate's wrap-up, e.g. "resolved"."""
+    queue_position: _builtins.int
+    """While QUEUED and waiting in line: 1 for the next to be served in its
+    queue, 2 behind it, ... Sent again each time it changes. 0: not in line
+    (not queued, or being offered to an associate right now).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def estimated_wait(self) -> _duration_pb2.Duration:
+        """While QUEUED, when the server can estimate it: how long until an
+        associate takes it, from the queue's recent handling times and the
+        associates staffing it. Unset when there is no basis for an estimate.
+        Sent again when it changes materially.
+        """
+
     def __init__(
         self,
         *,
@@ -649,10 +665,12 @@ class EngagementUpdate(_message.Message):
         associate_name: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         disposition: _builtins.str = ...,
+        queue_position: _builtins.int = ...,
+        estimated_wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["estimated_wait", b"estimated_wait", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_name", b"associate_name", "channel", b"channel", "cue_id", b"cue_id", "disposition", b"disposition", "engagement_id", b"engagement_id", "queue", b"queue", "state", b"state", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_name", b"associate_name", "channel", b"channel", "cue_id", b"cue_id", "disposition", b"disposition", "engagement_id", b"engagement_id", "estimated_wait", b"estimated_wait", "queue", b"queue", "queue_position", b"queue_position", "state", b"state", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

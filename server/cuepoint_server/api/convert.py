@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
@@ -105,6 +106,12 @@ def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+def duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
 
 
 def _seconds(ts: Timestamp, field: str) -> float:
@@ -296,6 +303,8 @@ def engagement_update_to_proto(u: EngagementUpdate) -> device_pb2.EngagementUpda
         associate_name=u.associate_name,
         time=timestamp(u.time),
         disposition=u.disposition,
+        queue_position=u.queue_position,
+        estimated_wait=None if u.estimated_wait is None else duration(u.estimated_wait),
     )
 
 

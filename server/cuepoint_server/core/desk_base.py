@@ -6,18 +6,20 @@ that builds on this one; core/engagements.py puts them together.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from ..clock import Clock
+from ..clock import Clock, TimerHandle
 from ..engine.engine import Engine
 from ..storage import SignalRecord, Store
 from .engagement_model import Engagement, EngagementEvent, context_json
 from .errors import InvalidInput, NotFound, PermissionDenied
 from .model import EngagementEnded, EngagementUpdate, JourneyAppended, JourneyItem, SupervisedSnapshot
+from .queue_wait import REFRESH, HandleTimes, estimate, material, staffed
 from .routing import Router
 from .sessions import AssociateSession, DeviceSession
 
@@ -59,6 +61,14 @@ class DeskBase:
         self._supervisors: list[AssociateSession] = []
         # (engagement id, associate id) -> when they joined: the key of their stored participation row.
         self._joined_at: dict[tuple[str, str], float] = {}
+        # While the user waits (core/queue_wait.py): recent handle times, and per queued engagement the
+        # (position, estimate) its device was last told; queues whose line moved, announced once committed.
+        self.handle_times = HandleTimes()
+        self._told_wait: dict[str, tuple[int, float | None]] = {}
+        self._moved: set[str] = set()
+        self._saving: set[asyncio.Future[None]] = set()
+        self._wait_refresh: TimerHandle | None = None
+        self.router.moved = self._line_moved
 
     def active_for(self, device_id: str) -> str | None:
         return self._active_by_device.get(device_id)
@@ -121,21 +131,83 @@ class DeskBase:
             self._to_device(engagement, message)
 
     def _notify_device(self, engagement: Engagement) -> None:
-        self._to_device(
-            engagement,
-            EngagementUpdate(
-                engagement_id=engagement.engagement_id,
-                cue_id=engagement.cue_id,
-                state=engagement.state,
-                channel=engagement.channel,
-                queue=engagement.queue,
-                associate_name=engagement.associate.display_name if engagement.associate else "",
-                time=self.clock.now(),
-                disposition=engagement.disposition,
-            ),
-        )
+        self._to_device(engagement, self._device_update(engagement))
         # Every change of state passes here, so this is where supervisors hear of it too.
         self._tell_supervisors(engagement)
+
+    def _device_update(self, engagement: Engagement) -> EngagementUpdate:
+        position, wait = 0, None
+        if engagement.state == "queued":
+            position, wait = self._wait_of(engagement)
+            self._told_wait[engagement.engagement_id] = (position, wait)
+        else:
+            self._told_wait.pop(engagement.engagement_id, None)
+        return EngagementUpdate(
+            engagement_id=engagement.engagement_id,
+            cue_id=engagement.cue_id,
+            state=engagement.state,
+            channel=engagement.channel,
+            queue=engagement.queue,
+            associate_name=engagement.associate.display_name if engagement.associate else "",
+            time=self.clock.now(),
+            disposition=engagement.disposition,
+            queue_position=position,
+            estimated_wait=wait,
+        )
+
+    # -- while the user waits: position in line and estimated wait (core/queue_wait.py) ------------------
+
+    def _wait_of(self, engagement: Engagement) -> tuple[int, float | None]:
+        line = self.router.line(engagement.queue)
+        if engagement.engagement_id not in line:
+            return 0, None
+        position = line.index(engagement.engagement_id) + 1
+        slots = staffed(engagement.queue, self.router.associates())
+        return position, estimate(position, self.handle_times.average(engagement.queue), slots)
+
+    def _handled(self, engagement: Engagement, now: float) -> None:
+        """An engagement an associate took has ended: its handle time joins its queue's window."""
+        if engagement.assigned_at is not None:
+            self.handle_times.record(engagement.queue, now - engagement.assigned_at)
+
+    def _line_moved(self, queue: str) -> None:
+        # The line holds only engagements whose queued record is committed (they join after accept_cue);
+        # one that leaves it is announced after the write that moved it commits, so a device is never told
+        # a position the store does not back.
+        first = not self._moved
+        self._moved.add(queue)
+        if first:
+            self._spawn(self._announce_moves())
+
+    async def _announce_moves(self) -> None:
+        if self._saving:
+            await asyncio.gather(*list(self._saving), return_exceptions=True)
+        queues, self._moved = self._moved, set()
+        for queue in sorted(queues):
+            self._announce_line(queue)
+        self._arm_wait_refresh()
+
+    def _announce_line(self, queue: str) -> None:
+        """Tell each device waiting in `queue` its position if it changed, or its estimate if it moved materially."""
+        for engagement_id in self.router.line(queue):
+            engagement = self._engagements.get(engagement_id)
+            if engagement is None or engagement.state != "queued":
+                continue
+            told = self._told_wait.get(engagement_id)
+            position, wait = self._wait_of(engagement)
+            if told is None or told[0] != position or material(told[1], wait):
+                self._to_device(engagement, self._device_update(engagement))
+
+    def _arm_wait_refresh(self) -> None:
+        if self._wait_refresh is None and self.router.lines():
+            self._wait_refresh = self.clock.call_at(self.clock.now() + REFRESH, self._refresh_waits)
+
+    def _refresh_waits(self) -> None:
+        """Periodically, while anyone waits: capacity and handle times change without the line moving."""
+        self._wait_refresh = None
+        for queue in self.router.lines():
+            self._announce_line(queue)
+        self._arm_wait_refresh()
 
     def _tell_supervisors(self, engagement: Engagement) -> None:
         if not self._supervisors:
@@ -161,7 +233,15 @@ class DeskBase:
         engagement.participants.clear()
 
     def _save(self, engagement: Engagement) -> None:
-        self._spawn(self.store.save_engagement(engagement.record()))
+        self._spawn(_awaited(self._store_engagement(engagement)))
+
+    def _store_engagement(self, engagement: Engagement) -> asyncio.Future[None]:
+        """Save the engagement (await the result, or spawn it). The write is registered at once, so position
+        announcements made meanwhile wait for it (_announce_moves)."""
+        write = asyncio.ensure_future(self.store.save_engagement(engagement.record()))
+        self._saving.add(write)
+        write.add_done_callback(self._saving.discard)
+        return write
 
     def _emit(self, kind: str, engagement: Engagement) -> None:
         if not self.listeners:
@@ -202,3 +282,8 @@ class DeskBase:
                 listener(kind, payload)
             except Exception:
                 log.exception("engagement.listener_failed", kind=kind)
+
+
+async def _awaited(write: asyncio.Future[None]) -> None:
+    """A write as a coroutine, for _spawn (which logs its failure)."""
+    await write

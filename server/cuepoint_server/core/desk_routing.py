@@ -330,7 +330,7 @@ class Routing(Bots):
             engagement.state, engagement.disposition, engagement.ended_by = "ended", "cancelled", "user"
         engagement.ended_at = now
         self._release_device(engagement)
-        await self.store.save_engagement(engagement.record())
+        await self._store_engagement(engagement)
         self._notify_device(engagement)
         self._emit("engagement.ended", engagement)
 

@@ -40,6 +40,7 @@ class WrapUp(Routing):
             return
         now = self.clock.now()
         engagement.state, engagement.ended_at, engagement.ended_by = "ended", now, "associate"
+        self._handled(engagement, now)
         self._free(associate, engagement_id, now)
         self._release_device(engagement)
         self._dismiss_participants(engagement, "associate", now)
@@ -64,12 +65,13 @@ class WrapUp(Routing):
         engagement.disposition = engagement.disposition or "user_ended"
         associate = engagement.associate
         if associate is not None:
+            self._handled(engagement, now)
             self._free(associate, engagement_id, now)
             associate.send(EngagementEnded(engagement_id, engagement.disposition, "user"))
         self._release_device(engagement)
         self._dismiss_participants(engagement, "user", now)
         self._watch_outcome(engagement, now)
-        await self.store.save_engagement(engagement.record())
+        await self._store_engagement(engagement)
         self._notify_device(engagement)
         self._ask_feedback(engagement)
         self._emit("engagement.ended", engagement)

@@ -122,6 +122,10 @@ class EngagementUpdate:
     associate_name: str
     time: float
     disposition: str = ""
+    # While queued and in line: 1 for the next to be served (core/queue_wait.py); 0 otherwise.
+    queue_position: int = 0
+    # Seconds, while queued and estimable; None: no basis for an estimate.
+    estimated_wait: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

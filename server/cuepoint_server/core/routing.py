@@ -7,7 +7,7 @@ engagement; waiting engagements are served by priority, then age.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from .sessions import AssociateSession
 
@@ -19,6 +19,8 @@ class Router:
         self._associates: dict[str, AssociateSession] = {}
         # Per queue, sorted by (-priority, created_at, engagement_id).
         self._waiting: dict[str, list[tuple[int, float, str]]] = {}
+        # Called with a queue whose line changed (an engagement joined or left it): positions moved.
+        self.moved: Callable[[str], None] | None = None
 
     def add(self, associate: AssociateSession) -> None:
         self._associates[associate.associate_id] = associate
@@ -46,10 +48,23 @@ class Router:
 
     def wait(self, queue: str, engagement_id: str, *, priority: int = 0, since: float = 0.0) -> None:
         bisect.insort(self._waiting.setdefault(queue, []), (-priority, since, engagement_id))
+        if self.moved is not None:
+            self.moved(queue)
 
     def unwait(self, queue: str, engagement_id: str) -> None:
         waiting = self._waiting.get(queue, [])
+        before = len(waiting)
         waiting[:] = [w for w in waiting if w[2] != engagement_id]
+        if len(waiting) != before and self.moved is not None:
+            self.moved(queue)
+
+    def line(self, queue: str) -> list[str]:
+        """The engagement ids waiting in `queue`, next to be served first."""
+        return [w[2] for w in self._waiting.get(queue, ())]
+
+    def lines(self) -> list[str]:
+        """Queues with someone waiting."""
+        return [q for q, waiting in self._waiting.items() if waiting]
 
     def waiting(self, queues: Collection[str]) -> list[str]:
         """Waiting engagement ids across `queues`, best first."""
