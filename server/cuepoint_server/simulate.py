@@ -546,7 +546,7 @@ class Simulation:
             self._emit(device, "withdrawn", cue=self._label(message.cue_id), reason=message.reason)
         elif isinstance(message, EngagementUpdate):
             # While queued: the place in line and the estimated wait the device is told (core/queue_wait.py).
-            waiting = {"position": message.queue_position} if message.queue_position else {}
+            waiting: dict[str, float] = {"position": message.queue_position} if message.queue_position else {}
             if message.estimated_wait is not None:
                 waiting["wait"] = round(message.estimated_wait, 3)
             self._emit(
