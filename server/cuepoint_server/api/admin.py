@@ -1,4 +1,11 @@
-"""AdminService: explain decisions, the emergency switch, scenario status, funnels, live sessions."""
+"""AdminService: explain decisions, the emergency switch, scenario status, funnels, live sessions.
+
+An admin limited to some apps (api/admin_roles.py: `admin_apps()`) sees and changes only what belongs to
+them: scenarios scoped to those apps alone (`apps:` a subset, e.g. every scenario under apps/<app>/),
+their funnels, their queues, their devices' sessions and explanations, outcomes declared in their
+folders, and audit entries of admins limited to them. Asking for anything else is PERMISSION_DENIED and
+changes nothing; what belongs to every app (installation-wide scenarios and queues) is not theirs either.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +20,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 from ..core.audit import AuditTrail, user_ref
-from ..core.errors import CoreError
+from ..core.errors import CoreError, PermissionDenied
 from ..core.live import LiveSession
 from ..core.service import Core, VariantState
 from ..predict.model import OutcomeReport
 from ..reporting.funnel import Cohort, FeedbackSummary, FunnelQuery, FunnelRow, VariantRow, funnel_report
-from .admin_roles import note
+from ..scenarios.compiler import CompiledScenario
+from .admin_roles import admin_apps, note
 from .convert import SCORE_STATUS, scores_to_proto, timestamp
 from .errors import abort
 
@@ -63,6 +71,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         note(f"device:{request.device_id}")
         if not request.device_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id: required")
+        await self._own_device(request.device_id, context)
         limit = request.limit if 0 < request.limit <= 1000 else 50
         records = await self.core.store.decisions_for_device(request.device_id, limit=limit)
         view = self.core.device_view(request.device_id)
@@ -96,8 +105,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     detail=check.detail,
                 )
                 for check in self.core.explain_scenarios(request.device_id)
+                if _owned_id(self.core, check.scenario_id)
             ],
         )
+
+    async def _own_device(self, device_id: str, context: Context) -> None:
+        apps = admin_apps()
+        if apps and await self.core.device_app(device_id) not in apps:
+            await abort(context, PermissionDenied(f"device {device_id!r} is not a device of your app(s)"))
+
+    async def _own_scenario(self, scenario_id: str, context: Context) -> None:
+        scenario = self.core.engine.scenarios.by_id.get(scenario_id)
+        if scenario is not None and not _owned(scenario):
+            await abort(context, PermissionDenied(f"scenario {scenario_id!r} does not belong to your app(s) alone"))
 
     async def SetOffersPaused(
         self, request: admin_pb2.SetOffersPausedRequest, context: Context
@@ -110,6 +130,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetScenarioEnabled(
         self, request: admin_pb2.SetScenarioEnabledRequest, context: Context
     ) -> admin_pb2.SetScenarioEnabledResponse:
+        note(request.scenario_id)
+        await self._own_scenario(request.scenario_id, context)
         known = request.scenario_id in self.core.engine.scenarios.by_id
         was = self.core.scenario_enabled(request.scenario_id) if known else None
         note(request.scenario_id, before={"enabled": was})
@@ -170,6 +192,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     disabled_reason=disabled.get(s.id, ""),
                 )
                 for s in self.core.engine.scenarios.scenarios
+                if _owned(s)
             ],
             version=version,
             last_error=error,
@@ -180,6 +203,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.SetVariantStoppedRequest, context: Context
     ) -> admin_pb2.SetVariantStoppedResponse:
         target = f"{request.scenario_id}/{request.variant_id}"
+        note(target)
+        await self._own_scenario(request.scenario_id, context)
         note(target, after={"stopped": request.stopped, "reason": request.reason})
         try:
             states = await self.core.set_variant_stopped(
@@ -207,7 +232,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group_by: {exc}")
         if query.start is not None and query.end is not None and query.end < query.start:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "end: must not be before start")
+        apps = admin_apps()
+        if apps and request.scenario_id:
+            scenario = self.core.engine.scenarios.by_id.get(request.scenario_id)
+            if scenario is None or not _owned(scenario):
+                await abort(context, PermissionDenied(f"scenario {request.scenario_id!r} is not one of your app(s)"))
         rows, desk = await funnel_report(self.core.store.funnel_counts, query)
+        if apps:
+            # Only scenarios of these apps alone: their rows hold only these apps' sessions.
+            by_id = self.core.engine.scenarios.by_id
+            rows = [r for r in rows if r.scenario_id in by_id and _owned(by_id[r.scenario_id])]
+            desk = [d for d in desk if self.core.engine.scenarios.routing.owner(d.queue) in apps]
         return admin_pb2.GetFunnelResponse(
             rows=[_funnel_row(r, query.group_by) for r in rows],
             feedback_by_desk=[
@@ -219,15 +254,24 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListLiveSessions(
         self, request: admin_pb2.ListLiveSessionsRequest, context: Context
     ) -> admin_pb2.ListLiveSessionsResponse:
+        apps = admin_apps()
+        if apps and request.app_id and request.app_id not in apps:
+            await abort(context, PermissionDenied(f"app_id: {request.app_id!r} is not one of your app(s)"))
         live = self.core.live_now()
-        sessions = [s for s in live.sessions if not request.app_id or s.app_id == request.app_id]
+        sessions = [
+            s
+            for s in live.sessions
+            if (not request.app_id or s.app_id == request.app_id) and (not apps or s.app_id in apps)
+        ]
         sessions.sort(key=lambda s: (s.started_at, s.device_id))
+        routing = self.core.engine.scenarios.routing
+        queues = [q for q in live.queues if not apps or routing.owner(q.queue) in apps]
         return admin_pb2.ListLiveSessionsResponse(
             now=timestamp(live.now),
             sessions=[_live_session(s) for s in sessions],
             queues=[
                 admin_pb2.QueueLoad(queue=q.queue, waiting=q.waiting, associates=q.associates, available=q.available)
-                for q in live.queues
+                for q in queues
             ],
             pending_cues=sum(1 for s in sessions if s.pending_cue is not None),
         )
@@ -256,6 +300,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if not request.device_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id: required")
         note(f"device:{request.device_id}")
+        await self._own_device(request.device_id, context)
         forgotten = await self.core.forget_device_credential(request.device_id)
         note(before={"credential": forgotten}, after={"credential": False})
         return admin_pb2.ForgetDeviceCredentialResponse(forgotten=forgotten)
@@ -267,7 +312,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             return admin_pb2.ListAuditEntriesResponse()
         limit = request.limit if 0 < request.limit <= 1000 else 100
         since = _seconds(request.since) if request.HasField("since") else None
-        records = await self.audit.entries(since=since, actor=request.actor, action=request.action, limit=limit)
+        apps = admin_apps()
+        wanted = 10 * limit if apps else limit
+        records = await self.audit.entries(since=since, actor=request.actor, action=request.action, limit=wanted)
+        if apps:
+            # An admin of some apps reads what admins limited to those apps did, nothing of the others.
+            mine = {f"app:{a}" for a in apps}
+            records = [r for r in records if mine.intersection(r.roles)][:limit]
         return admin_pb2.ListAuditEntriesResponse(
             entries=[
                 admin_pb2.AuditEntry(
@@ -290,10 +341,28 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetModelReportRequest, context: Context
     ) -> admin_pb2.GetModelReportResponse:
         top = request.top_features if 0 < request.top_features <= 100 else 10
+        apps = admin_apps()
+        owners = self.core.engine.scenarios.outcome_owners
         return admin_pb2.GetModelReportResponse(
-            outcomes=[model_report_to_proto(r, top) for r in self.core.model_reports()],
+            outcomes=[
+                model_report_to_proto(r, top)
+                for r in self.core.model_reports()
+                if not apps or owners.get(r.outcome) in apps
+            ],
             training=self.core.trainer is not None and self.core.trainer.training,
         )
+
+
+def _owned(scenario: CompiledScenario) -> bool:
+    """Whether the admin being served may see and change this scenario: every admin may, one limited to
+    some apps only if the scenario applies to those apps alone."""
+    apps = admin_apps()
+    return not apps or (bool(scenario.apps) and scenario.apps <= apps)
+
+
+def _owned_id(core: Core, scenario_id: str) -> bool:
+    scenario = core.engine.scenarios.by_id.get(scenario_id)
+    return not admin_apps() or (scenario is not None and _owned(scenario))
 
 
 def _seconds(ts: Timestamp) -> float:

@@ -10,6 +10,12 @@ RPC added later is closed until someone decides who may call it.
 Every call, allowed or denied, becomes one audit entry (core/audit.py) written before the caller gets
 its answer: who (the admin's name and roles), what (the method), the outcome, and what the handler
 noted about it (`note`: the target and the state before and after).
+
+An admin token may also be limited to some apps (one installation serving several apps or brands):
+`admin_apps()` tells the handler, which shows and changes only what belongs to those apps. Methods that
+act on every app at once (INSTALLATION_METHODS: the emergency pause, webhooks, a user's data across
+apps) need an admin of every app. A limited admin's entries carry `app:<id>` among their roles, which is
+also how such an admin's ListAuditEntries finds its own apps' entries.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from ..core.audit import AuditTrail
 from ..core.errors import PermissionDenied
 from .errors import rich_status
 
-__all__ = ["METHOD_ROLES", "AuditNote", "audited", "needed_roles", "note"]
+__all__ = ["INSTALLATION_METHODS", "METHOD_ROLES", "AuditNote", "admin_apps", "audited", "needed_roles", "note"]
 
 # The roles that may call each AdminService method (any one of them suffices).
 METHOD_ROLES: Mapping[str, frozenset[str]] = {
@@ -46,6 +52,10 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
     "ListAuditEntries": frozenset({"operator", "privacy"}),
 }
 _DEFAULT_ROLES = frozenset({"operator"})
+# Methods that act on every app at once: refused to an admin limited to some apps.
+INSTALLATION_METHODS: frozenset[str] = frozenset(
+    {"SetOffersPaused", "ListDeadWebhooks", "RedeliverWebhook", "ExportUser", "EraseUser"}
+)
 
 
 @dataclass(slots=True)
@@ -58,6 +68,12 @@ class AuditNote:
 
 
 _current: contextvars.ContextVar[AuditNote | None] = contextvars.ContextVar("cuepoint_audit_note", default=None)
+_apps: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("cuepoint_admin_apps", default=frozenset())
+
+
+def admin_apps() -> frozenset[str]:
+    """The apps the admin being served may see and change; empty: every app."""
+    return _apps.get()
 
 
 def note(target: str = "", *, before: Mapping[str, Any] | None = None, after: Mapping[str, Any] | None = None) -> None:
@@ -79,7 +95,13 @@ Behavior = Callable[[Any, Any], Awaitable[Any]]
 
 
 def audited(
-    handler: grpc.RpcMethodHandler, method: str, actor: str, who: str, roles: frozenset[str], trail: AuditTrail
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    actor: str,
+    who: str,
+    roles: frozenset[str],
+    trail: AuditTrail,
+    apps: frozenset[str] = frozenset(),
 ) -> grpc.RpcMethodHandler:
     """`handler` behind the role check, each call recorded in `trail` before it is answered."""
     behavior = handler.unary_unary
@@ -87,16 +109,23 @@ def audited(
         return handler
     name = method.rpartition("/")[2]
     needed = needed_roles(method)
-    shown_roles = tuple(sorted(roles))
+    shown_roles = (*sorted(roles), *sorted(f"app:{a}" for a in apps))
 
     async def run(request: Any, context: Any) -> Any:
+        error: PermissionDenied | None = None
         if not roles & needed:
             wanted = " or ".join(repr(r) for r in sorted(needed))
             error = PermissionDenied(f"{who} lacks the role {wanted} needed for AdminService.{name}")
+        elif apps and name in INSTALLATION_METHODS:
+            error = PermissionDenied(
+                f"{who} is limited to app(s) {', '.join(sorted(apps))}; AdminService.{name} acts on every app"
+            )
+        if error is not None:
             await trail.record(actor, name, outcome="denied", detail=str(error), roles=shown_roles)
             await context.abort_with_status(rich_status(error))
         current = AuditNote()
         token = _current.set(current)
+        scope = _apps.set(apps)
         try:
             response = await behavior(request, context)
         except asyncio.CancelledError:
@@ -108,7 +137,8 @@ def audited(
                 actor,
                 name,
                 target=current.target,
-                outcome="failed",
+                # Refused by the handler (another app's data): a denial like a missing role.
+                outcome="denied" if code == grpc.StatusCode.PERMISSION_DENIED else "failed",
                 detail=detail,
                 roles=shown_roles,
                 before=current.before,
@@ -117,6 +147,7 @@ def audited(
             raise
         finally:
             _current.reset(token)
+            _apps.reset(scope)
         await trail.record(
             actor, name, target=current.target, roles=shown_roles, before=current.before, after=current.after
         )

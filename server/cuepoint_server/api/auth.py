@@ -34,9 +34,11 @@ Example auth file (YAML)::
         token: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         queues: [fitkit-support]          # "*" allows every queue
         supervises: [fitkit-support]      # optional: queues whose engagements dana may monitor, whisper to, barge into
+        apps: [fitkit]                    # optional: only engagements of these apps (default: every app)
     admin_tokens:
       - "adm_5c1e9a7f3b2d4c6e"            # a bare token: every admin role (as before roles existed)
       - {name: vera, token: "sha256:...", roles: [viewer]}   # viewer, author, operator, privacy
+      - {name: fay, token: "sha256:...", roles: [operator], apps: [fitkit]}   # an admin of one app only
 
 Admin roles (what each AdminService method needs: api/admin_roles.py): ``viewer`` reads, ``author``
 works on scenarios, ``operator`` runs the service, ``privacy`` exports and erases users' data.
@@ -128,6 +130,8 @@ class AssociateGrant:
 
     # Queues whose engagements the associate may supervise (monitor, whisper, barge in); "*" allows every queue.
     supervises: frozenset[str] = frozenset()
+    # Apps whose engagements the associate may handle; empty: every app.
+    apps: frozenset[str] = frozenset()
 
     def allows(self, queue: str) -> bool:
         return ANY_QUEUE in self.queues or queue in self.queues
@@ -141,6 +145,8 @@ class AdminGrant:
     name: str
     token: bytes = field(repr=False)
     roles: frozenset[str] = frozenset()
+    # The apps this admin sees and changes (api/admin_scope.py); empty: every app (the installation).
+    apps: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,9 +205,13 @@ class AuthConfig:
             if not all(isinstance(q, str) and q for q in supervises):
                 raise AuthConfigError(f"{where}.supervises: list the queues this associate may supervise (or '*')")
             associates[associate_id] = AssociateGrant(
-                associate_id, _secret(grant.get("token"), f"{where}.token"), frozenset(queues), frozenset(supervises)
+                associate_id,
+                _secret(grant.get("token"), f"{where}.token"),
+                frozenset(queues),
+                frozenset(supervises),
+                _app_scope(grant.get("apps"), f"{where}.apps", apps),
             )
-        admins, grants = _admin_tokens(_list(data.get("admin_tokens"), source), source)
+        admins, grants = _admin_tokens(_list(data.get("admin_tokens"), source), source, apps)
         config = cls(
             apps=apps, associates=associates, admin_tokens=admins, admin_grants=grants, user_tokens=user_tokens
         )
@@ -227,11 +237,24 @@ class AuthConfig:
         for token in self.admin_tokens:
             add(token, admin)
         for admin_grant in self.admin_grants:
-            add(admin_grant.token, Principal("admin", admin_grant.name, roles=admin_grant.roles))
+            add(admin_grant.token, Principal("admin", admin_grant.name, roles=admin_grant.roles, apps=admin_grant.apps))
         return table
 
 
-def _admin_tokens(entries: list[Any], source: str) -> tuple[frozenset[bytes], tuple[AdminGrant, ...]]:
+def _app_scope(value: object, where: str, apps: Mapping[str, object]) -> frozenset[str]:
+    """An `apps:` list limiting a credential to some apps, each listed under the file's `apps:`."""
+    names = _list(value, where)
+    if value is not None and not names:
+        raise AuthConfigError(f"{where}: list at least one app, or leave it out for every app")
+    unknown = [a for a in names if not isinstance(a, str) or a not in apps]
+    if unknown:
+        raise AuthConfigError(f"{where}: unknown app(s) {unknown}; list them under apps: first")
+    return frozenset(names)
+
+
+def _admin_tokens(
+    entries: list[Any], source: str, apps: Mapping[str, object]
+) -> tuple[frozenset[bytes], tuple[AdminGrant, ...]]:
     """Bare tokens (every role) and {name, token, roles} grants, checked."""
     bare: set[bytes] = set()
     grants: list[AdminGrant] = []
@@ -241,7 +264,7 @@ def _admin_tokens(entries: list[Any], source: str) -> tuple[frozenset[bytes], tu
         if not isinstance(entry, Mapping):
             bare.add(_secret(entry, where))
             continue
-        unknown = set(entry) - {"name", "token", "roles"}
+        unknown = set(entry) - {"name", "token", "roles", "apps"}
         if unknown:
             raise AuthConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
         name = entry.get("name")
@@ -259,7 +282,8 @@ def _admin_tokens(entries: list[Any], source: str) -> tuple[frozenset[bytes], tu
                 raise AuthConfigError(
                     f"{where}.roles: unknown role {role!r}; roles are {', '.join(sorted(ADMIN_ROLES))}"
                 )
-        grants.append(AdminGrant(name, _secret(entry.get("token"), f"{where}.token"), frozenset(roles)))
+        scope = _app_scope(entry.get("apps"), f"{where}.apps", apps)
+        grants.append(AdminGrant(name, _secret(entry.get("token"), f"{where}.token"), frozenset(roles), scope))
     return frozenset(bare), tuple(grants)
 
 
@@ -340,6 +364,8 @@ class Principal:
     grant: AssociateGrant | None = None
     # Admin roles (api/admin_roles.py); empty for apps and associates.
     roles: frozenset[str] = frozenset()
+    # For an admin: the apps it may see and change; empty: every app.
+    apps: frozenset[str] = frozenset()
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name!r}"
@@ -386,6 +412,8 @@ class Authenticator:
         unsupervised = [q for q in request.supervised_queues if not grant.may_supervise(q)]
         if unsupervised:
             raise _denied(f"{principal} may not supervise queue(s) {unsupervised}", method)
+        # The credential's apps bound what the associate may take (the core checks queues and routing).
+        request = dataclasses.replace(request, apps=tuple(sorted(grant.apps)))
         if not request.queues:
             if ANY_QUEUE in grant.queues:
                 return request
@@ -453,7 +481,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             log.info("auth.rejected", method=method, error=str(exc))
             return _rejecting(handler, exc)
         if audit is not None:
-            return audited(handler, method, f"admin:{principal.name}", str(principal), principal.roles, audit)
+            return audited(
+                handler, method, f"admin:{principal.name}", str(principal), principal.roles, audit, principal.apps
+            )
         return handler
 
 

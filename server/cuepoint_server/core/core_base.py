@@ -110,6 +110,10 @@ class CoreBase:
     def offers_paused(self) -> bool:
         return self.paused_by_admin or self.engine.scenarios.policy.offers_paused
 
+    def paused_for(self, app_id: str) -> bool:
+        """Offers paused for this app's devices: everywhere, or by the app's own policy file."""
+        return self.offers_paused or self.engine.scenarios.policy_for(app_id).offers_paused
+
     def _track(self, session: DeviceSession, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(work)
         session.writes.add(task)

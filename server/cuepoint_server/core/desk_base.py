@@ -222,7 +222,7 @@ class DeskBase:
             time=self.clock.now(),
         )
         for supervisor in self._supervisors:
-            if engagement.queue in supervisor.supervised_queues:
+            if engagement.queue in supervisor.supervised_queues and supervisor.serves(engagement.app_id):
                 supervisor.send(snapshot)
 
     def _dismiss_participants(self, engagement: Engagement, ended_by: str, now: float) -> None:

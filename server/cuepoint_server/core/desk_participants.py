@@ -42,7 +42,11 @@ class Participants(WrapUp):
             now = self.clock.now()
             # A supervisor starts with the open engagements of their queues, then hears of every change.
             for engagement in self._engagements.values():
-                if engagement.open and engagement.queue in associate.supervised_queues:
+                if (
+                    engagement.open
+                    and engagement.queue in associate.supervised_queues
+                    and associate.serves(engagement.app_id)
+                ):
                     associate.send(
                         SupervisedSnapshot(
                             engagement.engagement_id,
@@ -101,6 +105,8 @@ class Participants(WrapUp):
             raise InvalidInput(f"{where}.associate_id", f"associate {associate_id!r} is not signed in")
         if target is engagement.associate or associate_id in engagement.participants:
             raise InvalidInput(f"{where}.associate_id", f"associate {associate_id!r} is already on this engagement")
+        if not target.serves(engagement.app_id):
+            raise PermissionDenied(f"associate {associate_id!r} does not serve app {engagement.app_id!r}")
         return target
 
     async def _audited_supervision(self, supervisor: AssociateSession, engagement_id: str, action: str) -> Engagement:
@@ -142,7 +148,7 @@ class Participants(WrapUp):
         engagement = self._engagements.get(engagement_id)
         if engagement is None:
             raise NotFound(f"no engagement {engagement_id!r}")
-        if engagement.queue not in supervisor.supervised_queues:
+        if engagement.queue not in supervisor.supervised_queues or not supervisor.serves(engagement.app_id):
             raise PermissionDenied(f"you do not supervise queue {engagement.queue!r}")
         if not engagement.open:
             raise InvalidInput(field_name, "the engagement has ended")
@@ -234,7 +240,10 @@ class Participants(WrapUp):
                 and engagement.participants[associate.associate_id][0] is associate
             )
         )
-        if engagement is None or (not on_it and engagement.queue not in associate.supervised_queues):
+        supervises = engagement is not None and (
+            engagement.queue in associate.supervised_queues and associate.serves(engagement.app_id)
+        )
+        if engagement is None or (not on_it and not supervises):
             error: CoreError = (
                 NotFound(f"no engagement {engagement_id!r}")
                 if engagement is None

@@ -17,7 +17,7 @@ from ..storage import EngagementRecord
 from .consent import Redactor
 from .desk_bots import Bots
 from .engagement_model import Engagement, context_from_json
-from .errors import InvalidInput
+from .errors import InvalidInput, PermissionDenied
 from .model import (
     FALLBACKS,
     AssociateSignIn,
@@ -170,7 +170,7 @@ class Routing(Bots):
             self._bot_take(engagement, bot)
             return
         associate = self._preferred(engagement) or self.router.pick(
-            engagement.queue, engagement.skills, engagement.rejected_by
+            engagement.queue, engagement.skills, engagement.rejected_by, engagement.app_id
         )
         if associate is None:
             self.router.wait(
@@ -190,6 +190,8 @@ class Routing(Bots):
         """The associate who invited the user, while free to take what they started."""
         wanted = self.router.find(engagement.preferred_associate) if engagement.preferred_associate else None
         if wanted is None or not wanted.available or wanted.associate_id in engagement.rejected_by:
+            return None
+        if not wanted.serves(engagement.app_id):
             return None
         return wanted
 
@@ -245,6 +247,8 @@ class Routing(Bots):
             if engagement is None or engagement.state != "queued" or engagement.offered_to is not None:
                 continue
             if associate.associate_id in engagement.rejected_by or not associate.skills.issuperset(engagement.skills):
+                continue
+            if not associate.serves(engagement.app_id):
                 continue
             self.router.unwait(engagement.queue, engagement_id)
             if associate.manual_claim:
@@ -341,6 +345,16 @@ class Routing(Bots):
             raise InvalidInput("sign_in.capacity", "must be between 0 and 100")
         if request.presence not in ("available", "busy", "away"):
             raise InvalidInput("sign_in.presence", "must be available, busy or away")
+        if request.apps:
+            # One installation, several apps: an associate of some apps serves none of the others' queues.
+            routing = self.engine.scenarios.routing
+            for where, names in (("queues", request.queues), ("supervised_queues", request.supervised_queues)):
+                foreign = [q for q in names if routing.owner(q) and routing.owner(q) not in request.apps]
+                if foreign:
+                    raise PermissionDenied(
+                        f"sign_in.{where}: {', '.join(foreign)} belong(s) to another app than yours "
+                        f"({', '.join(request.apps)})"
+                    )
         associate = AssociateSession(
             associate_id=request.associate_id,
             display_name=request.display_name or request.associate_id,
@@ -351,6 +365,7 @@ class Routing(Bots):
             manual_claim=request.manual_claim,
             presence=request.presence,
             supervised_queues=request.supervised_queues,
+            apps=frozenset(request.apps),
         )
         self.router.add(associate)
         log.info("associate.signed_in", associate_id=associate.associate_id, queues=list(associate.queues))

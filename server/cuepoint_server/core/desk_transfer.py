@@ -13,7 +13,7 @@ import structlog
 from ..storage import TransferRecord
 from .desk_participants import Participants
 from .engagement_model import Engagement
-from .errors import InvalidInput
+from .errors import InvalidInput, PermissionDenied
 from .model import TRANSFER_MODES, EngagementEnded, TransferInfo
 from .sessions import AssociateSession
 
@@ -52,6 +52,9 @@ class Transfers(Participants):
         if any(role == "consult" for _, role in engagement.participants.values()):
             raise InvalidInput("transfer.engagement_id", "a consult is already in progress; complete it first")
         if not to_associate_id:
+            if not self.engine.scenarios.routing.admits(to_queue, engagement.app_id):
+                owner = self.engine.scenarios.routing.owner(to_queue)
+                raise PermissionDenied(f"queue {to_queue!r} belongs to app {owner!r}, not {engagement.app_id!r}")
             await self._hand_over(engagement, associate, None, to_queue, "blind", note)
             return
         if to_associate_id == associate.associate_id:

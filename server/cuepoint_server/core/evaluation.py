@@ -69,9 +69,9 @@ class Evaluation(Scoring):
             session_id=session.session_id,
             state=state,
             now=now,
-            policy=self.engine.scenarios.policy,
+            policy=self.engine.scenarios.policy_for(session.app_id),
             busy=self._busy(session.device_id, now),
-            paused=self.offers_paused,
+            paused=self.paused_for(session.app_id),
             no_capacity=lambda scenario: self._no_capacity(session, scenario, now),
         )
         decision = self.arbiter.decide(qualified, situation)
@@ -127,10 +127,10 @@ class Evaluation(Scoring):
         if redactor:
             why, stored_message = redactor.explanation(why), redactor.text(offer.message)
         pending = PendingCue(offer, scenario.id, why)
-        if self.engine.scenarios.policy.require_capacity:
+        if self.engine.scenarios.policy_for(session.app_id).require_capacity:
             # Hold the slot the engagement will need, so one free associate is never offered twice.
             queue, skills = self._routed(session, scenario, now)
-            associate = self.router.pick(queue, skills)
+            associate = self.router.pick(queue, skills, app_id=session.app_id)
             if associate is not None:
                 associate.reserved.add(offer.cue_id)
                 pending.reserved = associate
@@ -240,9 +240,9 @@ class Evaluation(Scoring):
                 session_id=session.session_id,
                 state=state,
                 now=now,
-                policy=self.engine.scenarios.policy,
+                policy=self.engine.scenarios.policy_for(session.app_id),
                 busy=self._busy(device_id, now),
-                paused=self.offers_paused,
+                paused=self.paused_for(session.app_id),
                 no_capacity=lambda scenario: self._no_capacity(session, scenario, now),
             )
 
@@ -260,7 +260,7 @@ class Evaluation(Scoring):
 
     def _no_capacity(self, session: DeviceSession, scenario: CompiledScenario, now: float) -> str | None:
         queue, skills = self._routed(session, scenario, now)
-        if self.desk.has_capacity(queue, skills):
+        if self.desk.has_capacity(queue, skills, session.app_id):
             return None
         needs = f" with skills {', '.join(skills)}" if skills else ""
         return f"no associate available in queue {queue}{needs}"

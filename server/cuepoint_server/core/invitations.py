@@ -45,7 +45,8 @@ class Invitations(Evaluation):
             # The reason is what the funnel and the engagement's "why" show in place of conditions.
             raise InvalidInput("invite.reason", f"required; at most {MAX_REASON} characters")
         session = self._reg.sessions.get(device_id)
-        if session is None:
+        if session is None or not associate.serves(session.app_id):
+            # Another app's device is as unknown to this associate as one not connected.
             raise InvalidInput("invite.device_id", f"device {device_id!r} is not connected")
         now = self.clock.now()
         situation = Situation(
@@ -53,9 +54,9 @@ class Invitations(Evaluation):
             session_id=session.session_id,
             state=session.state,
             now=now,
-            policy=self.engine.scenarios.policy,
+            policy=self.engine.scenarios.policy_for(session.app_id),
             busy=self._busy(device_id, now),
-            paused=self.offers_paused,
+            paused=self.paused_for(session.app_id),
         )
         blocked = self.arbiter.admit_invitation(situation)
         # The decision (and the cue) commit as one unit, then the cue is shown: as for a timer's evaluation.
@@ -89,7 +90,10 @@ class Invitations(Evaluation):
             "scenario_name": f"Invitation from {associate.display_name}",
             "scenario_file": "",
             "priority": 0,
-            "queue": associate.queues[0] if associate.queues else "default",
+            # The inviter's first queue that may hold this app's engagements (never another app's queue).
+            "queue": next(
+                (q for q in associate.queues if self.engine.scenarios.routing.admits(q, session.app_id)), "default"
+            ),
             # In place of the conditions that held: who invited the user, and why (the associate's "why").
             "conditions": [["invitation", f"{associate.display_name} invited the user: {reason}"]],
             "signal_ids": [],

@@ -210,6 +210,9 @@ class AssociateSignIn:
     presence: str = "available"
     # Queues whose engagements this associate supervises (monitor, whisper, barge in).
     supervised_queues: tuple[str, ...] = ()
+    # The apps whose engagements this associate may take, see or act on; empty: every app. Set from
+    # the associate's credential (api/auth.py), never from the request.
+    apps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,18 @@ log = structlog.get_logger("cuepoint.core")
 
 
 class Operations(Evaluation):
+    async def device_app(self, device_id: str) -> str | None:
+        """The app a device id belongs to, as far as this server knows (None: never seen), so an admin of
+        one app can be refused another app's devices."""
+        state = self._reg.states.get(device_id)
+        if state is not None:
+            return state.app_id
+        for decision in await self.store.decisions_for_device(device_id, limit=1):
+            return decision.app_id
+        for engagement in await self.store.engagements_for_device(device_id):
+            return engagement.app_id
+        return None
+
     async def set_offers_paused(self, paused: bool, reason: str = "") -> bool:
         """The emergency switch; returns whether offers are now paused (by this switch or the policy file)."""
         await self.store.save_switch(SwitchRecord("offers", "", not paused, reason, self.clock.now()))

@@ -32,19 +32,27 @@ class Router:
     def find(self, associate_id: str) -> AssociateSession | None:
         return self._associates.get(associate_id)
 
-    def pick(self, queue: str, skills: Collection[str] = (), exclude: Collection[str] = ()) -> AssociateSession | None:
+    def pick(
+        self, queue: str, skills: Collection[str] = (), exclude: Collection[str] = (), app_id: str = ""
+    ) -> AssociateSession | None:
+        """The associate to take an engagement of `app_id` in `queue`: never one whose credential is
+        limited to other apps, whatever queues they serve (one installation, several apps)."""
         candidates = [
             a
             for a in self._associates.values()
-            if a.available and queue in a.queues and a.associate_id not in exclude and a.skills.issuperset(skills)
+            if a.available
+            and queue in a.queues
+            and a.associate_id not in exclude
+            and a.skills.issuperset(skills)
+            and a.serves(app_id)
         ]
         if not candidates:
             return None
         # Longest idle wins; id breaks ties so the choice is deterministic.
         return min(candidates, key=lambda a: (a.idle_since, a.associate_id))
 
-    def has_capacity(self, queue: str, skills: Collection[str] = ()) -> bool:
-        return self.pick(queue, skills) is not None
+    def has_capacity(self, queue: str, skills: Collection[str] = (), app_id: str = "") -> bool:
+        return self.pick(queue, skills, app_id=app_id) is not None
 
     def wait(self, queue: str, engagement_id: str, *, priority: int = 0, since: float = 0.0) -> None:
         bisect.insort(self._waiting.setdefault(queue, []), (-priority, since, engagement_id))

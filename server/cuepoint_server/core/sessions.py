@@ -202,6 +202,8 @@ class AssociateSession:
     presence_reason: str = ""
     # Queues whose engagements this associate supervises.
     supervised_queues: tuple[str, ...] = ()
+    # Apps whose engagements this associate may take, see or act on; empty: every app.
+    apps: frozenset[str] = frozenset()
     active: set[str] = field(default_factory=set)
     # Offers awaiting claim hold a slot, so one associate is never offered more than they can take.
     offers: set[str] = field(default_factory=set)
@@ -214,6 +216,10 @@ class AssociateSession:
     def available(self) -> bool:
         held = len(self.active) + len(self.offers) + len(self.reserved)
         return not self.closed and self.presence == "available" and held < self.capacity
+
+    def serves(self, app_id: str) -> bool:
+        """Whether this associate may handle engagements of `app_id` (their credential's apps)."""
+        return not self.apps or app_id in self.apps
 
     def send(self, message: AssociateOut) -> None:
         if not self.closed:

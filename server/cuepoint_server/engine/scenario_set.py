@@ -68,6 +68,11 @@ class ScenarioSet:
     by_key: dict[str, tuple[CompiledScenario, ...]] = field(default_factory=dict)
     # Enabled scenarios whose trigger reads any context key: evaluated when a session opens (its hello).
     contextual: tuple[CompiledScenario, ...] = ()
+    # Per app (a folder under apps/): its own policy, replacing `policy` for its devices.
+    app_policies: dict[str, PolicySpec] = field(default_factory=dict)
+    # Apps with a folder of their own, and outcome id -> the app that declares it.
+    apps: frozenset[str] = frozenset()
+    outcome_owners: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> ScenarioSet:
@@ -103,13 +108,20 @@ class ScenarioSet:
             segments=segments,
             timed=tuple(s for s in enabled if s.timed),
             policy=loaded.policy,
-            routing=compile_routing(loaded.routing, segment_defs),
+            routing=compile_routing(loaded.combined_routing(), segment_defs, loaded.queue_owners()),
             source=source,
             outcomes=tuple(o.spec for o in loaded.outcomes if o.spec.score),
             listened=frozenset(by_event) | frozenset(milestones_by_event),
             by_key=_by_key(enabled),
             contextual=tuple(s for s in enabled if s.trigger_keys),
+            app_policies={app: spec for app, (spec, _) in loaded.app_policies.items()},
+            apps=frozenset(loaded.apps),
+            outcome_owners=dict(loaded.outcome_owners),
         )
+
+    def policy_for(self, app_id: str) -> PolicySpec:
+        """The policy an app's devices face: its own (apps/<app>/), else the installation's."""
+        return self.app_policies.get(app_id, self.policy)
 
     def candidates(self, events: Iterable[str]) -> list[CompiledScenario]:
         """Enabled scenarios listening to any of `events`, in arbitration order."""

@@ -79,6 +79,9 @@ class SessionStore:
             principal = self._principal(token)
             if principal.kind != "admin":
                 raise PermissionDenied(f"{principal} may not open the admin console")
+            if principal.apps:
+                # The console shows and switches every app at once; an admin of some apps uses AdminService.
+                raise PermissionDenied(f"{principal} is limited to some apps; the console shows every app")
             actor, roles = f"admin:{principal.name}", principal.roles
         self._expire(now)
         if len(self._sessions) >= MAX_SESSIONS:

@@ -137,9 +137,20 @@ class CompiledRule:
 class Routing:
     rules: tuple[CompiledRule, ...] = ()
     queues: Mapping[str, QueueSpec] = field(default_factory=dict)
+    # queue id -> the app it belongs to (defined under apps/<app>/); absent: installation-wide.
+    owners: Mapping[str, str] = field(default_factory=dict)
 
     def queue(self, name: str) -> QueueSpec:
         return self.queues.get(name) or QueueSpec(id=name)
+
+    def owner(self, queue: str) -> str:
+        """The app whose queue this is; "" for an installation-wide queue (or one no file defines)."""
+        return self.owners.get(queue, "")
+
+    def admits(self, queue: str, app_id: str) -> bool:
+        """Whether an engagement of `app_id` may sit in `queue`: never in another app's queue."""
+        owner = self.owners.get(queue, "")
+        return not owner or owner == app_id
 
     def route(
         self,
@@ -160,7 +171,9 @@ class Routing:
         return queue, priority, skills
 
 
-def compile_routing(spec: RoutingSpec, segments: Mapping[str, LoadedDefinition]) -> Routing:
+def compile_routing(
+    spec: RoutingSpec, segments: Mapping[str, LoadedDefinition], owners: Mapping[str, str] | None = None
+) -> Routing:
     rules = []
     for i, rule in enumerate(spec.rules):
         predicate, _ = _compile(rule.when, f"routing.rules[{i}].when", _Build(segments))
@@ -174,7 +187,7 @@ def compile_routing(spec: RoutingSpec, segments: Mapping[str, LoadedDefinition])
                 frozenset(rule.scenarios),
             )
         )
-    return Routing(tuple(rules), {q.id: q for q in spec.queues})
+    return Routing(tuple(rules), {q.id: q for q in spec.queues}, dict(owners or {}))
 
 
 @dataclass(frozen=True, slots=True)

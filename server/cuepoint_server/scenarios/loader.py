@@ -3,10 +3,20 @@
 Every issue names file, line and field, and all of them are collected in one
 pass so an admin fixes a folder in one round. Loading is all-or-nothing: a
 caller keeps serving its previous good set when this raises.
+
+Several apps (brands) can share one installation: everything under
+``apps/<app id>/`` belongs to that app. Its scenarios and routing rules apply
+to that app only (``apps:`` may only repeat it), its queues are its own (an
+engagement of another app never enters them), and it may have its own
+``policy`` and ``routing`` sections beside the installation-wide ones at the
+top level. Ids (scenarios, segments, milestones, outcomes, queues) stay unique
+across the whole installation, so a report or an audit entry names one thing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
@@ -40,8 +50,10 @@ __all__ = [
     "LoadedOutcome",
     "LoadedScenario",
     "LoadedSet",
+    "RoutingPart",
     "ScenarioError",
     "ScenarioIssue",
+    "app_of",
     "load_directory",
     "load_file",
     "load_text",
@@ -53,6 +65,9 @@ __all__ = [
 Path = tuple[str | int, ...]
 
 SUFFIXES = (".yaml", ".yml")
+# The folder whose subfolders each hold one app's files: scenarios/apps/<app id>/...
+APPS_FOLDER = "apps"
+_APP_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +127,16 @@ class LoadedOutcome:
         return self.located.line_of((*self.prefix, *path)) if self.located else self.line
 
 
+@dataclass(frozen=True, slots=True)
+class RoutingPart:
+    """A `routing:` section: the installation's (app "") or one app's."""
+
+    spec: RoutingSpec
+    at: tuple[str, int]
+    line_of: Callable[[Path], int]
+    app: str = ""
+
+
 @dataclass(slots=True)
 class LoadedSet:
     """Everything a folder of files defines, checked across files."""
@@ -125,12 +150,21 @@ class LoadedSet:
     routing: RoutingSpec = field(default_factory=RoutingSpec)
     routing_at: tuple[str, int] | None = None
     routing_line_of: Callable[[Path], int] | None = None
+    # Apps with a folder under apps/, and what each of them defines for itself.
+    apps: set[str] = field(default_factory=set)
+    app_policies: dict[str, tuple[PolicySpec, tuple[str, int]]] = field(default_factory=dict)
+    app_routing: dict[str, RoutingPart] = field(default_factory=dict)
+    # outcome id -> the app whose folder declares it
+    outcome_owners: dict[str, str] = field(default_factory=dict)
 
-    def merge(self, other: LoadedSet, issues: list[ScenarioIssue]) -> None:
+    def merge(self, other: LoadedSet, issues: list[ScenarioIssue], app: str = "") -> None:
         self.scenarios.extend(other.scenarios)
         self.segments.extend(other.segments)
         self.milestones.extend(other.milestones)
         self.outcomes.extend(other.outcomes)
+        if app:
+            self._merge_app(other, issues, app)
+            return
         if other.routing_at is not None:
             if self.routing_at is not None:
                 file, line = other.routing_at
@@ -152,6 +186,74 @@ class LoadedSet:
                 )
             else:
                 self.policy, self.policy_at = other.policy, other.policy_at
+
+    def _merge_app(self, other: LoadedSet, issues: list[ScenarioIssue], app: str) -> None:
+        self.apps.add(app)
+        self.outcome_owners.update((o.spec.id, app) for o in other.outcomes)
+        if other.routing_at is not None:
+            known = self.app_routing.get(app)
+            file, line = other.routing_at
+            if known is not None:
+                at = f"{known.at[0]}:{known.at[1]}"
+                issues.append(ScenarioIssue(file, line, "routing", f"app {app!r} already has routing at {at}"))
+            else:
+                line_of = other.routing_line_of or (lambda path: line)
+                self.app_routing[app] = RoutingPart(other.routing, other.routing_at, line_of, app)
+        if other.policy_at is not None:
+            had = self.app_policies.get(app)
+            file, line = other.policy_at
+            if had is not None:
+                at = f"{had[1][0]}:{had[1][1]}"
+                issues.append(ScenarioIssue(file, line, "policy", f"app {app!r} already has a policy at {at}"))
+            else:
+                self.app_policies[app] = (other.policy, other.policy_at)
+
+    def routing_parts(self) -> list[RoutingPart]:
+        """Every routing section: each app's (by app id), then the installation's."""
+        parts = [self.app_routing[app] for app in sorted(self.app_routing)]
+        if self.routing_at is not None:
+            line = self.routing_at[1]
+            parts.append(RoutingPart(self.routing, self.routing_at, self.routing_line_of or (lambda path: line)))
+        return parts
+
+    def combined_routing(self) -> RoutingSpec:
+        """One routing table: all queues; each app's rules (scoped to it) before the installation's."""
+        parts = self.routing_parts()
+        return RoutingSpec(
+            queues=[q for part in parts for q in part.spec.queues],
+            rules=[r for part in parts for r in part.spec.rules],
+        )
+
+    def queue_owners(self) -> dict[str, str]:
+        """queue id -> the app whose folder defines it (installation-wide queues are absent)."""
+        return {q.id: app for app, part in self.app_routing.items() for q in part.spec.queues}
+
+
+def app_of(root: FsPath, path: FsPath) -> str:
+    """The app a file belongs to: `<root>/apps/<app id>/...`; "" for the installation's own files."""
+    parts = path.relative_to(root).parts
+    return parts[1] if len(parts) > 2 and parts[0] == APPS_FOLDER else ""
+
+
+def _scope_to_app(part: LoadedSet, app: str, name: str) -> list[ScenarioIssue]:
+    """Everything of a file under apps/<app>/ applies to that app only; `apps:` may only repeat it."""
+    issues: list[ScenarioIssue] = []
+    if not _APP_ID.match(app):
+        return [ScenarioIssue(name, 1, "", f"{APPS_FOLDER}/{app}/: not a valid app id (lowercase, digits, _ - .)")]
+    only = f"a file under {APPS_FOLDER}/{app}/ applies to app {app!r} only"
+    for i, item in enumerate(part.scenarios):
+        if item.spec.apps and set(item.spec.apps) != {app}:
+            issues.append(ScenarioIssue(item.file, item.line_of(("apps",)), "apps", only))
+        part.scenarios[i] = dataclasses.replace(item, spec=item.spec.model_copy(update={"apps": [app]}))
+    if part.routing_at is not None:
+        rules = []
+        for i, rule in enumerate(part.routing.rules):
+            if rule.apps and set(rule.apps) != {app}:
+                line = part.routing_line_of(("rules", i, "apps")) if part.routing_line_of else part.routing_at[1]
+                issues.append(ScenarioIssue(part.routing_at[0], line, f"routing.rules[{i}].apps", only))
+            rules.append(rule.model_copy(update={"apps": [app]}))
+        part.routing = part.routing.model_copy(update={"rules": rules})
+    return issues
 
 
 def scenario_files(directory: FsPath) -> list[FsPath]:
@@ -178,7 +280,10 @@ def load_directory(directory: str | FsPath) -> LoadedSet:
             continue
         part, found = _parse(text, str(path))
         issues.extend(found)
-        result.merge(part, issues)
+        app = app_of(root, path)
+        if app:
+            issues.extend(_scope_to_app(part, app, str(path)))
+        result.merge(part, issues, app)
     issues.extend(_cross_check(result))
     if issues:
         raise ScenarioError(issues)
@@ -371,13 +476,11 @@ def _cross_check(loaded: LoadedSet) -> list[ScenarioIssue]:
     located: list[tuple[str, Callable[[Path], int], Iterator[tuple[Any, Path]], Path]] = [
         (item.file, item.line_of, _conditions(item), ()) for item in defined
     ]
-    if loaded.routing_at is not None:
-        file, line = loaded.routing_at
-        routing_lines = loaded.routing_line_of or (lambda path: line)
+    for part in loaded.routing_parts():
         rules = (
-            pair for i, rule in enumerate(loaded.routing.rules) for pair in walk_paths(rule.when, ("rules", i, "when"))
+            pair for i, rule in enumerate(part.spec.rules) for pair in walk_paths(rule.when, ("rules", i, "when"))
         )
-        located.append((file, routing_lines, rules, ("routing",)))
+        located.append((part.at[0], part.line_of, rules, ("routing",)))
     for file, line_of, conditions, shown in located:
         for cond, path in conditions:
             if isinstance(cond, SegmentCondition) and cond.segment not in segments:
@@ -396,21 +499,20 @@ def _cross_check(loaded: LoadedSet) -> list[ScenarioIssue]:
             issues.append(
                 ScenarioIssue(outcome.file, line, "milestone", f"unknown milestone {outcome.spec.milestone!r}")
             )
-    if loaded.routing_at is not None:
-        known = {s.spec.id for s in loaded.scenarios}
-        routing_file, routing_line = loaded.routing_at
-        rule_line = loaded.routing_line_of or (lambda path: routing_line)
-        for i, rule in enumerate(loaded.routing.rules):
+    known = {s.spec.id for s in loaded.scenarios}
+    for part in loaded.routing_parts():
+        for i, rule in enumerate(part.spec.rules):
             for j, scenario_id in enumerate(rule.scenarios):
                 if scenario_id not in known:
                     issues.append(
                         ScenarioIssue(
-                            routing_file,
-                            rule_line(("rules", i, "scenarios", j)),
+                            part.at[0],
+                            part.line_of(("rules", i, "scenarios", j)),
                             f"routing.rules[{i}].scenarios[{j}]",
                             f"unknown scenario {scenario_id!r}",
                         )
                     )
+    issues.extend(_app_boundaries(loaded))
     for scenario in loaded.scenarios:
         spec = scenario.spec
         if spec.outcome is not None and spec.outcome not in milestones:
@@ -418,6 +520,50 @@ def _cross_check(loaded: LoadedSet) -> list[ScenarioIssue]:
             issues.append(ScenarioIssue(scenario.file, line, "outcome", f"unknown milestone {spec.outcome!r}"))
     issues.extend(_segment_cycles(segments))
     return issues
+
+
+def _app_boundaries(loaded: LoadedSet) -> list[ScenarioIssue]:
+    """Queues are unique and an app's queue takes only that app's engagements: whatever can send an
+    engagement to it (a scenario's cue, a routing rule, a bot's hand-over) must be scoped to that app."""
+    issues: list[ScenarioIssue] = []
+    owners = loaded.queue_owners()
+    where: dict[str, str] = {}
+    for part in loaded.routing_parts():
+        for i, queue in enumerate(part.spec.queues):
+            line = part.line_of(("queues", i, "id"))
+            if queue.id in where:
+                message = f"queue {queue.id!r} is already defined at {where[queue.id]}"
+                issues.append(ScenarioIssue(part.at[0], line, f"routing.queues[{i}].id", message))
+            where.setdefault(queue.id, f"{part.at[0]}:{line}")
+            handover = queue.bot.handover_queue if queue.bot is not None else ""
+            if handover and owners.get(handover, part.app) != part.app:
+                issues.append(
+                    ScenarioIssue(
+                        part.at[0],
+                        part.line_of(("queues", i, "bot", "handover_queue")),
+                        f"routing.queues[{i}].bot.handover_queue",
+                        f"queue {handover!r} belongs to app {owners[handover]!r}",
+                    )
+                )
+        for i, rule in enumerate(part.spec.rules):
+            problem = _crosses(owners, rule.queue, rule.apps)
+            if problem:
+                issues.append(
+                    ScenarioIssue(part.at[0], part.line_of(("rules", i, "queue")), f"routing.rules[{i}].queue", problem)
+                )
+    for scenario in loaded.scenarios:
+        problem = _crosses(owners, scenario.spec.cue.queue, scenario.spec.apps)
+        if problem:
+            issues.append(ScenarioIssue(scenario.file, scenario.line_of(("cue", "queue")), "cue.queue", problem))
+    return issues
+
+
+def _crosses(owners: dict[str, str], queue: str | None, apps: list[str]) -> str:
+    """Why sending engagements of `apps` (empty: every app) to `queue` would cross an app boundary; "" if not."""
+    owner = owners.get(queue or "")
+    if owner is None or set(apps) == {owner}:
+        return ""
+    return f"queue {queue!r} belongs to app {owner!r}; only what applies to that app alone (apps: [{owner}]) may use it"
 
 
 def _segment_cycles(segments: dict[str, LoadedDefinition]) -> list[ScenarioIssue]:
