@@ -183,6 +183,8 @@ class CuepointServer:
             core.cue_listeners.append(webhooks.emit)
             core.webhook_rows = webhooks.rows
             core.desk.listeners.append(webhooks.emit)
+            core.desk.webhook_rows = webhooks.rows
+            core.desk.outbox_wakeups.append(webhooks.wake)
             core.privacy_listeners.append(webhooks.emit)
             core.outbox_wakeups.append(webhooks.wake)
             webhooks.start()

@@ -1,7 +1,8 @@
 """Webhooks: the cue and engagement lifecycle, and erasures, POSTed to a CRM from a durable outbox.
 
-Each event becomes one outbox row per receiver that wants it (storage: `webhook_outbox`), written when the
-event happens, so a delivery survives restarts: a row leaves the outbox only once the receiver answered 2xx.
+Each event becomes one outbox row per receiver that wants it (storage: `webhook_outbox`), committed in the
+same transaction as the change it reports (the core builds them with `rows`), so a delivery survives
+restarts: a row leaves the outbox only once the receiver answered 2xx.
 Failed attempts (network errors, 429, 5xx) are retried with exponential backoff and jitter; after the last
 attempt, or on any other 4xx, the row stays as dead, listed by AdminService.ListDeadWebhooks and sent again by
 RedeliverWebhook. Delivery is at least once: a receiver de-duplicates by the body's `id`.
@@ -47,8 +48,9 @@ EVENTS = (
     "feedback.received",
     "user.erased",
 )
-# Events whose outbox rows the core commits in the same transaction as what they report (Core.webhook_rows).
-COMMITTED_BY_CORE = frozenset({"cue.offered"})
+# Events whose outbox rows the core commits in the same transaction as what they report (Core.webhook_rows,
+# through the Store's methods that take `webhooks`): a crash keeps both or neither.
+COMMITTED_BY_CORE = frozenset(set(EVENTS) - {"user.erased"})
 # Sent from memory, never written to the outbox: an erasure notice on disk would store the erased user id
 # again, in a file the erasure has just scrubbed. Retried with backoff like the rest, lost on a restart.
 _NOT_STORED = frozenset({"user.erased"})

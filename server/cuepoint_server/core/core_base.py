@@ -202,6 +202,20 @@ class CoreBase:
             self._emit_cue("cue.offered", _offered(record))
         return skipped
 
+    def _cue_webhooks(self, kind: str, payload: dict[str, Any]) -> list[WebhookRecord]:
+        """The outbox rows of a cue event, for the caller to commit with the change it reports."""
+        return self.webhook_rows(kind, payload) if self.webhook_rows is not None else []
+
+    async def _set_cue_status(
+        self, cue_id: str, status: str, at: float, button_id: str, kind: str, payload: dict[str, Any]
+    ) -> None:
+        """A cue's new status and the webhook rows of the event reporting it, in one transaction."""
+        hooks = self._cue_webhooks(kind, payload)
+        await self.store.set_cue_status(cue_id, status, at, button_id, webhooks=hooks)
+        if hooks:
+            for wake in self.outbox_wakeups:
+                wake()
+
     def _emit_cue(self, kind: str, payload: dict[str, Any]) -> None:
         """A cue's lifecycle event (cue.offered / answered / withdrawn), once what it reports is stored."""
         for listener in self.cue_listeners:

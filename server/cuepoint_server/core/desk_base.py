@@ -15,7 +15,7 @@ import structlog
 
 from ..clock import Clock, TimerHandle
 from ..engine.engine import Engine
-from ..storage import SignalRecord, Store
+from ..storage import EngagementRecord, SignalRecord, Store, WebhookRecord
 from .engagement_model import Engagement, EngagementEvent, context_json
 from .errors import InvalidInput, NotFound, PermissionDenied
 from .model import EngagementEnded, EngagementUpdate, JourneyAppended, JourneyItem, SupervisedSnapshot
@@ -52,6 +52,10 @@ class DeskBase:
         self.config = config or DeskConfig()
         self.router = Router()
         self.listeners: list[EngagementEvent] = []
+        # Builds the webhook outbox rows of an event (webhooks.py): committed with the change they report.
+        self.webhook_rows: Callable[[str, dict[str, Any]], list[WebhookRecord]] | None = None
+        # Called once outbox rows are committed, so delivery starts at once (webhooks.py).
+        self.outbox_wakeups: list[Callable[[], None]] = []
         self._sessions = sessions
         self._spawn = spawn
         self._engagements: dict[str, Engagement] = {}
@@ -232,21 +236,43 @@ class DeskBase:
             associate.send(EngagementEnded(engagement.engagement_id, engagement.disposition, ended_by))
         engagement.participants.clear()
 
-    def _save(self, engagement: Engagement) -> None:
-        self._spawn(_awaited(self._store_engagement(engagement)))
+    def _save(self, engagement: Engagement, *events: str) -> None:
+        """Store the engagement in the background, with the webhook rows of `events` (see _persist)."""
+        self._spawn(_awaited(self._persist(engagement, *events)))
 
-    def _store_engagement(self, engagement: Engagement) -> asyncio.Future[None]:
-        """Save the engagement (await the result, or spawn it). The write is registered at once, so position
-        announcements made meanwhile wait for it (_announce_moves)."""
-        write = asyncio.ensure_future(self.store.save_engagement(engagement.record()))
+    def _persist(self, engagement: Engagement, *events: str) -> asyncio.Future[None]:
+        """Save the engagement's row as it is now, and the outbox rows of the lifecycle `events` it reports,
+        in one transaction: a crash cannot keep the change and lose its webhook. Both are built now, so a
+        later change does not leak into this write. Await the result, or spawn it; the write is registered
+        at once, so position announcements made meanwhile wait for it (_announce_moves)."""
+        rows = [row for kind in events for row in self._webhooks(kind, self._payload(kind, engagement))]
+        write = asyncio.ensure_future(self._write_engagement(engagement.record(), rows))
         self._saving.add(write)
         write.add_done_callback(self._saving.discard)
         return write
 
+    async def _write_engagement(self, record: EngagementRecord, rows: list[WebhookRecord]) -> None:
+        await self.store.save_engagement(record, webhooks=rows)
+        if rows:
+            self._wake_outbox()
+
+    def _webhooks(self, kind: str, payload: dict[str, Any]) -> list[WebhookRecord]:
+        """The outbox rows of one event (none without webhooks); the caller commits them with its change."""
+        return self.webhook_rows(kind, payload) if self.webhook_rows is not None else []
+
+    def _wake_outbox(self) -> None:
+        for wake in self.outbox_wakeups:
+            wake()
+
     def _emit(self, kind: str, engagement: Engagement) -> None:
+        """Tell in-process listeners (metrics); webhooks of stored events went out with their change."""
         if not self.listeners:
             return
-        payload = {
+        self._emit_payload(kind, self._payload(kind, engagement))
+
+    @staticmethod
+    def _payload(kind: str, engagement: Engagement) -> dict[str, Any]:
+        return {
             "type": kind,
             "engagement_id": engagement.engagement_id,
             "state": engagement.state,
@@ -274,7 +300,6 @@ class DeskBase:
             ],
             "context": context_json(engagement.context),
         }
-        self._emit_payload(kind, payload)
 
     def _emit_payload(self, kind: str, payload: dict[str, Any]) -> None:
         for listener in self.listeners:

@@ -51,7 +51,7 @@ class Bots(Conversation):
             closed=True,
         )
         engagement.state, engagement.associate, engagement.assigned_at = "assigned", session, now
-        self._save(engagement)
+        self._save(engagement, "engagement.assigned")
         self._notify_device(engagement)
         self._emit("engagement.assigned", engagement)
         log.info("engagement.bot", engagement_id=engagement.engagement_id, queue=engagement.queue)

@@ -7,6 +7,8 @@ stored engagement, so it is accepted after a restart too.
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 
 from ..scenarios.model import FeedbackSpec
@@ -82,20 +84,22 @@ class Feedback(WrapUp):
             comment=comment,
             time=self.clock.now(),
         )
-        # Stored before anyone hears of it; a resend for the same engagement is ignored by the store.
-        await self.store.save_feedback(rating)
+        payload: dict[str, Any] = {
+            "type": "feedback.received",
+            "engagement_id": engagement_id,
+            "scenario_id": rating.scenario_id,
+            "queue": rating.queue,
+            "associate_id": rating.associate_id,
+            "variant": rating.variant,
+            "kind": rating.kind,
+            "score": rating.score,
+            "comment": rating.comment,
+        }
+        hooks = self._webhooks("feedback.received", payload)
+        # Stored with its webhook before anyone hears of it; a resend for the same engagement is ignored by
+        # the store, its webhook rows too.
+        await self.store.save_feedback(rating, webhooks=hooks)
+        if hooks:
+            self._wake_outbox()
         log.info("engagement.feedback", engagement_id=engagement_id, kind=spec.kind, score=score)
-        self._emit_payload(
-            "feedback.received",
-            {
-                "type": "feedback.received",
-                "engagement_id": engagement_id,
-                "scenario_id": rating.scenario_id,
-                "queue": rating.queue,
-                "associate_id": rating.associate_id,
-                "variant": rating.variant,
-                "kind": rating.kind,
-                "score": rating.score,
-                "comment": rating.comment,
-            },
-        )
+        self._emit_payload("feedback.received", payload)

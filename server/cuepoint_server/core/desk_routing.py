@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -39,8 +40,15 @@ log = structlog.get_logger("cuepoint.core.engagements")
 
 class Routing(Bots):
     async def start(
-        self, session: DeviceSession, pending: PendingCue, now: float, button_id: str = ""
+        self,
+        session: DeviceSession,
+        pending: PendingCue,
+        now: float,
+        button_id: str = "",
+        answered: dict[str, Any] | None = None,
     ) -> Engagement | None:
+        """The user accepted `pending`: store the accept and the engagement (with the cue.answered event
+        `answered` and engagement.queued for webhooks, one transaction), then route it."""
         scenarios = self.engine.scenarios
         scenario = scenarios.by_id.get(pending.scenario_id)
         base_queue = str(pending.explanation.get("queue") or "default")
@@ -73,9 +81,14 @@ class Routing(Bots):
         )
         # Reserved in memory while committing, so nothing else is offered to the device meanwhile.
         self._active_by_device[session.device_id] = engagement.engagement_id
+        hooks = self._webhooks("cue.answered", answered) if answered is not None else []
+        hooks += self._webhooks("engagement.queued", self._payload("engagement.queued", engagement))
         try:
-            # The accept and the engagement commit in one transaction: never an accepted cue without one.
-            outcome = await self.store.accept_cue(engagement.cue_id, now, engagement.record(), button_id)
+            # The accept, the engagement and their webhooks commit in one transaction: never an accepted
+            # cue without one, nor either without its webhook.
+            outcome = await self.store.accept_cue(
+                engagement.cue_id, now, engagement.record(), button_id, webhooks=hooks
+            )
         finally:
             self._release_device(engagement)
         if not outcome.accepted:
@@ -85,6 +98,8 @@ class Routing(Bots):
             return None
         self._engagements[engagement.engagement_id] = engagement
         self._active_by_device[session.device_id] = engagement.engagement_id
+        if hooks:
+            self._wake_outbox()
         self._notify_device(engagement)
         log.info("engagement.queued", engagement_id=engagement.engagement_id, queue=queue, priority=priority)
         self._emit("engagement.queued", engagement)
@@ -232,7 +247,7 @@ class Routing(Bots):
             engagement.fallback_timer = None
         engagement.state, engagement.associate, engagement.assigned_at = "assigned", associate, now
         associate.active.add(engagement.engagement_id)
-        self._save(engagement)
+        self._save(engagement, "engagement.assigned")
         associate.send(engagement.view())
         self._notify_device(engagement)
         self._emit("engagement.assigned", engagement)
@@ -334,7 +349,7 @@ class Routing(Bots):
             engagement.state, engagement.disposition, engagement.ended_by = "ended", "cancelled", "user"
         engagement.ended_at = now
         self._release_device(engagement)
-        await self._store_engagement(engagement)
+        await self._persist(engagement, "engagement.ended")
         self._notify_device(engagement)
         self._emit("engagement.ended", engagement)
 

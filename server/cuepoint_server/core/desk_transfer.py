@@ -8,6 +8,8 @@ is told, and reaches webhooks and the funnel as ``engagement.transferred``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import structlog
 
 from ..storage import TransferRecord
@@ -90,11 +92,17 @@ class Transfers(Participants):
     ) -> None:
         now = self.clock.now()
         info = TransferInfo(owner.associate_id, target.associate_id if target else "", to_queue, mode, note, now)
+        # The engagement.transferred event as it will read once handed over, stored with the transfer.
+        after = replace(engagement, state="queued", associate=None, transfers=[*engagement.transfers, info])
+        hooks = self._webhooks("engagement.transferred", self._payload("engagement.transferred", after))
         await self.store.save_transfer(
             TransferRecord(
                 engagement.engagement_id, now, info.from_associate_id, info.to_associate_id, to_queue, mode, note
-            )
+            ),
+            webhooks=hooks,
         )
+        if hooks:
+            self._wake_outbox()
         engagement.transfers.append(info)
         engagement.consult_note = ""
         self._free(owner, engagement.engagement_id, now)

@@ -35,7 +35,7 @@ class WrapUp(Routing):
         engagement.disposition, engagement.notes = disposition, notes[:4000]
         if engagement.state == "ended":
             # The user left first; this is the associate's wrap-up.
-            await self.store.save_engagement(engagement.record())
+            await self._persist(engagement, "engagement.wrapped_up")
             self._emit("engagement.wrapped_up", engagement)
             return
         now = self.clock.now()
@@ -45,7 +45,7 @@ class WrapUp(Routing):
         self._release_device(engagement)
         self._dismiss_participants(engagement, "associate", now)
         self._watch_outcome(engagement, now)
-        await self.store.save_engagement(engagement.record())
+        await self._persist(engagement, "engagement.ended", "engagement.wrapped_up")
         associate.send(EngagementEnded(engagement_id, disposition, "associate"))
         self._notify_device(engagement)
         self._ask_feedback(engagement)
@@ -71,7 +71,7 @@ class WrapUp(Routing):
         self._release_device(engagement)
         self._dismiss_participants(engagement, "user", now)
         self._watch_outcome(engagement, now)
-        await self._store_engagement(engagement)
+        await self._persist(engagement, "engagement.ended")
         self._notify_device(engagement)
         self._ask_feedback(engagement)
         self._emit("engagement.ended", engagement)
@@ -118,7 +118,7 @@ class WrapUp(Routing):
             return
         engagement.outcome = "not_achieved"
         self._forget_outcome(engagement)
-        self._save(engagement)
+        self._save(engagement, "engagement.outcome")
         self._emit("engagement.outcome", engagement)
 
     def _forget_outcome(self, engagement: Engagement) -> None:
@@ -143,6 +143,6 @@ class WrapUp(Routing):
             if check is not None and check.event == name and check.where(props) and ended <= at <= ended + check.within:
                 engagement.outcome = "achieved"
                 self._forget_outcome(engagement)
-                self._save(engagement)
+                self._save(engagement, "engagement.outcome")
                 self._emit("engagement.outcome", engagement)
                 log.info("engagement.outcome", engagement_id=engagement.engagement_id, outcome="achieved")

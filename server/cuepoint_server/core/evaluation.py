@@ -287,13 +287,14 @@ class Evaluation(Scoring):
         self._spawn(self._settled(device_id, cue_id, "expired", "expired"))
 
     async def _settled(self, device_id: str, cue_id: str, status: str, reason: str) -> None:
-        # Record first, so a withdrawal the device sees is already on file.
-        await self.store.set_cue_status(cue_id, status, self.clock.now())
+        # Record first (with its webhook), so a withdrawal the device sees is already on file.
+        withdrawn = {"cue_id": cue_id, "device_id": device_id, "status": status, "reason": reason}
+        await self._set_cue_status(cue_id, status, self.clock.now(), "", "cue.withdrawn", withdrawn)
         session = self._reg.sessions.get(device_id)
         if session is not None:
             session.send(Withdrawal(cue_id, reason))
         log.info("cue.withdrawn", device_id=device_id, cue_id=cue_id, reason=reason)
-        self._emit_cue("cue.withdrawn", {"cue_id": cue_id, "device_id": device_id, "status": status, "reason": reason})
+        self._emit_cue("cue.withdrawn", withdrawn)
 
     def scenarios_swapped(self, old: ScenarioSet, new: ScenarioSet) -> None:
         """After a reload: settle cues whose scenario is gone and re-arm every timer."""
@@ -373,10 +374,6 @@ class Evaluation(Scoring):
         pending.release()
         if pending.expiry is not None:
             pending.expiry.cancel()
-        if response != "accepted":
-            # The answer is settled in memory; the device's next message need not wait for the commit.
-            # An accept is stored by desk.start, together with the engagement it starts.
-            self._track(session, self.store.set_cue_status(cue_id, response, now, button_id))
         for observer in self.observers:
             observer.cue_settled(pending.scenario_id, response)
         log.info("cue.answered", device_id=session.device_id, cue_id=cue_id, response=response)
@@ -389,7 +386,10 @@ class Evaluation(Scoring):
             "button_id": button_id,
         }
         if response != "accepted":
-            # Queued to the single writer after the status update, so never committed before it.
+            # The answer is settled in memory; the device's next message need not wait for the commit.
+            # Its cue.answered webhook commits with it. An accept is stored by desk.start, together with
+            # the engagement it starts (and both webhooks).
+            self._track(session, self._set_cue_status(cue_id, response, now, button_id, "cue.answered", answered))
             self._emit_cue("cue.answered", answered)
         if response == "declined":
             self.arbiter.remember_decline(session.subject, pending.scenario_id, now, session.session_id)
@@ -398,7 +398,7 @@ class Evaluation(Scoring):
             if session.writes:
                 # The journey the associate sees must include every signal that led here.
                 await asyncio.gather(*session.writes, return_exceptions=True)
-            await self.desk.start(session, pending, now, button_id)
+            await self.desk.start(session, pending, now, button_id, answered)
             self._emit_cue("cue.answered", answered)
 
     @staticmethod

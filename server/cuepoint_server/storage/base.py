@@ -114,15 +114,25 @@ class Store(Protocol):
         ...
 
     async def accept_cue(
-        self, cue_id: str, responded_at: float, engagement: EngagementRecord, button_id: str = ""
+        self,
+        cue_id: str,
+        responded_at: float,
+        engagement: EngagementRecord,
+        button_id: str = "",
+        *,
+        webhooks: Sequence[WebhookRecord] = (),
     ) -> AcceptOutcome:
-        """Mark an offered cue accepted and store the engagement it starts, in one transaction.
+        """Mark an offered cue accepted and store the engagement it starts, in one transaction, with the
+        webhook outbox rows that report them (cue.answered, engagement.queued).
 
-        Idempotent: for a cue already accepted it returns the engagement stored for it and writes nothing.
+        Idempotent: for a cue already accepted it returns the engagement stored for it and writes nothing
+        (no webhook rows either).
         """
         ...
 
     # -- single writes ----------------------------------------------------------------------------
+    # A `webhooks` argument: outbox rows reporting the change, committed in the same transaction as it
+    # (never one without the other).
 
     async def save_session(self, rec: SessionRecord) -> None: ...
 
@@ -130,15 +140,23 @@ class Store(Protocol):
 
     async def save_cue(self, rec: CueRecord) -> None: ...
 
-    async def set_cue_status(self, cue_id: str, status: str, responded_at: float, button_id: str = "") -> None: ...
+    async def set_cue_status(
+        self,
+        cue_id: str,
+        status: str,
+        responded_at: float,
+        button_id: str = "",
+        *,
+        webhooks: Sequence[WebhookRecord] = (),
+    ) -> None: ...
 
-    async def save_engagement(self, rec: EngagementRecord) -> None: ...
+    async def save_engagement(self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None: ...
 
     async def save_chat(self, rec: ChatRecord) -> None: ...
 
     async def save_channel_change(self, rec: ChannelChangeRecord) -> None: ...
 
-    async def save_transfer(self, rec: TransferRecord) -> None: ...
+    async def save_transfer(self, rec: TransferRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None: ...
 
     async def save_participation(self, rec: ParticipationRecord) -> None:
         """Insert on joining; the same (engagement, associate, role, joined_at) again completes it on leaving."""
@@ -151,8 +169,8 @@ class Store(Protocol):
 
     async def save_milestone(self, rec: MilestoneRecord) -> None: ...
 
-    async def save_feedback(self, rec: FeedbackRecord) -> None:
-        """Store a rating; a second answer for the same engagement is ignored."""
+    async def save_feedback(self, rec: FeedbackRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
+        """Store a rating; a second answer for the same engagement is ignored, and so are its webhook rows."""
         ...
 
     async def set_variant_stopped(

@@ -866,10 +866,18 @@ class SqliteStore(PredictState):
         return skipped
 
     async def accept_cue(
-        self, cue_id: str, responded_at: float, engagement: EngagementRecord, button_id: str = ""
+        self,
+        cue_id: str,
+        responded_at: float,
+        engagement: EngagementRecord,
+        button_id: str = "",
+        *,
+        webhooks: Sequence[WebhookRecord] = (),
     ) -> AcceptOutcome:
-        """The cue becomes accepted and its engagement is stored, together; idempotent by cue id."""
+        """The cue becomes accepted and its engagement is stored, together with the webhook rows reporting
+        both; idempotent by cue id (a repeat writes nothing, its webhook rows neither)."""
         row = _engagement_row(engagement)
+        hooks = [_webhook_row(r) for r in webhooks]
         by_cue = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE cue_id = ? ORDER BY created_at, rowid LIMIT 1"
 
         async def run(conn: aiosqlite.Connection) -> tuple[AcceptOutcome, int]:
@@ -883,21 +891,55 @@ class SqliteStore(PredictState):
                 return AcceptOutcome(False, "accepted", _engagement_from(existing[0])), 0
             await conn.execute(_SET_CUE_STATUS, ("accepted", responded_at, button_id, cue_id))
             await conn.execute(_UPSERT_ENGAGEMENT, row)
-            return AcceptOutcome(True, "accepted", engagement), 2
+            if hooks:
+                await conn.executemany(_INSERT_WEBHOOK, hooks)
+            return AcceptOutcome(True, "accepted", engagement), 2 + len(hooks)
 
-        outcome: AcceptOutcome = await self._writer.transaction(run, 2)
+        outcome: AcceptOutcome = await self._writer.transaction(run, 2 + len(hooks))
         return outcome
 
     async def save_cue(self, rec: CueRecord) -> None:
         await self._writer.execute(_UPSERT_CUE, _cue_row(rec))
 
-    async def set_cue_status(self, cue_id: str, status: str, responded_at: float, button_id: str = "") -> None:
+    async def set_cue_status(
+        self,
+        cue_id: str,
+        status: str,
+        responded_at: float,
+        button_id: str = "",
+        *,
+        webhooks: Sequence[WebhookRecord] = (),
+    ) -> None:
         """Update a cue's status (and the button that answered it); a no-op for an unknown cue."""
-        await self._writer.execute(_SET_CUE_STATUS, (status, responded_at, button_id, cue_id))
+        await self._with_outbox(_SET_CUE_STATUS, (status, responded_at, button_id, cue_id), webhooks)
 
-    async def save_feedback(self, rec: FeedbackRecord) -> None:
-        """Store a rating; a second answer for the same engagement is ignored."""
-        await self._writer.execute(_INSERT_FEEDBACK, tuple(getattr(rec, c) for c in _FEEDBACK_COLS))
+    async def save_feedback(self, rec: FeedbackRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
+        """Store a rating; a second answer for the same engagement is ignored, and so are its webhook rows."""
+        await self._with_outbox(
+            _INSERT_FEEDBACK, tuple(getattr(rec, c) for c in _FEEDBACK_COLS), webhooks, only_if_written=True
+        )
+
+    async def _with_outbox(
+        self, sql: str, params: Row, webhooks: Sequence[WebhookRecord], *, only_if_written: bool = False
+    ) -> None:
+        """One state change and the outbox rows reporting it, in one transaction: both durable or neither.
+
+        Without rows it stays a plain statement, merged with others into the writer's batches.
+        ``only_if_written``: the rows are added only when the statement changed a row (not a repeat).
+        """
+        if not webhooks:
+            await self._writer.execute(sql, params)
+            return
+        hooks = [_webhook_row(r) for r in webhooks]
+
+        async def run(conn: aiosqlite.Connection) -> tuple[None, int]:
+            cursor = await conn.execute(sql, params)
+            if only_if_written and cursor.rowcount < 1:
+                return None, 0
+            await conn.executemany(_INSERT_WEBHOOK, hooks)
+            return None, 1 + len(hooks)
+
+        await self._writer.transaction(run, 1 + len(hooks))
 
     async def set_variant_stopped(
         self, scenario_id: str, variant_id: str, stopped: bool, reason: str, at: float
@@ -959,14 +1001,14 @@ class SqliteStore(PredictState):
         await self._writer.execute(sql, (now, delivery_id))
         return True
 
-    async def save_engagement(self, rec: EngagementRecord) -> None:
-        await self._writer.execute(_UPSERT_ENGAGEMENT, _engagement_row(rec))
+    async def save_engagement(self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
+        await self._with_outbox(_UPSERT_ENGAGEMENT, _engagement_row(rec), webhooks)
 
     async def save_chat(self, rec: ChatRecord) -> None:
         await self._writer.execute(_INSERT_CHAT, (rec.message_id, rec.engagement_id, rec.sender, rec.text, rec.time))
 
-    async def save_transfer(self, rec: TransferRecord) -> None:
-        await self._writer.execute(_INSERT_TRANSFER, tuple(getattr(rec, c) for c in _TRANSFER_COLS))
+    async def save_transfer(self, rec: TransferRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
+        await self._with_outbox(_INSERT_TRANSFER, tuple(getattr(rec, c) for c in _TRANSFER_COLS), webhooks)
 
     async def save_participation(self, rec: ParticipationRecord) -> None:
         # One row per joining, completed in place when the associate leaves.
