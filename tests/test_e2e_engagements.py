@@ -159,7 +159,10 @@ async def test_nobody_available_offers_callback_or_chat(start_server: StartServe
         cuepoint.FallbackOption.CHAT,
         cuepoint.FallbackOption.CANCEL,
     }
-    await engagement.choose_fallback(cuepoint.FallbackOption.CALLBACK, phone_number="+1 555 0100")
+    # Called back in an hour (tests/test_e2e_callbacks.py follows it there); meanwhile it takes nobody.
+    await engagement.choose_fallback(
+        cuepoint.FallbackOption.CALLBACK, phone_number="+1 555 0100", callback_at=clock.now() + 3600
+    )
     update = await engagement.wait_for(cuepoint.EngagementState.CALLBACK_REQUESTED, timeout=5)
     assert update.state is cuepoint.EngagementState.CALLBACK_REQUESTED
     stored = await server.store.get_engagement(engagement.engagement_id)

@@ -34,6 +34,7 @@ from .models import (
     CueWithdrawal,
     EngagementContext,
     EngagementEnded,
+    EngagementKind,
     EngagementState,
     EngagementUpdate,
     FallbackOffer,
@@ -524,6 +525,7 @@ def engagement_update_from_proto(msg: device_pb2.EngagementUpdate) -> Engagement
         disposition=msg.disposition,
         queue_position=max(msg.queue_position, 0),
         estimated_wait=msg.estimated_wait.ToTimedelta().total_seconds() if msg.HasField("estimated_wait") else None,
+        callback_at=time_from_proto(msg, "callback_at"),
     )
 
 
@@ -748,6 +750,9 @@ def assigned_engagement_from_proto(msg: common_pb2.Engagement) -> AssignedEngage
         ),
         role=_ROLES.get(msg.role, ParticipantRole.OWNER),
         participants=participants_from_proto(msg.participants),
+        kind=EngagementKind.CALLBACK if msg.kind == common_pb2.ENGAGEMENT_KIND_CALLBACK else EngagementKind.LIVE,
+        callback_at=time_from_proto(msg, "callback_at"),
+        callback_number=msg.callback_number,
     )
 
 
@@ -835,10 +840,14 @@ def end_by_user(engagement_id: str) -> device_pb2.DeviceMessage:
     return device_pb2.DeviceMessage(end_engagement=device_pb2.EndEngagementByUser(engagement_id=engagement_id))
 
 
-def fallback_choice(engagement_id: str, option: FallbackOption, phone_number: str) -> device_pb2.DeviceMessage:
+def fallback_choice(
+    engagement_id: str, option: FallbackOption, phone_number: str, callback_at: float | None = None
+) -> device_pb2.DeviceMessage:
     msg = device_pb2.FallbackChoice(
         engagement_id=engagement_id, option=fallback_option_to_proto(option), phone_number=phone_number
     )
+    if callback_at is not None:
+        msg.callback_at.CopyFrom(timestamp(callback_at))
     return device_pb2.DeviceMessage(fallback_choice=msg)
 
 

@@ -354,11 +354,15 @@ class Engagement:
             with contextlib.suppress(ValueError):
                 self._fallback_waiters.remove(future)
 
-    async def choose_fallback(self, option: FallbackOption, phone_number: str = "") -> None:
+    async def choose_fallback(
+        self, option: FallbackOption, phone_number: str = "", *, callback_at: float | None = None
+    ) -> None:
         """Answer the fallback offer; returns once sent.
 
         CALLBACK leads to a CALLBACK_REQUESTED update (``phone_number``, at most
-        32 characters, is optional); CHAT keeps the engagement QUEUED and moves
+        32 characters, is optional; ``callback_at``, epoch seconds, is when to
+        call: unset, as soon as someone is free, at most 30 days ahead); the
+        server queues the engagement again then, as a callback. CHAT keeps the engagement QUEUED and moves
         it to chat (a SYSTEM :class:`ChannelChange`); CANCEL ends it with
         disposition ``cancelled``. Raises :class:`Rejected` when no offer awaits
         a choice, :class:`InvalidSignal` for an option the offer does not list.
@@ -376,7 +380,7 @@ class Engagement:
             )
         self._fallback = None
         try:
-            await self._send(_convert.fallback_choice(offer.engagement_id, option, phone_number))
+            await self._send(_convert.fallback_choice(offer.engagement_id, option, phone_number, callback_at))
         except BaseException:
             if self._fallback is None and not self._done:
                 self._fallback = offer

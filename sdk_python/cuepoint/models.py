@@ -180,6 +180,15 @@ class FallbackOption(enum.Enum):
     """Give up; the engagement ends with disposition ``cancelled``."""
 
 
+class EngagementKind(enum.Enum):
+    """Whether the user waits in the app, or asked to be called back."""
+
+    LIVE = "live"
+    CALLBACK = "callback"
+    """The user chose a callback (:class:`FallbackOption.CALLBACK`): phone them on
+    ``callback_number``; the engagement was queued again at ``callback_at``."""
+
+
 class Presence(enum.Enum):
     """An associate's availability for new engagements."""
 
@@ -400,6 +409,9 @@ class EngagementUpdate:
     estimated_wait: float | None = None
     """While QUEUED: seconds until an associate likely takes it, from the queue's recent
     handling times and staffing; None when the server has no basis for an estimate."""
+    callback_at: float | None = None
+    """On CALLBACK_REQUESTED: when the user will be called back (epoch seconds). The
+    callback runs without the app; the next update is ENDED."""
 
 
 @dataclass(frozen=True)
@@ -637,6 +649,10 @@ class AssignedEngagement:
     """Your part: OWNER unless you joined it (conference, consult, monitor, barge-in)."""
     participants: tuple[Participant, ...] = ()
     """Associates on it besides the owner."""
+    kind: EngagementKind = EngagementKind.LIVE
+    """CALLBACK: the user asked to be called back at ``callback_at`` on ``callback_number``."""
+    callback_at: float | None = None
+    callback_number: str = ""
 
     def describe(self) -> str:
         """A readable multi-line briefing: device, user, why the cue fired, journey."""

@@ -42,6 +42,7 @@ EVENTS = (
     "engagement.queued",
     "engagement.assigned",
     "engagement.transferred",
+    "engagement.callback_scheduled",
     "engagement.ended",
     "engagement.wrapped_up",
     "engagement.outcome",

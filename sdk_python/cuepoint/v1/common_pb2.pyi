@@ -246,6 +246,23 @@ SCORE_STATUS_SHADOW: ScoreStatus.ValueType  # 3
 """Scored and shown, but conditions never use it (a dry run)."""
 Global___ScoreStatus: _TypeAlias = ScoreStatus  # noqa: Y015
 
+class _EngagementKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EngagementKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EngagementKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENGAGEMENT_KIND_UNSPECIFIED: _EngagementKind.ValueType  # 0
+    ENGAGEMENT_KIND_LIVE: _EngagementKind.ValueType  # 1
+    ENGAGEMENT_KIND_CALLBACK: _EngagementKind.ValueType  # 2
+
+class EngagementKind(_EngagementKind, metaclass=_EngagementKindEnumTypeWrapper): ...
+
+ENGAGEMENT_KIND_UNSPECIFIED: EngagementKind.ValueType  # 0
+ENGAGEMENT_KIND_LIVE: EngagementKind.ValueType  # 1
+ENGAGEMENT_KIND_CALLBACK: EngagementKind.ValueType  # 2
+Global___EngagementKind: _TypeAlias = EngagementKind  # noqa: Y015
+
 class _ParticipantRole:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1256,6 +1273,9 @@ class Engagement(_message.Message):
     TRANSFERS_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CALLBACK_AT_FIELD_NUMBER: _builtins.int
+    CALLBACK_NUMBER_FIELD_NUMBER: _builtins.int
     engagement_id: _builtins.str
     cue_id: _builtins.str
     queue: _builtins.str
@@ -1265,6 +1285,12 @@ class Engagement(_message.Message):
     associate_name: _builtins.str
     role: Global___ParticipantRole.ValueType
     """The receiving associate's part in it (owner unless they joined)."""
+    kind: Global___EngagementKind.ValueType
+    """LIVE: the user is waiting in the app. CALLBACK: the user chose to be called
+    back (FallbackChoice) at callback_at on callback_number; the engagement was
+    queued again at that time.
+    """
+    callback_number: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1283,6 +1309,8 @@ class Engagement(_message.Message):
     def participants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Participant]:
         """Associates taking part besides the owner."""
 
+    @_builtins.property
+    def callback_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -1299,10 +1327,13 @@ class Engagement(_message.Message):
         transfers: _abc.Iterable[Global___Transfer] | None = ...,
         role: Global___ParticipantRole.ValueType = ...,
         participants: _abc.Iterable[Global___Participant] | None = ...,
+        kind: Global___EngagementKind.ValueType = ...,
+        callback_at: _timestamp_pb2.Timestamp | None = ...,
+        callback_number: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["callback_at", b"callback_at", "context", b"context", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "associate_name", b"associate_name", "channel", b"channel", "context", b"context", "created_at", b"created_at", "cue_id", b"cue_id", "engagement_id", b"engagement_id", "participants", b"participants", "queue", b"queue", "role", b"role", "state", b"state", "transcript", b"transcript", "transfers", b"transfers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "associate_name", b"associate_name", "callback_at", b"callback_at", "callback_number", b"callback_number", "channel", b"channel", "context", b"context", "created_at", b"created_at", "cue_id", b"cue_id", "engagement_id", b"engagement_id", "kind", b"kind", "participants", b"participants", "queue", b"queue", "role", b"role", "state", b"state", "transcript", b"transcript", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

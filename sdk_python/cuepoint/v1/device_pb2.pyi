@@ -313,20 +313,30 @@ class FallbackChoice(_message.Message):
     ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
     OPTION_FIELD_NUMBER: _builtins.int
     PHONE_NUMBER_FIELD_NUMBER: _builtins.int
+    CALLBACK_AT_FIELD_NUMBER: _builtins.int
     engagement_id: _builtins.str
     option: Global___FallbackOption.ValueType
     phone_number: _builtins.str
     """For a callback, optional; at most 32 characters."""
+    @_builtins.property
+    def callback_at(self) -> _timestamp_pb2.Timestamp:
+        """For a callback: when the user wants to be called. The server stores it and
+        queues the engagement again at that time (also after a restart), for an
+        associate who sees it as a callback. Unset: as soon as someone is free. At
+        most 30 days ahead; a time in the past (device clock skew) means now.
+        """
+
     def __init__(
         self,
         *,
         engagement_id: _builtins.str = ...,
         option: Global___FallbackOption.ValueType = ...,
         phone_number: _builtins.str = ...,
+        callback_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["callback_at", b"callback_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement_id", b"engagement_id", "option", b"option", "phone_number", b"phone_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_at", b"callback_at", "engagement_id", b"engagement_id", "option", b"option", "phone_number", b"phone_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -630,6 +640,7 @@ class EngagementUpdate(_message.Message):
     DISPOSITION_FIELD_NUMBER: _builtins.int
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     ESTIMATED_WAIT_FIELD_NUMBER: _builtins.int
+    CALLBACK_AT_FIELD_NUMBER: _builtins.int
     engagement_id: _builtins.str
     cue_id: _builtins.str
     state: _common_pb2.EngagementState.ValueType
@@ -654,6 +665,13 @@ class EngagementUpdate(_message.Message):
         Sent again when it changes materially.
         """
 
+    @_builtins.property
+    def callback_at(self) -> _timestamp_pb2.Timestamp:
+        """With ENGAGEMENT_STATE_CALLBACK_REQUESTED: when the user will be called back.
+        The callback then runs without the app (the associate phones the user); the
+        device hears of it again when it ends.
+        """
+
     def __init__(
         self,
         *,
@@ -667,10 +685,11 @@ class EngagementUpdate(_message.Message):
         disposition: _builtins.str = ...,
         queue_position: _builtins.int = ...,
         estimated_wait: _duration_pb2.Duration | None = ...,
+        callback_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["estimated_wait", b"estimated_wait", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["callback_at", b"callback_at", "estimated_wait", b"estimated_wait", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_name", b"associate_name", "channel", b"channel", "cue_id", b"cue_id", "disposition", b"disposition", "engagement_id", b"engagement_id", "estimated_wait", b"estimated_wait", "queue", b"queue", "queue_position", b"queue_position", "state", b"state", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_name", b"associate_name", "callback_at", b"callback_at", "channel", b"channel", "cue_id", b"cue_id", "disposition", b"disposition", "engagement_id", b"engagement_id", "estimated_wait", b"estimated_wait", "queue", b"queue", "queue_position", b"queue_position", "state", b"state", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,6 +29,7 @@ from .convert import (
     CHANNELS,
     PARTIES,
     TRANSFER_MODES,
+    callback_at_from_proto,
     chat_to_proto,
     engagement_to_proto,
     supervised_to_proto,
@@ -131,7 +132,9 @@ async def from_device(core: Core, session: DeviceSession, message: device_pb2.De
         option = _FALLBACKS.get(choice.option)
         if option is None:
             raise InvalidInput("fallback_choice.option", f"unknown or unspecified option {choice.option}")
-        await desk.choose_fallback(session, choice.engagement_id, option, choice.phone_number)
+        await desk.choose_fallback(
+            session, choice.engagement_id, option, choice.phone_number, callback_at_from_proto(choice)
+        )
     elif kind == "feedback":
         answer = message.feedback
         await desk.give_feedback(session, answer.engagement_id, answer.score, answer.comment)

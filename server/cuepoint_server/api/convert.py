@@ -305,6 +305,7 @@ def engagement_update_to_proto(u: EngagementUpdate) -> device_pb2.EngagementUpda
         disposition=u.disposition,
         queue_position=u.queue_position,
         estimated_wait=None if u.estimated_wait is None else duration(u.estimated_wait),
+        callback_at=timestamp(u.callback_at) if u.callback_at is not None else None,
     )
 
 
@@ -423,7 +424,18 @@ def engagement_to_proto(view: EngagementView) -> common_pb2.Engagement:
         ],
         role=ROLES[view.role],
         participants=participants_to_proto(view.participants),
+        kind=KINDS[view.kind],
+        callback_at=timestamp(view.callback_at) if view.callback_at is not None else None,
+        callback_number=view.callback_number,
     )
+
+
+KINDS = {"live": common_pb2.ENGAGEMENT_KIND_LIVE, "callback": common_pb2.ENGAGEMENT_KIND_CALLBACK}
+
+
+def callback_at_from_proto(choice: device_pb2.FallbackChoice) -> float | None:
+    """The callback time a FallbackChoice asks for; None when unset (as soon as someone is free)."""
+    return _seconds(choice.callback_at, "fallback_choice.callback_at") if choice.HasField("callback_at") else None
 
 
 def participants_to_proto(people: tuple[ParticipantInfo, ...]) -> list[common_pb2.Participant]:

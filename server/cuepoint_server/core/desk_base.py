@@ -135,7 +135,9 @@ class DeskBase:
             self._to_device(engagement, message)
 
     def _notify_device(self, engagement: Engagement) -> None:
-        self._to_device(engagement, self._device_update(engagement))
+        # A callback runs without the app: the device hears it is scheduled, and that it ended.
+        if engagement.callback_at is None or engagement.state in ("callback_requested", "ended"):
+            self._to_device(engagement, self._device_update(engagement))
         # Every change of state passes here, so this is where supervisors hear of it too.
         self._tell_supervisors(engagement)
 
@@ -157,6 +159,7 @@ class DeskBase:
             disposition=engagement.disposition,
             queue_position=position,
             estimated_wait=wait,
+            callback_at=engagement.callback_at,
         )
 
     # -- while the user waits: position in line and estimated wait (core/queue_wait.py) ------------------
@@ -195,8 +198,8 @@ class DeskBase:
         """Tell each device waiting in `queue` its position if it changed, or its estimate if it moved materially."""
         for engagement_id in self.router.line(queue):
             engagement = self._engagements.get(engagement_id)
-            if engagement is None or engagement.state != "queued":
-                continue
+            if engagement is None or engagement.state != "queued" or engagement.callback_at is not None:
+                continue  # a callback's user is not waiting in the app
             told = self._told_wait.get(engagement_id)
             position, wait = self._wait_of(engagement)
             if told is None or told[0] != position or material(told[1], wait):
@@ -283,6 +286,9 @@ class DeskBase:
             "notes": engagement.notes,
             "ended_by": engagement.ended_by,
             "outcome": engagement.outcome,
+            "kind": engagement.kind,
+            "callback_at": engagement.callback_at,
+            "callback_number": engagement.callback_number,
             "cue_id": engagement.cue_id,
             "scenario_id": engagement.scenario_id,
             "device_id": engagement.device_id,

@@ -201,6 +201,12 @@ class Routing(Bots):
     def _route_again(self, engagement: Engagement) -> None:
         self._route(engagement)
 
+    async def _callback_chosen(self, engagement: Engagement, phone: str, at: float | None, now: float) -> None:
+        raise NotImplementedError  # callbacks (desk_callbacks.py) provide it
+
+    def _callback_restored(self, engagement: Engagement) -> None:
+        raise NotImplementedError  # callbacks (desk_callbacks.py) provide it
+
     def _preferred(self, engagement: Engagement) -> AssociateSession | None:
         """The associate who invited the user, while free to take what they started."""
         wanted = self.router.find(engagement.preferred_associate) if engagement.preferred_associate else None
@@ -293,9 +299,20 @@ class Routing(Bots):
             created_at=record.created_at,
             context=context,
             outcome_check=scenario.engagement_outcome if scenario else None,
+            callback_at=record.callback_at,
+            callback_number=record.callback_number,
         )
         self._engagements[engagement.engagement_id] = engagement
-        self._active_by_device[engagement.device_id] = engagement.engagement_id
+        if record.state == "callback_requested":
+            # A callback still to make: its timer again; the fallback was offered already.
+            engagement.state, engagement.fallback_offered = "callback_requested", FALLBACKS
+            log.info("engagement.restored", engagement_id=engagement.engagement_id, callback_at=record.callback_at)
+            self._callback_restored(engagement)
+            return
+        if engagement.callback_at is not None:
+            engagement.fallback_offered = FALLBACKS  # a callback already: never offered a fallback again
+        else:
+            self._active_by_device[engagement.device_id] = engagement.engagement_id
         if record.state == "assigned":
             self._save(engagement)  # back to queued until someone takes it
         log.info("engagement.restored", engagement_id=engagement.engagement_id, queue=engagement.queue)
@@ -327,7 +344,9 @@ class Routing(Bots):
             )
         log.info("engagement.fallback_offered", engagement_id=engagement.engagement_id, options=list(options))
 
-    async def choose_fallback(self, session: DeviceSession, engagement_id: str, option: str, phone: str) -> None:
+    async def choose_fallback(
+        self, session: DeviceSession, engagement_id: str, option: str, phone: str, callback_at: float | None = None
+    ) -> None:
         engagement = self._of_device(session, engagement_id, "fallback_choice.engagement_id")
         if option not in FALLBACKS:
             raise InvalidInput("fallback_choice.option", "must be callback, chat or cancel")
@@ -340,13 +359,12 @@ class Routing(Bots):
             engagement.fallback_offered = ()
             self._change_channel(engagement, "", "chat", "system", True, now)
             return
+        if option == "callback":
+            await self._callback_chosen(engagement, phone, callback_at, now)
+            return
         self.router.unwait(engagement.queue, engagement_id)
         self._withdraw_offer(engagement)
-        if option == "callback":
-            engagement.state, engagement.notes = "callback_requested", f"callback requested {phone}".strip()
-            engagement.ended_by = "user"
-        else:
-            engagement.state, engagement.disposition, engagement.ended_by = "ended", "cancelled", "user"
+        engagement.state, engagement.disposition, engagement.ended_by = "ended", "cancelled", "user"
         engagement.ended_at = now
         self._release_device(engagement)
         await self._persist(engagement, "engagement.ended")

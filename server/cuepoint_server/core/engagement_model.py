@@ -49,6 +49,10 @@ class Engagement:
     context: EngagementContext
     outcome_check: OutcomeCheck | None
     state: str = "queued"  # queued | assigned | ended | callback_requested
+    # A callback the user chose (desk_callbacks.py): due at callback_at, then queued again as kind "callback".
+    callback_at: float | None = None
+    callback_number: str = ""
+    callback_timer: TimerHandle | None = None
     associate: AssociateSession | None = None
     assigned_at: float | None = None
     ended_at: float | None = None
@@ -77,6 +81,10 @@ class Engagement:
     def open(self) -> bool:
         return self.state in ("queued", "assigned")
 
+    @property
+    def kind(self) -> str:
+        return "callback" if self.callback_at is not None else "live"
+
     def view(self, role: str = "owner") -> EngagementView:
         return EngagementView(
             engagement_id=self.engagement_id,
@@ -92,6 +100,9 @@ class Engagement:
             transfers=tuple(self.transfers),
             role=role,
             participants=self.participant_infos(),
+            kind=self.kind,
+            callback_at=self.callback_at,
+            callback_number=self.callback_number,
         )
 
     def participant_infos(self) -> tuple[ParticipantInfo, ...]:
@@ -125,6 +136,8 @@ class Engagement:
             priority=self.priority,
             outcome=self.outcome,
             ended_by=self.ended_by,
+            callback_at=self.callback_at,
+            callback_number=self.callback_number,
         )
 
 

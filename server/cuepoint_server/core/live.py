@@ -8,7 +8,7 @@ Times are the core's clock; before its first signal a session counts from its he
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine.state import Scalar
 from .sessions import AssociateSession, DeviceSession, PendingCue
@@ -18,6 +18,7 @@ __all__ = [
     "LivePendingCue",
     "LiveSession",
     "QueueLoad",
+    "ScheduledCallback",
     "describe_session",
     "live_status",
     "queue_loads",
@@ -62,10 +63,22 @@ class QueueLoad:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduledCallback:
+    """A callback a user chose, not yet wrapped up: waiting for its time, then queued or assigned."""
+
+    engagement_id: str
+    queue: str
+    callback_at: float
+    state: str  # callback_requested | queued | assigned
+    associate_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class LiveNow:
     now: float
     sessions: list[LiveSession]
     queues: list[QueueLoad]
+    callbacks: list[ScheduledCallback] = field(default_factory=list)
 
 
 def live_status(quiet_for: float, idle_after: float, inactive_after: float) -> str:

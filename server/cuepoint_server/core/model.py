@@ -126,6 +126,8 @@ class EngagementUpdate:
     queue_position: int = 0
     # Seconds, while queued and estimable; None: no basis for an estimate.
     estimated_wait: float | None = None
+    # For a callback_requested update: when the user will be called back.
+    callback_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +199,11 @@ class EngagementView:
     transfers: tuple[TransferInfo, ...] = ()
     role: str = "owner"
     participants: tuple[ParticipantInfo, ...] = ()
+    # "live" (the user waits in the app) or "callback" (call the user back on callback_number, who asked
+    # for callback_at).
+    kind: str = "live"
+    callback_at: float | None = None
+    callback_number: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,7 +116,7 @@ class Core(SessionLifecycle, Invitations, Privacy, Operations):
                     engagement=(engagement.engagement_id, engagement.state) if engagement else ("", ""),
                 )
             )
-        return LiveNow(now, sessions, self.queue_loads())
+        return LiveNow(now, sessions, self.queue_loads(), self.desk.callbacks())
 
     def queue_loads(self) -> list[QueueLoad]:
         """Per queue (of a scenario, an associate or a waiting engagement): waiting engagements, associates."""

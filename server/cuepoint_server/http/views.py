@@ -45,6 +45,10 @@ def engagement(view: EngagementView, routing: Routing) -> dict[str, Any]:
         "associate_name": view.associate_name,
         "context": context_json(view.context),
         "queue_config": queue_config(routing, view.queue),
+        # "callback": the user asked to be called back at callback_at on callback_number.
+        "kind": view.kind,
+        "callback_at": view.callback_at,
+        "callback_number": view.callback_number,
     }
 
 
@@ -168,5 +172,15 @@ def live_now(live: LiveNow, *, offers_paused: bool) -> dict[str, Any]:
                 "available": q.available,
             }
             for q in live.queues
+        ],
+        "callbacks": [
+            {
+                "engagement_id": c.engagement_id,
+                "queue": c.queue,
+                "callback_at": c.callback_at,
+                "state": c.state,
+                "associate_id": c.associate_id,
+            }
+            for c in live.callbacks
         ],
     }

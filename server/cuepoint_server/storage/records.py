@@ -70,7 +70,7 @@ class EngagementRecord:
     device_id: str
     session_id: str
     queue: str
-    state: str  # "queued" | "assigned" | "ended"
+    state: str  # "queued" | "assigned" | "ended" | "callback_requested"
     channel: str
     created_at: float
     assigned_at: float | None
@@ -84,6 +84,9 @@ class EngagementRecord:
     priority: int = 0
     outcome: str = ""  # "" | "pending" | "achieved" | "not_achieved"
     ended_by: str = ""  # "" | "associate" | "user" | "system"
+    # A callback the user chose (state "callback_requested" until then): queued again at this time.
+    callback_at: float | None = None
+    callback_number: str = ""
 
 
 @dataclass(frozen=True, slots=True)

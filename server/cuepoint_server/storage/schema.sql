@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS cues (
 -- Frequency caps and cooldowns look up a subject's recent cues per scenario.
 CREATE INDEX IF NOT EXISTS cues_subject_scenario_created ON cues (subject, scenario_id, created_at);
 
+-- callback_at / callback_number: a callback the user chose, queued again at callback_at (epoch seconds).
 CREATE TABLE IF NOT EXISTS engagements (
     engagement_id TEXT PRIMARY KEY,
     cue_id        TEXT NOT NULL,
@@ -78,7 +79,9 @@ CREATE TABLE IF NOT EXISTS engagements (
     priority      INTEGER NOT NULL DEFAULT 0,
     -- "", pending, achieved or not_achieved: did the scenario's success event follow?
     outcome       TEXT NOT NULL DEFAULT '',
-    ended_by      TEXT NOT NULL DEFAULT ''
+    ended_by      TEXT NOT NULL DEFAULT '',
+    callback_at     REAL,
+    callback_number TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS engagements_subject_created ON engagements (subject, created_at);
 

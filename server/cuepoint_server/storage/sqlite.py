@@ -48,7 +48,7 @@ from .records import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -172,6 +172,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Version 10: the admin audit trail (audit_log.py).
     10: AUDIT_SCHEMA,
+    # Version 11: callbacks: when the user wants to be called back, and on which number.
+    11: (
+        "ALTER TABLE engagements ADD COLUMN callback_at REAL",
+        "ALTER TABLE engagements ADD COLUMN callback_number TEXT NOT NULL DEFAULT ''",
+    ),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -189,7 +194,7 @@ _CUE_COLS = (
 _ENGAGEMENT_COLS = (
     "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
     "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context", "subject", "scenario_id",
-    "priority", "outcome", "ended_by",
+    "priority", "outcome", "ended_by", "callback_at", "callback_number",
 )  # fmt: skip
 _CHAT_COLS = ("message_id", "engagement_id", "sender", "text", "time")
 _TRANSFER_COLS = ("engagement_id", "time", "from_associate_id", "to_associate_id", "to_queue", "mode", "note")
@@ -401,14 +406,14 @@ def _engagement_row(r: EngagementRecord) -> Row:
     return (
         r.engagement_id, r.cue_id, r.app_id, r.device_id, r.session_id, r.queue, r.state, r.channel,
         r.created_at, r.assigned_at, r.ended_at, r.associate_id, r.disposition, r.notes, _dumps(r.context),
-        r.subject, r.scenario_id, r.priority, r.outcome, r.ended_by,
+        r.subject, r.scenario_id, r.priority, r.outcome, r.ended_by, r.callback_at, r.callback_number,
     )  # fmt: skip
 
 
 def _engagement_from(row: sqlite3.Row) -> EngagementRecord:
     return EngagementRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
-        row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19],
+        row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19], row[20], row[21],
     )  # fmt: skip
 
 
@@ -1079,9 +1084,11 @@ class SqliteStore(PredictState):
         return repaired
 
     async def open_engagements(self) -> list[EngagementRecord]:
-        """Engagements not finished when the process stopped (queued or assigned), oldest first."""
+        """Engagements not finished when the process stopped (queued, assigned, or a callback still to
+        make), oldest first."""
         sql = (
-            f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE state IN ('queued', 'assigned') "
+            f"{_select('engagements', _ENGAGEMENT_COLS)} "
+            "WHERE state IN ('queued', 'assigned', 'callback_requested') "
             "ORDER BY created_at, rowid"
         )
         return [_engagement_from(r) for r in await self._fetch(sql, ())]
