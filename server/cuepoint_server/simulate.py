@@ -125,7 +125,7 @@ class Outcome:
     # Seconds since the trace start.
     t: float
     device: str
-    # cue | resent | withdrawn | blocked | answered | engagement | session_failed
+    # cue | resent | pending_push | withdrawn | blocked | answered | engagement | session_failed
     kind: str
     # The trace line that caused it; None for timer-driven outcomes.
     line: int | None
@@ -154,6 +154,8 @@ class Outcome:
         if self.kind == "answered":
             pressed = f" button={d['button']}" if d.get("button") else ""
             return f"{head} ANSWERED {d['cue']} {d['response']}{pressed}"
+        if self.kind == "pending_push":
+            return f"{head} PENDING_PUSH {d['cue']} until {d['until']}"
         if self.kind == "resent":
             return f"{head} RESENT {d['cue']} {d['scenario']}"
         if self.kind == "engagement":
@@ -389,6 +391,9 @@ class Simulation:
         self._blocked_by_cue: dict[str, list[DecisionRecord]] = {}
         self._blocked_open: list[DecisionRecord] = []
         self._line: int | None = None
+        self._pushes: list[dict[str, Any]] = []  # cue.pending_push events not yet printed
+        self._pushed: set[str] = set()
+        self._away_settled: list[dict[str, Any]] = []
 
     @property
     def core(self) -> Core:
@@ -399,6 +404,17 @@ class Simulation:
         self._store = await SqliteStore.open(":memory:")
         self._core = Core(self._store, Engine(self.scenarios), self.clock)
         self._core.decision_listeners.append(self._on_decision)
+        self._core.cue_listeners.append(self._on_cue_event)
+
+    def _on_cue_event(self, kind: str, payload: dict[str, Any]) -> None:
+        # A device that is away sees nothing: its cue waiting for it (when_away) and that cue's expiry are
+        # printed from the core's events instead.
+        if kind == "cue.pending_push":
+            self._pushes.append(payload)
+            self._pushed.add(payload["cue_id"])
+        elif kind == "cue.withdrawn" and payload["cue_id"] in self._pushed:
+            if payload["device_id"] not in self._sessions:
+                self._away_settled.append(payload)
 
     async def close(self) -> None:
         if self._core is not None:
@@ -503,12 +519,26 @@ class Simulation:
         for device, session in list(self._sessions.items()):
             while not session.outbox.empty():
                 await self._message(device, session.outbox.get_nowait())
+        await self._away()
         # Decisions that offered nothing (and any whose cue went unseen).
         leftover, self._blocked_open = self._blocked_open, []
         for records in self._blocked_by_cue.values():
             leftover.extend(records)
         self._blocked_by_cue.clear()
         self._blocked(leftover)
+
+    async def _away(self) -> None:
+        pushes, self._pushes = self._pushes, []
+        for push in pushes:
+            device, cue_id = push["device_id"], push["cue_id"]
+            offer = self.core.pending_offer(device)
+            if cue_id not in self._labels and offer is not None and offer.cue_id == cue_id:
+                await self._message(device, offer)  # the cue as made, though no device sees it yet
+            until = offset(push["expires_at"] - self.start)
+            self._emit(device, "pending_push", cue=self._label(cue_id), until=until)
+        settled, self._away_settled = self._away_settled, []
+        for payload in settled:
+            self._emit(payload["device_id"], "withdrawn", cue=self._label(payload["cue_id"]), reason=payload["reason"])
 
     async def _message(self, device: str, message: object) -> None:
         if isinstance(message, Ack):

@@ -39,6 +39,7 @@ EVENTS = (
     "cue.offered",
     "cue.answered",
     "cue.withdrawn",
+    "cue.pending_push",
     "engagement.queued",
     "engagement.assigned",
     "engagement.transferred",

@@ -63,6 +63,9 @@ class Registry:
     states: dict[str, DeviceState] = field(default_factory=dict)
     sessions: dict[str, DeviceSession] = field(default_factory=dict)
     pending: dict[str, PendingCue] = field(default_factory=dict)
+    # Devices gone while a `when_away` scenario may still fire for them from a timer: their last (closed)
+    # session, and when their state may be evicted (core/evaluation.py, "away").
+    away: dict[str, tuple[DeviceSession, float]] = field(default_factory=dict)
 
 
 class CoreBase:
@@ -175,6 +178,9 @@ class CoreBase:
             # The cue.offered webhooks commit with the cues they report: never one without the other.
             for record in work.cues:
                 work.webhooks.extend(self.webhook_rows("cue.offered", _offered(record)))
+                if record.explanation.get("pending_push"):
+                    # Offered while the device is away: the app's push service is asked to bring it back.
+                    work.webhooks.extend(self.webhook_rows("cue.pending_push", pending_push(record)))
         try:
             if work.cues or work.decisions or work.milestones or work.statuses:
                 skipped = await self.store.commit_offer(work)
@@ -200,6 +206,13 @@ class CoreBase:
                 wake()
         for record in work.cues:
             self._emit_cue("cue.offered", _offered(record))
+            if record.explanation.get("pending_push"):
+                self._emit_cue("cue.pending_push", pending_push(record))
+            elif session.closed:
+                # The stream ended while this committed: the device never got it (session.send dropped it).
+                scenario = self.engine.scenarios.by_id.get(record.scenario_id)
+                if scenario is not None and scenario.when_away is not None:
+                    self._push_undelivered(record)
         return skipped
 
     def _cue_webhooks(self, kind: str, payload: dict[str, Any]) -> list[WebhookRecord]:
@@ -216,6 +229,21 @@ class CoreBase:
             for wake in self.outbox_wakeups:
                 wake()
 
+    def _push_undelivered(self, record: CueRecord) -> None:
+        """A committed cue of a `when_away` scenario never reached its device (the stream went first): post
+        cue.pending_push now, through the outbox. The cue stays pending until the device returns or it expires."""
+        payload = pending_push(record)
+        if self.webhook_rows is not None:
+            rows = self.webhook_rows("cue.pending_push", payload)
+            if rows:
+                self._spawn(self._enqueue_push(rows))
+        self._emit_cue("cue.pending_push", payload)
+
+    async def _enqueue_push(self, rows: list[WebhookRecord]) -> None:
+        await self.store.enqueue_webhooks(rows)
+        for wake in self.outbox_wakeups:
+            wake()
+
     def _emit_cue(self, kind: str, payload: dict[str, Any]) -> None:
         """A cue's lifecycle event (cue.offered / answered / withdrawn), once what it reports is stored."""
         for listener in self.cue_listeners:
@@ -227,7 +255,7 @@ class CoreBase:
     async def drain(self) -> None:
         """Wait for background writes; used on shutdown."""
         pending: set[asyncio.Future[Any]] = set(self._background)
-        for session in self._reg.sessions.values():
+        for session in [*self._reg.sessions.values(), *(gone for gone, _ in self._reg.away.values())]:
             pending |= session.writes
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
@@ -246,6 +274,23 @@ def session_record(session: DeviceSession, user_id: str, started_at: float) -> S
         consent=session.consent,
         identified=bool(user_id) and session.subject == f"user:{user_id}",
     )
+
+
+def pending_push(record: CueRecord) -> dict[str, Any]:
+    """The cue.pending_push event's data: enough for a push service to address and word a notification. The
+    message is as stored (consent-redacted); `subject` is `user:<id>` for identified users, else `device:<id>`."""
+    return {
+        "cue_id": record.cue_id,
+        "scenario_id": record.scenario_id,
+        "app_id": record.app_id,
+        "device_id": record.device_id,
+        "subject": record.subject,
+        "channel": record.channel,
+        "message": record.message,
+        "variant": record.variant,
+        "locale": record.locale,
+        "expires_at": record.expires_at,
+    }
 
 
 def _offered(record: CueRecord) -> dict[str, Any]:

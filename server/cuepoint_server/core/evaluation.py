@@ -60,7 +60,7 @@ class Evaluation(Scoring):
                 self._withdraw(session.device_id, "scenario_disabled")
             elif scenario.outcome is not None and scenario.outcome in state.milestones:
                 self._withdraw(session.device_id, "outcome_achieved")
-            elif scenario in candidates and scenario not in qualified:
+            elif scenario in candidates and scenario not in qualified and not _pushed(pending):
                 self._withdraw(session.device_id, "condition_cleared")
         if not qualified:
             return
@@ -97,11 +97,15 @@ class Evaluation(Scoring):
         episode = scenario.episode(state)
         if episode is not None:
             state.fired_episodes[scenario.id] = episode
+        # A closed session: the device is away and a `when_away` scenario fired from its timer. The cue waits
+        # for the device (when_away.ttl) and the app's push service is told (cue.pending_push, core_base.py).
+        away = session.closed and scenario.when_away is not None
+        ttl = (scenario.when_away.ttl or scenario.ttl) if away and scenario.when_away else scenario.ttl
         offer = CueOffer(
             cue_id=uuid.uuid4().hex,
             scenario_id=scenario.id,
             created_at=now,
-            expires_at=now + scenario.ttl,
+            expires_at=now + ttl,
             **offer_content(scenario, session.subject, state.context, self.stopped_variants),
         )
         why: dict[str, Any] = {
@@ -121,13 +125,15 @@ class Evaluation(Scoring):
         }
         if state.scores:
             why["scores"] = describe_scores(state)
+        if away:
+            why["pending_push"] = True
         # What is stored and shown to associates obeys the consent; the device sees its own cue as rendered.
         redactor = Redactor(state.context, session.consent)
         stored_message = offer.message
         if redactor:
             why, stored_message = redactor.explanation(why), redactor.text(offer.message)
         pending = PendingCue(offer, scenario.id, why)
-        if self.engine.scenarios.policy_for(session.app_id).require_capacity:
+        if self.engine.scenarios.policy_for(session.app_id).require_capacity and not away:
             # Hold the slot the engagement will need, so one free associate is never offered twice.
             queue, skills = self._routed(session, scenario, now)
             associate = self.router.pick(queue, skills, app_id=session.app_id)
@@ -213,7 +219,7 @@ class Evaluation(Scoring):
         """Withdraw the pending cue (condition_cleared) if its scenario no longer qualifies; with `keys`,
         only if its conditions read one of them."""
         pending = self._reg.pending.get(session.device_id)
-        if pending is None:
+        if pending is None or _pushed(pending):
             return
         scenario = self.engine.scenarios.by_id.get(pending.scenario_id)
         if scenario is None:
@@ -307,7 +313,7 @@ class Evaluation(Scoring):
         for device_id, (_, handle) in list(self._timers.items()):
             handle.cancel()
             del self._timers[device_id]
-        for device_id in self._reg.sessions:
+        for device_id in [*self._reg.sessions, *self._reg.away]:
             self._schedule_timer(device_id, now)
 
     def _schedule_timer(self, device_id: str, now: float) -> None:
@@ -317,7 +323,8 @@ class Evaluation(Scoring):
         if not self.engine.scenarios.timed and pending is None:
             return
         state = self._reg.states.get(device_id)
-        if state is None or device_id not in self._reg.sessions:
+        away = device_id not in self._reg.sessions
+        if state is None or (away and device_id not in self._reg.away):
             return
         due = self.engine.next_deadline(state, now) if self.engine.scenarios.timed else None
         scenario = self.engine.scenarios.by_id.get(pending.scenario_id) if pending is not None else None
@@ -334,23 +341,69 @@ class Evaluation(Scoring):
         if due is not None:
             handle = self.clock.call_at(due, lambda: self._on_timer(device_id, due))
             self._timers[device_id] = (due, handle)
+        elif away:
+            self._away_over(device_id)
 
     def _on_timer(self, device_id: str, due: float) -> None:
         current = self._timers.get(device_id)
         if current is not None and current[0] == due:
             del self._timers[device_id]
         session = self._reg.sessions.get(device_id)
+        away = session is None
         if session is None:
-            return
+            entry = self._reg.away.get(device_id)
+            if entry is None:
+                return
+            session = entry[0]
         now = self.clock.now()
-        self._score_now(session, now)
-        timed = [s for s in self.engine.scenarios.timed if s.applies_to(session.app_id)]
+        if not away:
+            self._score_now(session, now)
+        # While the device is away only scenarios with a fallback for that may fire.
+        timed = [
+            s
+            for s in self.engine.scenarios.timed
+            if s.applies_to(session.app_id) and (not away or s.when_away is not None)
+        ]
         unit = self._open_unit(session)
         self._recheck_pending(session, now)
         if timed:
             self._evaluate(session, timed, now)
-        self._track(session, self._commit_unit(session, unit))
+        if away:
+            # A background task, not the closed session's: drain() must see it after the device's away entry goes.
+            self._spawn(self._commit_unit(session, unit))
+        else:
+            self._track(session, self._commit_unit(session, unit))
         self._schedule_timer(device_id, now)
+
+    # -- away: a device gone while a `when_away` scenario may still fire for it from a timer ----------------
+
+    def _away_capable(self, app_id: str) -> bool:
+        return any(s.when_away is not None and s.applies_to(app_id) for s in self.engine.scenarios.timed)
+
+    def _went_away(self, session: DeviceSession, now: float) -> None:
+        """Its session ended (not resumed): keep its timer, and its state past the resume window while armed."""
+        pending = self._reg.pending.get(session.device_id)
+        if pending is not None and _unsent(session, pending.offer.cue_id):
+            scenario = self.engine.scenarios.by_id.get(pending.scenario_id)
+            if scenario is not None and scenario.when_away is not None:
+                self._spawn(self._push_if_open(pending.offer.cue_id))
+        if self._away_capable(session.app_id):
+            self._reg.away[session.device_id] = (session, now + self.config.resume_window)
+            self._schedule_timer(session.device_id, now)
+
+    async def _push_if_open(self, cue_id: str) -> None:
+        record = await self.store.get_cue(cue_id)
+        if record is not None and record.status == "offered":
+            self._push_undelivered(record)
+
+    def _away_over(self, device_id: str) -> None:
+        """Nothing more can fire for the away device: its state goes as any closed device's does."""
+        entry = self._reg.away.pop(device_id, None)
+        if entry is not None and self.clock.now() >= entry[1]:
+            self._evict(entry[0])
+
+    def _evict(self, session: DeviceSession) -> None:
+        """Overridden by the session lifecycle (session_lifecycle.py)."""
 
     async def respond(self, session: DeviceSession, cue_id: str, response: str, button_id: str = "") -> None:
         if response not in RESPONSES:
@@ -415,3 +468,14 @@ class Evaluation(Scoring):
         if button.channel and button.channel != offer.channel:
             others = tuple(c for c in (offer.channel, *offer.upgrades) if c != button.channel)
             pending.offer = replace(offer, channel=button.channel, upgrades=others)
+
+
+def _unsent(session: DeviceSession, cue_id: str) -> bool:
+    """Whether the cue is still in the closed session's outbox: the stream ended before writing it."""
+    return any(isinstance(m, CueOffer) and m.cue_id == cue_id for m in session.outbox.items())
+
+
+def _pushed(pending: PendingCue) -> bool:
+    """Offered while the device was away (cue.pending_push): its device returning clears the conditions that fired
+    it (idle, absence), which is the point, so it waits for the device or its ttl, not for them to hold."""
+    return bool(pending.explanation.get("pending_push"))

@@ -19,7 +19,7 @@ from .core_base import CoreConfig
 from .errors import InvalidInput
 from .invitations import Invitations
 from .live import LiveNow, QueueLoad, describe_session, queue_loads
-from .model import AssociateSignIn
+from .model import AssociateSignIn, CueOffer
 from .operations import Operations
 from .privacy import Privacy
 from .session_lifecycle import SessionLifecycle
@@ -86,6 +86,11 @@ class Core(SessionLifecycle, Invitations, Privacy, Operations):
         else:
             self.stopped_variants.discard((scenario_id, variant_id))
         return self.variant_states(scenario_id)
+
+    def pending_offer(self, device_id: str) -> CueOffer | None:
+        """The cue waiting for the device (on screen, or kept while it is away), if any."""
+        pending = self._reg.pending.get(device_id)
+        return pending.offer if pending is not None else None
 
     def device_view(self, device_id: str) -> DeviceView:
         state = self._reg.states.get(device_id)

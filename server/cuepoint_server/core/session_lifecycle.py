@@ -30,6 +30,8 @@ class SessionLifecycle(Ingest, DeviceCredentials):
         now = self.clock.now()
         # First, before anything of the device is touched: a Hello refused here never reaches its session.
         issued_secret = await self._admit_device(hello, now)
+        # Back: timers and cues are its live session's again.
+        self._reg.away.pop(hello.device_id, None)
         state = self._reg.states.get(hello.device_id)
         if state is None:
             state = self._reg.states[hello.device_id] = DeviceState(hello.device_id, hello.app_id)
@@ -117,6 +119,8 @@ class SessionLifecycle(Ingest, DeviceCredentials):
             return
         await self.store.end_session(session.session_id, self.clock.now())
         self._stop_scoring(session)
+        if self._reg.sessions.get(session.device_id) is None:
+            self._went_away(session, self.clock.now())
         log.info("session.closed", session_id=session.session_id, device_id=session.device_id)
         # Memory stays bounded by the devices connected now: once the session can no longer be resumed
         # its state goes, and storage rebuilds it (windows, dedupe ids, open cue, caps) when it returns.
@@ -138,7 +142,7 @@ class SessionLifecycle(Ingest, DeviceCredentials):
     def _evict(self, session: DeviceSession) -> None:
         """Free a closed device's state after the resume window, unless it came back meanwhile."""
         device_id = session.device_id
-        if device_id in self._reg.sessions:
+        if device_id in self._reg.sessions or device_id in self._reg.away:
             return
         state = self._reg.states.pop(device_id, None)
         if state is None:

@@ -127,6 +127,10 @@ class Outbox(Generic[T]):
             self._items = None
         return item
 
+    def items(self) -> list[T]:
+        """What still waits, oldest first (a look, not a take)."""
+        return list(self._items) if self._items else []
+
     def qsize(self) -> int:
         return len(self._items) if self._items else 0
 

@@ -39,6 +39,7 @@ from .model import (
     ScheduleSpec,
     ScoreCondition,
     SegmentCondition,
+    WhenAwaySpec,
 )
 from .regex import compile_search
 from .schedule import Schedule
@@ -241,6 +242,8 @@ class CompiledScenario:
     contents: tuple[CueContent, ...] = ()
     # Ask for a rating when its engagement ends (else the queue's setting applies).
     feedback: FeedbackSpec | None = None
+    # The fallback for a device that is not connected (cue.when_away), if any.
+    when_away: WhenAwaySpec | None = None
     # Context keys its trigger and its target read (segments included).
     trigger_keys: frozenset[str] = frozenset()
     target_keys: frozenset[str] = frozenset()
@@ -383,6 +386,7 @@ def compile_scenario(
         holdout=spec.holdout,
         contents=compile_contents(spec),
         feedback=spec.cue.feedback,
+        when_away=spec.cue.when_away,
     )
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "SegmentSpec",
     "StreakSpec",
     "VariantSpec",
+    "WhenAwaySpec",
     "children",
     "walk",
 ]
@@ -509,6 +510,26 @@ class FeedbackSpec(_Strict):
     comment: bool = Field(default=True, description="Whether the user may add a comment.")
 
 
+class WhenAwaySpec(_Strict):
+    """What to do with a cue the device cannot be shown because it is not connected."""
+
+    fallback: Literal["webhook"] = Field(
+        description="webhook: post cue.pending_push (through the webhook outbox) so the app's push service can "
+        "bring the user back; the cue waits for the device until its ttl ends."
+    )
+    ttl: Duration | None = Field(
+        default=None,
+        description="How long a cue offered while the device is away waits for it to return (default: the cue's "
+        "ttl). Expired and recorded after that, never shown.",
+    )
+
+    @model_validator(mode="after")
+    def _ttl(self) -> WhenAwaySpec:
+        if self.ttl is not None and not 0 < self.ttl <= 7 * 86400:
+            raise ValueError("ttl must be longer than zero and at most 7d")
+        return self
+
+
 class CueSpec(_Strict):
     message: str = Field(
         min_length=1,
@@ -536,6 +557,11 @@ class CueSpec(_Strict):
         "default. Placeholders must be the default text's.",
     )
     feedback: FeedbackSpec | None = Field(default=None, description="Ask for a rating when the engagement ends.")
+    when_away: WhenAwaySpec | None = Field(
+        default=None,
+        description="A fallback for when the device is not connected: the scenario fires from a timer while it is "
+        "away, or it drops before the cue reaches it.",
+    )
 
     @model_validator(mode="after")
     def _upgrades(self) -> CueSpec:
