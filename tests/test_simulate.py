@@ -150,7 +150,7 @@ def test_invalid_trace_lines_are_reported_with_line_numbers() -> None:
         parse_trace(text, "t.jsonl")
     assert [str(i) for i in info.value.issues] == [
         "t.jsonl:3: invalid JSON: Expecting ',' delimiter (column 48)",
-        "t.jsonl:4: unknown field 'evnt'; a line has t, device and one of: hello, event, context, respond, close",
+        "t.jsonl:4: unknown field 'evnt'; a line has t, device and one of: hello, event, context, respond, close, chat, fallback, end",
         "t.jsonl:5: t: goes back in time (+00:00:01.000 after +00:00:02.000)",
         "t.jsonl:6: device 'd9' has not said hello yet; start it with a hello line",
         't.jsonl:7: respond.cue: expected "last" or "cue#N", got \'first\'',

@@ -93,6 +93,9 @@ class _Player:
 
     async def step(self, step: Step) -> None:
         data = step.data
+        if step.associate:
+            self.say(step.associate, f"SKIPPED line {step.line}: associates are replayed by `cuepoint simulate` only")
+            return
         if step.action == "hello":
             await self._hello(step.device, data["hello"])
             return

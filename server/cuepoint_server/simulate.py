@@ -21,6 +21,16 @@ Trace format (JSON lines; blank lines and lines starting with # are skipped):
     {"t": 90, "device": "d1", "close": true}
     {"t": 900}
 
+Associates (simulate_desk.py) sign in and out, claim, reject, chat and wrap up; devices may also chat,
+answer a fallback offer and end their engagement:
+
+    {"t": 0, "associate": "ann", "sign_in": {"queues": ["vip"], "skills": ["billing"], "capacity": 1}}
+    {"t": 95, "associate": "ann", "chat": "Hi, I'm Ann."}
+    {"t": 96, "device": "d1", "chat": "Thanks!"}
+    {"t": 99, "device": "d1", "fallback": {"option": "callback", "phone": "+1 555 0100", "at": 3600}}
+    {"t": 120, "associate": "ann", "wrap_up": {"disposition": "resolved", "notes": "cache cleared"}}
+    {"t": 130, "associate": "ann", "sign_out": true}
+
 `t` is seconds since the trace start, or an ISO-8601 time (UTC when it has no
 offset). The trace starts at the first line's time when that is ISO-8601,
 otherwise at 2024-01-01T00:00:00Z. Times never go backwards. A line with only
@@ -59,6 +69,14 @@ from .core.validation import CONTEXT_KEY
 from .engine.engine import Engine
 from .engine.scenario_set import ScenarioSet
 from .scenarios.compiler import CompiledScenario
+from .simulate_desk import (
+    ASSOCIATE_ACTIONS,
+    DESK_DEVICE_ACTIONS,
+    DeskReplay,
+    ReplayError,
+    check_associate_action,
+    check_desk_device_action,
+)
 from .storage import DecisionRecord, SqliteStore
 
 __all__ = [
@@ -77,8 +95,9 @@ __all__ = [
 
 # 2024-01-01T00:00:00Z, a Monday: the start of traces whose times are offsets.
 DEFAULT_START = 1_704_067_200.0
-ACTIONS = ("hello", "event", "context", "respond", "close")
+ACTIONS = ("hello", "event", "context", "respond", "close", *DESK_DEVICE_ACTIONS)
 ONE_OF = ", ".join(ACTIONS)
+ASSOCIATE_ONE_OF = ", ".join(ASSOCIATE_ACTIONS)
 RESPONSES = ("accepted", "declined", "dismissed", "expired", "opened")
 CONSENTS = ("none", "essential", "full")
 CUE_LABEL = re.compile(r"^cue#[1-9][0-9]*$")
@@ -110,8 +129,10 @@ class Step:
     # Seconds since the trace start.
     t: float
     device: str = ""
-    action: str = ""  # one of ACTIONS, or "" for a clock-only line
+    action: str = ""  # one of ACTIONS (or of ASSOCIATE_ACTIONS), or "" for a clock-only line
     data: dict[str, Any] = field(default_factory=dict)
+    # An associate's line (simulate_desk.py): who; `device` is then empty.
+    associate: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +151,8 @@ class Outcome:
     # The trace line that caused it; None for timer-driven outcomes.
     line: int | None
     data: dict[str, Any]
+    # `device` names an associate (simulate_desk.py).
+    associate: bool = False
 
     def text(self) -> str:
         d = self.data
@@ -162,11 +185,29 @@ class Outcome:
             who = f" associate={d['associate']}" if d["associate"] else ""
             line = f" position={d['position']}" if d.get("position") else ""
             wait = f" wait={d['wait']:g}s" if d.get("wait") is not None else ""
-            return f"{head} ENGAGEMENT {d['cue']} {d['state']} queue={d['queue']}{who}{line}{wait}"
+            callback = f" callback_at={d['callback_at']}" if d.get("callback_at") else ""
+            return f"{head} ENGAGEMENT {d['cue']} {d['state']} queue={d['queue']}{who}{line}{wait}{callback}"
+        if self.kind in ("assigned", "offered"):
+            extra = "".join(f" {key}={d[key]}" for key in ("role",) if d.get(key))
+            callback = " callback" if d.get("kind") == "callback" else ""
+            verb = self.kind.upper()
+            return f"{head} {verb} {d['cue']} queue={d['queue']} priority={d['priority']}{callback}{extra}"
+        if self.kind == "signed_in":
+            shown = " ".join(f"{k}={v}" for k, v in d.items() if v is not True) + "".join(
+                f" {k}" for k, v in d.items() if v is True
+            )
+            return f"{head} SIGNED_IN {shown}"
+        if self.kind == "chat":
+            return f"{head} CHAT {d['cue']} {d['sender']} {_quote(d['text'])}"
+        if self.kind == "fallback":
+            return f"{head} FALLBACK {d['cue']} {','.join(d['options'])}"
+        if self.kind == "ended":
+            return f"{head} ENDED {d['cue']} {d['disposition']} by={d['by']}"
         return f"{head} {self.kind.upper()} {' '.join(str(v) for v in d.values())}".rstrip()
 
     def as_dict(self) -> dict[str, Any]:
-        head = {"t": self.t, "at": offset(self.t), "device": self.device, "line": self.line}
+        who = "associate" if self.associate else "device"
+        head = {"t": self.t, "at": offset(self.t), who: self.device, "line": self.line}
         return {**head, "outcome": self.kind, **self.data}
 
 
@@ -251,7 +292,35 @@ def _check_action(action: str, value: object) -> str | None:
         return None
     if action == "close":
         return None if value is True else "close: expected true"
-    raise AssertionError(action)
+    return check_desk_device_action(action, value)
+
+
+def _associate_step(number: int, t: float, item: dict[str, Any], signed_in: set[str]) -> Step | str:
+    """An associate's line as a Step, or what is wrong with it (simulate_desk.py has the actions)."""
+    if "device" in item:
+        return "a line has a device or an associate, not both"
+    name = item["associate"]
+    if not isinstance(name, str) or not name:
+        return "associate: required string"
+    unknown = sorted(set(item) - {"t", "associate", *ASSOCIATE_ACTIONS})
+    if unknown:
+        return f"unknown field {unknown[0]!r}; a line has t, associate and one of: {ASSOCIATE_ONE_OF}"
+    actions = [a for a in ASSOCIATE_ACTIONS if a in item]
+    if not actions:
+        return f"a line with an associate needs one of: {ASSOCIATE_ONE_OF}"
+    if len(actions) > 1:
+        return f"one action per line; found {' and '.join(actions)}"
+    action = actions[0]
+    error = check_associate_action(action, item[action])
+    if error is not None:
+        return error
+    if action == "sign_in":
+        signed_in.add(name)
+    elif name not in signed_in:
+        return f"associate {name!r} has not signed in yet; start it with a sign_in line"
+    elif action == "sign_out":
+        signed_in.discard(name)
+    return Step(number, t, "", action, {action: item[action]}, associate=name)
 
 
 def parse_trace(text: str, name: str = "trace") -> Trace:
@@ -261,6 +330,7 @@ def parse_trace(text: str, name: str = "trace") -> Trace:
     start: float | None = None
     previous = 0.0
     devices: set[str] = set()
+    associates: set[str] = set()
 
     def problem(line: int, message: str) -> None:
         issues.append(TraceIssue(line, message, name))
@@ -302,6 +372,13 @@ def parse_trace(text: str, name: str = "trace") -> Trace:
             problem(number, f"t: goes back in time ({offset(t)} after {offset(previous)})")
             continue
         previous = t
+        if "associate" in item:
+            step = _associate_step(number, t, item, associates)
+            if isinstance(step, str):
+                problem(number, step)
+            else:
+                steps.append(step)
+            continue
         # What happens.
         actions = [a for a in ACTIONS if a in item]
         unknown = sorted(set(item) - {"t", "device", "props", *ACTIONS})
@@ -394,6 +471,7 @@ class Simulation:
         self._pushes: list[dict[str, Any]] = []  # cue.pending_push events not yet printed
         self._pushed: set[str] = set()
         self._away_settled: list[dict[str, Any]] = []
+        self._desk: DeskReplay | None = None
 
     @property
     def core(self) -> Core:
@@ -405,6 +483,7 @@ class Simulation:
         self._core = Core(self._store, Engine(self.scenarios), self.clock)
         self._core.decision_listeners.append(self._on_decision)
         self._core.cue_listeners.append(self._on_cue_event)
+        self._desk = DeskReplay(self._core, self._emit, self._label, self.start)
 
     def _on_cue_event(self, kind: str, payload: dict[str, Any]) -> None:
         # A device that is away sees nothing: its cue waiting for it (when_away) and that cue's expiry are
@@ -417,6 +496,8 @@ class Simulation:
                 self._away_settled.append(payload)
 
     async def close(self) -> None:
+        if self._desk is not None:
+            self._desk.sign_out_all()
         if self._core is not None:
             for session in list(self._sessions.values()):
                 await self._core.close_session(session)
@@ -442,6 +523,8 @@ class Simulation:
             except CoreError as exc:
                 issue = TraceIssue(step.line, f"rejected by the server: {exc}", self.name)
                 raise TraceError([issue]) from None
+            except ReplayError as exc:
+                raise TraceError([TraceIssue(step.line, str(exc), self.name)]) from None
             await self._collect()
             self._line = None
         return self.outcomes
@@ -457,6 +540,10 @@ class Simulation:
     async def _apply(self, step: Step) -> None:
         core, device, data = self.core, step.device, step.data
         if not step.action:  # a clock-only line: _advance() did it all
+            return
+        assert self._desk is not None
+        if step.associate:
+            await self._desk.associate(step.associate, step.action, data[step.action], self._ids.get)
             return
         if step.action == "hello":
             hello = data["hello"]
@@ -507,6 +594,8 @@ class Simulation:
         elif step.action == "close":
             del self._sessions[device]
             await core.close_session(session)
+        else:  # chat, fallback, end: the device's engagement (simulate_desk.py)
+            await self._desk.device(session, step.action, data[step.action])
 
     async def _settle(self) -> None:
         # Acks, stored cues and expiry withdrawals finish in background tasks.
@@ -520,6 +609,8 @@ class Simulation:
             while not session.outbox.empty():
                 await self._message(device, session.outbox.get_nowait())
         await self._away()
+        if self._desk is not None:
+            self._desk.collect()
         # Decisions that offered nothing (and any whose cue went unseen).
         leftover, self._blocked_open = self._blocked_open, []
         for records in self._blocked_by_cue.values():
@@ -576,9 +667,13 @@ class Simulation:
             self._emit(device, "withdrawn", cue=self._label(message.cue_id), reason=message.reason)
         elif isinstance(message, EngagementUpdate):
             # While queued: the place in line and the estimated wait the device is told (core/queue_wait.py).
-            waiting: dict[str, float] = {"position": message.queue_position} if message.queue_position else {}
+            waiting: dict[str, Any] = {"position": message.queue_position} if message.queue_position else {}
             if message.estimated_wait is not None:
                 waiting["wait"] = round(message.estimated_wait, 3)
+            if message.callback_at is not None:
+                waiting["callback_at"] = offset(message.callback_at - self.start)
+            if self._desk is not None:
+                self._desk.seen_engagement(message.engagement_id, message.cue_id)
             self._emit(
                 device,
                 "engagement",
@@ -590,6 +685,8 @@ class Simulation:
             )
         elif isinstance(message, SessionFailed):
             self._emit(device, "session_failed", reason=message.reason)
+        elif self._desk is not None:
+            self._desk.to_device(device, message)
 
     def _why_not(self, device: str, candidates: Iterable[CompiledScenario]) -> None:
         concerned = {s.id for s in candidates}
@@ -605,9 +702,9 @@ class Simulation:
         for r in records:
             self._emit(r.device_id, "blocked", scenario=r.scenario_id, reason=r.reason, detail=r.detail)
 
-    def _emit(self, device: str, kind: str, **data: Any) -> None:
+    def _emit(self, device: str, kind: str, /, *, by_associate: bool = False, **data: Any) -> None:
         t = round(self.clock.now() - self.start, 6)
-        self.outcomes.append(Outcome(t, device, kind, self._line, data))
+        self.outcomes.append(Outcome(t, device, kind, self._line, data, by_associate))
 
 
 def _conditions(explanation: dict[str, Any]) -> list[list[str]]:
@@ -641,8 +738,11 @@ def simulate_files(directory: str | Path, trace_path: str | Path, *, why: bool =
 
 def render_text(outcomes: Sequence[Outcome]) -> str:
     lines = [o.text() for o in outcomes]
-    counts = {kind: sum(1 for o in outcomes if o.kind == kind) for kind in ("cue", "blocked", "withdrawn")}
-    lines.append(f"-- {counts['cue']} cue(s) offered, {counts['blocked']} blocked, {counts['withdrawn']} withdrawn")
+    counts = {kind: sum(1 for o in outcomes if o.kind == kind) for kind in ("cue", "blocked", "withdrawn", "assigned")}
+    summary = f"-- {counts['cue']} cue(s) offered, {counts['blocked']} blocked, {counts['withdrawn']} withdrawn"
+    if counts["assigned"]:
+        summary += f", {counts['assigned']} assigned"
+    lines.append(summary)
     return "\n".join(lines) + "\n"
 
 
