@@ -252,3 +252,28 @@ async def test_bad_input_gets_a_clear_error_and_the_server_stays_up(start_server
             assert response.status == 400 and (await response.json())["field"] == "by"
         async with http.get(f"{server.http_url}/api/console/live") as response:
             assert response.status == 200
+
+
+async def test_variant_switch_checks_its_input_and_answers_the_states(start_server: StartServer) -> None:
+    server = await start(start_server)
+    async with client() as http:
+        csrf = await sign_in(http, server, "/api/console/session", token=ADMIN)
+        headers = {"X-CSRF-Token": csrf}
+        base = f"{server.http_url}/api/console/scenarios/travel-payment-help/variants"
+        for path, body, field in (
+            ("short/stopped", {"stopped": "yes"}, "stopped"),
+            ("nope/stopped", {"stopped": True}, "variant_id"),
+            ("control/stopped", {"stopped": True}, "variant_id"),
+        ):
+            async with http.post(f"{base}/{path}", json=body, headers=headers) as response:
+                assert response.status == 400
+                assert (await response.json())["field"] == field
+        async with http.post(f"{base}/short/stopped", json={"stopped": True}, headers=headers) as response:
+            assert (await response.json())["variants"] == [
+                {"id": "control", "weight": 1.0, "control": True, "stopped": False},
+                {"id": "short", "weight": 1.0, "control": False, "stopped": True},
+            ]
+        async with http.get(f"{server.http_url}/api/console/scenarios") as response:
+            listed = {s["id"]: s["variants"] for s in (await response.json())["scenarios"]}
+        assert [v["stopped"] for v in listed["travel-payment-help"]] == [False, True]
+        assert ("travel-payment-help", "short") in server.core.stopped_variants

@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 
 from ..core.audit import AuditTrail
 from ..core.errors import InvalidInput, PermissionDenied
-from ..core.service import Core
+from ..core.service import Core, VariantState
 from ..reporting.funnel import FunnelQuery, funnel, lift_interval
 from ..reporting.report import parse_group_by, since_to_start
 from ..scenarios.loader import ScenarioError, load_text
@@ -31,6 +31,10 @@ log = structlog.get_logger("cuepoint.http.console")
 
 LIVE_EVERY = 1.0
 MAX_PASTE = 512 * 1024
+
+
+def _variants(states: list[VariantState]) -> list[dict[str, Any]]:
+    return [{"id": v.variant_id, "weight": v.weight, "control": v.control, "stopped": v.stopped} for v in states]
 
 
 def _unknown_status() -> tuple[int, str]:
@@ -60,6 +64,7 @@ class Console:
             web.get("/api/console/funnel", self.funnel),
             web.get("/api/console/scenarios", self.scenarios),
             web.post("/api/console/scenarios/{scenario_id}/enabled", self.set_enabled),
+            web.post("/api/console/scenarios/{scenario_id}/variants/{variant_id}/stopped", self.set_variant_stopped),
             web.post("/api/console/pause", self.pause),
             web.post("/api/console/validate", self.validate),
             web.post("/api/console/replay", self.replay),
@@ -116,6 +121,9 @@ class Console:
         out = []
         for row in rows:
             item = row.as_dict(query.group_by)
+            # The A/B switch beside each variant's numbers: stopped variants show their users the control.
+            for variant in item["variants"]:
+                variant["stopped"] = (row.scenario_id, variant["variant_id"]) in self.core.stopped_variants
             lift = lift_interval(row.treated, row.holdout)
             item["lift"] = None if lift is None else {"difference": lift[0], "low": lift[1], "high": lift[2]}
             out.append(item)
@@ -141,6 +149,7 @@ class Console:
                         "time_driven": s.timed,
                         "holdout": s.holdout,
                         "queue": s.queue,
+                        "variants": _variants(self.core.variant_states(s.id)),
                     }
                     for s in self.core.engine.scenarios.scenarios
                 ],
@@ -177,6 +186,26 @@ class Console:
         await self._audit(session, "console.set_enabled", scenario_id, {"enabled": was}, {"enabled": now})
         log.warning("scenario.switched", scenario_id=scenario_id, enabled=now)
         return web.json_response({"scenario_id": scenario_id, "enabled": now})
+
+    async def set_variant_stopped(self, request: web.Request) -> web.Response:
+        """AdminService.SetVariantStopped from the console: the same roles, recorded the same way."""
+        session = self.guard.session(request, "admin", csrf=True)
+        await self._require(session, "console.set_variant_stopped", frozenset({"author", "operator"}))
+        body = await json_body(request)
+        stopped = body.get("stopped")
+        if not isinstance(stopped, bool):
+            raise InvalidInput("stopped", "true or false")
+        reason = text_field(body, "reason", 500)
+        scenario_id, variant_id = request.match_info["scenario_id"], request.match_info["variant_id"]
+        was = {v.variant_id: v.stopped for v in self.core.variant_states(scenario_id)}.get(variant_id)
+        states = await self.core.set_variant_stopped(scenario_id, variant_id, stopped, reason or "console")
+        target = f"{scenario_id}/{variant_id}"
+        await self._audit(
+            session, "console.set_variant_stopped", target, {"stopped": was}, {"stopped": stopped, "reason": reason}
+        )
+        event = "variant.stopped" if stopped else "variant.restarted"
+        log.warning(event, scenario_id=scenario_id, variant_id=variant_id)
+        return web.json_response({"scenario_id": scenario_id, "variants": _variants(states)})
 
     async def pause(self, request: web.Request) -> web.Response:
         session = self.guard.session(request, "admin", csrf=True)

@@ -146,7 +146,9 @@
         chart.append(el("div", { class: "step", "data-step": key }, el("span", { text: key === "blocked_total" ? "blocked" : key }), el("div", {}, bar), el("span", { class: "n", text: String(n) })));
       }
       const lift = row.lift ? (row.lift.difference * 100).toFixed(1) + " pts (95% CI " + (row.lift.low * 100).toFixed(1) + " to " + (row.lift.high * 100).toFixed(1) + ")" : "needs sessions in both groups";
-      box.append(el("article", { class: "panel span-6", "data-scenario": row.scenario_id, "aria-label": "Funnel " + title },
+      // A scenario with A/B variants takes the full width, so its variants table fits without scrolling.
+      const span = row.variants && row.variants.length ? "span-12" : "span-6";
+      box.append(el("article", { class: "panel " + span, "data-scenario": row.scenario_id, "aria-label": "Funnel " + title },
         el("h3", { text: title }),
         chart,
         el("p", { class: "muted", text: "Blocked by: " + (blocked.map(([r, c]) => r + " " + c).join(", ") || "nothing") + " · declined " + row.declined + " · dismissed " + row.dismissed + " · ignored " + row.ignored + " · withdrawn " + row.withdrawn }),
@@ -156,8 +158,62 @@
             el("tr", {}, el("td", { text: "treated" }), el("td", { text: String(row.treated.sessions) }), el("td", { text: String(row.treated.converted) }), el("td", { text: pct(row.treated.conversion_rate) })),
             el("tr", {}, el("td", { text: "holdout" }), el("td", { text: String(row.holdout.sessions) }), el("td", { text: String(row.holdout.converted) }), el("td", { text: pct(row.holdout.conversion_rate) })))),
         el("p", {}, "Treated minus holdout: ", el("strong", { text: lift })),
+        variantsTable(row, title),
+        feedbackLine(row),
       ));
     }
+  }
+
+  // A/B variants: conversion per variant with its 95% interval, the difference and two-sided p-value against
+  // the control (the first), whether it is stopped, and the switch (AdminService.SetVariantStopped).
+  function variantsTable(row, title) {
+    if (!row.variants || !row.variants.length) return null;
+    const body = el("tbody");
+    for (const v of row.variants) {
+      const ci = v.conversion_rate === null ? "—" : pct(v.ci[0]) + " to " + pct(v.ci[1]);
+      const diff = v.control ? "control" : (v.difference >= 0 ? "+" : "") + (v.difference * 100).toFixed(1) + " pts";
+      const switchButton = v.control ? el("span", { class: "muted", text: "—" }) : el("button", {
+        type: "button", "aria-pressed": v.stopped ? "true" : "false",
+        "aria-label": (v.stopped ? "Restart variant " : "Stop variant ") + v.variant_id + " of " + row.scenario_id,
+        onclick: async () => {
+          try {
+            await api("POST", `/api/console/scenarios/${encodeURIComponent(row.scenario_id)}/variants/${encodeURIComponent(v.variant_id)}/stopped`, { stopped: !v.stopped, reason: "console" });
+            announce("Variant " + v.variant_id + " of " + row.scenario_id + (v.stopped ? " restarted" : " stopped"));
+          } catch (e) { announce(e.message); }
+          loadFunnels();
+          loadScenarios();
+        },
+      }, v.stopped ? "Restart" : "Stop");
+      body.append(el("tr", { "data-variant": v.variant_id },
+        el("th", { scope: "row", text: v.variant_id + (v.control ? " (control)" : "") }),
+        el("td", { text: String(v.offered) }),
+        el("td", { text: String(v.accepted) }),
+        el("td", { text: String(v.sessions) }),
+        el("td", { text: String(v.converted) }),
+        el("td", { text: pct(v.conversion_rate) }),
+        el("td", { text: ci }),
+        el("td", { text: diff }),
+        el("td", { text: v.control ? "—" : v.p_value.toFixed(3) }),
+        el("td", {}, el("span", { class: "badge " + (v.stopped ? "bad" : "ok"), text: v.stopped ? "stopped" : "running" })),
+        el("td", {}, switchButton),
+      ));
+    }
+    const head = ["Variant", "Offered", "Accepted", "Sessions", "Converted", "Conversion", "95% CI", "vs control", "p-value", "State", "Switch"];
+    return el("div", { class: "scroll" },
+      el("table", { class: "variants", "aria-label": "A/B variants of " + title },
+        el("thead", {}, el("tr", {}, head.map((h) => el("th", { scope: "col", text: h })))),
+        body));
+  }
+
+  // Ratings asked after the engagements (CSAT 1-5, NPS 0-10).
+  function feedbackLine(row) {
+    if (!row.feedback || !row.feedback.length) return null;
+    const parts = row.feedback.map((f) => {
+      let text = f.kind.toUpperCase() + ": " + f.responses + " response(s), average " + f.average_score.toFixed(2) + ", satisfied " + pct(f.satisfied_share);
+      if (f.kind === "nps") text += ", NPS " + (f.net_promoter_score >= 0 ? "+" : "") + f.net_promoter_score.toFixed(0);
+      return text;
+    });
+    return el("p", { class: "feedback" }, "Feedback: ", el("strong", { text: parts.join(" · ") }));
   }
 
   $("funnel-refresh").addEventListener("click", loadFunnels);
@@ -189,6 +245,7 @@
         el("td", { text: String(s.priority) }),
         el("td", { text: s.queue }),
         el("td", { text: s.holdout ? (s.holdout * 100).toFixed(0) + "%" : "—" }),
+        el("td", { class: "variants", text: (s.variants || []).map((v) => v.id + (v.control ? " (control)" : "") + (v.stopped ? " stopped" : "")).join(", ") || "—" }),
         el("td", {}, el("span", { class: "badge " + (s.enabled ? "ok" : "bad"), text: s.enabled ? "enabled" : s.enabled_in_file ? "disabled" : "off in file" })),
         el("td", {}, toggle),
       ));
