@@ -5,6 +5,8 @@ Real server on port 0, real SDK (devices and associates) over gRPC.
 
 from __future__ import annotations
 
+import pytest
+
 import cuepoint
 
 from .conftest import StartServer, no_cue, phone
@@ -76,3 +78,110 @@ async def test_one_free_associate_is_never_offered_twice(start_server: StartServ
     assert (await dana.next_engagement(timeout=5)).engagement_id == engagement.engagement_id
     for c in (first, second, dana):
         await c.close()
+
+
+# -- capacity per channel (issue 18, item 6) ----------------------------------------------------
+
+CHANNELS = """
+scenarios:
+  - id: chat-help
+    trigger: {event: chat_help}
+    cue: {message: "Chat with us?", channel: chat, queue: support, ttl: 10m}
+  - id: call-help
+    trigger: {event: call_help}
+    cue: {message: "Call us?", channel: audio, queue: support, ttl: 10m}
+"""
+
+
+async def ask(server: object, n: int, event: str) -> tuple[cuepoint.Client, cuepoint.Engagement]:
+    client = await phone(server, f"phone-{event}-{n}", user_id=f"user-{event}-{n}")  # type: ignore[arg-type]
+    await client.track(event)
+    await client.flush(timeout=10)
+    engagement = await client.accept(await client.next_cue(timeout=5))
+    await engagement.wait_for(cuepoint.EngagementState.QUEUED, timeout=5)
+    return client, engagement
+
+
+async def test_three_chats_or_one_call_routing_honours_each_channel(start_server: StartServer) -> None:
+    server = await start_server(CHANNELS)
+    ann = await cuepoint.connect_associate(
+        server.address,
+        associate_id="ann",
+        queues=["support"],
+        channel_capacity={cuepoint.Channel.CHAT: 3, cuepoint.Channel.AUDIO: 1},
+    )
+    chats = [await ask(server, i, "chat_help") for i in range(4)]
+    taken = [await ann.next_engagement(timeout=5) for _ in range(3)]
+    assert {t.engagement_id for t in taken} == {e.engagement_id for _, e in chats[:3]}
+    assert all(t.channel is cuepoint.Channel.CHAT for t in taken)
+    call = await ask(server, 0, "call_help")
+    # Neither a fourth chat nor a call reaches her while three chats are held: both wait in line.
+    with pytest.raises(cuepoint.TimedOut):
+        await ann.next_engagement(timeout=0.3)
+    for _, waiting in (chats[3], call):
+        stored = await server.store.get_engagement(waiting.engagement_id)
+        assert stored is not None and (stored.state, stored.associate_id) == ("queued", "")
+
+    # One chat ends: the fourth chat (first in line) fits; the call still does not join chats.
+    await ann.end(taken[0], disposition="resolved")
+    fourth = await ann.next_engagement(timeout=5)
+    assert fourth.engagement_id == chats[3][1].engagement_id
+    with pytest.raises(cuepoint.TimedOut):
+        await ann.next_engagement(timeout=0.3)
+    # Down to one chat: two slots are free, yet a call is taken alone.
+    for t in taken[1:]:
+        await ann.end(t, disposition="resolved")
+    with pytest.raises(cuepoint.TimedOut):
+        await ann.next_engagement(timeout=0.3)
+    stored_call = await server.store.get_engagement(call[1].engagement_id)
+    assert stored_call is not None and stored_call.state == "queued"
+    # Every chat done: the call comes.
+    await ann.end(fourth, disposition="resolved")
+    on_call = await ann.next_engagement(timeout=5)
+    assert (on_call.engagement_id, on_call.channel) == (call[1].engagement_id, cuepoint.Channel.AUDIO)
+    for c in (*(c for c, _ in chats), call[0], ann):
+        await c.close()
+
+
+QUEUE_LIMITS = """
+policy: {require_capacity: true}
+routing:
+  queues:
+    - {id: support, channel_capacity: {audio: 1}}
+scenarios:
+  - id: chat-help
+    trigger: {event: chat_help}
+    cue: {message: "Chat with us?", channel: chat, queue: support, ttl: 10m}
+  - id: call-help
+    trigger: {event: call_help}
+    cue: {message: "Call us?", channel: audio, queue: support, ttl: 10m}
+"""
+
+
+async def test_a_queues_channel_limit_and_require_capacity(start_server: StartServer) -> None:
+    server = await start_server(QUEUE_LIMITS)
+    # Capacity 3, no limits of her own: the queue says a call of it is taken alone.
+    ann = await cuepoint.connect_associate(server.address, associate_id="ann", queues=["support"], capacity=3)
+    chat_client, _ = await ask(server, 0, "chat_help")
+    await ann.next_engagement(timeout=5)
+
+    caller = await phone(server, "phone-caller", user_id="user-caller")
+    await caller.track("call_help")
+    await caller.flush(timeout=10)
+    assert await no_cue(caller)  # a call would not fit beside the chat: not offered at all
+    decisions = await server.store.decisions_for_device("phone-caller", limit=5)
+    assert (decisions[-1].scenario_id, decisions[-1].reason) == ("call-help", "no_capacity")
+    # Another chat still fits (two of three slots).
+    second_chat, _ = await ask(server, 1, "chat_help")
+    await ann.next_engagement(timeout=5)
+    for c in (chat_client, caller, second_chat, ann):
+        await c.close()
+
+
+async def test_bad_channel_limits_name_the_field(start_server: StartServer) -> None:
+    server = await start_server(CHANNELS)
+    with pytest.raises(cuepoint.InvalidSignal) as local:
+        await cuepoint.connect_associate(
+            server.address, associate_id="ann", channel_capacity={cuepoint.Channel.CHAT: 0}
+        )
+    assert local.value.field == "sign_in.channel_capacity"

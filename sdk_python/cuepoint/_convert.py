@@ -864,8 +864,13 @@ def sign_in(
     manual_claim: bool = False,
     presence: Presence | None = None,
     supervised_queues: Iterable[str] = (),
+    channel_capacity: Mapping[Channel, int] | None = None,
 ) -> associate_pb2.AssociateMessage:
     msg = associate_pb2.SignIn(
+        channel_capacity=[
+            associate_pb2.ChannelCapacity(channel=channel_to_proto(c), limit=n)
+            for c, n in (channel_capacity or {}).items()
+        ],
         supervised_queues=list(supervised_queues),
         associate_id=associate_id,
         display_name=display_name,

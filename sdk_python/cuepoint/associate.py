@@ -90,6 +90,7 @@ async def connect_associate(
     presence: Presence = Presence.AVAILABLE,
     supervised_queues: Iterable[str] = (),
     config: AssociateConfig | None = None,
+    channel_capacity: Mapping[Channel, int] | None = None,
 ) -> AssociateClient:
     """Sign an associate in and return the started :class:`AssociateClient`.
 
@@ -97,6 +98,8 @@ async def connect_associate(
     ``manual_claim`` engagements arrive as offers (:meth:`AssociateClient.offers`)
     to :meth:`~AssociateClient.claim` or :meth:`~AssociateClient.reject`;
     otherwise they are assigned at once (:meth:`AssociateClient.engagements`).
+    ``channel_capacity`` limits concurrency per channel: ``{Channel.CHAT: 3, Channel.AUDIO: 1}`` takes up to
+    three chats, or one call alone (``capacity`` is raised to the largest limit).
     """
     client = AssociateClient(
         target,
@@ -109,6 +112,7 @@ async def connect_associate(
         presence=presence,
         supervised_queues=supervised_queues,
         config=config,
+        channel_capacity=channel_capacity,
     )
     return await client.start()
 
@@ -129,6 +133,7 @@ class AssociateClient:
         presence: Presence = Presence.AVAILABLE,
         supervised_queues: Iterable[str] = (),
         config: AssociateConfig | None = None,
+        channel_capacity: Mapping[Channel, int] | None = None,
     ) -> None:
         if not isinstance(associate_id, str) or not associate_id:
             raise InvalidSignal("associate_id must be a non-empty string", field="sign_in.associate_id")
@@ -149,6 +154,13 @@ class AssociateClient:
                 "supervised_queues must be a list of queue names, not a string", field="sign_in.supervised_queues"
             )
         self._supervised_queues = tuple(supervised_queues)
+        limits = dict(channel_capacity or {})
+        for channel, limit in limits.items():
+            if not isinstance(channel, Channel):
+                raise InvalidSignal("channel_capacity keys must be cuepoint.Channel", field="sign_in.channel_capacity")
+            if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100:
+                raise InvalidSignal("channel limits must be ints from 1 to 100", field="sign_in.channel_capacity")
+        self._channel_capacity = limits
         self._config = config or AssociateConfig()
         self._new_id = IdGenerator(time.time)
 
@@ -221,6 +233,7 @@ class AssociateClient:
             manual_claim=self._manual_claim,
             supervised_queues=self._supervised_queues,
             presence=self._presence,
+            channel_capacity=self._channel_capacity,
         )
         signed_in: associate_pb2.SignedIn = await handshake(
             stream, message, expect="signed_in", target=self._target, within=self._config.connect_timeout

@@ -363,6 +363,7 @@ class SignIn(_message.Message):
     MANUAL_CLAIM_FIELD_NUMBER: _builtins.int
     PRESENCE_FIELD_NUMBER: _builtins.int
     SUPERVISED_QUEUES_FIELD_NUMBER: _builtins.int
+    CHANNEL_CAPACITY_FIELD_NUMBER: _builtins.int
     associate_id: _builtins.str
     display_name: _builtins.str
     capacity: _builtins.int
@@ -388,6 +389,14 @@ class SignIn(_message.Message):
         With auth on, the token must allow supervising each of them.
         """
 
+    @_builtins.property
+    def channel_capacity(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelCapacity]:
+        """Per-channel concurrency: how many engagements this associate holds at most while one of them is
+        on this channel (chat: 3, audio: 1 = "three chats, or one call alone"). Channels not listed are
+        bounded by capacity only; capacity is raised to the largest limit given. At most one entry per
+        channel, each limit 1..100.
+        """
+
     def __init__(
         self,
         *,
@@ -399,14 +408,37 @@ class SignIn(_message.Message):
         manual_claim: _builtins.bool = ...,
         presence: Global___Presence.ValueType = ...,
         supervised_queues: _abc.Iterable[_builtins.str] | None = ...,
+        channel_capacity: _abc.Iterable[Global___ChannelCapacity] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "capacity", b"capacity", "display_name", b"display_name", "manual_claim", b"manual_claim", "presence", b"presence", "queues", b"queues", "skills", b"skills", "supervised_queues", b"supervised_queues"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "capacity", b"capacity", "channel_capacity", b"channel_capacity", "display_name", b"display_name", "manual_claim", b"manual_claim", "presence", b"presence", "queues", b"queues", "skills", b"skills", "supervised_queues", b"supervised_queues"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SignIn: _TypeAlias = SignIn  # noqa: Y015
+
+@_typing.final
+class ChannelCapacity(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    channel: _common_pb2.Channel.ValueType
+    limit: _builtins.int
+    def __init__(
+        self,
+        *,
+        channel: _common_pb2.Channel.ValueType = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelCapacity: _TypeAlias = ChannelCapacity  # noqa: Y015
 
 @_typing.final
 class ClaimEngagement(_message.Message):

@@ -319,7 +319,18 @@ def sign_in_from_proto(msg: associate_pb2.SignIn) -> AssociateSignIn:
         manual_claim=msg.manual_claim,
         presence=_presence(msg.presence),
         supervised_queues=tuple(msg.supervised_queues),
+        channel_capacity=tuple(
+            (_channel_of(c.channel, f"sign_in.channel_capacity[{i}].channel"), c.limit)
+            for i, c in enumerate(msg.channel_capacity)
+        ),
     )
+
+
+def _channel_of(value: int, field: str) -> str:
+    for name, number in CHANNELS.items():
+        if number == value:
+            return name
+    raise InvalidInput(field, f"unknown or unspecified channel {value}")
 
 
 def _presence(value: int) -> str:

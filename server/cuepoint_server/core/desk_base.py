@@ -51,6 +51,8 @@ class DeskBase:
         self.clock = clock
         self.config = config or DeskConfig()
         self.router = Router()
+        # Queues' channel limits come from the routing table being served (it changes on reload).
+        self.router.queue_limits = lambda queue: self.engine.scenarios.routing.channel_limits.get(queue, {})
         self.listeners: list[EngagementEvent] = []
         # Builds the webhook outbox rows of an event (webhooks.py): committed with the change they report.
         self.webhook_rows: Callable[[str, dict[str, Any]], list[WebhookRecord]] | None = None

@@ -32,10 +32,10 @@ class Bots(Conversation):
         spec = self.engine.scenarios.routing.queues.get(queue)
         return spec.bot if spec is not None else None
 
-    def has_capacity(self, queue: str, skills: tuple[str, ...] = (), app_id: str = "") -> bool:
-        """Someone can take an engagement of this app and queue now: its built-in bot, else an available
-        associate with the skills who serves the app."""
-        return self._bot_for(queue) is not None or self.router.has_capacity(queue, skills, app_id)
+    def has_capacity(self, queue: str, skills: tuple[str, ...] = (), app_id: str = "", channel: str = "") -> bool:
+        """Someone can take an engagement of this app, queue and channel now: its built-in bot, else an
+        associate with the skills who serves the app and has room for the channel."""
+        return self._bot_for(queue) is not None or self.router.has_capacity(queue, skills, app_id, channel)
 
     def _bot_take(self, engagement: Engagement, bot: BotSpec) -> None:
         """The bot takes the engagement: assigned at once, greeting and choices on their way."""

@@ -163,7 +163,7 @@ class Participants(WrapUp):
         self._joined_at[(engagement.engagement_id, associate.associate_id)] = now
         engagement.participants[associate.associate_id] = (associate, role)
         if role in HOLDING:
-            associate.active.add(engagement.engagement_id)
+            associate.hold(associate.active, engagement.engagement_id, engagement.channel, engagement.queue)
         associate.send(EngagementJoined(engagement.view(role=role)))
         self._tell_supervisors(engagement)
         self._emit("engagement.participant_joined", engagement)

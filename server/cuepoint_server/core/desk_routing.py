@@ -185,7 +185,7 @@ class Routing(Bots):
             self._bot_take(engagement, bot)
             return
         associate = self._preferred(engagement) or self.router.pick(
-            engagement.queue, engagement.skills, engagement.rejected_by, engagement.app_id
+            engagement.queue, engagement.skills, engagement.rejected_by, engagement.app_id, engagement.channel
         )
         if associate is None:
             self.router.wait(
@@ -210,7 +210,9 @@ class Routing(Bots):
     def _preferred(self, engagement: Engagement) -> AssociateSession | None:
         """The associate who invited the user, while free to take what they started."""
         wanted = self.router.find(engagement.preferred_associate) if engagement.preferred_associate else None
-        if wanted is None or not wanted.available or wanted.associate_id in engagement.rejected_by:
+        if wanted is None or wanted.associate_id in engagement.rejected_by:
+            return None
+        if not wanted.fits(engagement.channel, engagement.queue, self.router.queue_limits):
             return None
         if not wanted.serves(engagement.app_id):
             return None
@@ -219,7 +221,7 @@ class Routing(Bots):
     def _offer(self, engagement: Engagement, associate: AssociateSession) -> None:
         queue = self.engine.scenarios.routing.queue(engagement.queue)
         engagement.offered_to = associate
-        associate.offers.add(engagement.engagement_id)
+        associate.hold(associate.offers, engagement.engagement_id, engagement.channel, engagement.queue)
         engagement.offer_timer = self.clock.call_at(
             self.clock.now() + queue.offer_timeout, lambda: self._offer_lapsed(engagement, associate)
         )
@@ -252,7 +254,7 @@ class Routing(Bots):
             engagement.fallback_timer.cancel()
             engagement.fallback_timer = None
         engagement.state, engagement.associate, engagement.assigned_at = "assigned", associate, now
-        associate.active.add(engagement.engagement_id)
+        associate.hold(associate.active, engagement.engagement_id, engagement.channel, engagement.queue)
         self._save(engagement, "engagement.assigned")
         associate.send(engagement.view())
         self._notify_device(engagement)
@@ -271,6 +273,8 @@ class Routing(Bots):
                 continue
             if not associate.serves(engagement.app_id):
                 continue
+            if not associate.fits(engagement.channel, engagement.queue, self.router.queue_limits):
+                continue  # e.g. a call while chats are held: a later chat in line may still fit
             self.router.unwait(engagement.queue, engagement_id)
             if associate.manual_claim:
                 self._offer(engagement, associate)
@@ -376,6 +380,13 @@ class Routing(Bots):
             raise InvalidInput("sign_in.associate_id", "required; at most 128 characters")
         if request.capacity < 0 or request.capacity > 100:
             raise InvalidInput("sign_in.capacity", "must be between 0 and 100")
+        limits: dict[str, int] = {}
+        for i, (channel, limit) in enumerate(request.channel_capacity):
+            if channel in limits:
+                raise InvalidInput(f"sign_in.channel_capacity[{i}].channel", f"{channel} is listed twice")
+            if not 1 <= limit <= 100:
+                raise InvalidInput(f"sign_in.channel_capacity[{i}].limit", "must be between 1 and 100")
+            limits[channel] = limit
         if request.presence not in ("available", "busy", "away"):
             raise InvalidInput("sign_in.presence", "must be available, busy or away")
         if request.apps:
@@ -392,7 +403,9 @@ class Routing(Bots):
             associate_id=request.associate_id,
             display_name=request.display_name or request.associate_id,
             queues=request.queues or ("default",),
-            capacity=request.capacity or 1,
+            # Raised to the largest channel limit: "chat: 3" means three chats without also saying capacity 3.
+            capacity=max([request.capacity or 1, *limits.values()]),
+            channel_capacity=limits,
             idle_since=self.clock.now(),
             skills=frozenset(request.skills),
             manual_claim=request.manual_claim,

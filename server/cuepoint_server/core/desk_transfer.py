@@ -62,7 +62,7 @@ class Transfers(Participants):
         if to_associate_id == associate.associate_id:
             raise InvalidInput("transfer.to_associate_id", "that is you")
         target = self._joinable(engagement, to_associate_id, "transfer")
-        if mode == "blind" and not target.available:
+        if mode == "blind" and not target.fits(engagement.channel, engagement.queue, self.router.queue_limits):
             raise InvalidInput("transfer.to_associate_id", f"associate {to_associate_id!r} is not available")
         if mode == "consult":
             engagement.consult_note = note

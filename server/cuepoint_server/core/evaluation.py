@@ -136,9 +136,9 @@ class Evaluation(Scoring):
         if self.engine.scenarios.policy_for(session.app_id).require_capacity and not away:
             # Hold the slot the engagement will need, so one free associate is never offered twice.
             queue, skills = self._routed(session, scenario, now)
-            associate = self.router.pick(queue, skills, app_id=session.app_id)
+            associate = self.router.pick(queue, skills, app_id=session.app_id, channel=offer.channel)
             if associate is not None:
-                associate.reserved.add(offer.cue_id)
+                associate.hold(associate.reserved, offer.cue_id, offer.channel, queue)
                 pending.reserved = associate
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
         self._reg.pending[session.device_id] = pending
@@ -266,7 +266,7 @@ class Evaluation(Scoring):
 
     def _no_capacity(self, session: DeviceSession, scenario: CompiledScenario, now: float) -> str | None:
         queue, skills = self._routed(session, scenario, now)
-        if self.desk.has_capacity(queue, skills, session.app_id):
+        if self.desk.has_capacity(queue, skills, session.app_id, scenario.channel):
             return None
         needs = f" with skills {', '.join(skills)}" if skills else ""
         return f"no associate available in queue {queue}{needs}"

@@ -220,6 +220,8 @@ class AssociateSignIn:
     # The apps whose engagements this associate may take, see or act on; empty: every app. Set from
     # the associate's credential (api/auth.py), never from the request.
     apps: tuple[str, ...] = ()
+    # (channel, limit): at most `limit` engagements held while one of them is on `channel`.
+    channel_capacity: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

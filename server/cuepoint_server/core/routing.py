@@ -7,7 +7,7 @@ engagement; waiting engagements are served by priority, then age.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 from .sessions import AssociateSession
 
@@ -21,6 +21,8 @@ class Router:
         self._waiting: dict[str, list[tuple[int, float, str]]] = {}
         # Called with a queue whose line changed (an engagement joined or left it): positions moved.
         self.moved: Callable[[str], None] | None = None
+        # A queue's per-channel concurrency limits (its routing entry's channel_capacity), set by the desk.
+        self.queue_limits: Callable[[str], Mapping[str, int]] = lambda queue: {}
 
     def add(self, associate: AssociateSession) -> None:
         self._associates[associate.associate_id] = associate
@@ -33,14 +35,20 @@ class Router:
         return self._associates.get(associate_id)
 
     def pick(
-        self, queue: str, skills: Collection[str] = (), exclude: Collection[str] = (), app_id: str = ""
+        self,
+        queue: str,
+        skills: Collection[str] = (),
+        exclude: Collection[str] = (),
+        app_id: str = "",
+        channel: str = "",
     ) -> AssociateSession | None:
-        """The associate to take an engagement of `app_id` in `queue`: never one whose credential is
-        limited to other apps, whatever queues they serve (one installation, several apps)."""
+        """The associate to take an engagement of `app_id` on `channel` in `queue`: one with room for that
+        channel beside what they hold (AssociateSession.fits), and never one whose credential is limited
+        to other apps, whatever queues they serve (one installation, several apps)."""
         candidates = [
             a
             for a in self._associates.values()
-            if a.available
+            if a.fits(channel, queue, self.queue_limits)
             and queue in a.queues
             and a.associate_id not in exclude
             and a.skills.issuperset(skills)
@@ -51,8 +59,8 @@ class Router:
         # Longest idle wins; id breaks ties so the choice is deterministic.
         return min(candidates, key=lambda a: (a.idle_since, a.associate_id))
 
-    def has_capacity(self, queue: str, skills: Collection[str] = (), app_id: str = "") -> bool:
-        return self.pick(queue, skills, app_id=app_id) is not None
+    def has_capacity(self, queue: str, skills: Collection[str] = (), app_id: str = "", channel: str = "") -> bool:
+        return self.pick(queue, skills, app_id=app_id, channel=channel) is not None
 
     def wait(self, queue: str, engagement_id: str, *, priority: int = 0, since: float = 0.0) -> None:
         bisect.insort(self._waiting.setdefault(queue, []), (-priority, since, engagement_id))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -208,6 +208,10 @@ class AssociateSession:
     supervised_queues: tuple[str, ...] = ()
     # Apps whose engagements this associate may take, see or act on; empty: every app.
     apps: frozenset[str] = frozenset()
+    # channel -> most engagements held while one of them is on that channel (chat: 3, audio: 1).
+    channel_capacity: Mapping[str, int] = field(default_factory=dict)
+    # What each held slot (engagement, offer or reserved cue id) is for: (channel, queue).
+    held: dict[str, tuple[str, str]] = field(default_factory=dict)
     active: set[str] = field(default_factory=set)
     # Offers awaiting claim hold a slot, so one associate is never offered more than they can take.
     offers: set[str] = field(default_factory=set)
@@ -220,6 +224,43 @@ class AssociateSession:
     def available(self) -> bool:
         held = len(self.active) + len(self.offers) + len(self.reserved)
         return not self.closed and self.presence == "available" and held < self.capacity
+
+    def hold(self, slots: set[str], key: str, channel: str, queue: str) -> None:
+        """Take a slot (in `active`, `offers` or `reserved`) for an engagement of this channel and queue."""
+        slots.add(key)
+        self.held[key] = (channel, queue)
+
+    def fits(self, channel: str, queue: str, queue_limits: Callable[[str], Mapping[str, int]] | None = None) -> bool:
+        """Whether one more engagement of `channel` in `queue` fits beside what this associate holds.
+
+        Every held engagement's channel limit (the associate's own, and its queue's) must allow the new
+        total, and so must the new one's: with chat 3 and audio 1, three chats fit, a call fits alone, and
+        nothing joins a call. Without channel limits, only `capacity` counts.
+        """
+        if not self.available:
+            return False
+        slots = self.active | self.offers | self.reserved
+        for key in [k for k in self.held if k not in slots]:
+            del self.held[key]  # released elsewhere: forget what it was for
+        total = len(slots) + 1
+        for held_channel, held_queue in (*(self.held[k] for k in slots if k in self.held), (channel, queue)):
+            if total > self.channel_limit(held_channel, held_queue, queue_limits):
+                return False
+        return True
+
+    def channel_limit(
+        self, channel: str, queue: str, queue_limits: Callable[[str], Mapping[str, int]] | None = None
+    ) -> int:
+        """The most engagements held while one is on `channel` in `queue`: the tighter of the
+        associate's and the queue's limits; `capacity` when neither sets one."""
+        limits = [self.capacity]
+        if channel in self.channel_capacity:
+            limits.append(self.channel_capacity[channel])
+        if queue_limits is not None and channel:
+            per_queue = queue_limits(queue).get(channel)
+            if per_queue is not None:
+                limits.append(per_queue)
+        return min(limits)
 
     def serves(self, app_id: str) -> bool:
         """Whether this associate may handle engagements of `app_id` (their credential's apps)."""

@@ -140,6 +140,8 @@ class Routing:
     queues: Mapping[str, QueueSpec] = field(default_factory=dict)
     # queue id -> the app it belongs to (defined under apps/<app>/); absent: installation-wide.
     owners: Mapping[str, str] = field(default_factory=dict)
+    # queue id -> channel -> most engagements an associate holds while handling one of it on that channel.
+    channel_limits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def queue(self, name: str) -> QueueSpec:
         return self.queues.get(name) or QueueSpec(id=name)
@@ -188,7 +190,8 @@ def compile_routing(
                 frozenset(rule.scenarios),
             )
         )
-    return Routing(tuple(rules), {q.id: q for q in spec.queues}, dict(owners or {}))
+    limits = {q.id: {str(c): n for c, n in q.channel_capacity.items()} for q in spec.queues if q.channel_capacity}
+    return Routing(tuple(rules), {q.id: q for q in spec.queues}, dict(owners or {}), limits)
 
 
 @dataclass(frozen=True, slots=True)

@@ -798,6 +798,12 @@ class QueueSpec(_Strict):
     canned_replies: list[Annotated[str, Field(min_length=1, max_length=4000)]] = Field(
         default_factory=list, description="Ready-made chat lines the associate desk offers for this queue."
     )
+    channel_capacity: dict[ChannelName, Annotated[int, Field(ge=1, le=100)]] = Field(
+        default_factory=dict,
+        description="Per channel, the most engagements an associate holds while handling one of this queue on "
+        "that channel (chat: 3, audio: 1 = three chats, or one call alone). The tighter of this and the "
+        "associate's own limit applies; capacity bounds the total.",
+    )
 
     @model_validator(mode="after")
     def _handover_elsewhere(self) -> QueueSpec:
