@@ -63,6 +63,7 @@ REQUESTS: dict[str, Any] = {
     "ListDeadWebhooks": admin_pb2.ListDeadWebhooksRequest(),
     "RedeliverWebhook": admin_pb2.RedeliverWebhookRequest(delivery_id="none"),
     "ListAuditEntries": admin_pb2.ListAuditEntriesRequest(),
+    "GetHandlingTimes": admin_pb2.GetHandlingTimesRequest(),
 }
 
 

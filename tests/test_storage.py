@@ -197,7 +197,7 @@ async def test_version_8_duplicates_are_dropped_when_the_unique_index_comes_back
     with sqlite3.connect(path) as raw:  # back to version 8, with a duplicate its journal allowed
         raw.execute("DROP INDEX signals_device_signal")
         raw.execute("INSERT INTO signals SELECT * FROM signals WHERE signal_id = 'a'")
-        for column in ("callback_number", "callback_at"):  # version 11
+        for column in ("wrapped_up_at", "callback_number", "callback_at"):  # versions 12 and 11
             raw.execute(f"ALTER TABLE engagements DROP COLUMN {column}")
         raw.execute("PRAGMA user_version = 8")
     async with await SqliteStore.open(path) as s:
@@ -383,7 +383,7 @@ async def test_version_2_database_gains_the_variant_and_feedback_columns(tmp_pat
             raw.execute(f"ALTER TABLE cues DROP COLUMN {column}")
         raw.execute("DROP TABLE device_credentials")  # version 4
         raw.execute("ALTER TABLE sessions DROP COLUMN identified")  # version 6
-        for column in ("callback_number", "callback_at"):  # version 11
+        for column in ("wrapped_up_at", "callback_number", "callback_at"):  # versions 12 and 11
             raw.execute(f"ALTER TABLE engagements DROP COLUMN {column}")
         raw.execute("PRAGMA user_version = 2")
     async with await SqliteStore.open(path) as s:

@@ -233,7 +233,10 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .reporting.report import run
+    from .reporting.report import run, run_handling
+
+    if args.handling:
+        return run_handling(args.db, args.since, args.until, args.scenario, args.json, sys.stdout, sys.stderr)
 
     return run(args.db, args.since, args.until, args.scenario, args.by, args.json, sys.stdout, sys.stderr)
 
@@ -439,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--scenario", default=None, help="one scenario id")
     report.add_argument("--by", default="", help="group by context keys, e.g. device.model,app.version")
     report.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    report.add_argument(
+        "--handling",
+        action="store_true",
+        help="handling times per queue and associate (engagements ended in the period) instead of the funnel",
+    )
     report.set_defaults(func=_report)
 
     model = sub.add_parser("model", help="predictive scores' models (outcomes: in the scenario files)")

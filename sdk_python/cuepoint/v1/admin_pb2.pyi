@@ -6,6 +6,7 @@ The API for admins and operators: explain decisions, switch offers off."""
 from collections import abc as _abc
 from cuepoint.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -702,6 +703,121 @@ class GetScenariosResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetScenariosResponse: _TypeAlias = GetScenariosResponse  # noqa: Y015
+
+@_typing.final
+class GetHandlingTimesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    SCENARIO_ID_FIELD_NUMBER: _builtins.int
+    scenario_id: _builtins.str
+    """Empty: engagements of every scenario."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """Engagements that ended from start (inclusive) to end (exclusive); unset: no bound."""
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        scenario_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "scenario_id", b"scenario_id", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHandlingTimesRequest: _TypeAlias = GetHandlingTimesRequest  # noqa: Y015
+
+@_typing.final
+class HandlingFigures(_message.Message):
+    """One queue's (associate_id empty) or one associate's (queue empty) handling times, over the engagements a
+    person took that ended in the range, attributed to whoever had it last.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    ASSOCIATE_ID_FIELD_NUMBER: _builtins.int
+    ENGAGEMENTS_FIELD_NUMBER: _builtins.int
+    AVERAGE_HANDLE_FIELD_NUMBER: _builtins.int
+    MEDIAN_HANDLE_FIELD_NUMBER: _builtins.int
+    AVERAGE_WRAP_UP_FIELD_NUMBER: _builtins.int
+    MEDIAN_WRAP_UP_FIELD_NUMBER: _builtins.int
+    AWAITING_WRAP_UP_FIELD_NUMBER: _builtins.int
+    AVERAGE_WAIT_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    associate_id: _builtins.str
+    engagements: _builtins.int
+    awaiting_wrap_up: _builtins.int
+    """Ended by the user and not wrapped up yet."""
+    @_builtins.property
+    def average_handle(self) -> _duration_pb2.Duration:
+        """From the (last) assignment to the end of the conversation."""
+
+    @_builtins.property
+    def median_handle(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def average_wrap_up(self) -> _duration_pb2.Duration:
+        """From the end of the conversation to the associate's wrap-up (0 when both came together), over the
+        engagements wrapped up so far.
+        """
+
+    @_builtins.property
+    def median_wrap_up(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def average_wait(self) -> _duration_pb2.Duration:
+        """From the engagement's creation to its (last) assignment."""
+
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        associate_id: _builtins.str = ...,
+        engagements: _builtins.int = ...,
+        average_handle: _duration_pb2.Duration | None = ...,
+        median_handle: _duration_pb2.Duration | None = ...,
+        average_wrap_up: _duration_pb2.Duration | None = ...,
+        median_wrap_up: _duration_pb2.Duration | None = ...,
+        awaiting_wrap_up: _builtins.int = ...,
+        average_wait: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["average_handle", b"average_handle", "average_wait", b"average_wait", "average_wrap_up", b"average_wrap_up", "median_handle", b"median_handle", "median_wrap_up", b"median_wrap_up"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associate_id", b"associate_id", "average_handle", b"average_handle", "average_wait", b"average_wait", "average_wrap_up", b"average_wrap_up", "awaiting_wrap_up", b"awaiting_wrap_up", "engagements", b"engagements", "median_handle", b"median_handle", "median_wrap_up", b"median_wrap_up", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandlingFigures: _TypeAlias = HandlingFigures  # noqa: Y015
+
+@_typing.final
+class GetHandlingTimesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUES_FIELD_NUMBER: _builtins.int
+    ASSOCIATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandlingFigures]: ...
+    @_builtins.property
+    def associates(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandlingFigures]: ...
+    def __init__(
+        self,
+        *,
+        queues: _abc.Iterable[Global___HandlingFigures] | None = ...,
+        associates: _abc.Iterable[Global___HandlingFigures] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associates", b"associates", "queues", b"queues"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHandlingTimesResponse: _TypeAlias = GetHandlingTimesResponse  # noqa: Y015
 
 @_typing.final
 class GetFunnelRequest(_message.Message):

@@ -104,6 +104,11 @@ class AdminServiceStub:
                 request_serializer=cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesRequest.SerializeToString,
                 response_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesResponse.FromString,
                 _registered_method=True)
+        self.GetHandlingTimes = channel.unary_unary(
+                '/cuepoint.v1.AdminService/GetHandlingTimes',
+                request_serializer=cuepoint_dot_v1_dot_admin__pb2.GetHandlingTimesRequest.SerializeToString,
+                response_deserializer=cuepoint_dot_v1_dot_admin__pb2.GetHandlingTimesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -225,6 +230,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHandlingTimes(self, request, context):
+        """Handling times per queue and per associate (count, average and median handle and wrap-up time, average
+        wait). Needs the viewer or operator role; an admin of some apps gets their queues only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +310,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEntries,
                     request_deserializer=cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesRequest.FromString,
                     response_serializer=cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
+            'GetHandlingTimes': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHandlingTimes,
+                    request_deserializer=cuepoint_dot_v1_dot_admin__pb2.GetHandlingTimesRequest.FromString,
+                    response_serializer=cuepoint_dot_v1_dot_admin__pb2.GetHandlingTimesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -677,6 +695,33 @@ class AdminService:
             '/cuepoint.v1.AdminService/ListAuditEntries',
             cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesRequest.SerializeToString,
             cuepoint_dot_v1_dot_admin__pb2.ListAuditEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHandlingTimes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cuepoint.v1.AdminService/GetHandlingTimes',
+            cuepoint_dot_v1_dot_admin__pb2.GetHandlingTimesRequest.SerializeToString,
+            cuepoint_dot_v1_dot_admin__pb2.GetHandlingTimesResponse.FromString,
             options,
             channel_credentials,
             insecure,

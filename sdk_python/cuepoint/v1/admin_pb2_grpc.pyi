@@ -87,6 +87,10 @@ class AdminServiceStub:
     denied) with who made it, its roles, the target and the state before and
     after, and every scenario reload. Needs the operator or privacy role.
     """
+    GetHandlingTimes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetHandlingTimesRequest, _admin_pb2.GetHandlingTimesResponse]
+    """Handling times per queue and per associate (count, average and median handle and wrap-up time, average
+    wait). Needs the viewer or operator role; an admin of some apps gets their queues only.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -146,6 +150,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """The audit trail, newest first: every AdminService call (allowed or
     denied) with who made it, its roles, the target and the state before and
     after, and every scenario reload. Needs the operator or privacy role.
+    """
+    GetHandlingTimes: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetHandlingTimesRequest, _admin_pb2.GetHandlingTimesResponse]  # type: ignore[assignment]
+    """Handling times per queue and per associate (count, average and median handle and wrap-up time, average
+    wait). Needs the viewer or operator role; an admin of some apps gets their queues only.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -287,6 +295,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """The audit trail, newest first: every AdminService call (allowed or
         denied) with who made it, its roles, the target and the state before and
         after, and every scenario reload. Needs the operator or privacy role.
+        """
+
+    @_abc_1.abstractmethod
+    def GetHandlingTimes(
+        self,
+        request: _admin_pb2.GetHandlingTimesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetHandlingTimesResponse, _abc.Awaitable[_admin_pb2.GetHandlingTimesResponse]]:
+        """Handling times per queue and per associate (count, average and median handle and wrap-up time, average
+        wait). Needs the viewer or operator role; an admin of some apps gets their queues only.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

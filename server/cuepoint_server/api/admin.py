@@ -25,9 +25,10 @@ from ..core.live import LiveSession
 from ..core.service import Core, VariantState
 from ..predict.model import OutcomeReport
 from ..reporting.funnel import Cohort, FeedbackSummary, FunnelQuery, FunnelRow, VariantRow, funnel_report
+from ..reporting.handling import HandlingFigures, HandlingQuery, handling_report
 from ..scenarios.compiler import CompiledScenario
 from .admin_roles import admin_apps, note
-from .convert import SCORE_STATUS, scores_to_proto, timestamp
+from .convert import SCORE_STATUS, duration, scores_to_proto, timestamp
 from .errors import abort
 
 __all__ = ["AdminServicer", "ScenarioStatus"]
@@ -337,6 +338,25 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             ]
         )
 
+    async def GetHandlingTimes(
+        self, request: admin_pb2.GetHandlingTimesRequest, context: Context
+    ) -> admin_pb2.GetHandlingTimesResponse:
+        query = HandlingQuery(
+            start=_seconds(request.start) if request.HasField("start") else None,
+            end=_seconds(request.end) if request.HasField("end") else None,
+            scenario_id=request.scenario_id,
+        )
+        if query.start is not None and query.end is not None and query.end < query.start:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "end: must not be before start")
+        apps = admin_apps()
+        routing = self.core.engine.scenarios.routing
+        # An admin of some apps: their queues only, and each associate's figures over those queues only.
+        keep = (lambda queue: routing.owner(queue) in apps) if apps else None
+        report = await handling_report(self.core.store.funnel_counts, query, keep)
+        return admin_pb2.GetHandlingTimesResponse(
+            queues=[_handling(f) for f in report.queues], associates=[_handling(f) for f in report.associates]
+        )
+
     async def GetModelReport(
         self, request: admin_pb2.GetModelReportRequest, context: Context
     ) -> admin_pb2.GetModelReportResponse:
@@ -351,6 +371,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             ],
             training=self.core.trainer is not None and self.core.trainer.training,
         )
+
+
+def _handling(f: HandlingFigures) -> admin_pb2.HandlingFigures:
+    return admin_pb2.HandlingFigures(
+        queue=f.queue,
+        associate_id=f.associate_id,
+        engagements=f.engagements,
+        average_handle=duration(f.average_handle),
+        median_handle=duration(f.median_handle),
+        average_wrap_up=duration(f.average_wrap_up),
+        median_wrap_up=duration(f.median_wrap_up),
+        awaiting_wrap_up=f.awaiting_wrap_up,
+        average_wait=duration(f.average_wait),
+    )
 
 
 def _owned(scenario: CompiledScenario) -> bool:

@@ -50,6 +50,7 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
     "ExportUser": frozenset({"privacy"}),
     "EraseUser": frozenset({"privacy"}),
     "ListAuditEntries": frozenset({"operator", "privacy"}),
+    "GetHandlingTimes": frozenset({"viewer", "operator"}),
 }
 _DEFAULT_ROLES = frozenset({"operator"})
 # Methods that act on every app at once: refused to an admin limited to some apps.

@@ -33,6 +33,7 @@ class WrapUp(Routing):
         if codes and disposition not in codes:
             raise InvalidInput("end.disposition", f"queue {engagement.queue!r} takes one of: {', '.join(codes)}")
         engagement.disposition, engagement.notes = disposition, notes[:4000]
+        engagement.wrapped_up_at = self.clock.now()
         if engagement.state == "ended":
             # The user left first; this is the associate's wrap-up.
             await self._persist(engagement, "engagement.wrapped_up")

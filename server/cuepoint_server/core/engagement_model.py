@@ -57,6 +57,8 @@ class Engagement:
     assigned_at: float | None = None
     ended_at: float | None = None
     ended_by: str = ""
+    # When the associate wrapped it up (handling-time reports); None until then.
+    wrapped_up_at: float | None = None
     disposition: str = ""
     notes: str = ""
     outcome: str = ""
@@ -138,6 +140,7 @@ class Engagement:
             ended_by=self.ended_by,
             callback_at=self.callback_at,
             callback_number=self.callback_number,
+            wrapped_up_at=self.wrapped_up_at,
         )
 
 

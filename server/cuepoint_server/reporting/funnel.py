@@ -257,6 +257,10 @@ async def funnel(fetch: Fetch, query: FunnelQuery) -> list[FunnelRow]:
     return rows
 
 
+# The storage aggregates a funnel reads (the desk's handling times are reporting/handling.py's).
+FUNNEL_KINDS = ("decisions", "cues", "sessions", "variants", "feedback", "desk_feedback")
+
+
 async def funnel_report(fetch: Fetch, query: FunnelQuery) -> tuple[list[FunnelRow], list[DeskFeedback]]:
     """The funnel rows, and the ratings of the same cues' engagements per queue and associate."""
     rows: dict[tuple[str, tuple[str, ...]], FunnelRow] = {}
@@ -270,7 +274,7 @@ async def funnel_report(fetch: Fetch, query: FunnelQuery) -> tuple[list[FunnelRo
             found = rows[key] = FunnelRow(scenario_id=key[0], group=key[1])
         return found
 
-    cut = FunnelSlice(query.start, query.end, query.scenario_id or "", query.group_by)
+    cut = FunnelSlice(query.start, query.end, query.scenario_id or "", query.group_by, FUNNEL_KINDS)
     for kind, found in await fetch(cut):
         if kind == "desk_feedback":
             desk.extend(DeskFeedback(str(v[0]), str(v[1]), _summary(v[2], v[3:])) for v in found)

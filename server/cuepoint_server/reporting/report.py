@@ -19,8 +19,18 @@ from ..scenarios.durations import parse_duration
 from ..storage.base import FunnelSlice
 from ..storage.sqlite import read_funnel_counts
 from .funnel import DIMENSIONS, Cohort, DeskFeedback, FeedbackSummary, FunnelQuery, FunnelRow, funnel_report
+from .handling import HandlingFigures, HandlingQuery, HandlingReport, handling_report
 
-__all__ = ["parse_group_by", "read_funnel", "render_json", "render_table", "since_to_start"]
+__all__ = [
+    "parse_group_by",
+    "read_funnel",
+    "read_handling",
+    "render_handling",
+    "render_json",
+    "render_table",
+    "run_handling",
+    "since_to_start",
+]
 
 _COUNTS = (
     "qualified", "blocked", "offered", "accepted", "declined", "dismissed", "ignored", "withdrawn", "pending",
@@ -169,4 +179,92 @@ def run(
         print(f"cuepoint report: cannot read {db}: {exc}", file=err)
         return 2
     (render_json if as_json else render_table)(rows, query, out, desk)
+    return 0
+
+
+# -- handling times (`cuepoint report --handling`) ----------------------------------------------------
+
+
+def read_handling(db: str | Path, query: HandlingQuery) -> HandlingReport:
+    """Handling times per queue and associate, from a database file (read-only)."""
+    path = Path(db)
+    if not path.is_file():
+        raise FileNotFoundError(f"no database at {path}")
+
+    async def fetch(cut: FunnelSlice) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        return read_funnel_counts(path, cut)
+
+    return asyncio.run(handling_report(fetch, query))
+
+
+def _figures_json(f: HandlingFigures) -> dict[str, Any]:
+    return {
+        "queue": f.queue,
+        "associate_id": f.associate_id,
+        "engagements": f.engagements,
+        "average_handle": round(f.average_handle, 3),
+        "median_handle": round(f.median_handle, 3),
+        "average_wrap_up": round(f.average_wrap_up, 3),
+        "median_wrap_up": round(f.median_wrap_up, 3),
+        "awaiting_wrap_up": f.awaiting_wrap_up,
+        "average_wait": round(f.average_wait, 3),
+    }
+
+
+def _clock(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 60}:{whole % 60:02d}"
+
+
+def render_handling(report: HandlingReport, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        doc = {
+            "queues": [_figures_json(f) for f in report.queues],
+            "associates": [_figures_json(f) for f in report.associates],
+        }
+        out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return
+    header = ("engagements", "handle avg", "handle median", "wrap-up avg", "wrap-up median", "awaiting", "wait avg")
+    for title, rows, key in (("queue", report.queues, "queue"), ("associate", report.associates, "associate_id")):
+        table = [(title, *header)] + [
+            (
+                getattr(f, key),
+                str(f.engagements),
+                _clock(f.average_handle),
+                _clock(f.median_handle),
+                _clock(f.average_wrap_up),
+                _clock(f.median_wrap_up),
+                str(f.awaiting_wrap_up),
+                _clock(f.average_wait),
+            )
+            for f in rows
+        ]
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        for r in table:
+            out.write(
+                "  ".join(
+                    c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+                ).rstrip()
+                + "\n"
+            )
+        out.write("\n")
+    out.write("times in minutes:seconds; handle: assignment to the end of the conversation; wrap-up: end to wrap-up\n")
+
+
+def run_handling(
+    db: str, since: str, until: str | None, scenario: str | None, as_json: bool, out: TextIO, err: TextIO
+) -> int:
+    now = time.time()
+    try:
+        start = since_to_start(since, now)
+        end = None if until is None else now - parse_duration(until)
+    except ValueError as exc:
+        print(f"cuepoint report: {exc}", file=err)
+        return 2
+    try:
+        report = read_handling(db, HandlingQuery(start=start, end=end, scenario_id=scenario or ""))
+    except (OSError, sqlite3.Error) as exc:
+        print(f"cuepoint report: cannot read {db}: {exc}", file=err)
+        return 2
+    render_handling(report, as_json, out)
     return 0

@@ -86,6 +86,8 @@ class FunnelSlice:
     end: float | None = None
     scenario_id: str = ""
     group_by: tuple[str, ...] = ()
+    # Only these aggregates (funnel_sql.py's kinds, e.g. "desk_handling"); empty: all of them.
+    kinds: tuple[str, ...] = ()
 
 
 @runtime_checkable

@@ -127,11 +127,21 @@ def funnel_queries(query: FunnelSlice) -> list[tuple[str, str, list[object]]]:
         FROM feedback AS f JOIN cues AS c ON c.cue_id = f.cue_id
         WHERE {c_where}
         GROUP BY 1, 2, 3"""
-    return [
+    # Engagements a person took that ended in the range, one row each (medians are taken in Python; bots'
+    # engagements are not anyone's handling time).
+    h_where, h_params = _range("e.ended_at", query, "e.scenario_id")
+    handling = f"""
+        SELECT e.queue, e.associate_id, e.channel, e.created_at, e.assigned_at, e.ended_at, e.wrapped_up_at
+        FROM engagements AS e
+        WHERE {h_where} AND e.assigned_at IS NOT NULL AND e.associate_id != '' AND e.associate_id NOT LIKE 'bot:%'
+        ORDER BY e.ended_at"""
+    queries = [
         ("decisions", decisions, d_params),
         ("cues", cues, c_params),
         ("sessions", sessions, q_params),
         ("variants", variants, c_params),
         ("feedback", feedback, c_params),
         ("desk_feedback", desk, c_params),
+        ("desk_handling", handling, h_params),
     ]
+    return [q for q in queries if not query.kinds or q[0] in query.kinds]

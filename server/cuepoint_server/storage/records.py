@@ -87,6 +87,8 @@ class EngagementRecord:
     # A callback the user chose (state "callback_requested" until then): queued again at this time.
     callback_at: float | None = None
     callback_number: str = ""
+    # When the associate wrapped it up: with the end, or later when the user left first; None: not yet.
+    wrapped_up_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
--- Cuepoint storage schema, version 10 (tracked in PRAGMA user_version by sqlite.py).
+-- Cuepoint storage schema, version 12 (tracked in PRAGMA user_version by sqlite.py).
 -- Never edit a released version in place: add a migration step that moves user_version forward.
 -- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
 -- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
@@ -79,9 +79,11 @@ CREATE TABLE IF NOT EXISTS engagements (
     priority      INTEGER NOT NULL DEFAULT 0,
     -- "", pending, achieved or not_achieved: did the scenario's success event follow?
     outcome       TEXT NOT NULL DEFAULT '',
+    -- wrapped_up_at: when the associate wrapped it up, with the end or later (the user left first), or NULL
     ended_by      TEXT NOT NULL DEFAULT '',
     callback_at     REAL,
-    callback_number TEXT NOT NULL DEFAULT ''
+    callback_number TEXT NOT NULL DEFAULT '',
+    wrapped_up_at   REAL
 );
 CREATE INDEX IF NOT EXISTS engagements_subject_created ON engagements (subject, created_at);
 

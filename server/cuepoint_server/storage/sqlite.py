@@ -48,7 +48,7 @@ from .records import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -177,6 +177,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE engagements ADD COLUMN callback_at REAL",
         "ALTER TABLE engagements ADD COLUMN callback_number TEXT NOT NULL DEFAULT ''",
     ),
+    # Version 12: when the associate wrapped an engagement up, for wrap-up times (reporting/handling.py).
+    12: ("ALTER TABLE engagements ADD COLUMN wrapped_up_at REAL",),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -194,7 +196,7 @@ _CUE_COLS = (
 _ENGAGEMENT_COLS = (
     "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
     "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context", "subject", "scenario_id",
-    "priority", "outcome", "ended_by", "callback_at", "callback_number",
+    "priority", "outcome", "ended_by", "callback_at", "callback_number", "wrapped_up_at",
 )  # fmt: skip
 _CHAT_COLS = ("message_id", "engagement_id", "sender", "text", "time")
 _TRANSFER_COLS = ("engagement_id", "time", "from_associate_id", "to_associate_id", "to_queue", "mode", "note")
@@ -407,6 +409,7 @@ def _engagement_row(r: EngagementRecord) -> Row:
         r.engagement_id, r.cue_id, r.app_id, r.device_id, r.session_id, r.queue, r.state, r.channel,
         r.created_at, r.assigned_at, r.ended_at, r.associate_id, r.disposition, r.notes, _dumps(r.context),
         r.subject, r.scenario_id, r.priority, r.outcome, r.ended_by, r.callback_at, r.callback_number,
+        r.wrapped_up_at,
     )  # fmt: skip
 
 
@@ -414,6 +417,7 @@ def _engagement_from(row: sqlite3.Row) -> EngagementRecord:
     return EngagementRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
         row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19], row[20], row[21],
+        row[22],
     )  # fmt: skip
 
 
