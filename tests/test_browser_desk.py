@@ -142,6 +142,11 @@ async def test_fitkit_story_in_the_browser(start_server: StartServer) -> None:
         await expect(funnel.locator("[data-step=resolved] .n")).to_have_text("1")
         await expect(funnel.locator("[data-step=accepted] .n")).to_have_text("1")
         await expect(console.locator("#sessions")).to_contain_text("fitkit-iphone-7f3a")
+        # Handling times: Dana's engagement, in its queue, wrapped up as it ended.
+        handled = console.locator("#handling-associates tr[data-key=dana]")
+        await expect(handled.locator("td").nth(0)).to_have_text("1")
+        await expect(handled.locator("td").nth(5)).to_have_text("0")
+        await expect(console.locator("#handling-queues tr[data-key=fitkit-support] td").nth(0)).to_have_text("1")
         await screenshot(console, "console-1920")
         await console.set_viewport_size({"width": 1280, "height": 1000})
         await screenshot(console, "console-1280")

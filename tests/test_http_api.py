@@ -231,6 +231,20 @@ async def test_decline_with_a_reason_then_wrap_up_with_a_queue_code(start_server
             assert (await next_event(fay, "ended"))["disposition"] == "escalated"
             await phone.close()
 
+    # The console's handling times count it: Fay's, in its queue, wrapped up with its end.
+    await server.core.drain()
+    async with client() as admin_http:
+        await sign_in(admin_http, server, "/api/console/session", token=ADMIN)
+        async with admin_http.get(f"{server.http_url}/api/console/handling?since=all") as response:
+            assert response.status == 200
+            handling = await response.json()
+    assert [(q["queue"], q["engagements"], q["awaiting_wrap_up"]) for q in handling["queues"]] == [
+        ("fitkit-support", 1, 0)
+    ]
+    assert [(a["associate_id"], a["engagements"], a["average_wrap_up"]) for a in handling["associates"]] == [
+        ("fay", 1, 0.0)
+    ]
+
 
 async def test_bad_input_gets_a_clear_error_and_the_server_stays_up(start_server: StartServer) -> None:
     server = await start(start_server)

@@ -18,6 +18,7 @@ from ..core.audit import AuditTrail
 from ..core.errors import InvalidInput, PermissionDenied
 from ..core.service import Core, VariantState
 from ..reporting.funnel import FunnelQuery, funnel, lift_interval
+from ..reporting.handling import HandlingFigures, HandlingQuery, handling_report
 from ..reporting.report import parse_group_by, since_to_start
 from ..scenarios.loader import ScenarioError, load_text
 from ..simulate import TraceError, parse_trace, render_text, simulate
@@ -62,6 +63,7 @@ class Console:
             web.get("/api/console/ws", self.socket),
             web.get("/api/console/live", self.live),
             web.get("/api/console/funnel", self.funnel),
+            web.get("/api/console/handling", self.handling),
             web.get("/api/console/scenarios", self.scenarios),
             web.post("/api/console/scenarios/{scenario_id}/enabled", self.set_enabled),
             web.post("/api/console/scenarios/{scenario_id}/variants/{variant_id}/stopped", self.set_variant_stopped),
@@ -128,6 +130,37 @@ class Console:
             item["lift"] = None if lift is None else {"difference": lift[0], "low": lift[1], "high": lift[2]}
             out.append(item)
         return web.json_response({"group_by": list(query.group_by), "start": start, "rows": out})
+
+    async def handling(self, request: web.Request) -> web.Response:
+        """Handling times per queue and associate over the period (AdminService.GetHandlingTimes' figures)."""
+        session = self.guard.session(request, "admin")
+        await self._require(session, "console.handling", frozenset({"viewer", "operator"}))
+        try:
+            start = since_to_start(request.query.get("since", "all"), self.core.clock.now())
+        except ValueError as exc:
+            raise InvalidInput("since", f"a duration such as 24h or 7d, or 'all' ({exc})") from None
+        report = await handling_report(self.core.store.funnel_counts, HandlingQuery(start=start))
+
+        def figures(f: HandlingFigures) -> dict[str, Any]:
+            return {
+                "queue": f.queue,
+                "associate_id": f.associate_id,
+                "engagements": f.engagements,
+                "average_handle": f.average_handle,
+                "median_handle": f.median_handle,
+                "average_wrap_up": f.average_wrap_up,
+                "median_wrap_up": f.median_wrap_up,
+                "awaiting_wrap_up": f.awaiting_wrap_up,
+                "average_wait": f.average_wait,
+            }
+
+        return web.json_response(
+            {
+                "start": start,
+                "queues": [figures(f) for f in report.queues],
+                "associates": [figures(f) for f in report.associates],
+            }
+        )
 
     async def scenarios(self, request: web.Request) -> web.Response:
         self.guard.session(request, "admin")

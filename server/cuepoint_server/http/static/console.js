@@ -49,6 +49,7 @@
       $("link-state").className = "badge " + (state === "open" ? "ok" : "warn");
     });
     loadFunnels();
+    loadHandling();
     loadScenarios();
     setInterval(loadFunnels, 10000);
   }
@@ -216,7 +217,38 @@
     return el("p", { class: "feedback" }, "Feedback: ", el("strong", { text: parts.join(" · ") }));
   }
 
+  // -- handling times -----------------------------------------------------------------------------------
+
+  function clock(seconds) {
+    const whole = Math.round(seconds);
+    return Math.floor(whole / 60) + ":" + String(whole % 60).padStart(2, "0");
+  }
+
+  async function loadHandling() {
+    $("handling-error").textContent = "";
+    let data;
+    try { data = await api("GET", "/api/console/handling?" + new URLSearchParams({ since: $("period").value })); }
+    catch (e) { $("handling-error").textContent = e.message; return; }
+    for (const [id, rows, key] of [["handling-queues", data.queues, "queue"], ["handling-associates", data.associates, "associate_id"]]) {
+      const body = clear($(id));
+      if (!rows.length) body.append(el("tr", {}, el("td", { colspan: "8", class: "muted", text: "No engagements ended in this period." })));
+      for (const f of rows) {
+        body.append(el("tr", { "data-key": f[key] },
+          el("th", { scope: "row", text: f[key] }),
+          el("td", { text: String(f.engagements) }),
+          el("td", { text: clock(f.average_handle) }),
+          el("td", { text: clock(f.median_handle) }),
+          el("td", { text: clock(f.average_wrap_up) }),
+          el("td", { text: clock(f.median_wrap_up) }),
+          el("td", { text: String(f.awaiting_wrap_up) }),
+          el("td", { text: clock(f.average_wait) })));
+      }
+    }
+  }
+
   $("funnel-refresh").addEventListener("click", loadFunnels);
+  $("funnel-refresh").addEventListener("click", loadHandling);
+  $("period").addEventListener("change", loadHandling);
   $("period").addEventListener("change", loadFunnels);
   $("group-by").addEventListener("change", loadFunnels);
 
