@@ -5,6 +5,8 @@ Real server on port 0, real SDK (devices and associates) over gRPC.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import cuepoint
@@ -140,6 +142,39 @@ async def test_three_chats_or_one_call_routing_honours_each_channel(start_server
     on_call = await ann.next_engagement(timeout=5)
     assert (on_call.engagement_id, on_call.channel) == (call[1].engagement_id, cuepoint.Channel.AUDIO)
     for c in (*(c for c, _ in chats), call[0], ann):
+        await c.close()
+
+
+UPGRADABLE = """
+scenarios:
+  - id: chat-help
+    trigger: {event: chat_help}
+    cue: {message: "Chat with us?", channel: chat, upgrades: [audio], queue: support, ttl: 10m}
+"""
+
+
+async def test_a_chat_upgraded_to_a_call_counts_as_a_call(start_server: StartServer) -> None:
+    server = await start_server(UPGRADABLE)
+    ann = await cuepoint.connect_associate(
+        server.address,
+        associate_id="ann",
+        queues=["support"],
+        channel_capacity={cuepoint.Channel.CHAT: 3, cuepoint.Channel.AUDIO: 1},
+    )
+    first_client, first = await ask(server, 0, "chat_help")
+    taken = await ann.next_engagement(timeout=5)
+    requested = asyncio.ensure_future(ann.request_upgrade(taken, cuepoint.Channel.AUDIO, timeout=5))
+    async with asyncio.timeout(5):
+        request = await anext(aiter(first.upgrade_requests()))
+    await first.respond_upgrade(request, True)
+    assert (await requested).accepted
+    # On a call now: another chat waits, though two chat slots look free.
+    second_client, second = await ask(server, 1, "chat_help")
+    with pytest.raises(cuepoint.TimedOut):
+        await ann.next_engagement(timeout=0.3)
+    await ann.end(taken, disposition="resolved")
+    assert (await ann.next_engagement(timeout=5)).engagement_id == second.engagement_id
+    for c in (first_client, second_client, ann):
         await c.close()
 
 

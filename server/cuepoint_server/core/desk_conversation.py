@@ -112,6 +112,10 @@ class Conversation(DeskBase):
         previous = engagement.channel
         if accepted:
             engagement.channel = channel
+            # Whoever holds it now holds an engagement of the new channel (capacity per channel counts it so).
+            for holder in engagement.associates():
+                if engagement.engagement_id in holder.held:
+                    holder.held[engagement.engagement_id] = (channel, holder.held[engagement.engagement_id][1])
             self._save(engagement)
         self._spawn(
             self.store.save_channel_change(
