@@ -70,6 +70,7 @@
       card("inactive", live.counts.inactive, "count-inactive"),
       card("pending cues", live.pending_cues, "count-pending"),
       card("waiting engagements", live.queues.reduce((n, q) => n + q.waiting, 0), "count-waiting"),
+      card("callbacks scheduled", (live.callbacks || []).filter((c) => c.state === "callback_requested").length, "count-callbacks"),
     );
     const segments = {};
     for (const s of live.sessions) for (const name of s.segments) segments[name] = (segments[name] || 0) + 1;

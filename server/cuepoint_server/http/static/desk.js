@@ -2,7 +2,7 @@
 "use strict";
 
 (() => {
-  const { api, el, clear, time, show, announce } = Cuepoint;
+  const { api, el, clear, time, dateTime, show, announce } = Cuepoint;
   const $ = (id) => document.getElementById(id);
   const CHANNEL_NAMES = { audio: "Audio", screen_share: "Screen share", chat: "Chat", video: "Video" };
 
@@ -115,6 +115,7 @@
     const ctx = e.context.context || {};
     offer = { engagement: e, deadline: Date.now() + msg.timeout * 1000 };
     const body = clear($("notice-body"));
+    if (e.kind === "callback") body.append(callbackBadge(e), " ");
     body.append(
       el("strong", { text: e.context.cue.title || e.context.trigger.scenario_name || e.context.cue.scenario_id }), " — ",
       "“" + e.context.cue.message + "” · ",
@@ -124,7 +125,8 @@
     tick();
     clearInterval(countdownTimer);
     countdownTimer = setInterval(tick, 250);
-    announce("Incoming engagement from queue " + e.queue + ". Accept or decline.");
+    const what = e.kind === "callback" ? "Callback to make" : "Incoming engagement";
+    announce(what + " from queue " + e.queue + ". Accept or decline.");
     $("accept").focus();
   }
 
@@ -162,6 +164,12 @@
     dl.append(el("dt", { text: name }), el("dd", attrs || {}, value === undefined || value === null || value === "" ? "—" : value));
   }
 
+  // A callback the user chose: the associate phones them (the user is not waiting in the app).
+  function callbackBadge(e) {
+    const number = e.callback_number ? " · call " + e.callback_number : "";
+    return el("span", { class: "badge warn", "data-field": "callback", text: "Callback, asked for " + dateTime(e.callback_at) + number });
+  }
+
   function showEngagement(e) {
     current = e;
     $("last-wrap").textContent = "";
@@ -193,6 +201,7 @@
     fact(why, "Cue", "“" + c.cue.message + "” by " + (CHANNEL_NAMES[c.cue.channel] || c.cue.channel));
     fact(why, "Priority", "scenario " + t.priority + " · engagement " + (c.priority || 0));
     fact(why, "Queue", e.queue + (t.queue && t.queue !== e.queue ? " (routed from " + t.queue + ")" : ""));
+    if (e.kind === "callback") fact(why, "Kind", callbackBadge(e));
     for (const [outcome, score] of Object.entries(c.scores || t.scores || {})) {
       const p = typeof score.probability === "number" ? (score.probability * 100).toFixed(0) + "%" : "—";
       fact(why, "Score: " + outcome, p + (score.status ? " (" + score.status + ")" : ""));
