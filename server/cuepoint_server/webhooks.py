@@ -111,6 +111,9 @@ class WebhookDispatcher:
         self._task: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self._deliveries: dict[str, asyncio.Task[None]] = {}
+        # Deliveries whose attempt ended while the outbox was being read (_deliver_due).
+        self._reading = False
+        self._ended_during_read: set[str] = set()
         self.delivered = 0
         self.failed = 0
 
@@ -171,9 +174,19 @@ class WebhookDispatcher:
         room = _CONCURRENCY - len(self._deliveries)
         if room <= 0:
             return
-        for rec in await self._store.due_webhooks(self._now(), limit=room + len(self._deliveries)):
-            if rec.delivery_id in self._deliveries or len(self._deliveries) >= _CONCURRENCY:
+        # An attempt that ends while the read is in flight may be in what it returns, as it was before its
+        # row was deleted (delivered) or moved on (retry later): not started again from this read.
+        self._ended_during_read = set()
+        self._reading = True
+        try:
+            due = await self._store.due_webhooks(self._now(), limit=room + len(self._deliveries))
+        finally:
+            self._reading = False
+        for rec in due:
+            if rec.delivery_id in self._deliveries or rec.delivery_id in self._ended_during_read:
                 continue
+            if len(self._deliveries) >= _CONCURRENCY:
+                break
             self._start(rec, stored=True)
 
     def _start(self, rec: WebhookRecord, *, stored: bool) -> None:
@@ -184,6 +197,8 @@ class WebhookDispatcher:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._deliveries.pop(task.get_name(), None)
+        if self._reading:
+            self._ended_during_read.add(task.get_name())
         self._wake.set()
 
     async def _from_memory(self, rec: WebhookRecord) -> None:
