@@ -387,6 +387,13 @@ async def test_an_associate_cannot_end_someone_elses_engagement(start_server: St
     await ask_for_help(client)
     assigned = await dana.next_engagement(timeout=5)
 
+    async def stored_assigned() -> bool:
+        stored = await server.store.get_engagement(assigned.engagement_id)
+        return stored is not None and stored.state == "assigned"
+
+    # Stored in the background: on file before Mallory tries, so "unchanged" below means something.
+    await eventually(stored_assigned)
+
     async def mallory() -> object:
         yield associate_pb2.AssociateMessage(sign_in=associate_pb2.SignIn(associate_id="mallory", queues=["other"]))
         yield associate_pb2.AssociateMessage(
@@ -403,7 +410,6 @@ async def test_an_associate_cannot_end_someone_elses_engagement(start_server: St
             raise AssertionError("the stream should have been refused")
         except grpc.aio.AioRpcError as exc:
             assert exc.code() is grpc.StatusCode.PERMISSION_DENIED
-    stored = await server.store.get_engagement(assigned.engagement_id)
-    assert stored is not None and stored.state == "assigned"
+    assert await stored_assigned()
     await client.close()
     await dana.close()
