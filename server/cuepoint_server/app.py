@@ -36,7 +36,8 @@ from .engine.scenario_set import ScenarioSet
 from .http import HttpServer
 from .metrics import Metrics
 from .scenarios.reloader import ReloadResult, ScenarioReloader, ScenarioVersion
-from .storage import SqliteStore
+from .storage import PostgresStore, SqliteStore
+from .storage.postgres import is_postgres_url
 from .webhooks import WebhookConfig, WebhookDispatcher
 
 __all__ = ["CuepointServer", "PortUnavailable", "ServerConfig"]
@@ -56,6 +57,8 @@ class ServerConfig:
     # 0 picks a free port; CuepointServer.port tells which.
     port: int = 50051
     db: str = "cuepoint.db"
+    # A postgresql:// URL: state in PostgreSQL (several replicas may share it) instead of the SQLite file `db`.
+    database: str = ""
     scenarios: str | None = None
     max_message_bytes: int = 4 * 1024 * 1024
     # Seconds in-flight streams get to finish on shutdown.
@@ -90,7 +93,9 @@ class ServerConfig:
 
 
 class CuepointServer:
-    def __init__(self, config: ServerConfig, store: SqliteStore, core: Core, server: grpc.aio.Server, port: int):
+    def __init__(
+        self, config: ServerConfig, store: SqliteStore | PostgresStore, core: Core, server: grpc.aio.Server, port: int
+    ):
         self.config = config
         self.store = store
         self.core = core
@@ -127,9 +132,15 @@ class CuepointServer:
         # open the database or bind the port.
         scenarios = ScenarioSet.load(config.scenarios) if config.scenarios else ScenarioSet.empty()
         tls = _tls_credentials(config)
-        if config.db != ":memory:":
-            Path(config.db).parent.mkdir(parents=True, exist_ok=True)
-        store = await SqliteStore.open(config.db)
+        store: SqliteStore | PostgresStore
+        if config.database:
+            if not is_postgres_url(config.database):
+                raise ValueError(f"--database must be a postgresql:// URL, not {config.database!r}")
+            store = await PostgresStore.open(config.database)
+        else:
+            if config.db != ":memory:":
+                Path(config.db).parent.mkdir(parents=True, exist_ok=True)
+            store = await SqliteStore.open(config.db)
         core_config = dataclasses.replace(
             config.core,
             enforce_device_secrets=config.auth is not None,

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+_PG_HELP = "PostgreSQL URL (postgresql://USER@HOST/DB) instead of the SQLite --db"
+
 
 def _serve(args: argparse.Namespace) -> int:
     from .api.auth import AuthConfig, AuthConfigError
@@ -53,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             db=args.db,
+            database=args.database,
             scenarios=args.scenarios,
             watch_scenarios=args.watch,
             auth=auth,
@@ -238,22 +241,26 @@ def _report(args: argparse.Namespace) -> int:
     if args.handling:
         return run_handling(args.db, args.since, args.until, args.scenario, args.json, sys.stdout, sys.stderr)
 
-    return run(args.db, args.since, args.until, args.scenario, args.by, args.json, sys.stdout, sys.stderr)
+    location = args.database or args.db
+    return run(location, args.since, args.until, args.scenario, args.by, args.json, sys.stdout, sys.stderr)
 
 
 def _model_report(args: argparse.Namespace) -> int:
     from .predict.report import run
 
-    return run(args.db, args.top, args.json, sys.stdout)
+    return run(args.database or args.db, args.top, args.json, sys.stdout)
 
 
 def _forget_device(args: argparse.Namespace) -> int:
-    from .storage import SqliteStore
+    from .storage.opening import open_store
 
     async def run() -> bool:
         # The server reads credentials from the database at every Hello, so this works beside a running server.
-        async with await SqliteStore.open(args.db) as store:
+        store = await open_store(args.database or args.db)
+        try:
             return await store.forget_device_credential(args.device_id)
+        finally:
+            await store.close()
 
     forgotten = asyncio.run(run())
     print(
@@ -267,15 +274,18 @@ def _audit(args: argparse.Namespace) -> int:
     import json
     from datetime import UTC, datetime
 
-    from .storage import SqliteStore
+    from .storage.opening import open_store
 
-    if not Path(args.db).is_file():
+    if not args.database and not Path(args.db).is_file():
         print(f"cannot read audit trail: no database at {args.db}", file=sys.stderr)
         return 2
 
     async def run() -> list[AuditRecord]:
-        async with await SqliteStore.open(args.db) as store:
+        store = await open_store(args.database or args.db)
+        try:
             return await store.audit_entries(actor=args.actor, action=args.action, limit=args.limit)
+        finally:
+            await store.close()
 
     for rec in asyncio.run(run()):
         when = datetime.fromtimestamp(rec.time, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -306,7 +316,11 @@ def _audit(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return asyncio.run(run_demo(args.scenarios, args.db, http_port=args.http_port, keep_running=args.keep_running))
+    return asyncio.run(
+        run_demo(
+            args.scenarios, args.db, http_port=args.http_port, keep_running=args.keep_running, database=args.database
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--scenarios", default="scenarios", help="folder of scenario files")
     serve.add_argument("--db", default="cuepoint.db", help="SQLite database path")
+    serve.add_argument(
+        "--database",
+        default="",
+        metavar="URL",
+        help="PostgreSQL URL (postgresql://USER@HOST/DB): state shared by any number of replicas, instead of --db",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--log-level", default="info")
@@ -437,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = sub.add_parser("report", help="funnel per scenario, read from a server's SQLite database")
     report.add_argument("--db", default="cuepoint.db", help="SQLite database path (opened read-only)")
+    report.add_argument("--database", default="", metavar="URL", help=_PG_HELP)
     report.add_argument("--since", default="7d", help="how far back: a duration (7d, 12h, 30m) or 'all'")
     report.add_argument("--until", default=None, help="end this long ago (a duration); default: no end")
     report.add_argument("--scenario", default=None, help="one scenario id")
@@ -455,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         "report", help="per outcome: labelled sessions, base rate, AUC, calibration per decile, top features"
     )
     model_report.add_argument("--db", default="cuepoint.db", help="SQLite database path")
+    model_report.add_argument("--database", default="", metavar="URL", help=_PG_HELP)
     model_report.add_argument("--top", type=int, default=10, help="features to list per outcome (default 10)")
     model_report.add_argument("--json", action="store_true", help="one JSON document instead of text")
     model_report.set_defaults(func=_model_report)
@@ -464,10 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     forget.add_argument("device_id")
     forget.add_argument("--db", default="cuepoint.db", help="SQLite database path")
+    forget.add_argument("--database", default="", metavar="URL", help=_PG_HELP)
     forget.set_defaults(func=_forget_device)
 
     audit = sub.add_parser("audit", help="the admin audit trail, newest first, read from a server's database")
     audit.add_argument("--db", default="cuepoint.db", help="SQLite database path")
+    audit.add_argument("--database", default="", metavar="URL", help=_PG_HELP)
     audit.add_argument("--actor", default="", help="only this actor, e.g. admin:ops")
     audit.add_argument("--action", default="", help="only this action, e.g. EraseUser or scenarios.reload")
     audit.add_argument("--limit", type=int, default=100, help="at most this many entries")
@@ -477,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="end-to-end demo: server, simulated phone and associate")
     demo.add_argument("--scenarios", default="scenarios")
     demo.add_argument("--db", default=None, help="database path (default: a temporary file)")
+    demo.add_argument("--database", default="", metavar="URL", help=_PG_HELP)
     demo.add_argument("--http-port", type=int, default=0, help="port of the desk and console (default: a free one)")
     demo.add_argument(
         "--keep-running", action="store_true", help="after the story, leave the server up for the desk and console"

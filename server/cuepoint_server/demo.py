@@ -73,12 +73,16 @@ class _Tokens:
         )
 
 
-async def run_demo(scenarios: str, db: str | None = None, *, http_port: int = 0, keep_running: bool = False) -> int:
+async def run_demo(
+    scenarios: str, db: str | None = None, *, http_port: int = 0, keep_running: bool = False, database: str = ""
+) -> int:
     configure_logging("warning", json=False)
     tokens = _Tokens()
     with tempfile.TemporaryDirectory() as tmp:
         path = db or str(Path(tmp) / "cuepoint-demo.db")
-        config = ServerConfig(port=0, db=path, scenarios=scenarios, auth=tokens.config(), http_port=http_port)
+        config = ServerConfig(
+            port=0, db=path, database=database, scenarios=scenarios, auth=tokens.config(), http_port=http_port
+        )
         server = await CuepointServer.start(config)
         try:
             _addresses(server, tokens)
@@ -107,7 +111,8 @@ async def _until_stopped() -> None:
 
 async def _story(server: CuepointServer, tokens: _Tokens) -> int:
     loaded = server.core.engine.scenarios.scenarios
-    _say("server", f"listening on {server.address}, SQLite at {server.config.db}, {len(loaded)} scenarios:")
+    where = "PostgreSQL" if server.config.database else f"SQLite at {server.config.db}"
+    _say("server", f"listening on {server.address}, {where}, {len(loaded)} scenarios:")
     for s in loaded:
         _say("server", f"  - {s.id} (priority {s.priority}) from {s.file}")
 

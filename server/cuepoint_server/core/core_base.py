@@ -17,7 +17,16 @@ from ..clock import Clock, TimerHandle
 from ..engine.arbiter import Arbiter
 from ..engine.engine import Engine
 from ..engine.state import DeviceState
-from ..storage import CueRecord, DecisionRecord, SessionRecord, SignalRecord, Store, WebhookRecord
+from ..storage import (
+    CueRecord,
+    DecisionRecord,
+    OfferCommit,
+    OfferGuard,
+    SessionRecord,
+    SignalRecord,
+    Store,
+    WebhookRecord,
+)
 from .consent import shared
 from .engagements import DeskConfig, EngagementDesk
 from .model import CueOffer, SessionFailed
@@ -150,12 +159,16 @@ class CoreBase:
         if session.unit is unit:
             session.unit = None
 
-    def _stage_offer(self, session: DeviceSession, record: CueRecord, offer: CueOffer) -> None:
+    def _stage_offer(
+        self, session: DeviceSession, record: CueRecord, offer: CueOffer, guard: OfferGuard | None = None
+    ) -> None:
         unit = session.unit
         if unit is None or unit.sealed:
             unit = Unit()
             self._track(session, self._commit_unit(session, unit))
         unit.work.cues.append(record)
+        if guard is not None:
+            unit.work.guards.append(guard)
         unit.shown.append(offer)
 
     def _stage_decision(self, session: DeviceSession, record: DecisionRecord) -> None:
@@ -181,9 +194,10 @@ class CoreBase:
                 if record.explanation.get("pending_push"):
                     # Offered while the device is away: the app's push service is asked to bring it back.
                     work.webhooks.extend(self.webhook_rows("cue.pending_push", pending_push(record)))
+        refused: dict[str, tuple[str, str]] = {}
         try:
             if work.cues or work.decisions or work.milestones or work.statuses:
-                skipped = await self.store.commit_offer(work)
+                skipped, refused = await self.store.commit_offer(work)
             elif work.signals:
                 # Plain signal batches stay on the writer's merged append path (the hot one).
                 skipped = await self.store.append_signals(work.signals)
@@ -199,12 +213,17 @@ class CoreBase:
                         pending.expiry.cancel()
             session.send(SessionFailed("could not store signals; resend them"))
             return None
+        if refused:
+            await self._refused(session, work, refused)
         for message in unit.shown:
-            session.send(message)
+            if not (isinstance(message, CueOffer) and message.cue_id in refused):
+                session.send(message)
         if work.webhooks:
             for wake in self.outbox_wakeups:
                 wake()
         for record in work.cues:
+            if record.cue_id in refused:
+                continue
             self._emit_cue("cue.offered", _offered(record))
             if record.explanation.get("pending_push"):
                 self._emit_cue("cue.pending_push", pending_push(record))
@@ -243,6 +262,32 @@ class CoreBase:
         await self.store.enqueue_webhooks(rows)
         for wake in self.outbox_wakeups:
             wake()
+
+    async def _refused(self, session: DeviceSession, work: OfferCommit, refused: dict[str, tuple[str, str]]) -> None:
+        """Storage refused cues: another replica offered to the same user meanwhile (caps, cooldown, min_gap,
+        decline memory). The cue is never shown; the subject's memory is read again from storage, so the next
+        decisions here see what the other replica did."""
+        for record in work.cues:
+            if record.cue_id not in refused:
+                continue
+            log.info(
+                "cue.refused_by_store",
+                device_id=record.device_id,
+                cue_id=record.cue_id,
+                reason=refused[record.cue_id][0],
+            )
+            pending = self._reg.pending.get(record.device_id)
+            if pending is not None and pending.offer.cue_id == record.cue_id:
+                del self._reg.pending[record.device_id]
+                pending.release()
+                if pending.expiry is not None:
+                    pending.expiry.cancel()
+            self.arbiter.forget(record.subject)
+            self._restored.discard(record.subject)
+            await self._restore_memory(record.subject)
+
+    async def _restore_memory(self, subject: str) -> None:
+        raise NotImplementedError  # core/recovery.py
 
     def _emit_cue(self, kind: str, payload: dict[str, Any]) -> None:
         """A cue's lifecycle event (cue.offered / answered / withdrawn), once what it reports is stored."""

@@ -13,11 +13,11 @@ from typing import Any
 
 import structlog
 
-from ..engine.arbiter import INVITATION, Blocked, Decision, Situation
+from ..engine.arbiter import DAY, INVITATION, Blocked, Decision, Situation
 from ..engine.scenario_set import ScenarioSet
 from ..predict.registry import describe_scores
 from ..scenarios.compiler import CompiledScenario
-from ..storage import CueRecord, DecisionRecord
+from ..storage import CueRecord, DecisionRecord, OfferGuard
 from .consent import Redactor
 from .errors import InvalidInput
 from .explain import ScenarioCheck, check_scenarios
@@ -143,6 +143,18 @@ class Evaluation(Scoring):
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
         self._reg.pending[session.device_id] = pending
         self.arbiter.remember_offer(session.subject, scenario.id, now, session.session_id)
+        # Checked again in the commit, against what every replica stored for the subject (OfferGuard).
+        policy = self.engine.scenarios.policy
+        situation = Situation(
+            subject=session.subject, session_id=session.session_id, state=state, now=now, policy=policy
+        )
+        guard = OfferGuard(
+            cue_id=offer.cue_id,
+            subject=session.subject,
+            session_id=session.session_id,
+            since=now - max(DAY, scenario.cooldown, policy.min_gap),
+            check=lambda history: self.arbiter.recheck(scenario, situation, history),
+        )
         # Shown only once the cue, its decisions and the signals that fired it are committed (Unit).
         self._stage_offer(
             session,
@@ -164,6 +176,7 @@ class Evaluation(Scoring):
                 locale=offer.locale,
             ),
             offer,
+            guard,
         )
         log.info("cue.offered", device_id=session.device_id, scenario_id=scenario.id, cue_id=offer.cue_id)
         for observer in self.observers:

@@ -129,6 +129,8 @@ class Ingest(Recovery, Identity):
         if session.subject != subject:
             if subject.startswith("user:"):
                 self.arbiter.merge(session.subject, subject)
+                # Stored too, so the user's decisions on any replica (and after a restart) count these cues.
+                self._track(session, self.store.merge_subject(session.subject, subject))
             session.subject = subject
             self._track(session, self._restore_memory(subject))
         self._track(session, self.store.save_session(session_record(session, user_id, session.started_at)))

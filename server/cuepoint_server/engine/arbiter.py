@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from ..scenarios.compiler import CompiledScenario
 from ..scenarios.durations import format_duration
 from ..scenarios.model import CapsSpec, PolicySpec
+from ..storage.records import CueRecord
 from .holdout import in_holdout
 from .state import DeviceState
 
@@ -90,7 +91,11 @@ class Arbiter:
 
     def remember_offer(self, subject: str, scenario_id: str, at: float, session_id: str = "") -> None:
         offers = self._of(subject).offers
-        offers.append(_Offer(at, scenario_id, session_id))
+        offer = _Offer(at, scenario_id, session_id)
+        if offers and offers[-1].at >= at and offer in offers:
+            # Already known: replayed from storage after an identity merge re-filed the device's cues.
+            return
+        offers.append(offer)
         if len(offers) > 1 and offers[-2].at > at:
             # Restored history may arrive out of order; keep it sorted.
             ordered = sorted(offers, key=lambda o: o.at)
@@ -119,6 +124,22 @@ class Arbiter:
                 memory.declines[scenario_id] = (at, session_id)
         memory.engaged_sessions |= old.engaged_sessions
 
+    def recheck(self, scenario: CompiledScenario, s: Situation, history: Sequence[CueRecord]) -> tuple[str, str] | None:
+        """Why an offer decided from this process's memory must not stand, judged on the subject's stored cues.
+
+        Another replica may have offered to the same user meanwhile (storage/base.py, OfferGuard): the rules
+        that follow the user (decline memory, after_engagement, cooldown, min_gap, caps) are applied again
+        to what is stored. What is local to this device (busy, schedule, capacity, holdout) is not.
+        """
+        memory = _Memory()
+        for cue in history:
+            memory.offers.append(_Offer(cue.created_at, cue.scenario_id, cue.session_id))
+            if cue.status == "declined":
+                memory.declines[cue.scenario_id] = (cue.responded_at or cue.created_at, cue.session_id)
+            elif cue.status == "accepted":
+                memory.engaged_sessions.add(cue.session_id)
+        return self._memory_block(scenario, s, memory) or self._gap_and_caps(s, memory)
+
     def decide(self, qualified: Sequence[CompiledScenario], situation: Situation) -> Decision:
         decision = Decision()
         memory = self._of(situation.subject)
@@ -144,6 +165,10 @@ class Arbiter:
             return ("paused", "offers are switched off")
         if scenario.schedule is not None and not scenario.schedule.is_open(s.now, s.state.context):
             return ("schedule", f"outside its {scenario.schedule.describe()}")
+        return self._memory_block(scenario, s, memory)
+
+    def _memory_block(self, scenario: CompiledScenario, s: Situation, memory: _Memory) -> tuple[str, str] | None:
+        """A scenario's own rules that follow the subject: decline memory, after_engagement, cooldown, caps."""
         declined = memory.declines.get(scenario.id)
         if declined is not None:
             at, session_id = declined
@@ -195,6 +220,9 @@ class Arbiter:
         """The policy every offer faces, whoever makes it: one thing at a time, min_gap, caps across scenarios."""
         if s.busy is not None:
             return (s.busy, "")
+        return self._gap_and_caps(s, memory)
+
+    def _gap_and_caps(self, s: Situation, memory: _Memory) -> tuple[str, str] | None:
         if memory.offers and s.now - memory.offers[-1].at < s.policy.min_gap:
             return (
                 "min_gap",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TextIO
 
-from ..storage import SqliteStore
+from ..storage.opening import open_store
 from .model import OutcomeModel, OutcomeReport
 
 __all__ = ["format_reports", "run", "stored_reports"]
@@ -16,8 +16,11 @@ __all__ = ["format_reports", "run", "stored_reports"]
 
 async def stored_reports(db: str, top: int = 10) -> list[OutcomeReport]:
     """The saved model states in a database, as reports (what the trainer saved last)."""
-    async with await SqliteStore.open(db) as store:
+    store = await open_store(db)  # a SQLite path or a postgresql:// URL
+    try:
         records = await store.models()
+    finally:
+        await store.close()
     return [OutcomeModel.from_state(r.state).report(top=top, version=r.version) for r in records]
 
 

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from ..scenarios.durations import parse_duration
 from ..storage.base import FunnelSlice
+from ..storage.postgres import PostgresStore, is_postgres_url
 from ..storage.sqlite import read_funnel_counts
 from .funnel import DIMENSIONS, Cohort, DeskFeedback, FeedbackSummary, FunnelQuery, FunnelRow, funnel_report
 from .handling import HandlingFigures, HandlingQuery, HandlingReport, handling_report
@@ -58,7 +59,9 @@ def read_funnel(db: str | Path, query: FunnelQuery) -> list[FunnelRow]:
 
 
 def read_funnel_report(db: str | Path, query: FunnelQuery) -> tuple[list[FunnelRow], list[DeskFeedback]]:
-    """The funnel rows and the ratings per queue and associate, from a database file."""
+    """The funnel rows and the ratings per queue and associate, from a database file or a postgresql:// URL."""
+    if is_postgres_url(str(db)):
+        return asyncio.run(_read_postgres(str(db), query))
     path = Path(db)
     if not path.is_file():
         raise FileNotFoundError(f"no database at {path}")
@@ -67,6 +70,14 @@ def read_funnel_report(db: str | Path, query: FunnelQuery) -> tuple[list[FunnelR
         return read_funnel_counts(path, cut)
 
     return asyncio.run(funnel_report(fetch, query))
+
+
+async def _read_postgres(url: str, query: FunnelQuery) -> tuple[list[FunnelRow], list[DeskFeedback]]:
+    store = await PostgresStore.open(url)
+    try:
+        return await funnel_report(store.funnel_counts, query)
+    finally:
+        await store.close()
 
 
 def _rating(f: FeedbackSummary) -> str:

@@ -1,7 +1,8 @@
-"""Persistence for Cuepoint: plain records and the embedded SQLite store."""
+"""Persistence for Cuepoint: plain records, the embedded SQLite store and the PostgreSQL store."""
 
 from .audit_log import AuditRecord
-from .base import AcceptOutcome, FunnelSlice, OfferCommit, Store, StoreClosedError, StoreStats
+from .base import AcceptOutcome, FunnelSlice, OfferCommit, OfferGuard, OfferResult, Store, StoreClosedError, StoreStats
+from .postgres import PostgresStore
 from .records import (
     ChannelChangeRecord,
     ChatRecord,
@@ -38,7 +39,10 @@ __all__ = [
     "LabelRecord",
     "ModelRecord",
     "OfferCommit",
+    "OfferGuard",
+    "OfferResult",
     "ParticipationRecord",
+    "PostgresStore",
     "SessionRecord",
     "SignalRecord",
     "SqliteStore",

@@ -9,9 +9,9 @@ durable; every write is idempotent by its record's id, so a retried or replayed 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from .audit_log import AuditRecord
 from .records import (
@@ -33,7 +33,16 @@ from .records import (
     WebhookRecord,
 )
 
-__all__ = ["AcceptOutcome", "FunnelSlice", "OfferCommit", "Store", "StoreClosedError", "StoreStats"]
+__all__ = [
+    "AcceptOutcome",
+    "FunnelSlice",
+    "OfferCommit",
+    "OfferGuard",
+    "OfferResult",
+    "Store",
+    "StoreClosedError",
+    "StoreStats",
+]
 
 
 class StoreClosedError(RuntimeError):
@@ -46,6 +55,35 @@ class StoreStats:
     ops: int  # committed write calls
     rows: int  # committed rows: inserted signals plus one per upsert/update statement
     failed_ops: int  # write calls that raised to their caller
+
+
+@dataclass(frozen=True, slots=True)
+class OfferGuard:
+    """The per-user policy of one offered cue, checked again inside the commit against stored cues.
+
+    Several replicas decide for the same user (two devices, two processes), each from its own memory. So the
+    commit takes the subject's lock (PostgreSQL: a transaction-scoped advisory lock on the subject), reads
+    the subject's stored cues (those created at or after ``since``, of ``session_id``, or declined or
+    accepted at any time) and calls ``check``: a reason (reason, detail) refuses the cue. ``check`` is the
+    arbiter's own rule (engine/arbiter.py), so storage holds no policy, only the data and the lock.
+    """
+
+    cue_id: str
+    subject: str
+    session_id: str
+    since: float
+    check: Callable[[Sequence[CueRecord]], tuple[str, str] | None]
+
+
+class OfferResult(NamedTuple):
+    """What `Store.commit_offer` did: signal ids skipped as stored before, and cues refused by their guard.
+
+    A refused cue was not stored (nor its cue.offered webhook rows); its "offered" decision was stored as
+    blocked with the refusal's reason. Everything else of the commit was.
+    """
+
+    skipped: list[str]
+    refused: dict[str, tuple[str, str]]
 
 
 @dataclass(slots=True)
@@ -64,6 +102,8 @@ class OfferCommit:
     statuses: list[tuple[str, str, float]] = field(default_factory=list)
     # Webhook outbox rows reporting the cues offered (cue.offered): stored with them or not at all.
     webhooks: list[WebhookRecord] = field(default_factory=list)
+    # Per-user policy checked again under the subject's lock before the cues are stored (OfferGuard).
+    guards: list[OfferGuard] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.signals or self.cues or self.decisions or self.milestones or self.statuses or self.webhooks)
@@ -108,11 +148,18 @@ class Store(Protocol):
         """
         ...
 
-    async def commit_offer(self, work: OfferCommit) -> list[str]:
+    async def commit_offer(self, work: OfferCommit) -> OfferResult:
         """Commit an evaluation's signals, cue statuses, cues, decisions and milestones in one transaction.
 
-        Returns the signal ids skipped as already stored, like `append_signals`.
+        First, under each guarded subject's lock, every `OfferGuard` is checked against the stored cues; a
+        cue it refuses is left out (see `OfferResult`). Returns the signal ids skipped as already stored,
+        like `append_signals`, and the refusals.
         """
+        ...
+
+    async def merge_subject(self, source: str, target: str) -> None:
+        """An anonymous device was identified: its cues (caps, cooldowns, decline memory) now count for the
+        user. Under both subjects' locks, so a decision for the user on another replica sees all or none."""
         ...
 
     async def accept_cue(

@@ -13,8 +13,10 @@ from .base import FunnelSlice
 __all__ = ["funnel_queries"]
 
 
-def _dims(alias: str, group_by: Sequence[str]) -> list[str]:
+def _dims(alias: str, group_by: Sequence[str], pg: bool) -> list[str]:
     # Names come from reporting.funnel.DIMENSIONS only (checked in FunnelQuery), so quoting them inline is safe.
+    if pg:
+        return [f"COALESCE({alias}.context::jsonb ->> '{d}', '')" for d in group_by]
     return [f"COALESCE(CAST(json_extract({alias}.context, '$.\"{d}\"') AS TEXT), '')" for d in group_by]
 
 
@@ -32,18 +34,31 @@ def _range(column: str, query: FunnelSlice, scenario_column: str) -> tuple[str, 
     return " AND ".join(where), params
 
 
-def funnel_queries(query: FunnelSlice) -> list[tuple[str, str, list[object]]]:
-    dims = _dims("s", query.group_by)
+def funnel_queries(query: FunnelSlice, dialect: str = "sqlite") -> list[tuple[str, str, list[object]]]:
+    """(kind, SQL, parameters) of each aggregate; ``dialect`` "postgres" gives PostgreSQL's spelling ($n
+    placeholders, booleans counted as integers, jsonb instead of json_extract)."""
+    pg = dialect == "postgres"
+
+    def n(expr: str) -> str:
+        # SQLite sums and maxes booleans as 0/1; PostgreSQL needs them cast.
+        return f"(({expr})::int)" if pg else expr
+
+    control = (
+        "(c.explanation::jsonb -> 'variant_control')::boolean::int"
+        if pg
+        else "json_extract(c.explanation, '$.variant_control')"
+    )
+    dims = _dims("s", query.group_by, pg)
     select_dims = "".join(f", {d}" for d in dims)
     group_dims = "".join(f", {i + 2}" for i in range(len(dims)))
-    n = len(dims)
+    k = len(dims)
 
     d_where, d_params = _range("d.time", query, "d.scenario_id")
     decisions = f"""
         SELECT d.scenario_id{select_dims}, d.outcome, d.reason, COUNT(*)
         FROM decisions AS d LEFT JOIN sessions AS s ON s.session_id = d.session_id
         WHERE {d_where}
-        GROUP BY 1{group_dims}, {n + 2}, {n + 3}"""
+        GROUP BY 1{group_dims}, {k + 2}, {k + 3}"""
 
     c_where, c_params = _range("c.created_at", query, "c.scenario_id")
     cues = f"""
@@ -61,15 +76,15 @@ def funnel_queries(query: FunnelSlice) -> list[tuple[str, str, list[object]]]:
             FROM cues AS c
             WHERE {c_where}
         )
-        SELECT x.scenario_id{select_dims}, x.status, COUNT(*), SUM(x.engaged),
-            SUM(x.engaged AND (x.resolved_by_associate OR x.outcome_reached))
+        SELECT x.scenario_id{select_dims}, x.status, COUNT(*), SUM({n("x.engaged")}),
+            SUM({n("x.engaged AND (x.resolved_by_associate OR x.outcome_reached)")})
         FROM x LEFT JOIN sessions AS s ON s.session_id = x.session_id
-        GROUP BY 1{group_dims}, {n + 2}"""
+        GROUP BY 1{group_dims}, {k + 2}"""
 
     q_where, q_params = _range("time", query, "scenario_id")
     sessions = f"""
         WITH q AS (
-            SELECT scenario_id, session_id, MIN(time) AS first_at, MAX(reason = 'holdout') AS held_out,
+            SELECT scenario_id, session_id, MIN(time) AS first_at, MAX({n("reason = 'holdout'")}) AS held_out,
                 MAX(outcome_milestone) AS goal
             FROM decisions
             WHERE {q_where}
@@ -84,15 +99,16 @@ def funnel_queries(query: FunnelSlice) -> list[tuple[str, str, list[object]]]:
                           AND e.assigned_at IS NOT NULL AND e.disposition = 'resolved') AS resolved
             FROM q
         )
-        SELECT r.scenario_id{select_dims}, r.held_out, COUNT(*), SUM(r.reached), SUM(r.reached OR r.resolved)
+        SELECT r.scenario_id{select_dims}, r.held_out, COUNT(*), SUM({n("r.reached")}),
+            SUM({n("r.reached OR r.resolved")})
         FROM r LEFT JOIN sessions AS s ON s.session_id = r.session_id
-        GROUP BY 1{group_dims}, {n + 2}"""
+        GROUP BY 1{group_dims}, {k + 2}"""
     variants = f"""
         WITH v AS (
             SELECT c.scenario_id, c.variant, c.session_id, MIN(c.created_at) AS first_at, COUNT(*) AS offered,
-                SUM(c.status = 'accepted') AS accepted,
-                MAX(COALESCE(json_extract(c.explanation, '$.variant_control'), 0)) AS control,
-                MAX(COALESCE((SELECT o.outcome_milestone FROM decisions AS o WHERE o.cue_id = c.cue_id), ''))
+                SUM({n("c.status = 'accepted'")}) AS accepted,
+                MAX(COALESCE({control}, 0)) AS control,
+                MAX(COALESCE((SELECT o.outcome_milestone FROM decisions AS o WHERE o.cue_id = c.cue_id LIMIT 1), ''))
                     AS goal
             FROM cues AS c
             WHERE {c_where} AND c.variant != ''
@@ -109,19 +125,20 @@ def funnel_queries(query: FunnelSlice) -> list[tuple[str, str, list[object]]]:
             FROM v
         )
         SELECT r.scenario_id{select_dims}, r.variant, MAX(r.control), SUM(r.offered), SUM(r.accepted), COUNT(*),
-            SUM(r.reached), SUM(r.reached OR r.resolved)
+            SUM({n("r.reached")}), SUM({n("r.reached OR r.resolved")})
         FROM r LEFT JOIN sessions AS s ON s.session_id = r.session_id
-        GROUP BY 1{group_dims}, {n + 2}"""
+        GROUP BY 1{group_dims}, {k + 2}"""
     # Ratings of the cohort's engagements: count, sum of scores, satisfied (CSAT 4-5) or promoters (NPS 9-10),
     # and NPS detractors (0-6).
-    rated = """COUNT(*), SUM(f.score),
-            SUM((f.kind = 'csat' AND f.score >= 4) OR (f.kind = 'nps' AND f.score >= 9)),
-            SUM(f.kind = 'nps' AND f.score <= 6)"""
+    satisfied = n("(f.kind = 'csat' AND f.score >= 4) OR (f.kind = 'nps' AND f.score >= 9)")
+    rated = f"""COUNT(*), SUM(f.score),
+            SUM({satisfied}),
+            SUM({n("f.kind = 'nps' AND f.score <= 6")})"""
     feedback = f"""
         SELECT c.scenario_id{select_dims}, f.kind, {rated}
         FROM feedback AS f JOIN cues AS c ON c.cue_id = f.cue_id LEFT JOIN sessions AS s ON s.session_id = c.session_id
         WHERE {c_where}
-        GROUP BY 1{group_dims}, {n + 2}"""
+        GROUP BY 1{group_dims}, {k + 2}"""
     desk = f"""
         SELECT f.queue, f.associate_id, f.kind, {rated}
         FROM feedback AS f JOIN cues AS c ON c.cue_id = f.cue_id
@@ -144,4 +161,13 @@ def funnel_queries(query: FunnelSlice) -> list[tuple[str, str, list[object]]]:
         ("desk_feedback", desk, c_params),
         ("desk_handling", handling, h_params),
     ]
-    return [q for q in queries if not query.kinds or q[0] in query.kinds]
+    queries = [q for q in queries if not query.kinds or q[0] in query.kinds]
+    if pg:
+        queries = [(kind, _numbered(sql), params) for kind, sql, params in queries]
+    return queries
+
+
+def _numbered(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1, $2, ...`` (these queries hold no ``?`` inside a literal)."""
+    parts = sql.split("?")
+    return "".join(f"{part}${i}" if i < len(parts) else part for i, part in enumerate(parts, 1))

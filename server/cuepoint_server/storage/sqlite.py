@@ -26,8 +26,9 @@ import aiosqlite
 import structlog
 
 from .audit_log import AUDIT_SCHEMA, AuditRecord, audit_from_row, audit_insert, audit_select
-from .base import AcceptOutcome, FunnelSlice, OfferCommit, StoreClosedError, StoreStats
+from .base import AcceptOutcome, FunnelSlice, OfferCommit, OfferResult, StoreClosedError, StoreStats
 from .funnel_sql import funnel_queries
+from .offer_guard import HISTORY_WHERE, without_refused
 from .predict_state import PREDICT_SCHEMA, PredictState
 from .records import (
     ChannelChangeRecord,
@@ -304,6 +305,9 @@ _UPSERT_PART = (
 _INSERT_CHANGE = f"INSERT INTO channel_changes ({', '.join(_CHANGE_COLS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_DECISION = (
     f"INSERT INTO decisions ({', '.join(_DECISION_COLS)}) VALUES ({', '.join('?' * len(_DECISION_COLS))})"
+)
+_SUBJECT_HISTORY = (
+    f"{_select('cues', _CUE_COLS)} WHERE {HISTORY_WHERE.format('?1', '?2', '?3')} ORDER BY created_at, rowid"
 )
 
 
@@ -838,41 +842,51 @@ class SqliteStore(PredictState):
         skipped: list[str] = await self._writer.append_signals(encoded)
         return skipped
 
-    async def commit_offer(self, work: OfferCommit) -> list[str]:
+    async def commit_offer(self, work: OfferCommit) -> OfferResult:
         """Signals, cues, cue statuses, decisions, milestones and cue.offered webhook rows of one evaluation,
-        in one transaction."""
+        in one transaction; guarded cues are checked against the subject's stored cues first (the single
+        writer is the lock: in one process the check agrees with the arbiter's memory)."""
         signals = [_signal_row(r) for r in work.signals]
-        cues = [_cue_row(r) for r in work.cues]
+        encoded_cues = {r.cue_id: _cue_row(r) for r in work.cues}
         statuses = [(status, at, "", cue_id) for cue_id, status, at in work.statuses]
-        decisions = [_decision_row(r) for r in work.decisions]
         milestones = [tuple(getattr(r, c) for c in _MILESTONE_COLS) for r in work.milestones]
-        webhooks = [_webhook_row(r) for r in work.webhooks]
-        steps = [
-            (sql, rows)
-            for sql, rows in (
-                (_INSERT_SIGNALS, signals),
-                (_SET_CUE_STATUS, statuses),
-                (_UPSERT_CUE, cues),
-                (_INSERT_DECISION, decisions),
-                (_INSERT_MILESTONE, milestones),
-                (_INSERT_WEBHOOK, webhooks),
-            )
-            if rows
-        ]
+        guards = list(work.guards)
+        if not (signals or statuses or milestones or work.cues or work.decisions or work.webhooks):
+            return OfferResult([], {})
 
-        async def run(conn: aiosqlite.Connection) -> tuple[list[str], int]:
-            skipped: list[str] = []
+        async def run(conn: aiosqlite.Connection) -> tuple[OfferResult, int]:
+            refused: dict[str, tuple[str, str]] = {}
+            for guard in guards:
+                params = (guard.subject, guard.since, guard.session_id)
+                found = await conn.execute_fetchall(_SUBJECT_HISTORY, params)
+                reason = guard.check([_cue_from(r) for r in found])
+                if reason is not None:
+                    refused[guard.cue_id] = reason
+            kept = without_refused(work, refused)
+            steps = [
+                (sql, rows)
+                for sql, rows in (
+                    (_SET_CUE_STATUS, statuses),
+                    (_UPSERT_CUE, [encoded_cues[c.cue_id] for c in kept.cues]),
+                    (_INSERT_DECISION, [_decision_row(r) for r in kept.decisions]),
+                    (_INSERT_MILESTONE, milestones),
+                    (_INSERT_WEBHOOK, [_webhook_row(r) for r in kept.webhooks]),
+                )
+                if rows
+            ]
+            skipped = _already_stored(signals, await _insert_signals(conn, signals)) if signals else []
             for sql, rows in steps:
-                if sql is _INSERT_SIGNALS:
-                    skipped = _already_stored(signals, await _insert_signals(conn, signals))
-                else:
-                    await conn.executemany(sql, rows)
-            return skipped, sum(len(rows) for _, rows in steps)
+                await conn.executemany(sql, rows)
+            return OfferResult(skipped, refused), len(signals) + sum(len(rows) for _, rows in steps)
 
-        if not steps:
-            return []
-        skipped: list[str] = await self._writer.transaction(run, sum(len(rows) for _, rows in steps))
-        return skipped
+        size = len(signals) + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
+        result: OfferResult = await self._writer.transaction(run, size)
+        return result
+
+    async def merge_subject(self, source: str, target: str) -> None:
+        """The source subject's cues now count for the target (an anonymous device identified as a user)."""
+        if source != target:
+            await self._writer.execute("UPDATE cues SET subject = ? WHERE subject = ?", (target, source))
 
     async def accept_cue(
         self,

@@ -1,0 +1,1163 @@
+"""PostgreSQL (asyncpg) store: the same `Store` as sqlite.py, for several replicas sharing one database.
+
+Writes go through one writer task per process on a dedicated connection, like SqliteStore's: whatever has
+accumulated is applied in one transaction, consecutive writes of one kind merged into one statement (the
+journal: one ``INSERT ... SELECT FROM unnest(...)`` for every queued signal), and each caller's future is
+resolved once the transaction committed. That keeps this process's writes in the order they were made
+(what the core relies on, as with SQLite) and the round trips per signal far below one. Reads use a small
+pool and see everything committed, by any replica.
+
+Per-user decisions: `commit_offer` takes a transaction-scoped advisory lock on each guarded subject before
+reading its stored cues (`OfferGuard`), so two replicas deciding for one user at once take turns, and the
+second sees the first's cue. At most one locking transaction runs per batch, so two replicas' writers never
+hold each other's locks in opposite orders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Self
+
+import asyncpg
+import structlog
+
+from .audit_log import AuditRecord, audit_from_row
+from .base import AcceptOutcome, FunnelSlice, OfferCommit, OfferResult, StoreClosedError, StoreStats
+from .funnel_sql import funnel_queries
+from .offer_guard import HISTORY_WHERE, without_refused
+from .postgres_schema import migrate
+from .records import (
+    ChannelChangeRecord,
+    ChatRecord,
+    CueRecord,
+    DecisionRecord,
+    DeviceCredentialRecord,
+    EngagementRecord,
+    FeedbackRecord,
+    LabelRecord,
+    MilestoneRecord,
+    ModelRecord,
+    ParticipationRecord,
+    SessionRecord,
+    SignalRecord,
+    SwitchRecord,
+    TransferRecord,
+    WebhookRecord,
+)
+
+__all__ = ["PostgresStore", "is_postgres_url"]
+
+log = structlog.get_logger("cuepoint.storage")
+
+Row = tuple[Any, ...]
+
+
+def is_postgres_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+# --- SQL ------------------------------------------------------------------------------------------------
+
+
+def _marks(n: int, start: int = 1) -> str:
+    return ", ".join(f"${i}" for i in range(start, start + n))
+
+
+def _upsert(table: str, cols: Sequence[str], *, keep_when_null: Sequence[str] = ()) -> str:
+    def assign(col: str) -> str:
+        if col in keep_when_null:
+            return f"{col} = COALESCE(excluded.{col}, {table}.{col})"
+        return f"{col} = excluded.{col}"
+
+    updates = ", ".join(assign(c) for c in cols[1:])
+    insert = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({_marks(len(cols))})"
+    return f"{insert} ON CONFLICT ({cols[0]}) DO UPDATE SET {updates}"
+
+
+def _insert(table: str, cols: Sequence[str], tail: str = "") -> str:
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({_marks(len(cols))}){tail}"
+
+
+def _select(table: str, cols: Sequence[str]) -> str:
+    return f"SELECT {', '.join(cols)} FROM {table}"
+
+
+_SESSION_COLS = (
+    "session_id", "app_id", "device_id", "user_id", "started_at", "context", "consent", "ended_at", "identified",
+)  # fmt: skip
+_SIGNAL_COLS = ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
+_CUE_COLS = (
+    "cue_id", "scenario_id", "app_id", "device_id", "subject", "session_id", "created_at", "expires_at",
+    "channel", "message", "status", "responded_at", "explanation", "variant", "locale", "button_id",
+)  # fmt: skip
+_ENGAGEMENT_COLS = (
+    "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
+    "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context", "subject", "scenario_id",
+    "priority", "outcome", "ended_by",
+)  # fmt: skip
+_CHAT_COLS = ("message_id", "engagement_id", "sender", "text", "time")
+_TRANSFER_COLS = ("engagement_id", "time", "from_associate_id", "to_associate_id", "to_queue", "mode", "note")
+_PART_COLS = ("engagement_id", "associate_id", "role", "joined_at", "left_at", "disposition", "notes")
+_CHANGE_COLS = ("engagement_id", "time", "request_id", "from_channel", "to_channel", "requested_by", "accepted")
+_DECISION_COLS = (
+    "time", "app_id", "device_id", "subject", "session_id", "scenario_id", "outcome", "reason", "detail", "cue_id",
+    "outcome_milestone",
+)  # fmt: skip
+_MILESTONE_COLS = ("time", "app_id", "device_id", "session_id", "milestone_id")
+_FEEDBACK_COLS = (
+    "engagement_id", "cue_id", "scenario_id", "queue", "associate_id", "variant", "kind", "score", "comment", "time",
+)  # fmt: skip
+_WEBHOOK_COLS = (
+    "delivery_id", "url", "kind", "body", "created_at", "state", "attempts", "next_attempt_at", "last_error",
+)  # fmt: skip
+
+_UPSERT_SESSION = _upsert("sessions", _SESSION_COLS, keep_when_null=("ended_at",))
+_UPSERT_CUE = _upsert("cues", _CUE_COLS)
+_UPSERT_ENGAGEMENT = _upsert("engagements", _ENGAGEMENT_COLS)
+_END_SESSION = "UPDATE sessions SET ended_at = $1 WHERE session_id = $2"
+_SET_CUE_STATUS = "UPDATE cues SET status = $1, responded_at = $2, button_id = $3 WHERE cue_id = $4"
+_INSERT_FEEDBACK = _insert("feedback", _FEEDBACK_COLS, " ON CONFLICT (engagement_id) DO NOTHING")
+_UPSERT_VARIANT = (
+    "INSERT INTO variant_switches (scenario_id, variant_id, stopped, reason, time) VALUES ($1, $2, $3, $4, $5) "
+    "ON CONFLICT (scenario_id, variant_id) DO UPDATE SET stopped = excluded.stopped, reason = excluded.reason, "
+    "time = excluded.time"
+)
+_UPSERT_OPS_SWITCH = (
+    "INSERT INTO switches (scope, scope_id, is_on, reason, time) VALUES ($1, $2, $3, $4, $5) "
+    "ON CONFLICT (scope, scope_id) DO UPDATE SET is_on = excluded.is_on, reason = excluded.reason, time = excluded.time"
+)
+_INSERT_WEBHOOK = _insert("webhook_outbox", _WEBHOOK_COLS, " ON CONFLICT (delivery_id) DO NOTHING")
+_INSERT_MILESTONE = _insert("milestones", _MILESTONE_COLS)
+_INSERT_CHAT = _insert("chat_messages", _CHAT_COLS, " ON CONFLICT (message_id) DO NOTHING")
+_INSERT_TRANSFER = _insert("engagement_transfers", _TRANSFER_COLS)
+_UPSERT_PART = _insert(
+    "engagement_participants",
+    _PART_COLS,
+    " ON CONFLICT (engagement_id, associate_id, role, joined_at) DO UPDATE SET"
+    " left_at = excluded.left_at, disposition = excluded.disposition, notes = excluded.notes",
+)
+_INSERT_CHANGE = _insert("channel_changes", _CHANGE_COLS)
+_INSERT_DECISION = _insert("decisions", _DECISION_COLS)
+
+# The journal in one statement however many rows: one array per column, unnested. Always one row back: how
+# many were inserted and, only when some row was skipped (a resend of a stored signal), which (device, id)
+# pairs were, so the common case transfers nothing more.
+_SIGNAL_TYPES = ("text", "text", "text", "text", "text", "float8", "float8", "text")
+_INSERT_SIGNALS = (
+    f"WITH ins AS (INSERT INTO signals ({', '.join(_SIGNAL_COLS)}) "
+    f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_SIGNAL_TYPES))}) "
+    "ON CONFLICT (device_id, signal_id) DO NOTHING RETURNING device_id, signal_id) "
+    "SELECT count(*) < $9, CASE WHEN count(*) < $9 THEN array_agg(device_id) END, "
+    "CASE WHEN count(*) < $9 THEN array_agg(signal_id) END FROM ins"
+)
+
+_SAVE_MODEL = (
+    "INSERT INTO predict_models (outcome, version, epoch, cursor, state, saved_at) VALUES ($1, $2, $3, $4, $5, $6) "
+    "ON CONFLICT (outcome) DO UPDATE SET version = excluded.version, epoch = excluded.epoch, "
+    "cursor = excluded.cursor, state = excluded.state, saved_at = excluded.saved_at "
+    "WHERE excluded.epoch >= predict_models.epoch AND excluded.version > predict_models.version"
+)
+_TAKE_LEASE = (
+    "INSERT INTO leases (name, holder, epoch, expires_at) VALUES ($1, $2, 1, $3) "
+    "ON CONFLICT (name) DO UPDATE SET "
+    "epoch = CASE WHEN leases.holder = excluded.holder THEN leases.epoch ELSE leases.epoch + 1 END, "
+    "holder = excluded.holder, expires_at = excluded.expires_at "
+    "WHERE leases.holder = excluded.holder OR leases.expires_at < $4"
+)
+_LOCK_SUBJECT = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+_SUBJECT_HISTORY = (
+    f"{_select('cues', _CUE_COLS)} WHERE {HISTORY_WHERE.format('$1', '$2', '$3')} ORDER BY created_at, seq"
+)
+
+# A user's sessions ($1: user id) and the anonymous sessions of the same devices: the pre-sign-in history.
+_USER_SESSIONS = (
+    "SELECT session_id FROM sessions WHERE user_id = $1"
+    " OR (user_id = '' AND device_id IN (SELECT device_id FROM sessions WHERE user_id = $1))"
+)
+_USER_ENGAGEMENTS = f"SELECT engagement_id FROM engagements WHERE subject = $2 OR session_id IN ({_USER_SESSIONS})"
+# table -> which of its rows are the user's (the same rows and order as sqlite.py's _USER_ROWS).
+_USER_ROWS = (
+    ("chat_messages", f"engagement_id IN ({_USER_ENGAGEMENTS})"),
+    ("channel_changes", f"engagement_id IN ({_USER_ENGAGEMENTS})"),
+    ("feedback", f"engagement_id IN ({_USER_ENGAGEMENTS})"),
+    ("engagement_transfers", f"engagement_id IN ({_USER_ENGAGEMENTS})"),
+    ("engagement_participants", f"engagement_id IN ({_USER_ENGAGEMENTS})"),
+    ("signals", f"session_id IN ({_USER_SESSIONS})"),
+    ("milestones", f"session_id IN ({_USER_SESSIONS})"),
+    ("predict_labels", f"session_id IN ({_USER_SESSIONS})"),
+    (
+        "webhook_outbox",
+        "EXISTS (SELECT 1 FROM cues AS c WHERE (c.subject = $2 OR c.session_id IN "
+        f"({_USER_SESSIONS})) AND webhook_outbox.body LIKE '%\"' || c.cue_id || '\"%')",
+    ),
+    ("decisions", f"subject = $2 OR session_id IN ({_USER_SESSIONS})"),
+    ("cues", f"subject = $2 OR session_id IN ({_USER_SESSIONS})"),
+    ("engagements", f"subject = $2 OR session_id IN ({_USER_SESSIONS})"),
+    ("sessions", f"session_id IN ({_USER_SESSIONS})"),
+)
+_EXPORT_ORDER = ("sessions", "signals", "milestones", "predict_labels", "cues", "decisions", "engagements")
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+# --- row mapping ----------------------------------------------------------------------------------------
+
+
+def _opt(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _session_row(r: SessionRecord) -> Row:
+    return (
+        r.session_id, r.app_id, r.device_id, r.user_id, float(r.started_at), _dumps(r.context), r.consent,
+        _opt(r.ended_at), int(r.identified),
+    )  # fmt: skip
+
+
+def _session_from(row: Row) -> SessionRecord:
+    return SessionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], bool(row[8]))
+
+
+def _signal_row(r: SignalRecord) -> Row:
+    payload = _dumps(r.payload) if r.payload else "{}"
+    return (r.device_id, r.signal_id, r.session_id, r.kind, r.name, float(r.time), float(r.received_at), payload)
+
+
+def _signal_from(row: Row) -> SignalRecord:
+    return SignalRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]))
+
+
+def _cue_row(r: CueRecord) -> Row:
+    return (
+        r.cue_id, r.scenario_id, r.app_id, r.device_id, r.subject, r.session_id, float(r.created_at),
+        float(r.expires_at), r.channel, r.message, r.status, _opt(r.responded_at), _dumps(r.explanation), r.variant,
+        r.locale, r.button_id,
+    )  # fmt: skip
+
+
+def _cue_from(row: Row) -> CueRecord:
+    return CueRecord(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
+        json.loads(row[12]), row[13], row[14], row[15],
+    )  # fmt: skip
+
+
+def _engagement_row(r: EngagementRecord) -> Row:
+    return (
+        r.engagement_id, r.cue_id, r.app_id, r.device_id, r.session_id, r.queue, r.state, r.channel,
+        float(r.created_at), _opt(r.assigned_at), _opt(r.ended_at), r.associate_id, r.disposition, r.notes,
+        _dumps(r.context), r.subject, r.scenario_id, int(r.priority), r.outcome, r.ended_by,
+    )  # fmt: skip
+
+
+def _engagement_from(row: Row) -> EngagementRecord:
+    return EngagementRecord(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
+        row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19],
+    )  # fmt: skip
+
+
+def _decision_row(r: DecisionRecord) -> Row:
+    return (
+        float(r.time), r.app_id, r.device_id, r.subject, r.session_id, r.scenario_id, r.outcome, r.reason, r.detail,
+        r.cue_id, r.outcome_milestone,
+    )  # fmt: skip
+
+
+def _milestone_row(r: MilestoneRecord) -> Row:
+    return (float(r.time), r.app_id, r.device_id, r.session_id, r.milestone_id)
+
+
+def _webhook_row(r: WebhookRecord) -> Row:
+    return (
+        r.delivery_id, r.url, r.kind, r.body, float(r.created_at), r.state, int(r.attempts),
+        float(r.next_attempt_at), r.last_error,
+    )  # fmt: skip
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+def _plain(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in zip(columns, row, strict=True):
+        if key == "seq":
+            continue  # PostgreSQL's arrival order column; SQLite's rowid is not exported either
+        if isinstance(value, str) and value[:1] in "{[":
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)
+        out[key] = value
+    return out
+
+
+def _qmarks(sql: str) -> str:
+    """``?`` placeholders (outside quoted literals) as ``$1, $2, ...``: ad-hoc queries written for SQLite."""
+    out: list[str] = []
+    n = 0
+    quoted = False
+    for ch in sql:
+        if ch == "'":
+            quoted = not quoted
+        if ch == "?" and not quoted:
+            n += 1
+            out.append(f"${n}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+# --- round trips ----------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Counter:
+    round_trips: int = 0
+
+
+class _Link:
+    """A connection that counts its round trips to the server (bench/: round trips per batch, per decision)."""
+
+    __slots__ = ("conn", "counter")
+
+    def __init__(self, conn: asyncpg.Connection, counter: _Counter) -> None:
+        self.conn = conn
+        self.counter = counter
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        self.counter.round_trips += 1
+        return await self.conn.execute(sql, *args)
+
+    async def executemany(self, sql: str, rows: Sequence[Row]) -> None:
+        # asyncpg pipelines every row's Bind/Execute before one Sync: one round trip.
+        self.counter.round_trips += 1
+        await self.conn.executemany(sql, rows)
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        self.counter.round_trips += 1
+        return await self.conn.fetch(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        self.counter.round_trips += 1
+        return await self.conn.fetchval(sql, *args)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        self.counter.round_trips += 2  # BEGIN, then COMMIT or ROLLBACK
+        async with self.conn.transaction():
+            yield
+
+
+# --- writer ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Statement:
+    sql: str
+    params: Row
+    future: asyncio.Future[Any]
+    locks: bool = False
+
+    @property
+    def size(self) -> int:
+        return 1
+
+
+@dataclass(slots=True, eq=False)
+class _AppendSignals:
+    rows: list[Row]
+    future: asyncio.Future[Any]
+    locks: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(slots=True, eq=False)
+class _Transaction:
+    """Several statements (and reads) that commit whole or not at all; never merged with another."""
+
+    work: Callable[[_Link], Awaitable[tuple[Any, int]]]  # -> (result, rows written)
+    future: asyncio.Future[Any]
+    size: int = 1
+    locks: bool = False  # takes advisory locks: at most one such op per batch (no lock-order deadlocks)
+
+
+_Op = _Statement | _AppendSignals | _Transaction
+
+
+def _groups(batch: list[_Op]) -> list[list[_Op]]:
+    groups: list[list[_Op]] = []
+    for op in batch:
+        last = groups[-1][-1] if groups else None
+        same = (
+            last is not None
+            and not isinstance(op, _Transaction)
+            and not isinstance(last, _Transaction)
+            and type(op) is type(last)
+            and (not isinstance(op, _Statement) or (isinstance(last, _Statement) and op.sql == last.sql))
+        )
+        if same:
+            groups[-1].append(op)
+        else:
+            groups.append([op])
+    return groups
+
+
+async def _insert_signals(link: _Link, rows: list[Row]) -> set[tuple[str, str]] | None:
+    """Insert journal rows in one statement, skipping stored (device, id) pairs; the pairs inserted, or None
+    when all were."""
+    columns = [list(c) for c in zip(*rows, strict=True)]
+    found = (await link.fetch(_INSERT_SIGNALS, *columns, len(rows)))[0]
+    if not found[0]:
+        return None
+    return set(zip(found[1] or (), found[2] or (), strict=True))
+
+
+def _already_stored(rows: Sequence[Row], new: set[tuple[str, str]] | None) -> list[str]:
+    if new is None:
+        return []
+    skipped: list[str] = []
+    for row in rows:
+        key = (row[0], row[1])
+        if key in new:
+            new.discard(key)  # a second copy within the same call is a resend too
+        else:
+            skipped.append(str(row[1]))
+    return skipped
+
+
+class _BatchWriter:
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], conn: asyncpg.Connection,
+                 counter: _Counter, max_batch: int) -> None:  # fmt: skip
+        self._connect = connect
+        self._link = _Link(conn, counter)
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._closed = False
+        self._batches = self._ops = self._rows = self._failed = 0
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="cuepoint-postgres-writer")
+
+    def stats(self) -> StoreStats:
+        return StoreStats(self._batches, self._ops, self._rows, self._failed)
+
+    async def execute(self, sql: str, params: Row) -> None:
+        await self._submit(_Statement(sql, params, self._new_future()))
+
+    async def append_signals(self, rows: list[Row]) -> list[str]:
+        skipped: list[str] = await self._submit(_AppendSignals(rows, self._new_future()))
+        return skipped
+
+    async def transaction(
+        self, work: Callable[[_Link], Awaitable[tuple[Any, int]]], size: int = 1, *, locks: bool = False
+    ) -> Any:
+        return await self._submit(_Transaction(work, self._new_future(), max(size, 1), locks))
+
+    async def stop(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put_nowait(None)
+        await asyncio.shield(self._task)
+
+    async def close_connection(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._link.conn.close(timeout=5)
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, op: _Op) -> Any:
+        if self._closed:
+            raise StoreClosedError("store is closed")
+        self._queue.put_nowait(op)
+        # A cancelled caller does not withdraw the op: writes are idempotent for retries.
+        return await op.future
+
+    async def _run(self) -> None:
+        pending: list[_Op] = []
+        carried: _Op | None = None
+        try:
+            stopping = False
+            while not stopping:
+                if carried is not None:
+                    first: _Op | None = carried
+                    carried = None
+                else:
+                    first = await self._queue.get()
+                if first is None:
+                    break
+                pending = [first]
+                size = first.size
+                locking = first.locks
+                while size < self._max_batch and not self._queue.empty():
+                    op = self._queue.get_nowait()
+                    if op is None:
+                        stopping = True
+                        break
+                    if op.locks and locking:
+                        carried = op  # in the next batch: one locking transaction per batch
+                        break
+                    locking = locking or op.locks
+                    pending.append(op)
+                    size += op.size
+                await self._apply(pending)
+                pending = []
+            if carried is not None:
+                await self._apply([carried])
+                carried = None
+        finally:
+            self._closed = True
+            left: list[_Op] = [*pending, *([carried] if carried is not None else [])]
+            while not self._queue.empty():
+                op = self._queue.get_nowait()
+                if op is not None:
+                    left.append(op)
+            for op in left:
+                if not op.future.done():
+                    op.future.set_exception(StoreClosedError("store closed before the write was committed"))
+
+    async def _apply(self, batch: list[_Op]) -> None:
+        try:
+            await self._reconnect_if_needed()
+            groups = _groups(batch)
+            if len(groups) == 1 and not isinstance(batch[0], _Transaction):
+                # One statement (or one executemany) is atomic on its own: no BEGIN/COMMIT round trips.
+                results, rows = await self._write(groups)
+            else:
+                async with self._link.transaction():
+                    results, rows = await self._write(groups)
+        except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, OSError | asyncpg.InterfaceError):
+                # One bad op must not fail the others: redo them one transaction each to find it.
+                for op in batch:
+                    await self._apply([op])
+                return
+            self._failed += len(batch)
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(exc)
+            return
+        self._batches += 1
+        self._ops += len(batch)
+        self._rows += rows
+        for op, result in zip(batch, results, strict=True):
+            if not op.future.done():
+                op.future.set_result(result)
+
+    async def _reconnect_if_needed(self) -> None:
+        # A restarted or failed-over server closed the connection: the next batch opens a new one.
+        if self._link.conn.is_closed():
+            log.warning("storage.reconnecting", backend="postgres")
+            self._link.conn = await self._connect()
+
+    async def _write(self, groups: list[list[_Op]]) -> tuple[list[Any], int]:
+        results: list[Any] = []
+        rows = 0
+        for group in groups:
+            first = group[0]
+            if isinstance(first, _Transaction):
+                result, written = await first.work(self._link)
+                results.append(result)
+                rows += written
+                continue
+            if isinstance(first, _Statement):
+                params = [op.params for op in group if isinstance(op, _Statement)]
+                if len(params) == 1:
+                    await self._link.execute(first.sql, *params[0])
+                else:
+                    await self._link.executemany(first.sql, params)
+                results.extend([None] * len(group))
+                rows += len(params)
+                continue
+            appends = [op for op in group if isinstance(op, _AppendSignals)]
+            all_rows = [row for op in appends for row in op.rows]
+            new = await _insert_signals(self._link, all_rows)
+            results.extend([_already_stored(op.rows, new) for op in appends])
+            rows += len(all_rows)
+        return results, rows
+
+
+# --- store ----------------------------------------------------------------------------------------------
+
+
+class PostgresStore:
+    """Durable store on PostgreSQL. Create with ``await PostgresStore.open("postgresql://user@host/db")``.
+
+    A ``search_path`` query parameter in the URL puts the tables in that schema (created if missing), so
+    several independent stores can share one database (the tests do).
+    """
+
+    def __init__(self, dsn: str, writer: _BatchWriter, pool: asyncpg.Pool, counter: _Counter) -> None:
+        self._dsn = dsn
+        self._writer = writer
+        self._pool = pool
+        self._counter = counter
+        self._closing: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, dsn: str, *, max_batch: int = 1000, pool_size: int = 4) -> PostgresStore:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(dsn, timeout=10)
+
+        conn = await connect()
+        try:
+            await migrate(conn)
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size, timeout=10)
+        except BaseException:
+            await conn.close()
+            raise
+        counter = _Counter()
+        return cls(dsn, _BatchWriter(connect, conn, counter, max_batch), pool, counter)
+
+    async def close(self) -> None:
+        """Commit everything already submitted, then close. Safe to call more than once."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._shutdown())
+        await asyncio.shield(self._closing)
+
+    async def _shutdown(self) -> None:
+        try:
+            await self._writer.stop()
+        finally:
+            await self._writer.close_connection()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 5)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def stats(self) -> StoreStats:
+        return self._writer.stats()
+
+    @property
+    def round_trips(self) -> int:
+        """Requests this store sent PostgreSQL and waited for (statements, BEGIN and COMMIT), since it opened."""
+        return self._counter.round_trips
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    async def _execute(self, sql: str, params: Row) -> None:
+        await self._writer.execute(sql, params)
+
+    async def _fetch(self, sql: str, params: Row = ()) -> list[asyncpg.Record]:
+        if self._closing is not None:
+            raise StoreClosedError("store is closed")
+        self._counter.round_trips += 1
+        async with self._pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *params)
+            return rows
+
+    async def query(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        """A read-only ad-hoc query (``?`` placeholders, as for SqliteStore.query); sees everything committed."""
+        return [tuple(_plain_value(v) for v in r) for r in await self._fetch(_qmarks(sql), tuple(params))]
+
+    # -- transactions the core's promises rest on --------------------------------------------------------
+
+    async def append_signals(self, rows: Sequence[SignalRecord]) -> list[str]:
+        encoded = [_signal_row(r) for r in rows]
+        if not encoded:
+            return []
+        return await self._writer.append_signals(encoded)
+
+    async def commit_offer(self, work: OfferCommit) -> OfferResult:
+        """One evaluation's writes in one transaction; guarded cues re-checked under their subject's lock."""
+        # Encoded here, in the caller's task, so a bad value raises to its caller, not to a shared batch.
+        signals = [_signal_row(r) for r in work.signals]
+        statuses = [(status, float(at), "", cue_id) for cue_id, status, at in work.statuses]
+        milestones = [_milestone_row(r) for r in work.milestones]
+        encoded_cues = {r.cue_id: _cue_row(r) for r in work.cues}
+        guards = list(work.guards)
+        if not (signals or statuses or milestones or work.cues or work.decisions or work.webhooks):
+            return OfferResult([], {})
+
+        async def run(link: _Link) -> tuple[OfferResult, int]:
+            refused: dict[str, tuple[str, str]] = {}
+            for subject in sorted({g.subject for g in guards}):
+                await link.execute(_LOCK_SUBJECT, subject)
+            for guard in guards:
+                # Read after the lock: a replica that held it has committed its cue by now, and it is seen.
+                found = await link.fetch(_SUBJECT_HISTORY, guard.subject, float(guard.since), guard.session_id)
+                reason = guard.check([_cue_from(tuple(r)) for r in found])
+                if reason is not None:
+                    refused[guard.cue_id] = reason
+            kept = without_refused(work, refused)
+            cues = [encoded_cues[c.cue_id] for c in kept.cues]
+            steps = [
+                (sql, rows)
+                for sql, rows in (
+                    (_SET_CUE_STATUS, statuses),
+                    (_UPSERT_CUE, cues),
+                    (_INSERT_DECISION, [_decision_row(r) for r in kept.decisions]),
+                    (_INSERT_MILESTONE, milestones),
+                    (_INSERT_WEBHOOK, [_webhook_row(r) for r in kept.webhooks]),
+                )
+                if rows
+            ]
+            skipped = _already_stored(signals, await _insert_signals(link, signals)) if signals else []
+            for sql, rows in steps:
+                await link.executemany(sql, rows)
+            return OfferResult(skipped, refused), len(signals) + sum(len(rows) for _, rows in steps)
+
+        size = len(signals) + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
+        result: OfferResult = await self._writer.transaction(run, size, locks=bool(guards))
+        return result
+
+    async def merge_subject(self, source: str, target: str) -> None:
+        if source == target:
+            return
+
+        async def run(link: _Link) -> tuple[None, int]:
+            for subject in sorted((source, target)):
+                await link.execute(_LOCK_SUBJECT, subject)
+            await link.execute("UPDATE cues SET subject = $1 WHERE subject = $2", target, source)
+            return None, 1
+
+        await self._writer.transaction(run, locks=True)
+
+    async def accept_cue(
+        self, cue_id: str, responded_at: float, engagement: EngagementRecord, button_id: str = ""
+    ) -> AcceptOutcome:
+        row = _engagement_row(engagement)
+        by_cue = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE cue_id = $1 ORDER BY created_at, seq LIMIT 1"
+
+        async def run(link: _Link) -> tuple[AcceptOutcome, int]:
+            # FOR UPDATE: two replicas accepting one cue take turns; the second finds the engagement.
+            found = await link.fetch("SELECT status FROM cues WHERE cue_id = $1 FOR UPDATE", cue_id)
+            status = str(found[0][0]) if found else ""
+            if status not in ("offered", "accepted"):
+                return AcceptOutcome(False, status, None), 0
+            existing = await link.fetch(by_cue, cue_id)
+            if existing:
+                return AcceptOutcome(False, "accepted", _engagement_from(tuple(existing[0]))), 0
+            await link.execute(_SET_CUE_STATUS, "accepted", float(responded_at), button_id, cue_id)
+            await link.execute(_UPSERT_ENGAGEMENT, *row)
+            return AcceptOutcome(True, "accepted", engagement), 2
+
+        outcome: AcceptOutcome = await self._writer.transaction(run, 2)
+        return outcome
+
+    # -- single writes -----------------------------------------------------------------------------------
+
+    async def save_session(self, rec: SessionRecord) -> None:
+        await self._execute(_UPSERT_SESSION, _session_row(rec))
+
+    async def end_session(self, session_id: str, ended_at: float) -> None:
+        await self._execute(_END_SESSION, (float(ended_at), session_id))
+
+    async def save_cue(self, rec: CueRecord) -> None:
+        await self._execute(_UPSERT_CUE, _cue_row(rec))
+
+    async def set_cue_status(self, cue_id: str, status: str, responded_at: float, button_id: str = "") -> None:
+        await self._execute(_SET_CUE_STATUS, (status, float(responded_at), button_id, cue_id))
+
+    async def save_engagement(self, rec: EngagementRecord) -> None:
+        await self._execute(_UPSERT_ENGAGEMENT, _engagement_row(rec))
+
+    async def save_chat(self, rec: ChatRecord) -> None:
+        await self._execute(_INSERT_CHAT, (rec.message_id, rec.engagement_id, rec.sender, rec.text, float(rec.time)))
+
+    async def save_channel_change(self, rec: ChannelChangeRecord) -> None:
+        row = (rec.engagement_id, float(rec.time), rec.request_id, rec.from_channel, rec.to_channel, rec.requested_by)
+        await self._execute(_INSERT_CHANGE, (*row, int(rec.accepted)))
+
+    async def save_transfer(self, rec: TransferRecord) -> None:
+        row = (rec.engagement_id, float(rec.time), rec.from_associate_id, rec.to_associate_id, rec.to_queue)
+        await self._execute(_INSERT_TRANSFER, (*row, rec.mode, rec.note))
+
+    async def save_participation(self, rec: ParticipationRecord) -> None:
+        row = (rec.engagement_id, rec.associate_id, rec.role, float(rec.joined_at), _opt(rec.left_at))
+        await self._execute(_UPSERT_PART, (*row, rec.disposition, rec.notes))
+
+    async def transfers_for(self, engagement_id: str) -> list[TransferRecord]:
+        sql = f"{_select('engagement_transfers', _TRANSFER_COLS)} WHERE engagement_id = $1 ORDER BY time, seq"
+        return [TransferRecord(*r) for r in await self._fetch(sql, (engagement_id,))]
+
+    async def participations_for(self, engagement_id: str) -> list[ParticipationRecord]:
+        sql = f"{_select('engagement_participants', _PART_COLS)} WHERE engagement_id = $1 ORDER BY joined_at, seq"
+        return [ParticipationRecord(*r) for r in await self._fetch(sql, (engagement_id,))]
+
+    async def save_decision(self, rec: DecisionRecord) -> None:
+        await self._execute(_INSERT_DECISION, _decision_row(rec))
+
+    async def save_milestone(self, rec: MilestoneRecord) -> None:
+        await self._execute(_INSERT_MILESTONE, _milestone_row(rec))
+
+    async def save_feedback(self, rec: FeedbackRecord) -> None:
+        row = (rec.engagement_id, rec.cue_id, rec.scenario_id, rec.queue, rec.associate_id, rec.variant, rec.kind)
+        await self._execute(_INSERT_FEEDBACK, (*row, int(rec.score), rec.comment, float(rec.time)))
+
+    async def set_variant_stopped(
+        self, scenario_id: str, variant_id: str, stopped: bool, reason: str, at: float
+    ) -> None:
+        await self._execute(_UPSERT_VARIANT, (scenario_id, variant_id, int(stopped), reason, float(at)))
+
+    # -- operations switches and the webhook outbox ----------------------------------------------------
+
+    async def save_switch(self, rec: SwitchRecord) -> None:
+        await self._execute(_UPSERT_OPS_SWITCH, (rec.scope, rec.scope_id, int(rec.on), rec.reason, float(rec.time)))
+
+    async def switches(self) -> list[SwitchRecord]:
+        rows = await self._fetch("SELECT scope, scope_id, is_on, reason, time FROM switches ORDER BY scope, scope_id")
+        return [SwitchRecord(str(r[0]), str(r[1]), bool(r[2]), str(r[3]), float(r[4])) for r in rows]
+
+    async def enqueue_webhooks(self, rows: Sequence[WebhookRecord]) -> None:
+        for rec in rows:
+            await self._execute(_INSERT_WEBHOOK, _webhook_row(rec))
+
+    async def due_webhooks(self, now: float, *, limit: int = 100) -> list[WebhookRecord]:
+        sql = (
+            f"{_select('webhook_outbox', _WEBHOOK_COLS)} WHERE state = 'pending' AND next_attempt_at <= $1 "
+            "ORDER BY next_attempt_at, seq LIMIT $2"
+        )
+        return [WebhookRecord(*r) for r in await self._fetch(sql, (float(now), limit))]
+
+    async def next_webhook_due(self) -> float | None:
+        rows = await self._fetch("SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE state = 'pending'")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def webhook_attempted(
+        self, delivery_id: str, *, delivered: bool, attempts: int, next_attempt_at: float, error: str, dead: bool
+    ) -> None:
+        if delivered:
+            await self._execute("DELETE FROM webhook_outbox WHERE delivery_id = $1", (delivery_id,))
+            return
+        sql = (
+            "UPDATE webhook_outbox SET state = $1, attempts = $2, next_attempt_at = $3, last_error = $4 "
+            "WHERE delivery_id = $5"
+        )
+        state = "dead" if dead else "pending"
+        await self._execute(sql, (state, int(attempts), float(next_attempt_at), error, delivery_id))
+
+    async def dead_webhooks(self, *, limit: int = 100) -> list[WebhookRecord]:
+        dead = "state = 'dead' ORDER BY created_at DESC, seq DESC LIMIT $1"
+        sql = f"{_select('webhook_outbox', _WEBHOOK_COLS)} WHERE {dead}"
+        return [WebhookRecord(*r) for r in await self._fetch(sql, (limit,))]
+
+    async def redeliver_webhook(self, delivery_id: str, now: float) -> bool:
+        found = await self._fetch("SELECT 1 FROM webhook_outbox WHERE delivery_id = $1", (delivery_id,))
+        if not found:
+            return False
+        sql = "UPDATE webhook_outbox SET state = 'pending', attempts = 0, next_attempt_at = $1 WHERE delivery_id = $2"
+        await self._execute(sql, (float(now), delivery_id))
+        return True
+
+    # -- reads -------------------------------------------------------------------------------------------
+
+    async def journey(self, device_id: str, *, limit: int = 100, since: float | None = None) -> list[SignalRecord]:
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        if limit == 0:
+            return []
+        if since is None:
+            sql = f"{_select('signals', _SIGNAL_COLS)} WHERE device_id = $1 ORDER BY time DESC, seq DESC LIMIT $2"
+            rows = await self._fetch(sql, (device_id, limit))
+        else:
+            sql = (
+                f"{_select('signals', _SIGNAL_COLS)} WHERE device_id = $1 AND time >= $2 "
+                "ORDER BY time DESC, seq DESC LIMIT $3"
+            )
+            rows = await self._fetch(sql, (device_id, float(since), limit))
+        return [_signal_from(tuple(r)) for r in reversed(rows)]
+
+    async def journey_for_user(self, user_id: str, *, limit: int = 100) -> list[SignalRecord]:
+        cols = ", ".join(f"s.{c}" for c in _SIGNAL_COLS)
+        sql = (
+            f"SELECT {cols} FROM signals AS s JOIN sessions AS x ON x.session_id = s.session_id "
+            "WHERE x.user_id = $1 AND x.identified = 1 ORDER BY s.time DESC, s.seq DESC LIMIT $2"
+        )
+        rows = await self._fetch(sql, (user_id, limit))
+        return [_signal_from(tuple(r)) for r in reversed(rows)]
+
+    async def count_signals(self, device_id: str) -> int:
+        rows = await self._fetch("SELECT COUNT(*) FROM signals WHERE device_id = $1", (device_id,))
+        return int(rows[0][0])
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        rows = await self._fetch(f"{_select('sessions', _SESSION_COLS)} WHERE session_id = $1", (session_id,))
+        return _session_from(tuple(rows[0])) if rows else None
+
+    async def get_cue(self, cue_id: str) -> CueRecord | None:
+        rows = await self._fetch(f"{_select('cues', _CUE_COLS)} WHERE cue_id = $1", (cue_id,))
+        return _cue_from(tuple(rows[0])) if rows else None
+
+    async def cues_for_subject(
+        self, subject: str, *, since: float | None = None, scenario_id: str | None = None
+    ) -> list[CueRecord]:
+        where, params = ["subject = $1"], list[object]([subject])
+        if scenario_id is not None:
+            params.append(scenario_id)
+            where.append(f"scenario_id = ${len(params)}")
+        if since is not None:
+            params.append(float(since))
+            where.append(f"created_at >= ${len(params)}")
+        sql = f"{_select('cues', _CUE_COLS)} WHERE {' AND '.join(where)} ORDER BY created_at, seq"
+        return [_cue_from(tuple(r)) for r in await self._fetch(sql, tuple(params))]
+
+    async def cues_for_session(self, session_id: str) -> list[CueRecord]:
+        sql = f"{_select('cues', _CUE_COLS)} WHERE session_id = $1 ORDER BY created_at, seq"
+        return [_cue_from(tuple(r)) for r in await self._fetch(sql, (session_id,))]
+
+    async def decisions_for_device(
+        self, device_id: str, *, limit: int = 100, since: float | None = None
+    ) -> list[DecisionRecord]:
+        if since is None:
+            sql = f"{_select('decisions', _DECISION_COLS)} WHERE device_id = $1 ORDER BY time DESC, seq DESC LIMIT $2"
+            rows = await self._fetch(sql, (device_id, limit))
+        else:
+            sql = (
+                f"{_select('decisions', _DECISION_COLS)} WHERE device_id = $1 AND time >= $2 "
+                "ORDER BY time DESC, seq DESC LIMIT $3"
+            )
+            rows = await self._fetch(sql, (device_id, float(since), limit))
+        return [DecisionRecord(*r) for r in reversed(rows)]
+
+    async def get_engagement(self, engagement_id: str) -> EngagementRecord | None:
+        sql = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE engagement_id = $1"
+        rows = await self._fetch(sql, (engagement_id,))
+        return _engagement_from(tuple(rows[0])) if rows else None
+
+    async def engagement_for_cue(self, cue_id: str) -> EngagementRecord | None:
+        sql = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE cue_id = $1 ORDER BY created_at, seq LIMIT 1"
+        rows = await self._fetch(sql, (cue_id,))
+        return _engagement_from(tuple(rows[0])) if rows else None
+
+    async def engagements_for_subject(self, subject: str, *, limit: int = 20) -> list[EngagementRecord]:
+        sql = (
+            f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE subject = $1 ORDER BY created_at DESC, seq DESC LIMIT $2"
+        )
+        return [_engagement_from(tuple(r)) for r in await self._fetch(sql, (subject, limit))]
+
+    async def engagements_for_device(self, device_id: str) -> list[EngagementRecord]:
+        sql = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE device_id = $1 ORDER BY created_at, seq"
+        return [_engagement_from(tuple(r)) for r in await self._fetch(sql, (device_id,))]
+
+    async def chat_transcript(self, engagement_id: str) -> list[ChatRecord]:
+        sql = f"{_select('chat_messages', _CHAT_COLS)} WHERE engagement_id = $1 ORDER BY time, seq"
+        return [ChatRecord(*r) for r in await self._fetch(sql, (engagement_id,))]
+
+    async def get_feedback(self, engagement_id: str) -> FeedbackRecord | None:
+        rows = await self._fetch(f"{_select('feedback', _FEEDBACK_COLS)} WHERE engagement_id = $1", (engagement_id,))
+        return FeedbackRecord(*rows[0]) if rows else None
+
+    async def stopped_variants(self) -> set[tuple[str, str]]:
+        rows = await self._fetch("SELECT scenario_id, variant_id FROM variant_switches WHERE stopped = 1")
+        return {(str(r[0]), str(r[1])) for r in rows}
+
+    async def channel_changes(self, engagement_id: str) -> list[ChannelChangeRecord]:
+        sql = f"{_select('channel_changes', _CHANGE_COLS)} WHERE engagement_id = $1 ORDER BY time, seq"
+        return [
+            ChannelChangeRecord(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]))
+            for r in await self._fetch(sql, (engagement_id,))
+        ]
+
+    async def funnel_counts(self, cut: FunnelSlice) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        return [
+            (kind, [tuple(_plain_value(v) for v in r) for r in await self._fetch(sql, tuple(params))])
+            for kind, sql, params in funnel_queries(cut, "postgres")
+        ]
+
+    # -- recovery after a restart ----------------------------------------------------------------------
+
+    async def open_cue(self, device_id: str) -> CueRecord | None:
+        sql = (
+            f"{_select('cues', _CUE_COLS)} WHERE device_id = $1 AND status = 'offered' "
+            "ORDER BY created_at DESC, seq DESC LIMIT 1"
+        )
+        rows = await self._fetch(sql, (device_id,))
+        return _cue_from(tuple(rows[0])) if rows else None
+
+    async def open_engagements(self) -> list[EngagementRecord]:
+        sql = (
+            f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE state IN ('queued', 'assigned') ORDER BY created_at, seq"
+        )
+        return [_engagement_from(tuple(r)) for r in await self._fetch(sql)]
+
+    async def recent_signal_ids(self, device_id: str, *, limit: int) -> list[str]:
+        sql = "SELECT signal_id FROM signals WHERE device_id = $1 ORDER BY time DESC, seq DESC LIMIT $2"
+        return [str(r[0]) for r in reversed(await self._fetch(sql, (device_id, limit)))]
+
+    # -- privacy ---------------------------------------------------------------------------------------
+
+    async def forget_session_journey(self, session_id: str) -> None:
+        await self._execute("DELETE FROM signals WHERE session_id = $1", (session_id,))
+
+    async def forget_unconsented(self, *, ended_before: float) -> None:
+        sessions = "SELECT session_id FROM sessions WHERE consent = 'none' AND COALESCE(ended_at, started_at) < $1"
+        await self._execute(f"DELETE FROM signals WHERE session_id IN ({sessions})", (float(ended_before),))
+
+    async def purge_journey(self, older_than: float) -> int:
+        async def run(link: _Link) -> tuple[int, int]:
+            deleted = await link.fetchval(
+                "WITH d AS (DELETE FROM signals WHERE time < $1 RETURNING 1) SELECT count(*) FROM d", float(older_than)
+            )
+            await link.execute("DELETE FROM decisions WHERE time < $1", float(older_than))
+            return int(deleted), 2
+
+        result: int = await self._writer.transaction(run, 2)
+        return result
+
+    async def export_user(self, user_id: str) -> dict[str, list[dict[str, Any]]]:
+        subject = f"user:{user_id}"
+        where = dict(_USER_ROWS)
+        tables = [*_EXPORT_ORDER, *(t for t, _ in _USER_ROWS if t not in _EXPORT_ORDER)]
+        out: dict[str, list[dict[str, Any]]] = {}
+        for table in tables:
+            order = " ORDER BY time, seq" if table == "signals" else ""
+            params = (user_id, subject) if "$2" in where[table] else (user_id,)
+            rows = await self._fetch(f"SELECT * FROM {table} WHERE {where[table]}{order}", params)
+            out[table] = [_plain(list(r.keys()), tuple(r.values())) for r in rows]
+        return out
+
+    async def erase_user(self, user_id: str) -> dict[str, int]:
+        subject = f"user:{user_id}"
+
+        async def run(link: _Link) -> tuple[dict[str, int], int]:
+            counts: dict[str, int] = {}
+            await link.execute(_LOCK_SUBJECT, subject)
+            for table, where in _USER_ROWS:
+                params = (user_id, subject) if "$2" in where else (user_id,)
+                status = await link.execute(f"DELETE FROM {table} WHERE {where}", *params)
+                counts[table] = int(status.rsplit(" ", 1)[-1])
+            return counts, sum(counts.values())
+
+        counts: dict[str, int] = await self._writer.transaction(run, len(_USER_ROWS), locks=True)
+        return counts
+
+    async def checkpoint(self) -> bool:
+        """PostgreSQL keeps erased rows' old versions until vacuumed: vacuum the tables an erasure touches."""
+        if self._closing is not None:
+            raise StoreClosedError("store is closed")
+        async with self._pool.acquire() as conn:
+            for table, _ in _USER_ROWS:
+                self._counter.round_trips += 1
+                await conn.execute(f"VACUUM {table}")
+        return True
+
+    # -- device credentials ----------------------------------------------------------------------------
+
+    async def device_credential(self, device_id: str) -> DeviceCredentialRecord | None:
+        cols = "device_id, app_id, secret_sha256, issued_at, confirmed_at"
+        rows = await self._fetch(f"SELECT {cols} FROM device_credentials WHERE device_id = $1", (device_id,))
+        return DeviceCredentialRecord(*rows[0]) if rows else None
+
+    async def issue_device_credential(self, rec: DeviceCredentialRecord) -> bool:
+        await self._execute(
+            "INSERT INTO device_credentials (device_id, app_id, secret_sha256, issued_at, confirmed_at) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (device_id) DO NOTHING",
+            (rec.device_id, rec.app_id, bytes(rec.secret_sha256), float(rec.issued_at), _opt(rec.confirmed_at)),
+        )
+        stored = await self.device_credential(rec.device_id)
+        return stored is not None and stored.secret_sha256 == rec.secret_sha256
+
+    async def confirm_device_credential(self, device_id: str, at: float) -> None:
+        await self._execute(
+            "UPDATE device_credentials SET confirmed_at = $1 WHERE device_id = $2 AND confirmed_at IS NULL",
+            (float(at), device_id),
+        )
+
+    async def forget_device_credential(self, device_id: str) -> bool:
+        existed = await self.device_credential(device_id) is not None
+        await self._execute("DELETE FROM device_credentials WHERE device_id = $1", (device_id,))
+        return existed
+
+    # -- predictive scores -----------------------------------------------------------------------------
+
+    async def save_label(
+        self, outcome: str, session_id: str, reached: bool, examples: Sequence[tuple[Mapping[str, float], float]],
+        time: float,
+    ) -> None:  # fmt: skip
+        encoded = _dumps([[dict(x), p] for x, p in examples])
+        sql = "INSERT INTO predict_labels (outcome, session_id, reached, examples, time) VALUES ($1, $2, $3, $4, $5)"
+        await self._execute(sql, (outcome, session_id, int(reached), encoded, float(time)))
+
+    async def labels_after(self, cursor: int, *, limit: int = 500) -> list[LabelRecord]:
+        sql = (
+            "SELECT id, outcome, session_id, reached, examples, time FROM predict_labels "
+            "WHERE id > $1 ORDER BY id LIMIT $2"
+        )
+        return [
+            LabelRecord(
+                int(r[0]), str(r[1]), str(r[2]), bool(r[3]), [(dict(x), float(p)) for x, p in json.loads(r[4])], r[5]
+            )
+            for r in await self._fetch(sql, (int(cursor), limit))
+        ]
+
+    async def prune_labels(self, up_to: int) -> None:
+        await self._execute("DELETE FROM predict_labels WHERE id <= $1", (int(up_to),))
+
+    async def save_model(self, record: ModelRecord) -> None:
+        row = (record.outcome, int(record.version), int(record.epoch), int(record.cursor), _dumps(record.state))
+        await self._execute(_SAVE_MODEL, (*row, float(record.saved_at)))
+
+    async def models(self) -> list[ModelRecord]:
+        sql = "SELECT outcome, version, epoch, cursor, state, saved_at FROM predict_models ORDER BY outcome"
+        return [
+            ModelRecord(str(r[0]), int(r[1]), int(r[2]), int(r[3]), json.loads(r[4]), float(r[5]))
+            for r in await self._fetch(sql)
+        ]
+
+    async def take_lease(self, name: str, holder: str, now: float, ttl: float) -> int | None:
+        await self._execute(_TAKE_LEASE, (name, holder, float(now + ttl), float(now)))
+        rows = await self._fetch("SELECT holder, epoch FROM leases WHERE name = $1", (name,))
+        return int(rows[0][1]) if rows and rows[0][0] == holder else None
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._execute("UPDATE leases SET expires_at = 0 WHERE name = $1 AND holder = $2", (name, holder))
+
+    async def subject_history(self, user_id: str, device_id: str, before: float) -> tuple[int, dict[str, int]]:
+        column, key = ("user_id", user_id) if user_id else ("device_id", device_id)
+        earlier = f"SELECT session_id FROM sessions WHERE {column} = $1 AND started_at < $2"
+        count = await self._fetch(f"SELECT COUNT(*) FROM ({earlier}) AS e", (key, float(before)))
+        reached = await self._fetch(
+            f"SELECT milestone_id, COUNT(DISTINCT session_id) FROM milestones WHERE session_id IN ({earlier}) "
+            "GROUP BY milestone_id",
+            (key, float(before)),
+        )
+        return int(count[0][0]), {str(r[0]): int(r[1]) for r in reached}
+
+    # -- the admin audit trail -------------------------------------------------------------------------
+
+    async def append_audit(self, rec: AuditRecord) -> None:
+        sql = (
+            "INSERT INTO audit_log (time, actor, roles, action, target, outcome, detail, before, after) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        )
+        params = (
+            float(rec.time), rec.actor, ",".join(rec.roles), rec.action, rec.target, rec.outcome, rec.detail,
+            json.dumps(dict(rec.before), sort_keys=True, default=str),
+            json.dumps(dict(rec.after), sort_keys=True, default=str),
+        )  # fmt: skip
+        await self._execute(sql, params)
+
+    async def audit_entries(
+        self, *, since: float | None = None, actor: str = "", action: str = "", limit: int = 100
+    ) -> list[AuditRecord]:
+        where: list[str] = ["1 = 1"]
+        params: list[object] = []
+        for column, value in (("time >=", None if since is None else float(since)), ("actor =", actor or None),
+                              ("action =", action or None)):  # fmt: skip
+            if value is not None:
+                params.append(value)
+                where.append(f"{column} ${len(params)}")
+        params.append(limit)
+        cols = "id, time, actor, roles, action, target, outcome, detail, before, after"
+        sql = f"SELECT {cols} FROM audit_log WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ${len(params)}"
+        return [audit_from_row(tuple(r)) for r in await self._fetch(sql, tuple(params))]
