@@ -1,23 +1,127 @@
-"""Shared fixtures: a real Cuepoint server on port 0 with a hand-driven clock."""
+"""Shared fixtures: a real Cuepoint server on port 0 with a hand-driven clock, on SQLite and on PostgreSQL.
+
+Every test that starts its server with `start_server` runs once per storage backend ([sqlite], [postgres]).
+PostgreSQL is the local server at 127.0.0.1:5432 (trust auth); each test run gets a fresh database
+(cuepoint_test_<random>, dropped at the end) and each server database in it a schema of its own. When
+PostgreSQL does not answer, the [postgres] tests are skipped with one line saying why, unless
+CUEPOINT_REQUIRE_SERVICES=1 (CI) makes that a failure. CUEPOINT_TEST_BACKENDS=sqlite runs one backend only.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import os
+import secrets
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 import cuepoint
 from cuepoint_server.app import CuepointServer, ServerConfig
 from cuepoint_server.clock import ManualClock
+from cuepoint_server.storage import PostgresStore, SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "scenarios"
 
 StartServer = Callable[..., Awaitable[CuepointServer]]
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+BACKENDS = tuple(b for b in os.environ.get("CUEPOINT_TEST_BACKENDS", "sqlite,postgres").split(",") if b)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only(reason): the test reads SQLite itself; no [postgres] run")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        only_sqlite = metafunc.definition.get_closest_marker("sqlite_only") is not None
+        backends = [b for b in BACKENDS if b == "sqlite" or not only_sqlite]
+        metafunc.parametrize("backend", backends, indirect=True)
+
+
+async def _pg_admin() -> asyncpg.Connection:
+    errors = []
+    for user in ("postgres", "root"):
+        try:
+            return await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="postgres", timeout=5)
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            errors.append(f"{user}: {exc}")
+    raise ConnectionError("; ".join(errors))
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """The URL of a fresh PostgreSQL database for this test run, dropped at the end."""
+    name = f"cuepoint_test_{secrets.token_hex(4)}"
+
+    async def create() -> str:
+        admin = await _pg_admin()
+        try:
+            await admin.execute(f"CREATE DATABASE {name}")
+            user = await admin.fetchval("SELECT current_user")
+        finally:
+            await admin.close()
+        return f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}"
+
+    try:
+        url = asyncio.run(create())
+    except (ConnectionError, OSError, asyncpg.PostgresError) as exc:
+        why = f"PostgreSQL at {PG_HOST}:{PG_PORT} did not answer ({exc}): [postgres] tests skipped"
+        if os.environ.get("CUEPOINT_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{why}, but CUEPOINT_REQUIRE_SERVICES=1 requires them", pytrace=False)
+        pytest.skip(why)
+    yield url
+
+    async def drop() -> None:
+        admin = await _pg_admin()
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+    asyncio.run(drop())
+
+
+def pg_url_for(database: str, key: str) -> str:
+    """A store of its own in the run's database: one schema per key (e.g. a server's database file path)."""
+    return f"{database}?search_path=s_{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+
+
+def db_option(server: CuepointServer) -> list[str]:
+    """The command-line option naming the server's database, for `cuepoint report`, `audit`, ...: --db or --database."""
+    return ["--database", server.config.database] if server.config.database else ["--db", server.config.db]
+
+
+OpenStore = Callable[[Path], Awaitable[Any]]
+
+
+@pytest.fixture
+def open_store_at(backend: str, request: pytest.FixtureRequest) -> OpenStore:
+    """Opens the store `start_server(db=path)` would use for `path`, on the test's backend."""
+    pg = str(request.getfixturevalue("pg_database")) if backend == "postgres" else ""
+
+    async def open_(path: Path) -> Any:
+        if pg:
+            return await PostgresStore.open(pg_url_for(pg, str(path)))
+        return await SqliteStore.open(path)
+
+    return open_
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    name = str(request.param)
+    if name == "postgres":
+        request.getfixturevalue("pg_database")
+    return name
 
 
 @pytest.fixture
@@ -27,8 +131,11 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-async def start_server(tmp_path: Path, clock: ManualClock) -> AsyncIterator[StartServer]:
+async def start_server(
+    tmp_path: Path, clock: ManualClock, backend: str, request: pytest.FixtureRequest
+) -> AsyncIterator[StartServer]:
     servers: list[CuepointServer] = []
+    pg = str(request.getfixturevalue("pg_database")) if backend == "postgres" else ""
 
     async def start(
         *scenario_texts: str, scenarios: Path | None = None, db: Path | None = None, **options: Any
@@ -40,9 +147,10 @@ async def start_server(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Star
             folder.mkdir()
             for i, text in enumerate(scenario_texts):
                 (folder / f"s{i}.yaml").write_text(textwrap.dedent(text))
-        config = ServerConfig(
-            port=0, db=str(db or tmp_path / f"cuepoint-{len(servers)}.db"), scenarios=str(folder), **options
-        )
+        path = str(db or tmp_path / f"cuepoint-{len(servers)}.db")
+        # On PostgreSQL the same path names the same schema: a restart with db=path finds its data again.
+        database = pg_url_for(pg, path) if pg else ""
+        config = ServerConfig(port=0, db=path, database=database, scenarios=str(folder), **options)
         server = await CuepointServer.start(config, clock=clock)
         servers.append(server)
         return server

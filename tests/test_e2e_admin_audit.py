@@ -21,7 +21,7 @@ import pytest
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 from cuepoint_server.api.auth import AuthConfig, AuthConfigError
 
-from .conftest import StartServer
+from .conftest import StartServer, db_option
 
 FITKIT_KEY = "fk_test_4f9a1c2e7b3d5a60"
 LEGACY = "adm_legacy_5c1e9a7f3b2d4c6e"  # listed without roles: every role, as before roles existed
@@ -197,7 +197,7 @@ async def test_admin_actions_are_audited_durably_with_before_and_after(
     await server.stop(0.5)
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "cuepoint_server.cli", "audit", "--db", str(db), "--json"],
+        [sys.executable, "-m", "cuepoint_server.cli", "audit", *db_option(server), "--json"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -212,7 +212,7 @@ async def test_admin_actions_are_audited_durably_with_before_and_after(
     }
     text = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "cuepoint_server.cli", "audit", "--db", str(db), "--action", "SetOffersPaused"],
+        [sys.executable, "-m", "cuepoint_server.cli", "audit", *db_option(server), "--action", "SetOffersPaused"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -257,4 +257,8 @@ async def test_console_switches_need_roles_and_are_audited(start_server: StartSe
     paused = found["admin:otto", "console.pause", "ok"]
     assert (dict(paused.before), dict(paused.after)) == ({"paused": False}, {"paused": True, "reason": "drill"})
     switched = found["admin:ada", "console.set_enabled", "ok"]
-    assert (switched.target, dict(switched.before), dict(switched.after)) == ("ping", {"enabled": True}, {"enabled": False})
+    assert (switched.target, dict(switched.before), dict(switched.after)) == (
+        "ping",
+        {"enabled": True},
+        {"enabled": False},
+    )

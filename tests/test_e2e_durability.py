@@ -225,7 +225,8 @@ async def test_a_reconnect_resumes_the_session(start_server: StartServer, tmp_pa
     for _ in range(50):  # the port frees up a moment after stop
         try:
             second = await CuepointServer.start(
-                ServerConfig(port=port, db=str(db), scenarios=str(folder)), clock=first.core.clock
+                ServerConfig(port=port, db=str(db), database=first.config.database, scenarios=str(folder)),
+                clock=first.core.clock,
             )
             break
         except OSError:

@@ -18,7 +18,7 @@ from cuepoint_server.cli import main
 from cuepoint_server.storage import FeedbackRecord
 from cuepoint_server.webhooks import WebhookConfig
 
-from .conftest import StartServer, phone
+from .conftest import StartServer, db_option, phone
 from .test_e2e_webhooks import Receiver
 
 FEEDBACK = """
@@ -133,7 +133,7 @@ async def test_feedback_is_asked_answered_reported_and_posted(
         for d in report.feedback_by_desk
     ] == [("billing", "eve", "nps", 1, 9.0), ("support", "dana", "csat", 2, 3.5)]
 
-    assert await asyncio.to_thread(main, ["report", "--db", server.config.db, "--since", "all"]) == 0
+    assert await asyncio.to_thread(main, ["report", *db_option(server), "--since", "all"]) == 0
     printed = capsys.readouterr().out
     assert "sync-help: csat 2 response(s), average 3.50, satisfied 50%" in printed
     assert "queue billing  associate eve: nps 1 response(s), average 9.0, NPS +100" in printed

@@ -20,9 +20,9 @@ from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.predict.model import Example, ModelSettings, OutcomeModel
 from cuepoint_server.predict.synthetic import sessions
-from cuepoint_server.storage import ModelRecord, SqliteStore
+from cuepoint_server.storage import ModelRecord
 
-from .conftest import StartServer, no_cue
+from .conftest import OpenStore, StartServer, db_option, no_cue
 from .test_e2e_engagements import associate, eventually
 
 ACTION_MAP = """
@@ -52,7 +52,7 @@ routing:
 """
 
 
-async def _pretrained(db: Path) -> OutcomeModel:
+async def _pretrained(open_store_at: OpenStore, db: Path) -> OutcomeModel:
     """The server's earlier history, as a stored model: 3,000 synthetic shop sessions learned online."""
     model = OutcomeModel("purchased", ModelSettings(min_sessions=100))
     waiting: deque[tuple[Example, bool]] = deque()
@@ -61,8 +61,9 @@ async def _pretrained(db: Path) -> OutcomeModel:
         if len(waiting) > 50:
             example, converted = waiting.popleft()
             model.learn([example], converted)
-    async with await SqliteStore.open(db) as store:
-        await store.save_model(ModelRecord("purchased", 1, 1, 0, model.state(), 0.0))
+    store = await open_store_at(db)
+    await store.save_model(ModelRecord("purchased", 1, 1, 0, model.state(), 0.0))
+    await store.close()
     return model
 
 
@@ -84,10 +85,10 @@ async def _shopper(
 
 
 async def test_seed_action_map_routes_by_purchase_probability(
-    start_server: StartServer, clock: ManualClock, tmp_path: Path
+    start_server: StartServer, clock: ManualClock, tmp_path: Path, open_store_at: OpenStore
 ) -> None:
     db = tmp_path / "shop.db"
-    await _pretrained(db)
+    await _pretrained(open_store_at, db)
     server = await start_server(ACTION_MAP, db=db)
     closer = await associate(server, "closer", queues=["Sales_Closers_Tier2"])
     human = await associate(server, "human", queues=["sales"])
@@ -186,7 +187,7 @@ async def test_sessions_are_labelled_and_learned_by_the_server(start_server: Sta
 
     await eventually(saved)
     done = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cuepoint_server.cli", "model", "report", "--db", str(tmp_path / "s.db"),
+        sys.executable, "-m", "cuepoint_server.cli", "model", "report", *db_option(server),
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await done.communicate()

@@ -97,9 +97,19 @@ def raw_bytes(server: CuepointServer) -> dict[str, bytes]:
     return files
 
 
+async def stored_rows(server: CuepointServer) -> dict[str, bytes]:
+    """PostgreSQL: every row of every table of the server's schema, as text, per table."""
+    tables = await server.store.query("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+    out: dict[str, bytes] = {}
+    for (table,) in tables:
+        rows = await server.store.query(f"SELECT CAST(t AS TEXT) FROM {table} AS t")
+        out[str(table)] = "\n".join(str(r[0]) for r in rows).encode()
+    return out
+
+
 async def found_on_disk(server: CuepointServer, *values: str) -> dict[str, list[str]]:
-    """Which of `values` (UTF-8) appear in which file: the test fails naming them."""
-    files = await asyncio.to_thread(raw_bytes, server)
+    """Which of `values` (UTF-8) appear in which file (PostgreSQL: in which table): the test fails naming them."""
+    files = await stored_rows(server) if server.config.database else await asyncio.to_thread(raw_bytes, server)
     hits: dict[str, list[str]] = {}
     for name, data in files.items():
         for value in values:

@@ -30,7 +30,7 @@ from cuepoint_server.engine.holdout import in_holdout
 from cuepoint_server.logs import configure_logging
 from cuepoint_server.scenarios.loader import ScenarioError, load_text
 
-from .conftest import StartServer, no_cue
+from .conftest import StartServer, db_option, no_cue
 
 FUNNEL = """
 milestones:
@@ -241,7 +241,7 @@ async def test_funnel_counts_every_stage_per_reason_and_device_model(
 
     async def report(*argv: str) -> str:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cuepoint_server.cli", "report", "--db", db, *argv, stdout=PIPE, stderr=PIPE
+            sys.executable, "-m", "cuepoint_server.cli", "report", *db_option(server), *argv, stdout=PIPE, stderr=PIPE
         )
         out, err = await process.communicate()
         assert process.returncode == 0, err.decode()
@@ -278,7 +278,7 @@ async def test_funnel_counts_every_stage_per_reason_and_device_model(
     # main() in a thread: it runs its own event loop.
     assert await asyncio.to_thread(main, ["report", "--db", str(Path(db).with_name("missing.db"))]) == 2
     assert "no database" in capsys.readouterr().err
-    assert await asyncio.to_thread(main, ["report", "--db", db, "--by", "user.tier"]) == 2
+    assert await asyncio.to_thread(main, ["report", *db_option(server), "--by", "user.tier"]) == 2
     assert "cannot group by user.tier" in capsys.readouterr().err
 
 

@@ -17,7 +17,7 @@ from cuepoint_server.engine.variants import assign_variant
 from cuepoint_server.reporting.stats import two_proportion_test, wilson_interval
 from cuepoint_server.storage import CueRecord
 
-from .conftest import StartServer
+from .conftest import StartServer, db_option
 from .test_e2e_foundation import RawDevice, _raw_signal
 
 RICH = """
@@ -268,7 +268,7 @@ async def test_variants_are_stable_per_user_split_the_funnel_and_can_be_stopped(
     assert (row.variants[1].p_value, row.variants[1].difference) == pytest.approx((p_value, difference))
     assert (row.variants[0].p_value, row.variants[0].difference) == (1.0, 0.0)
     # `cuepoint report` prints the same split from the database file.
-    assert await asyncio.to_thread(main, ["report", "--db", server.config.db, "--since", "all"]) == 0
+    assert await asyncio.to_thread(main, ["report", *db_option(server), "--since", "all"]) == 0
     report = capsys.readouterr().out
     won, sessions = counts["short"]
     assert f"sync-ab: short  offered {sessions}  accepted 0  conv. {won}/{sessions}" in report

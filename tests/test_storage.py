@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from cuepoint_server.storage import (
@@ -15,6 +16,7 @@ from cuepoint_server.storage import (
     DecisionRecord,
     EngagementRecord,
     OfferCommit,
+    PostgresStore,
     SessionRecord,
     SignalRecord,
     SqliteStore,
@@ -23,10 +25,20 @@ from cuepoint_server.storage import (
     WebhookRecord,
 )
 
+from .conftest import pg_url_for
+
+# Constraint violations as each backend raises them.
+INTEGRITY = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
+
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = await SqliteStore.open(str(tmp_path / "cuepoint.db"))
+async def store(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """The same tests against both backends (SqliteStore, PostgresStore: a fresh schema per test)."""
+    s: Any
+    if backend == "postgres":
+        s = await PostgresStore.open(pg_url_for(request.getfixturevalue("pg_database"), str(tmp_path)))
+    else:
+        s = await SqliteStore.open(str(tmp_path / "cuepoint.db"))
     yield s
     await s.close()
 
@@ -105,7 +117,7 @@ SESSION = SessionRecord(
 )
 
 
-async def test_session_round_trip_upsert_and_end(store: SqliteStore) -> None:
+async def test_session_round_trip_upsert_and_end(store: Any) -> None:
     await store.save_session(SESSION)
     assert await store.get_session("sess-1") == SESSION
     assert await store.get_session("missing") is None
@@ -125,7 +137,7 @@ async def test_session_round_trip_upsert_and_end(store: SqliteStore) -> None:
     await store.end_session("missing", 1.0)  # no-op, no error
 
 
-async def test_signal_round_trip_preserves_types(store: SqliteStore) -> None:
+async def test_signal_round_trip_preserves_types(store: Any) -> None:
     rows = [signal("s1"), signal("s2", kind="context", time=1001.0, payload={"locale": "de-DE"})]
     await store.append_signals(rows)
     assert await store.journey("dev-1") == rows
@@ -134,7 +146,7 @@ async def test_signal_round_trip_preserves_types(store: SqliteStore) -> None:
     await store.append_signals([])
 
 
-async def test_cue_round_trip_status_and_subject_queries(store: SqliteStore) -> None:
+async def test_cue_round_trip_status_and_subject_queries(store: Any) -> None:
     first = cue("cue-1", created_at=100.0)
     await store.save_cue(first)
     assert await store.get_cue("cue-1") == first
@@ -159,7 +171,7 @@ async def test_cue_round_trip_status_and_subject_queries(store: SqliteStore) -> 
     assert await store.get_cue("cue-1") == replaced
 
 
-async def test_engagement_round_trip_and_upsert(store: SqliteStore) -> None:
+async def test_engagement_round_trip_and_upsert(store: Any) -> None:
     queued = engagement("eng-1", created_at=200.0)
     await store.save_engagement(queued)
     assert await store.get_engagement("eng-1") == queued
@@ -173,7 +185,7 @@ async def test_engagement_round_trip_and_upsert(store: SqliteStore) -> None:
     assert await store.engagements_for_device("other") == []
 
 
-async def test_the_journal_stores_each_device_signal_once_however_old(store: SqliteStore) -> None:
+async def test_the_journal_stores_each_device_signal_once_however_old(store: Any) -> None:
     assert await store.append_signals([signal("a"), signal("b", time=1001.0)]) == []
     # The same id on another device is another signal; "a" on dev-1 is a resend, skipped and reported.
     assert await store.append_signals([signal("c", time=1002.0), signal("a"), signal("a", device_id="dev-2")]) == ["a"]
@@ -231,7 +243,7 @@ async def test_version_1_database_is_migrated_keeping_its_signals(tmp_path: Path
         assert await s.count_signals("dev-1") == 4
 
 
-async def test_concurrent_callers_are_batched(store: SqliteStore) -> None:
+async def test_concurrent_callers_are_batched(store: Any) -> None:
     before = store.stats
 
     async def caller(n: int) -> None:
@@ -293,7 +305,7 @@ async def test_close_drains_pending_writes(tmp_path: Path) -> None:
         assert await again.count_signals("dev-1") == 50
 
 
-async def test_unserialisable_payload_fails_only_its_caller(store: SqliteStore) -> None:
+async def test_unserialisable_payload_fails_only_its_caller(store: Any) -> None:
     with pytest.raises(TypeError):
         await store.append_signals([signal("bad", payload={"when": object()})])
     with pytest.raises(ValueError):
@@ -304,12 +316,12 @@ async def test_unserialisable_payload_fails_only_its_caller(store: SqliteStore) 
     assert store.stats.failed_ops == 0  # rejected before reaching the writer
 
 
-async def test_failing_statement_in_a_batch_fails_only_its_caller(store: SqliteStore) -> None:
+async def test_failing_statement_in_a_batch_fails_only_its_caller(store: Any) -> None:
     # kind is constrained in the schema, so this fails inside the shared transaction.
     good = [store.append_signals([signal(f"g{i}", time=1000.0 + i)]) for i in range(10)]
     bad = store.append_signals([signal("bad", kind="bogus")])
     results = await asyncio.gather(*good[:5], bad, *good[5:], return_exceptions=True)
-    assert isinstance(results[5], sqlite3.IntegrityError)
+    assert isinstance(results[5], INTEGRITY)
     assert [r for i, r in enumerate(results) if i != 5] == [[]] * 10
     assert [s.signal_id for s in await store.journey("dev-1")] == [f"g{i}" for i in range(10)]
     assert store.stats.failed_ops == 1
@@ -319,7 +331,7 @@ async def test_failing_statement_in_a_batch_fails_only_its_caller(store: SqliteS
     assert await store.get_cue("cue-1") == cue()
 
 
-async def test_journey_limit_order_and_since(store: SqliteStore) -> None:
+async def test_journey_limit_order_and_since(store: Any) -> None:
     # Inserted out of time order, with a tie at t=1003 broken by arrival.
     times = [1005.0, 1001.0, 1003.0, 1000.0, 1004.0, 1002.0, 1003.0]
     await store.append_signals([signal(f"j{i}", time=t) for i, t in enumerate(times)])
@@ -350,7 +362,7 @@ async def test_in_memory_store_reads_committed_writes() -> None:
         assert len(await s.journey("dev-1", limit=1000)) == 100
 
 
-async def test_variant_button_feedback_and_switches_round_trip(store: SqliteStore) -> None:
+async def test_variant_button_feedback_and_switches_round_trip(store: Any) -> None:
     from cuepoint_server.storage import FeedbackRecord
 
     await store.save_cue(replace(cue(), variant="short", locale="pt"))
@@ -396,25 +408,25 @@ def decision(outcome: str = "offered", cue_id: str = "cue-1") -> DecisionRecord:
     return DecisionRecord(100.0, "app", "dev-1", "user-1", "sess-1", "sc-1", outcome, "", "", cue_id)
 
 
-async def test_sqlite_store_implements_the_store_protocol(store: SqliteStore) -> None:
+async def test_sqlite_store_implements_the_store_protocol(store: Any) -> None:
     assert isinstance(store, Store)
 
 
-async def test_an_offer_commits_with_its_signals_and_decisions_or_not_at_all(store: SqliteStore) -> None:
+async def test_an_offer_commits_with_its_signals_and_decisions_or_not_at_all(store: Any) -> None:
     await store.commit_offer(OfferCommit(signals=[signal("s-1")], cues=[cue()], decisions=[decision()]))
     assert [r.signal_id for r in await store.journey("dev-1")] == ["s-1"]
     assert (await store.get_cue("cue-1")) is not None
     assert len(await store.decisions_for_device("dev-1")) == 1
     # One bad row (a decision outcome the schema refuses) and nothing of the unit is stored.
     broken = OfferCommit(signals=[signal("s-2")], cues=[cue("cue-2")], decisions=[decision("bogus", "cue-2")])
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY):
         await store.commit_offer(broken)
     assert [r.signal_id for r in await store.journey("dev-1")] == ["s-1"]
     assert await store.get_cue("cue-2") is None
     assert len(await store.decisions_for_device("dev-1")) == 1
 
 
-async def test_accept_and_its_engagement_commit_together_once(store: SqliteStore) -> None:
+async def test_accept_and_its_engagement_commit_together_once(store: Any) -> None:
     await store.save_cue(cue())
     first = await store.accept_cue("cue-1", 150.0, engagement("eng-1"))
     assert first.accepted and first.engagement is not None and first.engagement.engagement_id == "eng-1"
@@ -433,17 +445,17 @@ async def test_accept_and_its_engagement_commit_together_once(store: SqliteStore
     assert await store.get_engagement("eng-3") is None and await store.get_engagement("eng-4") is None
 
 
-async def test_an_offers_webhook_rows_commit_in_the_same_transaction(store: SqliteStore) -> None:
+async def test_an_offers_webhook_rows_commit_in_the_same_transaction(store: Any) -> None:
     def row(delivery_id: str, state: str = "pending") -> WebhookRecord:
         return WebhookRecord(delivery_id, "http://crm", "cue.offered", '{"cue_id": "x"}', 100.0, state, 0, 100.0)
 
     await store.commit_offer(OfferCommit(cues=[cue()], decisions=[decision()], webhooks=[row("d-1")]))
     assert [r.delivery_id for r in await store.due_webhooks(100.0)] == ["d-1"]
     # A webhook row the schema refuses takes the offer down with it, and the other way round.
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY):
         await store.commit_offer(OfferCommit(cues=[cue("cue-2")], webhooks=[row("d-2", state="bogus")]))
     assert await store.get_cue("cue-2") is None
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY):
         await store.commit_offer(OfferCommit(decisions=[decision("bogus", "cue-3")], webhooks=[row("d-3")]))
     assert [r.delivery_id for r in await store.due_webhooks(100.0)] == ["d-1"]
 

@@ -1,0 +1,107 @@
+"""PostgresStore as several replicas see it: migrations at start, the per-user lock, batched journal writes.
+
+The Store behaviour both backends share is tested in test_storage.py (run on both); these are the parts
+only a shared database has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+import pytest
+
+from cuepoint_server.storage import CueRecord, DecisionRecord, OfferCommit, OfferGuard, PostgresStore, SignalRecord
+from cuepoint_server.storage.postgres_schema import PG_SCHEMA_VERSION
+
+from .conftest import _pg_admin, pg_url_for
+
+
+@pytest.fixture
+async def fresh_database(pg_database: str) -> AsyncIterator[str]:
+    """A database of its own, created empty for the test and dropped after it."""
+    name = f"cuepoint_fresh_{secrets.token_hex(4)}"
+    admin = await _pg_admin()
+    await admin.execute(f"CREATE DATABASE {name}")
+    yield pg_database.rsplit("/", 1)[0] + f"/{name}"
+    await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    await admin.close()
+
+
+async def test_replicas_starting_together_on_a_fresh_database_migrate_once(fresh_database: str) -> None:
+    stores = await asyncio.gather(*(PostgresStore.open(fresh_database) for _ in range(3)))
+    try:
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            assert await conn.fetchval("SELECT array_agg(version) FROM cuepoint_schema") == [PG_SCHEMA_VERSION]
+            tables = await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            assert tables == 20  # 19 tables of the schema and cuepoint_schema, each created once
+        finally:
+            await conn.close()
+        # All three work on the one schema.
+        await stores[0].append_signals([signal("s-1")])
+        assert await stores[2].count_signals("dev-1") == 1
+    finally:
+        for s in stores:
+            await s.close()
+
+
+def signal(signal_id: str, device_id: str = "dev-1") -> SignalRecord:
+    return SignalRecord(device_id, signal_id, "sess-1", "event", "tap", 1000.0, 1000.5, {"n": 1})
+
+
+def offer(cue_id: str, device_id: str) -> OfferCommit:
+    """One replica's offer to user-1, guarded by 'at most one cue per user' (what a cap of 1 is)."""
+
+    def at_most_one(history: Sequence[CueRecord]) -> tuple[str, str] | None:
+        return ("cap", f"{len(history)} offer(s) stored") if history else None
+
+    cue = CueRecord(
+        cue_id, "help", "fitkit", device_id, "user:user-1", f"sess-{device_id}", 100.0, 700.0, "chat", "Hi",
+        "offered", None, {},
+    )  # fmt: skip
+    decision = DecisionRecord(
+        100.0, "fitkit", device_id, "user:user-1", f"sess-{device_id}", "help", "offered", "", "", cue_id
+    )
+    guard = OfferGuard(cue_id, "user:user-1", f"sess-{device_id}", 0.0, at_most_one)
+    return OfferCommit(signals=[signal(f"sig-{cue_id}", device_id)], cues=[cue], decisions=[decision], guards=[guard])
+
+
+async def test_two_replicas_racing_for_one_user_store_one_cue(pg_database: str) -> None:
+    url = pg_url_for(pg_database, f"race-{secrets.token_hex(4)}")
+    a, b = await PostgresStore.open(url), await PostgresStore.open(url)
+    try:
+        # Ten offers at once, five through each replica's writer: the advisory lock lets one through.
+        results = await asyncio.gather(
+            *(store.commit_offer(offer(f"cue-{i}", f"device-{i}")) for i in range(10) for store in [(a, b)[i % 2]])
+        )
+        stored = await a.cues_for_subject("user:user-1")
+        assert len(stored) == 1
+        refused = [cue_id for r in results for cue_id in r.refused]
+        assert sorted([*refused, stored[0].cue_id]) == sorted(f"cue-{i}" for i in range(10))
+        # A refused cue's signals are stored all the same, and its decision says why it was not offered.
+        assert await a.count_signals("device-3") == 1
+        blocked = await a.decisions_for_device(
+            next(d for d in (f"device-{i}" for i in range(10)) if d != stored[0].device_id)
+        )
+        assert [(d.outcome, d.reason, d.cue_id) for d in blocked] == [("blocked", "cap", "")]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_the_journal_is_one_round_trip_per_batch(pg_database: str) -> None:
+    store = await PostgresStore.open(pg_url_for(pg_database, f"rt-{secrets.token_hex(4)}"))
+    try:
+        before = store.round_trips
+        skipped = await store.append_signals([signal(f"s-{i}") for i in range(1000)])
+        assert skipped == [] and store.round_trips - before == 1
+        # A resend of stored signals is recognised in the same single statement.
+        before = store.round_trips
+        skipped = await store.append_signals([signal("s-5"), signal("new-1"), signal("s-7")])
+        assert skipped == ["s-5", "s-7"] and store.round_trips - before == 1
+        assert await store.count_signals("dev-1") == 1001
+    finally:
+        await store.close()
