@@ -984,6 +984,23 @@ class PostgresStore:
         rows = await self._fetch(sql, (device_id,))
         return _cue_from(tuple(rows[0])) if rows else None
 
+    async def repair_unfinished_accepts(self, now: float) -> tuple[int, int]:
+        """Accepted cues without an engagement (SQLite databases of older versions; kept for parity)."""
+        orphan = "status = 'accepted' AND NOT EXISTS (SELECT 1 FROM engagements AS e WHERE e.cue_id = cues.cue_id)"
+
+        async def run(link: _Link) -> tuple[tuple[int, int], int]:
+            again = await link.execute(
+                f"UPDATE cues SET status = 'offered', responded_at = NULL, button_id = '' "
+                f"WHERE {orphan} AND expires_at > $1",
+                float(now),
+            )
+            lost = await link.execute(f"UPDATE cues SET status = 'lost' WHERE {orphan}")
+            counts = (int(again.rsplit(" ", 1)[-1]), int(lost.rsplit(" ", 1)[-1]))
+            return counts, sum(counts)
+
+        repaired: tuple[int, int] = await self._writer.transaction(run)
+        return repaired
+
     async def open_engagements(self) -> list[EngagementRecord]:
         sql = (
             f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE state IN ('queued', 'assigned') ORDER BY created_at, seq"
