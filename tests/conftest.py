@@ -36,15 +36,46 @@ PG_HOST, PG_PORT = "127.0.0.1", 5432
 BACKENDS = tuple(b for b in os.environ.get("CUEPOINT_TEST_BACKENDS", "sqlite,postgres").split(",") if b)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "sqlite_only(reason): the test reads SQLite itself; no [postgres] run")
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
-        only_sqlite = metafunc.definition.get_closest_marker("sqlite_only") is not None
-        backends = [b for b in BACKENDS if b == "sqlite" or not only_sqlite]
-        metafunc.parametrize("backend", backends, indirect=True)
+        metafunc.parametrize("backend", BACKENDS, indirect=True)
+
+
+def _needs_postgres(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    on_postgres = callspec is not None and callspec.params.get("backend") == "postgres"
+    return on_postgres or "pg_database" in getattr(item, "fixturenames", ())
+
+
+_NO_POSTGRES = pytest.StashKey[tuple[int, str]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without PostgreSQL, its tests are left out and one line says so (the summary); under
+    CUEPOINT_REQUIRE_SERVICES=1 they stay and fail."""
+    if os.environ.get("CUEPOINT_REQUIRE_SERVICES") == "1" or not any(_needs_postgres(i) for i in items):
+        return
+
+    async def probe() -> None:
+        await (await _pg_admin()).close()
+
+    try:
+        asyncio.run(probe())
+    except (ConnectionError, OSError) as exc:
+        left_out = [i for i in items if _needs_postgres(i)]
+        items[:] = [i for i in items if not _needs_postgres(i)]
+        config.hook.pytest_deselected(items=left_out)
+        config.stash[_NO_POSTGRES] = (len(left_out), str(exc))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if _NO_POSTGRES in config.stash:
+        count, why = config.stash[_NO_POSTGRES]
+        terminalreporter.write_line(
+            f"SKIPPED {count} PostgreSQL tests: PostgreSQL at {PG_HOST}:{PG_PORT} did not answer ({why}); "
+            "CUEPOINT_REQUIRE_SERVICES=1 makes that a failure",
+            yellow=True,
+        )
 
 
 async def _pg_admin() -> asyncpg.Connection:
