@@ -99,7 +99,7 @@ _CUE_COLS = (
 _ENGAGEMENT_COLS = (
     "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
     "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context", "subject", "scenario_id",
-    "priority", "outcome", "ended_by",
+    "priority", "outcome", "ended_by", "callback_at", "callback_number",
 )  # fmt: skip
 _CHAT_COLS = ("message_id", "engagement_id", "sender", "text", "time")
 _TRANSFER_COLS = ("engagement_id", "time", "from_associate_id", "to_associate_id", "to_queue", "mode", "note")
@@ -252,14 +252,15 @@ def _engagement_row(r: EngagementRecord) -> Row:
     return (
         r.engagement_id, r.cue_id, r.app_id, r.device_id, r.session_id, r.queue, r.state, r.channel,
         float(r.created_at), _opt(r.assigned_at), _opt(r.ended_at), r.associate_id, r.disposition, r.notes,
-        _dumps(r.context), r.subject, r.scenario_id, int(r.priority), r.outcome, r.ended_by,
+        _dumps(r.context), r.subject, r.scenario_id, int(r.priority), r.outcome, r.ended_by, _opt(r.callback_at),
+        r.callback_number,
     )  # fmt: skip
 
 
 def _engagement_from(row: Row) -> EngagementRecord:
     return EngagementRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
-        row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19],
+        row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19], row[20], row[21],
     )  # fmt: skip
 
 
@@ -733,9 +734,18 @@ class PostgresStore:
         await self._writer.transaction(run, locks=True)
 
     async def accept_cue(
-        self, cue_id: str, responded_at: float, engagement: EngagementRecord, button_id: str = ""
+        self,
+        cue_id: str,
+        responded_at: float,
+        engagement: EngagementRecord,
+        button_id: str = "",
+        *,
+        webhooks: Sequence[WebhookRecord] = (),
     ) -> AcceptOutcome:
+        """The cue becomes accepted and its engagement is stored, with the webhook rows reporting both;
+        idempotent by cue id (a repeat writes nothing, its webhook rows neither)."""
         row = _engagement_row(engagement)
+        hooks = [_webhook_row(r) for r in webhooks]
         by_cue = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE cue_id = $1 ORDER BY created_at, seq LIMIT 1"
 
         async def run(link: _Link) -> tuple[AcceptOutcome, int]:
@@ -749,9 +759,11 @@ class PostgresStore:
                 return AcceptOutcome(False, "accepted", _engagement_from(tuple(existing[0]))), 0
             await link.execute(_SET_CUE_STATUS, "accepted", float(responded_at), button_id, cue_id)
             await link.execute(_UPSERT_ENGAGEMENT, *row)
-            return AcceptOutcome(True, "accepted", engagement), 2
+            if hooks:
+                await link.executemany(_INSERT_WEBHOOK, hooks)
+            return AcceptOutcome(True, "accepted", engagement), 2 + len(hooks)
 
-        outcome: AcceptOutcome = await self._writer.transaction(run, 2)
+        outcome: AcceptOutcome = await self._writer.transaction(run, 2 + len(hooks))
         return outcome
 
     # -- single writes -----------------------------------------------------------------------------------
@@ -765,11 +777,41 @@ class PostgresStore:
     async def save_cue(self, rec: CueRecord) -> None:
         await self._execute(_UPSERT_CUE, _cue_row(rec))
 
-    async def set_cue_status(self, cue_id: str, status: str, responded_at: float, button_id: str = "") -> None:
-        await self._execute(_SET_CUE_STATUS, (status, float(responded_at), button_id, cue_id))
+    async def set_cue_status(
+        self,
+        cue_id: str,
+        status: str,
+        responded_at: float,
+        button_id: str = "",
+        *,
+        webhooks: Sequence[WebhookRecord] = (),
+    ) -> None:
+        await self._with_outbox(_SET_CUE_STATUS, (status, float(responded_at), button_id, cue_id), webhooks)
 
-    async def save_engagement(self, rec: EngagementRecord) -> None:
-        await self._execute(_UPSERT_ENGAGEMENT, _engagement_row(rec))
+    async def save_engagement(self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
+        await self._with_outbox(_UPSERT_ENGAGEMENT, _engagement_row(rec), webhooks)
+
+    async def _with_outbox(
+        self, sql: str, params: Row, webhooks: Sequence[WebhookRecord], *, only_if_written: bool = False
+    ) -> None:
+        """One state change and the outbox rows reporting it, in one transaction (as SqliteStore's).
+
+        Without rows it stays a plain statement, merged with others into the writer's batches.
+        ``only_if_written``: the rows are added only when the statement changed a row (not a repeat).
+        """
+        if not webhooks:
+            await self._execute(sql, params)
+            return
+        hooks = [_webhook_row(r) for r in webhooks]
+
+        async def run(link: _Link) -> tuple[None, int]:
+            status = await link.execute(sql, *params)
+            if only_if_written and int(status.rsplit(" ", 1)[-1]) < 1:
+                return None, 0
+            await link.executemany(_INSERT_WEBHOOK, hooks)
+            return None, 1 + len(hooks)
+
+        await self._writer.transaction(run, 1 + len(hooks))
 
     async def save_chat(self, rec: ChatRecord) -> None:
         await self._execute(_INSERT_CHAT, (rec.message_id, rec.engagement_id, rec.sender, rec.text, float(rec.time)))
@@ -778,9 +820,9 @@ class PostgresStore:
         row = (rec.engagement_id, float(rec.time), rec.request_id, rec.from_channel, rec.to_channel, rec.requested_by)
         await self._execute(_INSERT_CHANGE, (*row, int(rec.accepted)))
 
-    async def save_transfer(self, rec: TransferRecord) -> None:
+    async def save_transfer(self, rec: TransferRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
         row = (rec.engagement_id, float(rec.time), rec.from_associate_id, rec.to_associate_id, rec.to_queue)
-        await self._execute(_INSERT_TRANSFER, (*row, rec.mode, rec.note))
+        await self._with_outbox(_INSERT_TRANSFER, (*row, rec.mode, rec.note), webhooks)
 
     async def save_participation(self, rec: ParticipationRecord) -> None:
         row = (rec.engagement_id, rec.associate_id, rec.role, float(rec.joined_at), _opt(rec.left_at))
@@ -800,9 +842,10 @@ class PostgresStore:
     async def save_milestone(self, rec: MilestoneRecord) -> None:
         await self._execute(_INSERT_MILESTONE, _milestone_row(rec))
 
-    async def save_feedback(self, rec: FeedbackRecord) -> None:
+    async def save_feedback(self, rec: FeedbackRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
         row = (rec.engagement_id, rec.cue_id, rec.scenario_id, rec.queue, rec.associate_id, rec.variant, rec.kind)
-        await self._execute(_INSERT_FEEDBACK, (*row, int(rec.score), rec.comment, float(rec.time)))
+        params = (*row, int(rec.score), rec.comment, float(rec.time))
+        await self._with_outbox(_INSERT_FEEDBACK, params, webhooks, only_if_written=True)
 
     async def set_variant_stopped(
         self, scenario_id: str, variant_id: str, stopped: bool, reason: str, at: float
@@ -1003,7 +1046,8 @@ class PostgresStore:
 
     async def open_engagements(self) -> list[EngagementRecord]:
         sql = (
-            f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE state IN ('queued', 'assigned') ORDER BY created_at, seq"
+            f"{_select('engagements', _ENGAGEMENT_COLS)} "
+            "WHERE state IN ('queued', 'assigned', 'callback_requested') ORDER BY created_at, seq"
         )
         return [_engagement_from(tuple(r)) for r in await self._fetch(sql)]
 

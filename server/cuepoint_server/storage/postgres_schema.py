@@ -94,12 +94,15 @@ _V1: tuple[str, ...] = (
         scenario_id   TEXT NOT NULL DEFAULT '',
         priority      INTEGER NOT NULL DEFAULT 0,
         outcome       TEXT NOT NULL DEFAULT '',
-        ended_by      TEXT NOT NULL DEFAULT ''
+        ended_by      TEXT NOT NULL DEFAULT '',
+        callback_at     DOUBLE PRECISION,
+        callback_number TEXT NOT NULL DEFAULT ''
     )""",
     "CREATE INDEX engagements_subject_created ON engagements (subject, created_at)",
     "CREATE INDEX engagements_device_created ON engagements (device_id, created_at)",
     "CREATE INDEX engagements_cue ON engagements (cue_id)",
-    "CREATE INDEX engagements_open ON engagements (created_at) WHERE state IN ('queued', 'assigned')",
+    "CREATE INDEX engagements_open ON engagements (created_at)"
+    " WHERE state IN ('queued', 'assigned', 'callback_requested')",
     f"""CREATE TABLE chat_messages (
         {_SEQ},
         message_id    TEXT PRIMARY KEY,
