@@ -96,7 +96,8 @@ _V1: tuple[str, ...] = (
         outcome       TEXT NOT NULL DEFAULT '',
         ended_by      TEXT NOT NULL DEFAULT '',
         callback_at     DOUBLE PRECISION,
-        callback_number TEXT NOT NULL DEFAULT ''
+        callback_number TEXT NOT NULL DEFAULT '',
+        wrapped_up_at   DOUBLE PRECISION
     )""",
     "CREATE INDEX engagements_subject_created ON engagements (subject, created_at)",
     "CREATE INDEX engagements_device_created ON engagements (device_id, created_at)",
