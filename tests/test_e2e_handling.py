@@ -16,9 +16,10 @@ import pytest
 
 import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
+from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock
 
-from .conftest import StartServer, phone
+from .conftest import StartServer, db_option, phone
 from .test_e2e_engagements import associate, eventually
 
 DESK = """
@@ -41,9 +42,10 @@ async def ask(server: object, device_id: str, event: str = "help") -> tuple[cuep
     return client, engagement
 
 
-async def report(db: str, *more: str) -> str:
-    """`cuepoint report --handling` over the server's database file, as a user runs it."""
-    args = [sys.executable, "-m", "cuepoint_server.cli", "report", "--db", db, "--since", "all", "--handling", *more]
+async def report(server: CuepointServer, *more: str) -> str:
+    """`cuepoint report --handling` over the server's database, as a user runs it."""
+    where = db_option(server)
+    args = [sys.executable, "-m", "cuepoint_server.cli", "report", *where, "--since", "all", "--handling", *more]
     done = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, check=True)
     return done.stdout
 
@@ -119,7 +121,7 @@ async def test_handle_and_wrap_up_times_per_queue_and_associate(start_server: St
     }
 
     # The command line reads the same from the database file.
-    doc = json.loads(await report(server.config.db, "--json"))
+    doc = json.loads(await report(server, "--json"))
     assert [(q["queue"], q["engagements"], q["median_handle"], q["awaiting_wrap_up"]) for q in doc["queues"]] == [
         ("billing", 1, 120.0, 0),
         ("support", 3, 60.0, 1),
@@ -128,7 +130,7 @@ async def test_handle_and_wrap_up_times_per_queue_and_associate(start_server: St
         ("ann", 15.0, 0.0),
         ("bob", 0.0, 20.0),
     ]
-    table = await report(server.config.db)
+    table = await report(server)
     assert "support" in table and "1:33" in table  # the average handle, 93 s
     for c in (c1, c2, c3, c4, ann, bob):
         await c.close()

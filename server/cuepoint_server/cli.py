@@ -238,10 +238,9 @@ def _explain(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .reporting.report import run, run_handling
 
-    if args.handling:
-        return run_handling(args.db, args.since, args.until, args.scenario, args.json, sys.stdout, sys.stderr)
-
     location = args.database or args.db
+    if args.handling:
+        return run_handling(location, args.since, args.until, args.scenario, args.json, sys.stdout, sys.stderr)
     return run(location, args.since, args.until, args.scenario, args.by, args.json, sys.stdout, sys.stderr)
 
 

@@ -196,8 +196,18 @@ def run(
 # -- handling times (`cuepoint report --handling`) ----------------------------------------------------
 
 
+async def _read_handling_postgres(url: str, query: HandlingQuery) -> HandlingReport:
+    store = await PostgresStore.open(url)
+    try:
+        return await handling_report(store.funnel_counts, query)
+    finally:
+        await store.close()
+
+
 def read_handling(db: str | Path, query: HandlingQuery) -> HandlingReport:
-    """Handling times per queue and associate, from a database file (read-only)."""
+    """Handling times per queue and associate, from a database file (read-only) or a postgresql:// URL."""
+    if is_postgres_url(str(db)):
+        return asyncio.run(_read_handling_postgres(str(db), query))
     path = Path(db)
     if not path.is_file():
         raise FileNotFoundError(f"no database at {path}")
