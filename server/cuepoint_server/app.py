@@ -28,6 +28,7 @@ from .api.associate import AssociateServicer
 from .api.auth import AuthConfig, Authenticator, AuthInterceptor
 from .api.device import DeviceServicer
 from .api.limits import RateLimiter, RateLimits
+from .bus_nats import NatsBus
 from .clock import Clock, SystemClock
 from .core.audit import AuditTrail
 from .core.service import Core, CoreConfig
@@ -68,6 +69,15 @@ class ServerConfig:
     hello_timeout: float = 10.0
     # Server keepalive pings on idle connections.
     keepalive_time: float = 30.0
+    # Seconds a connection may live before the server sends GOAWAY, so long-lived streams rebalance onto
+    # replicas added since (a load balancer only places new connections); None: forever. Streams then get
+    # `max_connection_age_grace` seconds to finish before they are cut; the SDK reconnects and resumes.
+    max_connection_age: float | None = None
+    max_connection_age_grace: float = 30.0
+    # A nats:// URL: several replicas reach each other's streams over NATS (bus_nats.py); "" runs alone.
+    bus: str = ""
+    # Subject prefix on the bus: replicas of one deployment share it, other deployments on the same NATS don't.
+    bus_prefix: str = "cuepoint"
     core: CoreConfig = field(default_factory=CoreConfig)
     # Watch the scenarios folder and apply edits live (scenarios/reloader.py).
     watch_scenarios: bool = True
@@ -149,6 +159,12 @@ class CuepointServer:
             user_token_keys=config.auth.user_tokens if config.auth is not None else {},
         )
         core = Core(store, Engine(scenarios), clock or SystemClock(), core_config)
+        if config.bus:
+            try:
+                core.bus = await NatsBus.connect(config.bus, prefix=config.bus_prefix)
+            except Exception as exc:
+                await store.close()
+                raise OSError(f"cannot reach the bus at {config.bus}: {exc!r}") from exc
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -161,6 +177,11 @@ class CuepointServer:
             # Without this a second server on a busy port binds beside the first and shares its traffic.
             ("grpc.so_reuseport", 0),
         ]
+        if config.max_connection_age is not None:
+            options += [
+                ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000)),
+            ]
         auth = Authenticator(config.auth) if config.auth is not None else None
         if auth is None:
             log.warning(
@@ -200,6 +221,8 @@ class CuepointServer:
             core.outbox_wakeups.append(webhooks.wake)
             webhooks.start()
         await core.recover()
+        # Switches another replica changes from now on reach this one (core/cluster.py).
+        await core.join_cluster()
         # Models of declared outcomes come back from storage; this process trains while it holds the lease.
         await core.start_training()
         await server.start()
@@ -295,6 +318,8 @@ class CuepointServer:
             await self._health.enter_graceful_shutdown()
         await self._server.stop(self.config.grace if grace is None else grace)
         await self.core.drain()
+        await self.core.leave_cluster()
+        await self.core.bus.close()
         await self.core.stop_training()
         if self.webhooks is not None:
             # After the core's last writes: every event emitted reaches the outbox before the store closes.

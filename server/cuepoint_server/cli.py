@@ -69,6 +69,11 @@ def _serve(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             http_host=args.http_host,
             core=CoreConfig(resume_window=args.resume_window),
+            grace=args.grace,
+            max_connection_age=args.max_connection_age,
+            max_connection_age_grace=args.max_connection_age_grace,
+            bus=args.bus,
+            bus_prefix=args.bus_prefix,
         )
         try:
             server = await CuepointServer.start(config)
@@ -383,6 +388,35 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=120.0,
         help="seconds a closed session may be resumed; its device state is freed after (default 120)",
+    )
+    serve.add_argument(
+        "--bus",
+        default="",
+        metavar="nats://HOST:4222",
+        help="run as one of several replicas: reach the others' streams over this NATS (with a shared --database)",
+    )
+    serve.add_argument(
+        "--bus-prefix", default="cuepoint", help="NATS subject prefix shared by one deployment's replicas"
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds streams get on SIGTERM (GOAWAY sent, no new streams) before they are cut (default 5)",
+    )
+    serve.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="send GOAWAY to connections older than this, so clients reconnect through the load balancer",
+    )
+    serve.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds a stream may go on after its connection's GOAWAY (default 30)",
     )
     serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this certificate chain")
     serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")

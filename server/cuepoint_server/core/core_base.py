@@ -27,6 +27,7 @@ from ..storage import (
     Store,
     WebhookRecord,
 )
+from .bus import Bus, LocalBus
 from .consent import shared
 from .engagements import DeskConfig, EngagementDesk
 from .model import CueOffer, SessionFailed
@@ -86,6 +87,8 @@ class CoreBase:
         self.clock = clock
         self.config = config or CoreConfig()
         self.arbiter = Arbiter()
+        # How this replica reaches the others (core/bus.py); app.py replaces it when there are others.
+        self.bus: Bus = LocalBus()
         self._reg = Registry()
         self._background: set[asyncio.Task[Any]] = set()
         self.desk = EngagementDesk(

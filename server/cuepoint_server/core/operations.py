@@ -10,6 +10,7 @@ from __future__ import annotations
 import structlog
 
 from ..storage import SwitchRecord, WebhookRecord
+from .bus import OPS
 from .errors import InvalidInput, NotFound
 from .evaluation import Evaluation
 
@@ -34,12 +35,18 @@ class Operations(Evaluation):
     async def set_offers_paused(self, paused: bool, reason: str = "") -> bool:
         """The emergency switch; returns whether offers are now paused (by this switch or the policy file)."""
         await self.store.save_switch(SwitchRecord("offers", "", not paused, reason, self.clock.now()))
+        self._apply_pause(paused, reason)
+        await self._announce_switches()
+        return self.offers_paused
+
+    def _apply_pause(self, paused: bool, reason: str) -> None:
+        changed = paused != self.paused_by_admin
         self.paused_by_admin = paused
-        log.warning("offers.paused" if paused else "offers.resumed", reason=reason)
+        if changed:
+            log.warning("offers.paused" if paused else "offers.resumed", reason=reason)
         if paused:
             for device_id in list(self._reg.pending):
                 self._withdraw(device_id, "paused")
-        return self.offers_paused
 
     def scenario_enabled(self, scenario_id: str) -> bool:
         """Offered at all: loaded, enabled in its file, and not switched off."""
@@ -55,17 +62,41 @@ class Operations(Evaluation):
         if scenario_id not in self.engine.scenarios.by_id:
             raise NotFound(f"scenario_id: no scenario {scenario_id!r} is being served")
         await self.store.save_switch(SwitchRecord("scenario", scenario_id, enabled, reason, self.clock.now()))
+        self._apply_scenario_switch(scenario_id, enabled, reason)
+        await self._announce_switches()
+        return self.scenario_enabled(scenario_id)
+
+    def _apply_scenario_switch(self, scenario_id: str, enabled: bool, reason: str) -> None:
         if enabled:
+            if scenario_id in self.engine.disabled:
+                log.warning("scenario.enabled", scenario_id=scenario_id, reason=reason)
             self.engine.disabled.discard(scenario_id)
             self.disabled_reasons.pop(scenario_id, None)
-        else:
-            self.engine.disabled.add(scenario_id)
-            self.disabled_reasons[scenario_id] = reason
-            for device_id, pending in list(self._reg.pending.items()):
-                if pending.scenario_id == scenario_id:
-                    self._withdraw(device_id, "scenario_disabled")
-        log.warning("scenario.enabled" if enabled else "scenario.disabled", scenario_id=scenario_id, reason=reason)
-        return self.scenario_enabled(scenario_id)
+            return
+        if scenario_id not in self.engine.disabled:
+            log.warning("scenario.disabled", scenario_id=scenario_id, reason=reason)
+        self.engine.disabled.add(scenario_id)
+        self.disabled_reasons[scenario_id] = reason
+        for device_id, pending in list(self._reg.pending.items()):
+            if pending.scenario_id == scenario_id:
+                self._withdraw(device_id, "scenario_disabled")
+
+    async def sync_switches(self) -> None:
+        """Take the stored switches as they are now (at start, and when another replica changed one)."""
+        stored = {(s.scope, s.scope_id): s for s in await self.store.switches()}
+        offers = stored.get(("offers", ""))
+        self._apply_pause(offers is not None and not offers.on, offers.reason if offers else "")
+        for (scope, scope_id), switch in stored.items():
+            if scope == "scenario":
+                self._apply_scenario_switch(scope_id, switch.on, switch.reason)
+
+    async def _announce_switches(self) -> None:
+        """Other replicas re-read the switches; if this is lost, their periodic sweep finds the change."""
+        if self.bus.shared:
+            try:
+                await self.bus.publish(OPS, "", {"kind": "switches"})
+            except Exception:
+                log.warning("bus.publish_failed", topic=OPS, exc_info=True)
 
     async def dead_webhooks(self, limit: int = 100) -> list[WebhookRecord]:
         """The webhook outbox's dead-letter list, newest first."""

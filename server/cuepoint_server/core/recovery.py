@@ -8,10 +8,10 @@ import structlog
 
 from ..engine.state import MAX_REMEMBERED_IDS, DeviceState, EventOccurrence
 from .consent import REDACTED
-from .evaluation import Evaluation
 from .model import (
     CueOffer,
 )
+from .operations import Operations
 from .presentation import restored_offer
 from .sessions import DeviceSession, PendingCue
 from .validation import Limits
@@ -24,7 +24,7 @@ log = structlog.get_logger("cuepoint.core")
 RESTORE_SIGNALS = 5000
 
 
-class Recovery(Evaluation):
+class Recovery(Operations):
     async def _restore_state(self, state: DeviceState, now: float) -> None:
         scenarios = self.engine.scenarios
         horizon = min(max(scenarios.retention.values(), default=0.0), Limits.max_age)
@@ -96,11 +96,6 @@ class Recovery(Evaluation):
             log.warning("recovery.unfinished_accepts", offered_again=offered_again, lost=lost)
         self.stopped_variants = await self.store.stopped_variants()
         # Operations switches set through the admin API outlast the process.
-        for switch in await self.store.switches():
-            if switch.scope == "offers":
-                self.paused_by_admin = not switch.on
-            elif not switch.on:
-                self.engine.disabled.add(switch.scope_id)
-                self.disabled_reasons[switch.scope_id] = switch.reason
+        await self.sync_switches()
         for record in await self.store.open_engagements():
             self.desk.restore(record)

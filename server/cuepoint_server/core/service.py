@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..predict.registry import describe_scores
+from .cluster import Cluster
 from .core_base import CoreConfig
 from .errors import InvalidInput
 from .invitations import Invitations
 from .live import LiveNow, QueueLoad, describe_session, queue_loads
 from .model import AssociateSignIn, CueOffer
-from .operations import Operations
 from .privacy import Privacy
 from .session_lifecycle import SessionLifecycle
 from .sessions import AssociateSession
@@ -46,7 +46,7 @@ class DeviceView:
     scores: dict[str, Any] = field(default_factory=dict)
 
 
-class Core(SessionLifecycle, Invitations, Privacy, Operations):
+class Core(SessionLifecycle, Invitations, Privacy, Cluster):
     """The domain core the API adapters (gRPC, HTTP) and `simulate` drive."""
 
     def sign_in(self, request: AssociateSignIn) -> AssociateSession:
