@@ -25,6 +25,7 @@ from cuepoint.v1 import (
 
 from .api.admin import AdminServicer
 from .api.associate import AssociateServicer
+from .api.associate_links import AssociateLinks
 from .api.auth import AuthConfig, Authenticator, AuthInterceptor
 from .api.device import DeviceServicer
 from .api.limits import RateLimiter, RateLimits
@@ -195,6 +196,9 @@ class CuepointServer:
             DeviceServicer(core, auth=auth, limiter=limiter, hello_timeout=config.hello_timeout), server
         )
         associate = AssociateServicer(core, auth=auth, sign_in_timeout=config.hello_timeout)
+        if config.bus:
+            # The associate's stream reaches the other replicas' desks through stand-ins there.
+            associate.links = AssociateLinks(core, AssociateServicer(core, sign_in_timeout=None))
         associate_pb2_grpc.add_AssociateServiceServicer_to_server(associate, server)
         admin = AdminServicer(core, audit=trail)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
@@ -223,12 +227,15 @@ class CuepointServer:
         await core.recover()
         # Switches another replica changes from now on reach this one (core/cluster.py).
         await core.join_cluster()
+        if associate.links is not None:
+            await associate.links.start()
         # Models of declared outcomes come back from storage; this process trains while it holds the lease.
         await core.start_training()
         await server.start()
         for name in ("", *SERVICES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self = cls(config, store, core, server, port)
+        self.associate_links = associate.links
         self.audit = trail
         self.metrics.limiter = limiter
         admin.status = self._scenario_status
@@ -296,6 +303,7 @@ class CuepointServer:
 
     webhooks: WebhookDispatcher | None = None
     audit: AuditTrail | None = None
+    associate_links: AssociateLinks | None = None
     _purger: asyncio.Task[None] | None = None
 
     async def _purge_periodically(self) -> None:
@@ -317,6 +325,8 @@ class CuepointServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         await self._server.stop(self.config.grace if grace is None else grace)
+        if self.associate_links is not None:
+            await self.associate_links.stop()
         await self.core.drain()
         await self.core.leave_cluster()
         await self.core.bus.close()

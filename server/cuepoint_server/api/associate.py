@@ -13,10 +13,11 @@ from google.protobuf.message import DecodeError
 from cuepoint.v1 import associate_pb2, associate_pb2_grpc
 
 from ..core.errors import CoreError
-from ..core.model import EngagementEnded, EngagementView, SessionFailed
+from ..core.model import EngagementEnded, EngagementView, Forwarded, SessionFailed
 from ..core.service import Core
 from ..core.sessions import AssociateSession
 from . import conversation, convert
+from .associate_links import AssociateLinks, Link
 from .auth import Authenticator, undecodable
 from .errors import abort, status_for
 from .streams import opening
@@ -29,8 +30,17 @@ Context: TypeAlias = grpc.aio.ServicerContext[associate_pb2.AssociateMessage, as
 
 
 class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
-    def __init__(self, core: Core, *, auth: Authenticator | None = None, sign_in_timeout: float | None = 10.0) -> None:
+    def __init__(
+        self,
+        core: Core,
+        *,
+        auth: Authenticator | None = None,
+        sign_in_timeout: float | None = 10.0,
+        links: AssociateLinks | None = None,
+    ) -> None:
         self.core = core
+        # Several replicas: the stream is shared with the others' desks (api/associate_links.py).
+        self.links = links
         self.auth = auth  # None: auth disabled
         # Like a device's Hello: a stream that never signs in holds server memory for nothing.
         self.sign_in_timeout = sign_in_timeout
@@ -58,7 +68,8 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
         )
         # Every log line of this stream names the associate (each call runs in its own task).
         structlog.contextvars.bind_contextvars(associate_id=associate.associate_id)
-        reader = asyncio.create_task(self._read(request_iterator, associate))
+        link = await self._link(associate, first)
+        reader = asyncio.create_task(self._read(request_iterator, associate, link))
         try:
             while True:
                 item = await associate.outbox.get()
@@ -68,7 +79,9 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
                     if not item.reason:
                         return
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, item.reason)
-                if isinstance(item, EngagementView):
+                if isinstance(item, Forwarded):
+                    await context.write(associate_pb2.AssociateEvent.FromString(item.data))
+                elif isinstance(item, EngagementView):
                     await context.write(associate_pb2.AssociateEvent(assigned=convert.engagement_to_proto(item)))
                 elif isinstance(item, EngagementEnded):
                     await context.write(associate_pb2.AssociateEvent(ended=convert.engagement_ended_to_proto(item)))
@@ -77,10 +90,29 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
         finally:
             reader.cancel()
             self.core.sign_out(associate)
+            if link is not None and self.links is not None:
+                await self.links.close(link)
 
-    async def _read(self, requests: AsyncIterator[associate_pb2.AssociateMessage], associate: AssociateSession) -> None:
+    async def _link(self, associate: AssociateSession, first: associate_pb2.AssociateMessage) -> Link | None:
+        if self.links is None:
+            return None
+        shared = associate_pb2.AssociateMessage()
+        shared.CopyFrom(first)
+        # As signed in here, after the credentials' grants (which may have chosen the queues).
+        del shared.sign_in.queues[:]
+        shared.sign_in.queues.extend(associate.queues)
+        return await self.links.open(associate, shared)
+
+    async def _read(
+        self,
+        requests: AsyncIterator[associate_pb2.AssociateMessage],
+        associate: AssociateSession,
+        link: Link | None = None,
+    ) -> None:
         try:
             async for message in requests:
+                if link is not None and self.links is not None and await self.links.forward(link, message):
+                    continue  # another replica's engagement: its stand-in of this stream acts on it
                 kind = message.WhichOneof("kind")
                 if kind == "end":
                     end = message.end

@@ -18,6 +18,7 @@ __all__ = [
     "EngagementEnded",
     "EngagementUpdate",
     "EngagementView",
+    "Forwarded",
     "Hello",
     "IncomingBatch",
     "IncomingSignal",
@@ -137,6 +138,13 @@ class UserVerified:
     user_id: str
     verified: bool
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """An event another replica rendered for an associate whose stream is held here; sent on as it is."""
+
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)

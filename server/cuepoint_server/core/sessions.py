@@ -24,6 +24,7 @@ from .model import (
     EngagementView,
     FallbackOffered,
     FeedbackAsked,
+    Forwarded,
     InvitationResult,
     JourneyAppended,
     OfferWithdrawn,
@@ -53,6 +54,7 @@ DeviceOut = (
 )
 AssociateOut = (
     EngagementView
+    | Forwarded
     | EngagementOffered
     | OfferWithdrawn
     | EngagementEnded
