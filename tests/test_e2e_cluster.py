@@ -19,6 +19,7 @@ import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 
 from .cluster import Replica, nats_answers, run_prefix
+from .conftest import pg_url_for
 
 HELP = """
 id: help
@@ -29,12 +30,8 @@ cue: {message: "Need help?", channel: audio, upgrades: [chat], queue: support, t
 StartCluster = Callable[..., Awaitable[list[Replica]]]
 
 
-def _database(tmp_path: Path, key: str) -> str:
-    return str(tmp_path / "shared.db")
-
-
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[StartCluster]:
+async def cluster(tmp_path: Path, pg_database: str) -> AsyncIterator[StartCluster]:
     why = nats_answers()
     if why:
         if os.environ.get("CUEPOINT_REQUIRE_SERVICES") == "1":
@@ -48,7 +45,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[StartCluster]:
         folder.mkdir(exist_ok=True)
         for i, text in enumerate(scenario_texts):
             (folder / f"s{i}.yaml").write_text(text)
-        database = _database(tmp_path, prefix)
+        # One schema of the run's fresh database, shared by every replica of this test.
+        database = pg_url_for(pg_database, prefix)
         started = [
             Replica(name, folder, database, prefix, tmp_path / f"{name}.log", *extra)
             for name in "AB"[len(replicas) : len(replicas) + count]
