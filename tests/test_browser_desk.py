@@ -93,8 +93,13 @@ async def test_fitkit_story_in_the_browser(start_server: StartServer) -> None:
         await expect(context).to_contain_text("premium")
         await expect(context.locator("[data-field='user.id']")).to_contain_text("claimed")
         await expect(desk.locator("#why")).to_contain_text("FitKit: sync keeps failing (premium)")
+        # The routing rule that sent it to this queue, by name and where it is written, and its conditions.
+        rule = desk.locator("#why [data-field=routing-rule]")
+        await expect(rule).to_contain_text("premium sync help (fitkit-support-queue.yaml:")
+        await expect(rule).to_contain_text("→ fitkit-support, priority +10")
         await expect(desk.locator("#conditions")).to_contain_text("sync_failed")
         await expect(desk.locator("#conditions")).to_contain_text("user.tier")
+        await expect(desk.locator("#conditions")).to_contain_text("routing.rules[0].when")
         await expect(desk.locator("#journey")).to_contain_text("sync_failed")
         await expect(desk.locator("#journey")).to_contain_text("dashboard")
 
@@ -129,18 +134,35 @@ async def test_fitkit_story_in_the_browser(start_server: StartServer) -> None:
         await expect(desk.locator("#calllog")).to_contain_text("call set up: stable")
         await screenshot(desk, "desk-2-engagement")
 
-        # Wrap-up with one of the queue's disposition codes.
+        # Wrap-up with one of the queue's disposition codes and outcomes: the outcome is required.
         await desk.get_by_label("Disposition").select_option("resolved")
         await desk.get_by_label("Notes").fill("Cleared a stale auth token.")
+        await desk.get_by_role("button", name="Complete").click()
+        # The browser holds the form back (a required field) and takes the associate to it.
+        await expect(desk.get_by_label("Outcome")).to_be_focused()
+        assert await desk.get_by_label("Outcome").evaluate("(e) => e.validity.valueMissing")
+        await expect(desk.locator("#work")).to_be_visible()
+        await desk.get_by_label("Outcome").select_option(label="Kept the subscription")
         await desk.get_by_role("button", name="Complete").click()
         ended = await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=5)
         assert ended.disposition == "resolved"
         await expect(desk.locator("#last-wrap")).to_contain_text("resolved")
+        await server.core.drain()
+        stored = await server.core.store.get_engagement(ended.engagement_id)
+        assert stored is not None and (stored.wrap_up_outcome, stored.wrap_up_success) == ("kept_subscription", True)
 
         console = await open_console(browser, server)
         funnel = console.locator("article[data-scenario='fitkit-sync-failure']")
         await expect(funnel.locator("[data-step=resolved] .n")).to_have_text("1")
         await expect(funnel.locator("[data-step=accepted] .n")).to_have_text("1")
+        # The chart's steps, in order, end with the outcome the associate recorded.
+        steps = funnel.locator(".funnel .step")
+        await expect(steps).to_have_count(7)
+        assert [await s.get_attribute("data-step") for s in await steps.all()] == [
+            "qualified", "blocked_total", "offered", "accepted", "engaged", "resolved", "outcome",
+        ]  # fmt: skip
+        await expect(funnel.locator("[data-step=outcome] .n")).to_have_text("1")
+        await expect(funnel.locator("[data-role=wrap-up-outcomes]")).to_contain_text("kept subscription 1")
         await expect(console.locator("#sessions")).to_contain_text("fitkit-iphone-7f3a")
         # Handling times: Dana's engagement, in its queue, wrapped up as it ended.
         handled = console.locator("#handling-associates tr[data-key=dana]")

@@ -52,7 +52,7 @@ scenarios:
 IPHONE, PIXEL = "iPhone15,2", "Pixel 8"
 STAGES = (
     "qualified", "offered", "accepted", "declined", "dismissed", "ignored", "withdrawn", "pending", "engaged",
-    "resolved", "qualified_sessions",
+    "resolved", "outcome", "qualified_sessions",
 )  # fmt: skip
 
 
@@ -117,12 +117,12 @@ async def run_population(server: CuepointServer, clock: ManualClock) -> float:
     """Five phones, each a different path through the funnel; returns a time before the last decision."""
     associate = await cuepoint.connect_associate(server.address, associate_id="dana", queues=["support"])
 
-    # p1: accepts, the associate resolves it.
+    # p1: accepts, the associate resolves it and records the outcome (the queue's default outcomes).
     p1 = await device(server, "p1")
     await send(p1, "sync_failed", reason="timeout")
     engagement = await p1.accept(await p1.next_cue(timeout=5))
     await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
-    await associate.end(await associate.next_engagement(timeout=5), disposition="resolved")
+    await associate.end(await associate.next_engagement(timeout=5), disposition="resolved", outcome="resolved")
     await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=5)
 
     # p2: declines.
@@ -182,6 +182,7 @@ async def test_funnel_counts_every_stage_per_reason_and_device_model(
         "ignored": 1,
         "engaged": 1,
         "resolved": 1,
+        "outcome": 1,  # p1's associate recorded "resolved", a success outcome
         "qualified_sessions": 5,
         # p5 reached the outcome milestone; p1's engagement was resolved.
         "treated": (5, 1, 2),
@@ -197,6 +198,7 @@ async def test_funnel_counts_every_stage_per_reason_and_device_model(
         "holdout": (0, 0, 0),
     }
     assert rows[1].treated.conversion_rate == pytest.approx(0.4)
+    assert dict(rows[1].wrap_up_outcomes) == {"resolved": 1} and not rows[0].wrap_up_outcomes
 
     by_model = await get_funnel(server, group_by=["device.model"])
     found = {(r.scenario_id, r.group["device.model"]): stages(r) for r in by_model}
@@ -210,6 +212,7 @@ async def test_funnel_counts_every_stage_per_reason_and_device_model(
         "withdrawn": 1,
         "engaged": 1,
         "resolved": 1,
+        "outcome": 1,
         "qualified_sessions": 3,
         "treated": (3, 1, 2),
         "holdout": (0, 0, 0),
@@ -266,12 +269,13 @@ async def test_funnel_counts_every_stage_per_reason_and_device_model(
     table = await report("--since", "7d", "--scenario", "sync-help")
     lines = table.splitlines()
     header = next(line for line in lines if line.startswith("scenario"))
-    assert header.split()[:12] == [
+    assert header.split()[:13] == [
         "scenario", "qualified", "blocked", "offered", "accepted", "declined", "dismissed", "ignored",
-        "withdrawn", "pending", "engaged", "resolved",
+        "withdrawn", "pending", "engaged", "resolved", "outcome",
     ]  # fmt: skip
     row = next(line for line in lines if line.startswith("sync-help"))
-    assert row.split()[:13] == ["sync-help", "6", "2", "4", "1", "1", "0", "1", "1", "0", "1", "1", "5"]
+    assert row.split()[:14] == ["sync-help", "6", "2", "4", "1", "1", "0", "1", "1", "0", "1", "1", "1", "5"]
+    assert "  sync-help: resolved 1" in table  # outcomes recorded at wrap-up
     assert "2/5 40.0%" in row
     assert "  sync-help: cooldown 1, priority 1" in table
 

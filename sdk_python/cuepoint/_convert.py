@@ -50,7 +50,9 @@ from .models import (
     ParticipantRole,
     Party,
     Presence,
+    PriorCue,
     PriorEngagement,
+    RoutingRuleMatch,
     Scalar,
     SupervisedEngagement,
     Transfer,
@@ -684,6 +686,40 @@ def prior_engagement_from_proto(msg: common_pb2.PriorEngagement) -> PriorEngagem
         disposition=msg.disposition,
         notes=msg.notes,
         outcome=msg.outcome,
+        wrap_up_outcome=msg.wrap_up_outcome,
+    )
+
+
+_CUE_STATUS = {
+    common_pb2.CUE_STATUS_OFFERED: "offered",
+    common_pb2.CUE_STATUS_ACCEPTED: "accepted",
+    common_pb2.CUE_STATUS_DECLINED: "declined",
+    common_pb2.CUE_STATUS_DISMISSED: "dismissed",
+    common_pb2.CUE_STATUS_EXPIRED: "expired",
+    common_pb2.CUE_STATUS_WITHDRAWN: "withdrawn",
+    common_pb2.CUE_STATUS_OPENED: "opened",
+}
+
+
+def prior_cue_from_proto(msg: common_pb2.PriorCue) -> PriorCue:
+    return PriorCue(
+        cue_id=msg.cue_id,
+        created_at=time_from_proto(msg, "created_at"),
+        scenario_id=msg.scenario_id,
+        status=_CUE_STATUS.get(msg.status, ""),
+    )
+
+
+def routing_rule_from_proto(msg: common_pb2.RoutingRuleMatch) -> RoutingRuleMatch:
+    return RoutingRuleMatch(
+        index=msg.index,
+        name=msg.name,
+        file=msg.file,
+        line=msg.line,
+        queue=msg.queue,
+        priority=msg.priority,
+        skills=tuple(msg.skills),
+        conditions=tuple(MatchedCondition(c.path, c.description) for c in msg.conditions),
     )
 
 
@@ -715,6 +751,8 @@ def engagement_context_from_proto(msg: common_pb2.EngagementContext) -> Engageme
             )
             for s in msg.scores
         ),
+        prior_cues=tuple(prior_cue_from_proto(c) for c in msg.prior_cues),
+        routing_rule=routing_rule_from_proto(msg.routing_rule) if msg.HasField("routing_rule") else None,
     )
 
 
@@ -947,6 +985,10 @@ def barge(engagement_id: str) -> associate_pb2.AssociateMessage:
     return associate_pb2.AssociateMessage(barge=associate_pb2.BargeIn(engagement_id=engagement_id))
 
 
-def end_engagement(engagement_id: str, disposition: str, notes: str) -> associate_pb2.AssociateMessage:
-    msg = associate_pb2.EndEngagement(engagement_id=engagement_id, disposition=disposition, notes=notes)
+def end_engagement(
+    engagement_id: str, disposition: str, notes: str, outcome: str = ""
+) -> associate_pb2.AssociateMessage:
+    msg = associate_pb2.EndEngagement(
+        engagement_id=engagement_id, disposition=disposition, notes=notes, outcome=outcome
+    )
     return associate_pb2.AssociateMessage(end=msg)

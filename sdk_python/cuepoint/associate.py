@@ -344,8 +344,12 @@ class AssociateClient:
         *,
         disposition: str = "resolved",
         notes: str = "",
+        outcome: str = "",
     ) -> None:
         """Ask the server to end an engagement with a wrap-up ``disposition``.
+
+        ``outcome``: what you record as its outcome, one of the queue's ``outcomes`` (by default
+        ``resolved``, ``converted``, ``not_resolved``); success outcomes count in the funnel.
 
         Returns once sent; the server's EngagementEnded (see :meth:`events`)
         confirms it and removes it from :attr:`active`. Also the wrap-up of an
@@ -353,7 +357,7 @@ class AssociateClient:
         """
         self._check_usable()
         engagement_id = _engagement_id(engagement, "end.engagement_id")
-        await self._send(_convert.end_engagement(engagement_id, disposition, notes))
+        await self._send(_convert.end_engagement(engagement_id, disposition, notes, outcome))
 
     # --- offers (manual claim) -----------------------------------------------------
 

@@ -49,7 +49,9 @@ __all__ = [
     "ParticipantRole",
     "Party",
     "Presence",
+    "PriorCue",
     "PriorEngagement",
+    "RoutingRuleMatch",
     "Scalar",
     "ServerEvent",
     "SupervisedEngagement",
@@ -614,6 +616,37 @@ class EngagementContext:
     """``user_id`` was asserted by the app backend's token; False: the device only claims it."""
     scores: tuple[OutcomeScore, ...] = ()
     """Predicted outcome probabilities when the engagement was routed, with their top features."""
+    prior_cues: tuple[PriorCue, ...] = ()
+    """Earlier cues to this user (or device), oldest first, with how each ended."""
+    routing_rule: RoutingRuleMatch | None = None
+    """The routing rule that sent it to its queue; ``None`` when none matched (the scenario's queue)."""
+
+
+@dataclass(frozen=True)
+class PriorCue:
+    """An earlier cue to the same user or device and how it ended."""
+
+    cue_id: str
+    created_at: float | None = None
+    scenario_id: str = ""
+    status: str = ""
+    """``offered`` (still on screen), ``accepted``, ``declined``, ``dismissed``, ``expired``, ``withdrawn``
+    or ``opened``."""
+
+
+@dataclass(frozen=True)
+class RoutingRuleMatch:
+    """The routing rule that sent an engagement to its queue, and its conditions that held."""
+
+    index: int
+    name: str = ""
+    """Empty when the rule is unnamed: it is ``routing.rules[index]``."""
+    file: str = ""
+    line: int = 0
+    queue: str = ""
+    priority: int = 0
+    skills: tuple[str, ...] = ()
+    conditions: tuple[MatchedCondition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -626,7 +659,9 @@ class PriorEngagement:
     disposition: str = ""
     notes: str = ""
     outcome: str = ""
-    """The scenario's outcome milestone, if the user reached it afterwards."""
+    """The scenario's engagement_outcome check: ``pending``, ``achieved`` or ``not_achieved`` ("" without one)."""
+    wrap_up_outcome: str = ""
+    """What the associate recorded at wrap-up (one of the queue's outcomes)."""
 
 
 @dataclass(frozen=True)

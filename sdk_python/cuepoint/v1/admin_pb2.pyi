@@ -944,6 +944,26 @@ class FunnelRow(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class WrapUpOutcomesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SCENARIO_ID_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     QUALIFIED_FIELD_NUMBER: _builtins.int
@@ -964,6 +984,8 @@ class FunnelRow(_message.Message):
     OPENED_FIELD_NUMBER: _builtins.int
     VARIANTS_FIELD_NUMBER: _builtins.int
     FEEDBACK_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    WRAP_UP_OUTCOMES_FIELD_NUMBER: _builtins.int
     scenario_id: _builtins.str
     qualified: _builtins.int
     """Times the scenario qualified and was arbitrated: offered + blocked."""
@@ -987,6 +1009,10 @@ class FunnelRow(_message.Message):
     """Distinct sessions in which it qualified: treated + holdout sessions."""
     opened: _builtins.int
     """Answered with a button that opens a link (status opened)."""
+    outcome: _builtins.int
+    """Engaged, and the engagement achieved its outcome: a success outcome
+    recorded at wrap-up, the engagement_outcome check, or the outcome milestone.
+    """
     @_builtins.property
     def group(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """group_by key -> value ("" when the session did not say)."""
@@ -1008,6 +1034,10 @@ class FunnelRow(_message.Message):
     @_builtins.property
     def feedback(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeedbackSummary]:
         """Ratings given after this scenario's engagements, one entry per kind."""
+
+    @_builtins.property
+    def wrap_up_outcomes(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Outcome recorded at wrap-up -> engaged cues."""
 
     def __init__(
         self,
@@ -1032,10 +1062,12 @@ class FunnelRow(_message.Message):
         opened: _builtins.int = ...,
         variants: _abc.Iterable[Global___VariantResult] | None = ...,
         feedback: _abc.Iterable[Global___FeedbackSummary] | None = ...,
+        outcome: _builtins.int = ...,
+        wrap_up_outcomes: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["holdout", b"holdout", "treated", b"treated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "blocked", b"blocked", "blocked_total", b"blocked_total", "declined", b"declined", "dismissed", b"dismissed", "engaged", b"engaged", "feedback", b"feedback", "group", b"group", "holdout", b"holdout", "ignored", b"ignored", "offered", b"offered", "opened", b"opened", "pending", b"pending", "qualified", b"qualified", "qualified_sessions", b"qualified_sessions", "resolved", b"resolved", "scenario_id", b"scenario_id", "treated", b"treated", "variants", b"variants", "withdrawn", b"withdrawn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "blocked", b"blocked", "blocked_total", b"blocked_total", "declined", b"declined", "dismissed", b"dismissed", "engaged", b"engaged", "feedback", b"feedback", "group", b"group", "holdout", b"holdout", "ignored", b"ignored", "offered", b"offered", "opened", b"opened", "outcome", b"outcome", "pending", b"pending", "qualified", b"qualified", "qualified_sessions", b"qualified_sessions", "resolved", b"resolved", "scenario_id", b"scenario_id", "treated", b"treated", "variants", b"variants", "withdrawn", b"withdrawn", "wrap_up_outcomes", b"wrap_up_outcomes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1332,12 +1364,17 @@ class QueueLoad(_message.Message):
     WAITING_FIELD_NUMBER: _builtins.int
     ASSOCIATES_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    LONGEST_WAIT_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     waiting: _builtins.int
     """Engagements waiting for an associate."""
     associates: _builtins.int
     """Associates signed in to the queue, and those with spare capacity."""
     available: _builtins.int
+    @_builtins.property
+    def longest_wait(self) -> _duration_pb2.Duration:
+        """How long the longest-waiting engagement has waited; zero when none waits."""
+
     def __init__(
         self,
         *,
@@ -1345,10 +1382,11 @@ class QueueLoad(_message.Message):
         waiting: _builtins.int = ...,
         associates: _builtins.int = ...,
         available: _builtins.int = ...,
+        longest_wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["longest_wait", b"longest_wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["associates", b"associates", "available", b"available", "queue", b"queue", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["associates", b"associates", "available", b"available", "longest_wait", b"longest_wait", "queue", b"queue", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

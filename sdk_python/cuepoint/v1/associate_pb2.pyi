@@ -513,20 +513,27 @@ class EndEngagement(_message.Message):
     ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
     DISPOSITION_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     engagement_id: _builtins.str
     disposition: _builtins.str
     """Wrap-up code, e.g. "resolved", "escalated"."""
     notes: _builtins.str
+    outcome: _builtins.str
+    """The outcome the associate records: one of the queue's `outcomes` (by
+    default resolved, converted, not_resolved); empty: none recorded. Success
+    outcomes count in the funnel's outcome step.
+    """
     def __init__(
         self,
         *,
         engagement_id: _builtins.str = ...,
         disposition: _builtins.str = ...,
         notes: _builtins.str = ...,
+        outcome: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disposition", b"disposition", "engagement_id", b"engagement_id", "notes", b"notes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disposition", b"disposition", "engagement_id", b"engagement_id", "notes", b"notes", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -221,6 +221,44 @@ CALL_SIGNAL_KIND_CANDIDATE: CallSignalKind.ValueType  # 3
 CALL_SIGNAL_KIND_HANGUP: CallSignalKind.ValueType  # 4
 Global___CallSignalKind: _TypeAlias = CallSignalKind  # noqa: Y015
 
+class _CueStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CueStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CueStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CUE_STATUS_UNSPECIFIED: _CueStatus.ValueType  # 0
+    CUE_STATUS_OFFERED: _CueStatus.ValueType  # 1
+    """Still on screen."""
+    CUE_STATUS_ACCEPTED: _CueStatus.ValueType  # 2
+    CUE_STATUS_DECLINED: _CueStatus.ValueType  # 3
+    CUE_STATUS_DISMISSED: _CueStatus.ValueType  # 4
+    """Closed without an answer."""
+    CUE_STATUS_EXPIRED: _CueStatus.ValueType  # 5
+    """Never answered before its ttl ran out."""
+    CUE_STATUS_WITHDRAWN: _CueStatus.ValueType  # 6
+    """Pulled by the server (condition cleared, outcome reached, scenario removed, paused)."""
+    CUE_STATUS_OPENED: _CueStatus.ValueType  # 7
+    """Answered with a button that opens a link."""
+
+class CueStatus(_CueStatus, metaclass=_CueStatusEnumTypeWrapper):
+    """How a cue ended (its stored status)."""
+
+CUE_STATUS_UNSPECIFIED: CueStatus.ValueType  # 0
+CUE_STATUS_OFFERED: CueStatus.ValueType  # 1
+"""Still on screen."""
+CUE_STATUS_ACCEPTED: CueStatus.ValueType  # 2
+CUE_STATUS_DECLINED: CueStatus.ValueType  # 3
+CUE_STATUS_DISMISSED: CueStatus.ValueType  # 4
+"""Closed without an answer."""
+CUE_STATUS_EXPIRED: CueStatus.ValueType  # 5
+"""Never answered before its ttl ran out."""
+CUE_STATUS_WITHDRAWN: CueStatus.ValueType  # 6
+"""Pulled by the server (condition cleared, outcome reached, scenario removed, paused)."""
+CUE_STATUS_OPENED: CueStatus.ValueType  # 7
+"""Answered with a button that opens a link."""
+Global___CueStatus: _TypeAlias = CueStatus  # noqa: Y015
+
 class _ScoreStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -975,11 +1013,15 @@ class PriorEngagement(_message.Message):
     DISPOSITION_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
+    WRAP_UP_OUTCOME_FIELD_NUMBER: _builtins.int
     engagement_id: _builtins.str
     scenario_id: _builtins.str
     disposition: _builtins.str
     notes: _builtins.str
     outcome: _builtins.str
+    """The scenario's engagement_outcome check: "", pending, achieved or not_achieved."""
+    wrap_up_outcome: _builtins.str
+    """What the associate recorded at wrap-up (one of the queue's outcomes), "" when none."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -991,14 +1033,97 @@ class PriorEngagement(_message.Message):
         disposition: _builtins.str = ...,
         notes: _builtins.str = ...,
         outcome: _builtins.str = ...,
+        wrap_up_outcome: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disposition", b"disposition", "engagement_id", b"engagement_id", "notes", b"notes", "outcome", b"outcome", "scenario_id", b"scenario_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disposition", b"disposition", "engagement_id", b"engagement_id", "notes", b"notes", "outcome", b"outcome", "scenario_id", b"scenario_id", "wrap_up_outcome", b"wrap_up_outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PriorEngagement: _TypeAlias = PriorEngagement  # noqa: Y015
+
+@_typing.final
+class PriorCue(_message.Message):
+    """An earlier cue to the same user (or device) and how it ended, for the journey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUE_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    SCENARIO_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    cue_id: _builtins.str
+    scenario_id: _builtins.str
+    status: Global___CueStatus.ValueType
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        cue_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        scenario_id: _builtins.str = ...,
+        status: Global___CueStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "cue_id", b"cue_id", "scenario_id", b"scenario_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriorCue: _TypeAlias = PriorCue  # noqa: Y015
+
+@_typing.final
+class RoutingRuleMatch(_message.Message):
+    """The routing rule that sent an engagement to its queue (first match wins)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    SKILLS_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its place among the routing rules (0-based) and its name ("" when unnamed:
+    people call it routing.rules[index]).
+    """
+    name: _builtins.str
+    file: _builtins.str
+    """Where it is written."""
+    line: _builtins.int
+    queue: _builtins.str
+    """Where it sent the engagement, the priority it added and the skills it requires."""
+    priority: _builtins.int
+    @_builtins.property
+    def skills(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___MatchedCondition]:
+        """Its conditions that held, with observed values."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        name: _builtins.str = ...,
+        file: _builtins.str = ...,
+        line: _builtins.int = ...,
+        queue: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        skills: _abc.Iterable[_builtins.str] | None = ...,
+        conditions: _abc.Iterable[Global___MatchedCondition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "file", b"file", "index", b"index", "line", b"line", "name", b"name", "priority", b"priority", "queue", b"queue", "skills", b"skills"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoutingRuleMatch: _TypeAlias = RoutingRuleMatch  # noqa: Y015
 
 @_typing.final
 class JourneyEntry(_message.Message):
@@ -1123,6 +1248,8 @@ class EngagementContext(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     USER_VERIFIED_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
+    PRIOR_CUES_FIELD_NUMBER: _builtins.int
+    ROUTING_RULE_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     device_id: _builtins.str
     user_id: _builtins.str
@@ -1169,6 +1296,16 @@ class EngagementContext(_message.Message):
         features that moved each most (scenario files' `outcomes:`).
         """
 
+    @_builtins.property
+    def prior_cues(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorCue]:
+        """Earlier cues to the same user (or device), oldest first, with how each ended."""
+
+    @_builtins.property
+    def routing_rule(self) -> Global___RoutingRuleMatch:
+        """The routing rule that sent it to its queue; unset when none matched (the
+        scenario's own queue).
+        """
+
     def __init__(
         self,
         *,
@@ -1188,10 +1325,12 @@ class EngagementContext(_message.Message):
         priority: _builtins.int = ...,
         user_verified: _builtins.bool = ...,
         scores: _abc.Iterable[Global___OutcomeScore] | None = ...,
+        prior_cues: _abc.Iterable[Global___PriorCue] | None = ...,
+        routing_rule: Global___RoutingRuleMatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "cue", b"cue", "trigger", b"trigger", "user", b"user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "cue", b"cue", "routing_rule", b"routing_rule", "trigger", b"trigger", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "cue", b"cue", "device_id", b"device_id", "journey", b"journey", "milestones", b"milestones", "prior_engagements", b"prior_engagements", "priority", b"priority", "redacted_fields", b"redacted_fields", "scores", b"scores", "segments", b"segments", "trigger", b"trigger", "user", b"user", "user_id", b"user_id", "user_verified", b"user_verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "cue", b"cue", "device_id", b"device_id", "journey", b"journey", "milestones", b"milestones", "prior_cues", b"prior_cues", "prior_engagements", b"prior_engagements", "priority", b"priority", "redacted_fields", b"redacted_fields", "routing_rule", b"routing_rule", "scores", b"scores", "segments", b"segments", "trigger", b"trigger", "user", b"user", "user_id", b"user_id", "user_verified", b"user_verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -271,7 +271,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             now=timestamp(live.now),
             sessions=[_live_session(s) for s in sessions],
             queues=[
-                admin_pb2.QueueLoad(queue=q.queue, waiting=q.waiting, associates=q.associates, available=q.available)
+                admin_pb2.QueueLoad(
+                    queue=q.queue,
+                    waiting=q.waiting,
+                    associates=q.associates,
+                    available=q.available,
+                    longest_wait=duration(q.longest_wait),
+                )
                 for q in queues
             ],
             pending_cues=sum(1 for s in sessions if s.pending_cue is not None),
@@ -459,6 +465,8 @@ def _funnel_row(row: FunnelRow, group_by: tuple[str, ...]) -> admin_pb2.FunnelRo
         pending=row.pending,
         engaged=row.engaged,
         resolved=row.resolved,
+        outcome=row.outcome,
+        wrap_up_outcomes=row.wrap_up_outcomes,
         qualified_sessions=row.qualified_sessions,
         treated=_conversion(row.treated),
         holdout=_conversion(row.holdout),

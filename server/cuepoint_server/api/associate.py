@@ -116,7 +116,9 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
                 kind = message.WhichOneof("kind")
                 if kind == "end":
                     end = message.end
-                    await self.core.end_engagement(associate, end.engagement_id, end.disposition, end.notes)
+                    await self.core.end_engagement(
+                        associate, end.engagement_id, end.disposition, end.notes, end.outcome
+                    )
                 elif kind in conversation.ASSOCIATE_KINDS:
                     await conversation.from_associate(self.core, associate, message)
                 else:

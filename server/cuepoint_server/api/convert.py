@@ -30,6 +30,7 @@ from ..core.model import (
     Withdrawal,
 )
 from ..core.validation import Limits
+from ..scenarios.compiler import RuleMatch
 
 __all__ = [
     "ack_to_proto",
@@ -88,6 +89,15 @@ ROLES = {
     "monitor": common_pb2.PARTICIPANT_ROLE_MONITOR,
     "barge": common_pb2.PARTICIPANT_ROLE_BARGE,
 }
+CUE_STATUS_TO_PROTO = {
+    "offered": common_pb2.CUE_STATUS_OFFERED,
+    "accepted": common_pb2.CUE_STATUS_ACCEPTED,
+    "declined": common_pb2.CUE_STATUS_DECLINED,
+    "dismissed": common_pb2.CUE_STATUS_DISMISSED,
+    "expired": common_pb2.CUE_STATUS_EXPIRED,
+    "withdrawn": common_pb2.CUE_STATUS_WITHDRAWN,
+    "opened": common_pb2.CUE_STATUS_OPENED,
+}
 TRANSFER_MODES = {"blind": common_pb2.TRANSFER_MODE_BLIND, "consult": common_pb2.TRANSFER_MODE_CONSULT}
 PARTIES = {"user": common_pb2.PARTY_USER, "associate": common_pb2.PARTY_ASSOCIATE, "system": common_pb2.PARTY_SYSTEM}
 # Well-known Context fields and the flat keys scenario files use for them.
@@ -109,9 +119,9 @@ def timestamp(seconds: float) -> Timestamp:
 
 
 def duration(seconds: float) -> Duration:
-    d = Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
+    out = Duration()
+    out.FromNanoseconds(int(max(0.0, seconds) * 1e9))
+    return out
 
 
 def _seconds(ts: Timestamp, field: str) -> float:
@@ -414,12 +424,23 @@ def engagement_to_proto(view: EngagementView) -> common_pb2.Engagement:
                     disposition=p.disposition,
                     notes=p.notes,
                     outcome=p.outcome,
+                    wrap_up_outcome=p.wrap_up_outcome,
                 )
                 for p in ctx.prior_engagements
             ],
             priority=ctx.priority,
             user_verified=ctx.user_verified,
             scores=scores_to_proto(ctx.scores),
+            prior_cues=[
+                common_pb2.PriorCue(
+                    cue_id=c.cue_id,
+                    created_at=timestamp(c.created_at),
+                    scenario_id=c.scenario_id,
+                    status=CUE_STATUS_TO_PROTO.get(c.status, common_pb2.CUE_STATUS_UNSPECIFIED),
+                )
+                for c in ctx.prior_cues
+            ],
+            routing_rule=_rule_to_proto(ctx.routing_rule),
         ),
         transcript=[chat_to_proto(line) for line in view.transcript],
         transfers=[
@@ -447,6 +468,21 @@ KINDS = {"live": common_pb2.ENGAGEMENT_KIND_LIVE, "callback": common_pb2.ENGAGEM
 def callback_at_from_proto(choice: device_pb2.FallbackChoice) -> float | None:
     """The callback time a FallbackChoice asks for; None when unset (as soon as someone is free)."""
     return _seconds(choice.callback_at, "fallback_choice.callback_at") if choice.HasField("callback_at") else None
+
+
+def _rule_to_proto(rule: RuleMatch | None) -> common_pb2.RoutingRuleMatch | None:
+    if rule is None:
+        return None
+    return common_pb2.RoutingRuleMatch(
+        index=rule.index,
+        name=rule.name,
+        file=rule.file,
+        line=rule.line,
+        queue=rule.queue,
+        priority=rule.priority,
+        skills=rule.skills,
+        conditions=[common_pb2.MatchedCondition(path=path, description=text) for path, text in rule.conditions],
+    )
 
 
 def participants_to_proto(people: tuple[ParticipantInfo, ...]) -> list[common_pb2.Participant]:

@@ -291,6 +291,7 @@ class DeskBase:
             "kind": engagement.kind,
             "callback_at": engagement.callback_at,
             "callback_number": engagement.callback_number,
+            "wrap_up_outcome": engagement.wrap_up_outcome,
             "cue_id": engagement.cue_id,
             "scenario_id": engagement.scenario_id,
             "device_id": engagement.device_id,

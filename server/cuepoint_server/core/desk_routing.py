@@ -52,7 +52,7 @@ class Routing(Bots):
         scenarios = self.engine.scenarios
         scenario = scenarios.by_id.get(pending.scenario_id)
         base_queue = str(pending.explanation.get("queue") or "default")
-        queue, priority, skills = scenarios.routing.route(
+        route = scenarios.routing.decide(
             session.state,
             now,
             base_queue,
@@ -60,7 +60,14 @@ class Routing(Bots):
             scenario.skills if scenario else (),
             scenario_id=pending.scenario_id,
         )
-        context = await self._context(session, pending, priority)
+        queue, priority, skills = route.queue, route.priority, route.skills
+        rule = route.rule
+        redactor = Redactor(session.state.context, session.consent)
+        if rule is not None and redactor:
+            # The rule's observed values obey the same consent as the scenario's explanation.
+            held = redactor.explanation({"conditions": rule.conditions})["conditions"]
+            rule = replace(rule, conditions=tuple((str(p), str(t)) for p, t in held))
+        context = replace(await self._context(session, pending, priority), routing_rule=rule)
         engagement = Engagement(
             engagement_id=uuid.uuid4().hex,
             cue_id=pending.offer.cue_id,
@@ -168,7 +175,9 @@ class Routing(Bots):
             cue=cue,
             redacted_fields=tuple(sorted(redacted)),
             prior_engagements=tuple(
-                PriorEngagement(p.engagement_id, p.created_at, p.scenario_id, p.disposition, p.notes, p.outcome)
+                PriorEngagement(
+                    p.engagement_id, p.created_at, p.scenario_id, p.disposition, p.notes, p.outcome, p.wrap_up_outcome
+                )
                 for p in prior
             ),
             prior_cues=tuple(

@@ -21,7 +21,11 @@ log = structlog.get_logger("cuepoint.core.engagements")
 
 
 class WrapUp(Routing):
-    async def wrap_up(self, associate: AssociateSession, engagement_id: str, disposition: str, notes: str) -> None:
+    async def wrap_up(
+        self, associate: AssociateSession, engagement_id: str, disposition: str, notes: str, outcome: str = ""
+    ) -> None:
+        """End (or, after the user left, complete) an engagement with a disposition, notes and optionally
+        the outcome the associate records: one of the queue's `outcomes`, stored with the wrap-up."""
         engagement = self._engagements.get(engagement_id)
         if engagement is None:
             raise NotFound(f"no engagement {engagement_id!r}")
@@ -29,11 +33,19 @@ class WrapUp(Routing):
             raise PermissionDenied(f"engagement {engagement_id!r} is not assigned to you")
         if not disposition or len(disposition) > 64:
             raise InvalidInput("end.disposition", "required; at most 64 characters")
-        codes = self.engine.scenarios.routing.queue(engagement.queue).dispositions
-        if codes and disposition not in codes:
-            raise InvalidInput("end.disposition", f"queue {engagement.queue!r} takes one of: {', '.join(codes)}")
+        queue = self.engine.scenarios.routing.queue(engagement.queue)
+        if queue.dispositions and disposition not in queue.dispositions:
+            codes = ", ".join(queue.dispositions)
+            raise InvalidInput("end.disposition", f"queue {engagement.queue!r} takes one of: {codes}")
+        success = False
+        if outcome:
+            choices = {o.id: o.success for o in queue.wrap_up_outcomes}
+            if outcome not in choices:
+                raise InvalidInput("end.outcome", f"queue {engagement.queue!r} records one of: {', '.join(choices)}")
+            success = choices[outcome]
         engagement.disposition, engagement.notes = disposition, notes[:4000]
         engagement.wrapped_up_at = self.clock.now()
+        engagement.wrap_up_outcome, engagement.wrap_up_success = outcome, success
         if engagement.state == "ended":
             # The user left first; this is the associate's wrap-up.
             await self._persist(engagement, "engagement.wrapped_up")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..clock import TimerHandle
-from ..scenarios.compiler import OutcomeCheck
+from ..scenarios.compiler import OutcomeCheck, RuleMatch
 from ..storage import EngagementRecord
 from .model import (
     ChatLine,
@@ -62,6 +62,9 @@ class Engagement:
     disposition: str = ""
     notes: str = ""
     outcome: str = ""
+    # Recorded by the associate at wrap-up: one of the queue's outcomes, and whether it counts as success.
+    wrap_up_outcome: str = ""
+    wrap_up_success: bool = False
     rejected_by: set[str] = field(default_factory=set)
     offered_to: AssociateSession | None = None
     offer_timer: TimerHandle | None = None
@@ -141,6 +144,8 @@ class Engagement:
             callback_at=self.callback_at,
             callback_number=self.callback_number,
             wrapped_up_at=self.wrapped_up_at,
+            wrap_up_outcome=self.wrap_up_outcome,
+            wrap_up_success=self.wrap_up_success,
         )
 
 
@@ -177,6 +182,7 @@ def context_json(ctx: EngagementContext) -> dict[str, Any]:
                 "disposition": p.disposition,
                 "notes": p.notes,
                 "outcome": p.outcome,
+                "wrap_up_outcome": p.wrap_up_outcome,
             }
             for p in ctx.prior_engagements
         ],
@@ -187,6 +193,7 @@ def context_json(ctx: EngagementContext) -> dict[str, Any]:
             {"cue_id": c.cue_id, "created_at": c.created_at, "scenario_id": c.scenario_id, "status": c.status}
             for c in ctx.prior_cues
         ],
+        "routing_rule": None if ctx.routing_rule is None else ctx.routing_rule.as_dict(),
     }
 
 
@@ -223,6 +230,7 @@ def context_from_json(data: Mapping[str, Any]) -> EngagementContext:
                 p.get("disposition", ""),
                 p.get("notes", ""),
                 p.get("outcome", ""),
+                p.get("wrap_up_outcome", ""),
             )
             for p in data.get("prior_engagements", [])
         ),
@@ -233,4 +241,5 @@ def context_from_json(data: Mapping[str, Any]) -> EngagementContext:
             PriorCue(c.get("cue_id", ""), c.get("created_at", 0.0), c.get("scenario_id", ""), c.get("status", ""))
             for c in data.get("prior_cues", [])
         ),
+        routing_rule=RuleMatch.from_dict(data["routing_rule"]) if data.get("routing_rule") else None,
     )

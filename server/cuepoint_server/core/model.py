@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ..engine.state import Scalar
+from ..scenarios.compiler import RuleMatch
 from ..scenarios.content import Button, Image
 
 __all__ = [
@@ -188,6 +189,8 @@ class EngagementContext:
     scores: dict[str, Any] = field(default_factory=dict)
     # Earlier cues to the same user (or device) and how each ended, oldest first: the journey's offers.
     prior_cues: tuple[PriorCue, ...] = ()
+    # The routing rule that sent it to its queue (None: the scenario's own queue, no rule matched).
+    routing_rule: RuleMatch | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +333,8 @@ class PriorEngagement:
     disposition: str
     notes: str
     outcome: str
+    # What the associate recorded at wrap-up (the queue's outcomes), beside the automatic `outcome` check.
+    wrap_up_outcome: str = ""
 
 
 # -- contact-center operations: transfer, conference, supervision -----------------------

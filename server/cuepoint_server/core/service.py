@@ -56,9 +56,9 @@ class Core(SessionLifecycle, Invitations, Privacy, Cluster):
         self.desk.sign_out(associate)
 
     async def end_engagement(
-        self, associate: AssociateSession, engagement_id: str, disposition: str, notes: str
+        self, associate: AssociateSession, engagement_id: str, disposition: str, notes: str, outcome: str = ""
     ) -> None:
-        await self.desk.wrap_up(associate, engagement_id, disposition, notes)
+        await self.desk.wrap_up(associate, engagement_id, disposition, notes, outcome)
 
     def variant_states(self, scenario_id: str) -> list[VariantState]:
         """A scenario's A/B variants in file order (the first is the control), with their switches."""

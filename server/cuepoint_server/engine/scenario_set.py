@@ -108,7 +108,17 @@ class ScenarioSet:
             segments=segments,
             timed=tuple(s for s in enabled if s.timed),
             policy=loaded.policy,
-            routing=compile_routing(loaded.combined_routing(), segment_defs, loaded.queue_owners()),
+            routing=compile_routing(
+                loaded.combined_routing(),
+                segment_defs,
+                loaded.queue_owners(),
+                # Each rule's file, line and place in its file, in the combined table's order.
+                [
+                    (part.at[0], part.line_of(("rules", j)), j)
+                    for part in loaded.routing_parts()
+                    for j in range(len(part.spec.rules))
+                ],
+            ),
             source=source,
             outcomes=tuple(o.spec for o in loaded.outcomes if o.spec.score),
             listened=frozenset(by_event) | frozenset(milestones_by_event),

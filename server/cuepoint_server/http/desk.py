@@ -224,5 +224,6 @@ class Desk:
             request.match_info["engagement_id"],
             text_field(body, "disposition", 64),
             text_field(body, "notes", 4000, strip=False),
+            text_field(body, "outcome", 64),
         )
         return web.json_response({"ok": True})

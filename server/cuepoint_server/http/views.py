@@ -29,6 +29,7 @@ def queue_config(routing: Routing, queue: str) -> dict[str, Any]:
         "queue": queue,
         "dispositions": list(spec.dispositions),
         "canned_replies": list(spec.canned_replies),
+        "outcomes": [{"id": o.id, "label": o.label or o.id, "success": o.success} for o in spec.wrap_up_outcomes],
         "offer_timeout": spec.offer_timeout,
     }
 

@@ -13,6 +13,11 @@ Definitions (README, "Reporting and observability"):
 - engaged: accepted cues whose engagement reached an associate (``assigned_at`` set).
 - resolved: engaged cues whose engagement ended with the disposition ``resolved``, or whose
   session reached the scenario's outcome milestone after the cue was offered.
+- outcome: engaged cues whose engagement achieved its outcome: the associate recorded a success
+  outcome at wrap-up (a queue's ``outcomes`` marked ``success``; by default resolved, converted),
+  the scenario's ``engagement_outcome`` check was achieved, or the session reached the scenario's
+  outcome milestone after the cue was offered. ``wrap_up_outcomes`` counts what associates
+  recorded, per outcome id.
 - Conversion, per qualified session, split into the treated group and the holdout (control)
   group (sessions blocked with reason ``holdout``): ``outcome_reached`` when the session reached
   the scenario's outcome milestone at or after it first qualified; ``converted`` when that, or
@@ -201,6 +206,9 @@ class FunnelRow:
     pending: int = 0
     engaged: int = 0
     resolved: int = 0
+    outcome: int = 0
+    # Outcome id recorded at wrap-up -> engaged cues.
+    wrap_up_outcomes: dict[str, int] = field(default_factory=dict)
     qualified_sessions: int = 0
     treated: Cohort = field(default_factory=Cohort)
     holdout: Cohort = field(default_factory=Cohort)
@@ -242,6 +250,8 @@ class FunnelRow:
             "pending": self.pending,
             "engaged": self.engaged,
             "resolved": self.resolved,
+            "outcome": self.outcome,
+            "wrap_up_outcomes": dict(sorted(self.wrap_up_outcomes.items())),
             "qualified_sessions": self.qualified_sessions,
             "treated": cohort(self.treated),
             "holdout": cohort(self.holdout),
@@ -294,6 +304,10 @@ async def funnel_report(fetch: Fetch, query: FunnelQuery) -> tuple[list[FunnelRo
                     setattr(row, bucket, getattr(row, bucket) + count)
                 row.engaged += int(rest[2] or 0)
                 row.resolved += int(rest[3] or 0)
+                row.outcome += int(rest[4] or 0)
+            elif kind == "wrap_up_outcomes":
+                name, count = str(rest[0]), int(rest[1])
+                row.wrap_up_outcomes[name] = row.wrap_up_outcomes.get(name, 0) + count
             elif kind == "feedback":
                 row.feedback.append(_summary(rest[0], rest[1:]))
             elif kind == "variants":

@@ -35,7 +35,7 @@ __all__ = [
 
 _COUNTS = (
     "qualified", "blocked", "offered", "accepted", "declined", "dismissed", "ignored", "withdrawn", "pending",
-    "engaged", "resolved",
+    "engaged", "resolved", "outcome",
 )  # fmt: skip
 
 
@@ -132,6 +132,13 @@ def render_table(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO, des
             key = "  ".join([row.scenario_id, *(value or '""' for value in row.group)])
             reasons = ", ".join(f"{reason} {count}" for reason, count in row.blocked_by_count())
             out.write(f"  {key}: {reasons}\n")
+    recorded = [row for row in rows if row.wrap_up_outcomes]
+    if recorded:
+        out.write("\noutcomes recorded at wrap-up:\n")
+        for row in recorded:
+            key = "  ".join([row.scenario_id, *(value or '""' for value in row.group)])
+            outcomes = ", ".join(f"{name} {count}" for name, count in sorted(row.wrap_up_outcomes.items()))
+            out.write(f"  {key}: {outcomes}\n")
     tested = [row for row in rows if row.variants]
     if tested:
         out.write("\nA/B variants (sessions offered the variant; test: two-sided, against the control):\n")
@@ -155,7 +162,9 @@ def render_table(rows: Sequence[FunnelRow], query: FunnelQuery, out: TextIO, des
         for d in desk:
             out.write(f"  queue {d.queue}  associate {d.associate_id or '-'}: {_rating(d.summary)}\n")
     out.write(
-        "\nsessions: qualified sessions; conv.: of those, sessions that reached the scenario's outcome"
+        "\noutcome: engaged cues whose engagement achieved its outcome (a success outcome recorded at wrap-up,"
+        " the engagement_outcome check, or the outcome milestone)\n"
+        "sessions: qualified sessions; conv.: of those, sessions that reached the scenario's outcome"
         " milestone or had an engagement resolved (treated vs holdout group)\n"
     )
 

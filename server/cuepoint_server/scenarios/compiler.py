@@ -14,7 +14,7 @@ import bisect
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +54,9 @@ __all__ = [
     "Explanation",
     "OutcomeCheck",
     "Predicate",
+    "Route",
     "Routing",
+    "RuleMatch",
     "compile_definition",
     "compile_routing",
     "compile_scenario",
@@ -129,9 +131,68 @@ class CompiledRule:
     # Empty: every app / every scenario.
     apps: frozenset[str] = frozenset()
     scenarios: frozenset[str] = frozenset()
+    # Where it is written (for "why this engagement"): its position, name, file and line.
+    index: int = 0
+    name: str = ""
+    file: str = ""
+    line: int = 0
+    explain: Explainer | None = None
 
     def applies(self, app_id: str, scenario_id: str) -> bool:
         return (not self.apps or app_id in self.apps) and (not self.scenarios or scenario_id in self.scenarios)
+
+    @property
+    def label(self) -> str:
+        """How people name it: its `name`, else its place in the file (routing.rules[2])."""
+        return self.name or f"routing.rules[{self.index}]"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleMatch:
+    """The routing rule that sent an engagement to its queue, and the conditions of it that held."""
+
+    index: int
+    name: str
+    file: str
+    line: int
+    queue: str  # where it sent the engagement
+    priority: int  # what it added
+    skills: tuple[str, ...]
+    conditions: tuple[tuple[str, str], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "file": self.file,
+            "line": self.line,
+            "queue": self.queue,
+            "priority": self.priority,
+            "skills": list(self.skills),
+            "conditions": [list(c) for c in self.conditions],
+        }
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> RuleMatch:
+        return RuleMatch(
+            int(data.get("index", 0)),
+            str(data.get("name", "")),
+            str(data.get("file", "")),
+            int(data.get("line", 0)),
+            str(data.get("queue", "")),
+            int(data.get("priority", 0)),
+            tuple(data.get("skills", ())),
+            tuple((str(p), str(t)) for p, t in data.get("conditions", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    queue: str
+    priority: int
+    skills: tuple[str, ...]
+    # None: no rule matched; the scenario's own queue.
+    rule: RuleMatch | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,19 +228,55 @@ class Routing:
     ) -> tuple[str, int, tuple[str, ...]]:
         """The first matching rule (of those scoped to the device's app and the scenario) moves the
         engagement, adds priority and skills."""
+        found = self.decide(state, now, queue, priority, skills, scenario_id=scenario_id, explain=False)
+        return found.queue, found.priority, found.skills
+
+    def decide(
+        self,
+        state: DeviceState,
+        now: float,
+        queue: str,
+        priority: int,
+        skills: tuple[str, ...],
+        *,
+        scenario_id: str = "",
+        explain: bool = True,
+    ) -> Route:
+        """As `route`, naming the rule that matched and (with `explain`) the conditions of it that held."""
         for rule in self.rules:
             if rule.applies(state.app_id, scenario_id) and rule.predicate(state, now):
                 merged = tuple(dict.fromkeys((*skills, *rule.skills)))
-                return rule.queue or queue, priority + rule.priority, merged
-        return queue, priority, skills
+                target = rule.queue or queue
+                if not explain:
+                    return Route(target, priority + rule.priority, merged)
+                held = Explanation()
+                if rule.explain is not None:
+                    rule.explain(state, now, held)
+                match = RuleMatch(
+                    rule.index,
+                    rule.name,
+                    rule.file,
+                    rule.line,
+                    target,
+                    rule.priority,
+                    rule.skills,
+                    tuple(held.conditions),
+                )
+                return Route(target, priority + rule.priority, merged, match)
+        return Route(queue, priority, skills)
 
 
 def compile_routing(
-    spec: RoutingSpec, segments: Mapping[str, LoadedDefinition], owners: Mapping[str, str] | None = None
+    spec: RoutingSpec,
+    segments: Mapping[str, LoadedDefinition],
+    owners: Mapping[str, str] | None = None,
+    places: Sequence[tuple[str, int, int]] = (),
 ) -> Routing:
+    """`places`: per rule, where it is written (file, line, its index in that file's routing.rules)."""
     rules = []
     for i, rule in enumerate(spec.rules):
-        predicate, _ = _compile(rule.when, f"routing.rules[{i}].when", _Build(segments))
+        file, line, index = places[i] if i < len(places) else ("", 0, i)
+        predicate, explain = _compile(rule.when, f"routing.rules[{index}].when", _Build(segments))
         rules.append(
             CompiledRule(
                 predicate,
@@ -188,6 +285,11 @@ def compile_routing(
                 tuple(rule.skills),
                 frozenset(rule.apps),
                 frozenset(rule.scenarios),
+                index=index,
+                name=rule.name,
+                file=file,
+                line=line,
+                explain=explain,
             )
         )
     limits = {q.id: {str(c): n for c, n in q.channel_capacity.items()} for q in spec.queues if q.channel_capacity}

@@ -776,6 +776,23 @@ class BotSpec(_Strict):
     )
 
 
+class WrapUpOutcomeSpec(_Strict):
+    """An outcome the associate records at wrap-up; `success` ones count as the funnel's outcome step."""
+
+    id: str = Field(pattern=_ID)
+    label: str = Field(default="", max_length=100, description="Shown on the desk; the id when empty.")
+    success: bool = Field(default=False, description="Counts as the engagement achieving its outcome.")
+
+
+def default_wrap_up_outcomes() -> list[WrapUpOutcomeSpec]:
+    """A queue that lists none offers these three."""
+    return [
+        WrapUpOutcomeSpec(id="resolved", label="Resolved", success=True),
+        WrapUpOutcomeSpec(id="converted", label="Converted", success=True),
+        WrapUpOutcomeSpec(id="not_resolved", label="Not resolved", success=False),
+    ]
+
+
 class QueueSpec(_Strict):
     id: str = Field(pattern=_ID)
     bot: BotSpec | None = Field(
@@ -804,6 +821,23 @@ class QueueSpec(_Strict):
         "that channel (chat: 3, audio: 1 = three chats, or one call alone). The tighter of this and the "
         "associate's own limit applies; capacity bounds the total.",
     )
+    outcomes: list[WrapUpOutcomeSpec] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Outcomes associates record at wrap-up; empty: resolved and converted (success), not_resolved.",
+    )
+
+    @field_validator("outcomes")
+    @classmethod
+    def _unique_outcomes(cls, value: list[WrapUpOutcomeSpec]) -> list[WrapUpOutcomeSpec]:
+        ids = [o.id for o in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("outcome ids must be unique")
+        return value
+
+    @property
+    def wrap_up_outcomes(self) -> list[WrapUpOutcomeSpec]:
+        return self.outcomes or default_wrap_up_outcomes()
 
     @model_validator(mode="after")
     def _handover_elsewhere(self) -> QueueSpec:
@@ -815,6 +849,11 @@ class QueueSpec(_Strict):
 class RoutingRuleSpec(_Strict):
     """First matching rule wins, when an engagement is created."""
 
+    name: str = Field(
+        default="",
+        max_length=100,
+        description="Shown to the associate under 'why this engagement'; else the rule's place, routing.rules[N].",
+    )
     when: Condition
     queue: str | None = Field(default=None, pattern=_ID, description="Route to this queue instead.")
     priority: int = Field(default=0, ge=-1000, le=1000, description="Added to the engagement's priority.")

@@ -72,13 +72,24 @@ def funnel_queries(query: FunnelSlice, dialect: str = "sqlite") -> list[tuple[st
                 EXISTS (SELECT 1 FROM decisions AS o JOIN milestones AS m
                           ON m.session_id = c.session_id AND m.milestone_id = o.outcome_milestone
                         WHERE o.cue_id = c.cue_id AND o.outcome_milestone != ''
-                          AND m.time >= c.created_at) AS outcome_reached
+                          AND m.time >= c.created_at) AS outcome_reached,
+                EXISTS (SELECT 1 FROM engagements AS e
+                        WHERE e.cue_id = c.cue_id AND e.assigned_at IS NOT NULL
+                          AND (e.wrap_up_success = 1 OR e.outcome = 'achieved')) AS outcome_achieved
             FROM cues AS c
             WHERE {c_where}
         )
         SELECT x.scenario_id{select_dims}, x.status, COUNT(*), SUM({n("x.engaged")}),
-            SUM({n("x.engaged AND (x.resolved_by_associate OR x.outcome_reached)")})
+            SUM({n("x.engaged AND (x.resolved_by_associate OR x.outcome_reached)")}),
+            SUM({n("x.engaged AND (x.outcome_achieved OR x.outcome_reached)")})
         FROM x LEFT JOIN sessions AS s ON s.session_id = x.session_id
+        GROUP BY 1{group_dims}, {k + 2}"""
+    # What associates recorded at wrap-up for the cohort's engaged cues, per outcome id.
+    wrap_ups = f"""
+        SELECT c.scenario_id{select_dims}, e.wrap_up_outcome, COUNT(*)
+        FROM cues AS c JOIN engagements AS e ON e.cue_id = c.cue_id
+            LEFT JOIN sessions AS s ON s.session_id = c.session_id
+        WHERE {c_where} AND e.assigned_at IS NOT NULL AND e.wrap_up_outcome != ''
         GROUP BY 1{group_dims}, {k + 2}"""
 
     q_where, q_params = _range("time", query, "scenario_id")
@@ -155,6 +166,7 @@ def funnel_queries(query: FunnelSlice, dialect: str = "sqlite") -> list[tuple[st
     queries = [
         ("decisions", decisions, d_params),
         ("cues", cues, c_params),
+        ("wrap_up_outcomes", wrap_ups, c_params),
         ("sessions", sessions, q_params),
         ("variants", variants, c_params),
         ("feedback", feedback, c_params),

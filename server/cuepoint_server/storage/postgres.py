@@ -100,7 +100,7 @@ _ENGAGEMENT_COLS = (
     "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
     "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context", "subject", "scenario_id",
     "priority", "outcome", "ended_by", "callback_at", "callback_number",
-    "wrapped_up_at",
+    "wrapped_up_at", "wrap_up_outcome", "wrap_up_success",
 )  # fmt: skip
 _CHAT_COLS = ("message_id", "engagement_id", "sender", "text", "time")
 _TRANSFER_COLS = ("engagement_id", "time", "from_associate_id", "to_associate_id", "to_queue", "mode", "note")
@@ -254,7 +254,7 @@ def _engagement_row(r: EngagementRecord) -> Row:
         r.engagement_id, r.cue_id, r.app_id, r.device_id, r.session_id, r.queue, r.state, r.channel,
         float(r.created_at), _opt(r.assigned_at), _opt(r.ended_at), r.associate_id, r.disposition, r.notes,
         _dumps(r.context), r.subject, r.scenario_id, int(r.priority), r.outcome, r.ended_by, _opt(r.callback_at),
-        r.callback_number, _opt(r.wrapped_up_at),
+        r.callback_number, _opt(r.wrapped_up_at), r.wrap_up_outcome, int(r.wrap_up_success),
     )  # fmt: skip
 
 
@@ -262,7 +262,7 @@ def _engagement_from(row: Row) -> EngagementRecord:
     return EngagementRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
         row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19], row[20], row[21],
-        row[22],
+        row[22], row[23], bool(row[24]),
     )  # fmt: skip
 
 

@@ -260,7 +260,12 @@ _V1: tuple[str, ...] = (
 )
 
 # Version -> the statements that reach it from the version before.
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1}
+# Version 2: the outcome an associate records at wrap-up (the funnel's outcome step).
+_V2 = (
+    "ALTER TABLE engagements ADD COLUMN IF NOT EXISTS wrap_up_outcome TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE engagements ADD COLUMN IF NOT EXISTS wrap_up_success INTEGER NOT NULL DEFAULT 0",
+)
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2}
 PG_SCHEMA_VERSION = max(MIGRATIONS)
 
 # One key for every replica of every schema: migrations are rare and short, so serialising them all is fine.

@@ -89,6 +89,9 @@ class EngagementRecord:
     callback_number: str = ""
     # When the associate wrapped it up: with the end, or later when the user left first; None: not yet.
     wrapped_up_at: float | None = None
+    # The outcome the associate recorded at wrap-up (one of the queue's), and whether it counts as success.
+    wrap_up_outcome: str = ""
+    wrap_up_success: bool = False
 
 
 @dataclass(frozen=True, slots=True)

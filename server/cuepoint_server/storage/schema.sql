@@ -83,7 +83,10 @@ CREATE TABLE IF NOT EXISTS engagements (
     ended_by      TEXT NOT NULL DEFAULT '',
     callback_at     REAL,
     callback_number TEXT NOT NULL DEFAULT '',
-    wrapped_up_at   REAL
+    wrapped_up_at   REAL,
+    -- The outcome the associate recorded at wrap-up, and whether the queue counts it as success.
+    wrap_up_outcome TEXT NOT NULL DEFAULT '',
+    wrap_up_success INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS engagements_subject_created ON engagements (subject, created_at);
 

@@ -49,7 +49,7 @@ from .records import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -180,6 +180,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Version 12: when the associate wrapped an engagement up, for wrap-up times (reporting/handling.py).
     12: ("ALTER TABLE engagements ADD COLUMN wrapped_up_at REAL",),
+    # Version 13: the outcome an associate records at wrap-up (the funnel's outcome step).
+    13: (
+        "ALTER TABLE engagements ADD COLUMN wrap_up_outcome TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE engagements ADD COLUMN wrap_up_success INTEGER NOT NULL DEFAULT 0",
+    ),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -197,7 +202,8 @@ _CUE_COLS = (
 _ENGAGEMENT_COLS = (
     "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
     "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context", "subject", "scenario_id",
-    "priority", "outcome", "ended_by", "callback_at", "callback_number", "wrapped_up_at",
+    "priority", "outcome", "ended_by", "callback_at", "callback_number", "wrapped_up_at", "wrap_up_outcome",
+    "wrap_up_success",
 )  # fmt: skip
 _CHAT_COLS = ("message_id", "engagement_id", "sender", "text", "time")
 _TRANSFER_COLS = ("engagement_id", "time", "from_associate_id", "to_associate_id", "to_queue", "mode", "note")
@@ -413,7 +419,7 @@ def _engagement_row(r: EngagementRecord) -> Row:
         r.engagement_id, r.cue_id, r.app_id, r.device_id, r.session_id, r.queue, r.state, r.channel,
         r.created_at, r.assigned_at, r.ended_at, r.associate_id, r.disposition, r.notes, _dumps(r.context),
         r.subject, r.scenario_id, r.priority, r.outcome, r.ended_by, r.callback_at, r.callback_number,
-        r.wrapped_up_at,
+        r.wrapped_up_at, r.wrap_up_outcome, int(r.wrap_up_success),
     )  # fmt: skip
 
 
@@ -421,7 +427,7 @@ def _engagement_from(row: sqlite3.Row) -> EngagementRecord:
     return EngagementRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
         row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19], row[20], row[21],
-        row[22],
+        row[22], row[23], bool(row[24]),
     )  # fmt: skip
 
 
@@ -734,6 +740,16 @@ async def _user_version(conn: aiosqlite.Connection) -> int:
     return int(rows[0][0])
 
 
+async def _migration_step(conn: aiosqlite.Connection, statement: str) -> None:
+    """One migration statement. Adding a column that is already there is done (SQLite has no ADD COLUMN IF NOT
+    EXISTS): so is every CREATE ... IF NOT EXISTS, and a step may meet a table created by a newer schema.sql."""
+    try:
+        await conn.execute(statement)
+    except sqlite3.OperationalError as exc:
+        if not (statement.startswith("ALTER TABLE") and "duplicate column name" in str(exc)):
+            raise
+
+
 async def _migrate(conn: aiosqlite.Connection) -> None:
     """Move an older database forward, one version per step, all in one transaction."""
     await conn.execute("BEGIN IMMEDIATE")
@@ -742,7 +758,7 @@ async def _migrate(conn: aiosqlite.Connection) -> None:
         version = await _user_version(conn)
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in _MIGRATIONS[step]:
-                await conn.execute(statement)
+                await _migration_step(conn, statement)
         await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         await conn.commit()
     except BaseException:

@@ -122,7 +122,7 @@
 
   // -- funnels ---------------------------------------------------------------------------------------------
 
-  const STEPS = [["qualified", ""], ["blocked_total", "blocked"], ["offered", ""], ["accepted", ""], ["engaged", ""], ["resolved", "resolved"]];
+  const STEPS = [["qualified", ""], ["blocked_total", "blocked"], ["offered", ""], ["accepted", ""], ["engaged", ""], ["resolved", "resolved"], ["outcome", "outcome"]];
 
   function pct(rate) { return rate === null || rate === undefined ? "—" : (rate * 100).toFixed(1) + "%"; }
 
@@ -154,6 +154,7 @@
         el("h3", { text: title }),
         chart,
         el("p", { class: "muted", text: "Blocked by: " + (blocked.map(([r, c]) => r + " " + c).join(", ") || "nothing") + " · declined " + row.declined + " · dismissed " + row.dismissed + " · ignored " + row.ignored + " · withdrawn " + row.withdrawn }),
+        el("p", { class: "muted", "data-role": "wrap-up-outcomes", text: "Recorded at wrap-up: " + (Object.entries(row.wrap_up_outcomes || {}).map(([o, c]) => o.replace(/_/g, " ") + " " + c).join(", ") || "nothing yet") }),
         el("table", {},
           el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "Group" }), el("th", { scope: "col", text: "Sessions" }), el("th", { scope: "col", text: "Converted" }), el("th", { scope: "col", text: "Conversion" }))),
           el("tbody", {},

@@ -197,18 +197,27 @@
 
     const why = clear($("why"));
     const t = c.trigger || {};
-    fact(why, "Scenario", (t.scenario_name || c.cue.scenario_id) + (t.scenario_file ? " (" + t.scenario_file + ")" : ""));
+    // The file's name is enough for an associate (the server's folder says nothing to them).
+    const base = (path) => String(path).split(/[\\/]/).pop();
+    fact(why, "Scenario", (t.scenario_name || c.cue.scenario_id) + (t.scenario_file ? " (" + base(t.scenario_file) + ")" : ""));
     fact(why, "Cue", "“" + c.cue.message + "” by " + (CHANNEL_NAMES[c.cue.channel] || c.cue.channel));
     fact(why, "Priority", "scenario " + t.priority + " · engagement " + (c.priority || 0));
     fact(why, "Queue", e.queue + (t.queue && t.queue !== e.queue ? " (routed from " + t.queue + ")" : ""));
     if (e.kind === "callback") fact(why, "Kind", callbackBadge(e));
+    const rule = c.routing_rule;
+    fact(why, "Routing rule", rule
+      ? (rule.name || "routing.rules[" + rule.index + "]") + (rule.file ? " (" + base(rule.file) + ":" + rule.line + ")" : "") +
+        " → " + rule.queue + (rule.priority ? ", priority " + (rule.priority > 0 ? "+" : "") + rule.priority : "") +
+        (rule.skills.length ? ", skills " + rule.skills.join(", ") : "")
+      : "none matched: the scenario's queue", { "data-field": "routing-rule" });
     for (const [outcome, score] of Object.entries(c.scores || t.scores || {})) {
       const p = typeof score.probability === "number" ? (score.probability * 100).toFixed(0) + "%" : "—";
       fact(why, "Score: " + outcome, p + (score.status ? " (" + score.status + ")" : ""));
     }
     fact(why, "Milestones", (t.milestones || []).join(", "));
     const rows = clear($("conditions"));
-    for (const [path, text] of t.conditions || []) {
+    const held = (t.conditions || []).concat(rule ? rule.conditions : []);
+    for (const [path, text] of held) {
       const observed = /\(([^()]*)\)\s*$/.exec(text);
       rows.append(el("tr", {}, el("td", { text: path + ": " + text.replace(/\s*\([^()]*\)\s*$/, "") }), el("td", { text: observed ? observed[1] : "held" })));
     }
@@ -220,14 +229,14 @@
       entries.push({ time: cue.created_at, item: { kind: "cue", name: "cue " + cue.scenario_id, time: cue.created_at, payload: { answer: cue.status } } });
     }
     for (const p of c.prior_engagements || []) {
-      entries.push({ time: p.created_at, item: { kind: "engagement", name: "engagement " + p.scenario_id, time: p.created_at, payload: { disposition: p.disposition || "none", outcome: p.outcome || "none" } } });
+      entries.push({ time: p.created_at, item: { kind: "engagement", name: "engagement " + p.scenario_id, time: p.created_at, payload: { disposition: p.disposition || "none", recorded: p.wrap_up_outcome || "none", outcome: p.outcome || "none" } } });
     }
     entries.sort((a, b) => a.time - b.time);
     for (const entry of entries) addJourney(entry.item, false);
     journey.scrollTop = journey.scrollHeight;
     const prior = clear($("prior"));
     for (const p of c.prior_engagements || []) {
-      prior.append(el("li", {}, Cuepoint.dateTime(p.created_at) + " · " + p.scenario_id + " · " + (p.disposition || "no disposition") + (p.outcome ? " · outcome " + p.outcome : "")));
+      prior.append(el("li", {}, Cuepoint.dateTime(p.created_at) + " · " + p.scenario_id + " · " + (p.disposition || "no disposition") + (p.wrap_up_outcome ? " · recorded " + p.wrap_up_outcome.replace(/_/g, " ") : "") + (p.outcome ? " · outcome " + p.outcome : "")));
     }
     if (!(c.prior_engagements || []).length) prior.append(el("li", { text: "none" }));
 
@@ -243,6 +252,9 @@
     const codes = (conf.dispositions || []).length ? conf.dispositions : ["resolved", "not_resolved", "follow_up"];
     disp.append(el("option", { value: "", text: "Choose…" }));
     for (const code of codes) disp.append(el("option", { value: code, text: code.replace(/_/g, " ") }));
+    const outcomes = clear($("outcome"));
+    outcomes.append(el("option", { value: "", text: "Choose…" }));
+    for (const o of conf.outcomes || []) outcomes.append(el("option", { value: o.id, text: o.label }));
     $("notes").value = "";
     $("wrap-error").textContent = "";
     announce("Engagement accepted. Context loaded.");
@@ -411,9 +423,11 @@
     $("wrap-error").textContent = "";
     const disposition = $("disposition").value;
     if (!disposition) { $("wrap-error").textContent = "Choose a disposition."; $("disposition").focus(); return; }
+    const outcome = $("outcome").value;
+    if (!outcome) { $("wrap-error").textContent = "Choose an outcome."; $("outcome").focus(); return; }
     try {
       const id = current.engagement_id;
-      await api("POST", `/api/desk/engagements/${id}/wrap-up`, { disposition, notes: $("notes").value });
+      await api("POST", `/api/desk/engagements/${id}/wrap-up`, { disposition, outcome, notes: $("notes").value });
       // After the user left the core sends nothing more: finish here (a later "ended" is ignored).
       ended({ engagement_id: id, disposition, ended_by: "associate" });
     } catch (e) { $("wrap-error").textContent = e.message; }
