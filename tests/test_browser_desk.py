@@ -20,7 +20,7 @@ from cuepoint_server.clock import ManualClock
 
 from .browser import chromium, need_browser, screenshot, skip_module_without_browser
 from .conftest import SHIPPED, StartServer
-from .desk_cast import ADMIN, AUTH, DANA, ELI, fail_to_sync, fitkit_phone
+from .desk_cast import ADMIN, AUTH, DANA, ELI, FAY, fail_to_sync, fitkit_phone
 
 skip_module_without_browser()
 
@@ -304,4 +304,114 @@ async def test_every_control_has_an_accessible_name(start_server: StartServer) -
         await desk.get_by_label("Canned reply").focus()
         await desk.keyboard.press("Tab")
         await expect(desk.get_by_label("Message")).to_be_focused()
+        await phone.close()
+
+
+async def until(check: Any, what: str) -> None:
+    """Wait (on the real event loop) until the server's state says `check()`; fail naming `what`."""
+    async with asyncio.timeout(5):
+        while not check():  # noqa: ASYNC110 - the server notices the closed socket on its own
+            await asyncio.sleep(0.02)
+    assert check(), what
+
+
+async def test_a_reload_mid_engagement_resumes_the_same_engagement(start_server: StartServer) -> None:
+    from playwright.async_api import expect
+
+    server = await start(start_server)
+    async with chromium() as browser:
+        desk = await open_desk(browser, server, DANA)
+        phone = await fitkit_phone(server)
+        engagement = await phone.accept(await fail_to_sync(phone))
+        await desk.get_by_role("button", name="Accept").click()
+        assigned = await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+        await engagement.send_chat("My watch stopped syncing yesterday.")
+        await expect(desk.locator("#transcript")).to_contain_text("My watch stopped syncing yesterday.")
+        await desk.get_by_label("Message").fill("Let me look at your account.")
+        await desk.get_by_role("button", name="Send").click()
+        await expect(desk.locator("#transcript")).to_contain_text("Let me look at your account.")
+        await phone.track("screen_viewed", screen="watch_pairing")
+        await phone.flush()
+        await expect(desk.locator("#journey li.fresh")).to_contain_text("watch_pairing")
+
+        await desk.reload()
+        await expect(desk.locator("#link-state")).to_have_text("connected")
+        # The same engagement, shown again with its context, chat and live journey, still Dana's.
+        await expect(desk.locator("#work")).to_be_visible()
+        await expect(desk.locator("#context [data-field='device.model']")).to_have_text("iPhone15,2")
+        transcript = desk.locator("#transcript li")
+        await expect(transcript).to_have_count(2)
+        await expect(transcript.nth(0)).to_contain_text("My watch stopped syncing yesterday.")
+        await expect(transcript.nth(1)).to_contain_text("Let me look at your account.")
+        await expect(desk.locator("#journey")).to_contain_text("watch_pairing")
+        await expect(desk.get_by_role("alertdialog", name="Incoming engagement")).to_be_hidden()
+        await screenshot(desk, "desk-after-reload")
+
+        # The conversation carries on both ways; the phone never saw its engagement go back to a queue.
+        await engagement.send_chat("Still there?")
+        await expect(desk.locator("#transcript")).to_contain_text("Still there?")
+        await expect(desk.locator("#transcript li")).to_have_count(3)
+        await desk.get_by_label("Message").fill("Yes, still here.")
+        await desk.get_by_role("button", name="Send").click()
+        async with asyncio.timeout(5):
+            async for line in engagement.messages():
+                if line.text == "Yes, still here.":
+                    break
+        states = [u.state for u in engagement.history]
+        assert cuepoint.EngagementState.QUEUED not in states[states.index(cuepoint.EngagementState.ASSIGNED) :]
+        held = server.core.desk.get(assigned.engagement_id)
+        assert held is not None and held.state == "assigned" and held.associate is not None
+        assert held.associate.associate_id == "dana" and not held.associate.detached
+
+        # And it wraps up from the reloaded page.
+        await desk.get_by_label("Disposition").select_option("resolved")
+        await desk.get_by_label("Outcome").select_option("resolved")
+        await desk.get_by_role("button", name="Complete").click()
+        assert (await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=5)).disposition == "resolved"
+        await phone.close()
+
+
+async def test_a_desk_gone_past_the_grace_period_gives_the_engagement_back(
+    start_server: StartServer, clock: ManualClock
+) -> None:
+    from playwright.async_api import expect
+
+    server = await start(start_server)
+    async with chromium() as browser:
+        desk = await open_desk(browser, server, DANA)
+        phone = await fitkit_phone(server)
+        engagement = await phone.accept(await fail_to_sync(phone))
+        await desk.get_by_role("button", name="Accept").click()
+        assigned = await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+        dana = server.core.router.find("dana")
+        assert dana is not None
+
+        await desk.context.close()  # the laptop's lid shuts
+        await until(lambda: dana.detached, "the desk's associate is detached when its page goes away")
+        held = server.core.desk.get(assigned.engagement_id)
+        assert held is not None and held.state == "assigned" and held.associate is dana
+        clock.advance(29)
+        assert held.state == "assigned"
+        clock.advance(2)  # past the 30 s grace period: signed out, the engagement goes back to its queue
+        requeued = await engagement.wait_for(cuepoint.EngagementState.QUEUED, timeout=5)
+        assert requeued.engagement_id == assigned.engagement_id
+        assert server.core.router.find("dana") is None
+
+        # Fay, on the same queue, is offered it.
+        fay = await open_desk(browser, server, FAY)
+        await expect(fay.get_by_role("alertdialog", name="Incoming engagement")).to_be_visible()
+        await phone.close()
+
+
+async def test_signing_out_gives_the_engagement_back_at_once(start_server: StartServer) -> None:
+    server = await start(start_server)
+    async with chromium() as browser:
+        desk = await open_desk(browser, server, DANA)
+        phone = await fitkit_phone(server)
+        engagement = await phone.accept(await fail_to_sync(phone))
+        await desk.get_by_role("button", name="Accept").click()
+        await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+        await desk.get_by_role("button", name="Sign out").click()
+        # No grace period when the associate leaves on purpose (the manual clock never moves here).
+        await engagement.wait_for(cuepoint.EngagementState.QUEUED, timeout=5)
         await phone.close()

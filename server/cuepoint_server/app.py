@@ -101,6 +101,8 @@ class ServerConfig:
     # The associate desk and admin console (http/): None off, 0 a free port (CuepointServer.http_port).
     http_port: int | None = None
     http_host: str = "127.0.0.1"
+    # A desk page that goes away (reload, network blip) keeps its associate and engagements this long.
+    desk_resume_grace: float = 30.0
 
 
 class CuepointServer:
@@ -256,7 +258,7 @@ class CuepointServer:
                 raise
         if config.http_port is not None:
             # Same loop, same core, same credentials as the gRPC services.
-            self.http = HttpServer(core, auth, self.audit)
+            self.http = HttpServer(core, auth, self.audit, resume_grace=config.desk_resume_grace)
             self.http.scenario_status.read = self._scenario_status
             try:
                 await self.http.start(config.http_host, config.http_port)

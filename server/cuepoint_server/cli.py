@@ -68,6 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
             webhooks=_webhooks(args),
             http_port=args.http_port,
             http_host=args.http_host,
+            desk_resume_grace=args.desk_resume_grace,
             core=CoreConfig(resume_window=args.resume_window),
             grace=args.grace,
             max_connection_age=args.max_connection_age,
@@ -369,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         "--http-port", type=int, default=None, help="serve the associate desk and admin console here (0: a free one)"
     )
     serve.add_argument("--http-host", default="127.0.0.1", help="address of the desk and console")
+    serve.add_argument(
+        "--desk-resume-grace",
+        type=float,
+        default=30.0,
+        help="seconds a desk page may be gone (reload, network blip) before its associate is signed out and "
+        "their engagements re-queued (default: 30)",
+    )
     serve.add_argument(
         "--watch",
         action=argparse.BooleanOptionalAction,

@@ -16,7 +16,7 @@ import structlog
 from ..clock import Clock, TimerHandle
 from ..engine.engine import Engine
 from ..storage import EngagementRecord, SignalRecord, Store, WebhookRecord
-from .engagement_model import Engagement, EngagementEvent, context_json
+from .engagement_model import TRANSCRIPT_KEPT, Engagement, EngagementEvent, context_json
 from .errors import InvalidInput, NotFound, PermissionDenied
 from .model import EngagementEnded, EngagementUpdate, JourneyAppended, JourneyItem, SupervisedSnapshot
 from .queue_wait import REFRESH, HandleTimes, estimate, material, staffed
@@ -63,6 +63,8 @@ class DeskBase:
         self._engagements: dict[str, Engagement] = {}
         self._active_by_device: dict[str, str] = {}
         self._awaiting_outcome: dict[str, list[Engagement]] = {}
+        # Associates whose connection dropped, by id, with the timer that signs each out (desk_resume.py).
+        self._detached: dict[str, tuple[AssociateSession, TimerHandle]] = {}
         # Signed-in associates who supervise queues; each sees every engagement of those queues change.
         self._supervisors: list[AssociateSession] = []
         # (engagement id, associate id) -> when they joined: the key of their stored participation row.
@@ -99,6 +101,8 @@ class DeskBase:
         )
         if not items:
             return
+        engagement.journey_since.extend(items)
+        del engagement.journey_since[:-TRANSCRIPT_KEPT]
         engagement.associate.send(JourneyAppended(engagement.engagement_id, items))
 
     def _of_device(self, session: DeviceSession, engagement_id: str, field_name: str) -> Engagement:

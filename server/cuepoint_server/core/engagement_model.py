@@ -81,6 +81,9 @@ class Engagement:
     # The conversation so far (whispers excluded), for whoever receives or joins the engagement
     # later; the newest TRANSCRIPT_KEPT lines, the full transcript is in storage.
     transcript: list[ChatLine] = field(default_factory=list)
+    # The device's events since it was assigned (the live journey), the newest TRANSCRIPT_KEPT, for a
+    # desk that reloads and shows the engagement again.
+    journey_since: list[JourneyItem] = field(default_factory=list)
 
     @property
     def open(self) -> bool:
@@ -108,6 +111,7 @@ class Engagement:
             kind=self.kind,
             callback_at=self.callback_at,
             callback_number=self.callback_number,
+            journey_since=tuple(self.journey_since),
         )
 
     def participant_infos(self) -> tuple[ParticipantInfo, ...]:

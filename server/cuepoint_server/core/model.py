@@ -215,6 +215,8 @@ class EngagementView:
     kind: str = "live"
     callback_at: float | None = None
     callback_number: str = ""
+    # Events of the device that arrived after it was assigned (the live journey so far).
+    journey_since: tuple[JourneyItem, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,11 +221,13 @@ class AssociateSession:
     reserved: set[str] = field(default_factory=set)
     outbox: asyncio.Queue[AssociateOut] = field(default_factory=asyncio.Queue)
     closed: bool = False
+    # Connection lost, within the grace period before sign-out: keeps what it holds, takes nothing new.
+    detached: bool = False
 
     @property
     def available(self) -> bool:
         held = len(self.active) + len(self.offers) + len(self.reserved)
-        return not self.closed and self.presence == "available" and held < self.capacity
+        return not self.closed and not self.detached and self.presence == "available" and held < self.capacity
 
     def hold(self, slots: set[str], key: str, channel: str, queue: str) -> None:
         """Take a slot (in `active`, `offers` or `reserved`) for an engagement of this channel and queue."""

@@ -1,8 +1,11 @@
 """The associate desk's handlers: one WebSocket per open desk page is one signed-in associate.
 
-Opening the socket signs the associate in to the core (as an AssociateService stream does), closing
-it signs them out. Everything the core puts on the associate's outbox goes to the page as JSON;
-what the page does comes back as POSTs that call the same core methods the gRPC servicer calls.
+Opening the socket signs the associate in to the core (as an AssociateService stream does). Closing it
+detaches them (core/desk_resume.py): a reload or a network blip within the grace period resumes the same
+associate with the same engagements, shown again with their chat; after it, or on signing out, they are
+signed out and what they held goes back to its queue. Everything the core puts on the associate's outbox
+goes to the page as JSON; what the page does comes back as POSTs that call the same core methods the gRPC
+servicer calls.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -32,6 +35,8 @@ STATUSES = {"available": "available", "busy": "busy", "wrap_up": "busy", "offlin
 CHANNELS = ("audio", "screen_share", "chat", "video")
 CALL_KINDS = ("offer", "answer", "candidate", "hangup")
 COUNTS_EVERY = 1.0
+# How long a desk whose page went away keeps its associate signed in, with their engagements.
+RESUME_GRACE = 30.0
 
 
 @dataclass(slots=True)
@@ -39,13 +44,22 @@ class _Open:
     associate: AssociateSession
     ws: web.WebSocketResponse
     status: str = "available"
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Another page of the same browser session took this associate over: closing this one changes nothing.
+    handed_over: bool = False
+    # Signed out from the page: no grace period.
+    signed_out: bool = False
 
 
 class Desk:
-    def __init__(self, core: Core, guard: Guard) -> None:
+    def __init__(self, core: Core, guard: Guard, resume_grace: float = RESUME_GRACE) -> None:
         self.core = core
         self.guard = guard
+        self.resume_grace = resume_grace
         self._open: dict[str, _Open] = {}
+        # The status each associate last chose on the desk, shown again when their session resumes.
+        self._status: dict[str, str] = {}
+        self._closing = False
 
     def routes(self) -> list[web.RouteDef]:
         e = "/api/desk/engagements/{engagement_id}"
@@ -62,8 +76,20 @@ class Desk:
         ]
 
     async def close(self) -> None:
+        self._closing = True
         for desk in list(self._open.values()):
             await desk.ws.close()
+
+    def sign_out(self, sid: str, associate_id: str) -> None:
+        """The page signed out: the associate leaves now, whether their page is open or just went away."""
+        desk = self._open.get(sid)
+        if desk is not None:
+            desk.signed_out = True
+        else:
+            detached = self.core.desk.resume(associate_id, ())
+            if detached is not None:
+                self.core.sign_out(detached)
+        self._status.pop(associate_id, None)
 
     # -- the live channel -----------------------------------------------------------------
 
@@ -73,42 +99,71 @@ class Desk:
         assert session.sign_in is not None
         ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=64 * 1024)
         await ws.prepare(request)
+        sign_in = session.sign_in
+        associate: AssociateSession | None = None
         previous = self._open.pop(session.sid, None)
         if previous is not None:
-            # The same browser session opened the desk again (a reload): one desk per session.
+            # The same browser session opened the desk again while the old page was still connected
+            # (a second tab, or a reload seen before the old socket closed): this page takes it over.
+            previous.handed_over = True
+            for task in previous.tasks:
+                task.cancel()
             await previous.ws.close(message=b"opened elsewhere")
-        try:
-            associate = self.core.sign_in(session.sign_in)
-        except CoreError as exc:
-            await ws.send_json({"type": "error", "error": str(exc)})
-            await ws.close()
-            return ws
-        desk = _Open(associate, ws)
+            associate = previous.associate
+        else:
+            # Back within the grace period (a reload, a network blip): the same associate, same engagements.
+            associate = self.core.desk.resume(sign_in.associate_id, sign_in.queues)
+        resumed = associate is not None
+        if associate is None:
+            try:
+                associate = self.core.sign_in(sign_in)
+            except CoreError as exc:
+                await ws.send_json({"type": "error", "error": str(exc)})
+                await ws.close()
+                return ws
+            self._status[associate.associate_id] = "available"
+        desk = _Open(associate, ws, self._status.get(associate.associate_id, "available"))
         self._open[session.sid] = desk
-        await ws.send_json(
-            {
-                "type": "signed_in",
-                "associate_id": associate.associate_id,
-                "display_name": associate.display_name,
-                "queues": list(associate.queues),
-                "status": desk.status,
-                "queue_config": {
-                    q: views.queue_config(self.core.engine.scenarios.routing, q) for q in associate.queues
-                },
-            }
-        )
-        tasks = [asyncio.create_task(self._forward(desk)), asyncio.create_task(self._counts(desk))]
         try:
+            await ws.send_json(
+                {
+                    "type": "signed_in",
+                    "associate_id": associate.associate_id,
+                    "display_name": associate.display_name,
+                    "queues": list(associate.queues),
+                    "status": desk.status,
+                    "resumed": resumed,
+                    "queue_config": {
+                        q: views.queue_config(self.core.engine.scenarios.routing, q) for q in associate.queues
+                    },
+                }
+            )
+            if resumed:
+                await self._show_again(desk)
+            desk.tasks = [asyncio.create_task(self._forward(desk)), asyncio.create_task(self._counts(desk))]
             async for message in ws:
                 if message.type == WSMsgType.TEXT and message.data == "ping":
                     await ws.send_str("pong")
         finally:
-            for task in tasks:
+            for task in desk.tasks:
                 task.cancel()
-            if self._open.get(session.sid) is desk:
-                del self._open[session.sid]
-            self.core.sign_out(associate)
+            if not desk.handed_over:
+                if self._open.get(session.sid) is desk:
+                    del self._open[session.sid]
+                if desk.signed_out or self._closing:
+                    self.core.sign_out(associate)
+                else:
+                    self.core.desk.detach(associate, self.resume_grace)
         return ws
+
+    async def _show_again(self, desk: _Open) -> None:
+        """A resumed desk: what the associate holds (with its chat so far), then offers waiting for them."""
+        routing, now = self.core.engine.scenarios.routing, self.core.clock.now()
+        for item in self.core.desk.holding(desk.associate):
+            event = views.associate_event(item, routing, now)
+            if event is not None:
+                await desk.ws.send_json(event)
+        self.core.desk.after_resume(desk.associate)
 
     async def _forward(self, desk: _Open) -> None:
         with contextlib.suppress(ConnectionResetError):
@@ -162,7 +217,7 @@ class Desk:
         if status not in STATUSES:
             raise InvalidInput("status", f"one of {', '.join(STATUSES)}")
         self.core.desk.set_presence(desk.associate, STATUSES[status])
-        desk.status = status
+        desk.status = self._status[desk.associate.associate_id] = status
         return web.json_response({"status": status})
 
     async def accept(self, request: web.Request) -> web.Response:

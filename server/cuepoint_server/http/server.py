@@ -17,7 +17,7 @@ from ..core.audit import AuditTrail
 from ..core.service import Core
 from .common import Guard, errors_as_json, json_body, security_headers
 from .console import Console, ScenarioStatus
-from .desk import Desk
+from .desk import RESUME_GRACE, Desk
 from .sessions import COOKIES, Role, SessionStore
 
 __all__ = ["HttpServer"]
@@ -29,13 +29,20 @@ PAGES = {"/desk/": "desk.html", "/console/": "console.html", "/": "index.html"}
 
 
 class HttpServer:
-    def __init__(self, core: Core, auth: Authenticator | None, audit: AuditTrail | None = None) -> None:
+    def __init__(
+        self,
+        core: Core,
+        auth: Authenticator | None,
+        audit: AuditTrail | None = None,
+        *,
+        resume_grace: float = RESUME_GRACE,
+    ) -> None:
         self.core = core
         self.auth = auth
         self.sessions = SessionStore(auth)
         self.guard = Guard(self.sessions, core.clock)
         self.scenario_status = ScenarioStatus()
-        self.desk = Desk(core, self.guard)
+        self.desk = Desk(core, self.guard, resume_grace)
         self.console = Console(core, self.guard, self.scenario_status, audit)
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -83,6 +90,8 @@ class HttpServer:
 
         async def sign_out(request: web.Request) -> web.Response:
             session = self.guard.session(request, role, csrf=True)
+            if session.sign_in is not None:
+                self.desk.sign_out(session.sid, session.sign_in.associate_id)
             self.sessions.drop(session)
             response = web.json_response({"ok": True})
             response.del_cookie(COOKIES[role], path="/")

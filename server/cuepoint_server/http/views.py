@@ -15,6 +15,7 @@ from ..core.model import (
     EngagementOffered,
     EngagementView,
     JourneyAppended,
+    JourneyItem,
     OfferWithdrawn,
     UpgradeAsk,
 )
@@ -50,7 +51,25 @@ def engagement(view: EngagementView, routing: Routing) -> dict[str, Any]:
         "kind": view.kind,
         "callback_at": view.callback_at,
         "callback_number": view.callback_number,
+        # The chat so far and the live journey since it was assigned: a desk that reloads shows them again.
+        "transcript": [_chat(line) for line in view.transcript],
+        "journey_since": [_journey(j) for j in view.journey_since],
     }
+
+
+def _chat(item: ChatLine) -> dict[str, Any]:
+    return {
+        "type": "chat",
+        "engagement_id": item.engagement_id,
+        "message_id": item.message_id,
+        "sender": item.sender,
+        "text": item.text,
+        "time": item.time,
+    }
+
+
+def _journey(j: JourneyItem) -> dict[str, Any]:
+    return {"signal_id": j.signal_id, "time": j.time, "kind": j.kind, "name": j.name, "payload": j.payload}
 
 
 def associate_event(item: object, routing: Routing, now: float) -> dict[str, Any] | None:
@@ -75,14 +94,7 @@ def associate_event(item: object, routing: Routing, now: float) -> dict[str, Any
             "ended_by": item.ended_by,
         }
     if isinstance(item, ChatLine):
-        return {
-            "type": "chat",
-            "engagement_id": item.engagement_id,
-            "message_id": item.message_id,
-            "sender": item.sender,
-            "text": item.text,
-            "time": item.time,
-        }
+        return _chat(item)
     if isinstance(item, UpgradeAsk):
         return {
             "type": "upgrade_request",
@@ -113,10 +125,7 @@ def associate_event(item: object, routing: Routing, now: float) -> dict[str, Any
         return {
             "type": "journey",
             "engagement_id": item.engagement_id,
-            "items": [
-                {"signal_id": j.signal_id, "time": j.time, "kind": j.kind, "name": j.name, "payload": j.payload}
-                for j in item.items
-            ],
+            "items": [_journey(j) for j in item.items],
         }
     return None
 

@@ -11,6 +11,7 @@
   let offer = null;           // {engagement, deadline}
   let countdownTimer = null;
   let current = null;         // the assigned engagement
+  let shown = new Set();      // message and signal ids on screen: a resumed desk is sent some of them again
   let pc = null;              // RTCPeerConnection of the current call
   let localStream = null;
 
@@ -76,6 +77,15 @@
         queueConfig = msg.queue_config || {};
         $("who").textContent = (msg.display_name || msg.associate_id) + " · " + msg.queues.join(", ");
         $("status").value = msg.status;
+        if (msg.resumed) announce("Reconnected: your engagements are still yours.");
+        else if (current) {
+          // Away longer than the grace period: the server gave the engagement back to its queue.
+          closeCall();
+          $("last-wrap").textContent = "Your connection was lost too long: the engagement went back to its queue.";
+          current = null;
+          show($("work"), false);
+          show($("idle"), true);
+        }
         break;
       case "queues": renderCounts(msg.queues); break;
       case "offered": showOffer(msg); break;
@@ -172,6 +182,7 @@
 
   function showEngagement(e) {
     current = e;
+    shown = new Set();
     $("last-wrap").textContent = "";
     show($("idle"), false);
     show($("work"), true);
@@ -233,6 +244,7 @@
     }
     entries.sort((a, b) => a.time - b.time);
     for (const entry of entries) addJourney(entry.item, false);
+    for (const item of e.journey_since || []) addJourney(item, true);
     journey.scrollTop = journey.scrollHeight;
     const prior = clear($("prior"));
     for (const p of c.prior_engagements || []) {
@@ -241,6 +253,7 @@
     if (!(c.prior_engagements || []).length) prior.append(el("li", { text: "none" }));
 
     clear($("transcript"));
+    for (const line of e.transcript || []) addChat(line);
     clear($("calllog"));
     clear($("user-asks"));
     setChannel(e.channel);
@@ -262,6 +275,10 @@
   }
 
   function addJourney(item, fresh) {
+    if (item.signal_id) {
+      if (shown.has("signal:" + item.signal_id)) return;
+      shown.add("signal:" + item.signal_id);
+    }
     const props = Object.entries(item.payload || {}).map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v)).join(" ");
     const label = item.kind === "context" ? "context " + (item.name || "update") : item.name;
     $("journey").append(el("li", { class: (fresh ? "fresh " : "") + "kind-" + item.kind }, el("span", { class: "when", text: time(item.time) }), el("strong", { text: label }), el("span", { class: "props", text: props })));
@@ -271,6 +288,10 @@
   // -- chat ---------------------------------------------------------------------------------------
 
   function addChat(msg) {
+    if (msg.message_id) {
+      if (shown.has("chat:" + msg.message_id)) return;
+      shown.add("chat:" + msg.message_id);
+    }
     const who = msg.sender === "associate" ? "You" : msg.sender === "user" ? "User" : "System";
     $("transcript").append(el("li", { class: msg.sender }, el("span", { class: "from", text: who + " · " + time(msg.time) }), msg.text));
     $("transcript").scrollTop = $("transcript").scrollHeight;
@@ -435,7 +456,8 @@
 
   function ended(msg) {
     if (!isCurrent(msg)) return;
-    if (msg.ended_by === "user" && !current.userLeft) {
+    if (msg.ended_by === "user" && current.userLeft) return;  // told again after a reconnect
+    if (msg.ended_by === "user") {
       current.userLeft = true;
       callLog("the user ended the engagement; wrap up to finish");
       announce("The user ended the engagement. Wrap up to finish.");
