@@ -386,6 +386,9 @@ def test_demo_runs_end_to_end() -> None:
     assert "Device:  fitkit-iphone-7f3a - iPhone15,2, iOS 17.4, app fitkit 4.2.0" in done.stdout
     assert "[associate] chat from user: \"It keeps saying 'sync failed'. I'm on 4.2.0.\"" in done.stdout
     assert "[associate] channel is now screen_share" in done.stdout
-    assert "2 chat messages, engagement ended (resolved), channel screen_share, outcome achieved" in done.stdout
+    assert (
+        "2 chat messages, engagement ended (resolved, recorded resolved), channel screen_share, outcome achieved"
+        in done.stdout
+    )
     assert "Demo complete." in done.stdout
     assert "associate desk: http://127.0.0.1:" in done.stdout and "admin console:  http://127.0.0.1:" in done.stdout

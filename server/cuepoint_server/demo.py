@@ -178,9 +178,10 @@ async def _story(server: CuepointServer, tokens: _Tokens) -> int:
 
     await _conversation(phone_engagement=engagement, associate=associate, assigned=assigned)
 
-    await associate.end(assigned, disposition="resolved", notes="Cleared a stale auth token; sync works again.")
+    notes = "Cleared a stale auth token; sync works again."
+    await associate.end(assigned, disposition="resolved", notes=notes, outcome="resolved")
     ended = await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=5)
-    _say("associate", 'wrapped up: disposition "resolved", notes "Cleared a stale auth token; sync works again."')
+    _say("associate", f'wrapped up: disposition "resolved", outcome "resolved", notes "{notes}"')
     _say("phone", f"engagement {ended.engagement_id[:8]} ended")
     await phone.track("sync_succeeded", duration_ms=9_800)
     await phone.flush()
@@ -198,7 +199,8 @@ async def _story(server: CuepointServer, tokens: _Tokens) -> int:
     _say(
         "server",
         f"stored: {journey} signals in the journey, {len(transcript)} chat messages, engagement {stored.state} "
-        f"({stored.disposition}), channel {stored.channel}, outcome {stored.outcome}",
+        f"({stored.disposition}, recorded {stored.wrap_up_outcome}), channel {stored.channel}, "
+        f"outcome {stored.outcome}",
     )
     print("\nDemo complete.")
     return 0
