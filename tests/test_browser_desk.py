@@ -96,7 +96,7 @@ async def test_fitkit_story_in_the_browser(start_server: StartServer) -> None:
         # The routing rule that sent it to this queue, by name and where it is written, and its conditions.
         rule = desk.locator("#why [data-field=routing-rule]")
         await expect(rule).to_contain_text("premium sync help (fitkit-support-queue.yaml:")
-        await expect(rule).to_contain_text("→ fitkit-support, priority +10")
+        await expect(rule).to_contain_text("→ fitkit-support")
         await expect(desk.locator("#conditions")).to_contain_text("sync_failed")
         await expect(desk.locator("#conditions")).to_contain_text("user.tier")
         await expect(desk.locator("#conditions")).to_contain_text("routing.rules[0].when")
