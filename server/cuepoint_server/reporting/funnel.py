@@ -268,7 +268,7 @@ async def funnel(fetch: Fetch, query: FunnelQuery) -> list[FunnelRow]:
 
 
 # The storage aggregates a funnel reads (the desk's handling times are reporting/handling.py's).
-FUNNEL_KINDS = ("decisions", "cues", "sessions", "variants", "feedback", "desk_feedback")
+FUNNEL_KINDS = ("decisions", "cues", "wrap_up_outcomes", "sessions", "variants", "feedback", "desk_feedback")
 
 
 async def funnel_report(fetch: Fetch, query: FunnelQuery) -> tuple[list[FunnelRow], list[DeskFeedback]]:
