@@ -164,7 +164,8 @@ async def test_track_validates_before_queueing() -> None:
 
     signal_id = await client.track("sync_failed", reason="timeout", attempt=2, ratio=0.5, retry=True)
     assert client.pending_signals == 1
-    [(queued_id, signal)] = client._batcher.take_batch()
+    [(queued_id, queued)] = client._batcher.take_batch()
+    signal = _convert.as_signal(queued)  # queued as a row; the row form is what the outbox keeps
     assert queued_id == signal_id == signal.id
     assert (signal.time.seconds, signal.time.nanos) == (1_700_000_000, 250_000_000)  # the injected clock
     assert signal.event.name == "sync_failed"
@@ -176,7 +177,8 @@ async def test_track_validates_before_queueing() -> None:
 async def test_track_name_is_positional_so_any_property_name_works() -> None:
     client = make_client()
     await client.track("form.submitted", name="checkout", self="x")
-    [(_, signal)] = client._batcher.take_batch()
+    [(_, queued)] = client._batcher.take_batch()
+    signal = _convert.as_signal(queued)
     assert _convert.attributes_from_proto(signal.event.properties) == {"name": "checkout", "self": "x"}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, MutableMapping
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -867,6 +867,83 @@ def hello(
 def signal_batch(batch_id: str, sent_at: float, signals: Iterable[common_pb2.Signal]) -> device_pb2.DeviceMessage:
     batch = device_pb2.SignalBatch(batch_id=batch_id, sent_at=timestamp(sent_at), signals=list(signals))
     return device_pb2.DeviceMessage(signals=batch)
+
+
+class EventRow(NamedTuple):
+    """A tracked event as plain values: cheaper to queue than a Signal message, sent by column."""
+
+    id: str
+    at: float
+    name: str
+    properties: Mapping[str, Scalar]
+
+
+# What the client queues: events as rows; context updates (and signals restored from the outbox) as Signals.
+Outgoing: TypeAlias = EventRow | common_pb2.Signal
+
+
+def as_signal(item: Outgoing) -> common_pb2.Signal:
+    return event_signal(*item) if isinstance(item, EventRow) else item
+
+
+def outgoing_time(item: Outgoing) -> float:
+    if isinstance(item, EventRow):
+        return item.at
+    return item.time.seconds + item.time.nanos / 1e9
+
+
+def signals_message(batch_id: str, sent_at: float, items: list[Outgoing]) -> device_pb2.DeviceMessage:
+    """A batch of events by column (SignalColumns); any other batch as a SignalBatch of Signal messages."""
+    if items and all(type(item) is EventRow for item in items):
+        return signal_columns(batch_id, sent_at, items)  # type: ignore[arg-type]
+    return signal_batch(batch_id, sent_at, [as_signal(item) for item in items])
+
+
+def signal_columns(batch_id: str, sent_at: float, events: list[EventRow]) -> device_pb2.DeviceMessage:
+    strings: dict[str, int] = {}  # string -> its index; insertion order is the string table
+    intern = strings.setdefault
+    names = [intern(e.name, len(strings)) for e in events]
+    counts: list[int] = []
+    keys: list[int] = []
+    types: list[int] = []
+    text: list[int] = []
+    ints: list[int] = []
+    doubles: list[float] = []
+    bools: list[bool] = []
+    for event in events:
+        props = event.properties
+        counts.append(len(props))
+        for key, value in props.items():
+            keys.append(intern(key, len(strings)))
+            kind = type(value)
+            if kind is str:
+                types.append(device_pb2.PROPERTY_TYPE_STRING)
+                text.append(intern(value, len(strings)))  # type: ignore[arg-type]
+            elif kind is bool:
+                types.append(device_pb2.PROPERTY_TYPE_BOOL)
+                bools.append(value)  # type: ignore[arg-type]
+            elif kind is int:
+                types.append(device_pb2.PROPERTY_TYPE_INT)
+                ints.append(value)  # type: ignore[arg-type]
+            else:
+                types.append(device_pb2.PROPERTY_TYPE_DOUBLE)
+                doubles.append(value)  # type: ignore[arg-type]
+    columns = device_pb2.SignalColumns(
+        batch_id=batch_id,
+        sent_at=timestamp(sent_at),
+        strings=list(strings),
+        ids=" ".join([e.id for e in events]),
+        times_us=[round(e.at * 1e6) for e in events],
+        names=names,
+        prop_counts=counts,
+        prop_keys=keys,
+        prop_types=types,  # type: ignore[arg-type]
+        string_values=text,
+        int_values=ints,
+        double_values=doubles,
+        bool_values=bools,
+    )
+    return device_pb2.DeviceMessage(signal_columns=columns)
 
 
 def cue_response(cue_id: str, response: CueResponse, at: float, button_id: str = "") -> device_pb2.DeviceMessage:

@@ -210,7 +210,7 @@ class Client:
         self._heartbeats: dict[str, asyncio.Future[None]] = {}
         self._last_heard = 0.0
 
-        self._batcher: SignalBatcher[common_pb2.Signal] = SignalBatcher(self._config.max_batch, self._config.linger)
+        self._batcher: SignalBatcher[_convert.Outgoing] = SignalBatcher(self._config.max_batch, self._config.linger)
         self._wake_sender = asyncio.Event()
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
@@ -504,7 +504,7 @@ class Client:
         name = _validate.event_name(name)
         props = _validate.attributes(properties, "properties")
         signal_id = self._new_id()
-        self._enqueue(signal_id, _convert.event_signal(signal_id, self._config.clock(), name, props))
+        self._enqueue(signal_id, _convert.EventRow(signal_id, self._config.clock(), name, props))
         return signal_id
 
     async def set_context(
@@ -589,14 +589,14 @@ class Client:
             with contextlib.suppress(ValueError):
                 self._flush_waiters.remove(entry)
 
-    def _enqueue(self, signal_id: str, signal: common_pb2.Signal) -> None:
+    def _enqueue(self, signal_id: str, signal: _convert.Outgoing) -> None:
         self._open_journal()  # signals left by an earlier run go first
         limit = self._config.max_pending_signals
         if self._batcher.pending_count >= limit:
             raise BufferFull(f"{limit} signals are already waiting for acks")
         self._batcher.add(signal_id, signal, asyncio.get_running_loop().time())
         if self._journal is not None:
-            self._journal.add(signal_id, _signal_time(signal), signal.SerializeToString())
+            self._journal.add(signal_id, _signal_time(signal), _convert.as_signal(signal).SerializeToString())
             self._schedule_journal_commit()
         self._wake_sender.set()
 
@@ -824,7 +824,8 @@ class Client:
                 wait = self._batcher.time_until_due(loop.time())
                 if wait == 0.0:
                     batch = [signal for _, signal in self._batcher.take_batch()]
-                    message = _convert.signal_batch(self._new_id(), self._config.clock(), batch)
+                    # Events go by column (SignalColumns); a batch with a context update as Signal messages.
+                    message = _convert.signals_message(self._new_id(), self._config.clock(), batch)
                     await stream.write(message)
                     continue
                 with contextlib.suppress(TimeoutError):
@@ -1212,8 +1213,8 @@ async def _run_callback(result: Awaitable[object], what: str = "on_cue") -> None
         log.exception("cuepoint: %s callback failed", what)
 
 
-def _signal_time(signal: common_pb2.Signal) -> float:
-    return signal.time.seconds + signal.time.nanos / 1e9
+def _signal_time(signal: _convert.Outgoing) -> float:
+    return _convert.outgoing_time(signal)
 
 
 def _merge_context(

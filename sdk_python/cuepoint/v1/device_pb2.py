@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63uepoint/v1/device.proto\x12\x0b\x63uepoint.v1\x1a\x18\x63uepoint/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x04\n\rDeviceMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.cuepoint.v1.HelloH\x00\x12+\n\x07signals\x18\x02 \x01(\x0b\x32\x18.cuepoint.v1.SignalBatchH\x00\x12\x30\n\x0c\x63ue_response\x18\x03 \x01(\x0b\x32\x18.cuepoint.v1.CueResponseH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x05 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x38\n\x10upgrade_response\x18\x06 \x01(\x0b\x32\x1c.cuepoint.v1.UpgradeResponseH\x00\x12.\n\x0b\x63\x61ll_signal\x18\x07 \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12:\n\x0e\x65nd_engagement\x18\x08 \x01(\x0b\x32 .cuepoint.v1.EndEngagementByUserH\x00\x12\x36\n\x0f\x66\x61llback_choice\x18\t \x01(\x0b\x32\x1b.cuepoint.v1.FallbackChoiceH\x00\x12,\n\nuser_token\x18\n \x01(\x0b\x32\x16.cuepoint.v1.UserTokenH\x00\x12/\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x0b \x01(\x0b\x32\x1b.cuepoint.v1.FeedbackAnswerH\x00\x42\x06\n\x04kind\"\x1a\n\tUserToken\x12\r\n\x05token\x18\x01 \x01(\t\"E\n\x10UserVerification\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08verified\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa2\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.cuepoint.v1.FeedbackKind\x12\x10\n\x08question\x18\x03 \x01(\t\x12\x11\n\tmin_score\x18\x04 \x01(\x05\x12\x11\n\tmax_score\x18\x05 \x01(\x05\x12\x17\n\x0f\x63omment_allowed\x18\x06 \x01(\x08\"G\n\x0e\x46\x65\x65\x64\x62\x61\x63kAnswer\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x05\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\",\n\x13\x45ndEngagementByUser\x12\x15\n\rengagement_id\x18\x01 \x01(\t\"e\n\rFallbackOffer\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12,\n\x07options\x18\x02 \x03(\x0e\x32\x1b.cuepoint.v1.FallbackOption\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x9b\x01\n\x0e\x46\x61llbackChoice\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12+\n\x06option\x18\x02 \x01(\x0e\x32\x1b.cuepoint.v1.FallbackOption\x12\x14\n\x0cphone_number\x18\x03 \x01(\t\x12/\n\x0b\x63\x61llback_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfc\x01\n\x05Hello\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12%\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x14.cuepoint.v1.Context\x12\'\n\x04user\x18\x04 \x01(\x0b\x32\x19.cuepoint.v1.UserIdentity\x12%\n\x07\x63onsent\x18\x05 \x01(\x0b\x32\x14.cuepoint.v1.Consent\x12\x13\n\x0bsdk_version\x18\x06 \x01(\t\x12\x19\n\x11resume_session_id\x18\x07 \x01(\t\x12\x15\n\rdevice_secret\x18\x08 \x01(\t\x12\x12\n\nuser_token\x18\t \x01(\t\"r\n\x0bSignalBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x07signals\x18\x03 \x03(\x0b\x32\x13.cuepoint.v1.Signal\"\x86\x01\n\x0b\x43ueResponse\x12\x0e\n\x06\x63ue_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.cuepoint.v1.CueResponseKind\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tbutton_id\x18\x04 \x01(\t\"\xdd\x04\n\rServerMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.cuepoint.v1.WelcomeH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.cuepoint.v1.SignalAckH\x00\x12\x1f\n\x03\x63ue\x18\x03 \x01(\x0b\x32\x10.cuepoint.v1.CueH\x00\x12\x30\n\nwithdrawal\x18\x04 \x01(\x0b\x32\x1a.cuepoint.v1.CueWithdrawalH\x00\x12\x33\n\nengagement\x18\x05 \x01(\x0b\x32\x1d.cuepoint.v1.EngagementUpdateH\x00\x12(\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x07 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x34\n\x0e\x63hannel_change\x18\x08 \x01(\x0b\x32\x1a.cuepoint.v1.ChannelChangeH\x00\x12.\n\x0b\x63\x61ll_signal\x18\t \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12.\n\x08\x66\x61llback\x18\n \x01(\x0b\x32\x1a.cuepoint.v1.FallbackOfferH\x00\x12:\n\x11user_verification\x18\x0b \x01(\x0b\x32\x1d.cuepoint.v1.UserVerificationH\x00\x12\x38\n\x10\x66\x65\x65\x64\x62\x61\x63k_request\x18\x0c \x01(\x0b\x32\x1c.cuepoint.v1.FeedbackRequestH\x00\x42\x06\n\x04kind\"\x84\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15max_signals_per_batch\x18\x03 \x01(\x05\x12\x15\n\rdevice_secret\x18\x04 \x01(\t\"H\n\tSignalAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x12\n\nsignal_ids\x18\x02 \x03(\t\x12\x15\n\rduplicate_ids\x18\x03 \x03(\t\"/\n\rCueWithdrawal\x12\x0e\n\x06\x63ue_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xef\x02\n\x10\x45ngagementUpdate\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ue_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.cuepoint.v1.EngagementState\x12%\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x14.cuepoint.v1.Channel\x12\r\n\x05queue\x18\x05 \x01(\t\x12\x16\n\x0e\x61ssociate_name\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64isposition\x18\x08 \x01(\t\x12\x16\n\x0equeue_position\x18\t \x01(\x05\x12\x31\n\x0e\x65stimated_wait\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x63\x61llback_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\\\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x45\x45\x44\x42\x41\x43K_KIND_CSAT\x10\x01\x12\x15\n\x11\x46\x45\x45\x44\x42\x41\x43K_KIND_NPS\x10\x02*\x85\x01\n\x0e\x46\x61llbackOption\x12\x1f\n\x1b\x46\x41LLBACK_OPTION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41LLBACK_OPTION_CALLBACK\x10\x01\x12\x18\n\x14\x46\x41LLBACK_OPTION_CHAT\x10\x02\x12\x1a\n\x16\x46\x41LLBACK_OPTION_CANCEL\x10\x03\x32V\n\rDeviceService\x12\x45\n\x07\x43onnect\x12\x1a.cuepoint.v1.DeviceMessage\x1a\x1a.cuepoint.v1.ServerMessage(\x01\x30\x01\x42O\n\x0f\x64\x65v.cuepoint.v1P\x01Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63uepoint/v1/device.proto\x12\x0b\x63uepoint.v1\x1a\x18\x63uepoint/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf0\x04\n\rDeviceMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.cuepoint.v1.HelloH\x00\x12+\n\x07signals\x18\x02 \x01(\x0b\x32\x18.cuepoint.v1.SignalBatchH\x00\x12\x30\n\x0c\x63ue_response\x18\x03 \x01(\x0b\x32\x18.cuepoint.v1.CueResponseH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x05 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x38\n\x10upgrade_response\x18\x06 \x01(\x0b\x32\x1c.cuepoint.v1.UpgradeResponseH\x00\x12.\n\x0b\x63\x61ll_signal\x18\x07 \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12:\n\x0e\x65nd_engagement\x18\x08 \x01(\x0b\x32 .cuepoint.v1.EndEngagementByUserH\x00\x12\x36\n\x0f\x66\x61llback_choice\x18\t \x01(\x0b\x32\x1b.cuepoint.v1.FallbackChoiceH\x00\x12,\n\nuser_token\x18\n \x01(\x0b\x32\x16.cuepoint.v1.UserTokenH\x00\x12/\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x0b \x01(\x0b\x32\x1b.cuepoint.v1.FeedbackAnswerH\x00\x12\x34\n\x0esignal_columns\x18\x0c \x01(\x0b\x32\x1a.cuepoint.v1.SignalColumnsH\x00\x42\x06\n\x04kind\"\x1a\n\tUserToken\x12\r\n\x05token\x18\x01 \x01(\t\"E\n\x10UserVerification\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08verified\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa2\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.cuepoint.v1.FeedbackKind\x12\x10\n\x08question\x18\x03 \x01(\t\x12\x11\n\tmin_score\x18\x04 \x01(\x05\x12\x11\n\tmax_score\x18\x05 \x01(\x05\x12\x17\n\x0f\x63omment_allowed\x18\x06 \x01(\x08\"G\n\x0e\x46\x65\x65\x64\x62\x61\x63kAnswer\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x05\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\",\n\x13\x45ndEngagementByUser\x12\x15\n\rengagement_id\x18\x01 \x01(\t\"e\n\rFallbackOffer\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12,\n\x07options\x18\x02 \x03(\x0e\x32\x1b.cuepoint.v1.FallbackOption\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x9b\x01\n\x0e\x46\x61llbackChoice\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12+\n\x06option\x18\x02 \x01(\x0e\x32\x1b.cuepoint.v1.FallbackOption\x12\x14\n\x0cphone_number\x18\x03 \x01(\t\x12/\n\x0b\x63\x61llback_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfc\x01\n\x05Hello\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12%\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x14.cuepoint.v1.Context\x12\'\n\x04user\x18\x04 \x01(\x0b\x32\x19.cuepoint.v1.UserIdentity\x12%\n\x07\x63onsent\x18\x05 \x01(\x0b\x32\x14.cuepoint.v1.Consent\x12\x13\n\x0bsdk_version\x18\x06 \x01(\t\x12\x19\n\x11resume_session_id\x18\x07 \x01(\t\x12\x15\n\rdevice_secret\x18\x08 \x01(\t\x12\x12\n\nuser_token\x18\t \x01(\t\"r\n\x0bSignalBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x07signals\x18\x03 \x03(\x0b\x32\x13.cuepoint.v1.Signal\"\xbb\x02\n\rSignalColumns\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07strings\x18\x03 \x03(\t\x12\x0b\n\x03ids\x18\x04 \x01(\t\x12\x10\n\x08times_us\x18\x05 \x03(\x03\x12\r\n\x05names\x18\x06 \x03(\r\x12\x13\n\x0bprop_counts\x18\x07 \x03(\r\x12\x11\n\tprop_keys\x18\x08 \x03(\r\x12-\n\nprop_types\x18\t \x03(\x0e\x32\x19.cuepoint.v1.PropertyType\x12\x15\n\rstring_values\x18\n \x03(\r\x12\x12\n\nint_values\x18\x0b \x03(\x12\x12\x15\n\rdouble_values\x18\x0c \x03(\x01\x12\x13\n\x0b\x62ool_values\x18\r \x03(\x08\"\x86\x01\n\x0b\x43ueResponse\x12\x0e\n\x06\x63ue_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.cuepoint.v1.CueResponseKind\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tbutton_id\x18\x04 \x01(\t\"\xdd\x04\n\rServerMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.cuepoint.v1.WelcomeH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.cuepoint.v1.SignalAckH\x00\x12\x1f\n\x03\x63ue\x18\x03 \x01(\x0b\x32\x10.cuepoint.v1.CueH\x00\x12\x30\n\nwithdrawal\x18\x04 \x01(\x0b\x32\x1a.cuepoint.v1.CueWithdrawalH\x00\x12\x33\n\nengagement\x18\x05 \x01(\x0b\x32\x1d.cuepoint.v1.EngagementUpdateH\x00\x12(\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x18.cuepoint.v1.ChatMessageH\x00\x12\x36\n\x0fupgrade_request\x18\x07 \x01(\x0b\x32\x1b.cuepoint.v1.UpgradeRequestH\x00\x12\x34\n\x0e\x63hannel_change\x18\x08 \x01(\x0b\x32\x1a.cuepoint.v1.ChannelChangeH\x00\x12.\n\x0b\x63\x61ll_signal\x18\t \x01(\x0b\x32\x17.cuepoint.v1.CallSignalH\x00\x12.\n\x08\x66\x61llback\x18\n \x01(\x0b\x32\x1a.cuepoint.v1.FallbackOfferH\x00\x12:\n\x11user_verification\x18\x0b \x01(\x0b\x32\x1d.cuepoint.v1.UserVerificationH\x00\x12\x38\n\x10\x66\x65\x65\x64\x62\x61\x63k_request\x18\x0c \x01(\x0b\x32\x1c.cuepoint.v1.FeedbackRequestH\x00\x42\x06\n\x04kind\"\x84\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15max_signals_per_batch\x18\x03 \x01(\x05\x12\x15\n\rdevice_secret\x18\x04 \x01(\t\"H\n\tSignalAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x12\n\nsignal_ids\x18\x02 \x03(\t\x12\x15\n\rduplicate_ids\x18\x03 \x03(\t\"/\n\rCueWithdrawal\x12\x0e\n\x06\x63ue_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xef\x02\n\x10\x45ngagementUpdate\x12\x15\n\rengagement_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ue_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.cuepoint.v1.EngagementState\x12%\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x14.cuepoint.v1.Channel\x12\r\n\x05queue\x18\x05 \x01(\t\x12\x16\n\x0e\x61ssociate_name\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64isposition\x18\x08 \x01(\t\x12\x16\n\x0equeue_position\x18\t \x01(\x05\x12\x31\n\x0e\x65stimated_wait\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x63\x61llback_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\\\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x45\x45\x44\x42\x41\x43K_KIND_CSAT\x10\x01\x12\x15\n\x11\x46\x45\x45\x44\x42\x41\x43K_KIND_NPS\x10\x02*\x85\x01\n\x0e\x46\x61llbackOption\x12\x1f\n\x1b\x46\x41LLBACK_OPTION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41LLBACK_OPTION_CALLBACK\x10\x01\x12\x18\n\x14\x46\x41LLBACK_OPTION_CHAT\x10\x02\x12\x1a\n\x16\x46\x41LLBACK_OPTION_CANCEL\x10\x03*\x90\x01\n\x0cPropertyType\x12\x1d\n\x19PROPERTY_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14PROPERTY_TYPE_STRING\x10\x01\x12\x15\n\x11PROPERTY_TYPE_INT\x10\x02\x12\x18\n\x14PROPERTY_TYPE_DOUBLE\x10\x03\x12\x16\n\x12PROPERTY_TYPE_BOOL\x10\x04\x32V\n\rDeviceService\x12\x45\n\x07\x43onnect\x12\x1a.cuepoint.v1.DeviceMessage\x1a\x1a.cuepoint.v1.ServerMessage(\x01\x30\x01\x42O\n\x0f\x64\x65v.cuepoint.v1P\x01Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,42 +35,46 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cuepoint.v1.device_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.cuepoint.v1P\001Z:github.com/cuepoint/cuepoint/gen/go/cuepoint/v1;cuepointv1'
-  _globals['_FEEDBACKKIND']._serialized_start=3093
-  _globals['_FEEDBACKKIND']._serialized_end=3185
-  _globals['_FALLBACKOPTION']._serialized_start=3188
-  _globals['_FALLBACKOPTION']._serialized_end=3321
+  _globals['_FEEDBACKKIND']._serialized_start=3465
+  _globals['_FEEDBACKKIND']._serialized_end=3557
+  _globals['_FALLBACKOPTION']._serialized_start=3560
+  _globals['_FALLBACKOPTION']._serialized_end=3693
+  _globals['_PROPERTYTYPE']._serialized_start=3696
+  _globals['_PROPERTYTYPE']._serialized_end=3840
   _globals['_DEVICEMESSAGE']._serialized_start=133
-  _globals['_DEVICEMESSAGE']._serialized_end=703
-  _globals['_USERTOKEN']._serialized_start=705
-  _globals['_USERTOKEN']._serialized_end=731
-  _globals['_USERVERIFICATION']._serialized_start=733
-  _globals['_USERVERIFICATION']._serialized_end=802
-  _globals['_FEEDBACKREQUEST']._serialized_start=805
-  _globals['_FEEDBACKREQUEST']._serialized_end=967
-  _globals['_FEEDBACKANSWER']._serialized_start=969
-  _globals['_FEEDBACKANSWER']._serialized_end=1040
-  _globals['_ENDENGAGEMENTBYUSER']._serialized_start=1042
-  _globals['_ENDENGAGEMENTBYUSER']._serialized_end=1086
-  _globals['_FALLBACKOFFER']._serialized_start=1088
-  _globals['_FALLBACKOFFER']._serialized_end=1189
-  _globals['_FALLBACKCHOICE']._serialized_start=1192
-  _globals['_FALLBACKCHOICE']._serialized_end=1347
-  _globals['_HELLO']._serialized_start=1350
-  _globals['_HELLO']._serialized_end=1602
-  _globals['_SIGNALBATCH']._serialized_start=1604
-  _globals['_SIGNALBATCH']._serialized_end=1718
-  _globals['_CUERESPONSE']._serialized_start=1721
-  _globals['_CUERESPONSE']._serialized_end=1855
-  _globals['_SERVERMESSAGE']._serialized_start=1858
-  _globals['_SERVERMESSAGE']._serialized_end=2463
-  _globals['_WELCOME']._serialized_start=2466
-  _globals['_WELCOME']._serialized_end=2598
-  _globals['_SIGNALACK']._serialized_start=2600
-  _globals['_SIGNALACK']._serialized_end=2672
-  _globals['_CUEWITHDRAWAL']._serialized_start=2674
-  _globals['_CUEWITHDRAWAL']._serialized_end=2721
-  _globals['_ENGAGEMENTUPDATE']._serialized_start=2724
-  _globals['_ENGAGEMENTUPDATE']._serialized_end=3091
-  _globals['_DEVICESERVICE']._serialized_start=3323
-  _globals['_DEVICESERVICE']._serialized_end=3409
+  _globals['_DEVICEMESSAGE']._serialized_end=757
+  _globals['_USERTOKEN']._serialized_start=759
+  _globals['_USERTOKEN']._serialized_end=785
+  _globals['_USERVERIFICATION']._serialized_start=787
+  _globals['_USERVERIFICATION']._serialized_end=856
+  _globals['_FEEDBACKREQUEST']._serialized_start=859
+  _globals['_FEEDBACKREQUEST']._serialized_end=1021
+  _globals['_FEEDBACKANSWER']._serialized_start=1023
+  _globals['_FEEDBACKANSWER']._serialized_end=1094
+  _globals['_ENDENGAGEMENTBYUSER']._serialized_start=1096
+  _globals['_ENDENGAGEMENTBYUSER']._serialized_end=1140
+  _globals['_FALLBACKOFFER']._serialized_start=1142
+  _globals['_FALLBACKOFFER']._serialized_end=1243
+  _globals['_FALLBACKCHOICE']._serialized_start=1246
+  _globals['_FALLBACKCHOICE']._serialized_end=1401
+  _globals['_HELLO']._serialized_start=1404
+  _globals['_HELLO']._serialized_end=1656
+  _globals['_SIGNALBATCH']._serialized_start=1658
+  _globals['_SIGNALBATCH']._serialized_end=1772
+  _globals['_SIGNALCOLUMNS']._serialized_start=1775
+  _globals['_SIGNALCOLUMNS']._serialized_end=2090
+  _globals['_CUERESPONSE']._serialized_start=2093
+  _globals['_CUERESPONSE']._serialized_end=2227
+  _globals['_SERVERMESSAGE']._serialized_start=2230
+  _globals['_SERVERMESSAGE']._serialized_end=2835
+  _globals['_WELCOME']._serialized_start=2838
+  _globals['_WELCOME']._serialized_end=2970
+  _globals['_SIGNALACK']._serialized_start=2972
+  _globals['_SIGNALACK']._serialized_end=3044
+  _globals['_CUEWITHDRAWAL']._serialized_start=3046
+  _globals['_CUEWITHDRAWAL']._serialized_end=3093
+  _globals['_ENGAGEMENTUPDATE']._serialized_start=3096
+  _globals['_ENGAGEMENTUPDATE']._serialized_end=3463
+  _globals['_DEVICESERVICE']._serialized_start=3842
+  _globals['_DEVICESERVICE']._serialized_end=3928
 # @@protoc_insertion_point(module_scope)

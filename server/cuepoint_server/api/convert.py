@@ -34,6 +34,7 @@ from ..scenarios.compiler import RuleMatch
 
 __all__ = [
     "ack_to_proto",
+    "batch_from_columns",
     "batch_from_proto",
     "cue_to_proto",
     "engagement_ended_to_proto",
@@ -252,6 +253,109 @@ def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
             signals.append(IncomingSignal(s.id, time, ""))
     sent_at = _seconds(msg.sent_at, "signals.sent_at") if msg.HasField("sent_at") else None
     return IncomingBatch(msg.batch_id, sent_at, tuple(signals))
+
+
+_PROPERTY_COLUMNS: dict[int, str] = {
+    device_pb2.PROPERTY_TYPE_STRING: "string_values",
+    device_pb2.PROPERTY_TYPE_INT: "int_values",
+    device_pb2.PROPERTY_TYPE_DOUBLE: "double_values",
+    device_pb2.PROPERTY_TYPE_BOOL: "bool_values",
+}
+
+
+def _column_error(column: str, index: int, text: str) -> InvalidInput:
+    return InvalidInput(f"signal_columns.{column}[{index}]", text)
+
+
+def batch_from_columns(msg: device_pb2.SignalColumns) -> IncomingBatch:
+    """A columnar batch of events as the same IncomingBatch its row form gives (validated by the core).
+
+    Columns are read whole (a list per column, C loops), so the per-signal work is one tuple and, for a
+    signal with properties, one dict; strings arrive once per batch.
+    """
+    size = msg.ByteSize()
+    if size > Limits.max_batch_bytes:
+        raise InvalidInput("signal_columns", f"batch of {size} bytes exceeds {Limits.max_batch_bytes} bytes")
+    ids = msg.ids.split(" ") if msg.ids else []
+    n = len(ids)
+    if n > Limits.max_signals_per_batch:
+        raise InvalidInput("signal_columns.ids", f"batch of {n} exceeds {Limits.max_signals_per_batch} signals")
+    for column in ("times_us", "names", "prop_counts"):
+        if len(getattr(msg, column)) != n:
+            raise InvalidInput(f"signal_columns.{column}", f"{len(getattr(msg, column))} entries for {n} signals")
+    strings = list(msg.strings)
+    known = len(strings)
+    try:
+        names = [strings[k] for k in msg.names]
+    except IndexError:
+        bad = next(i for i, k in enumerate(msg.names) if k >= known)
+        raise _column_error("names", bad, f"index {msg.names[bad]} beyond the {known} strings") from None
+    times = [t / 1e6 if t else None for t in msg.times_us]
+    counts = list(msg.prop_counts)
+    signals: list[IncomingSignal]
+    if not any(counts):
+        signals = [IncomingSignal(i, t, "event", name) for i, t, name in zip(ids, times, names, strict=True)]
+    else:
+        values = _column_values(msg, strings, sum(counts))
+        keys = _strings_at(msg, strings, "prop_keys")
+        signals = []
+        at = 0
+        for sid, t, name, count in zip(ids, times, names, counts, strict=True):
+            if count:
+                if count > Limits.max_props:
+                    raise _column_error("prop_counts", len(signals), f"more than {Limits.max_props} properties")
+                props = dict(zip(keys[at : at + count], values[at : at + count], strict=True))
+                if len(props) != count:
+                    raise _column_error("prop_keys", at, "a property key repeated within one signal")
+                at += count
+                signals.append(IncomingSignal(sid, t, "event", name, props))
+            else:
+                signals.append(IncomingSignal(sid, t, "event", name))
+    sent_at = _seconds(msg.sent_at, "signal_columns.sent_at") if msg.HasField("sent_at") else None
+    return IncomingBatch(msg.batch_id, sent_at, tuple(signals), columnar=True)
+
+
+def _strings_at(msg: device_pb2.SignalColumns, strings: list[str], column: str) -> list[str]:
+    indexes = getattr(msg, column)
+    try:
+        return [strings[k] for k in indexes]
+    except IndexError:
+        bad = next(i for i, k in enumerate(indexes) if k >= len(strings))
+        raise _column_error(column, bad, f"index {indexes[bad]} beyond the {len(strings)} strings") from None
+
+
+def _column_values(msg: device_pb2.SignalColumns, strings: list[str], total: int) -> list[Scalar]:
+    """Every property's value in property order, taken from its type's column."""
+    types: list[int] = list(msg.prop_types)
+    if len(types) != total or len(msg.prop_keys) != total:
+        raise InvalidInput("signal_columns.prop_types", f"prop_keys and prop_types need {total} entries each")
+    columns: dict[int, list[Scalar]] = {
+        device_pb2.PROPERTY_TYPE_STRING: list(_strings_at(msg, strings, "string_values")),
+        device_pb2.PROPERTY_TYPE_INT: list(msg.int_values),
+        device_pb2.PROPERTY_TYPE_DOUBLE: list(msg.double_values),
+        device_pb2.PROPERTY_TYPE_BOOL: list(msg.bool_values),
+    }
+    if len(set(types)) == 1 and types[0] in columns:
+        values = columns[types[0]]  # one type: the column is the values
+        if len(values) != total or sum(len(c) for c in columns.values()) != total:
+            raise InvalidInput(f"signal_columns.{_PROPERTY_COLUMNS[types[0]]}", f"needs {total} entries")
+        return values
+    taken = dict.fromkeys(columns, 0)
+    out: list[Scalar] = []
+    for i, kind in enumerate(types):
+        column = columns.get(kind)
+        if column is None:
+            raise _column_error("prop_types", i, f"unknown or unspecified property type {kind}")
+        at = taken[kind]
+        if at >= len(column):
+            raise InvalidInput(f"signal_columns.{_PROPERTY_COLUMNS[kind]}", f"too few entries for prop_types[{i}]")
+        out.append(column[at])
+        taken[kind] = at + 1
+    for typ, used in taken.items():
+        if used != len(columns[typ]):
+            text = f"{len(columns[typ])} entries, {used} used"
+            raise InvalidInput(f"signal_columns.{_PROPERTY_COLUMNS[typ]}", text)
+    return out
 
 
 def response_from_proto(msg: device_pb2.CueResponse) -> tuple[str, str, str]:

@@ -130,10 +130,17 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     await session.wait_for_room()
                 kind = message.WhichOneof("kind")
                 if self.limiter is not None:
-                    cost = len(message.signals.signals) if kind == "signals" else 1
+                    if kind == "signals":
+                        cost = len(message.signals.signals)
+                    elif kind == "signal_columns":
+                        cost = len(message.signal_columns.times_us)
+                    else:
+                        cost = 1
                     self.limiter.charge(session.app_id, session.device_id, cost, peer)
                 if kind == "signals":
                     self.core.ingest(session, convert.batch_from_proto(message.signals))
+                elif kind == "signal_columns":
+                    self.core.ingest(session, convert.batch_from_columns(message.signal_columns))
                 elif kind == "cue_response":
                     cue_id, response, button_id = convert.response_from_proto(message.cue_response)
                     await self.core.respond(session, cue_id, response, button_id)

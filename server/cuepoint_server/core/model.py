@@ -68,6 +68,8 @@ class IncomingBatch:
     batch_id: str
     sent_at: float | None
     signals: tuple[IncomingSignal, ...]
+    # Sent as SignalColumns: errors name its columns instead of signals.signals[i].
+    columnar: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,10 +75,24 @@ def validate_batch(batch: IncomingBatch, now: float) -> None:
         # Runs for every signal of every batch: field paths are only built for the error.
         problem = _signal_problem(signal, offset, window)
         if problem is not None:
-            raise InvalidInput(f"signals.signals[{i}]{problem[0]}", problem[1])
+            raise InvalidInput(_field(batch, i, problem[0]), problem[1])
         if signal.id in seen:
-            raise InvalidInput(f"signals.signals[{i}].id", f"id {signal.id!r} repeated within the batch")
+            raise InvalidInput(_field(batch, i, ".id"), f"id {signal.id!r} repeated within the batch")
         seen.add(signal.id)
+
+
+# Where a signal's field is in a SignalColumns (api/convert.py) rather than in signals.signals[i].
+_COLUMNS = {".id": "ids", ".time": "times_us", ".event.name": "names", ".kind": "names"}
+
+
+def _field(batch: IncomingBatch, i: int, below: str) -> str:
+    if not batch.columnar:
+        return f"signals.signals[{i}]{below}"
+    column = _COLUMNS.get(below)
+    if column is not None:
+        return f"signal_columns.{column}[{i}]"
+    # .event.properties[...]: the signal's properties (prop_counts[i] entries of the property columns).
+    return f"signal_columns.properties[{i}]{below.removeprefix('.event.properties')}"
 
 
 # Event names and property keys repeat across millions of signals; once one has passed its pattern, a set
