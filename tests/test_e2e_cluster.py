@@ -134,3 +134,38 @@ async def _take(source: AsyncIterator[cuepoint.ChatMessage], n: int) -> AsyncIte
         count += 1
         if count == n:
             return
+
+
+# A window that still holds after the reconnect, so the cue stays on screen across it.
+STICKY = """
+id: sync-failure
+trigger: {event: sync_failed, count: {at_least: 3, within: 10m}}
+cue: {message: "Unable to sync?", channel: audio, queue: support, ttl: 10m}
+"""
+
+
+async def test_a_device_resumes_on_b_after_a_drains(cluster: StartCluster) -> None:
+    a, b = await cluster(STICKY)
+    # One target, both replicas: what a load balancer in front of them looks like to the SDK.
+    client = await cuepoint.connect(
+        f"ipv4:{a.address},{b.address}",
+        app_id="fitkit",
+        device_id="roamer",
+        config=cuepoint.ClientConfig(reconnect_initial_backoff=0.05, reconnect_max_backoff=0.3),
+    )
+    cues: list[str] = []
+    client.on_cue(lambda cue: cues.append(cue.cue_id))
+    session = client.session_id
+    for _ in range(3):
+        await client.track("sync_failed")
+    offered = await client.next_cue(timeout=10)
+    assert await a.drain() == 0  # SIGTERM: GOAWAY, grace, every write flushed
+    await client.track("after-drain")
+    await client.flush(timeout=30)
+    # Resumed on B from the shared database: the same session, the same cue on screen (shown once), and
+    # answering it there works.
+    assert client.session_id == session
+    engagement = await client.accept(offered)
+    assert engagement.cue_id == offered.cue_id
+    assert cues == [offered.cue_id]
+    await client.close()
