@@ -5,6 +5,8 @@ Real server, real SDK, a hand-driven clock."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,3 +106,31 @@ async def test_queued_devices_see_their_position_and_wait_move_as_the_associate_
     assert [p for p, _ in seen[0]] == [1]
     assert [p for p, _ in seen[1]] == [2, 1]
     assert seen[2] == [(3, 360.0), (2, 180.0), (1, pytest.approx(70.0)), (1, pytest.approx(70.0 / 3))]
+
+
+async def test_the_estimate_starts_from_stored_handle_times_after_a_restart(
+    start_server: StartServer, clock: ManualClock, tmp_path: Path
+) -> None:
+    folder = tmp_path / "scenarios"
+    folder.mkdir()
+    (folder / "s.yaml").write_text(SCENARIO)
+    options: dict[str, Any] = {"scenarios": folder, "db": tmp_path / "wait.db"}
+    server = await start_server(**options)
+    dana = await cuepoint.connect_associate(server.address, associate_id="dana", queues=["support"])
+    first = await accepted(await phone(server, "phone-0", user_id="u0"))
+    handled = await dana.next_engagement(timeout=5)
+    clock.advance(90)  # the queue's only finished engagement took 90 s
+    await dana.end(handled, disposition="resolved")
+    await first.wait_for(cuepoint.EngagementState.ENDED, timeout=5)
+    await dana.close()
+    await server.stop(0.5)
+
+    # A new process: nothing finished since it started, yet the estimate has its history.
+    server = await start_server(**options)
+    dana = await cuepoint.connect_associate(server.address, associate_id="dana", queues=["support"])
+    busy = await accepted(await phone(server, "phone-1", user_id="u1"))
+    await busy.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+    waiting = await accepted(await phone(server, "phone-2", user_id="u2"))
+    update = await told(waiting, 1)
+    assert update.estimated_wait == pytest.approx(90)  # 1 in line x 90 s / 1 slot
+    await dana.close()

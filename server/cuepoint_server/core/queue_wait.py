@@ -3,8 +3,8 @@
 How the estimate is computed (per queue):
 
 - handle time: for each of the queue's last `WINDOW` engagements that an associate took and that then
-  ended, the time from assignment to its end (a rolling window, kept in memory: it refills from live
-  traffic after a restart);
+  ended, the time from assignment to its end (a rolling window in memory, read back from storage at
+  start-up by `Recovery.recover`, so a restart does not forget it);
 - staffed capacity: the engagement slots of the associates signed in to the queue and not away
   (`capacity` each; busy ones count, they free slots as they finish);
 - estimated wait of the engagement at position p = p x (average handle time) / (staffed capacity):

@@ -13,6 +13,7 @@ from .model import (
 )
 from .operations import Operations
 from .presentation import restored_offer
+from .queue_wait import WINDOW
 from .sessions import DeviceSession, PendingCue
 from .validation import Limits
 
@@ -97,5 +98,8 @@ class Recovery(Operations):
         self.stopped_variants = await self.store.stopped_variants()
         # Operations switches set through the admin API outlast the process.
         await self.sync_switches()
+        # The wait estimate (core/queue_wait.py) starts from stored history, not from nothing.
+        for queue, seconds in await self.store.recent_handle_times(WINDOW):
+            self.desk.handle_times.record(queue, seconds)
         for record in await self.store.open_engagements():
             self.desk.restore(record)

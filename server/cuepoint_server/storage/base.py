@@ -298,6 +298,11 @@ class Store(Protocol):
 
     async def open_engagements(self) -> list[EngagementRecord]: ...
 
+    async def recent_handle_times(self, per_queue: int) -> list[tuple[str, float]]:
+        """(queue, seconds from assignment to end) of each queue's last `per_queue` finished engagements that
+        an associate took, oldest first: the history the wait estimate starts from after a restart."""
+        ...
+
     async def repair_unfinished_accepts(self, now: float) -> tuple[int, int]:
         """Accepted cues without an engagement, left by versions whose accept and engagement were two commits.
 

@@ -1029,6 +1029,16 @@ class PostgresStore:
         rows = await self._fetch(sql, (device_id,))
         return _cue_from(tuple(rows[0])) if rows else None
 
+    async def recent_handle_times(self, per_queue: int) -> list[tuple[str, float]]:
+        sql = """
+            SELECT queue, ended_at - assigned_at FROM (
+                SELECT queue, assigned_at, ended_at,
+                    ROW_NUMBER() OVER (PARTITION BY queue ORDER BY ended_at DESC) AS n
+                FROM engagements
+                WHERE state = 'ended' AND assigned_at IS NOT NULL AND ended_at IS NOT NULL
+            ) AS recent WHERE n <= $1 ORDER BY queue, ended_at"""
+        return [(str(r[0]), float(r[1])) for r in await self._fetch(sql, (per_queue,))]
+
     async def repair_unfinished_accepts(self, now: float) -> tuple[int, int]:
         """Accepted cues without an engagement (SQLite databases of older versions; kept for parity)."""
         orphan = "status = 'accepted' AND NOT EXISTS (SELECT 1 FROM engagements AS e WHERE e.cue_id = cues.cue_id)"

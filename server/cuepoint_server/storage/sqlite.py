@@ -1101,6 +1101,16 @@ class SqliteStore(PredictState):
         sql = f"{_select('cues', _CUE_COLS)} WHERE session_id = ? ORDER BY created_at, rowid"
         return [_cue_from(r) for r in await self._fetch(sql, (session_id,))]
 
+    async def recent_handle_times(self, per_queue: int) -> list[tuple[str, float]]:
+        sql = """
+            SELECT queue, ended_at - assigned_at FROM (
+                SELECT queue, assigned_at, ended_at,
+                    ROW_NUMBER() OVER (PARTITION BY queue ORDER BY ended_at DESC) AS n
+                FROM engagements
+                WHERE state = 'ended' AND assigned_at IS NOT NULL AND ended_at IS NOT NULL
+            ) AS recent WHERE n <= ? ORDER BY queue, ended_at"""
+        return [(str(r[0]), float(r[1])) for r in await self._fetch(sql, (per_queue,))]
+
     async def repair_unfinished_accepts(self, now: float) -> tuple[int, int]:
         orphan = "status = 'accepted' AND NOT EXISTS (SELECT 1 FROM engagements AS e WHERE e.cue_id = cues.cue_id)"
 
