@@ -107,6 +107,10 @@ async def test_fitkit_story_in_the_browser(start_server: StartServer) -> None:
         await phone.track("screen_viewed", screen="settings")
         await phone.flush()
         await expect(desk.locator("#journey li.fresh")).to_contain_text("settings")
+        # A milestone reached while it runs (insurance-checkout's, which listen to every app) joins the timeline.
+        await phone.track("quote_started")
+        await phone.flush()
+        await expect(desk.locator("#journey li.kind-milestone")).to_contain_text("milestone quote-started")
 
         # Chat both ways.
         await engagement.send_chat("It keeps saying 'sync failed'.")
@@ -252,6 +256,8 @@ async def test_console_switches_change_what_devices_get(start_server: StartServe
         await toggle.click()
         row = console.locator("tr[data-scenario='fitkit-sync-failure']")
         await expect(row).to_contain_text("disabled")
+        # The Version column: a short content hash of the scenario's file.
+        await expect(row.locator("td.version")).to_have_text(re.compile(r"^[0-9a-f]{12}$"))
         phone = await fitkit_phone(server, "phone-disabled")
         with pytest.raises(cuepoint.TimedOut):
             await fail_to_sync(phone, wait=0.3)

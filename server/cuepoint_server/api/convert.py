@@ -504,7 +504,8 @@ def engagement_to_proto(view: EngagementView) -> common_pb2.Engagement:
             context=context_to_proto(ctx.context),
             user=user,
             consent=CONSENT_TO_PROTO[ctx.consent],
-            journey=[_journey_entry(item) for item in ctx.journey],
+            # JourneyEntry has no milestone kind: milestones reach the desk over HTTP only.
+            journey=[_journey_entry(item) for item in ctx.journey if item.kind != "milestone"],
             trigger=common_pb2.TriggerExplanation(
                 scenario_id=trigger.get("scenario_id", ""),
                 scenario_name=trigger.get("scenario_name", ""),

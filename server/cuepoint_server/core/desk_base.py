@@ -18,7 +18,7 @@ from ..engine.engine import Engine
 from ..storage import EngagementRecord, SignalRecord, Store, WebhookRecord
 from .engagement_model import TRANSCRIPT_KEPT, Engagement, EngagementEvent, context_json
 from .errors import InvalidInput, NotFound, PermissionDenied
-from .model import EngagementEnded, EngagementUpdate, JourneyAppended, JourneyItem, SupervisedSnapshot
+from .model import EngagementEnded, EngagementUpdate, JourneyAppended, JourneyItem, SupervisedSnapshot, milestone_item
 from .queue_wait import REFRESH, HandleTimes, estimate, material, staffed
 from .routing import Router
 from .sessions import AssociateSession, DeviceSession
@@ -104,6 +104,16 @@ class DeskBase:
         engagement.journey_since.extend(items)
         del engagement.journey_since[:-TRANSCRIPT_KEPT]
         engagement.associate.send(JourneyAppended(engagement.engagement_id, items))
+
+    def milestone_stored(self, session_id: str, device_id: str, milestone_id: str, at: float) -> None:
+        """A device reached a milestone and it was stored: its assigned associate sees it in the live journey."""
+        engagement = self._engagements.get(self._active_by_device.get(device_id, ""))
+        if engagement is None or engagement.associate is None or engagement.state != "assigned":
+            return
+        item = milestone_item(session_id, milestone_id, at)
+        engagement.journey_since.append(item)
+        del engagement.journey_since[:-TRANSCRIPT_KEPT]
+        engagement.associate.send(JourneyAppended(engagement.engagement_id, (item,)))
 
     def _of_device(self, session: DeviceSession, engagement_id: str, field_name: str) -> Engagement:
         engagement = self._engagements.get(engagement_id)

@@ -30,6 +30,7 @@ from .model import (
     PriorCue,
     PriorEngagement,
     Withdrawal,
+    milestone_item,
 )
 from .sessions import AssociateSession, DeviceSession, PendingCue
 
@@ -160,6 +161,10 @@ class Routing(Bots):
             if r.kind == "context" and consent != "full":
                 payload = redactor.payload(payload)
             items.append(JourneyItem(r.signal_id, r.time, r.kind, r.name, payload))
+        # Milestones this session reached, held in core with their reach time, beside the signals.
+        if session.state.milestones:
+            items.extend(milestone_item(session.session_id, m, at) for m, at in session.state.milestones.items())
+            items.sort(key=lambda item: item.time)
         cue = pending.offer
         if redactor:
             cue = replace(cue, message=redactor.text(cue.message), title=redactor.text(cue.title))

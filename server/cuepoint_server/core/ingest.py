@@ -115,10 +115,15 @@ class Ingest(Recovery, Identity):
             events.append(milestone_event(milestone))
             log.info("milestone.reached", device_id=session.device_id, milestone=milestone)
             reached = MilestoneRecord(now, session.app_id, session.device_id, session.session_id, milestone)
-            self._track(session, self.store.save_milestone(reached))
+            self._track(session, self._save_milestone(session, reached, at))
         candidates = self.engine.scenarios.candidates(events)
         if candidates:
             self._evaluate(session, candidates, now, at)
+
+    async def _save_milestone(self, session: DeviceSession, reached: MilestoneRecord, at: float) -> None:
+        await self.store.save_milestone(reached)
+        # Stored, so now the associate of a running engagement may see it.
+        self.desk.milestone_stored(session.session_id, session.device_id, reached.milestone_id, at)
 
     def _identify(self, session: DeviceSession, user_id: str, now: float) -> None:
         """The app set a user id: stitch this device's journey and memory under the user, if it identifies them.

@@ -171,6 +171,11 @@ class JourneyItem:
     payload: dict[str, Any]
 
 
+def milestone_item(session_id: str, milestone_id: str, at: float) -> JourneyItem:
+    """A milestone a session reached, as a journey entry; its id is stable so a desk shows it once."""
+    return JourneyItem(f"milestone:{session_id}:{milestone_id}", at, "milestone", milestone_id, {})
+
+
 @dataclass(frozen=True, slots=True)
 class EngagementContext:
     app_id: str

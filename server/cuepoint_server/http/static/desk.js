@@ -233,7 +233,7 @@
       rows.append(el("tr", {}, el("td", { text: path + ": " + text.replace(/\s*\([^()]*\)\s*$/, "") }), el("td", { text: observed ? observed[1] : "held" })));
     }
 
-    // One timeline: the device's signals, earlier cues with how they ended, earlier engagements with outcomes.
+    // One timeline: the device's signals and milestones reached, earlier cues with how they ended, earlier engagements with outcomes.
     const journey = clear($("journey"));
     const entries = (c.journey || []).map((item) => ({ time: item.time, item }));
     for (const cue of c.prior_cues || []) {
@@ -280,7 +280,7 @@
       shown.add("signal:" + item.signal_id);
     }
     const props = Object.entries(item.payload || {}).map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v)).join(" ");
-    const label = item.kind === "context" ? "context " + (item.name || "update") : item.name;
+    const label = item.kind === "context" ? "context " + (item.name || "update") : item.kind === "milestone" ? "milestone " + item.name : item.name;
     $("journey").append(el("li", { class: (fresh ? "fresh " : "") + "kind-" + item.kind }, el("span", { class: "when", text: time(item.time) }), el("strong", { text: label }), el("span", { class: "props", text: props })));
     $("journey").scrollTop = $("journey").scrollHeight;
   }
