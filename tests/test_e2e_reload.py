@@ -163,9 +163,13 @@ async def test_broken_edit_keeps_the_old_version_serving(start_server: StartServ
     await fail_sync(client)
     assert (await client.next_cue(timeout=5)).message == "Unable to sync? I can help you."
 
+    before = server.core.engine.scenarios.by_id["sync-failure"].version
     write(folder, "sync.yaml", SYNC_FAILURE.replace("Unable to sync? I can help you.", "Fixed text"))
     await reloaded_to(server, 2)
     assert reloader.last_error is None
+    # The scenario's own version (its file's content hash, shown in the console) follows the edit.
+    after = server.core.engine.scenarios.by_id["sync-failure"].version
+    assert len(after) == 12 and after != before
     other = await phone(server, "phone-b", user_id="user-b")
     await fail_sync(other)
     assert (await other.next_cue(timeout=5)).message == "Fixed text"

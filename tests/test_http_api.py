@@ -7,6 +7,7 @@ strict CSP; an associate's socket carries only engagements of its own queues, as
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 import aiohttp
@@ -156,6 +157,18 @@ async def test_validate_names_file_line_and_field(start_server: StartServer) -> 
     assert result["ok"] is False
     issue = result["issues"][0]
     assert (issue["file"], issue["line"], issue["field"]) == ("mine.yaml", 3, "cue.channel")
+
+
+async def test_each_scenario_shows_the_content_hash_of_its_file(start_server: StartServer) -> None:
+    server = await start(start_server)
+    async with client() as http:
+        await sign_in(http, server, "/api/console/session", token=ADMIN)
+        async with http.get(f"{server.http_url}/api/console/scenarios") as response:
+            listed = {s["id"]: s for s in (await response.json())["scenarios"]}
+    text = (SHIPPED / "fitkit-sync-failure.yaml").read_text(encoding="utf-8")
+    assert listed["fitkit-sync-failure"]["version"] == hashlib.sha256(text.encode()).hexdigest()[:12]
+    # Another file, another text: another version.
+    assert listed["fitkit-slow-sync"]["version"] != listed["fitkit-sync-failure"]["version"]
 
 
 async def test_scenario_switch_and_pause_change_what_devices_get(start_server: StartServer) -> None:

@@ -175,6 +175,7 @@ class Console:
                         "id": s.id,
                         "name": s.name,
                         "file": s.file,
+                        "version": s.version,
                         "priority": s.priority,
                         "enabled": self.core.scenario_enabled(s.id),
                         "enabled_in_file": s.enabled,

@@ -353,6 +353,8 @@ class CompiledScenario:
     trigger_keys: frozenset[str] = frozenset()
     target_keys: frozenset[str] = frozenset()
     _edges: tuple[Edge, ...] = ()
+    # The loaded file text's short content hash (scenarios/loader.source_version).
+    version: str = ""
 
     @property
     def variant_weights(self) -> tuple[tuple[str, float], ...]:
@@ -486,6 +488,7 @@ def compile_scenario(
         trigger_keys=frozenset(build.keys),
         target_keys=target_keys,
         _edges=tuple(build.edges),
+        version=loaded.version,
         _explain_target=explain_target,
         _explain_trigger=explain_trigger,
         holdout=spec.holdout,

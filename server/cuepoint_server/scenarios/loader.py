@@ -16,6 +16,7 @@ across the whole installation, so a report or an audit entry names one thing.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ class LoadedScenario:
     template: Template
     located: Located | None = None
     prefix: Path = ()
+    # A short content hash of the file text it was loaded from: the version the console shows.
+    version: str = ""
 
     def line_of(self, path: Path) -> int:
         return self.located.line_of((*self.prefix, *path)) if self.located else self.line
@@ -323,6 +326,11 @@ def _too_large(name: str, line: int) -> ScenarioError:
     return ScenarioError([ScenarioIssue(name, line, "", message)])
 
 
+def source_version(text: str) -> str:
+    """A scenario's version: the first 12 hex digits of its file text's SHA-256, so any edit changes it."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
 SECTIONS = ("scenarios", "segments", "milestones", "outcomes", "policy", "routing")
 
 
@@ -401,7 +409,7 @@ def _parse(text: str, name: str) -> tuple[LoadedSet, list[ScenarioIssue]]:
                 issues.append(ScenarioIssue(name, located.line_of((*prefix, *path)), _dotted(path), message))
             if problems:
                 continue
-            result.scenarios.append(LoadedScenario(spec, name, line, template, located, prefix))
+            result.scenarios.append(LoadedScenario(spec, name, line, template, located, prefix, source_version(text)))
         elif isinstance(spec, SegmentSpec):
             result.segments.append(LoadedDefinition(spec, name, line, located, prefix))
         elif isinstance(spec, MilestoneSpec):

@@ -276,6 +276,7 @@
       body.append(el("tr", { "data-scenario": s.id },
         el("td", {}, el("strong", { text: s.id }), el("br"), el("span", { class: "muted", text: s.name })),
         el("td", { text: s.file }),
+        el("td", { class: "version", text: s.version }),
         el("td", { text: String(s.priority) }),
         el("td", { text: s.queue }),
         el("td", { text: s.holdout ? (s.holdout * 100).toFixed(0) + "%" : "—" }),
