@@ -48,6 +48,7 @@ class Replica:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = log
+        self.database = database
         self.args = [
             sys.executable, "-m", "cuepoint_server.cli", "serve", "--scenarios", str(scenarios),
             *(["--database", database] if "://" in database else ["--db", database]), "--bus", NATS_URL, "--bus-prefix", prefix,

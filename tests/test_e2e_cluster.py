@@ -17,6 +17,7 @@ import pytest
 
 import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
+from cuepoint_server.storage import PostgresStore
 
 from .cluster import Replica, nats_answers, run_prefix
 from .conftest import pg_url_for
@@ -169,3 +170,20 @@ async def test_a_device_resumes_on_b_after_a_drains(cluster: StartCluster) -> No
     assert engagement.cue_id == offered.cue_id
     assert cues == [offered.cue_id]
     await client.close()
+
+
+async def test_replicas_register_themselves_and_a_drained_one_leaves(cluster: StartCluster) -> None:
+    a, b = await cluster(HELP)
+    store = await PostgresStore.open(a.database)
+    try:
+        rows = {r.address: r for r in await store.replicas()}
+        assert set(rows) == {a.address, b.address}
+        assert len({r.replica_id for r in rows.values()}) == 2
+        # The same folder: the same scenario set version on both.
+        assert {len(r.scenarios_version) for r in rows.values()} == {12}
+        assert rows[a.address].scenarios_version == rows[b.address].scenarios_version
+        assert not any(r.draining for r in rows.values())
+        assert await a.drain() == 0
+        assert [r.address for r in await store.replicas()] == [b.address]
+    finally:
+        await store.close()

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from cuepoint_server.core.replicas import replica_alive
 from cuepoint_server.storage import (
     SCHEMA_VERSION,
     CueRecord,
@@ -17,6 +18,7 @@ from cuepoint_server.storage import (
     EngagementRecord,
     OfferCommit,
     PostgresStore,
+    ReplicaRecord,
     SessionRecord,
     SignalRecord,
     SqliteStore,
@@ -238,6 +240,7 @@ async def test_version_1_database_is_migrated_keeping_its_signals(tmp_path: Path
         assert indexes == {"signals_device_time", "signals_device_signal"}
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"predict_labels", "predict_models", "leases"} <= tables  # version 3
+        assert "replicas" in tables  # version 14
     # Opening again is a no-op.
     async with await SqliteStore.open(path) as s:
         assert await s.count_signals("dev-1") == 4
@@ -402,6 +405,24 @@ async def test_version_2_database_gains_the_variant_and_feedback_columns(tmp_pat
         got = await s.get_cue("cue-1")
         assert got is not None and (got.variant, got.button_id) == ("", "")
         assert await s.stopped_variants() == set()
+
+
+async def test_replicas_registry_heartbeats_and_liveness(store: Any) -> None:
+    a = ReplicaRecord("rep-a", 100.0, 100.0, "127.0.0.1:5001", "box pid 1", "aaaaaaaaaaaa", False)
+    b = ReplicaRecord("rep-b", 101.0, 101.0, "127.0.0.1:5002", "box pid 2", "aaaaaaaaaaaa", False)
+    await store.save_replica(a)
+    await store.save_replica(b)
+    # A's heartbeat (the same row, rewritten) after a reload and on draining; B stops reporting.
+    a2 = replace(a, last_seen=130.0, scenarios_version="bbbbbbbbbbbb", draining=True)
+    await store.save_replica(a2)
+    assert await store.replicas() == [a2, b]
+    alive = {r.replica_id for r in await store.replicas() if replica_alive(r, 131.0, sweep_every=5.0)}
+    assert alive == {"rep-a"}  # B was last seen 30 s (6 sweeps) ago
+    assert not replica_alive(None, 131.0)
+    await store.forget_replicas_seen_before(110.0)
+    assert [r.replica_id for r in await store.replicas()] == ["rep-a"]
+    await store.forget_replica("rep-a")
+    assert await store.replicas() == []
 
 
 def decision(outcome: str = "offered", cue_id: str = "cue-1") -> DecisionRecord:

@@ -227,8 +227,9 @@ class CuepointServer:
             core.outbox_wakeups.append(webhooks.wake)
             webhooks.start()
         await core.recover()
-        # Switches another replica changes from now on reach this one (core/cluster.py).
-        await core.join_cluster()
+        # Switches another replica changes from now on reach this one, and this replica is in the replicas
+        # registry (core/cluster.py).
+        await core.join_cluster(address=f"{config.host}:{port}")
         if associate.links is not None:
             await associate.links.start()
         # Models of declared outcomes come back from storage; this process trains while it holds the lease.
@@ -246,7 +247,9 @@ class CuepointServer:
             self.reloader = ScenarioReloader(core.engine, config.scenarios, clock=core.clock)
             self.reloader.swap_listeners.append(core.scenarios_swapped)
             self.reloader.result_listeners.append(self._audit_reload)
+            self.reloader.result_listeners.append(self._report_version)
             await self.reloader.start(watch=config.watch_scenarios)
+            await core.report_scenarios_version(self.reloader.version.short)
         if config.core.retention_days is not None:
             self._purger = asyncio.create_task(self._purge_periodically(), name="cuepoint-retention")
         self.webhooks = webhooks
@@ -303,6 +306,14 @@ class CuepointServer:
         self._audit_tasks.add(task)
         task.add_done_callback(self._audit_tasks.discard)
 
+    def _report_version(self, result: ReloadResult, _reason: str, _before: ScenarioVersion) -> None:
+        """The replicas registry shows which scenario set each replica serves (operations views compare)."""
+        if result.status != "applied":
+            return
+        task = asyncio.create_task(self.core.report_scenarios_version(result.version.short), name="cuepoint-version")
+        self._audit_tasks.add(task)
+        task.add_done_callback(self._audit_tasks.discard)
+
     webhooks: WebhookDispatcher | None = None
     audit: AuditTrail | None = None
     associate_links: AssociateLinks | None = None
@@ -317,6 +328,8 @@ class CuepointServer:
             await asyncio.sleep(3600)
 
     async def stop(self, grace: float | None = None) -> None:
+        # First, so the other replicas' views show this one draining while its streams finish.
+        await self.core.start_draining()
         if self.http is not None:
             await self.http.stop()
         if self._purger is not None:

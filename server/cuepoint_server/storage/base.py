@@ -26,6 +26,7 @@ from .records import (
     MilestoneRecord,
     ModelRecord,
     ParticipationRecord,
+    ReplicaRecord,
     SessionRecord,
     SignalRecord,
     SwitchRecord,
@@ -233,6 +234,18 @@ class Store(Protocol):
         ...
 
     async def switches(self) -> list[SwitchRecord]: ...
+
+    # The replicas registry: each replica upserts its own row on every cluster sweep (the heartbeat) and
+    # deletes it when it stops cleanly; readers judge liveness from last_seen (core/replicas.py).
+    async def save_replica(self, rec: ReplicaRecord) -> None: ...
+
+    async def replicas(self) -> list[ReplicaRecord]:
+        """Every registered replica, alive or not, oldest first."""
+        ...
+
+    async def forget_replica(self, replica_id: str) -> None: ...
+
+    async def forget_replicas_seen_before(self, before: float) -> None: ...
 
     async def enqueue_webhooks(self, rows: Sequence[WebhookRecord]) -> None:
         """Add deliveries to the outbox; durable once awaited; idempotent by delivery id."""

@@ -44,6 +44,7 @@ from .records import (
     MilestoneRecord,
     ModelRecord,
     ParticipationRecord,
+    ReplicaRecord,
     SessionRecord,
     SignalRecord,
     SwitchRecord,
@@ -133,6 +134,8 @@ _UPSERT_OPS_SWITCH = (
     "INSERT INTO switches (scope, scope_id, is_on, reason, time) VALUES ($1, $2, $3, $4, $5) "
     "ON CONFLICT (scope, scope_id) DO UPDATE SET is_on = excluded.is_on, reason = excluded.reason, time = excluded.time"
 )
+_REPLICA_COLS = ("replica_id", "started_at", "last_seen", "address", "host", "scenarios_version", "draining")
+_UPSERT_REPLICA = _upsert("replicas", _REPLICA_COLS)
 _INSERT_WEBHOOK = _insert("webhook_outbox", _WEBHOOK_COLS, " ON CONFLICT (delivery_id) DO NOTHING")
 _INSERT_MILESTONE = _insert("milestones", _MILESTONE_COLS)
 _INSERT_CHAT = _insert("chat_messages", _CHAT_COLS, " ON CONFLICT (message_id) DO NOTHING")
@@ -862,6 +865,25 @@ class PostgresStore:
     async def switches(self) -> list[SwitchRecord]:
         rows = await self._fetch("SELECT scope, scope_id, is_on, reason, time FROM switches ORDER BY scope, scope_id")
         return [SwitchRecord(str(r[0]), str(r[1]), bool(r[2]), str(r[3]), float(r[4])) for r in rows]
+
+    # -- the replicas registry -------------------------------------------------------------------------
+
+    async def save_replica(self, rec: ReplicaRecord) -> None:
+        row = (rec.replica_id, float(rec.started_at), float(rec.last_seen), rec.address, rec.host)
+        await self._execute(_UPSERT_REPLICA, (*row, rec.scenarios_version, int(rec.draining)))
+
+    async def replicas(self) -> list[ReplicaRecord]:
+        rows = await self._fetch(f"{_select('replicas', _REPLICA_COLS)} ORDER BY started_at, replica_id")
+        return [
+            ReplicaRecord(str(r[0]), float(r[1]), float(r[2]), str(r[3]), str(r[4]), str(r[5]), bool(r[6]))
+            for r in rows
+        ]
+
+    async def forget_replica(self, replica_id: str) -> None:
+        await self._execute("DELETE FROM replicas WHERE replica_id = $1", (replica_id,))
+
+    async def forget_replicas_seen_before(self, before: float) -> None:
+        await self._execute("DELETE FROM replicas WHERE last_seen < $1", (float(before),))
 
     async def enqueue_webhooks(self, rows: Sequence[WebhookRecord]) -> None:
         for rec in rows:

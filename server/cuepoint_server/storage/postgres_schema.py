@@ -265,7 +265,19 @@ _V2 = (
     "ALTER TABLE engagements ADD COLUMN IF NOT EXISTS wrap_up_outcome TEXT NOT NULL DEFAULT ''",
     "ALTER TABLE engagements ADD COLUMN IF NOT EXISTS wrap_up_success INTEGER NOT NULL DEFAULT 0",
 )
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2}
+# Version 3: the replicas registry (who runs, what it serves, when it last reported; core/cluster.py).
+_V3 = (
+    """CREATE TABLE IF NOT EXISTS replicas (
+        replica_id        TEXT PRIMARY KEY,
+        started_at        DOUBLE PRECISION NOT NULL,
+        last_seen         DOUBLE PRECISION NOT NULL,
+        address           TEXT NOT NULL,
+        host              TEXT NOT NULL,
+        scenarios_version TEXT NOT NULL,
+        draining          INTEGER NOT NULL
+    )""",
+)
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3}
 PG_SCHEMA_VERSION = max(MIGRATIONS)
 
 # One key for every replica of every schema: migrations are rare and short, so serialising them all is fine.

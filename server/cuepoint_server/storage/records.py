@@ -220,6 +220,23 @@ class SwitchRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaRecord:
+    """One running replica as it last reported itself (core/cluster.py writes it on every sweep).
+
+    Whether it is still alive is the reader's judgement from ``last_seen`` (core/replicas.py), never a
+    stored flag: a replica that was SIGKILLed cannot say it died.
+    """
+
+    replica_id: str  # the bus's replica id (core/bus.py)
+    started_at: float
+    last_seen: float  # the heartbeat: when it last wrote this row (its core clock)
+    address: str  # where its gRPC port listens (host:port as bound)
+    host: str  # the machine it runs on, and its process id
+    scenarios_version: str  # the scenarios folder's digest it serves (12 hex; "" without a folder)
+    draining: bool  # stopping: takes no new streams, finishes what it holds
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRecord:
     """An outcome model's learned state, its version, the trainer epoch that saved it and its cursor."""
 

@@ -283,3 +283,15 @@ CREATE TABLE IF NOT EXISTS audit_log (
     after   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (time);
+
+-- The replicas registry (version 14): one row per running replica, rewritten on its every cluster sweep
+-- (last_seen is the heartbeat), deleted when it stops cleanly; alive = seen within a few sweeps.
+CREATE TABLE IF NOT EXISTS replicas (
+    replica_id        TEXT PRIMARY KEY,
+    started_at        REAL NOT NULL,
+    last_seen         REAL NOT NULL,
+    address           TEXT NOT NULL,
+    host              TEXT NOT NULL,
+    scenarios_version TEXT NOT NULL,
+    draining          INTEGER NOT NULL
+);

@@ -40,6 +40,7 @@ from .records import (
     FeedbackRecord,
     MilestoneRecord,
     ParticipationRecord,
+    ReplicaRecord,
     SessionRecord,
     SignalRecord,
     SwitchRecord,
@@ -49,7 +50,7 @@ from .records import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -184,6 +185,18 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     13: (
         "ALTER TABLE engagements ADD COLUMN wrap_up_outcome TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE engagements ADD COLUMN wrap_up_success INTEGER NOT NULL DEFAULT 0",
+    ),
+    # Version 14: the replicas registry (who runs, what it serves, when it last reported; core/cluster.py).
+    14: (
+        """CREATE TABLE IF NOT EXISTS replicas (
+            replica_id        TEXT PRIMARY KEY,
+            started_at        REAL NOT NULL,
+            last_seen         REAL NOT NULL,
+            address           TEXT NOT NULL,
+            host              TEXT NOT NULL,
+            scenarios_version TEXT NOT NULL,
+            draining          INTEGER NOT NULL
+        )""",
     ),
 }
 _BUSY_TIMEOUT_MS = 5000
@@ -382,6 +395,8 @@ _UPSERT_OPS_SWITCH = (
     "INSERT INTO switches (scope, scope_id, is_on, reason, time) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (scope, scope_id) DO UPDATE SET is_on = excluded.is_on, reason = excluded.reason, time = excluded.time"
 )
+_REPLICA_COLS = ("replica_id", "started_at", "last_seen", "address", "host", "scenarios_version", "draining")
+_UPSERT_REPLICA = _upsert_sql("replicas", _REPLICA_COLS)
 _WEBHOOK_COLS = (
     "delivery_id", "url", "kind", "body", "created_at", "state", "attempts", "next_attempt_at", "last_error",
 )  # fmt: skip
@@ -429,6 +444,16 @@ def _engagement_from(row: sqlite3.Row) -> EngagementRecord:
         row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19], row[20], row[21],
         row[22], row[23], bool(row[24]),
     )  # fmt: skip
+
+
+def _replica_row(rec: ReplicaRecord) -> tuple[object, ...]:
+    return (
+        rec.replica_id, rec.started_at, rec.last_seen, rec.address, rec.host, rec.scenarios_version, int(rec.draining),
+    )  # fmt: skip
+
+
+def _replica_from(row: Sequence[Any]) -> ReplicaRecord:
+    return ReplicaRecord(str(row[0]), float(row[1]), float(row[2]), str(row[3]), str(row[4]), str(row[5]), bool(row[6]))
 
 
 # --- writer ---------------------------------------------------------------------------------------------
@@ -996,6 +1021,21 @@ class SqliteStore(PredictState):
             "SELECT scope, scope_id, is_on, reason, time FROM switches ORDER BY scope, scope_id", ()
         )
         return [SwitchRecord(str(r[0]), str(r[1]), bool(r[2]), str(r[3]), float(r[4])) for r in rows]
+
+    # -- the replicas registry ---------------------------------------------------------------------------
+
+    async def save_replica(self, rec: ReplicaRecord) -> None:
+        await self._writer.execute(_UPSERT_REPLICA, _replica_row(rec))
+
+    async def replicas(self) -> list[ReplicaRecord]:
+        rows = await self._fetch(f"SELECT {', '.join(_REPLICA_COLS)} FROM replicas ORDER BY started_at, replica_id", ())
+        return [_replica_from(r) for r in rows]
+
+    async def forget_replica(self, replica_id: str) -> None:
+        await self._writer.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,))
+
+    async def forget_replicas_seen_before(self, before: float) -> None:
+        await self._writer.execute("DELETE FROM replicas WHERE last_seen < ?", (before,))
 
     async def enqueue_webhooks(self, rows: Sequence[WebhookRecord]) -> None:
         """Add deliveries to the outbox; returns once they are committed (idempotent by delivery id)."""
