@@ -95,6 +95,18 @@ def _bad_value() -> device_pb2.DeviceMessage:
     return columns(["a", "b", "c"], ["ok", "ok", "ok"], [{}, {}, {"x": float("nan")}])
 
 
+def _repeated_id() -> device_pb2.DeviceMessage:
+    return columns(["a", "b", "a"], ["ok", "ok", "ok"])
+
+
+def _long_string() -> device_pb2.DeviceMessage:
+    return columns(["a", "b"], ["ok", "ok"], [{"s": "x"}, {"s": "y" * 1025}])
+
+
+def _bad_key() -> device_pb2.DeviceMessage:
+    return columns(["a", "b"], ["ok", "ok"], [{"fine": 1}, {"not fine": 2}])
+
+
 @pytest.mark.parametrize(
     ("make", "field"),
     [
@@ -103,6 +115,9 @@ def _bad_value() -> device_pb2.DeviceMessage:
         (_bad_id, "signal_columns.ids[1]"),
         (_short_column, "signal_columns.int_values"),
         (_bad_value, "signal_columns.properties[2]['x']"),
+        (_repeated_id, "signal_columns.ids[2]"),
+        (_long_string, "signal_columns.properties[1]['s']"),
+        (_bad_key, "signal_columns.properties[1]['not fine']"),
     ],
 )
 async def test_a_bad_columnar_batch_is_invalid_argument_naming_the_column(
@@ -117,4 +132,50 @@ async def test_a_bad_columnar_batch_is_invalid_argument_naming_the_column(
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert field in (info.value.details() or "")
     assert await server.store.count_signals("bad-columns") == 0  # rejected whole
+    await raw.close()
+
+
+# Nothing listens to item_viewed: only the segment's window reads it, so the server records its batches a
+# column at a time (core/ingest.py) instead of signal by signal.
+BROWSERS = """\
+segments:
+  - {id: browsers, when: {event: item_viewed, count: {at_least: 5, within: 10m}}}
+  - {id: on-sale-page, when: {event: page_viewed, where: {page: {equals: sale}}}}
+scenarios:
+  - id: help
+    trigger: {event: help_me}
+    cue: {message: "Help?", channel: chat}
+"""
+
+
+async def test_events_nothing_listens_to_count_in_windows_once_each(start_server: StartServer) -> None:
+    server = await start_server(BROWSERS)
+    raw = RawDevice(server.address, "browsing")
+    assert (await raw.read()).HasField("welcome")
+
+    async def send(message: device_pb2.DeviceMessage) -> device_pb2.ServerMessage:
+        raw.outgoing.put_nowait(message)
+        reply = await raw.read()
+        while not reply.HasField("ack"):
+            reply = await raw.read()
+        return reply
+
+    first = columns(["v1", "v2", "v3"], ["item_viewed"] * 3, [{"sku": "a"}, {"sku": "b"}, {}], batch_id="b1")
+    await send(first)
+    assert "browsers" not in server.core.device_view("browsing").segments
+    first.signal_columns.batch_id = "b2"
+    await send(first)  # a resend counts nothing
+    assert "browsers" not in server.core.device_view("browsing").segments
+    # Mixed with an event a scenario listens to, and with a page whose last view decides a segment.
+    mixed = columns(
+        ["v3", "v4", "p1", "h1", "p2", "v5"],
+        ["item_viewed", "item_viewed", "page_viewed", "help_me", "page_viewed", "item_viewed"],
+        [{}, {}, {"page": "home"}, {}, {"page": "sale"}, {}],
+        batch_id="b3",
+    )
+    ack = await send(mixed)
+    assert list(ack.ack.duplicate_ids) == ["v3"]
+    view = server.core.device_view("browsing")
+    assert "browsers" in view.segments and "on-sale-page" in view.segments
+    assert await server.store.count_signals("browsing") == 8
     await raw.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import partial
+from itertools import repeat
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -13,6 +14,7 @@ from cuepoint.v1 import associate_pb2, common_pb2, device_pb2
 
 from ..core.errors import InvalidInput
 from ..core.model import (
+    NO_PROPS,
     Ack,
     AssociateSignIn,
     ChatLine,
@@ -20,6 +22,7 @@ from ..core.model import (
     EngagementEnded,
     EngagementUpdate,
     EngagementView,
+    EventColumns,
     Hello,
     IncomingBatch,
     IncomingSignal,
@@ -223,10 +226,29 @@ def hello_from_proto(msg: device_pb2.Hello) -> Hello:
     )
 
 
-def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
+def batch_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch | EventColumns:
+    """A row batch: as EventColumns when it carries only events (ingest's per-batch path), else per signal."""
     size = msg.ByteSize()
     if size > Limits.max_batch_bytes:
         raise InvalidInput("signals", f"batch of {size} bytes exceeds {Limits.max_batch_bytes} bytes")
+    ids: list[str] = []
+    times: list[float | None] = []
+    names: list[str] = []
+    props: list[Mapping[str, Scalar]] = []
+    for i, s in enumerate(msg.signals):
+        if s.WhichOneof("kind") != "event":
+            return _rows_from_proto(msg)
+        ids.append(s.id)
+        times.append(_seconds(s.time, f"signals.signals[{i}].time") if s.HasField("time") else None)
+        event = s.event
+        names.append(event.name)
+        values = event.properties
+        props.append(_values(partial("signals.signals[{}].event.properties".format, i), values) if values else NO_PROPS)
+    sent_at = _seconds(msg.sent_at, "signals.sent_at") if msg.HasField("sent_at") else None
+    return EventColumns(msg.batch_id, sent_at, ids, times, names, props, columnar=False)
+
+
+def _rows_from_proto(msg: device_pb2.SignalBatch) -> IncomingBatch:
     signals = []
     for i, s in enumerate(msg.signals):
         time = _seconds(s.time, f"signals.signals[{i}].time") if s.HasField("time") else None
@@ -267,11 +289,11 @@ def _column_error(column: str, index: int, text: str) -> InvalidInput:
     return InvalidInput(f"signal_columns.{column}[{index}]", text)
 
 
-def batch_from_columns(msg: device_pb2.SignalColumns) -> IncomingBatch:
-    """A columnar batch of events as the same IncomingBatch its row form gives (validated by the core).
+def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
+    """A columnar batch of events as EventColumns (validated by the core, once per batch).
 
-    Columns are read whole (a list per column, C loops), so the per-signal work is one tuple and, for a
-    signal with properties, one dict; strings arrive once per batch.
+    Columns are read whole (a list per column, C loops); the per-signal work is one dict for a signal
+    with properties; strings arrive once per batch.
     """
     size = msg.ByteSize()
     if size > Limits.max_batch_bytes:
@@ -292,27 +314,42 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> IncomingBatch:
         raise _column_error("names", bad, f"index {msg.names[bad]} beyond the {known} strings") from None
     times = [t / 1e6 if t else None for t in msg.times_us]
     counts = list(msg.prop_counts)
-    signals: list[IncomingSignal]
+    string_values: list[str] = []
+    doubles: list[float] = []
+    props: list[Mapping[str, Scalar]]
     if not any(counts):
-        signals = [IncomingSignal(i, t, "event", name) for i, t, name in zip(ids, times, names, strict=True)]
+        props = [NO_PROPS] * n
     else:
-        values = _column_values(msg, strings, sum(counts))
+        string_values = _strings_at(msg, strings, "string_values")
+        doubles = list(msg.double_values)
+        if max(counts) > Limits.max_props:
+            bad = next(i for i, c in enumerate(counts) if c > Limits.max_props)
+            raise _column_error("prop_counts", bad, f"more than {Limits.max_props} properties")
+        total = sum(counts)
+        values = _column_values(msg, string_values, doubles, total)
         keys = _strings_at(msg, strings, "prop_keys")
-        signals = []
-        at = 0
-        for sid, t, name, count in zip(ids, times, names, counts, strict=True):
-            if count:
-                if count > Limits.max_props:
-                    raise _column_error("prop_counts", len(signals), f"more than {Limits.max_props} properties")
-                props = dict(zip(keys[at : at + count], values[at : at + count], strict=True))
-                if len(props) != count:
+        width = counts[0]
+        if counts.count(width) == n and keys == keys[:width] * n:
+            # The usual shape (every event of the batch with the same keys): dicts built in C loops.
+            chunks = zip(*[iter(values)] * width, strict=True)
+            props = list(map(dict, map(zip, repeat(keys[:width]), chunks)))
+        else:
+            props = []
+            at = 0
+            for count in counts:
+                if count:
+                    props.append(dict(zip(keys[at : at + count], values[at : at + count], strict=True)))
+                    at += count
+                else:
+                    props.append(NO_PROPS)
+        if sum(map(len, props)) != total:
+            at = 0
+            for count, found in zip(counts, props, strict=True):
+                if len(found) != count:
                     raise _column_error("prop_keys", at, "a property key repeated within one signal")
                 at += count
-                signals.append(IncomingSignal(sid, t, "event", name, props))
-            else:
-                signals.append(IncomingSignal(sid, t, "event", name))
     sent_at = _seconds(msg.sent_at, "signal_columns.sent_at") if msg.HasField("sent_at") else None
-    return IncomingBatch(msg.batch_id, sent_at, tuple(signals), columnar=True)
+    return EventColumns(msg.batch_id, sent_at, ids, times, names, props, strings=string_values, doubles=doubles)
 
 
 def _strings_at(msg: device_pb2.SignalColumns, strings: list[str], column: str) -> list[str]:
@@ -324,15 +361,17 @@ def _strings_at(msg: device_pb2.SignalColumns, strings: list[str], column: str) 
         raise _column_error(column, bad, f"index {indexes[bad]} beyond the {len(strings)} strings") from None
 
 
-def _column_values(msg: device_pb2.SignalColumns, strings: list[str], total: int) -> list[Scalar]:
+def _column_values(
+    msg: device_pb2.SignalColumns, string_values: list[str], doubles: list[float], total: int
+) -> list[Scalar]:
     """Every property's value in property order, taken from its type's column."""
     types: list[int] = list(msg.prop_types)
     if len(types) != total or len(msg.prop_keys) != total:
         raise InvalidInput("signal_columns.prop_types", f"prop_keys and prop_types need {total} entries each")
     columns: dict[int, list[Scalar]] = {
-        device_pb2.PROPERTY_TYPE_STRING: list(_strings_at(msg, strings, "string_values")),
+        device_pb2.PROPERTY_TYPE_STRING: list(string_values),
         device_pb2.PROPERTY_TYPE_INT: list(msg.int_values),
-        device_pb2.PROPERTY_TYPE_DOUBLE: list(msg.double_values),
+        device_pb2.PROPERTY_TYPE_DOUBLE: list(doubles),
         device_pb2.PROPERTY_TYPE_BOOL: list(msg.bool_values),
     }
     if len(set(types)) == 1 and types[0] in columns:

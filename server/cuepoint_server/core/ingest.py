@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import repeat
 from typing import Any
 
 import structlog
 
-from ..engine.state import EventOccurrence
+from ..engine.state import DeviceState, EventOccurrence, Scalar
 from ..scenarios.compiler import milestone_event
 from ..storage import SignalRecord
 from ..storage.records import MilestoneRecord
@@ -16,11 +17,13 @@ from .core_base import session_record
 from .identity import Identity
 from .model import (
     Ack,
+    EventColumns,
     IncomingBatch,
+    SessionFailed,
 )
 from .recovery import Recovery
-from .sessions import DeviceSession, Unit
-from .validation import clock_offset, validate_batch
+from .sessions import DeviceSession, PendingAck
+from .validation import clock_offset, validate_batch, validate_columns
 
 __all__ = ["Ingest"]
 
@@ -28,7 +31,7 @@ log = structlog.get_logger("cuepoint.core")
 
 
 class Ingest(Recovery, Identity):
-    def ingest(self, session: DeviceSession, batch: IncomingBatch) -> None:
+    def ingest(self, session: DeviceSession, batch: IncomingBatch | EventColumns) -> None:
         """Apply a batch: validate, update state, evaluate, and ack once stored.
 
         Signal by signal, in order: each event a scenario or milestone listens to is evaluated
@@ -36,19 +39,134 @@ class Ingest(Recovery, Identity):
         the same signals sent one at a time mean (milestones reached mid-batch, a "last occurrence"
         that held only until the next signal). Synchronous up to the storage hand-off so evaluation
         never waits on a commit; the ack follows asynchronously through the session's outbox.
+
+        A batch of events (EventColumns) is applied a column at a time between the events something
+        listens to (`_ingest_events`); the rest, signal by signal (`_ingest_signals`).
         """
         now = self.clock.now()
-        validate_batch(batch, now)
+        if isinstance(batch, EventColumns):
+            validate_columns(batch, now)
+            if not self.desk.awaits_outcome(session.device_id):
+                self._ingest_events(session, batch, now)
+                return
+            batch = batch.rows()  # each event may be the outcome an ended engagement waits for
+        else:
+            validate_batch(batch, now)
+        self._ingest_signals(session, batch, now)
+
+    def _ingest_events(self, session: DeviceSession, batch: EventColumns, now: float) -> None:
+        """Events as columns: the same outcome as `_ingest_signals`, without an object per signal.
+
+        Dedupe is a set operation; a run of events nothing listens to is recorded per event name at once
+        (DeviceState.record_events builds occurrences only for what windows keep); each listened-to event
+        is recorded and evaluated on its own, at its place in the batch, as one at a time would be.
+        """
+        state = session.state
+        ids, times, names, props = batch.ids, batch.times, batch.names, batch.props
+        duplicates = state.remember_all(ids)
+        if duplicates:
+            gone = set(duplicates)
+            kept = [i for i, signal_id in enumerate(ids) if signal_id not in gone]
+            ids = [ids[i] for i in kept]
+            times = [times[i] for i in kept]
+            names = [names[i] for i in kept]
+            props = [props[i] for i in kept]
+        rows: list[SignalRecord] = []
+        unit = self._open_unit(session)
+        unit.work.signals = rows
+        # Filled below, before the commit can start (see _ingest_signals).
+        self._queue_ack(session, PendingAck(batch.batch_id, unit, ids, duplicates, rows))
+        n = len(ids)
+        offset = clock_offset(batch, now)
+        if None in times:
+            ats = [now if t is None else min(t + offset, now) for t in times]
+        else:
+            ats = [min(t + offset, now) for t in times]  # type: ignore[operator]
+        first_seq = state.seq + 1
+        state.seq += n
+        scenarios = self.engine.scenarios
+        retention = scenarios.retention
+        listened = scenarios.listened
+        heard = [i for i, name in enumerate(names) if name in listened] if not listened.isdisjoint(names) else []
+        start = 0
+        for stop in (*heard, n):
+            if stop > start:
+                self._record_run(state, names, ats, ids, props, first_seq, start, stop, retention)
+            if stop < n:
+                at, name = ats[stop], names[stop]
+                if at > state.last_signal_at:
+                    state.last_signal_at = at
+                occurrence = EventOccurrence(at, ids[stop], props[stop], first_seq + stop)
+                state.record_event(name, occurrence, retention.get(name, 0.0))
+                self._on_event(session, name, at, now)
+            start = stop + 1
+        device_id, session_id = session.device_id, session.session_id
+        # tuple.__new__ straight from the columns: a SignalRecord each without a Python-level call each.
+        rows.extend(
+            map(
+                tuple.__new__,
+                repeat(SignalRecord),
+                zip(repeat(device_id), ids, repeat(session_id), repeat("event"), names, ats, repeat(now), props),
+            )
+        )
+        session.last_received_at = now
+        for observer in self.observers:
+            observer.signals_received(n, len(duplicates))
+        if n:
+            scored = self._score_batch(session, rows, now)
+            if scored:
+                self._evaluate(session, self.engine.scenarios.candidates(scored), now)
+            self._schedule_timer(session.device_id, now)
+
+    @staticmethod
+    def _record_run(
+        state: DeviceState,
+        names: list[str],
+        ats: list[float],
+        ids: list[str],
+        props: list[Mapping[str, Scalar]],
+        first_seq: int,
+        start: int,
+        stop: int,
+        retention: Mapping[str, float],
+    ) -> None:
+        """Record events start..stop (none listened to) into the state: per event name, at once."""
+        latest = max(ats[start:stop])
+        if latest > state.last_signal_at:
+            state.last_signal_at = latest
+        name = names[start]
+        run = names[start:stop]
+        if run.count(name) == len(run):
+            seqs = range(first_seq + start, first_seq + stop)
+            state.record_events(
+                name, ats[start:stop], ids[start:stop], props[start:stop], seqs, retention.get(name, 0.0)
+            )
+            return
+        groups: dict[str, list[int]] = {}
+        for i in range(start, stop):
+            groups.setdefault(names[i], []).append(i)
+        for name, at in groups.items():
+            state.record_events(
+                name,
+                [ats[i] for i in at],
+                [ids[i] for i in at],
+                [props[i] for i in at],
+                [first_seq + i for i in at],
+                retention.get(name, 0.0),
+            )
+
+    def _ingest_signals(self, session: DeviceSession, batch: IncomingBatch, now: float) -> None:
+        """Signal by signal (context updates among them, or an engagement waiting for an outcome event)."""
         state = session.state
         rows: list[SignalRecord] = []
         fresh: list[str] = []
         duplicates: list[str] = []
-        # Evaluation below, signal by signal, stages its cues and decisions in this unit; the task commits
-        # it with the signals once ingest returns (it cannot start before, so the loop has filled the
-        # lists it reads by then), then shows the cues and acks.
+        # Evaluation below, signal by signal, stages its cues and decisions in this unit; the session's
+        # commit task commits it with the signals once ingest returns (it cannot start before, so the loop
+        # has filled the lists it reads by then), then shows the cues and acks.
         unit = self._open_unit(session)
         unit.work.signals = rows
-        self._track(session, self._store_and_ack(session, batch.batch_id, unit, fresh, duplicates, rows))
+        self._queue_ack(session, PendingAck(batch.batch_id, unit, fresh, duplicates, rows))
         # Once per batch, not per signal: this loop is the server's hottest code.
         scenarios = self.engine.scenarios
         retention = scenarios.retention
@@ -145,18 +263,59 @@ class Ingest(Recovery, Identity):
             session_id=session.session_id,
         )
 
-    async def _store_and_ack(
-        self,
-        session: DeviceSession,
-        batch_id: str,
-        unit: Unit,
-        fresh: list[str],
-        duplicates: list[str],
-        rows: list[SignalRecord],
-    ) -> None:
-        skipped = await self._commit_unit(session, unit)
+    def _queue_ack(self, session: DeviceSession, pending: PendingAck) -> None:
+        """Queue an applied batch for its commit and ack; start the session's commit task if none runs.
+
+        One task per session at a time, not one per batch: while a commit is in flight the next batches
+        queue up, and the task stores them together in one write (one group commit) and acks each.
+        """
+        if session.acks is None:
+            session.acks = [pending]
+            self._track(session, self._commit_acks(session))
+        else:
+            session.acks.append(pending)
+
+    async def _commit_acks(self, session: DeviceSession) -> None:
+        while session.acks:
+            group, session.acks = session.acks, []
+            for pending in group:
+                self._seal_unit(session, pending.unit)
+            plain: list[PendingAck] = []
+            for pending in group:
+                if pending.plain():
+                    plain.append(pending)
+                    continue
+                await self._append_plain(session, plain)
+                plain = []
+                # Cues, decisions or milestones ride with these signals: one transaction, then shown.
+                self._acked(session, pending, await self._commit_unit(session, pending.unit))
+            await self._append_plain(session, plain)
+            session.notify_room()
+        session.acks = None
+
+    async def _append_plain(self, session: DeviceSession, group: list[PendingAck]) -> None:
+        """Store batches that are only signals in one append, then ack each in order."""
+        if not group:
+            return
+        rows = group[0].rows if len(group) == 1 else [row for pending in group for row in pending.rows]
+        try:
+            skipped = await self.store.append_signals(rows) if rows else []
+        except Exception:
+            log.exception("unit.store_failed", device_id=session.device_id, batches=len(group))
+            session.send(SessionFailed("could not store signals; resend them"))
+            for pending in group:
+                self._acked(session, pending, None)
+            return
+        known = set(skipped)
+        for pending in group:
+            mine = [r.signal_id for r in pending.rows if r.signal_id in known] if known else []
+            self._acked(session, pending, mine)
+
+    def _acked(self, session: DeviceSession, pending: PendingAck, skipped: list[str] | None) -> None:
+        """A batch's commit is over: ack it (or, if storage failed, forget its ids so a resend counts)."""
+        fresh, duplicates, rows = pending.fresh, pending.duplicates, pending.rows
         if skipped is None:
-            log.error("signals.store_failed", device_id=session.device_id, batch_id=batch_id)
+            log.error("signals.store_failed", device_id=session.device_id, batch_id=pending.batch_id)
             for signal_id in fresh:
                 session.state.forget(signal_id)
             return
@@ -171,4 +330,4 @@ class Ingest(Recovery, Identity):
         if rows:
             # Stored, so now the associate of a running engagement may see them.
             self.desk.journey_stored(session.device_id, rows)
-        session.send(Ack(batch_id, tuple(fresh + duplicates), tuple(duplicates)))
+        session.send(Ack(pending.batch_id, tuple(fresh + duplicates), tuple(duplicates)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -12,6 +12,7 @@ from ..scenarios.compiler import RuleMatch
 from ..scenarios.content import Button, Image
 
 __all__ = [
+    "NO_PROPS",
     "Ack",
     "AssociateSignIn",
     "CueOffer",
@@ -19,6 +20,7 @@ __all__ = [
     "EngagementEnded",
     "EngagementUpdate",
     "EngagementView",
+    "EventColumns",
     "Forwarded",
     "Hello",
     "IncomingBatch",
@@ -33,6 +35,8 @@ CONSENT_LEVELS = ("none", "essential", "full")
 
 
 _EMPTY: Mapping[str, Scalar] = MappingProxyType({})
+# The properties of a signal that has none: shared, read-only.
+NO_PROPS = _EMPTY
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,37 @@ class IncomingBatch:
     signals: tuple[IncomingSignal, ...]
     # Sent as SignalColumns: errors name its columns instead of signals.signals[i].
     columnar: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EventColumns:
+    """A batch of events as columns: what ingest validates and applies once per batch (core/ingest.py).
+
+    api/convert.py builds it from a SignalColumns, and from a SignalBatch that carries only events, so the
+    hot path holds a list per field instead of an object per signal.
+    """
+
+    batch_id: str
+    sent_at: float | None
+    ids: list[str]
+    times: list[float | None]  # device clock, epoch seconds; None where the client sent none
+    names: list[str]
+    # Per signal (the shared empty mapping where it has none).
+    props: list[Mapping[str, Scalar]]
+    # False: it arrived as SignalBatch rows, so errors name signals.signals[i] (see `rows`).
+    columnar: bool = True
+    # Every string and every double property value, when the wire form had them as columns (validation
+    # checks these whole); None: validation reads them from `props`.
+    strings: Sequence[str] | None = None
+    doubles: Sequence[float] | None = None
+
+    def rows(self) -> IncomingBatch:
+        """The same batch as one object per signal (what the signal-by-signal path and its errors use)."""
+        signals = tuple(
+            IncomingSignal(i, t, "event", n, p)
+            for i, t, n, p in zip(self.ids, self.times, self.names, self.props, strict=True)
+        )
+        return IncomingBatch(self.batch_id, self.sent_at, signals, columnar=self.columnar)
 
 
 @dataclass(frozen=True, slots=True)

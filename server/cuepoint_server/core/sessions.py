@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 
 from ..clock import TimerHandle
 from ..engine.state import DeviceState
-from ..storage import OfferCommit
+from ..storage import OfferCommit, SignalRecord
 from .model import (
     Ack,
     CallSignalRelay,
@@ -35,7 +35,7 @@ from .model import (
     Withdrawal,
 )
 
-__all__ = ["AssociateSession", "DeviceOut", "DeviceSession", "Outbox", "PendingCue", "Unit"]
+__all__ = ["AssociateSession", "DeviceOut", "DeviceSession", "Outbox", "PendingAck", "PendingCue", "Unit"]
 
 T = TypeVar("T")
 
@@ -95,6 +95,30 @@ class Unit:
     work: OfferCommit = field(default_factory=OfferCommit)
     shown: list[DeviceOut] = field(default_factory=list)
     sealed: bool = False  # its commit has started: nothing more may be added
+
+
+@dataclass(slots=True, eq=False)
+class PendingAck:
+    """One applied batch waiting for its commit: what to store, and what its ack will say."""
+
+    batch_id: str
+    unit: Unit
+    fresh: list[str]
+    duplicates: list[str]
+    rows: list[SignalRecord]
+
+    def plain(self) -> bool:
+        """Only signals to store: nothing evaluated was staged with them (no cue, decision, milestone)."""
+        work = self.unit.work
+        return not (
+            self.unit.shown
+            or work.cues
+            or work.decisions
+            or work.milestones
+            or work.statuses
+            or work.webhooks
+            or work.guards
+        )
 
 
 class Outbox(Generic[T]):
@@ -167,6 +191,9 @@ class DeviceSession:
     unit: Unit | None = None
     # The user id a valid user token asserted on this session ("" if none): core/user_tokens.py.
     verified_user: str = ""
+    # Batches applied but not yet committed and acked, oldest first (core/ingest.py, `PendingAck`); None
+    # when no commit task runs for this session. One task commits whatever has queued up, together.
+    acks: list[PendingAck] | None = None
 
     # Resolved by notify_room once there is room again; exists only while the reader waits for it.
     _room: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
@@ -176,7 +203,8 @@ class DeviceSession:
             self.outbox.put_nowait(message)
 
     def has_room(self) -> bool:
-        return self.outbox.qsize() < OUTBOX_HIGH and len(self.writes) < PENDING_WRITES_HIGH
+        pending = len(self.writes) + (len(self.acks) if self.acks else 0)
+        return self.outbox.qsize() < OUTBOX_HIGH and pending < PENDING_WRITES_HIGH
 
     def notify_room(self) -> None:
         room = self._room

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import operator
+from bisect import bisect_left
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -117,6 +119,16 @@ class DeviceState:
             self._seen.popitem(last=False)
         return True
 
+    def remember_all(self, ids: Sequence[str]) -> list[str]:
+        """remember() for a batch of distinct ids at once, by set operations: the ids already seen, in order."""
+        seen = self._seen
+        known = seen.keys() & ids if seen else ()
+        duplicates = [i for i in ids if i in known] if known else []
+        seen.update(dict.fromkeys(ids))
+        for _ in range(len(seen) - MAX_REMEMBERED_IDS):
+            seen.popitem(last=False)
+        return duplicates
+
     def forget(self, signal_id: str) -> None:
         """Undo remember() for a signal that could not be stored, so a resend counts."""
         self._seen.pop(signal_id, None)
@@ -161,6 +173,62 @@ class DeviceState:
             or memory.bytes > memory.total_bytes
         ):
             self._shed(occurrence)
+
+    def record_events(
+        self,
+        name: str,
+        times: Sequence[float],
+        ids: Sequence[str],
+        props: Sequence[Mapping[str, Scalar]],
+        seqs: Sequence[int],
+        keep_seconds: float,
+    ) -> None:
+        """record_event() for several occurrences of one event, given as columns, in arrival order.
+
+        The ``i``-th has sequence number ``seqs[i]``. Ends in the state the calls one by one leave, but
+        builds an occurrence only for what the window keeps: with ``keep_seconds`` 0 (no condition counts
+        this event), the latest one(s). Times that go back, or a first one not after what is remembered,
+        take the one-by-one path (late arrivals and skew jitter are handled there).
+        """
+        n = len(times)
+        queue = self.history.get(name)
+        if n < 2 or (queue and times[0] <= queue[-1].time) or not all(map(operator.le, times, times[1:])):
+            for i in range(n):
+                self.record_event(name, EventOccurrence(times[i], ids[i], props[i], seqs[i]), keep_seconds)
+            return
+        if queue is None:
+            queue = self.history[name] = deque()
+        elif len(set(times)) < n:
+            # Tied times: one by one, a remembered occurrence with one of these ids would be a resend (see
+            # record_event). Ids in a batch are distinct and new to memory, so only the queue can hold one.
+            if not {o.signal_id for o in queue}.isdisjoint(ids):
+                for i in range(n):
+                    self.record_event(name, EventOccurrence(times[i], ids[i], props[i], seqs[i]), keep_seconds)
+                return
+        horizon = times[-1] - keep_seconds
+        # Nothing before `start` outlives the batch (each call would trim it again: times only grow), and
+        # past the cap only the latest are kept.
+        in_window = bisect_left(times, horizon)
+        start = min(max(in_window, n - MAX_OCCURRENCES_PER_EVENT), n - 1)
+        EVENT_MEMORY.dropped += start - in_window
+        size = 0
+        for i in range(start, n):
+            occurrence = EventOccurrence(times[i], ids[i], props[i], seqs[i])
+            queue.append(occurrence)
+            size += occurrence_size(occurrence.props)
+        self._account(n - start, size)
+        while len(queue) > 1 and queue[0].time < horizon:
+            self._discard(queue)
+        while len(queue) > MAX_OCCURRENCES_PER_EVENT:
+            self._discard(queue, dropped=True)
+        memory = EVENT_MEMORY
+        if (
+            self.event_count > memory.device_count
+            or self.event_bytes > memory.device_bytes
+            or memory.count > memory.total_count
+            or memory.bytes > memory.total_bytes
+        ):
+            self._shed(queue[-1])
 
     def _account(self, count: int, size: int) -> None:
         self.event_count += count

@@ -1,0 +1,66 @@
+"""DeviceState.record_events (a run of one event, at once) leaves the state record_event one by one leaves.
+
+The ingest path (core/ingest.py) records runs of events nothing listens to this way; windows, segments and
+a later scenario reload read what it kept, so it must be the same occurrences, order, sequence numbers and
+memory accounting, whatever the times (ties, going back, behind what is remembered) and the window.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cuepoint_server.engine.state import EVENT_MEMORY, DeviceState, EventOccurrence
+
+times = st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 5.0, 30.0, 31.0]), max_size=12)
+
+
+def _state(before: list[float], keep: float) -> DeviceState:
+    state = DeviceState("d", "app")
+    for i, t in enumerate(before):
+        state.record_event("e", EventOccurrence(100.0 + t, f"old-{i}", {}, state.next_seq()), keep)
+    return state
+
+
+def _snapshot(state: DeviceState) -> tuple[object, ...]:
+    return (
+        {name: list(queue) for name, queue in state.history.items()},
+        state.event_count,
+        state.event_bytes,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=times, batch=times, keep=st.sampled_from([0.0, 1.0, 10.0, 3600.0]), sort=st.booleans())
+def test_record_events_leaves_what_one_by_one_leaves(
+    before: list[float], batch: list[float], keep: float, sort: bool
+) -> None:
+    if sort:
+        batch = sorted(batch)  # the common case, which takes the at-once path
+    at = [100.0 + t for t in batch]
+    ids = [f"new-{i}" for i in range(len(at))]
+    props = [{"i": i} if i % 2 else {} for i in range(len(at))]
+    memory = (EVENT_MEMORY.count, EVENT_MEMORY.bytes)
+
+    one_by_one = _state(sorted(before), keep)
+    for i, t in enumerate(at):
+        one_by_one.record_event("e", EventOccurrence(t, ids[i], props[i], one_by_one.next_seq()), keep)
+
+    at_once = _state(sorted(before), keep)
+    first = at_once.seq + 1
+    at_once.seq += len(at)
+    at_once.record_events("e", at, ids, props, range(first, first + len(at)), keep)
+
+    assert _snapshot(at_once) == _snapshot(one_by_one)
+    one_by_one.release()
+    at_once.release()
+    assert (EVENT_MEMORY.count, EVENT_MEMORY.bytes) == memory
+
+
+def test_remember_all_reports_the_ids_seen_before_in_batch_order() -> None:
+    state = DeviceState("d", "app")
+    assert state.remember_all(["a", "b", "c"]) == []
+    assert state.remember_all(["d", "c", "a"]) == ["c", "a"]
+    assert not state.remember("d")
+    state.forget("d")
+    assert state.remember("d")
