@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -17,6 +18,20 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 _PG_HELP = "PostgreSQL URL (postgresql://USER@HOST/DB) instead of the SQLite --db"
+
+
+# Young collections per this many new container objects (CPython's default is 700): ingest allocates a few
+# per signal, and each full collection walks every device's state (remembered ids, windows).
+_GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def _tune_gc() -> None:
+    """Once started: what start-up built (modules, scenarios, caches) lives as long as the process, so it
+    moves out of the collector's sight (gc.freeze), and collections run less often. Measured in-process on
+    100-signal batches: about 2.5 us of CPU less per signal, of about 11. Only `serve` does this; a process
+    that embeds the server keeps its own collector settings."""
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -84,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
         except OSError as exc:  # a busy port (PortUnavailable), the metrics port, the database folder
             print(f"cannot start: {exc}", file=sys.stderr)
             return 2
+        _tune_gc()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
