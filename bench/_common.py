@@ -272,20 +272,35 @@ def cuepoint_server(
     cpu: int | None = SERVER_CPU,
     log_level: str = "info",
     traced: Path | None = None,
+    limits: Sequence[str] = (),
+    extra: Sequence[str] = (),
 ) -> ServerProcess:
     """`cuepoint serve` on a free loopback port (the real CLI, default settings).
 
     ``traced``: run it under ``_traced_server.py`` (tracemalloc; SIGUSR1 writes heap growth there).
+    ``limits``: rate-limit flags (``BENCH_LIMITS`` lifts every budget above the load, so the benchmark
+    measures the server, not its flood control; the buckets are still charged, so their cost is in).
+    ``extra``: further ``serve`` flags (``--database``, ``--bus`` for the replica runs).
     """
     serve = [
         "serve", "--scenarios", str(scenarios), "--db", str(db),
         "--host", "127.0.0.1", "--port", "0", "--log-level", log_level, "--log-json",
+        *limits, *extra,
     ]  # fmt: skip
     if traced is not None:
         argv = [PYTHON, str(BENCH_DIR / "_traced_server.py"), str(traced), "cuepoint", *serve]
     else:
         argv = [PYTHON, "-m", "cuepoint_server.cli", *serve]
     return ServerProcess(argv, name="cuepoint", cpu=cpu, log_dir=log_dir)
+
+
+# Every budget far above what the load can send, but not off: the limiter still charges each message.
+# The defaults (5,000 signals/s per device, 100,000 per app) would cap 50 streams below the echo and make
+# the benchmark measure the flood control instead of the server.
+BENCH_LIMITS: tuple[str, ...] = (
+    "--device-rate", "1e9", "--device-burst", "1e9", "--app-rate", "1e9", "--app-burst", "1e9",
+    "--app-streams-rate", "1e6", "--app-streams-burst", "1e6",
+)  # fmt: skip
 
 
 def echo_server(*, log_dir: Path, cpu: int | None = SERVER_CPU, traced: Path | None = None) -> ServerProcess:
@@ -385,6 +400,67 @@ class BatchEncoder:
         return data
 
 
+class ColumnEncoder:
+    """``DeviceMessage{signal_columns: SignalColumns}`` of ``size`` event signals, encoded once (as BatchEncoder).
+
+    The columnar form the SDK sends by default: one string table, ids as one space-separated field, packed
+    times and property columns. The same events as ``BatchEncoder`` (name, two properties, one time).
+    """
+
+    def __init__(self, size: int, event: str = "screen_view", props: dict[str, str | int] | None = None):
+        stamp = common_pb2.Signal().time
+        stamp.GetCurrentTime()
+        strings = [event]
+        keys: list[int] = []
+        types: list[int] = []
+        text: list[int] = []
+        ints: list[int] = []
+        for key, value in (DEFAULT_PROPS if props is None else props).items():
+            strings.append(key)
+            keys.append(len(strings) - 1)
+            if isinstance(value, str):
+                strings.append(value)
+                types.append(device_pb2.PROPERTY_TYPE_STRING)
+                text.append(len(strings) - 1)
+            else:
+                types.append(device_pb2.PROPERTY_TYPE_INT)
+                ints.append(value)
+        micros = stamp.seconds * 1_000_000 + stamp.nanos // 1000
+        columns = device_pb2.SignalColumns(
+            batch_id=_PLACEHOLDER,
+            sent_at=stamp,
+            strings=strings,
+            ids=" ".join([_PLACEHOLDER] * size),
+            times_us=[micros] * size,
+            names=[0] * size,
+            prop_counts=[len(keys)] * size,
+            prop_keys=keys * size,
+            prop_types=types * size,  # type: ignore[arg-type]
+            string_values=text * size,
+            int_values=ints * size,
+        )
+        raw = device_pb2.DeviceMessage(signal_columns=columns).SerializeToString()
+        template = raw.replace(b"%", b"%%").replace(_PLACEHOLDER.encode(), b"%016d")
+        if template.count(b"%016d") != size + 1:
+            raise RuntimeError("placeholder collided with encoded bytes; cannot build the template")
+        self.size = size
+        self._template = template
+
+    def encode(self, batch_no: int, first_signal: int) -> bytes:
+        data: bytes = self._template % (batch_no, *range(first_signal, first_signal + self.size))
+        return data
+
+
+# Batch shapes on the wire: a SignalBatch of Signal messages, or the columnar SignalColumns.
+SHAPES = ("rows", "columns")
+
+
+def encoder(shape: str, size: int, event: str = "screen_view", props: dict[str, str | int] | None = None) -> Any:
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}")
+    return (ColumnEncoder if shape == "columns" else BatchEncoder)(size, event, props)
+
+
 # --- raw throughput load (shared by the echo baseline and Cuepoint raw-stub runs) --------------------------
 
 
@@ -407,20 +483,35 @@ class Throughput:
     server_cpu_pct: float
     client_cpu_pct: float
     failures: int
+    shape: str = "rows"
+
+    @property
+    def server_us_per_signal(self) -> float:
+        """CPU microseconds the server process spent per acked signal, all its threads."""
+        return 1e4 * self.server_cpu_pct / self.signals_per_s if self.signals_per_s else math.nan
+
+    @property
+    def client_us_per_signal(self) -> float:
+        return 1e4 * self.client_cpu_pct / self.signals_per_s if self.signals_per_s else math.nan
 
     def row(self) -> list[str]:
         return [
             self.label,
             str(self.streams),
-            str(self.batch),
+            f"{self.shape} x{self.batch}",
             f"{self.signals_per_s:,.0f}",
             f"{self.messages_per_s:,.0f}",
             f"{self.server_cpu_pct:.0f}%",
             f"{self.client_cpu_pct:.0f}%",
+            f"{self.server_us_per_signal:.2f}",
+            f"{self.client_us_per_signal:.2f}",
         ]
 
 
-THROUGHPUT_HEADERS = ["run", "streams", "sig/msg", "signals/s", "msgs/s", "server cpu", "client cpu"]
+THROUGHPUT_HEADERS = [
+    "run", "streams", "batch shape", "signals/s", "msgs/s", "server cpu", "client cpu",
+    "server us/sig", "client us/sig",
+]  # fmt: skip
 
 
 async def open_raw_streams(
@@ -473,12 +564,14 @@ async def raw_throughput(
     server_pid: int | None,
     streams_per_channel: int = 1,
     prefix: str = "raw",
+    shape: str = "rows",
 ) -> Throughput:
     """Signals/s acked over ``seconds`` after ``warmup``, with ``window`` batches in flight per stream.
 
     The same code drives the bare echo and Cuepoint, so the two numbers differ only by the server.
+    ``shape``: "rows" (SignalBatch) or "columns" (SignalColumns, what the SDK sends).
     """
-    encoder = BatchEncoder(batch)
+    batches = encoder(shape, batch)
     device_ids = [f"{prefix}-{i:05d}" for i in range(streams)]
     channels, calls = await open_raw_streams(address, method, device_ids, streams_per_channel=streams_per_channel)
     tally = Tally()
@@ -505,7 +598,7 @@ async def raw_throughput(
             next_signal = 1
             for batch_no in range(1, max_batches + 1):
                 await credits.acquire()
-                await call.write(encoder.encode(batch_no, next_signal))
+                await call.write(batches.encode(batch_no, next_signal))
                 next_signal += batch
             await reader
         except asyncio.CancelledError:
@@ -534,7 +627,7 @@ async def raw_throughput(
         note(f"  {label}: {len(tally.failures)} stream(s) failed, first: {tally.failures[0]}")
     return Throughput(
         label, streams, batch, signals / elapsed, acks / elapsed, elapsed, server_cpu, client_cpu,
-        len(tally.failures),
+        len(tally.failures), shape,
     )  # fmt: skip
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from _common import Metric, check_quiet, note, report
+from _common import SHAPES, Metric, check_quiet, note, report
+from _ingest_shape import ingest_like_bench_ingest
 from echo_server import echo_throughput
 
 from cuepoint_server.clock import SystemClock
@@ -287,6 +288,27 @@ async def run(args: argparse.Namespace) -> None:
             warmup=0.5,
             log_dir=Path(tmp),
         )
+        # Comparable with bench_ingest.py: its load, its scenario, CPU us per signal, echo of the same shape.
+        shape_rows: list[list[str]] = []
+        shape_results: list[dict[str, Any]] = []
+        for shape in SHAPES:
+            note(f"eval: Core.ingest with bench_ingest's load, {shape} x{args.batch} ...")
+            done = await ingest_like_bench_ingest(Path(tmp), shape, args.batch, args.signals * 4)
+            shape_echo = echo if shape == "rows" else await echo_throughput(
+                streams=50, batch=args.batch, window=4, seconds=args.echo_seconds, warmup=0.5, log_dir=Path(tmp),
+                shape=shape,
+            )  # fmt: skip
+            done["echo_server_us_per_signal"] = shape_echo.server_us_per_signal
+            shape_results.append(done)
+            shape_rows.append(
+                [
+                    f"{shape} x{args.batch}",
+                    f"{done['cpu_us_per_signal']:.2f}",
+                    f"{done['wall_us_per_signal']:.2f}",
+                    f"{shape_echo.server_us_per_signal:.2f}",
+                    f"{shape_echo.server_us_per_signal / done['cpu_us_per_signal']:.2f}x",
+                ]
+            )
     echo_us_signal = 1e6 / echo.signals_per_s
     echo_us_message = 1e6 / echo.messages_per_s
 
@@ -362,6 +384,13 @@ async def run(args: argparse.Namespace) -> None:
                 else []
             ),
             (
+                "Core.ingest with bench_ingest.py's load (same bytes, listening scenario, 50 devices x 4 batches in "
+                "flight, file SQLite, decode + convert included; no gRPC): CPU us per signal, this process, all "
+                "threads; the echo's server CPU per signal of the same shape; ceiling = echo / Core.ingest",
+                ["batch shape", "Core.ingest cpu us/sig", "wall us/sig", "echo server us/sig", "ceiling vs echo"],
+                shape_rows,
+            ),
+            (
                 f"baseline: bare grpc.aio echo, 50 streams, {args.batch} signals/message (server subprocess)",
                 ["run", "signals/s", "msgs/s", "us/signal", "us/message"],
                 [
@@ -377,7 +406,7 @@ async def run(args: argparse.Namespace) -> None:
         ],
         metrics=metrics,
         summary=summary,
-        details={"sizes": results, "echo": vars(echo), "batch": args.batch},
+        details={"sizes": results, "echo": vars(echo), "batch": args.batch, "ingest_shape": shape_results},
     )
 
 

@@ -233,6 +233,11 @@ async def measure(
     return result
 
 
+def keep_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def write_scenarios(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "help.yaml").write_text(textwrap.dedent(SCENARIO))
@@ -285,9 +290,12 @@ async def run(args: argparse.Namespace) -> None:
     metrics: list[Metric] = []
     sections: list[tuple[str, list[str], list[list[str]]]] = []
     profiles: dict[str, Any] = {}
-    for r in results:
+    for n, r in enumerate(results):
         if r.profile is None:
             continue
+        if args.py_spy_raw:
+            # The folded stacks themselves (flamegraph input), for reading callers beyond the tables.
+            keep_text(Path(args.py_spy_raw) / f"latency-{n}-{r.streams}x{r.rate:g}.txt", r.profile.raw)
         total, top = r.profile.top(args.top)
         key = f"{r.label}, {r.streams} streams x {r.rate:g}/s"
         profiles[key] = {
@@ -386,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 s runs at 0.5 and 1 trigger/s per device")
     parser.add_argument("--py-spy", nargs="?", const="", default=False, help="profile the server with py-spy [PATH]")
     parser.add_argument("--top", type=int, default=15, help="functions shown per profile (default 15)")
+    parser.add_argument("--py-spy-raw", metavar="DIR", default="", help="also keep py-spy's folded stacks in DIR")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     args = parser.parse_args(argv)
     if args.quick:

@@ -2,7 +2,8 @@
 
 The server speaks ``/benchecho.v1.Echo/Connect`` (a generic handler, so nothing of Cuepoint runs):
 it reads ``cuepoint.v1.DeviceMessage`` and answers a Hello with a ``Welcome`` and each ``SignalBatch``
-with a ``SignalAck`` listing the batch's signal ids; cue responses get no answer. That is the least any
+(or columnar ``SignalColumns``) with a ``SignalAck`` listing the batch's signal ids; cue responses get
+no answer. That is the least any
 server must do with these messages (parse, build the ack, serialize), so it is the ceiling the real
 server is compared to, measured on the same machine in the same run.
 
@@ -58,6 +59,13 @@ async def _connect(
             yield device_pb2.ServerMessage(
                 ack=device_pb2.SignalAck(batch_id=batch.batch_id, signal_ids=[s.id for s in batch.signals])
             )
+        elif kind == "signal_columns":
+            columns = message.signal_columns
+            yield device_pb2.ServerMessage(
+                ack=device_pb2.SignalAck(
+                    batch_id=columns.batch_id, signal_ids=columns.ids.split(" ") if columns.ids else []
+                )
+            )
         elif kind == "hello":
             now = Timestamp()
             now.GetCurrentTime()
@@ -111,6 +119,7 @@ async def echo_throughput(
     log_dir: Path,
     label: str | None = None,
     streams_per_channel: int = 1,
+    shape: str = "rows",
 ) -> Throughput:
     """Start an echo server subprocess, measure it with the raw load, stop it."""
     server = await echo_server(log_dir=log_dir).start()
@@ -127,6 +136,7 @@ async def echo_throughput(
             server_pid=server.pid,
             streams_per_channel=streams_per_channel,
             prefix="echo",
+            shape=shape,
         )
     finally:
         await server.stop()
