@@ -325,8 +325,11 @@ _INSERT_CHANGE = f"INSERT INTO channel_changes ({', '.join(_CHANGE_COLS)}) VALUE
 _INSERT_DECISION = (
     f"INSERT INTO decisions ({', '.join(_DECISION_COLS)}) VALUES ({', '.join('?' * len(_DECISION_COLS))})"
 )
+# The guard judges times, scenarios, sessions and statuses (Arbiter.recheck): the explanation, the largest
+# column and a JSON decode per stored cue, is not read (NULL here, {} in the records; see _history_cue).
 _SUBJECT_HISTORY = (
-    f"{_select('cues', _CUE_COLS)} WHERE {HISTORY_WHERE.format('?1', '?2', '?3')} ORDER BY created_at, rowid"
+    f"{_select('cues', [c if c != 'explanation' else 'NULL' for c in _CUE_COLS])} "
+    f"WHERE {HISTORY_WHERE.format('?1', '?2', '?3')} ORDER BY created_at, rowid"
 )
 
 
@@ -426,6 +429,14 @@ def _cue_from(row: sqlite3.Row) -> CueRecord:
     return CueRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
         json.loads(row[12]), row[13], row[14], row[15],
+    )  # fmt: skip
+
+
+def _history_cue(row: sqlite3.Row) -> CueRecord:
+    """A row of _SUBJECT_HISTORY: a cue without its explanation."""
+    return CueRecord(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
+        {}, row[13], row[14], row[15],
     )  # fmt: skip
 
 
@@ -708,6 +719,32 @@ async def _insert_signals(conn: aiosqlite.Connection, params: list[Row]) -> set[
     return {(r[0], r[1]) for r in await conn.execute_fetchall(sql, (last - inserted, last))}
 
 
+def _insert_signals_now(db: sqlite3.Connection, params: list[Row]) -> set[tuple[object, object]] | None:
+    """``_insert_signals`` on the connection's own thread (inside ``_in_thread``)."""
+    inserted = db.executemany(_INSERT_SIGNALS, params).rowcount
+    if inserted == len(params):
+        return None
+    if inserted <= 0:
+        return set()
+    last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+    sql = "SELECT device_id, signal_id FROM signals WHERE rowid > ? AND rowid <= ?"
+    return {(r[0], r[1]) for r in db.execute(sql, (last - inserted, last)).fetchall()}
+
+
+def _write_offer(
+    db: sqlite3.Connection, signals: list[Row], steps: list[tuple[str, list[Row]]]
+) -> set[tuple[object, object]] | None:
+    new = _insert_signals_now(db, signals) if signals else None
+    for sql, rows in steps:
+        db.executemany(sql, rows)
+    return new
+
+
+async def _in_thread(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(sqlite3_connection, *args)`` on aiosqlite's thread, in the open transaction: one hop."""
+    return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-untyped-call]
+
+
 def _already_stored(rows: Sequence[Row], new: set[tuple[object, object]] | None) -> list[str]:
     if new is None:
         return []
@@ -900,7 +937,7 @@ class SqliteStore(PredictState):
             for guard in guards:
                 params = (guard.subject, guard.since, guard.session_id)
                 found = await conn.execute_fetchall(_SUBJECT_HISTORY, params)
-                reason = guard.check([_cue_from(r) for r in found])
+                reason = guard.check([_history_cue(r) for r in found])
                 if reason is not None:
                     refused[guard.cue_id] = reason
             kept = without_refused(work, refused)
@@ -915,9 +952,10 @@ class SqliteStore(PredictState):
                 )
                 if rows
             ]
-            skipped = _already_stored(signals, await _insert_signals(conn, signals)) if signals else []
-            for sql, rows in steps:
-                await conn.executemany(sql, rows)
+            # Every write of the evaluation in one call on the connection's thread: a hop per statement cost
+            # more of the event loop (queue, wake-up, callback) than the statements themselves.
+            new = await _in_thread(conn, _write_offer, signals, steps)
+            skipped = _already_stored(signals, new) if signals else []
             return OfferResult(skipped, refused), len(signals) + sum(len(rows) for _, rows in steps)
 
         size = len(signals) + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
