@@ -28,6 +28,8 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
     ("memory", "bench_memory.py", [], []),
     ("storage", "bench_storage.py", [], []),
     ("predict", "bench_predict.py", [], []),
+    # Needs the local PostgreSQL and NATS; without them it reports itself skipped (no metrics).
+    ("replicas", "bench_replicas.py", [], []),
 ]
 STORAGE_ROW = re.compile(r"^(?P<name>.+?)\s{2,}(?P<rows>\d+)\s+(?P<sec>[\d.]+)\s+(?P<rate>[\d,]+)\s+\d+\s+[\d.]+$")
 
