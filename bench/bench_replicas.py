@@ -10,7 +10,8 @@ in a fresh database (dropped at the end); and for two replicas the same schema p
 ``--bus nats://127.0.0.1:4222 --bus-prefix <unique>``. The client load is split evenly over the replicas,
 as a load balancer would (each device stream stays on the replica it reached).
 
-Two loads per configuration, each right after the bare echo under the identical load, in ``--rounds``
+Two loads per configuration (one start of its servers per round, both scenarios in one folder), each right
+after the bare echo under the identical load, in ``--rounds``
 interleaved rounds:
 
 * batched ingest: ``--streams`` device streams x 4 in flight, raw stubs, ``SignalColumns`` of ``--batch``
@@ -211,22 +212,19 @@ async def run(args: argparse.Namespace) -> None:
     try:
         with temp_dir("replicas") as tmp_text:
             tmp = Path(tmp_text)
-            ingest_scenarios = write_ingest_scenarios(tmp / "ingest-scenarios")
-            latency_scenarios = write_latency_scenarios(tmp / "latency-scenarios")
+            # One folder, both scenarios: the ingest load's screen_view never matches its condition, so the
+            # help_me cues of the latency load are the only ones; one start per configuration and round.
+            scenarios = write_ingest_scenarios(tmp / "scenarios")
+            write_latency_scenarios(tmp / "scenarios")
             for round_no in range(1, args.rounds + 1):
                 for config in CONFIGS:
                     tag = f"r{round_no}-{CONFIGS.index(config)}"
-                    note(f"replicas round {round_no}/{args.rounds}: {config}, ingest ...")
-                    servers = await start_config(config, ingest_scenarios, tmp, database, f"{tag}-ingest")
+                    note(f"replicas round {round_no}/{args.rounds}: {config}: starting ...")
+                    servers = await start_config(config, scenarios, tmp, database, tag)
                     try:
+                        note(f"replicas round {round_no}/{args.rounds}: {config}: ingest ...")
                         ingest[config].append(await ingest_run(config, servers, args, tag))
-                    finally:
-                        await stop_all(servers)
-                for config in CONFIGS:
-                    tag = f"r{round_no}-{CONFIGS.index(config)}"
-                    note(f"replicas round {round_no}/{args.rounds}: {config}, signal-to-cue ...")
-                    servers = await start_config(config, latency_scenarios, tmp, database, f"{tag}-latency")
-                    try:
+                        note(f"replicas round {round_no}/{args.rounds}: {config}: signal-to-cue ...")
                         latency[config].append(await latency_run(config, servers, args, round_no))
                     finally:
                         await stop_all(servers)
