@@ -70,6 +70,11 @@ class Replica:
                         return
                 await asyncio.sleep(0.1)
 
+    def reload(self) -> None:
+        """SIGHUP: load the scenarios folder again now (the replicas run with --no-watch)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
     async def drain(self) -> int:
         """SIGTERM: stop taking streams, GOAWAY, give streams their grace, flush; the exit status."""
         assert self.process is not None

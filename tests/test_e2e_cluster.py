@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -17,10 +18,11 @@ import pytest
 
 import cuepoint
 from cuepoint.v1 import admin_pb2, admin_pb2_grpc
+from cuepoint_server.scenarios.reloader import folder_digest
 from cuepoint_server.storage import PostgresStore
 
 from .cluster import Replica, nats_answers, run_prefix
-from .conftest import pg_url_for
+from .conftest import no_cue, pg_url_for
 
 HELP = """
 id: help
@@ -67,12 +69,15 @@ async def admin(address: str, method: str, request: object) -> object:
         return await getattr(admin_pb2_grpc.AdminServiceStub(channel), method)(request)
 
 
-async def device(replica: Replica, device_id: str, user_id: str = "") -> cuepoint.Client:
+async def device(
+    replica: Replica, device_id: str, user_id: str = "", consent: cuepoint.Consent | None = None
+) -> cuepoint.Client:
     return await cuepoint.connect(
         replica.address,
         app_id="fitkit",
         device_id=device_id,
         user=cuepoint.User(user_id=user_id or f"user-{device_id}"),
+        **({"consent": consent} if consent is not None else {}),
         config=cuepoint.ClientConfig(reconnect_initial_backoff=0.05, reconnect_max_backoff=0.3),
     )
 
@@ -187,3 +192,114 @@ async def test_replicas_register_themselves_and_a_drained_one_leaves(cluster: St
         assert [r.address for r in await store.replicas()] == [b.address]
     finally:
         await store.close()
+
+
+CAPPED = """
+id: help
+trigger: {event: stuck}
+cue: {message: "Need a hand?", channel: chat, ttl: 10m}
+caps: {per_day: 1}
+"""
+
+
+async def test_two_devices_of_one_user_on_a_and_b_consume_a_cap_once(cluster: StartCluster) -> None:
+    a, b = await cluster(CAPPED)
+    users = [f"racer-{i}" for i in range(6)]
+    # Full consent: the user id is the subject of per-user policy (otherwise each device is its own).
+    full = cuepoint.Consent.FULL
+    pairs = [
+        (await device(a, f"{user}-phone", user, full), await device(b, f"{user}-tablet", user, full)) for user in users
+    ]
+    # Every device qualifies at once, each user's phone on A and tablet on B: both replicas decide from a
+    # memory of the user with no offer in it, so each user's two offers race to commit.
+    everyone = [d for pair in pairs for d in pair]
+    await asyncio.gather(*(d.track("stuck") for d in everyone))
+    await asyncio.gather(*(d.flush(timeout=15) for d in everyone))
+    store = await PostgresStore.open(a.database)
+    try:
+        for user in users:
+            assert len(await store.cues_for_subject(f"user:{user}")) == 1, user
+            decisions = [
+                (d.outcome, d.reason)
+                for device_id in (f"{user}-phone", f"{user}-tablet")
+                for d in await store.decisions_for_device(device_id)
+            ]
+            assert sorted(decisions) == [("blocked", "cap"), ("offered", "")], user
+    finally:
+        await store.close()
+    # Exactly one of each user's devices has the cue on screen.
+    for phone, tablet in pairs:
+        assert sorted([await no_cue(phone), await no_cue(tablet)]) == [False, True]
+    # The funnel reads the shared database: either replica counts both replicas' decisions.
+    for replica in (a, b):
+        funnel = await admin(replica.address, "GetFunnel", admin_pb2.GetFunnelRequest())
+        (row,) = funnel.rows  # type: ignore[attr-defined]
+        assert (row.qualified, row.offered, row.blocked_total) == (12, 6, 6)
+    for d in everyone:
+        await d.close()
+
+
+async def _replicas_cli(database: str) -> tuple[int, str]:
+    """`cuepoint replicas --database URL`: its exit status and output."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cuepoint_server.cli", "replicas", "--database", database,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    return int(process.returncode or 0), out.decode()
+
+
+async def _scenarios(replica: Replica) -> admin_pb2.GetScenariosResponse:
+    status = await admin(replica.address, "GetScenarios", admin_pb2.GetScenariosRequest())
+    assert isinstance(status, admin_pb2.GetScenariosResponse)
+    return status
+
+
+async def _versions_once(replica: Replica, want: dict[str, str]) -> admin_pb2.GetScenariosResponse:
+    """GetScenarios once the registry shows `want` (address -> version): a reload is applied in the background."""
+    async with asyncio.timeout(20):
+        while True:
+            status = await _scenarios(replica)
+            if {r.address: r.scenarios_version for r in status.replicas} == want:
+                return status
+            await asyncio.sleep(0.1)
+
+
+async def test_live_now_and_scenario_versions_cover_every_replica(cluster: StartCluster, tmp_path: Path) -> None:
+    a, b = await cluster(HELP)
+    on_a, on_b = await device(a, "live-a"), await device(b, "live-b")
+    for client in (on_a, on_b):
+        await client.track("browse")
+        await client.flush(timeout=10)
+    status = await _scenarios(a)
+    ids = {r.address: r.replica_id for r in status.replicas}
+    assert set(ids) == {a.address, b.address} and all(r.alive for r in status.replicas)
+    # Live now asked of either replica shows the sessions of both, each with the replica holding it.
+    for replica in (a, b):
+        live = await admin(replica.address, "ListLiveSessions", admin_pb2.ListLiveSessionsRequest())
+        assert isinstance(live, admin_pb2.ListLiveSessionsResponse)
+        held = {s.device_id: s.replica_id for s in live.sessions}
+        assert held == {"live-a": ids[a.address], "live-b": ids[b.address]}
+        assert list(live.unanswered_replicas) == []
+
+    # Each replica loads the folder on its own: a change reloaded on A only shows A new, B old, and the
+    # disagreement; once B reloads too, both agree.
+    folder = tmp_path / "scenarios"
+    old = folder_digest(folder)[:12]
+    assert not status.versions_differ
+    assert {r.scenarios_version for r in status.replicas} == {old}
+    (folder / "s0.yaml").write_text(HELP.replace("Need help?", "Can we help?"))
+    new = folder_digest(folder)[:12]
+    assert new != old
+    a.reload()
+    status = await _versions_once(b, {a.address: new, b.address: old})
+    assert status.versions_differ
+    code, out = await _replicas_cli(a.database)
+    assert code == 1 and "different scenario versions" in out
+    b.reload()
+    status = await _versions_once(a, {a.address: new, b.address: new})
+    assert not status.versions_differ
+    code, out = await _replicas_cli(a.database)
+    assert code == 0 and out.count(f"scenarios {new}  serving") == 2
+    await on_a.close()
+    await on_b.close()

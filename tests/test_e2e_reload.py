@@ -15,7 +15,10 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
+
 import cuepoint
+from cuepoint.v1 import admin_pb2, admin_pb2_grpc
 from cuepoint_server.app import CuepointServer, ServerConfig
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.scenarios.reloader import ScenarioReloader, folder_digest
@@ -175,6 +178,35 @@ async def test_broken_edit_keeps_the_old_version_serving(start_server: StartServ
     assert (await other.next_cue(timeout=5)).message == "Fixed text"
     await client.close()
     await other.close()
+
+
+async def test_the_replicas_registry_shows_the_version_served(start_server: StartServer, tmp_path: Path) -> None:
+    folder = tmp_path / "reported"
+    folder.mkdir()
+    write(folder, "sync.yaml", SYNC_FAILURE)
+    server = await start_server(scenarios=folder)
+    client = await phone(server, "phone-r", user_id="user-r")
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        status = await stub.GetScenarios(admin_pb2.GetScenariosRequest())
+        (me,) = status.replicas  # one process: the registry holds this server alone
+        assert (me.this_replica, me.alive, me.draining, me.address) == (True, True, False, server.address)
+        assert me.scenarios_version == folder_digest(folder)[:12] and not status.versions_differ
+        # Live now alone asks no one: every session is this replica's.
+        live = await stub.ListLiveSessions(admin_pb2.ListLiveSessionsRequest())
+        assert [(s.device_id, s.replica_id) for s in live.sessions] == [("phone-r", me.replica_id)]
+        assert list(live.unanswered_replicas) == []
+
+        write(folder, "sync.yaml", SYNC_FAILURE.replace("Unable to sync?", "Still not syncing?"))
+        await reloaded_to(server, 2)
+        new = folder_digest(folder)[:12]
+        async with asyncio.timeout(5):  # the registry row is rewritten just after the swap
+            while True:
+                (me,) = (await stub.GetScenarios(admin_pb2.GetScenariosRequest())).replicas
+                if me.scenarios_version == new:
+                    break
+                await asyncio.sleep(0.05)
+    await client.close()
 
 
 async def test_reload_now_without_watching(tmp_path: Path, clock: ManualClock) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .storage import AuditRecord
+    from .storage import AuditRecord, ReplicaRecord
     from .webhooks import WebhookConfig
 
 __all__ = ["main"]
@@ -334,6 +334,41 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replicas(args: argparse.Namespace) -> int:
+    """The replicas registry: which replicas run, which scenario version each serves; exit 1 if they differ."""
+    import json
+    import time
+
+    from .core.replicas import replica_statuses, versions_differ
+    from .storage.opening import open_store
+
+    if not args.database and not Path(args.db).is_file():
+        print(f"cannot read replicas: no database at {args.db}", file=sys.stderr)
+        return 2
+
+    async def run() -> list[ReplicaRecord]:
+        store = await open_store(args.database or args.db)
+        try:
+            return await store.replicas()
+        finally:
+            await store.close()
+
+    now = time.time()
+    statuses = replica_statuses(asyncio.run(run()), now, "")
+    for r in statuses:
+        state = "draining" if r.alive and r.draining else "serving" if r.alive else "gone"
+        if args.json:
+            row = {"replica_id": r.replica_id, "address": r.address, "host": r.host, "state": state}
+            print(json.dumps({**row, "scenarios_version": r.scenarios_version, "last_seen": r.last_seen}))
+            continue
+        version = r.scenarios_version or "-"
+        print(f"{r.replica_id}  {r.address}  {r.host}  scenarios {version}  {state}  seen {now - r.last_seen:.0f}s ago")
+    if versions_differ(statuses):
+        print("replicas serve different scenario versions: reload the ones on the old files", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -554,6 +589,14 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--limit", type=int, default=100, help="at most this many entries")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.set_defaults(func=_audit)
+
+    replicas = sub.add_parser(
+        "replicas", help="the replicas sharing a database and the scenario version each serves (exit 1: they differ)"
+    )
+    replicas.add_argument("--db", default="cuepoint.db", help="SQLite database path")
+    replicas.add_argument("--database", default="", metavar="URL", help=_PG_HELP)
+    replicas.add_argument("--json", action="store_true", help="one JSON object per line")
+    replicas.set_defaults(func=_replicas)
 
     demo = sub.add_parser("demo", help="end-to-end demo: server, simulated phone and associate")
     demo.add_argument("--scenarios", default="scenarios")

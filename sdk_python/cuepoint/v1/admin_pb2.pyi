@@ -681,13 +681,23 @@ class GetScenariosResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     OFFERS_PAUSED_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    VERSIONS_DIFFER_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """Increases with every successful reload."""
+    """Increases with every successful reload (of the replica answering)."""
     last_error: _builtins.str
     """The problems of the last rejected reload, one per line; empty if none."""
     offers_paused: _builtins.bool
+    versions_differ: _builtins.bool
+    """Live replicas serve different scenario set versions (a reload reached
+    some of them only, or their folders differ).
+    """
     @_builtins.property
     def scenarios(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScenarioInfo]: ...
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaInfo]:
+        """Every replica in the registry (this one alone without --bus), oldest first."""
+
     def __init__(
         self,
         *,
@@ -695,14 +705,73 @@ class GetScenariosResponse(_message.Message):
         version: _builtins.int = ...,
         last_error: _builtins.str = ...,
         offers_paused: _builtins.bool = ...,
+        replicas: _abc.Iterable[Global___ReplicaInfo] | None = ...,
+        versions_differ: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error", "offers_paused", b"offers_paused", "scenarios", b"scenarios", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error", "offers_paused", b"offers_paused", "replicas", b"replicas", "scenarios", b"scenarios", "version", b"version", "versions_differ", b"versions_differ"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetScenariosResponse: _TypeAlias = GetScenariosResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaInfo(_message.Message):
+    """One replica as it last reported itself in the shared database."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    SCENARIOS_VERSION_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    ALIVE_FIELD_NUMBER: _builtins.int
+    THIS_REPLICA_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    address: _builtins.str
+    """Its gRPC address as bound (host:port)."""
+    host: _builtins.str
+    """Machine name and process id."""
+    scenarios_version: _builtins.str
+    """Content digest (12 hex) of the scenarios folder it serves; equal
+    digests: the same files.
+    """
+    draining: _builtins.bool
+    """Stopping: takes no new streams."""
+    alive: _builtins.bool
+    """Heard from within the last three heartbeats."""
+    this_replica: _builtins.bool
+    """The replica that answered this call."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp:
+        """Its last heartbeat (it writes one every few seconds)."""
+
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        host: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+        scenarios_version: _builtins.str = ...,
+        draining: _builtins.bool = ...,
+        alive: _builtins.bool = ...,
+        this_replica: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alive", b"alive", "draining", b"draining", "host", b"host", "last_seen", b"last_seen", "replica_id", b"replica_id", "scenarios_version", b"scenarios_version", "started_at", b"started_at", "this_replica", b"this_replica"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaInfo: _TypeAlias = ReplicaInfo  # noqa: Y015
 
 @_typing.final
 class GetHandlingTimesRequest(_message.Message):
@@ -1307,6 +1376,7 @@ class LiveSession(_message.Message):
     PENDING_CUE_FIELD_NUMBER: _builtins.int
     ENGAGEMENT_ID_FIELD_NUMBER: _builtins.int
     ENGAGEMENT_STATE_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     device_id: _builtins.str
     app_id: _builtins.str
@@ -1314,6 +1384,8 @@ class LiveSession(_message.Message):
     engagement_id: _builtins.str
     """The active engagement, if any, and its state (queued or assigned)."""
     engagement_state: _builtins.str
+    replica_id: _builtins.str
+    """The replica holding the device's stream (ReplicaInfo.replica_id)."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1347,10 +1419,11 @@ class LiveSession(_message.Message):
         pending_cue: Global___LivePendingCue | None = ...,
         engagement_id: _builtins.str = ...,
         engagement_state: _builtins.str = ...,
+        replica_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_signal_at", b"last_signal_at", "pending_cue", b"pending_cue", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "context", b"context", "device_id", b"device_id", "engagement_id", b"engagement_id", "engagement_state", b"engagement_state", "last_signal_at", b"last_signal_at", "milestones", b"milestones", "pending_cue", b"pending_cue", "segments", b"segments", "session_id", b"session_id", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "context", b"context", "device_id", b"device_id", "engagement_id", b"engagement_id", "engagement_state", b"engagement_state", "last_signal_at", b"last_signal_at", "milestones", b"milestones", "pending_cue", b"pending_cue", "replica_id", b"replica_id", "segments", b"segments", "session_id", b"session_id", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1400,6 +1473,7 @@ class ListLiveSessionsResponse(_message.Message):
     SESSIONS_FIELD_NUMBER: _builtins.int
     QUEUES_FIELD_NUMBER: _builtins.int
     PENDING_CUES_FIELD_NUMBER: _builtins.int
+    UNANSWERED_REPLICAS_FIELD_NUMBER: _builtins.int
     pending_cues: _builtins.int
     @_builtins.property
     def now(self) -> _timestamp_pb2.Timestamp: ...
@@ -1409,6 +1483,10 @@ class ListLiveSessionsResponse(_message.Message):
 
     @_builtins.property
     def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueLoad]: ...
+    @_builtins.property
+    def unanswered_replicas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Live replicas that did not answer in time: their sessions are missing."""
+
     def __init__(
         self,
         *,
@@ -1416,10 +1494,11 @@ class ListLiveSessionsResponse(_message.Message):
         sessions: _abc.Iterable[Global___LiveSession] | None = ...,
         queues: _abc.Iterable[Global___QueueLoad] | None = ...,
         pending_cues: _builtins.int = ...,
+        unanswered_replicas: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["now", b"now"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["now", b"now", "pending_cues", b"pending_cues", "queues", b"queues", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["now", b"now", "pending_cues", b"pending_cues", "queues", b"queues", "sessions", b"sessions", "unanswered_replicas", b"unanswered_replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -159,7 +159,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetScenarios(self, request, context):
-        """The scenarios being served, and the last reload problem if any.
+        """The scenarios being served, and the last reload problem if any. With
+        several replicas: which scenario set version each one serves, and whether
+        they disagree (each replica loads the folder on its own; reload each).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,7 +179,8 @@ class AdminServiceServicer:
 
     def ListLiveSessions(self, request, context):
         """Live now: connected device sessions (live, idle or inactive), their
-        segments and pending cues, and engagements waiting per queue.
+        segments and pending cues, and engagements waiting per queue. With
+        several replicas: the sessions of all of them, gathered over the bus.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,7 +56,10 @@ class AdminServiceStub:
     attempts. NOT_FOUND for an unknown delivery id (delivered ones are gone).
     """
     GetScenarios: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetScenariosRequest, _admin_pb2.GetScenariosResponse]
-    """The scenarios being served, and the last reload problem if any."""
+    """The scenarios being served, and the last reload problem if any. With
+    several replicas: which scenario set version each one serves, and whether
+    they disagree (each replica loads the folder on its own; reload each).
+    """
     GetFunnel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetFunnelRequest, _admin_pb2.GetFunnelResponse]
     """Funnel per scenario over a time range: qualified, blocked by reason,
     offered, answers, engaged, resolved; conversion of the treated group
@@ -65,7 +68,8 @@ class AdminServiceStub:
     """
     ListLiveSessions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListLiveSessionsRequest, _admin_pb2.ListLiveSessionsResponse]
     """Live now: connected device sessions (live, idle or inactive), their
-    segments and pending cues, and engagements waiting per queue.
+    segments and pending cues, and engagements waiting per queue. With
+    several replicas: the sessions of all of them, gathered over the bus.
     """
     SetVariantStopped: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetVariantStoppedRequest, _admin_pb2.SetVariantStoppedResponse]
     """Stop an A/B variant without a release (or start it again): its users
@@ -120,7 +124,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     attempts. NOT_FOUND for an unknown delivery id (delivered ones are gone).
     """
     GetScenarios: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetScenariosRequest, _admin_pb2.GetScenariosResponse]  # type: ignore[assignment]
-    """The scenarios being served, and the last reload problem if any."""
+    """The scenarios being served, and the last reload problem if any. With
+    several replicas: which scenario set version each one serves, and whether
+    they disagree (each replica loads the folder on its own; reload each).
+    """
     GetFunnel: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetFunnelRequest, _admin_pb2.GetFunnelResponse]  # type: ignore[assignment]
     """Funnel per scenario over a time range: qualified, blocked by reason,
     offered, answers, engaged, resolved; conversion of the treated group
@@ -129,7 +136,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListLiveSessions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListLiveSessionsRequest, _admin_pb2.ListLiveSessionsResponse]  # type: ignore[assignment]
     """Live now: connected device sessions (live, idle or inactive), their
-    segments and pending cues, and engagements waiting per queue.
+    segments and pending cues, and engagements waiting per queue. With
+    several replicas: the sessions of all of them, gathered over the bus.
     """
     SetVariantStopped: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetVariantStoppedRequest, _admin_pb2.SetVariantStoppedResponse]  # type: ignore[assignment]
     """Stop an A/B variant without a release (or start it again): its users
@@ -217,7 +225,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetScenariosRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetScenariosResponse, _abc.Awaitable[_admin_pb2.GetScenariosResponse]]:
-        """The scenarios being served, and the last reload problem if any."""
+        """The scenarios being served, and the last reload problem if any. With
+        several replicas: which scenario set version each one serves, and whether
+        they disagree (each replica loads the folder on its own; reload each).
+        """
 
     @_abc_1.abstractmethod
     def GetFunnel(
@@ -238,7 +249,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListLiveSessionsResponse, _abc.Awaitable[_admin_pb2.ListLiveSessionsResponse]]:
         """Live now: connected device sessions (live, idle or inactive), their
-        segments and pending cues, and engagements waiting per queue.
+        segments and pending cues, and engagements waiting per queue. With
+        several replicas: the sessions of all of them, gathered over the bus.
         """
 
     @_abc_1.abstractmethod

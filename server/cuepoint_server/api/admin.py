@@ -22,6 +22,7 @@ from cuepoint.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from ..core.audit import AuditTrail, user_ref
 from ..core.errors import CoreError, PermissionDenied
 from ..core.live import LiveSession
+from ..core.replicas import ReplicaStatus, versions_differ
 from ..core.service import Core, VariantState
 from ..predict.model import OutcomeReport
 from ..reporting.funnel import Cohort, FeedbackSummary, FunnelQuery, FunnelRow, VariantRow, funnel_report
@@ -177,6 +178,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.GetScenariosResponse:
         version, error = self.status()
         disabled = self.core.disabled_reasons
+        replicas = await self.core.replicas_status()
         return admin_pb2.GetScenariosResponse(
             scenarios=[
                 admin_pb2.ScenarioInfo(
@@ -198,6 +200,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             version=version,
             last_error=error,
             offers_paused=self.core.offers_paused,
+            replicas=[_replica(r) for r in replicas],
+            versions_differ=versions_differ(replicas),
         )
 
     async def SetVariantStopped(
@@ -258,7 +262,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         apps = admin_apps()
         if apps and request.app_id and request.app_id not in apps:
             await abort(context, PermissionDenied(f"app_id: {request.app_id!r} is not one of your app(s)"))
-        live = self.core.live_now()
+        live = await self.core.cluster_live_now()
         sessions = [
             s
             for s in live.sessions
@@ -281,6 +285,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 for q in queues
             ],
             pending_cues=sum(1 for s in sessions if s.pending_cue is not None),
+            unanswered_replicas=live.unanswered,
         )
 
     async def ExportUser(self, request: admin_pb2.ExportUserRequest, context: Context) -> admin_pb2.ExportUserResponse:
@@ -476,6 +481,20 @@ def _funnel_row(row: FunnelRow, group_by: tuple[str, ...]) -> admin_pb2.FunnelRo
     )
 
 
+def _replica(r: ReplicaStatus) -> admin_pb2.ReplicaInfo:
+    return admin_pb2.ReplicaInfo(
+        replica_id=r.replica_id,
+        address=r.address,
+        host=r.host,
+        started_at=timestamp(r.started_at),
+        last_seen=timestamp(r.last_seen),
+        scenarios_version=r.scenarios_version,
+        draining=r.draining,
+        alive=r.alive,
+        this_replica=r.this,
+    )
+
+
 def _live_session(s: LiveSession) -> admin_pb2.LiveSession:
     out = admin_pb2.LiveSession(
         session_id=s.session_id,
@@ -488,6 +507,7 @@ def _live_session(s: LiveSession) -> admin_pb2.LiveSession:
         milestones=s.milestones,
         engagement_id=s.engagement_id,
         engagement_state=s.engagement_state,
+        replica_id=s.replica_id,
     )
     if s.last_signal_at is not None:
         out.last_signal_at.CopyFrom(timestamp(s.last_signal_at))

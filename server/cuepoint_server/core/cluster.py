@@ -6,6 +6,10 @@ at most one sweep, never loses it.
 
 Each replica also keeps its row in the replicas registry (core/replicas.py): written at join, on every
 sweep (the heartbeat), when what it reports changes (a scenario reload, draining), deleted when it leaves.
+
+What only a replica's memory holds (its streams: live now) is asked for over the bus (`ask_replicas`):
+every live replica in the registry is expected to answer within ANSWER_WAIT, and the caller learns which
+did not, rather than showing a partial view as whole.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import asyncio
 import contextlib
 import os
 import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -23,9 +30,30 @@ from .bus import OPS
 from .operations import Operations
 from .replicas import SWEEP_EVERY, ReplicaStatus, replica_alive, replica_statuses
 
-__all__ = ["Cluster"]
+__all__ = ["ANSWER_WAIT", "Answerer", "Cluster"]
 
 log = structlog.get_logger("cuepoint.core")
+
+# Topics: a question to every replica (broadcast), and the answers for one replica (key: its id).
+ASK, ANSWER = "ask", "answer"
+# Seconds a question waits for the other live replicas' answers.
+ANSWER_WAIT = 2.0
+# Items per answer message: well below NATS's default 1 MB payload limit for any item we send.
+ANSWER_PART = 200
+
+# A question's answer on this replica: JSON-able items (sent in parts of ANSWER_PART).
+Answerer = Callable[[dict[str, Any]], Awaitable[list[dict[str, Any]]]]
+
+
+@dataclass(slots=True)
+class _Asking:
+    expected: set[str]
+    parts: dict[str, dict[int, list[dict[str, Any]]]] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def complete(self) -> set[str]:
+        return {r for r, total in self.totals.items() if len(self.parts.get(r, {})) == total}
 
 
 class Cluster(Operations):
@@ -36,22 +64,25 @@ class Cluster(Operations):
     draining: bool = False
     sweep_every: float = SWEEP_EVERY
     _joined_at: float | None = None
+    _asking: dict[str, _Asking]  # questions waiting for answers, by request id (set at join)
 
     async def join_cluster(self, address: str = "", sweep_every: float = SWEEP_EVERY) -> None:
         """Register in the replicas table and listen to the other replicas.
 
-        Alone (LocalBus) there is no one to hear and no one to judge a heartbeat: the row is written at
-        join and on changes only, so one process on SQLite writes nothing periodically.
+        Alone (LocalBus) there is no one to hear, but the heartbeat still runs (one small upsert per sweep),
+        so the registry tells the truth about a single server too (`cuepoint replicas`).
         """
         self.replica_address = address
         self.sweep_every = sweep_every
         self._joined_at = self.clock.now()
+        self._asking = {}
         # Rows of replicas gone for an hour say nothing useful any more (a stopped one deletes its own).
         await self.store.forget_replicas_seen_before(self._joined_at - 3600)
         await self.heartbeat()
-        if not self.bus.shared:
-            return
-        await self.bus.subscribe(OPS, "", self._on_ops)
+        if self.bus.shared:
+            await self.bus.subscribe(OPS, "", self._on_ops)
+            await self.bus.subscribe(ASK, "", self._on_ask)
+            await self.bus.subscribe(ANSWER, self.bus.replica_id, self._on_answer)
         self._sweeper = asyncio.create_task(self._sweep(sweep_every), name="cuepoint-cluster-sweep")
 
     async def leave_cluster(self) -> None:
@@ -62,6 +93,8 @@ class Cluster(Operations):
             self._sweeper = None
         if self.bus.shared:
             await self.bus.unsubscribe(OPS, "")
+            await self.bus.unsubscribe(ASK, "")
+            await self.bus.unsubscribe(ANSWER, self.bus.replica_id)
         if self._joined_at is not None:
             self._joined_at = None
             try:
@@ -114,6 +147,57 @@ class Cluster(Operations):
         }
         return alive | ({self.bus.replica_id} if self._joined_at is not None else set())
 
+    def answerers(self) -> dict[str, Answerer]:
+        """The questions this replica answers for the others (core/service.py: live now)."""
+        return {}
+
+    async def ask_replicas(
+        self, question: str, args: dict[str, Any] | None = None
+    ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+        """Every other live replica's answer to `question` (items by replica id), and the live replicas
+        that did not answer within ANSWER_WAIT (their part is missing). Alone: nothing to ask."""
+        if not self.bus.shared or self._joined_at is None:
+            return {}, []
+        expected = await self.live_replicas() - {self.bus.replica_id}
+        if not expected:
+            return {}, []
+        request = uuid.uuid4().hex
+        asking = self._asking[request] = _Asking(expected)
+        try:
+            await self.bus.publish(
+                ASK, "", {"question": question, "args": args or {}, "request": request, "reply_to": self.bus.replica_id}
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ANSWER_WAIT):
+                    await asking.done.wait()
+        except Exception:  # the bus is down: every replica counts as unanswered
+            log.warning("cluster.ask_failed", question=question, exc_info=True)
+        finally:
+            del self._asking[request]
+        complete = asking.complete()
+        answers = {r: [item for n in sorted(asking.parts[r]) for item in asking.parts[r][n]] for r in complete}
+        return answers, sorted(expected - complete)
+
+    async def _on_ask(self, _key: str, body: dict[str, Any]) -> None:
+        answerer = self.answerers().get(str(body.get("question")))
+        if body.get("replica") == self.bus.replica_id or answerer is None:
+            return
+        items = await answerer(dict(body.get("args") or {}))
+        parts = [items[i : i + ANSWER_PART] for i in range(0, len(items), ANSWER_PART)] or [[]]
+        for n, part in enumerate(parts):
+            reply = {"request": body.get("request"), "part": n, "parts": len(parts), "items": part}
+            await self.bus.publish(ANSWER, str(body.get("reply_to")), reply)
+
+    async def _on_answer(self, _key: str, body: dict[str, Any]) -> None:
+        asking = self._asking.get(str(body.get("request")))
+        if asking is None:
+            return  # too late: the question was given up on
+        replica = str(body.get("replica"))
+        asking.parts.setdefault(replica, {})[int(body["part"])] = list(body["items"])
+        asking.totals[replica] = int(body["parts"])
+        if asking.expected <= asking.complete():
+            asking.done.set()
+
     async def _on_ops(self, _key: str, body: dict[str, Any]) -> None:
         if body.get("replica") == self.bus.replica_id:
             return  # this replica applied it before announcing it
@@ -124,6 +208,8 @@ class Cluster(Operations):
         while True:
             await asyncio.sleep(every)
             await self._heartbeat_quietly()
+            if not self.bus.shared:
+                continue  # alone, every switch was set here
             try:
                 await self.sync_switches()
             except Exception:

@@ -51,6 +51,7 @@ class LiveSession:
     pending_cue: LivePendingCue | None
     engagement_id: str
     engagement_state: str  # "" | queued | assigned
+    replica_id: str = ""  # the replica holding the device's stream (core/bus.py's replica id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,8 @@ class LiveNow:
     sessions: list[LiveSession]
     queues: list[QueueLoad]
     callbacks: list[ScheduledCallback] = field(default_factory=list)
+    # Live replicas that did not answer in time (core/live_cluster.py): their sessions are missing.
+    unanswered: list[str] = field(default_factory=list)
 
 
 def live_status(quiet_for: float, idle_after: float, inactive_after: float) -> str:
@@ -97,6 +100,7 @@ def describe_session(
     segments: list[str],
     pending: PendingCue | None,
     engagement: tuple[str, str],
+    replica_id: str = "",
 ) -> LiveSession:
     quiet = now - max(session.started_at, session.last_received_at)
     offer = pending.offer if pending is not None else None
@@ -118,6 +122,7 @@ def describe_session(
         ),
         engagement_id=engagement[0],
         engagement_state=engagement[1],
+        replica_id=replica_id,
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..storage import ReplicaRecord
 
-__all__ = ["MISSED_SWEEPS", "SWEEP_EVERY", "ReplicaStatus", "replica_alive", "replica_statuses"]
+__all__ = ["MISSED_SWEEPS", "SWEEP_EVERY", "ReplicaStatus", "replica_alive", "replica_statuses", "versions_differ"]
 
 # Seconds between two sweeps of one replica (re-read switches, write the heartbeat).
 SWEEP_EVERY = 5.0
@@ -60,3 +60,8 @@ def replica_statuses(
         )
         for r in records
     ]
+
+
+def versions_differ(statuses: Iterable[ReplicaStatus]) -> bool:
+    """Live replicas serve different scenario sets (a reload that reached only some, or different folders)."""
+    return len({s.scenarios_version for s in statuses if s.alive}) > 1

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..predict.registry import describe_scores
-from .cluster import Cluster
+from .cluster import Answerer, Cluster
 from .core_base import CoreConfig
 from .errors import InvalidInput
 from .invitations import Invitations
 from .live import LiveNow, QueueLoad, describe_session, queue_loads
+from .live_cluster import LIVE, live_items, merge_live
 from .model import AssociateSignIn, CueOffer
 from .privacy import Privacy
 from .session_lifecycle import SessionLifecycle
@@ -119,9 +120,22 @@ class Core(SessionLifecycle, Invitations, Privacy, Cluster):
                     segments=self.engine.segments_of(session.state, now),
                     pending=self._reg.pending.get(session.device_id),
                     engagement=(engagement.engagement_id, engagement.state) if engagement else ("", ""),
+                    replica_id=self.bus.replica_id,
                 )
             )
         return LiveNow(now, sessions, self.queue_loads(), self.desk.callbacks())
+
+    async def cluster_live_now(self) -> LiveNow:
+        """Live now of every replica: this one's view merged with the others' (core/live_cluster.py)."""
+        here = self.live_now()
+        answers, unanswered = await self.ask_replicas(LIVE)
+        return merge_live(here, answers, unanswered) if answers or unanswered else here
+
+    def answerers(self) -> dict[str, Answerer]:
+        async def live(_args: dict[str, Any]) -> list[dict[str, Any]]:
+            return live_items(self.live_now())
+
+        return {LIVE: live}
 
     def queue_loads(self) -> list[QueueLoad]:
         """Per queue (of a scenario, an associate or a waiting engagement): waiting engagements, associates."""

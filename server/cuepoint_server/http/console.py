@@ -16,6 +16,7 @@ from aiohttp import WSMsgType, web
 
 from ..core.audit import AuditTrail
 from ..core.errors import InvalidInput, PermissionDenied
+from ..core.replicas import versions_differ
 from ..core.service import Core, VariantState
 from ..reporting.funnel import FunnelQuery, funnel, lift_interval
 from ..reporting.handling import HandlingFigures, HandlingQuery, handling_report
@@ -77,8 +78,9 @@ class Console:
         for ws in list(self._sockets):
             await ws.close()
 
-    def _live(self) -> dict[str, Any]:
-        return views.live_now(self.core.live_now(), offers_paused=self.core.offers_paused)
+    async def _live(self) -> dict[str, Any]:
+        """Every replica's sessions (core/live_cluster.py), not only those this process holds."""
+        return views.live_now(await self.core.cluster_live_now(), offers_paused=self.core.offers_paused)
 
     async def socket(self, request: web.Request) -> web.StreamResponse:
         self.guard.session(request, "admin")
@@ -90,7 +92,7 @@ class Console:
         async def push() -> None:
             with contextlib.suppress(ConnectionResetError):
                 while not ws.closed:
-                    await ws.send_json({"type": "live", "live": self._live()})
+                    await ws.send_json({"type": "live", "live": await self._live()})
                     await asyncio.sleep(LIVE_EVERY)
 
         task = asyncio.create_task(push())
@@ -105,7 +107,7 @@ class Console:
 
     async def live(self, request: web.Request) -> web.Response:
         self.guard.session(request, "admin")
-        return web.json_response(self._live())
+        return web.json_response(await self._live())
 
     async def funnel(self, request: web.Request) -> web.Response:
         self.guard.session(request, "admin")
@@ -165,11 +167,15 @@ class Console:
     async def scenarios(self, request: web.Request) -> web.Response:
         self.guard.session(request, "admin")
         version, error = self.status.read()
+        replicas = await self.core.replicas_status()
         return web.json_response(
             {
                 "version": version,
                 "last_error": error,
                 "offers_paused": self.core.offers_paused,
+                # Each replica loads the folder on its own: which version each serves, and whether they agree.
+                "replicas": [views.replica(r) for r in replicas],
+                "versions_differ": versions_differ(replicas),
                 "scenarios": [
                     {
                         "id": s.id,

@@ -19,9 +19,10 @@ from ..core.model import (
     OfferWithdrawn,
     UpgradeAsk,
 )
+from ..core.replicas import ReplicaStatus
 from ..scenarios.compiler import Routing
 
-__all__ = ["associate_event", "engagement", "live_now", "queue_config"]
+__all__ = ["associate_event", "engagement", "live_now", "queue_config", "replica"]
 
 
 def queue_config(routing: Routing, queue: str) -> dict[str, Any]:
@@ -161,6 +162,21 @@ def _session(s: LiveSession) -> dict[str, Any]:
         },
         "engagement_id": s.engagement_id,
         "engagement_state": s.engagement_state,
+        "replica_id": s.replica_id,
+    }
+
+
+def replica(r: ReplicaStatus) -> dict[str, Any]:
+    return {
+        "replica_id": r.replica_id,
+        "address": r.address,
+        "host": r.host,
+        "started_at": r.started_at,
+        "last_seen": r.last_seen,
+        "scenarios_version": r.scenarios_version,
+        "draining": r.draining,
+        "alive": r.alive,
+        "this": r.this,
     }
 
 
@@ -172,6 +188,8 @@ def live_now(live: LiveNow, *, offers_paused: bool) -> dict[str, Any]:
         "counts": counts,
         "pending_cues": sum(1 for s in sessions if s.pending_cue is not None),
         "offers_paused": offers_paused,
+        # Live replicas that did not answer in time: their sessions are missing from this view.
+        "unanswered_replicas": live.unanswered,
         "sessions": [_session(s) for s in sessions],
         "queues": [
             {

@@ -89,9 +89,13 @@
         el("td", { text: s.segments.join(", ") || "—" }),
         el("td", { text: s.pending_cue ? s.pending_cue.scenario_id + " until " + time(s.pending_cue.expires_at) : "—" }),
         el("td", { text: s.engagement_id ? s.engagement_state : "—" }),
+        el("td", { class: "version", text: s.replica_id || "—" }),
       ));
     }
-    if (!body.firstChild) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "No sessions" + (needle ? " match the filter" : "") })));
+    const unanswered = live.unanswered_replicas || [];
+    $("live-unanswered").textContent = unanswered.length ? "Not shown: the sessions of replica(s) that did not answer: " + unanswered.join(", ") : "";
+    $("live-unanswered").classList.toggle("hidden", !unanswered.length);
+    if (!body.firstChild) body.append(el("tr", {}, el("td", { colspan: 8, class: "muted", text: "No sessions" + (needle ? " match the filter" : "") })));
     const queues = clear($("queues"));
     for (const q of live.queues) {
       queues.append(el("tr", { "data-queue": q.queue }, el("td", { text: q.queue }), el("td", { text: String(q.waiting) }), el("td", { text: q.waiting ? Math.round(q.longest_wait) + " s" : "—" }), el("td", { text: String(q.associates) }), el("td", { text: String(q.available) })));
@@ -260,6 +264,18 @@
     const data = await api("GET", "/api/console/scenarios");
     setPaused(data.offers_paused);
     $("scenario-version").textContent = "Version " + data.version + (data.last_error ? " · last reload failed: " + data.last_error : "");
+    $("versions-differ").classList.toggle("hidden", !data.versions_differ);
+    const replicas = clear($("replicas"));
+    for (const r of data.replicas || []) {
+      const state = !r.alive ? "gone" : r.draining ? "draining" : "serving";
+      replicas.append(el("tr", { "data-replica": r.replica_id },
+        el("td", { class: "version", text: r.replica_id + (r.this ? " (this one)" : "") }),
+        el("td", { text: r.address + " · " + r.host }),
+        el("td", { class: "version", text: r.scenarios_version || "—" }),
+        el("td", {}, el("span", { class: "badge " + (state === "serving" ? "ok" : state === "draining" ? "warn" : "bad"), text: state })),
+        el("td", { text: time(r.last_seen) }),
+      ));
+    }
     const body = clear($("scenarios"));
     for (const s of data.scenarios) {
       const toggle = el("button", {
