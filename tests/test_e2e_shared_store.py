@@ -7,6 +7,7 @@ offer has made too many. Runs on both backends: on SQLite the two servers share 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import cuepoint
@@ -61,8 +62,14 @@ async def test_a_decline_on_one_server_is_remembered_by_the_other(start_server: 
     await mobile.track("stuck")
     await mobile.flush(timeout=5)
     await mobile.decline(await mobile.next_cue(timeout=5))
-    await mobile.flush(timeout=5)
-    await a.core.drain()  # the decline is stored in the background
+    # A decline is a response, not a signal: flush() does not wait for it, so wait until A has stored it.
+    for _ in range(500):
+        if [c.status for c in await a.store.cues_for_subject("user:user-1")] == ["declined"]:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("server A never stored the decline")
+    await a.core.drain()
 
     await tablet.track("stuck")
     await tablet.flush(timeout=5)
