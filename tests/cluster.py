@@ -45,10 +45,10 @@ class Replica:
 
     def __init__(self, name: str, scenarios: Path, database: str, prefix: str, log: Path, *extra: str) -> None:
         self.name = name
+        self.database = database
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = log
-        self.database = database
         self.args = [
             sys.executable, "-m", "cuepoint_server.cli", "serve", "--scenarios", str(scenarios),
             *(["--database", database] if "://" in database else ["--db", database]), "--bus", NATS_URL, "--bus-prefix", prefix,

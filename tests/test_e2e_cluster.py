@@ -52,7 +52,7 @@ async def cluster(tmp_path: Path, pg_database: str) -> AsyncIterator[StartCluste
         database = pg_url_for(pg_database, prefix)
         started = [
             Replica(name, folder, database, prefix, tmp_path / f"{name}.log", *extra)
-            for name in "AB"[len(replicas) : len(replicas) + count]
+            for name in "ABCD"[len(replicas) : len(replicas) + count]
         ]
         for replica in started:
             await replica.start()
@@ -303,3 +303,89 @@ async def test_live_now_and_scenario_versions_cover_every_replica(cluster: Start
     assert code == 0 and out.count(f"scenarios {new}  serving") == 2
     await on_a.close()
     await on_b.close()
+
+
+async def settled(engagement: cuepoint.Engagement) -> str:
+    """How routing decided an accepted engagement: "assigned", or "waiting" once it is told its place in line."""
+    async with asyncio.timeout(20):
+        async for update in engagement.updates():
+            if update.state is cuepoint.EngagementState.ASSIGNED:
+                return "assigned"
+            if update.state is cuepoint.EngagementState.QUEUED and update.queue_position > 0:
+                return "waiting"
+    raise AssertionError("the engagement's updates ended undecided")
+
+
+async def test_two_replicas_race_for_one_longest_idle_associate_and_one_wins(cluster: StartCluster) -> None:
+    a, b = await cluster(HELP)
+    dana = await cuepoint.connect_associate(b.address, associate_id="dana", queues=["support"], capacity=1)
+    # Replica A reaches Dana (its stand-in of her stream is up): one engagement there and back.
+    probe = await device(a, "probe")
+    await probe.track("help")
+    await probe.accept(await probe.next_cue(timeout=10))
+    await dana.end(await dana.next_engagement(timeout=20), disposition="resolved")
+    # Two devices, one on each replica, accept at the same moment; Dana has room for one.
+    phones = [await device(a, "phone-a"), await device(b, "phone-b")]
+    cues = []
+    for phone in phones:
+        await phone.track("help")
+        cues.append(await phone.next_cue(timeout=10))
+    engagements = await asyncio.gather(*(p.accept(c) for p, c in zip(phones, cues, strict=True)))
+    # One is assigned; the other is told its place in line (a second assignment would exceed her capacity).
+    outcomes = await asyncio.gather(*(settled(e) for e in engagements))
+    assert sorted(outcomes) == ["assigned", "waiting"]
+    winner, loser = engagements if outcomes[0] == "assigned" else engagements[::-1]
+    first = await dana.next_engagement(timeout=20)
+    assert first.engagement_id == winner.engagement_id
+    assert list(dana.active) == [winner.engagement_id]
+    # Dana's slot is the one reservation in storage, held by the winner's replica.
+    async with await PostgresStore.open(a.database) as store:
+        assert [(who, key) for who, key, _ in await store.slot_holds()] == [("dana", winner.engagement_id)]
+    # Once she is done, the engagement that waited on the other replica is hers: never two at once.
+    await dana.end(first, disposition="resolved")
+    second = await dana.next_engagement(timeout=20)
+    assert second.engagement_id == loser.engagement_id
+    await loser.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=10)
+    assert list(dana.active) == [loser.engagement_id]
+    for client in (*phones, probe):
+        await client.close()
+    await dana.close()
+
+
+async def test_an_engagement_queued_first_reaches_an_associate_signing_in_on_the_other_replica(
+    cluster: StartCluster,
+) -> None:
+    a, b = await cluster(HELP)
+    phone = await device(a, "phone-a")
+    await phone.track("help")
+    engagement = await phone.accept(await phone.next_cue(timeout=10))
+    # Nobody is signed in anywhere: it waits in line on A.
+    assert await settled(engagement) == "waiting"
+    dana = await cuepoint.connect_associate(b.address, associate_id="dana", queues=["support"])
+    assigned = await dana.next_engagement(timeout=20)
+    assert (assigned.engagement_id, assigned.context.device_id) == (engagement.engagement_id, "phone-a")
+    await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=10)
+    await phone.close()
+    await dana.close()
+
+
+async def test_a_replica_starting_takes_only_the_engagements_of_replicas_that_are_gone(cluster: StartCluster) -> None:
+    a, _ = await cluster(HELP)
+    phone = await device(a, "phone-a")
+    await phone.track("help")
+    engagement = await phone.accept(await phone.next_cue(timeout=10))
+    assert await settled(engagement) == "waiting"
+    async with await PostgresStore.open(a.database) as store:
+        owner = await store.owner_of(engagement.engagement_id)
+        assert owner
+        # A third replica starting while A lives leaves A's engagement to A.
+        (c,) = await cluster(HELP, count=1)
+        assert await store.owner_of(engagement.engagement_id) == owner
+        # A drained (its lease let go): another replica adopts the engagement and routes it to Dana.
+        await phone.close()
+        assert await a.drain() == 0
+        dana = await cuepoint.connect_associate(c.address, associate_id="dana", queues=["support"])
+        assigned = await dana.next_engagement(timeout=30)
+        assert assigned.engagement_id == engagement.engagement_id
+        assert await store.owner_of(engagement.engagement_id) not in ("", owner)
+    await dana.close()

@@ -21,6 +21,8 @@ from cuepoint_server.storage import (
     ReplicaRecord,
     SessionRecord,
     SignalRecord,
+    SlotClaim,
+    SlotResult,
     SqliteStore,
     Store,
     StoreClosedError,
@@ -504,3 +506,53 @@ async def test_a_lifecycle_webhook_row_commits_with_its_change_or_not_at_all(sto
     stored_cue = await store.get_cue("cue-1")
     assert stored_cue is not None and stored_cue.status == "accepted"
     assert [r.delivery_id for r in await store.due_webhooks(500.0)] == ["q-1", "e-1"]
+
+
+# -- associate slots shared by replicas (storage/slots.py) ----------------------------------------------
+
+
+def room_for(capacity: int) -> Any:
+    """A `SlotClaim.fits` allowing `capacity` slots per associate, whatever their channel."""
+    return lambda _associate_id, held: len(held) < capacity
+
+
+def claim(key: str, candidates: list[tuple[str, float]], capacity: int = 1, replica: str = "r1") -> SlotClaim:
+    return SlotClaim(key, "chat", "support", replica, tuple(candidates), room_for(capacity))
+
+
+async def test_a_slot_goes_to_the_longest_idle_associate_with_room(store: Any) -> None:
+    both = [("dana", 10.0), ("eli", 5.0)]
+    # Eli has been idle longer: first engagement to Eli, the second to Dana, the third to nobody.
+    assert await store.reserve_slot(claim("e1", both), 20.0) == SlotResult("eli", False)
+    assert await store.reserve_slot(claim("e2", both), 21.0) == SlotResult("dana", False)
+    assert await store.reserve_slot(claim("e3", both), 22.0) == SlotResult("", False)
+    # Asking again for e1 (a retry) finds its slot, and takes no second one.
+    assert await store.reserve_slot(claim("e1", both), 23.0) == SlotResult("eli", False)
+    assert [(a, k) for a, k, _ in await store.slot_holds()] == [("dana", "e2"), ("eli", "e1")]
+    # Eli frees up last: Dana, who freed up first, is now the longest idle.
+    await store.release_slot("e2", "dana", 30.0)
+    await store.release_slot("e1", "eli", 31.0)
+    assert await store.reserve_slot(claim("e3", both), 32.0) == SlotResult("dana", False)
+
+
+async def test_a_replicas_stale_slots_are_pruned_and_a_gone_replicas_engagements_adopted(store: Any) -> None:
+    await store.hold_slot("e1", "dana", "chat", "support", "live", 1.0)
+    await store.hold_slot("e2", "dana", "chat", "support", "live", 1.0)
+    assert await store.prune_slots("live", {("e1", "dana")}, 2.0) == ["dana"]
+    assert [k for _, k, _ in await store.slot_holds()] == ["e1"]
+    # Engagements owned by a replica seen lately stay its own; a gone replica's are adopted, once.
+    for n, owner in enumerate(("live", "gone")):
+        accepted = replace(engagement(f"eng-{owner}", created_at=200.0 + n), cue_id=f"cue-{owner}")
+        await store.save_cue(cue(f"cue-{owner}", created_at=100.0 + n))
+        assert (await store.accept_cue(f"cue-{owner}", 101.0, accepted, owner=owner)).accepted
+    for replica in ("live", "new"):
+        await store.save_replica(ReplicaRecord(replica, 100.0, 110.0, "", "", "", False))
+    await store.hold_slot("eng-gone", "eli", "chat", "support", "gone", 101.0)
+    # Seen since 105: "live" and "new"; "gone" never was.
+    adopted, freed = await store.adopt_engagements("new", 105.0, 120.0)
+    assert (adopted, freed) == (["eng-gone"], ["eli"])
+    assert await store.owner_of("eng-gone") == "new"
+    assert await store.adopt_engagements("other", 105.0, 121.0) == ([], [])
+    # Once "live" has not been seen for the window, its engagement is adopted too; "new" claimed its own
+    # within the window, so it stays.
+    assert await store.adopt_engagements("other", 115.0, 130.0) == (["eng-live"], ["dana"])

@@ -13,7 +13,15 @@ from collections.abc import AsyncIterator, Sequence
 import asyncpg
 import pytest
 
-from cuepoint_server.storage import CueRecord, DecisionRecord, OfferCommit, OfferGuard, PostgresStore, SignalRecord
+from cuepoint_server.storage import (
+    CueRecord,
+    DecisionRecord,
+    OfferCommit,
+    OfferGuard,
+    PostgresStore,
+    SignalRecord,
+    SlotClaim,
+)
 from cuepoint_server.storage.postgres_schema import PG_SCHEMA_VERSION
 
 from .conftest import _pg_admin, pg_url_for
@@ -37,7 +45,7 @@ async def test_replicas_starting_together_on_a_fresh_database_migrate_once(fresh
         try:
             assert await conn.fetchval("SELECT array_agg(version) FROM cuepoint_schema") == [PG_SCHEMA_VERSION]
             tables = await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
-            assert tables == 21  # 20 tables of the schema and cuepoint_schema, each created once
+            assert tables == 24  # 23 tables of the schema and cuepoint_schema, each created once
         finally:
             await conn.close()
         # All three work on the one schema.
@@ -105,3 +113,35 @@ async def test_the_journal_is_one_round_trip_per_batch(pg_database: str) -> None
         assert await store.count_signals("dev-1") == 1001
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("capacity", [1, 3])
+async def test_replicas_reserving_one_associate_at_once_never_exceed_capacity(pg_database: str, capacity: int) -> None:
+    url = pg_url_for(pg_database, f"slots-{secrets.token_hex(4)}")
+    replicas = [await PostgresStore.open(url) for _ in range(4)]
+    try:
+
+        def ask(n: int) -> SlotClaim:
+            # Dana has been idle longest, so every replica asks for her first; Eli is the next in line.
+            return SlotClaim(
+                f"eng-{n}", "chat", "support", f"replica-{n % 4}", (("dana", 1.0), ("eli", 2.0)),
+                lambda _associate_id, held: len(held) < capacity,
+            )  # fmt: skip
+
+        async def reserve(n: int) -> str:
+            # Skipped while another replica held the row: asked again, as the desk does, until decided.
+            while True:
+                result = await replicas[n % 4].reserve_slot(ask(n), 10.0)
+                if result.associate_id or not result.contended:
+                    return result.associate_id
+                await asyncio.sleep(0.01)
+
+        winners = await asyncio.gather(*(reserve(n) for n in range(24)))
+        assert sorted(w for w in winners if w) == ["dana"] * capacity + ["eli"] * capacity
+        holds = await replicas[0].slot_holds()
+        assert sorted(a for a, _, _ in holds) == ["dana"] * capacity + ["eli"] * capacity
+        # Each winner holds exactly the slot it was told it won.
+        assert sorted((a, k) for a, k, _ in holds) == sorted((w, f"eng-{n}") for n, w in enumerate(winners) if w)
+    finally:
+        for store in replicas:
+            await store.close()

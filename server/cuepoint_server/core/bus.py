@@ -15,13 +15,16 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["OPS", "Bus", "BusHandler", "LocalBus", "new_replica_id"]
+__all__ = ["OPS", "ROOM", "Bus", "BusHandler", "LocalBus", "new_replica_id"]
 
 # (key, body): the body a publisher sent, and the key (device id, associate id, "" for broadcasts) it went to.
 BusHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 # Broadcast topic: an operations switch changed (pause, a scenario switch); receivers re-read the switches.
 OPS = "ops"
+# Broadcast topic: an associate got room (a slot given back, core/desk_shared.py); receivers offer them
+# what waits in their lines.
+ROOM = "room"
 
 
 def new_replica_id() -> str:

@@ -26,9 +26,9 @@ from typing import Any
 import structlog
 
 from ..storage import ReplicaRecord
-from .bus import OPS
-from .operations import Operations
-from .replicas import SWEEP_EVERY, ReplicaStatus, replica_alive, replica_statuses
+from .bus import OPS, ROOM
+from .recovery import Recovery
+from .replicas import MISSED_SWEEPS, SWEEP_EVERY, ReplicaStatus, replica_alive, replica_statuses
 
 __all__ = ["ANSWER_WAIT", "Answerer", "Cluster"]
 
@@ -56,7 +56,7 @@ class _Asking:
         return {r for r, total in self.totals.items() if len(self.parts.get(r, {})) == total}
 
 
-class Cluster(Operations):
+class Cluster(Recovery):
     _sweeper: asyncio.Task[None] | None = None
     # What this replica reports in the registry (the app sets the scenarios version, see app.py).
     replica_address: str = ""
@@ -83,6 +83,7 @@ class Cluster(Operations):
             await self.bus.subscribe(OPS, "", self._on_ops)
             await self.bus.subscribe(ASK, "", self._on_ask)
             await self.bus.subscribe(ANSWER, self.bus.replica_id, self._on_answer)
+            await self.bus.subscribe(ROOM, "", self._on_room)
         self._sweeper = asyncio.create_task(self._sweep(sweep_every), name="cuepoint-cluster-sweep")
 
     async def leave_cluster(self) -> None:
@@ -95,6 +96,9 @@ class Cluster(Operations):
             await self.bus.unsubscribe(OPS, "")
             await self.bus.unsubscribe(ASK, "")
             await self.bus.unsubscribe(ANSWER, self.bus.replica_id)
+            await self.bus.unsubscribe(ROOM, "")
+            # Slots given back, then the row deleted: the others adopt what this replica still owned.
+            await self.desk.stop_slots()
         if self._joined_at is not None:
             self._joined_at = None
             try:
@@ -198,6 +202,13 @@ class Cluster(Operations):
         if asking.expected <= asking.complete():
             asking.done.set()
 
+    def _alive_window(self) -> float:
+        return self.sweep_every * MISSED_SWEEPS
+
+    async def _on_room(self, _key: str, body: dict[str, Any]) -> None:
+        if body.get("replica") != self.bus.replica_id:
+            self.desk.room_for(str(body.get("associate_id", "")))
+
     async def _on_ops(self, _key: str, body: dict[str, Any]) -> None:
         if body.get("replica") == self.bus.replica_id:
             return  # this replica applied it before announcing it
@@ -210,7 +221,10 @@ class Cluster(Operations):
             await self._heartbeat_quietly()
             if not self.bus.shared:
                 continue  # alone, every switch was set here
-            try:
-                await self.sync_switches()
-            except Exception:
-                log.warning("cluster.sweep_failed", exc_info=True)
+            for step in (self.sync_switches, self.adopt_orphans):
+                try:
+                    await step()
+                except Exception:
+                    log.warning("cluster.sweep_failed", step=step.__name__, exc_info=True)
+            # A replica gone silent had its engagements adopted above; slots given back and lines tried again.
+            self.desk.sweep_slots()

@@ -131,8 +131,12 @@ class DeskBase:
 
     def _free(self, associate: AssociateSession, engagement_id: str, now: float) -> None:
         associate.active.discard(engagement_id)
+        self._slot_released(associate.associate_id, engagement_id)
         if not associate.active:
             associate.idle_since = now
+
+    def _slot_released(self, associate_id: str, key: str) -> None:
+        """A slot is free again; across replicas it is given back in storage too (desk_shared.py)."""
 
     def _release_device(self, engagement: Engagement) -> None:
         if self._active_by_device.get(engagement.device_id) == engagement.engagement_id:

@@ -164,6 +164,7 @@ class Participants(WrapUp):
         engagement.participants[associate.associate_id] = (associate, role)
         if role in HOLDING:
             associate.hold(associate.active, engagement.engagement_id, engagement.channel, engagement.queue)
+            self._slot_taken(associate, engagement)
         associate.send(EngagementJoined(engagement.view(role=role)))
         self._tell_supervisors(engagement)
         self._emit("engagement.participant_joined", engagement)

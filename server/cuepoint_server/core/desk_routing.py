@@ -16,7 +16,7 @@ from ..engine.state import Scalar
 from ..predict.registry import describe_scores
 from ..storage import EngagementRecord
 from .consent import Redactor
-from .desk_bots import Bots
+from .desk_shared import SharedSlots
 from .engagement_model import Engagement, context_from_json
 from .errors import InvalidInput, PermissionDenied
 from .model import (
@@ -39,7 +39,7 @@ __all__ = ["Routing"]
 log = structlog.get_logger("cuepoint.core.engagements")
 
 
-class Routing(Bots):
+class Routing(SharedSlots):
     async def start(
         self,
         session: DeviceSession,
@@ -95,7 +95,7 @@ class Routing(Bots):
             # The accept, the engagement and their webhooks commit in one transaction: never an accepted
             # cue without one, nor either without its webhook.
             outcome = await self.store.accept_cue(
-                engagement.cue_id, now, engagement.record(), button_id, webhooks=hooks
+                engagement.cue_id, now, engagement.record(), button_id, webhooks=hooks, owner=self.replica_id
             )
         finally:
             self._release_device(engagement)
@@ -198,6 +198,9 @@ class Routing(Bots):
         if bot is not None:
             self._bot_take(engagement, bot)
             return
+        if self.shared:
+            self._route_shared(engagement)  # decided in storage with the other replicas (desk_shared.py)
+            return
         associate = self._preferred(engagement) or self.router.pick(
             engagement.queue, engagement.skills, engagement.rejected_by, engagement.app_id, engagement.channel
         )
@@ -232,21 +235,26 @@ class Routing(Bots):
             return None
         return wanted
 
-    def _offer(self, engagement: Engagement, associate: AssociateSession) -> None:
+    def _offer(self, engagement: Engagement, associate: AssociateSession, reserved: bool = False) -> None:
         queue = self.engine.scenarios.routing.queue(engagement.queue)
         engagement.offered_to = associate
         associate.hold(associate.offers, engagement.engagement_id, engagement.channel, engagement.queue)
+        if not reserved:
+            self._slot_taken(associate, engagement)
         engagement.offer_timer = self.clock.call_at(
             self.clock.now() + queue.offer_timeout, lambda: self._offer_lapsed(engagement, associate)
         )
         associate.send(EngagementOffered(engagement.view()))
         log.info("engagement.offered", engagement_id=engagement.engagement_id, associate_id=associate.associate_id)
 
-    def _withdraw_offer(self, engagement: Engagement) -> AssociateSession | None:
+    def _withdraw_offer(self, engagement: Engagement, keep_slot: bool = False) -> AssociateSession | None:
+        """The offer is over; `keep_slot`: the associate claimed it, their slot now holds the engagement."""
         associate = engagement.offered_to
         if associate is None:
             return None
         associate.offers.discard(engagement.engagement_id)
+        if not keep_slot:
+            self._slot_released(associate.associate_id, engagement.engagement_id)
         engagement.offered_to = None
         if engagement.offer_timer is not None:
             engagement.offer_timer.cancel()
@@ -261,7 +269,8 @@ class Routing(Bots):
         associate.send(OfferWithdrawn(engagement.engagement_id, "timeout"))
         self._route(engagement)
 
-    def _assign(self, engagement: Engagement, associate: AssociateSession) -> None:
+    def _assign(self, engagement: Engagement, associate: AssociateSession, reserved: bool = False) -> None:
+        """`reserved`: storage already gave this associate's slot to the engagement (desk_shared.py)."""
         now = self.clock.now()
         self.router.unwait(engagement.queue, engagement.engagement_id)
         if engagement.fallback_timer is not None:
@@ -269,6 +278,8 @@ class Routing(Bots):
             engagement.fallback_timer = None
         engagement.state, engagement.associate, engagement.assigned_at = "assigned", associate, now
         associate.hold(associate.active, engagement.engagement_id, engagement.channel, engagement.queue)
+        if not reserved:
+            self._slot_taken(associate, engagement)
         self._save(engagement, "engagement.assigned")
         associate.send(engagement.view())
         self._notify_device(engagement)
@@ -277,6 +288,9 @@ class Routing(Bots):
 
     def _drain(self, associate: AssociateSession) -> None:
         """Give a newly free associate the best waiting engagements it can take."""
+        if self.shared:
+            self._fill_shared(associate)  # each reserved in storage with the other replicas (desk_shared.py)
+            return
         for engagement_id in self.router.waiting(associate.queues):
             if not associate.available:
                 return
@@ -443,10 +457,12 @@ class Routing(Bots):
     def sign_out(self, associate: AssociateSession) -> None:
         associate.closed = True
         self.router.remove(associate)
+        # Across replicas: their slots here are given back before what they held is routed again.
+        self._slots_resync()
         # Offers and engagements the associate held go back to their queues, first in line.
         for engagement in list(self._engagements.values()):
             if engagement.offered_to is associate:
-                self._withdraw_offer(engagement)
+                self._withdraw_offer(engagement, keep_slot=self.shared)  # given back above
                 self._route(engagement)
             elif engagement.associate is associate and engagement.state == "assigned":
                 associate.active.discard(engagement.engagement_id)
@@ -463,8 +479,8 @@ class Routing(Bots):
             # Lost a race (taken, lapsed, cancelled): tell, don't fail the stream.
             associate.send(OfferWithdrawn(engagement_id, "no longer offered to you"))
             return
-        self._withdraw_offer(engagement)
-        self._assign(engagement, associate)
+        self._withdraw_offer(engagement, keep_slot=True)
+        self._assign(engagement, associate, reserved=True)
 
     def reject(self, associate: AssociateSession, engagement_id: str, reason: str) -> None:
         engagement = self._engagements.get(engagement_id)

@@ -7,6 +7,7 @@ import dataclasses
 import structlog
 
 from ..engine.state import MAX_REMEMBERED_IDS, DeviceState, EventOccurrence
+from .bus import ROOM
 from .consent import REDACTED
 from .model import (
     CueOffer,
@@ -14,6 +15,7 @@ from .model import (
 from .operations import Operations
 from .presentation import restored_offer
 from .queue_wait import WINDOW
+from .replicas import MISSED_SWEEPS, SWEEP_EVERY
 from .sessions import DeviceSession, PendingCue
 from .validation import Limits
 
@@ -101,5 +103,34 @@ class Recovery(Operations):
         # The wait estimate (core/queue_wait.py) starts from stored history, not from nothing.
         for queue, seconds in await self.store.recent_handle_times(WINDOW):
             self.desk.handle_times.record(queue, seconds)
-        for record in await self.store.open_engagements():
-            self.desk.restore(record)
+        if not self.bus.shared:
+            for record in await self.store.open_engagements():
+                self.desk.restore(record)
+            return
+        # Other replicas share the database: their live engagements are theirs. This one routes across them
+        # (core/desk_shared.py), is known alive by its registry row (core/cluster.py), and adopts only what
+        # replicas that are gone owned.
+        self.desk.replica_id = self.bus.replica_id
+        self.desk.slot_freed = self._announce_room
+        await self.adopt_orphans()
+
+    def _alive_window(self) -> float:
+        """A replica whose registry row is older than this is gone (core/replicas.py; Cluster's sweep)."""
+        return SWEEP_EVERY * MISSED_SWEEPS
+
+    async def adopt_orphans(self) -> None:
+        """Route the open engagements of replicas that are gone (and free the slots they held)."""
+        now = self.clock.now()
+        adopted, freed = await self.store.adopt_engagements(self.bus.replica_id, now - self._alive_window(), now)
+        for engagement_id in adopted:
+            record = await self.store.get_engagement(engagement_id)
+            if record is not None:
+                log.info("recovery.adopted", engagement_id=engagement_id)
+                self.desk.restore(record)
+        for associate_id in freed:
+            await self._announce_room(associate_id)
+
+    async def _announce_room(self, associate_id: str) -> None:
+        """Tell every replica (this one too) that `associate_id` has room: each offers them its line."""
+        self.desk.room_for(associate_id)
+        await self.bus.publish(ROOM, "", {"associate_id": associate_id})

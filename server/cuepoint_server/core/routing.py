@@ -45,7 +45,28 @@ class Router:
         """The associate to take an engagement of `app_id` on `channel` in `queue`: one with room for that
         channel beside what they hold (AssociateSession.fits), and never one whose credential is limited
         to other apps, whatever queues they serve (one installation, several apps)."""
-        candidates = [
+        candidates = self._able(queue, skills, exclude, app_id, channel)
+        if not candidates:
+            return None
+        # Longest idle wins; id breaks ties so the choice is deterministic.
+        return min(candidates, key=lambda a: (a.idle_since, a.associate_id))
+
+    def candidates(
+        self,
+        queue: str,
+        skills: Collection[str] = (),
+        exclude: Collection[str] = (),
+        app_id: str = "",
+        channel: str = "",
+    ) -> list[AssociateSession]:
+        """Everyone `pick` could choose, longest idle first: what a reservation across replicas asks storage
+        to choose from (core/desk_shared.py)."""
+        return sorted(self._able(queue, skills, exclude, app_id, channel), key=lambda a: (a.idle_since, a.associate_id))
+
+    def _able(
+        self, queue: str, skills: Collection[str], exclude: Collection[str], app_id: str, channel: str
+    ) -> list[AssociateSession]:
+        return [
             a
             for a in self._associates.values()
             if a.fits(channel, queue, self.queue_limits)
@@ -54,10 +75,6 @@ class Router:
             and a.skills.issuperset(skills)
             and a.serves(app_id)
         ]
-        if not candidates:
-            return None
-        # Longest idle wins; id breaks ties so the choice is deterministic.
-        return min(candidates, key=lambda a: (a.idle_since, a.associate_id))
 
     def has_capacity(self, queue: str, skills: Collection[str] = (), app_id: str = "", channel: str = "") -> bool:
         return self.pick(queue, skills, app_id=app_id, channel=channel) is not None

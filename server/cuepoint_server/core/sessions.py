@@ -280,6 +280,27 @@ class AssociateSession:
                 return False
         return True
 
+    def fits_beside(
+        self,
+        held: Mapping[str, tuple[str, str]],
+        channel: str,
+        queue: str,
+        queue_limits: Callable[[str], Mapping[str, int]] | None = None,
+    ) -> bool:
+        """`fits`, against `held` ({key: (channel, queue)}) instead of what this replica knows of: the slots
+        the associate holds on every replica (storage/slots.py)."""
+        if self.closed or self.detached or self.presence != "available":
+            return False
+        total = len(held) + 1
+        for held_channel, held_queue in (*held.values(), (channel, queue)):
+            if total > self.channel_limit(held_channel, held_queue, queue_limits):
+                return False
+        return True
+
+    def holding(self) -> dict[str, tuple[str, str]]:
+        """{key: (channel, queue)} of every slot held here (engagements, offers, cues on screen)."""
+        return {k: self.held.get(k, ("", "")) for k in self.active | self.offers | self.reserved}
+
     def channel_limit(
         self, channel: str, queue: str, queue_limits: Callable[[str], Mapping[str, int]] | None = None
     ) -> int:

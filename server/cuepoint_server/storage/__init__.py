@@ -1,7 +1,18 @@
 """Persistence for Cuepoint: plain records, the embedded SQLite store and the PostgreSQL store."""
 
 from .audit_log import AuditRecord
-from .base import AcceptOutcome, FunnelSlice, OfferCommit, OfferGuard, OfferResult, Store, StoreClosedError, StoreStats
+from .base import (
+    AcceptOutcome,
+    FunnelSlice,
+    OfferCommit,
+    OfferGuard,
+    OfferResult,
+    SlotClaim,
+    SlotResult,
+    Store,
+    StoreClosedError,
+    StoreStats,
+)
 from .postgres import PostgresStore
 from .records import (
     ChannelChangeRecord,
@@ -47,6 +58,8 @@ __all__ = [
     "ReplicaRecord",
     "SessionRecord",
     "SignalRecord",
+    "SlotClaim",
+    "SlotResult",
     "SqliteStore",
     "Store",
     "StoreClosedError",

@@ -9,7 +9,7 @@ durable; every write is idempotent by its record's id, so a retried or replayed 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -40,6 +40,8 @@ __all__ = [
     "OfferCommit",
     "OfferGuard",
     "OfferResult",
+    "SlotClaim",
+    "SlotResult",
     "Store",
     "StoreClosedError",
     "StoreStats",
@@ -131,6 +133,34 @@ class FunnelSlice:
     kinds: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class SlotClaim:
+    """A slot asked of one of `candidates` for `key` (an engagement id), in `Store.reserve_slot`.
+
+    Several replicas route to the same associates; the reservation is decided in storage, under the
+    candidates' row locks, against every slot they hold on any replica. ``fits`` is the core's own rule
+    (the associate's capacity, channel and queue limits, presence): it gets an associate id and the
+    (channel, queue) of each slot they hold anywhere, so storage holds no policy, only the data and the lock.
+    """
+
+    key: str
+    channel: str
+    queue: str
+    replica: str
+    # (associate id, idle since as this replica saw it): the idle time seeds an associate's first row.
+    candidates: tuple[tuple[str, float], ...]
+    # (associate id, {hold key: (channel, queue)} of every slot they hold anywhere) -> room for this one?
+    fits: Callable[[str, Mapping[str, tuple[str, str]]], bool]
+
+
+class SlotResult(NamedTuple):
+    """What `Store.reserve_slot` did: the associate now holding the slot ("" none), and whether a candidate
+    was skipped because another replica was deciding for them at that moment (worth another try soon)."""
+
+    associate_id: str
+    contended: bool
+
+
 @runtime_checkable
 class Store(Protocol):
     """Durable sessions, signal journal, cues, decisions, engagements and their conversation."""
@@ -171,9 +201,11 @@ class Store(Protocol):
         button_id: str = "",
         *,
         webhooks: Sequence[WebhookRecord] = (),
+        owner: str = "",
     ) -> AcceptOutcome:
         """Mark an offered cue accepted and store the engagement it starts, in one transaction, with the
-        webhook outbox rows that report them (cue.answered, engagement.queued).
+        webhook outbox rows that report them (cue.answered, engagement.queued). ``owner``: the replica that
+        routes it (storage/slots.py), stored with it when several replicas share the database.
 
         Idempotent: for a cue already accepted it returns the engagement stored for it and writes nothing
         (no webhook rows either).
@@ -326,6 +358,36 @@ class Store(Protocol):
         ...
 
     async def recent_signal_ids(self, device_id: str, *, limit: int) -> list[str]: ...
+
+    # -- routing across replicas (storage/slots.py) ------------------------------------------------------
+
+    async def reserve_slot(self, claim: SlotClaim, now: float) -> SlotResult:
+        """In one transaction: lock the candidates' rows one by one in longest-idle order (skipping those
+        another transaction holds) and give `claim.key` a slot of the first one it `fits`; idempotent by key."""
+        ...
+
+    async def hold_slot(self, key: str, associate_id: str, channel: str, queue: str, replica: str, now: float) -> None:
+        """Record a slot taken without a reservation (a transfer to a named associate, a conference)."""
+        ...
+
+    async def release_slot(self, key: str, associate_id: str, now: float) -> None:
+        """Free a slot; an associate left holding nothing is idle since `now`."""
+        ...
+
+    async def prune_slots(self, replica: str, keep: Collection[tuple[str, str]], now: float) -> list[str]:
+        """Free `replica`'s slots other than `keep` ((key, associate id)); the associates who got room."""
+        ...
+
+    async def adopt_engagements(self, replica: str, alive_since: float, now: float) -> tuple[list[str], list[str]]:
+        """Take over the open engagements of replicas gone (no registry row written since `alive_since`, or
+        none named; claimed before `alive_since`) and free the slots the gone ones held: (engagement ids
+        adopted, oldest first; associates who got room). Two replicas adopting at once never take the same
+        engagement."""
+        ...
+
+    async def owner_of(self, engagement_id: str) -> str: ...
+
+    async def slot_holds(self) -> list[tuple[str, str, str]]: ...
 
     # -- privacy ----------------------------------------------------------------------------------
 

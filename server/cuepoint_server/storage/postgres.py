@@ -51,6 +51,7 @@ from .records import (
     TransferRecord,
     WebhookRecord,
 )
+from .slots import Slots, SlotTxn
 
 __all__ = ["PostgresStore", "is_postgres_url"]
 
@@ -362,6 +363,25 @@ class _Link:
             yield
 
 
+_SET_OWNER = (
+    "INSERT INTO engagement_owners (engagement_id, replica, owned_at) VALUES ($1, $2, $3) "
+    "ON CONFLICT (engagement_id) DO UPDATE SET replica = excluded.replica, owned_at = excluded.owned_at"
+)
+
+
+class _PgTxn:
+    """slots.py's view of the writer's open transaction (``?`` placeholders)."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        await self._link.execute(_qmarks(sql), *args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        return [tuple(r) for r in await self._link.fetch(_qmarks(sql), *args)]
+
+
 # --- writer ---------------------------------------------------------------------------------------------
 
 
@@ -595,12 +615,16 @@ class _BatchWriter:
 # --- store ----------------------------------------------------------------------------------------------
 
 
-class PostgresStore:
+class PostgresStore(Slots):
     """Durable store on PostgreSQL. Create with ``await PostgresStore.open("postgresql://user@host/db")``.
 
     A ``search_path`` query parameter in the URL puts the tables in that schema (created if missing), so
     several independent stores can share one database (the tests do).
     """
+
+    # Two replicas reserving for one associate take turns on its row; the second skips it (slots.py).
+    _SKIP_LOCKED = "FOR UPDATE SKIP LOCKED"
+    _ADOPT_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('cuepoint.adopt', 0))"
 
     def __init__(self, dsn: str, writer: _BatchWriter, pool: asyncpg.Pool, counter: _Counter) -> None:
         self._dsn = dsn
@@ -746,6 +770,7 @@ class PostgresStore:
         button_id: str = "",
         *,
         webhooks: Sequence[WebhookRecord] = (),
+        owner: str = "",
     ) -> AcceptOutcome:
         """The cue becomes accepted and its engagement is stored, with the webhook rows reporting both;
         idempotent by cue id (a repeat writes nothing, its webhook rows neither)."""
@@ -764,12 +789,26 @@ class PostgresStore:
                 return AcceptOutcome(False, "accepted", _engagement_from(tuple(existing[0]))), 0
             await link.execute(_SET_CUE_STATUS, "accepted", float(responded_at), button_id, cue_id)
             await link.execute(_UPSERT_ENGAGEMENT, *row)
+            if owner:
+                await link.execute(_SET_OWNER, engagement.engagement_id, owner, float(responded_at))
             if hooks:
                 await link.executemany(_INSERT_WEBHOOK, hooks)
             return AcceptOutcome(True, "accepted", engagement), 2 + len(hooks)
 
         outcome: AcceptOutcome = await self._writer.transaction(run, 2 + len(hooks))
         return outcome
+
+    async def _slot_transaction(self, work: Callable[[SlotTxn], Awaitable[tuple[Any, int]]]) -> Any:
+        async def run(link: _Link) -> tuple[Any, int]:
+            result: tuple[Any, int] = await work(_PgTxn(link))
+            return result
+
+        # A locking transaction: at most one per batch, like commit_offer's (no two replicas' writers ever
+        # wait on each other's locks in opposite orders).
+        return await self._writer.transaction(run, locks=True)
+
+    async def _slot_read(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        return [tuple(r) for r in await self._fetch(_qmarks(sql), args)]
 
     # -- single writes -----------------------------------------------------------------------------------
 

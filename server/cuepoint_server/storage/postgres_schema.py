@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncpg
 import structlog
 
+from .slots import SLOTS_SCHEMA_PG
+
 __all__ = ["PG_SCHEMA_VERSION", "migrate"]
 
 log = structlog.get_logger("cuepoint.storage")
@@ -277,7 +279,8 @@ _V3 = (
         draining          INTEGER NOT NULL
     )""",
 )
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3}
+# Version 4: associate slots and engagement owners shared by replicas (slots.py).
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: SLOTS_SCHEMA_PG}
 PG_SCHEMA_VERSION = max(MIGRATIONS)
 
 # One key for every replica of every schema: migrations are rare and short, so serialising them all is fine.

@@ -295,3 +295,27 @@ CREATE TABLE IF NOT EXISTS replicas (
     scenarios_version TEXT NOT NULL,
     draining          INTEGER NOT NULL
 );
+
+-- Associate slots shared by replicas (version 15; slots.py holds the same statements): one row per
+-- associate with the time they became idle (longest-idle order), one per slot held (an offer or an
+-- engagement) with the replica holding it, and the replica routing each open engagement.
+CREATE TABLE IF NOT EXISTS associate_slots (
+    associate_id TEXT PRIMARY KEY,
+    idle_since   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS associate_holds (
+    hold_key     TEXT NOT NULL,
+    associate_id TEXT NOT NULL,
+    channel      TEXT NOT NULL,
+    queue        TEXT NOT NULL,
+    replica      TEXT NOT NULL,
+    held_at      REAL NOT NULL,
+    PRIMARY KEY (hold_key, associate_id)
+);
+CREATE INDEX IF NOT EXISTS associate_holds_associate ON associate_holds (associate_id);
+CREATE INDEX IF NOT EXISTS associate_holds_replica ON associate_holds (replica);
+CREATE TABLE IF NOT EXISTS engagement_owners (
+    engagement_id TEXT PRIMARY KEY,
+    replica       TEXT NOT NULL,
+    owned_at      REAL NOT NULL
+);

@@ -47,10 +47,11 @@ from .records import (
     TransferRecord,
     WebhookRecord,
 )
+from .slots import SLOTS_SCHEMA, Slots, SlotTxn
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -198,6 +199,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             draining          INTEGER NOT NULL
         )""",
     ),
+    # Version 15: associate slots and engagement owners shared by replicas (slots.py).
+    15: SLOTS_SCHEMA,
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -465,6 +468,23 @@ def _replica_row(rec: ReplicaRecord) -> tuple[object, ...]:
 
 def _replica_from(row: Sequence[Any]) -> ReplicaRecord:
     return ReplicaRecord(str(row[0]), float(row[1]), float(row[2]), str(row[3]), str(row[4]), str(row[5]), bool(row[6]))
+_SET_OWNER = (
+    "INSERT INTO engagement_owners (engagement_id, replica, owned_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (engagement_id) DO UPDATE SET replica = excluded.replica, owned_at = excluded.owned_at"
+)
+
+
+class _SqliteTxn:
+    """slots.py's view of the writer's open transaction."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        await self._conn.execute(sql, args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        return list(await self._conn.execute_fetchall(sql, args))
 
 
 # --- writer ---------------------------------------------------------------------------------------------
@@ -830,7 +850,7 @@ async def _migrate(conn: aiosqlite.Connection) -> None:
     log.info("storage.migrated", from_version=version, to_version=SCHEMA_VERSION)
 
 
-class SqliteStore(PredictState):
+class SqliteStore(PredictState, Slots):
     """Durable store for sessions, signals, cues and engagements. Create with ``await SqliteStore.open()``."""
 
     def __init__(
@@ -975,6 +995,7 @@ class SqliteStore(PredictState):
         button_id: str = "",
         *,
         webhooks: Sequence[WebhookRecord] = (),
+        owner: str = "",
     ) -> AcceptOutcome:
         """The cue becomes accepted and its engagement is stored, together with the webhook rows reporting
         both; idempotent by cue id (a repeat writes nothing, its webhook rows neither)."""
@@ -993,6 +1014,8 @@ class SqliteStore(PredictState):
                 return AcceptOutcome(False, "accepted", _engagement_from(existing[0])), 0
             await conn.execute(_SET_CUE_STATUS, ("accepted", responded_at, button_id, cue_id))
             await conn.execute(_UPSERT_ENGAGEMENT, row)
+            if owner:
+                await conn.execute(_SET_OWNER, (engagement.engagement_id, owner, float(responded_at)))
             if hooks:
                 await conn.executemany(_INSERT_WEBHOOK, hooks)
             return AcceptOutcome(True, "accepted", engagement), 2 + len(hooks)
@@ -1163,6 +1186,16 @@ class SqliteStore(PredictState):
         assert self._shared_lock is not None
         async with self._shared_lock:
             return list(await self._writer_conn.execute_fetchall(sql, params))
+
+    async def _slot_transaction(self, work: Callable[[SlotTxn], Awaitable[tuple[Any, int]]]) -> Any:
+        async def run(conn: aiosqlite.Connection) -> tuple[Any, int]:
+            result: tuple[Any, int] = await work(_SqliteTxn(conn))
+            return result
+
+        return await self._writer.transaction(run)
+
+    async def _slot_read(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        return list(await self._fetch(sql, args))
 
     # -- recovery after a restart --------------------------------------------------------------------
 

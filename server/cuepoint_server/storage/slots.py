@@ -1,0 +1,247 @@
+"""Associate slots shared by every replica: who holds what, who is longest idle, who owns each engagement.
+
+Several replicas route to the same associates (api/associate_links.py gives each replica a stand-in of
+every associate), so "does this associate have room" and "who has been idle longest" cannot be answered
+from one replica's memory. `associate_slots` holds one row per associate (their idle-since time, the
+longest-idle order); `associate_holds` one row per slot held (an offer or an engagement), with the
+replica that holds it. A reservation locks the candidates' rows one at a time, longest idle first
+(PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so two replicas racing for one associate never both get them:
+the second skips the row and tries the next), reads every hold of that associate, asks the caller's
+`fits` (the associate's channel and queue limits stay in core) and inserts the hold, in one transaction.
+SQLite's single writer makes the same steps serial.
+
+`engagement_owners` names the replica that routes each open engagement and since when; a replica is
+alive while its row in the replicas registry (`replicas`, core/replicas.py) was written since
+``alive_since``. Recovery adopts only the engagements of replicas that are gone (or of none named), and
+drops the holds of the gone ones. A claim or hold made since ``alive_since`` is never taken for a gone
+replica's: a replica routes (recovery) a moment before its first registry row is written.
+
+Statements are written with ``?`` placeholders; the PostgreSQL store turns them into ``$n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Protocol
+
+from .base import SlotClaim, SlotResult
+
+__all__ = [
+    "OPEN_STATES",
+    "SLOTS_SCHEMA",
+    "SLOTS_SCHEMA_PG",
+    "SlotTxn",
+    "Slots",
+]
+
+OPEN_STATES = "('queued', 'assigned', 'callback_requested')"
+
+
+def _tables(real: str) -> tuple[str, ...]:
+    return (
+        f"""CREATE TABLE IF NOT EXISTS associate_slots (
+            associate_id TEXT PRIMARY KEY,
+            idle_since   {real} NOT NULL
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS associate_holds (
+            hold_key     TEXT NOT NULL,
+            associate_id TEXT NOT NULL,
+            channel      TEXT NOT NULL,
+            queue        TEXT NOT NULL,
+            replica      TEXT NOT NULL,
+            held_at      {real} NOT NULL,
+            PRIMARY KEY (hold_key, associate_id)
+        )""",
+        "CREATE INDEX IF NOT EXISTS associate_holds_associate ON associate_holds (associate_id)",
+        "CREATE INDEX IF NOT EXISTS associate_holds_replica ON associate_holds (replica)",
+        f"""CREATE TABLE IF NOT EXISTS engagement_owners (
+            engagement_id TEXT PRIMARY KEY,
+            replica       TEXT NOT NULL,
+            owned_at      {real} NOT NULL
+        )""",
+    )
+
+
+# SQLite (a migration step and schema.sql) and PostgreSQL (a migration step).
+SLOTS_SCHEMA: tuple[str, ...] = _tables("REAL")
+SLOTS_SCHEMA_PG: tuple[str, ...] = _tables("DOUBLE PRECISION")
+
+
+class SlotTxn(Protocol):
+    """One open transaction of either backend, with ``?`` placeholders."""
+
+    async def execute(self, sql: str, *args: Any) -> None: ...
+
+    async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]: ...
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+_HOLD = (
+    "INSERT INTO associate_holds (hold_key, associate_id, channel, queue, replica, held_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hold_key, associate_id) DO NOTHING"
+)
+# An associate with nothing held any more became idle now: the longest-idle order across replicas.
+_IDLE_IF_FREE = (
+    "UPDATE associate_slots SET idle_since = ? WHERE associate_id = ? AND NOT EXISTS "
+    "(SELECT 1 FROM associate_holds h WHERE h.associate_id = associate_slots.associate_id)"
+)
+# A replica alive: its registry row written since alive_since.
+_LIVE = "SELECT 1 FROM replicas r WHERE r.replica_id = {col} AND r.last_seen >= ?"
+
+
+class Slots:
+    """Mixed into both stores; each gives `_slot_transaction` (one transaction on its writer)."""
+
+    # PostgreSQL: "FOR UPDATE SKIP LOCKED"; SQLite: "" (its writer is serial anyway).
+    _SKIP_LOCKED = ""
+    # PostgreSQL: a transaction-scoped advisory lock serialising adoption across replicas; SQLite: none.
+    _ADOPT_LOCK = ""
+
+    async def _slot_transaction(self, work: Callable[[SlotTxn], Awaitable[tuple[Any, int]]]) -> Any:
+        raise NotImplementedError
+
+    async def reserve_slot(self, claim: SlotClaim, now: float) -> SlotResult:
+        ids = list(dict.fromkeys(a for a, _ in claim.candidates))
+        if not ids:
+            return SlotResult("", False)
+
+        async def run(txn: SlotTxn) -> tuple[SlotResult, int]:
+            values = ", ".join("(?, ?)" for _ in claim.candidates)
+            seeds = [v for associate_id, idle_since in claim.candidates for v in (associate_id, float(idle_since))]
+            await txn.execute(
+                f"INSERT INTO associate_slots (associate_id, idle_since) VALUES {values} "
+                "ON CONFLICT (associate_id) DO NOTHING",
+                *seeds,
+            )
+            before = await txn.fetch("SELECT associate_id FROM associate_holds WHERE hold_key = ?", claim.key)
+            for (associate_id,) in before:
+                if associate_id in ids:
+                    return SlotResult(str(associate_id), False), 0  # reserved before (a retry)
+            tried: list[str] = []
+            while len(tried) < len(ids):
+                # The longest idle candidate not tried yet, and not being decided for by another replica.
+                left = [a for a in ids if a not in tried]
+                row = await txn.fetch(
+                    f"SELECT associate_id FROM associate_slots WHERE associate_id IN ({_marks(len(left))}) "
+                    f"ORDER BY idle_since, associate_id LIMIT 1 {self._SKIP_LOCKED}",
+                    *left,
+                )
+                if not row:
+                    return SlotResult("", True), 0  # the rest are locked: worth asking again
+                associate_id = str(row[0][0])
+                tried.append(associate_id)
+                held = {
+                    str(key): (str(channel), str(queue))
+                    for key, channel, queue in await txn.fetch(
+                        "SELECT hold_key, channel, queue FROM associate_holds WHERE associate_id = ?", associate_id
+                    )
+                }
+                if claim.fits(associate_id, held):
+                    row_values = (claim.key, associate_id, claim.channel, claim.queue, claim.replica, float(now))
+                    await txn.execute(_HOLD, *row_values)
+                    return SlotResult(associate_id, False), 1
+            return SlotResult("", False), 0
+
+        result: SlotResult = await self._slot_transaction(run)
+        return result
+
+    async def hold_slot(self, key: str, associate_id: str, channel: str, queue: str, replica: str, now: float) -> None:
+        async def run(txn: SlotTxn) -> tuple[None, int]:
+            await txn.execute(
+                "INSERT INTO associate_slots (associate_id, idle_since) VALUES (?, ?) "
+                "ON CONFLICT (associate_id) DO NOTHING",
+                associate_id,
+                float(now),
+            )
+            await txn.execute(_HOLD, key, associate_id, channel, queue, replica, float(now))
+            return None, 1
+
+        await self._slot_transaction(run)
+
+    async def release_slot(self, key: str, associate_id: str, now: float) -> None:
+        async def run(txn: SlotTxn) -> tuple[None, int]:
+            await txn.execute("DELETE FROM associate_holds WHERE hold_key = ? AND associate_id = ?", key, associate_id)
+            await txn.execute(_IDLE_IF_FREE, float(now), associate_id)
+            return None, 1
+
+        await self._slot_transaction(run)
+
+    async def prune_slots(self, replica: str, keep: Collection[tuple[str, str]], now: float) -> list[str]:
+        async def run(txn: SlotTxn) -> tuple[list[str], int]:
+            rows = await txn.fetch("SELECT hold_key, associate_id FROM associate_holds WHERE replica = ?", replica)
+            gone = [(str(k), str(a)) for k, a in rows if (str(k), str(a)) not in keep]
+            for key, associate_id in gone:
+                await txn.execute(
+                    "DELETE FROM associate_holds WHERE hold_key = ? AND associate_id = ?", key, associate_id
+                )
+            freed = sorted({a for _, a in gone})
+            for associate_id in freed:
+                await txn.execute(_IDLE_IF_FREE, float(now), associate_id)
+            return freed, len(gone)
+
+        freed: list[str] = await self._slot_transaction(run)
+        return freed
+
+    async def adopt_engagements(self, replica: str, alive_since: float, now: float) -> tuple[list[str], list[str]]:
+        async def run(txn: SlotTxn) -> tuple[tuple[list[str], list[str]], int]:
+            if self._ADOPT_LOCK:
+                await txn.execute(self._ADOPT_LOCK)
+            rows = await txn.fetch(
+                "SELECT e.engagement_id FROM engagements e "
+                "LEFT JOIN engagement_owners o ON o.engagement_id = e.engagement_id "
+                f"WHERE e.state IN {OPEN_STATES} AND (o.replica IS NULL OR (o.replica <> ? AND o.owned_at < ? "
+                f"AND NOT EXISTS ({_LIVE.format(col='o.replica')}))) ORDER BY e.created_at",
+                replica,
+                float(alive_since),
+                float(alive_since),
+            )
+            adopted = [str(r[0]) for r in rows]
+            for engagement_id in adopted:
+                await txn.execute(
+                    "INSERT INTO engagement_owners (engagement_id, replica, owned_at) VALUES (?, ?, ?) ON CONFLICT "
+                    "(engagement_id) DO UPDATE SET replica = excluded.replica, owned_at = excluded.owned_at",
+                    engagement_id,
+                    replica,
+                    float(now),
+                )
+            # Slots held by replicas that are gone are free: their engagements wait again, here or elsewhere.
+            stale = await txn.fetch(
+                "SELECT DISTINCT associate_id FROM associate_holds h WHERE h.replica <> ? AND h.held_at < ? "
+                f"AND NOT EXISTS ({_LIVE.format(col='h.replica')})",
+                replica,
+                float(alive_since),
+                float(alive_since),
+            )
+            freed = sorted(str(r[0]) for r in stale)
+            if freed:
+                await txn.execute(
+                    "DELETE FROM associate_holds WHERE replica <> ? AND held_at < ? "
+                    f"AND NOT EXISTS ({_LIVE.format(col='associate_holds.replica')})",
+                    replica,
+                    float(alive_since),
+                    float(alive_since),
+                )
+                for associate_id in freed:
+                    await txn.execute(_IDLE_IF_FREE, float(now), associate_id)
+            return (adopted, freed), len(adopted) + len(freed)
+
+        result: tuple[list[str], list[str]] = await self._slot_transaction(run)
+        return result
+
+    async def owner_of(self, engagement_id: str) -> str:
+        """The replica routing an engagement ("" when none is named)."""
+        rows = await self._slot_read("SELECT replica FROM engagement_owners WHERE engagement_id = ?", engagement_id)
+        return str(rows[0][0]) if rows else ""
+
+    async def slot_holds(self) -> list[tuple[str, str, str]]:
+        """(associate id, hold key, replica) of every slot held, for tests and diagnostics."""
+        rows = await self._slot_read(
+            "SELECT associate_id, hold_key, replica FROM associate_holds ORDER BY associate_id, hold_key"
+        )
+        return [(str(a), str(k), str(r)) for a, k, r in rows]
+
+    async def _slot_read(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        raise NotImplementedError
