@@ -11,6 +11,18 @@ but no trigger matches the signals sent, so every evaluation walks its condition
 * "every scenario listens": a signal of ``popular`` concerns all of them: cost grows with the size
   (for contrast).
 
+Two sweeps answer issue 13's evaluation targets (ratios printed):
+
+* "unrelated, time-driven included" (``--timed-sizes``, 10 -> 10,000): a fifth of the scenarios are the
+  one-listener kind above, the rest time-driven and unrelated to the device: idle scoped to another app,
+  absence of a follow-up to their own event, dwell on their own screen, and an idle gated on their own
+  event (so it arms for every device). ``Core.ingest`` per signal of ``ev_00005`` unbatched (one signal
+  per batch, where timer scheduling after every batch showed) and in batches: flat means <= 1.5x;
+* "one event" (``--shared-sizes``, 1 -> 1,000): every scenario listens to ``popular``, as variants of
+  one another do (a few targets, thresholds and windows; their own messages, priorities, cooldowns),
+  and, for contrast, the distinct scenarios above (each with a condition of its own): engine and
+  ``Core.ingest`` per signal, ratio to one scenario (target <= 20x for the shared kind).
+
 Three levels: ``Engine.qualified`` alone (evaluations/s and us per signal); ``Core.ingest`` end to end
 in process (validation, state, evaluation, a ``:memory:`` SQLite store, the ack), per signal, with
 batches of ``--batch`` signals; and, as the page's baseline, the bare echo's per-message and per-signal
@@ -68,14 +80,82 @@ SCENARIO = """\
 """
 
 
+# Unrelated time-driven scenarios (kinds 1-4; kind 0 is SCENARIO): none applies to the bench device's events.
+TIMED = (
+    "",
+    """\
+- id: t{i:05d}
+  apps: [other-app]
+  trigger: {{idle: 5m}}
+  cue: {{message: "Still there? {i}", channel: chat}}
+""",
+    """\
+- id: t{i:05d}
+  trigger:
+    event: ev_{i:05d}
+    not_followed_by: {{event: ev_{i:05d}_done, within: 10m}}
+  cue: {{message: "Stuck? {i}", channel: chat}}
+""",
+    """\
+- id: t{i:05d}
+  trigger: {{dwell: {{screen: screen_{i:05d}, at_least: 30s}}}}
+  cue: {{message: "Need help on this page? {i}", channel: chat}}
+""",
+    """\
+- id: t{i:05d}
+  trigger:
+    all:
+      - event: ev_{i:05d}
+        within: 1h
+      - idle: 5m
+  cue: {{message: "Come back? {i}", channel: chat}}
+""",
+)
+# The timed sweep's one-listener event: scenario 5 is a SCENARIO (kind 0) at every size.
+TIMED_LONELY = "ev_00005"
+
+# Variants of one another on one event: 3 targets, 4 thresholds, 2 windows, combined by i: 12 distinct conditions.
+VARIANT = """\
+- id: v{i:05d}
+  priority: {priority}
+  target: {{attribute: user.tier, equals: {tier}}}
+  trigger:
+    event: popular
+    where: {{screen: {{equals: checkout}}}}
+    count: {{at_least: {at_least}, within: {within}}}
+  cue:
+    message: "Offer {i}: need a hand?"
+    channel: audio
+  cooldown: {cooldown}
+"""
+
+
 def scenario_text(n: int) -> str:
     return "".join(SCENARIO.format(i=i) for i in range(n))
 
 
-def load_set(n: int, folder: Path) -> tuple[ScenarioSet, float]:
+def timed_text(n: int) -> str:
+    return "".join(SCENARIO.format(i=i) if i % 5 == 0 else TIMED[i % 5].format(i=i) for i in range(n))
+
+
+def variant_text(n: int) -> str:
+    return "".join(
+        VARIANT.format(
+            i=i,
+            priority=i % 7,
+            tier=("premium", "gold", "basic")[i % 3],
+            at_least=3 + i % 4,
+            within=("5m", "10m")[i % 2],
+            cooldown=f"{1 + i % 5}h",
+        )
+        for i in range(n)
+    )
+
+
+def load_set(n: int, folder: Path, text: Callable[[int], str] = scenario_text) -> tuple[ScenarioSet, float]:
     """Through the server's own loading path (``ScenarioSet.load`` of a folder); returns (set, seconds)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "generated.yaml").write_text(scenario_text(n))
+    (folder / "generated.yaml").write_text(text(n))
     started = time.perf_counter()
     scenarios = ScenarioSet.load(str(folder))
     return scenarios, time.perf_counter() - started
@@ -168,12 +248,19 @@ async def _ingest_once(scenarios: ScenarioSet, event: str, batch: int, total: in
                 consent="full",
             )
         )
-        props = {"duration_ms": 100} if event == LONELY else {"screen": "home"}
+        props = {"screen": "home"} if event == POPULAR else {"duration_ms": 100}
+        # Stamped as the SDK stamps them (device time, the batch's sent_at): 1 us apart, so every signal is
+        # newer than the last, as on a real device (equal times would make state.record_event look for a
+        # resend among every kept occurrence, which no SDK batch does).
+        base = time.time()
         batches = [
             IncomingBatch(
                 f"b-{start}",
-                None,
-                tuple(IncomingSignal(f"sig-{start + k}", None, "event", event, dict(props)) for k in range(batch)),
+                base + 1e-6 * (start + batch - 1),
+                tuple(
+                    IncomingSignal(f"sig-{start + k}", base + 1e-6 * (start + k), "event", event, dict(props))
+                    for k in range(batch)
+                ),
             )
             for start in range(0, max(total, batch), batch)
         ]
@@ -230,6 +317,108 @@ async def profile_ingest(scenarios: ScenarioSet, batch: int, total: int, top: in
     return rows
 
 
+async def sweeps(args: argparse.Namespace, tmp: Path) -> tuple[list[Any], list[Metric], dict[str, Any]]:
+    """Issue 13's two evaluation sweeps: their tables, metrics and raw figures."""
+    sections: list[Any] = []
+    metrics: list[Metric] = []
+    details: dict[str, Any] = {"timed": {}, "shared": {}, "distinct": {}}
+    timed_sizes = [int(s) for s in args.timed_sizes.split(",") if s]
+    rows = []
+    for n in timed_sizes:
+        note(f"eval: {n:,} unrelated scenarios, time-driven included ...")
+        scenarios, _ = load_set(n, tmp / f"timed-{n}", timed_text)
+        engine = engine_cost(scenarios, TIMED_LONELY, args.budget, args.repeat)
+        single = await ingest_cost(scenarios, TIMED_LONELY, 1, args.unbatched_signals, args.repeat)
+        batched = await ingest_cost(scenarios, TIMED_LONELY, args.batch, args.signals, args.repeat)
+        details["timed"][n] = {"engine": engine, "ingest_unbatched": single, "ingest_batched": batched}
+        rows.append(
+            [
+                f"{n:,}",
+                f"{len(scenarios.timed):,}",
+                f"{engine['us_per_signal']:.2f}",
+                f"{single['us_per_signal']:.1f}",
+                f"{batched['us_per_signal']:.1f}",
+            ]
+        )
+    if timed_sizes:
+        first, last = details["timed"][timed_sizes[0]], details["timed"][timed_sizes[-1]]
+        ratios = {
+            key: last[key]["us_per_signal"] / first[key]["us_per_signal"]
+            for key in ("engine", "ingest_unbatched", "ingest_batched")
+        }
+        rows.append(["ratio", "", *(f"{ratios[k]:.2f}x" for k in ("engine", "ingest_unbatched", "ingest_batched"))])
+        details["timed"]["ratios"] = ratios
+        span = f"{timed_sizes[0]:,} -> {timed_sizes[-1]:,}"
+        for key, label in (("ingest_unbatched", "1 signal/batch"), ("ingest_batched", f"{args.batch}/batch")):
+            metrics.append(
+                Metric(
+                    f"Core.ingest, unrelated scenarios incl. time-driven, {span}, {label}",
+                    ratios[key],
+                    "x",
+                    target="<= 1.5x",
+                    met=ratios[key] <= 1.5,
+                )
+            )
+        sections.append(
+            (
+                f"Unrelated scenarios, 4 in 5 time-driven (idle, absence, dwell), signal of {TIMED_LONELY} "
+                f"(best of {args.repeat}; ratio = largest / smallest)",
+                [
+                    "scenarios",
+                    "time-driven",
+                    "engine us/signal",
+                    "ingest us/signal (1/batch)",
+                    f"ingest us/signal ({args.batch}/batch)",
+                ],
+                rows,
+            )
+        )
+    shared_sizes = [int(s) for s in args.shared_sizes.split(",") if s]
+    for kind, text in (("shared", variant_text), ("distinct", scenario_text)):
+        rows = []
+        for n in shared_sizes:
+            note(f"eval: {n:,} scenarios on one event ({kind}) ...")
+            scenarios, _ = load_set(n, tmp / f"{kind}-{n}", text)
+            engine = engine_cost(scenarios, POPULAR, args.budget, args.repeat)
+            many = max(args.batch * 5, min(args.signals, args.signals * 10 // max(n, 1)))
+            ingest = await ingest_cost(scenarios, POPULAR, args.batch, many, args.repeat)
+            details[kind][n] = {"engine": engine, "ingest": ingest}
+            rows.append(
+                [
+                    f"{n:,}",
+                    f"{engine['evaluations_per_signal']:,.0f}",
+                    f"{engine['us_per_signal']:,.2f}",
+                    f"{ingest['us_per_signal']:,.1f}",
+                ]
+            )
+        if shared_sizes:
+            first, last = details[kind][shared_sizes[0]], details[kind][shared_sizes[-1]]
+            ratios = {key: last[key]["us_per_signal"] / first[key]["us_per_signal"] for key in ("engine", "ingest")}
+            details[kind]["ratios"] = ratios
+            rows.append(["ratio", "", f"{ratios['engine']:.1f}x", f"{ratios['ingest']:.1f}x"])
+            span = f"{shared_sizes[-1]:,} vs {shared_sizes[0]:,}"
+            what = "variants (12 distinct conditions)" if kind == "shared" else "each its own condition"
+            for key, label in (("engine", "Engine.qualified"), ("ingest", "Core.ingest")):
+                metrics.append(
+                    Metric(
+                        f"{label}, scenarios on one event, {what}, {span}",
+                        ratios[key],
+                        "x",
+                        target="<= 20x" if kind == "shared" else "",
+                        met=ratios[key] <= 20 if kind == "shared" else None,
+                    )
+                )
+            sections.append(
+                (
+                    f"Scenarios all listening to {POPULAR}, {what}; nothing qualifies (best of {args.repeat}; "
+                    f"ingest in {args.batch}-signal batches; ratio = largest / smallest)",
+                    ["scenarios", "evaluations", "engine us/signal", "ingest us/signal"],
+                    rows,
+                )
+            )
+    return sections, metrics, details
+
+
 async def run(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     rows_engine: list[list[str]] = []
@@ -279,6 +468,7 @@ async def run(args: argparse.Namespace) -> None:
             note(f"eval: cProfile of Core.ingest, one listener, {sizes[0]:,} scenarios ...")
             scenarios, _ = load_set(sizes[0], Path(tmp) / "profiled")
             profile_rows = await profile_ingest(scenarios, args.batch, args.signals, args.top)
+        sweep_sections, sweep_metrics, sweep_details = await sweeps(args, Path(tmp))
         note(f"eval: bare echo baseline, 50 streams, {args.batch}/msg, {args.echo_seconds:g} s ...")
         echo = await echo_throughput(
             streams=50,
@@ -339,6 +529,7 @@ async def run(args: argparse.Namespace) -> None:
             target=f"flat (<= 1.5x of {smallest:,})",
             met=flat_ingest,
         ),
+        *sweep_metrics,
     ]
     summary = (
         f"eval: one-listener signal {lone_small:.2f} -> {lone_large:.2f} us from {smallest:,} to "
@@ -383,6 +574,7 @@ async def run(args: argparse.Namespace) -> None:
                 if profile_rows
                 else []
             ),
+            *sweep_sections,
             (
                 "Core.ingest with bench_ingest.py's load (same bytes, listening scenario, 50 devices x 4 batches in "
                 "flight, file SQLite, decode + convert included; no gRPC): CPU us per signal, this process, all "
@@ -406,13 +598,26 @@ async def run(args: argparse.Namespace) -> None:
         ],
         metrics=metrics,
         summary=summary,
-        details={"sizes": results, "echo": vars(echo), "batch": args.batch, "ingest_shape": shape_results},
+        details={
+            "sizes": results,
+            "echo": vars(echo),
+            "batch": args.batch,
+            "ingest_shape": shape_results,
+            "sweeps": sweep_details,
+        },
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,100,1000,10000", help="scenario counts (default 10,100,1000,10000)")
+    parser.add_argument(
+        "--timed-sizes", default="10,100,1000,10000", help="unrelated scenarios incl. time-driven (default 10..10000)"
+    )
+    parser.add_argument("--shared-sizes", default="1,10,100,1000", help="scenarios on one event (default 1..1000)")
+    parser.add_argument(
+        "--unbatched-signals", type=int, default=3_000, help="signals per unbatched Core.ingest run (default 3000)"
+    )
     parser.add_argument("--batch", type=int, default=100, help="signals per batch for Core.ingest (default 100)")
     parser.add_argument("--budget", type=float, default=0.6, help="seconds per engine measurement (default 0.6)")
     parser.add_argument("--signals", type=int, default=10_000, help="signals per Core.ingest run (default 10000)")
@@ -425,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes = ",".join(s for s in args.sizes.split(",") if s and int(s) <= 1000)
+        args.timed_sizes = ",".join(s for s in args.timed_sizes.split(",") if s and int(s) <= 1000)
         args.budget, args.echo_seconds = min(args.budget, 0.3), min(args.echo_seconds, 1.0)
         args.signals = min(args.signals, 5_000)
     # The core logs sessions at info level; keep the tables readable (nothing is logged per signal).
