@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -40,7 +40,7 @@ BUTTON_RESPONSES = {"accept": "accepted", "decline": "declined", "dismiss": "dis
 
 class Evaluation(Scoring):
     def _evaluate(
-        self, session: DeviceSession, candidates: list[CompiledScenario], now: float, at: float | None = None
+        self, session: DeviceSession, candidates: Sequence[CompiledScenario], now: float, at: float | None = None
     ) -> None:
         """Qualify `candidates`, settle a pending cue whose reason is gone, arbitrate, offer.
 
@@ -372,11 +372,7 @@ class Evaluation(Scoring):
         if not away:
             self._score_now(session, now)
         # While the device is away only scenarios with a fallback for that may fire.
-        timed = [
-            s
-            for s in self.engine.scenarios.timed
-            if s.applies_to(session.app_id) and (not away or s.when_away is not None)
-        ]
+        timed = [s for s in self.engine.timers(session.app_id).timed if not away or s.when_away is not None]
         unit = self._open_unit(session)
         self._recheck_pending(session, now)
         if timed:
@@ -391,7 +387,7 @@ class Evaluation(Scoring):
     # -- away: a device gone while a `when_away` scenario may still fire for it from a timer ----------------
 
     def _away_capable(self, app_id: str) -> bool:
-        return any(s.when_away is not None and s.applies_to(app_id) for s in self.engine.scenarios.timed)
+        return bool(self.engine.scenarios.timed) and self.engine.timers(app_id).away_capable
 
     def _went_away(self, session: DeviceSession, now: float) -> None:
         """Its session ended (not resumed): keep its timer, and its state past the resume window while armed."""

@@ -70,12 +70,12 @@ class Operations(Evaluation):
         if enabled:
             if scenario_id in self.engine.disabled:
                 log.warning("scenario.enabled", scenario_id=scenario_id, reason=reason)
-            self.engine.disabled.discard(scenario_id)
+            self.engine.enable(scenario_id)
             self.disabled_reasons.pop(scenario_id, None)
             return
         if scenario_id not in self.engine.disabled:
             log.warning("scenario.disabled", scenario_id=scenario_id, reason=reason)
-        self.engine.disabled.add(scenario_id)
+        self.engine.disable(scenario_id)
         self.disabled_reasons[scenario_id] = reason
         for device_id, pending in list(self._reg.pending.items()):
             if pending.scenario_id == scenario_id:

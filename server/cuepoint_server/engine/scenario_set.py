@@ -2,32 +2,90 @@
 
 Scenarios are indexed by the events their trigger listens to, so a signal
 costs evaluations only for scenarios that care about it, however many others
-are loaded. A new set replaces the old in one assignment (atomic swap).
+are loaded. Scenarios with identical conditions (target, trigger, outcome and
+apps) form one group, evaluated once for all of them, so many variants on one
+event cost about what their distinct conditions cost. A new set replaces the
+old in one assignment (atomic swap).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..scenarios.compiler import (
     CompiledDefinition,
     CompiledScenario,
     Routing,
+    Sharing,
     compile_definition,
     compile_routing,
     compile_scenario,
 )
 from ..scenarios.loader import LoadedSet, load_directory
 from ..scenarios.model import OutcomeSpec, PolicySpec
+from .state import DeviceState
+from .timers import TimerIndex
 
-__all__ = ["ScenarioSet"]
+__all__ = ["Candidates", "ConditionGroup", "ScenarioSet"]
 
 
 def _order(s: CompiledScenario) -> tuple[int, str]:
     # Highest priority first; ties go to the id that sorts first, so the
     # outcome never depends on file order or load timing.
     return (-s.priority, s.id)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ConditionGroup:
+    """Scenarios whose conditions are identical: one evaluation answers for all of them."""
+
+    apps: frozenset[str]
+    # The first member's CompiledScenario.qualifies: every member's gives the same answer.
+    qualifies: Callable[[DeviceState, float], bool]
+    # In arbitration order.
+    members: tuple[CompiledScenario, ...]
+
+
+class Candidates(tuple[CompiledScenario, ...]):
+    """Scenarios to evaluate, in arbitration order, with their condition groups (Engine.check uses them)."""
+
+    groups: tuple[ConditionGroup, ...]
+
+    @classmethod
+    def of(cls, scenarios: Iterable[CompiledScenario], group_of: dict[str, ConditionGroup]) -> Candidates:
+        """`scenarios` in arbitration order; their groups keep the members among them, in that order."""
+        out = cls(scenarios)
+        members: dict[int, list[CompiledScenario]] = {}
+        firsts: dict[int, ConditionGroup] = {}
+        for scenario in out:
+            group = group_of[scenario.id]
+            firsts.setdefault(id(group), group)
+            members.setdefault(id(group), []).append(scenario)
+        out.groups = tuple(
+            group
+            if len(group.members) == len(members[key])
+            else ConditionGroup(group.apps, group.qualifies, tuple(members[key]))
+            for key, group in firsts.items()
+        )
+        return out
+
+
+def _groups(scenarios: Iterable[CompiledScenario], sharing: Sharing, loaded: LoadedSet) -> dict[str, ConditionGroup]:
+    """Scenario id -> its condition group (scenarios in arbitration order)."""
+    specs = {item.spec.id: item.spec for item in loaded.scenarios}
+    by_key: dict[object, list[CompiledScenario]] = {}
+    for scenario in scenarios:
+        spec = specs[scenario.id]
+        target = sharing.key(spec.target) if spec.target is not None else None
+        key = (scenario.apps, scenario.outcome, target, sharing.key(spec.trigger))
+        by_key.setdefault(key, []).append(scenario)
+    out: dict[str, ConditionGroup] = {}
+    for members in by_key.values():
+        group = ConditionGroup(members[0].apps, members[0].qualifies, tuple(members))
+        for scenario in members:
+            out[scenario.id] = group
+    return out
 
 
 def _index(items: Iterable[CompiledScenario | CompiledDefinition]) -> dict[str, tuple[str, ...]]:
@@ -46,10 +104,15 @@ def _by_key(scenarios: Iterable[CompiledScenario]) -> dict[str, tuple[CompiledSc
     return {k: tuple(v) for k, v in index.items()}
 
 
+_NONE = Candidates()
+_NONE.groups = ()
+
+
 @dataclass(frozen=True)
 class ScenarioSet:
     scenarios: tuple[CompiledScenario, ...]
-    by_event: dict[str, tuple[CompiledScenario, ...]]
+    # Enabled scenarios by event, in arbitration order, grouped by identical conditions.
+    by_event: dict[str, Candidates]
     by_id: dict[str, CompiledScenario]
     retention: dict[str, float]
     milestones: tuple[CompiledDefinition, ...] = ()
@@ -73,6 +136,10 @@ class ScenarioSet:
     # Apps with a folder of their own, and outcome id -> the app that declares it.
     apps: frozenset[str] = frozenset()
     outcome_owners: dict[str, str] = field(default_factory=dict)
+    # Enabled scenario id -> its group of scenarios with identical conditions.
+    group_of: dict[str, ConditionGroup] = field(default_factory=dict)
+    # (app id, switched-off ids) -> that app's time-driven scenarios indexed (timers()).
+    _timer_indexes: dict[tuple[str, frozenset[str]], TimerIndex] = field(default_factory=dict, compare=False)
 
     @classmethod
     def empty(cls) -> ScenarioSet:
@@ -85,12 +152,14 @@ class ScenarioSet:
     @classmethod
     def build(cls, loaded: LoadedSet, source: str = "") -> ScenarioSet:
         segment_defs = {s.spec.id: s for s in loaded.segments}
-        compiled = sorted((compile_scenario(item, segment_defs) for item in loaded.scenarios), key=_order)
+        sharing = Sharing((c for item in loaded.scenarios for c in (item.spec.target, item.spec.trigger)), segment_defs)
+        compiled = sorted((compile_scenario(item, segment_defs, sharing) for item in loaded.scenarios), key=_order)
         milestones = tuple(compile_definition(m, segment_defs) for m in loaded.milestones)
         segments = tuple(compile_definition(s, segment_defs) for s in loaded.segments)
         enabled = [s for s in compiled if s.enabled]
         by_id = {s.id: s for s in compiled}
-        by_event = {event: tuple(by_id[i] for i in ids) for event, ids in _index(enabled).items()}
+        group_of = _groups(enabled, sharing, loaded)
+        by_event = {event: Candidates.of((by_id[i] for i in ids), group_of) for event, ids in _index(enabled).items()}
         milestone_ids = {m.id: m for m in milestones}
         milestones_by_event = {event: tuple(milestone_ids[i] for i in ids) for event, ids in _index(milestones).items()}
         retention: dict[str, float] = {}
@@ -127,19 +196,23 @@ class ScenarioSet:
             app_policies={app: spec for app, (spec, _) in loaded.app_policies.items()},
             apps=frozenset(loaded.apps),
             outcome_owners=dict(loaded.outcome_owners),
+            group_of=group_of,
         )
 
     def policy_for(self, app_id: str) -> PolicySpec:
         """The policy an app's devices face: its own (apps/<app>/), else the installation's."""
         return self.app_policies.get(app_id, self.policy)
 
-    def candidates(self, events: Iterable[str]) -> list[CompiledScenario]:
-        """Enabled scenarios listening to any of `events`, in arbitration order."""
+    def candidates(self, events: Iterable[str]) -> Candidates:
+        """Enabled scenarios listening to any of `events`, in arbitration order (one event: no work)."""
+        names = events if isinstance(events, list | tuple) else list(events)
+        if len(names) == 1:
+            return self.by_event.get(names[0], _NONE)
         seen: dict[str, CompiledScenario] = {}
-        for event in events:
+        for event in names:
             for scenario in self.by_event.get(event, ()):
                 seen.setdefault(scenario.id, scenario)
-        return sorted(seen.values(), key=_order)
+        return Candidates.of(sorted(seen.values(), key=_order), self.group_of)
 
     def keyed(self, keys: Iterable[str]) -> list[CompiledScenario]:
         """Enabled scenarios whose trigger reads any of these context keys, in arbitration order."""
@@ -148,6 +221,18 @@ class ScenarioSet:
             for scenario in self.by_key.get(key, ()):
                 seen.setdefault(scenario.id, scenario)
         return sorted(seen.values(), key=_order)
+
+    def timers(self, app_id: str, disabled: frozenset[str]) -> TimerIndex:
+        """The app's enabled time-driven scenarios (less `disabled`) and their deadlines, indexed once per set."""
+        key = (app_id, disabled)
+        index = self._timer_indexes.get(key)
+        if index is None:
+            if len(self._timer_indexes) >= 256:
+                self._timer_indexes.clear()  # many apps or switch flips: rebuilt on demand, never unbounded
+            index = self._timer_indexes[key] = TimerIndex.build(
+                s for s in self.timed if s.applies_to(app_id) and s.id not in disabled
+            )
+        return index
 
     def keep_seconds(self, event: str) -> float:
         return self.retention.get(event, 0.0)

@@ -101,6 +101,9 @@ class DeviceState:
     # Per windowed condition (count, rate, streak, aggregate), the matching occurrences found so far
     # (scenarios/compiler.py), so evaluating at every signal costs only what is new. None until used.
     windows: dict[int, object] | None = None
+    # While the engine evaluates candidates (Engine.check): results of conditions shared across scenarios
+    # (scenarios/compiler.Sharing), by node, so each is computed once per pass. None outside a pass.
+    memo: dict[int, bool] | None = None
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
     # What this device's occurrences hold (EventMemory): their number and estimated bytes.
     event_count: int = 0

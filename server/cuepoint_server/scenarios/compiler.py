@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..engine.state import MAX_OCCURRENCES_PER_EVENT, DeviceState, EventOccurrence, Scalar
 from .content import CueContent, compile_contents
@@ -57,6 +58,7 @@ __all__ = [
     "Route",
     "Routing",
     "RuleMatch",
+    "Timer",
     "compile_definition",
     "compile_routing",
     "compile_scenario",
@@ -70,6 +72,23 @@ Deadline = Callable[[DeviceState], float | None]
 # When a window condition next changes with no signal arriving (its oldest occurrence leaves the window).
 Edge = Callable[[DeviceState, float], float | None]
 Anchor = Callable[[DeviceState], object]
+
+
+class Timer(NamedTuple):
+    """One time-driven leaf, described so the engine can index it (engine/timers.py) instead of asking
+    every time-driven scenario for its deadline after every batch.
+
+    kind "idle": due `seconds` after the device's last signal. "dwell": due `seconds` after the last
+    screen_viewed when its screen is `key`. "absence": due `seconds` after `anchor(state)` (the last
+    occurrence of an event matching a filter); `key` is (event, filter) and leaves with equal keys have
+    equal anchors, so one anchor is computed for all of them.
+    """
+
+    kind: str
+    key: object
+    seconds: float
+    anchor: Callable[[DeviceState], EventOccurrence | None] | None = None
+
 
 SCREEN_EVENT = "screen_viewed"
 # Timers fire at a deadline computed by addition; compare with a little slack.
@@ -98,6 +117,87 @@ class Explanation:
 Explainer = Callable[[DeviceState, float, Explanation], bool]
 
 
+# Slots of shared condition nodes in DeviceState.memo (one evaluation pass's results).
+_memo_slots = itertools.count()
+
+
+class Sharing:
+    """Identical condition nodes across one scenario set, compiled to one predicate evaluated once per pass.
+
+    Scenarios written as variants of one another (per app, per segment, A/B, other thresholds) repeat
+    conditions. Each node gets a structural key (its kind and canonical content; a group's key is its
+    children's keys); a node whose key occurs more than once in the set becomes one predicate that, while
+    the engine evaluates a batch of candidates (Engine.check sets DeviceState.memo), computes its result
+    once and answers every other scenario from the memo. Outside a pass it simply evaluates.
+    """
+
+    def __init__(self, conditions: Iterable[Any], segments: Mapping[str, LoadedDefinition]) -> None:
+        self.segments = segments
+        self._keys: dict[int, object] = {}
+        self.nodes: dict[object, Predicate] = {}
+        self.counts: dict[object, int] = {}
+        for cond in conditions:
+            if cond is not None:
+                self._count(cond)
+
+    def key(self, cond: Any) -> object:
+        """The structural key of a condition: equal keys, equal results for every device at every time."""
+        found = self._keys.get(id(cond))
+        if found is not None:
+            return found
+        if isinstance(cond, AllCondition):
+            key: object = ("all", tuple(self.key(c) for c in cond.all))
+        elif isinstance(cond, AnyCondition):
+            key = ("any", tuple(self.key(c) for c in cond.any))
+        elif isinstance(cond, NotCondition):
+            key = ("not", self.key(cond.not_))
+        elif isinstance(cond, SegmentCondition):
+            # Segment names are unique in a set: the name stands for its definition.
+            key = ("segment", cond.segment)
+        else:
+            dumped = cond.model_dump(mode="json", by_alias=True, exclude_none=True)
+            key = (type(cond).__name__, json.dumps(dumped, sort_keys=True))
+        # Keyed by identity: the loaded conditions outlive the build, so an id is never reused meanwhile.
+        self._keys[id(cond)] = key
+        return key
+
+    def _count(self, cond: Any) -> None:
+        key = self.key(cond)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if isinstance(cond, AllCondition | AnyCondition):
+            for c in cond.all if isinstance(cond, AllCondition) else cond.any:
+                self._count(c)
+        elif isinstance(cond, NotCondition):
+            self._count(cond.not_)
+        elif isinstance(cond, SegmentCondition) and self.counts[key] == 1 and cond.segment in self.segments:
+            self._count(self.segments[cond.segment].spec.when)
+
+    def share(self, cond: Any, pred: Predicate) -> Predicate:
+        """The set's one predicate for `cond` if it repeats (memoized per pass), else `pred` itself."""
+        key = self.key(cond)
+        if self.counts.get(key, 0) < 2:
+            return pred
+        shared = self.nodes.get(key)
+        if shared is None:
+            shared = self.nodes[key] = _memoized(pred)
+        return shared
+
+
+def _memoized(pred: Predicate) -> Predicate:
+    slot = next(_memo_slots)
+
+    def memo(state: DeviceState, now: float) -> bool:
+        results = state.memo
+        if results is None:
+            return pred(state, now)
+        held = results.get(slot)
+        if held is None:
+            held = results[slot] = pred(state, now)
+        return held
+
+    return memo
+
+
 @dataclass(slots=True)
 class _Build:
     segments: Mapping[str, LoadedDefinition]
@@ -108,6 +208,8 @@ class _Build:
     # Context keys the conditions read: a change of one re-evaluates (core/ingest.py).
     keys: set[str] = field(default_factory=set)
     edges: list[Edge] = field(default_factory=list)
+    timers: list[Timer] = field(default_factory=list)
+    sharing: Sharing | None = None
 
     def keep(self, event: str, seconds: float) -> None:
         self.retention[event] = max(self.retention.get(event, 0.0), seconds)
@@ -353,6 +455,8 @@ class CompiledScenario:
     trigger_keys: frozenset[str] = frozenset()
     target_keys: frozenset[str] = frozenset()
     _edges: tuple[Edge, ...] = ()
+    # Its time-driven leaves (one per deadline), for the engine's timer index.
+    timers: tuple[Timer, ...] = ()
     # The loaded file text's short content hash (scenarios/loader.source_version).
     version: str = ""
 
@@ -431,19 +535,22 @@ class CompiledScenario:
 
 
 def compile_scenario(
-    loaded: LoadedScenario, segments: Mapping[str, LoadedDefinition] | None = None
+    loaded: LoadedScenario, segments: Mapping[str, LoadedDefinition] | None = None, sharing: Sharing | None = None
 ) -> CompiledScenario:
+    """Compile one scenario; with `sharing` (ScenarioSet.build), conditions repeated across the set's
+    scenarios become one shared predicate."""
     spec = loaded.spec
-    build = _Build(segments or {})
+    build = _Build(segments or {}, sharing=sharing)
     trigger, explain_trigger = _compile(spec.trigger, "trigger", build)
     target = explain_target = None
     if spec.target is not None:
         # Target attributes do not drive evaluation; only the trigger's events do.
-        target_build = _Build(build.segments, retention=build.retention)
+        target_build = _Build(build.segments, retention=build.retention, sharing=sharing)
         target, explain_target = _compile(spec.target, "target", target_build)
         build.deadlines.extend(target_build.deadlines)
         build.anchors.extend(target_build.anchors)
         build.edges.extend(target_build.edges)
+        build.timers.extend(target_build.timers)
         target_keys = frozenset(target_build.keys)
     else:
         target_keys = frozenset()
@@ -488,6 +595,7 @@ def compile_scenario(
         trigger_keys=frozenset(build.keys),
         target_keys=target_keys,
         _edges=tuple(build.edges),
+        timers=tuple(build.timers),
         version=loaded.version,
         _explain_target=explain_target,
         _explain_trigger=explain_trigger,
@@ -515,6 +623,15 @@ def compile_definition(loaded: LoadedDefinition, segments: Mapping[str, LoadedDe
 
 
 def _compile(cond: Any, path: str, build: _Build) -> tuple[Predicate, Explainer]:
+    # Compiled in full either way (each scenario's explainer names its own paths, and the build collects
+    # its events, windows and timers); only the predicate evaluation runs is shared.
+    pred, explain = _compile_node(cond, path, build)
+    if build.sharing is not None:
+        pred = build.sharing.share(cond, pred)
+    return pred, explain
+
+
+def _compile_node(cond: Any, path: str, build: _Build) -> tuple[Predicate, Explainer]:
     if isinstance(cond, AllCondition):
         parts = [_compile(c, f"{path}.all[{i}]", build) for i, c in enumerate(cond.all)]
         preds = tuple(p for p, _ in parts)
@@ -643,6 +760,7 @@ def _compile_idle(cond: IdleCondition, path: str, build: _Build) -> tuple[Predic
         return state.last_signal_at > 0 and now - state.last_signal_at >= seconds - EPSILON
 
     build.deadlines.append(lambda state: state.last_signal_at + seconds if state.last_signal_at > 0 else None)
+    build.timers.append(Timer("idle", None, seconds))
     build.anchors.append(lambda state: ("idle", state.last_signal_at))
     return _leaf(path, _describe(cond), idle, lambda s, n: (f"no signal for {n - s.last_signal_at:.0f}s", []))
 
@@ -670,12 +788,14 @@ def _compile_dwell(cond: DwellCondition, path: str, build: _Build) -> tuple[Pred
         return f"on {screen} for {now - view.time:.0f}s", [view.signal_id]
 
     build.deadlines.append(deadline)
+    build.timers.append(Timer("dwell", screen, seconds))
     build.anchors.append(lambda state: ("dwell", view.signal_id if (view := state.last(SCREEN_EVENT)) else None))
     return _leaf(path, _describe(cond), dwell, observed)
 
 
-# Keys of windowed conditions in DeviceState.windows: unique per compiled leaf.
-_window_keys = itertools.count()
+# Keys of windows in DeviceState.windows: one per (event, filter, order), so conditions that differ only
+# in their threshold or window length (or repeat across scenarios) keep and extend one window per device.
+_window_keys: dict[tuple[str, str, bool], int] = {}
 
 
 class _Window:
@@ -696,11 +816,14 @@ class _Window:
 
 
 def _window(
-    name: str, where: Callable[[Mapping[str, Scalar]], bool], *, by_arrival: bool = False
+    name: str, where: Callable[[Mapping[str, Scalar]], bool], where_key: str, *, by_arrival: bool = False
 ) -> Callable[[DeviceState], _Window | None]:
     """A condition's window of matching occurrences: in time order, or with `by_arrival` in arrival order
-    (streaks: "in a row" is the order the device sent them in; skew-corrected times may cross)."""
-    key = next(_window_keys)
+    (streaks: "in a row" is the order the device sent them in; skew-corrected times may cross).
+
+    `where_key` is the filter's canonical text (_where_key): equal keys, equal `where` tests, so the window
+    is shared by every condition on the same event and filter."""
+    key = _window_keys.setdefault((name, where_key, by_arrival), len(_window_keys))
 
     def current(state: DeviceState) -> _Window | None:
         queue = state.history.get(name)
@@ -773,7 +896,7 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
     def matching(state: DeviceState, since: float) -> list[EventOccurrence]:
         return [o for o in state.occurrences(name, since) if where(o.props)]
 
-    window = _window(name, where)
+    window = _window(name, where, _where_key(cond.where))
 
     if cond.count is not None:
         within, at_least, at_most = cond.count.within, cond.count.at_least, cond.count.at_most
@@ -820,7 +943,7 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
             after = max((b.seq for breaker in streak.broken_by if (b := state.last(breaker)) is not None), default=-1)
             return [o for o in matching(state, now - horizon) if o.seq > after]
 
-        arrivals = _window(name, where, by_arrival=True)
+        arrivals = _window(name, where, _where_key(cond.where), by_arrival=True)
 
         def in_a_row(state: DeviceState, now: float) -> bool:
             # Newest arrival first, stopping at the breaker or once enough are found.
@@ -909,6 +1032,7 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
             return start.time + absent.within if start is not None else None
 
         build.deadlines.append(deadline)
+        build.timers.append(Timer("absence", (name, _where_key(cond.where)), absent.within, anchor))
         build.anchors.append(lambda state: ("absence", a.signal_id if (a := anchor(state)) else None))
         return _leaf(
             path,
@@ -935,6 +1059,14 @@ def _compile_event(cond: EventCondition, path: str, build: _Build) -> tuple[Pred
         return f"observed {name}{f' {shown}' if shown else ''}", [last.signal_id]
 
     return _leaf(path, text, latest, latest_seen)
+
+
+def _where_key(where: Mapping[str, Comparison] | None) -> str:
+    """A canonical text of a `where` filter: equal texts, equal filters (key order does not change a result)."""
+    if not where:
+        return ""
+    dumped = {k: c.model_dump(mode="json", by_alias=True, exclude_none=True) for k, c in where.items()}
+    return json.dumps(dumped, sort_keys=True)
 
 
 def _where_test(where: Mapping[str, Comparison] | None) -> Callable[[Mapping[str, Scalar]], bool]:
