@@ -182,7 +182,9 @@ class Arbiter:
         if s.policy.after_engagement == "session" and s.session_id in memory.engaged_sessions:
             return ("engaged", "an engagement already happened this session")
         mine = [o for o in memory.offers if o.scenario_id == scenario.id]
-        if mine and s.now - mine[-1].at < scenario.cooldown:
+        # `cooldown > 0` first: another replica's clock may stamp its offer a little after our `now`, and a
+        # negative age must not read as "in cooldown" for a scenario that has none.
+        if scenario.cooldown > 0 and mine and s.now - mine[-1].at < scenario.cooldown:
             return (
                 "cooldown",
                 f"offered {s.now - mine[-1].at:.0f}s ago, cooldown {format_duration(scenario.cooldown)}",
