@@ -30,6 +30,7 @@ from .records import (
     SessionRecord,
     SignalRecord,
     SwitchRecord,
+    TimerRecord,
     TransferRecord,
     WebhookRecord,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "StoreClosedError",
     "StoreStats",
     "SwitchRecord",
+    "TimerRecord",
     "TransferRecord",
     "WebhookRecord",
 ]

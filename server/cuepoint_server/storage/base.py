@@ -30,6 +30,7 @@ from .records import (
     SessionRecord,
     SignalRecord,
     SwitchRecord,
+    TimerRecord,
     TransferRecord,
     WebhookRecord,
 )
@@ -107,6 +108,8 @@ class OfferCommit:
     webhooks: list[WebhookRecord] = field(default_factory=list)
     # Per-user policy checked again under the subject's lock before the cues are stored (OfferGuard).
     guards: list[OfferGuard] = field(default_factory=list)
+    # The offered cues' expiry timers (timer_rows.py): a cue is never stored without its deadline's row.
+    timers: list[TimerRecord] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.signals or self.cues or self.decisions or self.milestones or self.statuses or self.webhooks)
@@ -230,9 +233,19 @@ class Store(Protocol):
         button_id: str = "",
         *,
         webhooks: Sequence[WebhookRecord] = (),
-    ) -> None: ...
+        timer: str = "",
+    ) -> bool:
+        """With ``timer`` (the deadline whose effect this is, e.g. the cue's expiry): only a cue still offered
+        changes, and only if the timer had not fired yet; the timer is marked done in the same transaction.
+        True when the status (and its webhook rows) were written."""
+        ...
 
-    async def save_engagement(self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None: ...
+    async def save_engagement(
+        self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = (), timer: str = ""
+    ) -> bool:
+        """Upsert; with ``timer``, only if that timer had not fired yet, marking it done in the same
+        transaction (timers as rows, below). True when written."""
+        ...
 
     async def save_chat(self, rec: ChatRecord) -> None: ...
 
@@ -294,6 +307,31 @@ class Store(Protocol):
     async def dead_webhooks(self, *, limit: int = 100) -> list[WebhookRecord]: ...
 
     async def redeliver_webhook(self, delivery_id: str, now: float) -> bool: ...
+
+    # -- timers as rows (storage/timer_rows.py; claimed by core/timer_claims.py) ------------------------
+
+    async def arm_timers(self, rows: Sequence[TimerRecord]) -> None:
+        """Store deadlines, or move armed ones / hand them to another owner; a timer done stays done."""
+        ...
+
+    async def claim_timers(
+        self, holder: str, now: float, *, hold: float, own_after: float, limit: int = 100
+    ) -> list[TimerRecord]:
+        """Due armed timers whose owner's lease ``replica:<owner>`` lapsed, or `holder`'s own ones more than
+        `own_after` seconds overdue, that no other claim holds: claimed by `holder` for `hold` seconds.
+        PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so replicas claiming at once get different rows. A claim is
+        not the firing: the effect's transaction (``timer=`` above, or finish_timer) fires it once."""
+        ...
+
+    async def finish_timer(self, timer_id: str, at: float) -> bool:
+        """Mark a timer done without an effect (the effect was moot); True if this call did."""
+        ...
+
+    async def timers(self) -> list[TimerRecord]: ...
+
+    async def purge_timers(self, fired_before: float) -> None:
+        """Drop timers that fired before then."""
+        ...
 
     # -- reads ------------------------------------------------------------------------------------
 

@@ -32,4 +32,5 @@ def without_refused(work: OfferCommit, refused: Mapping[str, tuple[str, str]]) -
         decisions=decisions,
         webhooks=webhooks,
         guards=[],
+        timers=[t for t in work.timers if t.target not in refused],
     )

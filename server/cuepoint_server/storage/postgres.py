@@ -48,10 +48,22 @@ from .records import (
     SessionRecord,
     SignalRecord,
     SwitchRecord,
+    TimerRecord,
     TransferRecord,
     WebhookRecord,
 )
 from .slots import Slots, SlotTxn
+from .timer_rows import (
+    ARM_TIMER,
+    CLAIM_TIMERS,
+    INSERT_DONE_TIMER,
+    MARK_TIMER_DONE,
+    PURGE_TIMERS,
+    TIMER_COLS,
+    arm_row,
+    done_row,
+    timer_from,
+)
 
 __all__ = ["PostgresStore", "is_postgres_url"]
 
@@ -306,6 +318,11 @@ def _plain(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
+def _count(status: str) -> int:
+    """Rows a statement touched, from asyncpg's status string ("UPDATE 1", "INSERT 0 1")."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 def _qmarks(sql: str) -> str:
     """``?`` placeholders (outside quoted literals) as ``$1, $2, ...``: ad-hoc queries written for SQLite."""
     out: list[str] = []
@@ -320,6 +337,13 @@ def _qmarks(sql: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+_ARM_TIMER = _qmarks(ARM_TIMER)
+_CLAIM_TIMERS = _qmarks(CLAIM_TIMERS("FOR UPDATE OF t SKIP LOCKED"))
+_MARK_TIMER_DONE = _qmarks(MARK_TIMER_DONE)
+_INSERT_DONE_TIMER = _qmarks(INSERT_DONE_TIMER)
+_PURGE_TIMERS = _qmarks(PURGE_TIMERS)
 
 
 # --- round trips ----------------------------------------------------------------------------------------
@@ -738,6 +762,7 @@ class PostgresStore(Slots):
                     (_INSERT_DECISION, [_decision_row(r) for r in kept.decisions]),
                     (_INSERT_MILESTONE, milestones),
                     (_INSERT_WEBHOOK, [_webhook_row(r) for r in kept.webhooks]),
+                    (_ARM_TIMER, [arm_row(t) for t in kept.timers]),
                 )
                 if rows
             ]
@@ -829,11 +854,77 @@ class PostgresStore(Slots):
         button_id: str = "",
         *,
         webhooks: Sequence[WebhookRecord] = (),
-    ) -> None:
-        await self._with_outbox(_SET_CUE_STATUS, (status, float(responded_at), button_id, cue_id), webhooks)
+        timer: str = "",
+    ) -> bool:
+        """As SqliteStore's: with ``timer``, only a cue still offered, and only once per timer."""
+        params = (status, float(responded_at), button_id, cue_id)
+        if timer:
+            return await self._fire(timer, responded_at, _SET_CUE_STATUS + " AND status = 'offered'", params, webhooks)
+        await self._with_outbox(_SET_CUE_STATUS, params, webhooks)
+        return True
 
-    async def save_engagement(self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
+    async def save_engagement(
+        self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = (), timer: str = ""
+    ) -> bool:
+        """As SqliteStore's: with ``timer``, written only if that timer had not fired yet."""
+        if timer:
+            at = float(rec.callback_at or rec.created_at)  # when the engagement's timer fell due
+            return await self._fire(timer, at, _UPSERT_ENGAGEMENT, _engagement_row(rec), webhooks)
         await self._with_outbox(_UPSERT_ENGAGEMENT, _engagement_row(rec), webhooks)
+        return True
+
+    async def _fire(self, timer: str, at: float, sql: str, params: Row, webhooks: Sequence[WebhookRecord]) -> bool:
+        """Fire `timer` once: mark its row done (it waits for a replica's claim transaction holding the row)
+        and apply the effect with its webhook rows, in one transaction; a timer already done writes nothing."""
+        hooks = [_webhook_row(r) for r in webhooks]
+
+        async def run(link: _Link) -> tuple[bool, int]:
+            if _count(await link.execute(_MARK_TIMER_DONE, float(at), timer)) < 1:
+                if _count(await link.execute(_INSERT_DONE_TIMER, *done_row(timer, at))) < 1:
+                    return False, 0
+            if _count(await link.execute(sql, *params)) < 1:
+                return False, 1
+            if hooks:
+                await link.executemany(_INSERT_WEBHOOK, hooks)
+            return True, 2 + len(hooks)
+
+        fired: bool = await self._writer.transaction(run, 2 + len(hooks))
+        return fired
+
+    # -- timers as rows (timer_rows.py) --------------------------------------------------------------
+
+    async def arm_timers(self, rows: Sequence[TimerRecord]) -> None:
+        for row in rows:
+            await self._execute(_ARM_TIMER, arm_row(row))
+
+    async def claim_timers(
+        self, holder: str, now: float, *, hold: float, own_after: float, limit: int = 100
+    ) -> list[TimerRecord]:
+        """As SqliteStore's; rows another replica's claim (or firing) holds locked are skipped, not waited
+        for (FOR UPDATE SKIP LOCKED), so replicas claiming at once each get different timers."""
+        params = (holder, float(now + hold), float(now), float(now), holder, float(now - own_after), float(now), limit)
+
+        async def run(link: _Link) -> tuple[list[TimerRecord], int]:
+            rows = [timer_from(tuple(r)) for r in await link.fetch(_CLAIM_TIMERS, *params)]
+            return sorted(rows, key=lambda t: (t.due_at, t.timer_id)), len(rows)  # RETURNING keeps no order
+
+        claimed: list[TimerRecord] = await self._writer.transaction(run)
+        return claimed
+
+    async def finish_timer(self, timer_id: str, at: float) -> bool:
+        async def run(link: _Link) -> tuple[bool, int]:
+            if _count(await link.execute(_MARK_TIMER_DONE, float(at), timer_id)) < 1:
+                return _count(await link.execute(_INSERT_DONE_TIMER, *done_row(timer_id, at))) > 0, 1
+            return True, 1
+
+        done: bool = await self._writer.transaction(run)
+        return done
+
+    async def timers(self) -> list[TimerRecord]:
+        return [timer_from(tuple(r)) for r in await self._fetch(f"SELECT {', '.join(TIMER_COLS)} FROM timers")]
+
+    async def purge_timers(self, fired_before: float) -> None:
+        await self._execute(_PURGE_TIMERS, (float(fired_before),))
 
     async def _with_outbox(
         self, sql: str, params: Row, webhooks: Sequence[WebhookRecord], *, only_if_written: bool = False

@@ -15,6 +15,7 @@ import asyncpg
 import structlog
 
 from .slots import SLOTS_SCHEMA_PG
+from .timer_rows import TIMER_INDEX, timers_table
 
 __all__ = ["PG_SCHEMA_VERSION", "migrate"]
 
@@ -280,7 +281,9 @@ _V3 = (
     )""",
 )
 # Version 4: associate slots and engagement owners shared by replicas (slots.py).
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: SLOTS_SCHEMA_PG}
+# Version 5: timers as rows (timer_rows.py), claimed with FOR UPDATE SKIP LOCKED once their owner is gone.
+_V5 = (timers_table("DOUBLE PRECISION"), TIMER_INDEX)
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: SLOTS_SCHEMA_PG, 5: _V5}
 PG_SCHEMA_VERSION = max(MIGRATIONS)
 
 # One key for every replica of every schema: migrations are rare and short, so serialising them all is fine.

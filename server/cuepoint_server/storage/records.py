@@ -261,3 +261,19 @@ class WebhookRecord:
     attempts: int
     next_attempt_at: float
     last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TimerRecord:
+    """A deadline stored as a row (storage/timer_rows.py): any replica may claim it once due, and its effect
+    commits together with marking it done, so it fires once even if the replica that armed it died."""
+
+    timer_id: str  # "<kind>:<target>": re-arming the same deadline updates one row
+    kind: str  # cue_expiry | callback
+    target: str  # the cue id / engagement id the effect applies to
+    due_at: float
+    owner: str  # the replica that armed it (its liveness: the lease "replica:<owner>")
+    state: str = "armed"  # armed | done
+    claimed_by: str = ""
+    claimed_until: float = 0.0
+    fired_at: float | None = None

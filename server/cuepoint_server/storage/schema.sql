@@ -319,3 +319,18 @@ CREATE TABLE IF NOT EXISTS engagement_owners (
     replica       TEXT NOT NULL,
     owned_at      REAL NOT NULL
 );
+
+-- Timers as rows (version 16, timer_rows.py): deadlines that must outlive the replica that armed them (a
+-- cue's expiry, a callback's time). Fired once: the effect's transaction marks the row done where armed.
+CREATE TABLE IF NOT EXISTS timers (
+    timer_id      TEXT PRIMARY KEY,
+    kind          TEXT NOT NULL,
+    target        TEXT NOT NULL,
+    due_at        REAL NOT NULL,
+    owner         TEXT NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('armed', 'done')),
+    claimed_by    TEXT NOT NULL DEFAULT '',
+    claimed_until REAL NOT NULL DEFAULT 0,
+    fired_at      REAL
+);
+CREATE INDEX IF NOT EXISTS timers_due ON timers (state, due_at);

@@ -44,14 +44,28 @@ from .records import (
     SessionRecord,
     SignalRecord,
     SwitchRecord,
+    TimerRecord,
     TransferRecord,
     WebhookRecord,
 )
 from .slots import SLOTS_SCHEMA, Slots, SlotTxn
+from .timer_rows import (
+    ARM_TIMER,
+    CLAIM_TIMERS,
+    INSERT_DONE_TIMER,
+    MARK_TIMER_DONE,
+    PURGE_TIMERS,
+    TIMER_COLS,
+    TIMER_INDEX,
+    arm_row,
+    done_row,
+    timer_from,
+    timers_table,
+)
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 15
+SCHEMA_VERSION = 16
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -201,6 +215,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Version 15: associate slots and engagement owners shared by replicas (slots.py).
     15: SLOTS_SCHEMA,
+    # Version 16: timers as rows (timer_rows.py), claimable by any replica once their owner is gone.
+    16: (timers_table("REAL"), TIMER_INDEX),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -969,6 +985,7 @@ class SqliteStore(PredictState, Slots):
                     (_INSERT_DECISION, [_decision_row(r) for r in kept.decisions]),
                     (_INSERT_MILESTONE, milestones),
                     (_INSERT_WEBHOOK, [_webhook_row(r) for r in kept.webhooks]),
+                    (ARM_TIMER, [arm_row(t) for t in kept.timers]),
                 )
                 if rows
             ]
@@ -1034,9 +1051,83 @@ class SqliteStore(PredictState, Slots):
         button_id: str = "",
         *,
         webhooks: Sequence[WebhookRecord] = (),
-    ) -> None:
-        """Update a cue's status (and the button that answered it); a no-op for an unknown cue."""
-        await self._with_outbox(_SET_CUE_STATUS, (status, responded_at, button_id, cue_id), webhooks)
+        timer: str = "",
+    ) -> bool:
+        """Update a cue's status (and the button that answered it); a no-op for an unknown cue.
+
+        With ``timer`` (the deadline this fires, e.g. its expiry): only a cue still offered changes, and only
+        if the timer had not fired yet; the timer is marked done in the same transaction. False: nothing was
+        written but perhaps the timer's row (fired elsewhere before, or the cue was settled meanwhile).
+        """
+        params = (status, responded_at, button_id, cue_id)
+        if timer:
+            return await self._fire(timer, responded_at, _SET_CUE_STATUS + " AND status = 'offered'", params, webhooks)
+        await self._with_outbox(_SET_CUE_STATUS, params, webhooks)
+        return True
+
+    async def _fire(self, timer: str, at: float, sql: str, params: Row, webhooks: Sequence[WebhookRecord]) -> bool:
+        """Fire `timer` once: mark it done and apply the effect (`sql` and its webhook rows) in one transaction;
+        a timer already done writes nothing (timer_rows.py)."""
+        hooks = [_webhook_row(r) for r in webhooks]
+
+        async def run(conn: aiosqlite.Connection) -> tuple[bool, int]:
+            marked = await conn.execute(MARK_TIMER_DONE, (at, timer))
+            if marked.rowcount < 1:
+                inserted = await conn.execute(INSERT_DONE_TIMER, done_row(timer, at))
+                if inserted.rowcount < 1:
+                    return False, 0
+            cursor = await conn.execute(sql, params)
+            if cursor.rowcount < 1:
+                return False, 1
+            if hooks:
+                await conn.executemany(_INSERT_WEBHOOK, hooks)
+            return True, 2 + len(hooks)
+
+        fired: bool = await self._writer.transaction(run, 2 + len(hooks))
+        return fired
+
+    # -- timers as rows (timer_rows.py) --------------------------------------------------------------
+
+    async def arm_timers(self, rows: Sequence[TimerRecord]) -> None:
+        """Store deadlines (or move armed ones, or hand them to another owner); a done one stays done."""
+        for row in rows:
+            await self._writer.execute(ARM_TIMER, arm_row(row))
+
+    async def claim_timers(
+        self, holder: str, now: float, *, hold: float, own_after: float, limit: int = 100
+    ) -> list[TimerRecord]:
+        """Due armed timers whose owner's lease lapsed (or `holder`'s own, `own_after` seconds overdue), not
+        claimed by another within its hold: now claimed by `holder` for `hold` seconds. One process, one
+        writer: a claim needs no row lock here."""
+        sql = CLAIM_TIMERS("")
+        params = (holder, now + hold, now, now, holder, now - own_after, now, limit)
+
+        async def run(conn: aiosqlite.Connection) -> tuple[list[TimerRecord], int]:
+            rows = [timer_from(r) for r in await conn.execute_fetchall(sql, params)]
+            return sorted(rows, key=lambda t: (t.due_at, t.timer_id)), len(rows)
+
+        claimed: list[TimerRecord] = await self._writer.transaction(run)
+        return claimed
+
+    async def finish_timer(self, timer_id: str, at: float) -> bool:
+        """Mark a timer done with no effect (its effect was moot); True if this call did."""
+
+        async def run(conn: aiosqlite.Connection) -> tuple[bool, int]:
+            marked = await conn.execute(MARK_TIMER_DONE, (at, timer_id))
+            if marked.rowcount < 1:
+                inserted = await conn.execute(INSERT_DONE_TIMER, done_row(timer_id, at))
+                return inserted.rowcount > 0, 1
+            return True, 1
+
+        done: bool = await self._writer.transaction(run)
+        return done
+
+    async def timers(self) -> list[TimerRecord]:
+        """Every stored timer (tests, diagnostics)."""
+        return [timer_from(r) for r in await self._fetch(f"SELECT {', '.join(TIMER_COLS)} FROM timers", ())]
+
+    async def purge_timers(self, fired_before: float) -> None:
+        await self._writer.execute(PURGE_TIMERS, (fired_before,))
 
     async def save_feedback(self, rec: FeedbackRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
         """Store a rating; a second answer for the same engagement is ignored, and so are its webhook rows."""
@@ -1141,8 +1232,19 @@ class SqliteStore(PredictState, Slots):
         await self._writer.execute(sql, (now, delivery_id))
         return True
 
-    async def save_engagement(self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
+    async def save_engagement(
+        self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = (), timer: str = ""
+    ) -> bool:
+        """Upsert the engagement with its webhook rows; with ``timer``, only if that timer had not fired yet
+        (it is marked done in the same transaction). False: nothing was written."""
+        if timer:
+            return await self._fire(timer, self._fired_at(rec), _UPSERT_ENGAGEMENT, _engagement_row(rec), webhooks)
         await self._with_outbox(_UPSERT_ENGAGEMENT, _engagement_row(rec), webhooks)
+        return True
+
+    @staticmethod
+    def _fired_at(rec: EngagementRecord) -> float:
+        return float(rec.callback_at or rec.created_at)
 
     async def save_chat(self, rec: ChatRecord) -> None:
         await self._writer.execute(_INSERT_CHAT, (rec.message_id, rec.engagement_id, rec.sender, rec.text, rec.time))

@@ -1,0 +1,171 @@
+"""Timers as rows (storage/timer_rows.py): armed with their owner, claimed once their owner is gone, fired once.
+
+Both backends; the concurrent claims run several PostgresStores (as several replicas) on one schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cuepoint_server.storage import OfferCommit, OfferGuard, PostgresStore, SqliteStore, TimerRecord, WebhookRecord
+
+from .conftest import pg_url_for
+from .test_storage import cue, engagement
+
+HOLD = 30.0
+
+
+@pytest.fixture
+async def store(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """Both backends (SqliteStore; PostgresStore: a fresh schema per test), as test_storage.py's."""
+    s: Any
+    if backend == "postgres":
+        s = await PostgresStore.open(pg_url_for(request.getfixturevalue("pg_database"), str(tmp_path)))
+    else:
+        s = await SqliteStore.open(str(tmp_path / "cuepoint.db"))
+    yield s
+    await s.close()
+
+
+def expiry(cue_id: str, owner: str, due_at: float) -> TimerRecord:
+    return TimerRecord(f"cue_expiry:{cue_id}", "cue_expiry", cue_id, due_at, owner)
+
+
+def withdrawn(delivery_id: str) -> WebhookRecord:
+    return WebhookRecord(delivery_id, "http://crm", "cue.withdrawn", "{}", 100.0, "pending", 0, 100.0)
+
+
+async def count_webhooks(store: Any, kind: str) -> int:
+    rows = await store.query("SELECT COUNT(*) FROM webhook_outbox WHERE kind = ?", (kind,))
+    return int(rows[0][0])
+
+
+async def test_a_cue_is_stored_with_its_expiry_row_and_expires_once(store: Any) -> None:
+    await store.commit_offer(OfferCommit(cues=[cue("c-1")], timers=[expiry("c-1", "replica-a", 160.0)]))
+    [row] = await store.timers()
+    assert (row.timer_id, row.owner, row.state, row.due_at) == ("cue_expiry:c-1", "replica-a", "armed", 160.0)
+    # The owner's alarm and a claimer both try: the first writes the expiry and its webhook, the second nothing.
+    first = await store.set_cue_status("c-1", "expired", 161.0, webhooks=[withdrawn("w-1")], timer=row.timer_id)
+    second = await store.set_cue_status("c-1", "expired", 162.0, webhooks=[withdrawn("w-2")], timer=row.timer_id)
+    assert (first, second) == (True, False)
+    stored = await store.get_cue("c-1")
+    assert stored is not None and (stored.status, stored.responded_at) == ("expired", 161.0)
+    assert await count_webhooks(store, "cue.withdrawn") == 1
+    # Armed again (a restore on another replica): a timer that fired stays done.
+    await store.arm_timers([expiry("c-1", "replica-b", 500.0)])
+    [row] = await store.timers()
+    assert (row.state, row.owner, row.fired_at) == ("done", "replica-a", 161.0)
+
+
+async def test_an_expiry_of_a_cue_answered_meanwhile_is_moot(store: Any) -> None:
+    await store.commit_offer(OfferCommit(cues=[cue("c-1")], timers=[expiry("c-1", "a", 160.0)]))
+    await store.set_cue_status("c-1", "declined", 150.0)
+    fired = await store.set_cue_status("c-1", "expired", 161.0, webhooks=[withdrawn("w-1")], timer="cue_expiry:c-1")
+    assert not fired
+    stored = await store.get_cue("c-1")
+    assert stored is not None and stored.status == "declined"
+    assert await count_webhooks(store, "cue.withdrawn") == 0
+    assert [t.state for t in await store.timers()] == ["done"]
+
+
+async def test_a_refused_cue_leaves_no_timer_row(store: Any) -> None:
+    guard = OfferGuard("c-1", "user-1", "sess-1", 0.0, lambda _history: ("cooldown", "taken on the phone"))
+    result = await store.commit_offer(OfferCommit(cues=[cue("c-1")], guards=[guard], timers=[expiry("c-1", "a", 1.0)]))
+    assert "c-1" in result.refused
+    assert await store.timers() == []
+
+
+async def test_claims_take_due_rows_of_gone_owners_and_own_long_overdue_ones(store: Any) -> None:
+    now = 1000.0
+    for live in ("alive", "me"):
+        await store.take_lease(f"replica:{live}", live, now, 1000.0)
+    await store.take_lease("replica:dead", "dead", now - 60, 10.0)  # lapsed 50 s ago
+    await store.arm_timers(
+        [
+            expiry("alive-due", "alive", now - 5),  # its owner fires it
+            expiry("dead-due", "dead", now - 5),
+            expiry("never-leased-due", "gone", now - 1),
+            expiry("dead-later", "dead", now + 60),  # not due yet
+            expiry("mine-due", "me", now - 5),  # my own alarm is on it
+            expiry("mine-overdue", "me", now - 120),  # my alarm was cancelled or lost
+        ]
+    )
+    claimed = await store.claim_timers("me", now, hold=HOLD, own_after=60.0)
+    assert [t.target for t in claimed] == ["mine-overdue", "dead-due", "never-leased-due"]  # soonest first
+    assert {t.claimed_by for t in claimed} == {"me"}
+    # Held: another replica claiming meanwhile gets none of them; once the hold lapses, they are claimable again.
+    assert await store.claim_timers("other", now + 1, hold=HOLD, own_after=60.0) == []
+    again = await store.claim_timers("other", now + HOLD + 1, hold=HOLD, own_after=60.0)
+    # (my own overdue one only by me: I am alive)
+    assert {t.target for t in again} == {"dead-due", "never-leased-due"}
+    # A fired timer is never claimed again.
+    assert await store.finish_timer("cue_expiry:dead-due", now)
+    assert not await store.finish_timer("cue_expiry:dead-due", now)
+    later = await store.claim_timers("third", now + 10 * HOLD, hold=HOLD, own_after=60.0)
+    assert "dead-due" not in {t.target for t in later}
+
+
+async def test_a_callback_requeues_once(store: Any) -> None:
+    waiting = replace(engagement(), state="callback_requested", callback_at=500.0, callback_number="+44")
+    await store.save_engagement(waiting)
+    await store.arm_timers([TimerRecord("callback:eng-1", "callback", "eng-1", 500.0, "a")])
+    queued = replace(waiting, state="queued")
+    hook = WebhookRecord("q-1", "http://crm", "engagement.queued", "{}", 500.0, "pending", 0, 500.0)
+    assert await store.save_engagement(queued, webhooks=[hook], timer="callback:eng-1")
+    assigned = replace(queued, state="assigned", associate_id="dana")
+    again = replace(hook, delivery_id="q-2")
+    # A second firing (the owner's late alarm) must not put the engagement back to queued.
+    assert not await store.save_engagement(queued, webhooks=[again], timer="callback:eng-1")
+    await store.save_engagement(assigned)
+    stored = await store.get_engagement("eng-1")
+    assert stored is not None and stored.state == "assigned"
+    assert await count_webhooks(store, "engagement.queued") == 1
+
+
+async def test_replicas_claiming_at_once_each_get_different_timers(tmp_path: Path, pg_database: str) -> None:
+    """Several PostgresStores (as replicas) claim a dead replica's 300 due timers at once, in small bites:
+    each timer is claimed by exactly one, and each fires exactly once even when two replicas race to fire it."""
+    url = pg_url_for(pg_database, str(tmp_path))
+    replicas = [await PostgresStore.open(url) for _ in range(4)]
+    try:
+        first = replicas[0]
+        now = 10_000.0
+        ids = [f"c-{i:03}" for i in range(300)]
+        await first.commit_offer(
+            OfferCommit(cues=[cue(i) for i in ids], timers=[expiry(i, "dead", now - 1) for i in ids])
+        )
+
+        async def claim_all(s: PostgresStore, name: str) -> list[str]:
+            got: list[str] = []
+            while batch := await s.claim_timers(name, now, hold=HOLD, own_after=60.0, limit=7):
+                got.extend(t.target for t in batch)
+            return got
+
+        claims = await asyncio.gather(*(claim_all(s, f"r{n}") for n, s in enumerate(replicas)))
+        counts = Counter(t for got in claims for t in got)
+        assert sorted(counts) == ids and set(counts.values()) == {1}
+        assert sum(1 for got in claims if got) > 1  # they really competed
+
+        # Every timer fired by two replicas at once (a claimer and the owner's late alarm): once each.
+        async def fire(s: PostgresStore, cue_id: str, tag: str) -> bool:
+            hook = withdrawn(f"{cue_id}-{tag}")
+            fired: bool = await s.set_cue_status(cue_id, "expired", now, webhooks=[hook], timer=f"cue_expiry:{cue_id}")
+            return fired
+
+        results = await asyncio.gather(
+            *(fire(replicas[n % 4], i, "x") for n, i in enumerate(ids)),
+            *(fire(replicas[(n + 1) % 4], i, "y") for n, i in enumerate(ids)),
+        )
+        assert sum(results) == len(ids)
+        assert await count_webhooks(first, "cue.withdrawn") == len(ids)
+        assert {t.state for t in await first.timers()} == {"done"}
+    finally:
+        for s in replicas:
+            await s.close()
