@@ -23,6 +23,7 @@ from cuepoint_server.storage import PostgresStore
 
 from .cluster import Replica, nats_answers, run_prefix
 from .conftest import no_cue, pg_url_for
+from .test_e2e_webhooks import Receiver
 
 HELP = """
 id: help
@@ -389,3 +390,60 @@ async def test_a_replica_starting_takes_only_the_engagements_of_replicas_that_ar
         assert assigned.engagement_id == engagement.engagement_id
         assert await store.owner_of(engagement.engagement_id) not in ("", owner)
     await dana.close()
+
+
+# A cue that expires soon after it is shown: its expiry is a timer row armed by the replica that offered it.
+EXPIRING = """
+id: help
+trigger: {event: help}
+cue: {message: "Need help?", channel: audio, queue: support, ttl: 3s}
+"""
+
+
+async def test_a_timer_armed_on_a_fires_once_after_a_is_killed(cluster: StartCluster) -> None:
+    receiver = Receiver()
+    hooks = ("--webhook", receiver.url, "--webhook-secret", "whsec-test", "--replica-ttl", "1")
+    try:
+        a, _b = await cluster(EXPIRING, extra=hooks)
+        phone = await device(a, "phone-a")
+        await phone.track("help")
+        cue = await phone.next_cue(timeout=10)
+        # SIGKILL before the cue's 3 s are up: A's alarm for it dies with A; its timer row stays.
+        await a.kill()
+
+        def withdrawals() -> set[str]:
+            # Distinct events (a delivery retried after a crash has the same event id).
+            return {
+                e["id"] for e in receiver.events() if e["type"] == "cue.withdrawn" and e["data"]["cue_id"] == cue.cue_id
+            }
+
+        # B claims the row once A's lease lapsed and the cue fell due, and fires it: the cue expires, reported once.
+        async with asyncio.timeout(30):
+            while not withdrawals():  # noqa: ASYNC110 - filled by the receiver's thread
+                await asyncio.sleep(0.05)
+        [event] = [e for e in receiver.events() if e["id"] in withdrawals()]
+        assert (event["data"]["status"], event["data"]["reason"]) == ("expired", "expired")
+        # A comes back (a new replica): the device reconnects to it and finds the cue settled; nothing fires again.
+        await a.start()
+        await phone.track("help")
+        await phone.flush(timeout=30)
+        second = await phone.next_cue(timeout=10)
+        assert second.cue_id != cue.cue_id
+        # Its cue.offered arriving shows A's outbox works; the first cue's expiry was still reported once.
+        async with asyncio.timeout(30):
+            while not any(  # noqa: ASYNC110 - filled by the receiver's thread
+                e["type"] == "cue.offered" and e["data"]["cue_id"] == second.cue_id for e in receiver.events()
+            ):
+                await asyncio.sleep(0.05)
+        assert len(withdrawals()) == 1
+        store = await PostgresStore.open(a.database)
+        try:
+            stored = await store.get_cue(cue.cue_id)
+            assert stored is not None and stored.status == "expired"
+            [row] = [t for t in await store.timers() if t.target == cue.cue_id]
+            assert row.state == "done" and row.claimed_by != row.owner  # fired by B's claim, not by A
+        finally:
+            await store.close()
+        await phone.close()
+    finally:
+        receiver.server.shutdown()

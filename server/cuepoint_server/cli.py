@@ -84,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             http_host=args.http_host,
             desk_resume_grace=args.desk_resume_grace,
-            core=CoreConfig(resume_window=args.resume_window),
+            core=CoreConfig(resume_window=args.resume_window, replica_ttl=args.replica_ttl),
             grace=args.grace,
             max_connection_age=args.max_connection_age,
             max_connection_age_grace=args.max_connection_age_grace,
@@ -456,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument(
         "--bus-prefix", default="cuepoint", help="NATS subject prefix shared by one deployment's replicas"
+    )
+    serve.add_argument(
+        "--replica-ttl",
+        type=float,
+        default=10.0,
+        help="with --bus: seconds after which a replica that stopped renewing its lease counts as gone and the "
+        "others fire its due timers (cue expiry, callbacks) (default 10)",
     )
     serve.add_argument(
         "--grace",

@@ -27,8 +27,8 @@ import structlog
 
 from ..storage import ReplicaRecord
 from .bus import OPS, ROOM
-from .recovery import Recovery
 from .replicas import MISSED_SWEEPS, SWEEP_EVERY, ReplicaStatus, replica_alive, replica_statuses
+from .timer_claims import TimerClaims
 
 __all__ = ["ANSWER_WAIT", "Answerer", "Cluster"]
 
@@ -56,7 +56,7 @@ class _Asking:
         return {r for r, total in self.totals.items() if len(self.parts.get(r, {})) == total}
 
 
-class Cluster(Recovery):
+class Cluster(TimerClaims):
     _sweeper: asyncio.Task[None] | None = None
     # What this replica reports in the registry (the app sets the scenarios version, see app.py).
     replica_address: str = ""
@@ -80,6 +80,8 @@ class Cluster(Recovery):
         await self.store.forget_replicas_seen_before(self._joined_at - 3600)
         await self.heartbeat()
         if self.bus.shared:
+            # Timer rows of replicas that died are fired here (core/timer_claims.py).
+            await self.start_timer_claims()
             await self.bus.subscribe(OPS, "", self._on_ops)
             await self.bus.subscribe(ASK, "", self._on_ask)
             await self.bus.subscribe(ANSWER, self.bus.replica_id, self._on_answer)
@@ -87,6 +89,7 @@ class Cluster(Recovery):
         self._sweeper = asyncio.create_task(self._sweep(sweep_every), name="cuepoint-cluster-sweep")
 
     async def leave_cluster(self) -> None:
+        await self.stop_timer_claims()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

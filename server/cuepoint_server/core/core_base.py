@@ -29,6 +29,7 @@ from ..storage import (
 )
 from .bus import Bus, LocalBus
 from .consent import shared
+from .deadlines import CUE_EXPIRY, timer
 from .engagements import DeskConfig, EngagementDesk
 from .model import CueOffer, SessionFailed
 from .observers import CoreObserver
@@ -66,6 +67,9 @@ class CoreConfig:
     enforce_user_tokens: bool = False
     # Per app id: how its backend signs user tokens (the auth file's apps.<id>.user_tokens).
     user_token_keys: Mapping[str, UserTokenKey] = field(default_factory=dict)
+    # Several replicas: one whose lease (renewed every quarter of this) lapsed for this many seconds is
+    # gone, and the others claim and fire its due timer rows (core/timer_claims.py).
+    replica_ttl: float = 10.0
 
 
 @dataclass
@@ -100,6 +104,8 @@ class CoreBase:
             DeskConfig(journey_limit=self.config.journey_limit, default_fallback_after=self.config.fallback_after),
         )
         self.router = self.desk.router
+        # Timer rows the desk arms name this replica as their owner (core/deadlines.py).
+        self.desk.replica = lambda: self.bus.replica_id
         self._timers: dict[str, tuple[float, TimerHandle]] = {}
         self._restored: set[str] = set()
         # The runtime emergency switch (admin API); the policy file has its own.
@@ -197,6 +203,8 @@ class CoreBase:
                 if record.explanation.get("pending_push"):
                     # Offered while the device is away: the app's push service is asked to bring it back.
                     work.webhooks.extend(self.webhook_rows("cue.pending_push", pending_push(record)))
+        # Each cue's expiry is a row committed with it: any replica fires it if this one is gone by then.
+        work.timers.extend(timer(CUE_EXPIRY, r.cue_id, r.expires_at, self.bus.replica_id) for r in work.cues)
         refused: dict[str, tuple[str, str]] = {}
         try:
             if work.cues or work.decisions or work.milestones or work.statuses:
@@ -242,14 +250,16 @@ class CoreBase:
         return self.webhook_rows(kind, payload) if self.webhook_rows is not None else []
 
     async def _set_cue_status(
-        self, cue_id: str, status: str, at: float, button_id: str, kind: str, payload: dict[str, Any]
-    ) -> None:
-        """A cue's new status and the webhook rows of the event reporting it, in one transaction."""
+        self, cue_id: str, status: str, at: float, button_id: str, kind: str, payload: dict[str, Any], timer: str = ""
+    ) -> bool:
+        """A cue's new status and the webhook rows of the event reporting it, in one transaction. With
+        `timer` (its expiry), only once and only while still offered: False when nothing was written."""
         hooks = self._cue_webhooks(kind, payload)
-        await self.store.set_cue_status(cue_id, status, at, button_id, webhooks=hooks)
-        if hooks:
+        written = await self.store.set_cue_status(cue_id, status, at, button_id, webhooks=hooks, timer=timer)
+        if hooks and written:
             for wake in self.outbox_wakeups:
                 wake()
+        return written
 
     def _push_undelivered(self, record: CueRecord) -> None:
         """A committed cue of a `when_away` scenario never reached its device (the stream went first): post

@@ -61,6 +61,8 @@ class DeskBase:
         self._sessions = sessions
         self._spawn = spawn
         self._engagements: dict[str, Engagement] = {}
+        # This replica's id, the owner named on the timer rows the desk arms (set by the core: its bus's id).
+        self.replica: Callable[[], str] = lambda: ""
         self._active_by_device: dict[str, str] = {}
         self._awaiting_outcome: dict[str, list[Engagement]] = {}
         # Associates whose connection dropped, by id, with the timer that signs each out (desk_resume.py).

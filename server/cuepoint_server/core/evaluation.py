@@ -19,6 +19,7 @@ from ..predict.registry import describe_scores
 from ..scenarios.compiler import CompiledScenario
 from ..storage import CueRecord, DecisionRecord, OfferGuard
 from .consent import Redactor
+from .deadlines import CUE_EXPIRY, timer_id
 from .errors import InvalidInput
 from .explain import ScenarioCheck, check_scenarios
 from .model import (
@@ -308,10 +309,16 @@ class Evaluation(Scoring):
     async def _settled(self, device_id: str, cue_id: str, status: str, reason: str) -> None:
         # Record first (with its webhook), so a withdrawal the device sees is already on file.
         withdrawn = {"cue_id": cue_id, "device_id": device_id, "status": status, "reason": reason}
-        await self._set_cue_status(cue_id, status, self.clock.now(), "", "cue.withdrawn", withdrawn)
+        # An expiry is the cue's timer row firing: once, whichever replica gets there first (timer_claims.py).
+        expiry = timer_id(CUE_EXPIRY, cue_id) if status == "expired" else ""
+        written = await self._set_cue_status(cue_id, status, self.clock.now(), "", "cue.withdrawn", withdrawn, expiry)
         session = self._reg.sessions.get(device_id)
         if session is not None:
+            # Also when another replica expired it first: on file as expired either way.
             session.send(Withdrawal(cue_id, reason))
+        if not written:
+            log.info("cue.expired_elsewhere", device_id=device_id, cue_id=cue_id)
+            return
         log.info("cue.withdrawn", device_id=device_id, cue_id=cue_id, reason=reason)
         self._emit_cue("cue.withdrawn", withdrawn)
 

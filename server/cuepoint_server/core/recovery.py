@@ -7,8 +7,10 @@ import dataclasses
 import structlog
 
 from ..engine.state import MAX_REMEMBERED_IDS, DeviceState, EventOccurrence
+from ..storage import CueRecord
 from .bus import ROOM
 from .consent import REDACTED
+from .deadlines import CUE_EXPIRY, timer, timer_id
 from .model import (
     CueOffer,
 )
@@ -46,7 +48,9 @@ class Recovery(Operations):
         if record is None:
             return None
         if record.expires_at <= now:
-            await self.store.set_cue_status(record.cue_id, "expired", now)
+            # Its expiry fell due while no replica held the device: fired now (once, with its webhook),
+            # unless a replica's claim of the timer row fired it already (core/timer_claims.py).
+            await self._expire_stored(record, now)
             return None
         scenario = self.engine.scenarios.by_id.get(record.scenario_id)
         offer = CueOffer(
@@ -69,8 +73,21 @@ class Recovery(Operations):
         pending = PendingCue(offer, record.scenario_id, dict(record.explanation))
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
         self._reg.pending[session.device_id] = pending
+        # This replica holds the device now: its expiry row names this replica as the owner to wait for.
+        await self.store.arm_timers([timer(CUE_EXPIRY, record.cue_id, record.expires_at, self.bus.replica_id)])
         log.info("cue.restored", device_id=session.device_id, cue_id=record.cue_id)
         return pending
+
+    async def _expire_stored(self, record: CueRecord, now: float) -> bool:
+        """Expire a stored cue no replica holds in memory (its expiry row fires here); False: fired before,
+        or the cue was no longer offered."""
+        withdrawn = {"cue_id": record.cue_id, "device_id": record.device_id, "status": "expired", "reason": "expired"}
+        expiry = timer_id(CUE_EXPIRY, record.cue_id)
+        if not await self._set_cue_status(record.cue_id, "expired", now, "", "cue.withdrawn", withdrawn, expiry):
+            return False
+        log.info("cue.withdrawn", device_id=record.device_id, cue_id=record.cue_id, reason="expired")
+        self._emit_cue("cue.withdrawn", withdrawn)
+        return True
 
     async def _restore_memory(self, subject: str) -> None:
         # Caps, cooldowns and decline memory follow the user across devices

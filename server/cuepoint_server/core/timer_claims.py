@@ -1,0 +1,123 @@
+"""Timer rows of replicas that are gone: claimed and fired here, each exactly once.
+
+Each replica fires the deadlines it armed from memory (the clock's alarms: evaluation.py's cue expiry,
+desk_callbacks.py's callback time) and keeps them as rows (storage/timer_rows.py, names in deadlines.py).
+While it lives it renews the lease ``replica:<id>``; when that lapses (SIGKILL, a lost host), any other
+replica claims its due rows (PostgreSQL: ``FOR UPDATE SKIP LOCKED``) and fires them. Whoever fires a timer,
+the effect commits in the transaction that marks the row done, only if it was still armed: the owner's
+late alarm, a second claim, or the owner coming back writes nothing more.
+
+What a claim does per kind:
+- cue expiry: a cue still offered becomes ``expired`` with its ``cue.withdrawn`` webhook row. If this
+  replica holds the device (it reconnected here), through the same path as its own alarm, so the device is
+  told too; otherwise the device hears ``expired`` when it reconnects (recovery.py finds it settled).
+- callback: the engagement is taken over from storage by this desk and queued again (engagement.queued),
+  for associates on any replica.
+
+Idle, dwell and absence deadlines are not rows: they depend on the device's windows, which live in the
+memory of the replica holding its stream and are rebuilt from the journal when the device reconnects
+(recovery.py), where its deadlines are armed again. A device whose replica died therefore gets those
+scenarios evaluated once it is back; `when_away` scenarios of a device that was away on a replica that
+died do not fire elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from ..storage import TimerRecord
+from ..storage.timer_rows import replica_lease
+from .deadlines import CALLBACK, CUE_EXPIRY
+from .recovery import Recovery
+
+__all__ = ["TimerClaims"]
+
+log = structlog.get_logger("cuepoint.core")
+
+# A replica's own rows still armed this long after they fell due: its alarm was cancelled (the cue was
+# answered, the callback called off) or lost; claimed by itself to settle them (moot ones only get done).
+OWN_OVERDUE = 60.0
+# Fired rows kept this long (diagnostics), then purged.
+KEEP_FIRED = 86400.0
+
+
+class TimerClaims(Recovery):
+    _claimer: asyncio.Task[None] | None = None
+
+    async def start_timer_claims(self) -> None:
+        """Heartbeat this replica's lease and claim the due rows of replicas whose lease lapsed."""
+        await self._heartbeat()
+        self._claimer = asyncio.create_task(self._claim_loop(), name="cuepoint-timer-claims")
+
+    async def stop_timer_claims(self) -> None:
+        if self._claimer is not None:
+            self._claimer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._claimer
+            self._claimer = None
+            # Leaving on purpose (a drain): the others need not wait out the lease for what is left here.
+            me = self.bus.replica_id
+            with contextlib.suppress(Exception):
+                await self.store.release_lease(replica_lease(me), me)
+
+    async def _heartbeat(self) -> None:
+        me = self.bus.replica_id
+        await self.store.take_lease(replica_lease(me), me, self.clock.now(), self.config.replica_ttl)
+
+    async def _claim_loop(self) -> None:
+        every = max(self.config.replica_ttl / 4, 0.1)
+        purged_at = 0.0
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._heartbeat()
+                await self.claim_due_timers()
+                now = self.clock.now()
+                if now - purged_at > 3600:
+                    purged_at = now
+                    await self.store.purge_timers(now - KEEP_FIRED)
+            except Exception:
+                log.warning("timers.claim_failed", exc_info=True)
+
+    async def claim_due_timers(self) -> int:
+        """Claim and fire what is due now; returns how many timers this call fired with an effect."""
+        now = self.clock.now()
+        me = self.bus.replica_id
+        fired = 0
+        claimed = await self.store.claim_timers(me, now, hold=self.config.replica_ttl, own_after=OWN_OVERDUE)
+        for row in claimed:
+            try:
+                if await self._fire_claimed(row, now):
+                    fired += 1
+            except Exception:
+                # Its claim lapses after `hold`: then it is claimed (and tried) again.
+                log.warning("timers.fire_failed", timer_id=row.timer_id, exc_info=True)
+        if claimed:
+            log.info("timers.claimed", claimed=len(claimed), fired=fired, owners=sorted({r.owner for r in claimed}))
+        return fired
+
+    async def _fire_claimed(self, row: TimerRecord, now: float) -> bool:
+        if row.kind == CUE_EXPIRY:
+            return await self._expiry_claimed(row, now)
+        if row.kind == CALLBACK:
+            return await self.desk.callback_claimed(row.target, now)
+        log.warning("timers.unknown_kind", timer_id=row.timer_id, kind=row.kind)
+        await self.store.finish_timer(row.timer_id, now)
+        return False
+
+    async def _expiry_claimed(self, row: TimerRecord, now: float) -> bool:
+        record = await self.store.get_cue(row.target)
+        if record is None or record.status != "offered":
+            await self.store.finish_timer(row.timer_id, now)
+            return False
+        pending = self._reg.pending.get(record.device_id)
+        if pending is not None and pending.offer.cue_id == record.cue_id:
+            # The device is here: the same path as this replica's own alarm (the device is told).
+            if pending.expiry is not None:
+                pending.expiry.cancel()
+            self._expire(record.device_id, record.cue_id)
+            return True
+        return await self._expire_stored(record, now)
