@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -444,6 +445,59 @@ async def test_a_timer_armed_on_a_fires_once_after_a_is_killed(cluster: StartClu
             assert row.state == "done" and row.claimed_by != row.owner  # fired by B's claim, not by A
         finally:
             await store.close()
+        await phone.close()
+    finally:
+        receiver.server.shutdown()
+
+
+CALLBACKS = """
+routing:
+  queues:
+    - {id: support, fallback_after: 1s}
+scenarios:
+  - id: help
+    trigger: {event: help}
+    cue: {message: "Need a hand?", channel: chat, queue: support, ttl: 10m}
+"""
+
+
+async def test_a_callback_armed_on_a_is_queued_once_by_b_after_a_is_killed(cluster: StartCluster) -> None:
+    receiver = Receiver()
+    hooks = ("--webhook", receiver.url, "--webhook-secret", "whsec-test", "--replica-ttl", "1")
+    try:
+        a, b = await cluster(CALLBACKS, extra=hooks)
+        phone = await device(a, "phone-a")
+        await phone.track("help")
+        engagement = await phone.accept(await phone.next_cue(timeout=10))
+        await engagement.wait_fallback(timeout=20)  # nobody signed in anywhere
+        await engagement.choose_fallback(cuepoint.FallbackOption.CALLBACK, "+1 555 0100", callback_at=time.time() + 3)
+        await engagement.wait_for(cuepoint.EngagementState.CALLBACK_REQUESTED, timeout=10)
+        # A dies before the callback's time: B claims its row, takes the engagement over and queues it.
+        await a.kill()
+        dana = await cuepoint.connect_associate(b.address, associate_id="dana", display_name="Dana", queues=["support"])
+        called = await dana.next_engagement(timeout=30)
+        assert (called.engagement_id, called.kind) == (engagement.engagement_id, cuepoint.EngagementKind.CALLBACK)
+        assert called.callback_number == "+1 555 0100"
+
+        def queued() -> set[str]:
+            return {
+                e["id"]
+                for e in receiver.events()
+                if e["type"] == "engagement.queued" and e["data"]["engagement_id"] == engagement.engagement_id
+            }
+
+        # Queued twice in all: when accepted, and once when the callback fell due (by B, not also by A).
+        async with asyncio.timeout(30):
+            while len(queued()) < 2:  # noqa: ASYNC110 - filled by the receiver's thread
+                await asyncio.sleep(0.05)
+        store = await PostgresStore.open(b.args[b.args.index("--database") + 1])
+        try:
+            [row] = [t for t in await store.timers() if t.target == engagement.engagement_id]
+            assert (row.kind, row.state) == ("callback", "done") and row.claimed_by != row.owner
+        finally:
+            await store.close()
+        assert len(queued()) == 2
+        await dana.close()
         await phone.close()
     finally:
         receiver.server.shutdown()
