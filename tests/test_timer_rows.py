@@ -62,6 +62,11 @@ async def test_a_cue_is_stored_with_its_expiry_row_and_expires_once(store: Any) 
     await store.arm_timers([expiry("c-1", "replica-b", 500.0)])
     [row] = await store.timers()
     assert (row.state, row.owner, row.fired_at) == ("done", "replica-a", 161.0)
+    # A day past their time, rows go (fired or moot: every effect is also guarded by its target's state).
+    await store.purge_timers(160.0)
+    assert len(await store.timers()) == 1
+    await store.purge_timers(160.5)
+    assert await store.timers() == []
 
 
 async def test_an_expiry_of_a_cue_answered_meanwhile_is_moot(store: Any) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from ..storage import TimerRecord
 
-__all__ = ["CALLBACK", "CUE_EXPIRY", "timer", "timer_id"]
+__all__ = ["CALLBACK", "CUE_EXPIRY", "KEEP_TIMERS", "timer", "timer_id"]
 
 CUE_EXPIRY = "cue_expiry"  # target: cue id; effect: the cue expires (cue.withdrawn) if still offered
 CALLBACK = "callback"  # target: engagement id; effect: the callback queues again (engagement.queued)
+# Rows kept this long past their time (diagnostics), then purged: fired or moot by then.
+KEEP_TIMERS = 86400.0
 
 
 def timer_id(kind: str, target: str) -> str:

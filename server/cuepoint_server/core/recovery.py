@@ -10,7 +10,7 @@ from ..engine.state import MAX_REMEMBERED_IDS, DeviceState, EventOccurrence
 from ..storage import CueRecord
 from .bus import ROOM
 from .consent import REDACTED
-from .deadlines import CUE_EXPIRY, timer, timer_id
+from .deadlines import CUE_EXPIRY, KEEP_TIMERS, timer, timer_id
 from .model import (
     CueOffer,
 )
@@ -115,6 +115,9 @@ class Recovery(Operations):
         if offered_again or lost:
             log.warning("recovery.unfinished_accepts", offered_again=offered_again, lost=lost)
         self.stopped_variants = await self.store.stopped_variants()
+        # Timer rows a day past their time are fired or moot (storage/timer_rows.py); one process alone has
+        # no claim loop to purge them (core/timer_claims.py), so they go at each start.
+        await self.store.purge_timers(self.clock.now() - KEEP_TIMERS)
         # Operations switches set through the admin API outlast the process.
         await self.sync_switches()
         # The wait estimate (core/queue_wait.py) starts from stored history, not from nothing.

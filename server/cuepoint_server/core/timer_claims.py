@@ -30,7 +30,7 @@ import structlog
 
 from ..storage import TimerRecord
 from ..storage.timer_rows import replica_lease
-from .deadlines import CALLBACK, CUE_EXPIRY
+from .deadlines import CALLBACK, CUE_EXPIRY, KEEP_TIMERS
 from .recovery import Recovery
 
 __all__ = ["TimerClaims"]
@@ -40,8 +40,6 @@ log = structlog.get_logger("cuepoint.core")
 # A replica's own rows still armed this long after they fell due: its alarm was cancelled (the cue was
 # answered, the callback called off) or lost; claimed by itself to settle them (moot ones only get done).
 OWN_OVERDUE = 60.0
-# Fired rows kept this long (diagnostics), then purged.
-KEEP_FIRED = 86400.0
 
 
 class TimerClaims(Recovery):
@@ -78,7 +76,7 @@ class TimerClaims(Recovery):
                 now = self.clock.now()
                 if now - purged_at > 3600:
                     purged_at = now
-                    await self.store.purge_timers(now - KEEP_FIRED)
+                    await self.store.purge_timers(now - KEEP_TIMERS)
             except Exception:
                 log.warning("timers.claim_failed", exc_info=True)
 

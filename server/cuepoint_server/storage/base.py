@@ -329,8 +329,8 @@ class Store(Protocol):
 
     async def timers(self) -> list[TimerRecord]: ...
 
-    async def purge_timers(self, fired_before: float) -> None:
-        """Drop timers that fired before then."""
+    async def purge_timers(self, due_before: float) -> None:
+        """Drop timers that fell due before then, fired or moot (timer_rows.py: why that is safe)."""
         ...
 
     # -- reads ------------------------------------------------------------------------------------

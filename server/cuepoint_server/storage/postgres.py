@@ -923,8 +923,8 @@ class PostgresStore(Slots):
     async def timers(self) -> list[TimerRecord]:
         return [timer_from(tuple(r)) for r in await self._fetch(f"SELECT {', '.join(TIMER_COLS)} FROM timers")]
 
-    async def purge_timers(self, fired_before: float) -> None:
-        await self._execute(_PURGE_TIMERS, (float(fired_before),))
+    async def purge_timers(self, due_before: float) -> None:
+        await self._execute(_PURGE_TIMERS, (float(due_before),))
 
     async def _with_outbox(
         self, sql: str, params: Row, webhooks: Sequence[WebhookRecord], *, only_if_written: bool = False

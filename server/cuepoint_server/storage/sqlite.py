@@ -1126,8 +1126,8 @@ class SqliteStore(PredictState, Slots):
         """Every stored timer (tests, diagnostics)."""
         return [timer_from(r) for r in await self._fetch(f"SELECT {', '.join(TIMER_COLS)} FROM timers", ())]
 
-    async def purge_timers(self, fired_before: float) -> None:
-        await self._writer.execute(PURGE_TIMERS, (fired_before,))
+    async def purge_timers(self, due_before: float) -> None:
+        await self._writer.execute(PURGE_TIMERS, (due_before,))
 
     async def save_feedback(self, rec: FeedbackRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
         """Store a rating; a second answer for the same engagement is ignored, and so are its webhook rows."""

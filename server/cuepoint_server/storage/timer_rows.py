@@ -90,7 +90,10 @@ INSERT_DONE_TIMER = (
     "INSERT INTO timers (timer_id, kind, target, due_at, owner, state, claimed_by, claimed_until, fired_at) "
     "VALUES (?, ?, ?, ?, '', 'done', '', 0, ?) ON CONFLICT (timer_id) DO NOTHING"
 )
-PURGE_TIMERS = "DELETE FROM timers WHERE state = 'done' AND fired_at < ?"
+# Rows long past their time, fired or not: by then an armed one is moot (its cue answered, its callback called
+# off) or fired by a restore, and every effect is also guarded by its target's state (a cue still offered, a
+# callback still requested), so a row armed again after its purge cannot repeat an effect.
+PURGE_TIMERS = "DELETE FROM timers WHERE due_at < ?"
 
 
 def arm_row(rec: TimerRecord) -> tuple[Any, ...]:
