@@ -59,6 +59,17 @@ class Replica:
     async def start(self) -> None:
         with self.log.open("ab") as out:
             self.process = await asyncio.create_subprocess_exec(*self.args, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            await self._serving()
+        except BaseException:
+            # Not yet in the fixture's list, so nothing else would stop it: never leave a replica behind.
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+            raise
+
+    async def _serving(self) -> None:
+        assert self.process is not None
         async with asyncio.timeout(30), grpc.aio.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:

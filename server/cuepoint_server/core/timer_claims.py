@@ -7,6 +7,9 @@ replica claims its due rows (PostgreSQL: ``FOR UPDATE SKIP LOCKED``) and fires t
 the effect commits in the transaction that marks the row done, only if it was still armed: the owner's
 late alarm, a second claim, or the owner coming back writes nothing more.
 
+Timers judge liveness by that lease, not by the replicas registry (core/replicas.py): its ttl is their own
+(``--replica-ttl``), and a lapsed lease only lets others fire what is due, which is safe at any ttl.
+
 What a claim does per kind:
 - cue expiry: a cue still offered becomes ``expired`` with its ``cue.withdrawn`` webhook row. If this
   replica holds the device (it reconnected here), through the same path as its own alarm, so the device is
