@@ -45,7 +45,7 @@ async def test_replicas_starting_together_on_a_fresh_database_migrate_once(fresh
         try:
             assert await conn.fetchval("SELECT array_agg(version) FROM cuepoint_schema") == [PG_SCHEMA_VERSION]
             tables = await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
-            assert tables == 24  # 23 tables of the schema and cuepoint_schema, each created once
+            assert tables == 25  # 24 tables of the schema and cuepoint_schema, each created once
         finally:
             await conn.close()
         # All three work on the one schema.
