@@ -2,6 +2,12 @@
 
 Run: .venv/bin/python bench/bench_storage.py [--database postgresql://USER@HOST/DB] [--no-postgres]
 
+Signals come in runs of 100 per device (device 0's first 100, then device 1's, ...), as the SDK's batches
+arrive. The journal stores one row per batch (storage/journal.py): the single-row scenarios are the worst
+case (a batch of one), the 100-signal batches the SDK-shaped one. To compare with an older commit in the same
+run, point PYTHONPATH at a `git archive` of it: ``PYTHONPATH=/tmp/old/server .venv/bin/python
+bench/bench_storage.py`` (features the old store lacks are left out).
+
 Each scenario writes to a fresh store (SQLite: a WAL file in a temporary directory; PostgreSQL: a fresh
 schema in a database created for the run on the local server, or in --database) and counts a row only once
 its append has returned, i.e. once it is committed. The PostgreSQL tables add the round trips the store
@@ -24,15 +30,18 @@ from typing import Any
 
 import asyncpg
 
+import cuepoint_server.storage as storage
 from cuepoint_server.storage import (
     CueRecord,
     DecisionRecord,
     OfferCommit,
-    OfferGuard,
-    PostgresStore,
     SignalRecord,
     SqliteStore,
 )
+
+# Absent from commits before PostgreSQL and per-user guards: a baseline run leaves those parts out.
+PostgresStore: Any = getattr(storage, "PostgresStore", None)
+OfferGuard: Any = getattr(storage, "OfferGuard", None)
 
 PAYLOAD = {"screen": "checkout", "cart_value": 129.5, "items": 3, "promo": False}
 
@@ -44,7 +53,7 @@ def make_rows(prefix: str, n: int) -> list[SignalRecord]:
     random_ids = "random ids" in prefix
     return [
         SignalRecord(
-            device_id=f"dev-{i % 50}",
+            device_id=f"dev-{(i // 100) % 50}",
             signal_id=uuid.uuid4().hex if random_ids else f"{int(now * 1000) + i:013d}{i:013d}",
             session_id="sess",
             kind="event",
@@ -79,12 +88,24 @@ def concurrent_singles(callers: int) -> Callable[[Any, list[SignalRecord]], Awai
     return run
 
 
+def concurrent_batches(devices: int, size: int) -> Callable[[Any, list[SignalRecord]], Awaitable[None]]:
+    async def run(store: Any, rows: list[SignalRecord]) -> None:
+        # Many devices' batches at once, as a busy server sends them: the writer merges them.
+        for start in range(0, len(rows), devices * size):
+            wave = rows[start : start + devices * size]
+            await asyncio.gather(*(store.append_signals(wave[i : i + size]) for i in range(0, len(wave), size)))
+
+    return run
+
+
 SCENARIOS: list[tuple[str, int, Callable[[Any, list[SignalRecord]], Awaitable[None]]]] = [
     ("1 row per awaited append", 2_000, one_per_call),
     ("batches of 100", 50_000, batches_of(100)),
     ("batches of 1000", 200_000, batches_of(1000)),
     ("batches of 1000, random ids", 200_000, batches_of(1000)),
     ("1000 concurrent 1-row callers", 50_000, concurrent_singles(1000)),
+    ("50 devices x 100-signal batches", 200_000, concurrent_batches(50, 100)),
+    ("same, random ids", 200_000, concurrent_batches(50, 100)),
 ]
 
 
@@ -102,7 +123,7 @@ async def measure(
         await scenario(store, rows)
         elapsed = time.perf_counter() - started
         trips = getattr(store, "round_trips", 0) - trips
-        assert await store.count_signals("dev-0") == n // 50
+        assert await store.count_signals("dev-0") == sum(1 for r in rows if r.device_id == "dev-0")
         return name, n, elapsed, store.stats.batches, trips
     finally:
         await store.close()
@@ -153,7 +174,7 @@ async def decisions(open_store: Callable[[str], Awaitable[Any]], name: str, n: i
 
 
 async def run(args: argparse.Namespace) -> None:
-    header = f"{'scenario':<32} {'rows':>8} {'seconds':>8} {'rows/s':>10} {'txns':>7} {'rows/txn':>9}"
+    header = f"{'scenario':<32} {'rows':>8} {'seconds':>8} {'rows/s':>10} {'us/row':>7} {'txns':>7} {'rows/txn':>9}"
     with tempfile.TemporaryDirectory(prefix="cuepoint-bench-") as tmp:
 
         async def sqlite(name: str) -> Any:
@@ -164,9 +185,10 @@ async def run(args: argparse.Namespace) -> None:
         for name, n, scenario in SCENARIOS:
             label, rows, elapsed, txns, _ = await measure(sqlite, name, n, scenario)
             rate, per_txn = rows / elapsed, rows / txns
-            print(f"{label:<32} {rows:>8} {elapsed:>8.2f} {rate:>10,.0f} {txns:>7} {per_txn:>9.1f}")
+            print(f"{label:<32} {rows:>8} {elapsed:>8.2f} {rate:>10,.0f} {1e6 / rate:>7.2f} {txns:>7} {per_txn:>9.1f}")
 
         database, drop = args.database, None
+        args.postgres = args.postgres and PostgresStore is not None
         if args.postgres and not database:
             database, drop = await _create_database()
 
@@ -181,7 +203,8 @@ async def run(args: argparse.Namespace) -> None:
                     label, rows, elapsed, txns, trips = await measure(postgres, name, n, scenario)
                     rate, per_txn = rows / elapsed, rows / txns
                     print(
-                        f"{label:<32} {rows:>8} {elapsed:>8.2f} {rate:>10,.0f} {txns:>7} {per_txn:>9.1f}"
+                        f"{label:<32} {rows:>8} {elapsed:>8.2f} {rate:>10,.0f} {1e6 / rate:>7.2f}"
+                        f" {txns:>7} {per_txn:>9.1f}"
                         f" {trips:>7} {rows / trips:>9.1f}"
                     )
                 print("\nsignal batches (50 signals each): PostgreSQL round trips per batch")
@@ -191,6 +214,8 @@ async def run(args: argparse.Namespace) -> None:
                     print(
                         f"  {label:<30} {trips / (rows / 50):>6.2f} round trips per batch, {rows / elapsed:,.0f} rows/s"
                     )
+            if OfferGuard is None:
+                return
             print("\noffer decisions: commit_offer with its per-user guard (10 signals, cue, decision)")
             print(f"{'backend, callers':<44} {'n':>6} {'decided/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'trips':>8}")
             for backend, opener in (("SQLite", sqlite), *((("PostgreSQL", postgres),) if args.postgres else ())):
@@ -199,16 +224,6 @@ async def run(args: argparse.Namespace) -> None:
         finally:
             if drop is not None:
                 await drop()
-
-
-def concurrent_batches(devices: int, size: int) -> Callable[[Any, list[SignalRecord]], Awaitable[None]]:
-    async def run(store: Any, rows: list[SignalRecord]) -> None:
-        # Many devices' batches at once, as a busy server sends them: the writer merges them.
-        for start in range(0, len(rows), devices * size):
-            wave = rows[start : start + devices * size]
-            await asyncio.gather(*(store.append_signals(wave[i : i + size]) for i in range(0, len(wave), size)))
-
-    return run
 
 
 async def _create_database() -> tuple[str, Callable[[], Awaitable[None]]]:

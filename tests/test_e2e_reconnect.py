@@ -212,8 +212,7 @@ async def test_outbox_survives_an_app_restart(start_server: StartServer, restart
     fresh = await second.track("app_resumed")
     await second.flush(timeout=5)
     assert await stored_ids(again, "journaled") == sorted([delivered, *lost, fresh])
-    arrival = "seq" if again.config.database else "rowid"  # PostgreSQL's arrival-order column
-    sql = f"SELECT signal_id FROM signals WHERE device_id = ? ORDER BY {arrival}"
+    sql = "SELECT signal_id FROM signals WHERE device_id = ? ORDER BY batch_seq, position"  # arrival order
     rows = await again.store.query(sql, ("journaled",))
     assert [r[0] for r in rows] == [delivered, *lost, fresh]  # the old run's first, with their original ids
     await second.close()

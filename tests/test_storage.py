@@ -13,9 +13,11 @@ import pytest
 from cuepoint_server.core.replicas import replica_alive
 from cuepoint_server.storage import (
     SCHEMA_VERSION,
+    ChatRecord,
     CueRecord,
     DecisionRecord,
     EngagementRecord,
+    JournalBatch,
     OfferCommit,
     PostgresStore,
     ReplicaRecord,
@@ -208,13 +210,19 @@ async def test_the_journal_stores_each_device_signal_once_however_old(store: Any
 
 async def test_version_8_duplicates_are_dropped_when_the_unique_index_comes_back(tmp_path: Path) -> None:
     path = tmp_path / "v8.db"
-    async with await SqliteStore.open(path) as s:
-        await s.append_signals([signal("a"), signal("b")])
-    with sqlite3.connect(path) as raw:  # back to version 8, with a duplicate its journal allowed
-        raw.execute("DROP INDEX signals_device_signal")
-        raw.execute("INSERT INTO signals SELECT * FROM signals WHERE signal_id = 'a'")
-        for column in ("wrapped_up_at", "callback_number", "callback_at"):  # versions 12 and 11
-            raw.execute(f"ALTER TABLE engagements DROP COLUMN {column}")
+    old_schema = (Path(__file__).parent / "data" / "schema_v1.sql").read_text()
+    with sqlite3.connect(path) as raw:  # a version 8 journal (no unique key), with a duplicate it allowed
+        raw.executescript(old_schema)
+        raw.execute("DROP TABLE signals")
+        raw.execute(
+            "CREATE TABLE signals (device_id TEXT NOT NULL, signal_id TEXT NOT NULL, session_id TEXT NOT NULL,"
+            " kind TEXT NOT NULL, name TEXT NOT NULL, time REAL NOT NULL, received_at REAL NOT NULL,"
+            " payload TEXT NOT NULL)"
+        )
+        raw.executemany(
+            "INSERT INTO signals VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [("dev-1", i, "sess-1", "event", "screen_view", 1000.0, 1000.0, "{}") for i in ("a", "b", "a")],
+        )
         raw.execute("PRAGMA user_version = 8")
     async with await SqliteStore.open(path) as s:
         assert [x.signal_id for x in await s.journey("dev-1")] == ["a", "b"]
@@ -237,9 +245,11 @@ async def test_version_1_database_is_migrated_keeping_its_signals(tmp_path: Path
         assert await s.recent_signal_ids("dev-1", limit=2) == ["old-2", "new"]
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        indexes = {r[1] for r in raw.execute("PRAGMA index_list(signals)")}
-        # Version 2 dropped version 1's unique constraint; version 9 brought it back as a named index.
-        assert indexes == {"signals_device_time", "signals_device_signal"}
+        indexes = {r[1] for r in raw.execute("PRAGMA index_list(signal_batches)")}
+        # Version 17 stores a row per batch (journal.py); the per-signal table became a view.
+        assert indexes == {"signal_batches_device_time", "signal_batches_device_run"}
+        kinds = dict(raw.execute("SELECT name, type FROM sqlite_master WHERE name IN ('signals', 'signal_ids')"))
+        assert kinds == {"signals": "view", "signal_ids": "table"}
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"predict_labels", "predict_models", "leases"} <= tables  # version 3
         assert "replicas" in tables  # version 14
@@ -322,9 +332,11 @@ async def test_unserialisable_payload_fails_only_its_caller(store: Any) -> None:
 
 
 async def test_failing_statement_in_a_batch_fails_only_its_caller(store: Any) -> None:
-    # kind is constrained in the schema, so this fails inside the shared transaction.
+    with pytest.raises(ValueError, match="kind"):  # checked before the writer, as the schema can not
+        await store.append_signals([signal("bad", kind="bogus")])
+    # A chat's sender is constrained in the schema, so this fails inside the shared transaction.
     good = [store.append_signals([signal(f"g{i}", time=1000.0 + i)]) for i in range(10)]
-    bad = store.append_signals([signal("bad", kind="bogus")])
+    bad = store.save_chat(ChatRecord("m-1", "eng-1", "bogus", "hi", 1000.0))
     results = await asyncio.gather(*good[:5], bad, *good[5:], return_exceptions=True)
     assert isinstance(results[5], INTEGRITY)
     assert [r for i, r in enumerate(results) if i != 5] == [[]] * 10
@@ -389,6 +401,18 @@ async def test_variant_button_feedback_and_switches_round_trip(store: Any) -> No
     assert await store.stopped_variants() == {("sc-1", "short")}
 
 
+def journal_before_version_14(raw: sqlite3.Connection) -> None:
+    """The per-signal journal table again, in place of version 17's batch rows and view."""
+    raw.execute("DROP VIEW signals")
+    for table in ("signal_batches", "signal_marks", "signal_ids"):
+        raw.execute(f"DROP TABLE {table}")
+    raw.execute(
+        "CREATE TABLE signals (device_id TEXT NOT NULL, signal_id TEXT NOT NULL, session_id TEXT NOT NULL,"
+        " kind TEXT NOT NULL, name TEXT NOT NULL, time REAL NOT NULL, received_at REAL NOT NULL,"
+        " payload TEXT NOT NULL)"
+    )
+
+
 async def test_version_2_database_gains_the_variant_and_feedback_columns(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
     async with await SqliteStore.open(path) as s:
@@ -402,6 +426,7 @@ async def test_version_2_database_gains_the_variant_and_feedback_columns(tmp_pat
         raw.execute("ALTER TABLE sessions DROP COLUMN identified")  # version 6
         for column in ("wrapped_up_at", "callback_number", "callback_at"):  # versions 12 and 11
             raw.execute(f"ALTER TABLE engagements DROP COLUMN {column}")
+        journal_before_version_14(raw)
         raw.execute("PRAGMA user_version = 2")
     async with await SqliteStore.open(path) as s:
         got = await s.get_cue("cue-1")
@@ -556,3 +581,68 @@ async def test_a_replicas_stale_slots_are_pruned_and_a_gone_replicas_engagements
     # Once "live" has not been seen for the window, its engagement is adopted too; "new" claimed its own
     # within the window, so it stays.
     assert await store.adopt_engagements("other", 115.0, 130.0) == (["eng-live"], ["dana"])
+
+
+# --- the journal: one row per batch (storage/journal.py) --------------------------------------------------
+
+
+def batch(ids: list[str], *, device_id: str = "dev-1", start: float = 1000.0) -> JournalBatch:
+    n = len(ids)
+    return JournalBatch(
+        device_id, "sess-1", start + n, ids, ["event"] * n, ["tap"] * n, [start + i for i in range(n)], [{}] * n
+    )
+
+
+async def test_a_batch_is_one_journal_row_and_the_signals_view_shows_each_signal(store: Any) -> None:
+    assert await store.append_batch(batch([f"{i:04d}" for i in range(100)])) == []
+    assert (await store.query("SELECT COUNT(*) FROM signal_batches", ()))[0][0] == 1
+    rows = await store.query("SELECT signal_id, time, payload FROM signals ORDER BY batch_seq, position", ())
+    assert [(r[0], float(r[1]), r[2]) for r in rows[:2]] == [("0000", 1000.0, "{}"), ("0001", 1001.0, "{}")]
+    assert len(rows) == 100 and await store.count_signals("dev-1") == 100
+
+
+async def test_resends_are_found_in_runs_and_in_batches_that_were_not_runs(store: Any) -> None:
+    # Increasing ids (as the SDK's): each batch is a run above the device's mark.
+    for k in range(20):
+        assert await store.append_batch(batch([f"b{k:02d}-{i:02d}" for i in range(10)], start=1000.0 + k * 10)) == []
+    # Ids below the mark, some stored long ago, one new (out of order): the new one is stored, not a run.
+    resend = ["b00-03", "b07-09", "a-new", "b19-00", "b05-05"]
+    assert await store.append_batch(batch(resend, start=3000.0)) == ["b00-03", "b07-09", "b19-00", "b05-05"]
+    # Random ids (no order at all) and a later resend of them, mixed with new ones.
+    assert await store.append_batch(batch(["zz-9", "aa-1", "mm-5"], start=4000.0)) == []
+    assert await store.append_batch(batch(["mm-5", "a-new", "zz-10", "aa-1", "b10-01"], start=5000.0)) == [
+        "mm-5",
+        "a-new",
+        "aa-1",
+        "b10-01",
+    ]
+    ids = [s.signal_id for s in await store.journey("dev-1", limit=1000)]
+    assert len(ids) == len(set(ids)) == 200 + 1 + 3 + 1
+    # Repeats within one batch, and within one transaction: stored once.
+    first, second = await asyncio.gather(
+        store.append_batch(batch(["zz-20", "zz-20", "zz-21"])), store.append_batch(batch(["zz-21", "zz-22"]))
+    )
+    assert (first, second) == (["zz-20"], ["zz-21"])
+    assert await store.count_signals("dev-1") == 208
+
+
+async def test_retention_keeps_the_newer_part_of_a_batch(store: Any) -> None:
+    await store.append_batch(batch(["a", "b", "c", "d"], start=1000.0))  # times 1000..1003
+    await store.append_batch(batch(["e"], start=900.0))
+    assert await store.purge_journey(1002.0) == 3
+    assert [(s.signal_id, s.time) for s in await store.journey("dev-1")] == [("c", 1002.0), ("d", 1003.0)]
+    # Trimmed signals are forgotten like deleted ones; the kept ones still dedupe.
+    assert await store.append_batch(batch(["a", "c"], start=2000.0)) == ["c"]
+
+
+async def test_the_newest_signals_come_from_batches_that_overlap_in_time(store: Any) -> None:
+    # An offline backlog arrives after newer signals: the journey is still by time, then arrival.
+    await store.append_batch(batch([f"n{i:03d}" for i in range(50)], start=2000.0))
+    await store.append_batch(batch([f"o{i:03d}" for i in range(100)], start=1960.0))  # 1960..2059
+    got = await store.journey("dev-1", limit=30)
+    want = sorted(
+        [(2000.0 + i, 0, f"n{i:03d}") for i in range(50)] + [(1960.0 + i, 1, f"o{i:03d}") for i in range(100)]
+    )[-30:]
+    assert [s.signal_id for s in got] == [w[2] for w in want]
+    assert [s.signal_id for s in await store.journey("dev-1", since=2058.0)] == ["o098", "o099"]
+    assert await store.recent_signal_ids("dev-1", limit=2) == ["o098", "o099"]

@@ -22,7 +22,7 @@ from cuepoint_server.storage import (
     SignalRecord,
     SlotClaim,
 )
-from cuepoint_server.storage.postgres_schema import PG_SCHEMA_VERSION
+from cuepoint_server.storage.postgres_schema import MIGRATIONS, PG_SCHEMA_VERSION
 
 from .conftest import _pg_admin, pg_url_for
 
@@ -45,7 +45,9 @@ async def test_replicas_starting_together_on_a_fresh_database_migrate_once(fresh
         try:
             assert await conn.fetchval("SELECT array_agg(version) FROM cuepoint_schema") == [PG_SCHEMA_VERSION]
             tables = await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
-            assert tables == 25  # 24 tables of the schema and cuepoint_schema, each created once
+            # 26 tables of the schema (the journal's signal_batches, signal_marks and signal_ids; signals is a
+            # view since version 6) and cuepoint_schema, each created once
+            assert tables == 27
         finally:
             await conn.close()
         # All three work on the one schema.
@@ -106,11 +108,57 @@ async def test_the_journal_is_one_round_trip_per_batch(pg_database: str) -> None
         before = store.round_trips
         skipped = await store.append_signals([signal(f"s-{i}") for i in range(1000)])
         assert skipped == [] and store.round_trips - before == 1
-        # A resend of stored signals is recognised in the same single statement.
+        # New ids above the device's mark: the same single statement.
+        before = store.round_trips
+        assert await store.append_signals([signal(f"t-{i}") for i in range(10)]) == []
+        assert store.round_trips - before == 1
+        # A resend of stored signals is recognised within the same transaction: the one statement finds the
+        # device's mark above them, then one lookup and one write.
         before = store.round_trips
         skipped = await store.append_signals([signal("s-5"), signal("new-1"), signal("s-7")])
-        assert skipped == ["s-5", "s-7"] and store.round_trips - before == 1
-        assert await store.count_signals("dev-1") == 1001
+        assert skipped == ["s-5", "s-7"] and store.round_trips - before == 3
+        assert await store.count_signals("dev-1") == 1011
+    finally:
+        await store.close()
+
+
+async def test_two_replicas_storing_one_device_s_batch_at_once_store_it_once(pg_database: str) -> None:
+    url = pg_url_for(pg_database, f"race-{secrets.token_hex(4)}")
+    a, b = await PostgresStore.open(url), await PostgresStore.open(url)
+    try:
+        for round_ in range(5):
+            rows = [signal(f"r{round_}-{i:03d}") for i in range(100)]
+            first, second = await asyncio.gather(a.append_signals(rows), b.append_signals(rows))
+            # The device's mark row is locked by the first; the second then finds every id stored.
+            assert sorted([len(first), len(second)]) == [0, 100]
+        assert await a.count_signals("dev-1") == 500
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_version_5_journal_is_migrated_to_batches(fresh_database: str) -> None:
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        await conn.execute("CREATE TABLE cuepoint_schema (version INTEGER NOT NULL)")
+        for step in (1, 2, 3, 4, 5):
+            for statement in MIGRATIONS[step]:
+                await conn.execute(statement)
+        await conn.execute("INSERT INTO cuepoint_schema (version) VALUES (5)")
+        await conn.executemany(
+            "INSERT INTO signals (device_id, signal_id, session_id, kind, name, time, received_at, payload)"
+            " VALUES ($1, $2, 'sess-1', 'event', 'tap', $3, 1000.0, $4)",
+            [("dev-1", "b", 1000.25, '{"x": 1}'), ("dev-1", "a", 1001.5, "{}"), ("dev-2", "a", 1002.0, "{}")],
+        )
+    finally:
+        await conn.close()
+    store = await PostgresStore.open(fresh_database)
+    try:
+        got = [(s.signal_id, s.time, dict(s.payload)) for s in await store.journey("dev-1")]
+        assert got == [("b", 1000.25, {"x": 1}), ("a", 1001.5, {})]
+        # Migrated ids still dedupe (listed exactly); new ones above the mark are runs.
+        assert await store.append_signals([signal("a"), signal("c"), signal("0")]) == ["a"]
+        assert await store.count_signals("dev-1") == 4 and await store.count_signals("dev-2") == 1
     finally:
         await store.close()
 

@@ -13,6 +13,7 @@ from .base import (
     StoreClosedError,
     StoreStats,
 )
+from .journal import JournalBatch
 from .postgres import PostgresStore
 from .records import (
     ChannelChangeRecord,
@@ -49,6 +50,7 @@ __all__ = [
     "EngagementRecord",
     "FeedbackRecord",
     "FunnelSlice",
+    "JournalBatch",
     "LabelRecord",
     "ModelRecord",
     "OfferCommit",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from .audit_log import AuditRecord
+from .journal import JournalBatch
 from .records import (
     ChannelChangeRecord,
     ChatRecord,
@@ -99,6 +100,8 @@ class OfferCommit:
     """
 
     signals: list[SignalRecord] = field(default_factory=list)
+    # Or the same as whole batches (`Store.append_batch`'s form): stored one journal row each.
+    batches: list[JournalBatch] = field(default_factory=list)
     cues: list[CueRecord] = field(default_factory=list)
     decisions: list[DecisionRecord] = field(default_factory=list)
     milestones: list[MilestoneRecord] = field(default_factory=list)
@@ -112,7 +115,15 @@ class OfferCommit:
     timers: list[TimerRecord] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.signals or self.cues or self.decisions or self.milestones or self.statuses or self.webhooks)
+        return bool(
+            self.signals
+            or self.batches
+            or self.cues
+            or self.decisions
+            or self.milestones
+            or self.statuses
+            or self.webhooks
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +190,13 @@ class Store(Protocol):
         """Append signals; once committed, returns the ids skipped because that device stored them before.
 
         A (device, signal id) is stored at most once, however long ago it was first sent.
+        """
+        ...
+
+    async def append_batch(self, batch: JournalBatch) -> list[str]:
+        """Append one batch of one device and session as one journal row (journal.py); once committed (the
+        dedupe check and the insert are one trip to the writer, one transaction), returns the ids skipped
+        because that device stored them before, however long ago.
         """
         ...
 

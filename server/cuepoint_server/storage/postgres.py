@@ -30,6 +30,16 @@ import structlog
 from .audit_log import AuditRecord, audit_from_row
 from .base import AcceptOutcome, FunnelSlice, OfferCommit, OfferResult, StoreClosedError, StoreStats
 from .funnel_sql import funnel_queries
+from .journal import (
+    EncodedBatch,
+    JournalBatch,
+    Newest,
+    batches_from_records,
+    encode,
+    in_bodies,
+    plan,
+    trimmed,
+)
 from .offer_guard import HISTORY_WHERE, without_refused
 from .postgres_schema import migrate
 from .records import (
@@ -105,7 +115,6 @@ def _select(table: str, cols: Sequence[str]) -> str:
 _SESSION_COLS = (
     "session_id", "app_id", "device_id", "user_id", "started_at", "context", "consent", "ended_at", "identified",
 )  # fmt: skip
-_SIGNAL_COLS = ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
 _CUE_COLS = (
     "cue_id", "scenario_id", "app_id", "device_id", "subject", "session_id", "created_at", "expires_at",
     "channel", "message", "status", "responded_at", "explanation", "variant", "locale", "button_id",
@@ -162,16 +171,50 @@ _UPSERT_PART = _insert(
 _INSERT_CHANGE = _insert("channel_changes", _CHANGE_COLS)
 _INSERT_DECISION = _insert("decisions", _DECISION_COLS)
 
-# The journal in one statement however many rows: one array per column, unnested. Always one row back: how
-# many were inserted and, only when some row was skipped (a resend of a stored signal), which (device, id)
-# pairs were, so the common case transfers nothing more.
-_SIGNAL_TYPES = ("text", "text", "text", "text", "text", "float8", "float8", "text")
-_INSERT_SIGNALS = (
-    f"WITH ins AS (INSERT INTO signals ({', '.join(_SIGNAL_COLS)}) "
-    f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_SIGNAL_TYPES))}) "
-    "ON CONFLICT (device_id, signal_id) DO NOTHING RETURNING device_id, signal_id) "
-    "SELECT count(*) < $9, CASE WHEN count(*) < $9 THEN array_agg(device_id) END, "
-    "CASE WHEN count(*) < $9 THEN array_agg(signal_id) END FROM ins"
+# The journal (journal.py). The common case in one statement for every queued batch: per device, when its
+# batches' smallest id sorts above its stored mark, the mark moves to their largest id and they are stored as
+# runs; the devices that took this path come back. The mark's row stays locked (ON CONFLICT DO UPDATE locks
+# it even when its WHERE is false) until commit, so two replicas storing for one device take turns; marks are
+# taken in device order, so they never wait on each other in a cycle. Ids compare bytewise (COLLATE "C"),
+# as Python compares them.
+_BATCH_COLUMNS = "device_id, session_id, first_time, last_time, received_at, count, min_id, max_id, run, body"
+_BATCH_TYPES = ("text", "text", "float8", "float8", "float8", "int4", "text", "text", "bool", "text")
+_UNNEST_BATCHES = f"unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_BATCH_TYPES))})"
+_APPEND_RUNS = (
+    f"WITH b AS (SELECT * FROM {_UNNEST_BATCHES} WITH ORDINALITY AS b({_BATCH_COLUMNS}, ord)), "
+    'd AS (SELECT device_id, min(min_id COLLATE "C") AS lo, max(max_id COLLATE "C") AS hi FROM b GROUP BY device_id), '
+    "m AS (INSERT INTO signal_marks AS m (device_id, high) SELECT device_id, hi FROM d ORDER BY device_id "
+    "ON CONFLICT (device_id) DO UPDATE SET high = excluded.high "
+    "WHERE m.high < (SELECT lo FROM d WHERE d.device_id = excluded.device_id) RETURNING m.device_id), "
+    f"ins AS (INSERT INTO signal_batches ({_BATCH_COLUMNS}) SELECT {_BATCH_COLUMNS} FROM b "
+    "WHERE b.device_id IN (SELECT device_id FROM m) ORDER BY ord) "
+    "SELECT array_agg(device_id) FROM m"
+)
+# The other path, for the devices left: one statement locks their marks (creating empty ones) and reads them
+# with what is stored of their batches' ids (exact ids, and for each id the run that could hold it: runs of a
+# device cover disjoint id ranges, so the first ending at or after it); one more writes what journal.py
+# decided. Ids above a mark find nothing, so all of them are looked up: no trip in between. Each id is an
+# index probe (LATERAL; ids in the index's collation, or the planner scans the whole table); each run's body
+# comes back once, however many ids it may hold.
+_LOOKUP = (
+    "WITH m AS (INSERT INTO signal_marks AS m (device_id, high) SELECT d, '' FROM unnest($1::text[]) AS d "
+    "ORDER BY d ON CONFLICT (device_id) DO UPDATE SET high = m.high RETURNING m.device_id, m.high), "
+    'x AS (SELECT device_id, signal_id COLLATE "C" AS signal_id FROM unnest($2::text[], $3::text[]) '
+    "AS x(device_id, signal_id)) "
+    "SELECT 'mark', device_id, high FROM m "
+    "UNION ALL SELECT 'id', s.device_id, s.signal_id FROM x CROSS JOIN LATERAL (SELECT device_id, signal_id "
+    "FROM signal_ids AS s WHERE s.device_id = x.device_id AND s.signal_id = x.signal_id) AS s "
+    "UNION ALL SELECT 'run', device_id, body FROM signal_batches WHERE seq IN (SELECT r.seq FROM x "
+    "CROSS JOIN LATERAL (SELECT s.seq FROM signal_batches AS s WHERE s.device_id = x.device_id AND s.run "
+    "AND s.max_id >= x.signal_id ORDER BY s.max_id LIMIT 1) AS r)"
+)
+_WRITE_DECIDED = (
+    f"WITH ins AS (INSERT INTO signal_batches ({_BATCH_COLUMNS}) SELECT * FROM {_UNNEST_BATCHES}), "
+    "mk AS (INSERT INTO signal_marks AS m (device_id, high) SELECT * FROM unnest($11::text[], $12::text[]) "
+    "ON CONFLICT (device_id) DO UPDATE SET high = excluded.high), "
+    "ex AS (INSERT INTO signal_ids (device_id, signal_id) SELECT * FROM unnest($13::text[], $14::text[]) "
+    "ON CONFLICT DO NOTHING) "
+    "SELECT 1"
 )
 
 _SAVE_MODEL = (
@@ -239,15 +282,6 @@ def _session_row(r: SessionRecord) -> Row:
 
 def _session_from(row: Row) -> SessionRecord:
     return SessionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], bool(row[8]))
-
-
-def _signal_row(r: SignalRecord) -> Row:
-    payload = _dumps(r.payload) if r.payload else "{}"
-    return (r.device_id, r.signal_id, r.session_id, r.kind, r.name, float(r.time), float(r.received_at), payload)
-
-
-def _signal_from(row: Row) -> SignalRecord:
-    return SignalRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]))
 
 
 def _cue_row(r: CueRecord) -> Row:
@@ -422,14 +456,14 @@ class _Statement:
 
 
 @dataclass(slots=True, eq=False)
-class _AppendSignals:
-    rows: list[Row]
+class _AppendBatches:
+    batches: list[EncodedBatch]
     future: asyncio.Future[Any]
     locks: bool = False
 
     @property
     def size(self) -> int:
-        return len(self.rows)
+        return sum(len(b.ids) for b in self.batches)
 
 
 @dataclass(slots=True, eq=False)
@@ -442,7 +476,7 @@ class _Transaction:
     locks: bool = False  # takes advisory locks: at most one such op per batch (no lock-order deadlocks)
 
 
-_Op = _Statement | _AppendSignals | _Transaction
+_Op = _Statement | _AppendBatches | _Transaction
 
 
 def _groups(batch: list[_Op]) -> list[list[_Op]]:
@@ -463,27 +497,88 @@ def _groups(batch: list[_Op]) -> list[list[_Op]]:
     return groups
 
 
-async def _insert_signals(link: _Link, rows: list[Row]) -> set[tuple[str, str]] | None:
-    """Insert journal rows in one statement, skipping stored (device, id) pairs; the pairs inserted, or None
-    when all were."""
-    columns = [list(c) for c in zip(*rows, strict=True)]
-    found = (await link.fetch(_INSERT_SIGNALS, *columns, len(rows)))[0]
-    if not found[0]:
-        return None
-    return set(zip(found[1] or (), found[2] or (), strict=True))
+def _work_batches(work: OfferCommit) -> list[EncodedBatch]:
+    """An evaluation's signals as journal batches, encoded in the caller's task."""
+    batches = batches_from_records(work.signals)
+    for batch in work.batches:
+        encoded = encode(batch)
+        if encoded is not None:
+            batches.append(encoded)
+    return batches
 
 
-def _already_stored(rows: Sequence[Row], new: set[tuple[str, str]] | None) -> list[str]:
-    if new is None:
+def _batch_columns(stored: Sequence[tuple[EncodedBatch, bool]]) -> list[list[Any]]:
+    return [
+        [b.device_id for b, _ in stored],
+        [b.session_id for b, _ in stored],
+        [b.first_time for b, _ in stored],
+        [b.last_time for b, _ in stored],
+        [b.received_at for b, _ in stored],
+        [len(b.ids) for b, _ in stored],
+        [b.min_id for b, _ in stored],
+        [b.max_id for b, _ in stored],
+        [run for _, run in stored],
+        [b.body for b, _ in stored],
+    ]
+
+
+def _clean_devices(batches: Sequence[EncodedBatch]) -> set[str]:
+    """Devices whose batches here are each free of repeats and each above the one before: whether they are
+    new then depends on the stored mark alone, which the one-statement path checks."""
+    last: dict[str, str] = {}
+    dirty: set[str] = set()
+    for b in batches:
+        before = last.get(b.device_id)
+        if not b.distinct or (before is not None and b.min_id <= before):
+            dirty.add(b.device_id)
+        last[b.device_id] = b.max_id
+    return set(last) - dirty
+
+
+async def _append_journal(link: _Link, batches: list[EncodedBatch]) -> list[list[str]]:
+    """Dedupe and store batches inside the writer's transaction: the ids skipped per batch.
+
+    One statement when every device's batches sort above its mark (the SDK's increasing ids); otherwise two
+    more for the devices left (resends, ids out of order, random ids): look up, then write what journal.py
+    decided.
+    """
+    if not batches:
         return []
-    skipped: list[str] = []
-    for row in rows:
-        key = (row[0], row[1])
-        if key in new:
-            new.discard(key)  # a second copy within the same call is a resend too
-        else:
-            skipped.append(str(row[1]))
-    return skipped
+    clean = _clean_devices(batches)
+    fast = [b for b in batches if b.device_id in clean]
+    done: set[str] = set()
+    if fast:
+        found = await link.fetchval(_APPEND_RUNS, *_batch_columns([(b, True) for b in fast]))
+        done = set(found or ())
+    rest = [b for b in batches if b.device_id not in done]
+    skipped: dict[int, list[str]] = {}
+    if rest:
+        devices = sorted({b.device_id for b in rest})
+        pairs = [(b.device_id, i) for b in rest for i in b.ids]
+        highs: dict[str, str] = {}
+        known: dict[str, set[str]] = {}
+        bodies: dict[str, list[str]] = {}
+        for kind, device_id, value in await link.fetch(_LOOKUP, devices, [d for d, _ in pairs], [i for _, i in pairs]):
+            if kind == "mark" and value:
+                highs[device_id] = value
+            elif kind == "id":
+                known.setdefault(device_id, set()).add(value)
+            elif kind == "run":
+                bodies.setdefault(device_id, []).append(value)
+        ids = {d: {i for dd, i in pairs if dd == d} for d in bodies}
+        for device_id, found in bodies.items():
+            known.setdefault(device_id, set()).update(in_bodies(found, ids[device_id]))
+        decided = plan(rest, highs, known)
+        await link.fetchval(
+            _WRITE_DECIDED,
+            *_batch_columns(decided.stored),
+            list(decided.marks),
+            list(decided.marks.values()),
+            [d for d, _ in decided.exact],
+            [i for _, i in decided.exact],
+        )
+        skipped = {id(b): per for b, per in zip(rest, decided.skipped, strict=True)}
+    return [skipped.get(id(b), []) for b in batches]
 
 
 class _BatchWriter:
@@ -503,8 +598,8 @@ class _BatchWriter:
     async def execute(self, sql: str, params: Row) -> None:
         await self._submit(_Statement(sql, params, self._new_future()))
 
-    async def append_signals(self, rows: list[Row]) -> list[str]:
-        skipped: list[str] = await self._submit(_AppendSignals(rows, self._new_future()))
+    async def append_batches(self, batches: list[EncodedBatch]) -> list[str]:
+        skipped: list[str] = await self._submit(_AppendBatches(batches, self._new_future()))
         return skipped
 
     async def transaction(
@@ -628,11 +723,15 @@ class _BatchWriter:
                 results.extend([None] * len(group))
                 rows += len(params)
                 continue
-            appends = [op for op in group if isinstance(op, _AppendSignals)]
-            all_rows = [row for op in appends for row in op.rows]
-            new = await _insert_signals(self._link, all_rows)
-            results.extend([_already_stored(op.rows, new) for op in appends])
-            rows += len(all_rows)
+            appends = [op for op in group if isinstance(op, _AppendBatches)]
+            batches = [b for op in appends for b in op.batches]
+            skipped = await _append_journal(self._link, batches)
+            # Each caller learns which of its signals were stored already (skipped as resends).
+            at = 0
+            for op in appends:
+                results.append([i for per in skipped[at : at + len(op.batches)] for i in per])
+                at += len(op.batches)
+            rows += sum(len(b.ids) for b in batches) - sum(len(per) for per in skipped)
         return results, rows
 
 
@@ -726,20 +825,28 @@ class PostgresStore(Slots):
     # -- transactions the core's promises rest on --------------------------------------------------------
 
     async def append_signals(self, rows: Sequence[SignalRecord]) -> list[str]:
-        encoded = [_signal_row(r) for r in rows]
-        if not encoded:
+        """One journal row per run of one device and session (journal.py); the ids skipped as stored before."""
+        if not rows:
             return []
-        return await self._writer.append_signals(encoded)
+        return await self._writer.append_batches(batches_from_records(rows))
+
+    async def append_batch(self, batch: JournalBatch) -> list[str]:
+        """One batch as one journal row; returns, once committed, the ids skipped as stored before."""
+        encoded = encode(batch)
+        if encoded is None:
+            return []
+        return await self._writer.append_batches([encoded])
 
     async def commit_offer(self, work: OfferCommit) -> OfferResult:
         """One evaluation's writes in one transaction; guarded cues re-checked under their subject's lock."""
         # Encoded here, in the caller's task, so a bad value raises to its caller, not to a shared batch.
-        signals = [_signal_row(r) for r in work.signals]
+        batches = _work_batches(work)
+        signals = sum(len(b.ids) for b in batches)
         statuses = [(status, float(at), "", cue_id) for cue_id, status, at in work.statuses]
         milestones = [_milestone_row(r) for r in work.milestones]
         encoded_cues = {r.cue_id: _cue_row(r) for r in work.cues}
         guards = list(work.guards)
-        if not (signals or statuses or milestones or work.cues or work.decisions or work.webhooks):
+        if not (batches or statuses or milestones or work.cues or work.decisions or work.webhooks):
             return OfferResult([], {})
 
         async def run(link: _Link) -> tuple[OfferResult, int]:
@@ -766,12 +873,12 @@ class PostgresStore(Slots):
                 )
                 if rows
             ]
-            skipped = _already_stored(signals, await _insert_signals(link, signals)) if signals else []
+            skipped = [i for per in await _append_journal(link, batches) for i in per]
             for sql, rows in steps:
                 await link.executemany(sql, rows)
-            return OfferResult(skipped, refused), len(signals) + sum(len(rows) for _, rows in steps)
+            return OfferResult(skipped, refused), signals + sum(len(rows) for _, rows in steps)
 
-        size = len(signals) + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
+        size = signals + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
         result: OfferResult = await self._writer.transaction(run, size, locks=bool(guards))
         return result
 
@@ -1061,30 +1168,39 @@ class PostgresStore(Slots):
     async def journey(self, device_id: str, *, limit: int = 100, since: float | None = None) -> list[SignalRecord]:
         if limit < 0:
             raise ValueError("limit must not be negative")
-        if limit == 0:
-            return []
-        if since is None:
-            sql = f"{_select('signals', _SIGNAL_COLS)} WHERE device_id = $1 ORDER BY time DESC, seq DESC LIMIT $2"
-            rows = await self._fetch(sql, (device_id, limit))
-        else:
-            sql = (
-                f"{_select('signals', _SIGNAL_COLS)} WHERE device_id = $1 AND time >= $2 "
-                "ORDER BY time DESC, seq DESC LIMIT $3"
-            )
-            rows = await self._fetch(sql, (device_id, float(since), limit))
-        return [_signal_from(tuple(r)) for r in reversed(rows)]
+        return await self._newest("b.device_id = $1", (device_id,), limit, since)
+
+    async def _newest(
+        self, where: str, params: Row, limit: int, since: float | None = None, join: str = ""
+    ) -> list[SignalRecord]:
+        """The newest ``limit`` signals of the batches matching ``where`` (alias b), oldest first: batches are
+        read newest last_time first, a page at a time, until no older one can change the answer."""
+        newest = Newest(limit, since)
+        n = len(params)
+        if since is not None:
+            where, params, n = f"{where} AND b.last_time >= ${n + 1}", (*params, float(since)), n + 1
+        sql = (
+            f"SELECT b.seq, b.device_id, b.session_id, b.received_at, b.last_time, b.body FROM signal_batches AS b"
+            f"{join} WHERE {where} ORDER BY b.last_time DESC, b.seq DESC LIMIT ${n + 1} OFFSET ${n + 2}"
+        )
+        page, offset = 16, 0
+        while not newest.done:
+            rows = await self._fetch(sql, (*params, page, offset))
+            newest.feed([(int(r[0]), str(r[1]), str(r[2]), float(r[3]), float(r[4]), str(r[5])) for r in rows])
+            if len(rows) < page:
+                break
+            offset += page
+            page = min(page * 2, 512)
+        return newest.result()
 
     async def journey_for_user(self, user_id: str, *, limit: int = 100) -> list[SignalRecord]:
-        cols = ", ".join(f"s.{c}" for c in _SIGNAL_COLS)
-        sql = (
-            f"SELECT {cols} FROM signals AS s JOIN sessions AS x ON x.session_id = s.session_id "
-            "WHERE x.user_id = $1 AND x.identified = 1 ORDER BY s.time DESC, s.seq DESC LIMIT $2"
-        )
-        rows = await self._fetch(sql, (user_id, limit))
-        return [_signal_from(tuple(r)) for r in reversed(rows)]
+        join = " JOIN sessions AS x ON x.session_id = b.session_id"
+        return await self._newest("x.user_id = $1 AND x.identified = 1", (user_id,), limit, join=join)
 
     async def count_signals(self, device_id: str) -> int:
-        rows = await self._fetch("SELECT COUNT(*) FROM signals WHERE device_id = $1", (device_id,))
+        rows = await self._fetch(
+            "SELECT COALESCE(SUM(count), 0) FROM signal_batches WHERE device_id = $1", (device_id,)
+        )
         return int(rows[0][0])
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -1216,25 +1332,44 @@ class PostgresStore(Slots):
         return [_engagement_from(tuple(r)) for r in await self._fetch(sql)]
 
     async def recent_signal_ids(self, device_id: str, *, limit: int) -> list[str]:
-        sql = "SELECT signal_id FROM signals WHERE device_id = $1 ORDER BY time DESC, seq DESC LIMIT $2"
-        return [str(r[0]) for r in reversed(await self._fetch(sql, (device_id, limit)))]
+        return [r.signal_id for r in await self._newest("b.device_id = $1", (device_id,), limit)]
 
     # -- privacy ---------------------------------------------------------------------------------------
 
     async def forget_session_journey(self, session_id: str) -> None:
-        await self._execute("DELETE FROM signals WHERE session_id = $1", (session_id,))
+        await self._execute("DELETE FROM signal_batches WHERE session_id = $1", (session_id,))
 
     async def forget_unconsented(self, *, ended_before: float) -> None:
         sessions = "SELECT session_id FROM sessions WHERE consent = 'none' AND COALESCE(ended_at, started_at) < $1"
-        await self._execute(f"DELETE FROM signals WHERE session_id IN ({sessions})", (float(ended_before),))
+        await self._execute(f"DELETE FROM signal_batches WHERE session_id IN ({sessions})", (float(ended_before),))
 
     async def purge_journey(self, older_than: float) -> int:
+        """Retention: whole batches whose newest signal is older go; a batch with signals on both sides keeps
+        the newer ones (rewritten in place). Returns the signals deleted."""
+        cut = float(older_than)
+
         async def run(link: _Link) -> tuple[int, int]:
-            deleted = await link.fetchval(
-                "WITH d AS (DELETE FROM signals WHERE time < $1 RETURNING 1) SELECT count(*) FROM d", float(older_than)
+            removed = int(
+                await link.fetchval(
+                    "WITH d AS (DELETE FROM signal_batches WHERE last_time < $1 RETURNING count) "
+                    "SELECT COALESCE(SUM(count), 0) FROM d",
+                    cut,
+                )
             )
-            await link.execute("DELETE FROM decisions WHERE time < $1", float(older_than))
-            return int(deleted), 2
+            for row in await link.fetch("SELECT seq, body FROM signal_batches WHERE first_time < $1", cut):
+                trim = trimmed(str(row[1]), cut)
+                if trim is not None:
+                    kept, dropped, first = trim
+                    await link.execute(
+                        "UPDATE signal_batches SET body = $1, count = count - $2, first_time = $3 WHERE seq = $4",
+                        kept,
+                        dropped,
+                        first,
+                        row[0],
+                    )
+                    removed += dropped
+            await link.execute("DELETE FROM decisions WHERE time < $1", cut)
+            return removed, 2
 
         result: int = await self._writer.transaction(run, 2)
         return result
@@ -1245,7 +1380,7 @@ class PostgresStore(Slots):
         tables = [*_EXPORT_ORDER, *(t for t, _ in _USER_ROWS if t not in _EXPORT_ORDER)]
         out: dict[str, list[dict[str, Any]]] = {}
         for table in tables:
-            order = " ORDER BY time, seq" if table == "signals" else ""
+            order = " ORDER BY time, batch_seq, position" if table == "signals" else ""
             params = (user_id, subject) if "$2" in where[table] else (user_id,)
             rows = await self._fetch(f"SELECT * FROM {table} WHERE {where[table]}{order}", params)
             out[table] = [_plain(list(r.keys()), tuple(r.values())) for r in rows]
@@ -1259,6 +1394,15 @@ class PostgresStore(Slots):
             await link.execute(_LOCK_SUBJECT, subject)
             for table, where in _USER_ROWS:
                 params = (user_id, subject) if "$2" in where else (user_id,)
+                if table == "signals":
+                    # The journal's rows are batches: count the signals they held.
+                    deleted = await link.fetchval(
+                        f"WITH d AS (DELETE FROM signal_batches WHERE {where} RETURNING count) "
+                        "SELECT COALESCE(SUM(count), 0) FROM d",
+                        *params,
+                    )
+                    counts[table] = int(deleted)
+                    continue
                 status = await link.execute(f"DELETE FROM {table} WHERE {where}", *params)
                 counts[table] = int(status.rsplit(" ", 1)[-1])
             return counts, sum(counts.values())
@@ -1273,7 +1417,7 @@ class PostgresStore(Slots):
         async with self._pool.acquire() as conn:
             for table, _ in _USER_ROWS:
                 self._counter.round_trips += 1
-                await conn.execute(f"VACUUM {table}")
+                await conn.execute(f"VACUUM {'signal_batches' if table == 'signals' else table}")
         return True
 
     # -- device credentials ----------------------------------------------------------------------------

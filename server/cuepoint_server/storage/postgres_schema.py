@@ -283,7 +283,50 @@ _V3 = (
 # Version 4: associate slots and engagement owners shared by replicas (slots.py).
 # Version 5: timers as rows (timer_rows.py), claimed with FOR UPDATE SKIP LOCKED once their owner is gone.
 _V5 = (timers_table("DOUBLE PRECISION"), TIMER_INDEX)
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: SLOTS_SCHEMA_PG, 5: _V5}
+# Version 6: one journal row per batch (journal.py; SQLite's version 17). Each stored signal becomes a batch
+# of one, its id listed in signal_ids (none is a run), and each device's mark is its largest id; the
+# per-signal table gives way to a view of the same name and columns. Ids compare bytewise (COLLATE "C"), as
+# Python compares them, whatever the database's collation.
+_V6 = (
+    f"""CREATE TABLE signal_batches (
+        {_SEQ} PRIMARY KEY,
+        device_id   TEXT NOT NULL,
+        session_id  TEXT NOT NULL,
+        first_time  DOUBLE PRECISION NOT NULL,
+        last_time   DOUBLE PRECISION NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        count       INTEGER NOT NULL,
+        min_id      TEXT COLLATE "C" NOT NULL,
+        max_id      TEXT COLLATE "C" NOT NULL,
+        run         BOOLEAN NOT NULL,
+        body        TEXT NOT NULL
+    )""",
+    "CREATE INDEX signal_batches_device_time ON signal_batches (device_id, last_time, seq)",
+    "CREATE INDEX signal_batches_device_run ON signal_batches (device_id, max_id) WHERE run",
+    "CREATE INDEX signal_batches_session ON signal_batches (session_id)",
+    "CREATE INDEX signal_batches_time ON signal_batches (last_time)",
+    'CREATE TABLE signal_marks (device_id TEXT PRIMARY KEY, high TEXT COLLATE "C" NOT NULL)',
+    """CREATE TABLE signal_ids (
+        device_id TEXT NOT NULL,
+        signal_id TEXT COLLATE "C" NOT NULL,
+        PRIMARY KEY (device_id, signal_id)
+    )""",
+    "INSERT INTO signal_batches (device_id, session_id, first_time, last_time, received_at, count, min_id, max_id,"
+    " run, body) SELECT device_id, session_id, time, time, received_at, 1, signal_id, signal_id, false,"
+    " json_build_array(json_build_array(signal_id, kind, name, time, payload::json))::text FROM signals ORDER BY seq",
+    "INSERT INTO signal_ids (device_id, signal_id) SELECT device_id, signal_id FROM signals ON CONFLICT DO NOTHING",
+    'INSERT INTO signal_marks (device_id, high) SELECT device_id, max(signal_id COLLATE "C") FROM signals'
+    " GROUP BY device_id",
+    "DROP TABLE signals",
+    """CREATE VIEW signals AS
+        SELECT b.device_id, e.value ->> 0 AS signal_id, b.session_id, e.value ->> 1 AS kind, e.value ->> 2 AS name,
+            (e.value ->> 3)::double precision AS time, b.received_at, (e.value -> 4)::text AS payload,
+            b.seq AS batch_seq, e.position - 1 AS position
+        FROM signal_batches AS b
+            CROSS JOIN LATERAL json_array_elements(b.body::json) WITH ORDINALITY AS e(value, position)""",
+)
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: SLOTS_SCHEMA_PG, 5: _V5, 6: _V6}
 PG_SCHEMA_VERSION = max(MIGRATIONS)
 
 # One key for every replica of every schema: migrations are rare and short, so serialising them all is fine.

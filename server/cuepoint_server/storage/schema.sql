@@ -1,4 +1,4 @@
--- Cuepoint storage schema, version 12 (tracked in PRAGMA user_version by sqlite.py).
+-- Cuepoint storage schema, version 17 (tracked in PRAGMA user_version by sqlite.py).
 -- Never edit a released version in place: add a migration step that moves user_version forward.
 -- Dict-valued fields are stored as compact JSON TEXT so they stay queryable with SQLite's json functions.
 -- No foreign keys between tables on purpose: ingesting a signal or an engagement must never be refused
@@ -18,21 +18,44 @@ CREATE TABLE IF NOT EXISTS sessions (
     identified  INTEGER NOT NULL DEFAULT 0
 );
 
--- A rowid table (not WITHOUT ROWID): signal ids are random, so clustering on them would scatter inserts;
--- the rowid also gives a stable arrival-order tie-break for signals with equal times. A (device, signal id)
--- is stored once however long ago it was sent: the unique index below (dropped in version 2, back in 9).
-CREATE TABLE IF NOT EXISTS signals (
+-- The signal journal (version 17; storage/journal.py): one row per batch of signals, not one per signal.
+-- body holds the batch's signals as a compact JSON array [[id, kind, name, time, payload], ...]; the other
+-- columns index it. A rowid table: the rowid gives arrival order (equal times keep the order they came in).
+-- run = 1: every id sorted above the device's high-water mark when stored, so one device's runs cover
+-- disjoint [min_id, max_id] ranges and a resent id is found with one seek on signal_batches_device_run.
+CREATE TABLE IF NOT EXISTS signal_batches (
     device_id   TEXT NOT NULL,
-    signal_id   TEXT NOT NULL,
     session_id  TEXT NOT NULL,
-    kind        TEXT NOT NULL CHECK (kind IN ('event', 'context')),
-    name        TEXT NOT NULL,
-    time        REAL NOT NULL,
+    first_time  REAL NOT NULL,
+    last_time   REAL NOT NULL,
     received_at REAL NOT NULL,
-    payload     TEXT NOT NULL
+    count       INTEGER NOT NULL,
+    min_id      TEXT NOT NULL,
+    max_id      TEXT NOT NULL,
+    run         INTEGER NOT NULL,
+    body        TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS signals_device_time ON signals (device_id, time);
-CREATE UNIQUE INDEX IF NOT EXISTS signals_device_signal ON signals (device_id, signal_id);
+CREATE INDEX IF NOT EXISTS signal_batches_device_time ON signal_batches (device_id, last_time);
+CREATE INDEX IF NOT EXISTS signal_batches_device_run ON signal_batches (device_id, max_id) WHERE run = 1;
+-- Each device's high-water mark: the largest signal id it ever stored (never lowered, kept on erasure:
+-- ids are random and hold nothing of the user).
+CREATE TABLE IF NOT EXISTS signal_marks (
+    device_id TEXT PRIMARY KEY,
+    high      TEXT NOT NULL
+) WITHOUT ROWID;
+-- The ids of every stored batch that was not a run (resends mixed with new ids, ids out of order).
+CREATE TABLE IF NOT EXISTS signal_ids (
+    device_id TEXT NOT NULL,
+    signal_id TEXT NOT NULL,
+    PRIMARY KEY (device_id, signal_id)
+) WITHOUT ROWID;
+-- One row per signal, as the journal looked before version 17 (exports, reports, ad-hoc queries); ordered
+-- by arrival: (batch_seq, position).
+CREATE VIEW IF NOT EXISTS signals AS
+    SELECT b.device_id AS device_id, e.value ->> 0 AS signal_id, b.session_id AS session_id,
+        e.value ->> 1 AS kind, e.value ->> 2 AS name, e.value ->> 3 AS time, b.received_at AS received_at,
+        e.value -> 4 AS payload, b.rowid AS batch_seq, e.key AS position
+    FROM signal_batches AS b, json_each(b.body) AS e;
 
 -- variant: the A/B variant shown ('' without variants); locale: the locale its text was chosen for
 -- ('' = default); button_id: the button the user pressed to answer ('' = none).

@@ -28,6 +28,17 @@ import structlog
 from .audit_log import AUDIT_SCHEMA, AuditRecord, audit_from_row, audit_insert, audit_select
 from .base import AcceptOutcome, FunnelSlice, OfferCommit, OfferResult, StoreClosedError, StoreStats
 from .funnel_sql import funnel_queries
+from .journal import (
+    EncodedBatch,
+    JournalBatch,
+    Newest,
+    batches_from_records,
+    encode,
+    in_bodies,
+    lookup_needed,
+    plan,
+    trimmed,
+)
 from .offer_guard import HISTORY_WHERE, without_refused
 from .predict_state import PREDICT_SCHEMA, PredictState
 from .records import (
@@ -65,7 +76,7 @@ from .timer_rows import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 16
+SCHEMA_VERSION = 17
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -217,6 +228,43 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     15: SLOTS_SCHEMA,
     # Version 16: timers as rows (timer_rows.py), claimable by any replica once their owner is gone.
     16: (timers_table("REAL"), TIMER_INDEX),
+    # Version 17: one journal row per batch (journal.py). Each stored signal becomes a batch of one, its id
+    # listed in signal_ids (none is a run), and each device's mark is its largest id; then the per-signal
+    # table gives way to a view of the same name and columns. (SQLite 3.40's json_array keeps 15
+    # significant digits of a migrated time: microseconds of an epoch time may round.)
+    17: (
+        """CREATE TABLE IF NOT EXISTS signal_batches (
+            device_id   TEXT NOT NULL,
+            session_id  TEXT NOT NULL,
+            first_time  REAL NOT NULL,
+            last_time   REAL NOT NULL,
+            received_at REAL NOT NULL,
+            count       INTEGER NOT NULL,
+            min_id      TEXT NOT NULL,
+            max_id      TEXT NOT NULL,
+            run         INTEGER NOT NULL,
+            body        TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS signal_batches_device_time ON signal_batches (device_id, last_time)",
+        "CREATE INDEX IF NOT EXISTS signal_batches_device_run ON signal_batches (device_id, max_id) WHERE run = 1",
+        "CREATE TABLE IF NOT EXISTS signal_marks (device_id TEXT PRIMARY KEY, high TEXT NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE IF NOT EXISTS signal_ids (
+            device_id TEXT NOT NULL,
+            signal_id TEXT NOT NULL,
+            PRIMARY KEY (device_id, signal_id)
+        ) WITHOUT ROWID""",
+        "INSERT INTO signal_batches (device_id, session_id, first_time, last_time, received_at, count, min_id, max_id,"
+        " run, body) SELECT device_id, session_id, time, time, received_at, 1, signal_id, signal_id, 0,"
+        " json_array(json_array(signal_id, kind, name, time, json(payload))) FROM signals ORDER BY rowid",
+        "INSERT OR IGNORE INTO signal_ids (device_id, signal_id) SELECT device_id, signal_id FROM signals",
+        "INSERT INTO signal_marks (device_id, high) SELECT device_id, MAX(signal_id) FROM signals GROUP BY device_id",
+        "DROP TABLE signals",
+        """CREATE VIEW IF NOT EXISTS signals AS
+            SELECT b.device_id AS device_id, e.value ->> 0 AS signal_id, b.session_id AS session_id,
+                e.value ->> 1 AS kind, e.value ->> 2 AS name, e.value ->> 3 AS time, b.received_at AS received_at,
+                e.value -> 4 AS payload, b.rowid AS batch_seq, e.key AS position
+            FROM signal_batches AS b, json_each(b.body) AS e""",
+    ),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -226,7 +274,6 @@ _BUSY_TIMEOUT_MS = 5000
 _SESSION_COLS = (
     "session_id", "app_id", "device_id", "user_id", "started_at", "context", "consent", "ended_at", "identified",
 )  # fmt: skip
-_SIGNAL_COLS = ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
 _CUE_COLS = (
     "cue_id", "scenario_id", "app_id", "device_id", "subject", "session_id", "created_at", "expires_at",
     "channel", "message", "status", "responded_at", "explanation", "variant", "locale", "button_id",
@@ -276,12 +323,6 @@ _UPSERT_SWITCH = (
     "ON CONFLICT (scenario_id, variant_id) DO UPDATE SET stopped = excluded.stopped, reason = excluded.reason, "
     "time = excluded.time"
 )
-# A resend of a stored signal, however old, is skipped by the unique (device_id, signal_id) index; unlike
-# INSERT OR IGNORE, DO NOTHING does not silently swallow CHECK or NOT NULL violations.
-_INSERT_SIGNALS = (
-    f"INSERT INTO signals ({', '.join(_SIGNAL_COLS)}) VALUES ({', '.join('?' * len(_SIGNAL_COLS))}) "
-    "ON CONFLICT (device_id, signal_id) DO NOTHING"
-)
 
 
 def _select(table: str, cols: Sequence[str]) -> str:
@@ -307,15 +348,6 @@ def _session_row(r: SessionRecord) -> Row:
 
 def _session_from(row: sqlite3.Row) -> SessionRecord:
     return SessionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], bool(row[8]))
-
-
-def _signal_row(r: SignalRecord) -> Row:
-    payload = _dumps(r.payload) if r.payload else "{}"
-    return (r.device_id, r.signal_id, r.session_id, r.kind, r.name, r.time, r.received_at, payload)
-
-
-def _signal_from(row: sqlite3.Row) -> SignalRecord:
-    return SignalRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]))
 
 
 _DECISION_COLS = (
@@ -389,7 +421,7 @@ def _user_queries(user_id: str, subject: str) -> list[tuple[str, str, Row]]:
     order = ("sessions", "signals", "milestones", "predict_labels", "cues", "decisions", "engagements")
     where = dict(_USER_ROWS)
     tables = [*order, *(t for t, _ in _USER_ROWS if t not in order)]
-    order_by = {"signals": " ORDER BY time"}
+    order_by = {"signals": " ORDER BY time, batch_seq, position"}
     return [
         (t, f"SELECT * FROM {t} WHERE {where[t]}{order_by.get(t, '')}", _user_params(where[t], user_id, subject))
         for t in tables
@@ -484,6 +516,8 @@ def _replica_row(rec: ReplicaRecord) -> tuple[object, ...]:
 
 def _replica_from(row: Sequence[Any]) -> ReplicaRecord:
     return ReplicaRecord(str(row[0]), float(row[1]), float(row[2]), str(row[3]), str(row[4]), str(row[5]), bool(row[6]))
+
+
 _SET_OWNER = (
     "INSERT INTO engagement_owners (engagement_id, replica, owned_at) VALUES (?, ?, ?) "
     "ON CONFLICT (engagement_id) DO UPDATE SET replica = excluded.replica, owned_at = excluded.owned_at"
@@ -520,13 +554,13 @@ class _Statement:
 
 
 @dataclass(slots=True, eq=False)
-class _AppendSignals:
-    rows: list[Row]  # in _SIGNAL_COLS order
+class _AppendBatches:
+    batches: list[EncodedBatch]
     future: asyncio.Future[Any]
 
     @property
     def size(self) -> int:
-        return len(self.rows)
+        return sum(len(b.ids) for b in self.batches)
 
 
 @dataclass(slots=True, eq=False)
@@ -538,7 +572,7 @@ class _Transaction:
     size: int = 1
 
 
-_Op = _Statement | _AppendSignals | _Transaction
+_Op = _Statement | _AppendBatches | _Transaction
 
 
 @dataclass(slots=True, eq=False)
@@ -565,7 +599,7 @@ def _same_kind(a: _Op, b: _Op) -> bool:
         return False
     if isinstance(a, _Statement) and isinstance(b, _Statement):
         return a.sql == b.sql
-    return isinstance(a, _AppendSignals) and isinstance(b, _AppendSignals)
+    return isinstance(a, _AppendBatches) and isinstance(b, _AppendBatches)
 
 
 class _BatchWriter:
@@ -589,8 +623,8 @@ class _BatchWriter:
     async def execute(self, sql: str, params: Row) -> None:
         await self._submit(_Statement(sql, params, self._new_future()))
 
-    async def append_signals(self, rows: list[Row]) -> list[str]:
-        skipped: list[str] = await self._submit(_AppendSignals(rows, self._new_future()))
+    async def append_batches(self, batches: list[EncodedBatch]) -> list[str]:
+        skipped: list[str] = await self._submit(_AppendBatches(batches, self._new_future()))
         return skipped
 
     async def transaction(
@@ -729,51 +763,28 @@ class _BatchWriter:
                 results.extend([None] * len(group))
                 rows += len(params)
                 continue
-            appends = [op for op in group if isinstance(op, _AppendSignals)]
-            params = [row for op in appends for row in op.rows]
-            new = await _insert_signals(self._conn, params)
+            appends = [op for op in group if isinstance(op, _AppendBatches)]
+            batches = [b for op in appends for b in op.batches]
+            skipped = await _append_journal(self._conn, batches)
             # Each caller learns which of its signals were stored already (skipped as resends).
-            results.extend([_already_stored(op.rows, new) for op in appends])
-            rows += len(params)
+            at = 0
+            for op in appends:
+                results.append([i for per in skipped[at : at + len(op.batches)] for i in per])
+                at += len(op.batches)
+            rows += sum(len(b.ids) for b in batches) - sum(len(per) for per in skipped)
         return results, rows
 
 
-async def _insert_signals(conn: aiosqlite.Connection, params: list[Row]) -> set[tuple[object, object]] | None:
-    """Insert journal rows, skipping stored (device, id) pairs; the pairs inserted, or None when all were.
-
-    The common case costs nothing extra: the insert count says whether anything was skipped. Only then are
-    the new rows read back, by rowid: SQLite gives inserted rows consecutive rowids above the largest one.
-    """
-    cursor = await conn.executemany(_INSERT_SIGNALS, params)
-    inserted = cursor.rowcount
-    if inserted == len(params):
-        return None
-    if inserted <= 0:
-        return set()
-    last = next(iter(await conn.execute_fetchall("SELECT last_insert_rowid()")))[0]
-    sql = "SELECT device_id, signal_id FROM signals WHERE rowid > ? AND rowid <= ?"
-    return {(r[0], r[1]) for r in await conn.execute_fetchall(sql, (last - inserted, last))}
-
-
-def _insert_signals_now(db: sqlite3.Connection, params: list[Row]) -> set[tuple[object, object]] | None:
-    """``_insert_signals`` on the connection's own thread (inside ``_in_thread``)."""
-    inserted = db.executemany(_INSERT_SIGNALS, params).rowcount
-    if inserted == len(params):
-        return None
-    if inserted <= 0:
-        return set()
-    last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
-    sql = "SELECT device_id, signal_id FROM signals WHERE rowid > ? AND rowid <= ?"
-    return {(r[0], r[1]) for r in db.execute(sql, (last - inserted, last)).fetchall()}
+# --- the journal (journal.py decides; these statements read and write) ------------------------------------
 
 
 def _write_offer(
-    db: sqlite3.Connection, signals: list[Row], steps: list[tuple[str, list[Row]]]
-) -> set[tuple[object, object]] | None:
-    new = _insert_signals_now(db, signals) if signals else None
+    db: sqlite3.Connection, batches: list[EncodedBatch], steps: list[tuple[str, list[Row]]]
+) -> list[list[str]]:
+    skipped = _write_journal(db, batches) if batches else []
     for sql, rows in steps:
         db.executemany(sql, rows)
-    return new
+    return skipped
 
 
 async def _in_thread(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Any:
@@ -781,17 +792,87 @@ async def _in_thread(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: 
     return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-untyped-call]
 
 
-def _already_stored(rows: Sequence[Row], new: set[tuple[object, object]] | None) -> list[str]:
-    if new is None:
+def _work_batches(work: OfferCommit) -> list[EncodedBatch]:
+    """An evaluation's signals as journal batches, encoded in the caller's task."""
+    batches = batches_from_records(work.signals)
+    for batch in work.batches:
+        encoded = encode(batch)
+        if encoded is not None:
+            batches.append(encoded)
+    return batches
+
+
+_INSERT_BATCH = (
+    "INSERT INTO signal_batches (device_id, session_id, first_time, last_time, received_at, count, min_id, max_id,"
+    " run, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_MARK = (
+    "INSERT INTO signal_marks (device_id, high) VALUES (?, ?)"
+    " ON CONFLICT (device_id) DO UPDATE SET high = excluded.high"
+)
+_INSERT_EXACT = "INSERT INTO signal_ids (device_id, signal_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
+# The run that could hold id ?2: runs of a device cover disjoint id ranges, so it is the first ending at or
+# after it (run = 1 spelled out so the partial index serves it).
+_RUN_FOR_ID = (
+    "SELECT rowid, min_id, max_id, body FROM signal_batches WHERE device_id = ? AND run = 1 AND max_id >= ?"
+    " ORDER BY max_id LIMIT 1"
+)
+# What the readers fetch of a stored batch (journal.BatchRow), from signal_batches AS b.
+_BATCH_COLS = "b.rowid, b.device_id, b.session_id, b.received_at, b.last_time, b.body"
+
+
+async def _append_journal(conn: aiosqlite.Connection, batches: list[EncodedBatch]) -> list[list[str]]:
+    """Dedupe and store batches inside the writer's transaction, in one hop to the database thread (each
+    aiosqlite call is a thread hop, which is what made earlier designs slow): the ids skipped per batch."""
+    if not batches:
         return []
-    skipped: list[str] = []
-    for row in rows:
-        key = (row[0], row[1])
-        if key in new:
-            new.discard(key)  # a second copy within the same call is a resend too
-        else:
-            skipped.append(str(row[1]))
+    # aiosqlite runs the function on its connection's own thread, after everything queued before it.
+    skipped: list[list[str]] = await _in_thread(conn, _write_journal, batches)
     return skipped
+
+
+def _write_journal(db: sqlite3.Connection, batches: list[EncodedBatch]) -> list[list[str]]:
+    highs: dict[str, str] = {}
+    for device_id in {b.device_id for b in batches}:
+        row = db.execute("SELECT high FROM signal_marks WHERE device_id = ?", (device_id,)).fetchone()
+        if row is not None:
+            highs[device_id] = str(row[0])
+    need = lookup_needed(batches, highs)
+    known = {d: _stored_ids(db, d, ids) for d, ids in need.items()}
+    decided = plan(batches, highs, known)
+    db.executemany(
+        _INSERT_BATCH,
+        [
+            (b.device_id, b.session_id, b.first_time, b.last_time, b.received_at, len(b.ids), b.min_id, b.max_id,
+             int(run), b.body)
+            for b, run in decided.stored
+        ],
+    )  # fmt: skip
+    db.executemany(_UPSERT_MARK, list(decided.marks.items()))
+    if decided.exact:
+        db.executemany(_INSERT_EXACT, decided.exact)
+    return decided.skipped
+
+
+def _stored_ids(db: sqlite3.Connection, device_id: str, ids: set[str]) -> set[str]:
+    """Which of ``ids`` the device stored: in signal_ids, or inside the run that covers them."""
+    found: set[str] = set()
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), 500):
+        chunk = ordered[start : start + 500]
+        sql = f"SELECT signal_id FROM signal_ids WHERE device_id = ? AND signal_id IN ({', '.join('?' * len(chunk))})"
+        found.update(str(r[0]) for r in db.execute(sql, (device_id, *chunk)))
+    bodies: dict[int, str] = {}
+    covered: tuple[str, str] | None = None
+    for signal_id in ordered:
+        if covered is not None and covered[0] <= signal_id <= covered[1]:
+            continue  # inside the run fetched for an earlier id
+        row = db.execute(_RUN_FOR_ID, (device_id, signal_id)).fetchone()
+        if row is None:
+            break  # no run ends at or after this id, nor after any larger one
+        bodies[int(row[0])] = str(row[3])
+        covered = (str(row[1]), str(row[2]))
+    return found | in_bodies(bodies.values(), ids)
 
 
 # --- store ----------------------------------------------------------------------------------------------
@@ -944,29 +1025,38 @@ class SqliteStore(PredictState, Slots):
         await self._writer.execute(_END_SESSION, (ended_at, session_id))
 
     async def append_signals(self, rows: Sequence[SignalRecord]) -> list[str]:
-        """Append signals to the journal; returns, once committed, the ids skipped as already stored.
+        """Append signals to the journal (one stored batch per run of one device and session); returns, once
+        committed, the ids skipped as already stored.
 
-        A (device, signal id) is stored once, however long ago it was first sent: the journal's unique
-        index enforces it (bench/README.md measures what that costs). The core's in-memory window of
-        recent ids only saves the round trip for the common resend.
+        A (device, signal id) is stored once, however long ago it was first sent: checked against the
+        device's high-water mark and stored ids in the same transaction (journal.py). The core's in-memory
+        window of recent ids only saves the trip for the common resend.
         """
-        encoded = [_signal_row(r) for r in rows]
-        if not encoded:
+        if not rows:
             return []
-        skipped: list[str] = await self._writer.append_signals(encoded)
+        skipped: list[str] = await self._writer.append_batches(batches_from_records(rows))
+        return skipped
+
+    async def append_batch(self, batch: JournalBatch) -> list[str]:
+        """Append one batch as one journal row; returns, once committed, the ids skipped as already stored."""
+        encoded = encode(batch)
+        if encoded is None:
+            return []
+        skipped: list[str] = await self._writer.append_batches([encoded])
         return skipped
 
     async def commit_offer(self, work: OfferCommit) -> OfferResult:
         """Signals, cues, cue statuses, decisions, milestones and cue.offered webhook rows of one evaluation,
         in one transaction; guarded cues are checked against the subject's stored cues first (the single
         writer is the lock: in one process the check agrees with the arbiter's memory)."""
-        signals = [_signal_row(r) for r in work.signals]
+        batches = _work_batches(work)
         encoded_cues = {r.cue_id: _cue_row(r) for r in work.cues}
         statuses = [(status, at, "", cue_id) for cue_id, status, at in work.statuses]
         milestones = [tuple(getattr(r, c) for c in _MILESTONE_COLS) for r in work.milestones]
         guards = list(work.guards)
-        if not (signals or statuses or milestones or work.cues or work.decisions or work.webhooks):
+        if not (batches or statuses or milestones or work.cues or work.decisions or work.webhooks):
             return OfferResult([], {})
+        signals = sum(len(b.ids) for b in batches)
 
         async def run(conn: aiosqlite.Connection) -> tuple[OfferResult, int]:
             refused: dict[str, tuple[str, str]] = {}
@@ -989,13 +1079,12 @@ class SqliteStore(PredictState, Slots):
                 )
                 if rows
             ]
-            # Every write of the evaluation in one call on the connection's thread: a hop per statement cost
-            # more of the event loop (queue, wake-up, callback) than the statements themselves.
-            new = await _in_thread(conn, _write_offer, signals, steps)
-            skipped = _already_stored(signals, new) if signals else []
-            return OfferResult(skipped, refused), len(signals) + sum(len(rows) for _, rows in steps)
+            # Every write of the evaluation in one call on the connection's thread (the journal's dedupe and
+            # insert included): a hop per statement cost more of the event loop than the statements themselves.
+            skipped = [i for per in await _in_thread(conn, _write_offer, batches, steps) for i in per]
+            return OfferResult(skipped, refused), signals + sum(len(rows) for _, rows in steps)
 
-        size = len(signals) + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
+        size = signals + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
         result: OfferResult = await self._writer.transaction(run, size)
         return result
 
@@ -1351,27 +1440,49 @@ class SqliteStore(PredictState, Slots):
         return [_engagement_from(r) for r in await self._fetch(sql, ())]
 
     async def recent_signal_ids(self, device_id: str, *, limit: int) -> list[str]:
-        # (time, rowid) order is what the signals_device_time index holds, so no sort of a long journey.
-        sql = "SELECT signal_id FROM signals WHERE device_id = ? ORDER BY time DESC, rowid DESC LIMIT ?"
-        return [str(r[0]) for r in reversed(await self._fetch(sql, (device_id, limit)))]
+        return [r.signal_id for r in await self._newest("b.device_id = ?", (device_id,), limit)]
 
     # -- privacy ------------------------------------------------------------------------------------
 
     async def forget_session_journey(self, session_id: str) -> None:
         """Drop a session's signals (consent none: nothing persists beyond the session)."""
-        await self._writer.execute("DELETE FROM signals WHERE session_id = ?", (session_id,))
+        await self._writer.execute("DELETE FROM signal_batches WHERE session_id = ?", (session_id,))
 
     async def forget_unconsented(self, *, ended_before: float) -> None:
         """Drop journeys of consent-none sessions that ended (or were left open) before a time."""
         sessions = "SELECT session_id FROM sessions WHERE consent = 'none' AND COALESCE(ended_at, started_at) < ?"
-        await self._writer.execute(f"DELETE FROM signals WHERE session_id IN ({sessions})", (ended_before,))
+        await self._writer.execute(f"DELETE FROM signal_batches WHERE session_id IN ({sessions})", (ended_before,))
 
     async def purge_journey(self, older_than: float) -> int:
-        """Retention: delete signals and decisions older than ``older_than`` (epoch seconds)."""
-        rows = await self._fetch("SELECT COUNT(*) FROM signals WHERE time < ?", (older_than,))
-        await self._writer.execute("DELETE FROM signals WHERE time < ?", (older_than,))
-        await self._writer.execute("DELETE FROM decisions WHERE time < ?", (older_than,))
-        return int(rows[0][0])
+        """Retention: delete signals and decisions older than ``older_than`` (epoch seconds).
+
+        Whole batches go when their newest signal is older; a batch with signals on both sides keeps only
+        the newer ones (rewritten in place). Returns the signals deleted.
+        """
+
+        async def run(conn: aiosqlite.Connection) -> tuple[int, int]:
+            rows = await conn.execute_fetchall(
+                "SELECT COALESCE(SUM(count), 0) FROM signal_batches WHERE last_time < ?", (older_than,)
+            )
+            removed = int(next(iter(rows))[0])
+            await conn.execute("DELETE FROM signal_batches WHERE last_time < ?", (older_than,))
+            straddling = await conn.execute_fetchall(
+                "SELECT rowid, body FROM signal_batches WHERE first_time < ?", (older_than,)
+            )
+            for rowid, body in straddling:
+                cut = trimmed(str(body), older_than)
+                if cut is not None:
+                    kept, dropped, first = cut
+                    await conn.execute(
+                        "UPDATE signal_batches SET body = ?, count = count - ?, first_time = ? WHERE rowid = ?",
+                        (kept, dropped, first, rowid),
+                    )
+                    removed += dropped
+            await conn.execute("DELETE FROM decisions WHERE time < ?", (older_than,))
+            return removed, removed
+
+        removed: int = await self._writer.transaction(run)
+        return removed
 
     async def export_user(self, user_id: str) -> dict[str, list[dict[str, Any]]]:
         """Everything stored about one user, as plain data (right of access)."""
@@ -1387,15 +1498,24 @@ class SqliteStore(PredictState, Slots):
 
         That is the user's sessions with their journeys, cues, decisions and engagements (with chat, channel
         changes, transfers, participants and feedback), and the anonymous sessions of the same devices: what
-        the device did before the user signed in. One transaction. Deleted
-        content is overwritten (``secure_delete``); ``checkpoint()`` then empties the WAL of it.
+        the device did before the user signed in. One transaction. Deleted content is overwritten
+        (``secure_delete``); ``checkpoint()`` then empties the WAL of it. "signals" counts signals, deleted
+        as the journal rows (batches) holding them.
         """
         subject = f"user:{user_id}"
 
         async def run(conn: aiosqlite.Connection) -> tuple[dict[str, int], int]:
             counts: dict[str, int] = {}
             for table, where in _USER_ROWS:
-                cursor = await conn.execute(f"DELETE FROM {table} WHERE {where}", _user_params(where, user_id, subject))
+                params = _user_params(where, user_id, subject)
+                if table == "signals":
+                    found = await conn.execute_fetchall(
+                        f"SELECT COALESCE(SUM(count), 0) FROM signal_batches WHERE {where}", params
+                    )
+                    counts[table] = int(next(iter(found))[0])
+                    await conn.execute(f"DELETE FROM signal_batches WHERE {where}", params)
+                    continue
+                cursor = await conn.execute(f"DELETE FROM {table} WHERE {where}", params)
                 counts[table] = max(cursor.rowcount, 0)
             return counts, sum(counts.values())
 
@@ -1459,18 +1579,30 @@ class SqliteStore(PredictState, Slots):
         """The device's most recent ``limit`` signals (time >= ``since``), oldest first."""
         if limit < 0:
             raise ValueError("limit must not be negative")
-        if limit == 0:
-            return []
-        where, params = "device_id = ?", list[object]([device_id])
+        return await self._newest("b.device_id = ?", (device_id,), limit, since)
+
+    async def _newest(
+        self, where: str, params: Row, limit: int, since: float | None = None, join: str = ""
+    ) -> list[SignalRecord]:
+        """The newest ``limit`` signals of the batches matching ``where`` (alias b), oldest first: batches are
+        read newest last_time first, a page at a time, until no older one can change the answer."""
+        newest = Newest(limit, since)
         if since is not None:
-            where, params = where + " AND time >= ?", [*params, since]
-        # Newest first so LIMIT keeps the latest; rowid breaks ties between equal times by arrival order.
-        sql = f"{_select('signals', _SIGNAL_COLS)} WHERE {where} ORDER BY time DESC, rowid DESC LIMIT ?"
-        rows = await self._fetch(sql, (*params, limit))
-        return [_signal_from(r) for r in reversed(rows)]
+            where, params = f"{where} AND b.last_time >= ?", (*params, since)
+        order = "ORDER BY b.last_time DESC, b.rowid DESC"
+        sql = f"SELECT {_BATCH_COLS} FROM signal_batches AS b{join} WHERE {where} {order}"
+        page, offset = 16, 0
+        while not newest.done:
+            rows = await self._fetch(f"{sql} LIMIT ? OFFSET ?", (*params, page, offset))
+            newest.feed([(int(r[0]), str(r[1]), str(r[2]), float(r[3]), float(r[4]), str(r[5])) for r in rows])
+            if len(rows) < page:
+                break
+            offset += page
+            page = min(page * 2, 512)
+        return newest.result()
 
     async def count_signals(self, device_id: str) -> int:
-        rows = await self._fetch("SELECT COUNT(*) FROM signals WHERE device_id = ?", (device_id,))
+        rows = await self._fetch("SELECT COALESCE(SUM(count), 0) FROM signal_batches WHERE device_id = ?", (device_id,))
         return int(rows[0][0])
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -1551,13 +1683,8 @@ class SqliteStore(PredictState, Slots):
 
     async def journey_for_user(self, user_id: str, *, limit: int = 100) -> list[SignalRecord]:
         """The user's most recent signals across all their devices and sessions, oldest first."""
-        cols = ", ".join(f"s.{c}" for c in _SIGNAL_COLS)
-        sql = (
-            f"SELECT {cols} FROM signals AS s JOIN sessions AS x ON x.session_id = s.session_id "
-            "WHERE x.user_id = ? AND x.identified = 1 ORDER BY s.time DESC, s.rowid DESC LIMIT ?"
-        )
-        rows = await self._fetch(sql, (user_id, limit))
-        return [_signal_from(r) for r in reversed(rows)]
+        join = " JOIN sessions AS x ON x.session_id = b.session_id"
+        return await self._newest("x.user_id = ? AND x.identified = 1", (user_id,), limit, join=join)
 
     async def engagements_for_device(self, device_id: str) -> list[EngagementRecord]:
         """The device's engagements, oldest first."""
