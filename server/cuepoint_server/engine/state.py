@@ -161,7 +161,10 @@ class DeviceState:
         else:
             queue.append(occurrence)
         self._account(1, occurrence_size(occurrence.props))
-        horizon = queue[-1].time - keep_seconds
+        self._trim(queue, queue[-1].time - keep_seconds, occurrence)
+
+    def _trim(self, queue: deque[EventOccurrence], horizon: float, newest: EventOccurrence) -> None:
+        """After an append: drop what fell out of the window or over the cap, then keep memory in bounds."""
         # Always keep the latest occurrence: "last sync took > 30 s" needs it.
         while len(queue) > 1 and queue[0].time < horizon:
             self._discard(queue)
@@ -175,7 +178,7 @@ class DeviceState:
             or memory.count > memory.total_count
             or memory.bytes > memory.total_bytes
         ):
-            self._shed(occurrence)
+            self._shed(newest)
 
     def record_events(
         self,
@@ -195,9 +198,13 @@ class DeviceState:
         """
         n = len(times)
         queue = self.history.get(name)
-        if n < 2 or (queue and times[0] <= queue[-1].time) or not all(map(operator.le, times, times[1:])):
+
+        def one_by_one() -> None:
             for i in range(n):
                 self.record_event(name, EventOccurrence(times[i], ids[i], props[i], seqs[i]), keep_seconds)
+
+        if n < 2 or (queue and times[0] <= queue[-1].time) or not all(map(operator.le, times, times[1:])):
+            one_by_one()
             return
         if queue is None:
             queue = self.history[name] = deque()
@@ -205,8 +212,7 @@ class DeviceState:
             # Tied times: one by one, a remembered occurrence with one of these ids would be a resend (see
             # record_event). Ids in a batch are distinct and new to memory, so only the queue can hold one.
             if not {o.signal_id for o in queue}.isdisjoint(ids):
-                for i in range(n):
-                    self.record_event(name, EventOccurrence(times[i], ids[i], props[i], seqs[i]), keep_seconds)
+                one_by_one()
                 return
         horizon = times[-1] - keep_seconds
         # Nothing before `start` outlives the batch (each call would trim it again: times only grow), and
@@ -220,18 +226,7 @@ class DeviceState:
             queue.append(occurrence)
             size += occurrence_size(occurrence.props)
         self._account(n - start, size)
-        while len(queue) > 1 and queue[0].time < horizon:
-            self._discard(queue)
-        while len(queue) > MAX_OCCURRENCES_PER_EVENT:
-            self._discard(queue, dropped=True)
-        memory = EVENT_MEMORY
-        if (
-            self.event_count > memory.device_count
-            or self.event_bytes > memory.device_bytes
-            or memory.count > memory.total_count
-            or memory.bytes > memory.total_bytes
-        ):
-            self._shed(queue[-1])
+        self._trim(queue, horizon, queue[-1])
 
     def _account(self, count: int, size: int) -> None:
         self.event_count += count
