@@ -39,6 +39,7 @@ from cuepoint_server.logs import configure_logging
 from cuepoint_server.metrics import Metrics
 from cuepoint_server.storage import SqliteStore
 
+# The latency benchmark's scenario too (bench_latency.py imports it): both measure one cue round.
 SCENARIO = """\
 id: bench-help
 name: "Bench: the user asks for help"

@@ -59,22 +59,9 @@ from _common import (
     report,
     temp_dir,
 )
-from _cue_round import cue_rounds
+from _cue_round import SCENARIO, cue_rounds
 
 TARGET_P99_MS = 10.0
-
-SCENARIO = """\
-id: bench-help
-name: "Bench: the user asks for help"
-trigger:
-  event: help_me
-cue:
-  message: "Need a hand?"
-  channel: chat
-  ttl: 2m
-cooldown: 0s
-after_decline: 0s
-"""
 
 
 @dataclass
