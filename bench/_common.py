@@ -387,7 +387,11 @@ class BatchEncoder:
             for _ in range(size)
         ]
         batch = device_pb2.SignalBatch(batch_id=_PLACEHOLDER, sent_at=stamp, signals=signals)
-        raw = device_pb2.DeviceMessage(signals=batch).SerializeToString()
+        self._set_template(device_pb2.DeviceMessage(signals=batch), size)
+
+    def _set_template(self, message: device_pb2.DeviceMessage, size: int) -> None:
+        """Serialize once; the batch id and the ``size`` signal ids become ``%016d`` slots for encode()."""
+        raw = message.SerializeToString()
         template = raw.replace(b"%", b"%%").replace(_PLACEHOLDER.encode(), b"%016d")
         if template.count(b"%016d") != size + 1:
             raise RuntimeError("placeholder collided with encoded bytes; cannot build the template")
@@ -400,7 +404,7 @@ class BatchEncoder:
         return data
 
 
-class ColumnEncoder:
+class ColumnEncoder(BatchEncoder):
     """``DeviceMessage{signal_columns: SignalColumns}`` of ``size`` event signals, encoded once (as BatchEncoder).
 
     The columnar form the SDK sends by default: one string table, ids as one space-separated field, packed
@@ -439,16 +443,7 @@ class ColumnEncoder:
             string_values=text * size,
             int_values=ints * size,
         )
-        raw = device_pb2.DeviceMessage(signal_columns=columns).SerializeToString()
-        template = raw.replace(b"%", b"%%").replace(_PLACEHOLDER.encode(), b"%016d")
-        if template.count(b"%016d") != size + 1:
-            raise RuntimeError("placeholder collided with encoded bytes; cannot build the template")
-        self.size = size
-        self._template = template
-
-    def encode(self, batch_no: int, first_signal: int) -> bytes:
-        data: bytes = self._template % (batch_no, *range(first_signal, first_signal + self.size))
-        return data
+        self._set_template(device_pb2.DeviceMessage(signal_columns=columns), size)
 
 
 # Batch shapes on the wire: a SignalBatch of Signal messages, or the columnar SignalColumns.
