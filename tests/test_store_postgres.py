@@ -45,9 +45,9 @@ async def test_replicas_starting_together_on_a_fresh_database_migrate_once(fresh
         try:
             assert await conn.fetchval("SELECT array_agg(version) FROM cuepoint_schema") == [PG_SCHEMA_VERSION]
             tables = await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
-            # 26 tables of the schema (the journal's signal_batches, signal_marks and signal_ids; signals is a
-            # view since version 6) and cuepoint_schema, each created once
-            assert tables == 27
+            # 27 tables of the schema (the journal's signal_batches, signal_marks and signal_ids; signals is a
+            # view since version 6; the delivery outbox since version 7) and cuepoint_schema, each created once
+            assert tables == 28
         finally:
             await conn.close()
         # All three work on the one schema.

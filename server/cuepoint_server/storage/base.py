@@ -351,6 +351,27 @@ class Store(Protocol):
         """Drop timers that fell due before then, fired or moot (timer_rows.py: why that is safe)."""
         ...
 
+    # -- the delivery outbox (storage/delivery_rows.py; core/delivery.py) ----------------------------
+
+    async def enqueue_delivery(
+        self, recipient: str, body: bytes, now: float, *, engagement_id: str = "", device_id: str = ""
+    ) -> int:
+        """Store a message for the stream `recipient` names; durable once awaited. Returns its row id."""
+        ...
+
+    async def claim_deliveries(self, recipient: str, *, limit: int = 500) -> list[tuple[int, bytes]]:
+        """Take (delete) `recipient`'s oldest rows and return them (id, body) in id order. PostgreSQL: rows
+        another claim holds are skipped, so a row goes to one claimer only."""
+        ...
+
+    async def delivery_recipients(self) -> list[str]:
+        """The recipients that have rows waiting."""
+        ...
+
+    async def expire_deliveries(self, before: float) -> int:
+        """Drop rows stored before `before` (their recipient is held nowhere); how many."""
+        ...
+
     # -- reads ------------------------------------------------------------------------------------
 
     async def journey(self, device_id: str, *, limit: int = 100, since: float | None = None) -> list[SignalRecord]: ...

@@ -29,6 +29,13 @@ import structlog
 
 from .audit_log import AuditRecord, audit_from_row
 from .base import AcceptOutcome, FunnelSlice, OfferCommit, OfferResult, StoreClosedError, StoreStats
+from .delivery_rows import (
+    CLAIM_DELIVERIES,
+    DELIVERY_RECIPIENTS,
+    ENQUEUE_DELIVERY,
+    EXPIRE_DELIVERIES,
+    user_deliveries,
+)
 from .funnel_sql import funnel_queries
 from .journal import (
     EncodedBatch,
@@ -256,12 +263,15 @@ _USER_ROWS = (
         "EXISTS (SELECT 1 FROM cues AS c WHERE (c.subject = $2 OR c.session_id IN "
         f"({_USER_SESSIONS})) AND webhook_outbox.body LIKE '%\"' || c.cue_id || '\"%')",
     ),
+    ("delivery_outbox", user_deliveries(_USER_ENGAGEMENTS, _USER_SESSIONS)),
     ("decisions", f"subject = $2 OR session_id IN ({_USER_SESSIONS})"),
     ("cues", f"subject = $2 OR session_id IN ({_USER_SESSIONS})"),
     ("engagements", f"subject = $2 OR session_id IN ({_USER_SESSIONS})"),
     ("sessions", f"session_id IN ({_USER_SESSIONS})"),
 )
 _EXPORT_ORDER = ("sessions", "signals", "milestones", "predict_labels", "cues", "decisions", "engagements")
+# In transit between replicas, each also stored where it belongs: erased, not exported.
+_NOT_EXPORTED = ("delivery_outbox",)
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
@@ -378,6 +388,9 @@ _CLAIM_TIMERS = _qmarks(CLAIM_TIMERS("FOR UPDATE OF t SKIP LOCKED"))
 _MARK_TIMER_DONE = _qmarks(MARK_TIMER_DONE)
 _INSERT_DONE_TIMER = _qmarks(INSERT_DONE_TIMER)
 _PURGE_TIMERS = _qmarks(PURGE_TIMERS)
+_ENQUEUE_DELIVERY = _qmarks(ENQUEUE_DELIVERY)
+_CLAIM_DELIVERIES = _qmarks(CLAIM_DELIVERIES("FOR UPDATE SKIP LOCKED"))
+_EXPIRE_DELIVERIES = _qmarks(EXPIRE_DELIVERIES)
 
 
 # --- round trips ----------------------------------------------------------------------------------------
@@ -1033,6 +1046,29 @@ class PostgresStore(Slots):
     async def purge_timers(self, due_before: float) -> None:
         await self._execute(_PURGE_TIMERS, (float(due_before),))
 
+    # -- the delivery outbox (delivery_rows.py) ---------------------------------------------------------
+    # One statement each, on the pool (not behind the writer's batches): a message between replicas costs
+    # one round trip to store and one to claim.
+
+    async def enqueue_delivery(
+        self, recipient: str, body: bytes, now: float, *, engagement_id: str = "", device_id: str = ""
+    ) -> int:
+        rows = await self._fetch(_ENQUEUE_DELIVERY, (recipient, engagement_id, device_id, bytes(body), float(now)))
+        return int(rows[0][0])
+
+    async def claim_deliveries(self, recipient: str, *, limit: int = 500) -> list[tuple[int, bytes]]:
+        rows = await self._fetch(_CLAIM_DELIVERIES, (recipient, limit))
+        return sorted((int(r[0]), bytes(r[1])) for r in rows)
+
+    async def delivery_recipients(self) -> list[str]:
+        return [str(r[0]) for r in await self._fetch(DELIVERY_RECIPIENTS)]
+
+    async def expire_deliveries(self, before: float) -> int:
+        rows = await self._fetch(
+            f"WITH d AS ({_EXPIRE_DELIVERIES} RETURNING 1) SELECT count(*) FROM d", (float(before),)
+        )
+        return int(rows[0][0])
+
     async def _with_outbox(
         self, sql: str, params: Row, webhooks: Sequence[WebhookRecord], *, only_if_written: bool = False
     ) -> None:
@@ -1377,7 +1413,7 @@ class PostgresStore(Slots):
     async def export_user(self, user_id: str) -> dict[str, list[dict[str, Any]]]:
         subject = f"user:{user_id}"
         where = dict(_USER_ROWS)
-        tables = [*_EXPORT_ORDER, *(t for t, _ in _USER_ROWS if t not in _EXPORT_ORDER)]
+        tables = [*_EXPORT_ORDER, *(t for t, _ in _USER_ROWS if t not in _EXPORT_ORDER and t not in _NOT_EXPORTED)]
         out: dict[str, list[dict[str, Any]]] = {}
         for table in tables:
             order = " ORDER BY time, batch_seq, position" if table == "signals" else ""

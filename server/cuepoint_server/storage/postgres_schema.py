@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncpg
 import structlog
 
+from .delivery_rows import DELIVERY_INDEX, delivery_table
 from .slots import SLOTS_SCHEMA_PG
 from .timer_rows import TIMER_INDEX, timers_table
 
@@ -326,7 +327,14 @@ _V6 = (
             CROSS JOIN LATERAL json_array_elements(b.body::json) WITH ORDINALITY AS e(value, position)""",
 )
 
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: SLOTS_SCHEMA_PG, 5: _V5, 6: _V6}
+# Version 7: the delivery outbox (delivery_rows.py; SQLite's version 18): traffic between replicas, committed
+# before the bus says it is there.
+_V7 = (
+    delivery_table("DOUBLE PRECISION", "id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "BYTEA"),
+    DELIVERY_INDEX,
+)
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: SLOTS_SCHEMA_PG, 5: _V5, 6: _V6, 7: _V7}
 PG_SCHEMA_VERSION = max(MIGRATIONS)
 
 # One key for every replica of every schema: migrations are rare and short, so serialising them all is fine.

@@ -357,3 +357,15 @@ CREATE TABLE IF NOT EXISTS timers (
     fired_at      REAL
 );
 CREATE INDEX IF NOT EXISTS timers_due ON timers (state, due_at);
+
+-- The delivery outbox (delivery_rows.py): traffic for a stream another replica holds. AUTOINCREMENT: an id
+-- is never used twice, since receivers remember the ids they delivered.
+CREATE TABLE IF NOT EXISTS delivery_outbox (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    recipient     TEXT NOT NULL,
+    engagement_id TEXT NOT NULL DEFAULT '',
+    device_id     TEXT NOT NULL DEFAULT '',
+    body          BLOB NOT NULL,
+    created_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delivery_outbox_recipient ON delivery_outbox (recipient, id);

@@ -27,6 +27,15 @@ import structlog
 
 from .audit_log import AUDIT_SCHEMA, AuditRecord, audit_from_row, audit_insert, audit_select
 from .base import AcceptOutcome, FunnelSlice, OfferCommit, OfferResult, StoreClosedError, StoreStats
+from .delivery_rows import (
+    CLAIM_DELIVERIES,
+    DELIVERY_INDEX,
+    DELIVERY_RECIPIENTS,
+    ENQUEUE_DELIVERY,
+    EXPIRE_DELIVERIES,
+    delivery_table,
+    user_deliveries,
+)
 from .funnel_sql import funnel_queries
 from .journal import (
     EncodedBatch,
@@ -76,7 +85,7 @@ from .timer_rows import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 17
+SCHEMA_VERSION = 18
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -265,6 +274,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
                 e.value -> 4 AS payload, b.rowid AS batch_seq, e.key AS position
             FROM signal_batches AS b, json_each(b.body) AS e""",
     ),
+    # Version 18: the delivery outbox (delivery_rows.py): traffic between replicas, committed before it is sent.
+    18: (delivery_table("REAL", "id INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"), DELIVERY_INDEX),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -409,6 +420,9 @@ _USER_ROWS = (
         "EXISTS (SELECT 1 FROM cues AS c WHERE (c.subject = ?2 OR c.session_id IN "
         f"({_USER_SESSIONS})) AND webhook_outbox.body LIKE '%\"' || c.cue_id || '\"%')",
     ),
+    # Messages between replicas carrying the user's engagements or invitations to their devices (not exported:
+    # in transit, each is also stored where it belongs).
+    ("delivery_outbox", user_deliveries(_USER_ENGAGEMENTS, _USER_SESSIONS)),
     ("decisions", f"subject = ?2 OR session_id IN ({_USER_SESSIONS})"),
     ("cues", f"subject = ?2 OR session_id IN ({_USER_SESSIONS})"),
     ("engagements", f"subject = ?2 OR session_id IN ({_USER_SESSIONS})"),
@@ -416,11 +430,14 @@ _USER_ROWS = (
 )
 
 
+_NOT_EXPORTED = ("delivery_outbox",)
+
+
 def _user_queries(user_id: str, subject: str) -> list[tuple[str, str, Row]]:
     """(table, SELECT of the user's rows, parameters), in export order."""
     order = ("sessions", "signals", "milestones", "predict_labels", "cues", "decisions", "engagements")
     where = dict(_USER_ROWS)
-    tables = [*order, *(t for t, _ in _USER_ROWS if t not in order)]
+    tables = [*order, *(t for t, _ in _USER_ROWS if t not in order and t not in _NOT_EXPORTED)]
     order_by = {"signals": " ORDER BY time, batch_seq, position"}
     return [
         (t, f"SELECT * FROM {t} WHERE {where[t]}{order_by.get(t, '')}", _user_params(where[t], user_id, subject))
@@ -1217,6 +1234,41 @@ class SqliteStore(PredictState, Slots):
 
     async def purge_timers(self, due_before: float) -> None:
         await self._writer.execute(PURGE_TIMERS, (due_before,))
+
+    # -- the delivery outbox (delivery_rows.py) ---------------------------------------------------------
+
+    async def enqueue_delivery(
+        self, recipient: str, body: bytes, now: float, *, engagement_id: str = "", device_id: str = ""
+    ) -> int:
+        params = (recipient, engagement_id, device_id, body, now)
+
+        async def run(conn: aiosqlite.Connection) -> tuple[int, int]:
+            rows = list(await conn.execute_fetchall(ENQUEUE_DELIVERY, params))
+            return int(rows[0][0]), 1
+
+        row_id: int = await self._writer.transaction(run)
+        return row_id
+
+    async def claim_deliveries(self, recipient: str, *, limit: int = 500) -> list[tuple[int, bytes]]:
+        sql = CLAIM_DELIVERIES("")
+
+        async def run(conn: aiosqlite.Connection) -> tuple[list[tuple[int, bytes]], int]:
+            rows = sorted((int(r[0]), bytes(r[1])) for r in await conn.execute_fetchall(sql, (recipient, limit)))
+            return rows, len(rows)
+
+        claimed: list[tuple[int, bytes]] = await self._writer.transaction(run)
+        return claimed
+
+    async def delivery_recipients(self) -> list[str]:
+        return [str(r[0]) for r in await self._fetch(DELIVERY_RECIPIENTS, ())]
+
+    async def expire_deliveries(self, before: float) -> int:
+        async def run(conn: aiosqlite.Connection) -> tuple[int, int]:
+            cursor = await conn.execute(EXPIRE_DELIVERIES, (before,))
+            return max(cursor.rowcount, 0), max(cursor.rowcount, 0)
+
+        expired: int = await self._writer.transaction(run)
+        return expired
 
     async def save_feedback(self, rec: FeedbackRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
         """Store a rating; a second answer for the same engagement is ignored, and so are its webhook rows."""
