@@ -32,6 +32,7 @@ from .api.limits import RateLimiter, RateLimits
 from .bus_nats import NatsBus
 from .clock import Clock, SystemClock
 from .core.audit import AuditTrail
+from .core.delivery import Delivery, DeliveryFaults
 from .core.service import Core, CoreConfig
 from .engine.engine import Engine
 from .engine.scenario_set import ScenarioSet
@@ -79,6 +80,8 @@ class ServerConfig:
     bus: str = ""
     # Subject prefix on the bus: replicas of one deployment share it, other deployments on the same NATS don't.
     bus_prefix: str = "cuepoint"
+    # Tests only: wake-ups of the delivery outbox dropped and repeated (core/delivery.py).
+    delivery_faults: DeliveryFaults | None = None
     core: CoreConfig = field(default_factory=CoreConfig)
     # Watch the scenarios folder and apply edits live (scenarios/reloader.py).
     watch_scenarios: bool = True
@@ -199,6 +202,8 @@ class CuepointServer:
         )
         associate = AssociateServicer(core, auth=auth, sign_in_timeout=config.hello_timeout)
         if config.bus:
+            # Traffic for streams on other replicas is stored before the bus wakes its holder.
+            core.delivery = Delivery(store, core.bus, core.clock, config.delivery_faults)
             # The associate's stream reaches the other replicas' desks through stand-ins there.
             associate.links = AssociateLinks(core, AssociateServicer(core, sign_in_timeout=None))
         associate_pb2_grpc.add_AssociateServiceServicer_to_server(associate, server)
@@ -230,6 +235,8 @@ class CuepointServer:
         # Switches another replica changes from now on reach this one, and this replica is in the replicas
         # registry (core/cluster.py).
         await core.join_cluster(address=f"{config.host}:{port}")
+        if core.delivery is not None:
+            await core.delivery.start()
         if associate.links is not None:
             await associate.links.start()
         # Models of declared outcomes come back from storage; this process trains while it holds the lease.
@@ -344,6 +351,8 @@ class CuepointServer:
             await self.associate_links.stop()
         await self.core.drain()
         await self.core.leave_cluster()
+        if self.core.delivery is not None:
+            await self.core.delivery.stop()
         await self.core.bus.close()
         await self.core.stop_training()
         if self.webhooks is not None:

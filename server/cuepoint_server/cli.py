@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .api.limits import RateLimits
     from .app import CuepointServer, ServerConfig
     from .core.core_base import CoreConfig
+    from .core.delivery import DeliveryFaults
     from .logs import configure_logging
     from .scenarios.loader import ScenarioError
 
@@ -90,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_connection_age_grace=args.max_connection_age_grace,
             bus=args.bus,
             bus_prefix=args.bus_prefix,
+            delivery_faults=DeliveryFaults.parse(args.test_delivery_faults),
         )
         try:
             server = await CuepointServer.start(config)
@@ -457,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--bus-prefix", default="cuepoint", help="NATS subject prefix shared by one deployment's replicas"
     )
+    # Tests only (core/delivery.py): lose and repeat wake-ups, so tests prove the outbox rows carry the traffic.
+    serve.add_argument("--test-delivery-faults", default="", help=argparse.SUPPRESS)
     serve.add_argument(
         "--replica-ttl",
         type=float,

@@ -9,8 +9,12 @@ named it), or to every replica when it names none (presence). The home re-announ
 so a replica that starts later (or missed a message) opens its stand-in then, and a stand-in whose home went
 quiet for three sweeps signs out, which puts its engagements back in their queues.
 
-Topics: `desk` (broadcast: link announced / gone), `assoc-in.<replica>` (a message for that replica's
-stand-in), `assoc-out.<link>` (an event for the home).
+What travels between a home and its stand-ins is stored first (core/delivery.py): a stand-in's event is a
+row for `link:<link>` (the home's side), a message for a stand-in a row for `stand-in:<link>:<replica>`, an
+invitation for a device on another replica a row for `device:<device>`; the bus only wakes the holder, and
+the cluster sweep takes what a lost wake-up left. So no offer, chat line or accept is lost with a bus
+message, and none arrives twice. The `desk` topic (broadcast: link announced / gone) stays a plain message:
+the home re-announces every sweep.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -30,6 +35,7 @@ from google.protobuf.message import Message
 from cuepoint.v1 import associate_pb2
 
 from ..core.bus import Bus
+from ..core.delivery import Delivery
 from ..core.model import Forwarded, SessionFailed
 from ..core.service import Core
 from ..core.sessions import AssociateSession
@@ -38,7 +44,25 @@ __all__ = ["AssociateLinks", "Link"]
 
 log = structlog.get_logger("cuepoint.api.associate_links")
 
-DESK, TO_STAND_IN, TO_HOME = "desk", "assoc-in", "assoc-out"
+DESK = "desk"
+# Seconds a stand-in's slot release waits for what it wrote to be stored (a stuck store holds no slot long).
+SETTLE_WAIT = 2.0
+
+
+def home_recipient(link_id: str) -> str:
+    return f"link:{link_id}"
+
+
+def stand_in_recipient(link_id: str, replica: str) -> str:
+    return f"stand-in:{link_id}:{replica}"
+
+
+def device_recipient(device_id: str) -> str:
+    return f"device:{device_id}"
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _b64(message: Message) -> str:
@@ -49,6 +73,12 @@ def engagement_of(message: Message) -> str:
     """The engagement an AssociateMessage or AssociateEvent is about ("" when none)."""
     kind = message.WhichOneof("kind")
     return str(getattr(getattr(message, kind), "engagement_id", "")) if kind else ""
+
+
+def device_of(message: Message) -> str:
+    """The device an invitation (or its result) is for ("" when none): whose data the message carries."""
+    kind = message.WhichOneof("kind")
+    return str(getattr(getattr(message, kind), "device_id", "")) if kind else ""
 
 
 @dataclass(eq=False)
@@ -74,23 +104,54 @@ class _StandIn:
 
 
 class _StandInContext:
-    """What AssociateServicer.Connect needs of a grpc.aio.ServicerContext, writing to the bus."""
+    """What AssociateServicer.Connect needs of a grpc.aio.ServicerContext, writing to the home's outbox rows."""
 
     def __init__(self, links: AssociateLinks, stand_in: _StandIn) -> None:
         self._links, self._stand_in = links, stand_in
+        self._associate: AssociateSession | None = None
+        self._writing = 0
 
     def invocation_metadata(self) -> tuple[()]:
         return ()  # the home checked the credentials; auth is off for stand-ins
 
     async def write(self, event: associate_pb2.AssociateEvent) -> None:
         if event.WhichOneof("kind") == "signed_in":
-            return  # the home already said so
-        body = {"event": _b64(event), "engagement_id": engagement_of(event)}
-        await self._links.bus.publish(TO_HOME, self._stand_in.link_id, body)
+            # The home already said so. The session the stand-in signed in: its slots wait for settle().
+            self._associate = self._links.core.router.find(event.signed_in.associate_id)
+            if self._associate is not None:
+                self._associate.settle = self.settle
+            return
+        engagement_id = engagement_of(event)
+        body = {"event": _b64(event), "engagement_id": engagement_id, "replica": self._links.replica}
+        await self._to_home(body, engagement_id=engagement_id, device_id=device_of(event))
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
-        await self._links.bus.publish(TO_HOME, self._stand_in.link_id, {"failed": details or code.name})
+        await self._to_home({"failed": details or code.name, "replica": self._links.replica})
         raise _StandInEnded(details)
+
+    async def _to_home(self, body: dict[str, Any], *, engagement_id: str = "", device_id: str = "") -> None:
+        self._writing += 1
+        try:
+            await self._links.delivery.send(
+                home_recipient(self._stand_in.link_id),
+                _encode(body),
+                replica=self._stand_in.home,
+                engagement_id=engagement_id,
+                device_id=device_id,
+            )
+        finally:
+            self._writing -= 1
+
+    async def settle(self) -> None:
+        """Return once everything the desk sent this stand-in so far is stored for the home (the servicer
+        takes an item off the outbox and starts writing it without awaiting in between)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + SETTLE_WAIT
+        while self._writing or (self._associate is not None and not self._associate.outbox.empty()):
+            if loop.time() >= until:
+                log.warning("associate.stand_in_settle_slow", link=self._stand_in.link_id)
+                return
+            await asyncio.sleep(0.005)
 
     async def abort_with_status(self, status: Any) -> NoReturn:
         await self.abort(status.code, status.details)
@@ -105,6 +166,9 @@ class AssociateLinks:
         """`servicer`: an AssociateServicer without auth (the home authenticated) for the stand-ins."""
         self.core = core
         self.bus: Bus = core.bus
+        if core.delivery is None:
+            raise ValueError("associate links need the delivery outbox (core.delivery)")
+        self.delivery: Delivery = core.delivery
         self._servicer = servicer
         self._sweep_every = sweep_every
         self._links: dict[str, Link] = {}
@@ -117,9 +181,8 @@ class AssociateLinks:
 
     async def start(self) -> None:
         await self.bus.subscribe(DESK, "", self._on_desk)
-        await self.bus.subscribe(TO_STAND_IN, self.replica, self._on_message)
-        # Presence broadcasts reach every replica's stand-ins of a link.
-        await self.bus.subscribe(TO_STAND_IN, "", self._on_message)
+        # An invitation for a device connected here goes to this replica's stand-in of the inviter's stream.
+        self.delivery.hold_by(self._device_receiver)
         self._sweeper = asyncio.create_task(self._sweep(), name="cuepoint-associate-links")
 
     async def stop(self) -> None:
@@ -135,16 +198,16 @@ class AssociateLinks:
         if tasks:
             await asyncio.wait(tasks, timeout=2)
         await self.bus.unsubscribe(DESK, "")
-        await self.bus.unsubscribe(TO_STAND_IN, self.replica)
-        await self.bus.unsubscribe(TO_STAND_IN, "")
 
     # -- the home's side ------------------------------------------------------------------------------------
 
     async def open(self, associate: AssociateSession, sign_in: associate_pb2.AssociateMessage) -> Link:
         link = Link(uuid.uuid4().hex, associate, sign_in)
         self._links[link.link_id] = link
+        recipient = home_recipient(link.link_id)
 
-        async def from_stand_in(_key: str, body: dict[str, Any]) -> None:
+        async def from_stand_in(data: bytes) -> None:
+            body = json.loads(data)
             if "failed" in body:
                 associate.send(SessionFailed(str(body["failed"])))
                 return
@@ -152,30 +215,59 @@ class AssociateLinks:
                 link.owners[str(body["engagement_id"])] = str(body["replica"])
             associate.send(Forwarded(base64.b64decode(body["event"])))
 
-        await self.bus.subscribe(TO_HOME, link.link_id, from_stand_in)
+        async def settle() -> None:
+            await self.delivery.claim(recipient)
+
+        self.delivery.hold(recipient, from_stand_in)
+        associate.settle = settle
         await self._announce(link, "open")
         return link
 
     async def forward(self, link: Link, message: associate_pb2.AssociateMessage) -> bool:
         """Send `message` to the replica owning its engagement; True when it is not this replica's to handle."""
         engagement_id = engagement_of(message)
+        kind = message.WhichOneof("kind")
         if engagement_id and self.core.desk.get(engagement_id) is None:
             owner = link.owners.get(engagement_id)
             if owner and owner != self.replica:
-                await self.bus.publish(TO_STAND_IN, owner, {"link": link.link_id, "message": _b64(message)})
+                await self._to_stand_in(link, owner, message, engagement_id)
                 return True
             return False
-        if not engagement_id and message.WhichOneof("kind") == "presence":
+        if kind == "invite" and not self.core.holds_device(message.invite.device_id):
+            return await self._invite_elsewhere(link, message)
+        if not engagement_id and kind == "presence":
             # Presence is the associate's, wherever their engagements live: every stand-in takes it too.
-            await self.bus.publish(TO_STAND_IN, "", {"link": link.link_id, "message": _b64(message)})
+            for replica in sorted(await self.core.live_replicas() - {self.replica}):
+                await self._to_stand_in(link, replica, message, "")
         return False
+
+    async def _to_stand_in(
+        self, link: Link, replica: str, message: associate_pb2.AssociateMessage, engagement_id: str
+    ) -> None:
+        body = _encode({"link": link.link_id, "message": _b64(message)})
+        recipient = stand_in_recipient(link.link_id, replica)
+        await self.delivery.send(recipient, body, replica=replica, engagement_id=engagement_id)
+
+    async def _invite_elsewhere(self, link: Link, message: associate_pb2.AssociateMessage) -> bool:
+        """An invitation for a device connected to another replica: that replica's stand-in of this stream
+        invites it (its answer comes back like any event). False when no replica holds the device: handled
+        here, it is refused as not connected."""
+        device_id = message.invite.device_id
+        holders, unanswered = await self.core.device_holders(device_id)
+        if not holders and not unanswered:
+            return False
+        # Sure of the one holder: wake only it; else every replica, and whoever holds the device takes it.
+        replica = holders[0] if len(holders) == 1 and not unanswered else ""
+        body = _encode({"link": link.link_id, "message": _b64(message)})
+        await self.delivery.send(device_recipient(device_id), body, replica=replica, device_id=device_id)
+        return True
 
     async def close(self, link: Link) -> None:
         if self._links.pop(link.link_id, None) is None:
             return
+        self.delivery.release(home_recipient(link.link_id))
         with contextlib.suppress(Exception):
             await self._announce(link, "closed")
-        await self.bus.unsubscribe(TO_HOME, link.link_id)
 
     async def _announce(self, link: Link, state: str) -> None:
         body = {"state": state, "link": link.link_id, "sign_in": _b64(link.sign_in)}
@@ -199,14 +291,29 @@ class AssociateLinks:
         sign_in = associate_pb2.AssociateMessage.FromString(base64.b64decode(body["sign_in"]))
         stand_in = _StandIn(link_id, home, last_heard=now)
         self._stand_ins[link_id] = stand_in
+        self.delivery.hold(stand_in_recipient(link_id, self.replica), lambda data: self._on_message(stand_in, data))
         stand_in.task = asyncio.create_task(self._run(stand_in, sign_in), name=f"cuepoint-stand-in-{link_id}")
         log.info("associate.stand_in", link=link_id, home=home, associate_id=sign_in.sign_in.associate_id)
 
-    async def _on_message(self, _key: str, body: dict[str, Any]) -> None:
-        stand_in = self._stand_ins.get(str(body.get("link", "")))
-        if stand_in is None or body.get("replica") == self.replica:
-            return
+    async def _on_message(self, stand_in: _StandIn, data: bytes) -> None:
+        body = json.loads(data)
         stand_in.inbox.put_nowait(associate_pb2.AssociateMessage.FromString(base64.b64decode(body["message"])))
+
+    def _device_receiver(self, recipient: str) -> Callable[[bytes], Awaitable[None]] | None:
+        kind, _, device_id = recipient.partition(":")
+        if kind != "device" or not self.core.holds_device(device_id):
+            return None
+
+        async def receive(data: bytes) -> None:
+            body = json.loads(data)
+            stand_in = self._stand_ins.get(str(body.get("link", "")))
+            if stand_in is None:
+                # The inviter signed out (or its link is not open here yet): nobody to answer.
+                log.warning("associate.invitation_unrouted", link=body.get("link"), device_id=device_id)
+                return
+            await self._on_message(stand_in, data)
+
+        return receive
 
     async def _run(self, stand_in: _StandIn, sign_in: associate_pb2.AssociateMessage) -> None:
         async def requests() -> AsyncIterator[associate_pb2.AssociateMessage]:
@@ -223,6 +330,7 @@ class AssociateLinks:
         finally:
             if self._stand_ins.get(stand_in.link_id) is stand_in:
                 del self._stand_ins[stand_in.link_id]
+                self.delivery.release(stand_in_recipient(stand_in.link_id, self.replica))
 
     def _end_stand_in(self, stand_in: _StandIn) -> None:
         stand_in.inbox.put_nowait(None)

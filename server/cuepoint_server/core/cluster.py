@@ -27,6 +27,7 @@ import structlog
 
 from ..storage import ReplicaRecord
 from .bus import OPS, ROOM
+from .delivery import Delivery
 from .replicas import MISSED_SWEEPS, SWEEP_EVERY, ReplicaStatus, replica_alive, replica_statuses
 from .timer_claims import TimerClaims
 
@@ -65,6 +66,8 @@ class Cluster(TimerClaims):
     sweep_every: float = SWEEP_EVERY
     _joined_at: float | None = None
     _asking: dict[str, _Asking]  # questions waiting for answers, by request id (set at join)
+    # Traffic for streams on other replicas, stored first (core/delivery.py); None alone (app.py sets it).
+    delivery: Delivery | None = None
 
     async def join_cluster(self, address: str = "", sweep_every: float = SWEEP_EVERY) -> None:
         """Register in the replicas table and listen to the other replicas.
@@ -224,7 +227,10 @@ class Cluster(TimerClaims):
             await self._heartbeat_quietly()
             if not self.bus.shared:
                 continue  # alone, every switch was set here
-            for step in (self.sync_switches, self.adopt_orphans):
+            steps = [self.sync_switches, self.adopt_orphans]
+            if self.delivery is not None:
+                steps.append(self.delivery.sweep)  # what the bus lost on the way (core/delivery.py)
+            for step in steps:
                 try:
                     await step()
                 except Exception:

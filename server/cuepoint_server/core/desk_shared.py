@@ -234,6 +234,9 @@ class SharedSlots(Bots):
         now = self.clock.now()
 
         async def job() -> None:
+            # A stand-in's "ended" (or offer withdrawn) is stored for the associate's home before the slot is
+            # free for another replica to offer: the associate hears of the end first.
+            await self._settle(self.router.find(associate_id))
             await self.store.release_slot(key, associate_id, now)
             await self._announce_room(associate_id)
 
@@ -262,8 +265,23 @@ class SharedSlots(Bots):
     def room_for(self, associate_id: str) -> None:
         """Another replica says `associate_id` got room: offer them what waits here."""
         associate = self.router.find(associate_id)
-        if associate is not None and self.shared:
-            self._fill_shared(associate)
+        if associate is None or not self.shared:
+            return
+
+        async def job() -> None:
+            # The associate's home takes what its stand-ins stored for it (the "ended" that made this room)
+            # before offering anything new.
+            await self._settle(associate)
+            await self._fill(associate)
+
+        self._slot_job(job)
+
+    async def _settle(self, associate: AssociateSession | None) -> None:
+        if associate is not None and associate.settle is not None:
+            try:
+                await associate.settle()
+            except Exception:
+                log.warning("slots.settle_failed", associate_id=associate.associate_id, exc_info=True)
 
     def sweep_slots(self) -> None:
         """Every few seconds (core/cluster.py): give back stale slots, then try every associate with room

@@ -33,6 +33,10 @@ MAX_REASON = 200
 
 
 class Invitations(Evaluation):
+    def holds_device(self, device_id: str) -> bool:
+        """Whether the device's stream is connected to this process (an invitation for it is handled here)."""
+        return device_id in self._reg.sessions
+
     def invite(
         self, associate: AssociateSession, device_id: str, channel: str, message: str, reason: str
     ) -> InvitationResult:

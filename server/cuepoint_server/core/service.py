@@ -47,6 +47,10 @@ class DeviceView:
     scores: dict[str, Any] = field(default_factory=dict)
 
 
+# The question asking which replica holds a device's stream.
+HOLDS = "holds-device"
+
+
 class Core(SessionLifecycle, Invitations, Privacy, Cluster):
     """The domain core the API adapters (gRPC, HTTP) and `simulate` drive."""
 
@@ -131,11 +135,21 @@ class Core(SessionLifecycle, Invitations, Privacy, Cluster):
         answers, unanswered = await self.ask_replicas(LIVE)
         return merge_live(here, answers, unanswered) if answers or unanswered else here
 
+    async def device_holders(self, device_id: str) -> tuple[list[str], list[str]]:
+        """The other replicas whose process holds `device_id`'s stream, and the live ones that did not say
+        (an invitation for it goes there: api/associate_links.py)."""
+        answers, unanswered = await self.ask_replicas(HOLDS, {"device_id": device_id})
+        return sorted(replica for replica, items in answers.items() if items), unanswered
+
     def answerers(self) -> dict[str, Answerer]:
         async def live(_args: dict[str, Any]) -> list[dict[str, Any]]:
             return live_items(self.live_now())
 
-        return {LIVE: live}
+        async def holds(args: dict[str, Any]) -> list[dict[str, Any]]:
+            device_id = str(args.get("device_id", ""))
+            return [{"device_id": device_id}] if self.holds_device(device_id) else []
+
+        return {LIVE: live, HOLDS: holds}
 
     def queue_loads(self) -> list[QueueLoad]:
         """Per queue (of a scenario, an associate or a waiting engagement): waiting engagements, associates."""

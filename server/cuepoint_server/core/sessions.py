@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -251,6 +251,10 @@ class AssociateSession:
     closed: bool = False
     # Connection lost, within the grace period before sign-out: keeps what it holds, takes nothing new.
     detached: bool = False
+    # Several replicas (api/associate_links.py): brings the stream up to date across them before a slot is
+    # given back or offered again. A stand-in: what it was sent is stored for the associate's home (so the
+    # "ended" is on its way before another replica may offer the slot); the home: what waits for it is taken.
+    settle: Callable[[], Awaitable[None]] | None = None
 
     @property
     def available(self) -> bool:
