@@ -92,7 +92,7 @@ async def cue_rounds(tmp: Path, rounds: int, devices: int = 200, concurrent: int
                 for k, session in enumerate(tick):
                     raw = trigger.encode(done + k, done + k)
                     core.ingest(session, convert.batch_from_proto(from_message(raw).signals))
-                await _settle(tick)
+                await _settle(core, tick)
                 answers = []
                 for session in tick:
                     while not session.outbox.empty():
@@ -103,7 +103,7 @@ async def cue_rounds(tmp: Path, rounds: int, devices: int = 200, concurrent: int
                 cues += len(answers)
                 for session, cue_id in answers:
                     await core.respond(session, cue_id, "declined")
-                await _settle(tick)
+                await _settle(core, tick)
                 done += concurrent
             cpu, wall, loop_cpu = _cpu() - cpu0, time.perf_counter() - wall0, time.thread_time() - loop0
             if cues != done:
@@ -132,10 +132,10 @@ def _prepare(tmp: Path) -> tuple[Path, TextIO]:
     return folder, open(os.devnull, "w")  # closed by the caller's with
 
 
-async def _settle(sessions: list[Any]) -> None:
-    writes = [w for s in sessions for w in s.writes]
-    if writes:
-        await asyncio.gather(*writes)
+async def _settle(core: Any, sessions: list[Any]) -> None:
+    """Until each session's batches are committed and acked, and its other writes are done."""
+    for session in sessions:
+        await core.settle(session)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ SQLite thread), the unit bench_ingest.py uses for the server process.
 
 from __future__ import annotations
 
-import asyncio
 import resource
 import time
 from pathlib import Path
@@ -73,8 +72,7 @@ async def ingest_like_bench_ingest(tmp: Path, shape: str, batch: int, signals: i
                 incoming = to_batch(getattr(message, "signal_columns" if shape == "columns" else "signals"))
                 core.ingest(sessions[k % DEVICES], incoming)
             for session in sessions:
-                if session.writes:
-                    await asyncio.gather(*list(session.writes))
+                await core.settle(session)  # committed and acked (core/group_commit.py)
         cpu, wall = _cpu() - cpu0, time.perf_counter() - wall0
         total = rounds * per_round * batch
         acked = 0

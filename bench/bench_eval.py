@@ -270,7 +270,7 @@ async def _ingest_once(scenarios: ScenarioSet, event: str, batch: int, total: in
         for first in range(0, len(batches), 20):
             for incoming in batches[first : first + 20]:
                 core.ingest(session, incoming)
-            await asyncio.gather(*list(session.writes))
+            await core.settle(session)
         elapsed = time.perf_counter() - started
         signals = len(batches) * batch
         acked = 0

@@ -31,6 +31,7 @@ from .bus import Bus, LocalBus
 from .consent import shared
 from .deadlines import CUE_EXPIRY, timer
 from .engagements import DeskConfig, EngagementDesk
+from .group_commit import GroupCommit
 from .model import CueOffer, SessionFailed
 from .observers import CoreObserver
 from .sessions import DeviceSession, PendingCue, Unit
@@ -95,6 +96,8 @@ class CoreBase:
         self.bus: Bus = LocalBus()
         self._reg = Registry()
         self._background: set[asyncio.Task[Any]] = set()
+        # Applied signal batches of every session, committed together and acked by one task (core/ingest.py).
+        self._group = GroupCommit(self._commit_round)
         self.desk = EngagementDesk(
             store,
             engine,
@@ -144,6 +147,20 @@ class CoreBase:
             session.notify_room()
 
         task.add_done_callback(done)
+
+    async def _commit_round(self, sessions: list[DeviceSession]) -> None:
+        raise NotImplementedError  # core/ingest.py
+
+    async def acked(self, session: DeviceSession) -> None:
+        """Wait until every batch the session applied so far is committed and its ack is on the outbox."""
+        if session.acks is not None or session.committing:
+            await self._group.settled(session)
+
+    async def settle(self, session: DeviceSession) -> None:
+        """Wait until what the session did so far is stored: its batches (acked by then) and tracked writes."""
+        await self.acked(session)
+        if session.writes:
+            await asyncio.gather(*session.writes, return_exceptions=True)
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(work)
@@ -312,6 +329,7 @@ class CoreBase:
 
     async def drain(self) -> None:
         """Wait for background writes; used on shutdown."""
+        await self._group.idle()
         pending: set[asyncio.Future[Any]] = set(self._background)
         for session in [*self._reg.sessions.values(), *(gone for gone, _ in self._reg.away.values())]:
             pending |= session.writes

@@ -5,7 +5,6 @@ Also the one timer per device that wakes time-driven scenarios (idle, dwell, abs
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -464,9 +463,8 @@ class Evaluation(Scoring):
             self.arbiter.remember_decline(session.subject, pending.scenario_id, now, session.session_id)
         if response == "accepted":
             self.arbiter.remember_engagement(session.subject, session.session_id)
-            if session.writes:
-                # The journey the associate sees must include every signal that led here.
-                await asyncio.gather(*session.writes, return_exceptions=True)
+            # The journey the associate sees must include every signal that led here.
+            await self.settle(session)
             await self.desk.start(session, pending, now, button_id, answered)
             self._emit_cue("cue.answered", answered)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from itertools import repeat
 from typing import Any
@@ -264,52 +265,101 @@ class Ingest(Recovery, Identity):
         )
 
     def _queue_ack(self, session: DeviceSession, pending: PendingAck) -> None:
-        """Queue an applied batch for its commit and ack; start the session's commit task if none runs.
+        """Queue an applied batch for the next group commit (core/group_commit.py), which acks it."""
+        self._group.put(session, pending)
 
-        One task per session at a time, not one per batch: while a commit is in flight the next batches
-        queue up, and the task stores them together in one write (one group commit) and acks each.
+    async def _commit_round(self, sessions: list[DeviceSession]) -> None:
+        """One group commit: what every queued session applied, stored together, then each batch acked.
+
+        Per session, in order: its leading batches that are only signals, or else its first batch with
+        something evaluated staged beside its signals (cues, decisions, milestones: its own transaction,
+        committed beside the append, then shown before its ack). The rest waits for the next round, so a
+        session's acks and cues leave in the order its batches came. A session whose signal ids another
+        session in this round also sent waits too: storage reports skipped resends by id, and within a
+        round each id must name one batch.
         """
-        if session.acks is None:
-            session.acks = [pending]
-            self._track(session, self._commit_acks(session))
-        else:
-            session.acks.append(pending)
-
-    async def _commit_acks(self, session: DeviceSession) -> None:
-        while session.acks:
-            group, session.acks = session.acks, []
+        plain: list[tuple[DeviceSession, list[PendingAck]]] = []
+        units: list[tuple[DeviceSession, PendingAck]] = []
+        later: list[DeviceSession] = []
+        seen: set[str] = set()
+        for session in sessions:
+            group = session.acks
+            assert group is not None
+            session.acks = None
             for pending in group:
                 self._seal_unit(session, pending.unit)
-            plain: list[PendingAck] = []
-            for pending in group:
-                if pending.plain():
-                    plain.append(pending)
+            if not group[0].plain():
+                taken = 1
+                units.append((session, group[0]))
+            else:
+                taken = 1
+                while taken < len(group) and group[taken].plain():
+                    taken += 1
+                ids = [i for pending in group[:taken] for i in pending.fresh] if taken > 1 else group[0].fresh
+                if not seen.isdisjoint(ids):
+                    session.acks = group
+                    later.append(session)
                     continue
-                await self._append_plain(session, plain)
-                plain = []
-                # Cues, decisions or milestones ride with these signals: one transaction, then shown.
-                self._acked(session, pending, await self._commit_unit(session, pending.unit))
-            await self._append_plain(session, plain)
-            session.notify_room()
-        session.acks = None
+                seen.update(ids)
+                plain.append((session, group[:taken]))
+            session.committing += taken
+            if taken < len(group):
+                session.acks = group[taken:]
+                later.append(session)
+        self._group.requeue(later)
+        rows = [row for _, taken_ in plain for pending in taken_ for row in pending.rows]
+        skipped: list[str] | None
+        if units:
+            results = await asyncio.gather(
+                self._append_round(rows), *(self._commit_unit(session, pending.unit) for session, pending in units)
+            )
+            skipped = results[0]
+            for (session, pending), result in zip(units, results[1:], strict=True):
+                self._acked(session, pending, result)
+        else:
+            skipped = await self._append_round(rows)
+        if skipped is None:
+            await self._append_each(plain)
+        else:
+            known = set(skipped)
+            for session, taken_ in plain:
+                for pending in taken_:
+                    self._acked(session, pending, [i for i in pending.fresh if i in known] if known else [])
+        for session, taken_ in plain:
+            self._settle_taken(session, len(taken_))
+        for session, _ in units:
+            self._settle_taken(session, 1)
 
-    async def _append_plain(self, session: DeviceSession, group: list[PendingAck]) -> None:
-        """Store batches that are only signals in one append, then ack each in order."""
-        if not group:
-            return
-        rows = group[0].rows if len(group) == 1 else [row for pending in group for row in pending.rows]
+    def _settle_taken(self, session: DeviceSession, count: int) -> None:
+        session.committing -= count
+        session.notify_room()
+        self._group.wake(session)
+
+    async def _append_round(self, rows: list[SignalRecord]) -> list[str] | None:
+        """Every plain batch of the round in one append; None if storage failed."""
+        if not rows:
+            return []
         try:
-            skipped = await self.store.append_signals(rows) if rows else []
+            return await self.store.append_signals(rows)
         except Exception:
-            log.exception("unit.store_failed", device_id=session.device_id, batches=len(group))
-            session.send(SessionFailed("could not store signals; resend them"))
+            log.warning("acks.round_store_failed", rows=len(rows), exc_info=True)
+            return None
+
+    async def _append_each(self, plain: list[tuple[DeviceSession, list[PendingAck]]]) -> None:
+        """The round's append failed: each session's batches on their own, so one bad write fails one stream."""
+        for session, group in plain:
+            rows = [row for pending in group for row in pending.rows]
+            try:
+                skipped = await self.store.append_signals(rows) if rows else []
+            except Exception:
+                log.exception("unit.store_failed", device_id=session.device_id, batches=len(group))
+                session.send(SessionFailed("could not store signals; resend them"))
+                for pending in group:
+                    self._acked(session, pending, None)
+                continue
+            known = set(skipped)
             for pending in group:
-                self._acked(session, pending, None)
-            return
-        known = set(skipped)
-        for pending in group:
-            mine = [r.signal_id for r in pending.rows if r.signal_id in known] if known else []
-            self._acked(session, pending, mine)
+                self._acked(session, pending, [i for i in pending.fresh if i in known] if known else [])
 
     def _acked(self, session: DeviceSession, pending: PendingAck, skipped: list[str] | None) -> None:
         """A batch's commit is over: ack it (or, if storage failed, forget its ids so a resend counts)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import structlog
@@ -113,8 +112,7 @@ class SessionLifecycle(Ingest, DeviceCredentials):
             armed = self._timers.pop(session.device_id, None)
             if armed is not None:
                 armed[1].cancel()
-        if session.writes:
-            await asyncio.gather(*session.writes, return_exceptions=True)
+        await self.settle(session)
         if resumed:
             return
         await self.store.end_session(session.session_id, self.clock.now())

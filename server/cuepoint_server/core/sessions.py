@@ -191,9 +191,12 @@ class DeviceSession:
     unit: Unit | None = None
     # The user id a valid user token asserted on this session ("" if none): core/user_tokens.py.
     verified_user: str = ""
-    # Batches applied but not yet committed and acked, oldest first (core/ingest.py, `PendingAck`); None
-    # when no commit task runs for this session. One task commits whatever has queued up, together.
+    # Batches applied but not yet taken into a group commit, oldest first (core/group_commit.py); None when
+    # there are none. `committing` counts those taken and not yet acked.
     acks: list[PendingAck] | None = None
+    committing: int = 0
+    # Resolved once this session has no batch waiting for its commit (GroupCommit.settled); None when nobody waits.
+    ack_waiters: list[asyncio.Future[None]] | None = None
 
     # Resolved by notify_room once there is room again; exists only while the reader waits for it.
     _room: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
@@ -203,7 +206,7 @@ class DeviceSession:
             self.outbox.put_nowait(message)
 
     def has_room(self) -> bool:
-        pending = len(self.writes) + (len(self.acks) if self.acks else 0)
+        pending = len(self.writes) + (len(self.acks) if self.acks else 0) + self.committing
         return self.outbox.qsize() < OUTBOX_HIGH and pending < PENDING_WRITES_HIGH
 
     def notify_room(self) -> None:
