@@ -193,3 +193,48 @@ async def test_replicas_reserving_one_associate_at_once_never_exceed_capacity(pg
     finally:
         for store in replicas:
             await store.close()
+
+
+async def test_cues_racing_for_one_associate_s_slot_in_their_commits_offer_one(pg_database: str) -> None:
+    url = pg_url_for(pg_database, f"cue-slots-{secrets.token_hex(4)}")
+    replicas = [await PostgresStore.open(url) for _ in range(4)]
+    try:
+
+        def cue_for(n: int) -> OfferCommit:
+            # Ten users on four replicas, each cue needing Dana's one slot while on screen (require_capacity).
+            device = f"dev-{n}"
+            cue = CueRecord(
+                f"cue-{n}", "help", "fitkit", device, f"user:u-{n}", f"sess-{n}", 100.0, 700.0, "audio", "Hi",
+                "offered", None, {},
+            )  # fmt: skip
+            decision = DecisionRecord(
+                100.0, "fitkit", device, f"user:u-{n}", f"sess-{n}", "help", "offered", "", "", f"cue-{n}"
+            )
+            claim = SlotClaim(
+                f"cue-{n}", "audio", "support", f"replica-{n % 4}", (("dana", 1.0),),
+                lambda _associate_id, held: not held, detail="no associate available in queue support",
+            )  # fmt: skip
+            return OfferCommit(cues=[cue], decisions=[decision], slots=[claim])
+
+        results = await asyncio.gather(*(replicas[n % 4].commit_offer(cue_for(n)) for n in range(10)))
+        offered = [n for n, r in enumerate(results) if f"cue-{n}" not in r.refused]
+        assert len(offered) == 1
+        [n] = offered
+        assert results[n].slotted == {f"cue-{n}": "dana"}
+        assert [(a, k) for a, k, _ in await replicas[0].slot_holds()] == [("dana", f"cue-{n}")]
+        # The others were refused for want of room (or of the row another replica held): stored as blocked.
+        for m, result in enumerate(results):
+            if m != n:
+                assert result.refused == {f"cue-{m}": ("no_capacity", "no associate available in queue support")}
+                assert await replicas[0].get_cue(f"cue-{m}") is None
+                [decision] = await replicas[0].decisions_for_device(f"dev-{m}")
+                assert (decision.outcome, decision.reason) == ("blocked", "no_capacity")
+        # The engagement its accept starts takes the cue's slot over in one transaction.
+        taken = SlotClaim(
+            "eng-1", "audio", "support", "replica-0", (("dana", 1.0),), lambda _a, held: not held, replaces=f"cue-{n}"
+        )
+        assert (await replicas[1].reserve_slot(taken, 200.0)).associate_id == "dana"
+        assert [(a, k) for a, k, _ in await replicas[0].slot_holds()] == [("dana", "eng-1")]
+    finally:
+        for store in replicas:
+            await store.close()

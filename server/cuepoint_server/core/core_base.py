@@ -24,6 +24,7 @@ from ..storage import (
     OfferGuard,
     SessionRecord,
     SignalRecord,
+    SlotClaim,
     Store,
     WebhookRecord,
 )
@@ -186,7 +187,12 @@ class CoreBase:
             session.unit = None
 
     def _stage_offer(
-        self, session: DeviceSession, record: CueRecord, offer: CueOffer, guard: OfferGuard | None = None
+        self,
+        session: DeviceSession,
+        record: CueRecord,
+        offer: CueOffer,
+        guard: OfferGuard | None = None,
+        slot: SlotClaim | None = None,
     ) -> None:
         unit = session.unit
         if unit is None or unit.sealed:
@@ -195,7 +201,17 @@ class CoreBase:
         unit.work.cues.append(record)
         if guard is not None:
             unit.work.guards.append(guard)
+        if slot is not None:
+            unit.work.slots.append(slot)
         unit.shown.append(offer)
+
+    def _release_cue(self, pending: PendingCue, keep_slot: bool = False) -> None:
+        """A cue is answered, expired or withdrawn: the associate's slot held for it is free again, across
+        replicas in storage too (unless `keep_slot`: its engagement takes the slot over)."""
+        associate = pending.reserved
+        pending.release()
+        if associate is not None and not keep_slot:
+            self.desk.release_cue_slot(associate.associate_id, pending.offer.cue_id)
 
     def _stage_decision(self, session: DeviceSession, record: DecisionRecord) -> None:
         unit = session.unit
@@ -222,10 +238,11 @@ class CoreBase:
                     work.webhooks.extend(self.webhook_rows("cue.pending_push", pending_push(record)))
         # Each cue's expiry is a row committed with it: any replica fires it if this one is gone by then.
         work.timers.extend(timer(CUE_EXPIRY, r.cue_id, r.expires_at, self.bus.replica_id) for r in work.cues)
-        refused: dict[str, tuple[str, str]] = {}
+        refused: Mapping[str, tuple[str, str]] = {}
         try:
             if work.cues or work.decisions or work.milestones or work.statuses:
-                skipped, refused = await self.store.commit_offer(work)
+                skipped, refused, slotted = await self.store.commit_offer(work)
+                self._slotted(slotted)
             elif work.signals:
                 # Plain signal batches stay on the writer's merged append path (the hot one).
                 skipped = await self.store.append_signals(work.signals)
@@ -262,6 +279,23 @@ class CoreBase:
                     self._push_undelivered(record)
         return skipped
 
+    def _slotted(self, slotted: Mapping[str, str]) -> None:
+        """Storage gave cues on screen a slot (OfferCommit.slots): held here by the associate it chose, which
+        may not be the one this replica's own view picked."""
+        if not slotted:
+            return
+        for pending in self._reg.pending.values():
+            associate_id = slotted.get(pending.offer.cue_id)
+            chosen = self.router.find(associate_id) if associate_id else None
+            held = pending.reserved
+            if chosen is None or held is chosen or held is None:
+                continue
+            cue_id = pending.offer.cue_id
+            channel, queue = held.held.get(cue_id, (pending.offer.channel, ""))
+            pending.release()
+            chosen.hold(chosen.reserved, cue_id, channel, queue)
+            pending.reserved = chosen
+
     def _cue_webhooks(self, kind: str, payload: dict[str, Any]) -> list[WebhookRecord]:
         """The outbox rows of a cue event, for the caller to commit with the change it reports."""
         return self.webhook_rows(kind, payload) if self.webhook_rows is not None else []
@@ -293,7 +327,7 @@ class CoreBase:
         for wake in self.outbox_wakeups:
             wake()
 
-    async def _refused(self, session: DeviceSession, work: OfferCommit, refused: dict[str, tuple[str, str]]) -> None:
+    async def _refused(self, session: DeviceSession, work: OfferCommit, refused: Mapping[str, tuple[str, str]]) -> None:
         """Storage refused cues: another replica offered to the same user meanwhile (caps, cooldown, min_gap,
         decline memory). The cue is never shown; the subject's memory is read again from storage, so the next
         decisions here see what the other replica did."""

@@ -108,24 +108,55 @@ class SharedSlots(Bots):
             and engagement.offered_to is None
         )
 
-    def _claim(self, engagement: Engagement, group: list[AssociateSession], room: list[bool]) -> SlotClaim:
+    def _claim(
+        self, engagement: Engagement, group: list[AssociateSession], room: list[bool], replaces: str = ""
+    ) -> SlotClaim:
+        return self._slot_claim(
+            engagement.engagement_id, engagement.channel, engagement.queue, group, room, replaces=replaces
+        )
+
+    def _slot_claim(
+        self,
+        key: str,
+        channel: str,
+        queue: str,
+        group: list[AssociateSession],
+        room: list[bool],
+        replaces: str = "",
+        detail: str = "",
+    ) -> SlotClaim:
         def fits(associate_id: str, held: Mapping[str, tuple[str, str]]) -> bool:
             associate = self.router.find(associate_id)
             if associate is None:
                 return False
-            # Everything held anywhere, and what only this replica knows of (cues on screen holding a slot).
+            # Everything held anywhere, and what only this replica knows of yet; never the slot being
+            # decided (a cue's, held here while its commit runs) nor the one it takes over.
             everywhere = {**held, **associate.holding()}
+            everywhere.pop(key, None)
+            everywhere.pop(replaces, None)
             room[0] = associate.fits_beside(everywhere, "", "")
-            return associate.fits_beside(everywhere, engagement.channel, engagement.queue, self.router.queue_limits)
+            return associate.fits_beside(everywhere, channel, queue, self.router.queue_limits)
 
         return SlotClaim(
-            key=engagement.engagement_id,
-            channel=engagement.channel,
-            queue=engagement.queue,
+            key=key,
+            channel=channel,
+            queue=queue,
             replica=self.replica_id,
             candidates=tuple((a.associate_id, a.idle_since) for a in group),
             fits=fits,
+            replaces=replaces,
+            detail=detail,
         )
+
+    def cue_slot(
+        self, cue_id: str, queue: str, skills: tuple[str, ...], app_id: str, channel: str, detail: str
+    ) -> SlotClaim | None:
+        """Across replicas: the slot a cue on screen holds for its engagement (require_capacity), reserved in
+        the cue's commit against what every replica holds (OfferCommit.slots). None alone: memory decides."""
+        if not self.shared:
+            return None
+        candidates = self.router.candidates(queue, skills, (), app_id, channel)
+        return self._slot_claim(cue_id, channel, queue, candidates, [True], detail=detail)
 
     async def _reserve_for(self, engagement: Engagement) -> None:
         if not self._routable(engagement):
@@ -138,10 +169,15 @@ class SharedSlots(Bots):
         groups = [[preferred]] if preferred is not None else []
         groups.append([a for a in candidates if a is not preferred])
         contended = False
+        # The slot its cue held on screen (require_capacity) is taken over by the first reservation, so
+        # no other replica gets it in between; given back there if nobody here fits.
+        replaces = engagement.cue_id
         for group in groups:
-            if not group:
+            if not group and not replaces:
                 continue
-            result = await self.store.reserve_slot(self._claim(engagement, group, [True]), self.clock.now())
+            claim = self._claim(engagement, group, [True], replaces)
+            replaces = ""
+            result = await self.store.reserve_slot(claim, self.clock.now())
             contended = contended or result.contended
             if result.associate_id:
                 await self._reserved(engagement, result.associate_id)
@@ -242,6 +278,10 @@ class SharedSlots(Bots):
 
         self._slot_job(job)
 
+    def release_cue_slot(self, associate_id: str, cue_id: str) -> None:
+        """A cue on screen that held `associate_id`'s slot is settled without an engagement."""
+        self._slot_released(associate_id, cue_id)
+
     def _slots_resync(self) -> None:
         """Give back whatever this replica holds in storage but no longer here (a signed-out associate, a
         release that failed)."""
@@ -249,7 +289,8 @@ class SharedSlots(Bots):
             return
 
         async def job() -> None:
-            keep = {(key, a.associate_id) for a in self.router.associates() for key in a.active | a.offers}
+            # Cues on screen keep theirs too (reserved in their commit, core/evaluation.py).
+            keep = {(key, a.associate_id) for a in self.router.associates() for key in a.active | a.offers | a.reserved}
             for associate_id in await self.store.prune_slots(self.replica_id, keep, self.clock.now()):
                 await self._announce_room(associate_id)
 

@@ -8,12 +8,14 @@ is told, and reaches webhooks and the funnel as ``engagement.transferred``.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import structlog
 
 from ..storage import TransferRecord
 from .desk_participants import Participants
+from .desk_shared import RETRY_AFTER
 from .engagement_model import Engagement
 from .errors import InvalidInput, PermissionDenied
 from .model import TRANSFER_MODES, EngagementEnded, TransferInfo
@@ -24,6 +26,8 @@ __all__ = ["Transfers"]
 log = structlog.get_logger("cuepoint.core.engagements")
 
 MAX_NOTE = 500
+# Times a named transfer asks storage for the target's slot while another replica is deciding for them.
+NAMED_TRIES = 20
 
 
 class Transfers(Participants):
@@ -62,13 +66,34 @@ class Transfers(Participants):
         if to_associate_id == associate.associate_id:
             raise InvalidInput("transfer.to_associate_id", "that is you")
         target = self._joinable(engagement, to_associate_id, "transfer")
+        unavailable = InvalidInput("transfer.to_associate_id", f"associate {to_associate_id!r} is not available")
         if mode == "blind" and not target.fits(engagement.channel, engagement.queue, self.router.queue_limits):
-            raise InvalidInput("transfer.to_associate_id", f"associate {to_associate_id!r} is not available")
+            raise unavailable
         if mode == "consult":
             engagement.consult_note = note
             await self._join(engagement, target, "consult")
             return
-        await self._hand_over(engagement, associate, target, "", "blind", note)
+        # Across replicas this replica's view of the target is only a first filter: storage decides.
+        if self.shared and not await self._reserve_named(engagement, target):
+            raise unavailable
+        await self._hand_over(engagement, associate, target, "", "blind", note, reserved=self.shared)
+
+    async def _reserve_named(self, engagement: Engagement, target: AssociateSession) -> bool:
+        """A slot of `target` for `engagement`, against what they hold on every replica (desk_shared.py);
+        False when they have no room. Another replica deciding for them this instant: asked again shortly."""
+        for _ in range(NAMED_TRIES):
+            claim = self._claim(engagement, [target], [True])
+            result = await self.store.reserve_slot(claim, self.clock.now())
+            if result.associate_id:
+                if engagement.state == "assigned":
+                    return True
+                # Ended while storage decided: nothing to hand over, the slot goes back.
+                await self.store.release_slot(engagement.engagement_id, target.associate_id, self.clock.now())
+                raise InvalidInput("transfer.engagement_id", "only an engagement in progress can be transferred")
+            if not result.contended:
+                return False
+            await asyncio.sleep(RETRY_AFTER)
+        return False
 
     async def complete_transfer(self, associate: AssociateSession, engagement_id: str) -> None:
         """After a consult: the consulted associate becomes the owner."""
@@ -89,7 +114,9 @@ class Transfers(Participants):
         to_queue: str,
         mode: str,
         note: str,
+        reserved: bool = False,
     ) -> None:
+        """`reserved`: storage already gave `target`'s slot to the engagement (a named transfer across replicas)."""
         now = self.clock.now()
         info = TransferInfo(owner.associate_id, target.associate_id if target else "", to_queue, mode, note, now)
         # The engagement.transferred event as it will read once handed over, stored with the transfer.
@@ -120,7 +147,7 @@ class Transfers(Participants):
             mode=mode,
         )
         if target is not None:
-            self._assign(engagement, target)
+            self._assign(engagement, target, reserved=reserved)
         else:
             engagement.queue = to_queue
             self._save(engagement)

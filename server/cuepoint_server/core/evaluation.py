@@ -133,11 +133,17 @@ class Evaluation(Scoring):
         if redactor:
             why, stored_message = redactor.explanation(why), redactor.text(offer.message)
         pending = PendingCue(offer, scenario.id, why)
+        slot = None
         if self.engine.scenarios.policy_for(session.app_id).require_capacity and not away:
             # Hold the slot the engagement will need, so one free associate is never offered twice.
             queue, skills = self._routed(session, scenario, now)
             associate = self.router.pick(queue, skills, app_id=session.app_id, channel=offer.channel)
             if associate is not None:
+                # Across replicas this replica's view is only a first filter: the commit reserves the slot
+                # against what every replica holds, or refuses the cue (desk_shared.py's cue_slot).
+                slot = self.desk.cue_slot(
+                    offer.cue_id, queue, skills, session.app_id, offer.channel, self._lacking(queue, skills)
+                )
                 associate.hold(associate.reserved, offer.cue_id, offer.channel, queue)
                 pending.reserved = associate
         pending.expiry = self.clock.call_at(offer.expires_at, lambda: self._expire(session.device_id, offer.cue_id))
@@ -177,6 +183,7 @@ class Evaluation(Scoring):
             ),
             offer,
             guard,
+            slot,
         )
         log.info("cue.offered", device_id=session.device_id, scenario_id=scenario.id, cue_id=offer.cue_id)
         for observer in self.observers:
@@ -281,6 +288,10 @@ class Evaluation(Scoring):
         queue, skills = self._routed(session, scenario, now)
         if self.desk.has_capacity(queue, skills, session.app_id, scenario.channel):
             return None
+        return self._lacking(queue, skills)
+
+    @staticmethod
+    def _lacking(queue: str, skills: tuple[str, ...]) -> str:
         needs = f" with skills {', '.join(skills)}" if skills else ""
         return f"no associate available in queue {queue}{needs}"
 
@@ -288,7 +299,7 @@ class Evaluation(Scoring):
         pending = self._reg.pending.pop(device_id, None)
         if pending is None:
             return
-        pending.release()
+        self._release_cue(pending)
         if pending.expiry is not None:
             pending.expiry.cancel()
         for observer in self.observers:
@@ -300,7 +311,7 @@ class Evaluation(Scoring):
         if pending is None or pending.offer.cue_id != cue_id:
             return
         del self._reg.pending[device_id]
-        pending.release()
+        self._release_cue(pending)
         for observer in self.observers:
             observer.cue_settled(pending.scenario_id, "expired")
         self._spawn(self._settled(device_id, cue_id, "expired", "expired"))
@@ -438,8 +449,9 @@ class Evaluation(Scoring):
             session.send(Withdrawal(cue_id, known.status if mine and known else "unknown"))
             return
         del self._reg.pending[session.device_id]
-        # Freed before the engagement is routed, so the associate held for it can take it.
-        pending.release()
+        # Freed before the engagement is routed, so the associate held for it can take it. Across replicas
+        # an accepted cue's slot in storage passes to its engagement (desk_shared.py's _reserve_for).
+        self._release_cue(pending, keep_slot=response == "accepted")
         if pending.expiry is not None:
             pending.expiry.cancel()
         for observer in self.observers:

@@ -89,6 +89,8 @@ class OfferResult(NamedTuple):
 
     skipped: list[str]
     refused: dict[str, tuple[str, str]]
+    # cue id -> the associate whose slot the commit reserved for it (OfferCommit.slots).
+    slotted: Mapping[str, str] = {}
 
 
 @dataclass(slots=True)
@@ -113,6 +115,9 @@ class OfferCommit:
     guards: list[OfferGuard] = field(default_factory=list)
     # The offered cues' expiry timers (timer_rows.py): a cue is never stored without its deadline's row.
     timers: list[TimerRecord] = field(default_factory=list)
+    # Across replicas, a cue that must hold an associate's slot while on screen (require_capacity): reserved
+    # in the commit, against what every replica holds; a cue that gets no slot is refused ("no_capacity").
+    slots: list[SlotClaim] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -165,6 +170,11 @@ class SlotClaim:
     candidates: tuple[tuple[str, float], ...]
     # (associate id, {hold key: (channel, queue)} of every slot they hold anywhere) -> room for this one?
     fits: Callable[[str, Mapping[str, tuple[str, str]]], bool]
+    # A hold this one takes over in the same transaction (an accepted cue's: the engagement inherits it), so
+    # the slot is never free in between for another replica to take.
+    replaces: str = ""
+    # In an offer's commit (OfferCommit.slots, key: a cue id): why the cue is not offered when no slot is had.
+    detail: str = ""
 
 
 class SlotResult(NamedTuple):

@@ -861,6 +861,7 @@ class PostgresStore(Slots):
         guards = list(work.guards)
         if not (batches or statuses or milestones or work.cues or work.decisions or work.webhooks):
             return OfferResult([], {})
+        now = max((c.created_at for c in work.cues), default=0.0)
 
         async def run(link: _Link) -> tuple[OfferResult, int]:
             refused: dict[str, tuple[str, str]] = {}
@@ -872,6 +873,7 @@ class PostgresStore(Slots):
                 reason = guard.check([_cue_from(tuple(r)) for r in found])
                 if reason is not None:
                     refused[guard.cue_id] = reason
+            slotted = await self.reserve_offer_slots(_PgTxn(link), work.slots, refused, now) if work.slots else {}
             kept = without_refused(work, refused)
             cues = [encoded_cues[c.cue_id] for c in kept.cues]
             steps = [
@@ -889,10 +891,10 @@ class PostgresStore(Slots):
             skipped = [i for per in await _append_journal(link, batches) for i in per]
             for sql, rows in steps:
                 await link.executemany(sql, rows)
-            return OfferResult(skipped, refused), signals + sum(len(rows) for _, rows in steps)
+            return OfferResult(skipped, refused, slotted), signals + sum(len(rows) for _, rows in steps)
 
         size = signals + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
-        result: OfferResult = await self._writer.transaction(run, size, locks=bool(guards))
+        result: OfferResult = await self._writer.transaction(run, size, locks=bool(guards or work.slots))
         return result
 
     async def merge_subject(self, source: str, target: str) -> None:

@@ -88,6 +88,10 @@ _IDLE_IF_FREE = (
     "UPDATE associate_slots SET idle_since = ? WHERE associate_id = ? AND NOT EXISTS "
     "(SELECT 1 FROM associate_holds h WHERE h.associate_id = associate_slots.associate_id)"
 )
+_OWN = (
+    "INSERT INTO engagement_owners (engagement_id, replica, owned_at) VALUES (?, ?, ?) ON CONFLICT "
+    "(engagement_id) DO UPDATE SET replica = excluded.replica, owned_at = excluded.owned_at"
+)
 # A replica alive: its registry row written since alive_since.
 _LIVE = "SELECT 1 FROM replicas r WHERE r.replica_id = {col} AND r.last_seen >= ?"
 
@@ -104,49 +108,76 @@ class Slots:
         raise NotImplementedError
 
     async def reserve_slot(self, claim: SlotClaim, now: float) -> SlotResult:
-        ids = list(dict.fromkeys(a for a, _ in claim.candidates))
-        if not ids:
+        if not claim.candidates and not claim.replaces:
             return SlotResult("", False)
 
         async def run(txn: SlotTxn) -> tuple[SlotResult, int]:
-            values = ", ".join("(?, ?)" for _ in claim.candidates)
-            seeds = [v for associate_id, idle_since in claim.candidates for v in (associate_id, float(idle_since))]
-            await txn.execute(
-                f"INSERT INTO associate_slots (associate_id, idle_since) VALUES {values} "
-                "ON CONFLICT (associate_id) DO NOTHING",
-                *seeds,
-            )
-            before = await txn.fetch("SELECT associate_id FROM associate_holds WHERE hold_key = ?", claim.key)
-            for (associate_id,) in before:
-                if associate_id in ids:
-                    return SlotResult(str(associate_id), False), 0  # reserved before (a retry)
-            tried: list[str] = []
-            while len(tried) < len(ids):
-                # The longest idle candidate not tried yet, and not being decided for by another replica.
-                left = [a for a in ids if a not in tried]
-                row = await txn.fetch(
-                    f"SELECT associate_id FROM associate_slots WHERE associate_id IN ({_marks(len(left))}) "
-                    f"ORDER BY idle_since, associate_id LIMIT 1 {self._SKIP_LOCKED}",
-                    *left,
-                )
-                if not row:
-                    return SlotResult("", True), 0  # the rest are locked: worth asking again
-                associate_id = str(row[0][0])
-                tried.append(associate_id)
-                held = {
-                    str(key): (str(channel), str(queue))
-                    for key, channel, queue in await txn.fetch(
-                        "SELECT hold_key, channel, queue FROM associate_holds WHERE associate_id = ?", associate_id
-                    )
-                }
-                if claim.fits(associate_id, held):
-                    row_values = (claim.key, associate_id, claim.channel, claim.queue, claim.replica, float(now))
-                    await txn.execute(_HOLD, *row_values)
-                    return SlotResult(associate_id, False), 1
-            return SlotResult("", False), 0
+            result = await self._reserve_in(txn, claim, now)
+            return result, 1 if result.associate_id else 0
 
         result: SlotResult = await self._slot_transaction(run)
         return result
+
+    async def _reserve_in(self, txn: SlotTxn, claim: SlotClaim, now: float) -> SlotResult:
+        """The reservation's steps in the caller's open transaction (reserve_slot's, or an offer's commit)."""
+        ids = list(dict.fromkeys(a for a, _ in claim.candidates))
+        if claim.replaces:
+            # Taken over here: counted for nobody while this transaction decides.
+            await txn.execute("DELETE FROM associate_holds WHERE hold_key = ?", claim.replaces)
+        if not ids:
+            return SlotResult("", False)
+        values = ", ".join("(?, ?)" for _ in claim.candidates)
+        seeds = [v for associate_id, idle_since in claim.candidates for v in (associate_id, float(idle_since))]
+        await txn.execute(
+            f"INSERT INTO associate_slots (associate_id, idle_since) VALUES {values} "
+            "ON CONFLICT (associate_id) DO NOTHING",
+            *seeds,
+        )
+        before = await txn.fetch("SELECT associate_id FROM associate_holds WHERE hold_key = ?", claim.key)
+        for (associate_id,) in before:
+            if associate_id in ids:
+                return SlotResult(str(associate_id), False)  # reserved before (a retry)
+        tried: list[str] = []
+        while len(tried) < len(ids):
+            # The longest idle candidate not tried yet, and not being decided for by another replica.
+            left = [a for a in ids if a not in tried]
+            row = await txn.fetch(
+                f"SELECT associate_id FROM associate_slots WHERE associate_id IN ({_marks(len(left))}) "
+                f"ORDER BY idle_since, associate_id LIMIT 1 {self._SKIP_LOCKED}",
+                *left,
+            )
+            if not row:
+                return SlotResult("", True)  # the rest are locked: worth asking again
+            associate_id = str(row[0][0])
+            tried.append(associate_id)
+            held = {
+                str(key): (str(channel), str(queue))
+                for key, channel, queue in await txn.fetch(
+                    "SELECT hold_key, channel, queue FROM associate_holds WHERE associate_id = ?", associate_id
+                )
+            }
+            if claim.fits(associate_id, held):
+                row_values = (claim.key, associate_id, claim.channel, claim.queue, claim.replica, float(now))
+                await txn.execute(_HOLD, *row_values)
+                return SlotResult(associate_id, False)
+        return SlotResult("", False)
+
+    async def reserve_offer_slots(
+        self, txn: SlotTxn, claims: Sequence[SlotClaim], refused: dict[str, tuple[str, str]], now: float
+    ) -> dict[str, str]:
+        """An offer's commit: a slot for each cue not refused yet, or the cue refused (`no_capacity`): a cue on
+        screen holds its engagement's slot on every replica, and one no associate anywhere has room for is
+        not offered. A candidate another replica is deciding for at this very moment counts as full."""
+        slotted: dict[str, str] = {}
+        for claim in claims:
+            if claim.key in refused:
+                continue
+            result = await self._reserve_in(txn, claim, now)
+            if result.associate_id:
+                slotted[claim.key] = result.associate_id
+            else:
+                refused[claim.key] = ("no_capacity", claim.detail)
+        return slotted
 
     async def hold_slot(self, key: str, associate_id: str, channel: str, queue: str, replica: str, now: float) -> None:
         async def run(txn: SlotTxn) -> tuple[None, int]:
@@ -200,13 +231,7 @@ class Slots:
             )
             adopted = [str(r[0]) for r in rows]
             for engagement_id in adopted:
-                await txn.execute(
-                    "INSERT INTO engagement_owners (engagement_id, replica, owned_at) VALUES (?, ?, ?) ON CONFLICT "
-                    "(engagement_id) DO UPDATE SET replica = excluded.replica, owned_at = excluded.owned_at",
-                    engagement_id,
-                    replica,
-                    float(now),
-                )
+                await txn.execute(_OWN, engagement_id, replica, float(now))
             # Slots held by replicas that are gone are free: their engagements wait again, here or elsewhere.
             stale = await txn.fetch(
                 "SELECT DISTINCT associate_id FROM associate_holds h WHERE h.replica <> ? AND h.held_at < ? "

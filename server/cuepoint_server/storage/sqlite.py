@@ -1074,6 +1074,7 @@ class SqliteStore(PredictState, Slots):
         if not (batches or statuses or milestones or work.cues or work.decisions or work.webhooks):
             return OfferResult([], {})
         signals = sum(len(b.ids) for b in batches)
+        now = max((c.created_at for c in work.cues), default=0.0)
 
         async def run(conn: aiosqlite.Connection) -> tuple[OfferResult, int]:
             refused: dict[str, tuple[str, str]] = {}
@@ -1083,6 +1084,7 @@ class SqliteStore(PredictState, Slots):
                 reason = guard.check([_history_cue(r) for r in found])
                 if reason is not None:
                     refused[guard.cue_id] = reason
+            slotted = await self.reserve_offer_slots(_SqliteTxn(conn), work.slots, refused, now) if work.slots else {}
             kept = without_refused(work, refused)
             steps = [
                 (sql, rows)
@@ -1099,7 +1101,7 @@ class SqliteStore(PredictState, Slots):
             # Every write of the evaluation in one call on the connection's thread (the journal's dedupe and
             # insert included): a hop per statement cost more of the event loop than the statements themselves.
             skipped = [i for per in await _in_thread(conn, _write_offer, batches, steps) for i in per]
-            return OfferResult(skipped, refused), signals + sum(len(rows) for _, rows in steps)
+            return OfferResult(skipped, refused, slotted), signals + sum(len(rows) for _, rows in steps)
 
         size = signals + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
         result: OfferResult = await self._writer.transaction(run, size)
