@@ -146,3 +146,38 @@ async def test_a_named_transfer_on_a_finds_the_associate_full_on_b(cluster: Star
     await ann.close()
     await dana.close()
 
+
+HELP = """
+id: help
+trigger: {event: help}
+cue: {message: "Need help?", channel: chat, queue: support, ttl: 10m}
+"""
+
+
+async def test_an_assigned_engagement_adopted_from_a_killed_replica_goes_back_to_its_associate(
+    cluster: StartCluster,
+) -> None:
+    a, b = await cluster(HELP, extra=("--replica-ttl", "1"))
+    dana = await cuepoint.connect_associate(b.address, associate_id="dana", queues=["support"], capacity=1)
+    await _sees(a, "support", 1)
+    phone = await device(a, "phone-a")
+    await phone.track("help")
+    engagement = await phone.accept(await phone.next_cue(timeout=10))
+    assert (await dana.next_engagement(timeout=20)).engagement_id == engagement.engagement_id
+    # Erin signs in later, so once Dana's slot is freed (now), Erin is the longest idle of the two.
+    erin = await cuepoint.connect_associate(b.address, associate_id="erin", queues=["support"], capacity=1)
+    async with await PostgresStore.open(a.database) as store:
+        owner = await store.owner_of(engagement.engagement_id)
+        # A dies with the engagement it routed: B adopts it and offers it back to Dana, still signed in on B,
+        # rather than to whoever is longest idle.
+        await a.kill()
+        again = await dana.next_engagement(timeout=60)
+        assert again.engagement_id == engagement.engagement_id
+        assert await store.owner_of(engagement.engagement_id) not in ("", owner)
+        record = await store.get_engagement(engagement.engagement_id)
+        assert record is not None and (record.state, record.associate_id) == ("assigned", "dana")
+        assert [(who, key) for who, key, _ in await store.slot_holds()] == [("dana", engagement.engagement_id)]
+    assert not erin.active
+    await phone.close()
+    await dana.close()
+    await erin.close()

@@ -583,6 +583,23 @@ async def test_a_replicas_stale_slots_are_pruned_and_a_gone_replicas_engagements
     assert await store.adopt_engagements("other", 115.0, 130.0) == (["eng-live"], ["dana"])
 
 
+async def test_owners_of_finished_engagements_are_pruned_and_a_taken_over_one_is_not_adopted(store: Any) -> None:
+    for name in ("done", "open", "called"):
+        accepted = replace(engagement(f"eng-{name}", created_at=200.0), cue_id=f"cue-{name}")
+        await store.save_cue(cue(f"cue-{name}", created_at=100.0))
+        assert (await store.accept_cue(f"cue-{name}", 101.0, accepted, owner="gone")).accepted
+    await store.save_replica(ReplicaRecord("live", 100.0, 110.0, "", "", "", False))
+    # "live" fired the callback of "gone"'s engagement: it routes it now, so nobody adopts it as gone's.
+    await store.take_over("eng-called", "live", 108.0)
+    assert await store.owner_of("eng-called") == "live"
+    # One engagement is over before the sweep: its owner row goes, the open one is adopted.
+    done = await store.get_engagement("eng-done")
+    assert await store.save_engagement(replace(done, state="ended", ended_at=102.0))
+    assert await store.adopt_engagements("new", 105.0, 120.0) == (["eng-open"], [])
+    assert (await store.owner_of("eng-done"), await store.owner_of("eng-open")) == ("", "new")
+    assert await store.owner_of("eng-called") == "live"
+
+
 # --- the journal: one row per batch (storage/journal.py) --------------------------------------------------
 
 

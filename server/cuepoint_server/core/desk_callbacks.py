@@ -92,6 +92,9 @@ class Callbacks(WrapUp):
         if engagement is None:
             record = await self.store.get_engagement(engagement_id)
             if record is not None and record.state == "callback_requested":
+                if self.shared:
+                    # Routed here from now on: no other replica adopts it as a gone replica's.
+                    await self.store.take_over(engagement_id, self.replica_id, at)
                 self.restore(record)
                 engagement = self._engagements.get(engagement_id)
         if engagement is None or engagement.state != "callback_requested":

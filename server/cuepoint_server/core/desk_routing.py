@@ -346,6 +346,10 @@ class Routing(SharedSlots):
         else:
             self._active_by_device[engagement.device_id] = engagement.engagement_id
         if record.state == "assigned":
+            if self.shared and record.associate_id:
+                # Adopted from a replica that is gone while its associate may still be signed in elsewhere:
+                # offered back to them first (the slot is theirs again in storage), else it waits in line.
+                engagement.preferred_associate = record.associate_id
             self._save(engagement)  # back to queued until someone takes it
         log.info("engagement.restored", engagement_id=engagement.engagement_id, queue=engagement.queue)
         self._route(engagement)

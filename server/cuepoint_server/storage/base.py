@@ -469,7 +469,11 @@ class Store(Protocol):
         """Take over the open engagements of replicas gone (no registry row written since `alive_since`, or
         none named; claimed before `alive_since`) and free the slots the gone ones held: (engagement ids
         adopted, oldest first; associates who got room). Two replicas adopting at once never take the same
-        engagement."""
+        engagement. Owner rows of engagements no longer open are pruned in the same transaction."""
+        ...
+
+    async def take_over(self, engagement_id: str, replica: str, now: float) -> None:
+        """`replica` routes `engagement_id` from now on (its owner is gone and it fired its callback)."""
         ...
 
     async def owner_of(self, engagement_id: str) -> str: ...

@@ -10,7 +10,8 @@ the second skips the row and tries the next), reads every hold of that associate
 `fits` (the associate's channel and queue limits stay in core) and inserts the hold, in one transaction.
 SQLite's single writer makes the same steps serial.
 
-`engagement_owners` names the replica that routes each open engagement and since when; a replica is
+`engagement_owners` names the replica that routes each open engagement and since when (rows of finished
+engagements are pruned on each adoption sweep; a replica firing a gone replica's callback takes it over); a replica is
 alive while its row in the replicas registry (`replicas`, core/replicas.py) was written since
 ``alive_since``. Recovery adopts only the engagements of replicas that are gone (or of none named), and
 drops the holds of the gone ones. A claim or hold made since ``alive_since`` is never taken for a gone
@@ -232,6 +233,11 @@ class Slots:
             adopted = [str(r[0]) for r in rows]
             for engagement_id in adopted:
                 await txn.execute(_OWN, engagement_id, replica, float(now))
+            # Owners of engagements that are over say nothing any more: the table stays as small as what is open.
+            await txn.execute(
+                "DELETE FROM engagement_owners WHERE NOT EXISTS (SELECT 1 FROM engagements e WHERE "
+                f"e.engagement_id = engagement_owners.engagement_id AND e.state IN {OPEN_STATES})"
+            )
             # Slots held by replicas that are gone are free: their engagements wait again, here or elsewhere.
             stale = await txn.fetch(
                 "SELECT DISTINCT associate_id FROM associate_holds h WHERE h.replica <> ? AND h.held_at < ? "
@@ -255,6 +261,15 @@ class Slots:
 
         result: tuple[list[str], list[str]] = await self._slot_transaction(run)
         return result
+
+    async def take_over(self, engagement_id: str, replica: str, now: float) -> None:
+        """`replica` routes `engagement_id` from now on (it fired the callback of one whose owner is gone)."""
+
+        async def run(txn: SlotTxn) -> tuple[None, int]:
+            await txn.execute(_OWN, engagement_id, replica, float(now))
+            return None, 1
+
+        await self._slot_transaction(run)
 
     async def owner_of(self, engagement_id: str) -> str:
         """The replica routing an engagement ("" when none is named)."""
