@@ -174,8 +174,13 @@ async def test_an_assigned_engagement_adopted_from_a_killed_replica_goes_back_to
         again = await dana.next_engagement(timeout=60)
         assert again.engagement_id == engagement.engagement_id
         assert await store.owner_of(engagement.engagement_id) not in ("", owner)
-        record = await store.get_engagement(engagement.engagement_id)
-        assert record is not None and (record.state, record.associate_id) == ("assigned", "dana")
+        async with asyncio.timeout(20):
+            while True:  # stored just after Dana is sent it
+                record = await store.get_engagement(engagement.engagement_id)
+                if record is not None and record.state == "assigned":
+                    break
+                await asyncio.sleep(0.05)
+        assert record.associate_id == "dana"
         assert [(who, key) for who, key, _ in await store.slot_holds()] == [("dana", engagement.engagement_id)]
     assert not erin.active
     await phone.close()
