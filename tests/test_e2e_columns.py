@@ -71,6 +71,27 @@ async def test_a_columnar_batch_is_acked_and_deduped_like_rows(start_server: Sta
     await raw.close()
 
 
+async def test_events_with_the_same_mixed_type_properties_are_stored_as_sent(start_server: StartServer) -> None:
+    """Every event with the same keys and types in the same order (what the SDK's batches usually hold): the
+    server takes each property's values as a stride of its type's column (api/convert.py); two of one type
+    per event must not be swapped, nor a string taken for an int."""
+    server = await start_server(SYNC_FAILURE)
+    raw = RawDevice(server.address, "mixed-columns")
+    assert (await raw.read()).HasField("welcome")
+    props: list[dict[str, object]] = [
+        {"screen": f"s{i}", "n": i, "ratio": i / 4, "from": f"f{i}", "on": i % 2 == 0, "m": -i} for i in range(5)
+    ]
+    raw.outgoing.put_nowait(columns([f"m-{i}" for i in range(5)], ["mixed"] * 5, props, batch_id="m"))
+    ack = await raw.read()
+    while not ack.HasField("ack"):
+        ack = await raw.read()
+    assert list(ack.ack.signal_ids) == [f"m-{i}" for i in range(5)]
+    journey = await server.store.journey("mixed-columns")
+    assert [dict(s.payload) for s in journey] == props
+    assert [type(v) for s in journey for v in s.payload.values()] == [type(v) for p in props for v in p.values()]
+    await raw.close()
+
+
 def _bad_name() -> device_pb2.DeviceMessage:
     return columns(["a", "b", "c", "d"], ["ok", "ok", "ok", "Not OK!"])
 
@@ -88,6 +109,13 @@ def _bad_id() -> device_pb2.DeviceMessage:
 def _short_column() -> device_pb2.DeviceMessage:
     message = columns(["a", "b"], ["ok", "ok"], [{"n": 1}, {"m": 2}])
     del message.signal_columns.int_values[1]
+    return message
+
+
+def _short_mixed_column() -> device_pb2.DeviceMessage:
+    # Every event with a string then an int: one int missing must not shift the others.
+    message = columns(["a", "b", "c"], ["ok"] * 3, [{"s": "x", "n": 1}, {"s": "y", "n": 2}, {"s": "z", "n": 3}])
+    del message.signal_columns.int_values[2]
     return message
 
 
@@ -114,6 +142,7 @@ def _bad_key() -> device_pb2.DeviceMessage:
         (_bad_index, "signal_columns.names[1]"),
         (_bad_id, "signal_columns.ids[1]"),
         (_short_column, "signal_columns.int_values"),
+        (_short_mixed_column, "signal_columns.int_values"),
         (_bad_value, "signal_columns.properties[2]['x']"),
         (_repeated_id, "signal_columns.ids[2]"),
         (_long_string, "signal_columns.properties[1]['s']"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from functools import partial
 from itertools import repeat
+from operator import truediv
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -306,13 +307,12 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
         if len(getattr(msg, column)) != n:
             raise InvalidInput(f"signal_columns.{column}", f"{len(getattr(msg, column))} entries for {n} signals")
     strings = list(msg.strings)
-    known = len(strings)
-    try:
-        names = [strings[k] for k in msg.names]
-    except IndexError:
-        bad = next(i for i, k in enumerate(msg.names) if k >= known)
-        raise _column_error("names", bad, f"index {msg.names[bad]} beyond the {known} strings") from None
-    times = [t / 1e6 if t else None for t in msg.times_us]
+    names = _strings_at(msg, strings, "names")
+    times_us = list(msg.times_us)
+    # 0: the client sent no time. Either way a C loop (map), not Python code per signal.
+    times: list[float | None] = (
+        [t / 1e6 if t else None for t in times_us] if 0 in times_us else list(map(truediv, times_us, repeat(1e6)))
+    )
     counts = list(msg.prop_counts)
     string_values: list[str] = []
     doubles: list[float] = []
@@ -326,9 +326,9 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
             bad = next(i for i, c in enumerate(counts) if c > Limits.max_props)
             raise _column_error("prop_counts", bad, f"more than {Limits.max_props} properties")
         total = sum(counts)
-        values = _column_values(msg, string_values, doubles, total)
-        keys = _strings_at(msg, strings, "prop_keys")
         width = counts[0]
+        values = _column_values(msg, string_values, doubles, total, width if counts.count(width) == n else 0)
+        keys = _strings_at(msg, strings, "prop_keys")
         if counts.count(width) == n and keys == keys[:width] * n:
             # The usual shape (every event of the batch with the same keys): dicts built in C loops.
             chunks = zip(*[iter(values)] * width, strict=True)
@@ -355,16 +355,19 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
 def _strings_at(msg: device_pb2.SignalColumns, strings: list[str], column: str) -> list[str]:
     indexes = getattr(msg, column)
     try:
-        return [strings[k] for k in indexes]
+        return list(map(strings.__getitem__, indexes))
     except IndexError:
         bad = next(i for i, k in enumerate(indexes) if k >= len(strings))
         raise _column_error(column, bad, f"index {indexes[bad]} beyond the {len(strings)} strings") from None
 
 
 def _column_values(
-    msg: device_pb2.SignalColumns, string_values: list[str], doubles: list[float], total: int
+    msg: device_pb2.SignalColumns, string_values: list[str], doubles: list[float], total: int, width: int
 ) -> list[Scalar]:
-    """Every property's value in property order, taken from its type's column."""
+    """Every property's value in property order, taken from its type's column.
+
+    ``width``: every signal's number of properties when they all have the same (else 0).
+    """
     types: list[int] = list(msg.prop_types)
     if len(types) != total or len(msg.prop_keys) != total:
         raise InvalidInput("signal_columns.prop_types", f"prop_keys and prop_types need {total} entries each")
@@ -379,6 +382,9 @@ def _column_values(
         if len(values) != total or sum(len(c) for c in columns.values()) != total:
             raise InvalidInput(f"signal_columns.{_PROPERTY_COLUMNS[types[0]]}", f"needs {total} entries")
         return values
+    interleaved = _interleave(types, columns, width, total) if width else None
+    if interleaved is not None:
+        return interleaved
     taken = dict.fromkeys(columns, 0)
     out: list[Scalar] = []
     for i, kind in enumerate(types):
@@ -394,6 +400,25 @@ def _column_values(
         if used != len(columns[typ]):
             text = f"{len(columns[typ])} entries, {used} used"
             raise InvalidInput(f"signal_columns.{_PROPERTY_COLUMNS[typ]}", text)
+    return out
+
+
+def _interleave(types: list[int], columns: dict[int, list[Scalar]], width: int, total: int) -> list[Scalar] | None:
+    """The usual shape with mixed types (every signal with the same property types in the same order, e.g.
+    a string then an int): each position's values are a stride of its type's column, copied by slice
+    assignment. None for any other shape (the caller's loop then finds what is wrong).
+    """
+    pattern = types[:width]
+    if types != pattern * (total // width) or any(kind not in columns for kind in pattern):
+        return None
+    per_signal = {kind: pattern.count(kind) for kind in columns}
+    if any(len(columns[kind]) * width != per_signal[kind] * total for kind in columns):
+        return None
+    out: list[Scalar] = list(types)  # every entry is overwritten below
+    seen = dict.fromkeys(columns, 0)
+    for position, kind in enumerate(pattern):
+        out[position::width] = columns[kind][seen[kind] :: per_signal[kind]]
+        seen[kind] += 1
     return out
 
 

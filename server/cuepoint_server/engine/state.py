@@ -54,6 +54,8 @@ def occurrence_size(props: Mapping[str, Scalar]) -> int:
     return size
 
 
+_SIGNAL_ID = operator.itemgetter(1)  # EventOccurrence.signal_id, read in C
+
 # Seconds a signal's corrected time may fall behind the previous one of its event and still count as
 # sent after it (batches' skew corrections differ by the SDK's linger and network jitter).
 REORDER_TOLERANCE = 1.0
@@ -144,9 +146,10 @@ class DeviceState:
         queue = self.history.get(name)
         if queue is None:
             queue = self.history[name] = deque()
-        if queue and occurrence.time <= queue[-1].time and any(o.signal_id == occurrence.signal_id for o in queue):
+        if queue and occurrence.time <= queue[-1].time and occurrence.signal_id in map(_SIGNAL_ID, queue):
             # A resend of a signal still in the window, older than the ids remembered for dedupe (storage
-            # skips storing it again): it must not count twice. Only late arrivals pay for this scan.
+            # skips storing it again): it must not count twice. Only late arrivals and tied times pay for this
+            # scan (a C loop: a batch stamped with one time scans up to its window's length per signal).
             return
         if queue and queue[-1].time - REORDER_TOLERANCE <= occurrence.time < queue[-1].time:
             # Skew correction jitter between batches (each batch's sent_at moves its times), not a late

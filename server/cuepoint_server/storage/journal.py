@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from .records import SignalRecord
@@ -46,12 +48,21 @@ __all__ = [
     "trimmed",
 ]
 
+
+def _mapping(value: object) -> dict[str, Any]:
+    """A read-only mapping (the core's shared empty properties) as JSON: the encoder asks only for these."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 # allow_nan=False: the body must be real JSON so the databases' json functions can read it. Built once:
 # json.dumps with options constructs an encoder per call.
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_mapping).encode
 
 
 _KINDS = frozenset(("event", "context"))
+_FLOAT = {float}
 
 
 class JournalBatch(NamedTuple):
@@ -73,13 +84,20 @@ class JournalBatch(NamedTuple):
 
 @dataclass(slots=True, eq=False)
 class EncodedBatch:
-    """A batch ready for the writer: encoded in the caller's task, so a bad value raises to its caller."""
+    """A batch ready for the writer: encoded in the caller's task, so a bad value raises to its caller.
+
+    Its signals are held as columns (``ids``, ``kinds``, ``names``, ``times``, ``payloads``): every step from
+    the ingested records to the body is a C loop (zip, min, max), with no Python code per signal.
+    """
 
     device_id: str
     session_id: str
     received_at: float
-    ids: list[str]
-    signals: list[tuple[str, str, str, float, Mapping[str, Any]]]  # (id, kind, name, time, payload)
+    ids: Sequence[str]
+    kinds: Sequence[str]
+    names: Sequence[str]
+    times: Sequence[float]
+    payloads: Sequence[Mapping[str, Any]]
     body: str
     first_time: float
     last_time: float
@@ -89,25 +107,44 @@ class EncodedBatch:
 
     def without(self, kept: Sequence[int]) -> EncodedBatch:
         """The same batch with only the signals at positions ``kept`` (some were stored before)."""
-        signals = [self.signals[i] for i in kept]
-        return _encoded(self.device_id, self.session_id, self.received_at, signals)
+        return _encoded(
+            self.device_id,
+            self.session_id,
+            self.received_at,
+            [self.ids[i] for i in kept],
+            [self.kinds[i] for i in kept],
+            [self.names[i] for i in kept],
+            [self.times[i] for i in kept],
+            [self.payloads[i] for i in kept],
+        )
 
 
 def _encoded(
-    device_id: str, session_id: str, received_at: float, signals: list[tuple[str, str, str, float, Mapping[str, Any]]]
+    device_id: str,
+    session_id: str,
+    received_at: float,
+    ids: Sequence[str],
+    kinds: Sequence[str],
+    names: Sequence[str],
+    times: Sequence[float],
+    payloads: Sequence[Mapping[str, Any]],
 ) -> EncodedBatch:
-    ids = [s[0] for s in signals]
-    times = [s[3] for s in signals]
-    kinds = {s[1] for s in signals}
-    if not kinds <= _KINDS:
-        raise ValueError(f"signal kind must be event or context, not {sorted(kinds - _KINDS)}")
+    if not _KINDS.issuperset(kinds):
+        raise ValueError(f"signal kind must be event or context, not {sorted(set(kinds) - _KINDS)}")
+    if None in payloads:
+        payloads = [{} if p is None else p for p in payloads]
+    if set(map(type, times)) != _FLOAT:
+        times = list(map(float, times))  # stored as JSON numbers with a fraction, as the view reads them
     return EncodedBatch(
         device_id,
         session_id,
         received_at,
         ids,
-        signals,
-        _dumps(signals),
+        kinds,
+        names,
+        times,
+        payloads,
+        _dumps(list(zip(ids, kinds, names, times, payloads, strict=True))),
         min(times),
         max(times),
         min(ids),
@@ -120,25 +157,23 @@ def encode(batch: JournalBatch) -> EncodedBatch | None:
     """None for an empty batch."""
     if not batch.ids:
         return None
-    signals = list(zip(batch.ids, batch.kinds, batch.names, batch.times, batch.payloads, strict=True))
-    return _encoded(batch.device_id, batch.session_id, batch.received_at, signals)
+    return _encoded(
+        batch.device_id, batch.session_id, batch.received_at, batch.ids, batch.kinds, batch.names, batch.times,
+        batch.payloads,
+    )  # fmt: skip
+
+
+# What makes consecutive records one batch: (device_id, session_id, received_at), read in C.
+_BATCH_KEY = itemgetter(0, 2, 6)
 
 
 def batches_from_records(rows: Sequence[SignalRecord]) -> list[EncodedBatch]:
     """Records grouped into batches: one per run of consecutive records of one device, session and receipt
-    time (what one ingested batch is)."""
+    time (what one ingested batch is). Grouped and turned into columns by C loops (groupby, zip)."""
     out: list[EncodedBatch] = []
-    start = 0
-    for i in range(1, len(rows) + 1):
-        first = rows[start]
-        if i == len(rows) or (rows[i].device_id, rows[i].session_id, rows[i].received_at) != (
-            first.device_id,
-            first.session_id,
-            first.received_at,
-        ):
-            signals = [(r.signal_id, r.kind, r.name, float(r.time), r.payload or {}) for r in rows[start:i]]
-            out.append(_encoded(first.device_id, first.session_id, float(first.received_at), signals))
-            start = i
+    for (device_id, session_id, received_at), group in groupby(rows, _BATCH_KEY):
+        _, ids, _, kinds, names, times, _, payloads = zip(*group, strict=True)
+        out.append(_encoded(device_id, session_id, float(received_at), ids, kinds, names, times, payloads))
     return out
 
 
