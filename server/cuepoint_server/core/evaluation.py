@@ -389,7 +389,8 @@ class Evaluation(Scoring):
         if not away:
             self._score_now(session, now)
         # While the device is away only scenarios with a fallback for that may fire.
-        timed = [s for s in self.engine.timers(session.app_id).timed if not away or s.when_away is not None]
+        index = self.engine.timers(session.app_id)
+        timed = index.candidates if not away else [s for s in index.timed if s.when_away is not None]
         unit = self._open_unit(session)
         self._recheck_pending(session, now)
         if timed:

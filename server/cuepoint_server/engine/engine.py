@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from ..scenarios.compiler import CompiledScenario
-from .scenario_set import Candidates, ScenarioSet, _order
+from .scenario_set import Candidates, ConditionGroup, ScenarioSet, _order
 from .state import DeviceState
 from .timers import TimerIndex
 
@@ -20,6 +20,9 @@ class Engine:
         self.disabled: frozenset[str] = frozenset()
         # Counted, not timed, so tests can prove cost tracks relevance.
         self.evaluations = 0
+        # Look groups up by their guards where the set indexed them (engine/dispatch.py); off: evaluate every
+        # group (the same decisions, compared by tests).
+        self.dispatching = True
         # Per app id, its time-driven scenarios indexed (engine/timers.py); rebuilt after a swap or a switch.
         self._timers: dict[str, TimerIndex] = {}
         self._timers_of = self.scenarios
@@ -67,16 +70,23 @@ class Engine:
 
     def qualified_timed(self, state: DeviceState, now: float) -> list[CompiledScenario]:
         """Time-driven scenarios that qualify now (a timer fired)."""
-        return self.check(sorted(self.timers(state.app_id).timed, key=_order), state, now)
+        index = self.timers(state.app_id)
+        return self.check(index.candidates or sorted(index.timed, key=_order), state, now)
 
     def check(self, candidates: Iterable[CompiledScenario], state: DeviceState, now: float) -> list[CompiledScenario]:
         """The candidates that qualify now, in their order.
 
         With Candidates (from the event index), each group of scenarios with identical conditions is
-        evaluated once; either way conditions shared across scenarios are computed once (state.memo).
-        `evaluations` counts what was evaluated: a group counts once.
+        evaluated once, and where their guards are indexed only the groups whose guard holds are (the
+        others cannot qualify); either way conditions shared across scenarios are computed once
+        (state.memo). `evaluations` counts what was evaluated: a group counts once.
         """
-        groups = candidates.groups if isinstance(candidates, Candidates) else None
+        groups: Sequence[ConditionGroup] | None = None
+        if isinstance(candidates, Candidates):
+            groups = candidates.groups
+            if candidates.dispatch is not None and self.dispatching:
+                every = groups
+                groups = [every[i] for i in candidates.dispatch.select(state, now)]
         app_id, disabled = state.app_id, self.disabled
         out: list[CompiledScenario] = []
         state.memo = {}

@@ -4,8 +4,9 @@ Scenarios are indexed by the events their trigger listens to, so a signal
 costs evaluations only for scenarios that care about it, however many others
 are loaded. Scenarios with identical conditions (target, trigger, outcome and
 apps) form one group, evaluated once for all of them, so many variants on one
-event cost about what their distinct conditions cost. A new set replaces the
-old in one assignment (atomic swap).
+event cost about what their distinct conditions cost. Many groups on one event
+are indexed by their guards (engine/dispatch.py), so only those that may hold
+are evaluated. A new set replaces the old in one assignment (atomic swap).
 """
 
 from __future__ import annotations
@@ -22,12 +23,18 @@ from ..scenarios.compiler import (
     compile_routing,
     compile_scenario,
 )
+from ..scenarios.guards import Guard, guard_of
 from ..scenarios.loader import LoadedSet, load_directory
 from ..scenarios.model import OutcomeSpec, PolicySpec
+from .dispatch import Dispatch
 from .state import DeviceState
 from .timers import TimerIndex
 
-__all__ = ["Candidates", "ConditionGroup", "ScenarioSet"]
+__all__ = ["DISPATCH_FROM", "Candidates", "ConditionGroup", "ScenarioSet"]
+
+# Fewer groups than this on one event are simply all evaluated: looking up an index costs about as much as
+# evaluating a few groups.
+DISPATCH_FROM = 8
 
 
 def _order(s: CompiledScenario) -> tuple[int, str]:
@@ -45,15 +52,24 @@ class ConditionGroup:
     qualifies: Callable[[DeviceState, float], bool]
     # In arbitration order.
     members: tuple[CompiledScenario, ...]
+    # A necessary condition of the members' conditions (scenarios/guards.py); None: none found.
+    guard: Guard = None
 
 
 class Candidates(tuple[CompiledScenario, ...]):
-    """Scenarios to evaluate, in arbitration order, with their condition groups (Engine.check uses them)."""
+    """Scenarios to evaluate, in arbitration order, with their condition groups (Engine.check uses them) and,
+    from `dispatch_from` groups on, their groups' guards indexed."""
 
     groups: tuple[ConditionGroup, ...]
+    dispatch: Dispatch | None
 
     @classmethod
-    def of(cls, scenarios: Iterable[CompiledScenario], group_of: dict[str, ConditionGroup]) -> Candidates:
+    def of(
+        cls,
+        scenarios: Iterable[CompiledScenario],
+        group_of: dict[str, ConditionGroup],
+        dispatch_from: int | None = None,
+    ) -> Candidates:
         """`scenarios` in arbitration order; their groups keep the members among them, in that order."""
         out = cls(scenarios)
         members: dict[int, list[CompiledScenario]] = {}
@@ -65,15 +81,18 @@ class Candidates(tuple[CompiledScenario, ...]):
         out.groups = tuple(
             group
             if len(group.members) == len(members[key])
-            else ConditionGroup(group.apps, group.qualifies, tuple(members[key]))
+            else ConditionGroup(group.apps, group.qualifies, tuple(members[key]), group.guard)
             for key, group in firsts.items()
         )
+        use = dispatch_from is not None and len(out.groups) >= dispatch_from
+        out.dispatch = Dispatch.build([g.guard for g in out.groups]) if use else None
         return out
 
 
 def _groups(scenarios: Iterable[CompiledScenario], sharing: Sharing, loaded: LoadedSet) -> dict[str, ConditionGroup]:
     """Scenario id -> its condition group (scenarios in arbitration order)."""
     specs = {item.spec.id: item.spec for item in loaded.scenarios}
+    segments = {s.spec.id: s for s in loaded.segments}
     by_key: dict[object, list[CompiledScenario]] = {}
     for scenario in scenarios:
         spec = specs[scenario.id]
@@ -82,7 +101,9 @@ def _groups(scenarios: Iterable[CompiledScenario], sharing: Sharing, loaded: Loa
         by_key.setdefault(key, []).append(scenario)
     out: dict[str, ConditionGroup] = {}
     for members in by_key.values():
-        group = ConditionGroup(members[0].apps, members[0].qualifies, tuple(members))
+        spec = specs[members[0].id]
+        guard = guard_of(spec.target, spec.trigger, segments)
+        group = ConditionGroup(members[0].apps, members[0].qualifies, tuple(members), guard)
         for scenario in members:
             out[scenario.id] = group
     return out
@@ -106,6 +127,7 @@ def _by_key(scenarios: Iterable[CompiledScenario]) -> dict[str, tuple[CompiledSc
 
 _NONE = Candidates()
 _NONE.groups = ()
+_NONE.dispatch = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +160,8 @@ class ScenarioSet:
     outcome_owners: dict[str, str] = field(default_factory=dict)
     # Enabled scenario id -> its group of scenarios with identical conditions.
     group_of: dict[str, ConditionGroup] = field(default_factory=dict)
+    # Index the guards of an event's (or an app's time-driven) groups from this many groups on; None: never.
+    dispatch_from: int | None = DISPATCH_FROM
     # (app id, switched-off ids) -> that app's time-driven scenarios indexed (timers()).
     _timer_indexes: dict[tuple[str, frozenset[str]], TimerIndex] = field(default_factory=dict, compare=False)
 
@@ -150,7 +174,7 @@ class ScenarioSet:
         return cls.build(load_directory(directory), source=directory)
 
     @classmethod
-    def build(cls, loaded: LoadedSet, source: str = "") -> ScenarioSet:
+    def build(cls, loaded: LoadedSet, source: str = "", dispatch_from: int | None = DISPATCH_FROM) -> ScenarioSet:
         segment_defs = {s.spec.id: s for s in loaded.segments}
         sharing = Sharing((c for item in loaded.scenarios for c in (item.spec.target, item.spec.trigger)), segment_defs)
         compiled = sorted((compile_scenario(item, segment_defs, sharing) for item in loaded.scenarios), key=_order)
@@ -159,7 +183,10 @@ class ScenarioSet:
         enabled = [s for s in compiled if s.enabled]
         by_id = {s.id: s for s in compiled}
         group_of = _groups(enabled, sharing, loaded)
-        by_event = {event: Candidates.of((by_id[i] for i in ids), group_of) for event, ids in _index(enabled).items()}
+        by_event = {
+            event: Candidates.of((by_id[i] for i in ids), group_of, dispatch_from)
+            for event, ids in _index(enabled).items()
+        }
         milestone_ids = {m.id: m for m in milestones}
         milestones_by_event = {event: tuple(milestone_ids[i] for i in ids) for event, ids in _index(milestones).items()}
         retention: dict[str, float] = {}
@@ -197,6 +224,7 @@ class ScenarioSet:
             apps=frozenset(loaded.apps),
             outcome_owners=dict(loaded.outcome_owners),
             group_of=group_of,
+            dispatch_from=dispatch_from,
         )
 
     def policy_for(self, app_id: str) -> PolicySpec:
@@ -229,9 +257,10 @@ class ScenarioSet:
         if index is None:
             if len(self._timer_indexes) >= 256:
                 self._timer_indexes.clear()  # many apps or switch flips: rebuilt on demand, never unbounded
-            index = self._timer_indexes[key] = TimerIndex.build(
-                s for s in self.timed if s.applies_to(app_id) and s.id not in disabled
-            )
+            timed = [s for s in self.timed if s.applies_to(app_id) and s.id not in disabled]
+            index = self._timer_indexes[key] = TimerIndex.build(timed)
+            # What a timer evaluates: grouped and indexed as an event's candidates are (already in order).
+            index.candidates = Candidates.of(timed, self.group_of, self.dispatch_from)
         return index
 
     def keep_seconds(self, event: str) -> float:

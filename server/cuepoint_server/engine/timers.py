@@ -16,7 +16,7 @@ CompiledScenario.next_deadline computes it), found by bisection in each sorted l
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..scenarios.compiler import EPSILON, SCREEN_EVENT, CompiledScenario
@@ -54,6 +54,8 @@ class TimerIndex:
     absence: dict[str, dict[object, _Absence]] = field(default_factory=dict)
     # Some scenario may fire for a device that went away (cue.when_away).
     away_capable: bool = False
+    # `timed` as the engine evaluates them: a scenario_set.Candidates (grouped, guards indexed), set by its set.
+    candidates: Sequence[CompiledScenario] = ()
 
     @classmethod
     def build(cls, scenarios: Iterable[CompiledScenario]) -> TimerIndex:

@@ -59,6 +59,8 @@ __all__ = [
     "Routing",
     "RuleMatch",
     "Timer",
+    "WindowCounter",
+    "as_number",
     "compile_definition",
     "compile_routing",
     "compile_scenario",
@@ -867,6 +869,20 @@ def _window(
     return current
 
 
+class WindowCounter:
+    """The occurrences of `event` matching `where` newer than a moment, counted from the window every count
+    leaf on that event and filter shares (engine/dispatch.py reads it to index count thresholds)."""
+
+    __slots__ = ("_window", "key")
+
+    def __init__(self, event: str, where: Mapping[str, Comparison] | None) -> None:
+        self.key = (event, _where_key(where))
+        self._window = _window(event, _where_test(where), self.key[1])
+
+    def __call__(self, state: DeviceState, since: float) -> int:
+        return _count_since(self._window(state), since)
+
+
 def _count_since(window: _Window | None, since: float) -> int:
     if window is None:
         return 0
@@ -1074,6 +1090,11 @@ def _where_test(where: Mapping[str, Comparison] | None) -> Callable[[Mapping[str
         return lambda props: True
     tests = tuple((key, value_test(cmp)) for key, cmp in where.items())
     return lambda props: all(test(props.get(key)) for key, test in tests)
+
+
+def as_number(value: Scalar | None) -> float | None:
+    """A value as the numeric operators read it (None: not a number); engine/dispatch.py reads it the same way."""
+    return _number(value)
 
 
 def _number(value: Scalar | None) -> float | None:
