@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 
-from cuepoint_server.storage import OfferCommit, OfferGuard, PostgresStore, SqliteStore, TimerRecord, WebhookRecord
+from cuepoint_server.storage import (
+    OfferCommit,
+    OfferGuard,
+    PostgresStore,
+    SessionRecord,
+    SqliteStore,
+    TimerRecord,
+    WebhookRecord,
+)
 
 from .conftest import pg_url_for
 from .test_storage import cue, engagement
@@ -132,6 +140,49 @@ async def test_a_callback_requeues_once(store: Any) -> None:
     stored = await store.get_engagement("eng-1")
     assert stored is not None and stored.state == "assigned"
     assert await count_webhooks(store, "engagement.queued") == 1
+
+
+def deadline(device_id: str, owner: str, due_at: float) -> TimerRecord:
+    return TimerRecord(f"device:{device_id}", "device", device_id, due_at, owner)
+
+
+async def test_a_device_deadline_fires_once_per_due_time_and_is_armed_again_for_the_next(store: Any) -> None:
+    """One row per device, moved as its signals move its deadline; each due time fires once: its cues commit
+    with the row marked done for that time, and a second firing of it (a claimer, the owner's late alarm, a
+    replica the device reconnected to) stores none of its cues."""
+    await store.arm_timers([deadline("dev-1", "a", 100.0)])
+    await store.arm_timers([deadline("dev-1", "a", 130.0)])  # a signal moved it
+    # Fired for a time the row no longer holds: that deadline is gone, nothing is stored.
+    stale = await store.commit_offer(OfferCommit(cues=[cue("c-0")], fires=[("device:dev-1", 100.0)]))
+    assert stale.refused == {"c-0": ("fired_elsewhere", "its deadline fired on another replica first")}
+    first = await store.commit_offer(OfferCommit(cues=[cue("c-1")], fires=[("device:dev-1", 130.0)]))
+    second = await store.commit_offer(OfferCommit(cues=[cue("c-2")], fires=[("device:dev-1", 130.0)]))
+    assert (first.refused, set(second.refused)) == ({}, {"c-2"})
+    assert [c.cue_id for c in await store.cues_for_subject("user-1")] == ["c-1"]
+    [row] = await store.timers()
+    assert (row.state, row.due_at, row.fired_at) == ("done", 130.0, 130.0)
+    # The device reconnects to another replica, which arms what it computes: the time that fired stays done...
+    await store.arm_timers([deadline("dev-1", "b", 130.0)])
+    [row] = await store.timers()
+    assert (row.state, row.owner) == ("done", "a")
+    # ...and the next deadline is armed again, owned by that replica, claimable once it is gone.
+    await store.arm_timers([deadline("dev-1", "b", 190.0)])
+    [row] = await store.timers()
+    assert (row.state, row.owner, row.due_at, row.fired_at) == ("armed", "b", 190.0, None)
+    claimed = await store.claim_timers("c", 200.0, hold=HOLD, own_after=60.0)
+    assert [t.timer_id for t in claimed] == ["device:dev-1"]
+    # A firing with nothing to offer only marks it done (for that time).
+    await store.commit_offer(OfferCommit(fires=[("device:dev-1", 190.0)]))
+    assert [t.state for t in await store.timers()] == ["done"]
+
+
+async def test_the_latest_session_of_a_device(store: Any) -> None:
+    assert await store.latest_session("dev-1") is None
+    for session_id, started in (("s-1", 100.0), ("s-3", 300.0), ("s-2", 200.0)):
+        await store.save_session(SessionRecord(session_id, "app", "dev-1", "u-1", started, {"plan": "pro"}, "full"))
+    await store.save_session(SessionRecord("other", "app", "dev-2", "u-1", 900.0, {}, "full"))
+    latest = await store.latest_session("dev-1")
+    assert latest is not None and (latest.session_id, latest.context) == ("s-3", {"plan": "pro"})
 
 
 async def test_replicas_claiming_at_once_each_get_different_timers(tmp_path: Path, pg_database: str) -> None:

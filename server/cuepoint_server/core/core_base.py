@@ -111,6 +111,9 @@ class CoreBase:
         # Timer rows the desk arms name this replica as their owner (core/deadlines.py).
         self.desk.replica = lambda: self.bus.replica_id
         self._timers: dict[str, tuple[float, TimerHandle]] = {}
+        # With other replicas: the due time last written to each device's timer row (None: disarmed), so
+        # the row is written only when it changes (core/evaluation.py `_store_deadline`).
+        self._deadline_rows: dict[str, float | None] = {}
         self._restored: set[str] = set()
         # The runtime emergency switch (admin API); the policy file has its own.
         self.paused_by_admin = False
@@ -240,7 +243,7 @@ class CoreBase:
         work.timers.extend(timer(CUE_EXPIRY, r.cue_id, r.expires_at, self.bus.replica_id) for r in work.cues)
         refused: Mapping[str, tuple[str, str]] = {}
         try:
-            if work.cues or work.decisions or work.milestones or work.statuses:
+            if work.cues or work.decisions or work.milestones or work.statuses or work.timers or work.fires:
                 skipped, refused, slotted = await self.store.commit_offer(work)
                 self._slotted(slotted)
             elif work.signals:

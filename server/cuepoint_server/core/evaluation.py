@@ -18,7 +18,7 @@ from ..predict.registry import describe_scores
 from ..scenarios.compiler import CompiledScenario
 from ..storage import CueRecord, DecisionRecord, OfferGuard
 from .consent import Redactor
-from .deadlines import CUE_EXPIRY, timer_id
+from .deadlines import CUE_EXPIRY, DEVICE, timer, timer_id
 from .errors import InvalidInput
 from .explain import ScenarioCheck, check_scenarios
 from .model import (
@@ -368,11 +368,32 @@ class Evaluation(Scoring):
                 return
             current[1].cancel()
             del self._timers[device_id]
+        self._store_deadline(device_id, due)
         if due is not None:
             handle = self.clock.call_at(due, lambda: self._on_timer(device_id, due))
             self._timers[device_id] = (due, handle)
         elif away:
             self._away_over(device_id)
+
+    def _store_deadline(self, device_id: str, due: float | None) -> None:
+        """With other replicas, the device's deadline is also its timer row (deadlines.py DEVICE), owned by
+        this replica: if it dies, another claims the row when due and fires it (core/timer_claims.py).
+        Written only when it changes, in the unit being committed when one is open (a signal batch's, a
+        timer's), else on its own. Alone there is nobody to claim it, and nothing is written."""
+        if not self.bus.shared or self._deadline_rows.get(device_id, -1.0) == due:
+            return
+        self._deadline_rows[device_id] = due
+        if due is None:
+            # Nothing left to fire: the row (if any) is done, so no replica claims it.
+            self._spawn(self.store.finish_timer(timer_id(DEVICE, device_id), self.clock.now()))
+            return
+        row = timer(DEVICE, device_id, due, self.bus.replica_id)
+        session = self._reg.sessions.get(device_id) or self._reg.away.get(device_id, (None, 0.0))[0]
+        unit = session.unit if session is not None else None
+        if unit is not None and not unit.sealed:
+            unit.work.timers.append(row)
+        else:
+            self._spawn(self.store.arm_timers([row]))
 
     def _on_timer(self, device_id: str, due: float) -> None:
         current = self._timers.get(device_id)
@@ -392,6 +413,11 @@ class Evaluation(Scoring):
         index = self.engine.timers(session.app_id)
         timed = index.candidates if not away else [s for s in index.timed if s.when_away is not None]
         unit = self._open_unit(session)
+        if self.bus.shared:
+            # Once across replicas: the commit marks the device's row done for this due time first, and stores
+            # none of the cues if another replica fired it (storage/timer_rows.py FIRED_ELSEWHERE).
+            unit.work.fires.append((timer_id(DEVICE, device_id), due))
+            self._deadline_rows[device_id] = None
         self._recheck_pending(session, now)
         if timed:
             self._evaluate(session, timed, now)

@@ -146,6 +146,7 @@ class SessionLifecycle(Ingest, DeviceCredentials):
         if state is None:
             return
         state.release()
+        self._deadline_rows.pop(device_id, None)
         timer = self._timers.pop(device_id, None)
         if timer is not None:
             timer[1].cancel()

@@ -118,6 +118,9 @@ class PendingAck:
             or work.statuses
             or work.webhooks
             or work.guards
+            # A device's deadline row moved by these signals (with other replicas; core/evaluation.py)
+            or work.timers
+            or work.fires
         )
 
 

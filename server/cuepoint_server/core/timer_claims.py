@@ -17,11 +17,14 @@ What a claim does per kind:
 - callback: the engagement is taken over from storage by this desk and queued again (engagement.queued),
   for associates on any replica.
 
-Idle, dwell and absence deadlines are not rows: they depend on the device's windows, which live in the
-memory of the replica holding its stream and are rebuilt from the journal when the device reconnects
-(recovery.py), where its deadlines are armed again. A device whose replica died therefore gets those
-scenarios evaluated once it is back; `when_away` scenarios of a device that was away on a replica that
-died do not fire elsewhere.
+- device deadline (idle, dwell, absence; one row per device, moved as its signals move it): the device's
+  time-driven scenarios are evaluated at that due time, as its owner's alarm would, and what that offers
+  commits with the row marked done for that due time (OfferCommit.fires), so a deadline fired by its
+  owner just before dying is not fired again, nor by two claimers. A device held here (it reconnected
+  here) is evaluated live. A device connected nowhere is rebuilt from storage (its windows, last session,
+  open cue and its subject's caps, as a reconnect would) and kept as away here: only its `when_away`
+  scenarios may fire, their cue waiting for the device with its push (cue.pending_push); when the device
+  reconnects, here or elsewhere, it gets that cue, and the deadline that fired is behind it.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ import contextlib
 
 import structlog
 
-from ..storage import TimerRecord
+from ..engine.state import DeviceState
+from ..storage import OfferCommit, TimerRecord
 from ..storage.timer_rows import replica_lease
-from .deadlines import CALLBACK, CUE_EXPIRY, KEEP_TIMERS
+from .deadlines import CALLBACK, CUE_EXPIRY, DEVICE, KEEP_TIMERS
 from .recovery import Recovery
+from .sessions import DeviceSession
 
 __all__ = ["TimerClaims"]
 
@@ -105,6 +110,8 @@ class TimerClaims(Recovery):
             return await self._expiry_claimed(row, now)
         if row.kind == CALLBACK:
             return await self.desk.callback_claimed(row.target, now)
+        if row.kind == DEVICE:
+            return await self._deadline_claimed(row, now)
         log.warning("timers.unknown_kind", timer_id=row.timer_id, kind=row.kind)
         await self.store.finish_timer(row.timer_id, now)
         return False
@@ -122,3 +129,58 @@ class TimerClaims(Recovery):
             self._expire(record.device_id, record.cue_id)
             return True
         return await self._expire_stored(record, now)
+
+    async def _deadline_claimed(self, row: TimerRecord, now: float) -> bool:
+        device_id = row.target
+        if not self._holds(device_id) and not await self._adopt_away(device_id, now):
+            # Nothing may fire for it away: done for this due time only (the row may have moved meanwhile).
+            await self.store.commit_offer(OfferCommit(fires=[(row.timer_id, row.due_at)]))
+            return False
+        current = self._timers.get(device_id)
+        if current is not None and current[0] == row.due_at:
+            current[1].cancel()
+        self._on_timer(device_id, row.due_at)
+        return True
+
+    def _holds(self, device_id: str) -> bool:
+        return device_id in self._reg.sessions or device_id in self._reg.away
+
+    async def _adopt_away(self, device_id: str, now: float) -> bool:
+        """Rebuild a device connected nowhere from storage and keep it as away here, if a `when_away` scenario
+        may fire for it; False (nothing rebuilt) otherwise."""
+        record = await self.store.latest_session(device_id)
+        if record is None or not self._away_capable(record.app_id):
+            return False
+        state = self._reg.states.get(device_id)
+        if state is None:
+            state = DeviceState(device_id, record.app_id)
+            await self._restore_state(state, now)
+            # Its idle deadline counts from its last signal, which no window may keep.
+            last = await self.store.journey(device_id, limit=1)
+            if last:
+                state.last_signal_at = max(state.last_signal_at, last[-1].time)
+            if self._holds(device_id):
+                return True  # it reconnected here meanwhile: evaluated live
+            state = self._reg.states.setdefault(device_id, state)
+        state.context = {**record.context, "app.id": record.app_id, "consent": record.consent}
+        subject = f"user:{record.user_id}" if record.identified else f"device:{device_id}"
+        session = DeviceSession(
+            session_id=record.session_id,
+            app_id=record.app_id,
+            device_id=device_id,
+            subject=subject,
+            consent=record.consent,
+            state=state,
+            started_at=record.started_at,
+            closed=True,
+        )
+        await self._restore_memory(subject)
+        if self._holds(device_id):
+            return True
+        self._reg.away[device_id] = (session, now + self.config.resume_window)
+        if device_id not in self._reg.pending:
+            await self._restore_cue(session, now)  # its open cue keeps others from being offered meanwhile
+        # As a closed session's: the state goes once nothing more can fire for it (evaluation.py `_away_over`).
+        self.clock.call_at(now + self.config.resume_window, lambda: self._evict(session))
+        log.info("timers.device_adopted", device_id=device_id)
+        return True

@@ -118,6 +118,10 @@ class OfferCommit:
     # Across replicas, a cue that must hold an associate's slot while on screen (require_capacity): reserved
     # in the commit, against what every replica holds; a cue that gets no slot is refused ("no_capacity").
     slots: list[SlotClaim] = field(default_factory=list)
+    # Repeating timers this evaluation fires, (timer id, due time): marked done first, only where still armed
+    # at that time; if one was not (fired elsewhere, or moved), none of the cues is stored (refused,
+    # FIRED_ELSEWHERE) and the rest commits as it would without them.
+    fires: list[tuple[str, float]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -128,6 +132,8 @@ class OfferCommit:
             or self.milestones
             or self.statuses
             or self.webhooks
+            or self.timers
+            or self.fires
         )
 
 
@@ -391,6 +397,10 @@ class Store(Protocol):
     async def count_signals(self, device_id: str) -> int: ...
 
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def latest_session(self, device_id: str) -> SessionRecord | None:
+        """The device's most recently started session (None for a device never seen)."""
+        ...
 
     async def get_cue(self, cue_id: str) -> CueRecord | None: ...
 

@@ -73,7 +73,9 @@ from .slots import Slots, SlotTxn
 from .timer_rows import (
     ARM_TIMER,
     CLAIM_TIMERS,
+    FIRED_ELSEWHERE,
     INSERT_DONE_TIMER,
+    MARK_DUE_DONE,
     MARK_TIMER_DONE,
     PURGE_TIMERS,
     TIMER_COLS,
@@ -386,6 +388,7 @@ def _qmarks(sql: str) -> str:
 _ARM_TIMER = _qmarks(ARM_TIMER)
 _CLAIM_TIMERS = _qmarks(CLAIM_TIMERS("FOR UPDATE OF t SKIP LOCKED"))
 _MARK_TIMER_DONE = _qmarks(MARK_TIMER_DONE)
+_MARK_DUE_DONE = _qmarks(MARK_DUE_DONE)
 _INSERT_DONE_TIMER = _qmarks(INSERT_DONE_TIMER)
 _PURGE_TIMERS = _qmarks(PURGE_TIMERS)
 _ENQUEUE_DELIVERY = _qmarks(ENQUEUE_DELIVERY)
@@ -859,12 +862,19 @@ class PostgresStore(Slots):
         milestones = [_milestone_row(r) for r in work.milestones]
         encoded_cues = {r.cue_id: _cue_row(r) for r in work.cues}
         guards = list(work.guards)
-        if not (batches or statuses or milestones or work.cues or work.decisions or work.webhooks):
+        fires = [(float(due), timer_id, float(due)) for timer_id, due in work.fires]
+        if not (
+            batches or statuses or milestones or work.cues or work.decisions or work.webhooks or work.timers or fires
+        ):
             return OfferResult([], {})
         now = max((c.created_at for c in work.cues), default=0.0)
 
         async def run(link: _Link) -> tuple[OfferResult, int]:
             refused: dict[str, tuple[str, str]] = {}
+            for fire in fires:
+                # Waits for a claim transaction holding the row; a firing that lost finds it done or moved.
+                if _count(await link.execute(_MARK_DUE_DONE, *fire)) < 1:
+                    refused.update((c.cue_id, FIRED_ELSEWHERE) for c in work.cues)
             for subject in sorted({g.subject for g in guards}):
                 await link.execute(_LOCK_SUBJECT, subject)
             for guard in guards:
@@ -894,7 +904,7 @@ class PostgresStore(Slots):
             return OfferResult(skipped, refused, slotted), signals + sum(len(rows) for _, rows in steps)
 
         size = signals + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
-        result: OfferResult = await self._writer.transaction(run, size, locks=bool(guards or work.slots))
+        result: OfferResult = await self._writer.transaction(run, size, locks=bool(guards or work.slots or fires))
         return result
 
     async def merge_subject(self, source: str, target: str) -> None:
@@ -1243,6 +1253,11 @@ class PostgresStore(Slots):
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         rows = await self._fetch(f"{_select('sessions', _SESSION_COLS)} WHERE session_id = $1", (session_id,))
+        return _session_from(tuple(rows[0])) if rows else None
+
+    async def latest_session(self, device_id: str) -> SessionRecord | None:
+        sql = f"{_select('sessions', _SESSION_COLS)} WHERE device_id = $1 ORDER BY started_at DESC LIMIT 1"
+        rows = await self._fetch(sql, (device_id,))
         return _session_from(tuple(rows[0])) if rows else None
 
     async def get_cue(self, cue_id: str) -> CueRecord | None:

@@ -72,7 +72,9 @@ from .slots import SLOTS_SCHEMA, Slots, SlotTxn
 from .timer_rows import (
     ARM_TIMER,
     CLAIM_TIMERS,
+    FIRED_ELSEWHERE,
     INSERT_DONE_TIMER,
+    MARK_DUE_DONE,
     MARK_TIMER_DONE,
     PURGE_TIMERS,
     TIMER_COLS,
@@ -1071,13 +1073,19 @@ class SqliteStore(PredictState, Slots):
         statuses = [(status, at, "", cue_id) for cue_id, status, at in work.statuses]
         milestones = [tuple(getattr(r, c) for c in _MILESTONE_COLS) for r in work.milestones]
         guards = list(work.guards)
-        if not (batches or statuses or milestones or work.cues or work.decisions or work.webhooks):
+        fires = [(float(due), timer_id, float(due)) for timer_id, due in work.fires]
+        if not (
+            batches or statuses or milestones or work.cues or work.decisions or work.webhooks or work.timers or fires
+        ):
             return OfferResult([], {})
         signals = sum(len(b.ids) for b in batches)
         now = max((c.created_at for c in work.cues), default=0.0)
 
         async def run(conn: aiosqlite.Connection) -> tuple[OfferResult, int]:
             refused: dict[str, tuple[str, str]] = {}
+            for fire in fires:
+                if (await conn.execute(MARK_DUE_DONE, fire)).rowcount < 1:
+                    refused.update((c.cue_id, FIRED_ELSEWHERE) for c in work.cues)
             for guard in guards:
                 params = (guard.subject, guard.since, guard.session_id)
                 found = await conn.execute_fetchall(_SUBJECT_HISTORY, params)
@@ -1661,6 +1669,11 @@ class SqliteStore(PredictState, Slots):
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         rows = await self._fetch(f"{_select('sessions', _SESSION_COLS)} WHERE session_id = ?", (session_id,))
+        return _session_from(rows[0]) if rows else None
+
+    async def latest_session(self, device_id: str) -> SessionRecord | None:
+        sql = f"{_select('sessions', _SESSION_COLS)} WHERE device_id = ? ORDER BY started_at DESC LIMIT 1"
+        rows = await self._fetch(sql, (device_id,))
         return _session_from(rows[0]) if rows else None
 
     async def stopped_variants(self) -> set[tuple[str, str]]:

@@ -20,7 +20,9 @@ from .records import TimerRecord
 __all__ = [
     "ARM_TIMER",
     "CLAIM_TIMERS",
+    "FIRED_ELSEWHERE",
     "INSERT_DONE_TIMER",
+    "MARK_DUE_DONE",
     "MARK_TIMER_DONE",
     "PURGE_TIMERS",
     "REPLICA_LEASE",
@@ -59,13 +61,21 @@ def timers_table(real: str) -> str:
 
 TIMER_INDEX = "CREATE INDEX IF NOT EXISTS timers_due ON timers (state, due_at)"
 
+# Kinds whose one row carries a target's successive deadlines (a device's next idle, dwell or absence time):
+# fired, it is armed again for the next due time, never for the one it fired at.
+REPEATING = ("device",)
+
 # Arming again (the same deadline moved, or re-owned by the replica that now holds the device) updates the
-# armed row; a row already done stays done: a deadline that fired never fires again.
+# armed row; a row already done stays done: a deadline that fired never fires again. A repeating row that
+# fired is armed again only for another due time.
 ARM_TIMER = (
     "INSERT INTO timers (timer_id, kind, target, due_at, owner, state, claimed_by, claimed_until, fired_at) "
     "VALUES (?, ?, ?, ?, ?, 'armed', '', 0, NULL) "
-    "ON CONFLICT (timer_id) DO UPDATE SET due_at = excluded.due_at, owner = excluded.owner "
-    "WHERE timers.state = 'armed'"
+    "ON CONFLICT (timer_id) DO UPDATE SET due_at = excluded.due_at, owner = excluded.owner, state = 'armed', "
+    "fired_at = CASE WHEN timers.state = 'armed' THEN timers.fired_at END "
+    "WHERE timers.state = 'armed' OR (timers.kind IN ("
+    + ", ".join(f"'{k}'" for k in REPEATING)
+    + ") AND timers.due_at <> excluded.due_at)"
 )
 
 
@@ -85,6 +95,10 @@ def CLAIM_TIMERS(lock: str) -> str:
 
 
 MARK_TIMER_DONE = "UPDATE timers SET state = 'done', fired_at = ? WHERE timer_id = ? AND state = 'armed'"
+# Why a commit firing a repeating timer (OfferCommit.fires) stored none of its cues: another firing was first.
+FIRED_ELSEWHERE = ("fired_elsewhere", "its deadline fired on another replica first")
+# A repeating timer fires for one due time: a row moved meanwhile (or fired for it already) is not this firing's.
+MARK_DUE_DONE = "UPDATE timers SET state = 'done', fired_at = ? WHERE timer_id = ? AND state = 'armed' AND due_at = ?"
 # A deadline fired that was never stored as a row (armed by an older version): it is done from now on.
 INSERT_DONE_TIMER = (
     "INSERT INTO timers (timer_id, kind, target, due_at, owner, state, claimed_by, claimed_until, fired_at) "
