@@ -443,7 +443,7 @@ async def test_replicas_registry_heartbeats_and_liveness(store: Any) -> None:
     a2 = replace(a, last_seen=130.0, scenarios_version="bbbbbbbbbbbb", draining=True)
     await store.save_replica(a2)
     assert await store.replicas() == [a2, b]
-    alive = {r.replica_id for r in await store.replicas() if replica_alive(r, 131.0, sweep_every=5.0)}
+    alive = {r.replica_id for r in await store.replicas() if replica_alive(r, 131.0, ttl=15.0)}
     assert alive == {"rep-a"}  # B was last seen 30 s (6 sweeps) ago
     assert not replica_alive(None, 131.0)
     await store.forget_replicas_seen_before(110.0)

@@ -18,6 +18,7 @@ from cuepoint_server.storage import (
     OfferCommit,
     OfferGuard,
     PostgresStore,
+    ReplicaRecord,
     SessionRecord,
     SqliteStore,
     TimerRecord,
@@ -97,9 +98,11 @@ async def test_a_refused_cue_leaves_no_timer_row(store: Any) -> None:
 
 async def test_claims_take_due_rows_of_gone_owners_and_own_long_overdue_ones(store: Any) -> None:
     now = 1000.0
+    # The registry rows are the replicas' leases: "alive" and "me" keep writing theirs (seen "later" than any
+    # claim below), "dead" last wrote its row 60 s ago (beyond the ttl, `hold`), "gone" never did.
     for live in ("alive", "me"):
-        await store.take_lease(f"replica:{live}", live, now, 1000.0)
-    await store.take_lease("replica:dead", "dead", now - 60, 10.0)  # lapsed 50 s ago
+        await store.save_replica(ReplicaRecord(live, now, now + 1000, "", "", "", False))
+    await store.save_replica(ReplicaRecord("dead", now - 100, now - 60, "", "", "", False))
     await store.arm_timers(
         [
             expiry("alive-due", "alive", now - 5),  # its owner fires it

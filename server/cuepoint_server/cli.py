@@ -464,9 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--replica-ttl",
         type=float,
-        default=10.0,
-        help="with --bus: seconds after which a replica that stopped renewing its lease counts as gone and the "
-        "others fire its due timers (cue expiry, callbacks) (default 10)",
+        default=15.0,
+        help="seconds after its last heartbeat (written every third of this) that a replica counts as gone: "
+        "with --bus the others then fire its due timers, adopt its engagements and free its slots; give every "
+        "replica the same value (default 15)",
     )
     serve.add_argument(
         "--grace",

@@ -4,8 +4,9 @@ Every fact lives in storage; the bus (core/bus.py) only says "look again". So ea
 a message and also on a periodic sweep: a message lost while NATS or a replica was away delays a change by
 at most one sweep, never loses it.
 
-Each replica also keeps its row in the replicas registry (core/replicas.py): written at join, on every
-sweep (the heartbeat), when what it reports changes (a scenario reload, draining), deleted when it leaves.
+Each replica also keeps its row in the replicas registry (core/replicas.py), which is its lease: written at
+join, every third of ``--replica-ttl`` (the heartbeat), when what it reports changes (a scenario reload,
+draining), deleted when it leaves.
 
 What only a replica's memory holds (its streams: live now) is asked for over the bus (`ask_replicas`):
 every live replica in the registry is expected to answer within ANSWER_WAIT, and the caller learns which
@@ -28,7 +29,7 @@ import structlog
 from ..storage import ReplicaRecord
 from .bus import OPS, ROOM
 from .delivery import Delivery
-from .replicas import MISSED_SWEEPS, SWEEP_EVERY, ReplicaStatus, replica_alive, replica_statuses
+from .replicas import BEATS, SWEEP_EVERY, ReplicaStatus, replica_alive, replica_statuses
 from .timer_claims import TimerClaims
 
 __all__ = ["ANSWER_WAIT", "Answerer", "Cluster"]
@@ -59,6 +60,7 @@ class _Asking:
 
 class Cluster(TimerClaims):
     _sweeper: asyncio.Task[None] | None = None
+    _beater: asyncio.Task[None] | None = None
     # What this replica reports in the registry (the app sets the scenarios version, see app.py).
     replica_address: str = ""
     scenarios_version: str = ""
@@ -90,14 +92,16 @@ class Cluster(TimerClaims):
             await self.bus.subscribe(ANSWER, self.bus.replica_id, self._on_answer)
             await self.bus.subscribe(ROOM, "", self._on_room)
         self._sweeper = asyncio.create_task(self._sweep(sweep_every), name="cuepoint-cluster-sweep")
+        self._beater = asyncio.create_task(self._beat(), name="cuepoint-cluster-heartbeat")
 
     async def leave_cluster(self) -> None:
         await self.stop_timer_claims()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        for task in (self._sweeper, self._beater):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sweeper = self._beater = None
         if self.bus.shared:
             await self.bus.unsubscribe(OPS, "")
             await self.bus.unsubscribe(ASK, "")
@@ -147,13 +151,13 @@ class Cluster(TimerClaims):
     async def replicas_status(self) -> list[ReplicaStatus]:
         """Every registered replica with whether it is alive, as this replica sees it now."""
         records = await self.store.replicas()
-        return replica_statuses(records, self.clock.now(), self.bus.replica_id, sweep_every=self.sweep_every)
+        return replica_statuses(records, self.clock.now(), self.bus.replica_id, ttl=self.config.replica_ttl)
 
     async def live_replicas(self) -> set[str]:
         """Ids of the replicas alive now (this one included once joined)."""
         now = self.clock.now()
         alive = {
-            r.replica_id for r in await self.store.replicas() if replica_alive(r, now, sweep_every=self.sweep_every)
+            r.replica_id for r in await self.store.replicas() if replica_alive(r, now, ttl=self.config.replica_ttl)
         }
         return alive | ({self.bus.replica_id} if self._joined_at is not None else set())
 
@@ -208,8 +212,11 @@ class Cluster(TimerClaims):
         if asking.expected <= asking.complete():
             asking.done.set()
 
-    def _alive_window(self) -> float:
-        return self.sweep_every * MISSED_SWEEPS
+    async def _beat(self) -> None:
+        """The heartbeat: this replica's registry row, rewritten BEATS times per ttl (core/replicas.py)."""
+        while True:
+            await asyncio.sleep(self.config.replica_ttl / BEATS)
+            await self._heartbeat_quietly()
 
     async def _on_room(self, _key: str, body: dict[str, Any]) -> None:
         if body.get("replica") != self.bus.replica_id:
@@ -224,7 +231,6 @@ class Cluster(TimerClaims):
     async def _sweep(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
-            await self._heartbeat_quietly()
             if not self.bus.shared:
                 continue  # alone, every switch was set here
             steps = [self.sync_switches, self.adopt_orphans]

@@ -69,9 +69,9 @@ class CoreConfig:
     enforce_user_tokens: bool = False
     # Per app id: how its backend signs user tokens (the auth file's apps.<id>.user_tokens).
     user_token_keys: Mapping[str, UserTokenKey] = field(default_factory=dict)
-    # Several replicas: one whose lease (renewed every quarter of this) lapsed for this many seconds is
-    # gone, and the others claim and fire its due timer rows (core/timer_claims.py).
-    replica_ttl: float = 10.0
+    # Several replicas: one whose registry row (rewritten every third of this) is this many seconds old is
+    # gone: the others fire its due timer rows, adopt its engagements and free its slots (core/replicas.py).
+    replica_ttl: float = 15.0
 
 
 @dataclass

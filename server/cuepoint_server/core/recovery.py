@@ -17,7 +17,6 @@ from .model import (
 from .operations import Operations
 from .presentation import restored_offer
 from .queue_wait import WINDOW
-from .replicas import MISSED_SWEEPS, SWEEP_EVERY
 from .sessions import DeviceSession, PendingCue
 from .validation import Limits
 
@@ -135,8 +134,8 @@ class Recovery(Operations):
         await self.adopt_orphans()
 
     def _alive_window(self) -> float:
-        """A replica whose registry row is older than this is gone (core/replicas.py; Cluster's sweep)."""
-        return SWEEP_EVERY * MISSED_SWEEPS
+        """A replica whose registry row is older than this is gone (core/replicas.py)."""
+        return self.config.replica_ttl
 
     async def adopt_orphans(self) -> None:
         """Route the open engagements of replicas that are gone (and free the slots they held)."""

@@ -1,10 +1,13 @@
 """Who is in the cluster: the replicas registry (storage's `replicas` table) read and judged.
 
-Each replica rewrites its own row on every cluster sweep (core/cluster.py), so `last_seen` is a heartbeat.
-A replica is alive while its row was written within `MISSED_SWEEPS` sweeps: one late sweep (a slow
-database, a long pause of its event loop) is not a death, and a SIGKILLed replica, which never says so,
-counts as gone after at most that long. Work a dead replica owned (its streams' engagements, timers) is
-someone else's to recover; a replica that stopped cleanly deleted its row, so it reads as gone at once.
+The registry row is the replica's lease: the one notion of "alive" every replica uses (timer claims,
+adoption of engagements and slots, live now, `cuepoint replicas`). Each replica rewrites its row every
+third of the ttl (``--replica-ttl``, default REPLICA_TTL; core/cluster.py), so `last_seen` is a heartbeat,
+and it is alive while its row was written within the ttl: two late heartbeats (a slow database, a long
+pause of its event loop) are not a death, and a SIGKILLed replica, which never says so, counts as gone
+after at most the ttl. Work a dead replica owned (its streams' engagements, slots, timers) is then someone
+else's to recover; a replica that stopped cleanly deleted its row, so it reads as gone at once. Replicas
+of one deployment run with the same ttl (each judges the others by its own).
 """
 
 from __future__ import annotations
@@ -14,17 +17,27 @@ from dataclasses import dataclass
 
 from ..storage import ReplicaRecord
 
-__all__ = ["MISSED_SWEEPS", "SWEEP_EVERY", "ReplicaStatus", "replica_alive", "replica_statuses", "versions_differ"]
+__all__ = [
+    "BEATS",
+    "REPLICA_TTL",
+    "SWEEP_EVERY",
+    "ReplicaStatus",
+    "replica_alive",
+    "replica_statuses",
+    "versions_differ",
+]
 
-# Seconds between two sweeps of one replica (re-read switches, write the heartbeat).
+# Seconds between two sweeps of one replica (re-read switches, adopt what gone replicas owned).
 SWEEP_EVERY = 5.0
-# Sweeps a replica may miss before the others count it as gone.
-MISSED_SWEEPS = 3
+# Seconds a replica stays alive after its last heartbeat (--replica-ttl's default).
+REPLICA_TTL = 15.0
+# Heartbeats per ttl: a replica may miss all but one before the others count it as gone.
+BEATS = 3
 
 
-def replica_alive(rec: ReplicaRecord | None, now: float, *, sweep_every: float = SWEEP_EVERY) -> bool:
-    """Whether `rec` reported itself within the last MISSED_SWEEPS sweeps (None, never registered: no)."""
-    return rec is not None and now - rec.last_seen <= sweep_every * MISSED_SWEEPS
+def replica_alive(rec: ReplicaRecord | None, now: float, *, ttl: float = REPLICA_TTL) -> bool:
+    """Whether `rec` reported itself within the last `ttl` seconds (None, never registered: no)."""
+    return rec is not None and now - rec.last_seen <= ttl
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +56,7 @@ class ReplicaStatus:
 
 
 def replica_statuses(
-    records: Iterable[ReplicaRecord], now: float, this_replica: str, *, sweep_every: float = SWEEP_EVERY
+    records: Iterable[ReplicaRecord], now: float, this_replica: str, *, ttl: float = REPLICA_TTL
 ) -> list[ReplicaStatus]:
     """The registry as seen from `this_replica` at `now`, oldest first; the answering replica is alive."""
     return [
@@ -55,7 +68,7 @@ def replica_statuses(
             last_seen=r.last_seen,
             scenarios_version=r.scenarios_version,
             draining=r.draining,
-            alive=r.replica_id == this_replica or replica_alive(r, now, sweep_every=sweep_every),
+            alive=r.replica_id == this_replica or replica_alive(r, now, ttl=ttl),
             this=r.replica_id == this_replica,
         )
         for r in records

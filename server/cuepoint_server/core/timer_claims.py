@@ -2,13 +2,13 @@
 
 Each replica fires the deadlines it armed from memory (the clock's alarms: evaluation.py's cue expiry,
 desk_callbacks.py's callback time) and keeps them as rows (storage/timer_rows.py, names in deadlines.py).
-While it lives it renews the lease ``replica:<id>``; when that lapses (SIGKILL, a lost host), any other
-replica claims its due rows (PostgreSQL: ``FOR UPDATE SKIP LOCKED``) and fires them. Whoever fires a timer,
+While its registry row is alive (core/replicas.py: written within ``--replica-ttl``, the one notion of a
+live replica) nobody else touches them; once it is not (SIGKILL, a lost host, a drain), any other replica
+claims its due rows (PostgreSQL: ``FOR UPDATE SKIP LOCKED``) and fires them. Whoever fires a timer,
 the effect commits in the transaction that marks the row done, only if it was still armed: the owner's
 late alarm, a second claim, or the owner coming back writes nothing more.
 
-Timers judge liveness by that lease, not by the replicas registry (core/replicas.py): its ttl is their own
-(``--replica-ttl``), and a lapsed lease only lets others fire what is due, which is safe at any ttl.
+A replica taken for gone too early only lets others fire what is due, which is safe at any ttl.
 
 What a claim does per kind:
 - cue expiry: a cue still offered becomes ``expired`` with its ``cue.withdrawn`` webhook row. If this
@@ -36,7 +36,6 @@ import structlog
 
 from ..engine.state import DeviceState
 from ..storage import OfferCommit, TimerRecord
-from ..storage.timer_rows import replica_lease
 from .deadlines import CALLBACK, CUE_EXPIRY, DEVICE, KEEP_TIMERS
 from .recovery import Recovery
 from .sessions import DeviceSession
@@ -54,8 +53,7 @@ class TimerClaims(Recovery):
     _claimer: asyncio.Task[None] | None = None
 
     async def start_timer_claims(self) -> None:
-        """Heartbeat this replica's lease and claim the due rows of replicas whose lease lapsed."""
-        await self._heartbeat()
+        """Claim the due rows of replicas that are gone (the heartbeat is the cluster's, core/cluster.py)."""
         self._claimer = asyncio.create_task(self._claim_loop(), name="cuepoint-timer-claims")
 
     async def stop_timer_claims(self) -> None:
@@ -64,14 +62,6 @@ class TimerClaims(Recovery):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._claimer
             self._claimer = None
-            # Leaving on purpose (a drain): the others need not wait out the lease for what is left here.
-            me = self.bus.replica_id
-            with contextlib.suppress(Exception):
-                await self.store.release_lease(replica_lease(me), me)
-
-    async def _heartbeat(self) -> None:
-        me = self.bus.replica_id
-        await self.store.take_lease(replica_lease(me), me, self.clock.now(), self.config.replica_ttl)
 
     async def _claim_loop(self) -> None:
         every = max(self.config.replica_ttl / 4, 0.1)
@@ -79,7 +69,6 @@ class TimerClaims(Recovery):
         while True:
             await asyncio.sleep(every)
             try:
-                await self._heartbeat()
                 await self.claim_due_timers()
                 now = self.clock.now()
                 if now - purged_at > 3600:

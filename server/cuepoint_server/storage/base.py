@@ -351,8 +351,9 @@ class Store(Protocol):
     async def claim_timers(
         self, holder: str, now: float, *, hold: float, own_after: float, limit: int = 100
     ) -> list[TimerRecord]:
-        """Due armed timers whose owner's lease ``replica:<owner>`` lapsed, or `holder`'s own ones more than
-        `own_after` seconds overdue, that no other claim holds: claimed by `holder` for `hold` seconds.
+        """Due armed timers whose owner is gone (its replicas registry row not written within `hold` seconds,
+        the replica ttl), or `holder`'s own ones more than `own_after` seconds overdue, that no other claim
+        holds: claimed by `holder` for `hold` seconds.
         PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so replicas claiming at once get different rows. A claim is
         not the firing: the effect's transaction (``timer=`` above, or finish_timer) fires it once."""
         ...

@@ -1034,7 +1034,9 @@ class PostgresStore(Slots):
     ) -> list[TimerRecord]:
         """As SqliteStore's; rows another replica's claim (or firing) holds locked are skipped, not waited
         for (FOR UPDATE SKIP LOCKED), so replicas claiming at once each get different timers."""
-        params = (holder, float(now + hold), float(now), float(now), holder, float(now - own_after), float(now), limit)
+        params = (
+            holder, float(now + hold), float(now), float(now), holder, float(now - own_after), float(now - hold), limit
+        )  # fmt: skip
 
         async def run(link: _Link) -> tuple[list[TimerRecord], int]:
             rows = [timer_from(tuple(r)) for r in await link.fetch(_CLAIM_TIMERS, *params)]

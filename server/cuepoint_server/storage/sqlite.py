@@ -1212,11 +1212,11 @@ class SqliteStore(PredictState, Slots):
     async def claim_timers(
         self, holder: str, now: float, *, hold: float, own_after: float, limit: int = 100
     ) -> list[TimerRecord]:
-        """Due armed timers whose owner's lease lapsed (or `holder`'s own, `own_after` seconds overdue), not
+        """Due armed timers whose owner is gone (or `holder`'s own, `own_after` seconds overdue), not
         claimed by another within its hold: now claimed by `holder` for `hold` seconds. One process, one
         writer: a claim needs no row lock here."""
         sql = CLAIM_TIMERS("")
-        params = (holder, now + hold, now, now, holder, now - own_after, now, limit)
+        params = (holder, now + hold, now, now, holder, now - own_after, now - hold, limit)
 
         async def run(conn: aiosqlite.Connection) -> tuple[list[TimerRecord], int]:
             rows = [timer_from(r) for r in await conn.execute_fetchall(sql, params)]

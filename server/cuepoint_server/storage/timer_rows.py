@@ -2,7 +2,8 @@
 
 A deadline that must outlive the replica that armed it (a cue's expiry, a callback's time) is a row of
 ``timers``. The replica that armed it fires it from memory at its time; any replica may claim it once it is
-due and its owner is gone (the owner's lease ``replica:<owner>`` lapsed) or it is long overdue. Claiming
+due and its owner is gone (its row in the replicas registry was not written within the ttl, the one notion
+of a live replica: core/replicas.py) or it is long overdue. Claiming
 only says "I am working on it" for ``hold`` seconds (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so two replicas
 never pick the same row at once). Exactly once comes from the effect's own transaction: it first marks the
 row done where it is still armed and writes nothing when another firing got there first. So a claim that
@@ -25,23 +26,14 @@ __all__ = [
     "MARK_DUE_DONE",
     "MARK_TIMER_DONE",
     "PURGE_TIMERS",
-    "REPLICA_LEASE",
     "TIMER_COLS",
     "TIMER_INDEX",
     "arm_row",
-    "replica_lease",
     "timer_from",
     "timers_table",
 ]
 
-# The lease a replica renews while it lives (core/timer_claims.py); its timers are claimable once it lapses.
-REPLICA_LEASE = "replica:"
-
 TIMER_COLS = ("timer_id", "kind", "target", "due_at", "owner", "state", "claimed_by", "claimed_until", "fired_at")
-
-
-def replica_lease(replica_id: str) -> str:
-    return REPLICA_LEASE + replica_id
 
 
 def timers_table(real: str) -> str:
@@ -82,14 +74,14 @@ ARM_TIMER = (
 def CLAIM_TIMERS(lock: str) -> str:
     """Due armed rows not held by a live owner (nor by another claim), soonest first, marked as claimed.
 
-    Params: holder, claimed_until, now, now, holder, own_before, now, limit. ``lock``: PostgreSQL's
+    Params: holder, claimed_until, now, now, holder, own_before, alive_since, limit. ``lock``: PostgreSQL's
     "FOR UPDATE OF t SKIP LOCKED" (SQLite's single writer needs none).
     """
     return (
         f"UPDATE timers SET claimed_by = ?, claimed_until = ? WHERE timer_id IN ("
         "SELECT t.timer_id FROM timers t WHERE t.state = 'armed' AND t.due_at <= ? AND t.claimed_until < ? "
         "AND CASE WHEN t.owner = ? THEN t.due_at <= ? ELSE NOT EXISTS ("
-        f"SELECT 1 FROM leases l WHERE l.name = '{REPLICA_LEASE}' || t.owner AND l.expires_at >= ?) END "
+        "SELECT 1 FROM replicas r WHERE r.replica_id = t.owner AND r.last_seen >= ?) END "
         f"ORDER BY t.due_at LIMIT ? {lock}) RETURNING {', '.join(TIMER_COLS)}"
     )
 
