@@ -19,6 +19,12 @@ interleaved rounds:
 * signal-to-cue: ``--lat-streams`` devices, one connection each, ``--rate`` triggers/s per device, the
   help_me scenario of bench_latency.py (send, wait for the cue, decline, think); p50 and p99.
 
+The PostgreSQL configurations serve their Prometheus metrics (``--metrics-port 0``); around each load the
+benchmark reads every replica's ``cuepoint_storage_round_trips_total`` and prints the round trips the
+stores sent PostgreSQL per signal batch stored (ingest) and per cue round (signal-to-cue: the trigger's
+signals, the offer decision with its per-user guard, the decline), under load, so merged writes count as
+what they cost.
+
 Rate limits are lifted above the load (``BENCH_LIMITS``). On two cores the two replicas, PostgreSQL, NATS
 and the load generator share the same two cores, so two replicas show what the coordination costs, not
 what a second machine would add.
@@ -30,6 +36,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import re
 import secrets
 import statistics
 import sys
@@ -37,6 +44,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 from _common import (
     BENCH_LIMITS,
@@ -117,15 +125,50 @@ async def start_config(config: str, scenarios: Path, tmp: Path, database: str, t
         return [await cuepoint_server(scenarios, tmp / f"{tag}.db", log_dir=tmp, limits=BENCH_LIMITS).start()]
     schema = f"{database}?search_path=s_{hashlib.sha256(tag.encode()).hexdigest()[:20]}"
     if config == "1 x PostgreSQL":
-        extra = ["--database", schema]
+        extra = ["--database", schema, "--metrics-port", "0"]
         only = cuepoint_server(scenarios, tmp / "unused.db", log_dir=tmp, limits=BENCH_LIMITS, extra=extra)
         return [await only.start()]
-    extra = ["--database", schema, "--bus", NATS_URL, "--bus-prefix", f"cuepoint-bench-{secrets.token_hex(4)}"]
+    extra = ["--database", schema, "--metrics-port", "0", "--bus", NATS_URL]
+    extra += ["--bus-prefix", f"cuepoint-bench-{secrets.token_hex(4)}"]
     # The first replica migrates the schema; the second starts once it is there (both would be fine: the
     # migration runs under a lock, but sequential start-up keeps the log quiet).
     first = await cuepoint_server(scenarios, tmp / "unused.db", log_dir=tmp, limits=BENCH_LIMITS, extra=extra).start()
     second = await cuepoint_server(scenarios, tmp / "unused.db", log_dir=tmp, limits=BENCH_LIMITS, extra=extra).start()
     return [first, second]
+
+
+_METRICS_URL = re.compile(rb"metrics on (http://\S+)")
+# The counters the round trips are divided by (Prometheus text exposition).
+_COUNTERS = {
+    "trips": re.compile(r"^cuepoint_storage_round_trips_total (\S+)$", re.M),
+    "signals": re.compile(r"^cuepoint_signals_received_total (\S+)$", re.M),
+    "offered": re.compile(r'^cuepoint_cues_total\{[^}]*outcome="offered"[^}]*\} (\S+)$', re.M),
+}
+
+
+def _scrape(url: str) -> dict[str, float]:
+    with urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {name: sum(float(v) for v in pattern.findall(text)) for name, pattern in _COUNTERS.items()}
+
+
+async def counters(servers: list[ServerProcess]) -> dict[str, float] | None:
+    """The round trips, signals stored and cues offered so far, summed over the replicas (None: no metrics)."""
+    totals: dict[str, float] = defaultdict(float)
+    for s in servers:
+        found = _METRICS_URL.search(s.log_path.read_bytes())
+        if found is None:
+            return None
+        for name, value in (await asyncio.to_thread(_scrape, found.group(1).decode())).items():
+            totals[name] += value
+    return totals
+
+
+def per(before: dict[str, float] | None, after: dict[str, float] | None, unit: str, scale: float = 1.0) -> float | None:
+    """Round trips per `unit` (signals/scale: batches) between two scrapes."""
+    if before is None or after is None or after[unit] <= before[unit]:
+        return None
+    return (after["trips"] - before["trips"]) / ((after[unit] - before[unit]) / scale)
 
 
 async def stop_all(servers: list[ServerProcess]) -> None:
@@ -208,6 +251,7 @@ async def latency_run(config: str, servers: list[ServerProcess], args: argparse.
 async def run(args: argparse.Namespace) -> None:
     ingest: dict[str, list[Throughput]] = defaultdict(list)
     latency: dict[str, list[LatencyResult]] = defaultdict(list)
+    trips: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     db_name, database = await create_database()
     try:
         with temp_dir("replicas") as tmp_text:
@@ -223,9 +267,18 @@ async def run(args: argparse.Namespace) -> None:
                     servers = await start_config(config, scenarios, tmp, database, tag)
                     try:
                         note(f"replicas round {round_no}/{args.rounds}: {config}: ingest ...")
+                        start = await counters(servers) if "PostgreSQL" in config else None
                         ingest[config].append(await ingest_run(config, servers, args, tag))
+                        middle = await counters(servers) if start is not None else None
                         note(f"replicas round {round_no}/{args.rounds}: {config}: signal-to-cue ...")
                         latency[config].append(await latency_run(config, servers, args, round_no))
+                        end = await counters(servers) if middle is not None else None
+                        for kind, value in (
+                            ("batch", per(start, middle, "signals", args.batch)),
+                            ("cue", per(middle, end, "offered")),
+                        ):
+                            if value is not None:
+                                trips[config][kind].append(value)
                     finally:
                         await stop_all(servers)
     finally:
@@ -292,8 +345,28 @@ async def run(args: argparse.Namespace) -> None:
                     ratio=statistics.median(lat_ratios),
                 )
             )
+    trip_rows = []
+    for config, kinds in trips.items():
+        batch, cue = kinds.get("batch", []), kinds.get("cue", [])
+        trip_rows.append(
+            [
+                config,
+                f"{statistics.median(batch):.3f}" if batch else "-",
+                ", ".join(f"{v:.3f}" for v in batch),
+                f"{statistics.median(cue):.2f}" if cue else "-",
+                ", ".join(f"{v:.2f}" for v in cue),
+            ]
+        )
+
+    def trips_of(config: str) -> str:
+        kinds = trips.get(config)
+        if not kinds or not kinds.get("batch") or not kinds.get("cue"):
+            return ""
+        batch, cue = statistics.median(kinds["batch"]), statistics.median(kinds["cue"])
+        return f", PG round trips {batch:.3f}/signal batch {cue:.2f}/cue round"
+
     summary = f"replicas (median of {args.rounds} interleaved rounds): " + "; ".join(
-        f"{row[0]}: ingest {row[1]} signals/s, cue p50 {lrow[2]} ms p99 {lrow[3]} ms"
+        f"{row[0]}: ingest {row[1]} signals/s, cue p50 {lrow[2]} ms p99 {lrow[3]} ms{trips_of(row[0])}"
         for row, lrow in zip(ingest_rows, latency_rows, strict=True)
     )
     report(
@@ -336,6 +409,14 @@ async def run(args: argparse.Namespace) -> None:
                 ],
                 latency_rows,
             ),
+            (
+                "PostgreSQL round trips (cuepoint_storage_round_trips_total, summed over the replicas) per signal "
+                f"batch of {args.batch} stored during the ingest load, and per cue round (trigger, offer decision "
+                "with its per-user guard, decline) during the signal-to-cue load; writes merged by the writer "
+                "count once",
+                ["configuration", "per signal batch (median)", "each round", "per cue round (median)", "each round"],
+                trip_rows,
+            ),
         ],
         metrics=metrics,
         summary=summary,
@@ -356,6 +437,7 @@ async def run(args: argparse.Namespace) -> None:
                 for k, v in latency.items()
             },
             "rounds": args.rounds,
+            "round_trips": {k: dict(v) for k, v in trips.items()},
         },
     )
 

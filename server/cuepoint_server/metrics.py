@@ -18,6 +18,8 @@ Metrics (README, "Reporting and observability"):
 - cuepoint_cue_latency_seconds (histogram): signal batch (or timer) -> cue handed to the device stream
 - cuepoint_rate_limit_per_second{bucket} (gauge), cuepoint_rate_limited_total{bucket} (counter),
   cuepoint_rate_limit_keys{bucket} (gauge): the abuse budgets (api/limits.py) and their refusals
+- cuepoint_storage_round_trips_total (counter, PostgreSQL only): requests the store sent the database and
+  waited for (statements, BEGIN and COMMIT); bench_replicas.py divides it by decisions and signal batches
 """
 
 from __future__ import annotations
@@ -89,6 +91,14 @@ class _LiveState(Collector):
         for load in core.queue_loads():
             waiting.add_metric([load.queue], load.waiting)
         yield waiting
+        trips = getattr(core.store, "round_trips", None)
+        if isinstance(trips, int):
+            # Only a networked store counts them: what one decision or one signal batch costs in waits.
+            yield CounterMetricFamily(
+                "cuepoint_storage_round_trips",
+                "Requests the store sent the database and waited for (statements, BEGIN and COMMIT).",
+                value=trips,
+            )
 
 
 class _Budgets(Collector):
