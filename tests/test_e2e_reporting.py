@@ -543,3 +543,29 @@ async def test_stream_log_lines_carry_device_session_and_associate_ids(start_ser
         assert (by_event[event]["device_id"], by_event[event]["session_id"]) == ("logged", client.session_id)
     ended = by_event["engagement.ended"]
     assert ended["associate_id"] == "dana" and "session_id" not in ended
+
+
+async def test_a_postgresql_server_reports_its_round_trips_in_metrics(start_server: StartServer, backend: str) -> None:
+    """bench_replicas.py divides this counter by decisions and batches; SQLite has no round trips to count."""
+    server = await start_server(
+        """
+        scenarios:
+          - id: help
+            trigger: {event: help}
+            cue: {message: "Help?", channel: chat}
+        """,
+        metrics_port=0,
+    )
+    assert server.metrics_port is not None
+    client = await device(server, "rt-1")
+    before = await scrape(server.metrics_port)
+    await client.track("help")
+    await client.flush()
+    await client.next_cue(timeout=5)
+    after = await scrape(server.metrics_port)
+    await client.close()
+    if backend == "sqlite":
+        assert "cuepoint_storage_round_trips_total" not in after
+    else:
+        # At least the offer's BEGIN, lock and history read, write and COMMIT.
+        assert after["cuepoint_storage_round_trips_total"] - before["cuepoint_storage_round_trips_total"] >= 4
