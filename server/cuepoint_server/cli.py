@@ -344,6 +344,9 @@ def _replicas(args: argparse.Namespace) -> int:
     from .core.replicas import replica_statuses, versions_differ
     from .storage.opening import open_store
 
+    if not args.replica_ttl > 0:
+        print("--replica-ttl: must be a positive number of seconds", file=sys.stderr)
+        return 2
     if not args.database and not Path(args.db).is_file():
         print(f"cannot read replicas: no database at {args.db}", file=sys.stderr)
         return 2
@@ -356,7 +359,9 @@ def _replicas(args: argparse.Namespace) -> int:
             await store.close()
 
     now = time.time()
-    statuses = replica_statuses(asyncio.run(run()), now, "")
+    # Judged by the ttl the replicas run with (each judges the others by its own; README: give every replica
+    # the same --replica-ttl), so this command agrees with them on who is gone.
+    statuses = replica_statuses(asyncio.run(run()), now, "", ttl=args.replica_ttl)
     for r in statuses:
         state = "draining" if r.alive and r.draining else "serving" if r.alive else "gone"
         if args.json:
@@ -608,6 +613,13 @@ def main(argv: list[str] | None = None) -> int:
     replicas.add_argument("--db", default="cuepoint.db", help="SQLite database path")
     replicas.add_argument("--database", default="", metavar="URL", help=_PG_HELP)
     replicas.add_argument("--json", action="store_true", help="one JSON object per line")
+    replicas.add_argument(
+        "--replica-ttl",
+        type=float,
+        default=15.0,
+        help="seconds after its last heartbeat that a replica counts as gone: the --replica-ttl the replicas "
+        "were started with (default 15)",
+    )
     replicas.set_defaults(func=_replicas)
 
     demo = sub.add_parser("demo", help="end-to-end demo: server, simulated phone and associate")
