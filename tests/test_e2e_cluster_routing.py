@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
+
 import cuepoint
 from cuepoint.v1 import admin_pb2
 from cuepoint_server.storage import PostgresStore
@@ -184,5 +186,105 @@ async def test_an_assigned_engagement_adopted_from_a_killed_replica_goes_back_to
         assert [(who, key) for who, key, _ in await store.slot_holds()] == [("dana", engagement.engagement_id)]
     assert not erin.active
     await phone.close()
+    await dana.close()
+    await erin.close()
+
+
+# Dana takes billing, Erin support; a device on A asks for support with require_capacity.
+JOINED = """
+policy: {require_capacity: true}
+scenarios:
+  - id: billing
+    trigger: {event: billing}
+    cue: {message: "A billing question?", channel: chat, queue: billing, ttl: 10m}
+    cooldown: 0s
+  - id: help
+    trigger: {event: help}
+    cue: {message: "Need help?", channel: chat, queue: support, ttl: 10m}
+    cooldown: 0s
+"""
+
+
+async def _held_since(database: str, who: str, key: str) -> float:
+    """When `who`'s slot for `key` was taken, as stored (a slot given back and taken again is a new row)."""
+    connection = await asyncpg.connect(database)
+    try:
+        return float(
+            await connection.fetchval(
+                "SELECT held_at FROM associate_holds WHERE associate_id = $1 AND hold_key = $2", who, key
+            )
+        )
+    finally:
+        await connection.close()
+
+
+async def _on_b_with_erin_joining(
+    a: Replica, b: Replica
+) -> tuple[cuepoint.AssociateClient, cuepoint.AssociateClient, cuepoint.Client, str]:
+    """Dana (billing) and Erin (support, capacity 1) signed in on B; B routes a billing engagement to Dana."""
+    dana = await cuepoint.connect_associate(b.address, associate_id="dana", queues=["billing"], capacity=2)
+    erin = await cuepoint.connect_associate(b.address, associate_id="erin", queues=["support"], capacity=1)
+    await _sees(a, "support", 1)
+    tablet = await device(b, "tablet-b")
+    await tablet.track("billing")
+    engagement = await tablet.accept(await tablet.next_cue(timeout=10))
+    assert (await dana.next_engagement(timeout=20)).engagement_id == engagement.engagement_id
+    return dana, erin, tablet, engagement.engagement_id
+
+
+async def _offered_once_free(phone: cuepoint.Client, database: str, who: str) -> None:
+    async with asyncio.timeout(30):
+        while any(w == who for w, _ in await _holds(database)):  # noqa: ASYNC110 - the release is stored by B
+            await asyncio.sleep(0.05)
+    await phone.track("help")
+    await phone.next_cue(timeout=10)
+
+
+async def test_a_conference_on_b_takes_the_associates_slot_on_every_replica(cluster: StartCluster) -> None:
+    a, b = await cluster(JOINED)
+    dana, erin, tablet, engagement_id = await _on_b_with_erin_joining(a, b)
+    await dana.add_participant(engagement_id, "erin")
+    assert (await erin.next_joined(timeout=20)).engagement_id == engagement_id
+    # Her slot is stored with the joining, before she hears of it: A, where nothing of hers is held, sees it.
+    assert ("erin", engagement_id) in await _holds(a.database)
+    phone = await device(a, "phone-a")
+    await phone.track("help")
+    await phone.flush(timeout=10)
+    assert await no_cue(phone)
+    assert await _decisions(a, "phone-a") == ["no_capacity"]
+    # The conference ends with the engagement: her slot is given back, and A offers again.
+    await dana.end(engagement_id, disposition="resolved")
+    await _offered_once_free(phone, a.database, "erin")
+    for client in (phone, tablet):
+        await client.close()
+    await dana.close()
+    await erin.close()
+
+
+async def test_a_consult_on_b_holds_the_slot_through_the_handover(cluster: StartCluster) -> None:
+    a, b = await cluster(JOINED)
+    dana, erin, tablet, engagement_id = await _on_b_with_erin_joining(a, b)
+    await dana.transfer(engagement_id, to_associate="erin", mode=cuepoint.TransferMode.CONSULT)
+    assert (await erin.next_joined(timeout=20)).engagement_id == engagement_id
+    # A consult counts against capacity, as alone: the cue on A finds Erin full.
+    assert ("erin", engagement_id) in await _holds(a.database)
+    phone = await device(a, "phone-a")
+    await phone.track("help")
+    await phone.flush(timeout=10)
+    assert await no_cue(phone)
+    # Completed: the consult's slot becomes the owner's in place (the same row), never free in between.
+    since = await _held_since(a.database, "erin", engagement_id)
+    await dana.complete_transfer(engagement_id)
+    assert (await erin.next_engagement(timeout=20)).engagement_id == engagement_id
+    await asyncio.sleep(0.3)  # a release and a new hold, as before, would have been stored by now
+    assert await _held_since(a.database, "erin", engagement_id) == since
+    await phone.track("help")
+    await phone.flush(timeout=10)
+    assert await no_cue(phone)
+    assert await _decisions(a, "phone-a") == ["no_capacity", "no_capacity"]
+    await erin.end(engagement_id, disposition="resolved")
+    await _offered_once_free(phone, a.database, "erin")
+    for client in (phone, tablet):
+        await client.close()
     await dana.close()
     await erin.close()

@@ -19,6 +19,7 @@ from cuepoint_server.storage import (
     EngagementRecord,
     JournalBatch,
     OfferCommit,
+    ParticipationRecord,
     PostgresStore,
     ReplicaRecord,
     SessionRecord,
@@ -598,6 +599,40 @@ async def test_owners_of_finished_engagements_are_pruned_and_a_taken_over_one_is
     assert await store.adopt_engagements("new", 105.0, 120.0) == (["eng-open"], [])
     assert (await store.owner_of("eng-done"), await store.owner_of("eng-open")) == ("", "new")
     assert await store.owner_of("eng-called") == "live"
+
+
+async def test_a_conference_or_consult_joining_holds_the_slot_until_released_or_its_replica_is_gone(
+    store: Any,
+) -> None:
+    # Erin joins eng-1 as a conference on replica "a": the participation row and her slot in one transaction.
+    joined = ParticipationRecord("eng-1", "erin", "conference", 100.0, None, "", "")
+    await store.join_holding(joined, "chat", "support", "a")
+    assert await store.participations_for("eng-1") == [joined]
+    assert await store.slot_holds() == [("erin", "eng-1", "a")]
+    # With capacity 1 she has no room left for anything routed anywhere.
+    assert await store.reserve_slot(claim("eng-2", [("erin", 1.0)]), 101.0) == SlotResult("", False)
+    # Capacity 2: one more fits beside the conference.
+    assert (await store.reserve_slot(claim("eng-2", [("erin", 1.0)], capacity=2), 101.0)).associate_id == "erin"
+    await store.release_slot("eng-2", "erin", 102.0)
+    # Her part ends (she left, or the engagement did): the slot is free again.
+    await store.release_slot("eng-1", "erin", 103.0)
+    assert await store.slot_holds() == []
+    assert (await store.reserve_slot(claim("eng-3", [("erin", 1.0)]), 104.0)).associate_id == "erin"
+    await store.release_slot("eng-3", "erin", 105.0)
+    # A consult held by replica "gone" (never registered) is freed by another replica's adoption sweep,
+    # like any slot of a gone replica; one held by a live replica is kept.
+    await store.save_replica(ReplicaRecord("live", 100.0, 110.0, "", "", "", False))
+    await store.join_holding(
+        ParticipationRecord("eng-4", "erin", "consult", 106.0, None, "", ""), "chat", "support", "gone"
+    )
+    await store.join_holding(
+        ParticipationRecord("eng-5", "fay", "consult", 106.0, None, "", ""), "chat", "support", "live"
+    )
+    assert await store.adopt_engagements("new", 108.0, 120.0) == ([], ["erin"])
+    assert await store.slot_holds() == [("fay", "eng-5", "live")]
+    # The sweep of the replica holding it keeps a participant's slot it still has (key, associate).
+    assert await store.prune_slots("live", {("eng-5", "fay")}, 121.0) == []
+    assert await store.prune_slots("live", (), 122.0) == ["fay"]
 
 
 # --- the journal: one row per batch (storage/journal.py) --------------------------------------------------

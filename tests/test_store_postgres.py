@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import asyncpg
 import pytest
@@ -193,6 +194,110 @@ async def test_replicas_reserving_one_associate_at_once_never_exceed_capacity(pg
     finally:
         for store in replicas:
             await store.close()
+
+
+def _cue_needing_dana(n: int) -> OfferCommit:
+    """A cue whose engagement needs Dana's one slot while on screen (require_capacity)."""
+    device = f"dev-{n}"
+    cue = CueRecord(
+        f"cue-{n}",
+        "help",
+        "fitkit",
+        device,
+        f"user:u-{n}",
+        f"sess-{n}",
+        100.0,
+        700.0,
+        "chat",
+        "Hi",
+        "offered",
+        None,
+        {},
+    )
+    decision = DecisionRecord(
+        100.0, "fitkit", device, f"user:u-{n}", f"sess-{n}", "help", "offered", "", "", f"cue-{n}"
+    )
+    claim = SlotClaim(
+        f"cue-{n}", "chat", "support", "replica-a", (("dana", 1.0),), lambda _associate_id, held: not held,
+        detail="no associate available in queue support",
+    )  # fmt: skip
+    return OfferCommit(cues=[cue], decisions=[decision], slots=[claim])
+
+
+async def _waiting_out_a_lock(store: PostgresStore, watcher: asyncpg.Connection, commit: asyncio.Task[Any]) -> None:
+    """Until `commit` is between two looks at a row another transaction holds (its read of the holds that
+    takes no lock is its last statement, in a transaction left open), or done."""
+    async with asyncio.timeout(30):
+        while not commit.done():
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                "AND query LIKE 'SELECT associate_id, hold_key, channel, queue FROM associate_holds%'"
+            )
+            if waiting:
+                return
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("taken", [False, True])
+async def test_a_cue_s_commit_waits_out_a_row_another_replica_holds_instead_of_calling_it_full(
+    pg_database: str, taken: bool
+) -> None:
+    url = pg_url_for(pg_database, f"locked-{secrets.token_hex(4)}")
+    store = await PostgresStore.open(url)
+    # Long enough for this test to act, however loaded the machine: the bound is not what is tested here.
+    store.locked_wait = 60.0
+    other = await asyncpg.connect(url)  # another replica, deciding for Dana
+    watcher = await asyncpg.connect(url)
+    try:
+        await other.execute("INSERT INTO associate_slots (associate_id, idle_since) VALUES ('dana', 1.0)")
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("SELECT 1 FROM associate_slots WHERE associate_id = 'dana' FOR UPDATE")
+        if taken:
+            await other.execute(
+                "INSERT INTO associate_holds VALUES ('eng-x', 'dana', 'chat', 'support', 'replica-b', 50.0)"
+            )
+        commit = asyncio.create_task(store.commit_offer(_cue_needing_dana(1)))
+        # Dana's row is locked, but by what is committed she is free: not "no capacity", the commit waits.
+        await _waiting_out_a_lock(store, watcher, commit)
+        assert not commit.done()
+        await transaction.commit()
+        result = await commit
+        holds = [(a, k) for a, k, _ in await store.slot_holds()]
+        if taken:
+            # The other replica took her one slot: it won, the cue has no room.
+            assert result.refused == {"cue-1": ("no_capacity", "no associate available in queue support")}
+            assert holds == [("dana", "eng-x")]
+        else:
+            assert result.refused == {} and result.slotted == {"cue-1": "dana"}
+            assert holds == [("dana", "cue-1")]
+    finally:
+        await other.close()
+        await watcher.close()
+        await store.close()
+
+
+async def test_a_cue_s_commit_finds_a_locked_associate_full_by_what_is_committed_without_waiting(
+    pg_database: str,
+) -> None:
+    url = pg_url_for(pg_database, f"locked-full-{secrets.token_hex(4)}")
+    store = await PostgresStore.open(url)
+    store.locked_wait = 60.0
+    other = await asyncpg.connect(url)
+    try:
+        await other.execute("INSERT INTO associate_slots (associate_id, idle_since) VALUES ('dana', 1.0)")
+        await other.execute(
+            "INSERT INTO associate_holds VALUES ('eng-x', 'dana', 'chat', 'support', 'replica-b', 50.0)"
+        )
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM associate_slots WHERE associate_id = 'dana' FOR UPDATE")
+            # Her one slot is taken (committed): refused while the other transaction still holds her row.
+            async with asyncio.timeout(30):
+                result = await store.commit_offer(_cue_needing_dana(2))
+            assert result.refused == {"cue-2": ("no_capacity", "no associate available in queue support")}
+    finally:
+        await other.close()
+        await store.close()
 
 
 async def test_cues_racing_for_one_associate_s_slot_in_their_commits_offer_one(pg_database: str) -> None:

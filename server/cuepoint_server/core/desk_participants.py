@@ -30,7 +30,10 @@ log = structlog.get_logger("cuepoint.core.engagements")
 
 # Roles whose chat the user sees.
 SPEAKING = ("conference", "barge")
-# Roles that take one of the associate's engagement slots (supervisors watch on top of their own work).
+# Roles that take one of the associate's engagement slots (supervisors watch on top of their own work). A
+# joining in one of them is never refused for want of room (the owner chose that colleague), but counts
+# against their capacity while it lasts: nothing new is offered them beyond it. Across replicas the slot is
+# stored with the joining, in one transaction (Store.join_holding), before anyone is told.
 HOLDING = ("conference", "consult")
 
 
@@ -156,15 +159,19 @@ class Participants(WrapUp):
 
     async def _join(self, engagement: Engagement, associate: AssociateSession, role: str) -> None:
         now = self.clock.now()
+        record = ParticipationRecord(engagement.engagement_id, associate.associate_id, role, now, None, "", "")
         # Stored before anyone is told: the audit of who saw the engagement is never behind what they saw.
-        await self.store.save_participation(
-            ParticipationRecord(engagement.engagement_id, associate.associate_id, role, now, None, "", "")
-        )
+        if role in HOLDING and self.shared:
+            # With the slot it takes, so no replica offers that slot meanwhile; in the job line, after any
+            # release of the same slot (a participant who left this engagement a moment ago) queued before.
+            channel, queue, replica = engagement.channel, engagement.queue, self.replica_id
+            await self._slot_now(lambda: self.store.join_holding(record, channel, queue, replica))
+        else:
+            await self.store.save_participation(record)
         self._joined_at[(engagement.engagement_id, associate.associate_id)] = now
         engagement.participants[associate.associate_id] = (associate, role)
         if role in HOLDING:
             associate.hold(associate.active, engagement.engagement_id, engagement.channel, engagement.queue)
-            self._slot_taken(associate, engagement)
         associate.send(EngagementJoined(engagement.view(role=role)))
         self._tell_supervisors(engagement)
         self._emit("engagement.participant_joined", engagement)
@@ -197,9 +204,11 @@ class Participants(WrapUp):
         notes: str,
         *,
         quiet: bool = False,
+        keep_slot: bool = False,
     ) -> None:
+        """`keep_slot`: the associate goes on holding the engagement's slot (a consult becoming its owner)."""
         del engagement.participants[associate.associate_id]
-        if role in HOLDING:
+        if role in HOLDING and not keep_slot:
             self._free(associate, engagement.engagement_id, now)
         joined_at = self._joined_at.pop((engagement.engagement_id, associate.associate_id), now)
         self._spawn(

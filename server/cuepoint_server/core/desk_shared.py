@@ -82,6 +82,24 @@ class SharedSlots(Bots):
             finally:
                 self._slot_jobs.task_done()
 
+    async def _slot_now(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work` in the job line (after every release queued before it, which may be of the same slot)
+        and wait until it is done; its error is the caller's."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def job() -> None:
+            try:
+                await work()
+            except Exception as exc:
+                if not done.done():
+                    done.set_exception(exc)
+                return
+            if not done.done():
+                done.set_result(None)
+
+        self._slot_job(job)
+        await done
+
     async def stop_slots(self, within: float = 5.0) -> None:
         """Finish what is queued (within `within` seconds), then give back every slot this replica holds."""
         if self._slot_jobs is not None:
@@ -253,7 +271,8 @@ class SharedSlots(Bots):
     # -- giving slots back --------------------------------------------------------------------------
 
     def _slot_taken(self, associate: AssociateSession, engagement: Engagement) -> None:
-        """A slot taken without a reservation (a transfer to a named associate, a conference): on record."""
+        """A slot taken without a reservation (an offer or assignment alone's routing decided): on record.
+        A conference or consult joining stores its slot with the joining itself (desk_participants.py)."""
         if not self.shared:
             return
         key, channel, queue, now = engagement.engagement_id, engagement.channel, engagement.queue, self.clock.now()

@@ -102,9 +102,18 @@ class Transfers(Participants):
         if consulted is None:
             raise InvalidInput("complete_transfer.engagement_id", "no consult in progress on this engagement")
         now = self.clock.now()
-        # The consult part ends quietly: the consulted associate goes on as the owner, not out.
-        self._part(engagement, consulted, "consult", now, "transfer_completed", "", quiet=True)
-        await self._hand_over(engagement, associate, consulted, "", "consult", engagement.consult_note)
+        # The consult part ends quietly: the consulted associate goes on as the owner, not out. The slot their
+        # consult held (key: the engagement) becomes the owner's in place: never free in between, here or in
+        # storage, for anyone to be offered.
+        self._part(engagement, consulted, "consult", now, "transfer_completed", "", quiet=True, keep_slot=True)
+        try:
+            await self._hand_over(
+                engagement, associate, consulted, "", "consult", engagement.consult_note, reserved=True
+            )
+        except BaseException:
+            if engagement.associate is not consulted:
+                self._free(consulted, engagement.engagement_id, self.clock.now())
+            raise
 
     async def _hand_over(
         self,
@@ -116,7 +125,8 @@ class Transfers(Participants):
         note: str,
         reserved: bool = False,
     ) -> None:
-        """`reserved`: storage already gave `target`'s slot to the engagement (a named transfer across replicas)."""
+        """`reserved`: `target` already holds the engagement's slot (storage gave it to a named transfer across
+        replicas, or their consult held it)."""
         now = self.clock.now()
         info = TransferInfo(owner.associate_id, target.associate_id if target else "", to_queue, mode, note, now)
         # The engagement.transferred event as it will read once handed over, stored with the transfer.

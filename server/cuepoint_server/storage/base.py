@@ -468,6 +468,11 @@ class Store(Protocol):
         """Record a slot taken without a reservation (a transfer to a named associate, a conference)."""
         ...
 
+    async def join_holding(self, rec: ParticipationRecord, channel: str, queue: str, replica: str) -> None:
+        """Store a conference or consult joining (`save_participation`) and the slot it takes of the associate
+        (`hold_slot`, key: the engagement id) in one transaction."""
+        ...
+
     async def release_slot(self, key: str, associate_id: str, now: float) -> None:
         """Free a slot; an associate left holding nothing is idle since `now`."""
         ...

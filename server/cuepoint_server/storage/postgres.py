@@ -764,6 +764,7 @@ class PostgresStore(Slots):
     # Two replicas reserving for one associate take turns on its row; the second skips it (slots.py).
     _SKIP_LOCKED = "FOR UPDATE SKIP LOCKED"
     _ADOPT_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('cuepoint.adopt', 0))"
+    _LOCK_ROW = "FOR UPDATE"
 
     def __init__(self, dsn: str, writer: _BatchWriter, pool: asyncpg.Pool, counter: _Counter) -> None:
         self._dsn = dsn

@@ -8,6 +8,8 @@ replica that holds it. A reservation locks the candidates' rows one at a time, l
 (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so two replicas racing for one associate never both get them:
 the second skips the row and tries the next), reads every hold of that associate, asks the caller's
 `fits` (the associate's channel and queue limits stay in core) and inserts the hold, in one transaction.
+A cue's commit does not take a skipped row for a full associate (`_wait_out_locked`). A conference or
+consult joining stores its slot with its participation row (`join_holding`).
 SQLite's single writer makes the same steps serial.
 
 `engagement_owners` names the replica that routes each open engagement and since when (rows of finished
@@ -22,10 +24,12 @@ Statements are written with ``?`` placeholders; the PostgreSQL store turns them 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from .base import SlotClaim, SlotResult
+from .records import ParticipationRecord
 
 __all__ = [
     "OPEN_STATES",
@@ -93,6 +97,12 @@ _OWN = (
     "INSERT INTO engagement_owners (engagement_id, replica, owned_at) VALUES (?, ?, ?) ON CONFLICT "
     "(engagement_id) DO UPDATE SET replica = excluded.replica, owned_at = excluded.owned_at"
 )
+# A participation row (records.py), as sqlite.py and postgres.py write it, for a joining that holds a slot.
+_JOIN = (
+    "INSERT INTO engagement_participants (engagement_id, associate_id, role, joined_at, left_at, disposition, notes) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (engagement_id, associate_id, role, joined_at) DO UPDATE SET "
+    "left_at = excluded.left_at, disposition = excluded.disposition, notes = excluded.notes"
+)
 # A replica alive: its registry row written since alive_since.
 _LIVE = "SELECT 1 FROM replicas r WHERE r.replica_id = {col} AND r.last_seen >= ?"
 
@@ -104,6 +114,13 @@ class Slots:
     _SKIP_LOCKED = ""
     # PostgreSQL: a transaction-scoped advisory lock serialising adoption across replicas; SQLite: none.
     _ADOPT_LOCK = ""
+    # PostgreSQL: "FOR UPDATE" (waiting: a joining takes its slot whatever the count, it only orders itself
+    # after a reservation deciding for the associate); SQLite: "".
+    _LOCK_ROW = ""
+    # Seconds a cue's commit waits out candidates' rows another replica's transaction holds, while what is
+    # committed says one of them has room (reserve_offer_slots). Such transactions last milliseconds; the
+    # bound keeps a stuck one from holding this replica's writer.
+    locked_wait = 0.5
 
     async def _slot_transaction(self, work: Callable[[SlotTxn], Awaitable[tuple[Any, int]]]) -> Any:
         raise NotImplementedError
@@ -168,17 +185,78 @@ class Slots:
     ) -> dict[str, str]:
         """An offer's commit: a slot for each cue not refused yet, or the cue refused (`no_capacity`): a cue on
         screen holds its engagement's slot on every replica, and one no associate anywhere has room for is
-        not offered. A candidate another replica is deciding for at this very moment counts as full."""
+        not offered. A candidate another replica is deciding for at this very moment is waited out
+        (`_wait_out_locked`) when it may have room, not counted as full."""
         slotted: dict[str, str] = {}
         for claim in claims:
             if claim.key in refused:
                 continue
             result = await self._reserve_in(txn, claim, now)
+            if result.contended:
+                result = await self._wait_out_locked(txn, claim, now)
             if result.associate_id:
                 slotted[claim.key] = result.associate_id
             else:
                 refused[claim.key] = ("no_capacity", claim.detail)
         return slotted
+
+    async def _wait_out_locked(self, txn: SlotTxn, claim: SlotClaim, now: float) -> SlotResult:
+        """`claim`'s candidates left untried were all locked by other replicas' transactions (SKIP LOCKED
+        skipped them). Counted from what is committed (a read that takes no lock): when none of them has
+        room, the cue has none; when one may, its row is asked for again shortly, until free or `locked_wait`
+        is spent. The reservation itself stays SKIP LOCKED, so two replicas racing for one associate: one
+        wins, the other then reads the winner's hold and finds them full. Polling, never waiting on a row
+        lock: two commits each holding a row the other wants cannot deadlock."""
+        ids = list(dict.fromkeys(a for a, _ in claim.candidates))
+        pause, spent = 0.005, 0.0
+        while True:
+            rows = await txn.fetch(
+                f"SELECT associate_id, hold_key, channel, queue FROM associate_holds "
+                f"WHERE associate_id IN ({_marks(len(ids))})",
+                *ids,
+            )
+            held: dict[str, dict[str, tuple[str, str]]] = {a: {} for a in ids}
+            for associate_id, key, channel, queue in rows:
+                held[str(associate_id)][str(key)] = (str(channel), str(queue))
+            if not any(claim.fits(a, held[a]) for a in ids):
+                return SlotResult("", False)
+            if spent >= self.locked_wait:
+                return SlotResult("", True)
+            await asyncio.sleep(pause)
+            spent += pause
+            pause = min(pause * 2, 0.05)
+            result = await self._reserve_in(txn, claim, now)
+            if not result.contended:
+                return result
+
+    async def join_holding(self, rec: ParticipationRecord, channel: str, queue: str, replica: str) -> None:
+        """A conference or consult joining (core/desk_participants.py): the participation row and the slot it
+        takes of the associate, for `replica`, in one transaction. The joining is not refused for want of room
+        (alone it is not either); the associate's row is locked first, so a reservation deciding for them
+        right now commits before (and this hold counts against it) or after (and it counts this hold)."""
+
+        async def run(txn: SlotTxn) -> tuple[None, int]:
+            await txn.execute(
+                "INSERT INTO associate_slots (associate_id, idle_since) VALUES (?, ?) "
+                "ON CONFLICT (associate_id) DO NOTHING",
+                rec.associate_id,
+                float(rec.joined_at),
+            )
+            if self._LOCK_ROW:
+                await txn.fetch(
+                    f"SELECT 1 FROM associate_slots WHERE associate_id = ? {self._LOCK_ROW}", rec.associate_id
+                )
+            left_at = None if rec.left_at is None else float(rec.left_at)
+            await txn.execute(
+                _JOIN, rec.engagement_id, rec.associate_id, rec.role, float(rec.joined_at), left_at,
+                rec.disposition, rec.notes,
+            )  # fmt: skip
+            await txn.execute(
+                _HOLD, rec.engagement_id, rec.associate_id, channel, queue, replica, float(rec.joined_at)
+            )
+            return None, 1
+
+        await self._slot_transaction(run)
 
     async def hold_slot(self, key: str, associate_id: str, channel: str, queue: str, replica: str, now: float) -> None:
         async def run(txn: SlotTxn) -> tuple[None, int]:
