@@ -68,13 +68,14 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         # Every log line of this stream (and of the core work it causes) names the device and session;
         # grpc.aio runs each call in its own task, so the binding ends with the stream.
         structlog.contextvars.bind_contextvars(device_id=session.device_id, session_id=session.session_id)
-        # One task per stream: this handler reads, and writes the acks (and cues) of each batch once its group
-        # commit is durable (_ack); what is sent while it waits to read goes out from a writer task that
-        # exists only while the session's outbox has something to send (_Writer).
+        # One task per stream: this handler reads on while its batches' group commits are in flight (so the
+        # next message is decoded and applied meanwhile, and one commit takes several of its batches); acks,
+        # put on the outbox once durable, and cues go out from a writer task that exists only while the
+        # session's outbox has something to send (_Writer), one per commit round, not one per ack.
         writer = _Writer(session, context)
         try:
             try:
-                end: _StreamEnd | None = await self._read(request_iterator, session, writer, peer)
+                end: _StreamEnd | None = await self._read(request_iterator, session, peer)
             except asyncio.CancelledError:
                 if not writer.stopped_reading():
                     raise
@@ -126,7 +127,6 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self,
         requests: AsyncIterator[device_pb2.DeviceMessage],
         session: DeviceSession,
-        writer: _Writer,
         peer: str | None = None,
     ) -> _StreamEnd:
         try:
@@ -144,10 +144,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     self.limiter.charge(session.app_id, session.device_id, cost, peer)
                 if kind == "signals":
                     self.core.ingest(session, convert.batch_from_proto(message.signals))
-                    await self._ack(session, writer)
                 elif kind == "signal_columns":
                     self.core.ingest(session, convert.batch_from_columns(message.signal_columns))
-                    await self._ack(session, writer)
                 elif kind == "cue_response":
                     cue_id, response, button_id = convert.response_from_proto(message.cue_response)
                     await self.core.respond(session, cue_id, response, button_id)
@@ -178,17 +176,6 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         await self.core.settle(session)
         return _StreamEnd()
 
-    async def _ack(self, session: DeviceSession, writer: _Writer) -> None:
-        """Wait for the group commit that stores the batch just applied, then write its ack from this task.
-
-        The next message is read only after that: reading on while commits are in flight would need another
-        task to write the acks (one per ack, in effect, at one batch in flight per stream); the commit is
-        shared by every stream's batches, so waiting costs this stream one commit and saves a task per ack.
-        """
-        writer.hold()
-        await self.core.acked(session)
-        await writer.flush()
-
 
 class _Writer:
     """Sends a session's outbox on its stream, in ``session.send`` order, from a task started on demand.
@@ -197,11 +184,15 @@ class _Writer:
     exits, so an idle device holds one task (the grpc.aio handler, reading) instead of a reader and a
     writer. At most one writer task runs at a time, which keeps the order. If a write fails or the core
     sends SessionFailed, the writer stops and cancels the reading handler, which catches that
-    (``stopped_reading``) and ends the stream with ``finish``. While the handler waits for its batch's
-    commit (``hold``) no writer task starts: the handler writes what was sent meanwhile itself (``flush``).
+    (``stopped_reading``) and ends the stream with ``finish``.
+
+    Acks arrive a commit round at a time (core/group_commit.py), so one writer task writes every ack of
+    the round for this stream. The handler does not wait for them: waiting for each batch's commit before
+    reading the next (measured 2026-12-05, issue 13) left the event loop idle while SQLite committed and
+    gave each commit one batch per stream; reading on keeps the client's window of batches in one round.
     """
 
-    __slots__ = ("_context", "_handler", "_log_context", "_session", "ending", "failure", "held", "task")
+    __slots__ = ("_context", "_handler", "_log_context", "_session", "ending", "failure", "task")
 
     def __init__(
         self,
@@ -218,13 +209,12 @@ class _Writer:
         self.task: asyncio.Task[None] | None = None
         self.failure: SessionFailed | Exception | None = None
         self.ending = False  # the handler flushes and ends the stream itself; no more writer tasks
-        self.held = False  # the handler writes what is sent meanwhile itself (flush); no writer task
         session.outbox.listener = self.wake
         if not session.outbox.empty():  # what open_session queued before the Welcome
             self.wake()
 
     def wake(self) -> None:
-        if self.task is None and not self.held and not self.ending and self.failure is None:
+        if self.task is None and not self.ending and self.failure is None:
             self.task = self._handler.get_loop().create_task(self._drain(), context=self._log_context)
 
     async def _drain(self) -> None:
@@ -242,31 +232,6 @@ class _Writer:
             self._fail(exc)
         finally:
             self.task = None
-
-    def hold(self) -> None:
-        """The handler is about to write from its own task (`flush`): sends until then start no writer task."""
-        self.held = True
-
-    async def flush(self) -> None:
-        """Write what the outbox holds from the handler's task (a writer task already running finishes
-        first, keeping the order), then let sends start writer tasks again."""
-        try:
-            task = self.task
-            if task is not None:
-                await task
-            outbox = self._session.outbox
-            while self.failure is None and not outbox.empty():
-                item = outbox.get_nowait()
-                if isinstance(item, SessionFailed):
-                    self._fail(item)  # cancels this handler: it stops reading at its next await
-                    return
-                await self._send(item)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the stream broke; as in _drain
-            self._fail(exc)
-        finally:
-            self.held = False
 
     def _fail(self, failure: SessionFailed | Exception) -> None:
         self.failure = failure

@@ -2,9 +2,10 @@
 
 A stream handler applies a batch synchronously (core/ingest.py) and queues it here; one task takes what
 every session has queued, stores it in one write (one transaction on the store's writer), and puts each
-batch's ack on its session's outbox. The handler waits for that (`settled`) and writes the ack itself
-(api/device.py), so an ack costs no asyncio task: one task commits for all streams, however many batches
-they send, and while its commit is in flight the next round's batches queue up.
+batch's ack on its session's outbox, from where the stream's writer sends the round's acks together
+(api/device.py). One task commits for all streams, however many batches they send; while its commit is
+in flight the handlers read on and the next round's batches queue up. `settled` waits for a session's
+acks (a stream's end).
 """
 
 from __future__ import annotations
