@@ -40,6 +40,7 @@ import ipaddress
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..core.errors import ResourceExhausted
 
@@ -190,23 +191,25 @@ class RateLimiter:
         now = self._clock()
         cost = max(1, cost)
         taken: list[tuple[TokenBucket, int]] = []
-        checks: list[tuple[_Buckets, object, str, str]] = [
-            (self._devices, (app_id, device_id), f"device:{app_id}/{device_id}", "signals"),
-            (self._apps, app_id, f"app:{app_id}", "signals"),
+        # (buckets, key, unit); the refusal's subject is spelled only when one refuses (this runs per message).
+        checks: list[tuple[_Buckets, Any, str]] = [
+            (self._devices, (app_id, device_id), "signals"),
+            (self._apps, app_id, "signals"),
         ]
         if peer is not None:
-            checks.append((self._peers, peer, f"peer:{peer}", "signals"))
+            checks.append((self._peers, peer, "signals"))
         if streams:
-            checks.append((self._app_streams, app_id, f"app_streams:{app_id}", "new streams"))
+            checks.append((self._app_streams, app_id, "new streams"))
             if peer is not None:
-                checks.append((self._peer_streams, peer, f"peer_streams:{peer}", "new streams"))
-        for buckets, key, subject, unit in checks:
+                checks.append((self._peer_streams, peer, "new streams"))
+        for buckets, key, unit in checks:
             if not buckets.rate:
                 continue
             bucket = buckets.get(key, now)
             if bucket.refill(now) <= 0:
                 self.refused[buckets.kind] += 1
                 what = buckets.kind.replace("_streams", "")
+                subject = f"device:{key[0]}/{key[1]}" if buckets is self._devices else f"{buckets.kind}:{key}"
                 raise ResourceExhausted(
                     subject, f"{what} rate limit: {buckets.rate:g} {unit}/s (burst {bucket.burst:g})"
                 )
