@@ -92,7 +92,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
         "protobuf": google.protobuf.__version__,
-        "event_loop": "asyncio (default)",
+        "event_loop": _event_loop,
         "platform": platform.platform(),
         "commit": commit,
         "busy_before_pct": _busy_before,
@@ -100,6 +100,14 @@ def machine_info() -> dict[str, Any]:
 
 
 _busy_before: float | None = None
+_event_loop = "asyncio (default)"
+
+
+def set_server_loop(loop: str) -> None:
+    """Say in the report's header which loop the servers ran on (the load generator is always asyncio's)."""
+    global _event_loop
+    if loop != "asyncio":
+        _event_loop = f"servers on {loop} (echo and Cuepoint alike), load generator on asyncio"
 
 
 def _cpu_ticks() -> tuple[int, int]:
@@ -303,11 +311,14 @@ BENCH_LIMITS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def echo_server(*, log_dir: Path, cpu: int | None = SERVER_CPU, traced: Path | None = None) -> ServerProcess:
+def echo_server(
+    *, log_dir: Path, cpu: int | None = SERVER_CPU, traced: Path | None = None, loop: str = "asyncio"
+) -> ServerProcess:
+    """The bare echo; ``loop``: its event loop ("asyncio" or "uvloop", to compare with ``serve --event-loop``)."""
     if traced is not None:
         argv = [PYTHON, str(BENCH_DIR / "_traced_server.py"), str(traced), "echo", "serve", "--port", "0"]
     else:
-        argv = [PYTHON, str(BENCH_DIR / "echo_server.py"), "serve", "--port", "0"]
+        argv = [PYTHON, str(BENCH_DIR / "echo_server.py"), "serve", "--port", "0", "--loop", loop]
     return ServerProcess(argv, name="echo", cpu=cpu, log_dir=log_dir)
 
 

@@ -25,6 +25,9 @@ Both processes' CPU is shown (100% = one core), and per acked signal.
 Targets (issue 13): batched via the SDK >= 0.5x the echo of the same shape, raw stubs >= 0.6x, unbatched
 >= 0.8x.
 
+``--no-batched`` / ``--no-unbatched`` keep one half. ``--server-loop uvloop`` runs both servers, the echo and
+Cuepoint (``serve --event-loop uvloop``), on uvloop; the load generator stays on asyncio's loop.
+
 ``--py-spy PATH`` (or $PY_SPY, or py-spy on PATH) samples the Cuepoint server during the first round's
 runs and prints its hottest functions.
 """
@@ -59,6 +62,7 @@ from _common import (
     pin_self,
     raw_throughput,
     report,
+    set_server_loop,
     temp_dir,
 )
 from echo_server import echo_throughput
@@ -241,7 +245,11 @@ async def cuepoint_run(
 ) -> Throughput:
     db = tmp / f"ingest-{tag}.db"
     server = await cuepoint_server(
-        write_scenarios(tmp / "scenarios"), db, log_dir=tmp, limits=BENCH_LIMITS if not args.default_limits else ()
+        write_scenarios(tmp / "scenarios"),
+        db,
+        log_dir=tmp,
+        limits=BENCH_LIMITS if not args.default_limits else (),
+        extra=("--event-loop", args.server_loop),
     ).start()
     label = f"Cuepoint, {load}, {shape} x{batch}"
     spy: PySpy | None = None
@@ -307,7 +315,7 @@ async def run(args: argparse.Namespace) -> None:
     py_spy = find_py_spy(args.py_spy) if args.py_spy is not False else None
     if args.py_spy is not False and not py_spy:
         note("py-spy not found; running without the profile")
-    variants = [v for v in VARIANTS if args.unbatched or v[3]]
+    variants = [v for v in VARIANTS if (args.unbatched or v[3]) and (args.batched or not v[3])]
     runs: dict[str, list[Throughput]] = defaultdict(list)
     ratios: dict[str, list[float]] = defaultdict(list)
     profiles: dict[str, Any] = {}
@@ -331,6 +339,7 @@ async def run(args: argparse.Namespace) -> None:
                         log_dir=tmp,
                         label=f"bare echo, {shape} x{batch}",
                         shape=shape,
+                        loop=args.server_loop,
                     )
                     echo_of[(shape, batched)] = result
                 else:
@@ -439,6 +448,7 @@ async def run(args: argparse.Namespace) -> None:
             "streams": args.streams,
             "window": args.window,
             "rounds": args.rounds,
+            "server_loop": args.server_loop,
             "rate_limits": "default" if args.default_limits else list(BENCH_LIMITS),
             "scenario": SCENARIO,
             "profiles": profiles,
@@ -456,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--no-unbatched", dest="unbatched", action="store_false", help="batched runs only")
+    parser.add_argument("--no-batched", dest="batched", action="store_false", help="unbatched runs only")
+    parser.add_argument(
+        "--server-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop of both servers, the echo and Cuepoint (serve --event-loop); the load generator keeps asyncio",
+    )
     parser.add_argument(
         "--default-limits", action="store_true", help="keep the server's default rate limits (they cap the load)"
     )
@@ -466,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup = min(args.seconds, 2.0), min(args.warmup, 0.5)
+    set_server_loop(args.server_loop)
     pin_self(CLIENT_CPU)
     check_quiet()
     started = time.perf_counter()

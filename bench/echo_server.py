@@ -120,9 +120,10 @@ async def echo_throughput(
     label: str | None = None,
     streams_per_channel: int = 1,
     shape: str = "rows",
+    loop: str = "asyncio",
 ) -> Throughput:
-    """Start an echo server subprocess, measure it with the raw load, stop it."""
-    server = await echo_server(log_dir=log_dir).start()
+    """Start an echo server subprocess (on ``loop``), measure it with the raw load, stop it."""
+    server = await echo_server(log_dir=log_dir, loop=loop).start()
     try:
         return await raw_throughput(
             server.address,
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd = sub.add_parser("serve", help="run only the echo server")
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=0)
+    serve_cmd.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the server's event loop")
     parser.add_argument("--streams", default="1,50", help="comma-separated stream counts (default 1,50)")
     parser.add_argument("--batch", default="1,100", help="comma-separated signals per message (default 1,100)")
     parser.add_argument("--window", type=int, default=4, help="messages in flight per stream (default 4)")
@@ -206,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             parser.error("loopback addresses only")
-        asyncio.run(serve(args.host, args.port))
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(serve(args.host, args.port))
+        else:
+            asyncio.run(serve(args.host, args.port))
         return 0
     if args.quick:
         args.seconds, args.warmup = min(args.seconds, 2.0), min(args.warmup, 0.5)
