@@ -7,8 +7,9 @@ only a shared database has.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 import asyncpg
@@ -22,6 +23,8 @@ from cuepoint_server.storage import (
     PostgresStore,
     SignalRecord,
     SlotClaim,
+    TimerRecord,
+    WebhookRecord,
 )
 from cuepoint_server.storage.postgres_schema import MIGRATIONS, PG_SCHEMA_VERSION
 
@@ -343,3 +346,66 @@ async def test_cues_racing_for_one_associate_s_slot_in_their_commits_offer_one(p
     finally:
         for store in replicas:
             await store.close()
+
+
+async def test_round_trips_per_decision_are_pinned(pg_database: str) -> None:
+    """Counts, not time: a statement added to a decision's path fails here (README "PostgreSQL backend")."""
+    store = await PostgresStore.open(pg_url_for(pg_database, f"trips-{secrets.token_hex(4)}"))
+
+    async def trips(work: Awaitable[object]) -> int:
+        before = store.round_trips
+        await work
+        return store.round_trips - before
+
+    def guarded(n: int, *, timer: bool = True, webhook: bool = True) -> OfferCommit:
+        work = offer(f"cue-{n}", f"device-{n}")
+        work.guards = [dataclasses.replace(work.guards[0], subject=f"user:u-{n}")]
+        work.cues = [dataclasses.replace(work.cues[0], subject=f"user:u-{n}")]
+        if timer:
+            work.timers = [TimerRecord(f"cue_expiry:cue-{n}", "cue_expiry", f"cue-{n}", 700.0, "replica-a")]
+        if webhook:
+            body = f'{{"cue_id": "cue-{n}"}}'
+            work.webhooks = [WebhookRecord(f"wh-{n}", "http://x", "cue.offered", body, 100.0, "pending", 0, 100.0)]
+        return work
+
+    def claim(key: str, *candidates: str, replaces: str = "") -> SlotClaim:
+        return SlotClaim(
+            key, "chat", "support", "replica-a", tuple((a, 1.0) for a in candidates),
+            lambda _a, held: len(held) < 1, replaces=replaces, detail="full",
+        )  # fmt: skip
+
+    try:
+        # A guarded offer (signals, cue, decision, expiry timer, webhook row): BEGIN with the user's lock, the
+        # user's stored cues, every write in one statement, COMMIT. It was 9.
+        assert await trips(store.commit_offer(guarded(1))) == 4
+        # Without a guard: BEGIN, the writes, COMMIT.
+        plain = guarded(2)
+        plain.guards = []
+        assert await trips(store.commit_offer(plain)) == 3
+        # Eight guarded offers at once share one transaction: one BEGIN taking the eight users' locks, two
+        # statements each, one COMMIT.
+        before = store.round_trips
+        results = await asyncio.gather(*(store.commit_offer(guarded(n)) for n in range(10, 18)))
+        assert all(not r.refused for r in results)
+        assert store.round_trips - before <= 2 + 2 * 8
+        # A reservation: BEGIN, (seed + this key's holds), (lock the longest idle + their holds), (the hold +
+        # the holds read once the row was ours), COMMIT. It was 7.
+        assert await trips(store.reserve_slot(claim("eng-1", "dana"), 10.0)) == 5
+        # A candidate found full costs one statement more; the next one takes the slot.
+        assert await trips(store.reserve_slot(claim("eng-2", "dana", "eli"), 11.0)) == 6
+        # A cue's slot reserved in its commit: the guarded offer's four, and the reservation's three statements.
+        slotted = guarded(3)
+        slotted.slots = [claim("cue-3", "fay")]
+        assert await trips(store.commit_offer(slotted)) == 4 + 3
+        # An accepted cue's engagement taking its slot over: the delete rides with the seeding statement.
+        assert await trips(store.reserve_slot(claim("eng-3", "fay", replaces="cue-3"), 12.0)) == 5
+        assert [(a, k) for a, k, _ in await store.slot_holds()] == [("dana", "eng-1"), ("eli", "eng-2"), ("fay", "eng-3")]
+        # Giving a slot back: one statement, no BEGIN/COMMIT. It was 4.
+        assert await trips(store.release_slot("eng-1", "dana", 13.0)) == 1
+        assert [a for a, _, _ in await store.slot_holds()] == ["eli", "fay"]
+        # Everything the one statements wrote is there.
+        assert (await store.get_cue("cue-1")) is not None and len(await store.cues_for_subject("user:u-12")) == 1
+        assert {t.timer_id for t in await store.timers()} >= {"cue_expiry:cue-1", "cue_expiry:cue-3"}
+        assert await store.count_signals("device-1") == 1
+    finally:
+        await store.close()

@@ -9,15 +9,24 @@ pool and see everything committed, by any replica.
 
 Per-user decisions: `commit_offer` takes a transaction-scoped advisory lock on each guarded subject before
 reading its stored cues (`OfferGuard`), so two replicas deciding for one user at once take turns, and the
-second sees the first's cue. At most one locking transaction runs per batch, so two replicas' writers never
-hold each other's locks in opposite orders.
+second sees the first's cue. The locks of every such commit in a batch are taken by the batch's BEGIN, in
+one round trip, sorted, before anything else of the transaction; the read is a later statement (its
+snapshot is taken once the locks are held). An op that may wait for row locks (a slot's, a firing timer's)
+is a batch's only locking op, so two replicas' writers never wait on each other's locks in a cycle.
+
+Round trips are what a decision costs here (one PostgreSQL process serves every replica's decisions, one
+after another on each writer's connection): an offer's journal rows, cues, decisions, milestones, webhook
+rows and timers are one statement (data-modifying CTEs over unnested arrays), a guarded offer is BEGIN with
+its locks, the history read, that statement and COMMIT. `round_trips` counts them (bench/, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -189,16 +198,17 @@ _INSERT_DECISION = _insert("decisions", _DECISION_COLS)
 _BATCH_COLUMNS = "device_id, session_id, first_time, last_time, received_at, count, min_id, max_id, run, body"
 _BATCH_TYPES = ("text", "text", "float8", "float8", "float8", "int4", "text", "text", "bool", "text")
 _UNNEST_BATCHES = f"unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_BATCH_TYPES))})"
-_APPEND_RUNS = (
-    f"WITH b AS (SELECT * FROM {_UNNEST_BATCHES} WITH ORDINALITY AS b({_BATCH_COLUMNS}, ord)), "
+_RUNS_CTES = (
+    f"b AS (SELECT * FROM {_UNNEST_BATCHES} WITH ORDINALITY AS b({_BATCH_COLUMNS}, ord)), "
     'd AS (SELECT device_id, min(min_id COLLATE "C") AS lo, max(max_id COLLATE "C") AS hi FROM b GROUP BY device_id), '
     "m AS (INSERT INTO signal_marks AS m (device_id, high) SELECT device_id, hi FROM d ORDER BY device_id "
     "ON CONFLICT (device_id) DO UPDATE SET high = excluded.high "
     "WHERE m.high < (SELECT lo FROM d WHERE d.device_id = excluded.device_id) RETURNING m.device_id), "
     f"ins AS (INSERT INTO signal_batches ({_BATCH_COLUMNS}) SELECT {_BATCH_COLUMNS} FROM b "
-    "WHERE b.device_id IN (SELECT device_id FROM m) ORDER BY ord) "
-    "SELECT array_agg(device_id) FROM m"
+    "WHERE b.device_id IN (SELECT device_id FROM m) ORDER BY ord)"
 )
+_RUNS_STORED = "SELECT array_agg(device_id) FROM m"
+_APPEND_RUNS = f"WITH {_RUNS_CTES} {_RUNS_STORED}"
 # The other path, for the devices left: one statement locks their marks (creating empty ones) and reads them
 # with what is stored of their batches' ids (exact ids, and for each id the run that could hold it: runs of a
 # device cover disjoint id ranges, so the first ending at or after it); one more writes what journal.py
@@ -239,9 +249,29 @@ _TAKE_LEASE = (
     "holder = excluded.holder, expires_at = excluded.expires_at "
     "WHERE leases.holder = excluded.holder OR leases.expires_at < $4"
 )
-_LOCK_SUBJECT = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
-_SUBJECT_HISTORY = (
-    f"{_select('cues', _CUE_COLS)} WHERE {HISTORY_WHERE.format('$1', '$2', '$3')} ORDER BY created_at, seq"
+
+
+def _literal(text: str) -> str:
+    """``text`` as an escape-string literal: backslashes and quotes doubled, so nothing in it is SQL, whatever
+    standard_conforming_strings says (PostgreSQL text holds no NUL)."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _lock_subjects(subjects: Sequence[str]) -> str:
+    """One statement taking each subject's transaction-scoped advisory lock, in sorted order (the select
+    list is evaluated left to right): every replica takes them in one order, so none waits in a cycle."""
+    calls = ", ".join(f"pg_advisory_xact_lock(hashtextextended({_literal(s)}, 0))" for s in sorted(set(subjects)))
+    return f"SELECT {calls}"
+
+
+# Every guard's stored cues in one read (parameters: subjects, sinces, session ids; one element per guard),
+# each row tagged with its guard's position. Run after the subjects' locks were taken, in a later statement:
+# its snapshot then holds every cue a replica that held one of the locks committed.
+_HISTORIES = (
+    f"SELECT g.i, {', '.join(f'c.{col}' for col in _CUE_COLS)} "
+    "FROM unnest($1::text[], $2::float8[], $3::text[]) WITH ORDINALITY AS g(subject, since, session, i) "
+    f"CROSS JOIN LATERAL (SELECT * FROM cues WHERE {HISTORY_WHERE.format('g.subject', 'g.since', 'g.session')}"
+    ") AS c ORDER BY g.i, c.created_at, c.seq"
 )
 
 # A user's sessions ($1: user id) and the anonymous sessions of the same devices: the pre-sign-in history.
@@ -396,6 +426,76 @@ _CLAIM_DELIVERIES = _qmarks(CLAIM_DELIVERIES("FOR UPDATE SKIP LOCKED"))
 _EXPIRE_DELIVERIES = _qmarks(EXPIRE_DELIVERIES)
 
 
+# --- one statement for many rows of several kinds ------------------------------------------------------
+
+
+def _unnest(sql: str, types: Sequence[str]) -> Callable[[int], str]:
+    """A one-row statement (``$1``..``$n``, an INSERT's VALUES or an UPDATE's WHERE) as the same statement for
+    many rows, each parameter an array (``types``: the elements' types) unnested in step; numbered from
+    ``start``, so several fit one statement as data-modifying CTEs."""
+    names = [f"u.p{i + 1}" for i in range(len(types))]
+    rowwise = re.sub(r"\$(\d+)", lambda m: names[int(m.group(1)) - 1], sql)
+
+    def form(start: int) -> str:
+        arrays = ", ".join(f"${start + i}::{t}[]" for i, t in enumerate(types))
+        source = f"unnest({arrays}) AS u({', '.join(n[2:] for n in names)})"
+        if rowwise.startswith("INSERT"):
+            head, values = rowwise.split(" VALUES (", 1)
+            # The VALUES list's closing parenthesis (the literals in it hold none).
+            depth = list(itertools.accumulate({"(": 1, ")": -1}.get(ch, 0) for ch in values))
+            end = depth.index(-1)
+            return f"{head} SELECT {values[:end]} FROM {source}{values[end + 1 :]}"
+        head, where = rowwise.split(" WHERE ", 1)
+        return f"{head} FROM {source} WHERE {where}"
+
+    return form
+
+
+_TEXT, _FLOAT, _INT = "text", "float8", "int4"
+_STATUS_ROWS = _unnest(_SET_CUE_STATUS, (_TEXT, _FLOAT, _TEXT, _TEXT))
+_CUE_ROWS = _unnest(_UPSERT_CUE, (*[_TEXT] * 6, _FLOAT, _FLOAT, _TEXT, _TEXT, _TEXT, _FLOAT, *[_TEXT] * 4))
+_DECISION_ROWS = _unnest(_INSERT_DECISION, (_FLOAT, *[_TEXT] * 10))
+_MILESTONE_ROWS = _unnest(_INSERT_MILESTONE, (_FLOAT, *[_TEXT] * 4))
+_WEBHOOK_ROWS = _unnest(_INSERT_WEBHOOK, (_TEXT, _TEXT, _TEXT, _TEXT, _FLOAT, _TEXT, _INT, _FLOAT, _TEXT))
+_TIMER_ROWS = _unnest(_ARM_TIMER, (_TEXT, _TEXT, _TEXT, _FLOAT, _TEXT))
+
+
+@dataclass(slots=True)
+class _Rows:
+    """An offer commit's rows (statuses, cues, decisions, milestones, webhook rows, timers), each kind as the
+    one-row statement and its rows: written by one statement when they can be (`ctes`), else one by one."""
+
+    steps: list[tuple[str, Callable[[int], str], list[Row]]]
+
+    def __bool__(self) -> bool:
+        return any(rows for _, _, rows in self.steps)
+
+    def ctes(self, start: int) -> tuple[list[str], list[Any]] | None:
+        """The rows as data-modifying CTEs (their arrays numbered from ``start``), or None when one statement
+        cannot write them: a row changed twice in one statement (two rows of one key, or a cue's status set
+        beside its upsert) would be one change, which PostgreSQL picks."""
+        keyed = {sql: [row[key] for row in rows] for sql, _, rows in self.steps for key in [_ROW_KEY.get(sql)]
+                 if key is not None}  # fmt: skip
+        if any(len(set(keys)) < len(keys) for keys in keyed.values()):
+            return None
+        if set(keyed.get(_SET_CUE_STATUS, ())) & set(keyed.get(_UPSERT_CUE, ())):
+            return None
+        ctes: list[str] = []
+        params: list[Any] = []
+        for _, form, rows in self.steps:
+            if rows:
+                ctes.append(f"w{len(ctes)} AS ({form(start + len(params))})")
+                params.extend(list(column) for column in zip(*rows, strict=True))
+        return ctes, params
+
+    def rows(self) -> int:
+        return sum(len(rows) for _, _, rows in self.steps)
+
+
+# Which parameter of a one-row statement is the row's key, for the kinds whose rows must be distinct.
+_ROW_KEY = {_SET_CUE_STATUS: 3, _UPSERT_CUE: 0, _ARM_TIMER: 0}
+
+
 # --- round trips ----------------------------------------------------------------------------------------
 
 
@@ -431,10 +531,23 @@ class _Link:
         return await self.conn.fetchval(sql, *args)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[None]:
-        self.counter.round_trips += 2  # BEGIN, then COMMIT or ROLLBACK
-        async with self.conn.transaction():
+    async def transaction(self, keys: Sequence[str] = ()) -> AsyncIterator[None]:
+        """BEGIN ... COMMIT (ROLLBACK on an error); with ``keys``, BEGIN also takes their subjects' advisory
+        locks, in sorted order, in the same round trip (one simple-protocol query, so no parameters)."""
+        self.counter.round_trips += 2  # BEGIN (with the locks), then COMMIT or ROLLBACK
+        if not keys:
+            async with self.conn.transaction():
+                yield
+            return
+        try:
+            await self.conn.execute(f"BEGIN; {_lock_subjects(keys)}")
             yield
+        except BaseException:
+            if not self.conn.is_closed():
+                with contextlib.suppress(Exception):
+                    await self.conn.execute("ROLLBACK")
+            raise
+        await self.conn.execute("COMMIT")
 
 
 _SET_OWNER = (
@@ -465,6 +578,7 @@ class _Statement:
     params: Row
     future: asyncio.Future[Any]
     locks: bool = False
+    keys: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -476,6 +590,7 @@ class _AppendBatches:
     batches: list[EncodedBatch]
     future: asyncio.Future[Any]
     locks: bool = False
+    keys: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -489,7 +604,12 @@ class _Transaction:
     work: Callable[[_Link], Awaitable[tuple[Any, int]]]  # -> (result, rows written)
     future: asyncio.Future[Any]
     size: int = 1
-    locks: bool = False  # takes advisory locks: at most one such op per batch (no lock-order deadlocks)
+    # Takes row locks it may wait for (or advisory locks of its own): at most one such op per batch, and
+    # never beside ops with `keys`, so two replicas' writers never wait on each other's locks in a cycle.
+    locks: bool = False
+    # Subjects whose advisory locks the batch's BEGIN takes for it, with every other op's, in sorted order and
+    # before anything else of the transaction: any number of such ops share one batch (one locking round trip).
+    keys: tuple[str, ...] = ()
 
 
 _Op = _Statement | _AppendBatches | _Transaction
@@ -551,21 +671,30 @@ def _clean_devices(batches: Sequence[EncodedBatch]) -> set[str]:
     return set(last) - dirty
 
 
-async def _append_journal(link: _Link, batches: list[EncodedBatch]) -> list[list[str]]:
+async def _append_journal(link: _Link, batches: list[EncodedBatch], rows: _Rows | None = None) -> list[list[str]]:
     """Dedupe and store batches inside the writer's transaction: the ids skipped per batch.
 
     One statement when every device's batches sort above its mark (the SDK's increasing ids); otherwise two
     more for the devices left (resends, ids out of order, random ids): look up, then write what journal.py
-    decided.
+    decided. ``rows`` (an offer's cues, decisions, ...) go into that first statement as more CTEs when they
+    can (`_Rows.ctes`), else one statement per kind after it.
     """
-    if not batches:
-        return []
     clean = _clean_devices(batches)
     fast = [b for b in batches if b.device_id in clean]
     done: set[str] = set()
-    if fast:
-        found = await link.fetchval(_APPEND_RUNS, *_batch_columns([(b, True) for b in fast]))
+    merged = rows.ctes(11 if fast else 1) if rows else None
+    if fast or merged:
+        ctes, params = merged or ([], [])
+        if fast:
+            ctes, params = [_RUNS_CTES, *ctes], [*_batch_columns([(b, True) for b in fast]), *params]
+        found = await link.fetchval(
+            f"WITH {', '.join(ctes)} {_RUNS_STORED if fast else 'SELECT NULL::text[]'}", *params
+        )
         done = set(found or ())
+    if rows and merged is None:
+        for sql, _, step in rows.steps:
+            if step:
+                await link.executemany(sql, step)
     rest = [b for b in batches if b.device_id not in done]
     skipped: dict[int, list[str]] = {}
     if rest:
@@ -611,17 +740,23 @@ class _BatchWriter:
     def stats(self) -> StoreStats:
         return StoreStats(self._batches, self._ops, self._rows, self._failed)
 
-    async def execute(self, sql: str, params: Row) -> None:
-        await self._submit(_Statement(sql, params, self._new_future()))
+    async def execute(self, sql: str, params: Row, *, locks: bool = False) -> str:
+        status: str = await self._submit(_Statement(sql, params, self._new_future(), locks))
+        return status
 
     async def append_batches(self, batches: list[EncodedBatch]) -> list[str]:
         skipped: list[str] = await self._submit(_AppendBatches(batches, self._new_future()))
         return skipped
 
     async def transaction(
-        self, work: Callable[[_Link], Awaitable[tuple[Any, int]]], size: int = 1, *, locks: bool = False
+        self,
+        work: Callable[[_Link], Awaitable[tuple[Any, int]]],
+        size: int = 1,
+        *,
+        locks: bool = False,
+        keys: Sequence[str] = (),
     ) -> Any:
-        return await self._submit(_Transaction(work, self._new_future(), max(size, 1), locks))
+        return await self._submit(_Transaction(work, self._new_future(), max(size, 1), locks, tuple(keys)))
 
     async def stop(self) -> None:
         if not self._closed:
@@ -658,16 +793,16 @@ class _BatchWriter:
                     break
                 pending = [first]
                 size = first.size
-                locking = first.locks
+                locking, keyed = first.locks, bool(first.keys)
                 while size < self._max_batch and not self._queue.empty():
                     op = self._queue.get_nowait()
                     if op is None:
                         stopping = True
                         break
-                    if op.locks and locking:
-                        carried = op  # in the next batch: one locking transaction per batch
+                    if (op.locks and (locking or keyed)) or (op.keys and locking):
+                        carried = op  # in the next batch: one locking op, or only keyed ones, per batch
                         break
-                    locking = locking or op.locks
+                    locking, keyed = locking or op.locks, keyed or bool(op.keys)
                     pending.append(op)
                     size += op.size
                 await self._apply(pending)
@@ -690,11 +825,12 @@ class _BatchWriter:
         try:
             await self._reconnect_if_needed()
             groups = _groups(batch)
-            if len(groups) == 1 and not isinstance(batch[0], _Transaction):
+            keys = sorted({key for op in batch for key in op.keys})
+            if len(groups) == 1 and not isinstance(batch[0], _Transaction) and not keys:
                 # One statement (or one executemany) is atomic on its own: no BEGIN/COMMIT round trips.
                 results, rows = await self._write(groups)
             else:
-                async with self._link.transaction():
+                async with self._link.transaction(keys):
                     results, rows = await self._write(groups)
         except Exception as exc:
             if len(batch) > 1 and not isinstance(exc, OSError | asyncpg.InterfaceError):
@@ -733,10 +869,10 @@ class _BatchWriter:
             if isinstance(first, _Statement):
                 params = [op.params for op in group if isinstance(op, _Statement)]
                 if len(params) == 1:
-                    await self._link.execute(first.sql, *params[0])
+                    results.append(await self._link.execute(first.sql, *params[0]))
                 else:
                     await self._link.executemany(first.sql, params)
-                results.extend([None] * len(group))
+                    results.extend([""] * len(group))
                 rows += len(params)
                 continue
             appends = [op for op in group if isinstance(op, _AppendBatches)]
@@ -765,6 +901,7 @@ class PostgresStore(Slots):
     _SKIP_LOCKED = "FOR UPDATE SKIP LOCKED"
     _ADOPT_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('cuepoint.adopt', 0))"
     _LOCK_ROW = "FOR UPDATE"
+    _ONE_STATEMENT = True
 
     def __init__(self, dsn: str, writer: _BatchWriter, pool: asyncpg.Pool, counter: _Counter) -> None:
         self._dsn = dsn
@@ -827,6 +964,11 @@ class PostgresStore(Slots):
     async def _execute(self, sql: str, params: Row) -> None:
         await self._writer.execute(sql, params)
 
+    async def _slot_statement(self, sql: str, *args: Any) -> None:
+        """One statement of slots.py's, on its own: atomic without BEGIN/COMMIT when alone in its batch, and a
+        locking op (it may wait for an associate's row) like `_slot_transaction`'s."""
+        await self._writer.execute(_qmarks(sql), args, locks=True)
+
     async def _fetch(self, sql: str, params: Row = ()) -> list[asyncpg.Record]:
         if self._closing is not None:
             raise StoreClosedError("store is closed")
@@ -876,36 +1018,38 @@ class PostgresStore(Slots):
                 # Waits for a claim transaction holding the row; a firing that lost finds it done or moved.
                 if _count(await link.execute(_MARK_DUE_DONE, *fire)) < 1:
                     refused.update((c.cue_id, FIRED_ELSEWHERE) for c in work.cues)
-            for subject in sorted({g.subject for g in guards}):
-                await link.execute(_LOCK_SUBJECT, subject)
-            for guard in guards:
-                # Read after the lock: a replica that held it has committed its cue by now, and it is seen.
-                found = await link.fetch(_SUBJECT_HISTORY, guard.subject, float(guard.since), guard.session_id)
-                reason = guard.check([_cue_from(tuple(r)) for r in found])
-                if reason is not None:
-                    refused[guard.cue_id] = reason
+            if guards:
+                # The subjects' locks were taken with this transaction's BEGIN (`keys`); this read is a later
+                # statement, so a replica that held one of them has committed its cue by now, and it is seen.
+                found: list[list[CueRecord]] = [[] for _ in guards]
+                params = ([g.subject for g in guards], [float(g.since) for g in guards], [g.session_id for g in guards])
+                for r in await link.fetch(_HISTORIES, *params):
+                    found[r[0] - 1].append(_cue_from(tuple(r)[1:]))
+                for guard, history in zip(guards, found, strict=True):
+                    reason = guard.check(history)
+                    if reason is not None:
+                        refused[guard.cue_id] = reason
             slotted = await self.reserve_offer_slots(_PgTxn(link), work.slots, refused, now) if work.slots else {}
             kept = without_refused(work, refused)
-            cues = [encoded_cues[c.cue_id] for c in kept.cues]
-            steps = [
-                (sql, rows)
-                for sql, rows in (
-                    (_SET_CUE_STATUS, statuses),
-                    (_UPSERT_CUE, cues),
-                    (_INSERT_DECISION, [_decision_row(r) for r in kept.decisions]),
-                    (_INSERT_MILESTONE, milestones),
-                    (_INSERT_WEBHOOK, [_webhook_row(r) for r in kept.webhooks]),
-                    (_ARM_TIMER, [arm_row(t) for t in kept.timers]),
-                )
-                if rows
-            ]
-            skipped = [i for per in await _append_journal(link, batches) for i in per]
-            for sql, rows in steps:
-                await link.executemany(sql, rows)
-            return OfferResult(skipped, refused, slotted), signals + sum(len(rows) for _, rows in steps)
+            rows = _Rows(
+                [
+                    (_SET_CUE_STATUS, _STATUS_ROWS, statuses),
+                    (_UPSERT_CUE, _CUE_ROWS, [encoded_cues[c.cue_id] for c in kept.cues]),
+                    (_INSERT_DECISION, _DECISION_ROWS, [_decision_row(r) for r in kept.decisions]),
+                    (_INSERT_MILESTONE, _MILESTONE_ROWS, milestones),
+                    (_INSERT_WEBHOOK, _WEBHOOK_ROWS, [_webhook_row(r) for r in kept.webhooks]),
+                    (_ARM_TIMER, _TIMER_ROWS, [arm_row(t) for t in kept.timers]),
+                ]
+            )
+            # The journal and every row in one statement (the journal's resends add two).
+            skipped = [i for per in await _append_journal(link, batches, rows) for i in per]
+            return OfferResult(skipped, refused, slotted), signals + rows.rows()
 
         size = signals + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
-        result: OfferResult = await self._writer.transaction(run, size, locks=bool(guards or work.slots or fires))
+        # Guards alone wait only for their subjects' advisory locks, taken with BEGIN: such commits share one
+        # batch. A slot's row locks or a firing's timer row make the commit a batch's one locking op.
+        keys = sorted({g.subject for g in guards})
+        result: OfferResult = await self._writer.transaction(run, size, locks=bool(work.slots or fires), keys=keys)
         return result
 
     async def merge_subject(self, source: str, target: str) -> None:
@@ -913,12 +1057,11 @@ class PostgresStore(Slots):
             return
 
         async def run(link: _Link) -> tuple[None, int]:
-            for subject in sorted((source, target)):
-                await link.execute(_LOCK_SUBJECT, subject)
+            # Both subjects' locks were taken with BEGIN (`keys`).
             await link.execute("UPDATE cues SET subject = $1 WHERE subject = $2", target, source)
             return None, 1
 
-        await self._writer.transaction(run, locks=True)
+        await self._writer.transaction(run, keys=(source, target))
 
     async def accept_cue(
         self,
@@ -1446,8 +1589,7 @@ class PostgresStore(Slots):
         subject = f"user:{user_id}"
 
         async def run(link: _Link) -> tuple[dict[str, int], int]:
-            counts: dict[str, int] = {}
-            await link.execute(_LOCK_SUBJECT, subject)
+            counts: dict[str, int] = {}  # the subject's lock was taken with BEGIN (`keys`)
             for table, where in _USER_ROWS:
                 params = (user_id, subject) if "$2" in where else (user_id,)
                 if table == "signals":
@@ -1463,7 +1605,7 @@ class PostgresStore(Slots):
                 counts[table] = int(status.rsplit(" ", 1)[-1])
             return counts, sum(counts.values())
 
-        counts: dict[str, int] = await self._writer.transaction(run, len(_USER_ROWS), locks=True)
+        counts: dict[str, int] = await self._writer.transaction(run, len(_USER_ROWS), locks=True, keys=(subject,))
         return counts
 
     async def checkpoint(self) -> bool:

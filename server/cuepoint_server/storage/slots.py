@@ -103,6 +103,13 @@ _JOIN = (
     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (engagement_id, associate_id, role, joined_at) DO UPDATE SET "
     "left_at = excluded.left_at, disposition = excluded.disposition, notes = excluded.notes"
 )
+# PostgreSQL, one statement for two: the hold given back, and the associate idle from now if it was their
+# last (the NOT EXISTS sees the statement's snapshot, the deleted hold included, so that one is left out).
+_RELEASE_ONE_STATEMENT = (
+    "WITH d AS (DELETE FROM associate_holds WHERE hold_key = ? AND associate_id = ?) "
+    "UPDATE associate_slots SET idle_since = ? WHERE associate_id = ? AND NOT EXISTS "
+    "(SELECT 1 FROM associate_holds h WHERE h.associate_id = associate_slots.associate_id AND h.hold_key <> ?)"
+)
 # A replica alive: its registry row written since alive_since.
 _LIVE = "SELECT 1 FROM replicas r WHERE r.replica_id = {col} AND r.last_seen >= ?"
 
@@ -121,6 +128,8 @@ class Slots:
     # committed says one of them has room (reserve_offer_slots). Such transactions last milliseconds; the
     # bound keeps a stuck one from holding this replica's writer.
     locked_wait = 0.5
+    # PostgreSQL: writes in CTEs, so steps that need no read in between are one statement (one round trip).
+    _ONE_STATEMENT = False
 
     async def _slot_transaction(self, work: Callable[[SlotTxn], Awaitable[tuple[Any, int]]]) -> Any:
         raise NotImplementedError
@@ -139,45 +148,63 @@ class Slots:
     async def _reserve_in(self, txn: SlotTxn, claim: SlotClaim, now: float) -> SlotResult:
         """The reservation's steps in the caller's open transaction (reserve_slot's, or an offer's commit)."""
         ids = list(dict.fromkeys(a for a, _ in claim.candidates))
-        if claim.replaces:
-            # Taken over here: counted for nobody while this transaction decides.
-            await txn.execute("DELETE FROM associate_holds WHERE hold_key = ?", claim.replaces)
+        delete = "DELETE FROM associate_holds WHERE hold_key = ?"
         if not ids:
+            if claim.replaces:
+                await txn.execute(delete, claim.replaces)
             return SlotResult("", False)
         values = ", ".join("(?, ?)" for _ in claim.candidates)
         seeds = [v for associate_id, idle_since in claim.candidates for v in (associate_id, float(idle_since))]
-        await txn.execute(
-            f"INSERT INTO associate_slots (associate_id, idle_since) VALUES {values} "
-            "ON CONFLICT (associate_id) DO NOTHING",
-            *seeds,
-        )
-        before = await txn.fetch("SELECT associate_id FROM associate_holds WHERE hold_key = ?", claim.key)
+        seed = f"INSERT INTO associate_slots (associate_id, idle_since) VALUES {values} ON CONFLICT DO NOTHING"
+        # This key's holds (a retry finds its own), less the one taken over (`replaces`, deleted first).
+        mine = "SELECT associate_id FROM associate_holds WHERE hold_key = ? AND hold_key <> ?"
+        if self._ONE_STATEMENT:
+            # The hold taken over is counted for nobody while this transaction decides; the seeded rows are
+            # locked in a later statement, which sees them.
+            before = await txn.fetch(f"WITH r AS ({delete}), s AS ({seed}) {mine}", claim.replaces, *seeds,
+                                     claim.key, claim.replaces)  # fmt: skip
+        else:
+            if claim.replaces:
+                await txn.execute(delete, claim.replaces)
+            await txn.execute(seed, *seeds)
+            before = await txn.fetch(mine, claim.key, claim.replaces)
         for (associate_id,) in before:
             if associate_id in ids:
                 return SlotResult(str(associate_id), False)  # reserved before (a retry)
         tried: list[str] = []
         while len(tried) < len(ids):
-            # The longest idle candidate not tried yet, and not being decided for by another replica.
+            # The longest idle candidate not tried yet, and not being decided for by another replica, with the
+            # slots they hold. That read may predate the lock (a statement's snapshot is taken before it waits
+            # for nothing and locks the row): a reservation committed in between is missed here, and caught
+            # below by the read that comes with the insert, taken once the row was ours.
             left = [a for a in ids if a not in tried]
-            row = await txn.fetch(
-                f"SELECT associate_id FROM associate_slots WHERE associate_id IN ({_marks(len(left))}) "
-                f"ORDER BY idle_since, associate_id LIMIT 1 {self._SKIP_LOCKED}",
+            rows = await txn.fetch(
+                "SELECT a.associate_id, h.hold_key, h.channel, h.queue FROM (SELECT associate_id FROM associate_slots "
+                f"WHERE associate_id IN ({_marks(len(left))}) ORDER BY idle_since, associate_id LIMIT 1 "
+                f"{self._SKIP_LOCKED}) AS a LEFT JOIN associate_holds h ON h.associate_id = a.associate_id",
                 *left,
             )
-            if not row:
+            if not rows:
                 return SlotResult("", True)  # the rest are locked: worth asking again
-            associate_id = str(row[0][0])
+            associate_id = str(rows[0][0])
             tried.append(associate_id)
-            held = {
-                str(key): (str(channel), str(queue))
-                for key, channel, queue in await txn.fetch(
-                    "SELECT hold_key, channel, queue FROM associate_holds WHERE associate_id = ?", associate_id
-                )
-            }
-            if claim.fits(associate_id, held):
-                row_values = (claim.key, associate_id, claim.channel, claim.queue, claim.replica, float(now))
-                await txn.execute(_HOLD, *row_values)
+            held = {str(key): (str(channel), str(queue)) for _, key, channel, queue in rows if key is not None}
+            if not claim.fits(associate_id, held):
+                continue
+            hold = (claim.key, associate_id, claim.channel, claim.queue, claim.replica, float(now))
+            others = "SELECT hold_key, channel, queue FROM associate_holds WHERE associate_id = ? AND hold_key <> ?"
+            if self._ONE_STATEMENT:
+                found = await txn.fetch(f"WITH i AS ({_HOLD}) {others}", *hold, associate_id, claim.key)
+            else:
+                await txn.execute(_HOLD, *hold)
+                found = await txn.fetch(others, associate_id, claim.key)
+            confirmed = {str(key): (str(channel), str(queue)) for key, channel, queue in found}
+            if confirmed == held or claim.fits(associate_id, confirmed):
                 return SlotResult(associate_id, False)
+            # Full after all (a reservation committed just before the row was ours): the hold goes.
+            await txn.execute(
+                "DELETE FROM associate_holds WHERE hold_key = ? AND associate_id = ?", claim.key, associate_id
+            )
         return SlotResult("", False)
 
     async def reserve_offer_slots(
@@ -272,6 +299,10 @@ class Slots:
         await self._slot_transaction(run)
 
     async def release_slot(self, key: str, associate_id: str, now: float) -> None:
+        if self._ONE_STATEMENT:
+            await self._slot_statement(_RELEASE_ONE_STATEMENT, key, associate_id, float(now), associate_id, key)
+            return
+
         async def run(txn: SlotTxn) -> tuple[None, int]:
             await txn.execute("DELETE FROM associate_holds WHERE hold_key = ? AND associate_id = ?", key, associate_id)
             await txn.execute(_IDLE_IF_FREE, float(now), associate_id)
@@ -362,4 +393,8 @@ class Slots:
         return [(str(a), str(k), str(r)) for a, k, r in rows]
 
     async def _slot_read(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        raise NotImplementedError
+
+    async def _slot_statement(self, sql: str, *args: Any) -> None:
+        """One statement as a locking op of its own (PostgreSQL, `_ONE_STATEMENT`)."""
         raise NotImplementedError
