@@ -23,10 +23,12 @@ from cuepoint_server.storage import (
     PostgresStore,
     SignalRecord,
     SlotClaim,
+    SlotResult,
     TimerRecord,
     WebhookRecord,
 )
 from cuepoint_server.storage.postgres_schema import MIGRATIONS, PG_SCHEMA_VERSION
+from cuepoint_server.storage.slots import SlotTxn
 
 from .conftest import _pg_admin, pg_url_for
 
@@ -408,4 +410,46 @@ async def test_round_trips_per_decision_are_pinned(pg_database: str) -> None:
         assert {t.timer_id for t in await store.timers()} >= {"cue_expiry:cue-1", "cue_expiry:cue-3"}
         assert await store.count_signals("device-1") == 1
     finally:
+        await store.close()
+
+
+async def test_a_hold_committed_between_the_read_and_the_row_lock_is_caught(pg_database: str) -> None:
+    """The read that comes with a candidate's row lock has a snapshot taken a moment before the lock: a
+    reservation committed in that moment is not in it. The read that comes with the insert is, and the
+    hold goes back. Forced here: another replica's hold of Dana commits right after the first read."""
+    url = pg_url_for(pg_database, f"late-{secrets.token_hex(4)}")
+    store = await PostgresStore.open(url)
+    other = await asyncpg.connect(url)
+    try:
+
+        class LateHold:
+            def __init__(self, txn: SlotTxn) -> None:
+                self.txn, self.done = txn, False
+
+            async def execute(self, sql: str, *args: Any) -> None:
+                await self.txn.execute(sql, *args)
+
+            async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+                rows = await self.txn.fetch(sql, *args)
+                if "LEFT JOIN associate_holds" in sql and not self.done:
+                    self.done = True
+                    await other.execute(
+                        "INSERT INTO associate_holds (hold_key, associate_id, channel, queue, replica, held_at) "
+                        "VALUES ('eng-b', 'dana', 'chat', 'support', 'replica-b', 1.0)"
+                    )
+                return rows
+
+        claim = SlotClaim(
+            "eng-a", "chat", "support", "replica-a", (("dana", 1.0), ("eli", 2.0)), lambda _a, held: not held
+        )
+
+        async def run(txn: SlotTxn) -> tuple[SlotResult, int]:
+            return await store._reserve_in(LateHold(txn), claim, 10.0), 1
+
+        result = await store._slot_transaction(run)
+        # Dana looked free to the first read; the second saw replica b's hold: Eli got the slot.
+        assert result.associate_id == "eli"
+        assert [(a, k) for a, k, _ in await store.slot_holds()] == [("dana", "eng-b"), ("eli", "eng-a")]
+    finally:
+        await other.close()
         await store.close()
