@@ -179,6 +179,50 @@ async def test_a_device_deadline_fires_once_per_due_time_and_is_armed_again_for_
     assert [t.state for t in await store.timers()] == ["done"]
 
 
+def offer(engagement_id: str, associate_id: str, owner: str, due_at: float) -> TimerRecord:
+    return TimerRecord(f"offer:{engagement_id}", "offer", f"{engagement_id}:{associate_id}", due_at, owner)
+
+
+async def test_a_fallback_row_fires_once_and_a_moot_one_is_settled(store: Any) -> None:
+    """The fallback's row (core/desk_timers.py): done is "offered"; the owner's alarm and a claimer both try,
+    one wins. Armed again by an adopter it is re-owned while armed, and stays done once fired."""
+    await store.arm_timers([TimerRecord("fallback:eng-1", "fallback", "eng-1", 100.0, "a")])
+    await store.arm_timers([TimerRecord("fallback:eng-1", "fallback", "eng-1", 100.0, "b")])  # adopted by b
+    [row] = await store.timers()
+    assert (row.owner, row.state) == ("b", "armed")
+    assert await store.finish_timer("fallback:eng-1", 101.0)
+    assert not await store.finish_timer("fallback:eng-1", 102.0)
+    await store.arm_timers([TimerRecord("fallback:eng-1", "fallback", "eng-1", 100.0, "c")])
+    [row] = await store.timers()
+    assert (row.owner, row.state, row.fired_at) == ("b", "done", 101.0)
+    assert await store.get_timer("fallback:eng-1") == row
+    assert await store.get_timer("fallback:eng-2") is None
+
+
+async def test_an_offer_row_moves_from_associate_to_associate_and_lapses_once_per_offer(store: Any) -> None:
+    """One row per engagement's offer (core/deadlines.py OFFER), its target naming the associate: ended early
+    (claimed, rejected) or lapsed, it is done for that due time; offered to the next associate it is armed
+    again, and a late firing of the earlier offer (a claimer's, an alarm's) marks nothing."""
+    await store.arm_timers([offer("eng-1", "dana", "a", 120.0)])
+    assert await store.finish_due("offer:eng-1", 120.0, 121.0)  # the owner's alarm: lapsed
+    assert not await store.finish_due("offer:eng-1", 120.0, 122.0)  # a claimer of the same offer: nothing
+    await store.arm_timers([offer("eng-1", "erin", "a", 150.0)])  # offered to the next one
+    row = await store.get_timer("offer:eng-1")
+    assert row is not None and (row.target, row.state, row.due_at, row.fired_at) == ("eng-1:erin", "armed", 150.0, None)
+    # A stale firing of Dana's offer (its due time) does not touch Erin's.
+    assert not await store.finish_due("offer:eng-1", 120.0, 130.0)
+    assert (await store.get_timer("offer:eng-1")).state == "armed"  # type: ignore[union-attr]
+    # The owner dies: its due offer is claimed once, by one replica, and lapses for that time only.
+    await store.save_replica(ReplicaRecord("b", 200.0, 1000.0, "", "", "", False))
+    [claimed] = await store.claim_timers("b", 200.0, hold=HOLD, own_after=60.0)
+    assert (claimed.timer_id, claimed.target, claimed.due_at) == ("offer:eng-1", "eng-1:erin", 150.0)
+    assert await store.finish_due("offer:eng-1", 150.0, 200.0)
+    assert await store.claim_timers("c", 200.0 + 2 * HOLD, hold=HOLD, own_after=60.0) == []
+    # A re-arm for the time that lapsed (a slow arming write) leaves it done.
+    await store.arm_timers([offer("eng-1", "erin", "a", 150.0)])
+    assert (await store.get_timer("offer:eng-1")).state == "done"  # type: ignore[union-attr]
+
+
 async def test_the_latest_session_of_a_device(store: Any) -> None:
     assert await store.latest_session("dev-1") is None
     for session_id, started in (("s-1", 100.0), ("s-3", 300.0), ("s-2", 200.0)):

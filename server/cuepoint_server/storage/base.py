@@ -362,6 +362,15 @@ class Store(Protocol):
         """Mark a timer done without an effect (the effect was moot); True if this call did."""
         ...
 
+    async def finish_due(self, timer_id: str, due_at: float, at: float) -> bool:
+        """Mark a timer done for the due time `due_at` only (a row moved since, e.g. an offer made to the next
+        associate, is another firing's); True if this call did (a row never stored counts as armed)."""
+        ...
+
+    async def get_timer(self, timer_id: str) -> TimerRecord | None:
+        """One timer row as committed (an adopted engagement's offer still standing), None if none."""
+        ...
+
     async def timers(self) -> list[TimerRecord]: ...
 
     async def purge_timers(self, due_before: float) -> None:

@@ -87,6 +87,7 @@ from .timer_rows import (
     MARK_DUE_DONE,
     MARK_TIMER_DONE,
     PURGE_TIMERS,
+    TIMER_BY_ID,
     TIMER_COLS,
     arm_row,
     done_row,
@@ -421,6 +422,7 @@ _MARK_TIMER_DONE = _qmarks(MARK_TIMER_DONE)
 _MARK_DUE_DONE = _qmarks(MARK_DUE_DONE)
 _INSERT_DONE_TIMER = _qmarks(INSERT_DONE_TIMER)
 _PURGE_TIMERS = _qmarks(PURGE_TIMERS)
+_TIMER_BY_ID = _qmarks(TIMER_BY_ID)
 _ENQUEUE_DELIVERY = _qmarks(ENQUEUE_DELIVERY)
 _CLAIM_DELIVERIES = _qmarks(CLAIM_DELIVERIES("FOR UPDATE SKIP LOCKED"))
 _EXPIRE_DELIVERIES = _qmarks(EXPIRE_DELIVERIES)
@@ -1197,6 +1199,19 @@ class PostgresStore(Slots):
 
         done: bool = await self._writer.transaction(run)
         return done
+
+    async def finish_due(self, timer_id: str, due_at: float, at: float) -> bool:
+        async def run(link: _Link) -> tuple[bool, int]:
+            if _count(await link.execute(_MARK_DUE_DONE, float(at), timer_id, float(due_at))) < 1:
+                return _count(await link.execute(_INSERT_DONE_TIMER, *done_row(timer_id, at))) > 0, 1
+            return True, 1
+
+        done: bool = await self._writer.transaction(run)
+        return done
+
+    async def get_timer(self, timer_id: str) -> TimerRecord | None:
+        rows = await self._fetch(_TIMER_BY_ID, (timer_id,))
+        return timer_from(tuple(rows[0])) if rows else None
 
     async def timers(self) -> list[TimerRecord]:
         return [timer_from(tuple(r)) for r in await self._fetch(f"SELECT {', '.join(TIMER_COLS)} FROM timers")]

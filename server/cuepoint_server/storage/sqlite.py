@@ -77,6 +77,7 @@ from .timer_rows import (
     MARK_DUE_DONE,
     MARK_TIMER_DONE,
     PURGE_TIMERS,
+    TIMER_BY_ID,
     TIMER_COLS,
     TIMER_INDEX,
     arm_row,
@@ -1237,6 +1238,23 @@ class SqliteStore(PredictState, Slots):
 
         done: bool = await self._writer.transaction(run)
         return done
+
+    async def finish_due(self, timer_id: str, due_at: float, at: float) -> bool:
+        """Mark a timer done for that due time only; True if this call did."""
+
+        async def run(conn: aiosqlite.Connection) -> tuple[bool, int]:
+            marked = await conn.execute(MARK_DUE_DONE, (at, timer_id, due_at))
+            if marked.rowcount < 1:
+                inserted = await conn.execute(INSERT_DONE_TIMER, done_row(timer_id, at))
+                return inserted.rowcount > 0, 1
+            return True, 1
+
+        done: bool = await self._writer.transaction(run)
+        return done
+
+    async def get_timer(self, timer_id: str) -> TimerRecord | None:
+        rows = await self._fetch(TIMER_BY_ID, (timer_id,))
+        return timer_from(rows[0]) if rows else None
 
     async def timers(self) -> list[TimerRecord]:
         """Every stored timer (tests, diagnostics)."""

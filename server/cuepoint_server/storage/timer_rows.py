@@ -1,6 +1,7 @@
 """Timers as rows: the SQL both backends share (SqliteStore, PostgresStore).
 
-A deadline that must outlive the replica that armed it (a cue's expiry, a callback's time) is a row of
+A deadline that must outlive the replica that armed it (a cue's expiry, a callback's time, a device's next
+deadline, a queued engagement's fallback, an associate's offer timeout) is a row of
 ``timers``. The replica that armed it fires it from memory at its time; any replica may claim it once it is
 due and its owner is gone (its row in the replicas registry was not written within the ttl, the one notion
 of a live replica: core/replicas.py) or it is long overdue. Claiming
@@ -26,6 +27,7 @@ __all__ = [
     "MARK_DUE_DONE",
     "MARK_TIMER_DONE",
     "PURGE_TIMERS",
+    "TIMER_BY_ID",
     "TIMER_COLS",
     "TIMER_INDEX",
     "arm_row",
@@ -53,9 +55,10 @@ def timers_table(real: str) -> str:
 
 TIMER_INDEX = "CREATE INDEX IF NOT EXISTS timers_due ON timers (state, due_at)"
 
-# Kinds whose one row carries a target's successive deadlines (a device's next idle, dwell or absence time):
-# fired, it is armed again for the next due time, never for the one it fired at.
-REPEATING = ("device",)
+# Kinds whose one row carries a target's successive deadlines (a device's next idle, dwell or absence time; an
+# engagement's offer to one associate after another, its target naming the associate): fired, it is armed again
+# for the next due time, never for the one it fired at.
+REPEATING = ("device", "offer")
 
 # Arming again (the same deadline moved, or re-owned by the replica that now holds the device) updates the
 # armed row; a row already done stays done: a deadline that fired never fires again. A repeating row that
@@ -63,7 +66,8 @@ REPEATING = ("device",)
 ARM_TIMER = (
     "INSERT INTO timers (timer_id, kind, target, due_at, owner, state, claimed_by, claimed_until, fired_at) "
     "VALUES (?, ?, ?, ?, ?, 'armed', '', 0, NULL) "
-    "ON CONFLICT (timer_id) DO UPDATE SET due_at = excluded.due_at, owner = excluded.owner, state = 'armed', "
+    "ON CONFLICT (timer_id) DO UPDATE SET due_at = excluded.due_at, target = excluded.target, owner = excluded.owner, "
+    "state = 'armed', "
     "fired_at = CASE WHEN timers.state = 'armed' THEN timers.fired_at END "
     "WHERE timers.state = 'armed' OR (timers.kind IN ("
     + ", ".join(f"'{k}'" for k in REPEATING)
@@ -91,6 +95,7 @@ MARK_TIMER_DONE = "UPDATE timers SET state = 'done', fired_at = ? WHERE timer_id
 FIRED_ELSEWHERE = ("fired_elsewhere", "its deadline fired on another replica first")
 # A repeating timer fires for one due time: a row moved meanwhile (or fired for it already) is not this firing's.
 MARK_DUE_DONE = "UPDATE timers SET state = 'done', fired_at = ? WHERE timer_id = ? AND state = 'armed' AND due_at = ?"
+TIMER_BY_ID = f"SELECT {', '.join(TIMER_COLS)} FROM timers WHERE timer_id = ?"
 # A deadline fired that was never stored as a row (armed by an older version): it is done from now on.
 INSERT_DONE_TIMER = (
     "INSERT INTO timers (timer_id, kind, target, due_at, owner, state, claimed_by, claimed_until, fired_at) "
