@@ -2,6 +2,7 @@
 
 Queues, rules, skills, priority and the longest-idle associate; manual claims and rejects; associates
 signing in and out; the fallback offered when nobody is free in time; re-queueing after a restart.
+Across replicas the fallback and an offer's timeout are also timer rows (desk_timers.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import structlog
 
 from ..engine.state import Scalar
 from ..predict.registry import describe_scores
-from ..storage import EngagementRecord
+from ..storage import EngagementRecord, TimerRecord
 from .consent import Redactor
-from .desk_shared import SharedSlots
+from .desk_timers import FALLBACK_TEXT, DeskTimers
 from .engagement_model import Engagement, context_from_json
 from .errors import InvalidInput, PermissionDenied
 from .model import (
@@ -39,7 +40,7 @@ __all__ = ["Routing"]
 log = structlog.get_logger("cuepoint.core.engagements")
 
 
-class Routing(SharedSlots):
+class Routing(DeskTimers):
     async def start(
         self,
         session: DeviceSession,
@@ -127,6 +128,10 @@ class Routing(SharedSlots):
         engagement = self._engagements.get(self._active_by_device.get(session.device_id, ""))
         if engagement is not None:
             self._notify_device(engagement)
+            if self.shared and engagement.state == "queued" and engagement.fallback_offered:
+                # Across replicas it may have fallen due while the device was connected elsewhere (or to a
+                # replica that died since): the replica holding the engagement tells it again.
+                self._tell_fallback(engagement)
 
     async def _context(self, session: DeviceSession, pending: PendingCue, priority: int) -> EngagementContext:
         ctx = session.state.context
@@ -241,9 +246,9 @@ class Routing(SharedSlots):
         associate.hold(associate.offers, engagement.engagement_id, engagement.channel, engagement.queue)
         if not reserved:
             self._slot_taken(associate, engagement)
-        engagement.offer_timer = self.clock.call_at(
-            self.clock.now() + queue.offer_timeout, lambda: self._offer_lapsed(engagement, associate)
-        )
+        due = self.clock.now() + queue.offer_timeout
+        engagement.offer_timer = self.clock.call_at(due, lambda: self._offer_lapsed(engagement, associate))
+        self._offer_row(engagement, associate, due)
         associate.send(EngagementOffered(engagement.view()))
         log.info("engagement.offered", engagement_id=engagement.engagement_id, associate_id=associate.associate_id)
 
@@ -259,11 +264,19 @@ class Routing(SharedSlots):
         if engagement.offer_timer is not None:
             engagement.offer_timer.cancel()
             engagement.offer_timer = None
+        self._offer_over(engagement)
         return associate
 
     def _offer_lapsed(self, engagement: Engagement, associate: AssociateSession) -> None:
         if engagement.offered_to is not associate or engagement.state != "queued":
             return
+        if self.shared:
+            # Once across replicas: its row marked done first (desk_timers.py), then the same lapse.
+            self._spawn(self._lapse_once(engagement, associate, engagement.offer_due))
+            return
+        self._lapse(engagement, associate)
+
+    def _lapse(self, engagement: Engagement, associate: AssociateSession) -> None:
         self._withdraw_offer(engagement)
         engagement.rejected_by.add(associate.associate_id)
         associate.send(OfferWithdrawn(engagement.engagement_id, "timeout"))
@@ -276,6 +289,7 @@ class Routing(SharedSlots):
         if engagement.fallback_timer is not None:
             engagement.fallback_timer.cancel()
             engagement.fallback_timer = None
+            self._fallback_moot(engagement)
         engagement.state, engagement.associate, engagement.assigned_at = "assigned", associate, now
         associate.hold(associate.active, engagement.engagement_id, engagement.channel, engagement.queue)
         if not reserved:
@@ -309,8 +323,10 @@ class Routing(SharedSlots):
             else:
                 self._assign(engagement, associate)
 
-    def restore(self, record: EngagementRecord) -> None:
-        """Re-queue an engagement left open by a stopped process; its associate must take it again."""
+    def restore(self, record: EngagementRecord, standing: TimerRecord | None = None, rejected: str = "") -> None:
+        """Re-queue an engagement left open by a stopped process; its associate must take it again.
+        Adopted across replicas (desk_timers.py `adopt`): `standing`, the gone replica's offer row still
+        armed, stays offered to its associate until its time; `rejected`, the associate whose offer lapsed."""
         if record.engagement_id in self._engagements:
             return
         context = context_from_json(record.context)
@@ -334,6 +350,8 @@ class Routing(SharedSlots):
             callback_at=record.callback_at,
             callback_number=record.callback_number,
         )
+        if rejected:
+            engagement.rejected_by.add(rejected)
         self._engagements[engagement.engagement_id] = engagement
         if record.state == "callback_requested":
             # A callback still to make: its timer again; the fallback was offered already.
@@ -352,32 +370,34 @@ class Routing(SharedSlots):
                 engagement.preferred_associate = record.associate_id
             self._save(engagement)  # back to queued until someone takes it
         log.info("engagement.restored", engagement_id=engagement.engagement_id, queue=engagement.queue)
+        if standing is not None and record.state == "queued" and self._stand(engagement, standing):
+            return
         self._route(engagement)
 
     def _arm_fallback(self, engagement: Engagement) -> None:
-        if engagement.fallback_timer is not None or engagement.fallback_offered:
+        if engagement.fallback_timer is not None or engagement.fallback_offered or engagement.fallback_firing:
             return
         queue = self.engine.scenarios.routing.queue(engagement.queue)
         after = queue.fallback_after if queue.fallback_after is not None else self.config.default_fallback_after
         if after is None:
             return
         options = tuple(queue.fallback)
-        engagement.fallback_timer = self.clock.call_at(
-            engagement.created_at + after, lambda: self._offer_fallback(engagement, options)
-        )
+        due = engagement.created_at + after
+        engagement.fallback_timer = self.clock.call_at(due, lambda: self._offer_fallback(engagement, options))
+        self._fallback_row(engagement, due)
 
     def _offer_fallback(self, engagement: Engagement, options: tuple[str, ...]) -> None:
         engagement.fallback_timer = None
         if engagement.state != "queued":
             return
+        if self.shared:
+            # Once across replicas: its row marked done first (desk_timers.py), then offered.
+            self._spawn(self._fire_fallback(engagement))
+            return
         engagement.fallback_offered = options
         session = self._sessions.get(engagement.device_id)
         if session is not None:
-            session.send(
-                FallbackOffered(
-                    engagement.engagement_id, options, "Everyone is busy right now. How would you like to continue?"
-                )
-            )
+            session.send(FallbackOffered(engagement.engagement_id, options, FALLBACK_TEXT))
         log.info("engagement.fallback_offered", engagement_id=engagement.engagement_id, options=list(options))
 
     async def choose_fallback(

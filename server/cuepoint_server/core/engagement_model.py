@@ -68,8 +68,12 @@ class Engagement:
     rejected_by: set[str] = field(default_factory=set)
     offered_to: AssociateSession | None = None
     offer_timer: TimerHandle | None = None
+    # When the offer to `offered_to` lapses (its timer row's due time across replicas, desk_timers.py).
+    offer_due: float | None = None
     fallback_timer: TimerHandle | None = None
     fallback_offered: tuple[str, ...] = ()
+    # Across replicas: its fallback row is being marked done (desk_timers.py); offered once that commits.
+    fallback_firing: bool = False
     pending_upgrades: dict[str, tuple[str, str]] = field(default_factory=dict)
     # Associates taking part besides the owner: associate id -> (session, role).
     participants: dict[str, tuple[AssociateSession, str]] = field(default_factory=dict)

@@ -145,7 +145,7 @@ class Recovery(Operations):
             record = await self.store.get_engagement(engagement_id)
             if record is not None:
                 log.info("recovery.adopted", engagement_id=engagement_id)
-                self.desk.restore(record)
+                await self.desk.adopt(record)  # with its offer still standing, if one was out (desk_timers.py)
         for associate_id in freed:
             await self._announce_room(associate_id)
 

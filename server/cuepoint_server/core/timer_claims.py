@@ -1,7 +1,8 @@
 """Timer rows of replicas that are gone: claimed and fired here, each exactly once.
 
-Each replica fires the deadlines it armed from memory (the clock's alarms: evaluation.py's cue expiry,
-desk_callbacks.py's callback time) and keeps them as rows (storage/timer_rows.py, names in deadlines.py).
+Each replica fires the deadlines it armed from memory (the clock's alarms: evaluation.py's cue expiry and
+device deadlines, desk_callbacks.py's callback time, desk_timers.py's fallback and offer timeout) and keeps
+them as rows (storage/timer_rows.py, names in deadlines.py).
 While its registry row is alive (core/replicas.py: written within ``--replica-ttl``, the one notion of a
 live replica) nobody else touches them; once it is not (SIGKILL, a lost host, a drain), any other replica
 claims its due rows (PostgreSQL: ``FOR UPDATE SKIP LOCKED``) and fires them. Whoever fires a timer,
@@ -25,6 +26,14 @@ What a claim does per kind:
   open cue and its subject's caps, as a reconnect would) and kept as away here: only its `when_away`
   scenarios may fire, their cue waiting for the device with its push (cue.pending_push); when the device
   reconnects, here or elsewhere, it gets that cue, and the deadline that fired is behind it.
+- fallback and offer timeout (core/desk_timers.py): the gone replica's open engagements are adopted first
+  (`adopt_orphans`, one adopter each), so the replica firing the row is the one routing the engagement from
+  then on; one another live replica adopted is left to it (a fallback row is handed to it as owner).
+  Fallback: offered (the row done is that fact) if the engagement still waits; the device hears it on its
+  stream here or when it reconnects here. Offer: lapses for that due time if the engagement is still offered
+  to that associate here (an adopter keeps a standing offer until its time, or lapses it on adopting it):
+  the slot is released, the associate told `timeout`, the engagement offered to the next associate on any
+  replica. Rows whose engagement moved on (taken, ended) are marked done without an effect.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import structlog
 
 from ..engine.state import DeviceState
 from ..storage import OfferCommit, TimerRecord
-from .deadlines import CALLBACK, CUE_EXPIRY, DEVICE, KEEP_TIMERS
+from .deadlines import CALLBACK, CUE_EXPIRY, DEVICE, FALLBACK, KEEP_TIMERS, OFFER, offer_of
 from .recovery import Recovery
 from .sessions import DeviceSession
 
@@ -101,6 +110,8 @@ class TimerClaims(Recovery):
             return await self.desk.callback_claimed(row.target, now)
         if row.kind == DEVICE:
             return await self._deadline_claimed(row, now)
+        if row.kind in (FALLBACK, OFFER):
+            return await self._desk_timer_claimed(row, now)
         log.warning("timers.unknown_kind", timer_id=row.timer_id, kind=row.kind)
         await self.store.finish_timer(row.timer_id, now)
         return False
@@ -118,6 +129,16 @@ class TimerClaims(Recovery):
             self._expire(record.device_id, record.cue_id)
             return True
         return await self._expire_stored(record, now)
+
+    async def _desk_timer_claimed(self, row: TimerRecord, now: float) -> bool:
+        engagement_id = offer_of(row.target)[0] if row.kind == OFFER else row.target
+        if self.desk.get(engagement_id) is None and self.bus.shared:
+            # Its owner is gone: its engagements are adopted first (here, unless another replica was first),
+            # so whoever fires the row is the replica routing the engagement from now on.
+            await self.adopt_orphans()
+        if row.kind == FALLBACK:
+            return await self.desk.fallback_claimed(row, now)
+        return await self.desk.offer_claimed(row, now)
 
     async def _deadline_claimed(self, row: TimerRecord, now: float) -> bool:
         device_id = row.target

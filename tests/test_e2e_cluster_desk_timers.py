@@ -1,0 +1,151 @@
+"""The desk's deadlines are timer rows across replicas (issue 14, "Timers are rows"): a queue's fallback and an
+associate's offer timeout fire once even when the replica that armed them is SIGKILLed.
+
+Two real `cuepoint serve` processes on the run's PostgreSQL and the local NATS (tests/cluster.py, the fixtures of
+test_e2e_cluster.py). "Once" is read from what is committed (the timer row) and from the replicas' own JSON logs,
+where each firing that marked its row done logs one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import cuepoint
+from cuepoint_server.storage import PostgresStore, TimerRecord
+
+from .cluster import Replica
+from .test_e2e_cluster import StartCluster, cluster
+from .test_e2e_cluster_routing import _sees
+
+__all__ = ["cluster"]  # the fixture, shared with tests/test_e2e_cluster.py
+
+TTL = ("--replica-ttl", "1")
+
+# Nobody signs in: the engagement waits in line and its fallback falls due 5 s after it was created, time enough
+# to SIGKILL the replica holding it first.
+FALLBACK = """
+routing:
+  queues:
+    - {id: support, fallback_after: 5s, fallback: [callback, cancel]}
+scenarios:
+  - id: help
+    trigger: {event: help}
+    cue: {message: "Need a hand?", channel: chat, queue: support, ttl: 10m}
+"""
+
+# Offers wait 5 s for a claim; the engagement's replica is SIGKILLed while the offer stands.
+OFFERS = """
+routing:
+  queues:
+    - {id: support, offer_timeout: 5s}
+scenarios:
+  - id: help
+    trigger: {event: help}
+    cue: {message: "Need a hand?", channel: chat, queue: support, ttl: 10m}
+"""
+
+
+def logged(replicas: list[Replica], event: str, engagement_id: str) -> int:
+    """How many times the replicas logged `event` for the engagement (their --log-json lines)."""
+    count = 0
+    for replica in replicas:
+        for line in replica.log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("event") == event:
+                    count += entry.get("engagement_id") == engagement_id
+    return count
+
+
+async def row(database: str, timer_id: str) -> TimerRecord | None:
+    async with await PostgresStore.open(database) as store:
+        return await store.get_timer(timer_id)
+
+
+async def test_a_fallback_armed_on_a_is_offered_once_after_a_is_killed(cluster: StartCluster) -> None:
+    a, b = await cluster(FALLBACK, extra=TTL)
+    # One target, both replicas (a load balancer, to the SDK): connected to A, reconnecting to B once A dies.
+    phone = await cuepoint.connect(
+        f"ipv4:{a.address},{b.address}",
+        app_id="fitkit",
+        device_id="phone-a",
+        user=cuepoint.User(user_id="user-a"),
+        config=cuepoint.ClientConfig(reconnect_initial_backoff=0.05, reconnect_max_backoff=0.3),
+    )
+    await phone.track("help")
+    engagement = await phone.accept(await phone.next_cue(timeout=10))
+    await engagement.wait_for(cuepoint.EngagementState.QUEUED, timeout=10)
+    async with await PostgresStore.open(a.database) as store:
+        first_owner = await store.owner_of(engagement.engagement_id)
+        async with asyncio.timeout(20):
+            # Armed once A's reservation found nobody free (its slot line), just after the engagement was queued.
+            while (armed := await store.get_timer(f"fallback:{engagement.engagement_id}")) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    assert armed.state == "armed" and armed.owner == first_owner  # A's, as A routes the engagement
+    # SIGKILL before the 5 s are up: A's alarm dies with it; the row stays, owned by A.
+    await a.kill()
+    # B fires it once (adopting the engagement or claiming the row, whichever comes first); the device, back
+    # on B, is offered the fallback and can answer it there.
+    offer = await engagement.wait_fallback(timeout=60)
+    assert set(offer.options) == {cuepoint.FallbackOption.CALLBACK, cuepoint.FallbackOption.CANCEL}
+    fired = await row(b.database, f"fallback:{engagement.engagement_id}")
+    # Fired by B: its own alarm once it adopted the engagement (re-owned), or its claim of A's row.
+    assert fired is not None and fired.state == "done"
+    assert fired.owner != first_owner or fired.claimed_by not in ("", first_owner)
+    assert logged([a, b], "engagement.fallback_offered", engagement.engagement_id) == 1
+    assert logged([a], "engagement.fallback_offered", engagement.engagement_id) == 0
+    await engagement.choose_fallback(cuepoint.FallbackOption.CANCEL)
+    await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=10)
+    # Nothing fired twice: no replica offered it again, before or after it was answered.
+    assert logged([a, b], "engagement.fallback_offered", engagement.engagement_id) == 1
+    assert logged([a, b], "engagement.fallback_offered_before", engagement.engagement_id) == 0
+    await phone.close()
+
+
+async def test_an_offer_made_by_a_lapses_once_after_a_is_killed_and_goes_to_the_next_associate(
+    cluster: StartCluster,
+) -> None:
+    a, b = await cluster(OFFERS, extra=TTL)
+    dana = await cuepoint.connect_associate(
+        b.address, associate_id="dana", queues=["support"], capacity=1, manual_claim=True
+    )
+    await _sees(a, "support", 1)
+    phone = await cuepoint.connect(
+        a.address,
+        app_id="fitkit",
+        device_id="phone-a",
+        user=cuepoint.User(user_id="user-a"),
+        config=cuepoint.ClientConfig(reconnect_initial_backoff=0.05, reconnect_max_backoff=0.3),
+    )
+    await phone.track("help")
+    engagement = await phone.accept(await phone.next_cue(timeout=10))
+    offered = await dana.next_offer(timeout=20)  # by A, through its stand-in of Dana's stream
+    assert offered.engagement_id == engagement.engagement_id
+    key = f"offer:{engagement.engagement_id}"
+    async with asyncio.timeout(20):
+        while (armed := await row(a.database, key)) is None:  # noqa: ASYNC110 - armed in A's slot line
+            await asyncio.sleep(0.05)
+    assert (armed.state, armed.target) == ("armed", f"{engagement.engagement_id}:dana")
+    erin = await cuepoint.connect_associate(
+        b.address, associate_id="erin", queues=["support"], capacity=1, manual_claim=True
+    )
+    # A dies with Dana's offer standing; she never claims it. Once its 5 s are up it lapses, once, on B, and
+    # the engagement is offered to Erin there.
+    await a.kill()
+    again = await erin.next_offer(timeout=60)
+    assert again.engagement_id == engagement.engagement_id
+    async with asyncio.timeout(20):
+        while engagement.engagement_id in dana.offers_pending:  # noqa: ASYNC110 - told "timeout" on her stream
+            await asyncio.sleep(0.05)
+    assert logged([a, b], "engagement.offer_lapsed", engagement.engagement_id) == 1
+    moved = await row(b.database, key)
+    assert moved is not None and (moved.state, moved.target) == ("armed", f"{engagement.engagement_id}:erin")
+    # Erin takes it on B.
+    taken = await erin.claim(again, timeout=20)
+    assert taken.engagement_id == engagement.engagement_id
+    assert logged([a, b], "engagement.offer_lapsed", engagement.engagement_id) == 1
+    await erin.close()
+    await dana.close()
+    await phone.close()
