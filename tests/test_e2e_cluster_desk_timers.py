@@ -4,6 +4,11 @@ associate's offer timeout fire once even when the replica that armed them is SIG
 Two real `cuepoint serve` processes on the run's PostgreSQL and the local NATS (tests/cluster.py, the fixtures of
 test_e2e_cluster.py). "Once" is read from what is committed (the timer row) and from the replicas' own JSON logs,
 where each firing that marked its row done logs one event.
+
+Each test runs both ways a surviving replica comes to fire a killed one's row (the hidden `--test-sweep-every`
+sets B's cluster sweep): "adopted", B's sweep adopts A's engagement well before the row falls due and B's own
+alarm fires it; "claimed", B sweeps too rarely to adopt it in time, so its timer claims take A's due row
+(adopting the engagement on the way) and fire it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+
+import pytest
 
 import cuepoint
 from cuepoint_server.storage import PostgresStore, TimerRecord
@@ -22,6 +29,16 @@ from .test_e2e_cluster_routing import _sees
 __all__ = ["cluster"]  # the fixture, shared with tests/test_e2e_cluster.py
 
 TTL = ("--replica-ttl", "1")
+# B's cluster sweep: every 0.5 s (it adopts A's engagement about 1 s after A dies), or every 120 s (not in time).
+SWEEPS = {"adopted": "0.5", "claimed": "120"}
+WAYS = pytest.mark.parametrize("way", sorted(SWEEPS))
+
+
+async def replicas(cluster: StartCluster, scenarios: str, way: str) -> tuple[Replica, Replica]:
+    [a] = await cluster(scenarios, count=1, extra=TTL)
+    [b] = await cluster(scenarios, count=1, extra=(*TTL, "--test-sweep-every", SWEEPS[way]))
+    return a, b
+
 
 # Nobody signs in: the engagement waits in line and its fallback falls due 5 s after it was created, time enough
 # to SIGKILL the replica holding it first.
@@ -64,8 +81,9 @@ async def row(database: str, timer_id: str) -> TimerRecord | None:
         return await store.get_timer(timer_id)
 
 
-async def test_a_fallback_armed_on_a_is_offered_once_after_a_is_killed(cluster: StartCluster) -> None:
-    a, b = await cluster(FALLBACK, extra=TTL)
+@WAYS
+async def test_a_fallback_armed_on_a_is_offered_once_after_a_is_killed(cluster: StartCluster, way: str) -> None:
+    a, b = await replicas(cluster, FALLBACK, way)
     # One target, both replicas (a load balancer, to the SDK): connected to A, reconnecting to B once A dies.
     phone = await cuepoint.connect(
         f"ipv4:{a.address},{b.address}",
@@ -91,9 +109,11 @@ async def test_a_fallback_armed_on_a_is_offered_once_after_a_is_killed(cluster: 
     offer = await engagement.wait_fallback(timeout=60)
     assert set(offer.options) == {cuepoint.FallbackOption.CALLBACK, cuepoint.FallbackOption.CANCEL}
     fired = await row(b.database, f"fallback:{engagement.engagement_id}")
-    # Fired by B: its own alarm once it adopted the engagement (re-owned), or its claim of A's row.
     assert fired is not None and fired.state == "done"
-    assert fired.owner != first_owner or fired.claimed_by not in ("", first_owner)
+    if way == "adopted":  # re-owned by B when it adopted the engagement, fired by B's own alarm
+        assert fired.owner not in ("", first_owner) and fired.claimed_by == ""
+    else:  # still A's, fired by B's claim
+        assert fired.owner == first_owner and fired.claimed_by not in ("", first_owner)
     assert logged([a, b], "engagement.fallback_offered", engagement.engagement_id) == 1
     assert logged([a], "engagement.fallback_offered", engagement.engagement_id) == 0
     await engagement.choose_fallback(cuepoint.FallbackOption.CANCEL)
@@ -104,10 +124,11 @@ async def test_a_fallback_armed_on_a_is_offered_once_after_a_is_killed(cluster: 
     await phone.close()
 
 
+@WAYS
 async def test_an_offer_made_by_a_lapses_once_after_a_is_killed_and_goes_to_the_next_associate(
-    cluster: StartCluster,
+    cluster: StartCluster, way: str
 ) -> None:
-    a, b = await cluster(OFFERS, extra=TTL)
+    a, b = await replicas(cluster, OFFERS, way)
     dana = await cuepoint.connect_associate(
         b.address, associate_id="dana", queues=["support"], capacity=1, manual_claim=True
     )
@@ -140,6 +161,8 @@ async def test_an_offer_made_by_a_lapses_once_after_a_is_killed_and_goes_to_the_
         while engagement.engagement_id in dana.offers_pending:  # noqa: ASYNC110 - told "timeout" on her stream
             await asyncio.sleep(0.05)
     assert logged([a, b], "engagement.offer_lapsed", engagement.engagement_id) == 1
+    # Adopted in time, B kept Dana's offer standing until its time; claimed, B lapsed it as it adopted it.
+    assert logged([b], "engagement.offer_kept", engagement.engagement_id) == (1 if way == "adopted" else 0)
     moved = await row(b.database, key)
     assert moved is not None and (moved.state, moved.target) == ("armed", f"{engagement.engagement_id}:erin")
     # Erin takes it on B.

@@ -33,6 +33,7 @@ from .bus_nats import NatsBus
 from .clock import Clock, SystemClock
 from .core.audit import AuditTrail
 from .core.delivery import Delivery, DeliveryFaults
+from .core.replicas import SWEEP_EVERY
 from .core.service import Core, CoreConfig
 from .engine.engine import Engine
 from .engine.scenario_set import ScenarioSet
@@ -82,6 +83,9 @@ class ServerConfig:
     bus_prefix: str = "cuepoint"
     # Tests only: wake-ups of the delivery outbox dropped and repeated (core/delivery.py).
     delivery_faults: DeliveryFaults | None = None
+    # Tests only: seconds between two cluster sweeps (core/replicas.py SWEEP_EVERY); a long one leaves a gone
+    # replica's timer rows to the timer claims alone (core/timer_claims.py), without the sweep adopting first.
+    sweep_every: float = SWEEP_EVERY
     core: CoreConfig = field(default_factory=CoreConfig)
     # Watch the scenarios folder and apply edits live (scenarios/reloader.py).
     watch_scenarios: bool = True
@@ -234,7 +238,7 @@ class CuepointServer:
         await core.recover()
         # Switches another replica changes from now on reach this one, and this replica is in the replicas
         # registry (core/cluster.py).
-        await core.join_cluster(address=f"{config.host}:{port}")
+        await core.join_cluster(address=f"{config.host}:{port}", sweep_every=config.sweep_every)
         if core.delivery is not None:
             await core.delivery.start()
         if associate.links is not None:

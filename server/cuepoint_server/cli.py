@@ -92,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
             bus=args.bus,
             bus_prefix=args.bus_prefix,
             delivery_faults=DeliveryFaults.parse(args.test_delivery_faults),
+            **({"sweep_every": args.test_sweep_every} if args.test_sweep_every else {}),
         )
         try:
             server = await CuepointServer.start(config)
@@ -481,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Tests only (core/delivery.py): lose and repeat wake-ups, so tests prove the outbox rows carry the traffic.
     serve.add_argument("--test-delivery-faults", default="", help=argparse.SUPPRESS)
+    # Tests only (app.py ServerConfig.sweep_every): how often the cluster sweep adopts a gone replica's work.
+    serve.add_argument("--test-sweep-every", type=float, default=0.0, help=argparse.SUPPRESS)
     serve.add_argument(
         "--replica-ttl",
         type=float,
