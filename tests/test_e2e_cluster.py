@@ -492,8 +492,11 @@ async def test_a_callback_armed_on_a_is_queued_once_by_b_after_a_is_killed(clust
                 await asyncio.sleep(0.05)
         store = await PostgresStore.open(b.args[b.args.index("--database") + 1])
         try:
-            [row] = [t for t in await store.timers() if t.target == engagement.engagement_id]
+            # (its fallback, offered by A before it died, is a row of its own: core/desk_timers.py)
+            [row] = [t for t in await store.timers() if t.timer_id == f"callback:{engagement.engagement_id}"]
             assert (row.kind, row.state) == ("callback", "done") and row.claimed_by != row.owner
+            [fallback] = [t for t in await store.timers() if t.timer_id == f"fallback:{engagement.engagement_id}"]
+            assert (fallback.state, fallback.claimed_by) == ("done", "")  # fired by A's own alarm
         finally:
             await store.close()
         assert len(queued()) == 2
