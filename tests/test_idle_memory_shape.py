@@ -27,7 +27,7 @@ cue: {message: "Unable to sync?", channel: audio, ttl: 10m}
 cooldown: 1h
 """
 
-STREAM_TASKS = ("_Writer._drain", "DeviceServicer._read", "DeviceServicer._write")
+STREAM_TASKS = ("_Writer._drain", "DeviceServicer.Connect", "DeviceServicer._write")
 
 
 def _stream_tasks() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from functools import partial
 from itertools import repeat
@@ -176,21 +177,24 @@ def _to_value(value: Scalar) -> common_pb2.AttributeValue:
 def flatten_context(field: str, ctx: common_pb2.Context, user: common_pb2.UserIdentity | None) -> dict[str, Scalar]:
     """Proto context to flat keys; empty strings mean "not given"."""
     out: dict[str, Scalar] = {}
+    # These values repeat across a fleet (app version, OS, model, locale, timezone, country, tier): interned,
+    # every device's context shares one copy of each (a device holds its context while connected). CPython
+    # frees an interned string once nothing else refers to it.
     for name, key in CONTEXT_FIELDS.items():
         value = getattr(ctx, name)
         if value:
-            out[key] = value
+            out[key] = sys.intern(value)
     for name, key in LOCATION_FIELDS.items():
         value = getattr(ctx.location, name)
         if value:
-            out[key] = value
+            out[key] = sys.intern(value)
     for key, value in _values(f"{field}.attributes", ctx.attributes).items():
         out[f"attributes.{key}"] = value
     if user is not None:
         if user.user_id:
             out["user.id"] = user.user_id
         if user.tier:
-            out["user.tier"] = user.tier
+            out["user.tier"] = sys.intern(user.tier)
         for key, value in _values(f"{field}.user.attributes", user.attributes).items():
             if key in ("id", "tier"):
                 raise InvalidInput(f"user.attributes[{key!r}]", "reserved; use user_id / tier")
@@ -216,7 +220,7 @@ def hello_from_proto(msg: device_pb2.Hello) -> Hello:
     if msg.consent.level not in CONSENT:
         raise InvalidInput("hello.consent.level", f"unknown consent level {msg.consent.level}")
     return Hello(
-        app_id=msg.app_id,
+        app_id=sys.intern(msg.app_id),  # a few apps, many devices: one copy for every session and state
         device_id=msg.device_id,
         context=flatten_context("hello.context", msg.context, msg.user if msg.HasField("user") else None),
         consent=CONSENT[msg.consent.level],

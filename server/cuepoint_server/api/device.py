@@ -73,9 +73,61 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         # put on the outbox once durable, and cues go out from a writer task that exists only while the
         # session's outbox has something to send (_Writer), one per commit round, not one per ack.
         writer = _Writer(session, context)
+        end: _StreamEnd | None
         try:
+            # The read loop is here, not in a coroutine of its own: an idle stream waits in it, and a second
+            # coroutine awaited from this one would cost every idle device its frame (~360 bytes). The outer
+            # try sees the writer's cancel (stopped_reading) wherever it lands, error paths' settle included.
             try:
-                end: _StreamEnd | None = await self._read(request_iterator, session, peer)
+                try:
+                    async for message in request_iterator:
+                        if not session.has_room():
+                            await session.wait_for_room()
+                        kind = message.WhichOneof("kind")
+                        if self.limiter is not None:
+                            if kind == "signals":
+                                cost = len(message.signals.signals)
+                            elif kind == "signal_columns":
+                                cost = len(message.signal_columns.times_us)
+                            else:
+                                cost = 1
+                            self.limiter.charge(session.app_id, session.device_id, cost, peer)
+                        if kind == "signals":
+                            self.core.ingest(session, convert.batch_from_proto(message.signals))
+                        elif kind == "signal_columns":
+                            self.core.ingest(session, convert.batch_from_columns(message.signal_columns))
+                        elif kind == "cue_response":
+                            cue_id, response, button_id = convert.response_from_proto(message.cue_response)
+                            await self.core.respond(session, cue_id, response, button_id)
+                        elif kind == "user_token":
+                            self.core.present_user_token(session, message.user_token.token)
+                        elif kind in conversation.DEVICE_KINDS:
+                            await conversation.from_device(self.core, session, message)
+                        else:
+                            await self.core.settle(session)
+                            end = _StreamEnd(
+                                grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello"
+                            )
+                            break
+                    else:
+                        # Half-closed by the client: ack what it sent before we finish. Whatever ends a stream
+                        # (a rate limit, bad input too), what was stored must be acked first, or an honest SDK
+                        # resends all of it.
+                        await self.core.settle(session)
+                        end = _StreamEnd()
+                except DecodeError as exc:
+                    error = undecodable("DeviceMessage", exc)
+                    log.info("device.rejected", device_id=session.device_id, code="INVALID_ARGUMENT", error=str(error))
+                    await self.core.settle(session)
+                    end = _StreamEnd(error=error)
+                except CoreError as exc:
+                    code, text = status_for(exc)
+                    log.info("device.rejected", device_id=session.device_id, code=code.name, error=text)
+                    await self.core.settle(session)
+                    end = _StreamEnd(code, text, exc)
+                except Exception:  # the stream broke under us; nothing to answer
+                    log.debug("device.read_failed", device_id=session.device_id, exc_info=True)
+                    end = _StreamEnd(grpc.StatusCode.CANCELLED, "stream failed")
             except asyncio.CancelledError:
                 if not writer.stopped_reading():
                     raise
@@ -123,59 +175,6 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         session.issued_secret = ""
         return session
 
-    async def _read(
-        self,
-        requests: AsyncIterator[device_pb2.DeviceMessage],
-        session: DeviceSession,
-        peer: str | None = None,
-    ) -> _StreamEnd:
-        try:
-            async for message in requests:
-                if not session.has_room():
-                    await session.wait_for_room()
-                kind = message.WhichOneof("kind")
-                if self.limiter is not None:
-                    if kind == "signals":
-                        cost = len(message.signals.signals)
-                    elif kind == "signal_columns":
-                        cost = len(message.signal_columns.times_us)
-                    else:
-                        cost = 1
-                    self.limiter.charge(session.app_id, session.device_id, cost, peer)
-                if kind == "signals":
-                    self.core.ingest(session, convert.batch_from_proto(message.signals))
-                elif kind == "signal_columns":
-                    self.core.ingest(session, convert.batch_from_columns(message.signal_columns))
-                elif kind == "cue_response":
-                    cue_id, response, button_id = convert.response_from_proto(message.cue_response)
-                    await self.core.respond(session, cue_id, response, button_id)
-                elif kind == "user_token":
-                    self.core.present_user_token(session, message.user_token.token)
-                elif kind in conversation.DEVICE_KINDS:
-                    await conversation.from_device(self.core, session, message)
-                else:
-                    await self.core.settle(session)
-                    return _StreamEnd(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected message {kind!r} after hello")
-        except DecodeError as exc:
-            error = undecodable("DeviceMessage", exc)
-            log.info("device.rejected", device_id=session.device_id, code="INVALID_ARGUMENT", error=str(error))
-            await self.core.settle(session)
-            return _StreamEnd(error=error)
-        except CoreError as exc:
-            code, text = status_for(exc)
-            log.info("device.rejected", device_id=session.device_id, code=code.name, error=text)
-            await self.core.settle(session)
-            return _StreamEnd(code, text, exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the stream broke under us; nothing to answer
-            log.debug("device.read_failed", device_id=session.device_id, exc_info=True)
-            return _StreamEnd(grpc.StatusCode.CANCELLED, "stream failed")
-        # Half-closed by the client: ack what it sent before we finish. Whatever ends a stream (a rate
-        # limit, bad input too), what was stored must be acked first, or an honest SDK resends all of it.
-        await self.core.settle(session)
-        return _StreamEnd()
-
 
 class _Writer:
     """Sends a session's outbox on its stream, in ``session.send`` order, from a task started on demand.
@@ -192,7 +191,7 @@ class _Writer:
     gave each commit one batch per stream; reading on keeps the client's window of batches in one round.
     """
 
-    __slots__ = ("_context", "_handler", "_log_context", "_session", "ending", "failure", "task")
+    __slots__ = ("_context", "_handler", "_session", "ending", "failure", "task")
 
     def __init__(
         self,
@@ -204,21 +203,28 @@ class _Writer:
         self._session = session
         self._context = context
         self._handler = handler
-        # Writer tasks run in the stream's context (its structlog binding), not in the sender's.
-        self._log_context = contextvars.copy_context()
         self.task: asyncio.Task[None] | None = None
         self.failure: SessionFailed | Exception | None = None
         self.ending = False  # the handler flushes and ends the stream itself; no more writer tasks
-        session.outbox.listener = self.wake
+        # The writer itself is the outbox's listener (__call__): a bound method would cost every idle device
+        # 64 bytes more.
+        session.outbox.listener = self
         if not session.outbox.empty():  # what open_session queued before the Welcome
             self.wake()
 
     def wake(self) -> None:
         if self.task is None and not self.ending and self.failure is None:
-            self.task = self._handler.get_loop().create_task(self._drain(), context=self._log_context)
+            # Not the sender's context (another stream's log binding, an admin call's): a fresh one, bound
+            # by _drain to this stream. Made here rather than kept from the start, which would cost every
+            # idle device a copy of its handler's context.
+            self.task = self._handler.get_loop().create_task(self._drain(), context=contextvars.Context())
+
+    __call__ = wake
 
     async def _drain(self) -> None:
-        outbox = self._session.outbox
+        session = self._session
+        structlog.contextvars.bind_contextvars(device_id=session.device_id, session_id=session.session_id)
+        outbox = session.outbox
         try:
             while not outbox.empty():
                 item = outbox.get_nowait()

@@ -144,10 +144,16 @@ class CoreBase:
 
     def _track(self, session: DeviceSession, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(work)
+        if session.writes is None:
+            session.writes = set()
         session.writes.add(task)
 
         def done(finished: asyncio.Future[Any]) -> None:
-            session.writes.discard(finished)
+            writes = session.writes
+            if writes is not None:
+                writes.discard(finished)
+                if not writes:
+                    session.writes = None
             session.notify_room()
 
         task.add_done_callback(done)
@@ -369,7 +375,7 @@ class CoreBase:
         await self._group.idle()
         pending: set[asyncio.Future[Any]] = set(self._background)
         for session in [*self._reg.sessions.values(), *(gone for gone, _ in self._reg.away.values())]:
-            pending |= session.writes
+            pending |= session.writes or set()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
