@@ -38,17 +38,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, folder: Path, db: Path, port: int) -> None:
+    def __init__(self, folder: Path, db: Path, port: int, *, env: dict[str, str] | None = None) -> None:
         self.args = [
             sys.executable, "-m", "cuepoint_server.cli", "serve", "--scenarios", str(folder),
             "--db", str(db), "--port", str(port), "--no-watch", "--log-level", "warning",
         ]  # fmt: skip
         self.address = f"127.0.0.1:{port}"
+        # Added to this process's environment for the server (GRPC_EXPERIMENTS, say).
+        self.env = {**os.environ, **env} if env else None
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            *self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            *self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env
         )
         async with asyncio.timeout(20), grpc.aio.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)

@@ -103,3 +103,50 @@ async def test_sigterm_drains_and_the_device_resumes_on_the_next_server(scenario
     stored = [r[0] for r in rows]
     assert len(stored) == len(set(stored)) == len(tracked) + 3
     assert cues == [offered.cue_id]
+
+
+# grpc's newer HTTP/2 server (GRPC_EXPERIMENTS=ph2_server; bench_memory's option: fewer bytes per idle stream)
+# resets the streams it still holds when it stops (RST_STREAM, which the client's grpc reports as INTERNAL
+# "Stream removed"), where the default server ends them with UNAVAILABLE. Either way the SDK must reconnect
+# and resume its session with nothing lost or repeated.
+@pytest.mark.parametrize(("experiments", "code"), [("", "UNAVAILABLE"), ("ph2_server", "INTERNAL")])
+async def test_a_server_restarted_under_an_idle_device_resumes_its_session(
+    scenarios: Path, tmp_path: Path, experiments: str, code: str
+) -> None:
+    db = tmp_path / "restart.db"
+    env = {"GRPC_EXPERIMENTS": experiments} if experiments else None
+    first, second = (
+        ServerProcess(scenarios, db, free_port(), env=env),
+        ServerProcess(scenarios, db, free_port(), env=env),
+    )
+    await first.start()
+    try:
+        client = await cuepoint.connect(
+            f"ipv4:{first.address},{second.address}", app_id="fitkit", device_id="idle", config=QUICK
+        )
+        lost: list[cuepoint.CuepointError | None] = []
+        client.on_state(
+            lambda state: lost.append(client.last_error) if state is cuepoint.ConnectionState.STALE else None
+        )
+        session = client.session_id
+        tracked = [await client.track("tap", n=i) for i in range(50)]
+        await client.flush(timeout=10)  # all acked: the stream is idle when the server stops
+        assert first.process is not None
+        first.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.process.wait(), 20) == 0
+        tracked += [await client.track("tap", n=i) for i in range(50, 80)]  # buffered while no server is up
+        await second.start()
+        tracked += [await client.track("tap", n=i) for i in range(80, 100)]
+        await client.flush(timeout=30)
+        assert client.session_id == session
+        assert client.state is cuepoint.ConnectionState.CONNECTED
+        # The stream really ended the way this case is about (the first loss; later ones are refused connects).
+        assert lost and isinstance(lost[0], cuepoint.ConnectionLost) and lost[0].code == code
+        await client.close()
+    finally:
+        await first.stop()
+        await second.stop()
+    rows = sqlite3.connect(db).execute("SELECT signal_id FROM signals WHERE device_id = 'idle'").fetchall()
+    stored = [r[0] for r in rows]
+    assert len(stored) == len(set(stored)) == len(tracked)
+    assert set(stored) == set(tracked)

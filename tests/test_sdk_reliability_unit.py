@@ -384,3 +384,17 @@ def test_a_local_transport_failure_is_a_lost_connection_not_a_server_error() -> 
 
     assert isinstance(from_status(grpc.StatusCode.INTERNAL, "Internal error from Core"), cuepoint.ConnectionLost)
     assert isinstance(from_status(grpc.StatusCode.INTERNAL, "internal error"), cuepoint.ServerError)
+
+
+def test_a_stream_reset_by_the_server_is_a_lost_connection_not_a_server_error() -> None:
+    """What the client's C core reports when a server (grpc's ph2_server) resets its streams at shutdown."""
+    import grpc
+
+    from cuepoint._grpc_errors import from_status
+    from cuepoint._reconnect import is_retryable
+
+    reset = from_status(grpc.StatusCode.INTERNAL, "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))")
+    assert isinstance(reset, cuepoint.ConnectionLost) and is_retryable(reset)
+    # An INTERNAL the server's own code sends still ends the client: it would fail the same way again.
+    refused = from_status(grpc.StatusCode.INTERNAL, "Stream removed by the handler")
+    assert isinstance(refused, cuepoint.ServerError) and not is_retryable(refused)

@@ -38,6 +38,10 @@ _BY_CODE: dict[grpc.StatusCode, type[CuepointError]] = {
 
 
 _LOCAL_TRANSPORT_FAILURE = "Internal error from Core"
+# gRPC's C core words a stream the peer reset at the HTTP/2 level (RST_STREAM) this way, and maps the reset's
+# INTERNAL_ERROR to INTERNAL: a transport event, not a status the server's code sent. A server stopping with
+# grpc's newer HTTP/2 server (GRPC_EXPERIMENTS=ph2_server) ends its streams so, as a proxy may.
+_STREAM_RESET = "Stream removed (RST_STREAM"
 
 
 def from_status(
@@ -55,6 +59,9 @@ def from_status(
         # gRPC's C core reports a write that raced a dead connection this way on
         # the client itself; the server said nothing. Reconnecting is right.
         return ConnectionLost(f"connection failed: {details}", code=code.name, details=details)
+    if code == grpc.StatusCode.INTERNAL and details is not None and details.startswith(_STREAM_RESET):
+        # Reset, not refused: a new stream (resuming the session, resending what was not acked) is right.
+        return ConnectionLost(f"stream reset: {details}", code=code.name, details=details)
     cls = _BY_CODE.get(code, ServerError)
     message = f"{code.name}: {details}" if details else code.name
     if cls is InvalidSignal:
