@@ -48,9 +48,7 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
     async def Connect(  # type: ignore[override]  # writes through context, not yield
         self, request_iterator: AsyncIterator[associate_pb2.AssociateMessage], context: Context
     ) -> None:
-        first = await opening(
-            request_iterator, context, kind="sign_in", type_name="AssociateMessage", deadline=self.sign_in_timeout
-        )
+        first = await opening(context, associate_pb2.AssociateMessage, kind="sign_in", deadline=self.sign_in_timeout)
         if first is None:
             return
         try:

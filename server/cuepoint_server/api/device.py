@@ -62,7 +62,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     ) -> None:
         # The client's IP, resolved once per stream, as the per-peer budgets know it (None: exempt or off).
         peer = self.limiter.peer_key(context.peer()) if self.limiter is not None else None
-        session = await self._open(request_iterator, context, peer)
+        session = await self._open(context, peer)
         if session is None:
             return
         # Every log line of this stream (and of the core work it causes) names the device and session;
@@ -76,11 +76,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         end: _StreamEnd | None
         try:
             # The read loop is here, not in a coroutine of its own: an idle stream waits in it, and a second
-            # coroutine awaited from this one would cost every idle device its frame (~360 bytes). The outer
-            # try sees the writer's cancel (stopped_reading) wherever it lands, error paths' settle included.
+            # coroutine awaited from this one would cost every idle device its frame (~360 bytes); it reads with
+            # context.read(), not `async for` over the requests (grpc.aio's async generator: see opening). The
+            # outer try sees the writer's cancel (stopped_reading) wherever it lands, error paths' settle too.
             try:
                 try:
-                    async for message in request_iterator:
+                    while (message := await context.read()) is not grpc.aio.EOF:
                         if not session.has_room():
                             await session.wait_for_room()
                         kind = message.WhichOneof("kind")
@@ -139,12 +140,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     async def _open(
         self,
-        requests: AsyncIterator[device_pb2.DeviceMessage],
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
         peer: str | None = None,
     ) -> DeviceSession | None:
         """Read the Hello, open (or resume) the session and answer the Welcome; None if the client left."""
-        first = await opening(requests, context, kind="hello", type_name="DeviceMessage", deadline=self.hello_timeout)
+        first = await opening(context, device_pb2.DeviceMessage, kind="hello", deadline=self.hello_timeout)
         if first is None:
             return None
         try:
