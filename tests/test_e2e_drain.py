@@ -114,7 +114,7 @@ async def test_a_server_restarted_under_an_idle_device_resumes_its_session(
     scenarios: Path, tmp_path: Path, experiments: str, code: str
 ) -> None:
     db = tmp_path / "restart.db"
-    env = {"GRPC_EXPERIMENTS": experiments} if experiments else None
+    env = {"GRPC_EXPERIMENTS": experiments}  # set even when empty: the case must not inherit this process's
     first, second = (
         ServerProcess(scenarios, db, free_port(), env=env),
         ServerProcess(scenarios, db, free_port(), env=env),
