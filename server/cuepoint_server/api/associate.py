@@ -48,7 +48,13 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
     async def Connect(  # type: ignore[override]  # writes through context, not yield
         self, request_iterator: AsyncIterator[associate_pb2.AssociateMessage], context: Context
     ) -> None:
-        first = await opening(context, associate_pb2.AssociateMessage, kind="sign_in", deadline=self.sign_in_timeout)
+        first = await opening(
+            context,
+            associate_pb2.AssociateMessage,
+            kind="sign_in",
+            deadline=self.sign_in_timeout,
+            requests=request_iterator,
+        )
         if first is None:
             return
         try:

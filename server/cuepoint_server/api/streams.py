@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import grpc
@@ -16,7 +17,14 @@ __all__ = ["opening"]
 M = TypeVar("M", bound=Message)
 
 
-async def opening(context: Any, message: type[M], *, kind: str, deadline: float | None = None) -> M | None:
+async def opening(
+    context: Any,
+    message: type[M],
+    *,
+    kind: str,
+    deadline: float | None = None,
+    requests: AsyncIterator[M] | None = None,
+) -> M | None:
     """The stream's first message (a `message`), which must carry `kind`; None when the client left at once.
 
     A stream that sends nothing within ``deadline`` seconds ends with DEADLINE_EXCEEDED: an open stream
@@ -24,11 +32,12 @@ async def opening(context: Any, message: type[M], *, kind: str, deadline: float 
 
     Read with ``context.read()``, not from the request iterator: iterating makes grpc.aio an async generator
     that lives as long as the stream (with the event loop's weak reference to it), ~470 bytes per idle
-    device; the device stream reads with ``context.read()`` throughout (api/device.py).
+    device; the device stream reads with ``context.read()`` throughout (api/device.py). ``requests``: read
+    from that iterator instead (associate streams, whose cross-replica stand-ins have no ``read()``).
     """
     try:
         async with asyncio.timeout(deadline):
-            read = await context.read()
+            read = await (context.read() if requests is None else anext(aiter(requests), grpc.aio.EOF))
         if read is grpc.aio.EOF:
             return None
         first: M = read
