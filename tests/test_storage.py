@@ -475,6 +475,25 @@ async def test_an_offer_commits_with_its_signals_and_decisions_or_not_at_all(sto
     assert len(await store.decisions_for_device("dev-1")) == 1
 
 
+async def test_a_failing_offer_among_concurrent_writes_fails_only_its_caller(store: Any) -> None:
+    # Submitted together, so they share the writer's transaction (on SQLite begun, written and committed in
+    # one call on its thread): the broken unit is rolled back and redone alone, the others still commit.
+    good = [store.append_signals([signal(f"w{i}", time=1000.0 + i)]) for i in range(4)]
+    offer = store.commit_offer(OfferCommit(signals=[signal("s-ok")], cues=[cue()], decisions=[decision()]))
+    broken = store.commit_offer(
+        OfferCommit(signals=[signal("s-bad")], cues=[cue("cue-2")], decisions=[decision("bogus", "cue-2")])
+    )
+    status = store.set_cue_status("cue-1", "declined", 1100.0)
+    results = await asyncio.gather(*good[:2], offer, broken, status, *good[2:], return_exceptions=True)
+    assert isinstance(results[3], INTEGRITY)
+    assert not any(isinstance(r, BaseException) for i, r in enumerate(results) if i != 3)
+    assert sorted(r.signal_id for r in await store.journey("dev-1")) == ["s-ok", "w0", "w1", "w2", "w3"]
+    stored = await store.get_cue("cue-1")
+    assert stored is not None and stored.status == "declined"
+    assert await store.get_cue("cue-2") is None
+    assert [d.outcome for d in await store.decisions_for_device("dev-1")] == ["offered"]
+
+
 async def test_accept_and_its_engagement_commit_together_once(store: Any) -> None:
     await store.save_cue(cue())
     first = await store.accept_cue("cue-1", 150.0, engagement("eng-1"))

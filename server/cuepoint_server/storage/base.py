@@ -71,6 +71,8 @@ class OfferGuard:
     the subject's stored cues (those created at or after ``since``, of ``session_id``, or declined or
     accepted at any time) and calls ``check``: a reason (reason, detail) refuses the cue. ``check`` is the
     arbiter's own rule (engine/arbiter.py), so storage holds no policy, only the data and the lock.
+    ``check`` reads only the history it is given and values fixed when the guard was made, so a store may
+    call it on its database thread (SQLite does: the commit is then one hop to that thread).
     """
 
     cue_id: str

@@ -592,7 +592,18 @@ class _Transaction:
     size: int = 1
 
 
-_Op = _Statement | _AppendBatches | _Transaction
+@dataclass(slots=True, eq=False)
+class _ThreadTransaction:
+    """A unit of work like _Transaction, written as one plain function of the sqlite3 connection: it runs on
+    the database thread without a hop per statement, and a writer batch made only of these, statements and
+    appends is begun, written and committed in one hop (`_apply`)."""
+
+    work: Callable[[sqlite3.Connection], tuple[Any, int]]  # -> (result, rows written)
+    future: asyncio.Future[Any]
+    size: int = 1
+
+
+_Op = _Statement | _AppendBatches | _Transaction | _ThreadTransaction
 
 
 @dataclass(slots=True, eq=False)
@@ -615,7 +626,7 @@ def _groups(batch: list[_Op]) -> Iterable[list[_Op]]:
 
 
 def _same_kind(a: _Op, b: _Op) -> bool:
-    if isinstance(a, _Transaction) or isinstance(b, _Transaction):
+    if isinstance(a, _Transaction | _ThreadTransaction) or isinstance(b, _Transaction | _ThreadTransaction):
         return False
     if isinstance(a, _Statement) and isinstance(b, _Statement):
         return a.sql == b.sql
@@ -651,6 +662,10 @@ class _BatchWriter:
         self, work: Callable[[aiosqlite.Connection], Awaitable[tuple[Any, int]]], size: int = 1
     ) -> Any:
         return await self._submit(_Transaction(work, self._new_future(), max(size, 1)))
+
+    async def thread_transaction(self, work: Callable[[sqlite3.Connection], tuple[Any, int]], size: int = 1) -> Any:
+        """As `transaction`, with `work` run on the database thread as it is (no await inside)."""
+        return await self._submit(_ThreadTransaction(work, self._new_future(), max(size, 1)))
 
     async def checkpoint(self) -> bool:
         """Checkpoint the WAL and truncate it, after everything submitted before; False if readers kept it busy."""
@@ -734,15 +749,25 @@ class _BatchWriter:
         applying = False
         try:
             async with self._guard:
-                try:
-                    await self._conn.execute("BEGIN IMMEDIATE")
-                    applying = True
-                    results, rows = await self._write(batch)
-                    applying = False
-                    await self._conn.commit()
-                except BaseException:
-                    await self._rollback()
-                    raise
+                if not any(isinstance(op, _Transaction) for op in batch):
+                    # BEGIN, every write and COMMIT in one hop to the database thread: each hop (a queue, a
+                    # thread wake-up, a loop callback) cost the event loop more than the statements it ran,
+                    # and a cue round made five of them.
+                    written, failed = await _in_thread(self._conn, _apply_in_thread, batch)
+                    if failed is not None:
+                        applying = True
+                        raise failed
+                    results, rows = written
+                else:
+                    try:
+                        await self._conn.execute("BEGIN IMMEDIATE")
+                        applying = True
+                        results, rows = await self._write(batch)
+                        applying = False
+                        await self._conn.commit()
+                    except BaseException:
+                        await self._rollback()
+                        raise
         except Exception as exc:
             if applying and len(batch) > 1:
                 # One bad op must not fail the others: redo them one transaction each to find it.
@@ -777,6 +802,11 @@ class _BatchWriter:
                 results.append(result)
                 rows += written
                 continue
+            if isinstance(first, _ThreadTransaction):
+                result, written = await _in_thread(self._conn, _run_work, first.work)
+                results.append(result)
+                rows += written
+                continue
             if isinstance(first, _Statement):
                 params = [op.params for op in group if isinstance(op, _Statement)]
                 await self._conn.executemany(first.sql, params)
@@ -793,6 +823,66 @@ class _BatchWriter:
                 at += len(op.batches)
             rows += sum(len(b.ids) for b in batches) - sum(len(per) for per in skipped)
         return results, rows
+
+
+def _run_work(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], tuple[Any, int]]) -> tuple[Any, int]:
+    return work(db)
+
+
+def _apply_in_thread(db: sqlite3.Connection, batch: list[_Op]) -> tuple[tuple[list[Any], int] | None, Exception | None]:
+    """On the database thread: one writer batch (no _Transaction in it) begun, written and committed.
+
+    ((results, rows), None) once committed; (None, error) if a write failed (rolled back: the writer then
+    retries the ops one by one, as `_apply` does). BEGIN or COMMIT failing raises (nothing was written)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        written = _write_in_thread(db, batch)
+    except Exception as exc:
+        _rollback_in_thread(db)
+        return None, exc
+    except BaseException:
+        _rollback_in_thread(db)
+        raise
+    try:
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback_in_thread(db)
+        raise
+    return written, None
+
+
+def _rollback_in_thread(db: sqlite3.Connection) -> None:
+    # As _BatchWriter._rollback: the original error is what callers need.
+    with contextlib.suppress(Exception):
+        db.rollback()
+
+
+def _write_in_thread(db: sqlite3.Connection, batch: list[_Op]) -> tuple[list[Any], int]:
+    """_BatchWriter._write for a batch of statements, appends and thread transactions, in the calling thread."""
+    results: list[Any] = []
+    rows = 0
+    for group in _groups(batch):
+        first = group[0]
+        if isinstance(first, _ThreadTransaction):
+            result, written = first.work(db)
+            results.append(result)
+            rows += written
+            continue
+        if isinstance(first, _Statement):
+            params = [op.params for op in group if isinstance(op, _Statement)]
+            db.executemany(first.sql, params)
+            results.extend([None] * len(group))
+            rows += len(params)
+            continue
+        appends = [op for op in group if isinstance(op, _AppendBatches)]
+        batches = [b for op in appends for b in op.batches]
+        skipped = _write_journal(db, batches)
+        at = 0
+        for op in appends:
+            results.append([i for per in skipped[at : at + len(op.batches)] for i in per])
+            at += len(op.batches)
+        rows += sum(len(b.ids) for b in batches) - sum(len(per) for per in skipped)
+    return results, rows
 
 
 # --- the journal (journal.py decides; these statements read and write) ------------------------------------
@@ -1071,7 +1161,7 @@ class SqliteStore(PredictState, Slots):
         writer is the lock: in one process the check agrees with the arbiter's memory)."""
         batches = _work_batches(work)
         encoded_cues = {r.cue_id: _cue_row(r) for r in work.cues}
-        statuses = [(status, at, "", cue_id) for cue_id, status, at in work.statuses]
+        statuses: list[Row] = [(status, at, "", cue_id) for cue_id, status, at in work.statuses]
         milestones = [tuple(getattr(r, c) for c in _MILESTONE_COLS) for r in work.milestones]
         guards = list(work.guards)
         fires = [(float(due), timer_id, float(due)) for timer_id, due in work.fires]
@@ -1082,20 +1172,22 @@ class SqliteStore(PredictState, Slots):
         signals = sum(len(b.ids) for b in batches)
         now = max((c.created_at for c in work.cues), default=0.0)
 
-        async def run(conn: aiosqlite.Connection) -> tuple[OfferResult, int]:
+        def checked(db: sqlite3.Connection) -> dict[str, tuple[str, str]]:
+            """The timers fired and the guards checked, on the database thread (OfferGuard.check only reads the
+            history it is given, so it may run there)."""
             refused: dict[str, tuple[str, str]] = {}
             for fire in fires:
-                if (await conn.execute(MARK_DUE_DONE, fire)).rowcount < 1:
+                if db.execute(MARK_DUE_DONE, fire).rowcount < 1:
                     refused.update((c.cue_id, FIRED_ELSEWHERE) for c in work.cues)
             for guard in guards:
-                params = (guard.subject, guard.since, guard.session_id)
-                found = await conn.execute_fetchall(_SUBJECT_HISTORY, params)
+                found = db.execute(_SUBJECT_HISTORY, (guard.subject, guard.since, guard.session_id)).fetchall()
                 reason = guard.check([_history_cue(r) for r in found])
                 if reason is not None:
                     refused[guard.cue_id] = reason
-            slotted = await self.reserve_offer_slots(_SqliteTxn(conn), work.slots, refused, now) if work.slots else {}
-            kept = without_refused(work, refused)
-            steps = [
+            return refused
+
+        def steps_of(kept: OfferCommit) -> list[tuple[str, list[Row]]]:
+            return [
                 (sql, rows)
                 for sql, rows in (
                     (_SET_CUE_STATUS, statuses),
@@ -1107,13 +1199,29 @@ class SqliteStore(PredictState, Slots):
                 )
                 if rows
             ]
+
+        def run_in_thread(db: sqlite3.Connection) -> tuple[OfferResult, int]:
+            # No slots to reserve: the whole unit is plain statements, written in the writer batch's one hop.
+            refused = checked(db)
+            steps = steps_of(without_refused(work, refused))
+            skipped = [i for per in _write_offer(db, batches, steps) for i in per]
+            return OfferResult(skipped, refused, {}), signals + sum(len(rows) for _, rows in steps)
+
+        async def run(conn: aiosqlite.Connection) -> tuple[OfferResult, int]:
+            refused = await _in_thread(conn, checked)
+            slotted = await self.reserve_offer_slots(_SqliteTxn(conn), work.slots, refused, now)
+            steps = steps_of(without_refused(work, refused))
             # Every write of the evaluation in one call on the connection's thread (the journal's dedupe and
             # insert included): a hop per statement cost more of the event loop than the statements themselves.
             skipped = [i for per in await _in_thread(conn, _write_offer, batches, steps) for i in per]
             return OfferResult(skipped, refused, slotted), signals + sum(len(rows) for _, rows in steps)
 
         size = signals + len(work.cues) + len(work.decisions) + len(statuses) + len(milestones)
-        result: OfferResult = await self._writer.transaction(run, size)
+        result: OfferResult
+        if work.slots:
+            result = await self._writer.transaction(run, size)
+        else:
+            result = await self._writer.thread_transaction(run_in_thread, size)
         return result
 
     async def merge_subject(self, source: str, target: str) -> None:
@@ -1317,14 +1425,14 @@ class SqliteStore(PredictState, Slots):
             return
         hooks = [_webhook_row(r) for r in webhooks]
 
-        async def run(conn: aiosqlite.Connection) -> tuple[None, int]:
-            cursor = await conn.execute(sql, params)
+        def run(db: sqlite3.Connection) -> tuple[None, int]:
+            cursor = db.execute(sql, params)
             if only_if_written and cursor.rowcount < 1:
                 return None, 0
-            await conn.executemany(_INSERT_WEBHOOK, hooks)
+            db.executemany(_INSERT_WEBHOOK, hooks)
             return None, 1 + len(hooks)
 
-        await self._writer.transaction(run, 1 + len(hooks))
+        await self._writer.thread_transaction(run, 1 + len(hooks))
 
     async def set_variant_stopped(
         self, scenario_id: str, variant_id: str, stopped: bool, reason: str, at: float
