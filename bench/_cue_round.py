@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import os
 import pstats
@@ -63,7 +64,8 @@ async def cue_rounds(tmp: Path, rounds: int, devices: int = 200, concurrent: int
     """CPU and wall milliseconds per cue round (process CPU: the loop and the SQLite thread)."""
     folder, sink_file = _prepare(tmp)
     with sink_file as sink:
-        configure_logging(os.environ.get("CUE_ROUND_LOG", "info"), json=True, file=sink)
+        # As `cuepoint serve` configures it: loggers cached on first use (so the sink outlives every run).
+        configure_logging(os.environ.get("CUE_ROUND_LOG", "info"), json=True, file=sink, cache=True)
         store = await SqliteStore.open(str(tmp / "cue-round.db"))
         core = Core(store, Engine(ScenarioSet.load(str(folder))), SystemClock())
         metrics = Metrics(core)
@@ -124,12 +126,16 @@ async def cue_rounds(tmp: Path, rounds: int, devices: int = 200, concurrent: int
             configure_logging("info", json=True)
 
 
-def _prepare(tmp: Path) -> tuple[Path, TextIO]:
-    """The scenarios folder, and where the server's log lines go (written and thrown away, as a cost)."""
+# Where the server's log lines go (written and thrown away, as a cost): one sink for the process's life.
+_SINK: TextIO = open(os.devnull, "w")
+
+
+def _prepare(tmp: Path) -> tuple[Path, contextlib.nullcontext[TextIO]]:
+    """The scenarios folder, and where the server's log lines go."""
     folder = tmp / "cue-round-scenarios"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "help.yaml").write_text(SCENARIO)
-    return folder, open(os.devnull, "w")  # closed by the caller's with
+    return folder, contextlib.nullcontext(_SINK)  # not closed: cached loggers keep writing to it
 
 
 async def _settle(core: Any, sessions: list[Any]) -> None:

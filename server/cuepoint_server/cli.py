@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .logs import configure_logging
     from .scenarios.loader import ScenarioError
 
-    configure_logging(args.log_level, json=args.log_json)
+    configure_logging(args.log_level, json=args.log_json, cache=True)
     try:
         auth = AuthConfig.load(args.auth) if args.auth else None
         limits = RateLimits(

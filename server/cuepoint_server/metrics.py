@@ -169,6 +169,7 @@ class Metrics(CoreObserver):
         self.limiter: RateLimiter | None = None
         r.register(_Budgets(self))
         self._core = core
+        self._cue_children: dict[tuple[str, str], Any] = {}
         core.observers.append(self)
         core.decision_listeners.append(self._on_decision)
         core.desk.listeners.append(self._on_engagement)
@@ -183,11 +184,20 @@ class Metrics(CoreObserver):
             self.duplicates.inc(duplicates)
 
     def cue_offered(self, scenario_id: str, latency: float) -> None:
-        self.cues.labels(scenario_id, "offered").inc()
+        self._cue_counter(scenario_id, "offered").inc()
         self.cue_latency.observe(max(0.0, latency))
 
     def cue_settled(self, scenario_id: str, status: str) -> None:
-        self.cues.labels(scenario_id, status).inc()
+        self._cue_counter(scenario_id, status).inc()
+
+    def _cue_counter(self, scenario_id: str, status: str) -> Any:
+        """The cues counter's child for these labels: `labels()` checks and joins them on every call, twice per
+        cue round; the registry keeps every child it made anyway, so remembering them here holds no more."""
+        key = (scenario_id, status)
+        child = self._cue_children.get(key)
+        if child is None:
+            child = self._cue_children[key] = self.cues.labels(scenario_id, status)
+        return child
 
     def _on_engagement(self, kind: str, payload: dict[str, Any]) -> None:
         if kind != "engagement.assigned":
