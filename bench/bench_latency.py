@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import statistics
 import sys
@@ -140,6 +141,11 @@ async def measure(
     )
     # Let the server finish what the hellos started (session rows, restored memory) before the load.
     await asyncio.sleep(1.0)
+    # The load generator's own pauses are not the server's latency: its 1,000 streams' objects (channels,
+    # calls, tasks) move out of its collector's sight, or a full collection of them (measured: up to 2 s on a
+    # busy machine, 5 per run) stalls every device loop at once, for the echo and Cuepoint alike.
+    gc.collect()
+    gc.freeze()
     result = LatencyResult(label, streams, rate, seconds)
     loop = asyncio.get_running_loop()
     window = {"start": float("inf"), "end": float("inf")}
@@ -220,6 +226,7 @@ async def measure(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await close_channels(channels, calls)
+        gc.unfreeze()
     return result
 
 
