@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_right
 from collections.abc import Mapping
 from itertools import repeat
+from operator import itemgetter, le
 from typing import Any
 
 import structlog
 
-from ..engine.state import DeviceState, EventOccurrence, Scalar
+from ..engine.state import REORDER_TOLERANCE, DeviceState, EventOccurrence, Scalar
 from ..scenarios.compiler import milestone_event
 from ..storage import SignalRecord
 from ..storage.records import MilestoneRecord
@@ -29,6 +31,8 @@ from .validation import clock_offset, validate_batch, validate_columns
 __all__ = ["Ingest"]
 
 log = structlog.get_logger("cuepoint.core")
+
+_SIGNAL_ID = itemgetter(1)  # EventOccurrence.signal_id, read in C
 
 
 class Ingest(Recovery, Identity):
@@ -81,6 +85,8 @@ class Ingest(Recovery, Identity):
         offset = clock_offset(batch, now)
         if None in times:
             ats = [now if t is None else min(t + offset, now) for t in times]
+        elif times and max(times) + offset <= now:  # type: ignore[type-var,operator]
+            ats = list(map(offset.__add__, times))  # type: ignore[arg-type]  # none ahead of now: a C loop
         else:
             ats = [min(t + offset, now) for t in times]  # type: ignore[operator]
         first_seq = state.seq + 1
@@ -89,17 +95,28 @@ class Ingest(Recovery, Identity):
         retention = scenarios.retention
         listened = scenarios.listened
         heard = [i for i, name in enumerate(names) if name in listened] if not listened.isdisjoint(names) else []
-        start = 0
-        for stop in (*heard, n):
+        # Of the listened-to signals, those whose evaluation may do something; the rest are recorded with the
+        # runs between them.
+        chosen = self._worth_evaluating(session, heard, names, ats, ids, props) if heard else heard
+        pending = self._reg.pending
+        start = k = 0
+        while True:
+            stop = chosen[k] if k < len(chosen) else n
             if stop > start:
                 self._record_run(state, names, ats, ids, props, first_seq, start, stop, retention)
-            if stop < n:
-                at, name = ats[stop], names[stop]
-                if at > state.last_signal_at:
-                    state.last_signal_at = at
-                occurrence = EventOccurrence(at, ids[stop], props[stop], first_seq + stop)
-                state.record_event(name, occurrence, retention.get(name, 0.0))
-                self._on_event(session, name, at, now)
+            if stop == n:
+                break
+            at, name = ats[stop], names[stop]
+            if at > state.last_signal_at:
+                state.last_signal_at = at
+            occurrence = EventOccurrence(at, ids[stop], props[stop], first_seq + stop)
+            state.record_event(name, occurrence, retention.get(name, 0.0))
+            self._on_event(session, name, at, now)
+            k += 1
+            if chosen is not heard and session.device_id in pending:
+                # This signal's evaluation offered a cue: each later one may withdraw it ("condition_cleared"),
+                # so from here on every listened-to signal is evaluated, as one at a time would be.
+                chosen, k = heard, bisect_right(heard, stop)
             start = stop + 1
         device_id, session_id = session.device_id, session.session_id
         # tuple.__new__ straight from the columns: a SignalRecord each without a Python-level call each.
@@ -118,6 +135,76 @@ class Ingest(Recovery, Identity):
             if scored:
                 self._evaluate(session, self.engine.scenarios.candidates(scored), now)
             self._schedule_timer(session.device_id, now)
+
+    def _worth_evaluating(
+        self,
+        session: DeviceSession,
+        heard: list[int],
+        names: list[str],
+        ats: list[float],
+        ids: list[str],
+        props: list[Mapping[str, Scalar]],
+    ) -> list[int]:
+        """The positions in `heard` (listened-to events, ascending) where evaluating may change anything.
+
+        Elsewhere evaluation would find no scenario qualifying and nothing else to do: no cue pending to
+        withdraw, no milestone on the event left to reach, and every guard of the event's groups false
+        for that signal (engine/batch_filter.py). Per event name, once per batch, from the columns.
+        """
+        state = session.state
+        if session.device_id in self._reg.pending or not self.engine.dispatching:
+            return heard
+        first = names[heard[0]]
+        if len(heard) == len(names) and names.count(first) == len(names):
+            by_name = {first: heard}  # the usual batch: one event throughout
+        else:
+            by_name = {}
+            for i in heard:
+                by_name.setdefault(names[i], []).append(i)
+        out: list[int] = []
+        for name, at in by_name.items():
+            found = self._event_positions(state, session.app_id, name, at, ats, ids, props)
+            if found is at and len(by_name) == 1:
+                return heard
+            out.extend(found)
+        if len(by_name) > 1:
+            out.sort()
+        return out
+
+    def _event_positions(
+        self,
+        state: DeviceState,
+        app_id: str,
+        name: str,
+        at: list[int],
+        ats: list[float],
+        ids: list[str],
+        props: list[Mapping[str, Scalar]],
+    ) -> list[int]:
+        """_worth_evaluating for one event name's positions `at` (returned as is: all of them)."""
+        scenarios = self.engine.scenarios
+        reached = state.milestones
+        if any(m.id not in reached for m in scenarios.milestones_by_event.get(name, ())):
+            return at
+        found = scenarios.event_filter(name)
+        if found is None:
+            return at
+        # The filter reads each signal's properties as the event's last occurrence once it is recorded:
+        # true unless record_event would insert it earlier (a late arrival) or skip it (an id its window
+        # still holds, older than what dedupe remembers).
+        times = [ats[i] for i in at] if len(at) < len(ats) else ats
+        if not all(map(le, times, times[1:])):
+            return at
+        queue = state.history.get(name)
+        if queue:
+            last = queue[-1].time
+            if times[0] < last - REORDER_TOLERANCE:
+                return at
+            # (The batch's ids, not only this event's: a superset, checked in C.)
+            if (times[0] <= last or len(set(times)) < len(times)) and not set(map(_SIGNAL_ID, queue)).isdisjoint(ids):
+                return at
+        column = [props[i] for i in at] if len(at) < len(props) else props
+        return [at[j] for j in found.positions(app_id, state.context, column)]
 
     @staticmethod
     def _record_run(

@@ -20,8 +20,9 @@ class Engine:
         self.disabled: frozenset[str] = frozenset()
         # Counted, not timed, so tests can prove cost tracks relevance.
         self.evaluations = 0
-        # Look groups up by their guards where the set indexed them (engine/dispatch.py); off: evaluate every
-        # group (the same decisions, compared by tests).
+        # Look groups up by their guards where the set indexed them (engine/dispatch.py), and skip a batch's
+        # signals no guard of their event's groups allows (engine/batch_filter.py, core/ingest.py); off:
+        # evaluate every group at every listened-to signal (the same decisions, compared by tests).
         self.dispatching = True
         # Per app id, its time-driven scenarios indexed (engine/timers.py); rebuilt after a swap or a switch.
         self._timers: dict[str, TimerIndex] = {}

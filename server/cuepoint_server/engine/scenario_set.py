@@ -26,6 +26,7 @@ from ..scenarios.compiler import (
 from ..scenarios.guards import Guard, guard_of
 from ..scenarios.loader import LoadedSet, load_directory
 from ..scenarios.model import OutcomeSpec, PolicySpec
+from .batch_filter import EventFilter
 from .dispatch import Dispatch
 from .state import DeviceState
 from .timers import TimerIndex
@@ -164,6 +165,8 @@ class ScenarioSet:
     dispatch_from: int | None = DISPATCH_FROM
     # (app id, switched-off ids) -> that app's time-driven scenarios indexed (timers()).
     _timer_indexes: dict[tuple[str, frozenset[str]], TimerIndex] = field(default_factory=dict, compare=False)
+    # Event -> its groups as a batch's columns can rule them out (event_filter()), built on first use.
+    _event_filters: dict[str, EventFilter | None] = field(default_factory=dict, compare=False)
 
     @classmethod
     def empty(cls) -> ScenarioSet:
@@ -262,6 +265,15 @@ class ScenarioSet:
             # What a timer evaluates: grouped and indexed as an event's candidates are (already in order).
             index.candidates = Candidates.of(timed, self.group_of, self.dispatch_from)
         return index
+
+    def event_filter(self, event: str) -> EventFilter | None:
+        """Which signals of a batch may make `event`'s scenarios qualify (engine/batch_filter.py); None: any."""
+        try:
+            return self._event_filters[event]
+        except KeyError:
+            groups = self.by_event.get(event, _NONE).groups
+            found = self._event_filters[event] = EventFilter.build(event, [(g.apps, g.guard) for g in groups])
+            return found
 
     def keep_seconds(self, event: str) -> float:
         return self.retention.get(event, 0.0)
