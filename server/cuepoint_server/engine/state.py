@@ -7,7 +7,8 @@ from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from itertools import chain, repeat
+from typing import NamedTuple, TypeGuard, cast
 
 __all__ = ["EVENT_MEMORY", "DeviceState", "EventMemory", "EventOccurrence", "Scalar", "Score"]
 
@@ -43,18 +44,30 @@ class EventMemory:
 EVENT_MEMORY = EventMemory()
 
 
+# Whether a value is a string, in C (property values are exactly str, int, float or bool).
+_IS_STR = cast("Callable[[object], TypeGuard[str]]", str.__instancecheck__)
+
+
 def occurrence_size(props: Mapping[str, Scalar]) -> int:
     """Estimated bytes an occurrence holds: ~200 for the tuple, id and deque slot, plus its properties."""
     if not props:
         return 200
-    size = 300 + 80 * len(props)
-    for value in props.values():
-        if type(value) is str:
-            size += len(value)
-    return size
+    return 300 + 80 * len(props) + sum(map(len, filter(_IS_STR, props.values())))
 
 
+def occurrences_size(props: Sequence[Mapping[str, Scalar]]) -> int:
+    """The sum of occurrence_size over `props`, by C loops over the whole column."""
+    filled = sum(map(bool, props))
+    strings = sum(map(len, filter(_IS_STR, chain.from_iterable(map(_VALUES, props))))) if filled else 0
+    return 200 * (len(props) - filled) + 300 * filled + 80 * sum(map(len, props)) + strings
+
+
+_VALUES = operator.methodcaller("values")
+
+
+_TIME = operator.itemgetter(0)  # EventOccurrence.time, read in C
 _SIGNAL_ID = operator.itemgetter(1)  # EventOccurrence.signal_id, read in C
+_PROPS = operator.itemgetter(2)  # EventOccurrence.props, read in C
 
 # Seconds a signal's corrected time may fall behind the previous one of its event and still count as
 # sent after it (batches' skew corrections differ by the SDK's linger and network jitter).
@@ -168,12 +181,15 @@ class DeviceState:
 
     def _trim(self, queue: deque[EventOccurrence], horizon: float, newest: EventOccurrence) -> None:
         """After an append: drop what fell out of the window or over the cap, then keep memory in bounds."""
-        # Always keep the latest occurrence: "last sync took > 30 s" needs it.
-        while len(queue) > 1 and queue[0].time < horizon:
-            self._discard(queue)
-        # Hard cap per event name: windows needing more are saturated, which errs towards "at least N".
-        while len(queue) > MAX_OCCURRENCES_PER_EVENT:
-            self._discard(queue, dropped=True)
+        # Always keep the latest occurrence: "last sync took > 30 s" needs it. The queue is in time order, so
+        # what fell out is a prefix (found by bisection); hard cap per event name: windows needing more are
+        # saturated, which errs towards "at least N".
+        last = len(queue) - 1
+        old = bisect_left(queue, horizon, 0, last, key=_TIME) if last and queue[0].time < horizon else 0
+        over = max(0, len(queue) - old - MAX_OCCURRENCES_PER_EVENT)
+        if old + over:
+            self._discard_first(queue, old + over)
+            EVENT_MEMORY.dropped += over
         memory = EVENT_MEMORY
         if (
             self.event_count > memory.device_count
@@ -223,12 +239,11 @@ class DeviceState:
         in_window = bisect_left(times, horizon)
         start = min(max(in_window, n - MAX_OCCURRENCES_PER_EVENT), n - 1)
         EVENT_MEMORY.dropped += start - in_window
-        size = 0
-        for i in range(start, n):
-            occurrence = EventOccurrence(times[i], ids[i], props[i], seqs[i])
-            queue.append(occurrence)
-            size += occurrence_size(occurrence.props)
-        self._account(n - start, size)
+        kept = props[start:]
+        # tuple.__new__ from the columns: an occurrence each without a Python-level call each.
+        columns = zip(times[start:], ids[start:], kept, seqs[start:], strict=True)
+        queue.extend(map(tuple.__new__, repeat(EventOccurrence), columns))
+        self._account(n - start, occurrences_size(kept))
         self._trim(queue, horizon, queue[-1])
 
     def _account(self, count: int, size: int) -> None:
@@ -236,6 +251,19 @@ class DeviceState:
         self.event_bytes += size
         EVENT_MEMORY.count += count
         EVENT_MEMORY.bytes += size
+
+    def _discard_first(self, queue: deque[EventOccurrence], count: int) -> None:
+        """Forget the queue's `count` oldest occurrences (in place: windows keep reading the same deque)."""
+        if count == 1:
+            gone = [queue.popleft()]
+        elif count == len(queue) - 1:
+            newest = queue.pop()
+            gone = list(queue)
+            queue.clear()
+            queue.append(newest)
+        else:
+            gone = [queue.popleft() for _ in range(count)]
+        self._account(-count, -occurrences_size(list(map(_PROPS, gone))))
 
     def _discard(self, queue: deque[EventOccurrence], *, dropped: bool = False) -> None:
         gone = queue.popleft()
