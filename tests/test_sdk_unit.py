@@ -127,6 +127,30 @@ def test_property_keys_and_counts() -> None:
         _validate.user(cuepoint.User(attributes={"tier": "gold"}))
 
 
+def test_remembered_names_and_keys_still_get_every_other_check() -> None:
+    # track() remembers names and keys that passed their pattern (issue 13); the rest is checked every time.
+    assert _validate.event_name("remembered") == "remembered"
+    assert _validate.event_name("remembered") == "remembered"
+    with pytest.raises(cuepoint.InvalidSignal):
+        _validate.event_name("Remembered")
+
+    class Name(str):
+        pass
+
+    assert _validate.event_name(Name("remembered")) == "remembered"
+    assert _validate.attributes({"tier": 1, "flag": True, "s": Name("x")}, "properties") == {
+        "tier": 1,
+        "flag": True,
+        "s": "x",
+    }
+    with pytest.raises(cuepoint.InvalidSignal) as info:
+        _validate.attributes({"tier": "gold"}, "user.attributes", reserved=frozenset({"tier"}))
+    assert info.value.field == "user.attributes.tier"
+    for bad in (2**63, -(2**63) - 1, "x" * 1025, math.nan, None):
+        with pytest.raises(cuepoint.InvalidSignal):
+            _validate.attributes({"tier": bad}, "properties")
+
+
 def test_clear_keys_must_be_context_paths() -> None:
     keys = ["app.version", "location.city", "attributes.cart_value", "user.id", "user.nickname"]
     assert _validate.clear_keys(keys) == tuple(keys)
