@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from cuepoint.v1 import common_pb2, device_pb2, device_pb2_grpc
 from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.storage import DecisionRecord
 
 from .conftest import StartServer
+from .raw_device import Observed, RawDevice
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,79 +91,6 @@ ACTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("err", {}),
 )
 
-Stamp = tuple[int, str]  # (burst index, "timer" before its signals | "signal")
-
-
-@dataclass
-class Observed:
-    cues: list[tuple[Stamp, str]] = field(default_factory=list)
-    withdrawn: list[tuple[Stamp, str]] = field(default_factory=list)
-    blocked: list[tuple[Stamp, str, str, str]] = field(default_factory=list)
-    milestones: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
-
-
-def _value(value: object) -> common_pb2.AttributeValue:
-    if isinstance(value, bool):
-        return common_pb2.AttributeValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.AttributeValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.AttributeValue(double_value=value)
-    return common_pb2.AttributeValue(string_value=str(value))
-
-
-class RawDevice:
-    """A device on the generated stubs, so the test decides exactly what goes into each batch."""
-
-    def __init__(self, address: str, device_id: str, tier: str) -> None:
-        self.device_id = device_id
-        self.channel = grpc.aio.insecure_channel(address)
-        self.outgoing: asyncio.Queue[device_pb2.DeviceMessage | None] = asyncio.Queue()
-        user = common_pb2.UserIdentity(user_id=f"user-{device_id}", tier=tier)
-        self.outgoing.put_nowait(
-            device_pb2.DeviceMessage(hello=device_pb2.Hello(app_id="fitkit", device_id=device_id, user=user))
-        )
-        self.call = device_pb2_grpc.DeviceServiceStub(self.channel).Connect(self._requests())
-        self.acks: dict[str, asyncio.Event] = {}
-        self.stamp: Stamp = (0, "timer")
-        self.observed = Observed()
-        self.welcomed = asyncio.Event()
-        self.reader = asyncio.ensure_future(self._read())
-
-    async def _requests(self):  # type: ignore[no-untyped-def]
-        while (message := await self.outgoing.get()) is not None:
-            yield message
-
-    async def _read(self) -> None:
-        while (message := await self.call.read()) is not grpc.aio.EOF:
-            kind = message.WhichOneof("kind")
-            if kind == "welcome":
-                self.welcomed.set()
-            elif kind == "ack":
-                self.acks.setdefault(message.ack.batch_id, asyncio.Event()).set()
-            elif kind == "cue":
-                self.observed.cues.append((self.stamp, message.cue.scenario_id))
-            elif kind == "withdrawal":
-                self.observed.withdrawn.append((self.stamp, message.withdrawal.reason))
-
-    async def send(self, batch_id: str, signals: list[tuple[str, int]]) -> None:
-        """One batch of (signal id, action index), acked."""
-        batch = device_pb2.SignalBatch(batch_id=batch_id)
-        for signal_id, action in signals:
-            name, props = ACTIONS[action]
-            event = common_pb2.Event(name=name, properties={k: _value(v) for k, v in props.items()})
-            batch.signals.append(common_pb2.Signal(id=signal_id, event=event))
-        done = self.acks.setdefault(batch_id, asyncio.Event())
-        done.clear()
-        self.outgoing.put_nowait(device_pb2.DeviceMessage(signals=batch))
-        async with asyncio.timeout(10):
-            await done.wait()
-
-    async def close(self) -> None:
-        self.outgoing.put_nowait(None)
-        self.reader.cancel()
-        await self.channel.close()
-
 
 @dataclass(frozen=True)
 class Case:
@@ -208,8 +134,8 @@ async def _settle(server: CuepointServer, devices: list[RawDevice], probe: itert
 
 async def _run(server: CuepointServer, clock: ManualClock, case: Case, n: int) -> tuple[Observed, Observed, int, int]:
     engine = server.core.engine
-    reference = RawDevice(server.address, f"ref-{n}", case.tier)
-    batched = RawDevice(server.address, f"batched-{n}", case.tier)
+    reference = RawDevice(server.address, f"ref-{n}", actions=ACTIONS, user_id=f"user-ref-{n}", tier=case.tier)
+    batched = RawDevice(server.address, f"batched-{n}", actions=ACTIONS, user_id=f"user-batched-{n}", tier=case.tier)
     devices = {reference.device_id: reference, batched.device_id: batched}
     spent = {reference.device_id: 0, batched.device_id: 0}
 

@@ -15,16 +15,14 @@ import asyncio
 import itertools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from cuepoint.v1 import common_pb2, device_pb2, device_pb2_grpc
 from cuepoint_server.app import CuepointServer, ServerConfig
 from cuepoint_server.clock import ManualClock
 from cuepoint_server.engine.scenario_set import ScenarioSet
@@ -32,6 +30,7 @@ from cuepoint_server.simulate import Simulation, parse_trace
 from cuepoint_server.storage import DecisionRecord
 
 from .conftest import StartServer
+from .raw_device import Observed, RawDevice, Stamp
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,83 +72,6 @@ ACTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("sync_completed", {"duration_ms": 40000}),
     ("sync_completed", {"duration_ms": 1000}),
 )
-
-Stamp = tuple[int, str]  # (burst index, "timer" before its signals | "signal")
-
-
-@dataclass
-class Observed:
-    """Everything one way of sending produced, stamped with the burst it belongs to."""
-
-    cues: list[tuple[Stamp, str]] = field(default_factory=list)
-    withdrawn: list[tuple[Stamp, str]] = field(default_factory=list)
-    blocked: list[tuple[Stamp, str, str, str]] = field(default_factory=list)
-    milestones: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("cues", "withdrawn", "blocked", "milestones")}
-
-
-class RawDevice:
-    """A device on the generated stubs, so the test decides exactly what goes into each batch."""
-
-    def __init__(self, address: str, device_id: str, user_id: str) -> None:
-        self.device_id = device_id
-        self.channel = grpc.aio.insecure_channel(address)
-        self.outgoing: asyncio.Queue[device_pb2.DeviceMessage | None] = asyncio.Queue()
-        self.outgoing.put_nowait(
-            device_pb2.DeviceMessage(
-                hello=device_pb2.Hello(
-                    app_id="fitkit", device_id=device_id, user=common_pb2.UserIdentity(user_id=user_id, tier="premium")
-                )
-            )
-        )
-        self.call = device_pb2_grpc.DeviceServiceStub(self.channel).Connect(self._requests())
-        self.acks: dict[str, asyncio.Event] = {}
-        self.cue_ids: list[str] = []
-        self.stamp: Stamp = (0, "timer")
-        self.observed = Observed()
-        self.welcomed = asyncio.Event()
-        self.reader = asyncio.ensure_future(self._read())
-
-    async def _requests(self):  # type: ignore[no-untyped-def]
-        while (message := await self.outgoing.get()) is not None:
-            yield message
-
-    async def _read(self) -> None:
-        while (message := await self.call.read()) is not grpc.aio.EOF:
-            kind = message.WhichOneof("kind")
-            if kind == "welcome":
-                self.welcomed.set()
-            elif kind == "ack":
-                self.acks.setdefault(message.ack.batch_id, asyncio.Event()).set()
-            elif kind == "cue":
-                self.observed.cues.append((self.stamp, message.cue.scenario_id))
-            elif kind == "withdrawal":
-                self.observed.withdrawn.append((self.stamp, message.withdrawal.reason))
-
-    async def send(self, batch_id: str, signals: list[tuple[str, int]]) -> None:
-        """Send one batch of (signal id, action index) and wait for its ack."""
-        batch = device_pb2.SignalBatch(batch_id=batch_id)
-        for signal_id, action in signals:
-            name, props = ACTIONS[action]
-            event = common_pb2.Event(name=name)
-            for key, value in props.items():
-                if isinstance(value, int):
-                    event.properties[key].int_value = value
-                else:
-                    event.properties[key].string_value = value
-            batch.signals.append(common_pb2.Signal(id=signal_id, event=event))
-        done = self.acks.setdefault(batch_id, asyncio.Event())
-        done.clear()
-        self.outgoing.put_nowait(device_pb2.DeviceMessage(signals=batch))
-        async with asyncio.timeout(10):
-            await done.wait()
-
-    async def close(self) -> None:
-        self.outgoing.put_nowait(None)
-        self.reader.cancel()
-        await self.channel.close()
 
 
 @dataclass(frozen=True)
@@ -200,8 +122,8 @@ async def _settle(server: CuepointServer, devices: list[RawDevice], probe: Itera
 
 
 async def _over_the_server(server: CuepointServer, clock: ManualClock, case: Case, n: int) -> tuple[Observed, Observed]:
-    one = RawDevice(server.address, f"one-{n}", f"user-one-{n}")
-    batched = RawDevice(server.address, f"batched-{n}", f"user-batched-{n}")
+    one = RawDevice(server.address, f"one-{n}", actions=ACTIONS, user_id=f"user-one-{n}", tier="premium")
+    batched = RawDevice(server.address, f"batched-{n}", actions=ACTIONS, user_id=f"user-batched-{n}", tier="premium")
     devices = {one.device_id: one, batched.device_id: batched}
 
     def on_decision(record: DecisionRecord) -> None:
@@ -349,7 +271,7 @@ def test_one_meaning_however_signals_arrive(
 
 async def test_a_milestone_reached_mid_batch_counts(start_server: StartServer) -> None:
     server = await start_server(SCENARIOS)
-    device = RawDevice(server.address, "phone-1", "user-1")
+    device = RawDevice(server.address, "phone-1", actions=ACTIONS, user_id="user-1", tier="premium")
     try:
         async with asyncio.timeout(10):
             await device.welcomed.wait()
