@@ -156,6 +156,19 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+async def store(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A store on the test's backend (SqliteStore; PostgresStore: a fresh schema per test), for the store tests
+    (test_storage.py and the others parametrised over `backend`)."""
+    s: Any
+    if backend == "postgres":
+        s = await PostgresStore.open(pg_url_for(request.getfixturevalue("pg_database"), str(tmp_path)))
+    else:
+        s = await SqliteStore.open(str(tmp_path / "cuepoint.db"))
+    yield s
+    await s.close()
+
+
+@pytest.fixture
 def clock() -> ManualClock:
     # Start at real time so SDK timestamps (device clock) look plausible.
     return ManualClock(start=time.time())

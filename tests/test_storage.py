@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from cuepoint_server.storage import (
     JournalBatch,
     OfferCommit,
     ParticipationRecord,
-    PostgresStore,
     ReplicaRecord,
     SessionRecord,
     SignalRecord,
@@ -32,22 +30,8 @@ from cuepoint_server.storage import (
     WebhookRecord,
 )
 
-from .conftest import pg_url_for
-
 # Constraint violations as each backend raises them.
 INTEGRITY = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
-
-
-@pytest.fixture
-async def store(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """The same tests against both backends (SqliteStore, PostgresStore: a fresh schema per test)."""
-    s: Any
-    if backend == "postgres":
-        s = await PostgresStore.open(pg_url_for(request.getfixturevalue("pg_database"), str(tmp_path)))
-    else:
-        s = await SqliteStore.open(str(tmp_path / "cuepoint.db"))
-    yield s
-    await s.close()
 
 
 DEFAULT_PAYLOAD = {"screen": "checkout", "n": 3, "ok": True, "nested": {"a": [1, 2.5]}}

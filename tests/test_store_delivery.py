@@ -6,27 +6,15 @@ Both backends; the concurrent claims run several PostgresStores (as several repl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cuepoint_server.storage import PostgresStore, SqliteStore
+from cuepoint_server.storage import PostgresStore
 
 from .conftest import pg_url_for
 from .test_storage import SESSION, engagement
-
-
-@pytest.fixture
-async def store(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    s: Any
-    if backend == "postgres":
-        s = await PostgresStore.open(pg_url_for(request.getfixturevalue("pg_database"), str(tmp_path)))
-    else:
-        s = await SqliteStore.open(str(tmp_path / "cuepoint.db"))
-    yield s
-    await s.close()
 
 
 async def test_rows_are_taken_by_recipient_in_id_order_and_only_once(store: Any) -> None:
