@@ -172,3 +172,100 @@ async def test_an_offer_made_by_a_lapses_once_after_a_is_killed_and_goes_to_the_
     await erin.close()
     await dana.close()
     await phone.close()
+
+
+# The fallback falls due 2 s after the engagement was created; the user may go on as a chat.
+CHAT_FALLBACK = """
+routing:
+  queues:
+    - {id: support, fallback_after: 2s, fallback: [chat, cancel]}
+scenarios:
+  - id: help
+    trigger: {event: help}
+    cue: {message: "Need a hand?", channel: audio, queue: support, ttl: 10m}
+"""
+
+
+async def test_a_fallback_answered_on_a_is_not_offered_again_by_b_after_a_is_killed(cluster: StartCluster) -> None:
+    """The user's answer (chat) is stored with the channel change: B, adopting the engagement once A is killed,
+    neither offers the fallback again nor changes the channel back; an associate on B takes it as a chat."""
+    a, b = await replicas(cluster, CHAT_FALLBACK, "adopted")
+    phone = await cuepoint.connect(
+        f"ipv4:{a.address},{b.address}",
+        app_id="fitkit",
+        device_id="phone-a",
+        user=cuepoint.User(user_id="user-a"),
+        config=cuepoint.ClientConfig(reconnect_initial_backoff=0.05, reconnect_max_backoff=0.3),
+    )
+    await phone.track("help")
+    engagement = await phone.accept(await phone.next_cue(timeout=10))
+    offer = await engagement.wait_fallback(timeout=20)  # by A: nobody is signed in
+    assert cuepoint.FallbackOption.CHAT in set(offer.options)
+    await engagement.choose_fallback(cuepoint.FallbackOption.CHAT)
+    async with await PostgresStore.open(a.database) as store, asyncio.timeout(20):
+        # Stored with the change (the write the device hears of is committed within milliseconds).
+        while (stored := await store.get_engagement(engagement.engagement_id)) is None or stored.channel != "chat":  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    await a.kill()
+    async with asyncio.timeout(60):
+        while logged([b], "engagement.restored", engagement.engagement_id) < 1:  # noqa: ASYNC110 - B adopts it
+            await asyncio.sleep(0.1)
+    # Past its due time, in B's line: an alarm that re-offered the fallback would fire before anyone takes it.
+    erin = await cuepoint.connect_associate(b.address, associate_id="erin", queues=["support"], capacity=1)
+    await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=30)
+    assert logged([a, b], "engagement.fallback_offered", engagement.engagement_id) == 1  # A's, once
+    assert logged([b], "engagement.fallback_offered_before", engagement.engagement_id) == 0
+    assert engagement.fallback_offer is None
+    assert engagement.channel == cuepoint.Channel.CHAT
+    async with await PostgresStore.open(b.database) as store:
+        stored = await store.get_engagement(engagement.engagement_id)
+    assert stored is not None and (stored.state, stored.channel, stored.fallback_choice) == ("assigned", "chat", "chat")
+    await erin.close()
+    await phone.close()
+
+
+# Offers wait 30 s: the associate claims A's offer right after A is killed, long before it would lapse.
+LONG_OFFERS = """
+routing:
+  queues:
+    - {id: support, offer_timeout: 30s}
+scenarios:
+  - id: help
+    trigger: {event: help}
+    cue: {message: "Need a hand?", channel: chat, queue: support, ttl: 10m}
+"""
+
+
+async def test_an_offer_of_a_killed_replica_is_claimed_from_b_exactly_once(cluster: StartCluster) -> None:
+    """Dana (on B) is offered A's engagement through A's stand-in of her stream; A is killed and she claims it at
+    once, before anyone knows A is gone. Her claim, stored for A's stand-in, follows the engagement to B, which
+    adopted it and kept her offer standing: she gets it, once."""
+    a, b = await replicas(cluster, LONG_OFFERS, "adopted")
+    dana = await cuepoint.connect_associate(
+        b.address, associate_id="dana", queues=["support"], capacity=1, manual_claim=True
+    )
+    await _sees(a, "support", 1)
+    phone = await cuepoint.connect(
+        f"ipv4:{a.address},{b.address}",
+        app_id="fitkit",
+        device_id="phone-a",
+        user=cuepoint.User(user_id="user-a"),
+        config=cuepoint.ClientConfig(reconnect_initial_backoff=0.05, reconnect_max_backoff=0.3),
+    )
+    await phone.track("help")
+    engagement = await phone.accept(await phone.next_cue(timeout=10))
+    offered = await dana.next_offer(timeout=20)  # by A, through its stand-in of Dana's stream
+    assert offered.engagement_id == engagement.engagement_id
+    await a.kill()
+    taken = await dana.claim(offered, timeout=25)  # well within the offer's 30 s
+    assert taken.engagement_id == engagement.engagement_id
+    await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=20)
+    assert logged([a, b], "engagement.assigned", engagement.engagement_id) == 1
+    assert logged([a, b], "engagement.offer_lapsed", engagement.engagement_id) == 0
+    async with await PostgresStore.open(b.database) as store:
+        stored = await store.get_engagement(engagement.engagement_id)
+        assert stored is not None and (stored.state, stored.associate_id) == ("assigned", "dana")
+        row = await store.get_timer(f"offer:{engagement.engagement_id}")
+        assert row is not None and row.state == "done"  # claimed: it never lapses
+    await dana.close()
+    await phone.close()

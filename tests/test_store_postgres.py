@@ -401,10 +401,36 @@ async def test_round_trips_per_decision_are_pinned(pg_database: str) -> None:
         assert await trips(store.commit_offer(slotted)) == 4 + 3
         # An accepted cue's engagement taking its slot over: the delete rides with the seeding statement.
         assert await trips(store.reserve_slot(claim("eng-3", "fay", replaces="cue-3"), 12.0)) == 5
-        assert [(a, k) for a, k, _ in await store.slot_holds()] == [("dana", "eng-1"), ("eli", "eng-2"), ("fay", "eng-3")]
+        assert [(a, k) for a, k, _ in await store.slot_holds()] == [
+            ("dana", "eng-1"),
+            ("eli", "eng-2"),
+            ("fay", "eng-3"),
+        ]
         # Giving a slot back: one statement, no BEGIN/COMMIT. It was 4.
         assert await trips(store.release_slot("eng-1", "dana", 13.0)) == 1
         assert [a for a, _, _ in await store.slot_holds()] == ["eli", "fay"]
+        # An accepted cue's engagement with its owner row and its fallback row (issue 14: armed in the accept's
+        # transaction, riding in the owner's statement): the same count as without the row.
+        from .test_storage import cue as stored_cue
+        from .test_storage import engagement as stored_engagement
+
+        for n, rows in ((1, ()), (2, (TimerRecord("fallback:eng-a2", "fallback", "eng-a2", 400.0, "replica-a"),))):
+            await store.save_cue(dataclasses.replace(stored_cue(f"cue-a{n}"), status="offered"))
+            record = dataclasses.replace(stored_engagement(f"eng-a{n}"), cue_id=f"cue-a{n}")
+            accept = store.accept_cue(f"cue-a{n}", 300.0, record, owner="replica-a", timers=rows)
+            # BEGIN, the cue's lock, its engagement if any, the status, the engagement, owner (+ row), COMMIT.
+            assert await trips(accept) == 7
+        assert (await store.get_timer("fallback:eng-a2")).state == "armed"  # type: ignore[union-attr]
+        # An assignment settling that row: one statement either way (the row marked in a CTE).
+        assigned = dataclasses.replace(record, state="assigned", assigned_at=301.0, associate_id="dana")
+        assert await trips(store.save_engagement(assigned, settle="fallback:eng-a2")) == 1
+        assert (await store.get_timer("fallback:eng-a2")).state == "done"  # type: ignore[union-attr]
+        # A reservation that arms an offer's row with the hold: the row rides in the hold's statement.
+        offered = dataclasses.replace(
+            claim("eng-4", "gus"), timer=lambda a: TimerRecord("offer:eng-4", "offer", f"eng-4:{a}", 500.0, "replica-a")
+        )
+        assert await trips(store.reserve_slot(offered, 14.0)) == 5
+        assert (await store.get_timer("offer:eng-4")).target == "eng-4:gus"  # type: ignore[union-attr]
         # Everything the one statements wrote is there.
         assert (await store.get_cue("cue-1")) is not None and len(await store.cues_for_subject("user:u-12")) == 1
         assert {t.timer_id for t in await store.timers()} >= {"cue_expiry:cue-1", "cue_expiry:cue-3"}

@@ -272,3 +272,79 @@ async def test_replicas_claiming_at_once_each_get_different_timers(tmp_path: Pat
     finally:
         for s in replicas:
             await s.close()
+
+
+# -- the desk's rows commit with the state change that arms them (issue 14) ---------------------------------
+
+
+def fallback(engagement_id: str, owner: str, due_at: float) -> TimerRecord:
+    return TimerRecord(f"fallback:{engagement_id}", "fallback", engagement_id, due_at, owner)
+
+
+async def test_an_engagement_is_stored_with_its_fallback_row_or_neither(store: Any) -> None:
+    """accept_cue arms the engagement's fallback row in its own transaction: a failed accept leaves no row, a
+    refused one neither, and the row is there as soon as the engagement is."""
+    from .test_storage import INTEGRITY
+
+    bogus = WebhookRecord("q-0", "http://crm", "engagement.queued", "{}", 100.0, "bogus", 0, 100.0)
+    await store.save_cue(cue("cue-1"))
+    with pytest.raises(INTEGRITY):
+        await store.accept_cue(
+            "cue-1", 110.0, engagement(), webhooks=[bogus], owner="a", timers=[fallback("eng-1", "a", 230.0)]
+        )
+    assert await store.get_engagement("eng-1") is None
+    assert await store.get_timer("fallback:eng-1") is None
+    assert (await store.get_cue("cue-1")).status == "offered"  # type: ignore[union-attr]
+    # A cue settled meanwhile: no engagement, no row.
+    await store.save_cue(replace(cue("cue-2"), status="expired"))
+    refused = await store.accept_cue(
+        "cue-2", 110.0, replace(engagement("eng-2"), cue_id="cue-2"), owner="a", timers=[fallback("eng-2", "a", 230.0)]
+    )
+    assert not refused.accepted and await store.get_timer("fallback:eng-2") is None
+    # Accepted: both, the row owned by the replica routing the engagement (with and without an owner row).
+    assert (
+        await store.accept_cue("cue-1", 111.0, engagement(), owner="a", timers=[fallback("eng-1", "a", 230.0)])
+    ).accepted
+    row = await store.get_timer("fallback:eng-1")
+    assert row is not None and (row.owner, row.state, row.due_at) == ("a", "armed", 230.0)
+    assert await store.owner_of("eng-1") == "a"
+    await store.save_cue(cue("cue-3"))
+    assert (await store.accept_cue("cue-3", 112.0, replace(engagement("eng-3"), cue_id="cue-3"), timers=[fallback("eng-3", "b", 240.0)])).accepted  # fmt: skip
+    assert (await store.get_timer("fallback:eng-3")).owner == "b"  # type: ignore[union-attr]
+    # Assigned: the row is moot, settled in the assignment's own write; the user's fallback answer is kept.
+    assigned = replace(engagement(), state="assigned", assigned_at=150.0, associate_id="dana", fallback_choice="chat")
+    assert await store.save_engagement(assigned, settle="fallback:eng-1")
+    row = await store.get_timer("fallback:eng-1")
+    assert row is not None and (row.state, row.fired_at) == ("done", 150.0)
+    stored = await store.get_engagement("eng-1")
+    assert stored is not None and (stored.state, stored.fallback_choice) == ("assigned", "chat")
+
+
+async def test_an_offer_row_commits_with_its_slot_reservation_or_neither(store: Any) -> None:
+    """A reservation for an associate who must claim the engagement arms the offer's row with the hold, in one
+    transaction: a reservation that fails stores neither; one that finds no room, neither."""
+    from cuepoint_server.storage import SlotClaim
+
+    def claim(key: str, fits: Any) -> SlotClaim:
+        return SlotClaim(
+            key, "chat", "support", "a", (("dana", 1.0),), fits,
+            timer=lambda associate_id: offer(key, associate_id, "a", 300.0),
+        )  # fmt: skip
+
+    async def fails_after_reserving(txn: Any) -> tuple[None, int]:
+        result = await store._reserve_in(txn, claim("eng-1", lambda _a, held: not held), 100.0)
+        assert result.associate_id == "dana" and result.timer is not None  # both written, then the commit fails
+        raise RuntimeError("the transaction fails after the hold and the row were written")
+
+    with pytest.raises(RuntimeError):
+        await store._slot_transaction(fails_after_reserving)
+    assert await store.slot_holds() == [] and await store.get_timer("offer:eng-1") is None
+    taken = await store.reserve_slot(claim("eng-1", lambda _a, held: not held), 101.0)
+    assert taken.associate_id == "dana" and taken.timer is not None
+    row = await store.get_timer("offer:eng-1")
+    assert row is not None and (row.target, row.state, row.due_at, row.owner) == ("eng-1:dana", "armed", 300.0, "a")
+    assert [(a, k) for a, k, _ in await store.slot_holds()] == [("dana", "eng-1")]
+    # Dana is full: no slot for the next engagement, and no row either.
+    none = await store.reserve_slot(claim("eng-2", lambda _a, held: not held), 102.0)
+    assert none.associate_id == "" and none.timer is None
+    assert await store.get_timer("offer:eng-2") is None

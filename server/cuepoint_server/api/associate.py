@@ -105,7 +105,26 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
         # As signed in here, after the credentials' grants (which may have chosen the queues).
         del shared.sign_in.queues[:]
         shared.sign_in.queues.extend(associate.queues)
-        return await self.links.open(associate, shared)
+        link = await self.links.open(associate, shared)
+
+        async def local(message: associate_pb2.AssociateMessage) -> None:
+            if not await self._handle(associate, message):
+                log.info("associate.rerouted_unexpected", associate_id=associate.associate_id)
+
+        link.local = local
+        return link
+
+    async def _handle(self, associate: AssociateSession, message: associate_pb2.AssociateMessage) -> bool:
+        """Act on one message of the associate's (False: not one a signed-in stream sends)."""
+        kind = message.WhichOneof("kind")
+        if kind == "end":
+            end = message.end
+            await self.core.end_engagement(associate, end.engagement_id, end.disposition, end.notes, end.outcome)
+        elif kind in conversation.ASSOCIATE_KINDS:
+            await conversation.from_associate(self.core, associate, message)
+        else:
+            return False
+        return True
 
     async def _read(
         self,
@@ -117,15 +136,7 @@ class AssociateServicer(associate_pb2_grpc.AssociateServiceServicer):
             async for message in requests:
                 if link is not None and self.links is not None and await self.links.forward(link, message):
                     continue  # another replica's engagement: its stand-in of this stream acts on it
-                kind = message.WhichOneof("kind")
-                if kind == "end":
-                    end = message.end
-                    await self.core.end_engagement(
-                        associate, end.engagement_id, end.disposition, end.notes, end.outcome
-                    )
-                elif kind in conversation.ASSOCIATE_KINDS:
-                    await conversation.from_associate(self.core, associate, message)
-                else:
+                if not await self._handle(associate, message):
                     associate.outbox.put_nowait(SessionFailed("unexpected message after sign_in"))
                     return
         except DecodeError as exc:

@@ -88,8 +88,11 @@ class Link:
     link_id: str
     associate: AssociateSession
     sign_in: associate_pb2.AssociateMessage
-    # engagement id -> the replica that owns it (learnt from its events).
+    # engagement id -> the replica that owns it (learnt from its events; from storage once that one is gone).
     owners: dict[str, str] = field(default_factory=dict)
+    # Handles a message here as the stream's own reader does (api/associate.py): one the replica it was
+    # sent to never took, whose engagement this replica adopted.
+    local: Callable[[associate_pb2.AssociateMessage], Awaitable[None]] | None = None
 
 
 @dataclass(eq=False)
@@ -174,6 +177,8 @@ class AssociateLinks:
         self._links: dict[str, Link] = {}
         self._stand_ins: dict[str, _StandIn] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        # Replicas named as owners in this replica's links that the last sweep found gone.
+        self._gone: set[str] = set()
 
     @property
     def replica(self) -> str:
@@ -229,6 +234,8 @@ class AssociateLinks:
         kind = message.WhichOneof("kind")
         if engagement_id and self.core.desk.get(engagement_id) is None:
             owner = link.owners.get(engagement_id)
+            if owner in self._gone:
+                owner = await self._owner_now(link, engagement_id)  # adopted by another replica since?
             if owner and owner != self.replica:
                 await self._to_stand_in(link, owner, message, engagement_id)
                 return True
@@ -240,6 +247,59 @@ class AssociateLinks:
             for replica in sorted(await self.core.live_replicas() - {self.replica}):
                 await self._to_stand_in(link, replica, message, "")
         return False
+
+    # -- engagements whose owner is gone ---------------------------------------------------------------------
+
+    async def _follow_owners(self) -> None:
+        """On each sweep: the engagements of this replica's links whose owner is gone follow their adopter
+        (storage's `engagement_owners`), and what the associate sent the gone owner that it never took (a
+        claim or reject sent before anyone knew it was gone) goes to the adopter: the offer the adopter keeps
+        standing (core/desk_timers.py `adopt`) can be claimed wherever the associate's stream is."""
+        named = {owner for link in self._links.values() for owner in link.owners.values()} - {self.replica}
+        if not named:
+            self._gone = set()
+            return
+        self._gone = named - await self.core.live_replicas()
+        for link in list(self._links.values()):
+            for engagement_id, owner in list(link.owners.items()):
+                if owner in self._gone:
+                    await self._owner_now(link, engagement_id)
+            for gone in sorted(self._gone - set(link.owners.values())):
+                await self._take_over(link, gone)
+
+    async def _owner_now(self, link: Link, engagement_id: str) -> str:
+        """The engagement's owner as storage names it now, remembered when alive (or forgotten when the
+        engagement is over); the gone one while nobody adopted it yet."""
+        owner = await self.core.store.owner_of(engagement_id)
+        if owner == self.replica and self.core.desk.get(engagement_id) is None:
+            owner = ""  # being adopted here this moment: asked again on the next message or sweep
+        if owner and owner not in self._gone:
+            link.owners[engagement_id] = owner
+        elif not owner or owner in self._gone:
+            record = await self.core.store.get_engagement(engagement_id)
+            if record is None or record.state not in ("queued", "assigned", "callback_requested"):
+                link.owners.pop(engagement_id, None)
+        return link.owners.get(engagement_id, "")
+
+    async def _take_over(self, link: Link, gone: str) -> None:
+        """Take the rows left for the gone replica's stand-in of `link` (their engagements all have a live
+        owner, or are over) and send each where its engagement lives now."""
+        recipient = stand_in_recipient(link.link_id, gone)
+
+        async def receive(data: bytes) -> None:
+            message = associate_pb2.AssociateMessage.FromString(base64.b64decode(json.loads(data)["message"]))
+            if not engagement_of(message):
+                return  # presence: it went to every live replica when it was sent
+            if not await self.forward(link, message) and link.local is not None:
+                await link.local(message)
+
+        self.delivery.hold(recipient, receive)
+        try:
+            taken = await self.delivery.claim(recipient)
+        finally:
+            self.delivery.release(recipient)
+        if taken:
+            log.info("associate.rerouted", link=link.link_id, gone=gone, messages=taken)
 
     async def _to_stand_in(
         self, link: Link, replica: str, message: associate_pb2.AssociateMessage, engagement_id: str
@@ -342,6 +402,10 @@ class AssociateLinks:
             for link in list(self._links.values()):
                 with contextlib.suppress(Exception):
                     await self._announce(link, "open")
+            try:
+                await self._follow_owners()
+            except Exception:
+                log.warning("associate.follow_owners_failed", exc_info=True)
             for stand_in in list(self._stand_ins.values()):
                 if loop.time() - stand_in.last_heard > 3 * self._sweep_every:
                     log.warning("associate.stand_in_expired", link=stand_in.link_id, home=stand_in.home)

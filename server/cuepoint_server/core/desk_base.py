@@ -261,23 +261,24 @@ class DeskBase:
             associate.send(EngagementEnded(engagement.engagement_id, engagement.disposition, ended_by))
         engagement.participants.clear()
 
-    def _save(self, engagement: Engagement, *events: str) -> None:
+    def _save(self, engagement: Engagement, *events: str, settle: str = "") -> None:
         """Store the engagement in the background, with the webhook rows of `events` (see _persist)."""
-        self._spawn(_awaited(self._persist(engagement, *events)))
+        self._spawn(_awaited(self._persist(engagement, *events, settle=settle)))
 
-    def _persist(self, engagement: Engagement, *events: str) -> asyncio.Future[None]:
+    def _persist(self, engagement: Engagement, *events: str, settle: str = "") -> asyncio.Future[None]:
         """Save the engagement's row as it is now, and the outbox rows of the lifecycle `events` it reports,
         in one transaction: a crash cannot keep the change and lose its webhook. Both are built now, so a
         later change does not leak into this write. Await the result, or spawn it; the write is registered
         at once, so position announcements made meanwhile wait for it (_announce_moves)."""
         rows = [row for kind in events for row in self._webhooks(kind, self._payload(kind, engagement))]
-        write = asyncio.ensure_future(self._write_engagement(engagement.record(), rows))
+        # `settle`: a timer row the change makes moot (storage's save_engagement), marked done with it.
+        write = asyncio.ensure_future(self._write_engagement(engagement.record(), rows, settle))
         self._saving.add(write)
         write.add_done_callback(self._saving.discard)
         return write
 
-    async def _write_engagement(self, record: EngagementRecord, rows: list[WebhookRecord]) -> None:
-        await self.store.save_engagement(record, webhooks=rows)
+    async def _write_engagement(self, record: EngagementRecord, rows: list[WebhookRecord], settle: str = "") -> None:
+        await self.store.save_engagement(record, webhooks=rows, settle=settle)
         if rows:
             self._wake_outbox()
 

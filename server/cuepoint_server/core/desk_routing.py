@@ -95,9 +95,12 @@ class Routing(DeskTimers):
         try:
             # The accept, the engagement and their webhooks commit in one transaction: never an accepted
             # cue without one, nor either without its webhook.
+            # Across replicas its fallback row too (desk_timers.py): no replica dies between the two.
+            rows = self._first_rows(engagement)
             outcome = await self.store.accept_cue(
-                engagement.cue_id, now, engagement.record(), button_id, webhooks=hooks, owner=self.replica_id
-            )
+                engagement.cue_id, now, engagement.record(), button_id, webhooks=hooks, owner=self.replica_id,
+                timers=rows,
+            )  # fmt: skip
         finally:
             self._release_device(engagement)
         if not outcome.accepted:
@@ -107,6 +110,7 @@ class Routing(DeskTimers):
             return None
         self._engagements[engagement.engagement_id] = engagement
         self._active_by_device[session.device_id] = engagement.engagement_id
+        engagement.fallback_row = bool(rows)
         if hooks:
             self._wake_outbox()
         self._notify_device(engagement)
@@ -240,15 +244,22 @@ class Routing(DeskTimers):
             return None
         return wanted
 
-    def _offer(self, engagement: Engagement, associate: AssociateSession, reserved: bool = False) -> None:
+    def _offer(
+        self, engagement: Engagement, associate: AssociateSession, reserved: bool = False, due: float | None = None
+    ) -> None:
+        """`due`: when the offer lapses, its timer row committed with the slot's reservation (desk_shared.py)."""
         queue = self.engine.scenarios.routing.queue(engagement.queue)
         engagement.offered_to = associate
         associate.hold(associate.offers, engagement.engagement_id, engagement.channel, engagement.queue)
         if not reserved:
             self._slot_taken(associate, engagement)
-        due = self.clock.now() + queue.offer_timeout
+        armed = due is not None
+        due = due if due is not None else self.clock.now() + queue.offer_timeout
         engagement.offer_timer = self.clock.call_at(due, lambda: self._offer_lapsed(engagement, associate))
-        self._offer_row(engagement, associate, due)
+        if armed:
+            engagement.offer_due = due
+        else:
+            self._offer_row(engagement, associate, due)
         associate.send(EngagementOffered(engagement.view()))
         log.info("engagement.offered", engagement_id=engagement.engagement_id, associate_id=associate.associate_id)
 
@@ -289,12 +300,12 @@ class Routing(DeskTimers):
         if engagement.fallback_timer is not None:
             engagement.fallback_timer.cancel()
             engagement.fallback_timer = None
-            self._fallback_moot(engagement)
         engagement.state, engagement.associate, engagement.assigned_at = "assigned", associate, now
         associate.hold(associate.active, engagement.engagement_id, engagement.channel, engagement.queue)
         if not reserved:
             self._slot_taken(associate, engagement)
-        self._save(engagement, "engagement.assigned")
+        # Across replicas its fallback row is moot from now on: marked done in the same write.
+        self._save(engagement, "engagement.assigned", settle=self._fallback_settled(engagement))
         associate.send(engagement.view())
         self._notify_device(engagement)
         self._emit("engagement.assigned", engagement)
@@ -349,6 +360,7 @@ class Routing(DeskTimers):
             outcome_check=scenario.engagement_outcome if scenario else None,
             callback_at=record.callback_at,
             callback_number=record.callback_number,
+            fallback_choice=record.fallback_choice,
         )
         if rejected:
             engagement.rejected_by.add(rejected)
@@ -375,20 +387,23 @@ class Routing(DeskTimers):
         self._route(engagement)
 
     def _arm_fallback(self, engagement: Engagement) -> None:
-        if engagement.fallback_timer is not None or engagement.fallback_offered or engagement.fallback_firing:
+        if (
+            engagement.fallback_timer is not None
+            or engagement.fallback_offered
+            or engagement.fallback_firing
+            or engagement.fallback_choice  # answered: it goes on as the user chose, never offered again
+        ):
             return
-        queue = self.engine.scenarios.routing.queue(engagement.queue)
-        after = queue.fallback_after if queue.fallback_after is not None else self.config.default_fallback_after
-        if after is None:
+        due = self._fallback_due(engagement)
+        if due is None:
             return
-        options = tuple(queue.fallback)
-        due = engagement.created_at + after
+        options = self._fallback_options(engagement)
         engagement.fallback_timer = self.clock.call_at(due, lambda: self._offer_fallback(engagement, options))
         self._fallback_row(engagement, due)
 
     def _offer_fallback(self, engagement: Engagement, options: tuple[str, ...]) -> None:
         engagement.fallback_timer = None
-        if engagement.state != "queued":
+        if engagement.state != "queued" or engagement.fallback_choice:
             return
         if self.shared:
             # Once across replicas: its row marked done first (desk_timers.py), then offered.
@@ -412,7 +427,9 @@ class Routing(DeskTimers):
             raise InvalidInput("fallback_choice.phone_number", "at most 32 characters")
         now = self.clock.now()
         if option == "chat":
-            engagement.fallback_offered = ()
+            # The answer is stored with the channel change (one write): a replica adopting the engagement
+            # later, or this one restarted, does not offer the fallback again.
+            engagement.fallback_offered, engagement.fallback_choice = (), "chat"
             self._change_channel(engagement, "", "chat", "system", True, now)
             return
         if option == "callback":

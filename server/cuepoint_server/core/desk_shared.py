@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 
-from ..storage import SlotClaim
+from ..storage import SlotClaim, TimerRecord
+from .deadlines import offer_timer
 from .desk_bots import Bots
 from .engagement_model import Engagement
 from .sessions import AssociateSession
@@ -53,7 +54,9 @@ class SharedSlots(Bots):
     def _assign(self, engagement: Engagement, associate: AssociateSession, reserved: bool = False) -> None:
         raise NotImplementedError
 
-    def _offer(self, engagement: Engagement, associate: AssociateSession, reserved: bool = False) -> None:
+    def _offer(
+        self, engagement: Engagement, associate: AssociateSession, reserved: bool = False, due: float | None = None
+    ) -> None:
         raise NotImplementedError
 
     def _arm_fallback(self, engagement: Engagement) -> None:
@@ -129,9 +132,20 @@ class SharedSlots(Bots):
     def _claim(
         self, engagement: Engagement, group: list[AssociateSession], room: list[bool], replaces: str = ""
     ) -> SlotClaim:
+        # An associate who must claim it is offered it: the offer's timeout row is armed with the hold, in the
+        # reservation's transaction (desk_timers.py), so no replica dies between the two.
+        due = self.clock.now() + self.engine.scenarios.routing.queue(engagement.queue).offer_timeout
+
+        def timer(associate_id: str) -> TimerRecord | None:
+            associate = self.router.find(associate_id)
+            if associate is None or not associate.manual_claim:
+                return None
+            return offer_timer(engagement.engagement_id, associate_id, due, self.replica_id)
+
         return self._slot_claim(
-            engagement.engagement_id, engagement.channel, engagement.queue, group, room, replaces=replaces
-        )
+            engagement.engagement_id, engagement.channel, engagement.queue, group, room, replaces=replaces,
+            timer=timer,
+        )  # fmt: skip
 
     def _slot_claim(
         self,
@@ -142,6 +156,7 @@ class SharedSlots(Bots):
         room: list[bool],
         replaces: str = "",
         detail: str = "",
+        timer: Callable[[str], TimerRecord | None] | None = None,
     ) -> SlotClaim:
         def fits(associate_id: str, held: Mapping[str, tuple[str, str]]) -> bool:
             associate = self.router.find(associate_id)
@@ -164,6 +179,7 @@ class SharedSlots(Bots):
             fits=fits,
             replaces=replaces,
             detail=detail,
+            timer=timer,
         )
 
     def cue_slot(
@@ -198,21 +214,26 @@ class SharedSlots(Bots):
             result = await self.store.reserve_slot(claim, self.clock.now())
             contended = contended or result.contended
             if result.associate_id:
-                await self._reserved(engagement, result.associate_id)
+                await self._reserved(engagement, result.associate_id, result.timer)
                 return
         self._line_up(engagement)
         if contended:
             self._try_again(lambda: self._route_shared(engagement), engagement)
 
-    async def _reserved(self, engagement: Engagement, associate_id: str) -> bool:
-        """Storage gave `engagement` a slot of `associate_id`: offer or assign it, unless things moved on
-        while it decided (then the slot goes back)."""
+    async def _reserved(self, engagement: Engagement, associate_id: str, armed: TimerRecord | None = None) -> bool:
+        """Storage gave `engagement` a slot of `associate_id` (with `armed`, the offer's timeout row): offer or
+        assign it, unless things moved on while it decided (then the slot goes back, and the row is done)."""
         associate = self.router.find(associate_id)
+        offered = associate is not None and associate.manual_claim
+        if armed is not None and not offered:
+            await self.store.finish_due(armed.timer_id, armed.due_at, self.clock.now())
         if (
             associate is None
             or not self._routable(engagement)
             or not associate.fits(engagement.channel, engagement.queue, self.router.queue_limits)
         ):
+            if armed is not None and offered:
+                await self.store.finish_due(armed.timer_id, armed.due_at, self.clock.now())
             await self.store.release_slot(engagement.engagement_id, associate_id, self.clock.now())
             if self._routable(engagement):
                 self._line_up(engagement)
@@ -220,7 +241,7 @@ class SharedSlots(Bots):
             return False
         self.router.unwait(engagement.queue, engagement.engagement_id)
         if associate.manual_claim:
-            self._offer(engagement, associate, reserved=True)
+            self._offer(engagement, associate, reserved=True, due=armed.due_at if armed is not None else None)
         else:
             self._assign(engagement, associate, reserved=True)
         return True
@@ -260,7 +281,7 @@ class SharedSlots(Bots):
             room = [True]
             result = await self.store.reserve_slot(self._claim(engagement, [associate], room), self.clock.now())
             if result.associate_id:
-                await self._reserved(engagement, result.associate_id)
+                await self._reserved(engagement, result.associate_id, result.timer)
                 continue
             if result.contended:
                 self._try_again(lambda: self._fill_shared(associate))

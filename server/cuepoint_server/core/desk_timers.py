@@ -69,19 +69,43 @@ class DeskTimers(SharedSlots):
         offered = FallbackOffered(engagement.engagement_id, engagement.fallback_offered, FALLBACK_TEXT)
         self._to_device(engagement, offered)
 
+    def _fallback_due(self, engagement: Engagement) -> float | None:
+        """When the engagement's fallback falls due (None: its queue has none)."""
+        queue = self.engine.scenarios.routing.queue(engagement.queue)
+        after = queue.fallback_after if queue.fallback_after is not None else self.config.default_fallback_after
+        return None if after is None else engagement.created_at + after
+
+    def _first_rows(self, engagement: Engagement) -> list[TimerRecord]:
+        """Across replicas: the fallback row a new engagement is stored with (`accept_cue`, one transaction),
+        owned by this replica. None for a queue without a fallback, nor for a bot's (it takes it at once)."""
+        due = self._fallback_due(engagement) if self.shared else None
+        if due is None or self._bot_for(engagement.queue) is not None:
+            return []
+        return [timer(FALLBACK, engagement.engagement_id, due, self.replica_id)]
+
     def _fallback_row(self, engagement: Engagement, due: float) -> None:
-        """The fallback was armed here: its row names this replica (re-owned if an adopter arms it again)."""
-        if self.shared:
+        """The fallback's alarm was armed here: its row names this replica. Stored with the engagement when it
+        was accepted here; written now only by an adopter (or a restart), which re-owns it."""
+        if self.shared and not engagement.fallback_row:
+            engagement.fallback_row = True
             self._spawn(self.store.arm_timers([timer(FALLBACK, engagement.engagement_id, due, self.replica_id)]))
 
-    def _fallback_moot(self, engagement: Engagement) -> None:
-        """An associate took the engagement before its fallback fell due: no replica fires the row."""
-        if self.shared:
-            self._spawn(self.store.finish_timer(timer_id(FALLBACK, engagement.engagement_id), self.clock.now()))
+    def _fallback_settled(self, engagement: Engagement) -> str:
+        """An associate takes the engagement: its fallback row (if armed here) is moot, marked done with the
+        assignment's own write (the id for `_save`'s `settle`; "" when there is none)."""
+        if not (self.shared and engagement.fallback_row):
+            return ""
+        engagement.fallback_row = False
+        return timer_id(FALLBACK, engagement.engagement_id)
 
     async def _fire_fallback(self, engagement: Engagement) -> bool:
         """Across replicas: offer the fallback, the row marked done first; True if this was its firing."""
-        if engagement.state != "queued" or engagement.fallback_offered or engagement.fallback_firing:
+        if (
+            engagement.state != "queued"
+            or engagement.fallback_offered
+            or engagement.fallback_firing
+            or engagement.fallback_choice
+        ):
             return False
         if engagement.fallback_timer is not None:
             engagement.fallback_timer.cancel()
@@ -93,7 +117,7 @@ class DeskTimers(SharedSlots):
             fired = await self.store.finish_timer(timer_id(FALLBACK, engagement.engagement_id), self.clock.now())
         finally:
             engagement.fallback_firing = False
-        if engagement.state != "queued" or engagement.fallback_offered:
+        if engagement.state != "queued" or engagement.fallback_offered or engagement.fallback_choice:
             return fired
         engagement.fallback_offered = self._fallback_options(engagement)
         if self._engagements.get(engagement.engagement_id) is engagement:
@@ -115,8 +139,9 @@ class DeskTimers(SharedSlots):
                 return False
             await self.store.finish_timer(row.timer_id, at)  # over, or never stored: moot
             return False
-        if engagement.state != "queued" or engagement.fallback_offered:
-            await self.store.finish_timer(row.timer_id, at)  # taken by an associate, or offered here already
+        if engagement.state != "queued" or engagement.fallback_offered or engagement.fallback_choice:
+            # Taken by an associate, offered here already, or answered (chat) before: nothing to offer.
+            await self.store.finish_timer(row.timer_id, at)
             return False
         return await self._fire_fallback(engagement)
 

@@ -74,6 +74,11 @@ class Engagement:
     fallback_offered: tuple[str, ...] = ()
     # Across replicas: its fallback row is being marked done (desk_timers.py); offered once that commits.
     fallback_firing: bool = False
+    # Across replicas: its fallback row is armed with this replica as its owner (with the engagement's accept,
+    # or re-owned by an adopter), so arming the alarm writes nothing and an assignment settles it.
+    fallback_row: bool = False
+    # The user's answer that kept it open ("chat"), stored with the change: never offered the fallback again.
+    fallback_choice: str = ""
     pending_upgrades: dict[str, tuple[str, str]] = field(default_factory=dict)
     # Associates taking part besides the owner: associate id -> (session, role).
     participants: dict[str, tuple[AssociateSession, str]] = field(default_factory=dict)
@@ -154,6 +159,7 @@ class Engagement:
             wrapped_up_at=self.wrapped_up_at,
             wrap_up_outcome=self.wrap_up_outcome,
             wrap_up_success=self.wrap_up_success,
+            fallback_choice=self.fallback_choice,
         )
 
 

@@ -183,6 +183,9 @@ class SlotClaim:
     replaces: str = ""
     # In an offer's commit (OfferCommit.slots, key: a cue id): why the cue is not offered when no slot is had.
     detail: str = ""
+    # The timer row the slot comes with, given the associate who gets it (an offer's timeout, for one who must
+    # claim it; None: nothing): armed with the hold, in the same transaction, so neither is stored alone.
+    timer: Callable[[str], TimerRecord | None] | None = None
 
 
 class SlotResult(NamedTuple):
@@ -191,6 +194,8 @@ class SlotResult(NamedTuple):
 
     associate_id: str
     contended: bool
+    # The row armed with the hold (SlotClaim.timer), None when none was.
+    timer: TimerRecord | None = None
 
 
 @runtime_checkable
@@ -241,10 +246,12 @@ class Store(Protocol):
         *,
         webhooks: Sequence[WebhookRecord] = (),
         owner: str = "",
+        timers: Sequence[TimerRecord] = (),
     ) -> AcceptOutcome:
         """Mark an offered cue accepted and store the engagement it starts, in one transaction, with the
         webhook outbox rows that report them (cue.answered, engagement.queued). ``owner``: the replica that
-        routes it (storage/slots.py), stored with it when several replicas share the database.
+        routes it (storage/slots.py), stored with it when several replicas share the database. ``timers``:
+        the engagement's deadline rows (its fallback), armed in the same transaction.
 
         Idempotent: for a cue already accepted it returns the engagement stored for it and writes nothing
         (no webhook rows either).
@@ -277,10 +284,11 @@ class Store(Protocol):
         ...
 
     async def save_engagement(
-        self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = (), timer: str = ""
+        self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = (), timer: str = "", settle: str = ""
     ) -> bool:
         """Upsert; with ``timer``, only if that timer had not fired yet, marking it done in the same
-        transaction (timers as rows, below). True when written."""
+        transaction (timers as rows, below). ``settle``: a timer this change makes moot (an engagement's
+        fallback once an associate has it), marked done with it if still armed. True when written."""
         ...
 
     async def save_chat(self, rec: ChatRecord) -> None: ...

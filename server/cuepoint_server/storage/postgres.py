@@ -142,7 +142,7 @@ _ENGAGEMENT_COLS = (
     "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
     "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context", "subject", "scenario_id",
     "priority", "outcome", "ended_by", "callback_at", "callback_number",
-    "wrapped_up_at", "wrap_up_outcome", "wrap_up_success",
+    "wrapped_up_at", "wrap_up_outcome", "wrap_up_success", "fallback_choice",
 )  # fmt: skip
 _CHAT_COLS = ("message_id", "engagement_id", "sender", "text", "time")
 _TRANSFER_COLS = ("engagement_id", "time", "from_associate_id", "to_associate_id", "to_queue", "mode", "note")
@@ -163,6 +163,11 @@ _WEBHOOK_COLS = (
 _UPSERT_SESSION = _upsert("sessions", _SESSION_COLS, keep_when_null=("ended_at",))
 _UPSERT_CUE = _upsert("cues", _CUE_COLS)
 _UPSERT_ENGAGEMENT = _upsert("engagements", _ENGAGEMENT_COLS)
+# The engagement's row and a timer it makes moot (save_engagement's ``settle``): params at, timer id, the row.
+_SETTLE_AND_UPSERT_ENGAGEMENT = (
+    "WITH settled AS (UPDATE timers SET state = 'done', fired_at = $1 WHERE timer_id = $2 AND state = 'armed') "
+    + re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + 2}", _UPSERT_ENGAGEMENT)
+)
 _END_SESSION = "UPDATE sessions SET ended_at = $1 WHERE session_id = $2"
 _SET_CUE_STATUS = "UPDATE cues SET status = $1, responded_at = $2, button_id = $3 WHERE cue_id = $4"
 _INSERT_FEEDBACK = _insert("feedback", _FEEDBACK_COLS, " ON CONFLICT (engagement_id) DO NOTHING")
@@ -347,7 +352,7 @@ def _engagement_row(r: EngagementRecord) -> Row:
         r.engagement_id, r.cue_id, r.app_id, r.device_id, r.session_id, r.queue, r.state, r.channel,
         float(r.created_at), _opt(r.assigned_at), _opt(r.ended_at), r.associate_id, r.disposition, r.notes,
         _dumps(r.context), r.subject, r.scenario_id, int(r.priority), r.outcome, r.ended_by, _opt(r.callback_at),
-        r.callback_number, _opt(r.wrapped_up_at), r.wrap_up_outcome, int(r.wrap_up_success),
+        r.callback_number, _opt(r.wrapped_up_at), r.wrap_up_outcome, int(r.wrap_up_success), r.fallback_choice,
     )  # fmt: skip
 
 
@@ -355,7 +360,7 @@ def _engagement_from(row: Row) -> EngagementRecord:
     return EngagementRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
         row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19], row[20], row[21],
-        row[22], row[23], bool(row[24]),
+        row[22], row[23], bool(row[24]), row[25],
     )  # fmt: skip
 
 
@@ -556,6 +561,26 @@ _SET_OWNER = (
     "INSERT INTO engagement_owners (engagement_id, replica, owned_at) VALUES ($1, $2, $3) "
     "ON CONFLICT (engagement_id) DO UPDATE SET replica = excluded.replica, owned_at = excluded.owned_at"
 )
+
+
+def _own_and_arm(owner: bool, timers: int) -> str:
+    """The owner's row (when ``owner``) and ``timers`` timer rows, one statement."""
+    parts: list[str] = []
+    n = 3 if owner else 0
+    for i in range(timers):
+        base = n + 5 * i  # each ARM_TIMER's $1..$5, renumbered after the owner's three and the rows before it
+
+        def shift(m: re.Match[str], base: int = base) -> str:
+            return f"${base + int(m.group(1))}"
+
+        parts.append(re.sub(r"\$(\d+)", shift, _qmarks(ARM_TIMER)))
+    writes = ([_SET_OWNER] if owner else []) + parts
+    *first, last = writes
+    return "".join(f"WITH w{i} AS ({sql}) " for i, sql in enumerate(first)) + last
+
+
+def _arm_params(timers: Sequence[TimerRecord]) -> list[Any]:
+    return [v for t in timers for v in arm_row(t)]
 
 
 class _PgTxn:
@@ -1074,9 +1099,11 @@ class PostgresStore(Slots):
         *,
         webhooks: Sequence[WebhookRecord] = (),
         owner: str = "",
+        timers: Sequence[TimerRecord] = (),
     ) -> AcceptOutcome:
-        """The cue becomes accepted and its engagement is stored, with the webhook rows reporting both;
-        idempotent by cue id (a repeat writes nothing, its webhook rows neither)."""
+        """The cue becomes accepted and its engagement is stored, with the webhook rows reporting both and its
+        deadline rows; idempotent by cue id (a repeat writes nothing, its webhook rows neither). The deadline
+        rows ride with the owner's row (one statement: no round trip more)."""
         row = _engagement_row(engagement)
         hooks = [_webhook_row(r) for r in webhooks]
         by_cue = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE cue_id = $1 ORDER BY created_at, seq LIMIT 1"
@@ -1092,8 +1119,11 @@ class PostgresStore(Slots):
                 return AcceptOutcome(False, "accepted", _engagement_from(tuple(existing[0]))), 0
             await link.execute(_SET_CUE_STATUS, "accepted", float(responded_at), button_id, cue_id)
             await link.execute(_UPSERT_ENGAGEMENT, *row)
-            if owner:
-                await link.execute(_SET_OWNER, engagement.engagement_id, owner, float(responded_at))
+            owned = (engagement.engagement_id, owner, float(responded_at)) if owner else ()
+            if timers:
+                await link.execute(_own_and_arm(bool(owner), len(timers)), *owned, *_arm_params(timers))
+            elif owner:
+                await link.execute(_SET_OWNER, *owned)
             if hooks:
                 await link.executemany(_INSERT_WEBHOOK, hooks)
             return AcceptOutcome(True, "accepted", engagement), 2 + len(hooks)
@@ -1142,12 +1172,17 @@ class PostgresStore(Slots):
         return True
 
     async def save_engagement(
-        self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = (), timer: str = ""
+        self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = (), timer: str = "", settle: str = ""
     ) -> bool:
-        """As SqliteStore's: with ``timer``, written only if that timer had not fired yet."""
+        """As SqliteStore's: with ``timer``, written only if that timer had not fired yet; ``settle``, the
+        moot timer marked done in the same statement (a CTE: no round trip more)."""
         if timer:
             at = float(rec.callback_at or rec.created_at)  # when the engagement's timer fell due
             return await self._fire(timer, at, _UPSERT_ENGAGEMENT, _engagement_row(rec), webhooks)
+        if settle:
+            at = float(rec.assigned_at or rec.created_at)
+            await self._with_outbox(_SETTLE_AND_UPSERT_ENGAGEMENT, (at, settle, *_engagement_row(rec)), webhooks)
+            return True
         await self._with_outbox(_UPSERT_ENGAGEMENT, _engagement_row(rec), webhooks)
         return True
 

@@ -334,7 +334,13 @@ _V7 = (
     DELIVERY_INDEX,
 )
 
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: SLOTS_SCHEMA_PG, 5: _V5, 6: _V6, 7: _V7}
+# Version 8: the user's answer to an engagement's fallback that keeps it open (SQLite's version 19), so a replica
+# adopting it does not offer the fallback again (core/desk_timers.py).
+_V8 = ("ALTER TABLE engagements ADD COLUMN IF NOT EXISTS fallback_choice TEXT NOT NULL DEFAULT ''",)
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: _V1, 2: _V2, 3: _V3, 4: SLOTS_SCHEMA_PG, 5: _V5, 6: _V6, 7: _V7, 8: _V8,
+}  # fmt: skip
 PG_SCHEMA_VERSION = max(MIGRATIONS)
 
 # One key for every replica of every schema: migrations are rare and short, so serialising them all is fine.

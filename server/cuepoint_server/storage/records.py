@@ -92,6 +92,9 @@ class EngagementRecord:
     # The outcome the associate recorded at wrap-up (one of the queue's), and whether it counts as success.
     wrap_up_outcome: str = ""
     wrap_up_success: bool = False
+    # The user's answer to the fallback that keeps it open ("chat": it goes on as a chat, waiting in line), ""
+    # when none: an engagement restored or adopted elsewhere is not offered its fallback again.
+    fallback_choice: str = ""
 
 
 @dataclass(frozen=True, slots=True)

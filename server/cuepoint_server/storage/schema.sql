@@ -109,7 +109,9 @@ CREATE TABLE IF NOT EXISTS engagements (
     wrapped_up_at   REAL,
     -- The outcome the associate recorded at wrap-up, and whether the queue counts it as success.
     wrap_up_outcome TEXT NOT NULL DEFAULT '',
-    wrap_up_success INTEGER NOT NULL DEFAULT 0
+    wrap_up_success INTEGER NOT NULL DEFAULT 0,
+    -- The user's answer to the fallback that keeps it open ("chat"), '' when none: never offered again.
+    fallback_choice TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS engagements_subject_created ON engagements (subject, created_at);
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from .base import SlotClaim, SlotResult
 from .records import ParticipationRecord
+from .timer_rows import ARM_TIMER, MARK_DUE_DONE, arm_row
 
 __all__ = [
     "OPEN_STATES",
@@ -170,7 +171,11 @@ class Slots:
             before = await txn.fetch(mine, claim.key, claim.replaces)
         for (associate_id,) in before:
             if associate_id in ids:
-                return SlotResult(str(associate_id), False)  # reserved before (a retry)
+                # Reserved before (a retry): the timer it comes with is armed (again) with this answer.
+                row = claim.timer(str(associate_id)) if claim.timer is not None else None
+                if row is not None:
+                    await txn.execute(ARM_TIMER, *arm_row(row))
+                return SlotResult(str(associate_id), False, row)
         tried: list[str] = []
         while len(tried) < len(ids):
             # The longest idle candidate not tried yet, and not being decided for by another replica, with the
@@ -192,19 +197,28 @@ class Slots:
             if not claim.fits(associate_id, held):
                 continue
             hold = (claim.key, associate_id, claim.channel, claim.queue, claim.replica, float(now))
+            # The offer's timeout row (SlotClaim.timer) rides with the hold: both committed, or neither.
+            row = claim.timer(associate_id) if claim.timer is not None else None
+            arm = arm_row(row) if row is not None else ()
             others = "SELECT hold_key, channel, queue FROM associate_holds WHERE associate_id = ? AND hold_key <> ?"
             if self._ONE_STATEMENT:
-                found = await txn.fetch(f"WITH i AS ({_HOLD}) {others}", *hold, associate_id, claim.key)
+                timer = f", t AS ({ARM_TIMER})" if row is not None else ""
+                found = await txn.fetch(f"WITH i AS ({_HOLD}){timer} {others}", *hold, *arm, associate_id, claim.key)
             else:
                 await txn.execute(_HOLD, *hold)
+                if row is not None:
+                    await txn.execute(ARM_TIMER, *arm)
                 found = await txn.fetch(others, associate_id, claim.key)
             confirmed = {str(key): (str(channel), str(queue)) for key, channel, queue in found}
             if confirmed == held or claim.fits(associate_id, confirmed):
-                return SlotResult(associate_id, False)
-            # Full after all (a reservation committed just before the row was ours): the hold goes.
+                return SlotResult(associate_id, False, row)
+            # Full after all (a reservation committed just before the row was ours): the hold goes, and the
+            # timer armed with it is done for its due time (the next candidate's arms it again).
             await txn.execute(
                 "DELETE FROM associate_holds WHERE hold_key = ? AND associate_id = ?", claim.key, associate_id
             )
+            if row is not None:
+                await txn.execute(MARK_DUE_DONE, float(now), row.timer_id, float(row.due_at))
         return SlotResult("", False)
 
     async def reserve_offer_slots(
@@ -278,9 +292,7 @@ class Slots:
                 _JOIN, rec.engagement_id, rec.associate_id, rec.role, float(rec.joined_at), left_at,
                 rec.disposition, rec.notes,
             )  # fmt: skip
-            await txn.execute(
-                _HOLD, rec.engagement_id, rec.associate_id, channel, queue, replica, float(rec.joined_at)
-            )
+            await txn.execute(_HOLD, rec.engagement_id, rec.associate_id, channel, queue, replica, float(rec.joined_at))
             return None, 1
 
         await self._slot_transaction(run)

@@ -88,7 +88,7 @@ from .timer_rows import (
 
 log = structlog.get_logger("cuepoint.storage")
 
-SCHEMA_VERSION = 18
+SCHEMA_VERSION = 19
 
 _SIGNAL_COLUMNS_SQL = ", ".join(
     ("device_id", "signal_id", "session_id", "kind", "name", "time", "received_at", "payload")
@@ -279,6 +279,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Version 18: the delivery outbox (delivery_rows.py): traffic between replicas, committed before it is sent.
     18: (delivery_table("REAL", "id INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"), DELIVERY_INDEX),
+    # Version 19: the user's answer to an engagement's fallback that keeps it open (chat), so a replica adopting
+    # it does not offer the fallback again (core/desk_timers.py).
+    19: ("ALTER TABLE engagements ADD COLUMN fallback_choice TEXT NOT NULL DEFAULT ''",),
 }
 _BUSY_TIMEOUT_MS = 5000
 
@@ -296,7 +299,7 @@ _ENGAGEMENT_COLS = (
     "engagement_id", "cue_id", "app_id", "device_id", "session_id", "queue", "state", "channel", "created_at",
     "assigned_at", "ended_at", "associate_id", "disposition", "notes", "context", "subject", "scenario_id",
     "priority", "outcome", "ended_by", "callback_at", "callback_number", "wrapped_up_at", "wrap_up_outcome",
-    "wrap_up_success",
+    "wrap_up_success", "fallback_choice",
 )  # fmt: skip
 _CHAT_COLS = ("message_id", "engagement_id", "sender", "text", "time")
 _TRANSFER_COLS = ("engagement_id", "time", "from_associate_id", "to_associate_id", "to_queue", "mode", "note")
@@ -516,7 +519,7 @@ def _engagement_row(r: EngagementRecord) -> Row:
         r.engagement_id, r.cue_id, r.app_id, r.device_id, r.session_id, r.queue, r.state, r.channel,
         r.created_at, r.assigned_at, r.ended_at, r.associate_id, r.disposition, r.notes, _dumps(r.context),
         r.subject, r.scenario_id, r.priority, r.outcome, r.ended_by, r.callback_at, r.callback_number,
-        r.wrapped_up_at, r.wrap_up_outcome, int(r.wrap_up_success),
+        r.wrapped_up_at, r.wrap_up_outcome, int(r.wrap_up_success), r.fallback_choice,
     )  # fmt: skip
 
 
@@ -524,7 +527,7 @@ def _engagement_from(row: sqlite3.Row) -> EngagementRecord:
     return EngagementRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
         row[12], row[13], json.loads(row[14]), row[15], row[16], row[17], row[18], row[19], row[20], row[21],
-        row[22], row[23], bool(row[24]),
+        row[22], row[23], bool(row[24]), row[25],
     )  # fmt: skip
 
 
@@ -1238,9 +1241,10 @@ class SqliteStore(PredictState, Slots):
         *,
         webhooks: Sequence[WebhookRecord] = (),
         owner: str = "",
+        timers: Sequence[TimerRecord] = (),
     ) -> AcceptOutcome:
         """The cue becomes accepted and its engagement is stored, together with the webhook rows reporting
-        both; idempotent by cue id (a repeat writes nothing, its webhook rows neither)."""
+        both and its deadline rows; idempotent by cue id (a repeat writes nothing, its webhook rows neither)."""
         row = _engagement_row(engagement)
         hooks = [_webhook_row(r) for r in webhooks]
         by_cue = f"{_select('engagements', _ENGAGEMENT_COLS)} WHERE cue_id = ? ORDER BY created_at, rowid LIMIT 1"
@@ -1258,9 +1262,11 @@ class SqliteStore(PredictState, Slots):
             await conn.execute(_UPSERT_ENGAGEMENT, row)
             if owner:
                 await conn.execute(_SET_OWNER, (engagement.engagement_id, owner, float(responded_at)))
+            if timers:
+                await conn.executemany(ARM_TIMER, [arm_row(t) for t in timers])
             if hooks:
                 await conn.executemany(_INSERT_WEBHOOK, hooks)
-            return AcceptOutcome(True, "accepted", engagement), 2 + len(hooks)
+            return AcceptOutcome(True, "accepted", engagement), 2 + len(hooks) + len(timers)
 
         outcome: AcceptOutcome = await self._writer.transaction(run, 2 + len(hooks))
         return outcome
@@ -1510,12 +1516,26 @@ class SqliteStore(PredictState, Slots):
         return True
 
     async def save_engagement(
-        self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = (), timer: str = ""
+        self, rec: EngagementRecord, *, webhooks: Sequence[WebhookRecord] = (), timer: str = "", settle: str = ""
     ) -> bool:
         """Upsert the engagement with its webhook rows; with ``timer``, only if that timer had not fired yet
-        (it is marked done in the same transaction). False: nothing was written."""
+        (it is marked done in the same transaction). ``settle``: a timer the change makes moot, marked done
+        with it. False: nothing was written."""
         if timer:
             return await self._fire(timer, self._fired_at(rec), _UPSERT_ENGAGEMENT, _engagement_row(rec), webhooks)
+        if settle:
+            hooks = [_webhook_row(r) for r in webhooks]
+            at = float(rec.assigned_at or rec.created_at)
+
+            async def run(conn: aiosqlite.Connection) -> tuple[None, int]:
+                await conn.execute(_UPSERT_ENGAGEMENT, _engagement_row(rec))
+                await conn.execute(MARK_TIMER_DONE, (at, settle))
+                if hooks:
+                    await conn.executemany(_INSERT_WEBHOOK, hooks)
+                return None, 2 + len(hooks)
+
+            await self._writer.transaction(run, 2 + len(hooks))
+            return True
         await self._with_outbox(_UPSERT_ENGAGEMENT, _engagement_row(rec), webhooks)
         return True
 
