@@ -5,26 +5,30 @@ With other replicas each is also a row (core/deadlines.py FALLBACK, OFFER) owned
 engagement, so when that replica dies another fires it, once (core/timer_claims.py claims it, or the replica
 adopting the engagement finds it):
 
-- fallback ("fallback:<engagement>", due `fallback_after` after the engagement was created; armed when the
-  engagement waits in line with nobody free): the row marked done is the fact "the fallback was offered".
+- fallback ("fallback:<engagement>", due `fallback_after` after the engagement was created; armed in the
+  transaction that stores the engagement, `accept_cue`): the row marked done is the fact "the fallback was
+  offered".
   Whoever marks it (the owner's alarm, the adopter's alarm, a claim) offers it: the engagement knows its
   options, and the device is told on its stream if it is here, else when it reconnects here
   (`resume_device`). An alarm that finds the row done already (fired by a replica that died after, or settled
   when an associate took the engagement before it was re-queued) offers it as well, without counting as a
-  second firing: the replica holding the engagement now is the one the device hears it from.
+  second firing: the replica holding the engagement now is the one the device hears it from. The user's
+  answer that keeps the engagement open ("chat") is stored with the channel change (`fallback_choice`), and
+  an engagement answered so is never offered its fallback again, by this replica or an adopter. An
+  associate taking the engagement settles the row in the assignment's own write.
 - offer ("offer:<engagement>", target "<engagement>:<associate>", due when the offer lapses; one row moved from
   one associate's offer to the next): marked done when the offer ends otherwise (claimed, rejected,
   withdrawn), in the same ordered line (desk_shared.py `_slot_job`) as the arming, so a late write never
   re-arms an offer that is over. Lapsing marks it done for that due time first; only the firing that did
   releases the slot, tells the associate "timeout" and offers the engagement to the next associate. A
   replica adopting the engagement of a replica that is gone (`adopt`) finds the offer still armed: it keeps
-  it standing for that associate until its time (they can still claim it, if they are signed in here), then
-  lapses it as its own; or lapses it at once when its time has passed or the associate is gone.
+  it standing for that associate until its time (they can claim it wherever their stream is: a claim sent
+  to the gone replica is taken from its rows by the associate's home and sent here, api/associate_links.py),
+  then lapses it as its own; or lapses it at once when its time has passed or the associate is gone.
 
-The state changes that arm these rows are in memory (an engagement lining up, storage's reservation of a
-slot), so each row is its own write: armed just after (the fallback in the background, the offer in the slot
-line). A replica dying between the two leaves no row, and its adopter arms the deadline again from the
-engagement (the fallback from its creation time; a lost offer's associate simply never hears it lapse).
+Each row commits with the state change that arms it: the fallback with the engagement (`accept_cue`), the
+offer with the slot's hold (storage/slots.py, `SlotClaim.timer`). A replica dies with both or neither; an
+adopter re-owns a row by arming it again (`_fallback_row`, `_stand`).
 """
 
 from __future__ import annotations
