@@ -213,6 +213,11 @@ class AssociateLinks:
 
         async def from_stand_in(data: bytes) -> None:
             body = json.loads(data)
+            if "moved" in body:
+                # An engagement followed its device (core/follow.py): what the associate sends for it goes
+                # to the replica holding it now.
+                link.owners[str(body["moved"])] = str(body["replica"])
+                return
             if "failed" in body:
                 associate.send(SessionFailed(str(body["failed"])))
                 return
@@ -236,6 +241,9 @@ class AssociateLinks:
             owner = link.owners.get(engagement_id)
             if owner in self._gone:
                 owner = await self._owner_now(link, engagement_id)  # adopted by another replica since?
+            elif not owner:
+                # Held here until it followed its device to another replica (core/follow.py): held there now.
+                owner = await self.core.holder_of(engagement_id)
             if owner and owner != self.replica:
                 await self._to_stand_in(link, owner, message, engagement_id)
                 return True
@@ -357,7 +365,24 @@ class AssociateLinks:
 
     async def _on_message(self, stand_in: _StandIn, data: bytes) -> None:
         body = json.loads(data)
-        stand_in.inbox.put_nowait(associate_pb2.AssociateMessage.FromString(base64.b64decode(body["message"])))
+        message = associate_pb2.AssociateMessage.FromString(base64.b64decode(body["message"]))
+        engagement_id = engagement_of(message)
+        if engagement_id and self.core.desk.get(engagement_id) is None:
+            holder = await self.core.holder_of(engagement_id)
+            if holder and holder != self.replica:
+                await self._moved_on(stand_in, holder, data, engagement_id)
+                return
+        stand_in.inbox.put_nowait(message)
+
+    async def _moved_on(self, stand_in: _StandIn, holder: str, data: bytes, engagement_id: str) -> None:
+        """The engagement a message names followed its device to `holder` (core/follow.py): the message goes
+        on to the stand-in there, and the home learns where to send the next ones (after this one is stored,
+        so they cannot overtake it)."""
+        recipient = stand_in_recipient(stand_in.link_id, holder)
+        await self.delivery.send(recipient, data, replica=holder, engagement_id=engagement_id)
+        moved = {"moved": engagement_id, "replica": holder}
+        await self.delivery.send(home_recipient(stand_in.link_id), _encode(moved), replica=stand_in.home)
+        log.info("associate.message_moved_on", engagement_id=engagement_id, to=holder)
 
     def _device_receiver(self, recipient: str) -> Callable[[bytes], Awaitable[None]] | None:
         kind, _, device_id = recipient.partition(":")

@@ -110,6 +110,9 @@ def presence_name(field: str, value: int, *, default: str | None = None) -> str:
 async def from_device(core: Core, session: DeviceSession, message: device_pb2.DeviceMessage) -> None:
     desk = core.desk
     kind = message.WhichOneof("kind")
+    if kind is not None:
+        # Across replicas the engagement may still be on its way to this device's replica (core/follow.py).
+        await core.followed(session, str(getattr(getattr(message, kind), "engagement_id", "")))
     if kind == "chat":
         engagement = desk.device_engagement(session, message.chat.engagement_id, "chat.engagement_id")
         await desk.chat("user", engagement, message.chat.text)

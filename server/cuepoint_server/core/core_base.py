@@ -172,6 +172,9 @@ class CoreBase:
         if session.writes:
             await asyncio.gather(*session.writes, return_exceptions=True)
 
+    def follow_device(self, session: DeviceSession) -> None:
+        """A device's stream opened here: across replicas its engagement follows it (core/follow.py)."""
+
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(work)
         self._background.add(task)

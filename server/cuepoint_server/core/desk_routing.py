@@ -340,6 +340,31 @@ class Routing(DeskTimers):
         armed, stays offered to its associate until its time; `rejected`, the associate whose offer lapsed."""
         if record.engagement_id in self._engagements:
             return
+        engagement = self._rebuilt(record, rejected)
+        self._engagements[engagement.engagement_id] = engagement
+        if record.state == "callback_requested":
+            # A callback still to make: its timer again; the fallback was offered already.
+            engagement.state, engagement.fallback_offered = "callback_requested", FALLBACKS
+            log.info("engagement.restored", engagement_id=engagement.engagement_id, callback_at=record.callback_at)
+            self._callback_restored(engagement)
+            return
+        if engagement.callback_at is not None:
+            engagement.fallback_offered = FALLBACKS  # a callback already: never offered a fallback again
+        else:
+            self._active_by_device[engagement.device_id] = engagement.engagement_id
+        if record.state == "assigned":
+            if self.shared and record.associate_id:
+                # Adopted from a replica that is gone while its associate may still be signed in elsewhere:
+                # offered back to them first (the slot is theirs again in storage), else it waits in line.
+                engagement.preferred_associate = record.associate_id
+            self._save(engagement)  # back to queued until someone takes it
+        log.info("engagement.restored", engagement_id=engagement.engagement_id, queue=engagement.queue)
+        if standing is not None and record.state == "queued" and self._stand(engagement, standing):
+            return
+        self._route(engagement)
+
+    def _rebuilt(self, record: EngagementRecord, rejected: str = "") -> Engagement:
+        """The engagement of a stored row, in memory again (not yet held here)."""
         context = context_from_json(record.context)
         scenario = self.engine.scenarios.by_id.get(record.scenario_id)
         engagement = Engagement(
@@ -364,27 +389,7 @@ class Routing(DeskTimers):
         )
         if rejected:
             engagement.rejected_by.add(rejected)
-        self._engagements[engagement.engagement_id] = engagement
-        if record.state == "callback_requested":
-            # A callback still to make: its timer again; the fallback was offered already.
-            engagement.state, engagement.fallback_offered = "callback_requested", FALLBACKS
-            log.info("engagement.restored", engagement_id=engagement.engagement_id, callback_at=record.callback_at)
-            self._callback_restored(engagement)
-            return
-        if engagement.callback_at is not None:
-            engagement.fallback_offered = FALLBACKS  # a callback already: never offered a fallback again
-        else:
-            self._active_by_device[engagement.device_id] = engagement.engagement_id
-        if record.state == "assigned":
-            if self.shared and record.associate_id:
-                # Adopted from a replica that is gone while its associate may still be signed in elsewhere:
-                # offered back to them first (the slot is theirs again in storage), else it waits in line.
-                engagement.preferred_associate = record.associate_id
-            self._save(engagement)  # back to queued until someone takes it
-        log.info("engagement.restored", engagement_id=engagement.engagement_id, queue=engagement.queue)
-        if standing is not None and record.state == "queued" and self._stand(engagement, standing):
-            return
-        self._route(engagement)
+        return engagement
 
     def _arm_fallback(self, engagement: Engagement) -> None:
         if (

@@ -43,6 +43,9 @@ class SharedSlots(Bots):
     # Told the id of an associate who got room (core/cluster.py announces it to every replica).
     slot_freed: Callable[[str], Awaitable[None]] | None = None
     _slot_jobs: asyncio.Queue[Callable[[], Awaitable[None]]] | None = None
+    # Engagements on their way here from another replica (desk_handover.py): the slots they hold become this
+    # replica's in storage before they are in memory, so a prune meanwhile leaves them alone.
+    incoming: frozenset[str] = frozenset()
     _slot_worker: asyncio.Task[None] | None = None
 
     @property
@@ -331,6 +334,7 @@ class SharedSlots(Bots):
         async def job() -> None:
             # Cues on screen keep theirs too (reserved in their commit, core/evaluation.py).
             keep = {(key, a.associate_id) for a in self.router.associates() for key in a.active | a.offers | a.reserved}
+            keep |= {(key, a.associate_id) for a in self.router.associates() for key in self.incoming}
             for associate_id in await self.store.prune_slots(self.replica_id, keep, self.clock.now()):
                 await self._announce_room(associate_id)
 

@@ -4,7 +4,8 @@ The desk is the sum of its parts, each one idea in its own module: routing (desk
 conversation (desk_conversation.py), call signalling (desk_calls.py), wrap-up with the outcome
 (desk_wrapup.py), more than one associate on an engagement (desk_participants.py), transfers
 (desk_transfer.py), callbacks (desk_callbacks.py), feedback (desk_feedback.py) and an associate's
-connection dropping for a moment (desk_resume.py), over shared state and delivery (desk_base.py).
+connection dropping for a moment (desk_resume.py), an engagement following its device to another replica
+(desk_handover.py), over shared state and delivery (desk_base.py).
 Knows nothing of gRPC.
 """
 
@@ -14,13 +15,13 @@ from .desk_base import DeskConfig
 from .desk_callbacks import Callbacks
 from .desk_calls import Calls
 from .desk_feedback import Feedback
-from .desk_resume import Resume
+from .desk_handover import HandOver
 from .desk_transfer import Transfers
 from .engagement_model import Engagement, EngagementEvent, context_from_json, context_json
 
 __all__ = ["DeskConfig", "Engagement", "EngagementDesk", "EngagementEvent", "context_from_json", "context_json"]
 
 
-class EngagementDesk(Resume, Feedback, Transfers, Callbacks, Calls):
+class EngagementDesk(HandOver, Feedback, Transfers, Callbacks, Calls):
     """Routing, conversation, calls, wrap-up, participants, transfers, callbacks, feedback and resuming
     associates of every engagement here."""

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..predict.registry import describe_scores
-from .cluster import Answerer, Cluster
+from .cluster import Answerer
 from .core_base import CoreConfig
 from .errors import InvalidInput
+from .follow import Follow
 from .invitations import Invitations
 from .live import LiveNow, QueueLoad, describe_session, queue_loads
 from .live_cluster import LIVE, live_items, merge_live
@@ -51,7 +52,7 @@ class DeviceView:
 HOLDS = "holds-device"
 
 
-class Core(SessionLifecycle, Invitations, Privacy, Cluster):
+class Core(SessionLifecycle, Invitations, Privacy, Follow):
     """The domain core the API adapters (gRPC, HTTP) and `simulate` drive."""
 
     def sign_in(self, request: AssociateSignIn) -> AssociateSession:

@@ -78,6 +78,8 @@ class SessionLifecycle(Ingest, DeviceCredentials):
             session.send(pending.offer)
         # An engagement accepted before a reconnect (or a restart) answers the device again.
         self.desk.resume_device(session)
+        # Held by another replica: it moves here, the replica the device talks to (core/follow.py).
+        self.follow_device(session)
         if resumed is not None:
             # Offers settled while the device was away (expired, withdrawn) may
             # still be on its screen: withdraw them again on the new stream.

@@ -1140,6 +1140,9 @@ class PostgresStore(Slots):
         # wait on each other's locks in opposite orders).
         return await self._writer.transaction(run, locks=True)
 
+    def _engagement_upsert(self, record: EngagementRecord) -> tuple[str, Sequence[Any]]:
+        return _UPSERT_ENGAGEMENT, _engagement_row(record)
+
     async def _slot_read(self, sql: str, *args: Any) -> list[Sequence[Any]]:
         return [tuple(r) for r in await self._fetch(_qmarks(sql), args)]
 

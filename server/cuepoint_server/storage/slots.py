@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from .base import SlotClaim, SlotResult
-from .records import ParticipationRecord
+from .records import EngagementRecord, ParticipationRecord
 from .timer_rows import ARM_TIMER, MARK_DUE_DONE, arm_row
 
 __all__ = [
@@ -391,6 +391,43 @@ class Slots:
             return None, 1
 
         await self._slot_transaction(run)
+
+    async def hand_over(self, record: EngagementRecord, from_replica: str, to_replica: str, now: float) -> bool:
+        """The engagement follows its device to `to_replica` (core/follow.py), in one transaction, only while
+        `from_replica` still owns it: its row as `from_replica` holds it now, its owner row, the slots it
+        holds and its armed timer rows (fallback, offer: core/deadlines.py) all become `to_replica`'s.
+        False (nothing written) when another replica owns it by now (it took `from_replica` for gone)."""
+        engagement_id = record.engagement_id
+        upsert, row = self._engagement_upsert(record)
+
+        async def run(txn: SlotTxn) -> tuple[bool, int]:
+            owner = await txn.fetch(
+                f"SELECT replica FROM engagement_owners WHERE engagement_id = ? {self._LOCK_ROW}", engagement_id
+            )
+            if not owner or str(owner[0][0]) != from_replica:
+                return False, 0
+            await txn.execute(upsert, *row)
+            await txn.execute(_OWN, engagement_id, to_replica, float(now))
+            await txn.execute(
+                "UPDATE associate_holds SET replica = ? WHERE hold_key = ? AND replica = ?",
+                to_replica,
+                engagement_id,
+                from_replica,
+            )
+            await txn.execute(
+                "UPDATE timers SET owner = ? WHERE timer_id IN (?, ?) AND state = 'armed'",
+                to_replica,
+                f"fallback:{engagement_id}",
+                f"offer:{engagement_id}",
+            )
+            return True, 4
+
+        moved: bool = await self._slot_transaction(run)
+        return moved
+
+    def _engagement_upsert(self, record: EngagementRecord) -> tuple[str, Sequence[Any]]:
+        """The backend's statement saving an engagement row, and its parameters."""
+        raise NotImplementedError
 
     async def owner_of(self, engagement_id: str) -> str:
         """The replica routing an engagement ("" when none is named)."""

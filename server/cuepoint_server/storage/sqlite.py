@@ -1593,6 +1593,9 @@ class SqliteStore(PredictState, Slots):
 
         return await self._writer.transaction(run)
 
+    def _engagement_upsert(self, record: EngagementRecord) -> tuple[str, Sequence[Any]]:
+        return _UPSERT_ENGAGEMENT, _engagement_row(record)
+
     async def _slot_read(self, sql: str, *args: Any) -> list[Sequence[Any]]:
         return list(await self._fetch(sql, args))
 
