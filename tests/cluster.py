@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -29,7 +30,7 @@ def free_port() -> int:
 
 
 def nats_answers(host: str = "127.0.0.1", port: int = 4222) -> str:
-    """"" when NATS answers its INFO line at host:port, else why not."""
+    """ "" when NATS answers its INFO line at host:port, else why not."""
     try:
         with socket.create_connection((host, port), timeout=2) as s:
             s.settimeout(2)
@@ -109,3 +110,69 @@ class Replica:
 
 def run_prefix() -> str:
     return f"cuepoint-test-{secrets.token_hex(4)}"
+
+
+class Balancer:
+    """A TCP proxy in front of the replicas (a load balancer, to the SDK): `to(replica)` sends new connections
+    there and drops the open ones, so a client's reconnect lands on that replica."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.upstream = replica.port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> Balancer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def to(self, replica: Replica) -> None:
+        self.upstream = replica.port
+        for writer in list(self._writers):
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst, (writer, up_writer)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, pair: tuple[asyncio.StreamWriter, ...]
+    ) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        for writer in pair:
+            writer.close()
+            self._writers.discard(writer)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def balancer(replica: Replica) -> AsyncIterator[Balancer]:
+    proxy = await Balancer(replica).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()

@@ -22,7 +22,7 @@ import pytest
 import cuepoint
 from cuepoint_server.storage import PostgresStore, TimerRecord
 
-from .cluster import Replica
+from .cluster import Balancer, Replica, balancer
 from .test_e2e_cluster import StartCluster, cluster
 from .test_e2e_cluster_routing import _sees
 
@@ -84,9 +84,14 @@ async def row(database: str, timer_id: str) -> TimerRecord | None:
 @WAYS
 async def test_a_fallback_armed_on_a_is_offered_once_after_a_is_killed(cluster: StartCluster, way: str) -> None:
     a, b = await replicas(cluster, FALLBACK, way)
-    # One target, both replicas (a load balancer, to the SDK): connected to A, reconnecting to B once A dies.
+    # Through a load balancer: connected to A, reconnecting to B once A dies.
+    async with balancer(a) as proxy:
+        await _fallback_offered_once_after_a_is_killed(a, b, proxy, way)
+
+
+async def _fallback_offered_once_after_a_is_killed(a: Replica, b: Replica, proxy: Balancer, way: str) -> None:
     phone = await cuepoint.connect(
-        f"ipv4:{a.address},{b.address}",
+        proxy.address,
         app_id="fitkit",
         device_id="phone-a",
         user=cuepoint.User(user_id="user-a"),
@@ -104,6 +109,14 @@ async def test_a_fallback_armed_on_a_is_offered_once_after_a_is_killed(cluster: 
     assert armed.state == "armed" and armed.owner == first_owner  # A's, as A routes the engagement
     # SIGKILL before the 5 s are up: A's alarm dies with it; the row stays, owned by A.
     await a.kill()
+    if way == "claimed":
+        # The device stays away until B's claim fired the row: reconnecting to B, it would bring its engagement
+        # there at once (core/follow.py), and B's own alarm would fire it.
+        async with asyncio.timeout(60):
+            key = f"fallback:{engagement.engagement_id}"
+            while (claimed := await row(b.database, key)) is None or claimed.state != "done":  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    proxy.to(b)
     # B fires it once (adopting the engagement or claiming the row, whichever comes first); the device, back
     # on B, is offered the fallback and can answer it there.
     offer = await engagement.wait_fallback(timeout=60)

@@ -76,6 +76,8 @@ class HandOver(Resume):
             return {"result": "kept"}  # the device is back here: the engagement stays with it
         if not self._movable(engagement):
             return {"result": "kept"}
+        if self._settling(engagement):
+            return {"result": "busy"}
         moving, moved = self._moves()
         if engagement_id in moving:
             return {"result": "busy"}
@@ -96,12 +98,18 @@ class HandOver(Resume):
 
     @staticmethod
     def _movable(engagement: Engagement) -> bool:
+        """An engagement its device acts on, with one associate at most (a conference stays where it is)."""
         return (
             engagement.state in ("queued", "assigned")
             and engagement.callback_at is None
             and not engagement.participants
-            and not engagement.fallback_firing
         )
+
+    @staticmethod
+    def _settling(engagement: Engagement) -> bool:
+        """Its fallback or its offer's lapse is being marked in storage right now (desk_timers.py): asked
+        again in a moment, it moves with what that decided."""
+        return engagement.fallback_firing or (engagement.offered_to is not None and engagement.offer_due is None)
 
     async def _give(self, engagement: Engagement, to: str) -> dict[str, Any]:
         answer: dict[str, Any] = {"result": "busy"}
@@ -113,6 +121,8 @@ class HandOver(Resume):
             if self._engagements.get(engagement.engagement_id) is not engagement or not self._movable(engagement):
                 answer["result"] = "kept" if engagement.open else "absent"
                 return
+            if self._settling(engagement):
+                return  # busy
             record = engagement.record()
             hints = {
                 "rejected_by": sorted(engagement.rejected_by),
