@@ -349,7 +349,7 @@ def channel_options() -> list[tuple[str, Any]]:
     ]
 
 
-def hello_bytes(device_id: str, *, tier: str = "free", app_id: str = "bench") -> bytes:
+def hello_bytes(device_id: str, *, tier: str = "free", app_id: str = "bench", accepts_cue_ack: bool = False) -> bytes:
     hello = device_pb2.Hello(
         app_id=app_id,
         device_id=device_id,
@@ -359,6 +359,7 @@ def hello_bytes(device_id: str, *, tier: str = "free", app_id: str = "bench") ->
         user=common_pb2.UserIdentity(user_id=f"user-{device_id}", tier=tier),
         consent=common_pb2.Consent(level=common_pb2.CONSENT_LEVEL_FULL),
         sdk_version="cuepoint-bench/raw",
+        accepts_cue_ack=accepts_cue_ack,
     )
     data: bytes = device_pb2.DeviceMessage(hello=hello).SerializeToString()
     return data
@@ -528,8 +529,11 @@ async def open_raw_streams(
     streams_per_channel: int = 1,
     concurrency: int = 200,
     tier: str = "free",
+    accepts_cue_ack: bool = False,
 ) -> tuple[list[grpc.aio.Channel], list[Any]]:
-    """Open one stream per device id, send its Hello and wait for the Welcome."""
+    """Open one stream per device id, send its Hello and wait for the Welcome.
+
+    ``accepts_cue_ack``: announce in the Hello that a cue may carry its batch's ack (ServerMessage.cue_ack)."""
     channels: list[grpc.aio.Channel] = []
     calls: list[Any] = [None] * len(device_ids)
     gate = asyncio.Semaphore(concurrency)
@@ -540,7 +544,7 @@ async def open_raw_streams(
     async def one(i: int) -> None:
         async with gate:
             call = raw_method(channels[i // per], method)()
-            await call.write(hello_bytes(device_ids[i], tier=tier))
+            await call.write(hello_bytes(device_ids[i], tier=tier, accepts_cue_ack=accepts_cue_ack))
             first = await asyncio.wait_for(call.read(), 30)
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "welcome":
                 raise RuntimeError(f"stream {i}: expected a Welcome, got {first!r}")

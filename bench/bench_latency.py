@@ -136,8 +136,9 @@ async def measure(
     encoder = BatchEncoder(1, event="help_me", props={"screen": "sync"})
     device_ids = [f"lat-{label[:4].strip().lower()}-{i:05d}" for i in range(streams)]
     note(f"  {label}: opening {streams} streams ...")
+    # As the Python SDK does: a cue may carry the ack of the batch that fired it (one message, not two).
     channels, calls = await open_raw_streams(
-        server.address, method, device_ids, streams_per_channel=streams_per_channel
+        server.address, method, device_ids, streams_per_channel=streams_per_channel, accepts_cue_ack=True
     )
     # Let the server finish what the hellos started (session rows, restored memory) before the load.
     await asyncio.sleep(1.0)
@@ -162,8 +163,9 @@ async def measure(
                     return
                 now = time.perf_counter()
                 kind = message.WhichOneof("kind")
-                if kind == "ack":
-                    batch_no = int(message.ack.batch_id)
+                ack = message.ack if kind == "ack" else message.cue_ack if message.HasField("cue_ack") else None
+                if ack is not None:
+                    batch_no = int(ack.batch_id)
                     started = sent_at.pop(batch_no, None)
                     if started is not None and window["start"] <= started <= window["end"]:
                         result.ack_samples.append(now - started)

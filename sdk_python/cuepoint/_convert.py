@@ -848,6 +848,7 @@ def hello(
     resume_session_id: str = "",
     device_secret: str = "",
     user_token: str = "",
+    accepts_cue_ack: bool = False,
 ) -> device_pb2.DeviceMessage:
     msg = device_pb2.Hello(
         app_id=app_id,
@@ -858,6 +859,7 @@ def hello(
         resume_session_id=resume_session_id,
         device_secret=device_secret,
         user_token=user_token,
+        accepts_cue_ack=accepts_cue_ack,
     )
     if user is not None:
         msg.user.CopyFrom(user_to_proto(user))

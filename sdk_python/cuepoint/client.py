@@ -311,6 +311,8 @@ class Client:
             resume_session_id=self._session_id or "",
             device_secret=self._device_secret,
             user_token=self._user_token,
+            # _dispatch reads a batch's ack sent beside the cue it fired (ServerMessage.cue_ack).
+            accepts_cue_ack=True,
         )
         welcome: device_pb2.Welcome = await handshake(
             stream, hello, expect="welcome", target=self._target, within=self._config.connect_timeout
@@ -859,21 +861,14 @@ class Client:
 
     def _dispatch(self, message: device_pb2.ServerMessage) -> None:
         kind = message.WhichOneof("kind")
-        if kind == "ack" and message.ack.batch_id in self._heartbeats:
-            beat = self._heartbeats[message.ack.batch_id]
-            if not beat.done():
-                beat.set_result(None)
-        elif kind == "ack":
-            acked = [*itertools.chain(message.ack.signal_ids, message.ack.duplicate_ids)]
-            self._batcher.ack(acked)
-            self._batcher.relax()
-            self._attempts = 0  # this session makes progress
-            if self._journal is not None:
-                self._journal.remove(acked)
-                self._schedule_journal_commit()
-            self._resolve_flush_waiters()
+        if kind == "ack":
+            self._on_ack(message.ack)
         elif kind == "cue":
             self._on_cue(_convert.cue_from_proto(message.cue))
+            if message.HasField("cue_ack"):
+                # The ack of the batch that fired the cue, in the same message (Hello.accepts_cue_ack): as if
+                # it had arrived right after the cue.
+                self._on_ack(message.cue_ack)
         elif kind == "withdrawal":
             self._on_withdrawal(_convert.withdrawal_from_proto(message.withdrawal))
         elif kind == "engagement":
@@ -897,6 +892,21 @@ class Client:
         else:
             # A newer server may send kinds this SDK does not know yet.
             log.debug("cuepoint: ignoring server message of kind %r", kind)
+
+    def _on_ack(self, ack: device_pb2.SignalAck) -> None:
+        if ack.batch_id in self._heartbeats:
+            beat = self._heartbeats[ack.batch_id]
+            if not beat.done():
+                beat.set_result(None)
+            return
+        acked = [*itertools.chain(ack.signal_ids, ack.duplicate_ids)]
+        self._batcher.ack(acked)
+        self._batcher.relax()
+        self._attempts = 0  # this session makes progress
+        if self._journal is not None:
+            self._journal.remove(acked)
+            self._schedule_journal_commit()
+        self._resolve_flush_waiters()
 
     def _on_verification(self, verdict: UserVerification) -> None:
         self._verification = verdict

@@ -382,6 +382,7 @@ class Hello(_message.Message):
     RESUME_SESSION_ID_FIELD_NUMBER: _builtins.int
     DEVICE_SECRET_FIELD_NUMBER: _builtins.int
     USER_TOKEN_FIELD_NUMBER: _builtins.int
+    ACCEPTS_CUE_ACK_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The app's id as registered with the server, e.g. "fitkit"."""
     device_id: _builtins.str
@@ -409,6 +410,12 @@ class Hello(_message.Message):
     Without one (with auth on) a user id is only claimed: it stays with this
     device and associates see it as unverified.
     """
+    accepts_cue_ack: _builtins.bool
+    """Set by clients that read ServerMessage.cue_ack: the server may then send
+    the ack of a batch in the same message as the cue that batch fired (one
+    message instead of two). Clients that leave it unset get every ack as a
+    SignalAck of its own, as before.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.Context: ...
     @_builtins.property
@@ -427,10 +434,11 @@ class Hello(_message.Message):
         resume_session_id: _builtins.str = ...,
         device_secret: _builtins.str = ...,
         user_token: _builtins.str = ...,
+        accepts_cue_ack: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "context", b"context", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "device_secret", b"device_secret", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user", "user_token", b"user_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_cue_ack", b"accepts_cue_ack", "app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "device_secret", b"device_secret", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user", "user_token", b"user_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,6 +617,7 @@ class ServerMessage(_message.Message):
     FALLBACK_FIELD_NUMBER: _builtins.int
     USER_VERIFICATION_FIELD_NUMBER: _builtins.int
     FEEDBACK_REQUEST_FIELD_NUMBER: _builtins.int
+    CUE_ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -633,6 +642,14 @@ class ServerMessage(_message.Message):
     def user_verification(self) -> Global___UserVerification: ...
     @_builtins.property
     def feedback_request(self) -> Global___FeedbackRequest: ...
+    @_builtins.property
+    def cue_ack(self) -> Global___SignalAck:
+        """Only beside a `cue`, and only to clients whose Hello set accepts_cue_ack:
+        the ack of the batch whose signals fired this cue, committed with it.
+        Handle it exactly as a SignalAck that arrived right after the cue (the
+        cue first, then the ack).
+        """
+
     def __init__(
         self,
         *,
@@ -648,10 +665,11 @@ class ServerMessage(_message.Message):
         fallback: Global___FallbackOffer | None = ...,
         user_verification: Global___UserVerification | None = ...,
         feedback_request: Global___FeedbackRequest | None = ...,
+        cue_ack: Global___SignalAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "feedback_request", b"feedback_request", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "cue_ack", b"cue_ack", "engagement", b"engagement", "fallback", b"fallback", "feedback_request", b"feedback_request", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "engagement", b"engagement", "fallback", b"fallback", "feedback_request", b"feedback_request", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "cue_ack", b"cue_ack", "engagement", b"engagement", "fallback", b"fallback", "feedback_request", b"feedback_request", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "cue", "withdrawal", "engagement", "chat", "upgrade_request", "channel_change", "call_signal", "fallback", "user_verification", "feedback_request"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

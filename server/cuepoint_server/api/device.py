@@ -62,9 +62,10 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     ) -> None:
         # The client's IP, resolved once per stream, as the per-peer budgets know it (None: exempt or off).
         peer = self.limiter.peer_key(context.peer()) if self.limiter is not None else None
-        session = await self._open(context, peer)
-        if session is None:
+        opened = await self._open(context, peer)
+        if opened is None:
             return
+        session, cue_acks = opened
         # Every log line of this stream (and of the core work it causes) names the device and session;
         # grpc.aio runs each call in its own task, so the binding ends with the stream.
         structlog.contextvars.bind_contextvars(device_id=session.device_id, session_id=session.session_id)
@@ -72,7 +73,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         # next message is decoded and applied meanwhile, and one commit takes several of its batches); acks,
         # put on the outbox once durable, and cues go out from a writer task that exists only while the
         # session's outbox has something to send (_Writer), one per commit round, not one per ack.
-        writer = _Writer(session, context)
+        writer = _Writer(session, context, cue_acks)
         end: _StreamEnd | None
         try:
             # The read loop is here, not in a coroutine of its own: an idle stream waits in it, and a second
@@ -142,8 +143,10 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self,
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
         peer: str | None = None,
-    ) -> DeviceSession | None:
-        """Read the Hello, open (or resume) the session and answer the Welcome; None if the client left."""
+    ) -> tuple[DeviceSession, bool] | None:
+        """Read the Hello, open (or resume) the session and answer the Welcome; None if the client left.
+
+        Also whether the client reads ServerMessage.cue_ack (Hello.accepts_cue_ack)."""
         first = await opening(context, device_pb2.DeviceMessage, kind="hello", deadline=self.hello_timeout)
         if first is None:
             return None
@@ -173,7 +176,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             )
         )
         session.issued_secret = ""
-        return session
+        return session, first.hello.accepts_cue_ack
 
 
 class _Writer:
@@ -191,17 +194,20 @@ class _Writer:
     gave each commit one batch per stream; reading on keeps the client's window of batches in one round.
     """
 
-    __slots__ = ("_context", "_handler", "_session", "ending", "failure", "task")
+    __slots__ = ("_context", "_cue_acks", "_handler", "_session", "ending", "failure", "task")
 
     def __init__(
         self,
         session: DeviceSession,
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.ServerMessage],
+        cue_acks: bool = False,
     ) -> None:
         handler = asyncio.current_task()
         assert handler is not None
         self._session = session
         self._context = context
+        # The client reads ServerMessage.cue_ack: a cue and the ack right behind it go as one message (_send).
+        self._cue_acks = cue_acks
         self._handler = handler
         self.task: asyncio.Task[None] | None = None
         self.failure: SessionFailed | Exception | None = None
@@ -247,7 +253,15 @@ class _Writer:
     async def _send(self, item: DeviceOut) -> None:
         session = self._session
         if not session.closed or isinstance(item, Ack):
-            await self._context.write(_to_proto(item))
+            if self._cue_acks and isinstance(item, CueOffer) and isinstance(session.outbox.peek(), Ack):
+                # A batch that fires a cue puts the cue and then its ack on the outbox together
+                # (core/ingest.py, _commit_acked): one write instead of two (issue 13).
+                ack = session.outbox.get_nowait()
+                assert isinstance(ack, Ack)
+                message = device_pb2.ServerMessage(cue=convert.cue_to_proto(item), cue_ack=convert.ack_to_proto(ack))
+            else:
+                message = _to_proto(item)
+            await self._context.write(message)
         session.notify_room()
 
     def stopped_reading(self) -> bool:

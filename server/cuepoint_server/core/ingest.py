@@ -398,11 +398,9 @@ class Ingest(Recovery, Identity):
         skipped: list[str] | None
         if units:
             results = await asyncio.gather(
-                self._append_round(rows), *(self._commit_unit(session, pending.unit) for session, pending in units)
+                self._append_round(rows), *(self._commit_acked(session, pending) for session, pending in units)
             )
             skipped = results[0]
-            for (session, pending), result in zip(units, results[1:], strict=True):
-                self._acked(session, pending, result)
         else:
             skipped = await self._append_round(rows)
         if skipped is None:
@@ -416,6 +414,13 @@ class Ingest(Recovery, Identity):
             self._settle_taken(session, len(taken_))
         for session, _ in units:
             self._settle_taken(session, 1)
+
+    async def _commit_acked(self, session: DeviceSession, pending: PendingAck) -> None:
+        """A batch with something evaluated staged beside it: its own transaction, then what it showed and its
+        ack, put on the outbox back to back (no await between), so the stream may send a cue and the ack of the
+        batch that fired it as one message (api/device.py). The unit's transaction stores the batch's signals,
+        so the ack need not wait for the round's other append."""
+        self._acked(session, pending, await self._commit_unit(session, pending.unit))
 
     def _settle_taken(self, session: DeviceSession, count: int) -> None:
         session.committing -= count

@@ -156,6 +156,11 @@ class Outbox(Generic[T]):
             self._items = None
         return item
 
+    def peek(self) -> T | None:
+        """The oldest item without taking it; None when there is none."""
+        items = self._items
+        return items[0] if items else None
+
     def items(self) -> list[T]:
         """What still waits, oldest first (a look, not a take)."""
         return list(self._items) if self._items else []
