@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from cuepoint_server.storage import (
     PostgresStore,
     ReplicaRecord,
     SessionRecord,
-    SqliteStore,
     TimerRecord,
     WebhookRecord,
 )
@@ -29,18 +27,6 @@ from .conftest import pg_url_for
 from .test_storage import cue, engagement
 
 HOLD = 30.0
-
-
-@pytest.fixture
-async def store(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """Both backends (SqliteStore; PostgresStore: a fresh schema per test), as test_storage.py's."""
-    s: Any
-    if backend == "postgres":
-        s = await PostgresStore.open(pg_url_for(request.getfixturevalue("pg_database"), str(tmp_path)))
-    else:
-        s = await SqliteStore.open(str(tmp_path / "cuepoint.db"))
-    yield s
-    await s.close()
 
 
 def expiry(cue_id: str, owner: str, due_at: float) -> TimerRecord:

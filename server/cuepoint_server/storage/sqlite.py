@@ -1342,22 +1342,17 @@ class SqliteStore(PredictState, Slots):
 
     async def finish_timer(self, timer_id: str, at: float) -> bool:
         """Mark a timer done with no effect (its effect was moot); True if this call did."""
-
-        async def run(conn: aiosqlite.Connection) -> tuple[bool, int]:
-            marked = await conn.execute(MARK_TIMER_DONE, (at, timer_id))
-            if marked.rowcount < 1:
-                inserted = await conn.execute(INSERT_DONE_TIMER, done_row(timer_id, at))
-                return inserted.rowcount > 0, 1
-            return True, 1
-
-        done: bool = await self._writer.transaction(run)
-        return done
+        return await self._mark_done(MARK_TIMER_DONE, (at, timer_id), timer_id, at)
 
     async def finish_due(self, timer_id: str, due_at: float, at: float) -> bool:
         """Mark a timer done for that due time only; True if this call did."""
+        return await self._mark_done(MARK_DUE_DONE, (at, timer_id, due_at), timer_id, at)
+
+    async def _mark_done(self, mark: str, params: tuple[Any, ...], timer_id: str, at: float) -> bool:
+        """`mark` the armed row done, or store the timer as done when no row matched; True if this call did."""
 
         async def run(conn: aiosqlite.Connection) -> tuple[bool, int]:
-            marked = await conn.execute(MARK_DUE_DONE, (at, timer_id, due_at))
+            marked = await conn.execute(mark, params)
             if marked.rowcount < 1:
                 inserted = await conn.execute(INSERT_DONE_TIMER, done_row(timer_id, at))
                 return inserted.rowcount > 0, 1
