@@ -449,7 +449,15 @@ async def test_invitations_face_the_same_policy(start_server: StartServer) -> No
     other = await phone(server, "phone-2", user_id="user-2")
     first_try = await dana.invite("phone-2", cuepoint.Channel.CHAT, "Hello?", reason="test")
     assert first_try.invited
-    await other.decline(await other.next_cue(timeout=5))
+    invited = await other.next_cue(timeout=5)
+    await other.decline(invited)
+    # The decline travels on the device's stream, the next invitation on the associate's: wait until the
+    # server has taken the answer (stored after it is settled in memory), or the cue still counts as pending.
+    for _ in range(250):
+        stored = await server.store.get_cue(invited.cue_id)
+        if stored is not None and stored.status == "declined":
+            break
+        await asyncio.sleep(0.02)
     again = await dana.invite("phone-2", cuepoint.Channel.CHAT, "Hello again?", reason="test")
     assert (again.invited, again.blocked_reason) == (False, "declined")
 
