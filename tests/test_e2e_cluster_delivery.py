@@ -111,3 +111,32 @@ async def test_an_invitation_reaches_a_device_held_by_the_other_replica(cluster:
     assert taken.engagement_id == engagement.engagement_id
     await phone.close()
     await dana.close()
+
+
+async def test_an_invitation_sent_before_the_inviters_link_reached_the_device_s_replica(cluster: StartCluster) -> None:  # noqa: F811
+    # A drops the first two announcements of Dana's link (her sign-in and the next sweep's): for about 4 s A
+    # has no stand-in of her stream, and her invitation arrives in that window. It carries her sign-in, so A
+    # opens the stand-in then and invites through it, instead of dropping it (and her answer never coming).
+    (a,) = await cluster(HELP, count=1, extra=faults("desk=2"))
+    (b,) = await cluster(HELP, count=1)
+    phone = await device(a, "phone-a")
+    await phone.track("checkout_error")
+    await phone.flush(timeout=10)
+    dana = await cuepoint.connect_associate(b.address, associate_id="dana", display_name="Dana", queues=["support"])
+    result = await dana.invite(
+        "phone-a", cuepoint.Channel.CHAT, "Need a hand?", reason="seen in live now", timeout=RECOVERY
+    )
+    assert result.invited and result.blocked_reason == ""
+    cue = await phone.next_cue(timeout=RECOVERY)
+    assert cue.cue_id == result.cue_id
+    engagement = await phone.accept(cue)
+    taken = await dana.next_engagement(timeout=RECOVERY)
+    assert taken.engagement_id == engagement.engagement_id
+    # The stand-in opened by the invitation is the link's one: the announcements heard later keep it, and the
+    # engagement stays with Dana through several sweeps (a stand-in not heard from for three signs out).
+    await asyncio.sleep(8)
+    await dana.send_chat(taken, "still here")
+    async with asyncio.timeout(RECOVERY):
+        assert [text for _, text in await _chat_lines(engagement.messages(), 1)] == ["still here"]
+    await phone.close()
+    await dana.close()

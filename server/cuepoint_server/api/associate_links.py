@@ -24,6 +24,7 @@ import base64
 import contextlib
 import json
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -179,6 +180,9 @@ class AssociateLinks:
         self._sweeper: asyncio.Task[None] | None = None
         # Replicas named as owners in this replica's links that the last sweep found gone.
         self._gone: set[str] = set()
+        # Links whose home announced them closed: an invitation still in the outbox opens no stand-in for them.
+        self._closed: deque[str] = deque(maxlen=4096)
+        self._announcements_to_drop = self.delivery.faults.announcements_dropped
 
     @property
     def replica(self) -> str:
@@ -326,7 +330,11 @@ class AssociateLinks:
             return False
         # Sure of the one holder: wake only it; else every replica, and whoever holds the device takes it.
         replica = holders[0] if len(holders) == 1 and not unanswered else ""
-        body = _encode({"link": link.link_id, "message": _b64(message)})
+        # With the sign-in, so the device's replica can open its stand-in of this stream at once when the
+        # link's announcement has not reached it yet (it would otherwise have nobody to invite through).
+        body = _encode(
+            {"link": link.link_id, "message": _b64(message), "home": self.replica, "sign_in": _b64(link.sign_in)}
+        )
         await self.delivery.send(device_recipient(device_id), body, replica=replica, device_id=device_id)
         return True
 
@@ -347,21 +355,28 @@ class AssociateLinks:
         home, link_id = str(body.get("replica", "")), str(body.get("link", ""))
         if home == self.replica or not link_id:
             return
+        if self._announcements_to_drop:
+            self._announcements_to_drop -= 1  # test-only (DeliveryFaults.announcements_dropped)
+            return
         stand_in = self._stand_ins.get(link_id)
         if body.get("state") == "closed":
+            self._closed.append(link_id)
             if stand_in is not None:
                 self._end_stand_in(stand_in)
             return
-        now = asyncio.get_running_loop().time()
         if stand_in is not None:
-            stand_in.last_heard = now
+            stand_in.last_heard = asyncio.get_running_loop().time()
             return
-        sign_in = associate_pb2.AssociateMessage.FromString(base64.b64decode(body["sign_in"]))
-        stand_in = _StandIn(link_id, home, last_heard=now)
+        self._open_stand_in(link_id, home, str(body["sign_in"]))
+
+    def _open_stand_in(self, link_id: str, home: str, sign_in_b64: str) -> _StandIn:
+        sign_in = associate_pb2.AssociateMessage.FromString(base64.b64decode(sign_in_b64))
+        stand_in = _StandIn(link_id, home, last_heard=asyncio.get_running_loop().time())
         self._stand_ins[link_id] = stand_in
         self.delivery.hold(stand_in_recipient(link_id, self.replica), lambda data: self._on_message(stand_in, data))
         stand_in.task = asyncio.create_task(self._run(stand_in, sign_in), name=f"cuepoint-stand-in-{link_id}")
         log.info("associate.stand_in", link=link_id, home=home, associate_id=sign_in.sign_in.associate_id)
+        return stand_in
 
     async def _on_message(self, stand_in: _StandIn, data: bytes) -> None:
         body = json.loads(data)
@@ -391,10 +406,15 @@ class AssociateLinks:
 
         async def receive(data: bytes) -> None:
             body = json.loads(data)
-            stand_in = self._stand_ins.get(str(body.get("link", "")))
+            link_id = str(body.get("link", ""))
+            stand_in = self._stand_ins.get(link_id)
+            if stand_in is None and link_id not in self._closed and body.get("sign_in") and body.get("home"):
+                # The link's announcement has not reached this replica yet (it is a plain bus message, repeated
+                # every sweep): the invitation carries the sign-in, so the stand-in opens now and invites.
+                stand_in = self._open_stand_in(link_id, str(body["home"]), str(body["sign_in"]))
             if stand_in is None:
-                # The inviter signed out (or its link is not open here yet): nobody to answer.
-                log.warning("associate.invitation_unrouted", link=body.get("link"), device_id=device_id)
+                # The inviter signed out: nobody to answer.
+                log.warning("associate.invitation_unrouted", link=link_id, device_id=device_id)
                 return
             await self._on_message(stand_in, data)
 

@@ -51,24 +51,28 @@ Receiver = Callable[[bytes], Awaitable[None]]
 class DeliveryFaults:
     """Test-only faults on the wake-ups this replica receives (`cuepoint serve --test-delivery-faults`):
     every `drop_every`-th is dropped, and with `replay` every other one is handled twice, so tests prove
-    that rows, not bus messages, carry the traffic."""
+    that rows, not bus messages, carry the traffic. `announcements_dropped`: the first N associate-link
+    announcements heard from other replicas (api/associate_links.py) are dropped, as a late one would be."""
 
     drop_every: int = 0
     replay: bool = False
+    announcements_dropped: int = 0
 
     @classmethod
     def parse(cls, text: str) -> DeliveryFaults:
-        """``drop=N,replay`` (either part may be left out)."""
-        drop, replay = 0, False
+        """``drop=N,replay,desk=N`` (any part may be left out)."""
+        drop, replay, desk = 0, False, 0
         for part in filter(None, (p.strip() for p in text.split(","))):
             name, _, value = part.partition("=")
             if name == "drop" and value.isdigit() and int(value) > 0:
                 drop = int(value)
             elif name == "replay" and not value:
                 replay = True
+            elif name == "desk" and value.isdigit():
+                desk = int(value)
             else:
-                raise ValueError(f"--test-delivery-faults: unknown part {part!r} (expected drop=N,replay)")
-        return cls(drop, replay)
+                raise ValueError(f"--test-delivery-faults: unknown part {part!r} (expected drop=N,replay,desk=N)")
+        return cls(drop, replay, desk)
 
 
 class Delivery:
