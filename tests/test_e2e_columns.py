@@ -46,9 +46,14 @@ async def test_the_sdk_sends_events_by_column_and_they_are_stored_as_tracked(sta
     assert (await client.next_cue(timeout=10)).scenario_id == "sync-failure"
     await client.close()
     # What the SDK put on the wire for those events: columns, one string table for the batch.
-    message = _convert.signals_message("b", time.time(), [_convert.EventRow("x1", 1.0, "a", {"k": "v"})])
+    three = [_convert.EventRow(f"x{i}", 1.0, "a", {"k": "v"}) for i in range(3)]
+    message = _convert.signals_message("b", time.time(), three)
     assert message.WhichOneof("kind") == "signal_columns"
     assert list(message.signal_columns.strings) == ["a", "k", "v"]
+    # One or two events go as Signal messages, which cost less than a string table and nine columns.
+    message = _convert.signals_message("b", time.time(), three[:2])
+    assert message.WhichOneof("kind") == "signals"
+    assert [(s.id, s.event.name) for s in message.signals.signals] == [("x0", "a"), ("x1", "a")]
 
 
 async def test_a_columnar_batch_is_acked_and_deduped_like_rows(start_server: StartServer) -> None:
