@@ -227,6 +227,11 @@ class SharedSlots(Bots):
         """Storage gave `engagement` a slot of `associate_id` (with `armed`, the offer's timeout row): offer or
         assign it, unless things moved on while it decided (then the slot goes back, and the row is done)."""
         associate = self.router.find(associate_id)
+        # The slot was free in storage, so whatever freed it (a stand-in's "ended", an offer withdrawn) is
+        # stored for the associate's home: taken before this offer goes out, so the associate never sees the
+        # new engagement before the end of the one it replaces, whichever path found the room (an announcement,
+        # the sweep, a retry, a new accept).
+        await self._settle(associate)
         offered = associate is not None and associate.manual_claim
         if armed is not None and not offered:
             await self.store.finish_due(armed.timer_id, armed.due_at, self.clock.now())
@@ -354,9 +359,8 @@ class SharedSlots(Bots):
             return
 
         async def job() -> None:
-            # The associate's home takes what its stand-ins stored for it (the "ended" that made this room)
-            # before offering anything new.
-            await self._settle(associate)
+            # What its stand-ins stored for it (the "ended" that made this room) is taken by `_reserved`
+            # before anything new is offered.
             await self._fill(associate)
 
         self._slot_job(job)

@@ -86,6 +86,7 @@ class Transfers(Participants):
             result = await self.store.reserve_slot(claim, self.clock.now())
             if result.associate_id:
                 if engagement.state == "assigned":
+                    await self._settle(target)  # the end that freed the slot reaches them first (desk_shared.py)
                     return True
                 # Ended while storage decided: nothing to hand over, the slot goes back.
                 await self.store.release_slot(engagement.engagement_id, target.associate_id, self.clock.now())
