@@ -167,8 +167,10 @@ class WebhookDispatcher:
                 log.exception("webhook.loop_failed")
                 wait = _POLL
             self._wake.clear()
+            # asyncio.timeout, not wait_for, which in Python 3.11 can swallow a cancel arriving as the event is set.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait if wait > 0 else 0.01)
+                async with asyncio.timeout(wait if wait > 0 else 0.01):
+                    await self._wake.wait()
 
     async def _deliver_due(self) -> None:
         room = _CONCURRENCY - len(self._deliveries)

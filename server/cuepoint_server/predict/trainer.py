@@ -125,8 +125,11 @@ class Trainer:
             if self._dirty:
                 # Learned but not yet saved (saves are spaced by save_every): come back when it is due.
                 timeout = min(timeout, max(0.0, self._saved_at + self.config.save_every - time.time()))
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that comes as the event is
+            # set (a label write finishing as stop() cancels), and stop() then waited for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._renew()
