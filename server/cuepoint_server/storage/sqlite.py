@@ -636,16 +636,36 @@ def _same_kind(a: _Op, b: _Op) -> bool:
     return isinstance(a, _AppendBatches) and isinstance(b, _AppendBatches)
 
 
+# A writer batch of at most this many rows is begun, written and committed on the event loop's own thread
+# (issue 13: "one writer on the event loop"). In WAL mode with synchronous = NORMAL a commit is a write to the
+# WAL file, no fsync: ~20 us for a cue round's rows, while the hop to aiosqlite's thread cost the process
+# ~0.2 ms of CPU per round (a queue, a thread wake-up, a loop callback, and the GIL handed back and forth:
+# bench/_cue_round.py 1.05 -> 0.82 ms per round). Larger batches (ingest bursts) still go to the thread,
+# where SQLite's C code runs beside the loop on the other core.
+INLINE_ROWS = 256
+# The WAL is checkpointed between the writer's transactions, on aiosqlite's thread, never by a commit on the
+# loop: an automatic checkpoint inside a commit fsyncs, and stalled the loop up to ~12 ms (56 commits of
+# 20,000 over 1 ms, against 6 without). Between transactions (not beside them, from another connection) so
+# the next commit finds the WAL fully copied and starts it over: a WAL checkpointed while commits go on
+# never restarts and grows without end. After this many rows or commits, near SQLite's 1,000-page default.
+CHECKPOINT_EVERY = 4000
+
+
 class _BatchWriter:
     def __init__(
         self,
         conn: aiosqlite.Connection,
         max_batch: int,
         txn_guard: contextlib.AbstractAsyncContextManager[Any],
+        inline: bool = False,
     ) -> None:
         self._conn = conn
         self._max_batch = max_batch
         self._guard = txn_guard
+        # Small batches inline: for a file database (its WAL checkpointed by `_passive_checkpoint`); an
+        # in-memory one shares its connection with the reads, which run on aiosqlite's thread.
+        self._inline = inline
+        self._unchecked = 0
         self._queue: asyncio.Queue[_Op | _Checkpoint | None] = asyncio.Queue()
         self._closed = False
         self._batches = self._ops = self._rows = self._failed = 0
@@ -719,6 +739,8 @@ class _BatchWriter:
                     size += op.size
                 await self._apply(pending)
                 pending = []
+                if self._unchecked >= CHECKPOINT_EVERY:
+                    await self._passive_checkpoint()
                 if held is not None:
                     await self._checkpoint(held)
                     held = None
@@ -753,13 +775,19 @@ class _BatchWriter:
         try:
             async with self._guard:
                 if not any(isinstance(op, _Transaction) for op in batch):
-                    # BEGIN, every write and COMMIT in one hop to the database thread: each hop (a queue, a
-                    # thread wake-up, a loop callback) cost the event loop more than the statements it ran,
-                    # and a cue round made five of them.
-                    written, failed = await _in_thread(self._conn, _apply_in_thread, batch)
+                    # BEGIN, every write and COMMIT at once: on the loop's thread when small (INLINE_ROWS),
+                    # else in one hop to the database thread (each hop, a queue, a thread wake-up and a loop
+                    # callback, cost the event loop more than the statements it ran; a cue round made five).
+                    outcome: _Applied | None = None
+                    if self._inline and sum(op.size for op in batch) <= INLINE_ROWS:
+                        outcome = _apply_inline(self._conn._conn, batch)  # None: another process writes
+                    if outcome is None:
+                        outcome = await _in_thread(self._conn, _apply_in_thread, batch)
+                    written, failed = outcome
                     if failed is not None:
                         applying = True
                         raise failed
+                    assert written is not None  # _apply_begun returns one or the other
                     results, rows = written
                 else:
                     try:
@@ -785,9 +813,21 @@ class _BatchWriter:
         self._batches += 1
         self._ops += len(batch)
         self._rows += rows
+        if self._inline:
+            self._unchecked += rows + 1
         for op, result in zip(batch, results, strict=True):
             if not op.future.done():
                 op.future.set_result(result)
+
+    async def _passive_checkpoint(self) -> None:
+        # PASSIVE: copies what no reader still needs and never waits for readers; the WAL restarts at the
+        # next commit once everything is copied.
+        self._unchecked = 0
+        try:
+            async with self._guard:
+                await self._conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")  # fetched: no open statement
+        except Exception:
+            log.warning("storage.checkpoint_failed", exc_info=True)
 
     async def _rollback(self) -> None:
         # The original error is what callers need; a failed rollback means the connection is unusable and
@@ -832,12 +872,20 @@ def _run_work(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], tuple
     return work(db)
 
 
-def _apply_in_thread(db: sqlite3.Connection, batch: list[_Op]) -> tuple[tuple[list[Any], int] | None, Exception | None]:
+# ((results, rows written), None) once committed, or (None, the error) once rolled back.
+_Applied = tuple[tuple[list[Any], int] | None, Exception | None]
+
+
+def _apply_in_thread(db: sqlite3.Connection, batch: list[_Op]) -> _Applied:
     """On the database thread: one writer batch (no _Transaction in it) begun, written and committed.
 
     ((results, rows), None) once committed; (None, error) if a write failed (rolled back: the writer then
     retries the ops one by one, as `_apply` does). BEGIN or COMMIT failing raises (nothing was written)."""
     db.execute("BEGIN IMMEDIATE")
+    return _apply_begun(db, batch)
+
+
+def _apply_begun(db: sqlite3.Connection, batch: list[_Op]) -> _Applied:
     try:
         written = _write_in_thread(db, batch)
     except Exception as exc:
@@ -852,6 +900,21 @@ def _apply_in_thread(db: sqlite3.Connection, batch: list[_Op]) -> tuple[tuple[li
         _rollback_in_thread(db)
         raise
     return written, None
+
+
+def _apply_inline(db: sqlite3.Connection, batch: list[_Op]) -> _Applied | None:
+    """`_apply_in_thread` on the event loop's thread, or None (nothing done) when another process holds the
+    write lock: the loop must not wait out the busy timeout, so the database thread does that instead."""
+    db.execute("PRAGMA busy_timeout = 0")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return None
+        raise
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    return _apply_begun(db, batch)
 
 
 def _rollback_in_thread(db: sqlite3.Connection) -> None:
@@ -1075,7 +1138,7 @@ class SqliteStore(PredictState, Slots):
         # uncommitted rows, so reads and write transactions take turns on this lock.
         self._shared_lock: asyncio.Lock | None = asyncio.Lock() if reader_conn is None else None
         guard: contextlib.AbstractAsyncContextManager[Any] = self._shared_lock or contextlib.nullcontext()
-        self._writer = _BatchWriter(writer_conn, max_batch, guard)
+        self._writer = _BatchWriter(writer_conn, max_batch, guard, inline=reader_conn is not None)
         self._closing: asyncio.Task[None] | None = None
 
     @classmethod
@@ -1085,11 +1148,14 @@ class SqliteStore(PredictState, Slots):
             raise ValueError("max_batch must be at least 1")
         location = os.fspath(path)
         # Autocommit mode: the writer issues BEGIN/COMMIT itself, and reads never hold a snapshot open.
-        writer = await aiosqlite.connect(location, isolation_level=None)
+        writer = await aiosqlite.connect(location, isolation_level=None, check_same_thread=False)
         reader: aiosqlite.Connection | None = None
         try:
             await _configure(writer, read_only=False)
             await _ensure_schema(writer)
+            if location not in (":memory:", ""):
+                # The writer checkpoints between its transactions (_BatchWriter._passive_checkpoint).
+                await writer.execute("PRAGMA wal_autocheckpoint = 0")
             # An in-memory database is private to its connection, so it has to share the writer's.
             if location not in (":memory:", ""):
                 reader = await aiosqlite.connect(location, isolation_level=None)
