@@ -638,10 +638,10 @@ def _same_kind(a: _Op, b: _Op) -> bool:
 
 # A writer batch of at most this many rows is begun, written and committed on the event loop's own thread
 # (issue 13: "one writer on the event loop"). In WAL mode with synchronous = NORMAL a commit is a write to the
-# WAL file, no fsync: ~20 us for a cue round's rows, while the hop to aiosqlite's thread cost the process
-# ~0.2 ms of CPU per round (a queue, a thread wake-up, a loop callback, and the GIL handed back and forth:
-# bench/_cue_round.py 1.05 -> 0.82 ms per round). Larger batches (ingest bursts) still go to the thread,
-# where SQLite's C code runs beside the loop on the other core.
+# WAL file, no fsync: ~20 us for a cue round's rows, while the hop to aiosqlite's thread cost a queue, a
+# thread wake-up, a loop callback and the GIL handed back and forth (bench_latency.py: server CPU per cue
+# round 1.74 / 1.03 -> 1.23 / 0.90 ms, README "Changes of 2026-12-06"). Larger batches (ingest bursts) still
+# go to the thread, where SQLite's C code runs beside the loop on the other core.
 INLINE_ROWS = 256
 # The WAL is checkpointed between the writer's transactions, on aiosqlite's thread, never by a commit on the
 # loop: an automatic checkpoint inside a commit fsyncs, and stalled the loop up to ~12 ms (56 commits of
