@@ -1,5 +1,5 @@
 """SQLite's writer on the event loop's thread (issue 13): small commits run inline, yet another process holding
-the write lock never stalls the loop, and the WAL is still checkpointed (by the reader's connection)."""
+the write lock never stalls the loop, and the WAL is still checkpointed (by the writer, between transactions)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ async def test_the_wal_is_checkpointed_though_commits_never_do_it(
     async with await SqliteStore.open(path) as store:
         for n in range(600):
             await store.save_milestone(milestone(n))  # one small commit each, on the loop's thread
-        await asyncio.sleep(0.1)  # the last checkpoint, on the reader's thread
+        await asyncio.sleep(0.1)  # the last checkpoint, on aiosqlite's thread after the last commit
         assert await count_milestones(store) == 600
         # Frames in the WAL now: the log restarts after each checkpoint, so far fewer than one per commit.
         probe = sqlite3.connect(path, isolation_level=None)

@@ -1153,11 +1153,10 @@ class SqliteStore(PredictState, Slots):
         try:
             await _configure(writer, read_only=False)
             await _ensure_schema(writer)
+            # An in-memory database is private to its connection, so it has to share the writer's.
             if location not in (":memory:", ""):
                 # The writer checkpoints between its transactions (_BatchWriter._passive_checkpoint).
                 await writer.execute("PRAGMA wal_autocheckpoint = 0")
-            # An in-memory database is private to its connection, so it has to share the writer's.
-            if location not in (":memory:", ""):
                 reader = await aiosqlite.connect(location, isolation_level=None)
                 await _configure(reader, read_only=True)
         except BaseException:
