@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cuepoint_server.engine.state import EVENT_MEMORY, DeviceState, EventOccurrence
+from cuepoint_server.engine.state import EVENT_MEMORY, MAX_REMEMBERED_IDS, DeviceState, EventOccurrence
 
 times = st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 5.0, 30.0, 31.0]), max_size=12)
 
@@ -64,3 +64,17 @@ def test_remember_all_reports_the_ids_seen_before_in_batch_order() -> None:
     assert not state.remember("d")
     state.forget("d")
     assert state.remember("d")
+
+
+def test_dedupe_memory_keeps_the_newest_ids_and_forgets_the_oldest_batches_whole() -> None:
+    state = DeviceState("d", "app")
+    batches = [[f"b{b}-{i}" for i in range(100)] for b in range(MAX_REMEMBERED_IDS // 100 + 3)]
+    for ids in batches:
+        assert state.remember_all(ids) == []
+    # Every id of the newest MAX_REMEMBERED_IDS is still known; the oldest batches are gone, whole.
+    newest = [i for ids in batches for i in ids][-MAX_REMEMBERED_IDS:]
+    assert state.remember_all(newest) == newest
+    assert state.remember_all(batches[0]) == []
+    assert state.remember("b1-0")  # single ids are remembered and forgotten the same way
+    state.forget("b1-0")
+    assert state.remember_all(["b1-0", batches[-1][0]]) == [batches[-1][0]]
