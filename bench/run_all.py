@@ -23,6 +23,8 @@ from _common import BENCH_DIR, PYTHON, machine_busy, machine_info, met_text, not
 BENCHES: list[tuple[str, str, list[str], list[str]]] = [
     ("echo", "echo_server.py", [], ["--streams", "50"]),
     ("ingest", "bench_ingest.py", [], []),
+    # Issue 13's prototype shape beside the echo and Cuepoint: what the columnar design reaches here.
+    ("prototype", "prototype_server.py", [], []),
     ("latency", "bench_latency.py", [], []),
     ("eval", "bench_eval.py", [], []),
     ("memory", "bench_memory.py", [], []),
