@@ -68,11 +68,12 @@ class OfferGuard:
 
     Several replicas decide for the same user (two devices, two processes), each from its own memory. So the
     commit takes the subject's lock (PostgreSQL: a transaction-scoped advisory lock on the subject), reads
-    the subject's stored cues (those created at or after ``since``, of ``session_id``, or declined or
-    accepted at any time) and calls ``check``: a reason (reason, detail) refuses the cue. ``check`` is the
-    arbiter's own rule (engine/arbiter.py), so storage holds no policy, only the data and the lock.
-    ``check`` reads only the history it is given and values fixed when the guard was made, so a store may
-    call it on its database thread (SQLite does: the commit is then one hop to that thread).
+    the subject's stored cues (those created at or after ``since``, of ``session_id``, and each scenario's
+    latest decline however old: offer_guard.HISTORY_WHERE) and calls ``check``: a reason (reason, detail)
+    refuses the cue. ``check`` is the arbiter's own rule (engine/arbiter.py), so storage holds no policy,
+    only the data and the lock. ``check`` reads only the history it is given and values fixed when the guard
+    was made, so a store may call it on its database thread (SQLite does: the commit is then one hop to that
+    thread).
     """
 
     cue_id: str

@@ -276,7 +276,7 @@ def _lock_subjects(subjects: Sequence[str]) -> str:
 _HISTORIES = (
     f"SELECT g.i, {', '.join(f'c.{col}' for col in _CUE_COLS)} "
     "FROM unnest($1::text[], $2::float8[], $3::text[]) WITH ORDINALITY AS g(subject, since, session, i) "
-    f"CROSS JOIN LATERAL (SELECT * FROM cues WHERE {HISTORY_WHERE.format('g.subject', 'g.since', 'g.session')}"
+    f"CROSS JOIN LATERAL (SELECT * FROM cues WHERE {HISTORY_WHERE.format('g.subject', 'g.since', 'g.session', 'seq')}"
     ") AS c ORDER BY g.i, c.created_at, c.seq"
 )
 

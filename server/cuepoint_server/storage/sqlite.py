@@ -397,7 +397,7 @@ _INSERT_DECISION = (
 # column and a JSON decode per stored cue, is not read (NULL here, {} in the records; see _history_cue).
 _SUBJECT_HISTORY = (
     f"{_select('cues', [c if c != 'explanation' else 'NULL' for c in _CUE_COLS])} "
-    f"WHERE {HISTORY_WHERE.format('?1', '?2', '?3')} ORDER BY created_at, rowid"
+    f"WHERE {HISTORY_WHERE.format('?1', '?2', '?3', 'rowid')} ORDER BY created_at, rowid"
 )
 
 
