@@ -45,36 +45,65 @@ async def test_serve_on_uvloop_acks_what_it_stored(tmp_path: Path) -> None:
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None
+    stderr = proc.stderr
+    said: list[str] = []  # everything the server writes, kept to explain a failure
+    step = "starting"
+
+    async def drain() -> None:
+        # Read to the end, so the server can never block on a full pipe, whatever it logs.
+        while line := (await stderr.readline()).decode():
+            said.append(line)
+
+    reader: asyncio.Task[None] | None = None
     try:
         async with asyncio.timeout(60):
             while True:
-                line = (await proc.stderr.readline()).decode()
+                line = (await stderr.readline()).decode()
                 assert line, "serve exited before listening"
+                said.append(line)
                 if "cuepoint listening on" in line:
                     address = line.rsplit(" ", 1)[1].strip()
                     break
+        reader = asyncio.create_task(drain())
         # Linux: the loop really is uvloop's, not a silently ignored flag.
         maps = await asyncio.to_thread(_mapped, proc.pid)
         if maps is not None:
             assert "uvloop" in maps
 
-        # One signal per message (the unbatched path), then one batch of 500.
+        # One signal per message (the unbatched path), then one batch of 500. Each step bounded on its own
+        # (well inside the suite's 120 s per test), so a stall names the step and shows the server's log.
         single = cuepoint.ClientConfig(max_batch=1, linger=0.0)
-        client = await cuepoint.connect(address, app_id="fitkit", device_id="uv-one", config=single)
+        step = "connecting uv-one"
+        client = await asyncio.wait_for(
+            cuepoint.connect(address, app_id="fitkit", device_id="uv-one", config=single), 20
+        )
+        step = "tracking 40 taps"
         one = [await client.track("tap", n=i) for i in range(40)]
-        await client.flush(timeout=30)
+        step = "flushing uv-one"
+        await client.flush(timeout=20)
+        step = "waiting for the cue"
         cue = await client.next_cue(timeout=10)
-        await client.close()
-        batched = await cuepoint.connect(address, app_id="fitkit", device_id="uv-many")
+        step = "closing uv-one"
+        await asyncio.wait_for(client.close(), 10)
+        step = "connecting uv-many"
+        batched = await asyncio.wait_for(cuepoint.connect(address, app_id="fitkit", device_id="uv-many"), 20)
         many = [await batched.track("scroll", n=i) for i in range(500)]
-        await batched.flush(timeout=30)
-        await batched.close()
+        step = "flushing uv-many"
+        await batched.flush(timeout=20)
+        step = "closing uv-many"
+        await asyncio.wait_for(batched.close(), 10)
+        step = "stopping"
+    except BaseException as exc:
+        exc.add_note(f"stalled or failed while {step}; the server said:\n{''.join(said[-40:])}")
+        raise
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(20):
             await proc.wait()
-    assert proc.returncode == 0
+        if reader is not None:
+            await reader
+    assert proc.returncode == 0, "".join(said[-40:])
 
     store = sqlite3.connect(db)
     for device, tracked in (("uv-one", one), ("uv-many", many)):
