@@ -554,6 +554,19 @@ async def open_raw_streams(
     return channels, calls
 
 
+async def serve_until_signalled(server: grpc.aio.Server, announcement: str) -> None:
+    """Start a benchmark's own server, print ``announcement`` (the "listening on" line ServerProcess waits
+    for), and serve until SIGINT or SIGTERM."""
+    await server.start()
+    print(announcement, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
 async def close_channels(channels: Iterable[grpc.aio.Channel], calls: Iterable[Any] = ()) -> None:
     for call in calls:
         if call is not None:

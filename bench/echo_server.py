@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +38,7 @@ from _common import (
     pin_self,
     raw_throughput,
     report,
+    serve_until_signalled,
     temp_dir,
 )
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -99,14 +99,7 @@ def build_server(host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Serve
 
 async def serve(host: str, port: int) -> None:
     server, bound = build_server(host, port)
-    await server.start()
-    print(f"echo listening on {host}:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1.0)
+    await serve_until_signalled(server, f"echo listening on {host}:{bound}")
 
 
 async def echo_throughput(

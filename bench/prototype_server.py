@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import math
 import re
-import signal
 import sqlite3
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from _common import (
     pin_self,
     raw_throughput,
     report,
+    serve_until_signalled,
 )
 from bench_ingest import write_scenarios
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -322,14 +322,7 @@ def _matches(columns: device_pb2.SignalColumns) -> int:
 async def serve(host: str, port: int) -> None:
     with tempfile.TemporaryDirectory(prefix="proto-") as tmp:
         server, bound, _ = build_server(str(Path(tmp) / "proto.db"), host, port)
-        await server.start()
-        print(f"prototype listening on {host}:{bound}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await server.stop(1.0)
+        await serve_until_signalled(server, f"prototype listening on {host}:{bound}")
 
 
 def prototype_server(log_dir: Path) -> ServerProcess:
