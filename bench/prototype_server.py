@@ -36,7 +36,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from bench_ingest import write_scenarios
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cuepoint.v1 import device_pb2
+from cuepoint_server.engine.state import DeviceState
 
 SERVICE = "benchproto.v1.Prototype"
 PROTOTYPE_METHOD = f"/{SERVICE}/Connect"
@@ -76,7 +77,6 @@ MAX_PROPS = 32
 MAX_STRING = 1024
 MAX_FUTURE_SKEW = 300.0
 MAX_AGE = 7 * 86400.0
-MAX_REMEMBERED = 4096
 _JOINED_IDS = re.compile(r"[A-Za-z0-9_.:-]{1,64}(?: [A-Za-z0-9_.:-]{1,64})*")
 _NAME = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
@@ -102,14 +102,13 @@ class Invalid(Exception):
 class Device:
     """One device's state: a token bucket, remembered ids, and per event name a count and the latest time."""
 
-    __slots__ = ("chunks", "counts", "held", "latest", "matched", "seen", "stamp", "tokens")
+    __slots__ = ("counts", "ids", "latest", "matched", "stamp", "tokens")
 
     def __init__(self, now: float) -> None:
         self.tokens = float(BENCH_RATE)
         self.stamp = now
-        self.seen: set[str] = set()
-        self.chunks: deque[list[str]] = deque()
-        self.held = 0
+        # The server's own dedupe memory (a set, forgotten a batch at a time): the same cost as Cuepoint's.
+        self.ids = DeviceState("", "")
         self.counts: Counter[str] = Counter()
         self.latest: dict[str, float] = {}
         self.matched = 0
@@ -118,22 +117,6 @@ class Device:
         self.tokens = min(float(BENCH_RATE), self.tokens + (now - self.stamp) * BENCH_RATE) - n
         self.stamp = now
         return self.tokens >= 0
-
-    def remember(self, ids: list[str]) -> list[str]:
-        seen = self.seen
-        if seen.isdisjoint(ids):
-            fresh, duplicates = ids, []
-        else:
-            duplicates = [i for i in ids if i in seen]
-            fresh = [i for i in ids if i not in seen]
-        seen.update(fresh)
-        self.chunks.append(fresh)
-        self.held += len(fresh)
-        while self.held - len(self.chunks[0]) >= MAX_REMEMBERED:
-            old = self.chunks.popleft()
-            self.held -= len(old)
-            seen.difference_update(old)
-        return duplicates
 
 
 # A budget far above the load, still charged (as bench_ingest's BENCH_LIMITS).
@@ -261,7 +244,7 @@ def build_server(db_path: str, host: str = "127.0.0.1", port: int = 0) -> tuple[
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 if not device.charge(len(ids), now):
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit")
-                duplicates = device.remember(ids)
+                duplicates = device.ids.remember_all(ids)
                 strings = columns.strings
                 names = columns.names
                 per_name = Counter(names)  # by string-table index, in C
