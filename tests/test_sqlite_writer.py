@@ -1,10 +1,11 @@
 """SQLite's writer on the event loop's thread (issue 13): small commits run inline, yet another process holding
-the write lock never stalls the loop, and the WAL is still checkpointed (by the writer, between transactions)."""
+the write lock never stalls the loop, and the WAL is still checkpointed (its bulk beside the commits, the rest between transactions)."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,50 @@ async def test_the_wal_is_checkpointed_though_commits_never_do_it(
         finally:
             probe.close()
         assert 0 <= frames < 300
+
+
+async def test_commits_go_on_while_the_wal_is_copied_and_the_wal_still_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bulk of a checkpoint runs beside the writer's commits (it took 19-27 ms, and every cue round's commit
+    queued behind it); only what was committed meanwhile is copied between transactions."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 50)
+    release = threading.Event()
+    started = threading.Event()
+    copies: list[tuple[int, int, int]] = []
+    real_copy = sqlite_store._copy_wal
+
+    def slow_copy(conn: sqlite3.Connection) -> tuple[int, int, int]:
+        started.set()
+        release.wait(10)  # a copy as slow as we like: commits must not wait for it
+        result = real_copy(conn)
+        copies.append(result)
+        return result
+
+    monkeypatch.setattr(sqlite_store, "_copy_wal", slow_copy)
+    path = tmp_path / "c.db"
+    async with await SqliteStore.open(path) as store:
+        n = 0
+        while n < 30:  # 2 per commit (its row and the commit): a copy starts after 25
+            await store.save_milestone(milestone(n))
+            n += 1
+        assert await asyncio.to_thread(started.wait, 5), "no copy started after CHECKPOINT_EVERY rows"
+        for _ in range(40):  # while the copy is held: each commit still completes
+            await asyncio.wait_for(store.save_milestone(milestone(n)), 5)
+            n += 1
+        assert not copies  # still held
+        release.set()
+        for _ in range(300):  # the copy ends; the writer copies the rest between its transactions
+            await store.save_milestone(milestone(n))
+            n += 1
+        await asyncio.sleep(0.2)  # the last copy, and the writer's catch-up after it
+        await store.save_milestone(milestone(n))  # the WAL, fully copied, starts over
+        n += 1
+        assert await count_milestones(store) == n
+        assert copies and all(busy == 0 for busy, _frames, _copied in copies)
+        probe = sqlite3.connect(path, isolation_level=None)
+        try:
+            _busy, frames, _done = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            probe.close()
+        assert 0 <= frames < 300  # it restarted: one commit of ~4 frames each would have left > 1,000

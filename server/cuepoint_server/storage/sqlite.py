@@ -617,6 +617,13 @@ class _Checkpoint:
     size: int = 1
 
 
+class _CatchUp:
+    """A copy of the WAL beside the commits has ended: the writer copies the rest between its transactions."""
+
+
+_CATCH_UP = _CatchUp()
+
+
 def _groups(batch: list[_Op]) -> Iterable[list[_Op]]:
     group: list[_Op] = []
     for op in batch:
@@ -643,12 +650,27 @@ def _same_kind(a: _Op, b: _Op) -> bool:
 # round 1.74 / 1.03 -> 1.23 / 0.90 ms, README "Changes of 2026-12-06"). Larger batches (ingest bursts) still
 # go to the thread, where SQLite's C code runs beside the loop on the other core.
 INLINE_ROWS = 256
-# The WAL is checkpointed between the writer's transactions, on aiosqlite's thread, never by a commit on the
-# loop: an automatic checkpoint inside a commit fsyncs, and stalled the loop up to ~12 ms (56 commits of
-# 20,000 over 1 ms, against 6 without). Between transactions (not beside them, from another connection) so
-# the next commit finds the WAL fully copied and starts it over: a WAL checkpointed while commits go on
-# never restarts and grows without end. After this many rows or commits, near SQLite's 1,000-page default.
+# The WAL is checkpointed by the writer, never by a commit on the loop: an automatic checkpoint inside a
+# commit fsyncs, and stalled the loop up to ~12 ms (56 commits of 20,000 over 1 ms, against 6 without).
+# After this many rows or commits, near SQLite's 1,000-page default.
 CHECKPOINT_EVERY = 4000
+# In two steps, so commits do not wait for the copy. First the bulk, from a connection of its own on its own
+# thread while commits go on: copying ~11,000 frames and its two fsyncs took 19-27 ms, and every commit of a
+# cue round queued behind it when the writer waited for it (bench_latency.py: p99 signal-to-cue 19-27 ms at
+# 350 cues/s, where the loop never stalled over 7 ms). Then, between the writer's transactions, the few frames
+# committed meanwhile (~2 ms for 170), so the next commit finds the WAL fully copied and starts it over: a
+# WAL only ever checkpointed beside commits never restarts and grows without end. If more than this many rows
+# were committed during the copy, another copy runs first (at most COPY_ROUNDS in all).
+CATCH_UP_ROWS = 512
+COPY_ROUNDS = 3
+
+
+def _copy_wal(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """A PASSIVE checkpoint on the checkpointer's own connection and thread: (busy, frames in the WAL, copied).
+
+    PASSIVE never waits for readers or writers, so the writer's commits go on beside it."""
+    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(busy), int(frames), int(copied)
 
 
 class _BatchWriter:
@@ -658,6 +680,7 @@ class _BatchWriter:
         max_batch: int,
         txn_guard: contextlib.AbstractAsyncContextManager[Any],
         inline: bool = False,
+        checkpointer: aiosqlite.Connection | None = None,
     ) -> None:
         self._conn = conn
         self._max_batch = max_batch
@@ -665,8 +688,12 @@ class _BatchWriter:
         # Small batches inline: for a file database (its WAL checkpointed by `_passive_checkpoint`); an
         # in-memory one shares its connection with the reads, which run on aiosqlite's thread.
         self._inline = inline
-        self._unchecked = 0
-        self._queue: asyncio.Queue[_Op | _Checkpoint | None] = asyncio.Queue()
+        self._unchecked = 0  # rows and commits since the last checkpoint began
+        # Copies the WAL beside the writer's commits (CATCH_UP_ROWS); None: the writer copies it all itself.
+        self._checkpointer = checkpointer
+        self._copying: asyncio.Task[None] | None = None
+        self._copies = 0  # copies beside commits since the WAL was last fully copied
+        self._queue: asyncio.Queue[_Op | _Checkpoint | _CatchUp | None] = asyncio.Queue()
         self._closed = False
         self._batches = self._ops = self._rows = self._failed = 0
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cuepoint-sqlite-writer")
@@ -701,6 +728,7 @@ class _BatchWriter:
             # Queued after every accepted op, so everything already submitted is still written.
             self._queue.put_nowait(None)
         await asyncio.shield(self._task)
+        await self._copied()
 
     def _new_future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
@@ -715,15 +743,15 @@ class _BatchWriter:
 
     async def _run(self) -> None:
         pending: list[_Op] = []
-        held: _Checkpoint | None = None
+        held: _Checkpoint | _CatchUp | None = None
         try:
             stopping = False
             while not stopping:
                 first = await self._queue.get()
                 if first is None:
                     break
-                if isinstance(first, _Checkpoint):
-                    await self._checkpoint(first)
+                if isinstance(first, (_Checkpoint, _CatchUp)):
+                    await self._between(first)
                     continue
                 pending = [first]
                 size = first.size
@@ -732,31 +760,39 @@ class _BatchWriter:
                     if op is None:
                         stopping = True
                         break
-                    if isinstance(op, _Checkpoint):
+                    if isinstance(op, (_Checkpoint, _CatchUp)):
                         held = op  # after this batch's transaction
                         break
                     pending.append(op)
                     size += op.size
                 await self._apply(pending)
                 pending = []
-                if self._unchecked >= CHECKPOINT_EVERY:
-                    await self._passive_checkpoint()
+                if self._unchecked >= CHECKPOINT_EVERY and self._copying is None:
+                    await self._start_checkpoint()
                 if held is not None:
-                    await self._checkpoint(held)
+                    await self._between(held)
                     held = None
         finally:
             # Only reached early if the task is cancelled (e.g. loop shutdown): nobody may wait forever.
             self._closed = True
-            left: list[_Op | _Checkpoint] = [*pending, *([held] if held is not None else [])]
+            left: list[_Op | _Checkpoint | _CatchUp] = [*pending, *([held] if held is not None else [])]
             while not self._queue.empty():
                 op = self._queue.get_nowait()
                 if op is not None:
                     left.append(op)
             for op in left:
-                if not op.future.done():
+                if not isinstance(op, _CatchUp) and not op.future.done():
                     op.future.set_exception(StoreClosedError("store closed before the write was committed"))
 
+    async def _between(self, step: _Checkpoint | _CatchUp) -> None:
+        """What runs between two transactions: an explicit checkpoint, or the end of a copy (_catch_up)."""
+        if isinstance(step, _Checkpoint):
+            await self._checkpoint(step)
+        else:
+            await self._catch_up()
+
     async def _checkpoint(self, op: _Checkpoint) -> None:
+        await self._copied()  # a copy in progress holds the checkpoint lock: TRUNCATE would find it busy
         try:
             async with self._guard:
                 rows = list(await self._conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)"))
@@ -818,6 +854,40 @@ class _BatchWriter:
         for op, result in zip(batch, results, strict=True):
             if not op.future.done():
                 op.future.set_result(result)
+
+    async def _start_checkpoint(self) -> None:
+        """CHECKPOINT_EVERY rows were committed: copy the WAL, beside the commits if there is a checkpointer."""
+        if self._checkpointer is None:
+            await self._passive_checkpoint()
+            return
+        self._unchecked = 0  # from here on: what the copy may miss
+        self._copies += 1
+        self._copying = asyncio.get_running_loop().create_task(
+            self._copy(self._checkpointer), name="cuepoint-sqlite-checkpoint"
+        )
+
+    async def _copy(self, checkpointer: aiosqlite.Connection) -> None:
+        try:
+            await _in_thread(checkpointer, _copy_wal)
+        except Exception:
+            log.warning("storage.checkpoint_failed", exc_info=True)
+        if not self._closed:
+            self._queue.put_nowait(_CATCH_UP)
+
+    async def _catch_up(self) -> None:
+        """A copy ended: copy what was committed meanwhile, or, if that is still much, start another copy."""
+        await self._copied()
+        if self._unchecked <= CATCH_UP_ROWS or self._copies >= COPY_ROUNDS:
+            self._copies = 0
+            await self._passive_checkpoint()
+        else:
+            await self._start_checkpoint()
+
+    async def _copied(self) -> None:
+        """Wait for a copy in progress (its thread cannot be interrupted; never raises)."""
+        if self._copying is not None:
+            copying, self._copying = self._copying, None
+            await asyncio.shield(copying)
 
     async def _passive_checkpoint(self) -> None:
         # PASSIVE: copies what no reader still needs and never waits for readers; the WAL restarts at the
@@ -1131,14 +1201,18 @@ class SqliteStore(PredictState, Slots):
         writer_conn: aiosqlite.Connection,
         reader_conn: aiosqlite.Connection | None,
         max_batch: int,
+        checkpoint_conn: aiosqlite.Connection | None = None,
     ) -> None:
         self._writer_conn = writer_conn
         self._reader_conn = reader_conn
+        self._checkpoint_conn = checkpoint_conn
         # With a single connection a read could run between the writer's BEGIN and COMMIT and see
         # uncommitted rows, so reads and write transactions take turns on this lock.
         self._shared_lock: asyncio.Lock | None = asyncio.Lock() if reader_conn is None else None
         guard: contextlib.AbstractAsyncContextManager[Any] = self._shared_lock or contextlib.nullcontext()
-        self._writer = _BatchWriter(writer_conn, max_batch, guard, inline=reader_conn is not None)
+        self._writer = _BatchWriter(
+            writer_conn, max_batch, guard, inline=reader_conn is not None, checkpointer=checkpoint_conn
+        )
         self._closing: asyncio.Task[None] | None = None
 
     @classmethod
@@ -1150,21 +1224,26 @@ class SqliteStore(PredictState, Slots):
         # Autocommit mode: the writer issues BEGIN/COMMIT itself, and reads never hold a snapshot open.
         writer = await aiosqlite.connect(location, isolation_level=None, check_same_thread=False)
         reader: aiosqlite.Connection | None = None
+        checkpointer: aiosqlite.Connection | None = None
         try:
             await _configure(writer, read_only=False)
             await _ensure_schema(writer)
             # An in-memory database is private to its connection, so it has to share the writer's.
             if location not in (":memory:", ""):
-                # The writer checkpoints between its transactions (_BatchWriter._passive_checkpoint).
+                # The writer checkpoints, not its commits (_BatchWriter._checkpoint_step), the bulk of each
+                # checkpoint from this connection of its own, on its own thread.
                 await writer.execute("PRAGMA wal_autocheckpoint = 0")
                 reader = await aiosqlite.connect(location, isolation_level=None)
                 await _configure(reader, read_only=True)
+                checkpointer = await aiosqlite.connect(location, isolation_level=None, check_same_thread=False)
+                await _configure(checkpointer, read_only=False)
         except BaseException:
-            if reader is not None:
-                await reader.close()
+            for conn in (checkpointer, reader):
+                if conn is not None:
+                    await conn.close()
             await writer.close()
             raise
-        return cls(writer, reader, max_batch)
+        return cls(writer, reader, max_batch, checkpointer)
 
     async def close(self) -> None:
         """Commit everything already submitted, then close. Safe to call more than once."""
@@ -1176,8 +1255,9 @@ class SqliteStore(PredictState, Slots):
         try:
             await self._writer.stop()
         finally:
-            if self._reader_conn is not None:
-                await self._reader_conn.close()
+            for conn in (self._checkpoint_conn, self._reader_conn):
+                if conn is not None:
+                    await conn.close()
             await self._writer_conn.close()
 
     async def __aenter__(self) -> Self:
