@@ -671,7 +671,7 @@ def _copy_wal(conn: sqlite3.Connection) -> tuple[int, int, int]:
     """A PASSIVE checkpoint on the checkpointer's own connection and thread: (busy, frames in the WAL, copied).
 
     PASSIVE never waits for readers or writers, so the writer's commits go on beside it."""
-    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    ((busy, frames, copied),) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # all: no open statement
     return int(busy), int(frames), int(copied)
 
 
