@@ -58,6 +58,7 @@ from _common import (
     pin_self,
     raise_nofile,
     report,
+    set_server_loop,
     temp_dir,
 )
 from _cue_round import SCENARIO, cue_rounds
@@ -263,7 +264,7 @@ async def run(args: argparse.Namespace) -> None:
                 seed = 100 * round_no + i
                 what = f"{args.streams} streams, {rate:g}/s per device"
                 note(f"latency round {round_no}/{args.rounds}: bare echo, {what} ...")
-                echo = await echo_server(log_dir=tmp).start()
+                echo = await echo_server(log_dir=tmp, loop=args.server_loop).start()
                 try:
                     results.append(
                         await measure(
@@ -274,7 +275,11 @@ async def run(args: argparse.Namespace) -> None:
                     await echo.stop()
                 note(f"latency round {round_no}/{args.rounds}: Cuepoint, {what} ...")
                 server = await cuepoint_server(
-                    write_scenarios(tmp / "scenarios"), tmp / f"lat-{round_no}-{i}.db", log_dir=tmp, limits=BENCH_LIMITS
+                    write_scenarios(tmp / "scenarios"),
+                    tmp / f"lat-{round_no}-{i}.db",
+                    log_dir=tmp,
+                    limits=BENCH_LIMITS,
+                    extra=("--event-loop", args.server_loop),
                 ).start()
                 spy = (py_spy, tmp / f"spy-{round_no}-{i}.txt") if py_spy and round_no == 1 else None
                 try:
@@ -454,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         "--in-process", type=int, default=3000, metavar="N", help="also N cue rounds in process, no gRPC (0: skip)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved echo/Cuepoint rounds per load (default 3)")
+    parser.add_argument(
+        "--server-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop of both servers, the echo and Cuepoint (serve --event-loop); the load generator keeps asyncio",
+    )
     parser.add_argument("--quick", action="store_true", help="3 s runs at 1 trigger/s per device")
     parser.add_argument("--py-spy", nargs="?", const="", default=False, help="profile the server with py-spy [PATH]")
     parser.add_argument("--top", type=int, default=15, help="functions shown per profile (default 15)")
@@ -465,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rate == "0.25,0.5,1":
             args.rate = "1"
     raise_nofile(4 * args.streams + 1024)
+    set_server_loop(args.server_loop)
     pin_self(CLIENT_CPU)
     check_quiet()
     started = time.perf_counter()
