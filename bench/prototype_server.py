@@ -1,12 +1,12 @@
 """Issue 13's prototype shape, built to measure it: a columnar batch handled without a Python object per signal.
 
-    .venv/bin/python bench/prototype_server.py [--rounds 3] [--seconds 2] [--json]
+    .venv/bin/python bench/prototype_server.py [--rounds 3] [--seconds 2] [--batch 100] [--json]
 
-Issue 13 asks for batched ingest at 0.6x the bare echo, and says a prototype of this shape reached it. This is
-that shape, measured here in the same interleaved runs as the echo and Cuepoint (the same raw columnar load
-as bench_ingest.py: 50 streams, 100 ``screen_view`` events of two properties per message, 4 in flight). Per
-``SignalColumns`` message, on one event loop, it does what Cuepoint does for such a batch, each step a
-column at a time:
+Issue 13 asks for batched ingest at 0.6x the bare echo (``--batch 1``: unbatched, 0.8x), and says a prototype
+of this shape reached it. This is that shape, measured here in the same interleaved runs as the echo and
+Cuepoint (the same raw columnar load as bench_ingest.py: 50 streams, 100 ``screen_view`` events of two
+properties per message, 4 in flight). Per ``SignalColumns`` message, on one event loop, it does what Cuepoint
+does for such a batch, each step a column at a time:
 
 * validates it as ``cuepoint serve`` does (``api/convert.py`` and ``core/validation.py``: sizes, id syntax by
   one regex over the joined ids, distinct ids, column lengths, string indexes, names and keys once each,
@@ -360,6 +360,8 @@ async def bench(args: argparse.Namespace) -> None:
         for name, found in runs.items()
         if name != "echo"
     }
+    # Issue 13's targets: batched ingest 0.6x the echo, unbatched (one signal per message) 0.8x.
+    target = 0.8 if args.batch == 1 else 0.6
     metrics = [
         Metric(
             f"raw columnar ingest x{args.batch}, {name}",
@@ -367,8 +369,8 @@ async def bench(args: argparse.Namespace) -> None:
             "signals/s",
             baseline=medians["echo"],
             baseline_name=f"bare echo, columns x{args.batch}",
-            target=">= 0.6x echo (median)",
-            met=ratio[len(ratio) // 2] >= 0.6,
+            target=f">= {target}x echo (median)",
+            met=ratio[len(ratio) // 2] >= target,
             ratio=ratio[len(ratio) // 2],
         )
         for name, ratio in ratios.items()
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=0)
     parser.add_argument("--streams", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=100, help="signals per message (1: the unbatched target)")
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--warmup", type=float, default=0.5)
