@@ -656,10 +656,10 @@ INLINE_ROWS = 256
 CHECKPOINT_EVERY = 4000
 # In two steps, so commits do not wait for the copy. First the bulk, from a connection of its own on its own
 # thread while commits go on: copying ~11,000 frames and its two fsyncs took 19-27 ms, and every commit of a
-# cue round queued behind it when the writer waited for it (bench_latency.py: p99 signal-to-cue 19-27 ms at
-# 350 cues/s, where the loop never stalled over 7 ms). Then, between the writer's transactions, the few frames
-# committed meanwhile (~2 ms for 170), so the next commit finds the WAL fully copied and starts it over: a
-# WAL only ever checkpointed beside commits never restarts and grows without end. If more than this many rows
+# cue round queued behind it when the writer waited for it (bench_latency.py: p99 signal-to-cue 23 ms at 350
+# cues/s while no loop callback took over 7 ms; 4.5 ms after). Then, between the writer's transactions, the
+# few frames committed meanwhile (~2 ms for 170), so the next commit finds the WAL fully copied and starts it
+# over: a WAL only ever checkpointed beside commits never restarts and grows without end. If more than this many rows
 # were committed during the copy, another copy runs first (at most COPY_ROUNDS in all): at 1,000 cue rounds/s
 # a 30-37 ms copy let 130-330 in, and copying those between transactions took 3.8-10.3 ms; with a second,
 # shorter copy first (5-6 ms, ~50 in), 1.7-7.3 ms.
@@ -1232,8 +1232,8 @@ class SqliteStore(PredictState, Slots):
             await _ensure_schema(writer)
             # An in-memory database is private to its connection, so it has to share the writer's.
             if location not in (":memory:", ""):
-                # The writer checkpoints, not its commits (_BatchWriter._checkpoint_step), the bulk of each
-                # checkpoint from this connection of its own, on its own thread.
+                # The writer checkpoints, not its commits (_BatchWriter._start_checkpoint and _catch_up), the
+                # bulk of each checkpoint from this connection of its own, on its own thread.
                 await writer.execute("PRAGMA wal_autocheckpoint = 0")
                 reader = await aiosqlite.connect(location, isolation_level=None)
                 await _configure(reader, read_only=True)
