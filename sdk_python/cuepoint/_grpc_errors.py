@@ -37,7 +37,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CuepointError]] = {
 }
 
 
-_LOCAL_TRANSPORT_FAILURE = "Internal error from Core"
+LOCAL_TRANSPORT_FAILURE = "Internal error from Core"
 # gRPC's C core words a stream the peer reset at the HTTP/2 level (RST_STREAM) this way, and maps the reset's
 # INTERNAL_ERROR to INTERNAL: a transport event, not a status the server's code sent. A server stopping with
 # grpc's newer HTTP/2 server (GRPC_EXPERIMENTS=ph2_server) ends its streams so, as a proxy may.
@@ -55,7 +55,7 @@ def from_status(
     details = details or None
     if code is None or code == grpc.StatusCode.OK:
         return ConnectionLost(details or "the server ended the stream", code=code.name if code else None)
-    if code == grpc.StatusCode.INTERNAL and details == _LOCAL_TRANSPORT_FAILURE:
+    if code == grpc.StatusCode.INTERNAL and details == LOCAL_TRANSPORT_FAILURE:
         # gRPC's C core reports a write that raced a dead connection this way on
         # the client itself; the server said nothing. Reconnecting is right.
         return ConnectionLost(f"connection failed: {details}", code=code.name, details=details)

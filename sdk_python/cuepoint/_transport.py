@@ -30,9 +30,11 @@ MethodFactory = Callable[[Any], Any]
 
 
 class BidiStream(Generic[Req, Resp]):
-    def __init__(self, channel: Any, call: Any) -> None:
+    def __init__(self, channel: Any, call: Any, start: Callable[[], Any] | None = None) -> None:
         self._channel = channel
         self._call = call
+        # Starts the call again on the same channel (restart); None: this stream cannot.
+        self._start = start
         self._write_lock = asyncio.Lock()
 
     @classmethod
@@ -50,8 +52,19 @@ class BidiStream(Generic[Req, Resp]):
             channel = grpc.aio.secure_channel(target, credentials, options=list(options))
         else:
             channel = grpc.aio.insecure_channel(target, options=list(options))
-        call = method(channel)(metadata=tuple(metadata) or None)
-        return cls(channel, call)
+        def start() -> Any:
+            return method(channel)(metadata=tuple(metadata) or None)
+
+        return cls(channel, start(), start)
+
+    def restart(self) -> bool:
+        """Replace the call with a new one on the same channel, before anything was exchanged on it; False if
+        this stream cannot."""
+        if self._start is None:
+            return False
+        self._call.cancel()
+        self._call = self._start()
+        return True
 
     async def write(self, message: Req) -> None:
         async with self._write_lock:
@@ -100,7 +113,13 @@ async def handshake(stream: BidiStream[Req, Resp], opening: Req, *, expect: str,
     """
     try:
         async with asyncio.timeout(within):
-            await stream.write(opening)
+            for attempt in range(_OPENING_RETRIES + 1):
+                try:
+                    await stream.write(opening)
+                    break
+                except ConnectionLost as exc:
+                    if attempt == _OPENING_RETRIES or not _status_lost(exc) or not stream.restart():
+                        raise
             first = await stream.read()
     except CuepointError:
         raise
@@ -112,3 +131,15 @@ async def handshake(stream: BidiStream[Req, Resp], opening: Req, *, expect: str,
     if kind != expect:
         raise ServerError(f"expected {expect} as the first server message, got {kind}")
     return getattr(first, expect)
+
+
+# grpc.aio (grpc/grpc#36066): when the server ends a call before the client's first write gets out (an
+# interceptor refusing the credentials, say), that write can fail after the server's status arrived and
+# overwrite it with a local INTERNAL "Internal error from Core", so a refusal (PERMISSION_DENIED) would read
+# as a lost connection. Seen once in CI (an associate token refused). The opening message is written again on
+# a new call, where the status is seldom lost twice; nothing was exchanged on the first.
+_OPENING_RETRIES = 2
+
+
+def _status_lost(error: ConnectionLost) -> bool:
+    return error.code == "INTERNAL" and error.details == _grpc_errors.LOCAL_TRANSPORT_FAILURE
