@@ -1,5 +1,6 @@
 """SQLite's writer on the event loop's thread (issue 13): small commits run inline, yet another process holding
-the write lock never stalls the loop, and the WAL is still checkpointed (its bulk beside the commits, the rest between transactions)."""
+the write lock never stalls the loop, and the WAL is still checkpointed (its bulk beside the commits, the rest
+between transactions)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ async def settled(store: SqliteStore) -> None:
             await asyncio.sleep(0.01)
 
 
-async def wal_frames(path: Path) -> int:
+def wal_frames(path: Path) -> int:
     """Frames in the WAL now (what PASSIVE reports as its size); -1 if a checkpoint holds it."""
     probe = sqlite3.connect(path, isolation_level=None)
     try:
@@ -80,7 +81,7 @@ async def test_the_wal_is_checkpointed_though_commits_never_do_it(
         await store.save_milestone(milestone(600))  # the WAL, fully copied, starts over
         assert await count_milestones(store) == 601
         # Never checkpointed, 601 commits would leave ~1,300 frames; restarted, it holds the last few commits.
-        assert 0 <= await wal_frames(path) < 200
+        assert 0 <= wal_frames(path) < 200
 
 
 async def test_commits_go_on_while_the_wal_is_copied_and_the_wal_still_restarts(
@@ -122,4 +123,4 @@ async def test_commits_go_on_while_the_wal_is_copied_and_the_wal_still_restarts(
         n += 1
         assert await count_milestones(store) == n
         assert copies and all(busy == 0 for busy, _frames, _copied in copies)
-        assert 0 <= await wal_frames(path) < 200  # it restarted: ~370 commits would have left ~800 frames
+        assert 0 <= wal_frames(path) < 200  # it restarted: ~370 commits would have left ~800 frames
