@@ -349,7 +349,14 @@ def channel_options() -> list[tuple[str, Any]]:
     ]
 
 
-def hello_bytes(device_id: str, *, tier: str = "free", app_id: str = "bench", accepts_cue_ack: bool = False) -> bytes:
+def hello_bytes(
+    device_id: str,
+    *,
+    tier: str = "free",
+    app_id: str = "bench",
+    accepts_cue_ack: bool = False,
+    accepts_ack_groups: bool = False,
+) -> bytes:
     hello = device_pb2.Hello(
         app_id=app_id,
         device_id=device_id,
@@ -360,6 +367,7 @@ def hello_bytes(device_id: str, *, tier: str = "free", app_id: str = "bench", ac
         consent=common_pb2.Consent(level=common_pb2.CONSENT_LEVEL_FULL),
         sdk_version="cuepoint-bench/raw",
         accepts_cue_ack=accepts_cue_ack,
+        accepts_ack_groups=accepts_ack_groups,
     )
     data: bytes = device_pb2.DeviceMessage(hello=hello).SerializeToString()
     return data
@@ -530,10 +538,12 @@ async def open_raw_streams(
     concurrency: int = 200,
     tier: str = "free",
     accepts_cue_ack: bool = False,
+    accepts_ack_groups: bool = False,
 ) -> tuple[list[grpc.aio.Channel], list[Any]]:
     """Open one stream per device id, send its Hello and wait for the Welcome.
 
-    ``accepts_cue_ack``: announce in the Hello that a cue may carry its batch's ack (ServerMessage.cue_ack)."""
+    ``accepts_cue_ack``: announce in the Hello that a cue may carry its batch's ack (ServerMessage.cue_ack);
+    ``accepts_ack_groups``: that several batches' acks may come as one message (ServerMessage.acks)."""
     channels: list[grpc.aio.Channel] = []
     calls: list[Any] = [None] * len(device_ids)
     gate = asyncio.Semaphore(concurrency)
@@ -544,7 +554,11 @@ async def open_raw_streams(
     async def one(i: int) -> None:
         async with gate:
             call = raw_method(channels[i // per], method)()
-            await call.write(hello_bytes(device_ids[i], tier=tier, accepts_cue_ack=accepts_cue_ack))
+            await call.write(
+                hello_bytes(
+                    device_ids[i], tier=tier, accepts_cue_ack=accepts_cue_ack, accepts_ack_groups=accepts_ack_groups
+                )
+            )
             first = await asyncio.wait_for(call.read(), 30)
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "welcome":
                 raise RuntimeError(f"stream {i}: expected a Welcome, got {first!r}")
@@ -592,11 +606,15 @@ async def raw_throughput(
     """Signals/s acked over ``seconds`` after ``warmup``, with ``window`` batches in flight per stream.
 
     The same code drives the bare echo and Cuepoint, so the two numbers differ only by the server.
-    ``shape``: "rows" (SignalBatch) or "columns" (SignalColumns, what the SDK sends).
+    ``shape``: "rows" (SignalBatch) or "columns" (SignalColumns, what the SDK sends). As the Python SDK does,
+    the Hello asks for grouped acks (ServerMessage.acks: Cuepoint acks what one commit stored in one message;
+    the echo answers each message at once, so it sends none).
     """
     batches = encoder(shape, batch)
     device_ids = [f"{prefix}-{i:05d}" for i in range(streams)]
-    channels, calls = await open_raw_streams(address, method, device_ids, streams_per_channel=streams_per_channel)
+    channels, calls = await open_raw_streams(
+        address, method, device_ids, streams_per_channel=streams_per_channel, accepts_ack_groups=True
+    )
     tally = Tally()
     # Bounded in count as well as time: no stream sends more than this many batches.
     max_batches = max(1000, int(2_000_000 / batch))
@@ -609,10 +627,12 @@ async def raw_throughput(
                 message = await call.read()
                 if message is grpc.aio.EOF:
                     return
-                if message.WhichOneof("kind") == "ack":
-                    tally.acked += len(message.ack.signal_ids)
-                    tally.acks += 1
-                    credits.release()
+                kind = message.WhichOneof("kind")
+                if kind == "ack" or kind == "acks":
+                    for ack in message.acks.acks if kind == "acks" else (message.ack,):
+                        tally.acked += len(ack.signal_ids)
+                        tally.acks += 1
+                        credits.release()
                 else:
                     tally.other += 1
 

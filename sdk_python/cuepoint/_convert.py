@@ -849,6 +849,7 @@ def hello(
     device_secret: str = "",
     user_token: str = "",
     accepts_cue_ack: bool = False,
+    accepts_ack_groups: bool = False,
 ) -> device_pb2.DeviceMessage:
     msg = device_pb2.Hello(
         app_id=app_id,
@@ -860,6 +861,7 @@ def hello(
         device_secret=device_secret,
         user_token=user_token,
         accepts_cue_ack=accepts_cue_ack,
+        accepts_ack_groups=accepts_ack_groups,
     )
     if user is not None:
         msg.user.CopyFrom(user_to_proto(user))

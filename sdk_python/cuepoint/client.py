@@ -313,6 +313,8 @@ class Client:
             user_token=self._user_token,
             # _dispatch reads a batch's ack sent beside the cue it fired (ServerMessage.cue_ack).
             accepts_cue_ack=True,
+            # ... and the acks of several batches committed together, as one message (ServerMessage.acks).
+            accepts_ack_groups=True,
         )
         welcome: device_pb2.Welcome = await handshake(
             stream, hello, expect="welcome", target=self._target, within=self._config.connect_timeout
@@ -863,6 +865,10 @@ class Client:
         kind = message.WhichOneof("kind")
         if kind == "ack":
             self._on_ack(message.ack)
+        elif kind == "acks":
+            # Several batches' acks in one message (Hello.accepts_ack_groups): each as if it came on its own.
+            for ack in message.acks.acks:
+                self._on_ack(ack)
         elif kind == "cue":
             self._on_cue(_convert.cue_from_proto(message.cue))
             if message.HasField("cue_ack"):

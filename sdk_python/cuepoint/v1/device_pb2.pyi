@@ -383,6 +383,7 @@ class Hello(_message.Message):
     DEVICE_SECRET_FIELD_NUMBER: _builtins.int
     USER_TOKEN_FIELD_NUMBER: _builtins.int
     ACCEPTS_CUE_ACK_FIELD_NUMBER: _builtins.int
+    ACCEPTS_ACK_GROUPS_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The app's id as registered with the server, e.g. "fitkit"."""
     device_id: _builtins.str
@@ -416,6 +417,12 @@ class Hello(_message.Message):
     message instead of two). Clients that leave it unset get every ack as a
     SignalAck of its own, as before.
     """
+    accepts_ack_groups: _builtins.bool
+    """Set by clients that read ServerMessage.acks: the server may then send the
+    acks of several batches committed together as one message (SignalAcks)
+    instead of one message each. Clients that leave it unset get every ack as
+    a SignalAck of its own, as before.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.Context: ...
     @_builtins.property
@@ -435,10 +442,11 @@ class Hello(_message.Message):
         device_secret: _builtins.str = ...,
         user_token: _builtins.str = ...,
         accepts_cue_ack: _builtins.bool = ...,
+        accepts_ack_groups: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "context", b"context", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_cue_ack", b"accepts_cue_ack", "app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "device_secret", b"device_secret", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user", "user_token", b"user_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_ack_groups", b"accepts_ack_groups", "accepts_cue_ack", b"accepts_cue_ack", "app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "device_secret", b"device_secret", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user", "user_token", b"user_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -617,6 +625,7 @@ class ServerMessage(_message.Message):
     FALLBACK_FIELD_NUMBER: _builtins.int
     USER_VERIFICATION_FIELD_NUMBER: _builtins.int
     FEEDBACK_REQUEST_FIELD_NUMBER: _builtins.int
+    ACKS_FIELD_NUMBER: _builtins.int
     CUE_ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
@@ -643,6 +652,10 @@ class ServerMessage(_message.Message):
     @_builtins.property
     def feedback_request(self) -> Global___FeedbackRequest: ...
     @_builtins.property
+    def acks(self) -> Global___SignalAcks:
+        """Only to clients whose Hello set accepts_ack_groups."""
+
+    @_builtins.property
     def cue_ack(self) -> Global___SignalAck:
         """Only beside a `cue`, and only to clients whose Hello set accepts_cue_ack:
         the ack of the batch whose signals fired this cue, committed with it.
@@ -665,13 +678,14 @@ class ServerMessage(_message.Message):
         fallback: Global___FallbackOffer | None = ...,
         user_verification: Global___UserVerification | None = ...,
         feedback_request: Global___FeedbackRequest | None = ...,
+        acks: Global___SignalAcks | None = ...,
         cue_ack: Global___SignalAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "cue_ack", b"cue_ack", "engagement", b"engagement", "fallback", b"fallback", "feedback_request", b"feedback_request", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "acks", b"acks", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "cue_ack", b"cue_ack", "engagement", b"engagement", "fallback", b"fallback", "feedback_request", b"feedback_request", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "cue_ack", b"cue_ack", "engagement", b"engagement", "fallback", b"fallback", "feedback_request", b"feedback_request", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "acks", b"acks", "call_signal", b"call_signal", "channel_change", b"channel_change", "chat", b"chat", "cue", b"cue", "cue_ack", b"cue_ack", "engagement", b"engagement", "fallback", b"fallback", "feedback_request", b"feedback_request", "kind", b"kind", "upgrade_request", b"upgrade_request", "user_verification", b"user_verification", "welcome", b"welcome", "withdrawal", b"withdrawal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "cue", "withdrawal", "engagement", "chat", "upgrade_request", "channel_change", "call_signal", "fallback", "user_verification", "feedback_request"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "ack", "cue", "withdrawal", "engagement", "chat", "upgrade_request", "channel_change", "call_signal", "fallback", "user_verification", "feedback_request", "acks"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -742,6 +756,31 @@ class SignalAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SignalAck: _TypeAlias = SignalAck  # noqa: Y015
+
+@_typing.final
+class SignalAcks(_message.Message):
+    """The acks of several batches whose signals were stored in the same commit,
+    in the order the batches were sent. Handle each exactly as a SignalAck
+    message of its own, in this order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignalAck]: ...
+    def __init__(
+        self,
+        *,
+        acks: _abc.Iterable[Global___SignalAck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalAcks: _TypeAlias = SignalAcks  # noqa: Y015
 
 @_typing.final
 class CueWithdrawal(_message.Message):
