@@ -74,7 +74,15 @@ async def test_one_free_associate_is_never_offered_twice(start_server: StartServ
     assert decisions[-1].reason == "no_capacity"
     # Declined: the slot is free again, and the second user can be offered it.
     await first.decline(cue)
-    await first.flush(timeout=5)
+    # The decline travels on the first device's stream, the second's signal on its own: wait until the server
+    # has taken the answer and, where slots are shared in storage (PostgreSQL), given back the one it held, or
+    # the second user's offer may be judged while it is still held.
+    for _ in range(250):
+        stored = await server.store.get_cue(cue.cue_id)
+        held = [key for _, key, _ in await server.store.slot_holds()]
+        if stored is not None and stored.status == "declined" and cue.cue_id not in held:
+            break
+        await asyncio.sleep(0.02)
     await fail(second)
     engagement = await second.accept(await second.next_cue(timeout=5))
     taken = await dana.next_engagement(timeout=5)
