@@ -17,17 +17,8 @@ from cuepoint_server.app import CuepointServer
 from cuepoint_server.core.sessions import DeviceSession
 
 from .conftest import StartServer
-from .test_e2e_cue_ack import HELP
+from .test_e2e_cue_ack import HELP, raw_device
 from .test_e2e_foundation import RawDevice, _raw_signal
-
-
-def _raw(address: str, device_id: str, *, accepts_ack_groups: bool) -> RawDevice:
-    device = RawDevice(address, device_id)
-    hello = device.outgoing.get_nowait()
-    assert hello is not None
-    hello.hello.accepts_ack_groups = accepts_ack_groups
-    device.outgoing.put_nowait(hello)
-    return device
 
 
 def _hold_commits(server: CuepointServer) -> asyncio.Event:
@@ -77,7 +68,7 @@ async def test_a_client_that_accepts_ack_groups_gets_one_commits_acks_in_one_mes
 ) -> None:
     server = await start_server(HELP)
     gate = _hold_commits(server)
-    device = _raw(server.address, "new-client", accepts_ack_groups=True)
+    device = raw_device(server.address, "new-client", accepts_ack_groups=True)
     assert (await device.read()).HasField("welcome")
     for n in range(1, 5):
         device.send(_raw_signal(f"s-{n}", "tap"), _raw_signal(f"t-{n}", "tap"), batch_id=f"b{n}")
@@ -99,7 +90,7 @@ async def test_a_cue_between_acks_keeps_its_place_and_the_acks_around_it_stay_ap
 ) -> None:
     server = await start_server(HELP)
     gate = _hold_commits(server)
-    device = _raw(server.address, "cue-client", accepts_ack_groups=True)
+    device = raw_device(server.address, "cue-client", accepts_ack_groups=True)
     assert (await device.read()).HasField("welcome")
     device.send(_raw_signal("s-1", "tap"), batch_id="b1")
     device.send(_raw_signal("s-2", "help_me"), batch_id="b2")  # fires the cue
@@ -128,7 +119,7 @@ async def test_a_cue_between_acks_keeps_its_place_and_the_acks_around_it_stay_ap
 async def test_a_client_without_the_hello_flag_gets_an_ack_message_per_batch(start_server: StartServer) -> None:
     server = await start_server(HELP)
     gate = _hold_commits(server)
-    device = _raw(server.address, "old-client", accepts_ack_groups=False)
+    device = raw_device(server.address, "old-client", accepts_ack_groups=False)
     assert (await device.read()).HasField("welcome")
     for n in range(1, 5):
         device.send(_raw_signal(f"s-{n}", "tap"), batch_id=f"b{n}")

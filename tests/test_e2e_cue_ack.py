@@ -23,11 +23,13 @@ after_decline: 0s
 """
 
 
-def _raw(address: str, device_id: str, *, accepts_cue_ack: bool) -> RawDevice:
+def raw_device(address: str, device_id: str, **flags: bool) -> RawDevice:
+    """A raw device whose Hello sets ``flags`` (accepts_cue_ack, accepts_ack_groups)."""
     device = RawDevice(address, device_id)
     hello = device.outgoing.get_nowait()
     assert hello is not None
-    hello.hello.accepts_cue_ack = accepts_cue_ack
+    for name, value in flags.items():
+        setattr(hello.hello, name, value)
     device.outgoing.put_nowait(hello)
     return device
 
@@ -36,7 +38,7 @@ async def test_a_client_that_accepts_cue_acks_gets_the_cue_and_its_batchs_ack_in
     start_server: StartServer,
 ) -> None:
     server = await start_server(HELP)
-    device = _raw(server.address, "new-client", accepts_cue_ack=True)
+    device = raw_device(server.address, "new-client", accepts_cue_ack=True)
     assert (await device.read()).HasField("welcome")
     device.send(_raw_signal("s-1", "help_me"), batch_id="b1")
     message = await device.read()
@@ -57,7 +59,7 @@ async def test_a_client_without_the_hello_flag_gets_the_cue_and_the_ack_as_two_m
     start_server: StartServer,
 ) -> None:
     server = await start_server(HELP)
-    device = _raw(server.address, "old-client", accepts_cue_ack=False)
+    device = raw_device(server.address, "old-client", accepts_cue_ack=False)
     assert (await device.read()).HasField("welcome")
     device.send(_raw_signal("s-1", "help_me"), batch_id="b1")
     messages = [await device.read(), await device.read()]
