@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import cuepoint
 from cuepoint.v1 import device_pb2
+from cuepoint_server.api.device import ACK_GROUP_IDS
 from cuepoint_server.app import CuepointServer
 from cuepoint_server.core.sessions import DeviceSession
 
@@ -82,6 +83,25 @@ async def test_a_client_that_accepts_ack_groups_gets_one_commits_acks_in_one_mes
     message = await device.read()
     assert message.WhichOneof("kind") == "ack"
     assert (message.ack.batch_id, list(message.ack.duplicate_ids)) == ("again", ["s-2"])
+    await device.close()
+
+
+async def test_a_group_stops_once_it_names_enough_signal_ids(start_server: StartServer) -> None:
+    server = await start_server(HELP)
+    gate = _hold_commits(server)
+    device = raw_device(server.address, "big-client", accepts_ack_groups=True)
+    assert (await device.read()).HasField("welcome")
+    per = 500  # the server's most signals per batch
+    for n in range(6):
+        device.send(*(_raw_signal(f"s-{n}-{i}", "tap") for i in range(per)), batch_id=f"b{n}")
+    await _read_by_server(server, "big-client", 6)
+    gate.set()
+    messages = await _acks_of(device, 6)
+    # Acks are taken while the message names fewer than ACK_GROUP_IDS ids: five batches (2,500 ids), then one.
+    assert ACK_GROUP_IDS == 2048
+    assert [len(m.acks.acks) if m.WhichOneof("kind") == "acks" else 1 for m in messages] == [5, 1]
+    assert [batch for batch, _ in _batches(messages)] == [f"b{n}" for n in range(6)]
+    assert all(len(ids) == per for _, ids in _batches(messages))
     await device.close()
 
 
