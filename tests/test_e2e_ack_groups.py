@@ -22,28 +22,41 @@ from .test_e2e_cue_ack import HELP, raw_device
 from .test_e2e_foundation import RawDevice, _raw_signal
 
 
-def _hold_commits(server: CuepointServer) -> asyncio.Event:
-    """Make the group commit wait for the returned event before each round (a round starts with a batch)."""
-    group = server.core._group
-    commit: Callable[[list[DeviceSession]], Awaitable[None]] = group._commit
-    gate = asyncio.Event()
+class _HeldCommits:
+    """The server's group commit, made to wait before each round until `release` (a round starts with a batch)."""
 
-    async def held(sessions: list[DeviceSession]) -> None:
-        await gate.wait()
-        await commit(sessions)
+    def __init__(self, server: CuepointServer) -> None:
+        self._server = server
+        group = server.core._group
+        commit: Callable[[list[DeviceSession]], Awaitable[None]] = group._commit
+        self._gate = asyncio.Event()
 
-    group._commit = held
-    return gate
+        async def held(sessions: list[DeviceSession]) -> None:
+            await self._gate.wait()
+            await commit(sessions)
+
+        group._commit = held
+
+    async def release(self, device_id: str, batches: int) -> None:
+        """Once the server has applied ``batches`` batches of the device (all waiting), let the commits go."""
+        async with asyncio.timeout(5):
+            while True:
+                session = self._server.core._reg.sessions.get(device_id)
+                if session is not None and len(session.acks or ()) >= batches:
+                    break
+                await asyncio.sleep(0.005)
+        self._gate.set()
 
 
-async def _read_by_server(server: CuepointServer, device_id: str, batches: int) -> None:
-    """Until the server has applied ``batches`` batches of the device, all waiting for the held commit."""
-    async with asyncio.timeout(5):
-        while True:
-            session = server.core._reg.sessions.get(device_id)
-            if session is not None and len(session.acks or ()) >= batches:
-                return
-            await asyncio.sleep(0.005)
+async def _raw_client(
+    start_server: StartServer, device_id: str, *, accepts_ack_groups: bool
+) -> tuple[RawDevice, _HeldCommits]:
+    """A server with its commits held and a raw device past its Welcome."""
+    server = await start_server(HELP)
+    held = _HeldCommits(server)
+    device = raw_device(server.address, device_id, accepts_ack_groups=accepts_ack_groups)
+    assert (await device.read()).HasField("welcome")
+    return device, held
 
 
 async def _acks_of(device: RawDevice, batches: int) -> list[device_pb2.ServerMessage]:
@@ -67,14 +80,10 @@ def _batches(messages: list[device_pb2.ServerMessage]) -> list[tuple[str, list[s
 async def test_a_client_that_accepts_ack_groups_gets_one_commits_acks_in_one_message_in_order(
     start_server: StartServer,
 ) -> None:
-    server = await start_server(HELP)
-    gate = _hold_commits(server)
-    device = raw_device(server.address, "new-client", accepts_ack_groups=True)
-    assert (await device.read()).HasField("welcome")
+    device, held = await _raw_client(start_server, "new-client", accepts_ack_groups=True)
     for n in range(1, 5):
         device.send(_raw_signal(f"s-{n}", "tap"), _raw_signal(f"t-{n}", "tap"), batch_id=f"b{n}")
-    await _read_by_server(server, "new-client", 4)
-    gate.set()
+    await held.release("new-client", 4)
     messages = await _acks_of(device, 4)
     assert [m.WhichOneof("kind") for m in messages] == ["acks"]
     assert _batches(messages) == [(f"b{n}", [f"s-{n}", f"t-{n}"]) for n in range(1, 5)]
@@ -87,15 +96,11 @@ async def test_a_client_that_accepts_ack_groups_gets_one_commits_acks_in_one_mes
 
 
 async def test_a_group_stops_once_it_names_enough_signal_ids(start_server: StartServer) -> None:
-    server = await start_server(HELP)
-    gate = _hold_commits(server)
-    device = raw_device(server.address, "big-client", accepts_ack_groups=True)
-    assert (await device.read()).HasField("welcome")
+    device, held = await _raw_client(start_server, "big-client", accepts_ack_groups=True)
     per = 500  # the server's most signals per batch
     for n in range(6):
         device.send(*(_raw_signal(f"s-{n}-{i}", "tap") for i in range(per)), batch_id=f"b{n}")
-    await _read_by_server(server, "big-client", 6)
-    gate.set()
+    await held.release("big-client", 6)
     messages = await _acks_of(device, 6)
     # Acks are taken while the message names fewer than ACK_GROUP_IDS ids: five batches (2,500 ids), then one.
     assert ACK_GROUP_IDS == 2048
@@ -108,16 +113,12 @@ async def test_a_group_stops_once_it_names_enough_signal_ids(start_server: Start
 async def test_a_cue_between_acks_keeps_its_place_and_the_acks_around_it_stay_apart(
     start_server: StartServer,
 ) -> None:
-    server = await start_server(HELP)
-    gate = _hold_commits(server)
-    device = raw_device(server.address, "cue-client", accepts_ack_groups=True)
-    assert (await device.read()).HasField("welcome")
+    device, held = await _raw_client(start_server, "cue-client", accepts_ack_groups=True)
     device.send(_raw_signal("s-1", "tap"), batch_id="b1")
     device.send(_raw_signal("s-2", "help_me"), batch_id="b2")  # fires the cue
     device.send(_raw_signal("s-3", "tap"), batch_id="b3")
     device.send(_raw_signal("s-4", "tap"), batch_id="b4")
-    await _read_by_server(server, "cue-client", 4)
-    gate.set()
+    await held.release("cue-client", 4)
     kinds: list[str] = []
     acked: list[str] = []
     while len(acked) < 4:
@@ -137,14 +138,10 @@ async def test_a_cue_between_acks_keeps_its_place_and_the_acks_around_it_stay_ap
 
 
 async def test_a_client_without_the_hello_flag_gets_an_ack_message_per_batch(start_server: StartServer) -> None:
-    server = await start_server(HELP)
-    gate = _hold_commits(server)
-    device = raw_device(server.address, "old-client", accepts_ack_groups=False)
-    assert (await device.read()).HasField("welcome")
+    device, held = await _raw_client(start_server, "old-client", accepts_ack_groups=False)
     for n in range(1, 5):
         device.send(_raw_signal(f"s-{n}", "tap"), batch_id=f"b{n}")
-    await _read_by_server(server, "old-client", 4)
-    gate.set()
+    await held.release("old-client", 4)
     messages = await _acks_of(device, 4)
     assert [m.WhichOneof("kind") for m in messages] == ["ack"] * 4
     assert _batches(messages) == [(f"b{n}", [f"s-{n}"]) for n in range(1, 5)]
@@ -153,7 +150,7 @@ async def test_a_client_without_the_hello_flag_gets_an_ack_message_per_batch(sta
 
 async def test_the_sdk_announces_ack_groups_and_counts_every_ack_of_a_group(start_server: StartServer) -> None:
     server = await start_server(HELP)
-    gate = _hold_commits(server)
+    held = _HeldCommits(server)
     client = await cuepoint.connect(
         server.address,
         app_id="fitkit",
@@ -170,8 +167,7 @@ async def test_the_sdk_announces_ack_groups_and_counts_every_ack_of_a_group(star
 
     client._dispatch = recording  # type: ignore[method-assign]
     ids = [await client.track("tap", n=n) for n in range(4)]
-    await _read_by_server(server, "sdk-phone", 4)
-    gate.set()
+    await held.release("sdk-phone", 4)
     # flush() returns once every signal is acked: here by one grouped message.
     await asyncio.wait_for(client.flush(), 10)
     groups = [m for m in received if m.WhichOneof("kind") == "acks"]
