@@ -690,6 +690,10 @@ class _BatchWriter:
         # Small batches inline: for a file database (its WAL checkpointed by `_passive_checkpoint`); an
         # in-memory one shares its connection with the reads, which run on aiosqlite's thread.
         self._inline = inline
+        # Whether the connection's busy timeout is set (it waits out another process's write lock). The inline
+        # path clears it and leaves it cleared, so a run of inline commits sets no PRAGMA at all (two per commit
+        # were ~17 of its ~78 us of CPU); whatever may wait on a lock sets it again first (`_may_wait`).
+        self._waits = True
         self._unchecked = 0  # rows and commits since the last checkpoint began
         # Copies the WAL beside the writer's commits (CATCH_UP_ROWS); None: the writer copies it all itself.
         self._checkpointer = checkpointer
@@ -797,6 +801,7 @@ class _BatchWriter:
         await self._copied()  # a copy in progress holds the checkpoint lock: TRUNCATE would find it busy
         try:
             async with self._guard:
+                await self._may_wait()  # TRUNCATE waits for readers through the busy handler
                 rows = list(await self._conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)"))
         except Exception as exc:
             if not op.future.done():
@@ -818,9 +823,10 @@ class _BatchWriter:
                     # callback, cost the event loop more than the statements it ran; a cue round made five).
                     outcome: _Applied | None = None
                     if self._inline and sum(op.size for op in batch) <= INLINE_ROWS:
-                        outcome = _apply_inline(self._conn._conn, batch)  # None: another process writes
+                        outcome = self._apply_inline(batch)  # None: another process writes
                     if outcome is None:
-                        outcome = await _in_thread(self._conn, _apply_in_thread, batch)
+                        waits, self._waits = self._waits, True
+                        outcome = await _in_thread(self._conn, _apply_in_thread, batch, waits)
                     written, failed = outcome
                     if failed is not None:
                         applying = True
@@ -829,6 +835,7 @@ class _BatchWriter:
                     results, rows = written
                 else:
                     try:
+                        await self._may_wait()
                         await self._conn.execute("BEGIN IMMEDIATE")
                         applying = True
                         results, rows = await self._write(batch)
@@ -856,6 +863,28 @@ class _BatchWriter:
         for op, result in zip(batch, results, strict=True):
             if not op.future.done():
                 op.future.set_result(result)
+
+    def _apply_inline(self, batch: list[_Op]) -> _Applied | None:
+        """`_apply_in_thread` on the event loop's thread, or None (nothing done) when another process holds the
+        write lock: the loop must not wait out the busy timeout, so the database thread does that instead."""
+        db: sqlite3.Connection = self._conn._conn
+        if self._waits:
+            db.execute("PRAGMA busy_timeout = 0")
+            self._waits = False
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return None
+            raise
+        # In WAL mode nothing after BEGIN IMMEDIATE waits for a lock: the write lock is held until COMMIT.
+        return _apply_begun(db, batch)
+
+    async def _may_wait(self) -> None:
+        """Set the busy timeout again before a statement that should wait for another process's lock."""
+        if not self._waits:
+            await self._conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            self._waits = True
 
     async def _start_checkpoint(self) -> None:
         """CHECKPOINT_EVERY rows were committed: copy the WAL, beside the commits if there is a checkpointer."""
@@ -948,11 +977,14 @@ def _run_work(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], tuple
 _Applied = tuple[tuple[list[Any], int] | None, Exception | None]
 
 
-def _apply_in_thread(db: sqlite3.Connection, batch: list[_Op]) -> _Applied:
+def _apply_in_thread(db: sqlite3.Connection, batch: list[_Op], waits: bool) -> _Applied:
     """On the database thread: one writer batch (no _Transaction in it) begun, written and committed.
 
     ((results, rows), None) once committed; (None, error) if a write failed (rolled back: the writer then
-    retries the ops one by one, as `_apply` does). BEGIN or COMMIT failing raises (nothing was written)."""
+    retries the ops one by one, as `_apply` does). BEGIN or COMMIT failing raises (nothing was written).
+    ``waits``: whether the busy timeout is set; if not (the inline path cleared it), it is set first."""
+    if not waits:
+        db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
     db.execute("BEGIN IMMEDIATE")
     return _apply_begun(db, batch)
 
@@ -972,21 +1004,6 @@ def _apply_begun(db: sqlite3.Connection, batch: list[_Op]) -> _Applied:
         _rollback_in_thread(db)
         raise
     return written, None
-
-
-def _apply_inline(db: sqlite3.Connection, batch: list[_Op]) -> _Applied | None:
-    """`_apply_in_thread` on the event loop's thread, or None (nothing done) when another process holds the
-    write lock: the loop must not wait out the busy timeout, so the database thread does that instead."""
-    db.execute("PRAGMA busy_timeout = 0")
-    try:
-        db.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-            return None
-        raise
-    finally:
-        db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-    return _apply_begun(db, batch)
 
 
 def _rollback_in_thread(db: sqlite3.Connection) -> None:
