@@ -7,7 +7,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import islice, repeat
 from typing import NamedTuple, TypeGuard, cast
 
 __all__ = ["EVENT_MEMORY", "DeviceState", "EventMemory", "EventOccurrence", "Scalar", "Score"]
@@ -134,6 +134,10 @@ class DeviceState:
     # What this device's occurrences hold (EventMemory): their number and estimated bytes.
     event_count: int = 0
     event_bytes: int = 0
+    # Per event name, what its last bulk record (record_events) added: (the first of those occurrences, their
+    # number, their estimated bytes). When exactly those are forgotten next, as a batch whose times tie is
+    # when the next one comes, their size is known and not summed again (`_discard_first`). None until used.
+    _bulk: dict[str, tuple[EventOccurrence, int, int]] | None = None
 
     def new_session(self) -> None:
         self.milestones.clear()
@@ -204,12 +208,14 @@ class DeviceState:
             # deque, so windows built on the old order know to start again.
             items = sorted((*queue, occurrence), key=lambda o: o.time)
             queue = self.history[name] = deque(items)
+            if self._bulk:
+                self._bulk.pop(name, None)  # an occurrence may now sit among a bulk record's
         else:
             queue.append(occurrence)
         self._account(1, occurrence_size(occurrence.props))
-        self._trim(queue, queue[-1].time - keep_seconds, occurrence)
+        self._trim(name, queue, queue[-1].time - keep_seconds, occurrence)
 
-    def _trim(self, queue: deque[EventOccurrence], horizon: float, newest: EventOccurrence) -> None:
+    def _trim(self, name: str, queue: deque[EventOccurrence], horizon: float, newest: EventOccurrence) -> None:
         """After an append: drop what fell out of the window or over the cap, then keep memory in bounds."""
         # Always keep the latest occurrence: "last sync took > 30 s" needs it. The queue is in time order, so
         # what fell out is a prefix (found by bisection); hard cap per event name: windows needing more are
@@ -218,7 +224,7 @@ class DeviceState:
         old = bisect_left(queue, horizon, 0, last, key=_TIME) if last and queue[0].time < horizon else 0
         over = max(0, len(queue) - old - MAX_OCCURRENCES_PER_EVENT)
         if old + over:
-            self._discard_first(queue, old + over)
+            self._discard_first(name, queue, old + over)
             EVENT_MEMORY.dropped += over
         memory = EVENT_MEMORY
         if (
@@ -260,7 +266,7 @@ class DeviceState:
         elif len(set(times)) < n:
             # Tied times: one by one, a remembered occurrence with one of these ids would be a resend (see
             # record_event). Ids in a batch are distinct and new to memory, so only the queue can hold one.
-            if not {o.signal_id for o in queue}.isdisjoint(ids):
+            if not set(map(_SIGNAL_ID, queue)).isdisjoint(ids):
                 one_by_one()
                 return
         horizon = times[-1] - keep_seconds
@@ -272,9 +278,14 @@ class DeviceState:
         kept = props[start:]
         # tuple.__new__ from the columns: an occurrence each without a Python-level call each.
         columns = zip(times[start:], ids[start:], kept, seqs[start:], strict=True)
-        queue.extend(map(tuple.__new__, repeat(EventOccurrence), columns))
-        self._account(n - start, occurrences_size(kept))
-        self._trim(queue, horizon, queue[-1])
+        fresh = list(map(tuple.__new__, repeat(EventOccurrence), columns))
+        queue.extend(fresh)
+        size = occurrences_size(kept)
+        self._account(n - start, size)
+        self._trim(name, queue, horizon, queue[-1])
+        if self._bulk is None:
+            self._bulk = {}
+        self._bulk[name] = (fresh[0], len(fresh), size)
 
     def _account(self, count: int, size: int) -> None:
         self.event_count += count
@@ -282,8 +293,24 @@ class DeviceState:
         EVENT_MEMORY.count += count
         EVENT_MEMORY.bytes += size
 
-    def _discard_first(self, queue: deque[EventOccurrence], count: int) -> None:
+    def _discard_first(self, name: str, queue: deque[EventOccurrence], count: int) -> None:
         """Forget the queue's `count` oldest occurrences (in place: windows keep reading the same deque)."""
+        bulk = self._bulk.get(name) if self._bulk else None
+        if bulk is not None and queue[0] is bulk[0]:
+            del self._bulk[name]  # type: ignore[union-attr]  # (bulk is not None)
+            if count == bulk[1]:
+                # Exactly the occurrences of the event's last bulk record: occurrences are only appended and
+                # forgotten oldest first (a late arrival's reordering drops the record), so with its first
+                # still first they are the `count` oldest, and their size was summed when they came.
+                if count * 4 >= len(queue):  # most of it: keep the rest, copied in C
+                    rest = list(islice(queue, count, None))
+                    queue.clear()
+                    queue.extend(rest)
+                else:
+                    for _ in repeat(None, count):
+                        queue.popleft()
+                self._account(-count, -bulk[2])
+                return
         if count == 1:
             gone = [queue.popleft()]
         elif count == len(queue) - 1:
@@ -319,10 +346,12 @@ class DeviceState:
             self._discard(oldest, dropped=True)
         for name in [n for n, q in self.history.items() if not q]:
             del self.history[name]
+        self._bulk = None  # a bulk record's first may be gone (rare: over a memory limit)
 
     def release(self) -> None:
         """Forget every occurrence (erasure, or the state is evicted): give their memory back."""
         self.history.clear()
+        self._bulk = None
         self._account(-self.event_count, -self.event_bytes)
 
     def last(self, name: str) -> EventOccurrence | None:
