@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from bisect import bisect_right
 from collections.abc import Mapping
+from functools import partial
 from itertools import repeat
 from operator import itemgetter, le
 from typing import Any
@@ -33,6 +34,8 @@ __all__ = ["Ingest"]
 log = structlog.get_logger("cuepoint.core")
 
 _SIGNAL_ID = itemgetter(1)  # EventOccurrence.signal_id, read in C
+# EventOccurrence from a (time, signal id, properties, seq) tuple, without the NamedTuple's Python-level __new__.
+_occurrence = partial(tuple.__new__, EventOccurrence)
 
 
 class Ingest(Recovery, Identity):
@@ -109,7 +112,7 @@ class Ingest(Recovery, Identity):
             at, name = ats[stop], names[stop]
             if at > state.last_signal_at:
                 state.last_signal_at = at
-            occurrence = EventOccurrence(at, ids[stop], props[stop], first_seq + stop)
+            occurrence = _occurrence((at, ids[stop], props[stop], first_seq + stop))
             state.record_event(name, occurrence, retention.get(name, 0.0))
             self._on_event(session, name, at, now)
             k += 1
@@ -183,8 +186,8 @@ class Ingest(Recovery, Identity):
     ) -> list[int]:
         """_worth_evaluating for one event name's positions `at` (returned as is: all of them)."""
         scenarios = self.engine.scenarios
-        reached = state.milestones
-        if any(m.id not in reached for m in scenarios.milestones_by_event.get(name, ())):
+        milestones = scenarios.milestones_by_event.get(name)
+        if milestones and any(m.id not in state.milestones for m in milestones):
             return at
         found = scenarios.event_filter(name)
         if found is None:
@@ -193,7 +196,7 @@ class Ingest(Recovery, Identity):
         # true unless record_event would insert it earlier (a late arrival) or skip it (an id its window
         # still holds, older than what dedupe remembers).
         times = [ats[i] for i in at] if len(at) < len(ats) else ats
-        if not all(map(le, times, times[1:])):
+        if len(times) > 1 and not all(map(le, times, times[1:])):
             return at
         queue = state.history.get(name)
         if queue:
@@ -219,6 +222,14 @@ class Ingest(Recovery, Identity):
         retention: Mapping[str, float],
     ) -> None:
         """Record events start..stop (none listened to) into the state: per event name, at once."""
+        if stop - start == 1:  # one signal (every message of an unbatched client): no columns to slice
+            time = ats[start]
+            if time > state.last_signal_at:
+                state.last_signal_at = time
+            name = names[start]
+            occurrence = _occurrence((time, ids[start], props[start], first_seq + start))
+            state.record_event(name, occurrence, retention.get(name, 0.0))
+            return
         latest = max(ats[start:stop])
         if latest > state.last_signal_at:
             state.last_signal_at = latest

@@ -70,6 +70,8 @@ class EventFilter:
         `props[i]` must be the properties of the event's last occurrence once signal i is recorded.
         """
         n = len(props)
+        if n == 1:
+            return [0] if self._may_hold(app_id, context, props[0]) else []
         found: set[int] = set()
         columns: dict[str, list[Scalar | None]] = {}
         for apps, ctx, last in zip(self.apps, self.context, self.last, strict=True):
@@ -98,6 +100,20 @@ class EventFilter:
             if len(found) == n:
                 break
         return sorted(found)
+
+    def _may_hold(self, app_id: str, context: Mapping[str, Scalar], props: Mapping[str, Scalar]) -> bool:
+        """`positions` for a batch of one signal (an unbatched client's every message): the same tests, on the one
+        value each, without building columns and sets."""
+        for apps, ctx, last in zip(self.apps, self.context, self.last, strict=True):
+            if apps and app_id not in apps:
+                continue
+            for key, values in ctx.items():
+                if _holds(values, context.get(key)):
+                    return True
+            for prop, values in last.items():
+                if _holds(values, props.get(prop)):
+                    return True
+        return False
 
 
 def _holds(values: _Values, value: Scalar | None) -> bool:

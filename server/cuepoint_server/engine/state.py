@@ -312,8 +312,9 @@ class DeviceState:
                 self._account(-count, -bulk[2])
                 return
         if count == 1:
-            gone = [queue.popleft()]
-        elif count == len(queue) - 1:
+            self._account(-1, -occurrence_size(queue.popleft().props))
+            return
+        if count == len(queue) - 1:
             newest = queue.pop()
             gone = list(queue)
             queue.clear()
