@@ -11,8 +11,10 @@ import hashlib
 import io
 import ipaddress
 import json
+import re
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -738,6 +740,23 @@ def test_log_processor_drops_secrets_and_personal_data(log_output: io.StringIO) 
     }
     assert probe["device_id"] == "phone-1"  # operational ids stay
     assert f"Bearer {REDACTED}" in text
+
+
+def test_log_lines_are_json_with_a_utc_timestamp_and_any_value(log_output: io.StringIO) -> None:
+    """The fast encoder (msgspec) and the once-a-second timestamp keep a line what it was: one JSON object, text
+    as written (no escapes, so a leaked name is found by a plain search), an ISO UTC timestamp; a value JSON has
+    no form for is written as its repr."""
+    log = structlog.get_logger("test")
+    log.info("probe", city="Tromsø", ratio=0.25, big=2**70, nested={"a": [1, 2.5, None]}, thing=object())
+    log.info("int-key", counts={1: "one"})
+    first, second = (json.loads(line) for line in log_output.getvalue().splitlines())
+    assert "Tromsø" in log_output.getvalue()
+    assert first["city"] == "Tromsø" and first["ratio"] == 0.25 and first["big"] == 2**70
+    assert first["nested"] == {"a": [1, 2.5, None]} and first["thing"].startswith("<object object at")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", first["timestamp"]), first["timestamp"]
+    stamped = datetime.datetime.fromisoformat(first["timestamp"].replace("Z", "+00:00"))
+    assert abs(stamped.timestamp() - time.time()) < 60
+    assert second["counts"] == {"1": "one"}
 
 
 async def test_server_logs_never_show_credentials_or_users(start_server: StartServer, log_output: io.StringIO) -> None:
