@@ -135,8 +135,8 @@ class DeviceState:
     event_count: int = 0
     event_bytes: int = 0
     # Per event name, what its last bulk record (record_events) added: (the first of those occurrences, their
-    # number, their estimated bytes). When exactly those are forgotten next, as a batch whose times tie is
-    # when the next one comes, their size is known and not summed again (`_discard_first`). None until used.
+    # number, their estimated bytes). When exactly those are forgotten together (a batch whose times tie, when
+    # the next one comes), their size is known and not summed again (`_discard_first`). None until used.
     _bulk: dict[str, tuple[EventOccurrence, int, int]] | None = None
 
     def new_session(self) -> None:
@@ -295,9 +295,9 @@ class DeviceState:
 
     def _discard_first(self, name: str, queue: deque[EventOccurrence], count: int) -> None:
         """Forget the queue's `count` oldest occurrences (in place: windows keep reading the same deque)."""
-        bulk = self._bulk.get(name) if self._bulk else None
-        if bulk is not None and queue[0] is bulk[0]:
-            del self._bulk[name]  # type: ignore[union-attr]  # (bulk is not None)
+        bulks = self._bulk
+        if bulks and (bulk := bulks.get(name)) is not None and queue[0] is bulk[0]:
+            del bulks[name]
             if count == bulk[1]:
                 # Exactly the occurrences of the event's last bulk record: occurrences are only appended and
                 # forgotten oldest first (a late arrival's reordering drops the record), so with its first
