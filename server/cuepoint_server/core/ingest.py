@@ -109,12 +109,8 @@ class Ingest(Recovery, Identity):
                 self._record_run(state, names, ats, ids, props, first_seq, start, stop, retention)
             if stop == n:
                 break
-            at, name = ats[stop], names[stop]
-            if at > state.last_signal_at:
-                state.last_signal_at = at
-            occurrence = _occurrence((at, ids[stop], props[stop], first_seq + stop))
-            state.record_event(name, occurrence, retention.get(name, 0.0))
-            self._on_event(session, name, at, now)
+            self._record_run(state, names, ats, ids, props, first_seq, stop, stop + 1, retention)
+            self._on_event(session, names[stop], ats[stop], now)
             k += 1
             if chosen is not heard and session.device_id in pending:
                 # This signal's evaluation offered a cue: each later one may withdraw it ("condition_cleared"),
@@ -221,8 +217,8 @@ class Ingest(Recovery, Identity):
         stop: int,
         retention: Mapping[str, float],
     ) -> None:
-        """Record events start..stop (none listened to) into the state: per event name, at once."""
-        if stop - start == 1:  # one signal (every message of an unbatched client): no columns to slice
+        """Record events start..stop into the state: per event name, at once (or one, before its evaluation)."""
+        if stop - start == 1:  # one signal (a listened-to one, every message of an unbatched client): no slices
             time = ats[start]
             if time > state.last_signal_at:
                 state.last_signal_at = time
