@@ -284,6 +284,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     19: ("ALTER TABLE engagements ADD COLUMN fallback_choice TEXT NOT NULL DEFAULT ''",),
 }
 _BUSY_TIMEOUT_MS = 5000
+# How a connection waits out another process's lock: set at open, and set again by the writer after its inline
+# commits cleared it.
+_WAIT_FOR_LOCKS = f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}"
 
 
 # --- SQL ------------------------------------------------------------------------------------------------
@@ -883,7 +886,7 @@ class _BatchWriter:
     async def _may_wait(self) -> None:
         """Set the busy timeout again before a statement that should wait for another process's lock."""
         if not self._waits:
-            await self._conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            await self._conn.execute(_WAIT_FOR_LOCKS)
             self._waits = True
 
     async def _start_checkpoint(self) -> None:
@@ -984,7 +987,7 @@ def _apply_in_thread(db: sqlite3.Connection, batch: list[_Op], waits: bool) -> _
     retries the ops one by one, as `_apply` does). BEGIN or COMMIT failing raises (nothing was written).
     ``waits``: whether the busy timeout is set; if not (the inline path cleared it), it is set first."""
     if not waits:
-        db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        db.execute(_WAIT_FOR_LOCKS)
     db.execute("BEGIN IMMEDIATE")
     return _apply_begun(db, batch)
 
@@ -1145,7 +1148,7 @@ def _stored_ids(db: sqlite3.Connection, device_id: str, ids: set[str]) -> set[st
 
 async def _configure(conn: aiosqlite.Connection, *, read_only: bool) -> None:
     # busy_timeout first so the journal-mode switch waits for other processes instead of failing.
-    await conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    await conn.execute(_WAIT_FOR_LOCKS)
     await conn.execute("PRAGMA journal_mode = WAL")
     # NORMAL in WAL mode survives application crashes; only an OS crash/power loss can drop the last commits.
     await conn.execute("PRAGMA synchronous = NORMAL")
