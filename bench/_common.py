@@ -817,6 +817,10 @@ def find_py_spy(explicit: str | None) -> str | None:
     return None
 
 
+# Samples per second; PY_SPY_RATE=1000 gives a short run's profile enough samples to fold by caller.
+_PY_SPY_RATE = os.environ.get("PY_SPY_RATE", "200")
+
+
 class PySpy:
     """``py-spy record --gil`` of a pid for a while; then the hottest functions.
 
@@ -829,7 +833,7 @@ class PySpy:
         self.out = out
         self.raw = ""
         self._proc = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "200",
+            [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", _PY_SPY_RATE,
              "--format", "raw", "--function", "--gil", "--nonblocking", "--output", str(out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -19,6 +19,11 @@ whether a latency target holds depends on the load as much as on the number of s
 Baseline, same run and concurrency: the bare echo (``echo_server.py``) driven by the identical device
 loop, where the "cue" is the ack of the one-signal batch (a pure round trip).
 Target: p99 signal-to-cue under 10 ms at 1,000 streams.
+
+``--prototype``: each Cuepoint run is followed by the same load against ``prototype_server.py``, a cue server
+that does only what a cue round must (validate, dedupe, store the trigger and the cue in one commit, send
+the cue with its ack, store the decline): how low p99 and the CPU per round can go in Python with gRPC and
+SQLite on the server's one core, and so how much of Cuepoint's own work a target leaves room for.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from _common import (
     temp_dir,
 )
 from _cue_round import SCENARIO, cue_rounds
+from prototype_server import PROTOTYPE_METHOD, prototype_server
 
 TARGET_P99_MS = 10.0
 
@@ -250,6 +256,7 @@ async def run(args: argparse.Namespace) -> None:
     if args.py_spy is not False and not py_spy:
         note("py-spy not found; running without the profile")
     results: list[LatencyResult] = []
+    protos: list[LatencyResult] = []  # --prototype: one per Cuepoint run, right after it
     common = {
         "streams": args.streams,
         "seconds": args.seconds,
@@ -297,6 +304,23 @@ async def run(args: argparse.Namespace) -> None:
                     results.append(result)
                 finally:
                     await server.stop()
+                if args.prototype:
+                    note(f"latency round {round_no}/{args.rounds}: prototype, {what} ...")
+                    proto = await prototype_server(tmp).start()
+                    try:
+                        protos.append(
+                            await measure(
+                                proto,
+                                PROTOTYPE_METHOD,
+                                label="prototype",
+                                rate=rate,
+                                answer_kind="cue",
+                                seed=seed,
+                                **common,
+                            )
+                        )
+                    finally:
+                        await proto.stop()
         # The same server work without gRPC, in this process: what bounds cues/s on the server's one core.
         in_process: dict[str, Any] = {}
         if args.in_process:
@@ -336,10 +360,12 @@ async def run(args: argparse.Namespace) -> None:
             )
         )
     pairs = list(zip(results[::2], results[1::2], strict=True))
-    for base, cue in pairs:
+    for n, (base, cue) in enumerate(pairs):
         rows.append(base.row("ack = round trip"))
         rows.append(cue.row("cue"))
         rows.append(cue.row("ack, after commit", ack=True))
+        if protos:
+            rows.append(protos[n].row("cue"))
     parts = []
     for rate in rates:
         at_rate = [(b, c) for b, c in pairs if c.rate == rate]
@@ -375,12 +401,40 @@ async def run(args: argparse.Namespace) -> None:
                 baseline=statistics.median(echo_cpu_ms),
             )
         )
+        proto_part = ""
+        at_rate_protos = [p for p in protos if p.rate == rate]
+        if at_rate_protos:
+            proto_p99 = [p.stats()["p99_ms"] for p in at_rate_protos]
+            proto_cpu_ms = [10 * p.server_cpu_pct / max(1e-9, len(p.samples) / p.seconds) for p in at_rate_protos]
+            metrics.append(
+                Metric(
+                    f"prototype's signal-to-cue p99, {load} (median of {len(at_rate_protos)})",
+                    statistics.median(proto_p99),
+                    "ms",
+                    baseline=statistics.median(echo_p99),
+                    target=f"(< {TARGET_P99_MS:g} ms)",
+                    met=statistics.median(proto_p99) < TARGET_P99_MS,
+                )
+            )
+            metrics.append(
+                Metric(
+                    f"prototype's server CPU per cue round, {load}",
+                    statistics.median(proto_cpu_ms),
+                    "ms",
+                    baseline=statistics.median(echo_cpu_ms),
+                )
+            )
+            proto_part = (
+                f"; prototype p99 {statistics.median(proto_p99):.2f} ms "
+                f"(rounds {', '.join(f'{v:.1f}' for v in proto_p99)}), "
+                f"{statistics.median(proto_cpu_ms):.2f} ms per round"
+            )
         parts.append(
             f"{streams * rate:,.0f} triggers/s ({load}): p50 {statistics.median(cue_p50):.2f} ms, p99 {p99:.2f} ms "
             f"(rounds {', '.join(f'{v:.1f}' for v in cue_p99)}) [echo p99 {statistics.median(echo_p99):.2f} ms; "
             f"ratio min {min(ratio):.1f}x median {statistics.median(ratio):.1f}x] "
             f"{'met' if ok else 'NOT MET'}; server CPU {statistics.median(cpu_ms):.2f} ms per round "
-            f"(echo {statistics.median(echo_cpu_ms):.2f})"
+            f"(echo {statistics.median(echo_cpu_ms):.2f}){proto_part}"
         )
     if in_process:
         metrics.append(
@@ -435,7 +489,7 @@ async def run(args: argparse.Namespace) -> None:
                     "server_cpu_pct": r.server_cpu_pct,
                     "client_cpu_pct": r.client_cpu_pct,
                 }
-                for r in results
+                for r in [*results, *protos]
             ],
             "client": "raw generated stubs, one SignalBatch per trigger (no SDK)",
             "in_process": in_process,
@@ -464,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("asyncio", "uvloop"),
         default="asyncio",
         help="event loop of both servers, the echo and Cuepoint (serve --event-loop); the load generator keeps asyncio",
+    )
+    parser.add_argument(
+        "--prototype",
+        action="store_true",
+        help="also run issue 13's prototype shape (prototype_server.py: a cue round with nothing but its rows)",
     )
     parser.add_argument("--quick", action="store_true", help="3 s runs at 1 trigger/s per device")
     parser.add_argument("--py-spy", nargs="?", const="", default=False, help="profile the server with py-spy [PATH]")

@@ -20,6 +20,14 @@ does for such a batch, each step a column at a time:
   message's own bytes as the body) through one group-committing writer on a WAL SQLite file
   (``synchronous = NORMAL``, as ``cuepoint serve``), and acks each batch only after its commit.
 
+For ``bench_latency.py --prototype`` it also plays the latency benchmark's cue round, the floor of a cue
+server in Python with gRPC and durable commits: a ``SignalBatch`` of rows is validated (ids, names, keys,
+string lengths, times), charged, deduped and counted the same way and stored as one row; a ``help_me``
+event, unless a cue is still unanswered, makes a cue whose row is committed with the batch, and the cue
+goes out with the batch's ack in one message after that commit; the decline is stored before the stream
+reads on. Nothing else of a cue round: no scenario engine, arbitration, decisions, guards, expiry timers,
+explanation, consent, webhooks, metrics or logs.
+
 What it leaves out is what the comparison measures: windows of occurrence objects (counts and conditions on
 properties over time), property dicts, JSON bodies the databases' json functions can read (journeys,
 exports, erasure), consent and privacy rules, sessions, cues, metrics and logs. ``serve`` runs only the
@@ -36,8 +44,11 @@ import sqlite3
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +75,7 @@ from _common import (
 from bench_ingest import write_scenarios
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cuepoint.v1 import device_pb2
+from cuepoint.v1 import common_pb2, device_pb2
 from cuepoint_server.engine.state import DeviceState
 
 SERVICE = "benchproto.v1.Prototype"
@@ -89,6 +100,13 @@ _KNOWN_TYPES = frozenset(
     )
 )
 
+# The cue round's scenario (bench_latency.py --prototype, as _cue_round.SCENARIO): help_me offers help by audio.
+CUE_EVENT, CUE_SCENARIO = "help_me", "help"
+_ANSWERS = {
+    common_pb2.CUE_RESPONSE_KIND_ACCEPTED: "accepted",
+    common_pb2.CUE_RESPONSE_KIND_DECLINED: "declined",
+}
+
 # The benchmark's scenario: screen_view where screen equals checkout.
 LISTENED, WHERE_KEY, WHERE_VALUE = "screen_view", "screen", "checkout"
 
@@ -102,7 +120,7 @@ class Invalid(Exception):
 class Device:
     """One device's state: a token bucket, remembered ids, and per event name a count and the latest time."""
 
-    __slots__ = ("counts", "ids", "latest", "matched", "stamp", "tokens")
+    __slots__ = ("counts", "ids", "latest", "matched", "pending", "stamp", "tokens")
 
     def __init__(self, now: float) -> None:
         self.tokens = float(BENCH_RATE)
@@ -112,6 +130,7 @@ class Device:
         self.counts: Counter[str] = Counter()
         self.latest: dict[str, float] = {}
         self.matched = 0
+        self.pending: str | None = None  # the cue offered and not yet answered (the cue round's only rule)
 
     def charge(self, n: int, now: float) -> bool:
         self.tokens = min(float(BENCH_RATE), self.tokens + (now - self.stamp) * BENCH_RATE) - n
@@ -183,8 +202,50 @@ def validate(columns: device_pb2.SignalColumns, size: int, now: float) -> tuple[
     return ids, times
 
 
+def validate_rows(batch: device_pb2.SignalBatch, size: int, now: float) -> tuple[list[str], list[float], list[str]]:
+    """A row batch's ids, server-clock times and event names, or Invalid naming the field (as ``validate``)."""
+    if size > MAX_BATCH_BYTES:
+        raise Invalid("signals", "batch too large")
+    signals = batch.signals
+    if len(signals) > MAX_SIGNALS:
+        raise Invalid("signals.signals", "too many signals")
+    sent = batch.sent_at.seconds + batch.sent_at.nanos / 1e9 if batch.HasField("sent_at") else now
+    offset = now - sent
+    ids: list[str] = []
+    times: list[float] = []
+    names: list[str] = []
+    for i, signal in enumerate(signals):
+        if not _JOINED_IDS.fullmatch(signal.id):
+            raise Invalid(f"signals.signals[{i}].id", "bad id")
+        event = signal.event
+        if not _NAME.fullmatch(event.name):
+            raise Invalid(f"signals.signals[{i}].event.name", "bad event name")
+        properties = event.properties
+        if len(properties) > MAX_PROPS:
+            raise Invalid(f"signals.signals[{i}].event.properties", "too many properties")
+        for key, value in properties.items():
+            if not _KEY.fullmatch(key):
+                raise Invalid(f"signals.signals[{i}].event.properties", "bad key")
+            if len(value.string_value) > MAX_STRING:
+                raise Invalid(f"signals.signals[{i}].event.properties[{key}]", "string too long")
+        at = signal.time.seconds + signal.time.nanos / 1e9 + offset if signal.HasField("time") else now
+        if at > now + MAX_FUTURE_SKEW or at < now - MAX_AGE:
+            raise Invalid(f"signals.signals[{i}].time", "time out of range")
+        ids.append(signal.id)
+        times.append(at)
+        names.append(event.name)
+    if len(set(ids)) != len(ids):
+        raise Invalid("signals.signals", "repeated id")
+    return ids, times, names
+
+
+INSERT_BATCH = "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)"
+INSERT_CUE = "INSERT INTO cues VALUES (?, ?, ?, ?, 'offered', NULL)"
+ANSWER_CUE = "UPDATE cues SET status = ?, answered_at = ? WHERE cue_id = ? AND status = 'offered'"
+
+
 class Writer:
-    """One group-committing writer: every batch queued while a commit runs goes into the next one."""
+    """One group-committing writer: every row queued while a commit runs goes into the next one."""
 
     def __init__(self, path: str) -> None:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -195,15 +256,25 @@ class Writer:
             " min_id TEXT, max_id TEXT, body BLOB)"
         )
         self.db.execute("CREATE INDEX IF NOT EXISTS batches_device ON batches (device_id, last_time)")
-        self.queue: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        # The cue round's own rows (bench_latency.py --prototype): a cue with its status, keyed by its id.
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS cues (cue_id TEXT PRIMARY KEY, device_id TEXT, scenario_id TEXT,"
+            " created_at REAL, status TEXT, answered_at REAL)"
+        )
+        self.queue: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]] = []
         self.wake = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self.run())
 
-    def add(self, row: tuple[Any, ...]) -> asyncio.Future[None]:
+    def add(self, row: tuple[Any, ...], sql: str = INSERT_BATCH) -> asyncio.Future[None]:
+        """Queue ``row`` for ``sql``; the future is done once it is committed."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.queue.append((row, future))
+        self.queue.append((sql, row, future))
         self.wake.set()
         return future
+
+    def add_with_next(self, row: tuple[Any, ...], sql: str = INSERT_BATCH) -> None:
+        """Queue ``row`` to be committed with the next row added (in the same step: nothing awaits between)."""
+        self.queue.append((sql, row, None))
 
     async def run(self) -> None:
         while True:
@@ -214,10 +285,11 @@ class Writer:
             if not taken:
                 continue
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)", [row for row, _ in taken])
+            for sql, rows in groupby(taken, key=itemgetter(0)):
+                self.db.executemany(sql, [row for _, row, _ in rows])
             self.db.execute("COMMIT")
-            for _, future in taken:
-                if not future.done():
+            for _, _, future in taken:
+                if future is not None and not future.done():
                     future.set_result(None)
 
 
@@ -263,6 +335,53 @@ def build_server(db_path: str, host: str = "127.0.0.1", port: int = 0) -> tuple[
                 yield device_pb2.ServerMessage(
                     ack=device_pb2.SignalAck(batch_id=columns.batch_id, signal_ids=ids, duplicate_ids=duplicates)
                 ).SerializeToString()
+            elif kind == "signals" and device is not None:
+                now = time.time()
+                batch = message.signals
+                try:
+                    ids, times, names = validate_rows(batch, len(raw), now)
+                except Invalid as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                if not device.charge(len(ids), now):
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit")
+                duplicates = device.ids.remember_all(ids)
+                if not ids:
+                    continue
+                latest = max(times)
+                for name, count in Counter(names).items():
+                    device.counts[name] += count
+                    if latest > device.latest.get(name, 0.0):
+                        device.latest[name] = latest
+                row = (device_id, min(times), latest, len(ids), min(ids), max(ids), raw)
+                ack = device_pb2.SignalAck(batch_id=batch.batch_id, signal_ids=ids, duplicate_ids=duplicates)
+                # The cue round's scenario: help_me offers help unless a cue is still unanswered. The cue row is
+                # committed with the batch that fired it, and both go out in one message, after that commit.
+                if CUE_EVENT in names and device.pending is None:
+                    cue_id = uuid.uuid4().hex
+                    device.pending = cue_id
+                    writer.add_with_next(row)
+                    await writer.add((cue_id, device_id, CUE_SCENARIO, now), INSERT_CUE)
+                    created = Timestamp()
+                    created.FromNanoseconds(int(now * 1e9))
+                    cue = common_pb2.Cue(
+                        cue_id=cue_id,
+                        scenario_id=CUE_SCENARIO,
+                        message="Unable to sync? I can help you.",
+                        channel=common_pb2.CHANNEL_AUDIO,
+                        created_at=created,
+                    )
+                    yield device_pb2.ServerMessage(cue=cue, cue_ack=ack).SerializeToString()
+                    continue
+                await writer.add(row)
+                yield device_pb2.ServerMessage(ack=ack).SerializeToString()
+            elif kind == "cue_response" and device is not None:
+                response = message.cue_response
+                if response.cue_id == device.pending:
+                    device.pending = None
+                    # Nothing is sent back; the stream reads on once it is stored, as Cuepoint's does.
+                    await writer.add(
+                        (_ANSWERS.get(response.kind, "declined"), time.time(), response.cue_id), ANSWER_CUE
+                    )
             elif kind == "hello":
                 device_id = message.hello.device_id
                 device = Device(time.time())
