@@ -100,8 +100,8 @@ _KNOWN_TYPES = frozenset(
     )
 )
 
-# The cue round's scenario (bench_latency.py --prototype, as _cue_round.SCENARIO): help_me offers help by audio.
-CUE_EVENT, CUE_SCENARIO = "help_me", "help"
+# The cue round's scenario (bench_latency.py --prototype): _cue_round.SCENARIO's trigger, help_me, offers help.
+CUE_EVENT, CUE_SCENARIO = "help_me", "bench-help"
 _ANSWERS = {
     common_pb2.CUE_RESPONSE_KIND_ACCEPTED: "accepted",
     common_pb2.CUE_RESPONSE_KIND_DECLINED: "declined",
@@ -378,7 +378,8 @@ def build_server(db_path: str, host: str = "127.0.0.1", port: int = 0) -> tuple[
                 response = message.cue_response
                 if response.cue_id == device.pending:
                     device.pending = None
-                    # Nothing is sent back; the stream reads on once it is stored, as Cuepoint's does.
+                    # Nothing is sent back. Stored before the stream reads on, which Cuepoint does not wait for (its
+                    # device's next message need not): the floor does no less than Cuepoint.
                     await writer.add(
                         (_ANSWERS.get(response.kind, "declined"), time.time(), response.cue_id), ANSWER_CUE
                     )
