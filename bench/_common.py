@@ -200,6 +200,11 @@ class CpuMeter:
 # --- server subprocesses -----------------------------------------------------------------------------------
 
 
+# How an error line of `cuepoint serve --log-json` spells its level (logs.py: compact JSON since 09a09be; the
+# spaced form the benchmarks counted before matched nothing after that).
+ERROR_LINE = b'"level":"error"'
+
+
 class ServerProcess:
     """A server in a child process, pinned to one CPU; its output goes to a log file."""
 
@@ -248,6 +253,10 @@ class ServerProcess:
 
     def count_in_log(self, needle: bytes) -> int:
         return self.log_path.read_bytes().count(needle)
+
+    def errors_in_log(self) -> int:
+        """Error lines the server logged (``cuepoint serve --log-json`` writes compact JSON: no spaces)."""
+        return self.count_in_log(ERROR_LINE)
 
     async def stop(self, limit: float = 15.0) -> int | None:
         """SIGTERM (a graceful stop), then SIGKILL after ``limit`` s."""

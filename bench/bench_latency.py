@@ -300,7 +300,7 @@ async def run(args: argparse.Namespace) -> None:
                         spy=spy,
                         **common,
                     )
-                    result.failures += server.count_in_log(b'"level": "error"')
+                    result.failures += server.errors_in_log()
                     results.append(result)
                 finally:
                     await server.stop()

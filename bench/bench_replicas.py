@@ -244,7 +244,7 @@ async def latency_run(config: str, servers: list[ServerProcess], args: argparse.
         merged.server_cpu_pct += p.server_cpu_pct
     merged.client_cpu_pct = parts[0].client_cpu_pct
     if not echo:
-        merged.failures += sum(s.count_in_log(b'"level": "error"') for s in servers)
+        merged.failures += sum(s.errors_in_log() for s in servers)
     return merged
 
 
