@@ -826,6 +826,76 @@ def find_py_spy(explicit: str | None) -> str | None:
     return None
 
 
+# What a server's CPU is spent in, by shared object (``perf report --sort dso``), as bench_latency.py --perf
+# groups it: the interpreter (Python work, on or off the GIL), the kernel (sockets, thread switches), gRPC's C
+# core, SQLite, libc and protobuf's C module; what matches none of these prefixes is "other".
+PERF_GROUPS = (
+    ("interpreter", "libpython"),
+    ("kernel", "[kernel"),
+    ("gRPC C core", "cygrpc"),
+    ("SQLite", "libsqlite"),
+    ("libc", "libc."),
+    ("protobuf", "_message"),
+)
+_PERF_LINE = re.compile(r"^\s*([0-9.]+)%\s+(\S.*?)\s*$")
+_PERF_COUNT = re.compile(r"Event count \(approx\.\): (\d+)")
+
+
+def find_perf() -> str | None:
+    """Linux perf, if installed (bench_latency.py --perf)."""
+    import shutil
+
+    return shutil.which("perf")
+
+
+class PerfByObject:
+    """``perf record`` of a pid (all its threads) for a while; then its CPU seconds and their shares by object.
+
+    py-spy sees Python frames only; this sees the whole process on its core: the kernel's socket work and
+    thread switches, gRPC's C core and SQLite's C code, which a floor comparison needs (issue 13). It samples
+    the ``cpu-clock`` software event, whose count is nanoseconds, so it works in VMs without a PMU.
+    """
+
+    def __init__(self, exe: str, pid: int, seconds: float, out: Path) -> None:
+        self._exe = exe
+        self.out = out
+        self.cpu_seconds = 0.0
+        self.shares: dict[str, float] = {}  # shared object -> fraction of the samples
+        self._proc = subprocess.Popen(
+            [exe, "record", "-e", "cpu-clock", "-F", "2000", "-p", str(pid), "-o", str(out), "--", "sleep",
+             f"{seconds:g}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    async def wait(self, limit: float = 60.0) -> None:
+        await _wait_process(self._proc, limit)
+        if self._proc.poll() is None:
+            self._proc.kill()
+        if not self.out.exists():
+            return
+        report = await asyncio.to_thread(
+            subprocess.run,
+            [self._exe, "report", "-i", str(self.out), "--sort", "dso", "--stdio"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        for line in report.stdout.splitlines():
+            if counted := _PERF_COUNT.search(line):
+                self.cpu_seconds = int(counted.group(1)) / 1e9
+            elif not line.startswith("#") and (share := _PERF_LINE.match(line)):
+                self.shares[share.group(2)] = float(share.group(1)) / 100
+
+    def by_group(self) -> dict[str, float]:
+        """CPU seconds per PERF_GROUPS name, and "other"."""
+        grouped = dict.fromkeys([name for name, _ in PERF_GROUPS] + ["other"], 0.0)
+        for dso, share in self.shares.items():
+            name = next((n for n, prefix in PERF_GROUPS if dso.startswith(prefix)), "other")
+            grouped[name] += share * self.cpu_seconds
+        return grouped
+
+
 # Samples per second; PY_SPY_RATE=1000 gives a short run's profile enough samples to fold by caller.
 _PY_SPY_RATE = os.environ.get("PY_SPY_RATE", "200")
 

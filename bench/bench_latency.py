@@ -46,9 +46,11 @@ from _common import (
     CLIENT_CPU,
     CUEPOINT_METHOD,
     ECHO_METHOD,
+    PERF_GROUPS,
     BatchEncoder,
     CpuMeter,
     Metric,
+    PerfByObject,
     PySpy,
     ServerProcess,
     check_quiet,
@@ -56,6 +58,7 @@ from _common import (
     cuepoint_server,
     decline_bytes,
     echo_server,
+    find_perf,
     find_py_spy,
     note,
     open_raw_streams,
@@ -85,6 +88,7 @@ class LatencyResult:
     server_cpu_pct: float = 0.0
     client_cpu_pct: float = 0.0
     profile: PySpy | None = None
+    perf: PerfByObject | None = None  # --perf: the server's CPU by shared object over the measured window
 
     def stats(self, samples: list[float] | None = None) -> dict[str, float]:
         values = sorted(self.samples if samples is None else samples)
@@ -134,6 +138,7 @@ async def measure(
     answer_kind: str,
     seed: int,
     spy: tuple[str, Path] | None = None,
+    perf: tuple[str, Path] | None = None,
 ) -> LatencyResult:
     """Run the device loop on ``streams`` streams; ``answer_kind`` is what ends a round (cue or ack)."""
     rng = random.Random(seed)
@@ -222,11 +227,15 @@ async def measure(
         await asyncio.sleep(warmup)
         meter = CpuMeter(server.pid)
         profiler = PySpy(spy[0], server.pid, seconds, spy[1]) if spy else None
+        by_object = PerfByObject(perf[0], server.pid, seconds, perf[1]) if perf else None
         await asyncio.sleep(seconds)
         result.server_cpu_pct, result.client_cpu_pct = meter.read()
         if profiler is not None:
             await profiler.wait()
             result.profile = profiler
+        if by_object is not None:
+            await by_object.wait()
+            result.perf = by_object
         stopping.set()
         # Let rounds in progress finish (bounded), so late cues are counted, not dropped.
         await asyncio.wait(tasks, timeout=5.0)
@@ -255,6 +264,9 @@ async def run(args: argparse.Namespace) -> None:
     py_spy = find_py_spy(args.py_spy or None) if args.py_spy is not False else None
     if args.py_spy is not False and not py_spy:
         note("py-spy not found; running without the profile")
+    perf_exe = find_perf() if args.perf else None
+    if args.perf and not perf_exe:
+        note("perf not found; running without the CPU by shared object")
     results: list[LatencyResult] = []
     protos: list[LatencyResult] = []  # --prototype: one per Cuepoint run, right after it
     common = {
@@ -270,12 +282,23 @@ async def run(args: argparse.Namespace) -> None:
             for i, rate in enumerate(rates):
                 seed = 100 * round_no + i
                 what = f"{args.streams} streams, {rate:g}/s per device"
+
+                def perf_of(name: str, at: tuple[int, int] = (round_no, i)) -> tuple[str, Path] | None:
+                    return (perf_exe, tmp / f"perf-{name}-{at[0]}-{at[1]}.data") if perf_exe else None
+
                 note(f"latency round {round_no}/{args.rounds}: bare echo, {what} ...")
                 echo = await echo_server(log_dir=tmp, loop=args.server_loop).start()
                 try:
                     results.append(
                         await measure(
-                            echo, ECHO_METHOD, label="bare echo", rate=rate, answer_kind="ack", seed=seed, **common
+                            echo,
+                            ECHO_METHOD,
+                            label="bare echo",
+                            rate=rate,
+                            answer_kind="ack",
+                            seed=seed,
+                            perf=perf_of("echo"),
+                            **common,
                         )
                     )
                 finally:
@@ -298,6 +321,7 @@ async def run(args: argparse.Namespace) -> None:
                         answer_kind="cue",
                         seed=seed,
                         spy=spy,
+                        perf=perf_of("cuepoint"),
                         **common,
                     )
                     result.failures += server.errors_in_log()
@@ -316,6 +340,7 @@ async def run(args: argparse.Namespace) -> None:
                                 rate=rate,
                                 answer_kind="cue",
                                 seed=seed,
+                                perf=perf_of("prototype"),
                                 **common,
                             )
                         )
@@ -366,6 +391,8 @@ async def run(args: argparse.Namespace) -> None:
         rows.append(cue.row("ack, after commit", ack=True))
         if protos:
             rows.append(protos[n].row("cue"))
+    if perf_exe:
+        sections.append(_perf_section([*results, *protos]))
     parts = []
     for rate in rates:
         at_rate = [(b, c) for b, c in pairs if c.rate == rate]
@@ -498,6 +525,28 @@ async def run(args: argparse.Namespace) -> None:
     )
 
 
+def _perf_section(runs: list[LatencyResult]) -> tuple[str, list[str], list[list[str]]]:
+    """--perf: each server's CPU per round by shared object, the median over its rounds (by label and rate)."""
+    keys: list[tuple[str, float]] = []
+    per_round: dict[tuple[str, float], list[dict[str, float]]] = {}
+    for r in runs:
+        if r.perf is None or not r.samples:
+            continue
+        key = (r.label, r.rate)
+        if key not in per_round:
+            keys.append(key)
+        per_round.setdefault(key, []).append({g: 1e3 * v / len(r.samples) for g, v in r.perf.by_group().items()})
+    groups = [name for name, _ in PERF_GROUPS] + ["other"]
+    rows = [[group, *(f"{statistics.median(d[group] for d in per_round[k]):.3f}" for k in keys)] for group in groups]
+    rows.append(["all", *(f"{statistics.median(sum(d.values()) for d in per_round[k]):.3f}" for k in keys)])
+    return (
+        "server CPU per round by shared object, ms (perf record -e cpu-clock of the measured window; median over "
+        "rounds)",
+        ["part", *(f"{label} x{rate:g}/s" for label, rate in keys)],
+        rows,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=1000, help="concurrent device streams (default 1000)")
@@ -523,6 +572,12 @@ def main(argv: list[str] | None = None) -> int:
         "--prototype",
         action="store_true",
         help="also run issue 13's prototype shape (prototype_server.py: a cue round with nothing but its rows)",
+    )
+    parser.add_argument(
+        "--perf",
+        action="store_true",
+        help="also each server's CPU per round by shared object (Linux perf: interpreter, kernel, gRPC, SQLite); "
+        "perf's sampling adds CPU of its own, so read that run's parts, not its latencies",
     )
     parser.add_argument("--quick", action="store_true", help="3 s runs at 1 trigger/s per device")
     parser.add_argument("--py-spy", nargs="?", const="", default=False, help="profile the server with py-spy [PATH]")
