@@ -55,7 +55,10 @@ async def test_capacity_is_checked_where_routing_sends_the_engagement(start_serv
     await fail(client)
     engagement = await client.accept(await client.next_cue(timeout=5))
     assigned = await vip.next_engagement(timeout=5)
-    assert assigned.engagement_id == engagement.engagement_id
+    # The device hears of its engagement on its own stream, in no fixed order with the associate's: read its
+    # id once the device has it, not the moment the associate does.
+    on_device = await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+    assert assigned.engagement_id == on_device.engagement_id == engagement.engagement_id
     for c in (client, base, unskilled, vip):
         await c.close()
 
