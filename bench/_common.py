@@ -281,6 +281,13 @@ async def _wait_process(proc: subprocess.Popen[bytes], limit: float) -> None:
         await asyncio.to_thread(proc.wait, limit)
 
 
+async def _reap(proc: subprocess.Popen[bytes], limit: float) -> None:
+    """A profiler's child: let it finish writing (at most ``limit`` s), then kill it if it has not."""
+    await _wait_process(proc, limit)
+    if proc.poll() is None:
+        proc.kill()
+
+
 def cuepoint_server(
     scenarios: Path,
     db: Path,
@@ -869,9 +876,7 @@ class PerfByObject:
         )  # fmt: skip
 
     async def wait(self, limit: float = 60.0) -> None:
-        await _wait_process(self._proc, limit)
-        if self._proc.poll() is None:
-            self._proc.kill()
+        await _reap(self._proc, limit)
         if not self.out.exists():
             return
         report = await asyncio.to_thread(
@@ -920,9 +925,7 @@ class PySpy:
 
     async def wait(self, limit: float = 30.0) -> None:
         """Wait for py-spy to finish and keep its samples (the output file may live in a temp dir)."""
-        await _wait_process(self._proc, limit)
-        if self._proc.poll() is None:
-            self._proc.kill()
+        await _reap(self._proc, limit)
         self.raw = self.out.read_text(errors="replace") if self.out.exists() else ""
 
     def _lines(self) -> list[tuple[list[str], int]]:

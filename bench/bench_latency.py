@@ -248,6 +248,17 @@ async def measure(
     return result
 
 
+async def _run_on(server: ServerProcess, method: str, label: str, answer_kind: str, **load: Any) -> LatencyResult:
+    """Start ``server``, run one load against it (``measure``), stop it; the errors it logged count as failures."""
+    await server.start()
+    try:
+        result = await measure(server, method, label=label, answer_kind=answer_kind, **load)
+        result.failures += server.errors_in_log()
+        return result
+    finally:
+        await server.stop()
+
+
 def keep_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -286,66 +297,28 @@ async def run(args: argparse.Namespace) -> None:
                 def perf_of(name: str, at: tuple[int, int] = (round_no, i)) -> tuple[str, Path] | None:
                     return (perf_exe, tmp / f"perf-{name}-{at[0]}-{at[1]}.data") if perf_exe else None
 
+                runs = dict(rate=rate, seed=seed, **common)
                 note(f"latency round {round_no}/{args.rounds}: bare echo, {what} ...")
-                echo = await echo_server(log_dir=tmp, loop=args.server_loop).start()
-                try:
-                    results.append(
-                        await measure(
-                            echo,
-                            ECHO_METHOD,
-                            label="bare echo",
-                            rate=rate,
-                            answer_kind="ack",
-                            seed=seed,
-                            perf=perf_of("echo"),
-                            **common,
-                        )
-                    )
-                finally:
-                    await echo.stop()
+                echo = echo_server(log_dir=tmp, loop=args.server_loop)
+                results.append(await _run_on(echo, ECHO_METHOD, "bare echo", "ack", perf=perf_of("echo"), **runs))
                 note(f"latency round {round_no}/{args.rounds}: Cuepoint, {what} ...")
-                server = await cuepoint_server(
+                server = cuepoint_server(
                     write_scenarios(tmp / "scenarios"),
                     tmp / f"lat-{round_no}-{i}.db",
                     log_dir=tmp,
                     limits=BENCH_LIMITS,
                     extra=("--event-loop", args.server_loop),
-                ).start()
+                )
                 spy = (py_spy, tmp / f"spy-{round_no}-{i}.txt") if py_spy and round_no == 1 else None
-                try:
-                    result = await measure(
-                        server,
-                        CUEPOINT_METHOD,
-                        label="Cuepoint",
-                        rate=rate,
-                        answer_kind="cue",
-                        seed=seed,
-                        spy=spy,
-                        perf=perf_of("cuepoint"),
-                        **common,
-                    )
-                    result.failures += server.errors_in_log()
-                    results.append(result)
-                finally:
-                    await server.stop()
+                results.append(
+                    await _run_on(server, CUEPOINT_METHOD, "Cuepoint", "cue", spy=spy, perf=perf_of("cuepoint"), **runs)
+                )
                 if args.prototype:
                     note(f"latency round {round_no}/{args.rounds}: prototype, {what} ...")
-                    proto = await prototype_server(tmp).start()
-                    try:
-                        protos.append(
-                            await measure(
-                                proto,
-                                PROTOTYPE_METHOD,
-                                label="prototype",
-                                rate=rate,
-                                answer_kind="cue",
-                                seed=seed,
-                                perf=perf_of("prototype"),
-                                **common,
-                            )
-                        )
-                    finally:
-                        await proto.stop()
+                    proto = prototype_server(tmp)
+                    protos.append(
+                        await _run_on(proto, PROTOTYPE_METHOD, "prototype", "cue", perf=perf_of("prototype"), **runs)
+                    )
         # The same server work without gRPC, in this process: what bounds cues/s on the server's one core.
         in_process: dict[str, Any] = {}
         if args.in_process:
