@@ -294,13 +294,13 @@ async def run(args: argparse.Namespace) -> None:
                 seed = 100 * round_no + i
                 what = f"{args.streams} streams, {rate:g}/s per device"
 
-                def perf_of(name: str, at: tuple[int, int] = (round_no, i)) -> tuple[str, Path] | None:
-                    return (perf_exe, tmp / f"perf-{name}-{at[0]}-{at[1]}.data") if perf_exe else None
+                servers = ("echo", "cuepoint", "prototype")
+                perf = {n: (perf_exe, tmp / f"perf-{n}-{round_no}-{i}.data") for n in servers} if perf_exe else {}
 
                 runs = dict(rate=rate, seed=seed, **common)
                 note(f"latency round {round_no}/{args.rounds}: bare echo, {what} ...")
                 echo = echo_server(log_dir=tmp, loop=args.server_loop)
-                results.append(await _run_on(echo, ECHO_METHOD, "bare echo", "ack", perf=perf_of("echo"), **runs))
+                results.append(await _run_on(echo, ECHO_METHOD, "bare echo", "ack", perf=perf.get("echo"), **runs))
                 note(f"latency round {round_no}/{args.rounds}: Cuepoint, {what} ...")
                 server = cuepoint_server(
                     write_scenarios(tmp / "scenarios"),
@@ -311,13 +311,15 @@ async def run(args: argparse.Namespace) -> None:
                 )
                 spy = (py_spy, tmp / f"spy-{round_no}-{i}.txt") if py_spy and round_no == 1 else None
                 results.append(
-                    await _run_on(server, CUEPOINT_METHOD, "Cuepoint", "cue", spy=spy, perf=perf_of("cuepoint"), **runs)
+                    await _run_on(
+                        server, CUEPOINT_METHOD, "Cuepoint", "cue", spy=spy, perf=perf.get("cuepoint"), **runs
+                    )
                 )
                 if args.prototype:
                     note(f"latency round {round_no}/{args.rounds}: prototype, {what} ...")
                     proto = prototype_server(tmp)
                     protos.append(
-                        await _run_on(proto, PROTOTYPE_METHOD, "prototype", "cue", perf=perf_of("prototype"), **runs)
+                        await _run_on(proto, PROTOTYPE_METHOD, "prototype", "cue", perf=perf.get("prototype"), **runs)
                     )
         # The same server work without gRPC, in this process: what bounds cues/s on the server's one core.
         in_process: dict[str, Any] = {}
