@@ -69,7 +69,7 @@ def validate_batch(batch: IncomingBatch, now: float) -> None:
     if batch.sent_at is not None and not math.isfinite(batch.sent_at):
         raise InvalidInput("signals.sent_at", "invalid timestamp")
     offset = clock_offset(batch, now)
-    window = (now - Limits.max_age, now + Limits.max_future_skew)
+    window = _time_window(now)
     seen: set[str] = set()
     for i, signal in enumerate(batch.signals):
         # Runs for every signal of every batch: field paths are only built for the error.
@@ -174,15 +174,14 @@ def validate_columns(batch: EventColumns, now: float) -> None:
 def _columns_valid(batch: EventColumns, now: float) -> bool:
     ids = batch.ids
     n = len(ids)
+    if batch.sent_at is not None and not math.isfinite(batch.sent_at):
+        return False
     if n == 1:
         # One signal (every message of an unbatched client): validate_batch's checks on it, without the
         # column-wide passes (a join, sets, generators), each costlier than the check itself for one value.
-        if batch.sent_at is not None and not math.isfinite(batch.sent_at):
-            return False
         signal = IncomingSignal(ids[0], batch.times[0], "event", batch.names[0], batch.props[0])
-        window = (now - Limits.max_age, now + Limits.max_future_skew)
-        return _signal_problem(signal, clock_offset(batch, now), window) is None
-    if n > Limits.max_signals_per_batch or (batch.sent_at is not None and not math.isfinite(batch.sent_at)):
+        return _signal_problem(signal, clock_offset(batch, now), _time_window(now)) is None
+    if n > Limits.max_signals_per_batch:
         return False
     if not n:
         return True
@@ -193,7 +192,8 @@ def _columns_valid(batch: EventColumns, now: float) -> bool:
     present: list[float] = [t for t in times if t is not None] if None in times else times  # type: ignore[assignment]
     if present:
         offset = clock_offset(batch, now)
-        if max(present) + offset > now + Limits.max_future_skew or min(present) + offset < now - Limits.max_age:
+        oldest, newest = _time_window(now)
+        if max(present) + offset > newest or min(present) + offset < oldest:
             return False
     if not all(_good(name, EVENT_NAME) for name in set(batch.names)):
         return False
@@ -214,6 +214,11 @@ def _columns_valid(batch: EventColumns, now: float) -> bool:
             elif type(value) is float and not math.isfinite(value):
                 return False
     return True
+
+
+def _time_window(now: float) -> tuple[float, float]:
+    """The server-clock times a signal may carry once corrected: at most max_age old, max_future_skew ahead."""
+    return now - Limits.max_age, now + Limits.max_future_skew
 
 
 def clock_offset(batch: IncomingBatch | EventColumns, now: float) -> float:
