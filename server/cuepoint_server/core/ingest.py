@@ -403,21 +403,19 @@ class Ingest(Recovery, Identity):
         self._group.requeue(later)
         rows = [row for _, taken_ in plain for pending in taken_ for row in pending.rows]
         skipped: list[str] | None
-        if units and rows:
-            results = await asyncio.gather(
-                self._append_round(rows), *(self._commit_acked(session, pending) for session, pending in units)
-            )
-            skipped = results[0]
-        elif units:
+        commits = [self._commit_acked(session, pending) for session, pending in units]
+        if not commits:
+            skipped = await self._append_round(rows)
+        elif rows:
+            skipped = (await asyncio.gather(self._append_round(rows), *commits))[0]
+        else:
             # Nothing plain to append: gather would wrap an empty append in a task of its own, and a lone unit
             # too; a cue round (one batch that fires a cue) is exactly this case (issue 13).
             skipped = []
-            if len(units) == 1:
-                await self._commit_acked(*units[0])
+            if len(commits) == 1:
+                await commits[0]
             else:
-                await asyncio.gather(*(self._commit_acked(session, pending) for session, pending in units))
-        else:
-            skipped = await self._append_round(rows)
+                await asyncio.gather(*commits)
         if skipped is None:
             await self._append_each(plain)
         else:
