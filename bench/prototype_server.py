@@ -46,7 +46,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
@@ -131,6 +131,13 @@ class Device:
         self.latest: dict[str, float] = {}
         self.matched = 0
         self.pending: str | None = None  # the cue offered and not yet answered (the cue round's only rule)
+
+    def count(self, per_name: Iterable[tuple[str, int]], latest: float) -> None:
+        """A batch's events: per distinct name, how many, all as recent as ``latest`` (the batch's newest)."""
+        for name, count in per_name:
+            self.counts[name] += count
+            if latest > self.latest.get(name, 0.0):
+                self.latest[name] = latest
 
     def charge(self, n: int, now: float) -> bool:
         self.tokens = min(float(BENCH_RATE), self.tokens + (now - self.stamp) * BENCH_RATE) - n
@@ -322,11 +329,8 @@ def build_server(db_path: str, host: str = "127.0.0.1", port: int = 0) -> tuple[
                 per_name = Counter(names)  # by string-table index, in C
                 if ids:
                     latest = max(times)
-                    for i, count in per_name.items():  # once per distinct event name of the batch
-                        name = strings[i]
-                        device.counts[name] += count
-                        if latest > device.latest.get(name, 0.0):
-                            device.latest[name] = latest
+                    # Once per distinct event name of the batch.
+                    device.count(((strings[i], count) for i, count in per_name.items()), latest)
                     # The scenario: only a batch whose string table holds both the event and the value can match.
                     if LISTENED in strings and WHERE_VALUE in strings:
                         device.matched += _matches(columns)
@@ -348,10 +352,7 @@ def build_server(db_path: str, host: str = "127.0.0.1", port: int = 0) -> tuple[
                 if not ids:
                     continue
                 latest = max(times)
-                for name, count in Counter(names).items():
-                    device.counts[name] += count
-                    if latest > device.latest.get(name, 0.0):
-                        device.latest[name] = latest
+                device.count(Counter(names).items(), latest)
                 row = (device_id, min(times), latest, len(ids), min(ids), max(ids), raw)
                 ack = device_pb2.SignalAck(batch_id=batch.batch_id, signal_ids=ids, duplicate_ids=duplicates)
                 # The cue round's scenario: help_me offers help unless a cue is still unanswered. The cue row is
