@@ -161,9 +161,9 @@ def raise_nofile(wanted: int) -> int:
     return soft
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds of a process, all threads included."""
-    with open(f"/proc/{pid}/stat") as f:
+def proc_cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User+system CPU seconds of a process, all threads included; of its thread ``tid`` only, if given."""
+    with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
@@ -182,12 +182,17 @@ def rss_kb(pid: int) -> int:
 
 
 class CpuMeter:
-    """CPU use of the server process and of this process over an interval, as % of one core."""
+    """CPU use of the server process and of this process over an interval, as % of one core.
+
+    Also the server's main thread alone (`loop`): every server here runs its event loop there, and that
+    one thread, not the process's total (gRPC's I/O threads, SQLite's), is what queues a round behind the
+    others when busy (issue 13's latency target)."""
 
     def __init__(self, server_pid: int | None) -> None:
         self.server_pid = server_pid
         self._t0 = time.perf_counter()
         self._s0 = proc_cpu_seconds(server_pid) if server_pid else 0.0
+        self._l0 = proc_cpu_seconds(server_pid, server_pid) if server_pid else 0.0
         self._c0 = self_cpu_seconds()
 
     def read(self) -> tuple[float, float]:
@@ -195,6 +200,13 @@ class CpuMeter:
         server = (proc_cpu_seconds(self.server_pid) - self._s0) if self.server_pid else math.nan
         client = self_cpu_seconds() - self._c0
         return 100 * server / elapsed, 100 * client / elapsed
+
+    def loop(self) -> float:
+        """The server's main thread (its event loop), % of one core since the meter started."""
+        if not self.server_pid:
+            return math.nan
+        elapsed = time.perf_counter() - self._t0
+        return 100 * (proc_cpu_seconds(self.server_pid, self.server_pid) - self._l0) / elapsed
 
 
 # --- server subprocesses -----------------------------------------------------------------------------------

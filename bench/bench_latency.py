@@ -86,6 +86,7 @@ class LatencyResult:
     timeouts: int = 0
     failures: int = 0
     server_cpu_pct: float = 0.0
+    server_loop_pct: float = 0.0  # the server's event-loop thread alone (CpuMeter.loop)
     client_cpu_pct: float = 0.0
     profile: PySpy | None = None
     perf: PerfByObject | None = None  # --perf: the server's CPU by shared object over the measured window
@@ -99,6 +100,10 @@ class LatencyResult:
             "p99_ms": 1000 * percentile(values, 99),
             "max_ms": 1000 * values[-1] if values else float("nan"),
         }
+
+    def ms_per_round(self, pct: float) -> float:
+        """A CPU share over the measured window (% of one core) as ms per round done."""
+        return 10 * pct / max(1e-9, len(self.samples) / self.seconds)
 
     def row(self, what: str = "cue", ack: bool = False) -> list[str]:
         s = self.stats(self.ack_samples if ack else None)
@@ -115,13 +120,14 @@ class LatencyResult:
             f"{s['max_ms']:.1f}",
             str(self.timeouts),
             f"{self.server_cpu_pct:.0f}%",
+            f"{self.server_loop_pct:.0f}%",
             f"{self.client_cpu_pct:.0f}%",
         ]
 
 
 HEADERS = [
     "run", "streams", "rate/dev", "done/s", "samples", "p50 ms", "p90 ms", "p99 ms", "max ms",
-    "timeouts", "server cpu", "client cpu",
+    "timeouts", "server cpu", "server loop", "client cpu",
 ]  # fmt: skip
 
 
@@ -230,6 +236,7 @@ async def measure(
         by_object = PerfByObject(perf[0], server.pid, seconds, perf[1]) if perf else None
         await asyncio.sleep(seconds)
         result.server_cpu_pct, result.client_cpu_pct = meter.read()
+        result.server_loop_pct = meter.loop()
         if profiler is not None:
             await profiler.wait()
             result.profile = profiler
@@ -393,8 +400,10 @@ async def run(args: argparse.Namespace) -> None:
                 ratio=statistics.median(ratio),
             )
         )
-        cpu_ms = [10 * c.server_cpu_pct / max(1e-9, len(c.samples) / c.seconds) for _, c in at_rate]
-        echo_cpu_ms = [10 * b.server_cpu_pct / max(1e-9, len(b.samples) / b.seconds) for b, _ in at_rate]
+        cpu_ms = [c.ms_per_round(c.server_cpu_pct) for _, c in at_rate]
+        echo_cpu_ms = [b.ms_per_round(b.server_cpu_pct) for b, _ in at_rate]
+        loop_ms = [c.ms_per_round(c.server_loop_pct) for _, c in at_rate]
+        echo_loop_ms = [b.ms_per_round(b.server_loop_pct) for b, _ in at_rate]
         metrics.append(
             Metric(
                 f"server CPU per cue round, {load}",
@@ -403,11 +412,20 @@ async def run(args: argparse.Namespace) -> None:
                 baseline=statistics.median(echo_cpu_ms),
             )
         )
+        metrics.append(
+            Metric(
+                f"server event-loop thread CPU per cue round, {load}",
+                statistics.median(loop_ms),
+                "ms",
+                baseline=statistics.median(echo_loop_ms),
+            )
+        )
         proto_part = ""
         at_rate_protos = [p for p in protos if p.rate == rate]
         if at_rate_protos:
             proto_p99 = [p.stats()["p99_ms"] for p in at_rate_protos]
-            proto_cpu_ms = [10 * p.server_cpu_pct / max(1e-9, len(p.samples) / p.seconds) for p in at_rate_protos]
+            proto_cpu_ms = [p.ms_per_round(p.server_cpu_pct) for p in at_rate_protos]
+            proto_loop_ms = [p.ms_per_round(p.server_loop_pct) for p in at_rate_protos]
             metrics.append(
                 Metric(
                     f"prototype's signal-to-cue p99, {load} (median of {len(at_rate_protos)})",
@@ -426,17 +444,27 @@ async def run(args: argparse.Namespace) -> None:
                     baseline=statistics.median(echo_cpu_ms),
                 )
             )
+            metrics.append(
+                Metric(
+                    f"prototype's event-loop thread CPU per cue round, {load}",
+                    statistics.median(proto_loop_ms),
+                    "ms",
+                    baseline=statistics.median(echo_loop_ms),
+                )
+            )
             proto_part = (
                 f"; prototype p99 {statistics.median(proto_p99):.2f} ms "
                 f"(rounds {', '.join(f'{v:.1f}' for v in proto_p99)}), "
-                f"{statistics.median(proto_cpu_ms):.2f} ms per round"
+                f"{statistics.median(proto_cpu_ms):.2f} ms per round "
+                f"({statistics.median(proto_loop_ms):.2f} on its loop's thread)"
             )
         parts.append(
             f"{streams * rate:,.0f} triggers/s ({load}): p50 {statistics.median(cue_p50):.2f} ms, p99 {p99:.2f} ms "
             f"(rounds {', '.join(f'{v:.1f}' for v in cue_p99)}) [echo p99 {statistics.median(echo_p99):.2f} ms; "
             f"ratio min {min(ratio):.1f}x median {statistics.median(ratio):.1f}x] "
-            f"{'met' if ok else 'NOT MET'}; server CPU {statistics.median(cpu_ms):.2f} ms per round "
-            f"(echo {statistics.median(echo_cpu_ms):.2f}){proto_part}"
+            f"{'met' if ok else 'NOT MET'}; server CPU {statistics.median(cpu_ms):.2f} ms per round, "
+            f"{statistics.median(loop_ms):.2f} on its loop's thread (echo {statistics.median(echo_cpu_ms):.2f}, "
+            f"{statistics.median(echo_loop_ms):.2f}){proto_part}"
         )
     if in_process:
         metrics.append(
@@ -489,6 +517,7 @@ async def run(args: argparse.Namespace) -> None:
                     "timeouts": r.timeouts,
                     "failures": r.failures,
                     "server_cpu_pct": r.server_cpu_pct,
+                    "server_loop_pct": r.server_loop_pct,
                     "client_cpu_pct": r.client_cpu_pct,
                 }
                 for r in [*results, *protos]
