@@ -66,7 +66,7 @@ async def cue_rounds(tmp: Path, rounds: int, devices: int = 200, concurrent: int
     with sink_file as sink:
         # As `cuepoint serve` configures it: loggers cached on first use (so the sink outlives every run).
         configure_logging(os.environ.get("CUE_ROUND_LOG", "info"), json=True, file=sink, cache=True)
-        store = await SqliteStore.open(str(tmp / "cue-round.db"))
+        store = await SqliteStore.open(str(tmp / "cue-round.db"), decider=True)  # as `cuepoint serve` opens it
         core = Core(store, Engine(ScenarioSet.load(str(folder))), SystemClock())
         metrics = Metrics(core)
         try:

@@ -160,7 +160,7 @@ class CuepointServer:
         else:
             if config.db != ":memory:":
                 Path(config.db).parent.mkdir(parents=True, exist_ok=True)
-            store = await SqliteStore.open(config.db)
+            store = await SqliteStore.open(config.db, decider=True)
         core_config = dataclasses.replace(
             config.core,
             enforce_device_secrets=config.auth is not None,

@@ -35,6 +35,7 @@ from .engagements import DeskConfig, EngagementDesk
 from .group_commit import GroupCommit
 from .model import CueOffer, SessionFailed
 from .observers import CoreObserver
+from .remembered import Remembered
 from .sessions import DeviceSession, PendingCue, Unit
 from .user_tokens import UserTokenKey
 from .validation import Limits
@@ -114,7 +115,8 @@ class CoreBase:
         # With other replicas: the due time last written to each device's timer row (None: disarmed), so
         # the row is written only when it changes (core/evaluation.py `_store_deadline`).
         self._deadline_rows: dict[str, float | None] = {}
-        self._restored: set[str] = set()
+        # Whose memory was replayed from storage, and whose is whole (core/remembered.py).
+        self._remembered = Remembered()
         # The runtime emergency switch (admin API); the policy file has its own.
         self.paused_by_admin = False
         # Why each scenario in Engine.disabled was switched off (core/operations.py).
@@ -359,7 +361,7 @@ class CoreBase:
                 if pending.expiry is not None:
                     pending.expiry.cancel()
             self.arbiter.forget(record.subject)
-            self._restored.discard(record.subject)
+            self._remembered.forget(record.subject)
             await self._restore_memory(record.subject)
 
     async def _restore_memory(self, subject: str) -> None:

@@ -160,6 +160,7 @@ class Evaluation(Scoring):
             session_id=session.session_id,
             since=now - max(DAY, scenario.cooldown, policy.min_gap),
             check=lambda history: self.arbiter.recheck(scenario, situation, history),
+            memory_whole=self._remembered.whole(session.subject) and self.arbiter.holds_all(session.subject),
         )
         # Shown only once the cue, its decisions and the signals that fired it are committed (Unit).
         self._stage_offer(

@@ -347,6 +347,7 @@ class Ingest(Recovery, Identity):
         if session.subject != subject:
             if subject.startswith("user:"):
                 self.arbiter.merge(session.subject, subject)
+                self._remembered.merged(session.subject, subject)
                 # Stored too, so the user's decisions on any replica (and after a restart) count these cues.
                 self._track(session, self.store.merge_subject(session.subject, subject))
             session.subject = subject

@@ -53,10 +53,10 @@ class Privacy(CoreBase):
         if not await self.store.checkpoint():
             log.warning("user.erase_checkpoint_incomplete")
         self.arbiter.forget(subject)
-        self._restored.discard(subject)
+        self._remembered.forget(subject)
         for device_id in devices:
             self.arbiter.forget(f"device:{device_id}")
-            self._restored.discard(f"device:{device_id}")
+            self._remembered.forget(f"device:{device_id}")
         for state in self._reg.states.values():
             if state.context.get("user.id") == user_id:
                 state.release()

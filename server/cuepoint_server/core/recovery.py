@@ -91,9 +91,9 @@ class Recovery(Operations):
     async def _restore_memory(self, subject: str) -> None:
         # Caps, cooldowns and decline memory follow the user across devices
         # and restarts: replay their stored cues once per process.
-        if subject in self._restored:
+        token = self._remembered.begin(subject)
+        if token is None:
             return
-        self._restored.add(subject)
         for cue in await self.store.cues_for_subject(subject):
             self.arbiter.remember_offer(subject, cue.scenario_id, cue.created_at, cue.session_id)
             if cue.status == "declined":
@@ -102,6 +102,7 @@ class Recovery(Operations):
                 )
             elif cue.status == "accepted":
                 self.arbiter.remember_engagement(subject, cue.session_id)
+        self._remembered.replayed(subject, token)
 
     async def recover(self) -> None:
         """At start-up: engagements that were queued or assigned when the process stopped wait again.

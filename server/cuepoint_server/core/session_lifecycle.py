@@ -158,5 +158,5 @@ class SessionLifecycle(Ingest, DeviceCredentials):
         if not any(s.subject == subject for s in self._reg.sessions.values()):
             # Caps, cooldowns and decline memory are replayed from stored cues when the subject returns.
             self.arbiter.forget(subject)
-            self._restored.discard(subject)
+            self._remembered.forget(subject)
         log.debug("device.evicted", device_id=device_id)

@@ -108,6 +108,11 @@ class Arbiter:
     def remember_engagement(self, subject: str, session_id: str) -> None:
         self._of(subject).engaged_sessions.add(session_id)
 
+    def holds_all(self, subject: str) -> bool:
+        """Whether memory kept every offer it was told of for the subject (at most MAX_REMEMBERED_OFFERS)."""
+        memory = self._memory.get(subject)
+        return memory is None or len(memory.offers) < MAX_REMEMBERED_OFFERS
+
     def forget(self, subject: str) -> None:
         self._memory.pop(subject, None)
 

@@ -81,6 +81,10 @@ class OfferGuard:
     session_id: str
     since: float
     check: Callable[[Sequence[CueRecord]], tuple[str, str] | None]
+    # This process's memory of the subject holds every cue stored for it (core/remembered.py), so the read
+    # can only agree with the decision. A store that knows no other process writes to it skips the read
+    # (SqliteStore alone on its file); any other store reads as always.
+    memory_whole: bool = False
 
 
 class OfferResult(NamedTuple):

@@ -69,6 +69,7 @@ from .records import (
     WebhookRecord,
 )
 from .slots import SLOTS_SCHEMA, Slots, SlotTxn
+from .sole_decider import SoleDecider
 from .timer_rows import (
     ARM_TIMER,
     CLAIM_TIMERS,
@@ -1224,8 +1225,11 @@ class SqliteStore(PredictState, Slots):
         reader_conn: aiosqlite.Connection | None,
         max_batch: int,
         checkpoint_conn: aiosqlite.Connection | None = None,
+        decider: SoleDecider | None = None,
     ) -> None:
         self._writer_conn = writer_conn
+        # Opened by a server that decides offers: whether it is the only one on this file (sole_decider.py).
+        self._decider = decider
         self._reader_conn = reader_conn
         self._checkpoint_conn = checkpoint_conn
         # With a single connection a read could run between the writer's BEGIN and COMMIT and see
@@ -1238,8 +1242,12 @@ class SqliteStore(PredictState, Slots):
         self._closing: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], *, max_batch: int = 1000) -> SqliteStore:
-        """Open (creating if needed) the database at ``path``; ``":memory:"`` is a private in-memory one."""
+    async def open(cls, path: str | os.PathLike[str], *, max_batch: int = 1000, decider: bool = False) -> SqliteStore:
+        """Open (creating if needed) the database at ``path``; ``":memory:"`` is a private in-memory one.
+
+        ``decider``: a server that decides offers opens it so, and may then skip an offer guard's read while
+        no other server shares the file (storage/sole_decider.py); tools that only read or repair do not.
+        """
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         location = os.fspath(path)
@@ -1247,9 +1255,12 @@ class SqliteStore(PredictState, Slots):
         writer = await aiosqlite.connect(location, isolation_level=None, check_same_thread=False)
         reader: aiosqlite.Connection | None = None
         checkpointer: aiosqlite.Connection | None = None
+        sole: SoleDecider | None = None
         try:
             await _configure(writer, read_only=False)
             await _ensure_schema(writer)
+            if decider:
+                sole = await SoleDecider.join(writer, location)
             # An in-memory database is private to its connection, so it has to share the writer's.
             if location not in (":memory:", ""):
                 # The writer checkpoints, not its commits (_BatchWriter._start_checkpoint and _catch_up), the
@@ -1264,8 +1275,10 @@ class SqliteStore(PredictState, Slots):
                 if conn is not None:
                     await conn.close()
             await writer.close()
+            if sole is not None:
+                sole.close()
             raise
-        return cls(writer, reader, max_batch, checkpointer)
+        return cls(writer, reader, max_batch, checkpointer, sole)
 
     async def close(self) -> None:
         """Commit everything already submitted, then close. Safe to call more than once."""
@@ -1281,6 +1294,8 @@ class SqliteStore(PredictState, Slots):
                 if conn is not None:
                     await conn.close()
             await self._writer_conn.close()
+            if self._decider is not None:
+                self._decider.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -1328,7 +1343,8 @@ class SqliteStore(PredictState, Slots):
     async def commit_offer(self, work: OfferCommit) -> OfferResult:
         """Signals, cues, cue statuses, decisions, milestones and cue.offered webhook rows of one evaluation,
         in one transaction; guarded cues are checked against the subject's stored cues first (the single
-        writer is the lock: in one process the check agrees with the arbiter's memory)."""
+        writer is the lock). A guard whose subject this process remembers whole is not read while no other
+        server shares the file (sole_decider.py): the read could only agree with the arbiter's memory."""
         batches = _work_batches(work)
         encoded_cues = {r.cue_id: _cue_row(r) for r in work.cues}
         statuses: list[Row] = [(status, at, "", cue_id) for cue_id, status, at in work.statuses]
@@ -1349,7 +1365,13 @@ class SqliteStore(PredictState, Slots):
             for fire in fires:
                 if db.execute(MARK_DUE_DONE, fire).rowcount < 1:
                     refused.update((c.cue_id, FIRED_ELSEWHERE) for c in work.cues)
+            alone: bool | None = None  # asked once per commit, and only if a guard could be skipped
             for guard in guards:
+                if guard.memory_whole:
+                    if alone is None:
+                        alone = self._decider is not None and self._decider.alone(db)
+                    if alone:
+                        continue  # memory holds every stored cue of the subject: the read can only agree
                 found = db.execute(_SUBJECT_HISTORY, (guard.subject, guard.since, guard.session_id)).fetchall()
                 reason = guard.check([_history_cue(r) for r in found])
                 if reason is not None:
