@@ -109,6 +109,18 @@ async def test_a_server_that_opens_beside_a_running_one_reads(tmp_path: Path) ->
         await asyncio.to_thread(_stop, other)
 
 
+async def test_a_server_opening_the_file_by_another_name_sees_the_running_one(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    other = await asyncio.to_thread(_other_server, db)
+    link = tmp_path / "link.db"
+    link.symlink_to(db)
+    try:
+        async with await SqliteStore.open(str(link), decider=True) as store:
+            assert await _refused(store, 1, whole=True)
+    finally:
+        await asyncio.to_thread(_stop, other)
+
+
 async def test_two_servers_in_one_process_both_read(tmp_path: Path) -> None:
     db = str(tmp_path / "c.db")
     async with await SqliteStore.open(db, decider=True) as first:

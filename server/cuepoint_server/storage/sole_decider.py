@@ -66,7 +66,7 @@ class SoleDecider:
     async def join(cls, conn: aiosqlite.Connection, location: str) -> SoleDecider:
         """Take part as a deciding server; ``conn`` is the store's writer, outside any transaction."""
         private = location in ("", ":memory:")  # nobody else can open it
-        lock = None if private else _hold(location + LOCK_SUFFIX)
+        lock = None if private else _hold(location)
         try:
             await conn.execute("BEGIN IMMEDIATE")
             try:
@@ -102,9 +102,10 @@ class SoleDecider:
         self._lock = None
 
 
-def _hold(path: str) -> str | None:
-    """This process's read lock on ``path``, shared by its stores; the key to release it, or None."""
-    path = os.path.realpath(path)  # one lock per file, however its stores named it
+def _hold(database: str) -> str | None:
+    """This process's read lock on the database's lock file, shared by its stores; the key to release it, or None."""
+    # One lock file per database file, however its servers name it (a symlink, a relative path).
+    path = os.path.realpath(database) + LOCK_SUFFIX
     held = _HELD.get(path)
     if held is not None:
         held[1] += 1
