@@ -23,7 +23,8 @@ seen by its counter. Stores opened by tools (``cuepoint report``, exports) do no
 nothing, and the server opens its store as the decider (``SqliteStore.open(decider=True)``).
 
 Only on Linux (where the layout of ``struct flock`` below is known); elsewhere a server never claims to be
-alone and every offer reads, as before.
+alone and every offer reads, as before. The lock needs a file system with POSIX locks, as SQLite's WAL mode
+itself does (it does not work on network file systems).
 """
 
 from __future__ import annotations
