@@ -99,23 +99,13 @@ async def test_a_server_that_opened_later_turns_the_skip_off_for_good(tmp_path: 
         assert await _refused(store, 3, whole=True)
 
 
-async def test_a_server_that_opens_beside_a_running_one_reads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["c.db", "link.db"])  # the same path, or a symlink to the file
+async def test_a_server_that_opens_beside_a_running_one_reads(tmp_path: Path, name: str) -> None:
     db = tmp_path / "c.db"
     other = await asyncio.to_thread(_other_server, db)
+    (tmp_path / "link.db").symlink_to(db)
     try:
-        async with await SqliteStore.open(str(db), decider=True) as store:
-            assert await _refused(store, 1, whole=True)
-    finally:
-        await asyncio.to_thread(_stop, other)
-
-
-async def test_a_server_opening_the_file_by_another_name_sees_the_running_one(tmp_path: Path) -> None:
-    db = tmp_path / "c.db"
-    other = await asyncio.to_thread(_other_server, db)
-    link = tmp_path / "link.db"
-    link.symlink_to(db)
-    try:
-        async with await SqliteStore.open(str(link), decider=True) as store:
+        async with await SqliteStore.open(str(tmp_path / name), decider=True) as store:
             assert await _refused(store, 1, whole=True)
     finally:
         await asyncio.to_thread(_stop, other)
