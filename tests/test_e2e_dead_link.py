@@ -117,3 +117,36 @@ async def test_an_offer_settled_while_the_link_was_dark_is_withdrawn_after_it(
                 break
     await client.close()
     await proxy.close()
+
+
+async def test_an_engagement_ended_while_the_link_was_dark_is_reported_after_it(start_server: StartServer) -> None:
+    """The associate ends the engagement while the device's link is dark: the ENDED update is written into a
+    stream nobody reads. The device's reconnect names the engagement it still holds (Hello.engaged_cue_ids),
+    and hears that it ended."""
+    server = await start_server(SCENARIO.replace("channel: chat}", "channel: chat, queue: desk}"))
+    proxy = DarkableProxy(server.port)
+    await proxy.start()
+    config = cuepoint.ClientConfig(
+        heartbeat_interval=0.3, heartbeat_timeout=0.5, reconnect_initial_backoff=0.05, reconnect_max_backoff=0.2
+    )
+    client = await cuepoint.connect(f"127.0.0.1:{proxy.port}", app_id="fitkit", device_id="ended-away", config=config)
+    desk = await cuepoint.connect_associate(server.address, associate_id="dana", display_name="Dana", queues=["desk"])
+    await client.track("help")
+    await client.flush()
+    engagement = await client.accept(await client.next_cue(timeout=5))
+    assigned = await desk.next_engagement(timeout=5)
+    await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+    states: asyncio.Queue[cuepoint.ConnectionState] = asyncio.Queue()
+    client.on_state(states.put_nowait)
+    proxy.dark = True
+    await desk.end(assigned, disposition="resolved")
+    async with asyncio.timeout(10):
+        while await states.get() is not cuepoint.ConnectionState.STALE:
+            pass
+    assert engagement.state is cuepoint.EngagementState.ASSIGNED  # the ENDED went into the dark
+    proxy.dark = False
+    ended = await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=10)
+    assert (ended.engagement_id, ended.disposition) == (assigned.engagement_id, "resolved")
+    await desk.close()
+    await client.close()
+    await proxy.close()

@@ -274,6 +274,8 @@ async def test_invalid_signal_gets_invalid_argument_and_others_keep_working(
     [
         (device_pb2.Hello(app_id="fitkit", device_id=""), "hello.device_id"),
         (device_pb2.Hello(app_id="Fit Kit", device_id="d"), "hello.app_id"),
+        (device_pb2.Hello(app_id="fitkit", device_id="d", engaged_cue_ids=["c"] * 33), "hello.engaged_cue_ids"),
+        (device_pb2.Hello(app_id="fitkit", device_id="d", engaged_cue_ids=["c", "x" * 65]), "engaged_cue_ids[1]"),
     ],
 )
 async def test_invalid_hello_is_rejected(start_server: StartServer, hello: device_pb2.Hello, field: str) -> None:

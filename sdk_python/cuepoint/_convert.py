@@ -8,7 +8,7 @@ timestamps become ``None`` so a sparse server message never raises here.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import NamedTuple, TypeAlias
 
 from google.protobuf.message import Message
@@ -850,6 +850,7 @@ def hello(
     user_token: str = "",
     accepts_cue_ack: bool = False,
     accepts_ack_groups: bool = False,
+    engaged_cue_ids: Sequence[str] = (),
 ) -> device_pb2.DeviceMessage:
     msg = device_pb2.Hello(
         app_id=app_id,
@@ -862,6 +863,7 @@ def hello(
         user_token=user_token,
         accepts_cue_ack=accepts_cue_ack,
         accepts_ack_groups=accepts_ack_groups,
+        engaged_cue_ids=engaged_cue_ids,
     )
     if user is not None:
         msg.user.CopyFrom(user_to_proto(user))

@@ -107,6 +107,9 @@ _CUE_INBOX_SIZE = 100
 _ORPHAN_ENGAGEMENTS = 16
 _ORPHAN_ITEMS = 256
 
+# Hello.engaged_cue_ids: at most this many (the server refuses more).
+_ENGAGED_CUES = 32
+
 # Cue ids already surfaced (and answers already given), remembered to drop the
 # server's re-offer of a pending cue after a reconnect.
 _SEEN_CUES = 1024
@@ -315,6 +318,9 @@ class Client:
             accepts_cue_ack=True,
             # ... and the acks of several batches committed together, as one message (ServerMessage.acks).
             accepts_ack_groups=True,
+            # Engagements not yet seen to end: one that ended while this client was away is answered with
+            # its ENDED update, which no stream was there to hear (the most recent, as the server caps them).
+            engaged_cue_ids=list(self._engagements)[-_ENGAGED_CUES:],
         )
         welcome: device_pb2.Welcome = await handshake(
             stream, hello, expect="welcome", target=self._target, within=self._config.connect_timeout

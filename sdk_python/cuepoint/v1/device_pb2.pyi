@@ -384,6 +384,7 @@ class Hello(_message.Message):
     USER_TOKEN_FIELD_NUMBER: _builtins.int
     ACCEPTS_CUE_ACK_FIELD_NUMBER: _builtins.int
     ACCEPTS_ACK_GROUPS_FIELD_NUMBER: _builtins.int
+    ENGAGED_CUE_IDS_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The app's id as registered with the server, e.g. "fitkit"."""
     device_id: _builtins.str
@@ -429,6 +430,17 @@ class Hello(_message.Message):
     def user(self) -> _common_pb2.UserIdentity: ...
     @_builtins.property
     def consent(self) -> _common_pb2.Consent: ...
+    @_builtins.property
+    def engaged_cue_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Cues this client accepted whose engagement it has not yet seen end: at
+        most 32, the most recent. An engagement among them that ended while the
+        client was away (a dropped connection, a server restart, a move to another
+        replica) is answered after the Welcome with its final EngagementUpdate
+        (ENDED), which no stream was there to hear. A live one is answered with
+        its state, as for every client. An ENDED update may so come twice (it
+        ended as the client reconnected): treat it as idempotent.
+        """
+
     def __init__(
         self,
         *,
@@ -443,10 +455,11 @@ class Hello(_message.Message):
         user_token: _builtins.str = ...,
         accepts_cue_ack: _builtins.bool = ...,
         accepts_ack_groups: _builtins.bool = ...,
+        engaged_cue_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent", "context", b"context", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_ack_groups", b"accepts_ack_groups", "accepts_cue_ack", b"accepts_cue_ack", "app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "device_secret", b"device_secret", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user", "user_token", b"user_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_ack_groups", b"accepts_ack_groups", "accepts_cue_ack", b"accepts_cue_ack", "app_id", b"app_id", "consent", b"consent", "context", b"context", "device_id", b"device_id", "device_secret", b"device_secret", "engaged_cue_ids", b"engaged_cue_ids", "resume_session_id", b"resume_session_id", "sdk_version", b"sdk_version", "user", b"user", "user_token", b"user_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -228,6 +228,7 @@ def hello_from_proto(msg: device_pb2.Hello) -> Hello:
         resume_session_id=msg.resume_session_id[:64],
         device_secret=msg.device_secret[:256],
         user_token=msg.user_token,
+        engaged_cue_ids=tuple(msg.engaged_cue_ids),
     )
 
 

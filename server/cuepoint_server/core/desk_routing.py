@@ -25,6 +25,7 @@ from .model import (
     AssociateSignIn,
     EngagementContext,
     EngagementOffered,
+    EngagementUpdate,
     FallbackOffered,
     JourneyItem,
     OfferWithdrawn,
@@ -136,6 +137,33 @@ class Routing(DeskTimers):
                 # Across replicas it may have fallen due while the device was connected elsewhere (or to a
                 # replica that died since): the replica holding the engagement tells it again.
                 self._tell_fallback(engagement)
+
+    async def tell_ended(self, session: DeviceSession, cue_ids: tuple[str, ...]) -> None:
+        """A device (re)connected naming cues whose engagement it has not seen end (Hello.engaged_cue_ids):
+        each that ended while no stream of the device was there to hear it is answered with its final state.
+
+        Read from storage, not memory: the end may have come after a restart, or on another replica.
+        """
+        live = self._active_by_device.get(session.device_id, "")
+        for cue_id in cue_ids:
+            record = await self.store.engagement_for_cue(cue_id)
+            if record is None or record.device_id != session.device_id or record.state != "ended":
+                continue  # not this device's, or still live (resume_device and follow_device answer those)
+            if record.engagement_id == live or session.closed:
+                continue
+            associate = self.router.find(record.associate_id)
+            session.send(
+                EngagementUpdate(
+                    engagement_id=record.engagement_id,
+                    cue_id=record.cue_id,
+                    state="ended",
+                    channel=record.channel,
+                    queue=record.queue,
+                    associate_name=associate.display_name if associate is not None else "",
+                    time=record.ended_at if record.ended_at is not None else self.clock.now(),
+                    disposition=record.disposition,
+                )
+            )
 
     async def _context(self, session: DeviceSession, pending: PendingCue, priority: int) -> EngagementContext:
         ctx = session.state.context

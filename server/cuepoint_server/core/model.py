@@ -51,6 +51,8 @@ class Hello:
     device_secret: str = field(default="", repr=False)
     # A JWT from the app's backend asserting the user id (core/user_tokens.py).
     user_token: str = field(default="", repr=False)
+    # Cues the client accepted whose engagement it has not seen end (desk_routing.py: tell_ended).
+    engaged_cue_ids: tuple[str, ...] = ()
 
 
 # A NamedTuple, not a frozen dataclass: one is built per signal on the ingest path, and a frozen

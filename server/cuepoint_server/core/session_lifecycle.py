@@ -78,6 +78,7 @@ class SessionLifecycle(Ingest, DeviceCredentials):
             session.send(pending.offer)
         # An engagement accepted before a reconnect (or a restart) answers the device again.
         self.desk.resume_device(session)
+        await self.desk.tell_ended(session, hello.engaged_cue_ids)
         # Held by another replica: it moves here, the replica the device talks to (core/follow.py).
         self.follow_device(session)
         if resumed is not None:

@@ -30,6 +30,9 @@ class Limits:
     max_props = 64
     max_string = 1024
     max_device_id = 128
+    # Hello.engaged_cue_ids: the SDK sends its most recent; each is a cue id the server issued.
+    max_engaged_cues = 32
+    max_cue_id = 64
     # Encoded size of one SignalBatch (the whole gRPC message is capped by ServerConfig.max_message_bytes).
     max_batch_bytes = 1024 * 1024
     # How far a corrected timestamp may sit in the future, and how old a
@@ -61,6 +64,11 @@ def validate_hello(hello: Hello) -> None:
         if not CONTEXT_KEY.match(key):
             raise InvalidInput(f"hello.context[{key[:80]!r}]", "invalid key; expected " + CONTEXT_KEY.pattern)
         _check_value(f"hello.context[{key!r}]", value)
+    if len(hello.engaged_cue_ids) > Limits.max_engaged_cues:
+        raise InvalidInput("hello.engaged_cue_ids", f"at most {Limits.max_engaged_cues} cue ids")
+    for i, cue_id in enumerate(hello.engaged_cue_ids):
+        if not cue_id or len(cue_id) > Limits.max_cue_id or not _printable(cue_id):
+            raise InvalidInput(f"hello.engaged_cue_ids[{i}]", f"printable, 1 to {Limits.max_cue_id} characters")
 
 
 def validate_batch(batch: IncomingBatch, now: float) -> None:
