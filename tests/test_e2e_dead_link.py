@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 
 import cuepoint
 from cuepoint_server.clock import ManualClock
@@ -119,34 +120,79 @@ async def test_an_offer_settled_while_the_link_was_dark_is_withdrawn_after_it(
     await proxy.close()
 
 
-async def test_an_engagement_ended_while_the_link_was_dark_is_reported_after_it(start_server: StartServer) -> None:
-    """The associate ends the engagement while the device's link is dark: the ENDED update is written into a
-    stream nobody reads. The device's reconnect names the engagement it still holds (Hello.engaged_cue_ids),
-    and hears that it ended."""
+async def _engaged_through_proxy(
+    start_server: StartServer, device_id: str
+) -> tuple[DarkableProxy, cuepoint.Client, cuepoint.AssociateClient, cuepoint.Engagement, cuepoint.AssignedEngagement]:
+    """A device behind a darkable proxy, its engagement assigned to associate dana (connected directly)."""
     server = await start_server(SCENARIO.replace("channel: chat}", "channel: chat, queue: desk}"))
     proxy = DarkableProxy(server.port)
     await proxy.start()
     config = cuepoint.ClientConfig(
         heartbeat_interval=0.3, heartbeat_timeout=0.5, reconnect_initial_backoff=0.05, reconnect_max_backoff=0.2
     )
-    client = await cuepoint.connect(f"127.0.0.1:{proxy.port}", app_id="fitkit", device_id="ended-away", config=config)
+    client = await cuepoint.connect(f"127.0.0.1:{proxy.port}", app_id="fitkit", device_id=device_id, config=config)
     desk = await cuepoint.connect_associate(server.address, associate_id="dana", display_name="Dana", queues=["desk"])
     await client.track("help")
     await client.flush()
     engagement = await client.accept(await client.next_cue(timeout=5))
     assigned = await desk.next_engagement(timeout=5)
     await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
+    return proxy, client, desk, engagement, assigned
+
+
+async def _dark_until_stale(proxy: DarkableProxy, client: cuepoint.Client, meanwhile: Awaitable[object]) -> None:
+    """The link goes dark, `meanwhile` runs (its messages to the device vanish), and the client notices."""
     states: asyncio.Queue[cuepoint.ConnectionState] = asyncio.Queue()
     client.on_state(states.put_nowait)
     proxy.dark = True
-    await desk.end(assigned, disposition="resolved")
+    await meanwhile
     async with asyncio.timeout(10):
         while await states.get() is not cuepoint.ConnectionState.STALE:
             pass
+
+
+async def test_an_engagement_ended_while_the_link_was_dark_is_reported_after_it(start_server: StartServer) -> None:
+    """The associate ends the engagement while the device's link is dark: the ENDED update is written into a
+    stream nobody reads. The device's reconnect names the engagement it still holds (Hello.engaged_cue_ids),
+    and hears that it ended."""
+    proxy, client, desk, engagement, assigned = await _engaged_through_proxy(start_server, "ended-away")
+    await _dark_until_stale(proxy, client, desk.end(assigned, disposition="resolved"))
     assert engagement.state is cuepoint.EngagementState.ASSIGNED  # the ENDED went into the dark
     proxy.dark = False
     ended = await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=10)
     assert (ended.engagement_id, ended.disposition) == (assigned.engagement_id, "resolved")
+    await desk.close()
+    await client.close()
+    await proxy.close()
+
+
+async def test_chat_said_while_the_link_was_dark_is_heard_after_it_once(start_server: StartServer) -> None:
+    """The associate writes while the device's link is dark: the line reaches no one. After the reconnect the
+    device hears it, and every line before it exactly once (the server sends the recent chat again)."""
+    proxy, client, desk, engagement, assigned = await _engaged_through_proxy(start_server, "chat-away")
+    heard: list[tuple[str, str]] = []
+
+    async def listen() -> None:
+        async for message in engagement.messages():
+            heard.append((message.message_id, message.text))
+
+    listener = asyncio.create_task(listen())
+    await engagement.send_chat("my sync fails", timeout=5)
+    await desk.send_chat(assigned, "let me look")
+    async with asyncio.timeout(5):
+        while len(heard) < 2:  # noqa: ASYNC110 - the listener task appends
+            await asyncio.sleep(0.01)
+    await _dark_until_stale(proxy, client, desk.send_chat(assigned, "are you still there?"))
+    assert [text for _, text in heard] == ["my sync fails", "let me look"]  # the third went into the dark
+    proxy.dark = False
+    async with asyncio.timeout(10):
+        while len(heard) < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await client.track("help")  # a round trip after the reconnect: anything sent again has arrived by its ack
+    await client.flush(timeout=5)
+    assert [text for _, text in heard] == ["my sync fails", "let me look", "are you still there?"]
+    assert len({message_id for message_id, _ in heard}) == 3
+    listener.cancel()
     await desk.close()
     await client.close()
     await proxy.close()

@@ -126,6 +126,9 @@ class Conversation:
         # The other side's requests still awaiting our answer, and those settled.
         self._open_requests: dict[str, UpgradeRequest] = {}
         self._settled: set[str] = set()
+        # Message ids heard: after a reconnect the server sends the recent chat again (what was said while
+        # the stream was down reached no one), and a line already shown is skipped.
+        self._heard: set[str] = set()
         self._closed: Callable[[], CuepointError] | None = None
 
     @property
@@ -141,6 +144,10 @@ class Conversation:
     def on_chat(self, message: ChatMessage) -> None:
         if self.done:
             return
+        if message.message_id:
+            if message.message_id in self._heard:
+                return
+            self._heard.add(message.message_id)
         self.messages.push(message)
         if message.sender is self.own:
             self._resolve_echo(message)

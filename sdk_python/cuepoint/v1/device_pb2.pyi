@@ -651,7 +651,13 @@ class ServerMessage(_message.Message):
     @_builtins.property
     def engagement(self) -> Global___EngagementUpdate: ...
     @_builtins.property
-    def chat(self) -> _common_pb2.ChatMessage: ...
+    def chat(self) -> _common_pb2.ChatMessage:
+        """After a reconnect the server sends a live engagement's recent chat
+        again (its last 200 lines, behind the EngagementUpdate): what was said
+        while the stream was down reached no one. Skip message ids already
+        shown.
+        """
+
     @_builtins.property
     def upgrade_request(self) -> _common_pb2.UpgradeRequest: ...
     @_builtins.property

@@ -133,6 +133,11 @@ class Routing(DeskTimers):
         engagement = self._engagements.get(self._active_by_device.get(session.device_id, ""))
         if engagement is not None:
             self._notify_device(engagement)
+            # Lines said while the device was away (a reconnect's backoff, a link gone dark) reached no stream:
+            # the kept transcript again, after the update that binds the engagement id; clients skip the
+            # message ids they have (ServerMessage.chat).
+            for line in engagement.transcript:
+                self._to_device(engagement, line)
             if self.shared and engagement.state == "queued" and engagement.fallback_offered:
                 # Across replicas it may have fallen due while the device was connected elsewhere (or to a
                 # replica that died since): the replica holding the engagement tells it again.
@@ -147,8 +152,10 @@ class Routing(DeskTimers):
         live = self._active_by_device.get(session.device_id, "")
         for cue_id in cue_ids:
             record = await self.store.engagement_for_cue(cue_id)
-            if record is None or record.device_id != session.device_id or record.state != "ended":
-                continue  # not this device's, or still live (resume_device and follow_device answer those)
+            if record is None or (record.app_id, record.device_id) != (session.app_id, session.device_id):
+                continue  # not this device's
+            if record.state != "ended":
+                continue  # still live: resume_device and follow_device answer those
             if record.engagement_id == live or session.closed:
                 continue
             associate = self.router.find(record.associate_id)
