@@ -13,11 +13,13 @@ import contextlib
 from collections.abc import Awaitable
 
 import cuepoint
+from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock
 
 from .conftest import StartServer
 
 SCENARIO = "id: help\ntrigger: {event: help}\ncue: {message: hi, channel: chat}\n"
+DESK = SCENARIO.replace("channel: chat}", "channel: chat, queue: desk}")
 
 
 class DarkableProxy:
@@ -120,21 +122,28 @@ async def test_an_offer_settled_while_the_link_was_dark_is_withdrawn_after_it(
     await proxy.close()
 
 
-async def _engaged_through_proxy(
-    start_server: StartServer, device_id: str
-) -> tuple[DarkableProxy, cuepoint.Client, cuepoint.AssociateClient, cuepoint.Engagement, cuepoint.AssignedEngagement]:
-    """A device behind a darkable proxy, its engagement assigned to associate dana (connected directly)."""
-    server = await start_server(SCENARIO.replace("channel: chat}", "channel: chat, queue: desk}"))
+async def _accepted_through_proxy(
+    server: CuepointServer, device_id: str
+) -> tuple[DarkableProxy, cuepoint.Client, cuepoint.Engagement]:
+    """A device behind a darkable proxy that accepted the help cue (queue desk)."""
     proxy = DarkableProxy(server.port)
     await proxy.start()
     config = cuepoint.ClientConfig(
         heartbeat_interval=0.3, heartbeat_timeout=0.5, reconnect_initial_backoff=0.05, reconnect_max_backoff=0.2
     )
     client = await cuepoint.connect(f"127.0.0.1:{proxy.port}", app_id="fitkit", device_id=device_id, config=config)
-    desk = await cuepoint.connect_associate(server.address, associate_id="dana", display_name="Dana", queues=["desk"])
     await client.track("help")
     await client.flush()
-    engagement = await client.accept(await client.next_cue(timeout=5))
+    return proxy, client, await client.accept(await client.next_cue(timeout=5))
+
+
+async def _engaged_through_proxy(
+    start_server: StartServer, device_id: str
+) -> tuple[DarkableProxy, cuepoint.Client, cuepoint.AssociateClient, cuepoint.Engagement, cuepoint.AssignedEngagement]:
+    """A device behind a darkable proxy, its engagement assigned to associate dana (connected directly)."""
+    server = await start_server(DESK)
+    desk = await cuepoint.connect_associate(server.address, associate_id="dana", display_name="Dana", queues=["desk"])
+    proxy, client, engagement = await _accepted_through_proxy(server, device_id)
     assigned = await desk.next_engagement(timeout=5)
     await engagement.wait_for(cuepoint.EngagementState.ASSIGNED, timeout=5)
     return proxy, client, desk, engagement, assigned
@@ -194,5 +203,31 @@ async def test_chat_said_while_the_link_was_dark_is_heard_after_it_once(start_se
     assert len({message_id for message_id, _ in heard}) == 3
     listener.cancel()
     await desk.close()
+    await client.close()
+    await proxy.close()
+
+
+async def test_a_fallback_offered_while_the_link_was_dark_is_offered_after_it(
+    start_server: StartServer, clock: ManualClock
+) -> None:
+    """Nobody takes the engagement, and its fallback falls due while the device's link is dark: the offer
+    reaches no one. After the reconnect the device is offered it, and its choice is taken."""
+    server = await start_server(DESK, "routing: {queues: [{id: desk, fallback_after: 2m}]}\n")
+    proxy, client, engagement = await _accepted_through_proxy(server, "fallback-away")
+    await engagement.wait_for(cuepoint.EngagementState.QUEUED, timeout=5)
+
+    async def fall_due() -> None:
+        clock.advance(121)
+
+    await _dark_until_stale(proxy, client, fall_due())
+    assert engagement.fallback_offer is None  # the offer went into the dark
+    proxy.dark = False
+    offer = await engagement.wait_fallback(timeout=10)
+    assert cuepoint.FallbackOption.CHAT in offer.options
+    await engagement.choose_fallback(cuepoint.FallbackOption.CHAT)
+    late = await cuepoint.connect_associate(server.address, associate_id="late", queues=["desk"])
+    assigned = await late.next_engagement(timeout=5)
+    assert (assigned.engagement_id, assigned.channel) == (engagement.engagement_id, cuepoint.Channel.CHAT)
+    await late.close()
     await client.close()
     await proxy.close()

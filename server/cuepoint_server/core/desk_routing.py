@@ -138,9 +138,10 @@ class Routing(DeskTimers):
             # message ids they have (ServerMessage.chat).
             for line in engagement.transcript:
                 self._to_device(engagement, line)
-            if self.shared and engagement.state == "queued" and engagement.fallback_offered:
-                # Across replicas it may have fallen due while the device was connected elsewhere (or to a
-                # replica that died since): the replica holding the engagement tells it again.
+            if engagement.state == "queued" and engagement.fallback_offered and engagement.callback_at is None:
+                # Offered and not yet answered: it may have fallen due while the device was away (its offer
+                # reached no stream) or, across replicas, connected elsewhere (or to a replica that died
+                # since). The holder tells it again. (A callback being made is offered nothing: it answered.)
                 self._tell_fallback(engagement)
 
     async def tell_ended(self, session: DeviceSession, cue_ids: tuple[str, ...]) -> None:
