@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable
 
+import pytest
+
 import cuepoint
 from cuepoint_server.app import CuepointServer
 from cuepoint_server.clock import ManualClock
@@ -19,7 +21,8 @@ from cuepoint_server.clock import ManualClock
 from .conftest import StartServer
 
 SCENARIO = "id: help\ntrigger: {event: help}\ncue: {message: hi, channel: chat}\n"
-DESK = SCENARIO.replace("channel: chat}", "channel: chat, queue: desk}")
+# Chat that may move to audio, routed to the desk queue, whose engagements end with a rating question.
+DESK = SCENARIO.replace("channel: chat}", "channel: chat, upgrades: [audio], queue: desk, feedback: {kind: csat}}")
 
 
 class DarkableProxy:
@@ -161,15 +164,22 @@ async def _dark_until_stale(proxy: DarkableProxy, client: cuepoint.Client, meanw
 
 
 async def test_an_engagement_ended_while_the_link_was_dark_is_reported_after_it(start_server: StartServer) -> None:
-    """The associate ends the engagement while the device's link is dark: the ENDED update is written into a
-    stream nobody reads. The device's reconnect names the engagement it still holds (Hello.engaged_cue_ids),
-    and hears that it ended."""
+    """The associate ends the engagement while the device's link is dark: the ENDED update and the rating
+    question are written into a stream nobody reads. The device's reconnect names the engagement it still
+    holds (Hello.engaged_cue_ids), and hears that it ended, and the question, once."""
     proxy, client, desk, engagement, assigned = await _engaged_through_proxy(start_server, "ended-away")
     await _dark_until_stale(proxy, client, desk.end(assigned, disposition="resolved"))
     assert engagement.state is cuepoint.EngagementState.ASSIGNED  # the ENDED went into the dark
     proxy.dark = False
     ended = await engagement.wait_for(cuepoint.EngagementState.ENDED, timeout=10)
     assert (ended.engagement_id, ended.disposition) == (assigned.engagement_id, "resolved")
+    asked = await client.next_feedback_request(timeout=5)
+    assert asked.engagement_id == assigned.engagement_id
+    await client.give_feedback(asked, 5)
+    await client.track("help")  # a round trip: whatever else the reconnect sent has arrived by its ack
+    await client.flush(timeout=5)
+    with pytest.raises(cuepoint.TimedOut):
+        await client.next_feedback_request(timeout=0.2)  # asked once
     await desk.close()
     await client.close()
     await proxy.close()
@@ -229,5 +239,25 @@ async def test_a_fallback_offered_while_the_link_was_dark_is_offered_after_it(
     assigned = await late.next_engagement(timeout=5)
     assert (assigned.engagement_id, assigned.channel) == (engagement.engagement_id, cuepoint.Channel.CHAT)
     await late.close()
+    await client.close()
+    await proxy.close()
+
+
+async def test_an_upgrade_asked_while_the_link_was_dark_is_asked_after_it(start_server: StartServer) -> None:
+    """The associate asks to move to audio while the device's link is dark: after the reconnect the device
+    is asked (once), and its answer reaches the associate."""
+    proxy, client, desk, engagement, assigned = await _engaged_through_proxy(start_server, "upgrade-away")
+    requested = asyncio.ensure_future(desk.request_upgrade(assigned, cuepoint.Channel.AUDIO, timeout=20))
+    await _dark_until_stale(proxy, client, asyncio.sleep(0.1))  # the ask is written into the dark
+    proxy.dark = False
+    asks = engagement.upgrade_requests()
+    async with asyncio.timeout(10):
+        request = await anext(aiter(asks))
+    assert request.channel is cuepoint.Channel.AUDIO
+    await engagement.respond_upgrade(request, True)
+    change = await requested
+    assert change.accepted and change.channel is cuepoint.Channel.AUDIO
+    assert engagement.pending_upgrade_requests == ()
+    await desk.close()
     await client.close()
     await proxy.close()

@@ -162,8 +162,8 @@ class Conversation:
             future.set_result(message)
 
     def on_upgrade_request(self, request: UpgradeRequest) -> None:
-        if self.done:
-            return
+        if self.done or request.request_id in self._open_requests or request.request_id in self._settled:
+            return  # asked again after a reconnect (the server repeats what may not have arrived)
         self._open_requests[request.request_id] = request
         self.upgrade_requests.push(request)
 

@@ -219,6 +219,8 @@ class Client:
 
         self._cue_inbox: Inbox[Cue] = Inbox(maxlen=_CUE_INBOX_SIZE)
         self._feedback_inbox: Inbox[FeedbackRequest] = Inbox(maxlen=_CUE_INBOX_SIZE)
+        # Engagements whose feedback question was surfaced (insertion-ordered, the oldest dropped first).
+        self._feedback_asked: dict[str, None] = {}
         self._subscribers: weakref.WeakSet[Inbox[ServerEvent]] = weakref.WeakSet()
         self._callbacks: list[CueCallback] = []
         self._engagements: dict[str, Engagement] = {}
@@ -898,7 +900,7 @@ class Client:
         elif kind == "user_verification":
             self._on_verification(_convert.user_verification_from_proto(message.user_verification))
         elif kind == "feedback_request":
-            self._feedback_inbox.put(_convert.feedback_request_from_proto(message.feedback_request))
+            self._on_feedback_request(_convert.feedback_request_from_proto(message.feedback_request))
         elif kind == "welcome":
             log.warning("cuepoint: ignoring a second Welcome")
         else:
@@ -964,6 +966,15 @@ class Client:
             reason = f" ({withdrawal.reason})" if withdrawal.reason else ""
             handle._finish(Rejected(f"cue {withdrawal.cue_id} is no longer available{reason}"))
         self._publish(withdrawal)
+
+    def _on_feedback_request(self, request: FeedbackRequest) -> None:
+        # One question per engagement: the server asks again with the ENDED it repeats after a reconnect.
+        if request.engagement_id in self._feedback_asked:
+            return
+        self._feedback_asked[request.engagement_id] = None
+        while len(self._feedback_asked) > _SEEN_CUES:
+            del self._feedback_asked[next(iter(self._feedback_asked))]
+        self._feedback_inbox.put(request)
 
     def _on_engagement(self, update: EngagementUpdate) -> None:
         handle = self._engagements.get(update.cue_id)

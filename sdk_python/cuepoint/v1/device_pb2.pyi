@@ -438,7 +438,8 @@ class Hello(_message.Message):
         replica) is answered after the Welcome with its final EngagementUpdate
         (ENDED), which no stream was there to hear. A live one is answered with
         its state, as for every client. An ENDED update may so come twice (it
-        ended as the client reconnected): treat it as idempotent.
+        ended as the client reconnected): treat it as idempotent. Its
+        FeedbackRequest follows if the engagement wants a rating and has none.
         """
 
     def __init__(
@@ -659,7 +660,11 @@ class ServerMessage(_message.Message):
         """
 
     @_builtins.property
-    def upgrade_request(self) -> _common_pb2.UpgradeRequest: ...
+    def upgrade_request(self) -> _common_pb2.UpgradeRequest:
+        """An upgrade the associate asked for and the user has not answered is
+        asked again after a reconnect: skip request ids already shown.
+        """
+
     @_builtins.property
     def channel_change(self) -> _common_pb2.ChannelChange: ...
     @_builtins.property

@@ -42,14 +42,17 @@ class Feedback(WrapUp):
 
     def _ask_feedback(self, engagement: Engagement) -> None:
         """Called once the end is stored and the device told: ask for a rating if one is wanted."""
-        spec = self._feedback_spec(engagement.scenario_id, engagement.queue)
+        asked = self._feedback_question(engagement.engagement_id, engagement.scenario_id, engagement.queue)
+        if asked is not None:
+            self._to_device(engagement, asked)
+
+    def _feedback_question(self, engagement_id: str, scenario_id: str, queue: str) -> FeedbackAsked | None:
+        """What the device is asked when the engagement ends; None if no rating is wanted."""
+        spec = self._feedback_spec(scenario_id, queue)
         if spec is None:
-            return
+            return None
         low, high = SCORES[spec.kind]
-        question = spec.question or QUESTIONS[spec.kind]
-        self._to_device(
-            engagement, FeedbackAsked(engagement.engagement_id, spec.kind, question, low, high, spec.comment)
-        )
+        return FeedbackAsked(engagement_id, spec.kind, spec.question or QUESTIONS[spec.kind], low, high, spec.comment)
 
     async def give_feedback(self, session: DeviceSession, engagement_id: str, score: int, comment: str) -> None:
         record = await self.store.get_engagement(engagement_id)

@@ -25,7 +25,6 @@ from .model import (
     AssociateSignIn,
     EngagementContext,
     EngagementOffered,
-    EngagementUpdate,
     FallbackOffered,
     JourneyItem,
     OfferWithdrawn,
@@ -127,51 +126,6 @@ class Routing(DeskTimers):
             return False
         self._notify_device(engagement)
         return True
-
-    def resume_device(self, session: DeviceSession) -> None:
-        """A device (re)connected: tell it where its live engagement stands, e.g. after a restart."""
-        engagement = self._engagements.get(self._active_by_device.get(session.device_id, ""))
-        if engagement is not None:
-            self._notify_device(engagement)
-            # Lines said while the device was away (a reconnect's backoff, a link gone dark) reached no stream:
-            # the kept transcript again, after the update that binds the engagement id; clients skip the
-            # message ids they have (ServerMessage.chat).
-            for line in engagement.transcript:
-                self._to_device(engagement, line)
-            if engagement.state == "queued" and engagement.fallback_offered and engagement.callback_at is None:
-                # Offered and not yet answered: it may have fallen due while the device was away (its offer
-                # reached no stream) or, across replicas, connected elsewhere (or to a replica that died
-                # since). The holder tells it again. (A callback being made is offered nothing: it answered.)
-                self._tell_fallback(engagement)
-
-    async def tell_ended(self, session: DeviceSession, cue_ids: tuple[str, ...]) -> None:
-        """A device (re)connected naming cues whose engagement it has not seen end (Hello.engaged_cue_ids):
-        each that ended while no stream of the device was there to hear it is answered with its final state.
-
-        Read from storage, not memory: the end may have come after a restart, or on another replica.
-        """
-        live = self._active_by_device.get(session.device_id, "")
-        for cue_id in cue_ids:
-            record = await self.store.engagement_for_cue(cue_id)
-            if record is None or (record.app_id, record.device_id) != (session.app_id, session.device_id):
-                continue  # not this device's
-            if record.state != "ended":
-                continue  # still live: resume_device and follow_device answer those
-            if record.engagement_id == live or session.closed:
-                continue
-            associate = self.router.find(record.associate_id)
-            session.send(
-                EngagementUpdate(
-                    engagement_id=record.engagement_id,
-                    cue_id=record.cue_id,
-                    state="ended",
-                    channel=record.channel,
-                    queue=record.queue,
-                    associate_name=associate.display_name if associate is not None else "",
-                    time=record.ended_at if record.ended_at is not None else self.clock.now(),
-                    disposition=record.disposition,
-                )
-            )
 
     async def _context(self, session: DeviceSession, pending: PendingCue, priority: int) -> EngagementContext:
         ctx = session.state.context
