@@ -5,7 +5,6 @@ Also the one timer per device that wakes time-driven scenarios (idle, dwell, abs
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -21,6 +20,7 @@ from .consent import Redactor
 from .deadlines import CUE_EXPIRY, DEVICE, timer, timer_id
 from .errors import InvalidInput
 from .explain import ScenarioCheck, check_scenarios
+from .ids import ordered_id
 from .model import (
     CueOffer,
     Withdrawal,
@@ -102,7 +102,7 @@ class Evaluation(Scoring):
         away = session.closed and scenario.when_away is not None
         ttl = (scenario.when_away.ttl or scenario.ttl) if away and scenario.when_away else scenario.ttl
         offer = CueOffer(
-            cue_id=uuid.uuid4().hex,
+            cue_id=ordered_id(),
             scenario_id=scenario.id,
             created_at=now,
             expires_at=now + ttl,

@@ -9,7 +9,6 @@ first while they are free.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import structlog
@@ -18,6 +17,7 @@ from ..engine.arbiter import INVITATION, Situation
 from ..storage import CueRecord
 from .errors import InvalidInput
 from .evaluation import Evaluation
+from .ids import ordered_id
 from .model import CueOffer, InvitationResult
 from .sessions import AssociateSession, DeviceSession, PendingCue
 
@@ -81,7 +81,7 @@ class Invitations(Evaluation):
     ) -> InvitationResult:
         device_id = session.device_id
         offer = CueOffer(
-            cue_id=uuid.uuid4().hex,
+            cue_id=ordered_id(),
             scenario_id=INVITATION,
             message=message,
             channel=channel,
