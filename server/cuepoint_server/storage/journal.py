@@ -30,8 +30,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any, NamedTuple
 
-import msgspec
-
+from .json_text import dumps as _dumps
 from .records import SignalRecord
 
 __all__ = [
@@ -49,35 +48,6 @@ __all__ = [
     "records_of",
     "trimmed",
 ]
-
-
-def _mapping(value: object) -> dict[str, Any]:
-    """A read-only mapping (the core's shared empty properties) as JSON: the encoder asks only for these."""
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-# allow_nan=False: the body must be real JSON so the databases' json functions can read it. Built once:
-# json.dumps with options constructs an encoder per call.
-_stdlib_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_mapping).encode
-# msgspec's encoder writes the same JSON ~10x faster (issue 13: the stdlib's C encoder was ~1.2 us of a batched
-# signal's ~5, half of it float repr). Numbers may be spelled differently (1e16, not 1e+16): the same values
-# for every JSON reader. It writes NaN and infinities as null where the stdlib raises, so a body with a null
-# (never in a validated signal) is encoded again by the stdlib, which decides as before.
-_fast_encode = msgspec.json.Encoder(enc_hook=_mapping).encode
-_NULL = b"null"
-
-
-def _dumps(value: object) -> str:
-    try:
-        encoded = _fast_encode(value)
-    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
-        return _stdlib_dumps(value)
-    if _NULL in encoded:
-        return _stdlib_dumps(value)
-    return encoded.decode()
-
 
 _KINDS = frozenset(("event", "context"))
 _FLOAT = {float}

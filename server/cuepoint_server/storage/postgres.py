@@ -56,6 +56,7 @@ from .journal import (
     plan,
     trimmed,
 )
+from .json_text import dumps as _dumps
 from .offer_guard import HISTORY_WHERE, without_refused
 from .postgres_schema import migrate
 from .records import (
@@ -311,7 +312,6 @@ _EXPORT_ORDER = ("sessions", "signals", "milestones", "predict_labels", "cues", 
 # In transit between replicas, each also stored where it belongs: erased, not exported.
 _NOT_EXPORTED = ("delivery_outbox",)
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 # --- row mapping ----------------------------------------------------------------------------------------
