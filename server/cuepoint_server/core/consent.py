@@ -45,6 +45,11 @@ class Redactor:
 
     def __init__(self, context: Mapping[str, object], consent: str) -> None:
         self.consent = consent
+        if consent == "full":
+            # Nothing is withheld (`shared`): no pass over the context, which every offer would pay.
+            self.keys: list[str] = []
+            self.values: list[str] = []
+            return
         self.keys = sorted(k for k in context if not shared(k, consent))
         values = {str(context[k]) for k in self.keys if context[k] is not None}
         # Longest first, so a value containing another is replaced whole.

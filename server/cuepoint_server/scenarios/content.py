@@ -9,7 +9,7 @@ the default texts), so a translation's own placeholders are what gets filled.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -79,16 +79,35 @@ class CueContent:
     # Lower-cased tag -> (tag as written, texts).
     locales: Mapping[str, tuple[str, Texts]]
 
+    # The device locale -> what `render` picks for it before templating (`_Picked`), filled on first use: a
+    # fleet has a few dozen locales, and the pick (locale chain, button labels, image alt) was most of a
+    # render. Not part of the value (compare, hash, repr).
+    picked: dict[object, _Picked] = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
+
     def chain(self, device_locale: object) -> list[tuple[str, Texts]]:
         """The device's locales that have texts, most specific first: pt-BR, then pt."""
         return [self.locales[tag] for tag in locale_chain(device_locale) if tag in self.locales]
 
     def render(self, context: Mapping[str, object]) -> Rendered:
         """Each text from the most specific locale that has it (pt-BR, pt, then the default), then filled in."""
-        found = self.chain(context.get("device.locale"))
+        device_locale = context.get("device.locale")
+        picked = self.picked.get(device_locale)
+        if picked is None:
+            picked = self._pick(device_locale)
+            if len(self.picked) < _PICKED_LOCALES:  # bounded: the locale is the device's to choose
+                self.picked[device_locale] = picked
+        title = picked.title
+        return Rendered(
+            locale=picked.locale,
+            title=title.render(context) if title is not None else "",
+            message=picked.message.render(context),
+            buttons=picked.buttons,
+            image=picked.image,
+        )
+
+    def _pick(self, device_locale: object) -> _Picked:
+        found = self.chain(device_locale)
         texts = [t for _, t in found] + [self.default]
-        title = next((t.title for t in texts if t.title is not None), None)
-        message = next(t.message for t in texts if t.message is not None)
         buttons = tuple(
             Button(
                 b.id, next((t.buttons[b.id] for t in texts if b.id in t.buttons), b.label), b.action, b.channel, b.url
@@ -99,13 +118,28 @@ class CueContent:
         alt = next((t.image_alt for t in texts if t.image_alt), None)
         if image is not None and alt:
             image = Image(image.url, alt)
-        return Rendered(
+        return _Picked(
             locale=found[0][0] if found else "",
-            title=title.render(context) if title is not None else "",
-            message=message.render(context),
+            title=next((t.title for t in texts if t.title is not None), None),
+            message=next(t.message for t in texts if t.message is not None),
             buttons=buttons,
             image=image,
         )
+
+
+# At most this many device locales remembered per content (a few dozen in a real fleet).
+_PICKED_LOCALES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Picked:
+    """A content's texts for one device locale, chosen, not yet filled in."""
+
+    locale: str
+    title: Template | None
+    message: Template
+    buttons: tuple[Button, ...]
+    image: Image | None
 
 
 def locale_chain(device_locale: object) -> Iterator[str]:
