@@ -164,3 +164,23 @@ def test_a_variant_merges_its_translations_over_the_cue_s() -> None:
     (loaded,) = load_text(text, "f.yaml").scenarios
     short = compile_scenario(loaded).contents[1].render({"device.locale": "pt-PT"})
     assert (short.locale, short.message, short.title, short.buttons[0].label) == ("pt", "oi", "Título", "Ir")
+
+
+def test_a_render_remembers_its_locale_pick_and_still_fills_each_context() -> None:
+    text = (
+        "id: s\ntrigger: {event: e}\n"
+        "cue:\n  message: 'hi {{ app.version }}'\n  channel: audio\n  buttons: [{id: b, label: Go, action: accept}]\n"
+        "  locales: {pt: {message: 'olá {{ app.version }}', buttons: {b: Ir}}}\n"
+    )
+    (loaded,) = load_text(text, "f.yaml").scenarios
+    content = compile_scenario(loaded).contents[0]
+    first = content.render({"device.locale": "pt-BR", "app.version": "1.0"})
+    again = content.render({"device.locale": "pt-BR", "app.version": "2.0"})
+    other = content.render({"device.locale": "en", "app.version": "2.0"})
+    assert (first.locale, first.message, first.buttons[0].label) == ("pt", "olá 1.0", "Ir")
+    assert (again.message, other.locale, other.message, other.buttons[0].label) == ("olá 2.0", "", "hi 2.0", "Go")
+    # The pick is remembered per device locale, and only for so many: a device chooses its locale.
+    for i in range(1000):
+        content.render({"device.locale": f"x{i}", "app.version": "1"})
+    assert len(content.picked) == 256
+    assert content.render({"device.locale": "x999", "app.version": "3"}).message == "hi 3"
