@@ -132,14 +132,19 @@ class CueOffer:
         return next((b for b in self.buttons if b.id == button_id), None)
 
     def content(self) -> dict[str, Any]:
-        """Presentation beyond message and channel, as JSON, kept with the stored cue to re-offer it."""
-        return {
+        """Presentation beyond message and channel, as JSON, kept with the stored cue to re-offer it.
+
+        "image" only when the cue has one (readers take a missing image as none): a null in the stored
+        explanation would send its JSON down the stdlib encoder's slower path (storage/json_text.py)."""
+        content: dict[str, Any] = {
             "title": self.title,
             "upgrades": list(self.upgrades),
-            "image": {"url": self.image.url, "alt": self.image.alt} if self.image else None,
             "buttons": [[b.id, b.label, b.action, b.channel, b.url] for b in self.buttons],
             "layout": self.layout,
         }
+        if self.image is not None:
+            content["image"] = {"url": self.image.url, "alt": self.image.alt}
+        return content
 
 
 @dataclass(frozen=True, slots=True)
