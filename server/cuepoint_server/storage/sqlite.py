@@ -18,6 +18,7 @@ import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -48,6 +49,7 @@ from .journal import (
     plan,
     trimmed,
 )
+from .json_text import dumps as _dumps
 from .offer_guard import HISTORY_WHERE, without_refused
 from .predict_state import PREDICT_SCHEMA, PredictState
 from .records import (
@@ -350,11 +352,6 @@ def _select(table: str, cols: Sequence[str]) -> str:
     return f"SELECT {', '.join(cols)} FROM {table}"
 
 
-# allow_nan=False: the columns must hold real JSON so SQLite's json functions can read them. Built once:
-# json.dumps with options constructs an encoder per call, and every stored signal's payload passes here.
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-
-
 # --- row mapping ----------------------------------------------------------------------------------------
 
 Row = tuple[object, ...]
@@ -488,12 +485,11 @@ _INSERT_WEBHOOK = (
 )
 
 
-def _webhook_row(r: WebhookRecord) -> Row:
-    return tuple(getattr(r, c) for c in _WEBHOOK_COLS)
-
-
-def _decision_row(r: DecisionRecord) -> Row:
-    return tuple(getattr(r, c) for c in _DECISION_COLS)
+# A row's values in its columns' order, read by one C call (attrgetter) rather than a generator of getattr calls:
+# each offer stores a decision row, and often webhook rows.
+_webhook_row: Callable[[WebhookRecord], Row] = attrgetter(*_WEBHOOK_COLS)
+_decision_row: Callable[[DecisionRecord], Row] = attrgetter(*_DECISION_COLS)
+_milestone_row: Callable[[MilestoneRecord], Row] = attrgetter(*_MILESTONE_COLS)
 
 
 def _cue_row(r: CueRecord) -> Row:
@@ -1348,7 +1344,7 @@ class SqliteStore(PredictState, Slots):
         batches = _work_batches(work)
         encoded_cues = {r.cue_id: _cue_row(r) for r in work.cues}
         statuses: list[Row] = [(status, at, "", cue_id) for cue_id, status, at in work.statuses]
-        milestones = [tuple(getattr(r, c) for c in _MILESTONE_COLS) for r in work.milestones]
+        milestones = list(map(_milestone_row, work.milestones))
         guards = list(work.guards)
         fires = [(float(due), timer_id, float(due)) for timer_id, due in work.fires]
         if not (
@@ -1753,7 +1749,7 @@ class SqliteStore(PredictState, Slots):
         await self._writer.execute(_INSERT_DECISION, _decision_row(rec))
 
     async def save_milestone(self, rec: MilestoneRecord) -> None:
-        await self._writer.execute(_INSERT_MILESTONE, tuple(getattr(rec, c) for c in _MILESTONE_COLS))
+        await self._writer.execute(_INSERT_MILESTONE, _milestone_row(rec))
 
     # Reads bypass the write queue. They run in autocommit mode, so each sees everything committed so far,
     # which includes every write whose coroutine has returned.
