@@ -313,7 +313,6 @@ _EXPORT_ORDER = ("sessions", "signals", "milestones", "predict_labels", "cues", 
 _NOT_EXPORTED = ("delivery_outbox",)
 
 
-
 # --- row mapping ----------------------------------------------------------------------------------------
 
 
