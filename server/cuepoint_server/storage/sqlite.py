@@ -490,6 +490,9 @@ _INSERT_WEBHOOK = (
 _webhook_row: Callable[[WebhookRecord], Row] = attrgetter(*_WEBHOOK_COLS)
 _decision_row: Callable[[DecisionRecord], Row] = attrgetter(*_DECISION_COLS)
 _milestone_row: Callable[[MilestoneRecord], Row] = attrgetter(*_MILESTONE_COLS)
+_feedback_row: Callable[[FeedbackRecord], Row] = attrgetter(*_FEEDBACK_COLS)
+_transfer_row: Callable[[TransferRecord], Row] = attrgetter(*_TRANSFER_COLS)
+_part_row: Callable[[ParticipationRecord], Row] = attrgetter(*_PART_COLS)
 
 
 def _cue_row(r: CueRecord) -> Row:
@@ -1595,7 +1598,7 @@ class SqliteStore(PredictState, Slots):
     async def save_feedback(self, rec: FeedbackRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
         """Store a rating; a second answer for the same engagement is ignored, and so are its webhook rows."""
         await self._with_outbox(
-            _INSERT_FEEDBACK, tuple(getattr(rec, c) for c in _FEEDBACK_COLS), webhooks, only_if_written=True
+            _INSERT_FEEDBACK, _feedback_row(rec), webhooks, only_if_written=True
         )
 
     async def _with_outbox(
@@ -1727,11 +1730,11 @@ class SqliteStore(PredictState, Slots):
         await self._writer.execute(_INSERT_CHAT, (rec.message_id, rec.engagement_id, rec.sender, rec.text, rec.time))
 
     async def save_transfer(self, rec: TransferRecord, *, webhooks: Sequence[WebhookRecord] = ()) -> None:
-        await self._with_outbox(_INSERT_TRANSFER, tuple(getattr(rec, c) for c in _TRANSFER_COLS), webhooks)
+        await self._with_outbox(_INSERT_TRANSFER, _transfer_row(rec), webhooks)
 
     async def save_participation(self, rec: ParticipationRecord) -> None:
         # One row per joining, completed in place when the associate leaves.
-        await self._writer.execute(_UPSERT_PART, tuple(getattr(rec, c) for c in _PART_COLS))
+        await self._writer.execute(_UPSERT_PART, _part_row(rec))
 
     async def transfers_for(self, engagement_id: str) -> list[TransferRecord]:
         sql = f"{_select('engagement_transfers', _TRANSFER_COLS)} WHERE engagement_id = ? ORDER BY time, rowid"
