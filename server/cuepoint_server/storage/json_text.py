@@ -1,4 +1,5 @@
-"""The JSON text the databases store (journal bodies, cue explanations, contexts): one encoder for all.
+"""The JSON text the databases store (journal bodies, cue explanations, contexts, predictive labels and models):
+one encoder for all.
 
 Columns hold real JSON, so SQLite's and PostgreSQL's json functions can read them: NaN and infinities are
 refused (``allow_nan=False``), as the stdlib encoder refuses them. msgspec writes the same JSON ~6-10x faster

@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .json_text import dumps as _dumps
 from .records import LabelRecord, ModelRecord
 
 __all__ = ["PREDICT_SCHEMA", "PredictState"]
@@ -48,7 +49,6 @@ PREDICT_SCHEMA: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS sessions_device_started ON sessions (device_id, started_at)",
 )
 
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 _SAVE_MODEL = (
     "INSERT INTO predict_models (outcome, version, epoch, cursor, state, saved_at) VALUES (?, ?, ?, ?, ?, ?) "
