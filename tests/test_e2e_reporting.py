@@ -489,6 +489,10 @@ async def test_metrics_are_scraped_over_http_and_move(tmp_path: Path, clock: Man
         assert after["cuepoint_streams{kind=device}"] == 1
         assert after["cuepoint_pending_cues"] == 1
         assert after["cuepoint_cue_latency_seconds_count"] == 1
+        # The two signals and the cue were committed by the store's writer, in at least one transaction of its own.
+        assert after["cuepoint_storage_transactions_total"] > before["cuepoint_storage_transactions_total"]
+        assert after["cuepoint_storage_rows_total"] >= before["cuepoint_storage_rows_total"] + 2
+        assert after["cuepoint_storage_failed_writes_total"] == 0
 
         engagement = await client.accept(cue)
         await engagement.wait_for(cuepoint.EngagementState.QUEUED, timeout=5)

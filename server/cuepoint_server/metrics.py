@@ -18,6 +18,9 @@ Metrics (README, "Reporting and observability"):
 - cuepoint_cue_latency_seconds (histogram): signal batch (or timer) -> cue handed to the device stream
 - cuepoint_rate_limit_per_second{bucket} (gauge), cuepoint_rate_limited_total{bucket} (counter),
   cuepoint_rate_limit_keys{bucket} (gauge): the abuse budgets (api/limits.py) and their refusals
+- cuepoint_storage_transactions_total, cuepoint_storage_rows_total, cuepoint_storage_failed_writes_total
+  (counters): the store's committed write transactions and rows, and failed writes; bench_ingest.py divides
+  signals by transactions
 - cuepoint_storage_round_trips_total (counter, PostgreSQL only): requests the store sent the database and
   waited for (statements, BEGIN and COMMIT); bench_replicas.py divides it by decisions and signal batches
 """
@@ -91,6 +94,20 @@ class _LiveState(Collector):
         for load in core.queue_loads():
             waiting.add_metric([load.queue], load.waiting)
         yield waiting
+        # The store's writer (both backends): how many stored rows one write transaction carries is what the
+        # group commit buys; a small ratio under load means each commit's fixed cost is paid per few signals.
+        written = core.store.stats
+        yield CounterMetricFamily(
+            "cuepoint_storage_transactions", "Write transactions the store's writer committed.", value=written.batches
+        )
+        yield CounterMetricFamily(
+            "cuepoint_storage_rows",
+            "Rows the store committed: stored signals plus one per other row written.",
+            value=written.rows,
+        )
+        yield CounterMetricFamily(
+            "cuepoint_storage_failed_writes", "Writes that failed and raised to their caller.", value=written.failed_ops
+        )
         trips = getattr(core.store, "round_trips", None)
         if isinstance(trips, int):
             # Only a networked store counts them: what one decision or one signal batch costs in waits.
