@@ -23,10 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import grpc
 
@@ -285,6 +286,24 @@ class ServerProcess:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(5)
+
+
+_METRICS_URL = re.compile(rb"metrics on (http://\S+)")
+
+
+def _scrape(url: str, counters: Mapping[str, re.Pattern[str]]) -> dict[str, float]:
+    with urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {name: sum(float(v) for v in pattern.findall(text)) for name, pattern in counters.items()}
+
+
+async def scrape_counters(server: ServerProcess, counters: Mapping[str, re.Pattern[str]]) -> dict[str, float] | None:
+    """Each of ``counters`` (a pattern over the Prometheus text, its matches summed) as the server's metrics
+    endpoint reports it now; None if the server serves no metrics (``serve --metrics-port``)."""
+    found = _METRICS_URL.search(server.log_path.read_bytes())
+    if found is None:
+        return None
+    return await asyncio.to_thread(_scrape, found.group(1).decode(), counters)
 
 
 async def _wait_process(proc: subprocess.Popen[bytes], limit: float) -> None:

@@ -21,7 +21,9 @@ same round is reported as min and median over rounds. A signal counts once the s
 acks only after the batch is committed to SQLite. The server's rate limits are lifted above the load
 (``BENCH_LIMITS``: still charged, never refusing) unless ``--default-limits``: the defaults (5,000
 signals/s per device, 100,000 per app) would cap the load below the echo and measure the flood control.
-Both processes' CPU is shown (100% = one core), and per acked signal.
+Both processes' CPU is shown (100% = one core), and per acked signal. Each Cuepoint server serves its
+metrics (``--metrics-port 0``): the signals it stored per write transaction (the group commit's round size,
+from ``cuepoint_storage_transactions_total``) are shown per round.
 
 Targets (issue 13): batched via the SDK >= 0.5x the echo of the same shape, raw stubs >= 0.6x, unbatched
 >= 0.8x.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import textwrap
 import time
@@ -63,6 +66,7 @@ from _common import (
     pin_self,
     raw_throughput,
     report,
+    scrape_counters,
     set_server_loop,
     temp_dir,
 )
@@ -116,6 +120,21 @@ def python_floor(batch: int, seconds: float = 1.0) -> dict[str, float]:
         return 1e6 * (time.perf_counter() - started) / count
 
     return {"parse_us": timed(False), "read_us": timed(True)}
+
+
+# Signals stored, and the write transactions the store's writer committed (cuepoint_storage_*, metrics.py):
+# their ratio is how many signals one group commit carries, so its fixed cost (BEGIN, the marks, COMMIT and
+# the acks' writes; about 0.2 ms of the loop per round on 2026-12-07's slower host) is paid per that many.
+_COMMIT_COUNTERS = {
+    "signals": re.compile(r"^cuepoint_signals_received_total (\S+)$", re.M),
+    "transactions": re.compile(r"^cuepoint_storage_transactions_total (\S+)$", re.M),
+}
+
+
+def signals_per_commit(before: dict[str, float] | None, after: dict[str, float] | None) -> float | None:
+    if before is None or after is None or after["transactions"] <= before["transactions"]:
+        return None
+    return (after["signals"] - before["signals"]) / (after["transactions"] - before["transactions"])
 
 
 def write_scenarios(folder: Path, text: str = SCENARIO) -> Path:
@@ -242,14 +261,15 @@ async def cuepoint_run(
     py_spy: str | None,
     profiles: dict[str, Any],
     tag: str,
-) -> Throughput:
+) -> tuple[Throughput, float | None]:
+    """The run's throughput, and the signals one write transaction stored on average (None: unknown)."""
     db = tmp / f"ingest-{tag}.db"
     server = await cuepoint_server(
         write_scenarios(tmp / "scenarios"),
         db,
         log_dir=tmp,
         limits=BENCH_LIMITS if not args.default_limits else (),
-        extra=("--event-loop", args.server_loop),
+        extra=("--event-loop", args.server_loop, "--metrics-port", "0"),
     ).start()
     label = f"Cuepoint, {load}, {shape} x{batch}"
     spy: PySpy | None = None
@@ -262,6 +282,7 @@ async def cuepoint_run(
                 spy = PySpy(py_spy, server.pid, args.seconds - 0.5, tmp / f"spy-{tag}.txt")
 
             spy_starter = asyncio.create_task(start_spy())
+        before = await scrape_counters(server, _COMMIT_COUNTERS)
         if load == "raw":
             result = await raw_throughput(
                 server.address,
@@ -287,6 +308,7 @@ async def cuepoint_run(
                 warmup=args.warmup,
             )
             result.shape = shape
+        per_commit = signals_per_commit(before, await scrape_counters(server, _COMMIT_COUNTERS))
         refused = server.count_in_log(b"RESOURCE_EXHAUSTED")
         if refused:
             note(f"  {label}: {refused} stream(s) refused by a rate limit: the limiter, not the server, was measured")
@@ -300,7 +322,7 @@ async def cuepoint_run(
                     "self": top,
                     "inclusive_cuepoint": spy.top_inclusive(args.top),
                 }
-        return result
+        return result, per_commit
     finally:
         await server.stop()
 
@@ -318,6 +340,7 @@ async def run(args: argparse.Namespace) -> None:
     variants = [v for v in VARIANTS if (args.unbatched or v[3]) and (args.batched or not v[3])]
     runs: dict[str, list[Throughput]] = defaultdict(list)
     ratios: dict[str, list[float]] = defaultdict(list)
+    commits: dict[str, list[float]] = defaultdict(list)  # signals per write transaction, per round
     profiles: dict[str, Any] = {}
     with temp_dir("ingest") as tmp_text:
         tmp = Path(tmp_text)
@@ -345,8 +368,10 @@ async def run(args: argparse.Namespace) -> None:
                 else:
                     spy = py_spy if round_no == 1 else None
                     tag = f"{round_no}-{load}-{shape}-{batch}"
-                    result = await cuepoint_run(load, shape, args, batch, tmp, spy, profiles, tag)
+                    result, per_commit = await cuepoint_run(load, shape, args, batch, tmp, spy, profiles, tag)
                     ratios[key].append(result.signals_per_s / echo_of[(shape, batched)].signals_per_s)
+                    if per_commit is not None:
+                        commits[key].append(per_commit)
                 runs[key].append(result)
 
     rows = []
@@ -391,6 +416,15 @@ async def run(args: argparse.Namespace) -> None:
             [[key, *[f"{r.signals_per_s:,.0f}" for r in rs]] for key, rs in runs.items()],
         ),
     ]
+    if commits:
+        sections.append(
+            (
+                "signals stored per write transaction (cuepoint_storage_transactions_total, whole run incl. warm-up;"
+                " the group commit's round size), per round",
+                ["run", *[f"round {n}" for n in range(1, args.rounds + 1)]],
+                [[key, *[f"{v:.1f}" for v in values]] for key, values in commits.items()],
+            )
+        )
     for label, prof in profiles.items():
         sections.append(
             (
@@ -445,6 +479,7 @@ async def run(args: argparse.Namespace) -> None:
         details={
             "runs": {k: [vars(r) for r in v] for k, v in runs.items()},
             "ratios": dict(ratios),
+            "signals_per_commit": dict(commits),
             "streams": args.streams,
             "window": args.window,
             "rounds": args.rounds,

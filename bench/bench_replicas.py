@@ -44,7 +44,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-from urllib.request import urlopen
 
 from _common import (
     BENCH_LIMITS,
@@ -62,6 +61,7 @@ from _common import (
     raise_nofile,
     raw_throughput,
     report,
+    scrape_counters,
     temp_dir,
 )
 from bench_ingest import write_scenarios as write_ingest_scenarios
@@ -137,7 +137,6 @@ async def start_config(config: str, scenarios: Path, tmp: Path, database: str, t
     return [first, second]
 
 
-_METRICS_URL = re.compile(rb"metrics on (http://\S+)")
 # The counters the round trips are divided by (Prometheus text exposition).
 _COUNTERS = {
     "trips": re.compile(r"^cuepoint_storage_round_trips_total (\S+)$", re.M),
@@ -146,20 +145,14 @@ _COUNTERS = {
 }
 
 
-def _scrape(url: str) -> dict[str, float]:
-    with urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {name: sum(float(v) for v in pattern.findall(text)) for name, pattern in _COUNTERS.items()}
-
-
 async def counters(servers: list[ServerProcess]) -> dict[str, float] | None:
     """The round trips, signals stored and cues offered so far, summed over the replicas (None: no metrics)."""
     totals: dict[str, float] = defaultdict(float)
     for s in servers:
-        found = _METRICS_URL.search(s.log_path.read_bytes())
+        found = await scrape_counters(s, _COUNTERS)
         if found is None:
             return None
-        for name, value in (await asyncio.to_thread(_scrape, found.group(1).decode())).items():
+        for name, value in found.items():
             totals[name] += value
     return totals
 
