@@ -97,17 +97,12 @@ class _LiveState(Collector):
         # The store's writer (both backends): how many stored rows one write transaction carries is what the
         # group commit buys; a small ratio under load means each commit's fixed cost is paid per few signals.
         written = core.store.stats
-        yield CounterMetricFamily(
-            "cuepoint_storage_transactions", "Write transactions the store's writer committed.", value=written.batches
-        )
-        yield CounterMetricFamily(
-            "cuepoint_storage_rows",
-            "Rows the store committed: stored signals plus one per other row written.",
-            value=written.rows,
-        )
-        yield CounterMetricFamily(
-            "cuepoint_storage_failed_writes", "Writes that failed and raised to their caller.", value=written.failed_ops
-        )
+        for name, text, value in (
+            ("cuepoint_storage_transactions", "Write transactions the store's writer committed.", written.batches),
+            ("cuepoint_storage_rows", "Rows those transactions committed: signals plus other rows.", written.rows),
+            ("cuepoint_storage_failed_writes", "Writes that failed and raised to their caller.", written.failed_ops),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
         trips = getattr(core.store, "round_trips", None)
         if isinstance(trips, int):
             # Only a networked store counts them: what one decision or one signal batch costs in waits.
