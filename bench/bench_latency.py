@@ -24,6 +24,10 @@ Target: p99 signal-to-cue under 10 ms at 1,000 streams.
 that does only what a cue round must (validate, dedupe, store the trigger and the cue in one commit, send
 the cue with its ack, store the decline): how low p99 and the CPU per round can go in Python with gRPC and
 SQLite on the server's one core, and so how much of Cuepoint's own work a target leaves room for.
+
+Each Cuepoint server serves its metrics (``--metrics-port 0``): the write transactions its store committed
+over the measured window, per cue round, are shown (2 if no two rounds shared a commit; fewer as the store's
+writer merges the rounds queued together).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import argparse
 import asyncio
 import gc
 import random
+import re
 import statistics
 import sys
 import textwrap
@@ -66,6 +71,7 @@ from _common import (
     pin_self,
     raise_nofile,
     report,
+    scrape_counters,
     set_server_loop,
     temp_dir,
 )
@@ -73,6 +79,8 @@ from _cue_round import SCENARIO, cue_rounds
 from prototype_server import PROTOTYPE_METHOD, prototype_server
 
 TARGET_P99_MS = 10.0
+# The write transactions the Cuepoint server's store committed (metrics.py; served with --metrics-port 0).
+_TRANSACTIONS = {"transactions": re.compile(r"^cuepoint_storage_transactions_total (\S+)$", re.M)}
 
 
 @dataclass
@@ -90,6 +98,8 @@ class LatencyResult:
     client_cpu_pct: float = 0.0
     profile: PySpy | None = None
     perf: PerfByObject | None = None  # --perf: the server's CPU by shared object over the measured window
+    # Cuepoint only: the write transactions its store committed over the measured window (None: not served).
+    transactions: float | None = None
 
     def stats(self, samples: list[float] | None = None) -> dict[str, float]:
         values = sorted(self.samples if samples is None else samples)
@@ -104,6 +114,13 @@ class LatencyResult:
     def ms_per_round(self, pct: float) -> float:
         """A CPU share over the measured window (% of one core) as ms per round done."""
         return 10 * pct / max(1e-9, len(self.samples) / self.seconds)
+
+    def transactions_per_round(self) -> float | None:
+        """Write transactions per round done in the measured window: two unmerged (the trigger's commit with its
+        cue, the decline's), fewer when the store's writer merges rounds into one transaction."""
+        if self.transactions is None or not self.samples:
+            return None
+        return self.transactions / len(self.samples)
 
     def row(self, what: str = "cue", ack: bool = False) -> list[str]:
         s = self.stats(self.ack_samples if ack else None)
@@ -232,11 +249,16 @@ async def measure(
         window["start"], window["end"] = now + warmup, now + warmup + seconds
         await asyncio.sleep(warmup)
         meter = CpuMeter(server.pid)
+        committed = await scrape_counters(server, _TRANSACTIONS)
         profiler = PySpy(spy[0], server.pid, seconds, spy[1]) if spy else None
         by_object = PerfByObject(perf[0], server.pid, seconds, perf[1]) if perf else None
         await asyncio.sleep(seconds)
         result.server_cpu_pct, result.client_cpu_pct = meter.read()
         result.server_loop_pct = meter.loop()
+        if committed is not None:
+            after = await scrape_counters(server, _TRANSACTIONS)
+            if after is not None:
+                result.transactions = after["transactions"] - committed["transactions"]
         if profiler is not None:
             await profiler.wait()
             result.profile = profiler
@@ -314,7 +336,7 @@ async def run(args: argparse.Namespace) -> None:
                     tmp / f"lat-{round_no}-{i}.db",
                     log_dir=tmp,
                     limits=BENCH_LIMITS,
-                    extra=("--event-loop", args.server_loop),
+                    extra=("--event-loop", args.server_loop, "--metrics-port", "0"),
                 )
                 spy = (py_spy, tmp / f"spy-{round_no}-{i}.txt") if py_spy and round_no == 1 else None
                 results.append(
@@ -420,6 +442,9 @@ async def run(args: argparse.Namespace) -> None:
                 baseline=statistics.median(echo_loop_ms),
             )
         )
+        per_round = [t for _, c in at_rate if (t := c.transactions_per_round()) is not None]
+        if per_round:
+            metrics.append(Metric(f"write transactions per cue round, {load}", statistics.median(per_round), ""))
         proto_part = ""
         at_rate_protos = [p for p in protos if p.rate == rate]
         if at_rate_protos:
@@ -464,7 +489,9 @@ async def run(args: argparse.Namespace) -> None:
             f"ratio min {min(ratio):.1f}x median {statistics.median(ratio):.1f}x] "
             f"{'met' if ok else 'NOT MET'}; server CPU {statistics.median(cpu_ms):.2f} ms per round, "
             f"{statistics.median(loop_ms):.2f} on its loop's thread (echo {statistics.median(echo_cpu_ms):.2f}, "
-            f"{statistics.median(echo_loop_ms):.2f}){proto_part}"
+            f"{statistics.median(echo_loop_ms):.2f})"
+            + (f", {statistics.median(per_round):.2f} write transactions per round" if per_round else "")
+            + proto_part
         )
     if in_process:
         metrics.append(
@@ -479,12 +506,18 @@ async def run(args: argparse.Namespace) -> None:
                 f"cue rounds in process (bench/_cue_round.py: trigger decoded, evaluated, committed, cue and ack "
                 f"serialized, decline committed; no gRPC; {in_process['rounds']:,} rounds, "
                 f"{in_process['concurrent']} devices per tick)",
-                ["CPU ms/round, all threads", "CPU ms/round, event-loop thread", "wall ms/round"],
+                [
+                    "CPU ms/round, all threads",
+                    "CPU ms/round, event-loop thread",
+                    "wall ms/round",
+                    "write transactions/round",
+                ],
                 [
                     [
                         f"{in_process['cpu_ms_per_round']:.3f}",
                         f"{in_process['loop_cpu_ms_per_round']:.3f}",
                         f"{in_process['wall_ms_per_round']:.3f}",
+                        f"{in_process['transactions_per_round']:.2f}",
                     ]
                 ],
             )
