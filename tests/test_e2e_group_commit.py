@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cuepoint_server.engine.state import MAX_REMEMBERED_IDS
-from cuepoint_server.storage import SignalRecord
+from cuepoint_server.storage import JournalBatch
 
 from .conftest import StartServer
 from .test_e2e_foundation import RawDevice, _raw_signal
@@ -24,17 +24,17 @@ class _Gate:
         self.calls: list[list[str]] = []
         self.held = asyncio.Event()
         self.release = asyncio.Event()
-        original = server.store.append_signals
+        original = server.store.append_journal
 
-        async def gated(rows: Sequence[SignalRecord]) -> list[str]:
-            self.calls.append(sorted({r.device_id for r in rows}))
+        async def gated(batches: Sequence[JournalBatch]) -> list[str]:
+            self.calls.append(sorted({b.device_id for b in batches}))
             if len(self.calls) == 1:
                 self.held.set()
                 await self.release.wait()
-            skipped: list[str] = await original(rows)
+            skipped: list[str] = await original(batches)
             return skipped
 
-        monkeypatch.setattr(server.store, "append_signals", gated)
+        monkeypatch.setattr(server.store, "append_journal", gated)
 
 
 async def _queued(server: Any, *device_ids: str) -> None:

@@ -106,13 +106,13 @@ async def stored_ids(server: CuepointServer, device_id: str) -> list[str]:
 
 def slow_acks(server: CuepointServer, monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
     """Store signals at once but hold their ack back: what a crash between commit and ack looks like."""
-    original = server.store.append_signals
+    original = server.store.append_journal
 
-    async def append_then_wait(rows: Any) -> None:
-        await original(rows)
+    async def append_then_wait(batches: Any) -> None:
+        await original(batches)
         await asyncio.sleep(delay)
 
-    monkeypatch.setattr(server.store, "append_signals", append_then_wait)
+    monkeypatch.setattr(server.store, "append_journal", append_then_wait)
 
 
 async def until(condition: Callable[[], Awaitable[bool]], within: float = 5) -> None:

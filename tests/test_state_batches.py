@@ -57,6 +57,24 @@ def test_record_events_leaves_what_one_by_one_leaves(
     assert (EVENT_MEMORY.count, EVENT_MEMORY.bytes) == memory
 
 
+@given(keep=st.sampled_from([0.0, 1.0]))
+def test_without_a_window_only_the_latest_occurrence_is_kept_even_when_times_tie(keep: float) -> None:
+    """keep_seconds 0 (no condition counts the event): conditions read only its latest occurrence, so a batch
+    stamped with one time keeps one occurrence, not all of them; with a window every tied one stays."""
+    one_by_one, at_once = DeviceState("d", "app"), DeviceState("d", "app")
+    ids = [f"s-{i}" for i in range(5)]
+    for i in range(5):
+        one_by_one.record_event("e", EventOccurrence(100.0, ids[i], {"i": i}, one_by_one.next_seq()), keep)
+    at_once.seq += 5
+    at_once.record_events("e", [100.0] * 5, ids, [{"i": i} for i in range(5)], range(1, 6), keep)
+    for state in (one_by_one, at_once):
+        queue = state.history["e"]
+        assert [o.signal_id for o in queue] == (ids if keep else ids[-1:])
+        assert state.event_count == len(queue)
+        assert state.last("e") is not None and state.last("e").props == {"i": 4}  # type: ignore[union-attr]
+        state.release()
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     batches=st.lists(
@@ -67,9 +85,9 @@ def test_record_events_leaves_what_one_by_one_leaves(
 def test_batches_after_batches_leave_what_one_by_one_leaves(
     batches: list[tuple[float, int, bool]], keep: float
 ) -> None:
-    """Batch after batch, ties included: a batch whose times tie is kept whole with a window of 0 s and forgotten
-    whole at the next one, and its size, summed when it came, is given back then (DeviceState._bulk). The
-    string values differ in length, so a size given back wrong shows in event_bytes."""
+    """Batch after batch, ties included: with a window a batch whose times tie is forgotten whole when it falls
+    out, and its size, summed when it came, is given back then (DeviceState._bulk). The string values differ in
+    length, so a size given back wrong shows in event_bytes."""
     memory = (EVENT_MEMORY.count, EVENT_MEMORY.bytes)
     one_by_one, at_once = DeviceState("d", "app"), DeviceState("d", "app")
     clock, k = 100.0, 0

@@ -681,6 +681,21 @@ async def test_resends_are_found_in_runs_and_in_batches_that_were_not_runs(store
     assert await store.count_signals("dev-1") == 208
 
 
+async def test_several_batches_are_appended_in_one_transaction_in_order_and_resends_reported(store: Any) -> None:
+    """append_journal, the group commit's form: each batch one row, in the order given, all in one transaction;
+    the ids skipped as stored before come back together, whichever batch held them."""
+    before = store.stats.batches
+    assert await store.append_journal([batch(["a1", "a2"]), batch(["b1"], device_id="dev-2"), batch([])]) == []
+    assert store.stats.batches == before + 1
+    skipped = await store.append_journal(
+        [batch(["a2", "a3"], start=2000.0), batch(["b1", "b2"], device_id="dev-2", start=2000.0)]
+    )
+    assert sorted(skipped) == ["a2", "b1"]
+    assert [s.signal_id for s in await store.journey("dev-1")] == ["a1", "a2", "a3"]
+    assert [s.signal_id for s in await store.journey("dev-2")] == ["b1", "b2"]
+    assert await store.append_journal([]) == []
+
+
 async def test_retention_keeps_the_newer_part_of_a_batch(store: Any) -> None:
     await store.append_batch(batch(["a", "b", "c", "d"], start=1000.0))  # times 1000..1003
     await store.append_batch(batch(["e"], start=900.0))

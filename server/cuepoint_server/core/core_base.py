@@ -260,6 +260,8 @@ class CoreBase:
             elif work.signals:
                 # Plain signal batches stay on the writer's merged append path (the hot one).
                 skipped = await self.store.append_signals(work.signals)
+            elif work.batches:
+                skipped = await self.store.append_journal(work.batches)
         except Exception:
             log.exception("unit.store_failed", device_id=session.device_id, cues=len(work.cues))
             for record in work.cues:

@@ -92,11 +92,17 @@ class DeskBase:
     def queues_in_use(self) -> set[str]:
         return {e.queue for e in self._engagements.values() if e.state == "queued"}
 
+    def follows_journey(self, device_id: str) -> bool:
+        """Whether an associate is assigned to the device's engagement, and so follows its journey live."""
+        engagement = self._engagements.get(self._active_by_device.get(device_id, ""))
+        return engagement is not None and engagement.associate is not None and engagement.state == "assigned"
+
     def journey_stored(self, device_id: str, rows: Sequence[SignalRecord]) -> None:
         """Signals of a device were stored: its assigned associate sees them in the live journey."""
-        engagement = self._engagements.get(self._active_by_device.get(device_id, ""))
-        if engagement is None or engagement.associate is None or engagement.state != "assigned":
+        if not self.follows_journey(device_id):
             return
+        engagement = self._engagements[self._active_by_device[device_id]]
+        assert engagement.associate is not None
         # Events only: a context change may carry user attributes the consent level withholds.
         items = tuple(
             JourneyItem(r.signal_id, r.time, r.kind, r.name, dict(r.payload)) for r in rows if r.kind == "event"

@@ -6,7 +6,6 @@ import asyncio
 from bisect import bisect_right
 from collections.abc import Mapping
 from functools import partial
-from itertools import repeat
 from operator import itemgetter, le
 from typing import Any
 
@@ -14,7 +13,7 @@ import structlog
 
 from ..engine.state import REORDER_TOLERANCE, DeviceState, EventOccurrence, Scalar
 from ..scenarios.compiler import milestone_event
-from ..storage import SignalRecord
+from ..storage import JournalBatch, SignalRecord
 from ..storage.records import MilestoneRecord
 from .consent import Redactor
 from .core_base import session_record
@@ -79,11 +78,6 @@ class Ingest(Recovery, Identity):
             times = [times[i] for i in kept]
             names = [names[i] for i in kept]
             props = [props[i] for i in kept]
-        rows: list[SignalRecord] = []
-        unit = self._open_unit(session)
-        unit.work.signals = rows
-        # Filled below, before the commit can start (see _ingest_signals).
-        self._queue_ack(session, PendingAck(batch.batch_id, unit, ids, duplicates, rows))
         n = len(ids)
         offset = clock_offset(batch, now)
         if None in times:
@@ -92,6 +86,15 @@ class Ingest(Recovery, Identity):
             ats = list(map(offset.__add__, times))  # type: ignore[arg-type]  # none ahead of now: a C loop
         else:
             ats = [min(t + offset, now) for t in times]  # type: ignore[operator]
+        # Stored as the columns it came as: one journal batch, no record per signal (rows, then grouped back into
+        # a batch by the commit, cost ~0.6 us per signal more: issue 13). The unit is opened before anything is
+        # evaluated, which stages its cues in it.
+        journal = JournalBatch(session.device_id, session.session_id, now, ids, ["event"] * n, names, ats, props)
+        unit = self._open_unit(session)
+        if n:
+            unit.work.batches.append(journal)
+        ack = PendingAck(batch.batch_id, unit, ids, duplicates, [], journal if n else None)
+        self._queue_ack(session, ack)
         first_seq = state.seq + 1
         state.seq += n
         scenarios = self.engine.scenarios
@@ -117,20 +120,11 @@ class Ingest(Recovery, Identity):
                 # so from here on every listened-to signal is evaluated, as one at a time would be.
                 chosen, k = heard, bisect_right(heard, stop)
             start = stop + 1
-        device_id, session_id = session.device_id, session.session_id
-        # tuple.__new__ straight from the columns: a SignalRecord each without a Python-level call each.
-        rows.extend(
-            map(
-                tuple.__new__,
-                repeat(SignalRecord),
-                zip(repeat(device_id), ids, repeat(session_id), repeat("event"), names, ats, repeat(now), props),
-            )
-        )
         session.last_received_at = now
         for observer in self.observers:
             observer.signals_received(n, len(duplicates))
         if n:
-            scored = self._score_batch(session, rows, now)
+            scored = self._score_batch(session, ack.records, now)
             if scored:
                 self._evaluate(session, self.engine.scenarios.candidates(scored), now)
             self._schedule_timer(session.device_id, now)
@@ -314,7 +308,7 @@ class Ingest(Recovery, Identity):
         for observer in self.observers:
             observer.signals_received(len(fresh), len(duplicates))
         # Scores are rescored once per batch (core/scoring.py); their pseudo-events wake scenarios then.
-        scored = self._score_batch(session, rows, now) if evented else []
+        scored = self._score_batch(session, rows.copy, now) if evented else []
         if scored:
             self._evaluate(session, self.engine.scenarios.candidates(scored), now)
         if fresh:
@@ -402,13 +396,13 @@ class Ingest(Recovery, Identity):
                 session.acks = group[taken:]
                 later.append(session)
         self._group.requeue(later)
-        rows = [row for _, taken_ in plain for pending in taken_ for row in pending.rows]
+        batches = [b for _, taken_ in plain for pending in taken_ for b in pending.batches()]
         skipped: list[str] | None
         commits = [self._commit_acked(session, pending) for session, pending in units]
         if not commits:
-            skipped = await self._append_round(rows)
-        elif rows:
-            skipped = (await asyncio.gather(self._append_round(rows), *commits))[0]
+            skipped = await self._append_round(batches)
+        elif batches:
+            skipped = (await asyncio.gather(self._append_round(batches), *commits))[0]
         else:
             # Nothing plain to append: gather would wrap an empty append in a task of its own, and a lone unit
             # too; a cue round (one batch that fires a cue) is exactly this case (issue 13).
@@ -441,22 +435,22 @@ class Ingest(Recovery, Identity):
         session.notify_room()
         self._group.wake(session)
 
-    async def _append_round(self, rows: list[SignalRecord]) -> list[str] | None:
+    async def _append_round(self, batches: list[JournalBatch]) -> list[str] | None:
         """Every plain batch of the round in one append; None if storage failed."""
-        if not rows:
+        if not batches:
             return []
         try:
-            return await self.store.append_signals(rows)
+            return await self.store.append_journal(batches)
         except Exception:
-            log.warning("acks.round_store_failed", rows=len(rows), exc_info=True)
+            log.warning("acks.round_store_failed", batches=len(batches), exc_info=True)
             return None
 
     async def _append_each(self, plain: list[tuple[DeviceSession, list[PendingAck]]]) -> None:
         """The round's append failed: each session's batches on their own, so one bad write fails one stream."""
         for session, group in plain:
-            rows = [row for pending in group for row in pending.rows]
+            batches = [b for pending in group for b in pending.batches()]
             try:
-                skipped = await self.store.append_signals(rows) if rows else []
+                skipped = await self.store.append_journal(batches) if batches else []
             except Exception:
                 log.exception("unit.store_failed", device_id=session.device_id, batches=len(group))
                 session.send(SessionFailed("could not store signals; resend them"))
@@ -469,21 +463,21 @@ class Ingest(Recovery, Identity):
 
     def _acked(self, session: DeviceSession, pending: PendingAck, skipped: list[str] | None) -> None:
         """A batch's commit is over: ack it (or, if storage failed, forget its ids so a resend counts)."""
-        fresh, duplicates, rows = pending.fresh, pending.duplicates, pending.rows
+        fresh, duplicates = pending.fresh, pending.duplicates
         if skipped is None:
             log.error("signals.store_failed", device_id=session.device_id, batch_id=pending.batch_id)
             for signal_id in fresh:
                 session.state.forget(signal_id)
             return
+        gone: set[str] = set()
         if skipped:
             # Resends older than the ids kept in memory: storage knew them (and record_event kept them out of
             # the windows if they were still in one).
             gone = set(skipped)
             fresh = [i for i in fresh if i not in gone]
             duplicates = duplicates + skipped
-            rows = [r for r in rows if r.signal_id not in gone]
             log.info("signals.resend_skipped_by_storage", device_id=session.device_id, count=len(skipped))
-        if rows:
+        if fresh and self.desk.follows_journey(session.device_id):
             # Stored, so now the associate of a running engagement may see them.
-            self.desk.journey_stored(session.device_id, rows)
+            self.desk.journey_stored(session.device_id, [r for r in pending.records() if r.signal_id not in gone])
         session.send(Ack(pending.batch_id, tuple(fresh + duplicates), tuple(duplicates)))

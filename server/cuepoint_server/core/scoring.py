@@ -6,7 +6,7 @@ declare an outcome to score.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..predict.model import OutcomeReport
@@ -53,10 +53,11 @@ class Scoring(CoreBase):
         sessions, milestones = await self.store.subject_history(user_id, session.device_id, session.started_at)
         predictor.session_opened(session.state, session.session_id, session.started_at, sessions, milestones)
 
-    def _score_batch(self, session: DeviceSession, rows: Sequence[SignalRecord], now: float) -> list[str]:
-        """Rescore after a batch; the returned pseudo-events wake scenarios with score conditions."""
+    def _score_batch(self, session: DeviceSession, rows: Callable[[], Sequence[SignalRecord]], now: float) -> list[str]:
+        """Rescore after a batch (`rows` gives its records: made only if an outcome is scored); the returned
+        pseudo-events wake scenarios with score conditions."""
         predictor = self._predictor()
-        return predictor.observe(session.state, rows, now) if predictor.active else []
+        return predictor.observe(session.state, rows(), now) if predictor.active else []
 
     def _score_now(self, session: DeviceSession, now: float) -> None:
         predictor = self._predictor()

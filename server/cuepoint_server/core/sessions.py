@@ -11,6 +11,7 @@ from typing import Generic, TypeVar
 from ..clock import TimerHandle
 from ..engine.state import DeviceState
 from ..storage import OfferCommit, SignalRecord
+from ..storage.journal import JournalBatch, batch_records, journal_batches
 from .model import (
     Ack,
     CallSignalRelay,
@@ -106,6 +107,17 @@ class PendingAck:
     fresh: list[str]
     duplicates: list[str]
     rows: list[SignalRecord]
+    # Or, for a batch of events that came as columns, its signals as one journal batch, and ``rows`` empty: the
+    # columns go on to storage as they are, with no object per signal (issue 13).
+    journal: JournalBatch | None = None
+
+    def batches(self) -> list[JournalBatch]:
+        """What to store, as journal batches."""
+        return [self.journal] if self.journal is not None else journal_batches(self.rows)
+
+    def records(self) -> list[SignalRecord]:
+        """What to store, a record per signal (built on demand for a journal batch)."""
+        return self.rows if self.journal is None else batch_records(self.journal)
 
     def plain(self) -> bool:
         """Only signals to store: nothing evaluated was staged with them (no cue, decision, milestone)."""

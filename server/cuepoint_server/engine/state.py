@@ -213,15 +213,22 @@ class DeviceState:
         else:
             queue.append(occurrence)
         self._account(1, occurrence_size(occurrence.props))
-        self._trim(name, queue, queue[-1].time - keep_seconds, occurrence)
+        self._trim(name, queue, queue[-1].time - keep_seconds, occurrence, keep_seconds > 0)
 
-    def _trim(self, name: str, queue: deque[EventOccurrence], horizon: float, newest: EventOccurrence) -> None:
-        """After an append: drop what fell out of the window or over the cap, then keep memory in bounds."""
+    def _trim(
+        self, name: str, queue: deque[EventOccurrence], horizon: float, newest: EventOccurrence, window: bool = True
+    ) -> None:
+        """After an append: drop what fell out of the window or over the cap, then keep memory in bounds.
+
+        Without a ``window`` (no condition counts the event: keep_seconds 0) only the latest stays."""
         # Always keep the latest occurrence: "last sync took > 30 s" needs it. The queue is in time order, so
         # what fell out is a prefix (found by bisection); hard cap per event name: windows needing more are
         # saturated, which errs towards "at least N".
         last = len(queue) - 1
-        old = bisect_left(queue, horizon, 0, last, key=_TIME) if last and queue[0].time < horizon else 0
+        if not window:
+            old = last
+        else:
+            old = bisect_left(queue, horizon, 0, last, key=_TIME) if last and queue[0].time < horizon else 0
         over = max(0, len(queue) - old - MAX_OCCURRENCES_PER_EVENT)
         if old + over:
             self._discard_first(name, queue, old + over)
@@ -248,7 +255,7 @@ class DeviceState:
 
         The ``i``-th has sequence number ``seqs[i]``. Ends in the state the calls one by one leave, but
         builds an occurrence only for what the window keeps: with ``keep_seconds`` 0 (no condition counts
-        this event), the latest one(s). Times that go back, or a first one not after what is remembered,
+        this event), the latest one. Times that go back, or a first one not after what is remembered,
         take the one-by-one path (late arrivals and skew jitter are handled there).
         """
         n = len(times)
@@ -271,8 +278,9 @@ class DeviceState:
                 return
         horizon = times[-1] - keep_seconds
         # Nothing before `start` outlives the batch (each call would trim it again: times only grow), and
-        # past the cap only the latest are kept.
-        in_window = bisect_left(times, horizon)
+        # past the cap only the latest are kept. Without a window only the latest at all, tied times too: a
+        # batch stamped with one time kept all of its signals (0.77 against 0.17 us per signal, issue 13).
+        in_window = bisect_left(times, horizon) if keep_seconds > 0 else n - 1
         start = min(max(in_window, n - MAX_OCCURRENCES_PER_EVENT), n - 1)
         EVENT_MEMORY.dropped += start - in_window
         kept = props[start:]
@@ -282,7 +290,7 @@ class DeviceState:
         queue.extend(fresh)
         size = occurrences_size(kept)
         self._account(n - start, size)
-        self._trim(name, queue, horizon, queue[-1])
+        self._trim(name, queue, horizon, queue[-1], keep_seconds > 0)
         if self._bulk is None:
             self._bulk = {}
         self._bulk[name] = (fresh[0], len(fresh), size)

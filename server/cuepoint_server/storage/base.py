@@ -228,6 +228,11 @@ class Store(Protocol):
         """
         ...
 
+    async def append_journal(self, batches: Sequence[JournalBatch]) -> list[str]:
+        """`append_batch` for several batches (of any devices), in order, in one transaction: the group
+        commit's form (core/ingest.py), which hands on the columns an ingested batch came as."""
+        ...
+
     async def commit_offer(self, work: OfferCommit) -> OfferResult:
         """Commit an evaluation's signals, cue statuses, cues, decisions and milestones in one transaction.
 

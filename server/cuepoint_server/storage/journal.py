@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import groupby
+from itertools import groupby, repeat
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -39,10 +39,12 @@ __all__ = [
     "JournalBatch",
     "Newest",
     "Plan",
+    "batch_records",
     "batches_from_records",
     "decode_body",
     "encode",
     "in_bodies",
+    "journal_batches",
     "lookup_needed",
     "plan",
     "records_of",
@@ -155,14 +157,32 @@ def encode(batch: JournalBatch) -> EncodedBatch | None:
 _BATCH_KEY = itemgetter(0, 2, 6)
 
 
-def batches_from_records(rows: Sequence[SignalRecord]) -> list[EncodedBatch]:
+def journal_batches(rows: Sequence[SignalRecord]) -> list[JournalBatch]:
     """Records grouped into batches: one per run of consecutive records of one device, session and receipt
     time (what one ingested batch is). Grouped and turned into columns by C loops (groupby, zip)."""
-    out: list[EncodedBatch] = []
+    out: list[JournalBatch] = []
     for (device_id, session_id, received_at), group in groupby(rows, _BATCH_KEY):
         _, ids, _, kinds, names, times, _, payloads = zip(*group, strict=True)
-        out.append(_encoded(device_id, session_id, float(received_at), ids, kinds, names, times, payloads))
+        out.append(JournalBatch(device_id, session_id, float(received_at), ids, kinds, names, times, payloads))
     return out
+
+
+def batches_from_records(rows: Sequence[SignalRecord]) -> list[EncodedBatch]:
+    """`journal_batches`, encoded."""
+    return [_encoded(*batch) for batch in journal_batches(rows)]
+
+
+def batch_records(batch: JournalBatch) -> list[SignalRecord]:
+    """A batch's signals as records, one object each (for what reads signals one at a time)."""
+    device_id, session_id, received_at, ids, kinds, names, times, payloads = batch
+    # tuple.__new__ straight from the columns: a SignalRecord each without a Python-level call each.
+    return list(
+        map(
+            tuple.__new__,
+            repeat(SignalRecord),
+            zip(repeat(device_id), ids, repeat(session_id), kinds, names, times, repeat(received_at), payloads),
+        )
+    )
 
 
 def decode_body(body: str) -> list[list[Any]]:

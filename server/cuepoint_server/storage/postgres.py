@@ -1017,10 +1017,14 @@ class PostgresStore(Slots):
 
     async def append_batch(self, batch: JournalBatch) -> list[str]:
         """One batch as one journal row; returns, once committed, the ids skipped as stored before."""
-        encoded = encode(batch)
-        if encoded is None:
+        return await self.append_journal((batch,))
+
+    async def append_journal(self, batches: Sequence[JournalBatch]) -> list[str]:
+        """Batches as one journal row each, in one transaction; once committed, the ids skipped as stored."""
+        encoded = [e for b in batches if (e := encode(b)) is not None]
+        if not encoded:
             return []
-        return await self._writer.append_batches([encoded])
+        return await self._writer.append_batches(encoded)
 
     async def commit_offer(self, work: OfferCommit) -> OfferResult:
         """One evaluation's writes in one transaction; guarded cues re-checked under their subject's lock."""

@@ -1333,10 +1333,14 @@ class SqliteStore(PredictState, Slots):
 
     async def append_batch(self, batch: JournalBatch) -> list[str]:
         """Append one batch as one journal row; returns, once committed, the ids skipped as already stored."""
-        encoded = encode(batch)
-        if encoded is None:
+        return await self.append_journal((batch,))
+
+    async def append_journal(self, batches: Sequence[JournalBatch]) -> list[str]:
+        """Batches as one journal row each, in one transaction; once committed, the ids skipped as stored."""
+        encoded = [e for b in batches if (e := encode(b)) is not None]
+        if not encoded:
             return []
-        skipped: list[str] = await self._writer.append_batches([encoded])
+        skipped: list[str] = await self._writer.append_batches(encoded)
         return skipped
 
     async def commit_offer(self, work: OfferCommit) -> OfferResult:
