@@ -92,16 +92,22 @@ class DeskBase:
     def queues_in_use(self) -> set[str]:
         return {e.queue for e in self._engagements.values() if e.state == "queued"}
 
-    def follows_journey(self, device_id: str) -> bool:
-        """Whether an associate is assigned to the device's engagement, and so follows its journey live."""
+    def _followed(self, device_id: str) -> Engagement | None:
+        """The device's engagement if an associate is assigned to it, and so follows its journey live."""
         engagement = self._engagements.get(self._active_by_device.get(device_id, ""))
-        return engagement is not None and engagement.associate is not None and engagement.state == "assigned"
+        if engagement is None or engagement.associate is None or engagement.state != "assigned":
+            return None
+        return engagement
+
+    def follows_journey(self, device_id: str) -> bool:
+        """Whether an associate follows the device's journey live (`journey_stored` would show it)."""
+        return self._followed(device_id) is not None
 
     def journey_stored(self, device_id: str, rows: Sequence[SignalRecord]) -> None:
         """Signals of a device were stored: its assigned associate sees them in the live journey."""
-        if not self.follows_journey(device_id):
+        engagement = self._followed(device_id)
+        if engagement is None:
             return
-        engagement = self._engagements[self._active_by_device[device_id]]
         assert engagement.associate is not None
         # Events only: a context change may carry user attributes the consent level withholds.
         items = tuple(
@@ -115,9 +121,10 @@ class DeskBase:
 
     def milestone_stored(self, session_id: str, device_id: str, milestone_id: str, at: float) -> None:
         """A device reached a milestone and it was stored: its assigned associate sees it in the live journey."""
-        engagement = self._engagements.get(self._active_by_device.get(device_id, ""))
-        if engagement is None or engagement.associate is None or engagement.state != "assigned":
+        engagement = self._followed(device_id)
+        if engagement is None:
             return
+        assert engagement.associate is not None
         item = milestone_item(session_id, milestone_id, at)
         engagement.journey_since.append(item)
         del engagement.journey_since[:-TRANSCRIPT_KEPT]

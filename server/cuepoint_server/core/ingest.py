@@ -89,11 +89,15 @@ class Ingest(Recovery, Identity):
         # Stored as the columns it came as: one journal batch, no record per signal (rows, then grouped back into
         # a batch by the commit, cost ~0.6 us per signal more: issue 13). The unit is opened before anything is
         # evaluated, which stages its cues in it.
-        journal = JournalBatch(session.device_id, session.session_id, now, ids, ["event"] * n, names, ats, props)
+        journal = (
+            JournalBatch(session.device_id, session.session_id, now, ids, ["event"] * n, names, ats, props)
+            if n
+            else None
+        )
         unit = self._open_unit(session)
-        if n:
+        if journal is not None:
             unit.work.batches.append(journal)
-        ack = PendingAck(batch.batch_id, unit, ids, duplicates, [], journal if n else None)
+        ack = PendingAck(batch.batch_id, unit, ids, duplicates, [], journal)
         self._queue_ack(session, ack)
         first_seq = state.seq + 1
         state.seq += n
