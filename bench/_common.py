@@ -289,6 +289,8 @@ class ServerProcess:
 
 
 _METRICS_URL = re.compile(rb"metrics on (http://\S+)")
+# The write transactions a Cuepoint server's store committed (metrics.py), for `scrape_counters`.
+TRANSACTIONS_TOTAL = re.compile(r"^cuepoint_storage_transactions_total (\S+)$", re.M)
 
 
 def _scrape(url: str, counters: Mapping[str, re.Pattern[str]]) -> dict[str, float]:

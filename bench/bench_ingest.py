@@ -53,6 +53,7 @@ from _common import (
     CUEPOINT_METHOD,
     SHAPES,
     THROUGHPUT_HEADERS,
+    TRANSACTIONS_TOTAL,
     BatchEncoder,
     CpuMeter,
     Metric,
@@ -127,7 +128,7 @@ def python_floor(batch: int, seconds: float = 1.0) -> dict[str, float]:
 # the acks' writes; about 0.2 ms of the loop per round on 2026-12-07's slower host) is paid per that many.
 _COMMIT_COUNTERS = {
     "signals": re.compile(r"^cuepoint_signals_received_total (\S+)$", re.M),
-    "transactions": re.compile(r"^cuepoint_storage_transactions_total (\S+)$", re.M),
+    "transactions": TRANSACTIONS_TOTAL,
 }
 
 

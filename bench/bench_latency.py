@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import gc
 import random
-import re
 import statistics
 import sys
 import textwrap
@@ -52,6 +51,7 @@ from _common import (
     CUEPOINT_METHOD,
     ECHO_METHOD,
     PERF_GROUPS,
+    TRANSACTIONS_TOTAL,
     BatchEncoder,
     CpuMeter,
     Metric,
@@ -79,8 +79,8 @@ from _cue_round import SCENARIO, cue_rounds
 from prototype_server import PROTOTYPE_METHOD, prototype_server
 
 TARGET_P99_MS = 10.0
-# The write transactions the Cuepoint server's store committed (metrics.py; served with --metrics-port 0).
-_TRANSACTIONS = {"transactions": re.compile(r"^cuepoint_storage_transactions_total (\S+)$", re.M)}
+# The write transactions the Cuepoint server's store committed (served with --metrics-port 0).
+_TRANSACTIONS = {"transactions": TRANSACTIONS_TOTAL}
 
 
 @dataclass
