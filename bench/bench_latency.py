@@ -69,6 +69,7 @@ from _common import (
     open_raw_streams,
     percentile,
     pin_self,
+    proc_cpu_seconds,
     raise_nofile,
     report,
     scrape_counters,
@@ -77,6 +78,7 @@ from _common import (
 )
 from _cue_round import SCENARIO, cue_rounds
 from prototype_server import PROTOTYPE_METHOD, prototype_server
+from prototype_split import SPLIT_METHOD, split_server
 
 TARGET_P99_MS = 10.0
 # The write transactions the Cuepoint server's store committed (served with --metrics-port 0).
@@ -98,6 +100,8 @@ class LatencyResult:
     client_cpu_pct: float = 0.0
     profile: PySpy | None = None
     perf: PerfByObject | None = None  # --perf: the server's CPU by shared object over the measured window
+    # The server's child processes (prototype_split.py's core), % of one core (None: it has none).
+    child_cpu_pct: float | None = None
     # Cuepoint only: the write transactions its store committed over the measured window (None: not served).
     transactions: float | None = None
 
@@ -249,12 +253,17 @@ async def measure(
         window["start"], window["end"] = now + warmup, now + warmup + seconds
         await asyncio.sleep(warmup)
         meter = CpuMeter(server.pid)
+        children = _children(server.pid)
+        children_before, children_since = sum(map(proc_cpu_seconds, children)), time.perf_counter()
         committed = await scrape_counters(server, _TRANSACTIONS)
         profiler = PySpy(spy[0], server.pid, seconds, spy[1]) if spy else None
         by_object = PerfByObject(perf[0], server.pid, seconds, perf[1]) if perf else None
         await asyncio.sleep(seconds)
         result.server_cpu_pct, result.client_cpu_pct = meter.read()
         result.server_loop_pct = meter.loop()
+        if children:
+            spent = sum(map(proc_cpu_seconds, children)) - children_before
+            result.child_cpu_pct = 100 * spent / (time.perf_counter() - children_since)
         if committed is not None:
             after = await scrape_counters(server, _TRANSACTIONS)
             if after is not None:
@@ -275,6 +284,15 @@ async def measure(
         await close_channels(channels, calls)
         gc.unfreeze()
     return result
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid``'s main thread started (prototype_split.py's core), still running."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
 
 
 async def _run_on(server: ServerProcess, method: str, label: str, answer_kind: str, **load: Any) -> LatencyResult:
@@ -309,6 +327,10 @@ async def run(args: argparse.Namespace) -> None:
         note("perf not found; running without the CPU by shared object")
     results: list[LatencyResult] = []
     protos: list[LatencyResult] = []  # --prototype: one per Cuepoint run, right after it
+    # --prototype-work, --split-work: per design and amount of work (us per round), one run per Cuepoint run.
+    works = [("one process", float(w)) for w in str(args.prototype_work).split(",") if w]
+    works += [("split", float(w)) for w in str(args.split_work).split(",") if w]
+    swept: dict[tuple[str, float], list[LatencyResult]] = {key: [] for key in works}
     common = {
         "streams": args.streams,
         "seconds": args.seconds,
@@ -350,6 +372,16 @@ async def run(args: argparse.Namespace) -> None:
                     protos.append(
                         await _run_on(proto, PROTOTYPE_METHOD, "prototype", "cue", perf=perf.get("prototype"), **runs)
                     )
+                for design, work in works:
+                    label = f"prototype, {design}, +{work:g} us"
+                    note(f"latency round {round_no}/{args.rounds}: {label} per round, {what} ...")
+                    if design == "split":
+                        swept[design, work].append(
+                            await _run_on(split_server(tmp, work_us=work), SPLIT_METHOD, label, "cue", **runs)
+                        )
+                    else:
+                        proto = prototype_server(tmp, work_us=work)
+                        swept[design, work].append(await _run_on(proto, PROTOTYPE_METHOD, label, "cue", **runs))
         # The same server work without gRPC, in this process: what bounds cues/s on the server's one core.
         in_process: dict[str, Any] = {}
         if args.in_process:
@@ -397,6 +429,8 @@ async def run(args: argparse.Namespace) -> None:
             rows.append(protos[n].row("cue"))
     if perf_exe:
         sections.append(_perf_section([*results, *protos]))
+    if works:
+        sections.append(_sweep_section(swept, rates))
     parts = []
     for rate in rates:
         at_rate = [(b, c) for b, c in pairs if c.rate == rate]
@@ -553,12 +587,58 @@ async def run(args: argparse.Namespace) -> None:
                     "server_loop_pct": r.server_loop_pct,
                     "client_cpu_pct": r.client_cpu_pct,
                 }
-                for r in [*results, *protos]
+                for r in [*results, *protos, *(r for runs in swept.values() for r in runs)]
             ],
             "client": "raw generated stubs, one SignalBatch per trigger (no SDK)",
             "in_process": in_process,
             "profiles": profiles,
         },
+    )
+
+
+SWEEP_HEADERS = [
+    "design", "work us/round", "rate/dev", "p50 ms", "p99 ms", "p99 rounds", "loop ms/round", "server ms/round",
+    "core ms/round", "client cpu",
+]  # fmt: skip
+
+
+def _sweep_section(
+    swept: dict[tuple[str, float], list[LatencyResult]], rates: list[float]
+) -> tuple[str, list[str], list[list[str]]]:
+    """--prototype-work, --split-work: the floor's latency with each added amount of work per round, median over
+    rounds."""
+    rows = []
+    for rate in rates:
+        for (design, work), runs in swept.items():
+            at_rate = [r for r in runs if r.rate == rate]
+            if not at_rate:
+                continue
+            p99 = [r.stats()["p99_ms"] for r in at_rate]
+            rows.append(
+                [
+                    design,
+                    f"{work:g}",
+                    f"{rate:g}",
+                    f"{statistics.median(r.stats()['p50_ms'] for r in at_rate):.2f}",
+                    f"{statistics.median(p99):.2f}",
+                    ", ".join(f"{v:.1f}" for v in p99),
+                    f"{statistics.median(r.ms_per_round(r.server_loop_pct) for r in at_rate):.2f}",
+                    f"{statistics.median(r.ms_per_round(r.server_cpu_pct) for r in at_rate):.2f}",
+                    (
+                        f"{statistics.median(r.ms_per_round(r.child_cpu_pct or 0.0) for r in at_rate):.2f}"
+                        if design == "split"
+                        else "-"
+                    ),
+                    f"{statistics.median(r.client_cpu_pct for r in at_rate):.0f}%",
+                ]
+            )
+    return (
+        "the prototype's cue round with work added (CPU spent in the interpreter per round, half at the trigger and "
+        "half at the answer): on its one event loop (--prototype-work), or in a core process of its own behind a "
+        "gRPC front (--split-work, prototype_split.py; loop and server CPU are the front's, core CPU the core "
+        "process's); median over rounds",
+        SWEEP_HEADERS,
+        rows,
     )
 
 
@@ -604,6 +684,19 @@ def main(argv: list[str] | None = None) -> int:
         choices=("asyncio", "uvloop"),
         default="asyncio",
         help="event loop of both servers, the echo and Cuepoint (serve --event-loop); the load generator keeps asyncio",
+    )
+    parser.add_argument(
+        "--prototype-work",
+        default="",
+        metavar="US,...",
+        help="after each Cuepoint run, the prototype with this much CPU (us) added per cue round on its loop, "
+        "one run per value: the latency the floor has with work of Cuepoint's size",
+    )
+    parser.add_argument(
+        "--split-work",
+        default="",
+        metavar="US,...",
+        help="the same with the work in a core process behind a gRPC front process (prototype_split.py)",
     )
     parser.add_argument(
         "--prototype",

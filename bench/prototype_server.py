@@ -300,7 +300,19 @@ class Writer:
                     future.set_result(None)
 
 
-def build_server(db_path: str, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int, list[Writer]]:
+def _burn(seconds: float) -> None:
+    """Spend ``seconds`` of this thread's CPU in the interpreter, holding the GIL (``--work-us``)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def build_server(
+    db_path: str, host: str = "127.0.0.1", port: int = 0, work: float = 0.0
+) -> tuple[grpc.aio.Server, int, list[Writer]]:
+    """``work``: seconds of CPU spent on the event loop per cue round, half when the trigger is read and half
+    when the answer is (``--work-us``): what Cuepoint's own work per round adds to the floor, for the latency
+    benchmark's sweep."""
     writers: list[Writer] = []
 
     async def connect(
@@ -358,6 +370,8 @@ def build_server(db_path: str, host: str = "127.0.0.1", port: int = 0) -> tuple[
                 # The cue round's scenario: help_me offers help unless a cue is still unanswered. The cue row is
                 # committed with the batch that fired it, and both go out in one message, after that commit.
                 if CUE_EVENT in names and device.pending is None:
+                    if work:
+                        _burn(work / 2)
                     cue_id = uuid.uuid4().hex
                     device.pending = cue_id
                     writer.add_with_next(row)
@@ -379,6 +393,8 @@ def build_server(db_path: str, host: str = "127.0.0.1", port: int = 0) -> tuple[
                 response = message.cue_response
                 if response.cue_id == device.pending:
                     device.pending = None
+                    if work:
+                        _burn(work / 2)
                     # Nothing is sent back. Stored before the stream reads on, which Cuepoint does not wait for (its
                     # device's next message need not): the floor does no less than Cuepoint.
                     await writer.add(
@@ -423,16 +439,15 @@ def _matches(columns: device_pb2.SignalColumns) -> int:
     return found
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, work_us: float = 0.0) -> None:
     with tempfile.TemporaryDirectory(prefix="proto-") as tmp:
-        server, bound, _ = build_server(str(Path(tmp) / "proto.db"), host, port)
+        server, bound, _ = build_server(str(Path(tmp) / "proto.db"), host, port, work_us / 1e6)
         await serve_until_signalled(server, f"prototype listening on {host}:{bound}")
 
 
-def prototype_server(log_dir: Path) -> ServerProcess:
-    return ServerProcess(
-        [sys.executable, str(Path(__file__)), "serve"], name="prototype", cpu=SERVER_CPU, log_dir=log_dir
-    )
+def prototype_server(log_dir: Path, work_us: float = 0.0) -> ServerProcess:
+    argv = [sys.executable, str(Path(__file__)), "serve", "--work-us", f"{work_us:g}"]
+    return ServerProcess(argv, name="prototype", cpu=SERVER_CPU, log_dir=log_dir)
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -523,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd = sub.add_parser("serve", help="run only the prototype server")
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=0)
+    serve_cmd.add_argument(
+        "--work-us", type=float, default=0.0, help="CPU spent on the event loop per cue round (microseconds)"
+    )
     parser.add_argument("--streams", type=int, default=50)
     parser.add_argument("--batch", type=int, default=100, help="signals per message (1: the unbatched target)")
     parser.add_argument("--window", type=int, default=4)
@@ -533,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds (run_all.py --quick)")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.work_us))
         return 0
     if args.quick:
         args.rounds = min(args.rounds, 2)
