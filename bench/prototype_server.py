@@ -307,6 +307,57 @@ def _burn(seconds: float) -> None:
         pass
 
 
+async def store_rows(
+    writer: Writer,
+    device: Device,
+    device_id: str,
+    row: tuple[Any, ...],
+    names: list[str],
+    ack: device_pb2.SignalAck,
+    now: float,
+    work: float = 0.0,
+) -> device_pb2.ServerMessage:
+    """A validated, counted row batch stored (``row``), and what to answer once it is committed: its ack, or a cue
+    with it. The cue round's scenario: help_me offers help unless a cue is still unanswered; the cue row is
+    committed with the batch that fired it, and both go out in one message. ``work``: see build_server."""
+    if CUE_EVENT in names and device.pending is None:
+        if work:
+            _burn(work / 2)
+        cue_id = uuid.uuid4().hex
+        device.pending = cue_id
+        writer.add_with_next(row)
+        await writer.add((cue_id, device_id, CUE_SCENARIO, now), INSERT_CUE)
+        created = Timestamp()
+        created.FromNanoseconds(int(now * 1e9))
+        cue = common_pb2.Cue(
+            cue_id=cue_id,
+            scenario_id=CUE_SCENARIO,
+            message="Unable to sync? I can help you.",
+            channel=common_pb2.CHANNEL_AUDIO,
+            created_at=created,
+        )
+        return device_pb2.ServerMessage(cue=cue, cue_ack=ack)
+    await writer.add(row)
+    return device_pb2.ServerMessage(ack=ack)
+
+
+def welcome(session_id: str) -> bytes:
+    """The Welcome that answers a Hello, serialized."""
+    now = Timestamp()
+    now.GetCurrentTime()
+    message = device_pb2.Welcome(session_id=session_id, server_time=now, max_signals_per_batch=MAX_SIGNALS)
+    return device_pb2.ServerMessage(welcome=message).SerializeToString()
+
+
+async def store_answer(writer: Writer, device: Device, response: common_pb2.CueResponse, work: float = 0.0) -> None:
+    """The answer to the device's pending cue, stored (anything else is ignored)."""
+    if response.cue_id == device.pending:
+        device.pending = None
+        if work:
+            _burn(work / 2)
+        await writer.add((_ANSWERS.get(response.kind, "declined"), time.time(), response.cue_id), ANSWER_CUE)
+
+
 def build_server(
     db_path: str, host: str = "127.0.0.1", port: int = 0, work: float = 0.0
 ) -> tuple[grpc.aio.Server, int, list[Writer]]:
@@ -367,49 +418,16 @@ def build_server(
                 device.count(Counter(names).items(), latest)
                 row = (device_id, min(times), latest, len(ids), min(ids), max(ids), raw)
                 ack = device_pb2.SignalAck(batch_id=batch.batch_id, signal_ids=ids, duplicate_ids=duplicates)
-                # The cue round's scenario: help_me offers help unless a cue is still unanswered. The cue row is
-                # committed with the batch that fired it, and both go out in one message, after that commit.
-                if CUE_EVENT in names and device.pending is None:
-                    if work:
-                        _burn(work / 2)
-                    cue_id = uuid.uuid4().hex
-                    device.pending = cue_id
-                    writer.add_with_next(row)
-                    await writer.add((cue_id, device_id, CUE_SCENARIO, now), INSERT_CUE)
-                    created = Timestamp()
-                    created.FromNanoseconds(int(now * 1e9))
-                    cue = common_pb2.Cue(
-                        cue_id=cue_id,
-                        scenario_id=CUE_SCENARIO,
-                        message="Unable to sync? I can help you.",
-                        channel=common_pb2.CHANNEL_AUDIO,
-                        created_at=created,
-                    )
-                    yield device_pb2.ServerMessage(cue=cue, cue_ack=ack).SerializeToString()
-                    continue
-                await writer.add(row)
-                yield device_pb2.ServerMessage(ack=ack).SerializeToString()
+                answer = await store_rows(writer, device, device_id, row, names, ack, now, work)
+                yield answer.SerializeToString()
             elif kind == "cue_response" and device is not None:
-                response = message.cue_response
-                if response.cue_id == device.pending:
-                    device.pending = None
-                    if work:
-                        _burn(work / 2)
-                    # Nothing is sent back. Stored before the stream reads on, which Cuepoint does not wait for (its
-                    # device's next message need not): the floor does no less than Cuepoint.
-                    await writer.add(
-                        (_ANSWERS.get(response.kind, "declined"), time.time(), response.cue_id), ANSWER_CUE
-                    )
+                # Nothing is sent back. Stored before the stream reads on, which Cuepoint does not wait for (its
+                # device's next message need not): the floor does no less than Cuepoint.
+                await store_answer(writer, device, message.cue_response, work)
             elif kind == "hello":
                 device_id = message.hello.device_id
                 device = Device(time.time())
-                now_ts = Timestamp()
-                now_ts.GetCurrentTime()
-                yield device_pb2.ServerMessage(
-                    welcome=device_pb2.Welcome(
-                        session_id=f"proto-{device_id}", server_time=now_ts, max_signals_per_batch=MAX_SIGNALS
-                    )
-                ).SerializeToString()
+                yield welcome(f"proto-{device_id}")
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
     handler = grpc.stream_stream_rpc_method_handler(connect)  # bytes in, bytes out: the body is stored as sent

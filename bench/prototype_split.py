@@ -27,7 +27,6 @@ import struct
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,21 +34,9 @@ from typing import Any
 
 import grpc
 from _common import SERVER_CPU, ServerProcess, serve_until_signalled
-from google.protobuf.timestamp_pb2 import Timestamp
-from prototype_server import (
-    ANSWER_CUE,
-    CUE_EVENT,
-    CUE_SCENARIO,
-    INSERT_CUE,
-    MAX_SIGNALS,
-    Device,
-    Invalid,
-    Writer,
-    _burn,
-    validate_rows,
-)
+from prototype_server import Device, Invalid, Writer, store_answer, store_rows, validate_rows, welcome
 
-from cuepoint.v1 import common_pb2, device_pb2
+from cuepoint.v1 import device_pb2
 
 SERVICE = "benchsplit.v1.Split"
 SPLIT_METHOD = f"/{SERVICE}/Connect"
@@ -115,13 +102,7 @@ async def front(host: str, port: int, work_us: float) -> None:
                     link.send(stream, RESPONSE, raw)
                 elif kind == "hello":
                     link.send(stream, HELLO, message.hello.device_id.encode())
-                    now = Timestamp()
-                    now.GetCurrentTime()
-                    yield device_pb2.ServerMessage(
-                        welcome=device_pb2.Welcome(
-                            session_id=f"split-{stream}", server_time=now, max_signals_per_batch=MAX_SIGNALS
-                        )
-                    ).SerializeToString()
+                    yield welcome(f"split-{stream}")
         finally:
             link.send(stream, CLOSED, b"")
 
@@ -170,35 +151,11 @@ async def core(fd: int, work: float) -> None:
             latest = max(times)
             device.count(Counter(names).items(), latest)
             row = (device_id, min(times), latest, len(ids), min(ids), max(ids), raw)
-            if CUE_EVENT in names and device.pending is None:
-                if work:
-                    _burn(work / 2)
-                cue_id = uuid.uuid4().hex
-                device.pending = cue_id
-                store.add_with_next(row)
-                await store.add((cue_id, device_id, CUE_SCENARIO, now), INSERT_CUE)
-                created = Timestamp()
-                created.FromNanoseconds(int(now * 1e9))
-                cue = common_pb2.Cue(
-                    cue_id=cue_id,
-                    scenario_id=CUE_SCENARIO,
-                    message="Unable to sync? I can help you.",
-                    channel=common_pb2.CHANNEL_AUDIO,
-                    created_at=created,
-                )
-                answer(stream, device_pb2.ServerMessage(cue=cue, cue_ack=ack))
-                return
-            await store.add(row)
-            answer(stream, device_pb2.ServerMessage(ack=ack))
+            answer(stream, await store_rows(store, device, device_id, row, names, ack, now, work))
 
         async def response(stream: int, raw: bytes) -> None:
             _, device = devices[stream]
-            answered = device_pb2.DeviceMessage.FromString(raw).cue_response
-            if answered.cue_id == device.pending:
-                device.pending = None
-                if work:
-                    _burn(work / 2)
-                await store.add(("declined", time.time(), answered.cue_id), ANSWER_CUE)
+            await store_answer(store, device, device_pb2.DeviceMessage.FromString(raw).cue_response, work)
 
         loop = asyncio.get_running_loop()
         while True:
