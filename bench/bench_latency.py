@@ -25,6 +25,11 @@ that does only what a cue round must (validate, dedupe, store the trigger and th
 the cue with its ack, store the decline): how low p99 and the CPU per round can go in Python with gRPC and
 SQLite on the server's one core, and so how much of Cuepoint's own work a target leaves room for.
 
+``--prototype-work 0,160,320`` (us): after each Cuepoint run, the prototype once per value with that much CPU added
+to its cue round on its event loop: the p99 the floor has with work of Cuepoint's size, so how much work per
+round the target leaves. ``--split-work``: the same with the work in a core process behind a gRPC front
+(``prototype_split.py``), the design that takes the work off the streams' loop.
+
 Each Cuepoint server serves its metrics (``--metrics-port 0``): the write transactions its store committed
 over the measured window, per cue round, are shown (2 if no two rounds shared a commit; fewer as the store's
 writer merges the rounds queued together).
@@ -586,6 +591,7 @@ async def run(args: argparse.Namespace) -> None:
                     "server_cpu_pct": r.server_cpu_pct,
                     "server_loop_pct": r.server_loop_pct,
                     "client_cpu_pct": r.client_cpu_pct,
+                    "child_cpu_pct": r.child_cpu_pct,
                 }
                 for r in [*results, *protos, *(r for runs in swept.values() for r in runs)]
             ],
