@@ -43,6 +43,8 @@ __all__ = [
     "batches_from_records",
     "decode_body",
     "encode",
+    "encode_all",
+    "encode_work",
     "in_bodies",
     "journal_batches",
     "lookup_needed",
@@ -170,6 +172,17 @@ def journal_batches(rows: Sequence[SignalRecord]) -> list[JournalBatch]:
 def batches_from_records(rows: Sequence[SignalRecord]) -> list[EncodedBatch]:
     """`journal_batches`, encoded."""
     return [_encoded(*batch) for batch in journal_batches(rows)]
+
+
+def encode_all(batches: Iterable[JournalBatch]) -> list[EncodedBatch]:
+    """``batches`` encoded, in order, the empty ones left out."""
+    return [encoded for batch in batches if (encoded := encode(batch)) is not None]
+
+
+def encode_work(signals: Sequence[SignalRecord], batches: Iterable[JournalBatch]) -> list[EncodedBatch]:
+    """What an evaluation's commit appends (OfferCommit.signals and .batches), encoded: its records grouped
+    into batches, then its whole batches."""
+    return batches_from_records(signals) + encode_all(batches)
 
 
 def batch_records(batch: JournalBatch) -> list[SignalRecord]:

@@ -51,7 +51,8 @@ from .journal import (
     JournalBatch,
     Newest,
     batches_from_records,
-    encode,
+    encode_all,
+    encode_work,
     in_bodies,
     plan,
     trimmed,
@@ -659,16 +660,6 @@ def _groups(batch: list[_Op]) -> list[list[_Op]]:
     return groups
 
 
-def _work_batches(work: OfferCommit) -> list[EncodedBatch]:
-    """An evaluation's signals as journal batches, encoded in the caller's task."""
-    batches = batches_from_records(work.signals)
-    for batch in work.batches:
-        encoded = encode(batch)
-        if encoded is not None:
-            batches.append(encoded)
-    return batches
-
-
 def _batch_columns(stored: Sequence[tuple[EncodedBatch, bool]]) -> list[list[Any]]:
     return [
         [b.device_id for b, _ in stored],
@@ -1021,7 +1012,7 @@ class PostgresStore(Slots):
 
     async def append_journal(self, batches: Sequence[JournalBatch]) -> list[str]:
         """Batches as one journal row each, in one transaction; once committed, the ids skipped as stored."""
-        encoded = [e for b in batches if (e := encode(b)) is not None]
+        encoded = encode_all(batches)
         if not encoded:
             return []
         return await self._writer.append_batches(encoded)
@@ -1029,7 +1020,7 @@ class PostgresStore(Slots):
     async def commit_offer(self, work: OfferCommit) -> OfferResult:
         """One evaluation's writes in one transaction; guarded cues re-checked under their subject's lock."""
         # Encoded here, in the caller's task, so a bad value raises to its caller, not to a shared batch.
-        batches = _work_batches(work)
+        batches = encode_work(work.signals, work.batches)
         signals = sum(len(b.ids) for b in batches)
         statuses = [(status, float(at), "", cue_id) for cue_id, status, at in work.statuses]
         milestones = [_milestone_row(r) for r in work.milestones]

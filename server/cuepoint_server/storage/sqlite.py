@@ -43,7 +43,8 @@ from .journal import (
     JournalBatch,
     Newest,
     batches_from_records,
-    encode,
+    encode_all,
+    encode_work,
     in_bodies,
     lookup_needed,
     plan,
@@ -1060,16 +1061,6 @@ async def _in_thread(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: 
     return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-untyped-call]
 
 
-def _work_batches(work: OfferCommit) -> list[EncodedBatch]:
-    """An evaluation's signals as journal batches, encoded in the caller's task."""
-    batches = batches_from_records(work.signals)
-    for batch in work.batches:
-        encoded = encode(batch)
-        if encoded is not None:
-            batches.append(encoded)
-    return batches
-
-
 _INSERT_BATCH = (
     "INSERT INTO signal_batches (device_id, session_id, first_time, last_time, received_at, count, min_id, max_id,"
     " run, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -1337,7 +1328,7 @@ class SqliteStore(PredictState, Slots):
 
     async def append_journal(self, batches: Sequence[JournalBatch]) -> list[str]:
         """Batches as one journal row each, in one transaction; once committed, the ids skipped as stored."""
-        encoded = [e for b in batches if (e := encode(b)) is not None]
+        encoded = encode_all(batches)
         if not encoded:
             return []
         skipped: list[str] = await self._writer.append_batches(encoded)
@@ -1348,7 +1339,7 @@ class SqliteStore(PredictState, Slots):
         in one transaction; guarded cues are checked against the subject's stored cues first (the single
         writer is the lock). A guard whose subject this process remembers whole is not read while no other
         server shares the file (sole_decider.py): the read could only agree with the arbiter's memory."""
-        batches = _work_batches(work)
+        batches = encode_work(work.signals, work.batches)
         encoded_cues = {r.cue_id: _cue_row(r) for r in work.cues}
         statuses: list[Row] = [(status, at, "", cue_id) for cue_id, status, at in work.statuses]
         milestones = list(map(_milestone_row, work.milestones))
