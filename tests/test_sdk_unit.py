@@ -206,6 +206,18 @@ async def test_track_name_is_positional_so_any_property_name_works() -> None:
     assert _convert.attributes_from_proto(signal.event.properties) == {"name": "checkout", "self": "x"}
 
 
+async def test_track_keeps_what_was_tracked_when_the_callers_dict_changes_afterwards() -> None:
+    # track() checks its keyword arguments in place instead of copying them: Python builds that dict anew for
+    # every call, even from **props, so the caller's own dict is never the one queued.
+    client = make_client()
+    props: dict[str, object] = {"screen": "home", "n": 1}
+    await client.track("screen_view", **props)  # type: ignore[arg-type]
+    props["screen"] = "changed"
+    props["extra"] = float("nan")
+    [(_, queued)] = client._batcher.take_batch()
+    assert _convert.attributes_from_proto(_convert.as_signal(queued).event.properties) == {"screen": "home", "n": 1}
+
+
 async def test_buffer_full_raises_instead_of_blocking() -> None:
     client = make_client(config=cuepoint.ClientConfig(max_batch=2, max_pending_signals=2))
     await client.track("a")
@@ -585,6 +597,22 @@ def test_batcher_requeues_in_flight_in_order_with_same_ids() -> None:
     b.requeue_in_flight()
     assert b.ack(["s2"]) == 1
     assert b.take_batch() == [("s1", "p1")]
+
+
+def test_batcher_tells_sent_from_queued_by_position_when_acks_mix_them() -> None:
+    # No "sent" flag: the queue is always the newest entries, so an entry is queued when its seq is at least the
+    # queue head's. Acks of sent and queued signals, in one list, head included.
+    b: SignalBatcher[str] = SignalBatcher(max_batch=2, linger=0.0)
+    for i in range(6):
+        b.add(f"s{i}", f"p{i}", now=0.0)
+    assert [i for i, _ in b.take_batch()] == ["s0", "s1"]
+    assert b.ack(["s2", "s0", "s4"]) == 3  # queued (the head), sent, queued
+    assert b.queued_count == 2 and b.in_flight_count == 1
+    assert b.take_batch() == [("s3", "p3"), ("s5", "p5")]
+    assert b.requeue_in_flight() == 3
+    assert b.take_batch() == [("s1", "p1"), ("s3", "p3")]
+    assert b.ack(["s5", "s1"]) == 2
+    assert b.take_batch() == [] and b.pending_items() == [("s3", "p3")]
 
 
 def test_ids_are_sortable_and_unique() -> None:

@@ -7,24 +7,31 @@ is passed in) lets the tests drive every flushing rule deterministically.
 Every signal stays here, keyed by its id, from ``add`` until acked, whether
 still queued or already sent. That is the buffer a reconnect resends from
 (:meth:`requeue_in_flight`), with the same ids so the server can de-dup.
+
+``add`` runs once per ``track()``, the SDK's hottest call (issue 13), so an
+entry is a tuple built in C and carries no "sent" flag: the queue is always
+the newest entries in seq order (see `ack`), so an entry is sent exactly when
+its seq is below the queue head's.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from functools import partial
+from typing import Any, Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
-class _Pending(Generic[T]):
+class _Pending(NamedTuple):
     seq: int
-    payload: T
+    payload: Any
     queued_at: float
-    sent: bool = False
+
+
+# _Pending from a (seq, payload, queued_at) tuple without the NamedTuple's Python-level __new__ (~0.3 us a signal).
+_pending = partial(tuple.__new__, _Pending)
 
 
 class SignalBatcher(Generic[T]):
@@ -43,7 +50,7 @@ class SignalBatcher(Generic[T]):
         self._halvings = 0  # throttle(): batches are cut at max_batch >> halvings
         self._linger = linger
         # Insertion order == seq order; deleting acked entries keeps it.
-        self._pending: dict[str, _Pending[T]] = {}
+        self._pending: dict[str, _Pending] = {}
         self._queue: deque[str] = deque()
         self._seq = 0
         self._flush_through = 0
@@ -98,10 +105,10 @@ class SignalBatcher(Generic[T]):
     def add(self, signal_id: str, payload: T, now: float) -> int:
         if signal_id in self._pending:
             raise ValueError(f"signal id {signal_id!r} is already pending")
-        self._seq += 1
-        self._pending[signal_id] = _Pending(self._seq, payload, now)
+        seq = self._seq = self._seq + 1
+        self._pending[signal_id] = _pending((seq, payload, now))
         self._queue.append(signal_id)
-        return self._seq
+        return seq
 
     def request_flush(self) -> int:
         """Make everything queued so far due now; returns the seq to wait for."""
@@ -122,26 +129,27 @@ class SignalBatcher(Generic[T]):
 
     def take_batch(self) -> list[tuple[str, T]]:
         """Up to ``max_batch`` queued signals, oldest first, now counted as in flight."""
-        batch: list[tuple[str, T]] = []
-        limit = self.max_batch
-        while self._queue and len(batch) < limit:
-            signal_id = self._queue.popleft()
-            entry = self._pending[signal_id]
-            entry.sent = True
-            batch.append((signal_id, entry.payload))
-        return batch
+        queue, pending = self._queue, self._pending
+        take = queue.popleft
+        ids = [take() for _ in range(min(len(queue), self.max_batch))]
+        return [(signal_id, pending[signal_id].payload) for signal_id in ids]
 
     def ack(self, signal_ids: Iterable[str]) -> int:
         """Forget acked signals; unknown ids (already acked, or another session's) are ignored."""
         removed = 0
+        pop = self._pending.pop
+        # The queue is the newest entries (add appends to both; take_batch and requeue_in_flight keep it so; an
+        # acked entry leaves both): an entry is still queued when its seq is at least the head's.
+        queue = self._queue
+        head = self._pending[queue[0]].seq if queue else None
         for signal_id in signal_ids:
-            entry = self._pending.pop(signal_id, None)
+            entry = pop(signal_id, None)
             if entry is None:
                 continue
             removed += 1
-            if not entry.sent:
+            if head is not None and entry.seq >= head:
                 # Only after requeue_in_flight can an ack overtake a resend.
-                self._queue.remove(signal_id)
+                queue.remove(signal_id)
         return removed
 
     def drop(self, signal_ids: Iterable[str]) -> int:
@@ -158,10 +166,6 @@ class SignalBatcher(Generic[T]):
 
         For resending on a new stream; returns how many were requeued.
         """
-        requeued = 0
-        for entry in self._pending.values():
-            if entry.sent:
-                entry.sent = False
-                requeued += 1
+        requeued = len(self._pending) - len(self._queue)
         self._queue = deque(self._pending)
         return requeued

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from functools import partial
 from typing import NamedTuple, TypeAlias
 
 from google.protobuf.message import Message
@@ -883,6 +884,10 @@ class EventRow(NamedTuple):
     name: str
     properties: Mapping[str, Scalar]
 
+
+# An EventRow from an (id, at, name, properties) tuple, without the NamedTuple's Python-level __new__ (once per
+# track(): issue 13).
+event_row = partial(tuple.__new__, EventRow)
 
 # What the client queues: events as rows; context updates (and signals restored from the outbox) as Signals.
 Outgoing: TypeAlias = EventRow | common_pb2.Signal

@@ -91,9 +91,14 @@ def attributes(
         return {}
     if not isinstance(values, Mapping):
         raise InvalidSignal(f"{where} must be a mapping", field=where)
+    return own_attributes(dict(values), where, reserved=reserved)
+
+
+def own_attributes(values: dict[str, object], where: str, *, reserved: frozenset[str] = frozenset()) -> dict[str, Scalar]:
+    """``values`` checked in place and returned, for a dict nobody else holds: track()'s keyword arguments
+    (Python builds that dict anew for every call, so track() need not copy it: issue 13) or attributes()' copy."""
     if len(values) > MAX_ENTRIES:
         raise InvalidSignal(f"{where} has more than {MAX_ENTRIES} entries", field=where)
-    out: dict[str, Scalar] = {}
     for key, value in values.items():
         if key.__class__ is not str or key not in _known_keys:
             if not isinstance(key, str) or not KEY.fullmatch(key):
@@ -107,12 +112,9 @@ def attributes(
         if kind is str:
             if len(value) > MAX_STRING:  # type: ignore[arg-type]
                 raise InvalidSignal(f"{where}.{key} is longer than {MAX_STRING} characters", field=f"{where}.{key}")
-            out[key] = value  # type: ignore[assignment]
-        elif kind is int and _INT64_MIN <= value <= _INT64_MAX:  # type: ignore[operator]
-            out[key] = value  # type: ignore[assignment]
-        else:
-            out[key] = scalar(value, f"{where}.{key}")
-    return out
+        elif kind is not int or not _INT64_MIN <= value <= _INT64_MAX:  # type: ignore[operator]
+            scalar(value, f"{where}.{key}")  # raises for anything but a valid scalar
+    return values  # type: ignore[return-value]  # every value was checked to be a Scalar
 
 
 def clear_keys(keys: Iterable[str]) -> tuple[str, ...]:
