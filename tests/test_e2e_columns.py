@@ -12,6 +12,7 @@ import pytest
 
 from cuepoint import _convert
 from cuepoint.v1 import device_pb2
+from cuepoint_server.api.convert import batch_from_columns
 
 from .conftest import StartServer, phone
 from .test_e2e_foundation import SYNC_FAILURE, RawDevice
@@ -95,6 +96,27 @@ async def test_events_with_the_same_mixed_type_properties_are_stored_as_sent(sta
     assert [dict(s.payload) for s in journey] == props
     assert [type(v) for s in journey for v in s.payload.values()] == [type(v) for p in props for v in p.values()]
     await raw.close()
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        [{"screen": f"s{i}", "n": i, "ratio": i / 4, "from": f"f{i}", "on": i % 2 == 0} for i in range(4)],
+        [{"a": "x"}, {"a": "x"}, {"a": "y"}],  # one string column, values repeated
+        [{}, {}, {}],
+        [{"n": 1}, {"n": 2.5}, {"n": 3}],  # one key, two types: property by property
+        [{"a": 1, "b": 2}, {"b": 2, "a": 1}, {"a": 1, "b": 2}],  # same keys, another order
+        [{"a": 1}, {}, {"a": 1, "b": True}],
+    ],
+)
+def test_the_sdks_two_column_encoders_send_the_same_events(props: list[dict[str, object]]) -> None:
+    """The SDK encodes a batch whose events share keys, order and types a column per key (_uniform_columns),
+    any other property by property: what the server decodes is what was tracked, types included."""
+    message = columns([f"e{i}" for i in range(len(props))], ["ev"] * len(props), props)
+    decoded = batch_from_columns(message.signal_columns)
+    assert [dict(p) for p in decoded.props] == props
+    assert [[type(v) for v in p.values()] for p in decoded.props] == [[type(v) for v in p.values()] for p in props]
+    assert [list(p) for p in decoded.props] == [list(p) for p in props]  # key order too
 
 
 def _bad_name() -> device_pb2.DeviceMessage:

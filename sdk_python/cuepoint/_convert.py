@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from functools import partial
-from typing import NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -921,6 +921,77 @@ def signal_columns(batch_id: str, sent_at: float, events: list[EventRow]) -> dev
     strings: dict[str, int] = {}  # string -> its index; insertion order is the string table
     intern = strings.setdefault
     names = [intern(e.name, len(strings)) for e in events]
+    props = [e.properties for e in events]
+    columns = _uniform_columns(props, strings) or _property_columns(props, strings)
+    columns.update(
+        batch_id=batch_id,
+        sent_at=timestamp(sent_at),
+        strings=list(strings),
+        ids=" ".join([e.id for e in events]),
+        times_us=[round(e.at * 1e6) for e in events],
+        names=names,
+    )
+    # Given as a dict, the columns are built in place: a SignalColumns message given here would be copied.
+    return device_pb2.DeviceMessage(signal_columns=columns)  # type: ignore[arg-type]
+
+
+_TYPE_OF: dict[type, tuple[int, str]] = {
+    str: (device_pb2.PROPERTY_TYPE_STRING, "string_values"),
+    bool: (device_pb2.PROPERTY_TYPE_BOOL, "bool_values"),
+    int: (device_pb2.PROPERTY_TYPE_INT, "int_values"),
+    float: (device_pb2.PROPERTY_TYPE_DOUBLE, "double_values"),
+}
+
+
+# SignalColumns' fields as keyword arguments (or the dict DeviceMessage takes for it).
+_Columns: TypeAlias = dict[str, Any]
+
+
+def _uniform_columns(props: list[Mapping[str, Scalar]], strings: dict[str, int]) -> _Columns | None:
+    """The property columns of a batch whose events all have the same keys, in the same order, each key's values
+    of one type (an app's usual batch: one event, its properties); None for any other batch.
+
+    A column per key, read by C loops (map, set, slices) instead of Python code per property: sending a batch of
+    two-property events cost ~1.7 us a signal in `_property_columns` (issue 13).
+    """
+    n = len(props)
+    keys = tuple(props[0])
+    if not keys:
+        return {"prop_counts": [0] * n} if not any(props) else None
+    if list(map(tuple, props)).count(keys) != n:
+        return None
+    width = len(keys)
+    key_indexes = [strings.setdefault(key, len(strings)) for key in keys]
+    types: list[int] = []
+    out: _Columns = {}
+    by_column: dict[str, list[list[Scalar]]] = {}
+    for key in keys:
+        values = [p[key] for p in props]
+        kinds = set(map(type, values))
+        if len(kinds) != 1 or (kind := _TYPE_OF.get(kinds.pop())) is None:
+            return None
+        proto_type, column = kind
+        types.append(proto_type)
+        if proto_type == device_pb2.PROPERTY_TYPE_STRING:
+            for value in dict.fromkeys(values):  # each distinct value once, in order
+                strings.setdefault(value, len(strings))  # type: ignore[arg-type]
+            values = list(map(strings.__getitem__, values))  # type: ignore[arg-type]
+        by_column.setdefault(column, []).append(values)
+    for column, parts in by_column.items():
+        if len(parts) == 1:
+            out[column] = parts[0]
+        else:
+            # Values go in property order: each event's values of this type, key by key.
+            merged: list[Scalar] = [0] * (n * len(parts))
+            for j, part in enumerate(parts):
+                merged[j :: len(parts)] = part
+            out[column] = merged
+    return {"prop_counts": [width] * n, "prop_keys": key_indexes * n, "prop_types": types * n, **out}
+
+
+def _property_columns(props: list[Mapping[str, Scalar]], strings: dict[str, int]) -> _Columns:
+    """The property columns of any batch, property by property."""
+    intern = strings.setdefault
     counts: list[int] = []
     keys: list[int] = []
     types: list[int] = []
@@ -928,10 +999,9 @@ def signal_columns(batch_id: str, sent_at: float, events: list[EventRow]) -> dev
     ints: list[int] = []
     doubles: list[float] = []
     bools: list[bool] = []
-    for event in events:
-        props = event.properties
-        counts.append(len(props))
-        for key, value in props.items():
+    for properties in props:
+        counts.append(len(properties))
+        for key, value in properties.items():
             keys.append(intern(key, len(strings)))
             kind = type(value)
             if kind is str:
@@ -946,22 +1016,15 @@ def signal_columns(batch_id: str, sent_at: float, events: list[EventRow]) -> dev
             else:
                 types.append(device_pb2.PROPERTY_TYPE_DOUBLE)
                 doubles.append(value)  # type: ignore[arg-type]
-    columns = device_pb2.SignalColumns(
-        batch_id=batch_id,
-        sent_at=timestamp(sent_at),
-        strings=list(strings),
-        ids=" ".join([e.id for e in events]),
-        times_us=[round(e.at * 1e6) for e in events],
-        names=names,
-        prop_counts=counts,
-        prop_keys=keys,
-        prop_types=types,  # type: ignore[arg-type]
-        string_values=text,
-        int_values=ints,
-        double_values=doubles,
-        bool_values=bools,
-    )
-    return device_pb2.DeviceMessage(signal_columns=columns)
+    return {
+        "prop_counts": counts,
+        "prop_keys": keys,
+        "prop_types": types,
+        "string_values": text,
+        "int_values": ints,
+        "double_values": doubles,
+        "bool_values": bools,
+    }
 
 
 def cue_response(cue_id: str, response: CueResponse, at: float, button_id: str = "") -> device_pb2.DeviceMessage:

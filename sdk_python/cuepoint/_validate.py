@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .errors import InvalidSignal
 from .models import CallSignalKind, Channel, Context, FallbackOption, Location, Presence, Scalar, User
@@ -94,7 +95,7 @@ def attributes(
     return own_attributes(dict(values), where, reserved=reserved)
 
 
-def own_attributes(values: dict[str, object], where: str, *, reserved: frozenset[str] = frozenset()) -> dict[str, Scalar]:
+def own_attributes(values: dict[str, Any], where: str, *, reserved: frozenset[str] = frozenset()) -> dict[str, Scalar]:
     """``values`` checked in place and returned, for a dict nobody else holds: track()'s keyword arguments
     (Python builds that dict anew for every call, so track() need not copy it: issue 13) or attributes()' copy."""
     if len(values) > MAX_ENTRIES:
@@ -110,11 +111,11 @@ def own_attributes(values: dict[str, object], where: str, *, reserved: frozenset
         # The common cases inline (exact types: bool is an int, a str subclass goes the long way).
         kind = value.__class__
         if kind is str:
-            if len(value) > MAX_STRING:  # type: ignore[arg-type]
+            if len(value) > MAX_STRING:
                 raise InvalidSignal(f"{where}.{key} is longer than {MAX_STRING} characters", field=f"{where}.{key}")
-        elif kind is not int or not _INT64_MIN <= value <= _INT64_MAX:  # type: ignore[operator]
+        elif kind is not int or not _INT64_MIN <= value <= _INT64_MAX:
             scalar(value, f"{where}.{key}")  # raises for anything but a valid scalar
-    return values  # type: ignore[return-value]  # every value was checked to be a Scalar
+    return values  # every value was checked to be a Scalar
 
 
 def clear_keys(keys: Iterable[str]) -> tuple[str, ...]:
