@@ -477,7 +477,8 @@ class ColumnEncoder(BatchEncoder):
     """``DeviceMessage{signal_columns: SignalColumns}`` of ``size`` event signals, encoded once (as BatchEncoder).
 
     The columnar form the SDK sends by default: one string table, ids as one space-separated field, packed
-    times and property columns. The same events as ``BatchEncoder`` (name, two properties, one time).
+    times and property columns, the properties' keys and types once for the batch. The same events as
+    ``BatchEncoder`` (name, two properties, one time).
     """
 
     def __init__(self, size: int, event: str = "screen_view", props: dict[str, str | int] | None = None):
@@ -506,9 +507,10 @@ class ColumnEncoder(BatchEncoder):
             ids=" ".join([_PLACEHOLDER] * size),
             times_us=[micros] * size,
             names=[0] * size,
-            prop_counts=[len(keys)] * size,
-            prop_keys=keys * size,
-            prop_types=types * size,  # type: ignore[arg-type]
+            # Every event with the same properties: their keys and types once (shape_keys), as the SDK sends a
+            # uniform batch to a server whose Welcome accepts it.
+            shape_keys=keys,
+            shape_types=types,  # type: ignore[arg-type]
             string_values=text * size,
             int_values=ints * size,
         )

@@ -19,14 +19,19 @@ from .test_e2e_foundation import SYNC_FAILURE, RawDevice
 
 
 def columns(
-    ids: list[str], names: list[str], props: list[dict[str, object]] | None = None, *, batch_id: str = "c"
+    ids: list[str],
+    names: list[str],
+    props: list[dict[str, object]] | None = None,
+    *,
+    batch_id: str = "c",
+    shaped: bool = False,
 ) -> device_pb2.DeviceMessage:
     now = time.time()
     rows = [
         _convert.EventRow(i, now, n, p)  # type: ignore[arg-type]
         for i, n, p in zip(ids, names, props or [{}] * len(ids), strict=True)
     ]
-    return _convert.signal_columns(batch_id, now, rows)
+    return _convert.signal_columns(batch_id, now, rows, shaped=shaped)
 
 
 async def test_the_sdk_sends_events_by_column_and_they_are_stored_as_tracked(start_server: StartServer) -> None:
@@ -55,6 +60,21 @@ async def test_the_sdk_sends_events_by_column_and_they_are_stored_as_tracked(sta
     message = _convert.signals_message("b", time.time(), three[:2])
     assert message.WhichOneof("kind") == "signals"
     assert [(s.id, s.event.name) for s in message.signals.signals] == [("x0", "a"), ("x1", "a")]
+
+
+async def test_the_sdk_gives_a_uniform_batchs_keys_once_to_a_server_that_reads_them(start_server: StartServer) -> None:
+    # Events with the same properties throughout (an app's usual batch): the server's Welcome says it reads
+    # SignalColumns.shape_keys, so the SDK sends the keys and types once instead of once per property.
+    server = await start_server(SYNC_FAILURE)
+    client = await phone(server, "shaped-phone")
+    assert client._shaped
+    props = [{"screen": f"s{i}", "n": i, "on": i % 2 == 0} for i in range(6)]
+    ids = [await client.track("screen_view", **p) for p in props]  # type: ignore[arg-type]
+    await client.flush(timeout=10)
+    journey = await server.store.journey("shaped-phone")
+    assert [(s.signal_id, dict(s.payload)) for s in journey] == list(zip(ids, props, strict=True))
+    assert [type(v) for s in journey for v in s.payload.values()] == [type(v) for p in props for v in p.values()]
+    await client.close()
 
 
 async def test_a_columnar_batch_is_acked_and_deduped_like_rows(start_server: StartServer) -> None:
@@ -99,20 +119,26 @@ async def test_events_with_the_same_mixed_type_properties_are_stored_as_sent(sta
 
 
 @pytest.mark.parametrize(
-    "props",
+    ("props", "uniform"),
     [
-        [{"screen": f"s{i}", "n": i, "ratio": i / 4, "from": f"f{i}", "on": i % 2 == 0} for i in range(4)],
-        [{"a": "x"}, {"a": "x"}, {"a": "y"}],  # one string column, values repeated
-        [{}, {}, {}],
-        [{"n": 1}, {"n": 2.5}, {"n": 3}],  # one key, two types: property by property
-        [{"a": 1, "b": 2}, {"b": 2, "a": 1}, {"a": 1, "b": 2}],  # same keys, another order
-        [{"a": 1}, {}, {"a": 1, "b": True}],
+        ([{"screen": f"s{i}", "n": i, "ratio": i / 4, "from": f"f{i}", "on": i % 2 == 0} for i in range(4)], True),
+        ([{"a": "x"}, {"a": "x"}, {"a": "y"}], True),  # one string column, values repeated
+        ([{}, {}, {}], False),
+        ([{"n": 1}, {"n": 2.5}, {"n": 3}], False),  # one key, two types: property by property
+        ([{"a": 1, "b": 2}, {"b": 2, "a": 1}, {"a": 1, "b": 2}], False),  # same keys, another order
+        ([{"a": 1}, {}, {"a": 1, "b": True}], False),
     ],
 )
-def test_the_sdks_two_column_encoders_send_the_same_events(props: list[dict[str, object]]) -> None:
+@pytest.mark.parametrize("shaped", [False, True])
+def test_the_sdks_two_column_encoders_send_the_same_events(
+    props: list[dict[str, object]], uniform: bool, shaped: bool
+) -> None:
     """The SDK encodes a batch whose events share keys, order and types a column per key (_uniform_columns),
-    any other property by property: what the server decodes is what was tracked, types included."""
-    message = columns([f"e{i}" for i in range(len(props))], ["ev"] * len(props), props)
+    with the keys and types given once if the server reads shape_keys (``shaped``), any other batch property by
+    property: what the server decodes is what was tracked, types included."""
+    message = columns([f"e{i}" for i in range(len(props))], ["ev"] * len(props), props, shaped=shaped)
+    assert bool(message.signal_columns.shape_keys) == (uniform and shaped)
+    assert bool(message.signal_columns.prop_keys) == (not (uniform and shaped) and any(props))
     decoded = batch_from_columns(message.signal_columns)
     assert [dict(p) for p in decoded.props] == props
     assert [[type(v) for v in p.values()] for p in decoded.props] == [[type(v) for v in p.values()] for p in props]
@@ -170,9 +196,56 @@ def _bad_key() -> device_pb2.DeviceMessage:
     return columns(["a", "b"], ["ok", "ok"], [{"fine": 1}, {"not fine": 2}])
 
 
+def _shaped(props: list[dict[str, object]]) -> device_pb2.DeviceMessage:
+    message = columns([f"s{i}" for i in range(len(props))], ["ok"] * len(props), props, shaped=True)
+    assert message.signal_columns.shape_keys
+    return message
+
+
+def _shape_and_counts() -> device_pb2.DeviceMessage:
+    message = _shaped([{"n": 1}, {"n": 2}])
+    message.signal_columns.prop_counts.extend([1, 1])
+    return message
+
+
+def _shape_types_short() -> device_pb2.DeviceMessage:
+    message = _shaped([{"n": 1, "s": "x"}, {"n": 2, "s": "y"}])
+    del message.signal_columns.shape_types[1]
+    return message
+
+
+def _shape_key_twice() -> device_pb2.DeviceMessage:
+    message = _shaped([{"n": 1, "m": 2}, {"n": 3, "m": 4}])
+    keys = message.signal_columns.shape_keys
+    keys[1] = keys[0]
+    return message
+
+
+def _shape_bad_type() -> device_pb2.DeviceMessage:
+    message = _shaped([{"n": 1, "s": "x"}, {"n": 2, "s": "y"}])
+    message.signal_columns.shape_types[1] = device_pb2.PROPERTY_TYPE_UNSPECIFIED
+    return message
+
+
+def _shape_short_values() -> device_pb2.DeviceMessage:
+    message = _shaped([{"s": "x", "n": 1}, {"s": "y", "n": 2}, {"s": "z", "n": 3}])
+    del message.signal_columns.int_values[2]
+    return message
+
+
+def _shape_bad_key() -> device_pb2.DeviceMessage:
+    return _shaped([{"not fine": 1}, {"not fine": 2}])
+
+
 @pytest.mark.parametrize(
     ("make", "field"),
     [
+        (_shape_and_counts, "signal_columns.shape_keys"),
+        (_shape_types_short, "signal_columns.shape_types"),
+        (_shape_key_twice, "signal_columns.shape_keys"),
+        (_shape_bad_type, "signal_columns.shape_types[1]"),
+        (_shape_short_values, "signal_columns.int_values"),
+        (_shape_bad_key, "signal_columns.properties[0]['not fine']"),
         (_bad_name, "signal_columns.names[3]"),
         (_bad_index, "signal_columns.names[1]"),
         (_bad_id, "signal_columns.ids[1]"),

@@ -909,20 +909,25 @@ def outgoing_time(item: Outgoing) -> float:
 ROWS_UP_TO = 2
 
 
-def signals_message(batch_id: str, sent_at: float, items: list[Outgoing]) -> device_pb2.DeviceMessage:
+def signals_message(
+    batch_id: str, sent_at: float, items: list[Outgoing], *, shaped: bool = False
+) -> device_pb2.DeviceMessage:
     """A batch of events by column (SignalColumns); a batch of one or two events, or one with a context update,
-    as a SignalBatch of Signal messages."""
+    as a SignalBatch of Signal messages. ``shaped``: the server reads SignalColumns.shape_keys (its Welcome said
+    so)."""
     if len(items) > ROWS_UP_TO and all(type(item) is EventRow for item in items):
-        return signal_columns(batch_id, sent_at, items)  # type: ignore[arg-type]
+        return signal_columns(batch_id, sent_at, items, shaped=shaped)  # type: ignore[arg-type]
     return signal_batch(batch_id, sent_at, [as_signal(item) for item in items])
 
 
-def signal_columns(batch_id: str, sent_at: float, events: list[EventRow]) -> device_pb2.DeviceMessage:
+def signal_columns(
+    batch_id: str, sent_at: float, events: list[EventRow], *, shaped: bool = False
+) -> device_pb2.DeviceMessage:
     strings: dict[str, int] = {}  # string -> its index; insertion order is the string table
     intern = strings.setdefault
     names = [intern(e.name, len(strings)) for e in events]
     props = [e.properties for e in events]
-    columns = _uniform_columns(props, strings) or _property_columns(props, strings)
+    columns = _uniform_columns(props, strings, shaped) or _property_columns(props, strings)
     columns.update(
         batch_id=batch_id,
         sent_at=timestamp(sent_at),
@@ -947,12 +952,13 @@ _TYPE_OF: dict[type, tuple[int, str]] = {
 _Columns: TypeAlias = dict[str, Any]
 
 
-def _uniform_columns(props: list[Mapping[str, Scalar]], strings: dict[str, int]) -> _Columns | None:
+def _uniform_columns(props: list[Mapping[str, Scalar]], strings: dict[str, int], shaped: bool) -> _Columns | None:
     """The property columns of a batch whose events all have the same keys, in the same order, each key's values
     of one type (an app's usual batch: one event, its properties); None for any other batch.
 
     A column per key, read by C loops (map, set, slices) instead of Python code per property: sending a batch of
-    two-property events cost ~1.7 us a signal in `_property_columns` (issue 13).
+    two-property events cost ~1.7 us a signal in `_property_columns` (issue 13). ``shaped``: the keys and types
+    go once (shape_keys, shape_types) instead of once per property (prop_keys, prop_types, prop_counts).
     """
     n = len(props)
     keys = tuple(props[0])
@@ -986,6 +992,8 @@ def _uniform_columns(props: list[Mapping[str, Scalar]], strings: dict[str, int])
             for j, part in enumerate(parts):
                 merged[j :: len(parts)] = part
             out[column] = merged
+    if shaped:
+        return {"shape_keys": key_indexes, "shape_types": types, **out}
     return {"prop_counts": [width] * n, "prop_keys": key_indexes * n, "prop_types": types * n, **out}
 
 

@@ -207,6 +207,8 @@ class Client:
         self._stream: _Stream | None = None
         self._session_id = ""
         self._server_time: float | None = None
+        # Whether the server reads a batch's property keys and types given once (Welcome.accepts_property_shape).
+        self._shaped = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -297,6 +299,7 @@ class Client:
                 self._journal.save_device_secret(welcome.device_secret)
         self._server_time = _convert.time_from_proto(welcome, "server_time")
         self._batcher.limit_batch(welcome.max_signals_per_batch)
+        self._shaped = welcome.accepts_property_shape
         self._connected_at = asyncio.get_running_loop().time()
         self._reader = self._spawn(self._read_loop(stream))
         self._sender = self._spawn(self._send_loop(stream))
@@ -839,7 +842,7 @@ class Client:
                 if wait == 0.0:
                     batch = [signal for _, signal in self._batcher.take_batch()]
                     # Events go by column (SignalColumns); a batch with a context update as Signal messages.
-                    message = _convert.signals_message(self._new_id(), self._config.clock(), batch)
+                    message = _convert.signals_message(self._new_id(), self._config.clock(), batch, shaped=self._shaped)
                     await stream.write(message)
                     continue
                 with contextlib.suppress(TimeoutError):

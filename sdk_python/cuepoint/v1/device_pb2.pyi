@@ -524,6 +524,8 @@ class SignalColumns(_message.Message):
     INT_VALUES_FIELD_NUMBER: _builtins.int
     DOUBLE_VALUES_FIELD_NUMBER: _builtins.int
     BOOL_VALUES_FIELD_NUMBER: _builtins.int
+    SHAPE_KEYS_FIELD_NUMBER: _builtins.int
+    SHAPE_TYPES_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """Client-chosen, echoed in the ack."""
     ids: _builtins.str
@@ -566,6 +568,17 @@ class SignalColumns(_message.Message):
     def double_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
     def bool_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    @_builtins.property
+    def shape_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Instead of prop_counts, prop_keys and prop_types (leave those empty),
+        when every signal has the same properties: the same keys in the same
+        order, each key's values of one type. The keys (indexes into strings)
+        and their types once, for every signal; the value columns as above.
+        Send it only to a server whose Welcome.accepts_property_shape is true.
+        """
+
+    @_builtins.property
+    def shape_types(self) -> _containers.RepeatedScalarFieldContainer[Global___PropertyType.ValueType]: ...
     def __init__(
         self,
         *,
@@ -582,10 +595,12 @@ class SignalColumns(_message.Message):
         int_values: _abc.Iterable[_builtins.int] | None = ...,
         double_values: _abc.Iterable[_builtins.float] | None = ...,
         bool_values: _abc.Iterable[_builtins.bool] | None = ...,
+        shape_keys: _abc.Iterable[_builtins.int] | None = ...,
+        shape_types: _abc.Iterable[Global___PropertyType.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "bool_values", b"bool_values", "double_values", b"double_values", "ids", b"ids", "int_values", b"int_values", "names", b"names", "prop_counts", b"prop_counts", "prop_keys", b"prop_keys", "prop_types", b"prop_types", "sent_at", b"sent_at", "string_values", b"string_values", "strings", b"strings", "times_us", b"times_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "bool_values", b"bool_values", "double_values", b"double_values", "ids", b"ids", "int_values", b"int_values", "names", b"names", "prop_counts", b"prop_counts", "prop_keys", b"prop_keys", "prop_types", b"prop_types", "sent_at", b"sent_at", "shape_keys", b"shape_keys", "shape_types", b"shape_types", "string_values", b"string_values", "strings", b"strings", "times_us", b"times_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -723,6 +738,7 @@ class Welcome(_message.Message):
     SERVER_TIME_FIELD_NUMBER: _builtins.int
     MAX_SIGNALS_PER_BATCH_FIELD_NUMBER: _builtins.int
     DEVICE_SECRET_FIELD_NUMBER: _builtins.int
+    ACCEPTS_PROPERTY_SHAPE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_signals_per_batch: _builtins.int
     """Limits the client should batch within."""
@@ -732,6 +748,8 @@ class Welcome(_message.Message):
     (AdminService.ForgetDeviceCredential). Send it in every later
     Hello.device_secret. The server keeps only its SHA-256.
     """
+    accepts_property_shape: _builtins.bool
+    """The server reads SignalColumns.shape_keys and shape_types."""
     @_builtins.property
     def server_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -741,10 +759,11 @@ class Welcome(_message.Message):
         server_time: _timestamp_pb2.Timestamp | None = ...,
         max_signals_per_batch: _builtins.int = ...,
         device_secret: _builtins.str = ...,
+        accepts_property_shape: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_secret", b"device_secret", "max_signals_per_batch", b"max_signals_per_batch", "server_time", b"server_time", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_property_shape", b"accepts_property_shape", "device_secret", b"device_secret", "max_signals_per_batch", b"max_signals_per_batch", "server_time", b"server_time", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -308,7 +308,8 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
     n = len(ids)
     if n > Limits.max_signals_per_batch:
         raise InvalidInput("signal_columns.ids", f"batch of {n} exceeds {Limits.max_signals_per_batch} signals")
-    for column in ("times_us", "names", "prop_counts"):
+    shaped = bool(msg.shape_keys or msg.shape_types)
+    for column in ("times_us", "names") if shaped else ("times_us", "names", "prop_counts"):
         if len(getattr(msg, column)) != n:
             raise InvalidInput(f"signal_columns.{column}", f"{len(getattr(msg, column))} entries for {n} signals")
     strings = list(msg.strings)
@@ -318,42 +319,79 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
     times: list[float | None] = (
         [t / 1e6 if t else None for t in times_us] if 0 in times_us else list(map(truediv, times_us, repeat(1e6)))
     )
-    counts = list(msg.prop_counts)
     string_values: list[str] = []
     doubles: list[float] = []
     props: list[Mapping[str, Scalar]]
-    if not any(counts):
+    if shaped:
+        string_values = _strings_at(msg, strings, "string_values")
+        doubles = list(msg.double_values)
+        props = _shaped_props(msg, strings, string_values, doubles, n)
+    elif not any(counts := list(msg.prop_counts)):
         props = [NO_PROPS] * n
     else:
         string_values = _strings_at(msg, strings, "string_values")
         doubles = list(msg.double_values)
-        if max(counts) > Limits.max_props:
-            bad = next(i for i, c in enumerate(counts) if c > Limits.max_props)
-            raise _column_error("prop_counts", bad, f"more than {Limits.max_props} properties")
-        total = sum(counts)
-        width = counts[0]
-        values = _column_values(msg, string_values, doubles, total, width if counts.count(width) == n else 0)
-        keys = _strings_at(msg, strings, "prop_keys")
-        if counts.count(width) == n and keys == keys[:width] * n:
-            # The usual shape (every event of the batch with the same keys): one dict display per signal.
-            props = _dicts_of_width(width)(keys[:width], values)
-        else:
-            props = []
-            at = 0
-            for count in counts:
-                if count:
-                    props.append(dict(zip(keys[at : at + count], values[at : at + count], strict=True)))
-                    at += count
-                else:
-                    props.append(NO_PROPS)
-        if sum(map(len, props)) != total:
-            at = 0
-            for count, found in zip(counts, props, strict=True):
-                if len(found) != count:
-                    raise _column_error("prop_keys", at, "a property key repeated within one signal")
-                at += count
+        props = _counted_props(msg, strings, string_values, doubles, counts)
     sent_at = _seconds(msg.sent_at, "signal_columns.sent_at") if msg.HasField("sent_at") else None
     return EventColumns(msg.batch_id, sent_at, ids, times, names, props, strings=string_values, doubles=doubles)
+
+
+def _shaped_props(
+    msg: device_pb2.SignalColumns, strings: list[str], string_values: list[str], doubles: list[float], n: int
+) -> list[Mapping[str, Scalar]]:
+    """Each signal's properties when the batch gives their keys and types once (shape_keys, shape_types): no
+    per-property keys, types or counts to read or compare (issue 13)."""
+    if msg.prop_counts or msg.prop_keys or msg.prop_types:
+        raise InvalidInput(
+            "signal_columns.shape_keys", "give shape_keys or prop_counts, prop_keys and prop_types, not both"
+        )
+    keys = _strings_at(msg, strings, "shape_keys")
+    width = len(keys)
+    if len(msg.shape_types) != width:
+        raise InvalidInput("signal_columns.shape_types", f"{len(msg.shape_types)} entries for {width} shape_keys")
+    if width > Limits.max_props:
+        raise InvalidInput("signal_columns.shape_keys", f"more than {Limits.max_props} properties")
+    if len(set(keys)) != width:
+        raise InvalidInput("signal_columns.shape_keys", "a property key repeated")
+    shape: list[int] = list(msg.shape_types)
+    values = _column_values(msg, shape * n, string_values, doubles, width)
+    return _dicts_of_width(width)(keys, values)
+
+
+def _counted_props(
+    msg: device_pb2.SignalColumns, strings: list[str], string_values: list[str], doubles: list[float], counts: list[int]
+) -> list[Mapping[str, Scalar]]:
+    """Each signal's properties from prop_counts, prop_keys and prop_types."""
+    n = len(counts)
+    if max(counts) > Limits.max_props:
+        bad = next(i for i, c in enumerate(counts) if c > Limits.max_props)
+        raise _column_error("prop_counts", bad, f"more than {Limits.max_props} properties")
+    total = sum(counts)
+    width = counts[0]
+    if len(msg.prop_types) != total or len(msg.prop_keys) != total:
+        raise InvalidInput("signal_columns.prop_types", f"prop_keys and prop_types need {total} entries each")
+    values = _column_values(msg, list(msg.prop_types), string_values, doubles, width if counts.count(width) == n else 0)
+    keys = _strings_at(msg, strings, "prop_keys")
+    props: list[Mapping[str, Scalar]]
+    if counts.count(width) == n and keys == keys[:width] * n:
+        # The usual shape (every event of the batch with the same keys): one dict display per signal.
+        props = _dicts_of_width(width)(keys[:width], values)
+    else:
+        props = []
+        at = 0
+        for count in counts:
+            if count:
+                props.append(dict(zip(keys[at : at + count], values[at : at + count], strict=True)))
+                at += count
+            else:
+                props.append(NO_PROPS)
+    if sum(map(len, props)) != total:
+        at = 0
+        for count, found in zip(counts, props, strict=True):
+            if len(found) != count:
+                raise _column_error("prop_keys", at, "a property key repeated within one signal")
+            at += count
+    return props
 
 
 @cache
@@ -392,21 +430,22 @@ def _strings_at(msg: device_pb2.SignalColumns, strings: list[str], column: str) 
 
 
 def _column_values(
-    msg: device_pb2.SignalColumns, string_values: list[str], doubles: list[float], total: int, width: int
+    msg: device_pb2.SignalColumns, types: list[int], string_values: list[str], doubles: list[float], width: int
 ) -> list[Scalar]:
-    """Every property's value in property order, taken from its type's column.
+    """Every property's value in property order (``types``: each property's type), taken from its type's column.
 
     ``width``: every signal's number of properties when they all have the same (else 0).
     """
-    types: list[int] = list(msg.prop_types)
-    if len(types) != total or len(msg.prop_keys) != total:
-        raise InvalidInput("signal_columns.prop_types", f"prop_keys and prop_types need {total} entries each")
+    total = len(types)
     columns: dict[int, list[Scalar]] = {
         device_pb2.PROPERTY_TYPE_STRING: list(string_values),
         device_pb2.PROPERTY_TYPE_INT: list(msg.int_values),
         device_pb2.PROPERTY_TYPE_DOUBLE: list(doubles),
         device_pb2.PROPERTY_TYPE_BOOL: list(msg.bool_values),
     }
+    # An error names the property's entry in prop_types, or the key's in shape_types (given once per batch).
+    shaped = bool(msg.shape_types)
+    field = "shape_types" if shaped else "prop_types"
     if len(set(types)) == 1 and types[0] in columns:
         values = columns[types[0]]  # one type: the column is the values
         if len(values) != total or sum(len(c) for c in columns.values()) != total:
@@ -419,11 +458,12 @@ def _column_values(
     out: list[Scalar] = []
     for i, kind in enumerate(types):
         column = columns.get(kind)
+        entry = i % width if shaped else i
         if column is None:
-            raise _column_error("prop_types", i, f"unknown or unspecified property type {kind}")
+            raise _column_error(field, entry, f"unknown or unspecified property type {kind}")
         at = taken[kind]
         if at >= len(column):
-            raise InvalidInput(f"signal_columns.{_PROPERTY_COLUMNS[kind]}", f"too few entries for prop_types[{i}]")
+            raise InvalidInput(f"signal_columns.{_PROPERTY_COLUMNS[kind]}", f"too few entries for {field}[{entry}]")
         out.append(column[at])
         taken[kind] = at + 1
     for typ, used in taken.items():

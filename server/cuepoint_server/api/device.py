@@ -177,6 +177,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     server_time=now,
                     max_signals_per_batch=self.core.config.max_signals_per_batch,
                     device_secret=session.issued_secret,
+                    accepts_property_shape=True,
                 )
             )
         )
