@@ -157,7 +157,10 @@ def validate(columns: device_pb2.SignalColumns, size: int, now: float) -> tuple[
     n = len(ids)
     if n > MAX_SIGNALS:
         raise Invalid("signal_columns.ids", "too many signals")
-    for column in ("times_us", "names", "prop_counts"):
+    # shape_keys/shape_types: every signal's property keys and types given once (what the SDK sends for a
+    # uniform batch); else one key, type and count per property.
+    shaped = bool(columns.shape_keys or columns.shape_types)
+    for column in ("times_us", "names") if shaped else ("times_us", "names", "prop_counts"):
         if len(getattr(columns, column)) != n:
             raise Invalid(f"signal_columns.{column}", "wrong length")
     if n and (not _JOINED_IDS.fullmatch(columns.ids) or columns.ids.count(" ") != n - 1 or len(set(ids)) != n):
@@ -177,13 +180,22 @@ def validate(columns: device_pb2.SignalColumns, size: int, now: float) -> tuple[
     times = [t / 1e6 + offset for t in times_us]
     if times and (max(times) > now + MAX_FUTURE_SKEW or min(times) < now - MAX_AGE):
         raise Invalid("signal_columns.times_us", "time out of range")
-    prop_counts = columns.prop_counts
-    total = sum(prop_counts)
-    if prop_counts and max(prop_counts) > MAX_PROPS:
-        raise Invalid("signal_columns.prop_counts", "too many properties")
-    keys, types = columns.prop_keys, columns.prop_types
-    if len(keys) != total or len(types) != total:
-        raise Invalid("signal_columns.prop_keys", "wrong length")
+    if shaped:
+        keys, types = columns.shape_keys, columns.shape_types
+        if columns.prop_counts or columns.prop_keys or columns.prop_types:
+            raise Invalid("signal_columns.shape_keys", "both forms")
+        if len(keys) != len(types) or len(keys) > MAX_PROPS or len(set(keys)) != len(keys):
+            raise Invalid("signal_columns.shape_keys", "wrong length or repeated key")
+        per_key = n  # each key's type stands for n values
+    else:
+        prop_counts = columns.prop_counts
+        total = sum(prop_counts)
+        if prop_counts and max(prop_counts) > MAX_PROPS:
+            raise Invalid("signal_columns.prop_counts", "too many properties")
+        keys, types = columns.prop_keys, columns.prop_types
+        if len(keys) != total or len(types) != total:
+            raise Invalid("signal_columns.prop_keys", "wrong length")
+        per_key = 1
     if keys and max(keys) >= count:
         raise Invalid("signal_columns.prop_keys", "index beyond the strings")
     if not all(_KEY.fullmatch(strings[i]) for i in set(keys)):
@@ -198,7 +210,7 @@ def validate(columns: device_pb2.SignalColumns, size: int, now: float) -> tuple[
         (device_pb2.PROPERTY_TYPE_DOUBLE, columns.double_values),
         (device_pb2.PROPERTY_TYPE_BOOL, columns.bool_values),
     ):
-        if len(column) != by_type.get(kind, 0):
+        if len(column) != by_type.get(kind, 0) * per_key:
             raise Invalid("signal_columns.values", "column length")
     if text and max(text) >= count:
         raise Invalid("signal_columns.string_values", "index beyond the strings")
