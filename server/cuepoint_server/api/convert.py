@@ -321,11 +321,13 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
     )
     string_values: list[str] = []
     doubles: list[float] = []
+    keys: list[str] | None = None
     props: list[Mapping[str, Scalar]]
     if shaped:
         string_values = _strings_at(msg, strings, "string_values")
         doubles = list(msg.double_values)
-        props = _shaped_props(msg, strings, string_values, doubles, n)
+        keys = _strings_at(msg, strings, "shape_keys")
+        props = _shaped_props(msg, keys, string_values, doubles, n)
     elif not any(counts := list(msg.prop_counts)):
         props = [NO_PROPS] * n
     else:
@@ -333,19 +335,20 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
         doubles = list(msg.double_values)
         props = _counted_props(msg, strings, string_values, doubles, counts)
     sent_at = _seconds(msg.sent_at, "signal_columns.sent_at") if msg.HasField("sent_at") else None
-    return EventColumns(msg.batch_id, sent_at, ids, times, names, props, strings=string_values, doubles=doubles)
+    return EventColumns(
+        msg.batch_id, sent_at, ids, times, names, props, strings=string_values, doubles=doubles, keys=keys
+    )
 
 
 def _shaped_props(
-    msg: device_pb2.SignalColumns, strings: list[str], string_values: list[str], doubles: list[float], n: int
+    msg: device_pb2.SignalColumns, keys: list[str], string_values: list[str], doubles: list[float], n: int
 ) -> list[Mapping[str, Scalar]]:
-    """Each signal's properties when the batch gives their keys and types once (shape_keys, shape_types): no
-    per-property keys, types or counts to read or compare (issue 13)."""
+    """Each signal's properties when the batch gives their keys (``keys``) and types once (shape_keys,
+    shape_types): no per-property keys, types or counts to read or compare (issue 13)."""
     if msg.prop_counts or msg.prop_keys or msg.prop_types:
         raise InvalidInput(
             "signal_columns.shape_keys", "give shape_keys or prop_counts, prop_keys and prop_types, not both"
         )
-    keys = _strings_at(msg, strings, "shape_keys")
     width = len(keys)
     if len(msg.shape_types) != width:
         raise InvalidInput("signal_columns.shape_types", f"{len(msg.shape_types)} entries for {width} shape_keys")

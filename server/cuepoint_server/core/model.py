@@ -101,6 +101,9 @@ class EventColumns:
     # checks these whole); None: validation reads them from `props`.
     strings: Sequence[str] | None = None
     doubles: Sequence[float] | None = None
+    # Every signal's property keys, when the wire form gave them once for the batch (SignalColumns.shape_keys):
+    # validation checks these instead of each signal's.
+    keys: Sequence[str] | None = None
 
     def rows(self) -> IncomingBatch:
         """The same batch as one object per signal (what the signal-by-signal path and its errors use)."""

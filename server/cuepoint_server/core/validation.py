@@ -208,9 +208,10 @@ def _columns_valid(batch: EventColumns, now: float) -> bool:
     props = batch.props
     if not any(props):
         return True
-    if max(map(len, props)) > Limits.max_props:
-        return False
-    if not all(_good(key, PROP_KEY) for key in set().union(*props)):
+    if batch.keys is not None:
+        if len(batch.keys) > Limits.max_props or not all(_good(key, PROP_KEY) for key in batch.keys):
+            return False
+    elif max(map(len, props)) > Limits.max_props or not all(_good(key, PROP_KEY) for key in set().union(*props)):
         return False
     if batch.strings is not None and batch.doubles is not None:
         return max(map(len, batch.strings), default=0) <= Limits.max_string and all(map(math.isfinite, batch.doubles))
