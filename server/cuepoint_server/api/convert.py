@@ -323,17 +323,17 @@ def batch_from_columns(msg: device_pb2.SignalColumns) -> EventColumns:
     doubles: list[float] = []
     keys: list[str] | None = None
     props: list[Mapping[str, Scalar]]
-    if shaped:
-        string_values = _strings_at(msg, strings, "string_values")
-        doubles = list(msg.double_values)
-        keys = _strings_at(msg, strings, "shape_keys")
-        props = _shaped_props(msg, keys, string_values, doubles, n)
-    elif not any(counts := list(msg.prop_counts)):
+    counts: list[int] = [] if shaped else list(msg.prop_counts)
+    if not shaped and not any(counts):
         props = [NO_PROPS] * n
     else:
         string_values = _strings_at(msg, strings, "string_values")
         doubles = list(msg.double_values)
-        props = _counted_props(msg, strings, string_values, doubles, counts)
+        if shaped:
+            keys = _strings_at(msg, strings, "shape_keys")
+            props = _shaped_props(msg, keys, string_values, doubles, n)
+        else:
+            props = _counted_props(msg, strings, string_values, doubles, counts)
     sent_at = _seconds(msg.sent_at, "signal_columns.sent_at") if msg.HasField("sent_at") else None
     return EventColumns(
         msg.batch_id, sent_at, ids, times, names, props, strings=string_values, doubles=doubles, keys=keys
