@@ -215,6 +215,7 @@ async def sdk_throughput(
         elapsed = time.perf_counter() - started
         done, sent = acked[0] - start_acked, messages[0] - start_messages
         server_cpu, client_cpu = meter.read()
+        server_sys = meter.system()
     finally:
         for task in tasks:
             task.cancel()
@@ -223,8 +224,9 @@ async def sdk_throughput(
     if failures:
         note(f"  {label}: {len(failures)} device(s) failed, first: {failures[0]}")
     return Throughput(
-        label, streams, batch, done / elapsed, sent / elapsed, elapsed, server_cpu, client_cpu, len(failures)
-    )
+        label, streams, batch, done / elapsed, sent / elapsed, elapsed, server_cpu, client_cpu, len(failures),
+        server_sys_pct=server_sys,
+    )  # fmt: skip
 
 
 # What each round measures: (label, server, load, wire shape, batched?). "echo" rows are the baseline of
