@@ -521,6 +521,39 @@ def test_outgoing_messages() -> None:
     assert (end.engagement_id, end.disposition, end.notes) == ("eng-1", "resolved", "fixed")
 
 
+def test_row_batches_are_built_from_dicts_with_each_value_in_its_field() -> None:
+    """Events sent as rows are built from nested dicts (issue 13); each value keeps its type's field: a bool is
+    not an int, and subclasses (an IntEnum, a str subclass) travel as their base type, as value_to_proto has it."""
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Name(str):
+        pass
+
+    props = {"s": "home", "i": 7, "f": 1.5, "b": True, "e": Level.HIGH, "n": Name("x")}
+    message = _convert.signals_message("b1", T0, [_convert.event_row(("s1", T0 + 1.5, "screen_view", props))])
+    (signal,) = message.signals.signals
+    assert message.signals.batch_id == "b1" and message.signals.sent_at.nanos == 250_000_000
+    assert (signal.id, signal.event.name) == ("s1", "screen_view")
+    assert (signal.time.seconds, signal.time.nanos) == (int(T0 + 1.5), 750_000_000)
+    kinds = {key: value.WhichOneof("kind") for key, value in signal.event.properties.items()}
+    assert kinds == {
+        "s": "string_value",
+        "i": "int_value",
+        "f": "double_value",
+        "b": "bool_value",
+        "e": "int_value",
+        "n": "string_value",
+    }
+    assert _convert.attributes_from_proto(signal.event.properties) == {**props, "e": 3, "n": "x"}
+    # The same message as one built field by field.
+    by_field = common_pb2.Event(name="screen_view")
+    _convert.fill_attributes(by_field.properties, props)
+    assert signal.event == by_field
+
+
 # --- batching -----------------------------------------------------------------
 
 

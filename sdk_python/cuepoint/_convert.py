@@ -144,13 +144,18 @@ _PRESENCE_FROM_PB = {v: k for k, v in _PRESENCE_TO_PB.items()}
 
 
 def timestamp(t: float) -> Timestamp:
+    return Timestamp(**timestamp_fields(t))
+
+
+def timestamp_fields(t: float) -> dict[str, int]:
+    """A Timestamp's fields, for a message built from nested dicts (see event_signal_fields)."""
     # Split before scaling: t * 1e9 is beyond float's integer precision and
     # would shift the time by up to ~100 ns; t - floor(t) is exact.
     seconds = math.floor(t)
     nanos = round((t - seconds) * 1e9)
     if nanos >= 1_000_000_000:
         seconds, nanos = seconds + 1, nanos - 1_000_000_000
-    return Timestamp(seconds=seconds, nanos=nanos)
+    return {"seconds": seconds, "nanos": nanos}
 
 
 def time_from_proto(msg: Message, field: str) -> float | None:
@@ -238,6 +243,19 @@ def value_from_proto(value: common_pb2.AttributeValue) -> Scalar | None:
     return result
 
 
+# The AttributeValue field of each exact scalar type (bool is its own key, so it never travels as int_value).
+_VALUE_FIELD: dict[type, str] = {str: "string_value", int: "int_value", float: "double_value", bool: "bool_value"}
+
+
+def value_fields(value: Scalar) -> dict[str, Scalar]:
+    """An AttributeValue's fields, for a message built from nested dicts; a subclass (an IntEnum, a str
+    subclass) takes value_to_proto's isinstance route to its field."""
+    field = _VALUE_FIELD.get(type(value))
+    if field is None:
+        field = value_to_proto(value).WhichOneof("kind") or "string_value"
+    return {field: value}
+
+
 def fill_attributes(target: MutableMapping[str, common_pb2.AttributeValue], attributes: Mapping[str, Scalar]) -> None:
     for key, value in attributes.items():
         target[key].CopyFrom(value_to_proto(value))
@@ -305,9 +323,18 @@ def user_from_proto(msg: common_pb2.UserIdentity) -> User:
 
 
 def event_signal(signal_id: str, at: float, name: str, properties: Mapping[str, Scalar]) -> common_pb2.Signal:
-    event = common_pb2.Event(name=name)
-    fill_attributes(event.properties, properties)
-    return common_pb2.Signal(id=signal_id, time=timestamp(at), event=event)
+    return common_pb2.Signal(**event_signal_fields(signal_id, at, name, properties))
+
+
+def event_signal_fields(signal_id: str, at: float, name: str, properties: Mapping[str, Scalar]) -> dict[str, Any]:
+    """An event Signal's fields as nested dicts: protobuf builds the whole message from them in one C call,
+    where building the Event, each AttributeValue and the Timestamp as messages copies each into its parent
+    (one event of two properties, built and wrapped in its DeviceMessage: 11.1 -> 5.3 us; issue 13)."""
+    return {
+        "id": signal_id,
+        "time": timestamp_fields(at),
+        "event": {"name": name, "properties": {key: value_fields(value) for key, value in properties.items()}},
+    }
 
 
 def context_update(
@@ -871,9 +898,12 @@ def hello(
     return device_pb2.DeviceMessage(hello=msg)
 
 
-def signal_batch(batch_id: str, sent_at: float, signals: Iterable[common_pb2.Signal]) -> device_pb2.DeviceMessage:
-    batch = device_pb2.SignalBatch(batch_id=batch_id, sent_at=timestamp(sent_at), signals=list(signals))
-    return device_pb2.DeviceMessage(signals=batch)
+def signal_batch(
+    batch_id: str, sent_at: float, signals: Iterable[common_pb2.Signal | dict[str, Any]]
+) -> device_pb2.DeviceMessage:
+    """A SignalBatch of ``signals`` (messages, or their fields as dicts), built in place in its DeviceMessage."""
+    batch = {"batch_id": batch_id, "sent_at": timestamp_fields(sent_at), "signals": list(signals)}
+    return device_pb2.DeviceMessage(signals=batch)  # type: ignore[arg-type]
 
 
 class EventRow(NamedTuple):
@@ -917,7 +947,9 @@ def signals_message(
     so)."""
     if len(items) > ROWS_UP_TO and all(type(item) is EventRow for item in items):
         return signal_columns(batch_id, sent_at, items, shaped=shaped)  # type: ignore[arg-type]
-    return signal_batch(batch_id, sent_at, [as_signal(item) for item in items])
+    return signal_batch(
+        batch_id, sent_at, [event_signal_fields(*item) if isinstance(item, EventRow) else item for item in items]
+    )
 
 
 def signal_columns(
