@@ -317,3 +317,32 @@ async def test_events_nothing_listens_to_count_in_windows_once_each(start_server
     assert "browsers" in view.segments and "on-sale-page" in view.segments
     assert await server.store.count_signals("browsing") == 8
     await raw.close()
+
+
+async def test_row_properties_keep_their_types_at_default_values_and_a_kindless_one_is_named(
+    start_server: StartServer,
+) -> None:
+    """A row's property values by the field set (a oneof member counts as set even at its default, so "", 0,
+    0.0 and false arrive as themselves, not as missing or as another type); a value with no kind set is
+    INVALID_ARGUMENT naming the property, and nothing of its batch is stored."""
+    server = await start_server(SYNC_FAILURE)
+    raw = RawDevice(server.address, "row-defaults")
+    assert (await raw.read()).HasField("welcome")
+    defaults: dict[str, object] = {"s": "", "i": 0, "d": 0.0, "b": False, "t": "x", "n": -5, "r": 2.5, "y": True}
+    raw.send(_convert.event_signal("d-1", time.time(), "sync_failed", defaults), batch_id="d")  # type: ignore[arg-type]
+    ack = await raw.read()
+    while not ack.HasField("ack"):
+        ack = await raw.read()
+    assert list(ack.ack.signal_ids) == ["d-1"]
+    (stored,) = await server.store.journey("row-defaults")
+    assert dict(stored.payload) == defaults
+    assert {k: type(v) for k, v in stored.payload.items()} == {k: type(v) for k, v in defaults.items()}
+    kindless = _convert.event_signal("d-2", time.time(), "sync_failed", {"fine": 1, "empty": 2})
+    kindless.event.properties["empty"].Clear()
+    raw.send(kindless, batch_id="e")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await raw.read()
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "signals.signals[0].event.properties['empty']" in (info.value.details() or "")
+    assert await server.store.count_signals("row-defaults") == 1
+    await raw.close()
