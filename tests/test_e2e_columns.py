@@ -322,9 +322,9 @@ async def test_events_nothing_listens_to_count_in_windows_once_each(start_server
 async def test_row_properties_keep_their_types_at_default_values_and_a_kindless_one_is_named(
     start_server: StartServer,
 ) -> None:
-    """A row's property values by the field set (a oneof member counts as set even at its default, so "", 0,
-    0.0 and false arrive as themselves, not as missing or as another type); a value with no kind set is
-    INVALID_ARGUMENT naming the property, and nothing of its batch is stored."""
+    """A row's property values at their defaults ("", 0, 0.0, false: a oneof member is set even then) arrive
+    as themselves, not as missing nor as another type; a value with no kind set is INVALID_ARGUMENT naming the
+    property, and nothing of its batch is stored."""
     server = await start_server(SYNC_FAILURE)
     raw = RawDevice(server.address, "row-defaults")
     assert (await raw.read()).HasField("welcome")

@@ -329,7 +329,8 @@ def event_signal(signal_id: str, at: float, name: str, properties: Mapping[str, 
 def event_signal_fields(signal_id: str, at: float, name: str, properties: Mapping[str, Scalar]) -> dict[str, Any]:
     """An event Signal's fields as nested dicts: protobuf builds the whole message from them in one C call,
     where building the Event, each AttributeValue and the Timestamp as messages copies each into its parent
-    (one event of two properties, built and wrapped in its DeviceMessage: 11.1 -> 5.3 us; issue 13)."""
+    (one event of two properties, built, wrapped in its DeviceMessage and serialized: 93k -> 60k instructions,
+    callgrind; issue 13)."""
     return {
         "id": signal_id,
         "time": timestamp_fields(at),
