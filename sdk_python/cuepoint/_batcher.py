@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from .errors import BufferFull
+
 T = TypeVar("T")
 
 
@@ -102,11 +104,15 @@ class SignalBatcher(Generic[T]):
         """Every unacked signal, queued or in flight, oldest first."""
         return [(signal_id, entry.payload) for signal_id, entry in self._pending.items()]
 
-    def add(self, signal_id: str, payload: T, now: float) -> int:
-        if signal_id in self._pending:
+    def add(self, signal_id: str, payload: T, now: float, limit: int | None = None) -> int:
+        """Queue a signal; with ``limit``, raise BufferFull (nothing queued) when that many are unacked already."""
+        pending = self._pending
+        if limit is not None and len(pending) >= limit:
+            raise BufferFull(f"{limit} signals are already waiting for acks")
+        if signal_id in pending:
             raise ValueError(f"signal id {signal_id!r} is already pending")
         seq = self._seq = self._seq + 1
-        self._pending[signal_id] = _pending((seq, payload, now))
+        pending[signal_id] = _pending((seq, payload, now))
         self._queue.append(signal_id)
         return seq
 

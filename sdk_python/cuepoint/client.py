@@ -62,7 +62,6 @@ from ._version import SDK_AGENT
 from .config import ClientConfig
 from .engagement import Engagement, EngagementItem
 from .errors import (
-    BufferFull,
     ClientClosed,
     ConnectionLost,
     CuepointError,
@@ -248,7 +247,8 @@ class Client:
         self._draining = False  # close() half-closed the stream: its end is expected
 
         self._journal: Journal | None = None
-        self._journal_opened = False
+        # Whether _open_journal has run (or, without an outbox, has nothing to do): read on every track().
+        self._journal_opened = self._config.outbox_path is None
         self._journal_commit: asyncio.Handle | None = None
 
     # --- lifecycle ------------------------------------------------------------
@@ -608,11 +608,10 @@ class Client:
                 self._flush_waiters.remove(entry)
 
     def _enqueue(self, signal_id: str, signal: _convert.Outgoing) -> None:
-        self._open_journal()  # signals left by an earlier run go first
-        limit = self._config.max_pending_signals
-        if self._batcher.pending_count >= limit:
-            raise BufferFull(f"{limit} signals are already waiting for acks")
-        self._batcher.add(signal_id, signal, time.monotonic())
+        # Once per track(): each check here is inline, not a call (issue 13).
+        if not self._journal_opened:
+            self._open_journal()  # signals left by an earlier run go first
+        self._batcher.add(signal_id, signal, time.monotonic(), self._config.max_pending_signals)
         if self._journal is not None:
             self._journal.add(signal_id, _signal_time(signal), _convert.as_signal(signal).SerializeToString())
             self._schedule_journal_commit()
