@@ -225,14 +225,8 @@ def presence_from_proto(value: associate_pb2.Presence.ValueType) -> Presence | N
 
 
 def value_to_proto(value: Scalar) -> common_pb2.AttributeValue:
-    # bool first: it is an int subclass and must not travel as int_value.
-    if isinstance(value, bool):
-        return common_pb2.AttributeValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.AttributeValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.AttributeValue(double_value=value)
-    return common_pb2.AttributeValue(string_value=value)
+    # One field, the one of the value's type (the stubs cannot see that through **).
+    return common_pb2.AttributeValue(**value_fields(value))  # type: ignore[arg-type]
 
 
 def value_from_proto(value: common_pb2.AttributeValue) -> Scalar | None:
@@ -248,12 +242,20 @@ _VALUE_FIELD: dict[type, str] = {str: "string_value", int: "int_value", float: "
 
 
 def value_fields(value: Scalar) -> dict[str, Scalar]:
-    """An AttributeValue's fields, for a message built from nested dicts; a subclass (an IntEnum, a str
-    subclass) takes value_to_proto's isinstance route to its field."""
-    field = _VALUE_FIELD.get(type(value))
-    if field is None:
-        field = value_to_proto(value).WhichOneof("kind") or "string_value"
-    return {field: value}
+    """An AttributeValue's fields, for a message built from nested dicts (or by value_to_proto)."""
+    return {_VALUE_FIELD.get(type(value)) or _subclass_field(value): value}
+
+
+def _subclass_field(value: Scalar) -> str:
+    """The field of a scalar subclass (an IntEnum, a str subclass): its base type's. bool first: it is an int
+    subclass and must not travel as int_value."""
+    if isinstance(value, bool):
+        return "bool_value"
+    if isinstance(value, int):
+        return "int_value"
+    if isinstance(value, float):
+        return "double_value"
+    return "string_value"
 
 
 def fill_attributes(target: MutableMapping[str, common_pb2.AttributeValue], attributes: Mapping[str, Scalar]) -> None:
